@@ -1,0 +1,12 @@
+"""smartkv: quantized KV caches (fp16, int8, int4, kivi, smartkv) that drop into transformers models.
+
+    cache = smartkv.make_cache("smartkv", model, budget=4)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    cache.memory_report()
+"""
+from smartkv.cache import SmartKVCache, make_cache
+from smartkv.methods import list_methods, make_config, method_fields, validate_method
+
+__version__ = "0.1.0"
+__all__ = ["SmartKVCache", "make_cache", "list_methods", "make_config", "method_fields", "validate_method",
+           "__version__"]

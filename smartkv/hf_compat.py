@@ -1,0 +1,36 @@
+"""The ONE place that names transformers internals (they move between 5.x releases; tested on 5.17 and 5.24).
+
+Everything else in smartkv imports these names from here.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+__all__ = ["Cache", "CacheLayerMixin", "repeat_kv", "sdpa_attention_forward", "register_attention",
+           "use_attention", "attn_implementation"]
+
+
+def register_attention(name: str, fn) -> None:
+    """Register an attention function under `name`, with the SDPA mask builder (our functions take SDPA masks)."""
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, fn)
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def attn_implementation(model: torch.nn.Module) -> str:
+    return model.config._attn_implementation
+
+
+def use_attention(model: torch.nn.Module, name: str) -> None:
+    """Switch a loaded model to the registered attention function `name` (all its sub-configs too)."""
+    if attn_implementation(model) == name:
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # older 5.x
+        model.config._attn_implementation = name

@@ -1,0 +1,72 @@
+"""Attention-importance statistics for SmartKV: pure functions, CPU-testable.
+
+Importance of a cached token (per layer and KV head) = the mean attention probability it receives from the
+queries that can see it (ZipCache's normalised score: a token late in the prompt is seen by fewer queries and
+is not penalised for it). At prefill only the last `observe_window` queries are used, so the full T x T
+attention matrix of a long prompt is never materialised: (B, Hq, W, T) at most.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def allowed_from_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, rows: int,
+                      device) -> torch.Tensor:
+    """(B, 1, q_len, kv_len) bool: which keys each of the last `q_len` queries may attend to.
+
+    `attention_mask` is what transformers hands to SDPA: None (plain causal), bool (True = attend) or additive
+    float (0 = attend); it may cover more queries than `q_len` (we take the last ones).
+    """
+    if attention_mask is None:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(-1)
+        allowed = torch.arange(kv_len, device=device).unsqueeze(0) <= q_pos  # (q_len, kv_len)
+        return allowed.expand(rows, 1, q_len, kv_len)
+    m = attention_mask[..., -q_len:, -kv_len:]
+    allowed = m if m.dtype == torch.bool else m == 0
+    return allowed.expand(rows, 1, q_len, kv_len) if allowed.shape[0] == 1 else allowed
+
+
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention probabilities in fp32. query (B, Hq, W, D), keys (B, Hkv, T, D) -> (B, Hq, W, T)."""
+    B, Hq, W, D = query.shape
+    Hkv = keys.shape[1]
+    q = query.float().reshape(B, Hkv, Hq // Hkv * W, D)  # GQA: the query heads of a group share their KV head
+    scores = (q @ keys.float().transpose(-1, -2)).reshape(B, Hq, W, -1) * scaling
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)  # fully masked rows (padding queries)
+
+
+def kv_head_mass(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Attention mass per KV head: mean over the query heads of each group, summed over queries.
+    (B, Hq, W, T) -> (B, Hkv, T)."""
+    B, Hq, W, T = probs.shape
+    return probs.reshape(B, num_kv_heads, Hq // num_kv_heads, W, T).mean(2).sum(2)
+
+
+def seen_counts(allowed: torch.Tensor) -> torch.Tensor:
+    """How many of the observed queries could see each key: (B, 1, W, T) -> (B, T)."""
+    return allowed.sum(dim=(1, 2)).to(torch.int32)
+
+
+def update_mean(mean: torch.Tensor, seen: torch.Tensor, mass: torch.Tensor, new_seen: torch.Tensor):
+    """Running mean of attention received. mean (B, H, T), seen (B, T), mass (B, H, T), new_seen (B, T)."""
+    total = seen + new_seen
+    denom = total.clamp_min(1).unsqueeze(1).float()
+    out = (mean.float() * seen.unsqueeze(1).float() + mass.float()) / denom
+    return out, total
+
+
+def token_weights(importance: torch.Tensor, floor: float, power: float,
+                  sensitivity: torch.Tensor | None = None) -> torch.Tensor:
+    """Allocation weights (R, n) from importance (R, n): (importance + floor * row mean)^power * sensitivity.
+
+    `floor` keeps never-attended tokens in play (the prompt's last queries do not predict everything later
+    queries read); power 2 follows the error model (an error in token i moves the output by p_i * error_i);
+    `sensitivity` (e.g. the token's squared quantization range) says how much error a bit removes.
+    """
+    imp = importance.double().clamp_min(0)
+    w = (imp + floor * imp.mean(-1, keepdim=True)).pow(power)
+    if sensitivity is not None:
+        w = w * sensitivity.double()
+    return w

@@ -1,0 +1,120 @@
+"""Bit allocation under a budget: pure, deterministic, CPU-testable.
+
+Model: quantizing a token with b bits adds error whose energy scales as 4^-b (the step halves per bit), weighted
+by how much the token matters (`weight`, from attention importance). `solve_widths` minimises
+sum(weight * 4^-b) subject to sum(b) <= floor(budget * n), b in `widths`: a Lagrangian sweep (the optimum of a
+separable convex problem is a threshold rule) plus a greedy fill of the bits left over, so the average meets the
+budget to within one bit in total. Flat weights give a uniform allocation (budget 4 -> all 4-bit): the
+mixed-precision split appears only where attention is concentrated enough to pay for it.
+
+`cascade_assign` turns per-width counts into per-token widths for many rows at once (rows = batch x KV heads),
+the most important tokens first, never promoting a token above its cap (stored codes can only be demoted).
+Every row gets the same number of tokens at each width, so storage pools stay dense.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+WIDTHS = (2, 3, 4, 8)
+
+
+def check_budget(budget: float, widths=WIDTHS) -> None:
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or math.isnan(budget):
+        raise ValueError(f"budget must be a number in [{min(widths)}, {max(widths)}], got {budget!r}")
+    if not min(widths) <= budget <= max(widths):
+        raise ValueError(f"budget must be in [{min(widths)}, {max(widths)}] bits, got {budget}")
+
+
+def _choose(weight: torch.Tensor, lam: float, widths: torch.Tensor) -> torch.Tensor:
+    """Per token, the width minimising weight * 4^-b + lam * b. weight (n,) -> index into widths (n,)."""
+    cost = weight.unsqueeze(-1) * torch.pow(4.0, -widths) + lam * widths  # (n, k)
+    return cost.argmin(-1)
+
+
+def solve_widths(weight: torch.Tensor, budget: float, widths=WIDTHS) -> torch.Tensor:
+    """Widths (n,) for tokens of `weight` (n,), sum <= floor(budget * n), a heavier token never fewer bits."""
+    check_budget(budget, widths)
+    n = weight.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    w_vals = torch.tensor(sorted(widths), dtype=torch.float64)
+    w = weight.detach().double().clamp_min(0).flatten()
+    target = int(math.floor(budget * n + 1e-9))
+    # Lagrangian sweep: lam from huge (all min width) down to tiny (all max width), bisection on log scale
+    lo, hi = -60.0, 60.0  # log2(lam)
+    best = torch.zeros(n, dtype=torch.long)
+    if float(w_vals[best].sum()) > target:
+        raise ValueError(f"budget {budget} is below the smallest width {min(widths)}")
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        idx = _choose(w, 2.0 ** mid, w_vals)
+        if float(w_vals[idx].sum()) <= target:
+            best, hi = idx, mid
+        else:
+            lo = mid
+    idx = _fill(w, best.clone(), w_vals, target - int(w_vals[best].sum()))
+    bits = w_vals[idx]
+    # rearrangement: heaviest tokens get the largest widths (same total, never higher cost)
+    order = torch.argsort(w, descending=True, stable=True)
+    out = torch.empty(n, dtype=torch.long)
+    out[order] = torch.sort(bits, descending=True).values.long()
+    return out
+
+
+def _fill(w: torch.Tensor, idx: torch.Tensor, w_vals: torch.Tensor, slack: int) -> torch.Tensor:
+    """Spend `slack` left-over bits on the upgrades with the best error reduction per bit."""
+    k = len(w_vals)
+    for _ in range(16):
+        if slack <= 0:
+            break
+        can = idx < k - 1
+        nxt = torch.clamp(idx + 1, max=k - 1)
+        step = (w_vals[nxt] - w_vals[idx])
+        gain = torch.where(can, w * (torch.pow(4.0, -w_vals[idx]) - torch.pow(4.0, -w_vals[nxt])) / step,
+                           torch.full_like(w, -1.0))
+        # ties (flat weights) go to the narrowest tokens first: spreads bits instead of stacking them
+        gain = gain + 1e-12 * (k - idx).double()
+        gain = torch.where(can & (step <= slack), gain, torch.full_like(w, -1.0))
+        order = torch.argsort(gain, descending=True, stable=True)
+        cost = step[order]
+        ok = (gain[order] >= 0) & (torch.cumsum(cost, 0) <= slack)
+        chosen = order[ok]
+        if chosen.numel() == 0:
+            break
+        idx[chosen] += 1
+        slack -= int(step[chosen].sum())
+    return idx
+
+
+def counts_for(weight_profile: torch.Tensor, budget: float, widths=WIDTHS) -> dict[int, int]:
+    """Tokens per width for a representative (rank-averaged) weight profile."""
+    bits = solve_widths(weight_profile, budget, widths)
+    return {b: int((bits == b).sum()) for b in sorted(widths, reverse=True)}
+
+
+def rank_profile(weights: torch.Tensor) -> torch.Tensor:
+    """Average over rows of each row's weights sorted descending: (R, n) -> (n,)."""
+    return torch.sort(weights.double(), dim=-1, descending=True).values.mean(0)
+
+
+def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, int]) -> torch.Tensor:
+    """Widths (R, n) for tokens of `weights` (R, n): from the widest width down, each row gives `counts[b]`
+    slots to its heaviest tokens whose cap (R, n) allows b. When fewer tokens are eligible than a width wants
+    (codes cannot be promoted) the slots go unused. Rows with equal cap histograms get equal width histograms."""
+    R, n = weights.shape
+    out = torch.full((R, n), min(counts), dtype=torch.long)
+    free = torch.ones(R, n, dtype=torch.bool)
+    neg = torch.finfo(torch.float64).min
+    w = weights.double()
+    for b in sorted(counts, reverse=True)[:-1]:  # the narrowest width takes whatever is left
+        eligible = free & (caps >= b)
+        take = min(counts[b], int(eligible.sum(-1).min()) if R else 0)
+        if take <= 0:
+            continue
+        scores = torch.where(eligible, w, torch.full_like(w, neg))
+        top = torch.topk(scores, take, dim=-1, sorted=False).indices  # (R, take)
+        out.scatter_(1, top, b)
+        free.scatter_(1, top, False)
+    return out
