@@ -1,0 +1,325 @@
+"""smartkv-bench: run grids of (model x KV method x prompt set) jobs on Ray and compare the results.
+
+The only module of the runner that prints. Exit codes: 0 done; 1 some jobs failed, or the run could not proceed
+(output directory in use, Ray unreachable, a write failed); 2 bad input (grid file, option, output directory),
+nothing written; 130 interrupted (finished jobs are kept, submit again to resume).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from smartkv.bench import report as report_lib
+from smartkv.bench.executor import ExecConfig, ExecError, RunStats
+from smartkv.bench.grid import GridError
+from smartkv.bench.progress import Progress
+from smartkv.bench.store import ResultStore, StoreError, LockBusy
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help=__doc__.split("\n")[0])
+REPORT_DIR = "_report"  # under the results root; "_" keeps it out of pyarrow's dataset discovery
+FORMATS = ("table", "md", "csv")
+
+
+class Exit:
+    OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _check_range(option: str, value: int | None, lo: int, hi: int) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise _fail(f"{option}: must be an integer in [{lo}, {hi}], got {value}", Exit.USAGE)
+
+
+def _console(stderr: bool = False):
+    """Rich console; wide when not a terminal, so tables in logs and pipes are not folded."""
+    from rich.console import Console
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if stream.isatty() else 200)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, force=True,
+                        handlers=[RichHandler(console=_console(stderr=True), show_path=False)])
+
+
+@app.command()
+def submit(
+    grid: Annotated[Path, typer.Option("--grid", help="Grid file (YAML), e.g. jobs/quick.yaml.")],
+    address: Annotated[Optional[str], typer.Option(
+        help="Join this Ray cluster ('auto' = the one `ray start` made here). Default: start Ray on 127.0.0.1.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results directory. Default: results/<grid name>.")] = None,
+    force: Annotated[bool, typer.Option(help="Rerun jobs that already have results.")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Rerun jobs whose results say error or oom.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="List the jobs and which are done; run nothing.")] = False,
+    max_inflight: Annotated[Optional[int], typer.Option(help="Jobs queued on all workers at once (default 2 per worker).")] = None,
+    local: Annotated[bool, typer.Option(help="Run in this process without Ray (debugging).")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Worker actors (default: one per GPU, else CPUs / cpus-per-worker).")] = None,
+    cpus_per_worker: Annotated[int, typer.Option(help="CPUs each worker actor reserves (and torch threads).")] = 1,
+    max_attempts: Annotated[int, typer.Option(help="Tries of a job whose worker process died.")] = 3,
+    progress: Annotated[Optional[bool], typer.Option(help="Live progress display (default: when stderr is a terminal).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+) -> None:
+    """Run the jobs of a grid that have no results yet, then print the comparison table."""
+    from smartkv.bench import submit as submit_lib
+
+    _setup_logging(verbose)
+    _check_range("--workers", workers, 1, 1024)
+    _check_range("--cpus-per-worker", cpus_per_worker, 1, 256)
+    _check_range("--max-inflight", max_inflight, 1, 100_000)
+    _check_range("--max-attempts", max_attempts, 1, 20)
+    if address is not None and not address.strip():
+        raise _fail("--address: must be 'auto', host:port or ray://host:port, got an empty string", Exit.USAGE)
+    try:
+        plan = submit_lib.make_plan(grid, out, force=force, retry_failed=retry_failed)
+    except GridError as exc:
+        raise _fail(str(exc), Exit.USAGE) from None
+    if dry_run:
+        _print_plan(plan, force)
+        return
+    if not plan.pending:
+        _console().print(f"Nothing to run: all {len(plan.grid.jobs)} jobs of grid '{plan.grid.name}' already have "
+                         f"results in {plan.store.root} (--force reruns them).")
+        _print_report(plan.store, "fp16", save=False)
+        return
+    config = ExecConfig(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
+                        max_inflight=max_inflight, max_attempts=max_attempts, local=local)
+    result = _run(submit_lib, plan, config, force, retry_failed, progress)
+    _finish(result, plan)
+
+
+def _run(submit_lib, plan, config: ExecConfig, force: bool, retry_failed: bool, show: Optional[bool]):
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    state = Progress()
+    _console(stderr=True).print(f"grid '{plan.grid.name}': {len(plan.pending)} of {len(plan.grid.jobs)} jobs to run, "
+                                f"results in {plan.store.root}")
+    view = ProgressView(_console(stderr=True), live=sys.stderr.isatty() if show is None else show)
+    try:
+        with view:
+            return submit_lib.submit(plan, config, force=force, retry_failed=retry_failed, progress=state,
+                                     on_tick=view.update)
+    except LockBusy as exc:
+        raise _fail(str(exc), Exit.FAILED) from None
+    except StoreError as exc:
+        raise _fail(str(exc), Exit.USAGE if not state.done else Exit.FAILED) from None
+    except ExecError as exc:
+        raise _fail(str(exc), Exit.FAILED) from None
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted: {state.done} jobs finished and saved; submit again to resume", Exit.INTERRUPTED) from None
+
+
+class ProgressView:
+    """Live display (rich) of a Progress on a terminal; elsewhere one line each time a job finishes."""
+
+    def __init__(self, console, live: bool):
+        self.console, self.live, self._shown, self._notes = console, None, 0, 0
+        if live:
+            from rich.live import Live
+            self.live = Live(console=console, refresh_per_second=4, transient=False)
+
+    def __enter__(self):
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.live.__exit__(*exc)
+
+    def update(self, state: Progress) -> None:
+        for message in state.messages[self._notes:]:
+            self.console.print(f"[yellow]{message}[/yellow]")
+        self._notes = len(state.messages)
+        if self.live:
+            self.live.update(self._render(state))
+        elif state.done != self._shown:
+            self._shown = state.done
+            self.console.print(self._headline(state))
+
+    @staticmethod
+    def _headline(state: Progress) -> str:
+        eta = "?" if state.eta_s is None else _clock(state.eta_s)
+        return (f"jobs {state.done}/{state.total} done, {state.failed} failed, {state.oom} oom, "
+                f"{state.retried} retried | elapsed {_clock(state.elapsed_s)} | ETA {eta}")
+
+    def _render(self, state: Progress):
+        from rich.table import Table
+
+        table = Table(title=self._headline(state), title_justify="left", box=None)
+        for col in ("worker", "done", "loads", "restarts", "running"):
+            table.add_column(col)
+        for slot in state.slots.values():
+            table.add_row(slot.name, str(slot.done), str(slot.model_loads), str(slot.restarts), slot.current or "-")
+        return table
+
+
+def _clock(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _finish(result, plan) -> None:
+    stats: RunStats = result.stats
+    console = _console()
+    if stats.interrupted:
+        raise _fail(f"interrupted: {stats.finished} jobs finished and saved, {stats.lost_in_flight} in flight lost; "
+                    "submit again to resume", Exit.INTERRUPTED)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(stats.statuses.items()))
+    console.print(f"ran {stats.finished} jobs ({counts}); {stats.model_loads} model loads, {stats.retried} retries "
+                  f"after worker deaths; results in {plan.store.root}")
+    _print_report(plan.store, "fp16", save=True)
+    if stats.statuses.get("error"):
+        raise _fail(f"{stats.statuses['error']} jobs failed; see the error column, fix, then submit "
+                    "--retry-failed", Exit.FAILED)
+
+
+def _print_plan(plan, force: bool) -> None:
+    from rich.table import Table
+
+    from smartkv.bench.executor import job_label
+
+    table = Table(title=f"grid '{plan.grid.name}' -> {plan.store.root}")
+    for col in ("job_id", "job", "seed", "state"):
+        table.add_column(col)
+    pending = {j["job_id"] for j in plan.pending}
+    for job in plan.grid.jobs:
+        done = plan.done.get(job["job_id"])
+        state = "to run" if job["job_id"] in pending else f"done ({done.status})"
+        if force and done:
+            state = f"rerun (was {done.status})"
+        table.add_row(job["job_id"], job_label(job), str(job["seed"]), state)
+    console = _console()
+    console.print(table)
+    console.print(f"{len(plan.grid.jobs)} jobs, {len(plan.done)} done, {len(plan.pending)} to run"
+                  + (f", {len(plan.corrupt)} corrupt files" if plan.corrupt else ""))
+
+
+def _print_report(store: ResultStore, baseline: str, save: bool) -> None:
+    data, warnings = store.read()
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
+    frame = data.to_pandas()
+    table = report_lib.summarize(frame, baseline)
+    _render_table(table, baseline)
+    if save and not table.empty:
+        out = store.root / REPORT_DIR
+        out.mkdir(exist_ok=True)
+        (out / "report.md").write_text(report_lib.to_markdown(table, baseline))
+        (out / "report.csv").write_text(report_lib.to_csv(table, baseline))
+        report_lib.plot(frame, table, out)
+        _console().print(f"report: {out}/report.md, report.csv, *.png")
+
+
+def _render_table(table, baseline: str) -> None:
+    """The terminal view: the same numbers as report.md, with intervals folded into their columns."""
+    from rich.table import Table
+
+    def pm(value, ci) -> str:
+        text = report_lib._fmt(value)
+        return f"{text} ± {report_lib._fmt(ci)}" if text and report_lib._fmt(ci) else text
+
+    view = Table(show_lines=False, pad_edge=False)
+    headers = ("model", "prompt set", "method", "n", "fail", "score", f"Δ {baseline}", "KL", "mem", "bits",
+               "prefill tok/s", "decode tok/s")
+    for head in headers:
+        view.add_column(head, no_wrap=head in ("method", "score"))
+    for r in table.itertuples(index=False):
+        view.add_row(r.model, r.prompt_set, r.method, str(r.samples), str(r.failed + r.oom), pm(r.score, r.score_ci95),
+                     report_lib._fmt(r.delta_vs_baseline), report_lib._fmt(r.kl_to_fp16),
+                     report_lib._fmt(r.total_ratio), report_lib._fmt(r.avg_bits),
+                     pm(r.prefill_tok_s, r.prefill_ci95), pm(r.decode_tok_s, r.decode_ci95))
+    _console().print(view)
+
+
+@app.command()
+def status(
+    grids: Annotated[Optional[list[Path]], typer.Argument(help="Grid files (default: jobs/*.yaml).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results directory (only with one grid).")] = None,
+) -> None:
+    """Done / failed / pending jobs per grid, and any corrupt result files."""
+    from smartkv.bench.submit import make_plan
+    from rich.table import Table
+
+    grids = grids or sorted(Path("jobs").glob("*.yaml"))
+    if out is not None and len(grids) != 1:
+        raise _fail("--out: give exactly one grid file with --out", Exit.USAGE)
+    table = Table()
+    for col in ("grid", "jobs", "done", "ok", "error", "oom", "pending", "corrupt", "results"):
+        table.add_column(col)
+    problems = []
+    for path in grids:
+        try:
+            plan = make_plan(path, out)
+        except GridError as exc:
+            raise _fail(str(exc), Exit.USAGE) from None
+        statuses = [f.status for f in plan.done.values()]
+        table.add_row(plan.grid.name, str(len(plan.grid.jobs)), str(len(plan.done)), str(statuses.count("ok")),
+                      str(statuses.count("error")), str(statuses.count("oom")), str(len(plan.pending)),
+                      str(len(plan.corrupt)), str(plan.store.root))
+        problems += [f"corrupt result file {f.path} ({f.problem}); the next submit reruns job {f.job_id}"
+                     for f in plan.corrupt]
+    _console().print(table)
+    for line in problems:
+        typer.echo(f"warning: {line}", err=True)
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="Results directory, e.g. results/quick.")],
+    baseline: Annotated[str, typer.Option(help="Method the delta column compares against.")] = "fp16",
+    format: Annotated[str, typer.Option("--format", help="table | md | csv")] = "table",
+    plot: Annotated[Optional[Path], typer.Option(help="Write PNG plots into this directory.")] = None,
+) -> None:
+    """Comparison table per (model, prompt set, method + params) of a results directory."""
+    if format not in FORMATS:
+        raise _fail(f"--format: must be one of {', '.join(FORMATS)}, got {format!r}", Exit.USAGE)
+    if not results.is_dir():
+        raise _fail(f"RESULTS: {results} is not a directory of results", Exit.USAGE)
+    data, warnings = ResultStore(results).read()
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
+    frame = data.to_pandas()
+    table = report_lib.summarize(frame, baseline)
+    if format == "table":
+        _render_table(table, baseline)
+    else:
+        render = report_lib.to_markdown if format == "md" else report_lib.to_csv
+        typer.echo(render(table, baseline), nl=False)
+    if plot is not None:
+        for path in report_lib.plot(frame, table, plot):
+            typer.echo(f"wrote {path}", err=True)
+
+
+@app.command()
+def ls() -> None:
+    """Methods, prompt sets and models a grid can name."""
+    from smartkv.bench import catalog as catalog_mod
+
+    catalog = catalog_mod.default_catalog()
+    console = _console()
+    for title, names in (("methods", catalog.method_names()), ("prompt sets", catalog.prompt_set_names()),
+                         ("models", catalog.model_names())):
+        console.print(f"[bold]{title}[/bold]: {', '.join(names)}")
+    console.print("models may also be an HF hub id (org/name) or a local directory (./path or /path)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Run jobs on Ray actors (one per GPU, or per `cpus_per_worker` CPUs) or in-process, longest first.
+
+The driver hands each actor the jobs of one model in a row (so an actor loads a model once), keeps a bounded
+number of calls in flight, takes results as they finish (`ray.wait` with a timeout, which also refreshes the
+progress display) and gives each result to `on_result` at once (the caller writes it; only the driver writes).
+
+Faults: a job that raises becomes an error row inside the actor (runner.JobRunner). A dead actor (process killed,
+node lost) is replaced; the job it was running is retried up to `max_attempts` times in all, the jobs queued behind
+it are resubmitted without counting an attempt. Ray's own actor restarts are off: the driver owns the retry policy.
+This is the only module that imports ray, and only inside functions.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from smartkv.bench.grid import canonical_json, job_cost, method_label
+from smartkv.bench.progress import Progress
+from smartkv.bench.runner import JobRunner, failure_rows, resolve_worker_ref
+
+log = logging.getLogger(__name__)
+
+# Set before `import ray` when we start Ray ourselves: with it Ray uses the loopback address for the node and
+# binds its servers to 127.0.0.1 instead of every interface (Ray's own switch, meant for laptops).
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+PASS_ENV_PREFIX = "SMARTKV_"
+
+
+class ExecError(RuntimeError):
+    """The run cannot proceed (no resources, Ray unreachable, bad worker)."""
+
+
+@dataclass
+class ExecConfig:
+    address: str | None = None          # join this cluster ("auto" = the local `ray start`); None: start one
+    workers: int | None = None          # actors; default: one per GPU, else CPUs // cpus_per_worker
+    cpus_per_worker: int = 1
+    max_inflight: int | None = None     # calls queued on all actors together; default 2 per worker
+    max_attempts: int = 3               # tries of a job whose actor died
+    local: bool = False                 # in-process, no Ray
+    worker_ref: str | None = None       # "module:function"; default smartkv.bench.worker:run_job
+    poll_s: float = 0.5
+    actor_start_timeout_s: float = 300.0
+
+
+@dataclass
+class RunStats:
+    finished: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    retried: int = 0
+    restarts: int = 0
+    model_loads: int = 0
+    interrupted: bool = False
+    lost_in_flight: int = 0
+
+
+OnResult = Callable[[dict, dict], None]          # (job, result) -> None; result["rows"] are the job's rows
+OnTick = Callable[[Progress], None]
+
+
+def model_key(job: dict) -> str:
+    return canonical_json(job["model"])
+
+
+class Scheduler:
+    """Jobs grouped by model, longest first; a slot keeps its model until that model has no jobs left."""
+
+    def __init__(self, jobs: list[dict]):
+        groups: dict[str, list[dict]] = {}
+        for job in jobs:
+            groups.setdefault(model_key(job), []).append(job)
+        self.groups = {k: deque(sorted(v, key=job_cost, reverse=True)) for k, v in groups.items()}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.groups.values())
+
+    def next_for(self, current: str | None, busy_models: set[str]) -> dict | None:
+        if current in self.groups and self.groups[current]:
+            return self.groups[current].popleft()
+        left = [(k, q) for k, q in self.groups.items() if q]
+        if not left:
+            return None
+        # Prefer a model no other slot is loading: fewer loads overall.
+        fresh = [(k, q) for k, q in left if k not in busy_models] or left
+        _, queue = max(fresh, key=lambda kq: sum(job_cost(j) for j in kq[1]))
+        return queue.popleft()
+
+    def requeue(self, job: dict) -> None:
+        self.groups.setdefault(model_key(job), deque()).appendleft(job)
+
+
+def job_label(job: dict) -> str:
+    return f"{job['model']['name']} {method_label(job['method'])} {job['prompt_set']['name']} r{job['repeat']}"
+
+
+def _passed_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(PASS_ENV_PREFIX)}
+
+
+def _record(stats: RunStats, progress: Progress, slot: str | None, job: dict, result: dict) -> None:
+    status = _status_of(result["rows"])
+    stats.finished += 1
+    stats.statuses[status] = stats.statuses.get(status, 0) + 1
+    if result.get("model_loaded"):
+        stats.model_loads += 1
+        if slot is not None:
+            progress.slot(slot).model_loads += 1
+    progress.finished(slot, status, job_cost(job))
+
+
+def _status_of(rows: list[dict]) -> str:
+    from smartkv.bench.store import job_status
+    return job_status(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in-process
+
+
+def run_local(jobs: list[dict], config: ExecConfig, on_result: OnResult, progress: Progress,
+              on_tick: OnTick | None = None) -> RunStats:
+    """Everything in this process, one job at a time (debugging; a worker crash ends the run)."""
+    stats = RunStats()
+    runner = JobRunner(resolve_worker_ref(config.worker_ref), name="local")
+    scheduler = Scheduler(jobs)
+    progress.start(len(jobs), sum(job_cost(j) for j in jobs))
+    slot = progress.slot("local").name
+    current = None
+    try:
+        while (job := scheduler.next_for(current, set())) is not None:
+            current = model_key(job)
+            progress.slot(slot).current = job_label(job)
+            if on_tick:
+                on_tick(progress)
+            result = runner.run(job)
+            on_result(job, result)
+            _record(stats, progress, slot, job, result)
+            progress.slot(slot).current = None
+    except KeyboardInterrupt:
+        stats.interrupted, stats.lost_in_flight = True, 1
+    if on_tick:
+        on_tick(progress)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray
+
+
+def connect(address: str | None, num_cpus: int | None = None):
+    """Join `address`, or start a local Ray bound to 127.0.0.1 (dashboard off). Returns (ray, started_here)."""
+    if address is None:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    common = dict(log_to_driver=False, configure_logging=False, namespace="smartkv-bench")
+    try:
+        if address:
+            ray.init(address=address, **common)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **common)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ExecError(f"cannot {'join Ray at ' + address if address else 'start a local Ray'}: {exc}") from None
+    return ray, True
+
+
+def plan_workers(resources: dict, config: ExecConfig) -> tuple[int, bool]:
+    """(number of actors, use GPUs) from the cluster's resources and the options."""
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    use_gpu = gpus > 0
+    default = gpus if use_gpu else max(1, cpus // max(config.cpus_per_worker, 1))
+    workers = config.workers or default
+    need_cpus = 0 if use_gpu else workers * config.cpus_per_worker
+    if use_gpu and workers > gpus or need_cpus > cpus:
+        have = f"{gpus} GPUs" if use_gpu else f"{cpus} CPUs"
+        want = f"{workers} GPUs" if use_gpu else f"{workers} x {config.cpus_per_worker} CPUs"
+        message = f"{workers} workers need {want}; the cluster has {have}"
+        if config.address:
+            log.warning("%s: the extra workers wait for the autoscaler", message)
+        else:
+            raise ExecError(f"{message}: lower --workers or --cpus-per-worker")
+    return workers, use_gpu
+
+
+@dataclass
+class _Slot:
+    name: str
+    actor: object
+    inflight: deque = field(default_factory=deque)   # (ref, job), oldest first: the head is running
+    model: str | None = None
+
+
+class RayExecutor:
+    def __init__(self, config: ExecConfig, progress: Progress, on_result: OnResult, on_tick: OnTick | None):
+        self.config, self.progress, self.on_result, self.on_tick = config, progress, on_result, on_tick
+        self.stats = RunStats()
+        self.attempts: dict[str, int] = {}
+        self.ray = None
+        self.started_here = False
+
+    def run(self, jobs: list[dict]) -> RunStats:
+        cfg = self.config
+        self.ray, self.started_here = connect(cfg.address)
+        try:
+            workers, use_gpu = plan_workers(self.ray.cluster_resources(), cfg)
+            actor_cls = self._actor_class(use_gpu)
+            slots = [self._new_slot(actor_cls, f"worker-{i}") for i in range(min(workers, len(jobs)) or 1)]
+            self._wait_started(slots)
+            self.progress.start(len(jobs), sum(job_cost(j) for j in jobs))
+            self._loop(Scheduler(jobs), slots, actor_cls)
+        except KeyboardInterrupt:
+            self.stats.interrupted = True
+        finally:
+            if self.started_here:
+                self.ray.shutdown()
+        return self.stats
+
+    def _actor_class(self, use_gpu: bool):
+        cfg = self.config
+        options = dict(max_restarts=0, max_task_retries=0, max_concurrency=1)
+        options.update(num_gpus=1, num_cpus=cfg.cpus_per_worker) if use_gpu else options.update(
+            num_cpus=cfg.cpus_per_worker)
+        return self.ray.remote(**options)(JobRunner)
+
+    def _new_slot(self, actor_cls, name: str) -> _Slot:
+        actor = actor_cls.remote(resolve_worker_ref(self.config.worker_ref), _passed_env(),
+                                 self.config.cpus_per_worker, name)
+        self.progress.slot(name)
+        return _Slot(name, actor)
+
+    def _wait_started(self, slots: list[_Slot]) -> None:
+        pings = [s.actor.ping.remote() for s in slots]
+        ready, _ = self.ray.wait(pings, num_returns=len(pings), timeout=self.config.actor_start_timeout_s)
+        if len(ready) < len(pings):
+            raise ExecError(f"only {len(ready)} of {len(pings)} workers started within "
+                            f"{self.config.actor_start_timeout_s:.0f} s: the cluster lacks the resources")
+        self.ray.get(ready)  # surfaces an import error of the runner at once
+
+    def _loop(self, scheduler: Scheduler, slots: list[_Slot], actor_cls) -> None:
+        cfg = self.config
+        max_inflight = cfg.max_inflight or 2 * len(slots)
+        per_slot = max(1, math.ceil(max_inflight / len(slots)))
+        pending: dict = {}
+        try:
+            while len(scheduler) or pending:
+                self._fill(scheduler, slots, pending, per_slot, max_inflight)
+                ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=cfg.poll_s)
+                for ref in ready:
+                    if ref in pending:
+                        self._collect(ref, pending, scheduler, actor_cls)
+                self._show_current(slots)
+                if self.on_tick:
+                    self.on_tick(self.progress)
+        except KeyboardInterrupt:
+            self.stats.lost_in_flight = len(pending)
+            raise
+
+    def _fill(self, scheduler: Scheduler, slots: list[_Slot], pending: dict, per_slot: int,
+              max_inflight: int) -> None:
+        for slot in slots:
+            while len(slot.inflight) < per_slot and len(pending) < max_inflight:
+                busy = {s.model for s in slots if s is not slot and s.model}
+                job = scheduler.next_for(slot.model, busy)
+                if job is None:
+                    return
+                slot.model = model_key(job)
+                ref = slot.actor.run.remote(job)
+                slot.inflight.append((ref, job))
+                pending[ref] = slot
+
+    def _collect(self, ref, pending: dict, scheduler: Scheduler, actor_cls) -> None:
+        ray_exc = self.ray.exceptions
+        slot = pending[ref]
+        job = next(j for r, j in slot.inflight if r == ref)
+        try:
+            result = self.ray.get(ref)
+        except (ray_exc.RayActorError, ray_exc.ObjectLostError, ray_exc.OwnerDiedError) as exc:
+            self._replace_dead(slot, pending, scheduler, actor_cls, exc)
+            return
+        except ray_exc.RayTaskError as exc:  # JobRunner.run does not raise; this is e.g. an unpicklable result
+            result = {"rows": failure_rows(job, "error", str(exc).splitlines()[-1]), "model_loaded": False}
+        slot.inflight = deque((r, j) for r, j in slot.inflight if r != ref)
+        del pending[ref]
+        self.on_result(job, result)
+        _record(self.stats, self.progress, slot.name, job, result)
+
+    def _replace_dead(self, slot: _Slot, pending: dict, scheduler: Scheduler, actor_cls, exc) -> None:
+        """The actor died: retry the job it was running (bounded), resubmit the others, start a new actor."""
+        lost = list(slot.inflight)
+        for ref, _ in lost:
+            pending.pop(ref, None)
+        slot.inflight.clear()
+        slot.model = None
+        self.ray.kill(slot.actor, no_restart=True)
+        running = lost[0][1]
+        tries = self.attempts[running["job_id"]] = self.attempts.get(running["job_id"], 1) + 1
+        reason = str(exc).splitlines()[0][:300]
+        self.progress.note(f"{slot.name} died while running {job_label(running)}: {reason}")
+        for _, job in reversed(lost[1:]):
+            scheduler.requeue(job)
+        if tries > self.config.max_attempts:
+            error = f"worker died {self.config.max_attempts} times running this job; last: {reason}"
+            result = {"rows": failure_rows(running, "error", error), "model_loaded": False}
+            self.on_result(running, result)
+            _record(self.stats, self.progress, slot.name, running, result)
+        else:
+            self.stats.retried += 1
+            self.progress.retried += 1
+            scheduler.requeue(running)
+        self.stats.restarts += 1
+        self.progress.slot(slot.name).restarts += 1
+        new = self._new_slot(actor_cls, slot.name)
+        slot.actor = new.actor
+
+    def _show_current(self, slots: list[_Slot]) -> None:
+        for slot in slots:
+            self.progress.slot(slot.name).current = job_label(slot.inflight[0][1]) if slot.inflight else None
+
+
+def execute(jobs: list[dict], config: ExecConfig, on_result: OnResult, progress: Progress | None = None,
+            on_tick: OnTick | None = None) -> RunStats:
+    """Run `jobs` (in-process with config.local, else on Ray) and hand each finished job to `on_result`."""
+    progress = progress or Progress()
+    if not jobs:
+        return RunStats()
+    if config.local:
+        return run_local(jobs, config, on_result, progress, on_tick)
+    return RayExecutor(config, progress, on_result, on_tick).run(jobs)
