@@ -42,12 +42,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return c.contiguous()
     if bits == 3:
-        c = c.reshape(*c.shape[:-1], -1, 8).to(torch.int32)  # (..., D/8, 8)
+        c = c.reshape(*c.shape[:-1], c.shape[-1] // 8, 8).to(torch.int32)  # (..., D/8, 8)
         word = (c << (3 * torch.arange(8, device=c.device, dtype=torch.int32))).sum(-1)  # (..., D/8) 24-bit
         out = torch.stack([word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF], dim=-1)  # (..., D/8, 3)
-        return out.reshape(*codes.shape[:-1], -1).to(torch.uint8)
+        return out.reshape(*codes.shape[:-1], codes.shape[-1] * 3 // 8).to(torch.uint8)
     per_byte = 8 // bits
-    c = c.reshape(*c.shape[:-1], -1, per_byte)  # (..., D/per_byte, per_byte)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // per_byte, per_byte)  # (..., D/per_byte, per_byte)
     shifts = (bits * torch.arange(per_byte, device=c.device, dtype=torch.uint8))
     return (c << shifts).sum(-1, dtype=torch.uint8)
 
@@ -58,15 +58,15 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     if bits == 3:
-        p = packed.reshape(*packed.shape[:-1], -1, 3).to(torch.int32)  # (..., D/8, 3)
+        p = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 3, 3).to(torch.int32)  # (..., D/8, 3)
         word = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)
         shifts = 3 * torch.arange(8, device=p.device, dtype=torch.int32)
         codes = (word.unsqueeze(-1) >> shifts) & 0x7  # (..., D/8, 8)
-        return codes.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+        return codes.reshape(*packed.shape[:-1], packed.shape[-1] * 8 // 3).to(torch.uint8)
     per_byte = 8 // bits
     shifts = bits * torch.arange(per_byte, device=packed.device, dtype=torch.uint8)
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., D/per_byte, per_byte)
-    return codes.reshape(*packed.shape[:-1], -1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
 
 
 def _fp16_down(x: torch.Tensor) -> torch.Tensor:
@@ -119,9 +119,8 @@ def _grouped(x: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
 
 
 def _ungrouped(g: torch.Tensor, axis: int) -> torch.Tensor:
-    if axis == -1:
-        return g.reshape(*g.shape[:-2], -1)
-    return g.reshape(*g.shape[:-2], -1).transpose(-1, -2)
+    flat = g.reshape(*g.shape[:-2], g.shape[-2] * g.shape[-1])  # explicit size: works for empty tensors too
+    return flat if axis == -1 else flat.transpose(-1, -2)
 
 
 def check_group(dim: int, group_size: int, what: str) -> None:
@@ -155,11 +154,11 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     codes = unpack(q.codes, q.bits).float()  # (..., T, D)
     scale, zero = q.scale.float(), q.zero.float()
     if q.axis == -1:
-        g = codes.reshape(*codes.shape[:-1], -1, q.group_size)  # (..., T, D/G, G)
+        g = codes.reshape(*codes.shape[:-1], codes.shape[-1] // q.group_size, q.group_size)  # (..., T, D/G, G)
         out = g * scale.unsqueeze(-1) + zero.unsqueeze(-1)
         return out.reshape(codes.shape).to(dtype)
     # per channel: scale (..., T/G, D) broadcast over the G tokens of each block
-    g = codes.reshape(*codes.shape[:-2], -1, q.group_size, codes.shape[-1])  # (..., T/G, G, D)
+    g = codes.reshape(*codes.shape[:-2], codes.shape[-2] // q.group_size, q.group_size, codes.shape[-1])  # (..., T/G, G, D)
     out = g * scale.unsqueeze(-2) + zero.unsqueeze(-2)
     return out.reshape(codes.shape).to(dtype)
 
