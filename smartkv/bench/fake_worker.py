@@ -7,8 +7,8 @@ Used by the runner's tests and to check a cluster's plumbing without models:
 Environment (all optional; SMARTKV_* variables reach the Ray actors):
   SMARTKV_FAKE_SLEEP_S    seconds to spend per job (default 0)
   SMARTKV_FAKE_FAULT_DIR  a directory of fault orders; before each job the worker writes
-                          `started-<job_id>-<pid>` there, then obeys and consumes (rename, so once only) a file
-                          named `<fault>-<job_id>` or `<fault>-any`, fault being:
+                          `started-<job_id>-<pid>` there, then obeys and consumes (rename, so once only) one file
+                          named `<fault>-<job_id>[suffix]` or `<fault>-any[suffix]` (several queue up), fault:
                             oom   raise torch.cuda.OutOfMemoryError
                             raise raise RuntimeError (its message includes $HF_TOKEN if set: tests check redaction)
                             exit  kill this worker process (os._exit), as a crash or `kill -9` would
@@ -49,11 +49,10 @@ def _claim_fault(job_id: str) -> str | None:
     root = Path(folder)
     (root / f"started-{job_id}-{os.getpid()}").touch()
     for fault in FAULTS:
-        for target in (job_id, "any"):
-            order = root / f"{fault}-{target}"
+        for order in sorted(root.glob(f"{fault}-{job_id}*")) + sorted(root.glob(f"{fault}-any*")):
             try:
-                os.rename(order, root / f"claimed-{fault}-{target}-{job_id}-{os.getpid()}")
-            except FileNotFoundError:
+                os.rename(order, root / f"claimed-{order.name}-{job_id}-{os.getpid()}")
+            except FileNotFoundError:  # another worker took it first
                 continue
             return fault
     return None

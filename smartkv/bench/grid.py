@@ -197,17 +197,17 @@ def expand(raw: dict, path: Path, catalog: Catalog) -> Grid:
     total = len(models) * len(methods) * len(sets) * len(seeds) * repeats
     if total > MAX_JOBS:
         raise GridError(path, "(grid)", f"expands to {total} jobs; at most {MAX_JOBS} are allowed")
-    described = {fld: _describe_set(ps, fld, path, catalog) for fld, ps in sets}
+    described = {canonical_json(ps): _describe_set(ps, fld, path, catalog) for fld, ps in sets}
     jobs, seen = [], {}
     for (m_field, model), (x_field, method), (s_field, ps), seed, repeat in itertools.product(
             models, methods, sets, seeds, range(repeats)):
-        version, content_hash = described[s_field]
+        version, content_hash = described[canonical_json(ps)]
         spec = {"spec_version": SPEC_VERSION, "grid": name, "model": model, "method": method, "prompt_set": ps,
                 "generation": generation, "truncation": truncation, "seed": seed, "repeat": repeat,
                 "package_version": catalog.package_version(), "prompt_set_version": version,
                 "prompt_set_hash": content_hash}
         spec["job_id"] = job_id_of(spec)
-        where = f"{m_field} x {x_field} x {s_field}"
+        where = f"{m_field} x {x_field} {method_label(method)} x {s_field}{_fmt(ps['options'])}"
         if spec["job_id"] in seen:
             raise GridError(path, where, f"duplicate job: the same as {seen[spec['job_id']]}; "
                                          "remove one of the repeated entries")

@@ -1,0 +1,67 @@
+"""Shared fixtures. Runner tests: one Ray instance per session (2 CPUs, loopback), the fake worker, grid files."""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# Ray reads this once at import: a local instance then binds to 127.0.0.1 only (see executor.LOOPBACK_ENV).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+FAKE_WORKER = "smartkv.bench.fake_worker:run_job"
+
+TINY_GRID = """\
+name: {name}
+models: [tiny-llama]
+methods:
+  fp16: {{}}
+  int4: {{}}
+  smartkv: {{budget: [3, 4]}}
+prompt_sets:
+  passkey: {{length: 256, num_samples: 2}}
+  prose-ppl: {{length: 128, num_samples: 2}}
+"""
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: 2 CPUs, no dashboard, loopback only."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 namespace="smartkv-bench-tests")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def fake_worker(tmp_path, monkeypatch) -> Path:
+    """Use the fake worker (in-process and in Ray actors); returns its fault-order directory."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    monkeypatch.setenv("SMARTKV_BENCH_WORKER", FAKE_WORKER)
+    monkeypatch.setenv("SMARTKV_FAKE_FAULT_DIR", str(faults))
+    monkeypatch.setenv("SMARTKV_FAKE_SLEEP_S", "0")
+    return faults
+
+
+@pytest.fixture
+def write_grid(tmp_path):
+    """write_grid(text, name="g.yaml") -> path of a grid file under tmp_path/grids."""
+    folder = tmp_path / "grids"
+    folder.mkdir(exist_ok=True)
+
+    def write(text: str, name: str = "g.yaml") -> Path:
+        path = folder / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_grid(write_grid) -> Path:
+    """8 jobs on tiny-llama: fp16, int4, smartkv budget 3/4 x passkey, prose-ppl."""
+    return write_grid(TINY_GRID.format(name="tiny"))
