@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from smartkv.bench import report as report_lib
 from smartkv.bench.executor import ExecConfig, ExecError, RunStats
@@ -20,8 +21,23 @@ from smartkv.bench.grid import GridError
 from smartkv.bench.progress import Progress
 from smartkv.bench.store import ResultStore, StoreError, LockBusy
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help=__doc__.split("\n")[0])
+# Typer vendors click; its UsageError is the base of the exported BadParameter.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (missing option, not an integer, unknown command) as one line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _UsageError as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            raise typer.Exit(Exit.USAGE) from None
+
+
+app = typer.Typer(cls=_OneLineUsageErrors, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 REPORT_DIR = "_report"  # under the results root; "_" keeps it out of pyarrow's dataset discovery
 FORMATS = ("table", "md", "csv")
 
@@ -101,6 +117,12 @@ def submit(
 def _run(submit_lib, plan, config: ExecConfig, force: bool, retry_failed: bool, show: Optional[bool]):
     signal.signal(signal.SIGTERM, _raise_interrupt)
     state = Progress()
+    try:
+        submit_lib.check_ready(plan, config)
+    except StoreError as exc:
+        raise _fail(str(exc), Exit.USAGE) from None
+    except ExecError as exc:
+        raise _fail(str(exc), Exit.FAILED) from None
     _console(stderr=True).print(f"grid '{plan.grid.name}': {len(plan.pending)} of {len(plan.grid.jobs)} jobs to run, "
                                 f"results in {plan.store.root}")
     view = ProgressView(_console(stderr=True), live=sys.stderr.isatty() if show is None else show)
@@ -110,8 +132,8 @@ def _run(submit_lib, plan, config: ExecConfig, force: bool, retry_failed: bool, 
                                      on_tick=view.update)
     except LockBusy as exc:
         raise _fail(str(exc), Exit.FAILED) from None
-    except StoreError as exc:
-        raise _fail(str(exc), Exit.USAGE if not state.done else Exit.FAILED) from None
+    except StoreError as exc:  # a write failed mid-run (disk full, ...): what was written stays valid
+        raise _fail(str(exc), Exit.FAILED) from None
     except ExecError as exc:
         raise _fail(str(exc), Exit.FAILED) from None
     except KeyboardInterrupt:

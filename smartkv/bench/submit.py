@@ -63,9 +63,7 @@ def submit(plan: Plan, config: ExecConfig, force: bool = False, retry_failed: bo
            progress: Progress | None = None, on_tick=None) -> SubmitResult:
     """Run the plan's pending jobs; raises StoreError/ExecError before any job starts if that cannot work."""
     store = plan.store
-    store.preflight()
-    if plan.pending:
-        _check_worker(config)
+    check_ready(plan, config)
     with store.lock():
         removed = store.remove_stale_temp_files()
         if removed:
@@ -82,6 +80,13 @@ def submit(plan: Plan, config: ExecConfig, force: bool = False, retry_failed: bo
 
         stats = execute(plan.pending, config, on_result, progress or Progress(), on_tick)
     return SubmitResult(plan, stats, written)
+
+
+def check_ready(plan: Plan, config: ExecConfig) -> None:
+    """Output directory usable (StoreError) and worker importable (ExecError); cheap, runs nothing."""
+    plan.store.preflight()
+    if plan.pending:
+        _check_worker(config)
 
 
 def _check_worker(config: ExecConfig) -> None:
