@@ -255,13 +255,13 @@ def _render_table(table, baseline: str) -> None:
         return f"{text} ± {report_lib._fmt(ci)}" if text and report_lib._fmt(ci) else text
 
     view = Table(show_lines=False, pad_edge=False)
-    headers = ("model", "prompt set", "method", "n", "fail", "score", f"Δ {baseline}", "KL", "mem", "bits",
+    headers = ("model", "prompt set", "method", "n", "fail", "score", f"Δ {baseline}", "ppl", "KL", "mem", "bits",
                "prefill tok/s", "decode tok/s")
     for head in headers:
         view.add_column(head, no_wrap=head in ("method", "score"))
     for r in table.itertuples(index=False):
         view.add_row(r.model, r.prompt_set, r.method, str(r.samples), str(r.failed + r.oom), pm(r.score, r.score_ci95),
-                     report_lib._fmt(r.delta_vs_baseline), report_lib._fmt(r.kl_to_fp16),
+                     report_lib._fmt(r.delta_vs_baseline), report_lib._fmt(r.ppl), report_lib._fmt(r.kl_to_fp16),
                      report_lib._fmt(r.total_ratio), report_lib._fmt(r.avg_bits),
                      pm(r.prefill_tok_s, r.prefill_ci95), pm(r.decode_tok_s, r.decode_ci95))
     _console().print(view)

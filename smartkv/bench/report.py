@@ -22,7 +22,7 @@ GROUP = ["model", "prompt_set", "method", "method_label"]
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 COLUMNS = ["model", "prompt_set", "method", "jobs", "samples", "failed", "oom", "score", "score_ci95",
-           "delta_vs_baseline", "kl_to_fp16", "total_ratio", "avg_bits", "prefill_tok_s", "prefill_ci95",
+           "delta_vs_baseline", "ppl", "kl_to_fp16", "total_ratio", "avg_bits", "prefill_tok_s", "prefill_ci95",
            "decode_tok_s", "decode_ci95"]
 
 
@@ -45,7 +45,7 @@ def per_job(df: pd.DataFrame) -> pd.DataFrame:
     samples["prefill_tok_s"] = samples["context_tokens"] / (samples["prefill_ms"] / 1000.0)
     samples["decode_tok_s"] = 1000.0 / samples["decode_ms_per_token"]
     ok = samples[samples["status"] == "ok"]
-    metrics = ["score", "kl_to_fp16", "total_ratio", "avg_bits", "prefill_tok_s", "decode_tok_s"]
+    metrics = ["score", "ppl", "kl_to_fp16", "total_ratio", "avg_bits", "prefill_tok_s", "decode_tok_s"]
     means = ok.groupby("job_id")[metrics].mean()
     counts = samples.groupby("job_id").agg(samples=("status", lambda s: int((s == "ok").sum())),
                                            failed=("status", lambda s: int((s != "ok").sum())))
@@ -69,7 +69,7 @@ def summarize(df: pd.DataFrame, baseline: str = "fp16") -> pd.DataFrame:
                       "jobs": len(group), "samples": int(group["samples"].sum()),
                       "failed": int((group["status"] == "error").sum() + group["failed"].sum()),
                       "oom": int((group["status"] == "oom").sum()), "score": score, "score_ci95": score_ci,
-                      "kl_to_fp16": group["kl_to_fp16"].mean(), "total_ratio": group["total_ratio"].mean(),
+                      "ppl": group["ppl"].mean(), "kl_to_fp16": group["kl_to_fp16"].mean(), "total_ratio": group["total_ratio"].mean(),
                       "avg_bits": group["avg_bits"].mean(), "prefill_tok_s": prefill, "prefill_ci95": prefill_ci,
                       "decode_tok_s": decode, "decode_ci95": decode_ci})
     table = pd.DataFrame(lines)
@@ -115,24 +115,33 @@ def plot(df: pd.DataFrame, table: pd.DataFrame, out_dir: str | Path) -> list[Pat
     return [p for p in paths if p is not None]
 
 
+def _quality(part: pd.DataFrame) -> tuple[pd.Series, str]:
+    """Task score where the set has one, else minus perplexity (prose sets), so higher is better on both."""
+    if part["score"].notna().any():
+        return part["score"], "task score"
+    return -part["ppl"], "- perplexity"
+
+
 def _plot_pareto(plt, table: pd.DataFrame, path: Path) -> Path | None:
-    data = table.dropna(subset=["score", "total_ratio"])
+    data = table.dropna(subset=["total_ratio"])
+    data = data[data["score"].notna() | data["ppl"].notna()]
     if data.empty:
         return None
     sets = sorted(data["prompt_set"].unique())
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
     for ax, name in zip(axes[0], sets):
         part = data[data["prompt_set"] == name]
+        quality, ylabel = _quality(part)
+        part = part.assign(quality=quality).dropna(subset=["quality"])
         for (model, method), group in part.groupby(["model", part["method"].str.split("(").str[0]]):
             group = group.sort_values("total_ratio")
-            ax.plot(group["total_ratio"], group["score"], marker="o", label=f"{method} [{model}]")
+            ax.plot(group["total_ratio"], group["quality"], marker="o", label=f"{method} [{model}]")
         frontier = _pareto(part)
-        ax.plot(frontier["total_ratio"], frontier["score"], "k--", linewidth=0.8, label="frontier")
-        ax.set(title=name, xlabel="total KV memory / fp16", ylabel="task score")
+        ax.plot(frontier["total_ratio"], frontier["quality"], "k--", linewidth=0.8, label="frontier")
+        ax.set(title=name, xlabel="total KV memory / fp16", ylabel=ylabel)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -140,9 +149,9 @@ def _plot_pareto(plt, table: pd.DataFrame, path: Path) -> Path | None:
 def _pareto(part: pd.DataFrame) -> pd.DataFrame:
     """Points no other point beats on both memory (lower) and score (higher)."""
     best, keep = -math.inf, []
-    for row in part.sort_values(["total_ratio", "score"], ascending=[True, False]).itertuples():
-        if row.score > best:
-            best = row.score
+    for row in part.sort_values(["total_ratio", "quality"], ascending=[True, False]).itertuples():
+        if row.quality > best:
+            best = row.quality
             keep.append(row.Index)
     return part.loc[keep]
 
@@ -160,7 +169,6 @@ def _plot_speed(plt, df: pd.DataFrame, path: Path) -> Path | None:
     ax.set(xlabel="context tokens", ylabel="decode tokens / s", title="decode speed vs context")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -136,8 +136,10 @@ class JobRunner:
             torch.cuda.empty_cache()
 
     def _annotate(self, rows: list[dict], job: dict, wall_s: float, loaded: bool) -> None:
-        """Stamp the summary row with who ran it, the wall time and model-load bookkeeping."""
+        """Canonical identity on every row (whatever the worker wrote), who ran it, wall time, model loads."""
+        identity = job_identity(job)
         for row in rows:
+            row.update(identity)
             row["worker"] = row.get("worker") or self.name
             if row.get("row_kind") != "summary":
                 continue
