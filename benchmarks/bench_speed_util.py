@@ -1,0 +1,127 @@
+"""GPU timing and cache builders shared by the speed benchmarks (CUDA only).
+
+Timing: every measured call goes into one CUDA graph that cycles through several input sets (so the KV
+bytes are not served from L2 on the next call); the graph is replayed many times, each replay timed with CUDA
+events, and the median replay time divided by the calls it holds is reported.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from smartkv.quant.core import QTensor, packed_width
+from smartkv.quant.kernels import KVSegment, quantize_pack
+
+L2_BYTES = 50 * 2 ** 20
+
+
+def sets_for(bytes_per_set: int, min_total: int = 4 * L2_BYTES, max_sets: int = 32) -> int:
+    """How many input sets to rotate through so one pass over them is several times the L2."""
+    return max(2, min(max_sets, math.ceil(min_total / max(bytes_per_set, 1))))
+
+
+def time_calls(calls: list[Callable[[], object]], min_time_s: float = 0.25, graph: bool = True) -> float:
+    """Median seconds per call over replays of a graph that runs each of `calls` once (eager if graph=False)."""
+    for c in calls:  # compile, autotune, allocate
+        c()
+    torch.cuda.synchronize()
+    g = None
+    if graph:
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for c in calls:
+                    c()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for c in calls:
+                    c()
+        except RuntimeError:
+            g = None
+            torch.cuda.synchronize()
+    run = g.replay if g is not None else (lambda: [c() for c in calls])
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    torch.cuda.synchronize()
+    once = max(start.elapsed_time(end) / 1e3, 1e-6)
+    reps = max(5, min(200, int(min_time_s / once)))
+    times = []
+    for _ in range(reps):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2] / len(calls)
+
+
+def copy_bandwidth(nbytes: int = 2 * 2 ** 30) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    t = time_calls([lambda: b.copy_(a)], graph=False)
+    del a, b
+    return nbytes / t
+
+
+def _randn(shape, gen) -> torch.Tensor:
+    return torch.randn(shape, dtype=torch.float16, device="cuda", generator=gen)
+
+
+def quantized(B, H, T, D, bits, group, axis, gen, chunk=8192) -> QTensor:
+    """A (B, H, T, D) random tensor quantized and packed chunk by chunk (no fp32 copy of the whole)."""
+    meta = (B, H, T, D // group) if axis == -1 else (B, H, T // group, D)
+    q = QTensor(torch.empty(B, H, T, packed_width(D, bits), dtype=torch.uint8, device="cuda"),
+                torch.empty(meta, dtype=torch.float16, device="cuda"),
+                torch.empty(meta, dtype=torch.float16, device="cuda"), bits, group, axis)
+    for t0 in range(0, T, chunk):
+        n = min(chunk, T - t0)
+        quantize_pack(_randn((B, H, n, D), gen) * 2 + 0.5, bits, group, axis, out=q, start=t0)
+    return q
+
+
+SMARTKV_MIX = {8: 0.25, 4: 0.25, 2: 0.5}  # average code width 4 bits
+
+
+def build_segments(method: str, B: int, H: int, T: int, D: int, gen, group: int = 32,
+                   residual: int = 128) -> list[KVSegment]:
+    """Cache contents of one layer for `method` at context T (steady state while decoding)."""
+    if method == "fp16":
+        return [KVSegment(_randn((B, H, T, D), gen), _randn((B, H, T, D), gen))]
+    if method in ("int8", "int4"):
+        bits = 8 if method == "int8" else 4
+        return [KVSegment(quantized(B, H, T, D, bits, group, -1, gen), quantized(B, H, T, D, bits, group, -1, gen))]
+    if method.startswith("kivi"):
+        kb, vb = (2, 2) if method == "kivi2" else (2, 4)
+        tk = max(0, (T - residual // 2) // residual * residual)  # keys flush R-token blocks
+        tv = max(0, T - residual)                                # values keep the last R tokens
+        return [KVSegment(quantized(B, H, tk, D, kb, group, -2, gen), quantized(B, H, tv, D, vb, group, -1, gen),
+                          _randn((B, H, T - tk, D), gen), _randn((B, H, T - tv, D), gen))]
+    if method == "smartkv4":
+        sinks, window = 4, 32
+        middle = T - sinks - window
+        counts = {b: int(middle * f) for b, f in SMARTKV_MIX.items()}
+        counts[2] += middle - sum(counts.values())
+        mu = _randn((B, H, 1, D), gen)
+        sd = _randn((B, H, 1, D), gen).abs() + 0.5
+        segs = [KVSegment(_randn((B, H, sinks, D), gen), _randn((B, H, sinks, D), gen))]
+        for bits, n in counts.items():
+            segs.append(KVSegment(quantized(B, H, n, D, bits, group, -1, gen), quantized(B, H, n, D, bits, group, -1, gen),
+                                  key_scale=sd, key_shift=mu))
+        segs.append(KVSegment(_randn((B, H, window, D), gen), _randn((B, H, window, D), gen)))
+        return segs
+    raise ValueError(f"method must be one of fp16, int8, int4, kivi2, kivi24, smartkv4, got {method!r}")
+
+
+def segments_bytes(segments: list[KVSegment]) -> int:
+    return sum(s.nbytes for s in segments)

@@ -1,0 +1,92 @@
+"""Fused kernels for quantized KV caches (Triton), each with a torch reference that computes the same function.
+
+    quantize_pack(x, bits, group_size, axis=-1, out=None, start=0) -> QTensor
+    quantize_pack_kv(k, v, bits, group_size, out=None, start=0) -> (QTensor, QTensor)     # one launch
+    decode_attention(q, segments, scaling, lengths=None, return_token_probs=False, probs_out=None)
+    kernels_available(device) -> bool
+
+The Triton path runs on CUDA tensors (or any tensors under TRITON_INTERPRET=1); everything else, and shapes the
+kernels do not cover (head_dim not a power of two), takes the `*_reference` path. Bytes written by
+`quantize_pack` equal `smartkv.quant.core.quantize`'s; `decode_attention` matches the reference to fp16-operand
+accuracy (see tests/test_kernels.py for the bounds).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from smartkv.quant.core import QTensor
+from smartkv.quant.kernels.reference import decode_attention_reference, quantize_pack_reference
+from smartkv.quant.kernels.segment import KVSegment, check_inputs
+
+try:
+    import triton  # noqa: F401
+
+    from smartkv.quant.kernels import decode as _decode
+    from smartkv.quant.kernels import triton_quant as _tq
+    HAVE_TRITON = True
+except ImportError:  # no Triton on this platform: reference paths only
+    HAVE_TRITON = False
+
+__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "kernels_available", "quantize_pack",
+           "quantize_pack_kv", "quantize_pack_reference"]
+
+
+def interpreting() -> bool:
+    """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    if not HAVE_TRITON:
+        return False
+    from triton.runtime.jit import JITFunction
+    return not isinstance(_decode.K._split_kernel, JITFunction)
+
+
+def kernels_available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels run on tensors of `device`: CUDA with Triton, or Triton's interpreter."""
+    if not HAVE_TRITON:
+        return False
+    if interpreting():
+        return True
+    device = torch.device(device) if device is not None else None
+    return device is not None and device.type == "cuda" and os.environ.get("SMARTKV_NO_KERNELS", "") != "1"
+
+
+def quantize_pack(x: torch.Tensor, bits: int, group_size: int, axis: int = -1, out: QTensor | None = None,
+                  start: int = 0) -> QTensor:
+    """Quantize x (B, H, T, D) to `bits` in groups of `group_size` along `axis` and pack the codes.
+
+    With `out`, the result is written into out's tokens [start, start + T) (per-channel: start a multiple of
+    group_size) and `out` is returned: a preallocated cache is filled without a concatenation.
+    """
+    if kernels_available(x.device) and _tq.triton_shapes_ok(x, group_size):
+        return _tq.quantize_pack_triton(x, bits, group_size, axis, out, start)
+    return quantize_pack_reference(x, bits, group_size, axis, out, start)
+
+
+def quantize_pack_kv(k: torch.Tensor, v: torch.Tensor, bits: int, group_size: int,
+                     out: tuple[QTensor, QTensor] | None = None, start: int = 0) -> tuple[QTensor, QTensor]:
+    """Keys and values of one layer, per-token groups, in one launch (the append path of int8/int4)."""
+    if kernels_available(k.device) and _tq.triton_shapes_ok(k, group_size):
+        return _tq.quantize_pack_kv_triton(k, v, bits, group_size, out, start)
+    outs = out if out is not None else (None, None)
+    return (quantize_pack_reference(k, bits, group_size, -1, outs[0], start),
+            quantize_pack_reference(v, bits, group_size, -1, outs[1], start))
+
+
+def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: float,
+                     lengths: torch.Tensor | None = None, return_token_probs: bool = False,
+                     probs_out: Sequence[torch.Tensor] | None = None):
+    """Attention of one new query token per sequence over the cached segments, read in place.
+
+    q: (B, Hq, D) or (B, Hq, 1, D); Hq = kv_heads * group (GQA). segments: the cache's runs of tokens (their
+    order matters only for `lengths`). lengths: (B,) int, valid tokens per sequence counted over the segments
+    in order (a segment's own `lengths` overrides). Returns the output in q's shape and dtype; with
+    `return_token_probs`, also a list with one (B, kv_heads, T_seg) fp32 tensor per segment: each token's
+    attention probability summed over the query heads of its group (added into `probs_out` when given, so a
+    cache can accumulate importance without another pass).
+    """
+    check_inputs(q, segments)
+    if kernels_available(q.device) and _decode.triton_ok(q, segments):
+        return _decode.decode_attention_triton(q, segments, scaling, lengths, return_token_probs, probs_out)
+    return decode_attention_reference(q, segments, scaling, lengths, return_token_probs, probs_out)

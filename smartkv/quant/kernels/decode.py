@@ -1,0 +1,224 @@
+"""Launching the split-K decode attention kernels (triton_attn) for a list of segments."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import os
+
+import torch
+import triton
+
+from smartkv.quant.core import QTensor
+from smartkv.quant.kernels import triton_attn as K
+from smartkv.quant.kernels.segment import KVSegment, check_inputs  # noqa: F401
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass
+class Tuning:
+    """Launch choices; `TUNING` holds one per key kind (benchmarks may overwrite them)."""
+    block_n: int = 64          # tokens per inner step (per-channel keys: groups per step * group size instead)
+    num_warps: int = 4
+    num_stages: int = 2
+    programs_per_sm: int = 8   # split the context until the grid has about this many programs per SM
+    min_split_tokens: int = 256
+    # 1: 0x6400 trick (exact fp16 integers); 0: codes as fp16 subnormals; 2: as 0, two codes per word op
+    code_mode: int = int(os.environ.get("SMARTKV_KERNEL_CODE_MODE", "2"))
+
+
+TUNING = {K.FP: Tuning(), K.TOK: Tuning(), K.CHAN: Tuning(block_n=0)}  # (kind, key bits) entries override
+
+
+def tuning_for(kind: int, bits: int) -> Tuning:
+    return TUNING.get((kind, bits), TUNING[kind])
+_SM_COUNT: dict[int, int] = {}
+LAST_KERNELS: dict = {}  # (K kind, key bits, V bits) -> last compiled split kernel (registers, spills: benchmarks)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _words(q: QTensor) -> torch.Tensor:
+    """Codes as int32 words (2/4/8 bit) or bytes (3 bit); a view when the layout allows."""
+    if q.bits == 3:
+        return q.codes
+    try:
+        return q.codes.view(torch.int32)
+    except RuntimeError:
+        return q.codes.contiguous().view(torch.int32)
+
+
+def _per_word(bits: int) -> int:
+    return 8 if bits == 3 else 32 // bits
+
+
+@dataclass
+class _Side:
+    """One of keys / values of a segment, flattened into kernel arguments."""
+    kind: int
+    bits: int
+    group: int
+    ngrp: int
+    quant: tuple            # (codes/words, scale, zero)
+    quant_strides: tuple    # (codes b, h, t, scale b, h, t)
+    fp: torch.Tensor
+    fp_strides: tuple
+    n_quant: int            # tokens held by the quantized part (all of them when there is no residual)
+    has_res: bool
+
+
+def _side(part, residual: torch.Tensor | None, n_tokens: int, D: int) -> _Side:
+    if isinstance(part, QTensor):
+        words = _words(part)
+        kind = K.CHAN if part.axis == -2 else K.TOK
+        fp = residual if residual is not None else part.scale  # any tensor when there is no residual
+        fps = residual.stride()[:3] if residual is not None else (0, 0, 0)
+        ngrp = D // part.group_size if kind == K.TOK else 1
+        n_quant = part.codes.shape[-2] if residual is not None else n_tokens
+        return _Side(kind, part.bits, part.group_size, ngrp, (words, part.scale, part.zero),
+                     words.stride()[:3] + part.scale.stride()[:3], fp, fps, n_quant, residual is not None)
+    if part.stride(-1) != 1:
+        part = part.contiguous()
+    return _Side(K.FP, 16, D, 1, (part, part, part), (0,) * 6, part, part.stride()[:3], n_tokens, False)
+
+
+@dataclass
+class _Launch:
+    seg: KVSegment
+    k: _Side
+    v: _Side
+    block_n: int
+    xk: int
+    xv: int
+    tps: int
+    n_splits: int
+    offset: int
+    tuning: Tuning
+
+
+def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, device) -> list[_Launch]:
+    ngp = _pow2(NG)
+    fill = max(1, 16 // ngp)   # query-head columns are padded to 16 for the tensor cores
+    plans, offset = [], 0
+    for seg in segments:
+        T = seg.num_tokens
+        if T == 0:
+            offset += T
+            continue
+        ks = _side(seg.keys, seg.key_residual, T, D)
+        vs = _side(seg.values, seg.value_residual, T, D)
+        tune = tuning_for(ks.kind, ks.bits)
+        if ks.kind == K.CHAN:
+            xk = fill
+            block_n = xk * ks.group
+        else:
+            xk = max(ks.ngrp, fill)
+            block_n = tune.block_n
+        xv = max(vs.ngrp, fill)
+        blocks = triton.cdiv(T, block_n)
+        want = max(1, triton.cdiv(tune.programs_per_sm * _sm_count(device), B * Hkv))
+        per_split = max(triton.cdiv(blocks, want), triton.cdiv(tune.min_split_tokens, block_n))
+        tps = per_split * block_n
+        plans.append(_Launch(seg, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune))
+        offset += T
+    return plans
+
+
+def triton_ok(q: torch.Tensor, segments: Sequence[KVSegment]) -> bool:
+    """Shapes the kernel handles: power-of-two head_dim >= 16, power-of-two groups."""
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1):
+        return False
+    for seg in segments:
+        for part in (seg.keys, seg.values):
+            if isinstance(part, QTensor):
+                g = part.group_size
+                if g & (g - 1) or (part.axis == -1 and D // g > 64):
+                    return False
+    return True
+
+
+def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scaling: float,
+                            lengths: torch.Tensor | None = None, return_token_probs: bool = False,
+                            probs_out: Sequence[torch.Tensor] | None = None):
+    squeeze = q.dim() == 3
+    q3 = q if squeeze else q.squeeze(2)  # (B, Hq, D)
+    if q3.stride(-1) != 1:
+        q3 = q3.contiguous()
+    B, Hq, D = q3.shape
+    Hkv = (segments[0].keys.codes if isinstance(segments[0].keys, QTensor) else segments[0].keys).shape[1]
+    NG = Hq // Hkv
+    NGP = _pow2(NG)
+    dev = q.device
+    plans = _plan(segments, B, Hkv, NG, D, dev)
+    S = sum(p.n_splits for p in plans)
+    o_part = torch.empty(B, Hq, max(S, 1), D, dtype=torch.float32, device=dev)
+    lse_part = torch.empty(B, Hq, max(S, 1), dtype=torch.float32, device=dev)
+    scores = [torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=dev) if return_token_probs else None
+              for s in segments]
+    plan_of = {id(p.seg): p for p in plans}
+    split0 = 0
+    for i, seg in enumerate(segments):
+        p = plan_of.get(id(seg))
+        if p is None:
+            continue
+        lens = seg.lengths if seg.lengths is not None else lengths
+        seg_offset = 0 if seg.lengths is not None else p.offset
+        ka = seg.key_scale
+        kb = seg.key_shift
+        sc = scores[i] if scores[i] is not None else o_part
+        k, v = p.k, p.v
+        LAST_KERNELS[(k.kind, k.bits, v.bits)] = K._split_kernel[(p.n_splits, B * Hkv)](
+            q3, q3.stride(0), q3.stride(1),
+            *k.quant, *k.quant_strides, k.fp, *k.fp_strides,
+            *v.quant, *v.quant_strides, v.fp, *v.fp_strides,
+            ka if ka is not None else q3, kb if kb is not None else q3,
+            *(ka.stride()[:2] if ka is not None else (0, 0)),
+            lens if lens is not None else q3, seg_offset, seg.num_tokens, k.n_quant, v.n_quant,
+            o_part, lse_part, *o_part.stride()[:3], *lse_part.stride()[:2], split0,
+            sc, *(sc.stride()[:2]),
+            scaling * LOG2E, p.tps, Hkv, NG,
+            D=D, NGP=NGP, XK=p.xk, XV=p.xv,
+            K_KIND=k.kind, K_BITS=k.bits, K_PW=_per_word(k.bits) if k.kind else 1, K_G=k.group, K_NGRP=k.ngrp,
+            V_KIND=v.kind, V_BITS=v.bits, V_PW=_per_word(v.bits) if v.kind else 1, V_G=v.group, V_NGRP=v.ngrp,
+            HAS_KRES=k.has_res, HAS_VRES=v.has_res, HAS_LEN=lens is not None, HAS_KAFF=ka is not None,
+            STORE_SCORES=return_token_probs, BLOCK_N=p.block_n, CODE_MODE=p.tuning.code_mode,
+            num_warps=p.tuning.num_warps, num_stages=p.tuning.num_stages)
+        split0 += p.n_splits
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=dev) if return_token_probs else out
+    if S == 0:
+        lse_part.fill_(float("-inf"))
+    K._merge_kernel[(B * Hq,)](o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
+                               *lse_part.stride()[:2], *out.stride()[:2], Hq, D=D, BLOCK_S=16,
+                               STORE_LSE=return_token_probs, num_warps=1 if D <= 128 else 2)
+    out = out if squeeze else out.unsqueeze(2)
+    if not return_token_probs:
+        return out
+    probs = []
+    for i, seg in enumerate(segments):
+        T = seg.num_tokens
+        po = probs_out[i] if probs_out is not None else torch.empty(B, Hkv, T, dtype=torch.float32, device=dev)
+        if T:
+            p = plan_of[id(seg)]
+            lens = seg.lengths if seg.lengths is not None else lengths
+            seg_offset = 0 if seg.lengths is not None else p.offset
+            BLOCK_T = 256
+            K._probs_kernel[(triton.cdiv(T, BLOCK_T), B * Hkv)](
+                scores[i], *scores[i].stride()[:2], lse, po, *po.stride()[:2], lens if lens is not None else lse,
+                seg_offset, T, Hkv, NG, NGP=NGP, BLOCK_T=BLOCK_T, HAS_LEN=lens is not None,
+                ACCUMULATE=probs_out is not None, num_warps=4)
+        probs.append(po)
+    return out, probs

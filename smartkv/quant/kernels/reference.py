@@ -1,0 +1,102 @@
+"""Torch reference paths: the functions the Triton kernels compute, and what CPU runs use.
+
+These dequantize (materialise) the cache; the kernels never do.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from smartkv.quant.core import QTensor, dequantize, quantize
+from smartkv.quant.kernels.segment import KVSegment
+
+
+def write_rows(out: QTensor, q: QTensor, start: int) -> QTensor:
+    """Copy q into out's tokens [start, start + T) (scale rows start // G on for per-channel groups)."""
+    T = q.codes.shape[-2]
+    out.codes[..., start:start + T, :] = q.codes
+    r0 = start if q.axis == -1 else start // q.group_size
+    out.scale[..., r0:r0 + q.scale.shape[-2], :] = q.scale
+    out.zero[..., r0:r0 + q.zero.shape[-2], :] = q.zero
+    return out
+
+
+def quantize_pack_reference(x: torch.Tensor, bits: int, group_size: int, axis: int = -1,
+                            out: QTensor | None = None, start: int = 0) -> QTensor:
+    """`smartkv.quant.core.quantize`, optionally written into `out` at token `start`."""
+    q = quantize(x, bits, group_size, axis)
+    return q if out is None else write_rows(out, q, start)
+
+
+def _dequant(part, dtype) -> torch.Tensor | None:
+    if part is None:
+        return None
+    return dequantize(part, dtype) if isinstance(part, QTensor) else part.to(dtype)
+
+
+def segment_kv(seg: KVSegment, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized keys and values of a segment, (B, H, T, D) in `dtype`, key normalisation undone."""
+    k = _dequant(seg.keys, dtype)
+    if seg.key_residual is not None:
+        k = torch.cat([k, seg.key_residual.to(dtype)], -2)
+    v = _dequant(seg.values, dtype)
+    if seg.value_residual is not None:
+        v = torch.cat([v, seg.value_residual.to(dtype)], -2)
+    if seg.key_scale is not None:
+        k = k * seg.key_scale.to(dtype) + seg.key_shift.to(dtype)
+    return k, v
+
+
+def segment_valid(segments: Sequence[KVSegment], lengths: torch.Tensor | None, batch: int,
+                  device) -> list[torch.Tensor]:
+    """(B, T_seg) bool per segment: which tokens take part. `lengths` counts over the segments in order; a
+    segment's own `lengths` replaces it for that segment."""
+    out, offset = [], 0
+    for seg in segments:
+        t = torch.arange(seg.num_tokens, device=device)
+        if seg.lengths is not None:
+            valid = t < seg.lengths.to(device).view(-1, 1)
+        elif lengths is not None:
+            valid = t < (lengths.to(device).view(-1, 1) - offset)
+        else:
+            valid = torch.ones(batch, seg.num_tokens, dtype=torch.bool, device=device)
+        out.append(valid.expand(batch, seg.num_tokens))
+        offset += seg.num_tokens
+    return out
+
+
+def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], scaling: float,
+                               lengths: torch.Tensor | None = None, return_token_probs: bool = False,
+                               probs_out: Sequence[torch.Tensor] | None = None,
+                               compute_dtype: torch.dtype = torch.float32):
+    """Exact attention of one query token over the dequantized segments.
+
+    q (B, Hq, D) or (B, Hq, 1, D); Hq a multiple of kv_heads (GQA). Returns the output in q's shape and dtype,
+    and with `return_token_probs` also, per segment, (B, kv_heads, T_seg) fp32: each token's attention
+    probability summed over the query heads of its KV group (added into `probs_out` when given).
+    A sequence with no valid token gets output 0.
+    """
+    squeeze = q.dim() == 3
+    q4 = q.unsqueeze(2) if squeeze else q
+    B, Hq, _, D = q4.shape
+    kv = [segment_kv(s, compute_dtype) for s in segments]
+    keys = torch.cat([k for k, _ in kv], -2)      # (B, Hkv, T, D)
+    values = torch.cat([v for _, v in kv], -2)
+    Hkv = keys.shape[1]
+    valid = torch.cat(segment_valid(segments, lengths, B, q.device), -1)  # (B, T)
+    qg = q4.to(compute_dtype).reshape(B, Hkv, Hq // Hkv, D)               # (B, Hkv, G, D)
+    scores = (qg @ keys.transpose(-1, -2)) * scaling                       # (B, Hkv, G, T)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0)
+    out = (probs @ values).reshape(B, Hq, 1, D).to(q.dtype)
+    out = out.squeeze(2) if squeeze else out
+    if not return_token_probs:
+        return out
+    mass = probs.sum(2).float()                                            # (B, Hkv, T)
+    parts = list(mass.split([s.num_tokens for s in segments], -1))
+    if probs_out is not None:
+        for acc, p in zip(probs_out, parts):
+            acc += p
+        parts = list(probs_out)
+    return out, parts

@@ -1,0 +1,86 @@
+"""What a decode-attention call reads: one `KVSegment` per run of cached tokens stored one way."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from smartkv.quant.core import QTensor
+
+KVPart = torch.Tensor | QTensor
+
+
+def _tokens(x: KVPart | None) -> int:
+    if x is None:
+        return 0
+    return x.codes.shape[-2] if isinstance(x, QTensor) else x.shape[-2]
+
+
+@dataclass(frozen=True)
+class KVSegment:
+    """Keys and values of `num_tokens` cached tokens, (batch, kv_heads, tokens, head_dim) each.
+
+    keys / values: a full-precision tensor or a `QTensor`. Keys may be per-token (axis=-1) or per-channel
+    (axis=-2, KIVI) groups; values per-token groups. A quantized part may be followed by full-precision tokens
+    (`key_residual`, `value_residual`: KIVI's streaming window), and keys and values may split at different
+    token counts, as long as both cover the same tokens: quantized + residual is the same count for each.
+    lengths: (B,) int, valid tokens of this segment per sequence (ragged batch); None = all.
+    key_scale / key_shift: (B, kv_heads, 1, head_dim); the stored keys (all of them) are (k - shift) / scale,
+    so the kernel uses q * scale and adds q . shift (SmartKV's per-channel key normalisation).
+    """
+    keys: KVPart
+    values: KVPart
+    key_residual: torch.Tensor | None = None
+    value_residual: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    key_scale: torch.Tensor | None = None
+    key_shift: torch.Tensor | None = None
+
+    def __post_init__(self):
+        for name in ("key_residual", "value_residual"):
+            part = "keys" if name == "key_residual" else "values"
+            if getattr(self, name) is not None and not isinstance(getattr(self, part), QTensor):
+                raise ValueError(f"{name} follows quantized {part}; got full-precision {part} and a {name}")
+        nk = _tokens(self.keys) + _tokens(self.key_residual)
+        nv = _tokens(self.values) + _tokens(self.value_residual)
+        if nk != nv:
+            raise ValueError(f"keys cover {nk} tokens but values cover {nv}; a segment's keys and values must "
+                             f"cover the same tokens")
+        if isinstance(self.values, QTensor) and self.values.axis != -1:
+            raise ValueError(f"values must be quantized per token (axis=-1), got axis={self.values.axis}")
+        if (self.key_scale is None) != (self.key_shift is None):
+            raise ValueError("key_scale and key_shift go together; got only one of them")
+
+    @property
+    def num_tokens(self) -> int:
+        return _tokens(self.keys) + _tokens(self.key_residual)
+
+    @property
+    def quantized_keys(self) -> int:
+        return _tokens(self.keys) if isinstance(self.keys, QTensor) else 0
+
+    @property
+    def quantized_values(self) -> int:
+        return _tokens(self.values) if isinstance(self.values, QTensor) else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored for this segment (codes, scales, zeros, full-precision tokens)."""
+        parts = (self.keys, self.values, self.key_residual, self.value_residual)
+        return sum(p.nbytes if isinstance(p, QTensor) else p.numel() * p.element_size()
+                   for p in parts if p is not None)
+
+
+def check_inputs(q: torch.Tensor, segments: Sequence[KVSegment]) -> None:
+    if q.dim() not in (3, 4) or (q.dim() == 4 and q.shape[2] != 1):
+        raise ValueError(f"q must be (batch, q_heads, head_dim) or (batch, q_heads, 1, head_dim), got "
+                         f"{tuple(q.shape)}")
+    if not segments:
+        raise ValueError("decode attention needs at least one segment")
+    B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
+    for i, seg in enumerate(segments):
+        shape = seg.keys.shape if isinstance(seg.keys, QTensor) else tuple(seg.keys.shape)
+        if shape[0] != B or shape[-1] != D or Hq % shape[1]:
+            raise ValueError(f"segment {i}: keys {tuple(shape)} do not fit q {tuple(q.shape)} (batch, head_dim, "
+                             f"and q_heads a multiple of kv_heads must agree)")

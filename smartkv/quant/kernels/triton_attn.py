@@ -1,0 +1,382 @@
+"""Triton split-K decode attention over packed KV codes (int8/int4/KIVI/SmartKV pools), never dequantizing
+the cache to memory.
+
+One launch per segment: program (split, b * kv_heads + h) handles `tokens_per_split` tokens of one KV head for
+all G query heads of its group, writes a normalised partial output and its log-sum-exp; one merge launch
+combines every split of every segment (Flash-Decoding). Optionally the split kernel writes each token's scaled
+score and a third launch turns them into probabilities summed over the group's query heads.
+
+Scales stay out of the inner loop (perf_anchors 1.4):
+  per-token keys  - one tensor-core dot of the codes against a block-diagonal query (D, X*NGP), column (x, h)
+                    holding q_h on the channels of group x only, gives every group's partial dot; the scale and
+                    zero are applied per (token, group): s_t = sum_x scale_tx * R_t(x,h) + zero_tx * sum_{c in x} q_hc.
+  per-channel keys (KIVI) - the block covers X groups of G tokens; column (x, h) holds q_h * scale_x, so
+                    one dot gives every group's scaled score; each token keeps the column of its own group.
+  per-token values - probabilities times the value scale, P'(x,h) = p_h * scale_x, against the raw codes;
+                    the accumulator row (x, h) is right for channels of group x, picked at the end; zeros enter
+                    as sum_t p_h * zero_tx.
+Codes become fp16 by bit tricks, not conversions (CODE_MODE 1: 0x6400 | c is 1024 + c, minus 1024 exact;
+CODE_MODE 0: the code's bits read as an fp16 subnormal, c * 2^-24; CODE_MODE 2: as 0 but two codes per
+shift-and-mask, 16 bits apart, so each fp16x2 register comes from one word op and the tile's columns are a
+fixed permutation of the channels inside each word, `_chan_of`).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FP, TOK, CHAN = 0, 1, 2
+
+
+@triton.jit
+def _chan_of(f, BITS: tl.constexpr, PW: tl.constexpr, CODE_MODE: tl.constexpr):
+    """Channel held by column f of an unpacked tile: channel order, except in CODE_MODE 2 where each word's
+    columns are (0, PW/2, 1, PW/2 + 1, ...)."""
+    if CODE_MODE == 2 and BITS != 16 and BITS != 3:
+        c = (f // PW) * PW + (f % PW) // 2 + (f % 2) * (PW // 2)
+    else:
+        c = f
+    return c
+
+
+@triton.jit
+def _load_words(ptr, row_off, row_mask, BITS: tl.constexpr, PW: tl.constexpr, D: tl.constexpr):
+    """(BLOCK_N, D / PW) int32 words of PW codes each. ptr is int32* (2/4/8 bit) or uint8* (3 bit)."""
+    if BITS == 3:
+        off = row_off[:, None] + 3 * tl.arange(0, D // 8)[None, :]
+        m = row_mask[:, None]
+        w = tl.load(ptr + off, mask=m, other=0).to(tl.int32)
+        w = w | (tl.load(ptr + off + 1, mask=m, other=0).to(tl.int32) << 8)
+        w = w | (tl.load(ptr + off + 2, mask=m, other=0).to(tl.int32) << 16)
+    else:
+        w = tl.load(ptr + row_off[:, None] + tl.arange(0, D // PW)[None, :], mask=row_mask[:, None], other=0)
+    return w
+
+
+@triton.jit
+def _code(words, k: tl.constexpr, BITS: tl.constexpr, CODE_MODE: tl.constexpr):
+    """Code k of every word, as fp16 (exact integer for CODE_MODE 1, integer * 2^-24 otherwise)."""
+    c = (words >> (k * BITS)) & ((1 << BITS) - 1)
+    if CODE_MODE == 1:
+        h = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        h = c.to(tl.int16).to(tl.float16, bitcast=True)
+    return h
+
+
+@triton.jit
+def _nat4(w, k0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr, CODE_MODE: tl.constexpr):
+    """Codes k0, k0+st, k0+2st, k0+3st joined so that flattening the two new minor axes gives that order."""
+    return tl.join(tl.join(_code(w, k0, BITS, CODE_MODE), _code(w, k0 + 2 * st, BITS, CODE_MODE)),
+                   tl.join(_code(w, k0 + st, BITS, CODE_MODE), _code(w, k0 + 3 * st, BITS, CODE_MODE)))
+
+
+@triton.jit
+def _nat8(w, k0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr, CODE_MODE: tl.constexpr):
+    return tl.join(_nat4(w, k0, 2 * st, BITS, CODE_MODE), _nat4(w, k0 + st, 2 * st, BITS, CODE_MODE))
+
+
+@triton.jit
+def _half(words, k: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
+    """Code k (HI=0) or k + 16/BITS (HI=1) of every word as an fp16 subnormal (code * 2^-24); both come from
+    one shift-and-mask of the word, so the pair is already the fp16x2 register the tensor core reads."""
+    m: tl.constexpr = ((1 << BITS) - 1) | (((1 << BITS) - 1) << 16)
+    h2 = (words >> (k * BITS)) & m
+    if HI:
+        h2 = h2 >> 16
+    return h2.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _half_nat4(w, k0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
+    return tl.join(tl.join(_half(w, k0, BITS, HI), _half(w, k0 + 2 * st, BITS, HI)),
+                   tl.join(_half(w, k0 + st, BITS, HI), _half(w, k0 + 3 * st, BITS, HI)))
+
+
+@triton.jit
+def _half_tile(w, PW: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
+    """Codes k (+ 16/BITS if HI) for k < PW/2, joined in k order."""
+    if PW == 4:
+        h = tl.join(_half(w, 0, BITS, HI), _half(w, 1, BITS, HI))
+    elif PW == 8:
+        h = _half_nat4(w, 0, 1, BITS, HI)
+    else:
+        h = tl.join(_half_nat4(w, 0, 2, BITS, HI), _half_nat4(w, 1, 2, BITS, HI))
+    return h
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr, PW: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+            CODE_MODE: tl.constexpr):
+    """words (BLOCK_N, D/PW) -> (BLOCK_N, D) fp16 codes in channel order (word w holds codes w*PW .. w*PW+PW-1,
+    code w*PW + k at bit k*BITS). Built by nested joins so each thread keeps a word's codes in its own
+    registers (a 3-D shift-and-reshape lets Triton spread them over lanes and go through shared memory)."""
+    if CODE_MODE == 2 and BITS != 3:  # pairs (k, k + PW/2) adjacent: see _chan_of
+        h = tl.join(_half_tile(words, PW, BITS, 0), _half_tile(words, PW, BITS, 1))
+    elif PW == 4:
+        h = _nat4(words, 0, 1, BITS, CODE_MODE)
+    elif PW == 8:
+        h = _nat8(words, 0, 1, BITS, CODE_MODE)
+    else:
+        h = tl.join(_nat8(words, 0, 2, BITS, CODE_MODE), _nat8(words, 1, 2, BITS, CODE_MODE))
+    return tl.reshape(h, (BLOCK_N, D))
+
+
+@triton.jit
+def _block(n0, lo, hi, m_i, l_i, acc, vb,
+           kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_off,
+           vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off,
+           q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch,
+           chK, chV, qk_scale, NG,
+           K_KIND: tl.constexpr, V_KIND: tl.constexpr,
+           K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr, K_NGRP: tl.constexpr,
+           V_BITS: tl.constexpr, V_PW: tl.constexpr, V_NGRP: tl.constexpr,
+           D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr, BLOCK_N: tl.constexpr,
+           HAS_KAFF: tl.constexpr, STORE_SCORES: tl.constexpr, CODE_MODE: tl.constexpr):
+    INV: tl.constexpr = 1.0 if CODE_MODE == 1 else 16777216.0
+    t = n0 + tl.arange(0, BLOCK_N)
+    valid = (t >= lo) & (t < hi)
+    xk = tl.arange(0, XK)
+    # ---- keys -> scores (BLOCK_N, NGP)
+    if K_KIND == 1:  # per-token groups
+        kc = _unpack(_load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D), K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
+        r = tl.reshape(tl.dot(kc, qbd16), (BLOCK_N, XK, NGP))
+        so = t[:, None] * skst + xk[None, :]
+        sm = valid[:, None] & (xk[None, :] < K_NGRP)
+        ks = tl.load(ks_ptr + so, mask=sm, other=0.0).to(tl.float32) * INV
+        kz = tl.load(kz_ptr + so, mask=sm, other=0.0).to(tl.float32)
+        s = tl.sum(r * ks[:, :, None] + kz[:, :, None] * qsum[None, :, :], axis=1)
+    elif K_KIND == 2:  # per-channel groups of K_G tokens; the block holds XK groups
+        kc = _unpack(_load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D), K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
+        grow = n0 // K_G + tl.arange(0, XK * NGP) // NGP                      # scale row of column (x, h)
+        so = grow[None, :] * skst + chK[:, None]                              # (D, XK*NGP)
+        sm = (grow < TK // K_G)[None, :]
+        sk = tl.load(ks_ptr + so, mask=sm, other=0.0).to(tl.float32)
+        zk = tl.load(kz_ptr + so, mask=sm, other=0.0).to(tl.float32)
+        qs16 = (qrep * sk).to(tl.float16)
+        bias = tl.sum(qrep * zk, axis=0)
+        r = tl.dot(kc, qs16) * INV + bias[None, :]
+        r = tl.reshape(r, (BLOCK_N, XK, NGP))
+        own = ((t - n0) // K_G)[:, None, None] == xk[None, :, None]
+        s = tl.sum(tl.where(own, r, 0.0), axis=1)
+    else:  # full precision; every column group x holds the whole query, any one will do
+        k = tl.load(kr_ptr + (t - k_off)[:, None] * skrt + chK[None, :], mask=valid[:, None], other=0.0)
+        r = tl.reshape(tl.dot(k.to(tl.float16), q16), (BLOCK_N, XK, NGP))
+        s = tl.max(r, axis=1)
+    if HAS_KAFF:
+        s = s + qaff[None, :]
+    s = s * qk_scale
+    hh = tl.arange(0, NGP)
+    if STORE_SCORES:
+        tl.store(sc_ptr + hh[None, :] * ssch + t[:, None], s, mask=valid[:, None] & (hh[None, :] < NG))
+    s = tl.where(valid[:, None], s, float("-inf"))
+    # ---- online softmax, state per query head
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[None, :])
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    alpha_v = tl.reshape(tl.broadcast_to(alpha[None, :], (XV, NGP)), (XV * NGP,))
+    acc = acc * alpha_v[:, None]
+    vb = vb * alpha_v
+    # ---- values
+    xv = tl.arange(0, XV)
+    if V_KIND == 1:
+        vc = _unpack(_load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D), V_BITS, V_PW, D, BLOCK_N, CODE_MODE)
+        so = t[:, None] * svst + xv[None, :]
+        sm = valid[:, None] & (xv[None, :] < V_NGRP)
+        vs = tl.load(vs_ptr + so, mask=sm, other=0.0).to(tl.float32)
+        vz = tl.load(vz_ptr + so, mask=sm, other=0.0).to(tl.float32)
+        # p * scale in fp16 for the dot: normalise the block's largest scale to 2^14 (no overflow, no underflow)
+        c = 16384.0 / tl.maximum(tl.max(tl.max(vs, axis=1), axis=0), 1e-30)
+        pv = tl.reshape(p[:, None, :] * (vs * c)[:, :, None], (BLOCK_N, XV * NGP))
+        acc += tl.dot(tl.trans(pv.to(tl.float16)), vc) * (INV / c)
+        vb += tl.sum(tl.reshape(p[:, None, :] * vz[:, :, None], (BLOCK_N, XV * NGP)), axis=0)
+    else:
+        v = tl.load(vr_ptr + (t - v_off)[:, None] * svrt + chV[None, :], mask=valid[:, None], other=0.0)
+        pv = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, XV, NGP)), (BLOCK_N, XV * NGP))
+        acc += tl.dot(tl.trans(pv.to(tl.float16)), v.to(tl.float16))
+    return m_new, l_i, acc, vb
+
+
+@triton.jit(do_not_specialize=["seg_offset", "T_SEG", "TK", "TV", "split0", "TPS"])
+def _split_kernel(
+        Q, sqb, sqh,
+        KQ, KS, KZ, skqb, skqh, skqt, sksb, sksh, skst,
+        KR, skrb, skrh, skrt,
+        VQ, VS, VZ, svqb, svqh, svqt, svsb, svsh, svst,
+        VR, svrb, svrh, svrt,
+        KA, KB, skab, skah,
+        LEN, seg_offset, T_SEG, TK, TV,
+        OP, LP, sob, soh, sos, slb, slh, split0,
+        SC, sscb, ssch,
+        qk_scale, TPS, H_KV, NG,
+        D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr,
+        K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr, K_NGRP: tl.constexpr,
+        V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_PW: tl.constexpr, V_G: tl.constexpr, V_NGRP: tl.constexpr,
+        HAS_KRES: tl.constexpr, HAS_VRES: tl.constexpr, HAS_LEN: tl.constexpr, HAS_KAFF: tl.constexpr,
+        STORE_SCORES: tl.constexpr, BLOCK_N: tl.constexpr, CODE_MODE: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    hk = bh % H_KV
+    seq_len = T_SEG
+    if HAS_LEN:
+        seq_len = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32) - seg_offset, 0), T_SEG)
+    s0 = split * TPS
+    s1 = tl.minimum(s0 + TPS, seq_len)
+
+    # ---- the group's queries, as a (D, XK*NGP) operand in the key tile's channel order
+    f = tl.arange(0, D)
+    chK = _chan_of(f, K_BITS, K_PW, CODE_MODE)
+    chV = _chan_of(f, V_BITS, V_PW, CODE_MODE)
+    col = tl.arange(0, XK * NGP)
+    ch = col % NGP
+    qrep = tl.load(Q + b * sqb + (hk * NG + ch)[None, :] * sqh + chK[:, None], mask=(ch < NG)[None, :],
+                   other=0.0).to(tl.float32)
+    qaff = tl.zeros((NGP,), tl.float32)
+    if HAS_KAFF:
+        ka = tl.load(KA + b * skab + hk * skah + chK).to(tl.float32)
+        kb = tl.load(KB + b * skab + hk * skah + chK).to(tl.float32)
+        qaff = tl.max(tl.reshape(tl.sum(qrep * kb[:, None], axis=0), (XK, NGP)), axis=0)
+        qrep = qrep * ka[:, None]
+    q16 = qrep.to(tl.float16)
+    qbd16 = tl.where((chK // K_G)[:, None] == (col // NGP)[None, :], q16, 0.0)
+    qsum = tl.reshape(tl.sum(qbd16.to(tl.float32), axis=0), (XK, NGP))
+
+    m_i = tl.full((NGP,), -1.0e30, tl.float32)
+    l_i = tl.zeros((NGP,), tl.float32)
+    acc = tl.zeros((XV * NGP, D), tl.float32)
+    vb = tl.zeros((XV * NGP,), tl.float32)
+
+    kq_ptr = KQ + b * skqb + hk * skqh
+    ks_ptr = KS + b * sksb + hk * sksh
+    kz_ptr = KZ + b * sksb + hk * sksh
+    kr_ptr = KR + b * skrb + hk * skrh
+    vq_ptr = VQ + b * svqb + hk * svqh
+    vs_ptr = VS + b * svsb + hk * svsh
+    vz_ptr = VZ + b * svsb + hk * svsh
+    vr_ptr = VR + b * svrb + hk * svrh
+    sc_ptr = SC + b * sscb + hk * NG * ssch
+
+    k_off = 0
+    if HAS_KRES:
+        k_off = TK
+    v_off = 0
+    if HAS_VRES:
+        v_off = TV
+    # phase A: keys and values both as K_KIND / V_KIND (quantized unless the segment is full precision)
+    TA = tl.minimum(TK, TV)
+    hiA = tl.minimum(s1, TA)
+    for n0 in range(s0, hiA, BLOCK_N):
+        m_i, l_i, acc, vb = _block(n0, s0, hiA, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr,
+                                   skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, q16,
+                                   qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, K_KIND, V_KIND,
+                                   K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N,
+                                   HAS_KAFF, STORE_SCORES, CODE_MODE)
+    # phase B: one of keys / values quantized, the other full precision (KIVI's residual windows)
+    if HAS_KRES or HAS_VRES:
+        TB = tl.maximum(TK, TV)
+        loB = tl.maximum(s0, TA)
+        hiB = tl.minimum(s1, TB)
+        if HAS_KRES and HAS_VRES:
+            if TK < TV:
+                for n0 in range((loB // BLOCK_N) * BLOCK_N, hiB, BLOCK_N):
+                    m_i, l_i, acc, vb = _block(n0, loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
+                                               kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr,
+                                               svrt, v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale,
+                                               NG, 0, V_KIND, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D,
+                                               NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+            else:
+                for n0 in range((loB // BLOCK_N) * BLOCK_N, hiB, BLOCK_N):
+                    m_i, l_i, acc, vb = _block(n0, loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
+                                               kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr,
+                                               svrt, v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale,
+                                               NG, K_KIND, 0, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D,
+                                               NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+            # phase C: both full precision
+            loC = tl.maximum(s0, TB)
+            for n0 in range((loC // BLOCK_N) * BLOCK_N, s1, BLOCK_N):
+                m_i, l_i, acc, vb = _block(n0, loC, s1, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
+                                           kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr,
+                                           svrt, v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale,
+                                           NG, 0, 0, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D,
+                                           NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+        elif HAS_KRES:
+            for n0 in range((loB // BLOCK_N) * BLOCK_N, hiB, BLOCK_N):
+                m_i, l_i, acc, vb = _block(n0, loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
+                                           kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr,
+                                           svrt, v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale,
+                                           NG, 0, V_KIND, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D,
+                                           NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+        else:
+            for n0 in range((loB // BLOCK_N) * BLOCK_N, hiB, BLOCK_N):
+                m_i, l_i, acc, vb = _block(n0, loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
+                                           kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr,
+                                           svrt, v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale,
+                                           NG, K_KIND, 0, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D,
+                                           NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+
+    # ---- pick, for each channel, the accumulator row of its value group; normalise; store
+    acc3 = tl.reshape(acc, (XV, NGP, D)) + tl.reshape(vb, (XV, NGP))[:, :, None]
+    own = (chV // V_G)[None, None, :] == tl.arange(0, XV)[:, None, None]
+    o = tl.sum(tl.where(own, acc3, 0.0), axis=0)                             # (NGP, D)
+    has = l_i > 0
+    o = o / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    hh = tl.arange(0, NGP)
+    hq = hk * NG + hh
+    tl.store(OP + b * sob + hq[:, None] * soh + (split0 + split) * sos + chV[None, :], o,
+             mask=(hh < NG)[:, None])
+    tl.store(LP + b * slb + hq * slh + split0 + split, lse, mask=hh < NG)
+
+
+@triton.jit
+def _merge_kernel(OP, LP, O, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
+                  D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // H_Q
+    h = pid % H_Q
+    so = tl.arange(0, BLOCK_S)
+    f = tl.arange(0, D)
+    m = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)
+    for s0 in range(0, S, BLOCK_S):
+        lse = tl.load(LP + b * slb + h * slh + s0 + so, mask=s0 + so < S, other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse, axis=0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros((D,), tl.float32)
+    den = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)
+    for s0 in range(0, S, BLOCK_S):
+        sm = s0 + so < S
+        lse = tl.load(LP + b * slb + h * slh + s0 + so, mask=sm, other=float("-inf"))
+        w = tl.exp2(lse - m_safe)
+        o = tl.load(OP + b * sob + h * soh + (s0 + so)[:, None] * sos + f[None, :], mask=sm[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * o, axis=0)
+        den += tl.sum(w, axis=0)
+    out = acc / tl.where(den > 0, den, 1.0)
+    tl.store(O + b * sxb + h * sxh + f, out.to(O.dtype.element_ty))
+    if STORE_LSE:
+        tl.store(LSE + pid, tl.where(den > 0, m_safe + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf")))
+
+
+@triton.jit(do_not_specialize=["seg_offset", "T_SEG"])
+def _probs_kernel(SC, sscb, ssch, LSE, PO, spb, sph, LEN, seg_offset, T_SEG, H_KV, NG,
+                  NGP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_LEN: tl.constexpr, ACCUMULATE: tl.constexpr):
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    hk = bh % H_KV
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    seq_len = T_SEG
+    if HAS_LEN:
+        seq_len = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32) - seg_offset, 0), T_SEG)
+    hh = tl.arange(0, NGP)
+    hq = hk * NG + hh
+    m = (hh < NG)[:, None] & (t < seq_len)[None, :]
+    s = tl.load(SC + b * sscb + hq[:, None] * ssch + t[None, :], mask=m, other=float("-inf"))
+    lse = tl.load(LSE + b * H_KV * NG + hq, mask=hh < NG, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # no valid token: every p is masked to 0 below
+    p = tl.where(m, tl.exp2(s - lse[:, None]), 0.0)
+    prob = tl.sum(p, axis=0)
+    po = PO + b * spb + hk * sph + t
+    if ACCUMULATE:
+        prob += tl.load(po, mask=t < T_SEG, other=0.0)
+    tl.store(po, prob, mask=t < T_SEG)

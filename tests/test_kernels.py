@@ -1,0 +1,177 @@
+"""Triton kernels vs the torch reference and an fp64 reference, on CUDA or through Triton's CPU interpreter.
+
+Bounds: quantize-and-pack is byte-exact. Decode attention (fp16 operands on the tensor cores: q, p, and for
+per-channel keys q * scale) is within 3e-3 relative (1e-2 for a bf16 output) (||out - ref|| / ||ref||) of exact fp64 attention over the
+dequantized cache; token probabilities within 3e-3, and they sum to the group size.
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (triton.jit reads it at decoration)
+pytest.importorskip("triton")
+
+import smartkv.quant.kernels as kern  # noqa: E402
+from smartkv.quant.core import quantize  # noqa: E402
+
+if not torch.cuda.is_available() and not kern.interpreting():  # imported earlier without the interpreter
+    for name in ("smartkv.quant.kernels.triton_quant", "smartkv.quant.kernels.triton_attn",
+                 "smartkv.quant.kernels.decode", "smartkv.quant.kernels"):
+        importlib.reload(sys.modules[name])
+    kern = sys.modules["smartkv.quant.kernels"]
+
+from smartkv.quant.kernels import KVSegment  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BOUND = 3e-3
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def gen(seed):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def randn(g, *shape, scale=1.0, dtype=torch.float16):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+
+
+def test_kernels_available_here():
+    assert kern.kernels_available(DEV)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_quantize_pack_is_byte_exact(bits, axis):
+    g = gen(bits * 10 - axis)
+    x = randn(g, 2, 3, 64, 64, scale=3.0) + 1.5
+    x[0, 1, 5] = 0.25                      # a constant group: scale 0, codes 0
+    x[1, 2, :, 7] = 1e4                    # large values
+    a = kern.quantize_pack(x, bits, 32, axis)
+    b = quantize(x.float().cpu(), bits, 32, axis)
+    assert torch.equal(a.codes.cpu(), b.codes)
+    assert torch.equal(a.scale.cpu(), b.scale) and torch.equal(a.zero.cpu(), b.zero)
+
+
+def test_quantize_pack_kv_into_preallocated_rows():
+    g = gen(1)
+    k = randn(g, 2, 4, 3, 128, dtype=torch.bfloat16)
+    v = randn(g, 2, 4, 3, 128, scale=50.0, dtype=torch.bfloat16)
+    empty = lambda: quantize(torch.zeros(2, 4, 8, 128, device=DEV), 4, 32)
+    out = (empty(), empty())
+    qk, qv = kern.quantize_pack_kv(k, v, 4, 32, out=out, start=5)
+    assert qk is out[0] and qv is out[1]
+    for q, x in ((qk, k), (qv, v)):
+        ref = quantize(x.float().cpu(), 4, 32)
+        assert torch.equal(q.codes[..., 5:, :].cpu(), ref.codes)
+        assert torch.equal(q.scale[..., 5:, :].cpu(), ref.scale)
+        assert not q.codes[..., :5, :].any()   # rows before `start` untouched
+
+
+def _check(q, segments, lengths=None, probs=True):
+    scaling = q.shape[-1] ** -0.5
+    got = kern.decode_attention(q, segments, scaling, lengths, return_token_probs=probs)
+    exact = kern.decode_attention_reference(q, segments, scaling, lengths, return_token_probs=probs,
+                                            compute_dtype=torch.float64)
+    ref32 = kern.decode_attention_reference(q, segments, scaling, lengths)
+    out, ex = (got[0], exact[0]) if probs else (got, exact)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    bound = BOUND if q.dtype != torch.bfloat16 else 1e-2   # the output itself is rounded to bf16 (2^-9)
+    assert rel(out, ex) < bound, rel(out, ex)
+    assert rel(out, ref32) < bound
+    if probs:
+        for p, pe in zip(got[1], exact[1]):
+            assert p.shape == pe.shape and torch.isfinite(p).all()
+            assert rel(p, pe) < BOUND, rel(p, pe)
+    return got
+
+
+def _kv(g, B, H, T, D, vscale=1.0):
+    k = randn(g, B, H, T, D, dtype=torch.float32) + randn(g, 1, 1, 1, D, scale=3.0, dtype=torch.float32)
+    return k, randn(g, B, H, T, D, scale=vscale, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("bits,T,NG,D", [(8, 97, 4, 64), (4, 33, 4, 128), (4, 1, 1, 64), (2, 70, 8, 64),
+                                         (3, 64, 3, 64)])
+def test_uniform_per_token(bits, T, NG, D):
+    g = gen(bits + T)
+    B, H = 2, 2
+    k, v = _kv(g, B, H, T, D, vscale=4.0)
+    q = randn(g, B, H * NG, 1, D)
+    _check(q, [KVSegment(quantize(k, bits, 32), quantize(v, bits, 32))])
+
+
+def test_full_precision_segment_bf16_query():
+    g = gen(7)
+    k, v = _kv(g, 2, 2, 45, 64)
+    q = randn(g, 2, 8, 64, dtype=torch.bfloat16)          # (B, Hq, D) form
+    _check(q, [KVSegment(k.half(), v.half())])
+
+
+@pytest.mark.parametrize("Tk,Tv,T", [(64, 90, 100), (96, 50, 130), (32, 32, 32), (0, 20, 20), (64, 0, 64),
+                                     (128, 127, 129)])
+def test_kivi_windows(Tk, Tv, T):
+    g = gen(Tk * 7 + Tv)
+    B, H, D = 2, 2, 64
+    k, v = _kv(g, B, H, T, D)
+    seg = KVSegment(quantize(k[..., :Tk, :], 2, 32, -2), quantize(v[..., :Tv, :], 2, 32),
+                    k[..., Tk:, :].half(), v[..., Tv:, :].half())
+    _check(randn(g, B, H * 4, 1, D), [seg])
+
+
+def test_ragged_batch_lengths():
+    g = gen(11)
+    B, H, T, D = 3, 2, 80, 64
+    k, v = _kv(g, B, H, T, D)
+    lengths = torch.tensor([80, 17, 0], device=DEV)
+    seg = KVSegment(quantize(k, 4, 32), quantize(v, 4, 32))
+    out, probs = _check(randn(g, B, H * 4, 1, D), [seg], lengths)
+    assert (out[2] == 0).all()                                  # no valid token: output 0
+    assert (probs[0][1, :, 17:] == 0).all()
+    torch.testing.assert_close(probs[0][:2].sum(-1), torch.full((2, H), 4.0, device=DEV), rtol=1e-3, atol=1e-3)
+
+
+def test_mixed_precision_pools_with_key_normalisation():
+    """SmartKV's layout: fp sinks, one pool per width (each with its own count), fp window, normalised keys."""
+    g = gen(13)
+    B, H, D, NG = 2, 2, 64, 4
+    mu = randn(g, B, H, 1, D, dtype=torch.float32)
+    sd = randn(g, B, H, 1, D, dtype=torch.float32).abs() + 0.5
+    segs = [KVSegment(*(t.half() for t in _kv(g, B, H, 4, D)))]
+    for bits, n in ((8, 9), (4, 40), (3, 17), (2, 70)):
+        k, v = _kv(g, B, H, n, D)
+        segs.append(KVSegment(quantize(k, bits, 32), quantize(v, bits, 32), key_scale=sd.half(), key_shift=mu.half()))
+    segs.append(KVSegment(*(t.half() for t in _kv(g, B, H, 31, D))))
+    pool_len = torch.tensor([40, 33], device=DEV)             # ragged inside one pool only
+    segs[2] = KVSegment(segs[2].keys, segs[2].values, lengths=pool_len, key_scale=sd.half(), key_shift=mu.half())
+    _, probs = _check(randn(g, B, H * NG, 1, D), segs)
+    total = sum(p.sum(-1) for p in probs)
+    torch.testing.assert_close(total, torch.full((B, H), float(NG), device=DEV), rtol=1e-3, atol=1e-3)
+
+
+def test_token_probs_accumulate():
+    g = gen(17)
+    k, v = _kv(g, 1, 2, 50, 64)
+    seg = KVSegment(quantize(k, 8, 32), quantize(v, 8, 32))
+    q = randn(g, 1, 8, 1, 64)
+    acc = [torch.ones(1, 2, 50, device=DEV)]
+    _, probs = kern.decode_attention(q, [seg], 0.125, return_token_probs=True, probs_out=acc)
+    _, ref = kern.decode_attention_reference(q, [seg], 0.125, return_token_probs=True)
+    assert probs[0] is acc[0]
+    assert rel(acc[0] - 1, ref[0]) < BOUND
+
+
+def test_segment_errors_are_clear():
+    g = gen(19)
+    k, v = _kv(g, 1, 2, 40, 64)
+    with pytest.raises(ValueError, match="same tokens"):
+        KVSegment(quantize(k[..., :32, :], 2, 32, -2), quantize(v, 2, 32), k[..., 30:, :])
+    with pytest.raises(ValueError, match="q_heads a multiple"):
+        kern.decode_attention(randn(g, 1, 3, 64), [KVSegment(k, v)], 0.125)
