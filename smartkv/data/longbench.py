@@ -1,0 +1,132 @@
+"""LongBench v1 tasks (THUDM/LongBench; Bai et al. 2023) as prompt sets "longbench:<task>" ("<task>_e" for LongBench-E).
+
+Records follow LongBench's schema (input, context, answers, length, dataset, language, all_classes, _id). They come
+from a local JSONL or Parquet file (option `path`: the file, or a directory holding `<task>.jsonl|.parquet` as in
+LongBench's data.zip), else from the hub: `datasets.load_dataset("THUDM/LongBench", task, split="test")`, falling
+back to the repository's data.zip where `datasets` no longer runs the dataset's loading script.
+Prompts follow pred.py: `template.format(**record)`, then middle truncation to `max_length` tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from smartkv.data import longbench_config as cfg
+from smartkv.data.base import PROMPT_SETS, PromptSet, Sample, check_int, set_field
+from smartkv.data.inputs import truncate_middle
+from smartkv.registry import did_you_mean
+
+log = logging.getLogger(__name__)
+HUB_ID = "THUDM/LongBench"
+FIELDS = ("input", "context", "answers", "length", "dataset", "language", "all_classes", "_id")
+SUFFIXES = (".jsonl", ".parquet")
+
+
+def base_task(task: str) -> str:
+    return task[:-2] if task.endswith("_e") else task
+
+
+def resolve_file(path: str | Path, task: str) -> Path:
+    """The data file for `task`: `path` itself, or `<path>/<task>.jsonl|.parquet`; ValueError if missing."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for suffix in SUFFIXES:
+            if (path / f"{task}{suffix}").is_file():
+                return path / f"{task}{suffix}"
+        raise ValueError(f"path {str(path)!r} holds no {task}.jsonl or {task}.parquet")
+    raise ValueError(f"path {str(path)!r} does not exist (a LongBench JSONL/Parquet file or a directory of them)")
+
+
+def read_records(file: Path) -> list[dict]:
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(file).to_pylist()
+    with open(file, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_hub(task: str) -> list[dict]:
+    """LongBench from the hub (needs access): through `datasets`, else data.zip's `data/<task>.jsonl`."""
+    try:
+        import datasets
+        return list(datasets.load_dataset(HUB_ID, task, split="test"))
+    except Exception as err:  # datasets >= 4 refuses script datasets; data.zip is the same data
+        log.info("datasets could not load %s/%s (%s); reading data.zip", HUB_ID, task, err)
+    from huggingface_hub import hf_hub_download
+    archive = hf_hub_download(HUB_ID, "data.zip", repo_type="dataset")
+    with zipfile.ZipFile(archive) as zf:
+        text = zf.read(f"data/{task}.jsonl").decode("utf-8")
+    return [json.loads(line) for line in io.StringIO(text) if line.strip()]
+
+
+def check_record(record: dict, where: str) -> None:
+    missing = [k for k in ("input", "context", "answers") if k not in record]
+    if missing:
+        raise ValueError(f"{where}: LongBench record lacks {missing}; the schema is {', '.join(FIELDS)}")
+
+
+@PROMPT_SETS.register("longbench")
+@dataclass(frozen=True)
+class LongBench(PromptSet):
+    """One LongBench task. Options: path (local data), num_samples (the first N; None: all), max_length (middle
+    truncation in tokens, as LongBench's model2maxlen; None: none)."""
+    task: str = ""
+    path: str | None = None
+    num_samples: int | None = None
+    max_length: int | None = None
+
+    version: ClassVar[str] = "1"
+    takes_task: ClassVar[bool] = True
+    unhashed: ClassVar[tuple[str, ...]] = ("path",)  # the file's bytes are hashed instead
+
+    def __post_init__(self):
+        names = self.task_names()
+        if self.task not in names:
+            raise ValueError(f"LongBench task must be one of {names}, got {self.task!r}"
+                             f"{did_you_mean(self.task, names)}; write it as 'longbench:<task>'")
+        if self.num_samples is not None:
+            check_int("num_samples", self.num_samples, 1)
+        if self.max_length is not None:
+            check_int("max_length", self.max_length, 2)
+        if self.path is not None:
+            set_field(self, "path", str(resolve_file(self.path, self.task)))
+
+    @classmethod
+    def task_names(cls) -> list[str]:
+        return list(cfg.TASKS) + [f"{t}_e" for t in cfg.LONGBENCH_E]
+
+    @property
+    def name(self) -> str:
+        return f"longbench:{self.task}"
+
+    def data_digest(self) -> str:
+        source = hashlib.sha256(Path(self.path).read_bytes()).hexdigest() if self.path else f"hub:{HUB_ID}"
+        return f"{source}:{cfg.TEMPLATE_HASH}"
+
+    def records(self) -> list[dict]:
+        records = read_records(Path(self.path)) if self.path else load_hub(self.task)
+        return records[: self.num_samples] if self.num_samples else records
+
+    def samples(self, tokenizer) -> list[Sample]:
+        return [self.make_sample(i, r, tokenizer) for i, r in enumerate(self.records())]
+
+    def make_sample(self, index: int, record: dict, tokenizer) -> Sample:
+        task = base_task(self.task)
+        check_record(record, f"{self.name} record {index}")
+        prompt, truncated = truncate_middle(tokenizer, cfg.PROMPTS[task].format(**record), self.max_length)
+        metric = cfg.METRIC[task] + ("@first_line" if task in cfg.FIRST_LINE else "")
+        meta = {"task": task, "language": record.get("language"), "length": record.get("length"),
+                "truncated": truncated, "chat_template": task not in cfg.NO_CHAT_TEMPLATE}
+        if task == "samsum":  # pred.py stops samsum at a newline too (and forces at least one new token)
+            meta["stop_on_newline"] = True
+        return Sample(id=str(record.get("_id") or index), prompt=prompt, answers=tuple(record["answers"]),
+                      metric=metric, max_new_tokens=cfg.MAX_NEW_TOKENS[task], kind="generate",
+                      all_classes=tuple(record.get("all_classes") or ()), meta=meta)
