@@ -13,7 +13,7 @@ A grid file (YAML, read with `yaml.safe_load` only):
                                       # a literal list value is written as a one-item sweep: [[2, 4, 8]]
     prompt_sets:                      # same shapes as methods; options go to smartkv.data
       passkey: {context_tokens: 1024, n_samples: 3, seed: 0}
-    generation: {max_new_tokens: null, do_sample: false}   # + temperature, top_p, top_k
+    generation: {max_new_tokens: null, do_sample: false}   # + temperature, top_p, top_k, compare_fp16 (KL vs fp16)
     truncation: {side: middle, max_context_tokens: null}   # side: left | right | middle | none
     seeds: [0]                        # int or list; the job seed (torch/numpy), not the data seed
     repeats: 1                        # 1..100; repeats of every job (timing and sampling variance)
@@ -23,7 +23,7 @@ The canonical job spec (what `worker.run_job` receives, stored in each result fi
     {"spec_version", "job_id", "grid",
      "model": {"name", "revision", "dtype", "device", "trust_remote_code", "config"},
      "method": {"name", "params", "label"}, "prompt_set": {"name", "options"},
-     "generation": {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k"},
+     "generation": {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "compare_fp16"},
      "truncation": {"side", "max_context_tokens"},
      "seed", "repeat", "package_version", "prompt_set_version", "prompt_set_hash"}
 
@@ -62,7 +62,7 @@ GRID_KEYS = ("name", "description", "models", "methods", "prompt_sets", "generat
              "repeats")
 MODEL_KEYS = ("name", "revision", "dtype", "device", "trust_remote_code", "config")
 GENERATION_DEFAULTS: dict[str, Any] = {"max_new_tokens": None, "do_sample": False, "temperature": None,
-                                       "top_p": None, "top_k": None}
+                                       "top_p": None, "top_k": None, "compare_fp16": True}
 TRUNCATION_DEFAULTS: dict[str, Any] = {"side": "middle", "max_context_tokens": None}
 TRUNCATION_SIDES = ("left", "right", "middle", "none")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,2})$")
@@ -401,8 +401,9 @@ def _generation(value: Any, path: Path) -> dict:
     gen = {**GENERATION_DEFAULTS, **value}
     if gen["max_new_tokens"] is not None:
         _int(gen["max_new_tokens"], path, "generation.max_new_tokens", 1, 4096)
-    if not isinstance(gen["do_sample"], bool):
-        raise GridError(path, "generation.do_sample", f"must be true or false, got {gen['do_sample']!r}")
+    for key in ("do_sample", "compare_fp16"):
+        if not isinstance(gen[key], bool):
+            raise GridError(path, f"generation.{key}", f"must be true or false, got {gen[key]!r}")
     _opt_number(gen, "temperature", path, 0.0, 10.0, lo_open=True)
     _opt_number(gen, "top_p", path, 0.0, 1.0, lo_open=True)
     if gen["top_k"] is not None:
