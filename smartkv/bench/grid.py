@@ -39,51 +39,27 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import itertools
-import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from smartkv.bench import catalog as catalog_mod
+from smartkv.bench import grid_fields as F
 from smartkv.bench.catalog import Catalog
-from smartkv.registry import did_you_mean
+from smartkv.bench.grid_fields import GridError, canonical_json, short
+
+__all__ = ["Grid", "GridError", "canonical_json", "expand", "job_cost", "job_id_of", "job_identity", "load_grid",
+           "method_label", "package_version"]
 
 SPEC_VERSION = 1
 MAX_JOBS = 10_000
 MAX_FILE_BYTES = 1_000_000
-MAX_REPEATS = 100
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
 GRID_KEYS = ("name", "description", "models", "methods", "prompt_sets", "generation", "truncation", "seeds",
              "repeats")
-MODEL_KEYS = ("name", "revision", "dtype", "device", "trust_remote_code", "config")
-GENERATION_DEFAULTS: dict[str, Any] = {"max_new_tokens": None, "do_sample": False, "temperature": None,
-                                       "top_p": None, "top_k": None, "compare_fp16": True}
-TRUNCATION_DEFAULTS: dict[str, Any] = {"side": "middle", "max_context_tokens": None}
-TRUNCATION_SIDES = ("left", "right", "middle", "none")
-DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,2})$")
-DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
-TINY_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "vocab_size", "max_position_embeddings", "n_embd", "n_layer", "n_head",
-                    "n_positions")
-# Keys prompt-set options use for size: for ordering jobs longest first, and bounded (below) so that a typo
-# like `length: 40000000` fails here rather than after hours; smartkv.data checks everything else.
+# Keys prompt-set options use for size: for ordering jobs longest first (bounded in grid_fields.OPTION_BOUNDS).
 _LENGTH_KEYS = ("length", "max_length", "context_tokens")
 _COUNT_KEYS = ("num_samples", "n_samples")
-OPTION_BOUNDS = {"length": (16, 1_048_576), "max_length": (16, 1_048_576), "context_tokens": (16, 1_048_576),
-                 "num_samples": (1, 100_000), "n_samples": (1, 100_000), "seed": (0, 2**31 - 1)}
-
-
-class GridError(ValueError):
-    """A bad grid file: `file: field: what is allowed, got what`."""
-
-    def __init__(self, file: str | Path, field: str, message: str):
-        self.file, self.field, self.message = str(file), field, message
-        super().__init__(f"{self.file}: {field}: {message}")
 
 
 @dataclass(frozen=True)
@@ -101,10 +77,6 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
 def job_id_of(spec: dict) -> str:
     """16 hex digits of sha256 over the canonical spec, less what does not change the job: `job_id`, `grid`,
     the method's display label, and the prompt set's options as written (its content hash covers every option,
@@ -118,12 +90,8 @@ def job_id_of(spec: dict) -> str:
 def method_label(method: dict) -> str:
     if method.get("label"):
         return method["label"]
-    params = ",".join(f"{k}={_short(v)}" for k, v in sorted(method["params"].items()))
+    params = ",".join(f"{k}={short(v)}" for k, v in sorted(method["params"].items()))
     return f"{method['name']}({params})" if params else method["name"]
-
-
-def _short(value: Any) -> str:
-    return canonical_json(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def job_identity(job: dict) -> dict:
@@ -183,17 +151,17 @@ def _read_yaml(path: Path) -> dict:
 
 
 def expand(raw: dict, path: Path, catalog: Catalog) -> Grid:
-    _check_keys(raw, GRID_KEYS, path, "")
-    name = _grid_name(raw.get("name", path.stem), path)
-    models = _models(raw.get("models"), path, catalog)
-    methods = _entries(raw.get("methods"), "methods", path, catalog.method_names(), catalog.validate_method,
+    F.check_keys(raw, GRID_KEYS, path, "")
+    name = F.grid_name(raw.get("name", path.stem), path)
+    models = F.model_list(raw.get("models"), path, catalog)
+    methods = F.entries(raw.get("methods"), "methods", path, catalog.method_names(), catalog.validate_method,
                        catalog.canonical_method)
-    sets = _entries(raw.get("prompt_sets"), "prompt_sets", path, catalog.prompt_set_names(),
+    sets = F.entries(raw.get("prompt_sets"), "prompt_sets", path, catalog.prompt_set_names(),
                     catalog.validate_prompt_set, lambda name, options: {"name": name, "options": options})
-    generation = _generation(raw.get("generation"), path)
-    truncation = _truncation(raw.get("truncation"), path)
-    seeds = _seeds(raw.get("seeds", 0), path)
-    repeats = _int(raw.get("repeats", 1), path, "repeats", 1, MAX_REPEATS)
+    generation = F.generation(raw.get("generation"), path)
+    truncation = F.truncation(raw.get("truncation"), path)
+    seeds = F.seeds(raw.get("seeds", 0), path)
+    repeats = F.int_in(raw.get("repeats", 1), path, "repeats", 1, F.MAX_REPEATS)
     total = len(models) * len(methods) * len(sets) * len(seeds) * repeats
     if total > MAX_JOBS:
         raise GridError(path, "(grid)", f"expands to {total} jobs; at most {MAX_JOBS} are allowed")
@@ -207,7 +175,7 @@ def expand(raw: dict, path: Path, catalog: Catalog) -> Grid:
                 "package_version": catalog.package_version(), "prompt_set_version": version,
                 "prompt_set_hash": content_hash}
         spec["job_id"] = job_id_of(spec)
-        where = f"{m_field} x {x_field} {method_label(method)} x {s_field}{_fmt(ps['options'])}"
+        where = f"{m_field} x {x_field} {method_label(method)} x {s_field}{F.fmt(ps['options'])}"
         if spec["job_id"] in seen:
             raise GridError(path, where, f"duplicate job: the same as {seen[spec['job_id']]}; "
                                          "remove one of the repeated entries")
@@ -215,220 +183,8 @@ def expand(raw: dict, path: Path, catalog: Catalog) -> Grid:
         jobs.append(spec)
     return Grid(name=name, path=str(path), jobs=jobs, description=str(raw.get("description") or ""))
 
-
-def _check_keys(mapping: dict, allowed: tuple[str, ...], path: Path, where: str) -> None:
-    for key in mapping:
-        if not isinstance(key, str) or key not in allowed:
-            fld = f"{where}.{key}" if where else str(key)
-            raise GridError(path, fld, f"unknown key{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
-
-
-def _grid_name(value: Any, path: Path) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
-        raise GridError(path, "name", "must be 1-64 characters of letters, digits, '.', '_' or '-', starting "
-                                      f"with a letter or digit (it names the results folder), got {value!r}")
-    return value
-
-
-def _int(value: Any, path: Path, fld: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise GridError(path, fld, f"must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
-
-
-def _seeds(value: Any, path: Path) -> list[int]:
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise GridError(path, "seeds", "must be an integer or a non-empty list of integers in [0, 2147483647]")
-    seeds = [_int(v, path, f"seeds[{i}]", 0, 2**31 - 1) for i, v in enumerate(values)]
-    if len(set(seeds)) != len(seeds):
-        raise GridError(path, "seeds", f"duplicate seeds in {seeds}")
-    return seeds
-
-
-def _models(value: Any, path: Path, catalog: Catalog) -> list[tuple[str, dict]]:
-    if isinstance(value, (str, dict)):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise GridError(path, "models", "must be a non-empty list of model names or mappings with keys "
-                                        f"{', '.join(MODEL_KEYS)}, got {value!r}")
-    models, seen = [], {}
-    for i, entry in enumerate(value):
-        fld = f"models[{i}]"
-        model = _model(entry, path, fld, catalog)
-        key = canonical_json(model)
-        if key in seen:
-            raise GridError(path, fld, f"duplicate model: the same as {seen[key]}")
-        seen[key] = fld
-        models.append((fld, model))
-    return models
-
-
-def _model(entry: Any, path: Path, fld: str, catalog: Catalog) -> dict:
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    if not isinstance(entry, dict):
-        raise GridError(path, fld, f"must be a model name or a mapping with keys {', '.join(MODEL_KEYS)}")
-    _check_keys(entry, MODEL_KEYS, path, fld)
-    name = entry.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise GridError(path, f"{fld}.name", "required: a model name, HF id or local directory")
-    problem = catalog.check_model(name)
-    if problem:
-        raise GridError(path, f"{fld}.name", problem)
-    revision = entry.get("revision")
-    if revision is not None and (not isinstance(revision, (str, int)) or not re.match(r"^[\w./-]{1,100}$",
-                                                                                       str(revision))):
-        raise GridError(path, f"{fld}.revision", f"must be a branch, tag or commit hash, got {revision!r}")
-    dtype = entry.get("dtype", "auto")
-    if dtype not in DTYPES:
-        raise GridError(path, f"{fld}.dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}"
-                                              f"{did_you_mean(dtype, DTYPES)}")
-    device = entry.get("device", "auto")
-    if not isinstance(device, str) or not DEVICE_RE.match(device):
-        raise GridError(path, f"{fld}.device", f"must be one of auto, cpu, cuda, cuda:N, got {device!r}")
-    trust = entry.get("trust_remote_code", False)
-    if not isinstance(trust, bool):
-        raise GridError(path, f"{fld}.trust_remote_code", f"must be true or false, got {trust!r}")
-    config = _tiny_config(entry.get("config"), name, path, f"{fld}.config", catalog)
-    return {"name": name, "revision": None if revision is None else str(revision), "dtype": dtype,
-            "device": device, "trust_remote_code": trust, "config": config}
-
-
-def _tiny_config(value: Any, name: str, path: Path, fld: str, catalog: Catalog) -> dict | None:
-    if value is None:
-        return None
-    if name not in catalog.tiny_models():
-        raise GridError(path, fld, f"only allowed for the random models {', '.join(catalog.tiny_models())}")
-    if not isinstance(value, dict) or not value:
-        raise GridError(path, fld, f"must be a mapping of {', '.join(TINY_CONFIG_KEYS)}")
-    _check_keys(value, TINY_CONFIG_KEYS, path, fld)
-    return {k: _int(v, path, f"{fld}.{k}", 1, 65536) for k, v in sorted(value.items())}
-
-
-def _entries(value: Any, fld: str, path: Path, names: list[str], validate, canonical) -> list[tuple[str, dict]]:
-    """methods / prompt_sets: mapping or list of single-key mappings -> expanded (field, {name, params}) list."""
-    kind = "method" if fld == "methods" else "prompt set"
-    pairs = _entry_pairs(value, fld, path, kind)
-    out, seen = [], {}
-    for where, name, params in pairs:
-        if name not in names:
-            raise GridError(path, where, f"unknown {kind} {name!r}{did_you_mean(name, names)}; "
-                                         f"allowed: {', '.join(names)}")
-        for combo in _sweep(params, path, where):
-            if fld == "prompt_sets":
-                _check_bounds(combo, path, where)
-            try:
-                validate(name, combo)
-            except ValueError as exc:
-                raise GridError(path, where, str(exc)) from None
-            key = canonical_json([name, combo])
-            if key in seen:
-                raise GridError(path, where, f"duplicate {kind} {name}{_fmt(combo)}: already given at {seen[key]}")
-            seen[key] = where
-            out.append((where, canonical(name, combo)))
-    return out
-
-
-def _check_bounds(options: dict, path: Path, where: str) -> None:
-    for key, (lo, hi) in OPTION_BOUNDS.items():
-        if options.get(key) is not None:
-            _int(options[key], path, f"{where}.{key}", lo, hi)
-
-
-def _entry_pairs(value: Any, fld: str, path: Path, kind: str) -> list[tuple[str, str, Any]]:
-    example = "fp16: {}" if kind == "method" else "passkey: {n_samples: 3}"
-    if isinstance(value, dict) and value:
-        return [(f"{fld}.{name}", name, params) for name, params in value.items()]
-    if isinstance(value, list) and value:
-        pairs = []
-        for i, item in enumerate(value):
-            if isinstance(item, str):
-                item = {item: {}}
-            if not isinstance(item, dict) or len(item) != 1:
-                raise GridError(path, f"{fld}[{i}]", f"must be a {kind} name or a one-key mapping like {{{example}}}")
-            (name, params), = item.items()
-            pairs.append((f"{fld}[{i}].{name}", name, params))
-        return pairs
-    raise GridError(path, fld, f"must be a non-empty mapping of {kind} name -> parameters (e.g. {example}) "
-                               f"or a list of them, got {value!r}")
-
-
-def _sweep(params: Any, path: Path, where: str) -> list[dict]:
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise GridError(path, where, f"parameters must be a mapping (a list value is a sweep), got {params!r}")
-    for key, val in params.items():
-        if not isinstance(key, str):
-            raise GridError(path, f"{where}.{key}", "parameter names must be strings")
-        if isinstance(val, list) and not val:
-            raise GridError(path, f"{where}.{key}", "an empty sweep; give at least one value")
-        _check_scalar(val, path, f"{where}.{key}")
-    keys = sorted(params)
-    axes = [params[k] if isinstance(params[k], list) else [params[k]] for k in keys]
-    return [dict(zip(keys, values)) for values in itertools.product(*axes)]
-
-
-def _check_scalar(value: Any, path: Path, fld: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise GridError(path, fld, f"must be a finite number, got {value!r}")
-    if isinstance(value, list):
-        for v in value:
-            _check_scalar(v, path, fld)
-    elif isinstance(value, dict):
-        raise GridError(path, fld, "nested mappings are not allowed in parameters")
-    elif not isinstance(value, (str, int, float, bool, type(None))):
-        raise GridError(path, fld, f"must be a number, string, boolean or null, got {type(value).__name__}")
-
-
-def _fmt(params: dict) -> str:
-    return "(" + ", ".join(f"{k}={_short(v)}" for k, v in params.items()) + ")" if params else ""
-
-
 def _describe_set(ps: dict, fld: str, path: Path, catalog: Catalog) -> tuple[str, str]:
     try:
         return catalog.describe_prompt_set(ps["name"], ps["options"])
     except (ValueError, OSError) as exc:
         raise GridError(path, fld, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__) from None
-
-
-def _generation(value: Any, path: Path) -> dict:
-    value = {} if value is None else value
-    if not isinstance(value, dict):
-        raise GridError(path, "generation", f"must be a mapping with keys {', '.join(GENERATION_DEFAULTS)}")
-    _check_keys(value, tuple(GENERATION_DEFAULTS), path, "generation")
-    gen = {**GENERATION_DEFAULTS, **value}
-    if gen["max_new_tokens"] is not None:
-        _int(gen["max_new_tokens"], path, "generation.max_new_tokens", 1, 4096)
-    for key in ("do_sample", "compare_fp16"):
-        if not isinstance(gen[key], bool):
-            raise GridError(path, f"generation.{key}", f"must be true or false, got {gen[key]!r}")
-    _opt_number(gen, "temperature", path, 0.0, 10.0, lo_open=True)
-    _opt_number(gen, "top_p", path, 0.0, 1.0, lo_open=True)
-    if gen["top_k"] is not None:
-        _int(gen["top_k"], path, "generation.top_k", 1, 100_000)
-    return gen
-
-
-def _opt_number(gen: dict, key: str, path: Path, lo: float, hi: float, lo_open: bool) -> None:
-    val = gen[key]
-    if val is None:
-        return
-    ok = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
-    if not ok or not ((lo < val) if lo_open else (lo <= val)) or val > hi:
-        raise GridError(path, f"generation.{key}", f"must be a number in ({lo}, {hi}], got {val!r}")
-
-
-def _truncation(value: Any, path: Path) -> dict:
-    value = {} if value is None else value
-    if not isinstance(value, dict):
-        raise GridError(path, "truncation", f"must be a mapping with keys {', '.join(TRUNCATION_DEFAULTS)}")
-    _check_keys(value, tuple(TRUNCATION_DEFAULTS), path, "truncation")
-    trunc = {**TRUNCATION_DEFAULTS, **value}
-    if trunc["side"] not in TRUNCATION_SIDES:
-        raise GridError(path, "truncation.side", f"must be one of {', '.join(TRUNCATION_SIDES)}, "
-                                                 f"got {trunc['side']!r}")
-    if trunc["max_context_tokens"] is not None:
-        _int(trunc["max_context_tokens"], path, "truncation.max_context_tokens", 16, 1_048_576)
-    return trunc
