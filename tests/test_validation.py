@@ -1,0 +1,118 @@
+"""The validation experiment: `python -m smartkv.experiments.validate_baselines` and scripts/test_validation.py."""
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from smartkv.experiments import validate_baselines
+from smartkv.experiments.validation import BASELINES, baseline_name, model_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second intra-op thread gains nothing and, on a busy shared machine, costs ten times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = validate_baselines.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def only_json(out_dir: Path) -> dict:
+    files = list(out_dir.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def test_memory_only_prints_and_writes_the_ratios(tmp_path, capsys):
+    out_dir = tmp_path / "val"
+    code, out, _ = run_main(capsys, "--memory-only", "--model", "gpt2", "--context-tokens", "192",
+                            "--baselines", "fp16", "INT8", "int4", "Kivi", "smartKV", "--out-dir", str(out_dir))
+    assert code == 0
+    record = only_json(out_dir)
+    ratios = {r["baseline"]: r["payload_ratio"] for r in record["results"]}
+    assert ratios["FP16"] == 1.0 and ratios["INT8"] == 0.5 and ratios["INT4"] == 0.25 and ratios["KIVI"] == 0.1875
+    assert 0.40 <= ratios["SmartKV"] <= 0.60
+    totals = {r["baseline"]: r["total_ratio"] for r in record["results"]}
+    assert totals["INT8"] == pytest.approx(0.5625) and totals["INT4"] == pytest.approx(0.3125)
+    assert record["model"]["shape"] == {"num_layers": 12, "num_kv_heads": 12, "head_dim": 64}
+    assert record["model"]["weights_loaded"] is False
+    for name in BASELINES:
+        assert name in out
+    log = (out_dir / "validation.log").read_text()
+    assert record["experiment_id"] in log and "0.5625" in log
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--baselines", "FP16", "FP32"], "unknown baseline 'FP32'; allowed: FP16, INT8, INT4, KIVI, SmartKV"),
+    (["--model", "gpt3"], "unknown model 'gpt3'; allowed: gpt2, gpt2-medium, smollm2"),
+    (["--num-prompts", "0"], "argument --num-prompts: must be a positive integer, got '0'"),
+    (["--num-prompts", "-2"], "must be a positive integer, got '-2'"),
+    (["--num-prompts", "three"], "must be a positive integer, got 'three'"),
+    (["--context-tokens", "0", "--memory-only"], "must be a positive integer"),
+    (["--device", "tpu"], "device must be one of"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, says):
+    out_dir = tmp_path / "val"
+    code, out, err = run_main(capsys, *argv, "--out-dir", str(out_dir))
+    assert code == 2
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not out_dir.exists()
+
+
+def test_model_shapes_need_no_weights():
+    assert model_shape("gpt2-medium") == {"num_layers": 24, "num_kv_heads": 16, "head_dim": 64}
+    assert model_shape("smollm2") == {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
+    assert model_shape("tiny-llama") == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 32}
+
+
+def test_baseline_names_are_case_insensitive():
+    assert [baseline_name(n) for n in ("fp16", "Int8", "INT4", "kivi", "SMARTKV")] == list(BASELINES)
+
+
+def test_generates_through_each_baseline_on_a_tiny_model(tmp_path, capsys):
+    out_dir = tmp_path / "val"
+    code, out, _ = run_main(capsys, "--model", "tiny-llama", "--num-prompts", "1", "--context-tokens", "64",
+                            "--max-new-tokens", "3", "--baselines", "FP16", "INT4", "--out-dir", str(out_dir))
+    assert code == 0
+    record = only_json(out_dir)
+    fp16, int4 = record["results"]["FP16"], record["results"]["INT4"]
+    assert fp16["summary"]["kl_to_fp16"] == 0.0 and fp16["summary"]["token_agreement"] == 1.0
+    assert int4["summary"]["key_rel_error"] > 0.01 and int4["summary"]["total_ratio"] == pytest.approx(0.3125)
+    sample = int4["samples"][0]
+    assert sample["status"] == "ok" and sample["new_tokens"] == 3 and "prediction" in sample
+    assert "INT4" in out
+
+
+@pytest.mark.slow
+def test_gpt2_falls_back_to_the_embedded_model_offline(tmp_path, capsys):
+    out_dir = tmp_path / "val"
+    code, out, _ = run_main(capsys, "--model", "gpt2", "--num-prompts", "1", "--context-tokens", "64",
+                            "--max-new-tokens", "2", "--baselines", "int8", "--out-dir", str(out_dir))
+    assert code == 0
+    model = only_json(out_dir)["model"]
+    assert model["loaded"] in ("gpt2", "smollm2")
+    if model["loaded"] == "smollm2":
+        assert "gpt2" in model["note"] and "smollm2" in model["note"]
+
+
+def test_quick_validation_script_passes(capsys):
+    script = runpy.run_path(str(ROOT / "scripts" / "test_validation.py"), run_name="test_validation_script")
+    code = script["main"]()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "PASSED" in out and "FAIL" not in out.replace("FAILED", "")
