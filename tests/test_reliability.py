@@ -116,7 +116,7 @@ def test_a_job_that_keeps_killing_its_worker_fails_after_bounded_attempts(ray_se
 
 
 def test_driver_sigkill_then_resubmit_completes_exactly_once(ray_session, write_grid, fake_worker, tmp_path):
-    grid = _grid(write_grid)
+    grid = _grid(write_grid, "[256]")
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(SMARTKV_FAKE_SLEEP_S="0.8", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
@@ -223,7 +223,7 @@ def test_disk_full_mid_run_stops_cleanly_and_resumes(write_grid, fake_worker, tm
 
 def test_two_submits_into_one_directory(write_grid, fake_worker, tmp_path):
     grid, out = _grid(write_grid), tmp_path / "out"
-    env = dict(os.environ, SMARTKV_FAKE_SLEEP_S="0.4")
+    env = dict(os.environ, SMARTKV_FAKE_SLEEP_S="0.25")
     cmd = [sys.executable, "-m", "smartkv.bench.cli", "submit", "--grid", str(grid), "--out", str(out), "--local",
            "--no-progress"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

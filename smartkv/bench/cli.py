@@ -73,17 +73,21 @@ def _setup_logging(verbose: bool) -> None:
 def submit(
     grid: Annotated[Path, typer.Option("--grid", help="Grid file (YAML), e.g. jobs/quick.yaml.")],
     address: Annotated[Optional[str], typer.Option(
-        help="Join this Ray cluster ('auto' = the one `ray start` made here). Default: start Ray on 127.0.0.1.")] = None,
+        help="Join this Ray cluster ('auto': the one `ray start` made here). Default: a private Ray on 127.0.0.1.")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Results directory. Default: results/<grid name>.")] = None,
     force: Annotated[bool, typer.Option(help="Rerun jobs that already have results.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Rerun jobs whose results say error or oom.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List the jobs and which are done; run nothing.")] = False,
-    max_inflight: Annotated[Optional[int], typer.Option(help="Jobs queued on all workers at once (default 2 per worker).")] = None,
+    max_inflight: Annotated[Optional[int], typer.Option(
+        help="Jobs queued on all workers at once (default: 2 per worker).")] = None,
     local: Annotated[bool, typer.Option(help="Run in this process without Ray (debugging).")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Worker actors (default: one per GPU, else CPUs / cpus-per-worker).")] = None,
-    cpus_per_worker: Annotated[int, typer.Option(help="CPUs each worker actor reserves (and torch threads).")] = 1,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Worker actors (default: one per GPU, else CPUs / cpus-per-worker).")] = None,
+    cpus_per_worker: Annotated[int, typer.Option(help="CPUs each worker reserves (and its torch threads).")] = 1,
     max_attempts: Annotated[int, typer.Option(help="Tries of a job whose worker process died.")] = 3,
-    progress: Annotated[Optional[bool], typer.Option(help="Live progress display (default: when stderr is a terminal).")] = None,
+    progress: Annotated[Optional[bool], typer.Option(
+        help="Live progress display (default: when stderr is a terminal).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
 ) -> None:
     """Run the jobs of a grid that have no results yet, then print the comparison table."""
@@ -137,7 +141,8 @@ def _run(submit_lib, plan, config: ExecConfig, force: bool, retry_failed: bool, 
     except ExecError as exc:
         raise _fail(str(exc), Exit.FAILED) from None
     except KeyboardInterrupt:
-        raise _fail(f"interrupted: {state.done} jobs finished and saved; submit again to resume", Exit.INTERRUPTED) from None
+        raise _fail(f"interrupted: {state.done} jobs finished and saved; submit again to resume",
+                    Exit.INTERRUPTED) from None
 
 
 class ProgressView:

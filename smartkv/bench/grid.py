@@ -28,8 +28,9 @@ The canonical job spec (what `worker.run_job` receives, stored in each result fi
      "seed", "repeat", "package_version", "prompt_set_version", "prompt_set_hash"}
 
 `job_id` is sha256 of the canonical JSON of everything except `job_id` and `grid`, so the same job in two grids
-shares its id (method params are completed with their defaults; see job_id_of), and any change to model, revision, method params, data version/content, truncation, generation,
-seed, repeat or package version gives a new id.
+shares its id (method params are completed with their defaults; see job_id_of), and any change to model,
+revision, method params, data version/content, truncation, generation, seed, repeat or package version gives a
+new id.
 
 Every error is a `GridError` naming the file, the field and what is allowed; the whole file is checked before
 anything runs.

@@ -200,7 +200,7 @@ def sweep(params: Any, path: Path, where: str) -> list[dict]:
         check_scalar(val, path, f"{where}.{key}")
     keys = sorted(params)
     axes = [params[k] if isinstance(params[k], list) else [params[k]] for k in keys]
-    return [dict(zip(keys, values)) for values in itertools.product(*axes)]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*axes)]
 
 
 def check_scalar(value: Any, path: Path, fld: str) -> None:

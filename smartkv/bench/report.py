@@ -69,7 +69,8 @@ def summarize(df: pd.DataFrame, baseline: str = "fp16") -> pd.DataFrame:
                       "jobs": len(group), "samples": int(group["samples"].sum()),
                       "failed": int((group["status"] == "error").sum() + group["failed"].sum()),
                       "oom": int((group["status"] == "oom").sum()), "score": score, "score_ci95": score_ci,
-                      "ppl": group["ppl"].mean(), "kl_to_fp16": group["kl_to_fp16"].mean(), "total_ratio": group["total_ratio"].mean(),
+                      "ppl": group["ppl"].mean(), "kl_to_fp16": group["kl_to_fp16"].mean(),
+                      "total_ratio": group["total_ratio"].mean(),
                       "avg_bits": group["avg_bits"].mean(), "prefill_tok_s": prefill, "prefill_ci95": prefill_ci,
                       "decode_tok_s": decode, "decode_ci95": decode_ci})
     table = pd.DataFrame(lines)
@@ -129,7 +130,7 @@ def _plot_pareto(plt, table: pd.DataFrame, path: Path) -> Path | None:
         return None
     sets = sorted(data["prompt_set"].unique())
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
-    for ax, name in zip(axes[0], sets):
+    for ax, name in zip(axes[0], sets, strict=True):
         part = data[data["prompt_set"] == name]
         quality, ylabel = _quality(part)
         part = part.assign(quality=quality).dropna(subset=["quality"])
