@@ -22,13 +22,18 @@ class Tuning:
     block_n: int = 64          # tokens per inner step (per-channel keys: groups per step * group size instead)
     num_warps: int = 4
     num_stages: int = 2
+    prefetch: int = 1          # 1: scales/zeros loaded one block ahead; 2: code words too; 0: at use
+    maxnreg: int | None = None # register cap (more programs per SM, maybe spills)
     programs_per_sm: int = 8   # split the context until the grid has about this many programs per SM
     min_split_tokens: int = 256
     # 1: 0x6400 trick (exact fp16 integers); 0: codes as fp16 subnormals; 2: as 0, two codes per word op
     code_mode: int = int(os.environ.get("SMARTKV_KERNEL_CODE_MODE", "2"))
 
 
-TUNING = {K.FP: Tuning(), K.TOK: Tuning(), K.CHAN: Tuning(block_n=0)}  # (kind, key bits) entries override
+# Defaults: the fastest of `benchmarks/bench_attention.py --sweep` (H100, batch 8, 32K; BENCHMARKS.md).
+TUNING = {K.FP: Tuning(block_n=64, prefetch=0),
+          K.TOK: Tuning(block_n=128, prefetch=2),
+          K.CHAN: Tuning(block_n=0, num_stages=1, code_mode=1, prefetch=2)}  # (kind, key bits) entries override
 
 
 def tuning_for(kind: int, bits: int) -> Tuning:
@@ -195,7 +200,8 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
             V_KIND=v.kind, V_BITS=v.bits, V_PW=_per_word(v.bits) if v.kind else 1, V_G=v.group, V_NGRP=v.ngrp,
             HAS_KRES=k.has_res, HAS_VRES=v.has_res, HAS_LEN=lens is not None, HAS_KAFF=ka is not None,
             STORE_SCORES=return_token_probs, BLOCK_N=p.block_n, CODE_MODE=p.tuning.code_mode,
-            num_warps=p.tuning.num_warps, num_stages=p.tuning.num_stages)
+            PREFETCH=p.tuning.prefetch, num_warps=p.tuning.num_warps, num_stages=p.tuning.num_stages,
+            **({"maxnreg": p.tuning.maxnreg} if p.tuning.maxnreg else {}))
         split0 += p.n_splits
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=dev) if return_token_probs else out

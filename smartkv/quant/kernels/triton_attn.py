@@ -123,45 +123,94 @@ def _unpack(words, BITS: tl.constexpr, PW: tl.constexpr, D: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _block(n0, lo, hi, m_i, l_i, acc, vb,
-           kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_off,
-           vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off,
-           q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch,
-           chK, chV, qk_scale, NG,
-           K_KIND: tl.constexpr, V_KIND: tl.constexpr,
-           K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr, K_NGRP: tl.constexpr,
-           V_BITS: tl.constexpr, V_PW: tl.constexpr, V_NGRP: tl.constexpr,
-           D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr, BLOCK_N: tl.constexpr,
-           HAS_KAFF: tl.constexpr, STORE_SCORES: tl.constexpr, CODE_MODE: tl.constexpr):
+def _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_off,
+           vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, chK, chV,
+           K_KIND: tl.constexpr, V_KIND: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr,
+           K_G: tl.constexpr, K_NGRP: tl.constexpr, V_BITS: tl.constexpr, V_PW: tl.constexpr,
+           V_NGRP: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr,
+           BLOCK_N: tl.constexpr, CODE_MODE: tl.constexpr, WORDS: tl.constexpr):
+    """Global loads of one block: (key data, value data, key meta x2, value meta x2). Data (packed words or
+    full-precision tiles) only when WORDS, else a placeholder (the block loads it). Issued a block ahead of
+    use in the main loop, so the scales' latency hides behind the previous block's arithmetic."""
     INV: tl.constexpr = 1.0 if CODE_MODE == 1 else 16777216.0
     t = n0 + tl.arange(0, BLOCK_N)
     valid = (t >= lo) & (t < hi)
     xk = tl.arange(0, XK)
-    # ---- keys -> scores (BLOCK_N, NGP)
-    if K_KIND == 1:  # per-token groups
-        kc = _unpack(_load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D), K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
-        r = tl.reshape(tl.dot(kc, qbd16), (BLOCK_N, XK, NGP))
+    xv = tl.arange(0, XV)
+    kx = tl.zeros((1,), tl.int32)
+    vx = tl.zeros((1,), tl.int32)
+    if K_KIND == 1:
         so = t[:, None] * skst + xk[None, :]
         sm = valid[:, None] & (xk[None, :] < K_NGRP)
-        ks = tl.load(ks_ptr + so, mask=sm, other=0.0).to(tl.float32) * INV
-        kz = tl.load(kz_ptr + so, mask=sm, other=0.0).to(tl.float32)
-        s = tl.sum(r * ks[:, :, None] + kz[:, :, None] * qsum[None, :, :], axis=1)
-    elif K_KIND == 2:  # per-channel groups of K_G tokens; the block holds XK groups
-        kc = _unpack(_load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D), K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
+        km0 = tl.load(ks_ptr + so, mask=sm, other=0.0).to(tl.float32) * INV
+        km1 = tl.load(kz_ptr + so, mask=sm, other=0.0).to(tl.float32)
+    elif K_KIND == 2:
         grow = n0 // K_G + tl.arange(0, XK * NGP) // NGP                      # scale row of column (x, h)
         so = grow[None, :] * skst + chK[:, None]                              # (D, XK*NGP)
         sm = (grow < TK // K_G)[None, :]
-        sk = tl.load(ks_ptr + so, mask=sm, other=0.0).to(tl.float32)
-        zk = tl.load(kz_ptr + so, mask=sm, other=0.0).to(tl.float32)
-        qs16 = (qrep * sk).to(tl.float16)
-        bias = tl.sum(qrep * zk, axis=0)
+        km0 = tl.load(ks_ptr + so, mask=sm, other=0.0).to(tl.float32)
+        km1 = tl.load(kz_ptr + so, mask=sm, other=0.0).to(tl.float32)
+    else:
+        km0 = tl.zeros((1,), tl.float32)
+        km1 = tl.zeros((1,), tl.float32)
+    if V_KIND == 1:
+        so = t[:, None] * svst + xv[None, :]
+        sm = valid[:, None] & (xv[None, :] < V_NGRP)
+        vm0 = tl.load(vs_ptr + so, mask=sm, other=0.0).to(tl.float32)
+        vm1 = tl.load(vz_ptr + so, mask=sm, other=0.0).to(tl.float32)
+    else:
+        vm0 = tl.zeros((1,), tl.float32)
+        vm1 = tl.zeros((1,), tl.float32)
+    if WORDS:
+        if K_KIND == 0:
+            kx = tl.load(kr_ptr + (t - k_off)[:, None] * skrt + chK[None, :], mask=valid[:, None], other=0.0)
+        else:
+            kx = _load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D)
+        if V_KIND == 0:
+            vx = tl.load(vr_ptr + (t - v_off)[:, None] * svrt + chV[None, :], mask=valid[:, None], other=0.0)
+        else:
+            vx = _load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D)
+    return kx, vx, km0, km1, vm0, vm1
+
+
+@triton.jit
+def _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
+           kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off,
+           q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG,
+           K_KIND: tl.constexpr, V_KIND: tl.constexpr,
+           K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr,
+           V_BITS: tl.constexpr, V_PW: tl.constexpr,
+           D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr, BLOCK_N: tl.constexpr,
+           HAS_KAFF: tl.constexpr, STORE_SCORES: tl.constexpr, CODE_MODE: tl.constexpr, WORDS: tl.constexpr):
+    """One block of BLOCK_N tokens: scores, online softmax, values. kx/vx/km*/vm* come from _fetch."""
+    INV: tl.constexpr = 1.0 if CODE_MODE == 1 else 16777216.0
+    t = n0 + tl.arange(0, BLOCK_N)
+    valid = (t >= lo) & (t < hi)
+    xk = tl.arange(0, XK)
+    if not WORDS:
+        if K_KIND == 0:
+            kx = tl.load(kr_ptr + (t - k_off)[:, None] * skrt + chK[None, :], mask=valid[:, None], other=0.0)
+        else:
+            kx = _load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D)
+        if V_KIND == 0:
+            vx = tl.load(vr_ptr + (t - v_off)[:, None] * svrt + chV[None, :], mask=valid[:, None], other=0.0)
+        else:
+            vx = _load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D)
+    # ---- keys -> scores (BLOCK_N, NGP)
+    if K_KIND == 1:  # per-token groups: km0 = scale * INV, km1 = zero, (BLOCK_N, XK)
+        kc = _unpack(kx, K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
+        r = tl.reshape(tl.dot(kc, qbd16), (BLOCK_N, XK, NGP))
+        s = tl.sum(r * km0[:, :, None] + km1[:, :, None] * qsum[None, :, :], axis=1)
+    elif K_KIND == 2:  # per-channel groups of K_G tokens, XK groups per block: km0/km1 (D, XK*NGP)
+        kc = _unpack(kx, K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
+        qs16 = (qrep * km0).to(tl.float16)
+        bias = tl.sum(qrep * km1, axis=0)
         r = tl.dot(kc, qs16) * INV + bias[None, :]
         r = tl.reshape(r, (BLOCK_N, XK, NGP))
         own = ((t - n0) // K_G)[:, None, None] == xk[None, :, None]
         s = tl.sum(tl.where(own, r, 0.0), axis=1)
     else:  # full precision; every column group x holds the whole query, any one will do
-        k = tl.load(kr_ptr + (t - k_off)[:, None] * skrt + chK[None, :], mask=valid[:, None], other=0.0)
-        r = tl.reshape(tl.dot(k.to(tl.float16), q16), (BLOCK_N, XK, NGP))
+        r = tl.reshape(tl.dot(kx.to(tl.float16), q16), (BLOCK_N, XK, NGP))
         s = tl.max(r, axis=1)
     if HAS_KAFF:
         s = s + qaff[None, :]
@@ -179,23 +228,55 @@ def _block(n0, lo, hi, m_i, l_i, acc, vb,
     acc = acc * alpha_v[:, None]
     vb = vb * alpha_v
     # ---- values
-    xv = tl.arange(0, XV)
-    if V_KIND == 1:
-        vc = _unpack(_load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D), V_BITS, V_PW, D, BLOCK_N, CODE_MODE)
-        so = t[:, None] * svst + xv[None, :]
-        sm = valid[:, None] & (xv[None, :] < V_NGRP)
-        vs = tl.load(vs_ptr + so, mask=sm, other=0.0).to(tl.float32)
-        vz = tl.load(vz_ptr + so, mask=sm, other=0.0).to(tl.float32)
+    if V_KIND == 1:  # vm0 = scale, vm1 = zero, (BLOCK_N, XV)
+        vc = _unpack(vx, V_BITS, V_PW, D, BLOCK_N, CODE_MODE)
         # p * scale in fp16 for the dot: normalise the block's largest scale to 2^14 (no overflow, no underflow)
-        c = 16384.0 / tl.maximum(tl.max(tl.max(vs, axis=1), axis=0), 1e-30)
-        pv = tl.reshape(p[:, None, :] * (vs * c)[:, :, None], (BLOCK_N, XV * NGP))
+        c = 16384.0 / tl.maximum(tl.max(tl.max(vm0, axis=1), axis=0), 1e-30)
+        pv = tl.reshape(p[:, None, :] * (vm0 * c)[:, :, None], (BLOCK_N, XV * NGP))
         acc += tl.dot(tl.trans(pv.to(tl.float16)), vc) * (INV / c)
-        vb += tl.sum(tl.reshape(p[:, None, :] * vz[:, :, None], (BLOCK_N, XV * NGP)), axis=0)
+        vb += tl.sum(tl.reshape(p[:, None, :] * vm1[:, :, None], (BLOCK_N, XV * NGP)), axis=0)
     else:
-        v = tl.load(vr_ptr + (t - v_off)[:, None] * svrt + chV[None, :], mask=valid[:, None], other=0.0)
         pv = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, XV, NGP)), (BLOCK_N, XV * NGP))
-        acc += tl.dot(tl.trans(pv.to(tl.float16)), v.to(tl.float16))
+        acc += tl.dot(tl.trans(pv.to(tl.float16)), vx.to(tl.float16))
     return m_new, l_i, acc, vb
+
+
+@triton.jit
+def _run(lo, hi, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_off,
+         vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off,
+         q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG,
+         K_KIND: tl.constexpr, V_KIND: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr,
+         K_NGRP: tl.constexpr, V_BITS: tl.constexpr, V_PW: tl.constexpr, V_NGRP: tl.constexpr,
+         D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr, BLOCK_N: tl.constexpr,
+         HAS_KAFF: tl.constexpr, STORE_SCORES: tl.constexpr, CODE_MODE: tl.constexpr, PREFETCH: tl.constexpr):
+    """Tokens [lo, hi) in blocks aligned to BLOCK_N. PREFETCH 1: each block's scales are loaded one block
+    ahead; 2: its code words too; 0: everything at use."""
+    WORDS: tl.constexpr = PREFETCH == 2
+    n_first = (lo // BLOCK_N) * BLOCK_N
+    kx, vx, km0, km1, vm0, vm1 = _fetch(n_first, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK,
+                                        k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, chK, chV,
+                                        K_KIND, V_KIND, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP,
+                                        XK, XV, BLOCK_N, CODE_MODE, WORDS)
+    for n0 in range(n_first, hi, BLOCK_N):
+        if PREFETCH > 0:
+            nkx, nvx, nkm0, nkm1, nvm0, nvm1 = _fetch(n0 + BLOCK_N, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
+                                                      kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt,
+                                                      svst, vr_ptr, svrt, v_off, chK, chV, K_KIND, V_KIND,
+                                                      K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP,
+                                                      XK, XV, BLOCK_N, CODE_MODE, WORDS)
+        else:
+            kx, vx, km0, km1, vm0, vm1 = _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt,
+                                                TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt,
+                                                v_off, chK, chV, K_KIND, V_KIND, K_BITS, K_PW, K_G, K_NGRP,
+                                                V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, CODE_MODE, WORDS)
+        m_i, l_i, acc, vb = _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
+                                   kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off,
+                                   q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG,
+                                   K_KIND, V_KIND, K_BITS, K_PW, K_G, V_BITS, V_PW, D, NGP, XK, XV, BLOCK_N,
+                                   HAS_KAFF, STORE_SCORES, CODE_MODE, WORDS)
+        if PREFETCH > 0:
+            kx, vx, km0, km1, vm0, vm1 = nkx, nvx, nkm0, nkm1, nvm0, nvm1
+    return m_i, l_i, acc, vb
 
 
 @triton.jit(do_not_specialize=["seg_offset", "T_SEG", "TK", "TV", "split0", "TPS"])
@@ -214,11 +295,11 @@ def _split_kernel(
         K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr, K_NGRP: tl.constexpr,
         V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_PW: tl.constexpr, V_G: tl.constexpr, V_NGRP: tl.constexpr,
         HAS_KRES: tl.constexpr, HAS_VRES: tl.constexpr, HAS_LEN: tl.constexpr, HAS_KAFF: tl.constexpr,
-        STORE_SCORES: tl.constexpr, BLOCK_N: tl.constexpr, CODE_MODE: tl.constexpr):
+        STORE_SCORES: tl.constexpr, BLOCK_N: tl.constexpr, CODE_MODE: tl.constexpr, PREFETCH: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H_KV
-    hk = bh % H_KV
+    b = (bh // H_KV).to(tl.int64)  # offsets in int64: a (32, 8, 128K, 128) fp16 cache has 2^32 elements
+    hk = (bh % H_KV).to(tl.int64)
     seq_len = T_SEG
     if HAS_LEN:
         seq_len = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32) - seg_offset, 0), T_SEG)
@@ -266,55 +347,46 @@ def _split_kernel(
         v_off = TV
     # phase A: keys and values both as K_KIND / V_KIND (quantized unless the segment is full precision)
     TA = tl.minimum(TK, TV)
-    hiA = tl.minimum(s1, TA)
-    for n0 in range(s0, hiA, BLOCK_N):
-        m_i, l_i, acc, vb = _block(n0, s0, hiA, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr,
-                                   skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, q16,
-                                   qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, K_KIND, V_KIND,
-                                   K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N,
-                                   HAS_KAFF, STORE_SCORES, CODE_MODE)
-    # phase B: one of keys / values quantized, the other full precision (KIVI's residual windows)
+    m_i, l_i, acc, vb = _run(s0, tl.minimum(s1, TA), m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr,
+                             skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, q16, qbd16,
+                             qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, K_KIND, V_KIND, K_BITS, K_PW,
+                             K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES,
+                             CODE_MODE, PREFETCH)
+    # phase B: one of keys / values quantized, the other full precision (KIVI's windows); C: both full
     if HAS_KRES or HAS_VRES:
         TB = tl.maximum(TK, TV)
         loB = tl.maximum(s0, TA)
         hiB = tl.minimum(s1, TB)
         if HAS_KRES and HAS_VRES:
             if TK < TV:
-                for n0 in range((loB // BLOCK_N) * BLOCK_N, hiB, BLOCK_N):
-                    m_i, l_i, acc, vb = _block(n0, loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
-                                               kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr,
-                                               svrt, v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale,
-                                               NG, 0, V_KIND, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D,
-                                               NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+                m_i, l_i, acc, vb = _run(loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr,
+                                         skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off,
+                                         q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, 0,
+                                         V_KIND, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV,
+                                         BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE, 0)
             else:
-                for n0 in range((loB // BLOCK_N) * BLOCK_N, hiB, BLOCK_N):
-                    m_i, l_i, acc, vb = _block(n0, loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
-                                               kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr,
-                                               svrt, v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale,
-                                               NG, K_KIND, 0, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D,
-                                               NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
-            # phase C: both full precision
-            loC = tl.maximum(s0, TB)
-            for n0 in range((loC // BLOCK_N) * BLOCK_N, s1, BLOCK_N):
-                m_i, l_i, acc, vb = _block(n0, loC, s1, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
-                                           kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr,
-                                           svrt, v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale,
-                                           NG, 0, 0, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D,
-                                           NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+                m_i, l_i, acc, vb = _run(loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr,
+                                         skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off,
+                                         q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG,
+                                         K_KIND, 0, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK,
+                                         XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE, 0)
+            m_i, l_i, acc, vb = _run(tl.maximum(s0, TB), s1, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
+                                     kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt,
+                                     v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, 0,
+                                     0, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N,
+                                     HAS_KAFF, STORE_SCORES, CODE_MODE, 0)
         elif HAS_KRES:
-            for n0 in range((loB // BLOCK_N) * BLOCK_N, hiB, BLOCK_N):
-                m_i, l_i, acc, vb = _block(n0, loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
-                                           kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr,
-                                           svrt, v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale,
-                                           NG, 0, V_KIND, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D,
-                                           NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+            m_i, l_i, acc, vb = _run(loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt,
+                                     TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, q16, qbd16,
+                                     qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, 0, V_KIND, K_BITS,
+                                     K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, HAS_KAFF,
+                                     STORE_SCORES, CODE_MODE, 0)
         else:
-            for n0 in range((loB // BLOCK_N) * BLOCK_N, hiB, BLOCK_N):
-                m_i, l_i, acc, vb = _block(n0, loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
-                                           kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr,
-                                           svrt, v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale,
-                                           NG, K_KIND, 0, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D,
-                                           NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+            m_i, l_i, acc, vb = _run(loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt,
+                                     TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, q16, qbd16,
+                                     qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, K_KIND, 0, K_BITS,
+                                     K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, HAS_KAFF,
+                                     STORE_SCORES, CODE_MODE, 0)
 
     # ---- pick, for each channel, the accumulator row of its value group; normalise; store
     acc3 = tl.reshape(acc, (XV, NGP, D)) + tl.reshape(vb, (XV, NGP))[:, :, None]
@@ -334,8 +406,8 @@ def _split_kernel(
 def _merge_kernel(OP, LP, O, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
                   D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr):
     pid = tl.program_id(0)
-    b = pid // H_Q
-    h = pid % H_Q
+    b = (pid // H_Q).to(tl.int64)
+    h = (pid % H_Q).to(tl.int64)
     so = tl.arange(0, BLOCK_S)
     f = tl.arange(0, D)
     m = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)
@@ -362,8 +434,8 @@ def _merge_kernel(OP, LP, O, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
 def _probs_kernel(SC, sscb, ssch, LSE, PO, spb, sph, LEN, seg_offset, T_SEG, H_KV, NG,
                   NGP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_LEN: tl.constexpr, ACCUMULATE: tl.constexpr):
     bh = tl.program_id(1)
-    b = bh // H_KV
-    hk = bh % H_KV
+    b = (bh // H_KV).to(tl.int64)
+    hk = (bh % H_KV).to(tl.int64)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     seq_len = T_SEG
     if HAS_LEN:

@@ -96,7 +96,7 @@ def _quant_tok_kernel(X0, C0, S0, Z0, X1, C1, S1, Z1,
                       sxb1, sxh1, sxt1, scb1, sch1, sct1, ssb1, ssh1, sst1,
                       H, T, start, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
     bh = tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     if tl.program_id(2) == 0:
         _quant_tok_one(X0, C0, S0, Z0, sxb0, sxh0, sxt0, scb0, sch0, sct0, ssb0, ssh0, sst0, b, h, T, start,
                        BITS, G, D, BLOCK_T)
@@ -109,7 +109,7 @@ def _quant_tok_kernel(X0, C0, S0, Z0, X1, C1, S1, Z1,
 def _quant_chan_kernel(X, C, S, Z, sxb, sxh, sxt, scb, sch, sct, ssb, ssh, sst, H, start,
                        BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
     blk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     t = blk * G + tl.arange(0, G)
     x = tl.load(X + b * sxb + h * sxh + t[:, None] * sxt + tl.arange(0, D)[None, :]).to(tl.float32)  # (G, D)
     c, scale, zero = _codes(x, tl.min(x, axis=0)[None, :], tl.max(x, axis=0)[None, :], (1 << BITS) - 1)
