@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_speed_util import build_segments, copy_bandwidth, segments_bytes, sets_for, time_calls  # noqa: E402
 
 from smartkv.quant.core import dequantize, quantize  # noqa: E402
-from smartkv.quant.kernels import (KVSegment, decode_attention, decode_attention_reference,  # noqa: E402
-                                   quantize_pack, quantize_pack_kv)
+from smartkv.quant.kernels import (decode_attention, decode_attention_reference, quantize_pack,  # noqa: E402
+                                   quantize_pack_kv)
 from smartkv.quant.kernels import decode as dec  # noqa: E402
 from smartkv.quant.kernels import triton_attn as K  # noqa: E402
 
@@ -155,7 +155,7 @@ def spot_check(methods: list[str], notes: list):
         out, probs = decode_attention(q, segs, SCALING, lengths, return_token_probs=True)
         ref, rprobs = decode_attention_reference(q, segs, SCALING, lengths, return_token_probs=True)
         e = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        ep = max(((a - b).norm() / b.norm()).item() for a, b in zip(probs, rprobs))
+        ep = max(((a - b).norm() / b.norm()).item() for a, b in zip(probs, rprobs, strict=True))
         notes.append(f"spot check {m}: output rel err {e:.1e}, token probs rel err {ep:.1e}")
 
 
@@ -212,25 +212,28 @@ def bench_quantize(copy_bw: float, budget: Budget) -> list[str]:
         k = torch.randn(B, HKV, 1, D, dtype=torch.float16, device="cuda", generator=gen)
         v = torch.randn_like(k)
         cache = tuple(quantize(torch.zeros(B, HKV, 64, D, device="cuda"), 4, 32) for _ in range(2))
-        t = time_calls([lambda: quantize_pack_kv(k, v, 4, 32, out=cache, start=7)])
-        t_ref = time_calls([lambda: (quantize(k, 4, 32), quantize(v, 4, 32))])
+        t = time_calls([lambda k=k, v=v, c=cache: quantize_pack_kv(k, v, 4, 32, out=c, start=7)])
+        t_ref = time_calls([lambda k=k, v=v: (quantize(k, 4, 32), quantize(v, 4, 32))])
         fk = torch.zeros(B, HKV, 64, D, dtype=torch.float16, device="cuda")
         fv = torch.zeros_like(fk)
 
-        def store():
+        def store(k=k, v=v, fk=fk, fv=fv):
             fk[:, :, 7:8] = k
             fv[:, :, 7:8] = v
         t_fp = time_calls([store])
         moved = 2 * k.nbytes + 2 * cache[0].nbytes // 64
-        out.append(f"| int4 append (K+V, one launch) | ({B}, {HKV}, 1, {D}) | {t * 1e6:.1f} | {moved / t / 1e9:.1f} | "
-                   f"{100 * moved / t / copy_bw:.1f} | {t_ref * 1e6:.1f} (fp16 store: {t_fp * 1e6:.1f}) |")
-    for bits, axis, label in ((4, -1, "int4 per-token"), (8, -1, "int8 per-token"), (2, -2, "2-bit per-channel (KIVI keys)")):
+        out.append(f"| int4 append (K+V, one launch) | ({B}, {HKV}, 1, {D}) | {t * 1e6:.1f} | "
+                   f"{moved / t / 1e9:.1f} | {100 * moved / t / copy_bw:.1f} | {t_ref * 1e6:.1f} "
+                   f"(fp16 store: {t_fp * 1e6:.1f}) |")
+    prefill = ((4, -1, "int4 per-token"), (8, -1, "int8 per-token"), (2, -2, "2-bit per-channel (KIVI keys)"))
+    for bits, axis, label in prefill:
         if budget.left() < 0:
             break
         x = torch.randn(8, HKV, 32768, D, dtype=torch.float16, device="cuda", generator=gen)
         q = quantize_pack(x, bits, 32, axis)
-        t = time_calls([lambda: quantize_pack(x, bits, 32, axis, out=q)])
-        t_ref = time_calls([lambda: quantize(x, bits, 32, axis)], graph=False) if bits != 8 else float("nan")
+        t = time_calls([lambda x=x, b=bits, a=axis, q=q: quantize_pack(x, b, 32, a, out=q)])
+        t_ref = (time_calls([lambda x=x, b=bits, a=axis: quantize(x, b, 32, a)], graph=False) if bits != 8
+                 else float("nan"))
         moved = x.nbytes + q.nbytes
         out.append(f"| prefill {label} | (8, {HKV}, 32768, {D}) | {t * 1e6:.0f} | {moved / t / 1e9:.0f} | "
                    f"{100 * moved / t / copy_bw:.0f} | {t_ref * 1e6:.0f} |")
@@ -268,7 +271,8 @@ def main():
         return
     props = torch.cuda.get_device_properties(0)
     head = [f"card: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
-            f"triton {__import__('triton').__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+            f"triton {__import__('triton').__version__}, "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
             f"command: python {' '.join(sys.argv)}"]
     copy_bw = copy_bandwidth()
     head.append(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + written)")

@@ -67,11 +67,9 @@ def time_calls(calls: list[Callable[[], object]], min_time_s: float = 0.25, grap
 
 def copy_bandwidth(nbytes: int = 2 * 2 ** 30) -> float:
     """Device-to-device copy, bytes read + written per second."""
-    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
-    b = torch.empty_like(a)
-    t = time_calls([lambda: b.copy_(a)], graph=False)
-    del a, b
-    return nbytes / t
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    return nbytes / time_calls([lambda: dst.copy_(src)], graph=False)
 
 
 def _randn(shape, gen) -> torch.Tensor:
@@ -116,8 +114,8 @@ def build_segments(method: str, B: int, H: int, T: int, D: int, gen, group: int 
         sd = _randn((B, H, 1, D), gen).abs() + 0.5
         segs = [KVSegment(_randn((B, H, sinks, D), gen), _randn((B, H, sinks, D), gen))]
         for bits, n in counts.items():
-            segs.append(KVSegment(quantized(B, H, n, D, bits, group, -1, gen), quantized(B, H, n, D, bits, group, -1, gen),
-                                  key_scale=sd, key_shift=mu))
+            segs.append(KVSegment(quantized(B, H, n, D, bits, group, -1, gen),
+                                  quantized(B, H, n, D, bits, group, -1, gen), key_scale=sd, key_shift=mu))
         segs.append(KVSegment(_randn((B, H, window, D), gen), _randn((B, H, window, D), gen)))
         return segs
     raise ValueError(f"method must be one of fp16, int8, int4, kivi2, kivi24, smartkv4, got {method!r}")

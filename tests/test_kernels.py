@@ -1,8 +1,8 @@
 """Triton kernels vs the torch reference and an fp64 reference, on CUDA or through Triton's CPU interpreter.
 
 Bounds: quantize-and-pack is byte-exact. Decode attention (fp16 operands on the tensor cores: q, p, and for
-per-channel keys q * scale) is within 3e-3 relative (1e-2 for a bf16 output) (||out - ref|| / ||ref||) of exact fp64 attention over the
-dequantized cache; token probabilities within 3e-3, and they sum to the group size.
+per-channel keys q * scale) is within 3e-3 relative, ||out - ref|| / ||ref|| (1e-2 for a bf16 output), of exact
+fp64 attention over the dequantized cache; token probabilities within 3e-3, and they sum to the group size.
 """
 import importlib
 import os
@@ -63,8 +63,7 @@ def test_quantize_pack_kv_into_preallocated_rows():
     g = gen(1)
     k = randn(g, 2, 4, 3, 128, dtype=torch.bfloat16)
     v = randn(g, 2, 4, 3, 128, scale=50.0, dtype=torch.bfloat16)
-    empty = lambda: quantize(torch.zeros(2, 4, 8, 128, device=DEV), 4, 32)
-    out = (empty(), empty())
+    out = tuple(quantize(torch.zeros(2, 4, 8, 128, device=DEV), 4, 32) for _ in range(2))
     qk, qv = kern.quantize_pack_kv(k, v, 4, 32, out=out, start=5)
     assert qk is out[0] and qv is out[1]
     for q, x in ((qk, k), (qv, v)):
@@ -87,7 +86,7 @@ def _check(q, segments, lengths=None, probs=True):
     assert rel(out, ex) < bound, rel(out, ex)
     assert rel(out, ref32) < bound
     if probs:
-        for p, pe in zip(got[1], exact[1]):
+        for p, pe in zip(got[1], exact[1], strict=True):
             assert p.shape == pe.shape and torch.isfinite(p).all()
             assert rel(p, pe) < BOUND, rel(p, pe)
     return got

@@ -96,7 +96,7 @@ def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], s
     mass = probs.sum(2).float()                                            # (B, Hkv, T)
     parts = list(mass.split([s.num_tokens for s in segments], -1))
     if probs_out is not None:
-        for acc, p in zip(probs_out, parts):
+        for acc, p in zip(probs_out, parts, strict=True):
             acc += p
         parts = list(probs_out)
     return out, parts

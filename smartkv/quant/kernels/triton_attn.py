@@ -403,7 +403,7 @@ def _split_kernel(
 
 
 @triton.jit
-def _merge_kernel(OP, LP, O, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
+def _merge_kernel(OP, LP, Out, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
                   D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // H_Q).to(tl.int64)
@@ -425,7 +425,7 @@ def _merge_kernel(OP, LP, O, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
         acc += tl.sum(w[:, None] * o, axis=0)
         den += tl.sum(w, axis=0)
     out = acc / tl.where(den > 0, den, 1.0)
-    tl.store(O + b * sxb + h * sxh + f, out.to(O.dtype.element_ty))
+    tl.store(Out + b * sxb + h * sxh + f, out.to(Out.dtype.element_ty))
     if STORE_LSE:
         tl.store(LSE + pid, tl.where(den > 0, m_safe + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf")))
 

@@ -148,8 +148,7 @@ def _check(x: torch.Tensor, bits: int, group_size: int, axis: int, out: QTensor 
 
 def triton_shapes_ok(x: torch.Tensor, group_size: int) -> bool:
     D = x.shape[-1]
-    pow2 = lambda n: n > 0 and n & (n - 1) == 0
-    return pow2(D) and D >= 16 and pow2(group_size)
+    return D >= 16 and D & (D - 1) == 0 and group_size > 0 and group_size & (group_size - 1) == 0
 
 
 def _meta_strides(q: QTensor):
@@ -184,14 +183,15 @@ def quantize_pack_kv_triton(k: torch.Tensor, v: torch.Tensor, bits: int, group_s
                             out: tuple[QTensor, QTensor] | None = None, start: int = 0) -> tuple[QTensor, QTensor]:
     if k.shape != v.shape:
         raise ValueError(f"keys and values must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    for x, o in zip((k, v), out or (None, None)):
+    for x, o in zip((k, v), out or (None, None), strict=True):
         _check(x, bits, group_size, -1, o, start)
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     B, H, T, D = k.shape
-    qk, qv = out if out is not None else (_empty_like_q(k, bits, group_size, -1), _empty_like_q(v, bits, group_size, -1))
     if out is None:
+        out = (_empty_like_q(k, bits, group_size, -1), _empty_like_q(v, bits, group_size, -1))
         start = 0
+    qk, qv = out
     if T == 0:
         return qk, qv
     BLOCK_T = 32 if D <= 128 else 16
