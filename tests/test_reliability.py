@@ -151,6 +151,32 @@ def test_driver_sigkill_then_resubmit_completes_exactly_once(ray_session, write_
     assert again.exit_code == 0 and "Nothing to run" in again.stdout
 
 
+def test_driver_sigterm_stops_cleanly(write_grid, fake_worker, tmp_path):
+    """`kill` (SIGTERM) of a driver using Ray: exit 130 with a resume hint, Ray shut down, results intact."""
+    grid, out = _grid(write_grid, "[256]"), tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(SMARTKV_FAKE_SLEEP_S="1.0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.Popen([sys.executable, "-m", "smartkv.bench.cli", "submit", "--grid", str(grid), "--out",
+                             str(out), "--workers", "1", "--no-progress"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not list(ResultStore(out).files()):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 130, err
+    assert "interrupted:" in err and "submit again to resume" in err
+    assert list(ResultStore(out).files()) and not list(out.rglob("*.tmp"))
+    pd.read_parquet(out)
+
+
 def test_corrupt_result_file_is_reported_skipped_and_rerun(write_grid, fake_worker, tmp_path):
     grid, out = _grid(write_grid), tmp_path / "out"
     assert runner.invoke(app, ["submit", "--grid", str(grid), "--out", str(out), "--local"]).exit_code == 0

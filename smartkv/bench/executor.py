@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -160,6 +162,7 @@ def connect(address: str | None, num_cpus: int | None = None):
     if ray.is_initialized():
         return ray, False
     common = dict(log_to_driver=False, configure_logging=False, namespace="smartkv-bench")
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             ray.init(address=address, **common)
@@ -167,6 +170,10 @@ def connect(address: str | None, num_cpus: int | None = None):
             ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", **common)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ExecError(f"cannot {'join Ray at ' + address if address else 'start a local Ray'}: {exc}") from None
+    if threading.current_thread() is threading.main_thread():
+        # ray.init replaces the SIGTERM handler with one that aborts the process; keep the caller's (the CLI's
+        # turns `kill` into a clean stop: in-flight jobs dropped, Ray shut down, exit 130).
+        signal.signal(signal.SIGTERM, on_term)
     return ray, True
 
 
