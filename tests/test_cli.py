@@ -106,3 +106,26 @@ def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "smartkv.bench.cli", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "submit" in out.stdout and "report" in out.stdout
+
+
+def test_live_progress_view_renders_workers_and_eta():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from smartkv.bench.cli import ProgressView
+    from smartkv.bench.progress import Progress
+
+    state = Progress()
+    state.start(total=4, total_cost=4.0)
+    state.slot("worker-0").current = "smollm2 kivi passkey r0"
+    state.finished("worker-0", "ok", 1.0)
+    state.finished("worker-1", "oom", 1.0)
+    state.note("worker-1 died while running x")
+    buffer = StringIO()
+    view = ProgressView(Console(file=buffer, force_terminal=True, width=160), live=True)
+    with view:
+        view.update(state)
+    text = buffer.getvalue()
+    for part in ("jobs 2/4 done", "1 oom", "ETA", "worker-0", "smollm2 kivi passkey r0", "died while running"):
+        assert part in text, text

@@ -247,7 +247,10 @@ class RayExecutor:
         if len(ready) < len(pings):
             raise ExecError(f"only {len(ready)} of {len(pings)} workers started within "
                             f"{self.config.actor_start_timeout_s:.0f} s: the cluster lacks the resources")
-        self.ray.get(ready)  # surfaces an import error of the runner at once
+        try:
+            self.ray.get(ready)
+        except self.ray.exceptions.RayError as exc:  # e.g. the runner cannot be imported on the cluster's nodes
+            raise ExecError(f"the workers failed to start: {str(exc).splitlines()[0][:300]}") from None
 
     def _loop(self, scheduler: Scheduler, slots: list[_Slot], actor_cls) -> None:
         cfg = self.config
