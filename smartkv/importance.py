@@ -70,3 +70,36 @@ def token_weights(importance: torch.Tensor, floor: float, power: float,
     if sensitivity is not None:
         w = w * sensitivity.double()
     return w
+
+
+def seen_from_ranges(ranges: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """How many observed queries could see each of `kv_len` tokens, derived from the observed query positions
+    `ranges` (n, 2) int64 of [start, end) instead of stored per token: a query at p sees tokens t <= p.
+    -> (kv_len,) int32. (Left padding: pad queries precede every real token, so counts of real tokens are exact;
+    pad tokens receive no mass, so their count does not matter.)"""
+    t = torch.arange(kv_len, device=ranges.device)
+    if ranges.numel() == 0:
+        return torch.zeros(kv_len, dtype=torch.int32, device=ranges.device)
+    s, e = ranges[:, 0:1], ranges[:, 1:2]  # (n, 1)
+    return (e - torch.maximum(s, t.unsqueeze(0))).clamp_min(0).sum(0).to(torch.int32)
+
+
+def add_range(ranges: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Append [start, end) to sorted ranges (n, 2), merging with the last one when they touch."""
+    if ranges.numel() and int(ranges[-1, 1]) >= start:
+        out = ranges.clone()
+        out[-1, 1] = max(int(out[-1, 1]), end)
+        return out
+    return torch.cat([ranges, torch.tensor([[start, end]], dtype=ranges.dtype, device=ranges.device)])
+
+
+def encode_importance(p: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities in [0, 1] -> uint8 codes of -8 log2(p) (steps of 2^(1/8), 9%; 0 below 2^-31.9)."""
+    c = torch.round(-8 * torch.log2(p.float().clamp_min(2.0 ** -31.875)))
+    return c.clamp(0, 255).to(torch.uint8)
+
+
+def decode_importance(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of `encode_importance` (code 255 -> 0)."""
+    p = torch.pow(2.0, -codes.float() / 8)
+    return torch.where(codes == 255, torch.zeros_like(p), p)

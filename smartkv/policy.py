@@ -102,15 +102,20 @@ def rank_profile(weights: torch.Tensor) -> torch.Tensor:
 def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, int]) -> torch.Tensor:
     """Widths (R, n) for tokens of `weights` (R, n): from the widest width down, each row gives `counts[b]`
     slots to its heaviest tokens whose cap (R, n) allows b. When fewer tokens are eligible than a width wants
-    (codes cannot be promoted) the slots go unused. Rows with equal cap histograms get equal width histograms."""
+    (codes cannot be promoted) their bits pass to the next width down, so the budget is still spent. Rows with equal cap histograms get equal width histograms."""
     R, n = weights.shape
-    out = torch.full((R, n), min(counts), dtype=torch.long)
+    lowest = min(counts)
+    out = torch.full((R, n), lowest, dtype=torch.long)
     free = torch.ones(R, n, dtype=torch.bool)
     neg = torch.finfo(torch.float64).min
     w = weights.double()
+    surplus = 0  # bits (above the narrowest width) of slots a wider width could not use, offered to the next
     for b in sorted(counts, reverse=True)[:-1]:  # the narrowest width takes whatever is left
+        want = counts[b] + surplus // (b - lowest)
+        surplus %= b - lowest
         eligible = free & (caps >= b)
-        take = min(counts[b], int(eligible.sum(-1).min()) if R else 0)
+        take = min(want, int(eligible.sum(-1).min()) if R else 0)
+        surplus += (want - max(take, 0)) * (b - lowest)
         if take <= 0:
             continue
         scores = torch.where(eligible, w, torch.full_like(w, neg))
@@ -118,3 +123,25 @@ def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, 
         out.scatter_(1, top, b)
         free.scatter_(1, top, False)
     return out
+
+
+def kv_budgets(budget: float, gap: float, widths=WIDTHS) -> tuple[float, float]:
+    """Key and value budgets whose mean is `budget`, keys `gap` bits above values where the widths allow it."""
+    lo, hi = min(widths), max(widths)
+    value = min(max(budget - gap / 2, lo, 2 * budget - hi), hi)
+    return 2 * budget - value, value
+
+
+def pack_levels(levels: torch.Tensor) -> torch.Tensor:
+    """Width indices (..., n) uint8 in 0..3 -> (..., ceil(n / 8) * 2) uint8, 2 bits each (n padded to 8)."""
+    from smartkv.quant.core import pack
+    pad = -levels.shape[-1] % 8
+    if pad:
+        levels = torch.cat([levels, levels.new_zeros(*levels.shape[:-1], pad)], -1)
+    return pack(levels, 2)
+
+
+def unpack_levels(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_levels`: -> (..., n) uint8."""
+    from smartkv.quant.core import unpack
+    return unpack(packed, 2)[..., :n]

@@ -2,32 +2,52 @@
 
 Layout of one layer, positions in order:
   sinks   - the first `sink_tokens` tokens, full precision (attention sinks)
-  middle  - quantized per token (groups of `group_size` channels), each (KV head, token) at a width in `widths`;
-            `bits` (B, H, Tq) says which; one dense pool per width holds the codes of its tokens in position
-            order, every (batch, head) row has the same count per width (see policy.cascade_assign)
+  middle  - quantized per token (groups of `group_size` channels); keys and values each have their own width
+            per (KV head, token) from `widths`, kept as 2-bit level maps; one dense pool per width holds the
+            codes of its tokens in position order, every (batch, head) row has the same count per width
+            (see policy.cascade_assign)
   window  - the most recent tokens, full precision; every `realloc_every` tokens the oldest leave the window
             (keeping `recent_window`) and the whole middle is re-allocated: new tokens get any width, stored
             tokens can only be demoted (re-quantized from their codes), the budget holds over the middle.
-Keys are normalised per channel before per-token quantization (`key_norm`): centring and scaling each channel
-by statistics of the prompt removes the outlier channels that wreck low-bit per-token keys (KIVI's reason for
-per-channel keys), while keeping the per-token layout that mixed precision needs. The query-side cost is nil:
-q . (s * k_hat + mu) = (q * s) . k_hat + q . mu.
-Importance: smartkv.importance (mean attention received while visible); allocation: smartkv.policy.
+Keys decide quality (an error in a key moves the softmax, an error in a value is averaged away), so:
+  - keys get `key_value_gap` more bits than values on average (the mean of the two stays `budget`);
+  - keys are normalised per channel (`key_norm`) with statistics of the prompt, removing the outlier channels
+    that wreck low-bit per-token keys (KIVI's reason for per-channel keys) while keeping the per-token layout
+    mixed precision needs; q . (s * k_hat + mu) = (q * s) . k_hat + q . mu, so the query side pays nothing;
+  - `rotate` applies a Hadamard rotation to the normalised keys (and values) before per-token quantization,
+    spreading what outliers remain over all channels of a group (orthogonal: the query is rotated alike).
+Importance (smartkv.importance): the mean attention a token received from the queries that could see it,
+stored as 8-bit log codes; the number of queries that saw each token is derived from the observed positions.
+Metadata counted in `_account`: group scales and zeros, the level maps, importance codes, the observed query
+ranges, the key normalisation vectors.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from smartkv.cache import KVLayer
 from smartkv.hf_compat import sdpa_attention_forward
-from smartkv.importance import (allowed_from_mask, attention_probs, kv_head_mass, seen_counts, token_weights,
-                                update_mean)
+from smartkv.importance import (add_range, allowed_from_mask, attention_probs, decode_importance,
+                                encode_importance, kv_head_mass, seen_from_ranges, token_weights, update_mean)
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
-from smartkv.policy import WIDTHS, cascade_assign, check_budget, counts_for, rank_profile
+from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
+                            rank_profile, unpack_levels)
 from smartkv.quant import QTensor, dequantize, quantize
+
+
+@functools.cache
+def hadamard(dim: int) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard matrix (dim, dim), dim a power of two; symmetric, its own inverse."""
+    if dim & (dim - 1):
+        raise ValueError(f"rotate needs a power-of-two head_dim, got {dim}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / dim ** 0.5
 
 
 class SmartKVLayer(KVLayer):
@@ -36,12 +56,17 @@ class SmartKVLayer(KVLayer):
         empty = torch.empty(B, H, 0, D, dtype=self.window_dtype, device=self.device)
         self.sink_k, self.sink_v = empty, empty.clone()
         self.win_k, self.win_v = empty.clone(), empty.clone()
-        self.bits = torch.empty(B, H, 0, dtype=torch.uint8, device=self.device)
-        self.pools: dict[int, tuple[QTensor, QTensor]] = {}
-        self.importance = torch.empty(B, H, 0, dtype=torch.float16, device=self.device)  # mean attention received
-        self.seen = torch.empty(B, 0, dtype=torch.int32, device=self.device)              # queries that saw it
-        self.k_mu = self.k_scale = None                                                   # (B, H, 1, D) fp16
+        self.n_middle = 0
+        self.levels = {"k": None, "v": None}            # packed 2-bit indices into widths, (B, H, ceil8(Tq)/4)
+        self.pools: dict[str, dict[int, QTensor]] = {"k": {}, "v": {}}
+        self.importance = torch.empty(B, H, 0, dtype=torch.uint8, device=self.device)  # encode_importance codes
+        self.observed = torch.empty(0, 2, dtype=torch.int64, device=self.device)      # query ranges [start, end)
+        self.k_mu = self.k_scale = None                                                 # (B, H, 1, D) fp16
         self.group = min(self.config.group_size, D)
+        self.widths = tuple(sorted(self.config.widths))
+        self.budget_k, self.budget_v = kv_budgets(self.config.budget, self.config.key_value_gap, self.widths)
+        self.rot_k = self.config.rotate in ("keys", "both")
+        self.rot_v = self.config.rotate == "both"
 
     # --- storage ---------------------------------------------------------------------------------------------
     def _store(self, key_states, value_states) -> None:
@@ -51,38 +76,58 @@ class SmartKVLayer(KVLayer):
             self.sink_v = torch.cat([self.sink_v, value_states[..., :n_sink, :].to(self.window_dtype)], -2)
         self.win_k = torch.cat([self.win_k, key_states[..., n_sink:, :].to(self.window_dtype)], -2)
         self.win_v = torch.cat([self.win_v, value_states[..., n_sink:, :].to(self.window_dtype)], -2)
-        n = key_states.shape[-2]
         B, H = self.batch_size, self.num_heads
-        self.importance = torch.cat([self.importance, self.importance.new_zeros(B, H, n)], -1)
-        self.seen = torch.cat([self.seen, self.seen.new_zeros(B, n)], -1)
+        self.importance = torch.cat([self.importance, encode_importance(
+            self.importance.new_zeros(B, H, key_states.shape[-2], dtype=torch.float32))], -1)
 
-    def _middle(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized middle region, keys still normalised: (B, H, Tq, D) fp32 each."""
-        B, H, Tq = self.bits.shape
-        k = torch.zeros(B, H, Tq, self.head_dim, device=self.device)
-        v = torch.zeros_like(k)
-        for b, (qk, qv) in self.pools.items():
-            mask = self.bits == b
-            k[mask] = dequantize(qk).reshape(-1, self.head_dim)
-            v[mask] = dequantize(qv).reshape(-1, self.head_dim)
+    def level_bits(self, kind: str) -> torch.Tensor:
+        """Widths (B, H, Tq) of the middle's keys ("k") or values ("v")."""
+        B, H = self.batch_size, self.num_heads
+        if self.levels[kind] is None:
+            return torch.empty(B, H, 0, dtype=torch.long, device=self.device)
+        idx = unpack_levels(self.levels[kind], self.n_middle)
+        return torch.tensor(self.widths, device=self.device)[idx.long()]
+
+    def _middle_part(self, kind: str) -> torch.Tensor:
+        """Dequantized middle keys or values in the stored (normalised, rotated) space: (B, H, Tq, D) fp32."""
+        bits = self.level_bits(kind)
+        out = torch.zeros(*bits.shape, self.head_dim, device=self.device)
+        for b, q in self.pools[kind].items():
+            out[bits == b] = dequantize(q).reshape(-1, self.head_dim)
+        return out
+
+    def _to_stored(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = (k - self.k_mu.float()) / self.k_scale.float()
+        if self.rot_k:
+            k = k @ hadamard(self.head_dim).to(k.device)
+        if self.rot_v:
+            v = v @ hadamard(self.head_dim).to(v.device)
         return k, v
 
-    def _denorm(self, k_hat: torch.Tensor) -> torch.Tensor:
-        return k_hat * self.k_scale.float() + self.k_mu.float() if self.k_mu is not None else k_hat
+    def _from_stored(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rot_k:
+            k = k @ hadamard(self.head_dim).to(k.device)
+        if self.rot_v:
+            v = v @ hadamard(self.head_dim).to(v.device)
+        if self.k_mu is not None:
+            k = k * self.k_scale.float() + self.k_mu.float()
+        return k, v
 
     def _stored_kv(self):
-        k_hat, v = self._middle()
-        keys = torch.cat([self.sink_k.to(self.dtype), self._denorm(k_hat).to(self.dtype), self.win_k.to(self.dtype)], -2)
-        values = torch.cat([self.sink_v.to(self.dtype), v.to(self.dtype), self.win_v.to(self.dtype)], -2)
+        k, v = self._from_stored(self._middle_part("k"), self._middle_part("v"))
+        dt = self.dtype
+        keys = torch.cat([self.sink_k.to(dt), k.to(dt), self.win_k.to(dt)], -2)
+        values = torch.cat([self.sink_v.to(dt), v.to(dt), self.win_v.to(dt)], -2)
         return keys, values
 
     def _account(self, lb) -> None:
-        for qk, qv in self.pools.values():
-            for q, kind in ((qk, "k"), (qv, "v")):
+        for kind in ("k", "v"):
+            for q in self.pools[kind].values():
                 lb.add_codes(q.codes, q.bits, kind)
                 lb.add("metadata", q.scale)
                 lb.add("metadata", q.zero)
-        for t in (self.bits, self.importance, self.seen, self.k_mu, self.k_scale):
+            lb.add("metadata", self.levels[kind])
+        for t in (self.importance, self.observed, self.k_mu, self.k_scale):
             lb.add("metadata", t)
         for t in (self.sink_k, self.sink_v, self.win_k, self.win_v):
             lb.add("residual", t)
@@ -90,19 +135,22 @@ class SmartKVLayer(KVLayer):
     # --- attention and statistics ----------------------------------------------------------------------------
     def attend(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         B, Hq, q_len, D = query.shape
+        T = key.shape[-2]
         scaling = D ** -0.5 if scaling is None else scaling
         W = min(self.config.observe_window, q_len)
-        allowed = allowed_from_mask(attention_mask, W, key.shape[-2], B, query.device)
+        allowed = allowed_from_mask(attention_mask, W, T, B, query.device)
         probs = attention_probs(query[:, :, -W:], key, allowed, scaling)  # (B, Hq, W, T)
         if q_len == 1:  # decoding: the probabilities we need are the whole attention
             G = Hq // self.num_heads
-            out = (probs.reshape(B, self.num_heads, G, key.shape[-2]) @ value.float())  # (B, Hkv, G, D)
+            out = (probs.reshape(B, self.num_heads, G, T) @ value.float())  # (B, Hkv, G, D)
             out = out.reshape(B, Hq, 1, D).transpose(1, 2).to(query.dtype).contiguous()
         else:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        mass = kv_head_mass(probs, self.num_heads)
-        mean, self.seen = update_mean(self.importance, self.seen, mass, seen_counts(allowed))
-        self.importance = mean.to(torch.float16)
+        seen = seen_from_ranges(self.observed, T).unsqueeze(0)  # (1, T)
+        new_seen = seen_from_ranges(torch.tensor([[T - W, T]], device=query.device), T).unsqueeze(0)
+        mean, _ = update_mean(decode_importance(self.importance), seen, kv_head_mass(probs, self.num_heads), new_seen)
+        self.importance = encode_importance(mean)
+        self.observed = add_range(self.observed, T - W, T)
         self._flush()
         return out, None
 
@@ -119,12 +167,21 @@ class SmartKVLayer(KVLayer):
         self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
         if self.k_mu is None:
             self._fit_key_norm(new_k)
-        old_k, old_v = self._middle()
-        Tq = old_k.shape[-2]
-        k_hat = torch.cat([old_k, (new_k - self.k_mu.float()) / self.k_scale.float()], -2)  # (B, H, Tq+n, D)
-        v_all = torch.cat([old_v, new_v], -2)
-        new_bits = self._allocate(k_hat, v_all, Tq)
-        self._rebuild(new_bits, k_hat, v_all, Tq)
+        Tq = self.n_middle
+        new_k, new_v = self._to_stored(new_k, new_v)
+        k_all = torch.cat([self._middle_part("k"), new_k], -2)  # (B, H, Tq + n, D)
+        v_all = torch.cat([self._middle_part("v"), new_v], -2)
+        weights = self._weights(k_all, v_all)
+        for kind, src, budget in (("k", k_all, self.budget_k), ("v", v_all, self.budget_v)):
+            old_bits = self.level_bits(kind)
+            new_bits = self._allocate(weights, old_bits, budget)
+            self.pools[kind] = self._repool(self.pools[kind], old_bits, new_bits, src)
+            index = {w: i for i, w in enumerate(self.widths)}
+            idx = torch.zeros_like(new_bits, dtype=torch.uint8)
+            for w, i in index.items():
+                idx[new_bits == w] = i
+            self.levels[kind] = pack_levels(idx)
+        self.n_middle = Tq + n
 
     def _fit_key_norm(self, keys: torch.Tensor) -> None:
         B, H, _, D = keys.shape
@@ -136,70 +193,83 @@ class SmartKVLayer(KVLayer):
             scale = keys.new_ones(B, H, 1, D)
         self.k_mu, self.k_scale = mu.half(), scale.half()
 
-    def _allocate(self, k_hat: torch.Tensor, v_all: torch.Tensor, Tq: int) -> torch.Tensor:
+    def _weights(self, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+        """Allocation weights (B * H, T) of the middle's tokens (stored space tensors (B, H, T, D))."""
         cfg = self.config
-        B, H, T, _ = k_hat.shape
+        B, H, T, _ = k_all.shape
         start = self.sink_k.shape[-2]
-        imp = self.importance[..., start:start + T].reshape(B * H, T)
+        imp = decode_importance(self.importance[..., start:start + T])  # (B, H, T)
+        if cfg.importance == "sum":     # raw accumulated mass: favours early tokens (seen by more queries)
+            imp = imp * seen_from_ranges(self.observed, start + T)[start:].float()
+        elif cfg.importance == "keynorm":
+            imp = self._from_stored(k_all, v_all)[0].norm(dim=-1)
+        elif cfg.importance == "uniform":
+            imp = torch.ones_like(imp)
         sens = None
         if cfg.sensitivity:
-            k_rng = (k_hat.amax(-1) - k_hat.amin(-1)) * self.k_scale.float().mean(-1)  # keys back in real units
+            k_rng = (k_all.amax(-1) - k_all.amin(-1)) * self.k_scale.float().mean(-1)  # keys back in real units
             v_rng = v_all.amax(-1) - v_all.amin(-1)
             sens = (k_rng.pow(2) + v_rng.pow(2)).reshape(B * H, T)
-        weights = token_weights(imp, cfg.importance_floor, cfg.importance_power, sens)
-        caps = torch.full((B * H, T), max(cfg.widths), dtype=torch.long, device=k_hat.device)
-        caps[:, :Tq] = self.bits.reshape(B * H, Tq).long()
-        counts = counts_for(rank_profile(weights).cpu(), cfg.budget, cfg.widths)
+        return token_weights(imp.reshape(B * H, T), cfg.importance_floor, cfg.importance_power, sens)
+
+    def _allocate(self, weights: torch.Tensor, old_bits: torch.Tensor, budget: float) -> torch.Tensor:
+        B, H, Tq = old_bits.shape
+        T = weights.shape[-1]
+        caps = torch.full((B * H, T), max(self.widths), dtype=torch.long, device=weights.device)
+        caps[:, :Tq] = old_bits.reshape(B * H, Tq)
+        counts = counts_for(rank_profile(weights).cpu(), budget, self.widths)
         return cascade_assign(weights, caps, counts).reshape(B, H, T)
 
-    def _rebuild(self, new_bits: torch.Tensor, k_hat: torch.Tensor, v_all: torch.Tensor, Tq: int) -> None:
-        B, H, T, D = k_hat.shape
-        old_bits = self.bits
-        pools = {}
+    def _repool(self, pools: dict, old_bits: torch.Tensor, new_bits: torch.Tensor, src: torch.Tensor) -> dict:
+        """Pools for `new_bits` (B, H, T): tokens whose width is unchanged keep their codes, the others are
+        quantized from `src` (B, H, T, D) (stored tokens: their dequantized codes)."""
+        B, H, T, D = src.shape
+        Tq = old_bits.shape[-1]
+        out = {}
         for b in sorted(set(new_bits.unique().tolist())):
             sel = new_bits == b                                    # (B, H, T)
-            from_old = torch.zeros_like(sel)
-            from_old[..., :Tq] = (old_bits == b) & sel[..., :Tq]   # tokens that keep their codes
-            parts = []
-            for src, old in ((k_hat, 0), (v_all, 1)):
-                fresh = quantize(src[sel & ~from_old].reshape(-1, D), b, self.group, axis=-1)
-                if b in self.pools and bool(from_old.any()):
-                    kept_mask = sel[..., :Tq][old_bits == b]       # old pool entries that stay at width b
-                    q_old = self.pools[b][old]
-                    take = from_old[sel]                           # (N,) which new entries are kept ones
-                    fields = []
-                    for name in ("codes", "scale", "zero"):
-                        old_t = getattr(q_old, name).reshape(-1, getattr(q_old, name).shape[-1])[kept_mask]
-                        new_t = getattr(fresh, name)
-                        t = new_t.new_empty(take.shape[0], new_t.shape[-1])
-                        t[take], t[~take] = old_t, new_t
-                        fields.append(t)
-                    codes, scale, zero = fields
-                else:
-                    codes, scale, zero = fresh.codes, fresh.scale, fresh.zero
-                shape = lambda t: t.reshape(B, H, -1, t.shape[-1])  # equal counts per row: dense pool
-                parts.append(QTensor(shape(codes), shape(scale), shape(zero), b, self.group, -1))
-            pools[b] = tuple(parts)
-        self.pools = pools
-        self.bits = new_bits.to(torch.uint8)
+            keep = torch.zeros_like(sel)
+            keep[..., :Tq] = (old_bits == b) & sel[..., :Tq]        # tokens that keep their codes
+            fresh = quantize(src[sel & ~keep].reshape(-1, D), b, self.group, axis=-1)
+            if b in pools and bool(keep.any()):
+                kept_mask = sel[..., :Tq][old_bits == b]           # old pool entries that stay at width b
+                take = keep[sel]                                   # (N,) which entries are kept ones
+                fields = []
+                for name in ("codes", "scale", "zero"):
+                    old_t = getattr(pools[b], name)
+                    old_t = old_t.reshape(-1, old_t.shape[-1])[kept_mask]
+                    new_t = getattr(fresh, name)
+                    t = new_t.new_empty(take.shape[0], new_t.shape[-1])
+                    t[take], t[~take] = old_t, new_t
+                    fields.append(t)
+                codes, scale, zero = fields
+            else:
+                codes, scale, zero = fresh.codes, fresh.scale, fresh.zero
+            shape = lambda t: t.reshape(B, H, -1, t.shape[-1])  # equal counts per row: dense pool
+            out[b] = QTensor(shape(codes), shape(scale), shape(zero), b, self.group, -1)
+        return out
 
 
 @register
 @dataclass(frozen=True)
 class SmartKV(MethodConfig):
-    """Attention-importance mixed precision under an average code-width `budget` (bits per quantized element)."""
+    """Attention-importance mixed precision under an average code-width `budget` (bits per quantized element,
+    the mean of keys' and values' averages). Measured effect of each option: docs/smartkv.md."""
     name = "smartkv"
     budget: float = 7.0
     widths: tuple = WIDTHS
-    group_size: int = 32
+    group_size: int = 64
     sink_tokens: int = 4
     recent_window: int = 32
     realloc_every: int = 16
     observe_window: int = 32
     key_norm: str = "channel"
+    importance: str = "mean"
     importance_floor: float = 0.1
     importance_power: float = 2.0
     sensitivity: bool = True
+    key_value_gap: float = 2.0
+    rotate: str = "none"
 
     def validate(self) -> None:
         if not self.widths or any(w not in WIDTHS for w in self.widths) or len(set(self.widths)) != len(self.widths):
@@ -211,11 +281,15 @@ class SmartKV(MethodConfig):
         check_int("realloc_every", self.realloc_every, 1, 1 << 20)
         check_int("observe_window", self.observe_window, 1, 1 << 16)
         check_choice("key_norm", self.key_norm, ("channel", "center", "none"))
+        check_choice("importance", self.importance, ("mean", "sum", "keynorm", "uniform"))
         if not isinstance(self.importance_floor, (int, float)) or not 0 <= self.importance_floor <= 1e6:
             raise ValueError(f"importance_floor must be a number >= 0, got {self.importance_floor!r}")
         if not isinstance(self.importance_power, (int, float)) or not 0 <= self.importance_power <= 8:
             raise ValueError(f"importance_power must be a number in [0, 8], got {self.importance_power!r}")
         check_choice("sensitivity", self.sensitivity, (True, False))
+        if not isinstance(self.key_value_gap, (int, float)) or not 0 <= self.key_value_gap <= 6:
+            raise ValueError(f"key_value_gap must be a number in [0, 6] bits, got {self.key_value_gap!r}")
+        check_choice("rotate", self.rotate, ("none", "keys", "both"))
 
     def make_layer(self, layer_idx: int):
         return SmartKVLayer(self, layer_idx)

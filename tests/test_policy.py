@@ -1,0 +1,95 @@
+"""Bit allocation (smartkv.policy): budgets met, monotone, flat -> uniform, caps respected, equal counts."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
+                            rank_profile, solve_widths, unpack_levels)
+
+weights_st = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=200)
+budget_st = st.floats(2, 8, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights_st, budget_st)
+def test_budget_met_within_one_bit_in_total(ws, budget):
+    bits = solve_widths(torch.tensor(ws), budget)
+    n = len(ws)
+    assert int(bits.sum()) <= math.floor(budget * n + 1e-9)
+    # nothing left on the table: no single upgrade fits in the slack (at most one bit per... the step sizes)
+    assert int(bits.sum()) >= math.floor(budget * n + 1e-9) - 4 or bool((bits == 8).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights_st, budget_st)
+def test_more_important_never_fewer_bits(ws, budget):
+    w = torch.tensor(ws)
+    bits = solve_widths(w, budget)
+    heavier = w.unsqueeze(1) > w.unsqueeze(0)             # (i, j): token i strictly more important than j
+    assert not bool((heavier & (bits.unsqueeze(1) < bits.unsqueeze(0))).any())
+
+
+@pytest.mark.parametrize("budget", [2, 3, 4, 8])
+def test_flat_weights_give_uniform_widths(budget):
+    bits = solve_widths(torch.ones(64), budget)
+    assert bool((bits == budget).all())
+
+
+def test_flat_weights_between_widths_mix_the_two_neighbours():
+    bits = solve_widths(torch.ones(100), 3.5)
+    assert set(bits.tolist()) == {3, 4} and int(bits.sum()) == 350
+
+
+def test_concentrated_weights_get_the_wide_codes():
+    w = torch.ones(100)
+    w[:5] = 1e6
+    bits = solve_widths(w, 4)
+    assert bool((bits[:5] == 8).all()) and int(bits.sum()) <= 400
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 60), budget_st, st.integers(0, 2**31 - 1))
+def test_cascade_respects_caps_and_gives_equal_counts(rows, n, budget, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(rows, n, generator=g)
+    counts = counts_for(rank_profile(w), budget)
+    caps = torch.full((rows, n), 8)
+    out = cascade_assign(w, caps, counts)
+    hist = [[int((out[r] == b).sum()) for b in WIDTHS] for r in range(rows)]
+    assert all(h == hist[0] for h in hist)
+    assert int(out[0].sum()) <= math.floor(budget * n + 1e-9)
+    # caps: demote-only rows never exceed their cap
+    caps2 = torch.tensor(WIDTHS)[torch.randint(0, 4, (1, n), generator=g)].expand(rows, n)
+    out2 = cascade_assign(w, caps2, counts)
+    assert bool((out2 <= caps2).all())
+
+
+def test_cascade_puts_heavier_tokens_first():
+    w = torch.tensor([[0.1, 0.9, 0.5, 0.2]])
+    out = cascade_assign(w, torch.full((1, 4), 8), {8: 1, 4: 1, 2: 2})
+    assert out.tolist() == [[2, 8, 4, 2]]
+
+
+def test_kv_budgets_keep_the_mean_and_the_range():
+    assert kv_budgets(4, 2) == (5, 3)
+    k, v = kv_budgets(2.5, 2)
+    assert (k + v) / 2 == 2.5 and v >= 2
+    k, v = kv_budgets(7.5, 4)
+    assert k <= 8 and (k + v) / 2 == 7.5
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 33])
+def test_levels_pack_to_two_bits(n):
+    idx = torch.randint(0, 4, (2, 3, n), dtype=torch.uint8)
+    packed = pack_levels(idx)
+    assert packed.shape[-1] == math.ceil(n / 8) * 2
+    assert torch.equal(unpack_levels(packed, n), idx)
+
+
+@pytest.mark.parametrize("bad", [1.5, 9, float("nan"), "4", True])
+def test_bad_budget_is_named(bad):
+    with pytest.raises(ValueError, match="budget"):
+        check_budget(bad)

@@ -1,0 +1,111 @@
+"""The SmartKV layer: budgets met, demotion keeps codes, storage counted, level maps packed."""
+import pytest
+import torch
+
+import smartkv
+from smartkv.models import load_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_tiny("tiny-llama")
+
+
+def _run(model, steps=24, prompt=40, **params):
+    cache = smartkv.make_cache("smartkv", model, **params)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt + steps), generator=g)
+    with torch.inference_mode():
+        model(ids[:, :prompt], past_key_values=cache, use_cache=True)
+        for t in range(prompt, prompt + steps):
+            model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+    return cache
+
+
+@pytest.mark.parametrize("budget,gap", [(2.5, 1.0), (4.0, 2.0), (5.5, 0.0), (8.0, 2.0)])
+def test_budget_met_on_keys_and_values(tiny, budget, gap):
+    cache = _run(tiny.model, budget=budget, key_value_gap=gap, recent_window=8, realloc_every=8, group_size=32)
+    rep = cache.memory_report()
+    assert budget - 0.35 <= rep.avg_bits <= budget + 1e-9
+    k_budget, v_budget = smartkv.policy.kv_budgets(budget, gap)
+    for lb in rep.per_layer:
+        assert lb["k_bits"] <= k_budget * lb["k_elements"] + 1e-6
+        assert lb["v_bits"] <= v_budget * lb["v_elements"] + 1e-6
+
+
+def test_every_held_tensor_is_counted(tiny):
+    cache = _run(tiny.model, budget=4, recent_window=8, realloc_every=8, group_size=32)
+    layer = cache.layers[0]
+    held = [layer.sink_k, layer.sink_v, layer.win_k, layer.win_v, layer.importance, layer.observed,
+            layer.k_mu, layer.k_scale, *layer.levels.values()]
+    held += [t for pools in layer.pools.values() for q in pools.values() for t in (q.codes, q.scale, q.zero)]
+    lb = layer.layer_bytes()
+    assert lb.payload + lb.metadata + lb.residual == sum(t.numel() * t.element_size() for t in held)
+    # level maps are 2 bits per (head, token), importance 8 bits: small next to the codes
+    assert layer.levels["k"].dtype == torch.uint8 and layer.importance.dtype == torch.uint8
+    n_heads_tokens = layer.batch_size * layer.num_heads * layer.n_middle
+    assert layer.levels["k"].numel() <= n_heads_tokens // 4 + 2 * layer.batch_size * layer.num_heads
+
+
+def test_demotion_keeps_codes_of_unchanged_tokens(tiny):
+    cache = smartkv.make_cache("smartkv", tiny.model, budget=4, recent_window=8, realloc_every=8, group_size=32)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (1, 80), generator=g)
+    layer = cache.layers[1]
+    with torch.inference_mode():
+        tiny.model(ids[:, :40], past_key_values=cache, use_cache=True)
+        before_bits = layer.level_bits("k").clone()
+        before = layer._middle_part("k").clone()
+        for t in range(40, 56):
+            tiny.model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+    after_bits = layer.level_bits("k")[..., :before_bits.shape[-1]]
+    after = layer._middle_part("k")[..., :before_bits.shape[-1], :]
+    assert bool((after_bits <= before_bits).all())          # stored codes are never promoted
+    same = after_bits == before_bits
+    assert same.any()
+    assert torch.equal(after[same], before[same])           # bit-exact: codes and scales were kept
+
+
+def test_key_value_gap_gives_keys_more_bits(tiny):
+    rep = _run(tiny.model, budget=4, key_value_gap=2, recent_window=8, realloc_every=8,
+               group_size=32).memory_report()
+    k = sum(lb["k_bits"] for lb in rep.per_layer) / sum(lb["k_elements"] for lb in rep.per_layer)
+    v = sum(lb["v_bits"] for lb in rep.per_layer) / sum(lb["v_elements"] for lb in rep.per_layer)
+    assert k > v + 1.5
+
+
+@pytest.mark.parametrize("params", [dict(rotate="both"), dict(importance="uniform"), dict(importance="sum"),
+                                    dict(importance="keynorm"), dict(key_norm="none")])
+def test_options_run_and_stay_close_to_fp16(tiny, params):
+    cache = _run(tiny.model, budget=8, key_value_gap=0, recent_window=8, realloc_every=8, group_size=32, **params)
+    k, _ = cache.stored_kv(0)
+    ref = _run(tiny.model, budget=8, recent_window=1 << 20, group_size=32)  # nothing leaves the window
+    k_ref, _ = ref.stored_kv(0)
+    assert torch.allclose(k.float(), k_ref.float(), atol=0.05 * float(k_ref.abs().max()))
+
+
+@pytest.mark.parametrize("bad", [dict(key_value_gap=7), dict(rotate="yes"), dict(importance="max")])
+def test_bad_options_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        smartkv.make_config("smartkv", **bad)
+
+
+@pytest.mark.slow
+def test_embedded_model_budget_and_quality():
+    import pydoc_data.topics
+    from smartkv.models import load_model
+    smol = load_model("smollm2", device="cpu")
+    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:40])
+    ids = smol.tokenizer(text, return_tensors="pt")["input_ids"][:, 2000:2400]
+    logits = {}
+    for name, params in (("fp16", {}), ("smartkv", dict(budget=4.25, key_value_gap=3)), ("int4", {})):
+        cache = smartkv.make_cache(name, smol.model, **params)
+        with torch.inference_mode():
+            smol.model(ids[:, :360], past_key_values=cache, use_cache=True)
+            out = [smol.model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                   for t in range(360, 400)]
+        logits[name] = torch.log_softmax(torch.stack(out).float(), -1)
+        if name == "smartkv":
+            assert 4.0 <= cache.memory_report().avg_bits <= 4.25 + 1e-9
+    kl = {m: float((logits["fp16"].exp() * (logits["fp16"] - logits[m])).sum(-1).mean()) for m in ("smartkv", "int4")}
+    assert kl["smartkv"] < kl["int4"], kl
