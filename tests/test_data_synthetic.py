@@ -133,13 +133,22 @@ class ChatTinyTokenizer(TinyTokenizer):
 
 
 def test_build_input_ids_puts_the_answer_prefix_after_the_chat_template():
-    (s,) = get_prompt_set("passkey", num_samples=1, length=600).samples(TOK)
-    chat = ChatTinyTokenizer()
-    assert build_input_ids(s, chat) == encode(chat, f"<user>{s.prompt}</user><assistant>The pass key is")
-    assert build_input_ids(s, chat, use_chat_template=False) == encode(chat, s.prompt + " The pass key is")
-    assert build_input_ids(s, TOK) == encode(TOK, s.prompt + " The pass key is")
+    (s,) = get_prompt_set("needle", num_samples=1, length=1000).samples(TOK)
+    chat, prefix = ChatTinyTokenizer(), s.answer_prefix
+    assert prefix.startswith(" The special magic number for")
+    assert build_input_ids(s, chat) == encode(chat, f"<user>{s.prompt}</user><assistant>{prefix.lstrip()}")
+    assert build_input_ids(s, chat, use_chat_template=False) == encode(chat, s.prompt + prefix)
+    assert build_input_ids(s, TOK) == encode(TOK, s.prompt + prefix)
     with pytest.raises(ValueError, match="no chat template"):
         build_input_ids(s, TOK, use_chat_template=True)
+
+
+def test_passkey_is_a_plain_completion_prompt_unless_forced():
+    (s,) = get_prompt_set("passkey", num_samples=1, length=600).samples(TOK)
+    chat = ChatTinyTokenizer()
+    assert build_input_ids(s, chat) == encode(chat, s.prompt + " The pass key is")
+    assert build_input_ids(s, chat, use_chat_template=True) == encode(
+        chat, f"<user>{s.prompt}</user><assistant>The pass key is")
 
 
 def test_list_prompt_sets_names_every_set():
@@ -215,8 +224,8 @@ def test_real_tokenizer_lengths_within_five_percent(smol_tokenizer, name, opts, 
         tokens = count_tokens(smol_tokenizer, s.prompt + s.answer_prefix)
         assert 0.95 * length <= tokens <= length
         assert all(a in s.prompt for a in s.answers)
-        ids = build_input_ids(s, smol_tokenizer)  # chat template: system + user + assistant header
-        assert tokens < len(ids) < tokens + 60
+        ids = build_input_ids(s, smol_tokenizer)  # + chat template (system, user, assistant header) but on passkey
+        assert tokens <= len(ids) < tokens + 60
 
 
 @pytest.mark.slow
@@ -235,12 +244,12 @@ def test_embedded_model_finds_the_passkey():
     from smartkv.models import load_model
     handle = load_model("smollm2", device="cpu", dtype="float32")
     tok = handle.tokenizer
-    samples = get_prompt_set("passkey", num_samples=3, length=512, depths=[10, 50, 90]).samples(tok)
+    samples = get_prompt_set("passkey", num_samples=2, length=1024, depths=[25, 75]).samples(tok)
     hits = 0
     for s in samples:
         ids = torch.tensor([build_input_ids(s, tok)])
         with torch.no_grad():
-            out = handle.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+            out = handle.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_new_tokens,
                                         do_sample=False, pad_token_id=tok.pad_token_id)
         hits += score(s.metric, tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), s.answers)
-    assert hits >= 2
+    assert hits == 2  # measured 5/5 at 1K and 2K tokens; a broken prompt or extraction scores about 0
