@@ -166,7 +166,8 @@ def test_hub_loading_falls_back_to_data_zip(monkeypatch, tmp_path):
         zf.write(FIXTURE / "trec.jsonl", "data/trec.jsonl")
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, repo_type: str(archive))
-    assert get_prompt_set("longbench:trec").samples(TOK) == get_prompt_set("longbench:trec", path=str(FIXTURE)).samples(TOK)
+    local = get_prompt_set("longbench:trec", path=str(FIXTURE)).samples(TOK)
+    assert get_prompt_set("longbench:trec").samples(TOK) == local
 
 
 def test_config_covers_all_21_tasks_with_the_fixed_templates():
@@ -189,3 +190,15 @@ def test_real_tokenizer_middle_truncation_and_chat_template():
     assert s.prompt.startswith("Answer the question") and s.prompt.endswith("Marrow Hill founded?\nAnswer:")
     ids = build_input_ids(s, tok)
     assert tok.decode(ids).startswith("<|im_start|>system") and tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_hub_without_access_says_to_give_a_path(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(RuntimeError, match="give the option path"):
+        get_prompt_set("longbench:trec").samples(TOK)

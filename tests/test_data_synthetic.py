@@ -7,7 +7,7 @@ import pytest
 
 from smartkv.data import build_input_ids, get_prompt_set, list_prompt_sets, validate_prompt_set
 from smartkv.data.base import Sample
-from smartkv.data.haystack import NOISE, insert_at_depths
+from smartkv.data.haystack import insert_at_depths
 from smartkv.data.inputs import count_tokens, encode
 from smartkv.models import TinyTokenizer
 
@@ -65,7 +65,7 @@ def test_needle_sits_at_the_requested_depth():
 def test_multi_key_needle_asks_for_one_of_several_distinct_keys():
     (s,) = get_prompt_set("needle", num_samples=1, length=2500, num_needles=4).samples(TOK)
     assert s.prompt.count("One of the special magic numbers for") == 4
-    assert len(set(s.prompt.split("One of the special magic numbers for ")[i].split(" ")[0] for i in range(1, 5))) == 4
+    assert len({s.prompt.split("One of the special magic numbers for ")[i].split(" ")[0] for i in range(1, 5)}) == 4
     assert f"for {s.meta['key']} mentioned" in s.prompt and s.answers[0] in s.prompt
 
 

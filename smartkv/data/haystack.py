@@ -2,8 +2,9 @@
 
 - noise: RULER's fixed line (also the passkey "garbage"), repeated.
 - prose: consecutive words of CPython's documentation (smartkv.data.prose) from a seeded sentence start, cycled if
-  short; insertions go to sentence starts. RULER's essay haystack is Paul Graham's essays, which would need a download: scores on `prose` are not
-  comparable to RULER's essay numbers, which is why the haystack is an option stored with every result.
+  short; insertions go to sentence starts. RULER's essay haystack is Paul Graham's essays, which would need a
+  download: scores on `prose` are not comparable to RULER's essay numbers, which is why the haystack is an option
+  stored with every result.
 `fit_units` is RULER's sizing: binary search on the number of haystack units for the longest prompt that still
 fits the target token count (RULER fits prompt + generated tokens to max_seq_length; our target is the prompt).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import functools
 import random
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from smartkv.data.inputs import count_tokens
 from smartkv.data.prose import prose_sentences

@@ -29,7 +29,7 @@ SUFFIXES = (".jsonl", ".parquet")
 
 
 def base_task(task: str) -> str:
-    return task[:-2] if task.endswith("_e") else task
+    return task.removesuffix("_e")
 
 
 def resolve_file(path: str | Path, task: str) -> Path:
@@ -61,7 +61,11 @@ def load_hub(task: str) -> list[dict]:
     except Exception as err:  # datasets >= 4 refuses script datasets; data.zip is the same data
         log.info("datasets could not load %s/%s (%s); reading data.zip", HUB_ID, task, err)
     from huggingface_hub import hf_hub_download
-    archive = hf_hub_download(HUB_ID, "data.zip", repo_type="dataset")
+    try:
+        archive = hf_hub_download(HUB_ID, "data.zip", repo_type="dataset")
+    except Exception as err:
+        raise RuntimeError(f"LongBench {task!r} could not be loaded from the hub ({err}); without hub access, "
+                           f"give the option path: a LongBench JSONL/Parquet file or a directory of them") from err
     with zipfile.ZipFile(archive) as zf:
         text = zf.read(f"data/{task}.jsonl").decode("utf-8")
     return [json.loads(line) for line in io.StringIO(text) if line.strip()]

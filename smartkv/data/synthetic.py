@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from smartkv.data.base import PROMPT_SETS, PromptSet, Sample, check_choice, check_int, check_percents, set_field
 from smartkv.data.haystack import (HAYSTACKS, NOISE, RULER_DEPTHS, Haystack, distinct, fit_units, insert_at_depths,

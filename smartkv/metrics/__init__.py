@@ -1,4 +1,4 @@
 """Metrics: task scores (LongBench, RULER), quality vs a reference (KL, NLL, agreement, errors), speed."""
-from smartkv.metrics.task import metric_names, score  # noqa: F401
+from smartkv.metrics.task import metric_names, score
 
-__all__ = ["score", "metric_names"]
+__all__ = ["metric_names", "score"]

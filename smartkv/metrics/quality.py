@@ -7,7 +7,7 @@ Logits are (..., vocab) and compared position by position; tensors in the attent
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from smartkv.metrics.textsim import EmptyTextError, fuzz_ratio, jieba_cut, rouge_l_f
 from smartkv.registry import Registry
