@@ -6,7 +6,16 @@ so a prompt is processed exactly and every later token reads the quantized cache
 
 Attention hook: `make_cache` switches the model to the registered attention function "smartkv". For layers
 that need nothing it is exactly transformers' SDPA (so `fp16` equals `DynamicCache`); a layer that needs query
-statistics (SmartKV's importance) or has a fused kernel (CUDA) overrides `KVLayer.attend`.
+statistics (SmartKV's importance) overrides `KVLayer.attend`.
+
+Fused decode (CUDA): a layer that implements `_decode_segments` and runs where the Triton kernels do
+(`smartkv.quant.kernels.kernels_available`, CUDA only unless `FORCE_KERNELS`) takes the fused path on decode
+steps (one new token, cache not empty, hook installed, `use_kernels` not False): `update` stores the token
+(quantized into preallocated rows) and returns it unchanged as a placeholder, without dequantizing anything;
+`attend` runs `decode_attention` over the segments, reading the codes in place. Same numbers as the reference
+path (dequantize + SDPA) to fp16-operand accuracy: the new token still attends at full precision. Falls back to
+the reference path for prompts (q_len > 1) and, inside `attend`, for a padded batch (an attention mask present:
+the kernel takes per-sequence lengths, not left-padding offsets) by dequantizing the same segments.
 """
 from __future__ import annotations
 
@@ -16,14 +25,18 @@ import torch
 
 from smartkv.hf_compat import Cache, CacheLayerMixin, register_attention, sdpa_attention_forward, use_attention
 from smartkv.memory import LayerBytes, MemoryReport, summarize
+from smartkv.quant.kernels import KVSegment, decode_attention, kernels_available
+from smartkv.quant.kernels.reference import segment_kv
 
 ATTENTION_NAME = "smartkv"
+FORCE_KERNELS = False  # tests: run the kernels on CPU tensors too (only with TRITON_INTERPRET=1)
 _active = threading.local()  # the layer whose `update` ran last in this thread, and the keys it returned
 
 
 class KVLayer(CacheLayerMixin):
     """Base cache layer. Subclasses implement `_store` (append new tokens), `_stored_kv` (dequantized stored
-    tokens, in order) and `_account` (the tensors they hold)."""
+    tokens, in order) and `_account` (the tensors they hold); for the fused decode path also `_decode_segments`
+    (and `_reserve`, `_slack_bytes` when they hold growable buffers)."""
     is_sliding = False
     is_compileable = False
     is_croppable = False
@@ -33,6 +46,9 @@ class KVLayer(CacheLayerMixin):
         self.config = config
         self.layer_idx = layer_idx
         self.seq_len = 0
+        self.attention_hooked = False   # set by make_cache once the model runs the "smartkv" attention
+        self.reserved_tokens = 0
+        self._pending: list[KVSegment] | None = None
 
     # --- transformers' layer interface -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -41,12 +57,32 @@ class KVLayer(CacheLayerMixin):
         # full-precision windows are kept in 16 bits, as a real KV cache would (fp16 when the model runs in fp32)
         self.window_dtype = torch.float16 if self.dtype == torch.float32 else self.dtype
         self.is_initialized = True
+        # Triton for storing (quantize into preallocated rows) and, with the hook, for decode attention
+        self.kernels = (getattr(self.config, "use_kernels", True) and kernels_available(self.device)
+                        and (self.device.type == "cuda" or FORCE_KERNELS))
         self._init_storage()
+        if self.reserved_tokens:
+            self._reserve(self.reserved_tokens)
+
+    @property
+    def fused(self) -> bool:
+        """Whether decode steps take the fused kernel path (see the module docstring)."""
+        return (self.is_initialized and self.kernels and self.attention_hooked
+                and type(self)._decode_segments is not KVLayer._decode_segments)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self._pending is not None:
+            raise RuntimeError("the last fused decode step's attention never ran: the model must use the 'smartkv' "
+                               "attention (smartkv.make_cache(method, model)), or pass use_kernels=False")
         self._before_update()
+        if key_states.shape[-2] == 1 and self.seq_len and self.fused:
+            self._store(key_states, value_states)
+            self._pending = self._decode_segments(key_states, value_states)
+            self.seq_len += 1
+            _active.layer, _active.keys_id = self, id(key_states)
+            return key_states, value_states  # placeholders: `attend` reads the segments
         past_k, past_v = self._stored_kv() if self.seq_len else (None, None)
         self._store(key_states, value_states)
         self.seq_len += key_states.shape[-2]
@@ -57,6 +93,24 @@ class KVLayer(CacheLayerMixin):
             values = torch.cat([past_v.to(value_states.dtype), value_states], dim=-2)
         _active.layer, _active.keys_id = self, id(keys)
         return keys, values
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store tokens without computing attention inputs (filling a cache, e.g. with synthetic K/V)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._before_update()
+        self._store(key_states, value_states)
+        self.seq_len += key_states.shape[-2]
+
+    def reserve(self, tokens: int) -> None:
+        """Preallocate room for `tokens` tokens in all (growable buffers grow by `storage.GROWTH` otherwise)."""
+        self.reserved_tokens = tokens
+        if self.is_initialized:
+            self._reserve(tokens)
+
+    def slack_bytes(self) -> int:
+        """Bytes allocated beyond the stored tokens (buffer capacity); not part of `layer_bytes`."""
+        return self._slack_bytes() if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seq_len + query_length, 0
@@ -70,6 +124,7 @@ class KVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seq_len = 0
         self.is_initialized = False
+        self._pending = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not support beam search (reorder_cache)")
@@ -96,9 +151,50 @@ class KVLayer(CacheLayerMixin):
     def _account(self, lb: LayerBytes) -> None:
         raise NotImplementedError
 
+    def _reserve(self, tokens: int) -> None:
+        """Preallocate storage for `tokens` tokens (layers with growable buffers)."""
+
+    def _slack_bytes(self) -> int:
+        return 0
+
+    def _decode_segments(self, key_states: torch.Tensor, value_states: torch.Tensor) -> list[KVSegment]:
+        """What the fused decode attention reads: segments over all cached tokens, in order, ending with this
+        step's token at full precision. Implementing it turns the fused path on for a layer.
+
+        Called right after `_store` stored this step's token; key_states / value_states (B, H, 1, D) are that
+        token as computed. Return views of the storage, no copies (`_store` must leave the memory they cover
+        alone until the next step; kernels are stream-ordered after it). The new token attends unquantized, as
+        on the reference path: attach it as the last segment's `key_residual` / `value_residual` when that
+        segment is quantized without one (int8/int4: one launch), point at a full-precision window that holds
+        it (KIVI), or add `KVSegment(key_states, value_states)`.
+
+        Mixed layouts (SmartKV) return one segment per run stored one way, e.g. full-precision sinks, one
+        segment per bit-width pool, and the recent window with the new token: `KVSegment(sink_k, sink_v)`,
+        `KVSegment(pool_k, pool_v, lengths=valid_per_sequence, key_scale=k_scale, key_shift=k_mu)` (stored keys
+        are (k - shift) / scale; keys rotated into another basis need the query rotated the same way first), and
+        `KVSegment(win_k, win_v)`. A layer that also needs attention statistics overrides `attend`, takes
+        `self._pending` (and sets it to None) and calls `decode_attention(..., return_token_probs=True,
+        probs_out=...)` on it itself; with a mask present it falls back as `_fused_attend` does.
+        """
+        raise NotImplementedError
+
     def attend(self, module, query, key, value, attention_mask, **kwargs):
-        """Attention over what `update` returned. Default: transformers' SDPA, unchanged."""
+        """Attention over what `update` returned: the fused kernel on a fused decode step, else SDPA."""
+        if self._pending is not None:
+            return self._fused_attend(module, query, attention_mask, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    def _fused_attend(self, module, query, attention_mask, **kwargs):
+        segments, self._pending = self._pending, None
+        if attention_mask is None and not kwargs.get("softcap") and not kwargs.get("sliding_window"):
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            out = decode_attention(query, segments, scaling)           # (B, Hq, 1, D)
+            return out.transpose(1, 2), None                           # (B, 1, Hq, D), as SDPA returns
+        # a mask (padded batch): the reference path over the same segments
+        kv = [segment_kv(seg, query.dtype) for seg in segments]
+        keys = torch.cat([k for k, _ in kv], -2)                       # (B, H, T, D)
+        values = torch.cat([v for _, v in kv], -2)
+        return sdpa_attention_forward(module, query, keys, values, attention_mask, **kwargs)
 
     # --- accounting ----------------------------------------------------------------------------------------
     def layer_bytes(self) -> LayerBytes:
@@ -128,9 +224,11 @@ register_attention(ATTENTION_NAME, smartkv_attention)
 class SmartKVCache(Cache):
     """A transformers `Cache` holding one `KVLayer` per model layer; use as `past_key_values=`."""
 
-    def __init__(self, method_config, num_layers: int):
+    def __init__(self, method_config, num_layers: int, attention_hooked: bool = False):
         super().__init__(layers=[method_config.make_layer(i) for i in range(num_layers)])
         self.method_config = method_config
+        for layer in self.layers:
+            layer.attention_hooked = attention_hooked
 
     @property
     def method(self) -> str:
@@ -139,6 +237,15 @@ class SmartKVCache(Cache):
     def memory_report(self) -> MemoryReport:
         """Bytes actually held, by category, against an fp16 cache of the same tokens (see MemoryReport)."""
         return summarize([layer.layer_bytes() for layer in self.layers], tokens=self.get_seq_length())
+
+    def slack_bytes(self) -> int:
+        """Bytes of buffer capacity allocated beyond the stored tokens (not in `memory_report`)."""
+        return sum(layer.slack_bytes() for layer in self.layers)
+
+    def reserve(self, tokens: int) -> None:
+        """Preallocate every layer for `tokens` tokens (prompt + new tokens), so that decoding never regrows."""
+        for layer in self.layers:
+            layer.reserve(tokens)
 
     def stored_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layers[layer_idx].stored_kv()
@@ -163,4 +270,4 @@ def make_cache(method: str, model=None, num_layers: int | None = None, **params)
         use_attention(model, ATTENTION_NAME)
     if num_layers is None:
         raise ValueError("make_cache needs a model or num_layers")
-    return SmartKVCache(config, num_layers)
+    return SmartKVCache(config, num_layers, attention_hooked=model is not None)

@@ -17,52 +17,87 @@ import torch
 from smartkv.cache import KVLayer
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
-from smartkv.quant import QTensor, cat, dequantize, quantize
+from smartkv.quant import dequantize
+from smartkv.quant.kernels import KVSegment
+from smartkv.storage import QBuffer, TokenBuffer
 
 
 class KIVILayer(KVLayer):
     def _init_storage(self) -> None:
-        self.qk: QTensor | None = None
-        self.qv: QTensor | None = None
-        empty = torch.empty(self.batch_size, self.num_heads, 0, self.head_dim, dtype=self.window_dtype,
-                            device=self.device)
-        self.k_res, self.v_res = empty, empty.clone()   # (B, H, r, D) full precision
         self.group = self.config.group_size
         if self.head_dim % self.group:  # value groups run along head_dim
             raise ValueError(f"group_size must divide head_dim ({self.head_dim}), got {self.group}")
+        R = self.config.residual_length
+        self.key_block = R or self.group   # keys are quantized key_block tokens at a time
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
+        self.qk = QBuffer(self.config.key_bits, self.group, -2, B, H, D, self.device, self.kernels)
+        self.qv = QBuffer(self.config.value_bits, self.group, -1, B, H, D, self.device, self.kernels)
+        self.k_res = TokenBuffer(B, H, D, self.window_dtype, self.device)  # (B, H, r, D) full precision
+        self.v_res = TokenBuffer(B, H, D, self.window_dtype, self.device)  # a sliding window of R tokens
+        self.k_res.reserve(self.key_block)
+        self.v_res.reserve(2 * R + 2)  # slides back to row 0 once every R + 1 decode steps
+        self.flushed = (0, 0)          # keys, values quantized by the last `_store` (see _decode_segments)
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        R = self.config.residual_length
-        k_res = torch.cat([self.k_res, key_states.to(self.window_dtype)], dim=-2)
-        n_flush = (k_res.shape[-2] // R) * R if R else k_res.shape[-2] - k_res.shape[-2] % self.group
-        if n_flush:
-            qk = quantize(k_res[..., :n_flush, :], self.config.key_bits, self.group, axis=-2)
-            self.qk = qk if self.qk is None else cat([self.qk, qk])
-            k_res = k_res[..., n_flush:, :]
-        self.k_res = k_res.contiguous()
+        R, W = self.config.residual_length, self.key_block
+        k = key_states.to(self.window_dtype)
+        if len(self.k_res) + k.shape[-2] < W:
+            self.k_res.append(k)
+            n_k = 0
+        else:  # quantize whole blocks of W; leaves the residual rows in place when the append fills one block
+            k_all = torch.cat([self.k_res.view(), k], dim=-2) if len(self.k_res) else k
+            n_k = (k_all.shape[-2] // W) * W
+            self.qk.append(k_all[..., :n_k, :])
+            if k.shape[-2] == 1:
+                self.k_res.append(k)   # fills the block just quantized: the decode segment reads it from here
+                self.k_res.clear()
+            else:
+                self.k_res.clear()
+                self.k_res.append(k_all[..., n_k:, :])
 
-        v_res = torch.cat([self.v_res, value_states.to(self.window_dtype)], dim=-2)
-        n_flush = max(v_res.shape[-2] - R, 0)
-        if n_flush:
-            qv = quantize(v_res[..., :n_flush, :], self.config.value_bits, self.group, axis=-1)
-            self.qv = qv if self.qv is None else cat([self.qv, qv])
-            v_res = v_res[..., n_flush:, :]
-        self.v_res = v_res.contiguous()
+        v = value_states.to(self.window_dtype)
+        if v.shape[-2] == 1:  # decode: the oldest token leaves the window; its row stays for _decode_segments
+            self.v_res.append(v)
+            n_v = max(len(self.v_res) - R, 0)
+            if n_v:
+                self.qv.append(self.v_res.view(end=self.v_res.start + n_v))
+                self.v_res.drop_front(n_v)
+        else:  # a prompt: only the last R tokens ever enter the window buffer
+            v_all = torch.cat([self.v_res.view(), v], dim=-2) if len(self.v_res) else v
+            n_v = max(v_all.shape[-2] - R, 0)
+            if n_v:
+                self.qv.append(v_all[..., :n_v, :])
+            self.v_res.clear()
+            self.v_res.append(v_all[..., n_v:, :])
+        self.flushed = (n_k, n_v)
 
     def _stored_kv(self):
-        k_res, v_res = self.k_res.to(self.dtype), self.v_res.to(self.dtype)
-        keys = k_res if self.qk is None else torch.cat([dequantize(self.qk, self.dtype), k_res], -2)
-        values = v_res if self.qv is None else torch.cat([dequantize(self.qv, self.dtype), v_res], -2)
+        k_res, v_res = self.k_res.view().to(self.dtype), self.v_res.view().to(self.dtype)
+        keys = torch.cat([dequantize(self.qk.view(), self.dtype), k_res], -2) if self.qk.n else k_res
+        values = torch.cat([dequantize(self.qv.view(), self.dtype), v_res], -2) if self.qv.n else v_res
         return keys, values
 
+    def _decode_segments(self, key_states, value_states):
+        # the state before this step's flush, plus the new token: what the reference path attends over
+        n_k, n_v = self.flushed
+        k_res = self.k_res.view(0, n_k) if n_k else self.k_res.view()
+        v_res = self.v_res.view(self.v_res.start - n_v)
+        return [KVSegment(self.qk.view(self.qk.n - n_k), self.qv.view(self.qv.n - n_v), k_res, v_res)]
+
+    def _reserve(self, tokens: int) -> None:
+        self.qk.reserve(tokens)
+        self.qv.reserve(tokens)
+
+    def _slack_bytes(self) -> int:
+        return sum(b.slack_bytes for b in (self.qk, self.qv, self.k_res, self.v_res))
+
     def _account(self, lb) -> None:
-        for q, kind in ((self.qk, "k"), (self.qv, "v")):
-            if q is not None:
-                lb.add_codes(q.codes, q.bits, kind)
-                lb.add("metadata", q.scale)
-                lb.add("metadata", q.zero)
-        lb.add("residual", self.k_res)
-        lb.add("residual", self.v_res)
+        for q, kind in ((self.qk.view(), "k"), (self.qv.view(), "v")):
+            lb.add_codes(q.codes, q.bits, kind)
+            lb.add("metadata", q.scale)
+            lb.add("metadata", q.zero)
+        lb.add("residual", self.k_res.view())
+        lb.add("residual", self.v_res.view())
 
 
 @register
@@ -74,6 +109,7 @@ class KIVI(MethodConfig):
     value_bits: int = 4
     group_size: int = 32
     residual_length: int = 128
+    use_kernels: bool = True   # False: never the Triton kernels (dequantize + SDPA even on CUDA)
 
     def validate(self) -> None:
         check_choice("key_bits", self.key_bits, (2, 4, 8))
@@ -83,6 +119,7 @@ class KIVI(MethodConfig):
         if self.residual_length % self.group_size:
             raise ValueError(f"residual_length must be a multiple of group_size ({self.group_size}), "
                              f"got {self.residual_length}")
+        check_choice("use_kernels", self.use_kernels, (True, False))
 
     def make_layer(self, layer_idx: int):
         return KIVILayer(self, layer_idx)

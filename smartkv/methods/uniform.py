@@ -11,28 +11,38 @@ import torch
 
 from smartkv.cache import KVLayer
 from smartkv.methods import register
-from smartkv.methods.base import MethodConfig, check_group_size
-from smartkv.quant import QTensor, cat, dequantize, quantize
+from smartkv.methods.base import MethodConfig, check_choice, check_group_size
+from smartkv.quant import dequantize
+from smartkv.quant.kernels import KVSegment
+from smartkv.storage import QBuffer, append_kv
 
 
 class UniformLayer(KVLayer):
     def _init_storage(self) -> None:
-        self.qk: QTensor | None = None
-        self.qv: QTensor | None = None
         self.group = min(self.config.group_size, self.head_dim)
+        shape = (self.batch_size, self.num_heads, self.head_dim)
+        self.qk = QBuffer(self.config.bits, self.group, -1, *shape, self.device, self.kernels)  # (B, H, T, D*b/8)
+        self.qv = QBuffer(self.config.bits, self.group, -1, *shape, self.device, self.kernels)
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        bits = self.config.bits
-        qk = quantize(key_states, bits, self.group, axis=-1)   # codes (B, H, T, D*b/8)
-        qv = quantize(value_states, bits, self.group, axis=-1)
-        self.qk = qk if self.qk is None else cat([self.qk, qk])
-        self.qv = qv if self.qv is None else cat([self.qv, qv])
+        append_kv(self.qk, self.qv, key_states, value_states)
 
     def _stored_kv(self):
-        return dequantize(self.qk, self.dtype), dequantize(self.qv, self.dtype)
+        return dequantize(self.qk.view(), self.dtype), dequantize(self.qv.view(), self.dtype)
+
+    def _decode_segments(self, key_states, value_states):
+        n = self.seq_len  # tokens stored before this step; the new one attends unquantized
+        return [KVSegment(self.qk.view(n), self.qv.view(n), key_residual=key_states, value_residual=value_states)]
+
+    def _reserve(self, tokens: int) -> None:
+        self.qk.reserve(tokens)
+        self.qv.reserve(tokens)
+
+    def _slack_bytes(self) -> int:
+        return self.qk.slack_bytes + self.qv.slack_bytes
 
     def _account(self, lb) -> None:
-        for q, kind in ((self.qk, "k"), (self.qv, "v")):
+        for q, kind in ((self.qk.view(), "k"), (self.qv.view(), "v")):
             lb.add_codes(q.codes, q.bits, kind)
             lb.add("metadata", q.scale)
             lb.add("metadata", q.zero)
@@ -41,10 +51,12 @@ class UniformLayer(KVLayer):
 @dataclass(frozen=True)
 class Uniform(MethodConfig):
     group_size: int = 32
+    use_kernels: bool = True   # False: never the Triton kernels (dequantize + SDPA even on CUDA)
     bits = 0
 
     def validate(self) -> None:
         check_group_size(self.group_size)
+        check_choice("use_kernels", self.use_kernels, (True, False))
 
     def make_layer(self, layer_idx: int):
         return UniformLayer(self, layer_idx)

@@ -1,0 +1,159 @@
+"""The fused decode path (Triton kernels, run here through Triton's CPU interpreter) gives what the reference path
+(dequantize + SDPA) gives: same greedy tokens, per-step logits within fp16-operand accuracy, same bytes held;
+growable buffers keep their contents; a padded batch and a model without the hook are handled."""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (triton.jit reads it at decoration)
+pytest.importorskip("triton")
+
+import smartkv  # noqa: E402
+import smartkv.cache as cache_mod  # noqa: E402
+import smartkv.quant.kernels as kern  # noqa: E402
+from smartkv.models import load_tiny  # noqa: E402
+from smartkv.quant.core import quantize  # noqa: E402
+from smartkv import storage  # noqa: E402
+from smartkv.storage import QBuffer, TokenBuffer  # noqa: E402
+
+if not torch.cuda.is_available() and not kern.interpreting():  # imported earlier without the interpreter
+    for name in ("smartkv.quant.kernels.triton_quant", "smartkv.quant.kernels.triton_attn",
+                 "smartkv.quant.kernels.decode", "smartkv.quant.kernels"):
+        importlib.reload(sys.modules[name])
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# prompt lengths put a KIVI key-block flush and a value-window flush inside the first decode steps
+CASES = {
+    "int8": ("int8", {}, 24),
+    "int4": ("int4", {}, 24),
+    "kivi24": ("kivi", dict(residual_length=32), 31),
+    "kivi2-g16": ("kivi", dict(key_bits=2, value_bits=2, group_size=16, residual_length=16), 47),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_tiny("tiny-llama", seed=0, device=DEV).model  # head_dim 32, 4 query / 2 KV heads, 2 layers
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Runs the kernels on CPU tensors; counts the fused attention calls."""
+    monkeypatch.setattr(cache_mod, "FORCE_KERNELS", True)
+    calls = []
+    real = cache_mod.decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "decode_attention", counting)
+    return calls
+
+
+def _prompt(length, batch=1, seed=0):
+    return torch.randint(3, 500, (batch, length), generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+
+def _generate(model, method, params, ids, fused: bool, new_tokens=4, **kwargs):
+    cache_mod.FORCE_KERNELS = fused or DEV == "cuda"
+    cache = smartkv.make_cache(method, model, **params, use_kernels=fused or DEV != "cuda")
+    with torch.inference_mode():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.scores), cache
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_decode_equals_reference(tiny, counted, case):
+    method, params, length = CASES[case]
+    ids = _prompt(length)
+    ref_tokens, ref_logits, ref_cache = _generate(tiny, method, params, ids, fused=False)
+    n_ref = len(counted)
+    tokens, logits, cache = _generate(tiny, method, params, ids, fused=True)
+    assert n_ref == 0 and len(counted) == 3 * 2       # 3 decode steps x 2 layers, all fused
+    assert torch.equal(tokens, ref_tokens)
+    err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    assert err < 5e-3, err
+    assert cache.memory_report() == ref_cache.memory_report()
+    # layer 0's inputs are the embeddings, identical on both paths: the kernels stored the same bytes
+    for a, b in zip(cache.layers[0].stored_kv(), ref_cache.layers[0].stored_kv(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_padded_batch_falls_back_inside_attention(tiny, counted):
+    ids = _prompt(24, batch=2, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0                                         # left padding in the second row
+    ids[1, :5] = 0
+    ref_tokens, ref_logits, _ = _generate(tiny, "int4", {}, ids, fused=False, new_tokens=3, attention_mask=mask)
+    tokens, logits, _ = _generate(tiny, "int4", {}, ids, fused=True, new_tokens=3, attention_mask=mask)
+    assert not counted                                      # the mask sends every step to the reference path
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+
+
+def test_model_without_the_hook_gets_a_clear_error(tiny, counted):
+    layer = smartkv.make_cache("int8", tiny).layers[0]
+    k = torch.randn(1, 2, 4, 32, device=DEV)
+    layer.update(k, k)                                     # prefill: reference path
+    layer.update(k[..., :1, :], k[..., :1, :])             # fused step; no attention call follows
+    with pytest.raises(RuntimeError, match="'smartkv' attention"):
+        layer.update(k[..., :1, :], k[..., :1, :])
+    cache_mod._active.layer = None
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_buffer_growth_keeps_contents(kernels, axis, monkeypatch):
+    monkeypatch.setattr(storage, "MIN_GROWTH", 8)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 2, 320, 32, generator=g) * 3).to(DEV)
+    buf = QBuffer(4, 16, axis, 2, 2, 32, DEV, kernels=kernels)
+    step = 1 if axis == -1 else 16
+    chunks = [x[..., :48, :]] + list(x[..., 48:, :].split(step if kernels else 16, -2))
+    caps = set()
+    for c in chunks[:12 if kernels else None]:              # the interpreter is slow: a few appends suffice
+        buf.append(c)
+        caps.add(buf.capacity)
+    n = buf.n
+    ref = quantize(x[..., :n, :].float().cpu(), 4, 16, axis)
+    got = buf.view()
+    assert len(caps) > 1 or not kernels                    # it grew
+    assert torch.equal(got.codes.cpu(), ref.codes) and torch.equal(got.scale.cpu(), ref.scale)
+    assert torch.equal(got.zero.cpu(), ref.zero)
+    assert buf.slack_bytes == (buf.q.nbytes - got.nbytes)
+
+
+def test_sliding_window_buffer_keeps_contents():
+    buf = TokenBuffer(1, 2, 8, torch.float16, DEV)
+    buf.reserve(6)
+    seen = []
+    for t in range(20):
+        x = torch.full((1, 2, 1, 8), float(t), dtype=torch.float16, device=DEV)
+        buf.append(x)
+        seen.append(t)
+        if len(buf) > 4:
+            buf.drop_front(1)
+            seen.pop(0)
+        assert buf.view()[0, 0, :, 0].tolist() == seen
+    assert buf.data.shape[-2] == 6                          # slid back instead of growing
+
+
+def test_reserve_preallocates_and_counts_slack_apart(tiny):
+    ids = _prompt(40)
+    caches = []
+    for reserve in (0, 1024):
+        cache = smartkv.make_cache("kivi", tiny, residual_length=32)
+        if reserve:
+            cache.reserve(reserve)
+        with torch.inference_mode():
+            tiny(ids, past_key_values=cache, use_cache=True)
+        caches.append(cache)
+    assert caches[0].memory_report() == caches[1].memory_report()
+    assert caches[1].slack_bytes() > caches[0].slack_bytes()
+    assert caches[1].layers[0].qv.capacity == 1024
