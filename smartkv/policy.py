@@ -105,8 +105,8 @@ def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, 
     (codes cannot be promoted) their bits pass to the next width down, so the budget is still spent. Rows with equal cap histograms get equal width histograms."""
     R, n = weights.shape
     lowest = min(counts)
-    out = torch.full((R, n), lowest, dtype=torch.long)
-    free = torch.ones(R, n, dtype=torch.bool)
+    out = torch.full((R, n), lowest, dtype=torch.long, device=weights.device)
+    free = torch.ones(R, n, dtype=torch.bool, device=weights.device)
     neg = torch.finfo(torch.float64).min
     w = weights.double()
     surplus = 0  # bits (above the narrowest width) of slots a wider width could not use, offered to the next
