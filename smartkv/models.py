@@ -135,8 +135,10 @@ class TinyTokenizer:
     pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
     chat_template = None
     padding_side = "left"
-    model_max_length = 4096
     _offset = 3
+
+    def __init__(self, model_max_length: int = 4096):
+        self.model_max_length = model_max_length
 
     def __call__(self, text, return_tensors=None, add_special_tokens=False, **_):
         ids = self.encode(text)
@@ -158,9 +160,11 @@ def load_tiny(kind: str, seed: int = 0, dtype=torch.float32, device: str = "cpu"
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), dtype=dtype)
+    config = tiny_config(kind, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to(device).eval()
-    return ModelHandle(kind, model, TinyTokenizer())
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 4096)
+    return ModelHandle(kind, model, TinyTokenizer(max_len))
 
 
 def load_model(name: str = "smollm2", device: str | None = "auto", dtype: str | torch.dtype | None = "auto",

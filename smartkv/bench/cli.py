@@ -206,8 +206,9 @@ def _finish(result, plan) -> None:
         raise _fail(f"interrupted: {stats.finished} jobs finished and saved, {stats.lost_in_flight} in flight lost; "
                     "submit again to resume", Exit.INTERRUPTED)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(stats.statuses.items()))
-    console.print(f"ran {stats.finished} jobs ({counts}); {stats.model_loads} model loads, {stats.retried} retries "
-                  f"after worker deaths; results in {plan.store.root}")
+    console.print(f"ran {stats.finished} jobs ({counts}); {stats.model_loads} model loads "
+                  f"({stats.model_load_s:.1f} s), workers started in {stats.actor_start_s:.1f} s, {stats.retried} "
+                  f"retries after worker deaths; results in {plan.store.root}")
     _print_report(plan.store, "fp16", save=True)
     if stats.statuses.get("error"):
         raise _fail(f"{stats.statuses['error']} jobs failed; see the error column, fix, then submit "

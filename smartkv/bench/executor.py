@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -56,6 +57,8 @@ class RunStats:
     retried: int = 0
     restarts: int = 0
     model_loads: int = 0
+    model_load_s: float = 0.0           # summed over loads (each actor loads each of its models once)
+    actor_start_s: float = 0.0          # from creating the actors to all of them answering
     interrupted: bool = False
     lost_in_flight: int = 0
 
@@ -109,6 +112,7 @@ def _record(stats: RunStats, progress: Progress, slot: str | None, job: dict, re
     stats.statuses[status] = stats.statuses.get(status, 0) + 1
     if result.get("model_loaded"):
         stats.model_loads += 1
+        stats.model_load_s += result.get("model_load_s") or 0.0
         if slot is not None:
             progress.slot(slot).model_loads += 1
     progress.finished(slot, status, job_cost(job))
@@ -242,6 +246,7 @@ class RayExecutor:
         return _Slot(name, actor)
 
     def _wait_started(self, slots: list[_Slot]) -> None:
+        start = time.perf_counter()
         pings = [s.actor.ping.remote() for s in slots]
         ready, _ = self.ray.wait(pings, num_returns=len(pings), timeout=self.config.actor_start_timeout_s)
         if len(ready) < len(pings):
@@ -251,6 +256,7 @@ class RayExecutor:
             self.ray.get(ready)
         except self.ray.exceptions.RayError as exc:  # e.g. the runner cannot be imported on the cluster's nodes
             raise ExecError(f"the workers failed to start: {str(exc).splitlines()[0][:300]}") from None
+        self.stats.actor_start_s += time.perf_counter() - start
 
     def _loop(self, scheduler: Scheduler, slots: list[_Slot], actor_cls) -> None:
         cfg = self.config

@@ -85,6 +85,7 @@ class JobRunner:
         loaded = False
         try:
             loaded = self._ensure_model(job["model"])
+            load_s = time.perf_counter() - start if loaded else 0.0
             rows = self._worker_fn()(job, self._handle)
             if not rows:
                 raise RuntimeError("the worker returned no rows")
@@ -95,10 +96,11 @@ class JobRunner:
             text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             log.warning("job %s failed (%s): %s", job["job_id"], status, redact(text))
             rows = failure_rows(job, status, text)
+            load_s = 0.0
         wall_s = time.perf_counter() - start
         self._annotate(rows, job, wall_s, loaded)
         return {"job_id": job["job_id"], "rows": rows, "worker": self.name, "model_loaded": loaded,
-                "wall_s": wall_s}
+                "model_load_s": load_s, "wall_s": wall_s}
 
     def _worker_fn(self) -> Callable:
         if self._worker is None:
