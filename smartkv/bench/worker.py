@@ -204,8 +204,12 @@ def truncate(ids: list[int], settings: Settings) -> tuple[list[int], bool]:
     return ids[:head] + ids[len(ids) - (limit - head):], True
 
 
-def eos_ids(handle) -> frozenset[int]:
+def eos_ids(handle, stop_on_newline: bool = False) -> frozenset[int]:
+    """Token ids that end generation; with `stop_on_newline` (LongBench's samsum) the newline token too."""
     ids = {getattr(handle.tokenizer, "eos_token_id", None)}
+    if stop_on_newline:
+        newline = handle.tokenizer.encode("\n", add_special_tokens=False)
+        ids |= set(newline[-1:])
     config_eos = getattr(getattr(handle.model, "generation_config", None), "eos_token_id", None)
     ids |= set(config_eos) if isinstance(config_eos, (list, tuple)) else {config_eos}
     return frozenset(i for i in ids if i is not None)
@@ -240,7 +244,7 @@ def timed_run(handle, ids: list[int], settings: Settings, n: int, **kwargs) -> t
 
 def run_generate(handle, sample, ids: list[int], settings: Settings) -> tuple[dict, dict]:
     n = settings.max_new_tokens or sample.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    eos = eos_ids(handle)
+    eos = eos_ids(handle, stop_on_newline=bool(sample.meta.get("stop_on_newline")))
     choose = greedy
     if settings.do_sample:
         generator = torch.Generator().manual_seed(sample_seed(settings.seed, sample.id))
