@@ -1,0 +1,78 @@
+"""The caches on the embedded model (SmolLM2-135M-Instruct) reading real prose."""
+import pydoc_data.topics
+import pytest
+import torch
+from transformers import DynamicCache
+
+import smartkv
+from smartkv.models import load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    torch.manual_seed(0)
+    return load_model("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prose_ids(smol):
+    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:40])
+    return smol.tokenizer(text, return_tensors="pt")["input_ids"][:, 2000:2600]
+
+
+def _fill(model, method, ids, steps=8, **params):
+    cache = smartkv.make_cache(method, model, **params)
+    with torch.inference_mode():
+        model(ids[:, :-steps], past_key_values=cache, use_cache=True)
+        for t in range(ids.shape[1] - steps, ids.shape[1]):
+            model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_fp16_equals_dynamic_cache(smol, prose_ids):
+    ids = prose_ids[:, :300]
+    with torch.inference_mode():
+        ref = smol.model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=20, do_sample=False)
+        got = smol.model.generate(ids, past_key_values=smartkv.make_cache("fp16", smol.model),
+                                  max_new_tokens=20, do_sample=False)
+        ref_logits = smol.model(ids, past_key_values=DynamicCache()).logits
+        got_logits = smol.model(ids, past_key_values=smartkv.make_cache("fp16", smol.model)).logits
+    assert torch.equal(got, ref)
+    assert torch.equal(got_logits, ref_logits)
+
+
+def _rel_errors(smol, prose_ids, method, **params):
+    ref = _fill(smol.model, "fp16", prose_ids)
+    cache = _fill(smol.model, method, prose_ids, **params)
+    errs = []
+    for layer in range(len(cache.layers)):
+        rk, rv = ref.stored_kv(layer)
+        k, v = cache.stored_kv(layer)
+        errs.append(((k.float() - rk.float()).norm() / rk.float().norm()
+                     + (v.float() - rv.float()).norm() / rv.float().norm()).item() / 2)
+    return sum(errs) / len(errs), cache
+
+
+def test_reconstruction_error_ordering(smol, prose_ids):
+    err = {m: _rel_errors(smol, prose_ids, m)[0] for m in ("fp16", "int8", "int4", "smartkv")}
+    assert err["fp16"] == 0.0
+    assert err["fp16"] < err["int8"] < err["smartkv"] < err["int4"], err
+
+
+def test_payload_ratios_reproduce_the_validation_table(smol, prose_ids):
+    expected = {"int8": 0.5, "int4": 0.25, "kivi": 0.1875}
+    for method, ratio in expected.items():
+        report = _fill(smol.model, method, prose_ids).memory_report()
+        assert report.payload_ratio == pytest.approx(ratio), method
+        assert report.total_ratio > report.payload_ratio  # scales, zeros and windows are counted
+    report = _fill(smol.model, "smartkv", prose_ids).memory_report()
+    assert 0.40 <= report.payload_ratio <= 0.60
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 4.0, 5.5, 8.0])
+def test_smartkv_meets_its_budget(smol, prose_ids, budget):
+    report = _fill(smol.model, "smartkv", prose_ids, budget=budget).memory_report()
+    # whole-bit widths over a finite number of tokens: within one bit per layer in total
+    assert budget - 0.01 <= report.avg_bits <= budget + 1e-9
