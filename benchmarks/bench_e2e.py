@@ -1,0 +1,259 @@
+"""End-to-end decoding speed: a Llama-3-8B-shaped model (random bf16 weights, no download) decoding through each cache.
+
+Caches are filled synthetically to the context length (random K/V appended to every layer; a prefill of 8 x 32K
+would cost more than the measurement), then real decode steps run through the whole model: one new token per
+sequence, CUDA events around each step, synchronised after each (as a decode loop that reads its token does),
+warm-up steps first, the median reported. tokens/s = batch / step time.
+
+    PYTHONPATH=. python benchmarks/bench_e2e.py --out $OUT      # CUDA only
+
+Rows: fp16 DynamicCache (SDPA's default backend, and flash forced), int8, int4, kivi (2/2 and 2/4), and the
+dequantize-everything path (`use_kernels=False`) at --batch; then each method at the largest batch that fits at
+the context (estimated from memory_report bytes per token + the weights, then run; stepped down on OOM).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import smartkv
+from smartkv.hf_compat import use_attention
+
+GIB = 2 ** 30
+METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' DynamicCache
+    "fp16 DynamicCache (SDPA)": ("dynamic", {}),
+    "fp16 DynamicCache (flash)": ("dynamic-flash", {}),
+    "int8": ("int8", {}),
+    "int4": ("int4", {}),
+    "kivi-2 (K2/V2)": ("kivi", dict(key_bits=2, value_bits=2)),
+    "kivi 2/4": ("kivi", dict(key_bits=2, value_bits=4)),
+    "int4 dequantize + SDPA (use_kernels=False)": ("int4", dict(use_kernels=False)),
+}
+MAX_BATCH_ROWS = ["fp16 DynamicCache (SDPA)", "int8", "int4", "kivi-2 (K2/V2)", "kivi 2/4"]
+
+
+DEV = "cuda"
+
+
+def llama3_8b_config(layers: int, smoke: bool = False) -> LlamaConfig:
+    if smoke:  # the same code path on CPU in seconds (head_dim 32)
+        return LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                           num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                       rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def build_model(layers: int, smoke: bool = False) -> LlamaForCausalLM:
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEV):
+        model = LlamaForCausalLM(llama3_8b_config(layers, smoke)).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def fill(model, method: str, params: dict, batch: int, context: int, extra: int, chunk: int = 2048):
+    """A cache of `context` random tokens per layer, with room for `extra` more."""
+    cfg = model.config
+    H, D = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator(device=DEV).manual_seed(0)
+    n = min(chunk, context)
+    k = torch.randn(batch, H, n, D, device=DEV, dtype=torch.bfloat16, generator=g)  # (B, H, chunk, D)
+    v = torch.randn(batch, H, n, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    if method.startswith("dynamic"):
+        use_attention(model, "sdpa")
+        cache = DynamicCache()
+        reps = math.ceil(context / n)
+        for i in range(cfg.num_hidden_layers):  # one tensor per layer, as a prefill leaves it
+            cache.update(k.repeat(1, 1, reps, 1)[..., :context, :], v.repeat(1, 1, reps, 1)[..., :context, :], i)
+        return cache
+    cache = smartkv.make_cache(method, model, **params)
+    cache.reserve(context + extra)
+    for layer in cache.layers:
+        for start in range(0, context, n):
+            T = min(n, context - start)
+            layer.append(k[..., :T, :], v[..., :T, :])
+    return cache
+
+
+def time_steps(model, cache, name: str, batch: int, steps: int, warmup: int) -> list[float]:
+    """Milliseconds of each measured decode step."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, steps + warmup), device=DEV)
+    flash = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if name.endswith("(flash)") else contextlib.nullcontext()
+    times = []
+    with torch.inference_mode(), flash:
+        for i in range(steps + warmup):
+            if DEV == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            model(ids[:, i:i + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if DEV == "cuda":
+                end.record()
+                torch.cuda.synchronize()
+            ms = start.elapsed_time(end) if DEV == "cuda" else (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                times.append(ms)
+    return times
+
+
+def kv_bytes(cache, context: int, batch: int) -> tuple[float, int]:
+    """(bytes per token per sequence, slack bytes) of a filled cache."""
+    if isinstance(cache, DynamicCache):
+        total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        return total / (context * batch), 0
+    return cache.memory_report().total_bytes / (cache.get_seq_length() * batch), cache.slack_bytes()
+
+
+def free_all():
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / GIB if DEV == "cuda" else 0.0
+
+
+def run_row(model, name: str, batch: int, args) -> dict:
+    free_all()
+    t0 = time.time()
+    cache = fill(model, *METHODS[name], batch, args.context, args.steps + args.warmup + 1)
+    fill_s = time.time() - t0
+    per_token, slack = kv_bytes(cache, args.context, batch)
+    times = time_steps(model, cache, name, batch, args.steps, args.warmup)
+    ms = statistics.median(times)
+    row = dict(name=name, batch=batch, context=args.context, step_ms=ms, tokens_per_s=batch * 1e3 / ms,
+               kv_bytes_per_token=per_token, kv_gib=per_token * batch * args.context / GIB, slack_gib=slack / GIB,
+               peak_gib=peak_gib(), fill_s=fill_s, step_ms_all=times)
+    del cache
+    free_all()
+    return row
+
+
+def estimate_max_batch(per_token: float, context: int, weights: int, total: int, reserve_gib: float) -> int:
+    """Sequences whose KV fits beside the weights and a reserve for activations, workspace and fragmentation;
+    DynamicCache's concatenation holds one more layer's K/V at a time (a 1/32 share, inside the reserve here)."""
+    return max(1, int((total - weights - reserve_gib * GIB) // (per_token * context)))
+
+
+def check_fused(model, notes: list, context: int = 4096, batch: int = 2, steps: int = 3):
+    """Fused vs dequantize + SDPA on identically filled caches: logits of a few decode steps."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, steps), device=DEV)
+    for method, params in (("int8", {}), ("int4", {}), ("kivi", dict(key_bits=2, value_bits=2)), ("kivi", {})):
+        logits = []
+        for use_kernels in (True, False):
+            cache = fill(model, method, dict(params, use_kernels=use_kernels), batch, context, steps)
+            with torch.inference_mode():
+                logits.append(torch.cat([model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+                                         for i in range(steps)], 1).float())
+        err = ((logits[0] - logits[1]).norm() / logits[1].norm()).item()
+        agree = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
+        notes.append(f"{method} {params or ''}: fused vs dequantize+SDPA logits rel. error {err:.1e}, "
+                     f"argmax agreement {agree:.0%} ({batch} x {context}, {steps} steps)")
+
+
+def table(rows: list[dict], base: dict | None) -> list[str]:
+    lines = ["| method | batch | ms / step | tokens/s | vs fp16 SDPA | KV GiB | KV bytes/token/seq | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
+        lines.append(f"| {r['name']} | {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {vs} | "
+                     f"{r['kv_gib']:.1f} | {r['kv_bytes_per_token']:.0f} | {r['peak_gib']:.1f} |")
+    return lines
+
+
+def write(out: Path | None, lines: list[str], rows: list[dict]):
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out:
+        (out / "bench_e2e.md").write_text(text + "\n")
+        (out / "bench_e2e.json").write_text(json.dumps(rows, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10, help="measured decode steps per row")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--rows", default=",".join(METHODS), help="comma-separated row names to run at --batch")
+    ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch rows")
+    ap.add_argument("--reserve-gib", type=float, default=4.0, help="memory kept free when estimating max batch")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip rows that would start after this")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, context 512: checks the script runs")
+    args = ap.parse_args()
+    global DEV
+    if args.smoke:
+        import smartkv.cache
+        DEV, args.context, args.batch, args.steps, args.warmup, args.layers = "cpu", 512, 2, 2, 1, 2
+        args.no_max_batch = True
+        smartkv.cache.FORCE_KERNELS = True  # with TRITON_INTERPRET=1: the fused path through the interpreter
+    t_start = time.time()
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.layers, args.smoke)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if DEV == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        card, total_memory = f"{props.name} ({props.multi_processor_count} SMs)", props.total_memory
+    else:
+        card, total_memory = "CPU (smoke run)", weights + 8 * args.context * 2 ** 17 + int(args.reserve_gib * GIB)
+    head = [f"- card: {card}, {total_memory / GIB:.1f} GiB; torch {torch.__version__}; "
+            f"weights {weights / GIB:.1f} GiB ({args.layers} layers)",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+    notes: list[str] = []
+    check_fused(model, notes, context=min(4096, args.context))
+    rows: list[dict] = []
+    for name in args.rows.split(","):
+        if time.time() - t_start > args.budget_s:
+            notes.append(f"skipped {name}: budget")
+            continue
+        try:
+            rows.append(run_row(model, name, args.batch, args))
+        except Exception as exc:  # noqa: BLE001 - one failed row must not lose the others
+            notes.append(f"{name} at batch {args.batch} failed: {type(exc).__name__}: {exc}"[:300])
+            free_all()
+            continue
+        write(out, head + notes + [""] + table(rows, rows[0]), rows)
+    base = rows[0] if rows else None
+    max_rows: list[dict] = []
+    per_token = {r["name"]: r["kv_bytes_per_token"] for r in rows}
+    for name in [] if args.no_max_batch else MAX_BATCH_ROWS:
+        if name not in per_token or time.time() - t_start > args.budget_s:
+            continue
+        batch = estimate_max_batch(per_token[name], args.context, weights, total_memory, args.reserve_gib)
+        while batch >= 1:
+            try:
+                max_rows.append(dict(run_row(model, name, batch, args), estimated=True))
+                break
+            except torch.OutOfMemoryError:
+                notes.append(f"{name}: batch {batch} ran out of memory; trying {int(batch * 0.9)}")
+                free_all()
+                batch = int(batch * 0.9)
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"{name} at batch {batch} failed: {type(exc).__name__}: {exc}"[:300])
+                free_all()
+                break
+        fp16_max = next((r for r in max_rows if r["name"] == MAX_BATCH_ROWS[0]), base)
+        write(out, head + notes + ["", f"At batch {args.batch}:", ""] + table(rows, base)
+              + ["", "At each method's largest batch (vs fp16 DynamicCache SDPA at its largest):", ""]
+              + table(max_rows, fp16_max), rows + max_rows)
+
+
+if __name__ == "__main__":
+    main()
