@@ -50,7 +50,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
-    families = {"smartkv": ("o-", "C3"), "kivi": ("s", "C0"), "int4": ("^", "C2"), "int8": ("v", "C2")}
+    families = {"smartkv": ("o", "C3"), "kivi": ("s", "C0"), "int4": ("^", "C2"), "int8": ("v", "C2")}
     for fam, (marker, color) in families.items():
         pts = sorted((r["total_ratio"], max(r["kl"], 1e-5), r["config"]) for r in rows
                      if r["config"].split(":")[0] == fam)
@@ -76,12 +76,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict], tasks: list[str]) -> str:
-    head = "| config | total_ratio | KL | ppl | top-1 | " + " | ".join(tasks) + " |"
+    head = "| config | total_ratio | KL | ppl | top-1 |" + "".join(f" {t} |" for t in tasks)
     lines = [head, "|" + "---|" * (5 + len(tasks))]
     for r in sorted(rows, key=lambda r: r["total_ratio"]):
-        acc = " | ".join(f"{100 * r[t]:.0f}%" if t in r else "-" for t in tasks)
+        acc = "".join(f" {100 * r[t]:.0f}% |" if t in r else " - |" for t in tasks)
         lines.append(f"| `{r['config']}` | {r['total_ratio']:.4f} | {r['kl']:.5f} | {r['ppl']:.3f} | "
-                     f"{100 * r['top1']:.1f}% | {acc} |")
+                     f"{100 * r['top1']:.1f}% |{acc}")
     return "\n".join(lines)
 
 
