@@ -39,7 +39,8 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
     "kivi 2/4": ("kivi", dict(key_bits=2, value_bits=4)),
     "int4 dequantize + SDPA (use_kernels=False)": ("int4", dict(use_kernels=False)),
 }
-MAX_BATCH_ROWS = ["fp16 DynamicCache (SDPA)", "int8", "int4", "kivi-2 (K2/V2)", "kivi 2/4"]
+MAX_BATCH_ROWS = ["fp16 DynamicCache (SDPA)", "fp16 DynamicCache (flash)", "int8", "int4", "kivi-2 (K2/V2)",
+                  "kivi 2/4"]
 
 
 DEV = "cuda"
@@ -149,8 +150,21 @@ def estimate_max_batch(per_token: float, context: int, weights: int, total: int,
 
 
 def check_fused(model, notes: list, context: int = 4096, batch: int = 2, steps: int = 3):
-    """Fused vs dequantize + SDPA on identically filled caches: logits of a few decode steps."""
+    """Fused vs dequantize + SDPA on identically filled caches: logits of a few decode steps. Control: the same
+    fp16 cache through two SDPA backends (flash, math), which shows how far a random 32-layer bf16 model carries
+    attention rounding differences."""
     ids = torch.randint(0, model.config.vocab_size, (batch, steps), device=DEV)
+    if DEV == "cuda":
+        logits = []
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+            cache = fill(model, "dynamic", {}, batch, context, steps)
+            with torch.inference_mode(), sdpa_kernel(backend):
+                logits.append(torch.cat([model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+                                         for i in range(steps)], 1).float())
+        err = ((logits[0] - logits[1]).norm() / logits[1].norm()).item()
+        agree = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
+        notes.append(f"control, fp16 DynamicCache: flash vs math SDPA logits rel. error {err:.1e}, "
+                     f"argmax agreement {agree:.0%}")
     for method, params in (("int8", {}), ("int4", {}), ("kivi", dict(key_bits=2, value_bits=2)), ("kivi", {})):
         logits = []
         for use_kernels in (True, False):
@@ -191,6 +205,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rows", default=",".join(METHODS), help="comma-separated row names to run at --batch")
     ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch rows")
+    ap.add_argument("--max-rows", default=",".join(MAX_BATCH_ROWS), help="rows to run at their largest batch")
     ap.add_argument("--reserve-gib", type=float, default=4.0, help="memory kept free when estimating max batch")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip rows that would start after this")
     ap.add_argument("--out", default=None)
@@ -233,7 +248,7 @@ def main():
     base = rows[0] if rows else None
     max_rows: list[dict] = []
     per_token = {r["name"]: r["kv_bytes_per_token"] for r in rows}
-    for name in [] if args.no_max_batch else MAX_BATCH_ROWS:
+    for name in [] if args.no_max_batch else args.max_rows.split(","):
         if name not in per_token or time.time() - t_start > args.budget_s:
             continue
         batch = estimate_max_batch(per_token[name], args.context, weights, total_memory, args.reserve_gib)
@@ -249,7 +264,7 @@ def main():
                 notes.append(f"{name} at batch {batch} failed: {type(exc).__name__}: {exc}"[:300])
                 free_all()
                 break
-        fp16_max = next((r for r in max_rows if r["name"] == MAX_BATCH_ROWS[0]), base)
+        fp16_max = next((r for r in max_rows if r["name"].startswith("fp16")), base)
         write(out, head + notes + ["", f"At batch {args.batch}:", ""] + table(rows, base)
               + ["", "At each method's largest batch (vs fp16 DynamicCache SDPA at its largest):", ""]
               + table(max_rows, fp16_max), rows + max_rows)
