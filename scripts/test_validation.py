@@ -3,7 +3,9 @@
   - memory: every baseline's cache filled with 1024 tokens of synthetic fp16 K/V of gpt2's shape; payload ratios
     as the original table (FP16 1.00, INT8 0.50, INT4 0.25, KIVI 0.1875, SmartKV 0.40-0.60) and true totals
     (scales, zeros and full-precision windows counted) as the memory math says;
-  - reconstruction error ordering on keys and values: FP16 < INT8 < SmartKV (default budget) < INT4;
+  - reconstruction error ordering: FP16 < INT8 < INT4 on keys and on values, and FP16 < INT8 < SmartKV (default
+    budget) < INT4 on their mean (SmartKV gives keys more bits than values, `key_value_gap`, so its key error
+    alone can fall below INT8's);
   - a decode-step latency micro-benchmark of the caches alone (printed, not checked).
 
     python scripts/test_validation.py        # exit code 0: all checks passed, 1: a check failed
@@ -65,10 +67,14 @@ def main() -> int:
         check(m["fp16_bytes"] == fp16_bytes, f"{name} counts {m['fp16_bytes']} fp16 bytes ({fp16_bytes} expected)")
 
     print("reconstruction error")
+    uniform = [n for n in ERROR_ORDER if n != "SmartKV"]
     for kind in ("key_rel_error", "value_rel_error"):
-        errors = [measured[n][kind] for n in ERROR_ORDER]
-        order = " < ".join(f"{n} {e:.4f}" for n, e in zip(ERROR_ORDER, errors))
+        errors = [measured[n][kind] for n in uniform]
+        order = " < ".join(f"{n} {e:.4f}" for n, e in zip(uniform, errors))
         check(all(a < b for a, b in zip(errors, errors[1:])), f"{kind}: {order}")
+    errors = [(measured[n]["key_rel_error"] + measured[n]["value_rel_error"]) / 2 for n in ERROR_ORDER]
+    order = " < ".join(f"{n} {e:.4f}" for n, e in zip(ERROR_ORDER, errors))
+    check(all(a < b for a, b in zip(errors, errors[1:])), f"mean of key and value error: {order}")
     check(measured["FP16"]["key_rel_error"] == 0.0, "FP16 returns the keys exactly")
 
     print(f"decode-step cache latency at {TOKENS} tokens, {shape['num_layers']} layers (median of 3, not checked)")

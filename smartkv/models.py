@@ -135,10 +135,12 @@ class TinyTokenizer:
     pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
     chat_template = None
     padding_side = "left"
+    model_max_length = 4096
     _offset = 3
 
-    def __init__(self, model_max_length: int = 4096):
-        self.model_max_length = model_max_length
+    def __init__(self, model_max_length: int | None = None):
+        if model_max_length is not None:
+            self.model_max_length = model_max_length
 
     def __call__(self, text, return_tensors=None, add_special_tokens=False, **_):
         ids = self.encode(text)

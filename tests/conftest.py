@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at the first import of smartkv.quant.kernels,
+# whichever test module does it first: without a GPU the whole session runs kernels in the interpreter.
+try:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 # Ray reads this once at import: a local instance then binds to 127.0.0.1 only (see executor.LOOPBACK_ENV).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
