@@ -129,3 +129,20 @@ def test_live_progress_view_renders_workers_and_eta():
     text = buffer.getvalue()
     for part in ("jobs 2/4 done", "1 oom", "ETA", "worker-0", "smollm2 kivi passkey r0", "died while running"):
         assert part in text, text
+
+
+@pytest.mark.parametrize("args,field", [(["--ctx", "10"], "--ctx"), (["--decode", "0"], "--decode"),
+                                        (["--budget", "9"], "--budget")])
+def test_analyze_refuses_bad_options_before_loading_a_model(args, field, tmp_path):
+    result = runner.invoke(app, ["analyze", *args, "--out", str(tmp_path / "plots")])
+    assert result.exit_code == 2
+    assert field in result.output
+    assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.slow
+def test_analyze_writes_plots_and_a_table(tmp_path):
+    result = runner.invoke(app, ["analyze", "--ctx", "128", "--decode", "4", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["attention_stats.png", "smartkv_bits.png"]
+    assert "| 29 |" in result.output  # one row per layer of the embedded model (30 layers)
