@@ -74,3 +74,15 @@ def write_grid(tmp_path):
 def tiny_grid(write_grid) -> Path:
     """8 jobs on tiny-llama: fp16, int4, smartkv budget 3/4 x passkey, prose-ppl."""
     return write_grid(TINY_GRID.format(name="tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors: a second intra-op thread gains nothing and, on a busy shared
+    machine, costs ten times. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ import runpy
 from pathlib import Path
 
 import pytest
-import torch
 
 from smartkv.experiments import validate_baselines
 from smartkv.experiments.validation import BASELINES, baseline_name, model_shape
@@ -14,13 +13,7 @@ from smartkv.experiments.validation import BASELINES, baseline_name, model_shape
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread gains nothing and, on a busy shared machine, costs ten times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_main(capsys, *argv) -> tuple[int, str, str]:

@@ -17,13 +17,7 @@ IDENTITY = ("job_id", "grid", "model", "model_revision", "method", "method_param
             "prompt_set_version", "prompt_set_hash", "seed", "repeat", "package_version")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread gains nothing and, on a busy shared machine, costs ten times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
