@@ -53,6 +53,12 @@ def test_worker_plan_from_resources():
     with pytest.raises(ExecError, match="cluster has 2 CPUs"):
         plan_workers({"CPU": 2}, ExecConfig(workers=3))
     assert plan_workers({"CPU": 2}, ExecConfig(workers=3, address="auto")) == (3, False)  # autoscaler may add
+    # several actors per GPU (fractional GPUs): default = GPUs x workers_per_gpu, each still needs its CPUs
+    assert plan_workers({"CPU": 16, "GPU": 2}, ExecConfig(workers_per_gpu=4)) == (8, True)
+    with pytest.raises(ExecError, match="1/4 GPU"):
+        plan_workers({"CPU": 16, "GPU": 1}, ExecConfig(workers=5, workers_per_gpu=4))
+    with pytest.raises(ExecError, match="cluster has 1 GPUs and 4 CPUs"):
+        plan_workers({"CPU": 4, "GPU": 1}, ExecConfig(workers_per_gpu=8))
 
 
 def test_runner_turns_failures_into_rows(two_model_jobs, fake_worker):

@@ -85,6 +85,8 @@ def submit(
     workers: Annotated[Optional[int], typer.Option(
         help="Worker actors (default: one per GPU, else CPUs / cpus-per-worker).")] = None,
     cpus_per_worker: Annotated[int, typer.Option(help="CPUs each worker reserves (and its torch threads).")] = 1,
+    workers_per_gpu: Annotated[int, typer.Option(
+        help="Workers sharing each GPU (Ray fractional GPUs; for small models, which leave a GPU idle).")] = 1,
     max_attempts: Annotated[int, typer.Option(help="Tries of a job whose worker process died.")] = 3,
     progress: Annotated[Optional[bool], typer.Option(
         help="Live progress display (default: when stderr is a terminal).")] = None,
@@ -96,6 +98,7 @@ def submit(
     _setup_logging(verbose)
     _check_range("--workers", workers, 1, 1024)
     _check_range("--cpus-per-worker", cpus_per_worker, 1, 256)
+    _check_range("--workers-per-gpu", workers_per_gpu, 1, 64)
     _check_range("--max-inflight", max_inflight, 1, 100_000)
     _check_range("--max-attempts", max_attempts, 1, 20)
     if address is not None and not address.strip():
@@ -113,7 +116,7 @@ def submit(
         _print_report(plan.store, "fp16", save=False)
         return
     config = ExecConfig(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
-                        max_inflight=max_inflight, max_attempts=max_attempts, local=local)
+                        workers_per_gpu=workers_per_gpu, max_inflight=max_inflight, max_attempts=max_attempts, local=local)
     result = _run(submit_lib, plan, config, force, retry_failed, progress)
     _finish(result, plan)
 

@@ -40,8 +40,10 @@ class ExecError(RuntimeError):
 @dataclass
 class ExecConfig:
     address: str | None = None          # join this cluster ("auto" = the local `ray start`); None: start one
-    workers: int | None = None          # actors; default: one per GPU, else CPUs // cpus_per_worker
+    workers: int | None = None          # actors; default: workers_per_gpu per GPU, else CPUs // cpus_per_worker
     cpus_per_worker: int = 1
+    workers_per_gpu: int = 1            # actors sharing one GPU (Ray fractional GPUs): small models leave a GPU
+                                        # mostly idle, launch-bound on one CPU core
     max_inflight: int | None = None     # calls queued on all actors together; default 2 per worker
     max_attempts: int = 3               # tries of a job whose actor died
     local: bool = False                 # in-process, no Ray
@@ -185,17 +187,20 @@ def plan_workers(resources: dict, config: ExecConfig) -> tuple[int, bool]:
     """(number of actors, use GPUs) from the cluster's resources and the options."""
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     use_gpu = gpus > 0
-    default = gpus if use_gpu else max(1, cpus // max(config.cpus_per_worker, 1))
+    per_gpu = max(config.workers_per_gpu, 1)
+    default = gpus * per_gpu if use_gpu else max(1, cpus // max(config.cpus_per_worker, 1))
     workers = config.workers or default
-    need_cpus = 0 if use_gpu else workers * config.cpus_per_worker
-    if use_gpu and workers > gpus or need_cpus > cpus:
-        have = f"{gpus} GPUs" if use_gpu else f"{cpus} CPUs"
-        want = f"{workers} GPUs" if use_gpu else f"{workers} x {config.cpus_per_worker} CPUs"
+    need_cpus = workers * config.cpus_per_worker
+    if use_gpu and workers > gpus * per_gpu or need_cpus > cpus:
+        have = f"{gpus} GPUs and {cpus} CPUs" if use_gpu else f"{cpus} CPUs"
+        want = f"{workers} x {config.cpus_per_worker} CPUs"
+        if use_gpu:
+            want = f"{workers} x 1/{per_gpu} GPU and {want}"
         message = f"{workers} workers need {want}; the cluster has {have}"
         if config.address:
             log.warning("%s: the extra workers wait for the autoscaler", message)
         else:
-            raise ExecError(f"{message}: lower --workers or --cpus-per-worker")
+            raise ExecError(f"{message}: lower --workers, --workers-per-gpu or --cpus-per-worker")
     return workers, use_gpu
 
 
@@ -235,7 +240,8 @@ class RayExecutor:
     def _actor_class(self, use_gpu: bool):
         cfg = self.config
         options = dict(max_restarts=0, max_task_retries=0, max_concurrency=1)
-        options.update(num_gpus=1, num_cpus=cfg.cpus_per_worker) if use_gpu else options.update(
+        options.update(num_gpus=1 / max(cfg.workers_per_gpu, 1), num_cpus=cfg.cpus_per_worker) if use_gpu else \
+            options.update(
             num_cpus=cfg.cpus_per_worker)
         return self.ray.remote(**options)(JobRunner)
 
