@@ -31,7 +31,7 @@ from smartkv.quant.kernels import triton_attn as K  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SCALING = D ** -0.5
-FUSED = ["int8", "int4", "kivi2", "kivi24", "smartkv4"]
+FUSED = ["int8", "int4", "kivi2", "kivi24", "smartkv4", "smartkv4-cache"]
 _T0 = time.time()
 
 
@@ -84,6 +84,38 @@ def _fused_call(q, segs):
     return lambda: decode_attention(q, segs, SCALING)
 
 
+def _smartkv_cache(B: int, T: int, seed: int, budget: float = 4.0):
+    """A SmartKV cache layer (defaults but `budget`; keys and values at different widths) filled with T random
+    tokens and re-allocated once, as the cache holds them while decoding; its bytes (everything held)."""
+    from smartkv.cache import make_cache
+
+    gen = _gen(seed)
+    layer = make_cache("smartkv", num_layers=1, budget=budget).layers[0]
+    for t0 in range(0, T, 8192):  # in chunks: the first re-allocation fits the key normalisation on all of them
+        n = min(8192, T - t0)
+        layer.append(torch.randn(B, HKV, n, D, dtype=torch.float16, device="cuda", generator=gen),
+                     torch.randn(B, HKV, n, D, dtype=torch.float16, device="cuda", generator=gen))
+    layer._flush()
+    lb = layer.layer_bytes()
+    return layer, lb.payload + lb.metadata + lb.residual
+
+
+def _smartkv_cache_calls(B: int, T: int, seed: int):
+    """The SmartKV cache's own decode step, eager (what `attend` runs): the two-pass attention over the width
+    pools, and the same plus folding the probabilities into the importance statistics."""
+    layer, nbytes = _smartkv_cache(B, T, seed)
+    q = _query(B, _gen(seed + 1))
+
+    def attend():
+        return layer._fused_decode(q, SCALING)
+
+    def attend_observe():
+        out, probs = layer._fused_decode(q, SCALING)
+        layer._observe(probs, layer.seq_len, 1)
+        return out
+    return layer, q, attend, attend_observe, nbytes
+
+
 def _row(T, B, name, t, base, nbytes, copy_bw):
     bw = nbytes / t if nbytes else float("nan")
     return dict(context=T, batch=B, method=name, time_us=t * 1e6, speedup=base / t if base else float("nan"),
@@ -112,6 +144,21 @@ def bench_config(T: int, B: int, methods: list[str], copy_bw: float, budget: Bud
     for m in methods:
         if budget.left() < 20:
             notes.append(f"{m} at {T}x{B}: skipped (time budget)")
+            continue
+        if m == "smartkv4-cache":
+            layer, q, attend, attend_observe, nbytes = _smartkv_cache_calls(B, T, seed=T * 7 + B)
+            k_ref, v_ref = layer.stored_kv()
+            ref = F.scaled_dot_product_attention(q, k_ref.half(), v_ref.half(), scale=SCALING, enable_gqa=True)
+            err = ((attend()[0].transpose(1, 2).float() - ref.float()).norm() / ref.float().norm()).item()
+            notes.append(f"smartkv4-cache vs dequantize + SDPA at {T}x{B}: rel err {err:.1e}; widths k "
+                         f"{sorted(layer.pools['k'])} v {sorted(layer.pools['v'])}")
+            del k_ref, v_ref, ref
+            rows.append(_row(T, B, "smartkv4 cache two-pass (eager)", time_calls([attend], graph=False), base,
+                             nbytes, copy_bw))
+            rows.append(_row(T, B, "smartkv4 cache two-pass + importance (eager)",
+                             time_calls([attend_observe], graph=False), base, nbytes, copy_bw))
+            del layer
+            torch.cuda.empty_cache()
             continue
         sets, nbytes = _sets(m, B, T, seed=T * 7 + B)
         t = time_calls([_fused_call(q, s) for q, s in sets])
@@ -147,7 +194,7 @@ def probe_code_mode(notes: list):
 
 def spot_check(methods: list[str], notes: list):
     """Fused output vs the fp32 torch reference on a small cache, per method."""
-    for m in ["fp16"] + methods:
+    for m in ["fp16"] + [m for m in methods if m != "smartkv4-cache"]:  # the cache row checks itself
         gen = _gen(1)
         segs = build_segments(m, 2, HKV, 4096 + 77, D, gen)
         q = _query(2, gen)

@@ -146,3 +146,39 @@ def test_reserve_preallocates_and_counts_slack_apart(tiny):
     assert caches[0].memory_report() == caches[1].memory_report()
     assert caches[1].slack_bytes() > caches[0].slack_bytes()
     assert caches[1].layers[0].qv.capacity == 1024
+
+
+SMARTKV_CASES = {  # pools of 2..8 bits, keys and values at different widths, rotated and plain stored spaces
+    "b2.5-gap1": dict(budget=2.5, key_value_gap=1, group_size=16, recent_window=8, realloc_every=4),
+    "b4-rotate": dict(budget=4, rotate="both", group_size=32, recent_window=8, realloc_every=4),
+    "b6-3bit": dict(budget=6, widths=(3, 8), recent_window=8, realloc_every=4),
+}
+
+
+@pytest.mark.parametrize("case", SMARTKV_CASES)
+def test_smartkv_two_pass_decode_equals_reference(tiny, monkeypatch, case):
+    """SmartKV's fused decode (scores over key pools, softmax, values over value pools) gives the reference
+    path's tokens, logits and importance, and stores the same bytes; a re-allocation happens mid-decode."""
+    from smartkv.methods import smartkv as smartkv_mod
+
+    calls = []
+    real = smartkv_mod.pool_scores
+    monkeypatch.setattr(smartkv_mod, "pool_scores", lambda *a, **k: calls.append(a[1].bits) or real(*a, **k))
+    params = SMARTKV_CASES[case]
+    ids = _prompt(61)
+    ref_tokens, ref_logits, ref_cache = _generate(tiny, "smartkv", params, ids, fused=False, new_tokens=6)
+    assert not calls
+    tokens, logits, cache = _generate(tiny, "smartkv", params, ids, fused=True, new_tokens=6)
+    widths = {b for layer in cache.layers for b in layer.pools["k"]} | {
+        b for layer in cache.layers for b in layer.pools["v"]}
+    assert len(widths) >= 2 and set(calls) <= widths and len(calls) >= 5 * 2   # every decode step, both layers
+    assert torch.equal(tokens, ref_tokens)
+    err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    assert err < 5e-3, err
+    assert cache.memory_report() == ref_cache.memory_report()
+    for layer, ref in zip(cache.layers, ref_cache.layers, strict=True):
+        assert layer.n_middle == ref.n_middle > 61 - 4 - 8 - 4
+        for kind in ("k", "v"):
+            assert torch.equal(layer.levels[kind], ref.levels[kind])
+        imp = (layer.importance.int() - ref.importance.int()).abs()
+        assert imp.max() <= 1                                # 8-bit log codes of near-equal probabilities

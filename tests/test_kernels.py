@@ -163,3 +163,40 @@ def test_segment_errors_are_clear():
         KVSegment(quantize(k[..., :32, :], 2, 32, -2), quantize(v, 2, 32), k[..., 30:, :])
     with pytest.raises(ValueError, match="q_heads a multiple"):
         kern.decode_attention(randn(g, 1, 3, 64), [KVSegment(k, v)], 0.125)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("N,T,NG,D,G", [(37, 50, 3, 64, 32), (5, 9, 4, 128, 64), (70, 70, 1, 16, 16)])
+def test_pool_two_pass_kernels(bits, N, T, NG, D, G):
+    """SmartKV's pool kernels: scores scattered to the pool's positions, probability-weighted values gathered
+    from them; against the torch reference and fp64 over the dequantized pool. Untouched logits stay put."""
+    from smartkv.quant.core import dequantize
+    from smartkv.quant.kernels import reference as R
+
+    g = gen(bits * 1000 + N)
+    B, Hkv = 2, 2
+    Hq = Hkv * NG
+    pool = quantize(randn(g, B, Hkv, N, D, scale=2.0, dtype=torch.float32), bits, G, axis=-1)
+    pos = torch.stack([torch.stack([torch.randperm(T, generator=g)[:N].sort().values for _ in range(Hkv)])
+                       for _ in range(B)]).to(DEV)
+    q, bias = randn(g, B, Hq, D, dtype=torch.float32), randn(g, B, Hq, dtype=torch.float32)
+    off, scaling = 3, D ** -0.5
+    logits = torch.full((B, Hq, T + off), -7.0, device=DEV)
+    ref_logits = logits.clone()
+    kern.pool_scores(q, pool, pos, logits, off, scaling, bias)
+    R.pool_scores_reference(q, pool, pos, ref_logits, off, scaling, bias)
+    k64 = dequantize(pool, torch.float64)
+    exact = (q.double().reshape(B, Hkv, NG, D) @ k64.transpose(-1, -2)).reshape(B, Hq, N) + bias.double()[..., None]
+    idx = (pos + off).repeat_interleave(NG, 1)
+    assert rel(logits.gather(-1, idx), exact * scaling) < BOUND
+    assert rel(logits, ref_logits) < BOUND
+    touched = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
+    assert (logits[~touched] == -7.0).all()
+
+    probs = torch.softmax(randn(g, B, Hq, T + off, scale=3.0, dtype=torch.float32), -1)
+    for splits in (1, 3):
+        out = kern.pool_values(probs, pool, pos, off, splits)
+        exact_v = (probs.double().gather(-1, idx).reshape(B, Hkv, NG, N) @ k64).reshape(B, Hq, D)
+        assert out.shape == (B, Hq, D) and out.dtype == torch.float32
+        assert rel(out, exact_v) < BOUND
+        assert rel(out, R.pool_values_reference(probs, pool, pos, off)) < BOUND

@@ -37,6 +37,7 @@ from smartkv.methods.base import MethodConfig, check_choice, check_group_size, c
 from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
                             rank_profile, unpack_levels)
 from smartkv.quant import QTensor, dequantize, quantize
+from smartkv.quant.kernels import pool_scores, pool_values
 
 
 @functools.cache
@@ -135,8 +136,16 @@ class SmartKVLayer(KVLayer):
     # --- attention and statistics ----------------------------------------------------------------------------
     def attend(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         B, Hq, q_len, D = query.shape
-        T = key.shape[-2]
         scaling = D ** -0.5 if scaling is None else scaling
+        if self._pending is not None:  # a fused decode step: `update` stored the token and returned it alone
+            self._pending = None
+            if attention_mask is None and not kwargs.get("softcap") and not kwargs.get("sliding_window"):
+                out, probs = self._fused_decode(query, scaling)
+                self._observe(probs, self.seq_len, 1)
+                self._flush()
+                return out, None
+            key, value = (t.to(query.dtype) for t in self._stored_kv())  # a mask (padded batch): reference path
+        T = key.shape[-2]
         W = min(self.config.observe_window, q_len)
         allowed = allowed_from_mask(attention_mask, W, T, B, query.device)
         probs = attention_probs(query[:, :, -W:], key, allowed, scaling)  # (B, Hq, W, T)
@@ -146,13 +155,75 @@ class SmartKVLayer(KVLayer):
             out = out.reshape(B, Hq, 1, D).transpose(1, 2).to(query.dtype).contiguous()
         else:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        self._observe(probs, T, W)
+        self._flush()
+        return out, None
+
+    def _observe(self, probs: torch.Tensor, T: int, W: int) -> None:
+        """Fold the attention of the last W queries, probs (B, Hq, W, T), into the running importance."""
         seen = seen_from_ranges(self.observed, T).unsqueeze(0)  # (1, T)
-        new_seen = seen_from_ranges(torch.tensor([[T - W, T]], device=query.device), T).unsqueeze(0)
+        new_seen = seen_from_ranges(torch.tensor([[T - W, T]], device=probs.device), T).unsqueeze(0)
         mean, _ = update_mean(decode_importance(self.importance), seen, kv_head_mass(probs, self.num_heads), new_seen)
         self.importance = encode_importance(mean)
         self.observed = add_range(self.observed, T - W, T)
-        self._flush()
-        return out, None
+
+    def _decode_segments(self, key_states, value_states) -> list:
+        """Turns the fused path on. SmartKV's pools do not pair keys with values (a token's key and value widths
+        differ), so `attend` runs `_fused_decode`'s two passes instead of one segment-wise kernel."""
+        return []
+
+    def _fused_decode(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode attention read from the packed pools in two passes (kernels.pool_scores / pool_values):
+        scores of every stored token into position-ordered logits, softmax, probability-weighted values.
+        The sinks and the recent window (which holds this step's token) are full precision and few.
+        Returns (output (B, 1, Hq, D) in query's dtype, probabilities (B, Hq, 1, T) fp32)."""
+        B, Hq, _, D = query.shape
+        H = self.num_heads
+        G = Hq // H
+        q = query[:, :, 0].float()                                             # (B, Hq, D)
+        n_sink, Tm, n_win = self.sink_k.shape[-2], self.n_middle, self.win_k.shape[-2]
+        T = n_sink + Tm + n_win
+        logits = torch.empty(B, Hq, T, dtype=torch.float32, device=query.device)
+        qg = q.reshape(B, H, G, D)
+        fp_k = torch.cat([self.sink_k, self.win_k], -2).float()                 # (B, H, n_sink + n_win, D)
+        fp_v = torch.cat([self.sink_v, self.win_v], -2).float()
+        s_fp = (qg @ fp_k.transpose(-1, -2)).reshape(B, Hq, -1) * scaling
+        logits[..., :n_sink] = s_fp[..., :n_sink]
+        logits[..., n_sink + Tm:] = s_fp[..., n_sink:]
+        if Tm:
+            q_st = qg * self.k_scale.float()                                   # stored keys: (k - mu) / scale
+            bias = (qg * self.k_mu.float()).sum(-1).reshape(B, Hq)
+            if self.rot_k:
+                q_st = q_st @ hadamard(D).to(q.device)
+            q_st = q_st.reshape(B, Hq, D).contiguous()
+            for pool, pos in self._pool_positions("k"):
+                pool_scores(q_st, pool, pos, logits, n_sink, scaling, bias)
+        probs = torch.softmax(logits, -1)                                      # (B, Hq, T)
+        p_fp = torch.cat([probs[..., :n_sink], probs[..., n_sink + Tm:]], -1).reshape(B, H, G, -1)
+        out = (p_fp @ fp_v).reshape(B, Hq, D)
+        if Tm:
+            mid = torch.zeros_like(out)
+            splits = max(1, min(64, Tm // 1024))
+            for pool, pos in self._pool_positions("v"):
+                mid += pool_values(probs, pool, pos, n_sink, splits)
+            if self.rot_v:
+                mid = mid @ hadamard(D).to(mid.device)
+            out = out + mid
+        return out.to(query.dtype).unsqueeze(1), probs.unsqueeze(2)
+
+    def _pool_positions(self, kind: str):
+        """(pool, positions (B, H, N) in the middle) for each width pool of keys or values, lowest width first:
+        a stable sort of the level indices lists each width's positions in order, as the pools hold them."""
+        idx = unpack_levels(self.levels[kind], self.n_middle)                  # (B, H, Tm) indices into widths
+        order = torch.argsort(idx, dim=-1, stable=True)
+        start = 0
+        for w in self.widths:
+            pool = self.pools[kind].get(w)
+            if pool is None:
+                continue
+            n = pool.codes.shape[-2]
+            yield pool, order[..., start:start + n]
+            start += n
 
     def _before_update(self) -> None:
         self._flush()  # when no attention hook ran (e.g. another attention implementation)
@@ -270,6 +341,7 @@ class SmartKV(MethodConfig):
     sensitivity: bool = True
     key_value_gap: float = 2.0
     rotate: str = "none"
+    use_kernels: bool = True   # False: never the Triton kernels (dequantize + attention in torch even on CUDA)
 
     def validate(self) -> None:
         if not self.widths or any(w not in WIDTHS for w in self.widths) or len(set(self.widths)) != len(self.widths):
@@ -290,6 +362,7 @@ class SmartKV(MethodConfig):
         if not isinstance(self.key_value_gap, (int, float)) or not 0 <= self.key_value_gap <= 6:
             raise ValueError(f"key_value_gap must be a number in [0, 6] bits, got {self.key_value_gap!r}")
         check_choice("rotate", self.rotate, ("none", "keys", "both"))
+        check_choice("use_kernels", self.use_kernels, (True, False))
 
     def make_layer(self, layer_idx: int):
         return SmartKVLayer(self, layer_idx)

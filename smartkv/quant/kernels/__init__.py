@@ -3,6 +3,8 @@
     quantize_pack(x, bits, group_size, axis=-1, out=None, start=0) -> QTensor
     quantize_pack_kv(k, v, bits, group_size, out=None, start=0) -> (QTensor, QTensor)     # one launch
     decode_attention(q, segments, scaling, lengths=None, return_token_probs=False, probs_out=None)
+    pool_scores(q, pool, positions, out, offset, scaling, bias=None)    # SmartKV's two passes over width pools
+    pool_values(probs, pool, positions, offset, splits=1) -> (B, Hq, D) fp32
     kernels_available(device) -> bool
 
 The Triton path runs on CUDA tensors (or any tensors under TRITON_INTERPRET=1); everything else, and shapes the
@@ -18,20 +20,22 @@ from collections.abc import Sequence
 import torch
 
 from smartkv.quant.core import QTensor
-from smartkv.quant.kernels.reference import decode_attention_reference, quantize_pack_reference
+from smartkv.quant.kernels.reference import (decode_attention_reference, pool_scores_reference,
+                                             pool_values_reference, quantize_pack_reference)
 from smartkv.quant.kernels.segment import KVSegment, check_inputs
 
 try:
     import triton  # noqa: F401
 
     from smartkv.quant.kernels import decode as _decode
+    from smartkv.quant.kernels import triton_pool as _tp
     from smartkv.quant.kernels import triton_quant as _tq
     HAVE_TRITON = True
 except ImportError:  # no Triton on this platform: reference paths only
     HAVE_TRITON = False
 
-__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "kernels_available", "quantize_pack",
-           "quantize_pack_kv", "quantize_pack_reference"]
+__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "kernels_available", "pool_scores",
+           "pool_values", "quantize_pack", "quantize_pack_kv", "quantize_pack_reference"]
 
 
 def interpreting() -> bool:
@@ -90,3 +94,25 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
     if kernels_available(q.device) and _decode.triton_ok(q, segments):
         return _decode.decode_attention_triton(q, segments, scaling, lengths, return_token_probs, probs_out)
     return decode_attention_reference(q, segments, scaling, lengths, return_token_probs, probs_out)
+
+
+def pool_scores(q: torch.Tensor, pool: QTensor, positions: torch.Tensor, out: torch.Tensor, offset: int,
+                scaling: float, bias: torch.Tensor | None = None) -> None:
+    """Scores of one width pool written into position-ordered logits (SmartKV's first decode pass).
+
+    q: (B, Hq, D) (already in the pool's stored space); pool: per-token QTensor (B, Hkv, N, D); positions:
+    (B, Hkv, N) int, each pool token's position; out: (B, Hq, T) fp32. Sets
+    out[b, hq, offset + positions[b, hq // G, j]] = scaling * (q[b, hq] . pool[b, hq // G, j] + bias[b, hq]).
+    """
+    if kernels_available(q.device) and _tp.pool_ok(q, pool):
+        return _tp.pool_scores_triton(q, pool, positions, out, offset, scaling, bias)
+    return pool_scores_reference(q, pool, positions, out, offset, scaling, bias)
+
+
+def pool_values(probs: torch.Tensor, pool: QTensor, positions: torch.Tensor, offset: int,
+                splits: int = 1) -> torch.Tensor:
+    """sum_j probs[b, hq, offset + positions[b, hq // G, j]] * pool[b, hq // G, j]: (B, Hq, D) fp32 (SmartKV's
+    second decode pass; `splits` divides each row's tokens over that many programs)."""
+    if kernels_available(probs.device) and _tp.pool_ok(probs.new_empty(1, 1, pool.shape[-1]), pool):
+        return _tp.pool_values_triton(probs, pool, positions, offset, splits)
+    return pool_values_reference(probs, pool, positions, offset, splits)

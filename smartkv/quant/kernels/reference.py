@@ -100,3 +100,32 @@ def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], s
             acc += p
         parts = list(probs_out)
     return out, parts
+
+
+def _pool_index(positions: torch.Tensor, offset: int, group: int) -> torch.Tensor:
+    """(B, Hkv, N) positions -> (B, Hq, N) indices into position-ordered (B, Hq, T) tensors."""
+    return (positions.long() + offset).repeat_interleave(group, dim=1)
+
+
+def pool_scores_reference(q: torch.Tensor, pool: QTensor, positions: torch.Tensor, out: torch.Tensor, offset: int,
+                          scaling: float, bias: torch.Tensor | None = None) -> None:
+    B, Hq, D = q.shape
+    Hkv, N = pool.codes.shape[1], pool.codes.shape[2]
+    if N == 0:
+        return
+    G = Hq // Hkv
+    k = dequantize(pool)                                                   # (B, Hkv, N, D)
+    s = (q.float().reshape(B, Hkv, G, D) @ k.transpose(-1, -2)).reshape(B, Hq, N)
+    if bias is not None:
+        s = s + bias.float().unsqueeze(-1)
+    out.scatter_(-1, _pool_index(positions, offset, G), (s * scaling).to(out.dtype))
+
+
+def pool_values_reference(probs: torch.Tensor, pool: QTensor, positions: torch.Tensor, offset: int,
+                          splits: int = 1) -> torch.Tensor:
+    B, Hq, _ = probs.shape
+    Hkv, N = pool.codes.shape[1], pool.codes.shape[2]
+    G = Hq // Hkv
+    p = probs.float().gather(-1, _pool_index(positions, offset, G))        # (B, Hq, N)
+    v = dequantize(pool)                                                   # (B, Hkv, N, D)
+    return (p.reshape(B, Hkv, G, N) @ v).reshape(B, Hq, -1)

@@ -1,0 +1,157 @@
+"""Two-pass decode attention over SmartKV's width pools (Triton), never dequantizing the cache to memory.
+
+SmartKV stores a layer's middle tokens in one dense pool per bit width, separately for keys and values: a
+token's key may sit in the 4-bit key pool while its value sits in the 2-bit value pool, so one pass cannot
+pair a key with its value the way `triton_attn` does. Two passes instead:
+
+  pool_scores  - for one key pool: the scores q . k of the pool's tokens for every query head of the KV head's
+                 group, written straight into the layer's position-ordered logits (B, Hq, T) through the pool's
+                 positions (which are ascending, so the writes are near-coalesced);
+  (softmax over all positions in torch: (B, Hq, T) fp32, the probabilities SmartKV's importance needs anyway)
+  pool_values  - for one value pool: sum_j p_j v_j with p read from the probabilities through the pool's
+                 positions; one partial output per split of the pool, summed by the caller.
+
+Both read packed codes (2/3/4/8 bit, per-token groups) and their fp16 scales and zeros, unpack in registers
+(CODE_MODE 1 of triton_attn: exact integers) and use tensor-core dots with fp16 operands and fp32
+accumulation. Query heads of a group are padded to 16 columns (the dot's minimum).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+import torch
+
+from smartkv.quant.core import QTensor
+from smartkv.quant.kernels.triton_attn import _load_words, _unpack
+
+
+@triton.jit
+def _dequant_block(words_ptr, s_ptr, z_ptr, w_row, s_row, t, valid, sw_t, ss_t,
+                   BITS: tl.constexpr, PW: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_N, D) fp16 values of tokens t of one (batch, head) row: codes * scale + zero (in fp32, then fp16)."""
+    w = _load_words(words_ptr + w_row, t * sw_t, valid, BITS, PW, D)
+    codes = _unpack(w, BITS, PW, D, BLOCK_N, 1).to(tl.float32)        # exact integers, channel order
+    grp = tl.arange(0, D) // G
+    so = s_row + t[:, None] * ss_t + grp[None, :]
+    scale = tl.load(s_ptr + so, mask=valid[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + so, mask=valid[:, None], other=0.0).to(tl.float32)
+    return (codes * scale + zero).to(tl.float16)
+
+
+@triton.jit
+def _scores_kernel(q_ptr, sq_b, sq_h, bias_ptr, sb_b,
+                   w_ptr, sw_b, sw_h, sw_t, s_ptr, ss_b, ss_h, ss_t, z_ptr,
+                   pos_ptr, sp_b, sp_h, out_ptr, so_b, so_h,
+                   N, offset, scaling, Hkv, NG,
+                   BITS: tl.constexpr, PW: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    h = bh % Hkv
+    t = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = t < N
+    hq = h * NG + tl.arange(0, NGP)                                     # query heads of this KV head's group
+    hmask = tl.arange(0, NGP) < NG
+    q = tl.load(q_ptr + b * sq_b + hq[None, :] * sq_h + tl.arange(0, D)[:, None], mask=hmask[None, :],
+                other=0.0).to(tl.float16)                               # (D, NGP)
+    k = _dequant_block(w_ptr, s_ptr, z_ptr, b * sw_b + h * sw_h, b * ss_b + h * ss_h, t, valid, sw_t, ss_t,
+                       BITS, PW, G, D, BLOCK_N)
+    s = tl.dot(k, q)                                                    # (BLOCK_N, NGP) fp32
+    if HAS_BIAS:
+        s += tl.load(bias_ptr + b * sb_b + hq, mask=hmask, other=0.0)[None, :]
+    pos = tl.load(pos_ptr + b * sp_b + h * sp_h + t, mask=valid, other=0) + offset
+    tl.store(out_ptr + b * so_b + hq[None, :] * so_h + pos[:, None], s * scaling,
+             mask=valid[:, None] & hmask[None, :])
+
+
+@triton.jit
+def _values_kernel(p_ptr, sp_b, sp_h, w_ptr, sw_b, sw_h, sw_t, s_ptr, ss_b, ss_h, ss_t, z_ptr,
+                   pos_ptr, spo_b, spo_h, out_ptr, so_b, so_h, so_s,
+                   N, offset, tokens_per_split, Hkv, NG,
+                   BITS: tl.constexpr, PW: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    h = bh % Hkv
+    hq = h * NG + tl.arange(0, NGP)
+    hmask = tl.arange(0, NGP) < NG
+    acc = tl.zeros((NGP, D), tl.float32)
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, N)
+    for n0 in range(lo, hi, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)
+        valid = t < hi
+        pos = tl.load(pos_ptr + b * spo_b + h * spo_h + t, mask=valid, other=0) + offset
+        p = tl.load(p_ptr + b * sp_b + hq[:, None] * sp_h + pos[None, :], mask=hmask[:, None] & valid[None, :],
+                    other=0.0)                                          # (NGP, BLOCK_N) fp32
+        v = _dequant_block(w_ptr, s_ptr, z_ptr, b * sw_b + h * sw_h, b * ss_b + h * ss_h, t, valid, sw_t,
+                           ss_t, BITS, PW, G, D, BLOCK_N)
+        acc += tl.dot(p.to(tl.float16), v)
+    tl.store(out_ptr + b * so_b + hq[:, None] * so_h + split * so_s + tl.arange(0, D)[None, :], acc,
+             mask=hmask[:, None])
+
+
+BLOCK_N = 32
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _words(q: QTensor) -> torch.Tensor:
+    if q.bits == 3:
+        return q.codes
+    codes = q.codes if q.codes.is_contiguous() else q.codes.contiguous()
+    return codes.view(torch.int32)
+
+
+def _per_word(bits: int) -> int:
+    return 8 if bits == 3 else 32 // bits
+
+
+def pool_ok(q: torch.Tensor, pool: QTensor) -> bool:
+    """Shapes these kernels handle: power-of-two head_dim >= 16, per-token groups."""
+    D = q.shape[-1]
+    if pool.bits == 3 and D < 64:  # compiled 3-bit tiles below 8 words per row failed the fp64 check on an H200
+        return False
+    return D >= 16 and not D & (D - 1) and pool.axis == -1 and not pool.group_size & (pool.group_size - 1)
+
+
+def pool_scores_triton(q: torch.Tensor, pool: QTensor, positions: torch.Tensor, out: torch.Tensor, offset: int,
+                       scaling: float, bias: torch.Tensor | None = None) -> None:
+    B, Hq, D = q.shape
+    Hkv, N = pool.codes.shape[1], pool.codes.shape[2]
+    if N == 0:
+        return
+    NG = Hq // Hkv
+    w = _words(pool)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    _scores_kernel[(triton.cdiv(N, BLOCK_N), B * Hkv)](
+        q, q.stride(0), q.stride(1), bias if bias is not None else q, bias.stride(0) if bias is not None else 0,
+        w, *w.stride()[:3], pool.scale, *pool.scale.stride()[:3], pool.zero,
+        positions, *positions.stride()[:2], out, *out.stride()[:2],
+        N, offset, scaling, Hkv, NG,
+        BITS=pool.bits, PW=_per_word(pool.bits), G=pool.group_size, D=D, NGP=max(16, _pow2(NG)),
+        BLOCK_N=BLOCK_N, HAS_BIAS=bias is not None, num_warps=4)
+
+
+def pool_values_triton(probs: torch.Tensor, pool: QTensor, positions: torch.Tensor, offset: int,
+                       splits: int) -> torch.Tensor:
+    B, Hq, _ = probs.shape
+    Hkv, N, D = pool.codes.shape[1], pool.codes.shape[2], pool.shape[-1]
+    NG = Hq // Hkv
+    per_split = triton.cdiv(triton.cdiv(N, max(splits, 1)), BLOCK_N) * BLOCK_N
+    S = max(1, triton.cdiv(N, per_split))
+    part = torch.empty(B, Hq, S, D, dtype=torch.float32, device=probs.device)
+    w = _words(pool)
+    _values_kernel[(S, B * Hkv)](
+        probs, *probs.stride()[:2], w, *w.stride()[:3], pool.scale, *pool.scale.stride()[:3], pool.zero,
+        positions, *positions.stride()[:2], part, *part.stride()[:3],
+        N, offset, per_split, Hkv, NG,
+        BITS=pool.bits, PW=_per_word(pool.bits), G=pool.group_size, D=D, NGP=max(16, _pow2(NG)),
+        BLOCK_N=BLOCK_N, num_warps=4)
+    return part.sum(2)
