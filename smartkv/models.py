@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import logging
@@ -86,8 +87,22 @@ def embedded_gguf_path() -> Path:
 def embedded_model_dir() -> Path:
     """A safetensors copy of the embedded model, converted from the GGUF on first use."""
     target = smartkv_home() / "models" / "smollm2-135m-instruct"
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    if _converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # one converter at a time (several workers start together); the others wait, then find it done
+    with open(target.parent / ".smollm2-135m-instruct.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _converted(target):
+            _convert_embedded(target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+
+
+def _convert_embedded(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from safetensors.torch import save_model
 
@@ -95,7 +110,6 @@ def embedded_model_dir() -> Path:
     log.info("converting the embedded model %s to safetensors under %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
         config = model.config.to_dict()
@@ -105,11 +119,10 @@ def embedded_model_dir() -> Path:
         tokenizer.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)  # a partial copy from a killed run (no model.safetensors)
         os.replace(tmp, target)  # atomic: a half-converted copy is never picked up
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def tiny_config(kind: str, **overrides):
