@@ -31,7 +31,7 @@ DEFAULT_CONFIGS = (
     "kivi:key_bits=4,value_bits=4,residual_length=32",
     "kivi:key_bits=2,value_bits=2,residual_length=32",
     "kivi:key_bits=2,value_bits=2,residual_length=128",
-    f"smartkv:budget=2.5,key_value_gap=1,{SMARTKV_LOW}",
+    f"smartkv:budget=2.4,key_value_gap=1,{SMARTKV_LOW}",
     "smartkv:budget=3,key_value_gap=2,group_size=64,recent_window=16,realloc_every=8",
     "smartkv:budget=4.25,key_value_gap=3",
     "smartkv:budget=6",
