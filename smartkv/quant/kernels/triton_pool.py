@@ -23,6 +23,7 @@ import triton.language as tl
 import torch
 
 from smartkv.quant.core import QTensor
+from smartkv.quant.kernels.decode import _per_word, _pow2, _words
 from smartkv.quant.kernels.triton_attn import _load_words, _unpack
 
 
@@ -95,21 +96,6 @@ def _values_kernel(p_ptr, sp_b, sp_h, w_ptr, sw_b, sw_h, sw_t, s_ptr, ss_b, ss_h
 
 
 BLOCK_N = 32
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _words(q: QTensor) -> torch.Tensor:
-    if q.bits == 3:
-        return q.codes
-    codes = q.codes if q.codes.is_contiguous() else q.codes.contiguous()
-    return codes.view(torch.int32)
-
-
-def _per_word(bits: int) -> int:
-    return 8 if bits == 3 else 32 // bits
 
 
 def pool_ok(q: torch.Tensor, pool: QTensor) -> bool:
