@@ -114,6 +114,7 @@ BAD_COMMANDS = [
     (["submit", "--grid", "{grid}", "--workers", "-3"], ["--workers"]),
     (["submit", "--grid", "{grid}", "--workers", "many"], ["--workers", "integer"]),
     (["submit", "--grid", "{grid}", "--cpus-per-worker", "0"], ["--cpus-per-worker", "[1, 256]"]),
+    (["submit", "--grid", "{grid}", "--workers-per-gpu", "0"], ["--workers-per-gpu", "[1, 64]"]),
     (["submit", "--grid", "{grid}", "--max-inflight", "0"], ["--max-inflight"]),
     (["submit", "--grid", "{grid}", "--max-attempts", "0"], ["--max-attempts", "[1, 20]"]),
     (["submit", "--grid", "{grid}", "--address", " "], ["--address"]),

@@ -79,11 +79,11 @@ def test_submit_passes_options_to_the_executor(workdir, tiny_grid, monkeypatch):
     monkeypatch.setattr(submit_lib, "check_ready", lambda plan, config: None)
     result = runner.invoke(app, ["submit", "--grid", str(tiny_grid), "--address", "auto", "--workers", "3",
                                  "--cpus-per-worker", "2", "--max-inflight", "5", "--max-attempts", "4",
-                                 "--out", "elsewhere", "--no-progress"])
+                                 "--workers-per-gpu", "4", "--out", "elsewhere", "--no-progress"])
     assert result.exit_code == 130 and "submit again to resume" in result.stderr
     cfg = seen["config"]
-    assert (cfg.address, cfg.workers, cfg.cpus_per_worker, cfg.max_inflight, cfg.max_attempts, cfg.local) == (
-        "auto", 3, 2, 5, 4, False)
+    assert (cfg.address, cfg.workers, cfg.cpus_per_worker, cfg.max_inflight, cfg.max_attempts, cfg.local,
+            cfg.workers_per_gpu) == ("auto", 3, 2, 5, 4, False, 4)
 
 
 def test_ls_lists_methods_sets_and_models():
@@ -97,7 +97,7 @@ def test_help_documents_every_option():
     result = runner.invoke(app, ["submit", "--help"])
     assert result.exit_code == 0
     for option in ("--grid", "--address", "--out", "--force", "--dry-run", "--max-inflight", "--local", "--workers",
-                   "--cpus-per-worker", "--retry-failed"):
+                   "--cpus-per-worker", "--workers-per-gpu", "--retry-failed"):
         assert option in result.stdout
     assert runner.invoke(app, ["report", "--help"]).exit_code == 0
 
