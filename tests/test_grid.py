@@ -15,7 +15,7 @@ from smartkv.bench.grid import GridError, job_id_of, load_grid
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
-@pytest.mark.parametrize("name", ["quick", "longbench", "needle", "pareto", "scale"])
+@pytest.mark.parametrize("name", ["quick", "longbench", "needle", "pareto", "scale", "memory_points", "kivi2_point"])
 def test_shipped_grids_load(name):
     grid = load_grid(JOBS / f"{name}.yaml")
     assert grid.name == name and grid.jobs
@@ -31,7 +31,12 @@ def test_shipped_grid_contents():
     assert len(scale.jobs) >= 32 and len({j["model"]["name"] for j in scale.jobs}) == 2
     pareto = load_grid(JOBS / "pareto.yaml")
     budgets = {j["method"]["params"]["budget"] for j in pareto.jobs if j["method"]["name"] == "smartkv"}
-    assert min(budgets) == 2.5 and max(budgets) == 8
+    assert 2.3 <= min(budgets) <= 2.5 and max(budgets) == 8      # issue 6: budgets from about 2.5 to 8 bits
+    lengths = {j["prompt_set"]["options"]["length"] for j in pareto.jobs if j["prompt_set"]["name"] == "passkey"}
+    assert min(lengths) == 2048 and max(lengths) >= 8000          # retrieval at 2K, 4K and 8K tokens
+    # memory_points is pareto's memory-point subset: same specs, same job ids, so one results directory serves both
+    points = load_grid(JOBS / "memory_points.yaml")
+    assert {j["job_id"] for j in points.jobs} < {j["job_id"] for j in pareto.jobs}
     kivi = {(j["method"]["params"]["value_bits"], j["method"]["params"]["residual_length"])
             for j in pareto.jobs if j["method"]["name"] == "kivi"}
     assert kivi == {(4, 32), (4, 128), (2, 32), (2, 128)}
