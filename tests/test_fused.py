@@ -49,11 +49,15 @@ def _prompt(length, batch=1, seed=0):
 
 
 def _generate(model, method, params, ids, fused: bool, new_tokens=4, **kwargs):
+    before = cache_mod.FORCE_KERNELS
     cache_mod.FORCE_KERNELS = fused or DEV == "cuda"
-    cache = smartkv.make_cache(method, model, **params, use_kernels=fused or DEV != "cuda")
-    with torch.inference_mode():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, **kwargs)
+    try:  # restored after: a leaked True would send later tests' CPU caches through the (slow) interpreter
+        cache = smartkv.make_cache(method, model, **params, use_kernels=fused or DEV != "cuda")
+        with torch.inference_mode():
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True, **kwargs)
+    finally:
+        cache_mod.FORCE_KERNELS = before
     return out.sequences, torch.stack(out.scores), cache
 
 
