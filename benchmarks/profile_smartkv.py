@@ -1,0 +1,103 @@
+"""Where SmartKV's decode time goes, on the embedded model: per-token time of each cache step, next to fp16 and int4.
+
+    python benchmarks/profile_smartkv.py                          # CPU: 2K prompt, 32 decoded tokens
+    python benchmarks/profile_smartkv.py --device cuda --context 8000 --tokens 64
+
+Wraps SmartKVLayer's steps with timers (synchronising CUDA around each, so the parts add up but the total runs
+slower than unwrapped) and prints ms per decoded token per part, summed over layers. `attend` contains the
+attention itself (the two-pass kernels on CUDA, dequantize + torch on CPU), `_observe` (importance statistics)
+and `_flush` (re-allocation every `realloc_every` tokens: `_weights`, `_allocate`, `_repool`, `_middle_part`).
+Parts nest (`_flush` contains `_weights`, `_allocate`, `_repool` and `_middle_part`; on CPU `_stored_kv`, the
+reference path's dequantization, contains `_middle_part` too), so the column does not sum to the total. The
+unwrapped rows time whole decode steps of each method without any wrapper.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import time
+
+import torch
+
+import smartkv
+from smartkv.data.prose import prose_text
+from smartkv.methods import smartkv as smartkv_mod
+from smartkv.models import load_model
+
+PARTS = ("attend", "_fused_decode", "_observe", "_flush", "_middle_part", "_weights", "_allocate", "_repool",
+         "_stored_kv", "_store")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_ms(model, ids, method: str, params: dict, tokens: int, device, after_prefill=None) -> float:
+    """Milliseconds per decoded token (greedy) after prefilling `ids` through a fresh cache of `method`."""
+    cache = smartkv.make_cache(method, model, **params)
+    with torch.inference_mode():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        if after_prefill:
+            after_prefill()
+        start = time.perf_counter()
+        for _ in range(tokens):
+            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        _sync(device)
+    return (time.perf_counter() - start) / tokens * 1e3
+
+
+def instrument(device) -> tuple[dict, collections.Counter]:
+    spent, calls = collections.defaultdict(float), collections.Counter()
+    for name in PARTS:
+        original = getattr(smartkv_mod.SmartKVLayer, name, None)
+        if original is None:
+            continue
+
+        @functools.wraps(original)
+        def timed(self, *args, _original=original, _name=name, **kwargs):
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                _sync(device)
+                spent[_name] += time.perf_counter() - start
+                calls[_name] += 1
+        setattr(smartkv_mod.SmartKVLayer, name, timed)
+    return spent, calls
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--context", type=int, default=2048, help="prompt tokens (CPython prose)")
+    p.add_argument("--tokens", type=int, default=32, help="decoded tokens timed")
+    p.add_argument("--params", default="budget=4.25,key_value_gap=3", help="smartkv parameters, k=v,...")
+    a = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    handle = load_model("smollm2", device=a.device)
+    device = torch.device(a.device)
+    ids = torch.tensor([handle.tokenizer.encode(prose_text())[1000:1000 + a.context]], device=device)
+    params = {k: (float(v) if "." in v else int(v)) if v.replace(".", "", 1).isdigit() else v
+              for k, v in (kv.split("=") for kv in a.params.split(",") if kv)}
+    rows = [(m, decode_ms(handle.model, ids, m, pr, a.tokens, device))
+            for m, pr in (("fp16", {}), ("int4", {}), ("smartkv", params))]
+    spent, calls = instrument(device)
+    total = decode_ms(handle.model, ids, "smartkv", params, a.tokens, device,
+                      after_prefill=lambda: (spent.clear(), calls.clear()))
+    print(f"device {a.device}, context {a.context}, {a.tokens} decoded tokens, smartkv {a.params}\n")
+    print("| method (unwrapped) | ms / token |\n|---|---|")
+    for m, ms in rows:
+        print(f"| {m} | {ms:.2f} |")
+    print(f"\n| smartkv part (instrumented run: {total:.2f} ms / token) | calls / token | ms / token |\n|---|---|---|")
+    for name in PARTS:
+        if calls[name]:
+            print(f"| `{name}` | {calls[name] / a.tokens:.2f} | {spent[name] / a.tokens * 1e3:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
