@@ -200,3 +200,14 @@ def test_pool_two_pass_kernels(bits, N, T, NG, D, G):
         assert out.shape == (B, Hq, D) and out.dtype == torch.float32
         assert rel(out, exact_v) < BOUND
         assert rel(out, R.pool_values_reference(probs, pool, pos, off)) < BOUND
+
+
+def test_pool_kernels_skip_an_empty_pool():
+    g = gen(5)
+    pool = quantize(randn(g, 1, 2, 0, 64, dtype=torch.float32), 4, 32, axis=-1)
+    pos = torch.zeros(1, 2, 0, dtype=torch.long, device=DEV)
+    logits = torch.full((1, 4, 7), -7.0, device=DEV)
+    kern.pool_scores(randn(g, 1, 4, 64, dtype=torch.float32), pool, pos, logits, 0, 0.125)
+    assert (logits == -7.0).all()
+    probs = torch.softmax(logits, -1)
+    assert torch.equal(kern.pool_values(probs, pool, pos, 0, splits=4), torch.zeros(1, 4, 64, device=DEV))

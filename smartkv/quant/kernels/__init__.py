@@ -104,7 +104,9 @@ def pool_scores(q: torch.Tensor, pool: QTensor, positions: torch.Tensor, out: to
     (B, Hkv, N) int, each pool token's position; out: (B, Hq, T) fp32. Sets
     out[b, hq, offset + positions[b, hq // G, j]] = scaling * (q[b, hq] . pool[b, hq // G, j] + bias[b, hq]).
     """
-    if kernels_available(q.device) and _tp.pool_ok(q, pool):
+    if pool.codes.shape[-2] == 0:
+        return None
+    if kernels_available(q.device) and _tp.pool_ok(pool):
         return _tp.pool_scores_triton(q, pool, positions, out, offset, scaling, bias)
     return pool_scores_reference(q, pool, positions, out, offset, scaling, bias)
 
@@ -113,6 +115,8 @@ def pool_values(probs: torch.Tensor, pool: QTensor, positions: torch.Tensor, off
                 splits: int = 1) -> torch.Tensor:
     """sum_j probs[b, hq, offset + positions[b, hq // G, j]] * pool[b, hq // G, j]: (B, Hq, D) fp32 (SmartKV's
     second decode pass; `splits` divides each row's tokens over that many programs)."""
-    if kernels_available(probs.device) and _tp.pool_ok(probs.new_empty(1, 1, pool.shape[-1]), pool):
+    if pool.codes.shape[-2] == 0:
+        return probs.new_zeros(probs.shape[0], probs.shape[1], pool.shape[-1], dtype=torch.float32)
+    if kernels_available(probs.device) and _tp.pool_ok(pool):
         return _tp.pool_values_triton(probs, pool, positions, offset, splits)
     return pool_values_reference(probs, pool, positions, offset, splits)

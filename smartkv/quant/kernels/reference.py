@@ -111,8 +111,6 @@ def pool_scores_reference(q: torch.Tensor, pool: QTensor, positions: torch.Tenso
                           scaling: float, bias: torch.Tensor | None = None) -> None:
     B, Hq, D = q.shape
     Hkv, N = pool.codes.shape[1], pool.codes.shape[2]
-    if N == 0:
-        return
     G = Hq // Hkv
     k = dequantize(pool)                                                   # (B, Hkv, N, D)
     s = (q.float().reshape(B, Hkv, G, D) @ k.transpose(-1, -2)).reshape(B, Hq, N)

@@ -98,9 +98,9 @@ def _values_kernel(p_ptr, sp_b, sp_h, w_ptr, sw_b, sw_h, sw_t, s_ptr, ss_b, ss_h
 BLOCK_N = 32
 
 
-def pool_ok(q: torch.Tensor, pool: QTensor) -> bool:
-    """Shapes these kernels handle: power-of-two head_dim >= 16, per-token groups."""
-    D = q.shape[-1]
+def pool_ok(pool: QTensor) -> bool:
+    """Shapes these kernels handle: per-token groups, power-of-two head_dim >= 16 and group size."""
+    D = pool.shape[-1]
     if pool.bits == 3 and D < 64:  # compiled 3-bit tiles below 8 words per row failed the fp64 check on an H200
         return False
     return D >= 16 and not D & (D - 1) and pool.axis == -1 and not pool.group_size & (pool.group_size - 1)
@@ -110,8 +110,6 @@ def pool_scores_triton(q: torch.Tensor, pool: QTensor, positions: torch.Tensor, 
                        scaling: float, bias: torch.Tensor | None = None) -> None:
     B, Hq, D = q.shape
     Hkv, N = pool.codes.shape[1], pool.codes.shape[2]
-    if N == 0:
-        return
     NG = Hq // Hkv
     w = _words(pool)
     if q.stride(-1) != 1:
