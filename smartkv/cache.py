@@ -175,6 +175,8 @@ class KVLayer(CacheLayerMixin):
         `KVSegment(win_k, win_v)`. A layer that also needs attention statistics overrides `attend`, takes
         `self._pending` (and sets it to None) and calls `decode_attention(..., return_token_probs=True,
         probs_out=...)` on it itself; with a mask present it falls back as `_fused_attend` does.
+        A layer whose keys and values do not pair token for token (SmartKV: a token's key and value sit in pools
+        of different widths) returns `[]` and runs its own passes in `attend`.
         """
         raise NotImplementedError
 
@@ -184,9 +186,15 @@ class KVLayer(CacheLayerMixin):
             return self._fused_attend(module, query, attention_mask, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
+    @staticmethod
+    def _kernel_attends(attention_mask, kwargs: dict) -> bool:
+        """Whether the decode kernels compute this attention call: no mask (a padded batch has one), no softcap,
+        no sliding window; otherwise the caller takes the reference path over the same stored tokens."""
+        return attention_mask is None and not kwargs.get("softcap") and not kwargs.get("sliding_window")
+
     def _fused_attend(self, module, query, attention_mask, **kwargs):
         segments, self._pending = self._pending, None
-        if attention_mask is None and not kwargs.get("softcap") and not kwargs.get("sliding_window"):
+        if self._kernel_attends(attention_mask, kwargs):
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             out = decode_attention(query, segments, scaling)           # (B, Hq, 1, D)
             return out.transpose(1, 2), None                           # (B, 1, Hq, D), as SDPA returns

@@ -139,7 +139,7 @@ class SmartKVLayer(KVLayer):
         scaling = D ** -0.5 if scaling is None else scaling
         if self._pending is not None:  # a fused decode step: `update` stored the token and returned it alone
             self._pending = None
-            if attention_mask is None and not kwargs.get("softcap") and not kwargs.get("sliding_window"):
+            if self._kernel_attends(attention_mask, kwargs):
                 out, probs = self._fused_decode(query, scaling)
                 self._observe(probs, self.seq_len, 1)
                 self._flush()
