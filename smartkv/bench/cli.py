@@ -116,7 +116,8 @@ def submit(
         _print_report(plan.store, "fp16", save=False)
         return
     config = ExecConfig(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
-                        workers_per_gpu=workers_per_gpu, max_inflight=max_inflight, max_attempts=max_attempts, local=local)
+                        workers_per_gpu=workers_per_gpu, max_inflight=max_inflight, max_attempts=max_attempts,
+                        local=local)
     result = _run(submit_lib, plan, config, force, retry_failed, progress)
     _finish(result, plan)
 

@@ -239,10 +239,9 @@ class RayExecutor:
 
     def _actor_class(self, use_gpu: bool):
         cfg = self.config
-        options = dict(max_restarts=0, max_task_retries=0, max_concurrency=1)
-        options.update(num_gpus=1 / max(cfg.workers_per_gpu, 1), num_cpus=cfg.cpus_per_worker) if use_gpu else \
-            options.update(
-            num_cpus=cfg.cpus_per_worker)
+        options = dict(max_restarts=0, max_task_retries=0, max_concurrency=1, num_cpus=cfg.cpus_per_worker)
+        if use_gpu:
+            options["num_gpus"] = 1 / max(cfg.workers_per_gpu, 1)
         return self.ray.remote(**options)(JobRunner)
 
     def _new_slot(self, actor_cls, name: str) -> _Slot:
