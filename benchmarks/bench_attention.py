@@ -90,14 +90,14 @@ def _smartkv_cache(B: int, T: int, seed: int, budget: float = 4.0):
     from smartkv.cache import make_cache
 
     gen = _gen(seed)
-    layer = make_cache("smartkv", num_layers=1, budget=budget).layers[0]
+    cache = make_cache("smartkv", num_layers=1, budget=budget)
+    layer = cache.layers[0]
     for t0 in range(0, T, 8192):  # in chunks: the first re-allocation fits the key normalisation on all of them
         n = min(8192, T - t0)
         layer.append(torch.randn(B, HKV, n, D, dtype=torch.float16, device="cuda", generator=gen),
                      torch.randn(B, HKV, n, D, dtype=torch.float16, device="cuda", generator=gen))
     layer._flush()
-    lb = layer.layer_bytes()
-    return layer, lb.payload + lb.metadata + lb.residual
+    return layer, cache.memory_report().total_bytes
 
 
 def _smartkv_cache_calls(B: int, T: int, seed: int):

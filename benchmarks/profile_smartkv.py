@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,9 @@ import smartkv
 from smartkv.data.prose import prose_text
 from smartkv.methods import smartkv as smartkv_mod
 from smartkv.models import load_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_quality import parse_config  # noqa: E402
 
 PARTS = ("attend", "_fused_decode", "_observe", "_flush", "_middle_part", "_weights", "_allocate", "_repool",
          "_stored_kv", "_store")
@@ -82,8 +87,7 @@ def main(argv=None) -> None:
     handle = load_model("smollm2", device=a.device)
     device = torch.device(a.device)
     ids = torch.tensor([handle.tokenizer.encode(prose_text())[1000:1000 + a.context]], device=device)
-    params = {k: (float(v) if "." in v else int(v)) if v.replace(".", "", 1).isdigit() else v
-              for k, v in (kv.split("=") for kv in a.params.split(",") if kv)}
+    params = parse_config(f"smartkv:{a.params}")[1]
     rows = [(m, decode_ms(handle.model, ids, m, pr, a.tokens, device))
             for m, pr in (("fp16", {}), ("int4", {}), ("smartkv", params))]
     spent, calls = instrument(device)
