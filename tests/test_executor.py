@@ -1,10 +1,13 @@
 """Executor: scheduling (model grouping, longest first), the job runner's error handling, runs on a real local Ray."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from smartkv.bench import executor
-from smartkv.bench.executor import ExecConfig, ExecError, Scheduler, execute, model_key, plan_workers
+from smartkv.bench.executor import (ExecConfig, ExecError, Scheduler, execute, model_key, plan_workers,
+                                     unit_key)
 from smartkv.bench.grid import job_cost, load_grid
 from smartkv.bench.progress import Progress
 from smartkv.bench.runner import JobRunner
@@ -45,6 +48,30 @@ def test_scheduler_spreads_slots_over_models(two_model_jobs):
     assert model_key(first) != model_key(second)
     sched.requeue(first)
     assert sched.next_for(model_key(first), set()) is first
+
+
+def test_scheduler_keeps_a_slot_on_its_prompt_set(write_grid):
+    """Each worker memoises fp16 references per prompt: a slot drains its prompt set, others start other sets."""
+    jobs = load_grid(write_grid("models: [tiny-llama]\nmethods: [fp16, int4, smartkv]\n"
+                                "prompt_sets:\n  passkey: {length: [128, 512], num_samples: 2}\n", "sets.yaml")).jobs
+    sched = Scheduler(jobs)
+    a = sched.next_for(None, set())
+    assert a["prompt_set"]["options"]["length"] == 512 and a["method"]["name"] == "smartkv"  # longest first
+    b = sched.next_for(model_key(a), set(), None, {unit_key(a)})
+    assert unit_key(b) != unit_key(a)                    # a second slot starts the other set
+    rest_a = [sched.next_for(model_key(a), set(), unit_key(a), {unit_key(b)}) for _ in range(2)]
+    assert all(unit_key(j) == unit_key(a) for j in rest_a)
+    assert [j["method"]["name"] for j in rest_a] == ["int4", "fp16"]  # compared methods decode twice: cost more
+    # its set drained, a slot takes the longest job left (here the other set's)
+    assert unit_key(sched.next_for(model_key(a), set(), unit_key(a), {unit_key(b)})) == unit_key(b)
+
+
+def test_job_cost_counts_passes_and_method():
+    def job(method, compare=True):
+        return {"prompt_set": {"options": {"length": 1000, "num_samples": 2}}, "method": {"name": method},
+                "generation": {"max_new_tokens": 0, "compare_fp16": compare}}
+    assert job_cost(job("int4")) == 2 * job_cost(job("fp16")) == 2 * job_cost(job("int4", compare=False))
+    assert job_cost(job("smartkv")) > job_cost(job("int4"))
 
 
 def test_worker_plan_from_resources():
@@ -94,6 +121,17 @@ def test_local_execution_groups_models(two_model_jobs, fake_worker):
     assert stats.model_loads == 2 and stats.statuses == {"ok": len(two_model_jobs)}
 
 
+def test_run_time_accounting(two_model_jobs, fake_worker, monkeypatch):
+    """Job time, driver write time and idle shares add up to the run's time (the scaling benchmark's inputs)."""
+    monkeypatch.setenv("SMARTKV_FAKE_SLEEP_S", "0.02")
+    stats = execute(two_model_jobs, ExecConfig(local=True), lambda job, res: time.sleep(0.03))
+    n = len(two_model_jobs)
+    assert stats.workers == 1 and list(stats.busy_s) == ["local"]
+    assert stats.write_s >= 0.03 * n and stats.job_s >= 0.02 * n
+    assert stats.job_s + stats.write_s <= stats.run_s
+    assert 0.2 < stats.busy_fraction < 1 and stats.tail_fraction < 0.05  # one worker: no one to wait for
+
+
 @pytest.mark.slow
 def test_ray_run_every_job_exactly_once(ray_session, write_grid, fake_worker, tmp_path):
     plan = make_plan(write_grid(TWO_MODELS, "two.yaml"), tmp_path / "out")
@@ -104,6 +142,10 @@ def test_ray_run_every_job_exactly_once(ray_session, write_grid, fake_worker, tm
     assert result.stats.statuses == {"ok": 8} and progress.done == 8
     assert result.stats.model_loads <= 4  # each of 2 actors loads each of 2 models at most once
     assert set(progress.slots) == {"worker-0", "worker-1"}
+    stats = result.stats
+    assert stats.workers == 2 and set(stats.busy_s) <= {"worker-0", "worker-1"}
+    assert 0 < stats.busy_fraction <= 1 and 0 <= stats.tail_fraction < 1
+    assert max(stats.last_done_s.values()) <= stats.run_s
     frame = ResultStore(tmp_path / "out").read()[0].to_pandas()
     assert frame.groupby("job_id").size().eq(3).all()  # 2 samples + 1 summary, no duplicates
     assert frame["worker"].str.startswith("worker-").all()

@@ -213,6 +213,10 @@ def _finish(result, plan) -> None:
     console.print(f"ran {stats.finished} jobs ({counts}); {stats.model_loads} model loads "
                   f"({stats.model_load_s:.1f} s), workers started in {stats.actor_start_s:.1f} s, {stats.retried} "
                   f"retries after worker deaths; results in {plan.store.root}")
+    if stats.run_s > 0 and stats.busy_fraction is not None:
+        console.print(f"time: {stats.run_s:.1f} s on {stats.workers} workers, "
+                      f"{60 * stats.finished / stats.run_s:.1f} jobs/min; workers busy {stats.busy_fraction:.0%} "
+                      f"(idle after their last job {stats.tail_fraction:.0%}); driver writes {stats.write_s:.1f} s")
     _print_report(plan.store, "fp16", save=True)
     if stats.statuses.get("error"):
         raise _fail(f"{stats.statuses['error']} jobs failed; see the error column, fix, then submit "

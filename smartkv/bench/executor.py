@@ -1,6 +1,7 @@
 """Run jobs on Ray actors (one per GPU, or per `cpus_per_worker` CPUs) or in-process, longest first.
 
-The driver hands each actor the jobs of one model in a row (so an actor loads a model once), keeps a bounded
+The driver hands each actor the jobs of one model in a row (so an actor loads a model once) and of one prompt set
+in a row (so it computes that set's fp16 references once; they are memoised on the model), keeps a bounded
 number of calls in flight, takes results as they finish (`ray.wait` with a timeout, which also refreshes the
 progress display) and gives each result to `on_result` at once (the caller writes it; only the driver writes).
 
@@ -63,6 +64,31 @@ class RunStats:
     actor_start_s: float = 0.0          # from creating the actors to all of them answering
     interrupted: bool = False
     lost_in_flight: int = 0
+    # Where the run's time went (the scaling benchmark reads these; the CLI prints a summary line).
+    workers: int = 0
+    run_s: float = 0.0                  # from the first job handed out to the last result written
+    job_s: float = 0.0                  # summed wall time of the jobs inside the workers (model loads included)
+    write_s: float = 0.0                # driver time spent writing results
+    busy_s: dict[str, float] = field(default_factory=dict)     # per worker: summed job wall time
+    last_done_s: dict[str, float] = field(default_factory=dict)  # per worker: when its last result arrived
+
+    def _job_done(self, slot: str, job_s: float, at_s: float) -> None:
+        self.job_s += job_s
+        self.busy_s[slot] = self.busy_s.get(slot, 0.0) + job_s
+        self.last_done_s[slot] = at_s
+
+    @property
+    def busy_fraction(self) -> float | None:
+        """Share of the workers' time spent inside jobs."""
+        return self.job_s / (self.workers * self.run_s) if self.workers and self.run_s > 0 else None
+
+    @property
+    def tail_fraction(self) -> float | None:
+        """Share of the workers' time spent idle after their last job while others still ran (imbalance)."""
+        if not self.workers or self.run_s <= 0:
+            return None
+        idle = sum(self.run_s - self.last_done_s.get(name, 0.0) for name in self.busy_s)
+        return idle / (self.workers * self.run_s)
 
 
 OnResult = Callable[[dict, dict], None]          # (job, result) -> None; result["rows"] are the job's rows
@@ -73,8 +99,15 @@ def model_key(job: dict) -> str:
     return canonical_json(job["model"])
 
 
+def unit_key(job: dict) -> tuple[str, str]:
+    """(model, prompt set). A worker memoises the fp16 reference of each prompt on its model (bench/decode.py), so
+    the jobs of one prompt set run cheapest on one worker: on several, each recomputes the references."""
+    return model_key(job), canonical_json(job["prompt_set"])
+
+
 class Scheduler:
-    """Jobs grouped by model, longest first; a slot keeps its model until that model has no jobs left."""
+    """Jobs grouped by model, longest first; a slot keeps its model until that model has no jobs left, and its
+    prompt set while that set has jobs; a slot looking for work prefers a model and a set no other slot is on."""
 
     def __init__(self, jobs: list[dict]):
         groups: dict[str, list[dict]] = {}
@@ -85,15 +118,26 @@ class Scheduler:
     def __len__(self) -> int:
         return sum(len(q) for q in self.groups.values())
 
-    def next_for(self, current: str | None, busy_models: set[str]) -> dict | None:
+    def next_for(self, current: str | None, busy_models: set[str], unit: tuple | None = None,
+                 busy_units: set[tuple] = frozenset()) -> dict | None:
         if current in self.groups and self.groups[current]:
-            return self.groups[current].popleft()
+            return self._take(self.groups[current], unit, busy_units)
         left = [(k, q) for k, q in self.groups.items() if q]
         if not left:
             return None
         # Prefer a model no other slot is loading: fewer loads overall.
         fresh = [(k, q) for k, q in left if k not in busy_models] or left
         _, queue = max(fresh, key=lambda kq: sum(job_cost(j) for j in kq[1]))
+        return self._take(queue, None, busy_units)
+
+    @staticmethod
+    def _take(queue: deque, unit: tuple | None, busy_units: set[tuple]) -> dict:
+        """The longest job of the slot's own prompt set, else of a set no other slot is on, else the longest."""
+        for wanted in (lambda j: unit_key(j) == unit, lambda j: unit_key(j) not in busy_units):
+            for i, job in enumerate(queue):
+                if wanted(job):
+                    del queue[i]
+                    return job
         return queue.popleft()
 
     def requeue(self, job: dict) -> None:
@@ -108,8 +152,18 @@ def _passed_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(PASS_ENV_PREFIX)}
 
 
-def _record(stats: RunStats, progress: Progress, slot: str | None, job: dict, result: dict) -> None:
+def _deliver(stats: RunStats, on_result: OnResult, job: dict, result: dict) -> None:
+    """Hand a result to the caller (who writes it), timing the write."""
+    start = time.perf_counter()
+    on_result(job, result)
+    stats.write_s += time.perf_counter() - start
+
+
+def _record(stats: RunStats, progress: Progress, slot: str | None, job: dict, result: dict,
+            run_start: float | None = None) -> None:
     status = _status_of(result["rows"])
+    if slot is not None and run_start is not None:
+        stats._job_done(slot, float(result.get("wall_s") or 0.0), time.perf_counter() - run_start)
     stats.finished += 1
     stats.statuses[status] = stats.statuses.get(status, 0) + 1
     if result.get("model_loaded"):
@@ -138,18 +192,21 @@ def run_local(jobs: list[dict], config: ExecConfig, on_result: OnResult, progres
     progress.start(len(jobs), sum(job_cost(j) for j in jobs))
     slot = progress.slot("local").name
     current = None
+    stats.workers, start = 1, time.perf_counter()
     try:
-        while (job := scheduler.next_for(current, set())) is not None:
-            current = model_key(job)
+        unit = None
+        while (job := scheduler.next_for(current, set(), unit)) is not None:
+            current, unit = model_key(job), unit_key(job)
             progress.slot(slot).current = job_label(job)
             if on_tick:
                 on_tick(progress)
             result = runner.run(job)
-            on_result(job, result)
-            _record(stats, progress, slot, job, result)
+            _deliver(stats, on_result, job, result)
+            _record(stats, progress, slot, job, result, start)
             progress.slot(slot).current = None
     except KeyboardInterrupt:
         stats.interrupted, stats.lost_in_flight = True, 1
+    stats.run_s = time.perf_counter() - start
     if on_tick:
         on_tick(progress)
     return stats
@@ -210,6 +267,7 @@ class _Slot:
     actor: object
     inflight: deque = field(default_factory=deque)   # (ref, job), oldest first: the head is running
     model: str | None = None
+    unit: tuple | None = None                        # (model, prompt set) of the last job handed out
 
 
 class RayExecutor:
@@ -219,6 +277,7 @@ class RayExecutor:
         self.attempts: dict[str, int] = {}
         self.ray = None
         self.started_here = False
+        self.run_start = 0.0
 
     def run(self, jobs: list[dict]) -> RunStats:
         cfg = self.config
@@ -229,7 +288,11 @@ class RayExecutor:
             slots = [self._new_slot(actor_cls, f"worker-{i}") for i in range(min(workers, len(jobs)) or 1)]
             self._wait_started(slots)
             self.progress.start(len(jobs), sum(job_cost(j) for j in jobs))
-            self._loop(Scheduler(jobs), slots, actor_cls)
+            self.stats.workers, self.run_start = len(slots), time.perf_counter()
+            try:
+                self._loop(Scheduler(jobs), slots, actor_cls)
+            finally:
+                self.stats.run_s = time.perf_counter() - self.run_start
         except KeyboardInterrupt:
             self.stats.interrupted = True
         finally:
@@ -286,11 +349,12 @@ class RayExecutor:
               max_inflight: int) -> None:
         for slot in slots:
             while len(slot.inflight) < per_slot and len(pending) < max_inflight:
-                busy = {s.model for s in slots if s is not slot and s.model}
-                job = scheduler.next_for(slot.model, busy)
+                others = [s for s in slots if s is not slot]
+                job = scheduler.next_for(slot.model, {s.model for s in others if s.model}, slot.unit,
+                                         {s.unit for s in others if s.unit})
                 if job is None:
                     return
-                slot.model = model_key(job)
+                slot.model, slot.unit = model_key(job), unit_key(job)
                 ref = slot.actor.run.remote(job)
                 slot.inflight.append((ref, job))
                 pending[ref] = slot
@@ -308,8 +372,8 @@ class RayExecutor:
             result = {"rows": failure_rows(job, "error", str(exc).splitlines()[-1]), "model_loaded": False}
         slot.inflight = deque((r, j) for r, j in slot.inflight if r != ref)
         del pending[ref]
-        self.on_result(job, result)
-        _record(self.stats, self.progress, slot.name, job, result)
+        _deliver(self.stats, self.on_result, job, result)
+        _record(self.stats, self.progress, slot.name, job, result, self.run_start)
 
     def _replace_dead(self, slot: _Slot, pending: dict, scheduler: Scheduler, actor_cls, exc) -> None:
         """The actor died: retry the job it was running (bounded), resubmit the others, start a new actor."""
@@ -317,7 +381,7 @@ class RayExecutor:
         for ref, _ in lost:
             pending.pop(ref, None)
         slot.inflight.clear()
-        slot.model = None
+        slot.model = slot.unit = None
         self.ray.kill(slot.actor, no_restart=True)
         running = lost[0][1]
         tries = self.attempts[running["job_id"]] = self.attempts.get(running["job_id"], 1) + 1
@@ -328,8 +392,8 @@ class RayExecutor:
         if tries > self.config.max_attempts:
             error = f"worker died {self.config.max_attempts} times running this job; last: {reason}"
             result = {"rows": failure_rows(running, "error", error), "model_loaded": False}
-            self.on_result(running, result)
-            _record(self.stats, self.progress, slot.name, running, result)
+            _deliver(self.stats, self.on_result, running, result)
+            _record(self.stats, self.progress, slot.name, running, result, self.run_start)
         else:
             self.stats.retried += 1
             self.progress.retried += 1
