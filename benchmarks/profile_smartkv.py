@@ -30,7 +30,7 @@ from smartkv.models import load_model
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import parse_config  # noqa: E402
 
-PARTS = ("attend", "_fused_decode", "_observe", "_flush", "_middle_part", "_weights", "_allocate", "_repool",
+PARTS = ("attend", "_fused_decode", "_observe", "_observe_step", "_flush", "_middle_part", "_weights", "_allocate", "_repool",
          "_stored_kv", "_store")
 
 
@@ -88,13 +88,16 @@ def main(argv=None) -> None:
     device = torch.device(a.device)
     ids = torch.tensor([handle.tokenizer.encode(prose_text())[1000:1000 + a.context]], device=device)
     params = parse_config(f"smartkv:{a.params}")[1]
-    rows = [(m, decode_ms(handle.model, ids, m, pr, a.tokens, device))
-            for m, pr in (("fp16", {}), ("int4", {}), ("smartkv", params))]
+    print(f"device {a.device}, context {a.context}, {a.tokens} decoded tokens, smartkv {a.params}", flush=True)
+    rows = []
+    for m, pr in (("fp16", {}), ("int4", {}), ("smartkv", params)):
+        decode_ms(handle.model, ids, m, pr, 2, device)  # warm-up: kernel compilation, allocator
+        rows.append((m, decode_ms(handle.model, ids, m, pr, a.tokens, device)))
+        print(f"  {m}: {rows[-1][1]:.2f} ms / token", flush=True)
     spent, calls = instrument(device)
     total = decode_ms(handle.model, ids, "smartkv", params, a.tokens, device,
                       after_prefill=lambda: (spent.clear(), calls.clear()))
-    print(f"device {a.device}, context {a.context}, {a.tokens} decoded tokens, smartkv {a.params}\n")
-    print("| method (unwrapped) | ms / token |\n|---|---|")
+    print("\n| method (unwrapped) | ms / token |\n|---|---|")
     for m, ms in rows:
         print(f"| {m} | {ms:.2f} |")
     print(f"\n| smartkv part (instrumented run: {total:.2f} ms / token) | calls / token | ms / token |\n|---|---|---|")

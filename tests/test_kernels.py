@@ -211,3 +211,63 @@ def test_pool_kernels_skip_an_empty_pool():
     assert (logits == -7.0).all()
     probs = torch.softmax(logits, -1)
     assert torch.equal(kern.pool_values(probs, pool, pos, 0, splits=4), torch.zeros(1, 4, 64, device=DEV))
+
+
+@pytest.mark.parametrize("n,levels", [(1, 1), (37, 2), (1100, 4), (2053, 3)])
+def test_pool_positions_are_a_stable_argsort_of_the_levels(n, levels):
+    """Each pool's tokens listed in position order, pool after pool: what SmartKV's pools hold. Rows have equal
+    counts per level (as cascade_assign guarantees); n spans several of the kernel's blocks and odd tails."""
+    from smartkv.policy import pack_levels
+    from smartkv.quant.kernels import reference as R
+
+    g = gen(n)
+    B, H = 2, 3
+    counts = [n // levels] * levels
+    counts[0] += n - sum(counts)
+    base = torch.cat([torch.full((c,), i, dtype=torch.uint8) for i, c in enumerate(counts)])
+    idx = torch.stack([torch.stack([base[torch.randperm(n, generator=g)] for _ in range(H)]) for _ in range(B)])
+    packed = pack_levels(idx).to(DEV)
+    got = kern.pool_positions(packed, n, counts)
+    expect = torch.argsort(idx, dim=-1, stable=True).to(torch.int32)
+    assert got.dtype == torch.int32 and got.shape == (B, H, n)
+    assert torch.equal(got.cpu(), expect)
+    assert torch.equal(R.pool_positions_reference(packed, n, counts).cpu(), expect)
+    with pytest.raises(ValueError, match="counts"):
+        kern.pool_positions(packed, n, counts + [1])
+
+
+@pytest.mark.parametrize("ranges", [[], [(0, 5)], [(3, 40), (90, 120)], [(0, 1), (2, 3), (10, 60), (70, 127)]])
+def test_importance_update_kernel_matches_the_statistics(ranges):
+    """One decode query's attention folded into the 8-bit importance codes: the kernel against
+    smartkv.importance's running mean (codes within one step of 2^(1/8); nearly all equal)."""
+    from smartkv.importance import decode_importance, encode_importance, seen_from_ranges
+    from smartkv.quant.kernels import reference as R
+
+    g = gen(len(ranges))
+    B, Hkv, NG, T = 2, 3, 3, 1000 + len(ranges)
+    codes = torch.randint(0, 256, (B, Hkv, T), generator=g, dtype=torch.uint8)
+    codes[..., :7] = 255                                                 # never attended
+    probs = torch.softmax(torch.randn(B, Hkv * NG, T, generator=g) * 4, -1)
+    got, ref = codes.clone().to(DEV), codes.clone()
+    kern.importance_update(got, probs.to(DEV), ranges)
+    R.importance_update_reference(ref, probs, ranges)
+    seen = seen_from_ranges(torch.tensor(ranges, dtype=torch.int64).reshape(-1, 2), T).double()
+    mass = probs.double().reshape(B, Hkv, NG, T).mean(2)
+    exact = encode_importance((decode_importance(codes).double() * seen + mass) / (seen + 1))
+    for out in (got.cpu(), ref):
+        diff = (out.int() - exact.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+
+def test_importance_update_with_many_ranges_takes_the_reference_path():
+    from smartkv.quant.kernels import reference as R
+
+    g = gen(3)
+    codes = torch.randint(0, 256, (1, 2, 300), generator=g, dtype=torch.uint8)
+    probs = torch.softmax(torch.randn(1, 4, 300, generator=g), -1)
+    ranges = [(i * 20, i * 20 + 5) for i in range(6)]                   # more than the kernel's 4
+    got, ref = codes.clone().to(DEV), codes.clone()
+    kern.importance_update(got, probs.to(DEV), ranges)
+    R.importance_update_reference(ref, probs, ranges)
+    assert torch.equal(got.cpu(), ref) and not torch.equal(ref, codes)

@@ -37,7 +37,10 @@ from smartkv.methods.base import MethodConfig, check_choice, check_group_size, c
 from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
                             rank_profile, unpack_levels)
 from smartkv.quant import QTensor, dequantize, quantize
-from smartkv.quant.kernels import pool_scores, pool_values
+from smartkv.quant.kernels import importance_update, pool_positions, pool_scores, pool_values
+
+
+UNSEEN = 255  # importance code of a token no query has seen yet (encode_importance(0))
 
 
 @functools.cache
@@ -61,7 +64,7 @@ class SmartKVLayer(KVLayer):
         self.levels = {"k": None, "v": None}            # packed 2-bit indices into widths, (B, H, ceil8(Tq)/4)
         self.pools: dict[str, dict[int, QTensor]] = {"k": {}, "v": {}}
         self.importance = torch.empty(B, H, 0, dtype=torch.uint8, device=self.device)  # encode_importance codes
-        self.observed = torch.empty(0, 2, dtype=torch.int64, device=self.device)      # query ranges [start, end)
+        self.observed = torch.empty(0, 2, dtype=torch.int64)  # query ranges [start, end), on the CPU: read each step
         self.k_mu = self.k_scale = None                                                 # (B, H, 1, D) fp16
         self.group = min(self.config.group_size, D)
         self.widths = tuple(sorted(self.config.widths))
@@ -78,8 +81,8 @@ class SmartKVLayer(KVLayer):
         self.win_k = torch.cat([self.win_k, key_states[..., n_sink:, :].to(self.window_dtype)], -2)
         self.win_v = torch.cat([self.win_v, value_states[..., n_sink:, :].to(self.window_dtype)], -2)
         B, H = self.batch_size, self.num_heads
-        self.importance = torch.cat([self.importance, encode_importance(
-            self.importance.new_zeros(B, H, key_states.shape[-2], dtype=torch.float32))], -1)
+        unseen = self.importance.new_full((B, H, key_states.shape[-2]), UNSEEN)  # encode_importance(0)
+        self.importance = torch.cat([self.importance, unseen], -1)
 
     def level_bits(self, kind: str) -> torch.Tensor:
         """Widths (B, H, Tq) of the middle's keys ("k") or values ("v")."""
@@ -141,7 +144,7 @@ class SmartKVLayer(KVLayer):
             self._pending = None
             if self._kernel_attends(attention_mask, kwargs):
                 out, probs = self._fused_decode(query, scaling)
-                self._observe(probs, self.seq_len, 1)
+                self._observe_step(probs)
                 self._flush()
                 return out, None
             key, value = (t.to(query.dtype) for t in self._stored_kv())  # a mask (padded batch): reference path
@@ -161,11 +164,17 @@ class SmartKVLayer(KVLayer):
 
     def _observe(self, probs: torch.Tensor, T: int, W: int) -> None:
         """Fold the attention of the last W queries, probs (B, Hq, W, T), into the running importance."""
-        seen = seen_from_ranges(self.observed, T).unsqueeze(0)  # (1, T)
+        seen = seen_from_ranges(self.observed.to(probs.device), T).unsqueeze(0)  # (1, T)
         new_seen = seen_from_ranges(torch.tensor([[T - W, T]], device=probs.device), T).unsqueeze(0)
         mean, _ = update_mean(decode_importance(self.importance), seen, kv_head_mass(probs, self.num_heads), new_seen)
         self.importance = encode_importance(mean)
         self.observed = add_range(self.observed, T - W, T)
+
+    def _observe_step(self, probs: torch.Tensor) -> None:
+        """`_observe` of one decode query, probs (B, Hq, 1, T), in one kernel on CUDA (kernels.importance_update)."""
+        T = probs.shape[-1]
+        importance_update(self.importance, probs[:, :, 0], self.observed.tolist())
+        self.observed = add_range(self.observed, T - 1, T)
 
     def _decode_segments(self, key_states, value_states) -> list:
         """Turns the fused path on. SmartKV's pools do not pair keys with values (a token's key and value widths
@@ -213,16 +222,15 @@ class SmartKVLayer(KVLayer):
 
     def _pool_positions(self, kind: str):
         """(pool, positions (B, H, N) in the middle) for each width pool of keys or values, lowest width first:
-        a stable sort of the level indices lists each width's positions in order, as the pools hold them."""
-        idx = unpack_levels(self.levels[kind], self.n_middle)                  # (B, H, Tm) indices into widths
-        order = torch.argsort(idx, dim=-1, stable=True)
+        a stable sort of the level indices lists each width's positions in order, as the pools hold them
+        (derived each step, never stored: kernels.pool_positions)."""
+        pools = self.pools[kind]
+        counts = [pools[w].codes.shape[-2] if w in pools else 0 for w in self.widths]
+        order = pool_positions(self.levels[kind], self.n_middle, counts)
         start = 0
-        for w in self.widths:
-            pool = self.pools[kind].get(w)
-            if pool is None:
-                continue
-            n = pool.codes.shape[-2]
-            yield pool, order[..., start:start + n]
+        for w, n in zip(self.widths, counts):
+            if n:
+                yield pools[w], order[..., start:start + n]
             start += n
 
     def _before_update(self) -> None:
@@ -271,7 +279,7 @@ class SmartKVLayer(KVLayer):
         start = self.sink_k.shape[-2]
         imp = decode_importance(self.importance[..., start:start + T])  # (B, H, T)
         if cfg.importance == "sum":     # raw accumulated mass: favours early tokens (seen by more queries)
-            imp = imp * seen_from_ranges(self.observed, start + T)[start:].float()
+            imp = imp * seen_from_ranges(self.observed.to(imp.device), start + T)[start:].float()
         elif cfg.importance == "keynorm":
             imp = self._from_stored(k_all, v_all)[0].norm(dim=-1)
         elif cfg.importance == "uniform":

@@ -5,6 +5,8 @@
     decode_attention(q, segments, scaling, lengths=None, return_token_probs=False, probs_out=None)
     pool_scores(q, pool, positions, out, offset, scaling, bias=None)    # SmartKV's two passes over width pools
     pool_values(probs, pool, positions, offset, splits=1) -> (B, Hq, D) fp32
+    pool_positions(levels, n, counts) -> (B, H, n) int32                 # where each pool's tokens sit
+    importance_update(codes, probs, ranges)                             # SmartKV's statistics, in place
     kernels_available(device) -> bool
 
 The Triton path runs on CUDA tensors (or any tensors under TRITON_INTERPRET=1); everything else, and shapes the
@@ -20,7 +22,8 @@ from collections.abc import Sequence
 import torch
 
 from smartkv.quant.core import QTensor
-from smartkv.quant.kernels.reference import (decode_attention_reference, pool_scores_reference,
+from smartkv.quant.kernels.reference import (decode_attention_reference, importance_update_reference,
+                                             pool_positions_reference, pool_scores_reference,
                                              pool_values_reference, quantize_pack_reference)
 from smartkv.quant.kernels.segment import KVSegment, check_inputs
 
@@ -34,8 +37,9 @@ try:
 except ImportError:  # no Triton on this platform: reference paths only
     HAVE_TRITON = False
 
-__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "kernels_available", "pool_scores",
-           "pool_values", "quantize_pack", "quantize_pack_kv", "quantize_pack_reference"]
+__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_update", "kernels_available",
+           "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_kv",
+           "quantize_pack_reference"]
 
 
 def interpreting() -> bool:
@@ -120,3 +124,25 @@ def pool_values(probs: torch.Tensor, pool: QTensor, positions: torch.Tensor, off
     if kernels_available(probs.device) and _tp.pool_ok(pool):
         return _tp.pool_values_triton(probs, pool, positions, offset, splits)
     return pool_values_reference(probs, pool, positions, offset, splits)
+
+
+def pool_positions(levels: torch.Tensor, n: int, counts: Sequence[int]) -> torch.Tensor:
+    """Positions (B, H, n) int32 of the tokens of each width pool, pool after pool, each in position order: a
+    stable argsort of the 2-bit level indices `levels` (B, H, ceil8(n) / 4) packed uint8 (policy.pack_levels).
+    `counts` = tokens per level index (every row has the same; at most 4 levels)."""
+    if len(counts) > 4 or sum(counts) != n:
+        raise ValueError(f"counts must be at most 4 tokens-per-level numbers summing to n={n}, got {list(counts)}")
+    if n and kernels_available(levels.device):
+        return _tp.pool_positions_triton(levels, n, tuple(counts))
+    return pool_positions_reference(levels, n, tuple(counts))
+
+
+def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> None:
+    """Fold one decode query's attention into SmartKV's importance codes, in place (smartkv.importance).
+
+    codes: (B, Hkv, T) uint8 (`encode_importance` of the mean attention each token received); probs: (B, Hq, T)
+    fp32, the query's attention over all T tokens; ranges: the [start, end) positions of the queries observed
+    before, from which each token's count of observers is derived."""
+    if kernels_available(codes.device) and len(ranges) <= _tp.MAX_RANGES and codes.shape[-1]:
+        return _tp.importance_update_triton(codes, probs, [tuple(map(int, r)) for r in ranges])
+    return importance_update_reference(codes, probs, [tuple(map(int, r)) for r in ranges])

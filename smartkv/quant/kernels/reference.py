@@ -127,3 +127,18 @@ def pool_values_reference(probs: torch.Tensor, pool: QTensor, positions: torch.T
     p = probs.float().gather(-1, _pool_index(positions, offset, G))        # (B, Hq, N)
     v = dequantize(pool)                                                   # (B, Hkv, N, D)
     return (p.reshape(B, Hkv, G, N) @ v).reshape(B, Hq, -1)
+
+
+def pool_positions_reference(levels: torch.Tensor, n: int, counts: tuple[int, ...]) -> torch.Tensor:
+    from smartkv.quant.core import unpack
+    idx = unpack(levels, 2)[..., :n]
+    return torch.argsort(idx, dim=-1, stable=True).to(torch.int32)
+
+
+def importance_update_reference(codes: torch.Tensor, probs: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    from smartkv.importance import decode_importance, encode_importance, kv_head_mass, seen_from_ranges, update_mean
+    B, Hkv, T = codes.shape
+    seen = seen_from_ranges(torch.tensor(ranges, dtype=torch.int64, device=codes.device).reshape(-1, 2), T)
+    mass = kv_head_mass(probs.unsqueeze(2), Hkv)                          # (B, Hkv, T)
+    mean, _ = update_mean(decode_importance(codes), seen.unsqueeze(0), mass, torch.ones_like(seen).unsqueeze(0))
+    codes.copy_(encode_importance(mean))

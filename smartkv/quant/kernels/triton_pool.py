@@ -40,7 +40,9 @@ def _dequant_block(words_ptr, s_ptr, z_ptr, w_row, s_row, t, valid, sw_t, ss_t,
     return (codes * scale + zero).to(tl.float16)
 
 
-@triton.jit
+# Arguments that change as the cache grows are not specialised on (each new divisibility class would compile
+# another kernel mid-generation).
+@triton.jit(do_not_specialize=["sw_b", "sw_h", "ss_b", "ss_h", "sp_b", "sp_h", "so_b", "so_h", "N", "offset"])
 def _scores_kernel(q_ptr, sq_b, sq_h, bias_ptr, sb_b,
                    w_ptr, sw_b, sw_h, sw_t, s_ptr, ss_b, ss_h, ss_t, z_ptr,
                    pos_ptr, sp_b, sp_h, out_ptr, so_b, so_h,
@@ -67,7 +69,8 @@ def _scores_kernel(q_ptr, sq_b, sq_h, bias_ptr, sb_b,
              mask=valid[:, None] & hmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sp_b", "sp_h", "sw_b", "sw_h", "ss_b", "ss_h", "spo_b", "spo_h", "N", "offset",
+                               "tokens_per_split"])
 def _values_kernel(p_ptr, sp_b, sp_h, w_ptr, sw_b, sw_h, sw_t, s_ptr, ss_b, ss_h, ss_t, z_ptr,
                    pos_ptr, spo_b, spo_h, out_ptr, so_b, so_h, so_s,
                    N, offset, tokens_per_split, Hkv, NG,
@@ -95,7 +98,66 @@ def _values_kernel(p_ptr, sp_b, sp_h, w_ptr, sw_b, sw_h, sw_t, s_ptr, ss_b, ss_h
              mask=hmask[:, None])
 
 
+@triton.jit(do_not_specialize=["sl_b", "sl_h", "so_b", "so_h", "n", "c0", "c1", "c2"])
+def _positions_kernel(lv_ptr, sl_b, sl_h, out_ptr, so_b, so_h, n, Hkv, c0, c1, c2, BLOCK: tl.constexpr):
+    """Stable argsort of one row's 2-bit level indices: positions of level 0 in order, then level 1, ..."""
+    bh = tl.program_id(0)
+    b = bh // Hkv
+    h = bh % Hkv
+    lv = lv_ptr + b * sl_b + h * sl_h
+    out = out_ptr + b * so_b + h * so_h
+    r0 = 0
+    r1 = 0
+    r2 = 0
+    r3 = 0
+    for t0 in range(0, n, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        valid = t < n
+        byte = tl.load(lv + t // 4, mask=valid, other=0).to(tl.int32)
+        idx = (byte >> ((t % 4) * 2)) & 3
+        m0 = (idx == 0) & valid
+        m1 = (idx == 1) & valid
+        m2 = (idx == 2) & valid
+        m3 = (idx == 3) & valid
+        tl.store(out + r0 + tl.cumsum(m0.to(tl.int32), 0) - 1, t, mask=m0)
+        tl.store(out + c0 + r1 + tl.cumsum(m1.to(tl.int32), 0) - 1, t, mask=m1)
+        tl.store(out + c0 + c1 + r2 + tl.cumsum(m2.to(tl.int32), 0) - 1, t, mask=m2)
+        tl.store(out + c0 + c1 + c2 + r3 + tl.cumsum(m3.to(tl.int32), 0) - 1, t, mask=m3)
+        r0 += tl.sum(m0.to(tl.int32), 0)
+        r1 += tl.sum(m1.to(tl.int32), 0)
+        r2 += tl.sum(m2.to(tl.int32), 0)
+        r3 += tl.sum(m3.to(tl.int32), 0)
+
+
+@triton.jit(do_not_specialize=["sc_b", "sc_h", "sp_b", "sp_h", "T", "s0", "e0", "s1", "e1", "s2", "e2", "s3", "e3"])
+def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
+                       s0, e0, s1, e1, s2, e2, s3, e3, NGP: tl.constexpr, BLOCK: tl.constexpr):
+    """One decode query's attention folded into the 8-bit importance codes of every token it saw (all T):
+    mean' = (mean * seen + mass) / (seen + 1), seen from the earlier queries' position ranges [s_r, e_r)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    h = bh % Hkv
+    t = blk * BLOCK + tl.arange(0, BLOCK)
+    valid = t < T
+    hq = h * NG + tl.arange(0, NGP)
+    hmask = tl.arange(0, NGP) < NG
+    p = tl.load(p_ptr + b * sp_b + hq[:, None] * sp_h + t[None, :], mask=hmask[:, None] & valid[None, :],
+                other=0.0)
+    mass = tl.sum(p, 0) / NG
+    seen = tl.maximum(e0 - tl.maximum(s0, t), 0) + tl.maximum(e1 - tl.maximum(s1, t), 0)
+    seen += tl.maximum(e2 - tl.maximum(s2, t), 0) + tl.maximum(e3 - tl.maximum(s3, t), 0)
+    seen = seen.to(tl.float32)
+    codes = tl.load(code_ptr + b * sc_b + h * sc_h + t, mask=valid, other=255).to(tl.float32)
+    mean = tl.where(codes == 255, 0.0, tl.exp2(-codes / 8))
+    mean = (mean * seen + mass) / (seen + 1)
+    new = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))
+    new = tl.minimum(tl.maximum(new + 0.5, 0.0), 255.0)                 # round half up: codes are >= 0
+    tl.store(code_ptr + b * sc_b + h * sc_h + t, new.to(tl.uint8), mask=valid)
+
+
 BLOCK_N = 32
+MAX_RANGES = 4  # _importance_kernel's observed query ranges
 
 
 def pool_ok(pool: QTensor) -> bool:
@@ -139,3 +201,26 @@ def pool_values_triton(probs: torch.Tensor, pool: QTensor, positions: torch.Tens
         BITS=pool.bits, PW=_per_word(pool.bits), G=pool.group_size, D=D, NGP=max(16, _pow2(NG)),
         BLOCK_N=BLOCK_N, num_warps=4)
     return part.sum(2)
+
+
+def pool_positions_triton(levels: torch.Tensor, n: int, counts: tuple[int, ...]) -> torch.Tensor:
+    """(B, H, n) int32: positions of level 0, then level 1, ... (a stable argsort of the unpacked levels)."""
+    B, H = levels.shape[:2]
+    c = (tuple(counts) + (0, 0, 0, 0))[:4]
+    out = torch.empty(B, H, n, dtype=torch.int32, device=levels.device)
+    _positions_kernel[(B * H,)](levels, *levels.stride()[:2], out, *out.stride()[:2], n, H, c[0], c[1], c[2],
+                                BLOCK=1024, num_warps=4)
+    return out
+
+
+def importance_update_triton(codes: torch.Tensor, probs: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """In place: codes (B, Hkv, T) uint8 updated with probs (B, Hq, T) of one query that saw every token;
+    `ranges` (at most MAX_RANGES) are the earlier queries' [start, end)."""
+    B, Hkv, T = codes.shape
+    Hq = probs.shape[1]
+    NG = Hq // Hkv
+    flat = [x for r in ranges for x in r] + [0, 0] * (MAX_RANGES - len(ranges))
+    BLOCK = 512
+    _importance_kernel[(triton.cdiv(T, BLOCK), B * Hkv)](
+        codes, *codes.stride()[:2], probs, *probs.stride()[:2], T, Hkv, NG, *flat,
+        NGP=max(2, _pow2(NG)), BLOCK=BLOCK, num_warps=4)
