@@ -111,7 +111,7 @@ def _smartkv_cache_calls(B: int, T: int, seed: int):
 
     def attend_observe():
         out, probs = layer._fused_decode(q, SCALING)
-        layer._observe(probs, layer.seq_len, 1)
+        layer._observe_step(probs)
         return out
     return layer, q, attend, attend_observe, nbytes
 

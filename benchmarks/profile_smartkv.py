@@ -2,6 +2,7 @@
 
     python benchmarks/profile_smartkv.py                          # CPU: 2K prompt, 32 decoded tokens
     python benchmarks/profile_smartkv.py --device cuda --context 8000 --tokens 64
+    python benchmarks/profile_smartkv.py --device cuda --random      # SmolLM2's shapes, random weights and tokens
 
 Wraps SmartKVLayer's steps with timers (synchronising CUDA around each, so the parts add up but the total runs
 slower than unwrapped) and prints ms per decoded token per part, summed over layers. `attend` contains the
@@ -25,11 +26,13 @@ import torch
 import smartkv
 from smartkv.data.prose import prose_text
 from smartkv.methods import smartkv as smartkv_mod
-from smartkv.models import load_model
+from smartkv.models import load_model, load_tiny
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import parse_config  # noqa: E402
 
+SMOLLM2_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0)
 PARTS = ("attend", "_fused_decode", "_observe", "_observe_step", "_flush", "_middle_part", "_weights", "_allocate", "_repool",
          "_stored_kv", "_store")
 
@@ -82,16 +85,24 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=2048, help="prompt tokens (CPython prose)")
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens timed")
     p.add_argument("--params", default="budget=4.25,key_value_gap=3", help="smartkv parameters, k=v,...")
+    p.add_argument("--random", action="store_true",
+                   help="a random-weight Llama of SmolLM2's shapes and random tokens (no model files needed)")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    handle = load_model("smollm2", device=a.device)
     device = torch.device(a.device)
-    ids = torch.tensor([handle.tokenizer.encode(prose_text())[1000:1000 + a.context]], device=device)
+    if a.random:
+        handle = load_tiny("tiny-llama", device=a.device, dtype=torch.bfloat16 if device.type == "cuda" else
+                           torch.float32, **SMOLLM2_SHAPES, max_position_embeddings=max(8192, a.context + 1024))
+        ids = torch.randint(3, SMOLLM2_SHAPES["vocab_size"], (1, a.context), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+    else:
+        handle = load_model("smollm2", device=a.device)
+        ids = torch.tensor([handle.tokenizer.encode(prose_text())[1000:1000 + a.context]], device=device)
     params = parse_config(f"smartkv:{a.params}")[1]
     print(f"device {a.device}, context {a.context}, {a.tokens} decoded tokens, smartkv {a.params}", flush=True)
     rows = []
     for m, pr in (("fp16", {}), ("int4", {}), ("smartkv", params)):
-        decode_ms(handle.model, ids, m, pr, 2, device)  # warm-up: kernel compilation, allocator
+        decode_ms(handle.model, ids, m, pr, 40, device)  # warm-up past re-allocations: kernels compiled
         rows.append((m, decode_ms(handle.model, ids, m, pr, a.tokens, device)))
         print(f"  {m}: {rows[-1][1]:.2f} ms / token", flush=True)
     spent, calls = instrument(device)
