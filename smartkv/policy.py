@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 WIDTHS = (2, 3, 4, 8)
@@ -33,6 +34,50 @@ def _choose(weight: torch.Tensor, lam: float, widths: torch.Tensor) -> torch.Ten
     return cost.argmin(-1)
 
 
+class _BitCounter:
+    """sum(widths[_choose(w, lam)]) for many lam in O(k log n) each, equal to evaluating `_choose` on every token.
+
+    Dividing a token's costs by lam, it picks the line x * 4^-b + b lowest at x = w / lam: the lower envelope of k
+    lines, so the width steps up at fixed breakpoints of x. Tokens far from every breakpoint are counted by binary
+    search in the sorted weights; the few within a relative 1e-9 of one (where rounding could decide) go through
+    `_choose` itself, so the count is what `_choose` gives, ties included (the first, narrowest, width wins)."""
+
+    EPS = 1e-9
+
+    def __init__(self, w: torch.Tensor, widths: torch.Tensor):
+        self.w, self.widths = w, widths
+        self.sorted = np.sort(w.numpy())
+        a, b = (4.0 ** -widths.numpy()), widths.numpy()
+        # envelope from x = 0 (narrowest width) upwards: at each step the next width whose line crosses first
+        self.breaks, self.steps, cur = [], [], 0
+        while cur < len(b) - 1:
+            xs = [(b[j] - b[cur]) / (a[cur] - a[j]) for j in range(cur + 1, len(b))]
+            j = cur + 1 + int(np.argmin(xs))
+            self.breaks.append(xs[j - cur - 1])
+            self.steps.append(b[j] - b[cur])
+            cur = j
+        self.base = float(b[0]) * len(self.sorted)
+
+    def total(self, lam: float) -> float:
+        ws, n = self.sorted, len(self.sorted)
+        total, near = self.base, []
+        for x, step in zip(self.breaks, self.steps):
+            lo, hi = np.searchsorted(ws, [x * lam * (1 - self.EPS), x * lam * (1 + self.EPS)], side="right")
+            total += step * (n - hi)            # clearly above this breakpoint
+            if hi > lo:
+                near.append((lo, hi))
+        if near:                                # undecided tokens: exactly as _choose decides
+            lo, hi = min(r[0] for r in near), max(r[1] for r in near)
+            chunk = torch.from_numpy(ws[lo:hi])
+            exact = float(self.widths[_choose(chunk, lam, self.widths)].sum())
+            # those tokens were counted above for the breakpoints they clearly pass; recount them exactly
+            counted = self.base / n * (hi - lo)
+            for x, step in zip(self.breaks, self.steps):
+                counted += step * int(np.sum(ws[lo:hi] > x * lam * (1 + self.EPS)))
+            total += exact - counted
+        return total
+
+
 def solve_widths(weight: torch.Tensor, budget: float, widths=WIDTHS) -> torch.Tensor:
     """Widths (n,) for tokens of `weight` (n,), sum <= floor(budget * n), a heavier token never fewer bits."""
     check_budget(budget, widths)
@@ -40,20 +85,23 @@ def solve_widths(weight: torch.Tensor, budget: float, widths=WIDTHS) -> torch.Te
     if n == 0:
         return torch.zeros(0, dtype=torch.long)
     w_vals = torch.tensor(sorted(widths), dtype=torch.float64)
-    w = weight.detach().double().clamp_min(0).flatten()
+    w = weight.detach().double().clamp_min(0).flatten().cpu()
     target = int(math.floor(budget * n + 1e-9))
     # Lagrangian sweep: lam from huge (all min width) down to tiny (all max width), bisection on log scale
     lo, hi = -60.0, 60.0  # log2(lam)
-    best = torch.zeros(n, dtype=torch.long)
-    if float(w_vals[best].sum()) > target:
+    if float(w_vals[0]) * n > target:
         raise ValueError(f"budget {budget} is below the smallest width {min(widths)}")
+    counter = _BitCounter(w, w_vals)
+    feasible = None
     for _ in range(64):
         mid = (lo + hi) / 2
-        idx = _choose(w, 2.0 ** mid, w_vals)
-        if float(w_vals[idx].sum()) <= target:
-            best, hi = idx, mid
+        if not lo < mid < hi:  # converged to adjacent doubles: further steps change nothing
+            break
+        if counter.total(2.0 ** mid) <= target:
+            feasible, hi = mid, mid
         else:
             lo = mid
+    best = _choose(w, 2.0 ** feasible, w_vals) if feasible is not None else torch.zeros(n, dtype=torch.long)
     idx = _fill(w, best.clone(), w_vals, target - int(w_vals[best].sum()))
     bits = w_vals[idx]
     # rearrangement: heaviest tokens get the largest widths (same total, never higher cost)

@@ -93,3 +93,21 @@ def test_levels_pack_to_two_bits(n):
 def test_bad_budget_is_named(bad):
     with pytest.raises(ValueError, match="budget"):
         check_budget(bad)
+
+
+@pytest.mark.parametrize("widths", [(2, 3, 4, 8), (2, 4, 8), (3, 4)])
+def test_bit_counter_equals_choosing_every_token(widths):
+    """The bisection's fast count of bits equals `_choose` on every token, also for lam right at a breakpoint
+    (flat weights: every token ties there; the narrower width must win as argmin's first index does)."""
+    from smartkv.policy import _BitCounter, _choose
+
+    g = torch.Generator().manual_seed(len(widths))
+    w_vals = torch.tensor(widths, dtype=torch.float64)
+    for w in (torch.rand(5000, generator=g, dtype=torch.float64) ** 4,
+              torch.full((300,), 0.37, dtype=torch.float64),
+              torch.randint(0, 3, (999,), generator=g).double()):
+        counter = _BitCounter(w, w_vals)
+        lams = [2.0 ** e for e in torch.linspace(-40, 10, 97).tolist()]
+        lams += [float(x) / brk for x in w[:5] for brk in counter.breaks if x > 0]  # exactly at breakpoints
+        for lam in lams:
+            assert counter.total(lam) == float(w_vals[_choose(w, lam, w_vals)].sum()), lam

@@ -251,9 +251,10 @@ class SmartKVLayer(KVLayer):
         k_all = torch.cat([self._middle_part("k"), new_k], -2)  # (B, H, Tq + n, D)
         v_all = torch.cat([self._middle_part("v"), new_v], -2)
         weights = self._weights(k_all, v_all)
+        profile = rank_profile(weights).cpu()  # one device->host copy per re-allocation, shared by keys and values
         for kind, src, budget in (("k", k_all, self.budget_k), ("v", v_all, self.budget_v)):
             old_bits = self.level_bits(kind)
-            new_bits = self._allocate(weights, old_bits, budget)
+            new_bits = self._allocate(weights, old_bits, budget, profile)
             self.pools[kind] = self._repool(self.pools[kind], old_bits, new_bits, src)
             index = {w: i for i, w in enumerate(self.widths)}
             idx = torch.zeros_like(new_bits, dtype=torch.uint8)
@@ -291,12 +292,14 @@ class SmartKVLayer(KVLayer):
             sens = (k_rng.pow(2) + v_rng.pow(2)).reshape(B * H, T)
         return token_weights(imp.reshape(B * H, T), cfg.importance_floor, cfg.importance_power, sens)
 
-    def _allocate(self, weights: torch.Tensor, old_bits: torch.Tensor, budget: float) -> torch.Tensor:
+    def _allocate(self, weights: torch.Tensor, old_bits: torch.Tensor, budget: float,
+                  profile: torch.Tensor) -> torch.Tensor:
+        """New widths (B, H, T) under `budget`; counts per width from `profile` (policy.rank_profile of weights)."""
         B, H, Tq = old_bits.shape
         T = weights.shape[-1]
         caps = torch.full((B * H, T), max(self.widths), dtype=torch.long, device=weights.device)
         caps[:, :Tq] = old_bits.reshape(B * H, Tq)
-        counts = counts_for(rank_profile(weights).cpu(), budget, self.widths)
+        counts = counts_for(profile, budget, self.widths)
         return cascade_assign(weights, caps, counts).reshape(B, H, T)
 
     def _repool(self, pools: dict, old_bits: torch.Tensor, new_bits: torch.Tensor, src: torch.Tensor) -> dict:
