@@ -107,41 +107,48 @@ def unit_key(job: dict) -> tuple[str, str]:
 
 class Scheduler:
     """Jobs grouped by model, longest first; a slot keeps its model until that model has no jobs left, and its
-    prompt set while that set has jobs; a slot looking for work prefers a model and a set no other slot is on."""
+    prompt set while that set has jobs; a slot looking for work prefers a model and a set no other slot is on.
+    Each pick costs O(prompt sets of a model), not O(jobs): grids of many thousands of jobs schedule instantly."""
 
     def __init__(self, jobs: list[dict]):
-        groups: dict[str, list[dict]] = {}
-        for job in jobs:
-            groups.setdefault(model_key(job), []).append(job)
-        self.groups = {k: deque(sorted(v, key=job_cost, reverse=True)) for k, v in groups.items()}
+        self.groups: dict[str, dict[tuple, deque]] = {}    # model -> (model, prompt set) -> jobs, longest first
+        self.cost: dict[str, float] = {}                    # model -> summed cost of its queued jobs
+        for job in sorted(jobs, key=job_cost, reverse=True):
+            self._queue(job).append(job)
+
+    def _queue(self, job: dict) -> deque:
+        model = model_key(job)
+        self.cost[model] = self.cost.get(model, 0.0) + job_cost(job)
+        return self.groups.setdefault(model, {}).setdefault(unit_key(job), deque())
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self.groups.values())
+        return sum(len(q) for units in self.groups.values() for q in units.values())
 
     def next_for(self, current: str | None, busy_models: set[str], unit: tuple | None = None,
                  busy_units: set[tuple] = frozenset()) -> dict | None:
-        if current in self.groups and self.groups[current]:
-            return self._take(self.groups[current], unit, busy_units)
-        left = [(k, q) for k, q in self.groups.items() if q]
+        if current in self.groups and any(self.groups[current].values()):
+            return self._take(current, unit, busy_units)
+        left = [k for k, units in self.groups.items() if any(units.values())]
         if not left:
             return None
         # Prefer a model no other slot is loading: fewer loads overall.
-        fresh = [(k, q) for k, q in left if k not in busy_models] or left
-        _, queue = max(fresh, key=lambda kq: sum(job_cost(j) for j in kq[1]))
-        return self._take(queue, None, busy_units)
+        fresh = [k for k in left if k not in busy_models] or left
+        return self._take(max(fresh, key=lambda k: self.cost[k]), None, busy_units)
 
-    @staticmethod
-    def _take(queue: deque, unit: tuple | None, busy_units: set[tuple]) -> dict:
+    def _take(self, model: str, unit: tuple | None, busy_units: set[tuple]) -> dict:
         """The longest job of the slot's own prompt set, else of a set no other slot is on, else the longest."""
-        for wanted in (lambda j: unit_key(j) == unit, lambda j: unit_key(j) not in busy_units):
-            for i, job in enumerate(queue):
-                if wanted(job):
-                    del queue[i]
-                    return job
-        return queue.popleft()
+        units = self.groups[model]
+        queue = units.get(unit) if unit is not None else None
+        if not queue:
+            queues = [q for u, q in units.items() if q]
+            queue = max([q for u, q in units.items() if q and u not in busy_units] or queues,
+                        key=lambda q: job_cost(q[0]))
+        job = queue.popleft()
+        self.cost[model] -= job_cost(job)
+        return job
 
     def requeue(self, job: dict) -> None:
-        self.groups.setdefault(model_key(job), deque()).appendleft(job)
+        self._queue(job).appendleft(job)
 
 
 def job_label(job: dict) -> str:
