@@ -68,6 +68,7 @@ class SmartKVLayer(KVLayer):
         self.k_mu = self.k_scale = None                                                 # (B, H, 1, D) fp16
         self.group = min(self.config.group_size, D)
         self.widths = tuple(sorted(self.config.widths))
+        self._width_values = torch.tensor(self.widths, device=self.device)  # level index -> width, made once
         self.budget_k, self.budget_v = kv_budgets(self.config.budget, self.config.key_value_gap, self.widths)
         self.rot_k = self.config.rotate in ("keys", "both")
         self.rot_v = self.config.rotate == "both"
@@ -90,14 +91,14 @@ class SmartKVLayer(KVLayer):
         if self.levels[kind] is None:
             return torch.empty(B, H, 0, dtype=torch.long, device=self.device)
         idx = unpack_levels(self.levels[kind], self.n_middle)
-        return torch.tensor(self.widths, device=self.device)[idx.long()]
+        return self._width_values[idx.long()]
 
     def _middle_part(self, kind: str) -> torch.Tensor:
         """Dequantized middle keys or values in the stored (normalised, rotated) space: (B, H, Tq, D) fp32."""
-        bits = self.level_bits(kind)
-        out = torch.zeros(*bits.shape, self.head_dim, device=self.device)
-        for b, q in self.pools[kind].items():
-            out[bits == b] = dequantize(q).reshape(-1, self.head_dim)
+        out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, self.head_dim, device=self.device)
+        if self.n_middle:
+            for pool, pos in self._pool_positions(kind):
+                out.scatter_(2, pos.long().unsqueeze(-1).expand(-1, -1, -1, self.head_dim), dequantize(pool))
         return out
 
     def _to_stored(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,12 +255,9 @@ class SmartKVLayer(KVLayer):
         profile = rank_profile(weights).cpu()  # one device->host copy per re-allocation, shared by keys and values
         for kind, src, budget in (("k", k_all, self.budget_k), ("v", v_all, self.budget_v)):
             old_bits = self.level_bits(kind)
-            new_bits = self._allocate(weights, old_bits, budget, profile)
-            self.pools[kind] = self._repool(self.pools[kind], old_bits, new_bits, src)
-            index = {w: i for i, w in enumerate(self.widths)}
-            idx = torch.zeros_like(new_bits, dtype=torch.uint8)
-            for w, i in index.items():
-                idx[new_bits == w] = i
+            new_bits, counts = self._allocate(weights, old_bits, budget, profile)
+            idx = torch.searchsorted(self._width_values, new_bits).to(torch.uint8)  # width -> level index
+            self.pools[kind] = self._repool(self.pools[kind], old_bits, idx, counts, src)
             self.levels[kind] = pack_levels(idx)
         self.n_middle = Tq + n
 
@@ -293,42 +291,47 @@ class SmartKVLayer(KVLayer):
         return token_weights(imp.reshape(B * H, T), cfg.importance_floor, cfg.importance_power, sens)
 
     def _allocate(self, weights: torch.Tensor, old_bits: torch.Tensor, budget: float,
-                  profile: torch.Tensor) -> torch.Tensor:
-        """New widths (B, H, T) under `budget`; counts per width from `profile` (policy.rank_profile of weights)."""
+                  profile: torch.Tensor) -> tuple[torch.Tensor, dict[int, int]]:
+        """New widths (B, H, T) under `budget` and the tokens per width of every row; counts per width from
+        `profile` (policy.rank_profile of the weights)."""
         B, H, Tq = old_bits.shape
         T = weights.shape[-1]
         caps = torch.full((B * H, T), max(self.widths), dtype=torch.long, device=weights.device)
         caps[:, :Tq] = old_bits.reshape(B * H, Tq)
         counts = counts_for(profile, budget, self.widths)
-        return cascade_assign(weights, caps, counts).reshape(B, H, T)
+        bits, taken = cascade_assign(weights, caps, counts, return_counts=True)
+        return bits.reshape(B, H, T), taken
 
-    def _repool(self, pools: dict, old_bits: torch.Tensor, new_bits: torch.Tensor, src: torch.Tensor) -> dict:
-        """Pools for `new_bits` (B, H, T): tokens whose width is unchanged keep their codes, the others are
-        quantized from `src` (B, H, T, D) (stored tokens: their dequantized codes)."""
+    def _repool(self, pools: dict, old_bits: torch.Tensor, new_idx: torch.Tensor, counts: dict[int, int],
+                src: torch.Tensor) -> dict:
+        """Pools for the new level indices `new_idx` (B, H, T) with `counts` tokens per width in every row: tokens
+        whose width is unchanged keep their codes, the others are quantized from `src` (B, H, T, D) (stored
+        tokens: their dequantized codes). Gathers with sizes known on the host: no device synchronisation."""
         B, H, T, D = src.shape
         Tq = old_bits.shape[-1]
-        out = {}
-        for b in sorted(set(new_bits.unique().tolist())):
-            sel = new_bits == b                                    # (B, H, T)
-            keep = torch.zeros_like(sel)
-            keep[..., :Tq] = (old_bits == b) & sel[..., :Tq]        # tokens that keep their codes
-            fresh = quantize(src[sel & ~keep].reshape(-1, D), b, self.group, axis=-1)
-            if b in pools and bool(keep.any()):
-                kept_mask = sel[..., :Tq][old_bits == b]           # old pool entries that stay at width b
-                take = keep[sel]                                   # (N,) which entries are kept ones
-                fields = []
-                for name in ("codes", "scale", "zero"):
-                    old_t = getattr(pools[b], name)
-                    old_t = old_t.reshape(-1, old_t.shape[-1])[kept_mask]
-                    new_t = getattr(fresh, name)
-                    t = new_t.new_empty(take.shape[0], new_t.shape[-1])
-                    t[take], t[~take] = old_t, new_t
-                    fields.append(t)
-                codes, scale, zero = fields
-            else:
-                codes, scale, zero = fresh.codes, fresh.scale, fresh.zero
-            shape = lambda t: t.reshape(B, H, -1, t.shape[-1])  # equal counts per row: dense pool
-            out[b] = QTensor(shape(codes), shape(scale), shape(zero), b, self.group, -1)
+        order = torch.argsort(new_idx, dim=-1, stable=True)       # each width's tokens in position order
+        out, start = {}, 0
+        for b in self.widths:
+            n = counts.get(b, 0)
+            if not n:
+                continue
+            pos = order[..., start:start + n]                        # (B, H, n)
+            start += n
+            # per-token groups: quantizing every token of the pool equals quantizing only the fresh ones
+            fresh = quantize(src.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, D)), b, self.group, axis=-1)
+            if b not in pools or not Tq:
+                out[b] = fresh
+                continue
+            was_b = old_bits == b                                    # (B, H, Tq): the old pool's tokens
+            at = pos.clamp(max=Tq - 1)
+            keep = (pos < Tq) & was_b.gather(2, at)                  # stored at width b already
+            rank = (was_b.cumsum(-1) - 1).gather(2, at).clamp_min(0)  # its entry in the old pool
+            fields = []
+            for name in ("codes", "scale", "zero"):
+                old_t, new_t = getattr(pools[b], name), getattr(fresh, name)
+                kept = old_t.gather(2, rank.unsqueeze(-1).expand(-1, -1, -1, old_t.shape[-1]))
+                fields.append(torch.where(keep.unsqueeze(-1), kept, new_t))
+            out[b] = QTensor(*fields, b, self.group, -1)
         return out
 
 
