@@ -109,3 +109,29 @@ def test_embedded_model_budget_and_quality():
             assert 4.0 <= cache.memory_report().avg_bits <= 4.25 + 1e-9
     kl = {m: float((logits["fp16"].exp() * (logits["fp16"] - logits[m])).sum(-1).mean()) for m in ("smartkv", "int4")}
     assert kl["smartkv"] < kl["int4"], kl
+
+
+@pytest.mark.parametrize("params", [dict(budget=4.25, key_value_gap=3), dict(budget=3, rotate="both", importance="sum")])
+def test_sync_free_reallocation_equals_the_masked_one(tiny, monkeypatch, params):
+    """CUDA re-allocates by gathers and scatters with host-known sizes (no device syncs), the CPU by boolean masks
+    that quantize only what changes: the same pools, level maps and outputs either way (both run here)."""
+    from smartkv.methods.smartkv import SmartKVLayer
+
+    runs = []
+    for sync_free in (True, False):
+        monkeypatch.setattr(SmartKVLayer, "SYNC_FREE", sync_free)
+        cache = _run(tiny.model, steps=40, recent_window=8, realloc_every=8, group_size=32, **params)
+        runs.append(cache)
+    a, b = (c.layers[1] for c in runs)
+    assert a.n_middle == b.n_middle > 40
+    for kind in ("k", "v"):
+        assert torch.equal(a.levels[kind], b.levels[kind]) and set(a.pools[kind]) == set(b.pools[kind])
+        for w in a.pools[kind]:
+            for name in ("codes", "scale", "zero"):
+                assert torch.equal(getattr(a.pools[kind][w], name), getattr(b.pools[kind][w], name))
+        parts = []
+        for sync_free in (True, False):
+            monkeypatch.setattr(SmartKVLayer, "SYNC_FREE", sync_free)
+            parts.append(a._middle_part(kind))
+        assert torch.equal(parts[0], parts[1]) and torch.equal(parts[1], b._middle_part(kind))
+    assert runs[0].memory_report().total_bytes == runs[1].memory_report().total_bytes

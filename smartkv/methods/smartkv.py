@@ -55,6 +55,13 @@ def hadamard(dim: int) -> torch.Tensor:
 
 
 class SmartKVLayer(KVLayer):
+    # Re-allocate without device synchronisations (gathers and scatters with host-known sizes) or with boolean
+    # masks that quantize only what changes: same pools either way. None: the first on CUDA, the second elsewhere.
+    SYNC_FREE: bool | None = None
+
+    def _sync_free(self) -> bool:
+        return self.device.type == "cuda" if self.SYNC_FREE is None else self.SYNC_FREE
+
     def _init_storage(self) -> None:
         B, H, D = self.batch_size, self.num_heads, self.head_dim
         empty = torch.empty(B, H, 0, D, dtype=self.window_dtype, device=self.device)
@@ -94,11 +101,19 @@ class SmartKVLayer(KVLayer):
         return self._width_values[idx.long()]
 
     def _middle_part(self, kind: str) -> torch.Tensor:
-        """Dequantized middle keys or values in the stored (normalised, rotated) space: (B, H, Tq, D) fp32."""
-        out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, self.head_dim, device=self.device)
-        if self.n_middle:
+        """Dequantized middle keys or values in the stored (normalised, rotated) space: (B, H, Tq, D) fp32.
+        Sync-free: scattered through the pools' positions; else by boolean masks (cheaper on a CPU)."""
+        D = self.head_dim
+        out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, D, device=self.device)
+        if not self.n_middle:
+            return out
+        if self._sync_free():
             for pool, pos in self._pool_positions(kind):
-                out.scatter_(2, pos.long().unsqueeze(-1).expand(-1, -1, -1, self.head_dim), dequantize(pool))
+                out.scatter_(2, pos.long().unsqueeze(-1).expand(-1, -1, -1, D), dequantize(pool))
+            return out
+        bits = self.level_bits(kind)
+        for b, q in self.pools[kind].items():
+            out[bits == b] = dequantize(q).reshape(-1, D)
         return out
 
     def _to_stored(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +272,8 @@ class SmartKVLayer(KVLayer):
             old_bits = self.level_bits(kind)
             new_bits, counts = self._allocate(weights, old_bits, budget, profile)
             idx = torch.searchsorted(self._width_values, new_bits).to(torch.uint8)  # width -> level index
-            self.pools[kind] = self._repool(self.pools[kind], old_bits, idx, counts, src)
+            repool = self._repool_gather if self._sync_free() else self._repool_masked
+            self.pools[kind] = repool(self.pools[kind], old_bits, idx, counts, src)
             self.levels[kind] = pack_levels(idx)
         self.n_middle = Tq + n
 
@@ -302,11 +318,12 @@ class SmartKVLayer(KVLayer):
         bits, taken = cascade_assign(weights, caps, counts, return_counts=True)
         return bits.reshape(B, H, T), taken
 
-    def _repool(self, pools: dict, old_bits: torch.Tensor, new_idx: torch.Tensor, counts: dict[int, int],
-                src: torch.Tensor) -> dict:
+    def _repool_gather(self, pools: dict, old_bits: torch.Tensor, new_idx: torch.Tensor, counts: dict[int, int],
+                       src: torch.Tensor) -> dict:
         """Pools for the new level indices `new_idx` (B, H, T) with `counts` tokens per width in every row: tokens
         whose width is unchanged keep their codes, the others are quantized from `src` (B, H, T, D) (stored
-        tokens: their dequantized codes). Gathers with sizes known on the host: no device synchronisation."""
+        tokens: their dequantized codes). The CUDA way: gathers with sizes known on the host, no device sync
+        (it quantizes every token of a pool and keeps the old codes where they stay)."""
         B, H, T, D = src.shape
         Tq = old_bits.shape[-1]
         order = torch.argsort(new_idx, dim=-1, stable=True)       # each width's tokens in position order
@@ -332,6 +349,37 @@ class SmartKVLayer(KVLayer):
                 kept = old_t.gather(2, rank.unsqueeze(-1).expand(-1, -1, -1, old_t.shape[-1]))
                 fields.append(torch.where(keep.unsqueeze(-1), kept, new_t))
             out[b] = QTensor(*fields, b, self.group, -1)
+        return out
+
+    def _repool_masked(self, pools: dict, old_bits: torch.Tensor, new_idx: torch.Tensor, counts: dict[int, int],
+                       src: torch.Tensor) -> dict:
+        """`_repool_gather`'s result by boolean masks, quantizing only the tokens that change: the CPU way (masks
+        cost a device sync each on CUDA, and nothing on the CPU)."""
+        B, H, T, D = src.shape
+        Tq = old_bits.shape[-1]
+        new_bits = self._width_values[new_idx.long()]
+        out = {}
+        for b in (w for w in self.widths if counts.get(w)):
+            sel = new_bits == b                                    # (B, H, T)
+            keep = torch.zeros_like(sel)
+            keep[..., :Tq] = (old_bits == b) & sel[..., :Tq]        # tokens that keep their codes
+            fresh = quantize(src[sel & ~keep].reshape(-1, D), b, self.group, axis=-1)
+            if b in pools and bool(keep.any()):
+                kept_mask = sel[..., :Tq][old_bits == b]           # old pool entries that stay at width b
+                take = keep[sel]                                   # (N,) which entries are kept ones
+                fields = []
+                for name in ("codes", "scale", "zero"):
+                    old_t = getattr(pools[b], name)
+                    old_t = old_t.reshape(-1, old_t.shape[-1])[kept_mask]
+                    new_t = getattr(fresh, name)
+                    t = new_t.new_empty(take.shape[0], new_t.shape[-1])
+                    t[take], t[~take] = old_t, new_t
+                    fields.append(t)
+                codes, scale, zero = fields
+            else:
+                codes, scale, zero = fresh.codes, fresh.scale, fresh.zero
+            shape = lambda t: t.reshape(B, H, -1, t.shape[-1])  # equal counts per row: dense pool
+            out[b] = QTensor(shape(codes), shape(scale), shape(zero), b, self.group, -1)
         return out
 
 
