@@ -156,7 +156,16 @@ def main() -> None:
             from smartkv.models import embedded_model_dir
             embedded_model_dir()  # the one-time conversion, outside the timing
         for n in counts:
-            record = run(args.grid, args.out, n, args.workers_per_gpu, args.timeout_s)
+            try:
+                record = run(args.grid, args.out, n, args.workers_per_gpu, args.timeout_s)
+            except subprocess.TimeoutExpired:
+                print(f"{n} GPU(s): gave up after --timeout-s {args.timeout_s:.0f} s; its jobs so far are in "
+                      f"{args.out / f'{n}gpu'}, no row for it", flush=True)
+                continue
+            except subprocess.CalledProcessError as exc:
+                print(f"{n} GPU(s): the run failed (exit code {exc.returncode}, its output above); no row for it",
+                      flush=True)
+                continue
             print(f"{n} GPU(s): {record['jobs']} jobs in {record['run_s']:.0f} s", flush=True)
     text = table(args.out)
     (args.out / "scale.md").write_text(text + "\n")
