@@ -57,6 +57,17 @@ def update_mean(mean: torch.Tensor, seen: torch.Tensor, mass: torch.Tensor, new_
     return out, total
 
 
+def fold_attention(codes: torch.Tensor, probs: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """New importance codes (B, Hkv, T) after the last W queries' attention probs (B, Hq, W, T): the running mean
+    of attention received, each token's earlier observers counted from the observed query `ranges` (n, 2)."""
+    B, Hkv, T = codes.shape
+    W = probs.shape[2]
+    seen = seen_from_ranges(ranges.to(codes.device), T).unsqueeze(0)                  # (1, T)
+    new_seen = seen_from_ranges(torch.tensor([[T - W, T]], device=codes.device), T).unsqueeze(0)
+    mean, _ = update_mean(decode_importance(codes), seen, kv_head_mass(probs, Hkv), new_seen)
+    return encode_importance(mean)
+
+
 def token_weights(importance: torch.Tensor, floor: float, power: float,
                   sensitivity: torch.Tensor | None = None) -> torch.Tensor:
     """Allocation weights (R, n) from importance (R, n): (importance + floor * row mean)^power * sensitivity.

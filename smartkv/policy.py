@@ -45,7 +45,7 @@ class _BitCounter:
     EPS = 1e-9
 
     def __init__(self, w: torch.Tensor, widths: torch.Tensor):
-        self.w, self.widths = w, widths
+        self.widths = widths
         self.sorted = np.sort(w.numpy())
         a, b = (4.0 ** -widths.numpy()), widths.numpy()
         # envelope from x = 0 (narrowest width) upwards: at each step the next width whose line crosses first

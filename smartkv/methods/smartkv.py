@@ -30,8 +30,8 @@ import torch
 
 from smartkv.cache import KVLayer
 from smartkv.hf_compat import sdpa_attention_forward
-from smartkv.importance import (add_range, allowed_from_mask, attention_probs, decode_importance,
-                                encode_importance, kv_head_mass, seen_from_ranges, token_weights, update_mean)
+from smartkv.importance import (add_range, allowed_from_mask, attention_probs, decode_importance, fold_attention,
+                                seen_from_ranges, token_weights)
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
 from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
@@ -44,10 +44,13 @@ UNSEEN = 255  # importance code of a token no query has seen yet (encode_importa
 
 
 @functools.cache
-def hadamard(dim: int) -> torch.Tensor:
-    """Orthonormal Sylvester-Hadamard matrix (dim, dim), dim a power of two; symmetric, its own inverse."""
+def hadamard(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard matrix (dim, dim), dim a power of two; symmetric, its own inverse. Cached per
+    device: decode steps use it every call, and a host-to-device copy each time would wait for the GPU."""
     if dim & (dim - 1):
         raise ValueError(f"rotate needs a power-of-two head_dim, got {dim}")
+    if torch.device(device).type != "cpu":
+        return hadamard(dim).to(device)
     h = torch.ones(1, 1)
     while h.shape[0] < dim:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -119,16 +122,16 @@ class SmartKVLayer(KVLayer):
     def _to_stored(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = (k - self.k_mu.float()) / self.k_scale.float()
         if self.rot_k:
-            k = k @ hadamard(self.head_dim).to(k.device)
+            k = k @ hadamard(self.head_dim, k.device)
         if self.rot_v:
-            v = v @ hadamard(self.head_dim).to(v.device)
+            v = v @ hadamard(self.head_dim, v.device)
         return k, v
 
     def _from_stored(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rot_k:
-            k = k @ hadamard(self.head_dim).to(k.device)
+            k = k @ hadamard(self.head_dim, k.device)
         if self.rot_v:
-            v = v @ hadamard(self.head_dim).to(v.device)
+            v = v @ hadamard(self.head_dim, v.device)
         if self.k_mu is not None:
             k = k * self.k_scale.float() + self.k_mu.float()
         return k, v
@@ -180,10 +183,7 @@ class SmartKVLayer(KVLayer):
 
     def _observe(self, probs: torch.Tensor, T: int, W: int) -> None:
         """Fold the attention of the last W queries, probs (B, Hq, W, T), into the running importance."""
-        seen = seen_from_ranges(self.observed.to(probs.device), T).unsqueeze(0)  # (1, T)
-        new_seen = seen_from_ranges(torch.tensor([[T - W, T]], device=probs.device), T).unsqueeze(0)
-        mean, _ = update_mean(decode_importance(self.importance), seen, kv_head_mass(probs, self.num_heads), new_seen)
-        self.importance = encode_importance(mean)
+        self.importance = fold_attention(self.importance, probs, self.observed)
         self.observed = add_range(self.observed, T - W, T)
 
     def _observe_step(self, probs: torch.Tensor) -> None:
@@ -219,7 +219,7 @@ class SmartKVLayer(KVLayer):
             q_st = qg * self.k_scale.float()                                   # stored keys: (k - mu) / scale
             bias = (qg * self.k_mu.float()).sum(-1).reshape(B, Hq)
             if self.rot_k:
-                q_st = q_st @ hadamard(D).to(q.device)
+                q_st = q_st @ hadamard(D, q.device)
             q_st = q_st.reshape(B, Hq, D).contiguous()
             for pool, pos in self._pool_positions("k"):
                 pool_scores(q_st, pool, pos, logits, n_sink, scaling, bias)
@@ -232,7 +232,7 @@ class SmartKVLayer(KVLayer):
             for pool, pos in self._pool_positions("v"):
                 mid += pool_values(probs, pool, pos, n_sink, splits)
             if self.rot_v:
-                mid = mid @ hadamard(D).to(mid.device)
+                mid = mid @ hadamard(D, mid.device)
             out = out + mid
         return out.to(query.dtype).unsqueeze(1), probs.unsqueeze(2)
 

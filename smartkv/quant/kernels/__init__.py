@@ -143,6 +143,7 @@ def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence
     codes: (B, Hkv, T) uint8 (`encode_importance` of the mean attention each token received); probs: (B, Hq, T)
     fp32, the query's attention over all T tokens; ranges: the [start, end) positions of the queries observed
     before, from which each token's count of observers is derived."""
+    ranges = [tuple(map(int, r)) for r in ranges]
     if kernels_available(codes.device) and len(ranges) <= _tp.MAX_RANGES and codes.shape[-1]:
-        return _tp.importance_update_triton(codes, probs, [tuple(map(int, r)) for r in ranges])
-    return importance_update_reference(codes, probs, [tuple(map(int, r)) for r in ranges])
+        return _tp.importance_update_triton(codes, probs, ranges)
+    return importance_update_reference(codes, probs, ranges)

@@ -130,15 +130,10 @@ def pool_values_reference(probs: torch.Tensor, pool: QTensor, positions: torch.T
 
 
 def pool_positions_reference(levels: torch.Tensor, n: int, counts: tuple[int, ...]) -> torch.Tensor:
-    from smartkv.quant.core import unpack
-    idx = unpack(levels, 2)[..., :n]
-    return torch.argsort(idx, dim=-1, stable=True).to(torch.int32)
+    from smartkv.policy import unpack_levels
+    return torch.argsort(unpack_levels(levels, n), dim=-1, stable=True).to(torch.int32)
 
 
 def importance_update_reference(codes: torch.Tensor, probs: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
-    from smartkv.importance import decode_importance, encode_importance, kv_head_mass, seen_from_ranges, update_mean
-    B, Hkv, T = codes.shape
-    seen = seen_from_ranges(torch.tensor(ranges, dtype=torch.int64, device=codes.device).reshape(-1, 2), T)
-    mass = kv_head_mass(probs.unsqueeze(2), Hkv)                          # (B, Hkv, T)
-    mean, _ = update_mean(decode_importance(codes), seen.unsqueeze(0), mass, torch.ones_like(seen).unsqueeze(0))
-    codes.copy_(encode_importance(mean))
+    from smartkv.importance import fold_attention
+    codes.copy_(fold_attention(codes, probs.unsqueeze(2), torch.tensor(ranges, dtype=torch.int64).reshape(-1, 2)))
