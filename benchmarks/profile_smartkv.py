@@ -85,6 +85,11 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=2048, help="prompt tokens (CPython prose)")
     p.add_argument("--tokens", type=int, default=32, help="decoded tokens timed")
     p.add_argument("--params", default="budget=4.25,key_value_gap=3", help="smartkv parameters, k=v,...")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (--random only)")
+    p.add_argument("--torch-profile", type=int, default=0, metavar="ROWS",
+                   help="also print torch.profiler's top ROWS ops (self CPU time) over SmartKV's timed decode")
+    p.add_argument("--cprofile", type=int, default=0, metavar="ROWS",
+                   help="also print cProfile's top ROWS Python functions (own and cumulative time) over it")
     p.add_argument("--random", action="store_true",
                    help="a random-weight Llama of SmolLM2's shapes and random tokens (no model files needed)")
     a = p.parse_args(argv)
@@ -93,7 +98,8 @@ def main(argv=None) -> None:
     if a.random:
         handle = load_tiny("tiny-llama", device=a.device, dtype=torch.bfloat16 if device.type == "cuda" else
                            torch.float32, **SMOLLM2_SHAPES, max_position_embeddings=max(8192, a.context + 1024))
-        ids = torch.randint(3, SMOLLM2_SHAPES["vocab_size"], (1, a.context), generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, SMOLLM2_SHAPES["vocab_size"], (a.batch, a.context), generator=gen)
         ids = ids.to(device)
     else:
         handle = load_model("smollm2", device=a.device)
@@ -105,6 +111,20 @@ def main(argv=None) -> None:
         decode_ms(handle.model, ids, m, pr, 40, device)  # warm-up past re-allocations: kernels compiled
         rows.append((m, decode_ms(handle.model, ids, m, pr, a.tokens, device)))
         print(f"  {m}: {rows[-1][1]:.2f} ms / token", flush=True)
+    if a.torch_profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            decode_ms(handle.model, ids, "smartkv", params, a.tokens, device)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.torch_profile))
+    if a.cprofile:  # host time per Python function (the decode step is launch-bound on a GPU)
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        decode_ms(handle.model, ids, "smartkv", params, a.tokens, device, after_prefill=prof.enable)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(a.cprofile)
+        pstats.Stats(prof).sort_stats("cumtime").print_stats(a.cprofile)
     spent, calls = instrument(device)
     total = decode_ms(handle.model, ids, "smartkv", params, a.tokens, device,
                       after_prefill=lambda: (spent.clear(), calls.clear()))

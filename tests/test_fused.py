@@ -167,7 +167,8 @@ def test_smartkv_two_pass_decode_equals_reference(tiny, monkeypatch, case):
 
     calls = []
     real = smartkv_mod.pool_scores
-    monkeypatch.setattr(smartkv_mod, "pool_scores", lambda *a, **k: calls.append(a[1].bits) or real(*a, **k))
+    monkeypatch.setattr(smartkv_mod, "pool_scores",
+                        lambda *a, **k: calls.extend(pool.bits for pool, _, _ in a[1]) or real(*a, **k))
     params = SMARTKV_CASES[case]
     ids = _prompt(61)
     ref_tokens, ref_logits, ref_cache = _generate(tiny, "smartkv", params, ids, fused=False, new_tokens=6)

@@ -20,7 +20,8 @@ BOUND = 3e-3
 
 
 def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def gen(seed):
@@ -166,51 +167,84 @@ def test_segment_errors_are_clear():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("N,T,NG,D,G", [(37, 50, 3, 64, 32), (5, 9, 4, 128, 64), (70, 70, 1, 16, 16)])
-def test_pool_two_pass_kernels(bits, N, T, NG, D, G):
-    """SmartKV's pool kernels: scores scattered to the pool's positions, probability-weighted values gathered
-    from them; against the torch reference and fp64 over the dequantized pool. Untouched logits stay put."""
+@pytest.mark.parametrize("N,NG,D,G,shared", [(37, 3, 64, 32, True), (5, 4, 128, 64, False), (70, 1, 16, 16, True)])
+def test_pool_two_pass_kernels(bits, N, NG, D, G, shared):
+    """SmartKV's two passes over its layout in one launch each: full-precision sinks, two width pools whose
+    tokens interleave in the middle (each row its own interleaving), the full-precision window. Scores land at
+    every position; values come back as (pools' part, full-precision part). Against the torch reference and
+    fp64. Positions as views of one buffer (what the cache passes) or as separate tensors."""
     from smartkv.quant.core import dequantize
     from smartkv.quant.kernels import reference as R
 
     g = gen(bits * 1000 + N)
     B, Hkv = 2, 2
     Hq = Hkv * NG
-    pool = quantize(randn(g, B, Hkv, N, D, scale=2.0, dtype=torch.float32), bits, G, axis=-1)
-    pos = torch.stack([torch.stack([torch.randperm(T, generator=g)[:N].sort().values for _ in range(Hkv)])
-                       for _ in range(B)]).to(DEV)
-    q, bias = randn(g, B, Hq, D, dtype=torch.float32), randn(g, B, Hq, dtype=torch.float32)
-    off, scaling = 3, D ** -0.5
-    logits = torch.full((B, Hq, T + off), -7.0, device=DEV)
+    n_sink, n_win, N2 = 3, 5, N // 2 + 1
+    Tm = N + N2
+    T = n_sink + Tm + n_win
+    other = 2 if bits == 8 else 8
+    pools = [quantize(randn(g, B, Hkv, n, D, scale=2.0, dtype=torch.float32), b, G, axis=-1)
+             for b, n in ((bits, N), (other, N2))]
+    perm = torch.stack([torch.stack([torch.randperm(Tm, generator=g) for _ in range(Hkv)]) for _ in range(B)])
+    order = torch.cat([perm[..., :N].sort(-1).values, perm[..., N:].sort(-1).values], -1).to(torch.int32).to(DEV)
+    pos = [order[..., :N], order[..., N:]] if shared else [order[..., :N].clone(), order[..., N:].clone()]
+    segs = [(p, ps, n_sink) for p, ps in zip(pools, pos)]
+    sink_k, win_k = randn(g, B, Hkv, n_sink, D), randn(g, B, Hkv, n_win, D)
+    fp = [(sink_k, 0), (win_k, n_sink + Tm)]
+    q, q_fp = randn(g, B, Hq, D, dtype=torch.float32), randn(g, B, Hq, D, dtype=torch.float32)
+    bias = randn(g, B, Hq, dtype=torch.float32)
+    scaling = D ** -0.5
+
+    logits = torch.full((B, Hq, T), -7.0, device=DEV)
     ref_logits = logits.clone()
-    kern.pool_scores(q, pool, pos, logits, off, scaling, bias)
-    R.pool_scores_reference(q, pool, pos, ref_logits, off, scaling, bias)
-    k64 = dequantize(pool, torch.float64)
-    exact = (q.double().reshape(B, Hkv, NG, D) @ k64.transpose(-1, -2)).reshape(B, Hq, N) + bias.double()[..., None]
-    idx = (pos + off).repeat_interleave(NG, 1)
-    assert rel(logits.gather(-1, idx), exact * scaling) < BOUND
+    kern.pool_scores(q, segs, logits, scaling, bias, q_fp, fp)
+    R.pool_scores_reference(q, segs, ref_logits, scaling, bias, q_fp, fp)
+    exact = torch.empty(B, Hq, T, dtype=torch.float64)
+    for (pool, _, _), ps in zip(segs, pos):
+        k64 = dequantize(pool, torch.float64).cpu()
+        s = (q.double().cpu().reshape(B, Hkv, NG, D) @ k64.transpose(-1, -2)).reshape(B, Hq, -1)
+        exact.scatter_(-1, (ps.long().cpu() + n_sink).repeat_interleave(NG, 1), s + bias.double().cpu()[..., None])
+    for x, start in fp:
+        s = (q_fp.double().cpu().reshape(B, Hkv, NG, D) @ x.double().cpu().transpose(-1, -2)).reshape(B, Hq, -1)
+        exact[..., start:start + x.shape[-2]] = s
+    assert rel(logits, exact * scaling) < BOUND
     assert rel(logits, ref_logits) < BOUND
-    touched = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
-    assert (logits[~touched] == -7.0).all()
 
-    probs = torch.softmax(randn(g, B, Hq, T + off, scale=3.0, dtype=torch.float32), -1)
-    for splits in (1, 3):
-        out = kern.pool_values(probs, pool, pos, off, splits)
-        exact_v = (probs.double().gather(-1, idx).reshape(B, Hkv, NG, N) @ k64).reshape(B, Hq, D)
-        assert out.shape == (B, Hq, D) and out.dtype == torch.float32
-        assert rel(out, exact_v) < BOUND
-        assert rel(out, R.pool_values_reference(probs, pool, pos, off)) < BOUND
+    probs = torch.softmax(randn(g, B, Hq, T, scale=3.0, dtype=torch.float32), -1)
+    values = [(pool, ps, n_sink) for pool, ps in zip([quantize(randn(g, B, Hkv, n, D, dtype=torch.float32), b, G)
+                                                      for b, n in ((other, N), (bits, N2))], pos)]
+    fp_v = [(randn(g, B, Hkv, n_sink, D), 0), (randn(g, B, Hkv, n_win, D), n_sink + Tm)]
+    p64 = probs.double().cpu()
+    mid64 = sum((p64.gather(-1, (ps.long().cpu() + n_sink).repeat_interleave(NG, 1)).reshape(B, Hkv, NG, -1)
+                 @ dequantize(pool, torch.float64).cpu()).reshape(B, Hq, D) for pool, ps, _ in values)
+    fp64 = sum((p64[..., st:st + x.shape[-2]].reshape(B, Hkv, NG, -1) @ x.double().cpu()).reshape(B, Hq, D)
+               for x, st in fp_v)
+    ref_mid, ref_fp = R.pool_values_reference(probs, values, fp_v)
+    for per_split in (32, 1 << 30):
+        mid, fp_out = kern.pool_values(probs, values, fp_v, per_split)
+        assert mid.shape == fp_out.shape == (B, Hq, D) and mid.dtype == torch.float32
+        assert rel(mid, mid64) < BOUND and rel(fp_out, fp64) < BOUND
+        assert rel(mid, ref_mid) < BOUND and rel(fp_out, ref_fp) < BOUND
 
 
-def test_pool_kernels_skip_an_empty_pool():
+def test_pool_kernels_skip_empty_segments():
     g = gen(5)
-    pool = quantize(randn(g, 1, 2, 0, 64, dtype=torch.float32), 4, 32, axis=-1)
-    pos = torch.zeros(1, 2, 0, dtype=torch.long, device=DEV)
+    empty = quantize(randn(g, 1, 2, 0, 64, dtype=torch.float32), 4, 32, axis=-1)
+    pos = torch.zeros(1, 2, 0, dtype=torch.int32, device=DEV)
     logits = torch.full((1, 4, 7), -7.0, device=DEV)
-    kern.pool_scores(randn(g, 1, 4, 64, dtype=torch.float32), pool, pos, logits, 0, 0.125)
+    q = randn(g, 1, 4, 64, dtype=torch.float32)
+    kern.pool_scores(q, [(empty, pos, 0)], logits, 0.125, None, q, [(randn(g, 1, 2, 0, 64), 0)])
     assert (logits == -7.0).all()
+    win = randn(g, 1, 2, 2, 64)                       # only a full-precision run: written, nothing else
+    kern.pool_scores(q, [(empty, pos, 0)], logits, 0.125, None, q, [(win, 5)])
+    assert (logits[..., :5] == -7.0).all() and (logits[..., 5:] != -7.0).all()
     probs = torch.softmax(logits, -1)
-    assert torch.equal(kern.pool_values(probs, pool, pos, 0, splits=4), torch.zeros(1, 4, 64, device=DEV))
+    mid, fp_out = kern.pool_values(probs, [(empty, pos, 0)], [(win, 5)], 4)
+    assert torch.equal(mid, torch.zeros(1, 4, 64, device=DEV))
+    expect = (probs[..., 5:].reshape(1, 2, 2, 2) @ win.float()).reshape(1, 4, 64)
+    assert rel(fp_out, expect) < BOUND
+    with pytest.raises(ValueError, match="at most 4"):
+        kern.pool_scores(q, [(quantize(win.float(), 4, 32), pos.new_zeros(1, 2, 2), 0)] * 5, logits, 0.1)
 
 
 @pytest.mark.parametrize("n,levels", [(1, 1), (37, 2), (1100, 4), (2053, 3)])

@@ -198,43 +198,36 @@ class SmartKVLayer(KVLayer):
         return []
 
     def _fused_decode(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode attention read from the packed pools in two passes (kernels.pool_scores / pool_values):
-        scores of every stored token into position-ordered logits, softmax, probability-weighted values.
-        The sinks and the recent window (which holds this step's token) are full precision and few.
+        """Decode attention read from the packed pools in two passes of one launch each (kernels.pool_scores /
+        pool_values over every width pool plus the full-precision sinks and recent window, which holds this
+        step's token): scores into position-ordered logits, softmax, probability-weighted values.
         Returns (output (B, 1, Hq, D) in query's dtype, probabilities (B, Hq, 1, T) fp32)."""
         B, Hq, _, D = query.shape
         H = self.num_heads
-        G = Hq // H
         q = query[:, :, 0].float()                                             # (B, Hq, D)
         n_sink, Tm, n_win = self.sink_k.shape[-2], self.n_middle, self.win_k.shape[-2]
-        T = n_sink + Tm + n_win
-        logits = torch.empty(B, Hq, T, dtype=torch.float32, device=query.device)
-        qg = q.reshape(B, H, G, D)
-        fp_k = torch.cat([self.sink_k, self.win_k], -2).float()                 # (B, H, n_sink + n_win, D)
-        fp_v = torch.cat([self.sink_v, self.win_v], -2).float()
-        s_fp = (qg @ fp_k.transpose(-1, -2)).reshape(B, Hq, -1) * scaling
-        logits[..., :n_sink] = s_fp[..., :n_sink]
-        logits[..., n_sink + Tm:] = s_fp[..., n_sink:]
-        if Tm:
-            q_st = qg * self.k_scale.float()                                   # stored keys: (k - mu) / scale
+        logits = torch.empty(B, Hq, n_sink + Tm + n_win, dtype=torch.float32, device=query.device)
+        q_st = bias = None
+        if Tm:  # stored keys are (k - mu) / scale: q . k = (q * scale) . stored + q . mu
+            qg = q.reshape(B, H, Hq // H, D)
+            q_st = qg * self.k_scale.float()
             bias = (qg * self.k_mu.float()).sum(-1).reshape(B, Hq)
             if self.rot_k:
                 q_st = q_st @ hadamard(D, q.device)
-            q_st = q_st.reshape(B, Hq, D).contiguous()
-            for pool, pos in self._pool_positions("k"):
-                pool_scores(q_st, pool, pos, logits, n_sink, scaling, bias)
+            q_st = q_st.reshape(B, Hq, D)
+        fp = ((self.sink_k, 0), (self.win_k, n_sink + Tm))
+        pool_scores(q if q_st is None else q_st, self._pool_segments("k"), logits, scaling, bias, q, fp)
         probs = torch.softmax(logits, -1)                                      # (B, Hq, T)
-        p_fp = torch.cat([probs[..., :n_sink], probs[..., n_sink + Tm:]], -1).reshape(B, H, G, -1)
-        out = (p_fp @ fp_v).reshape(B, Hq, D)
+        fp = ((self.sink_v, 0), (self.win_v, n_sink + Tm))
+        mid, out = pool_values(probs, self._pool_segments("v"), fp, tokens_per_split=max(1024, Tm // 64))
         if Tm:
-            mid = torch.zeros_like(out)
-            splits = max(1, min(64, Tm // 1024))
-            for pool, pos in self._pool_positions("v"):
-                mid += pool_values(probs, pool, pos, n_sink, splits)
-            if self.rot_v:
-                mid = mid @ hadamard(D, mid.device)
-            out = out + mid
+            out = out + (mid @ hadamard(D, mid.device) if self.rot_v else mid)
         return out.to(query.dtype).unsqueeze(1), probs.unsqueeze(2)
+
+    def _pool_segments(self, kind: str) -> list:
+        """The key or value pools as `pool_scores` / `pool_values` take them: (pool, positions, n_sink)."""
+        n_sink = self.sink_k.shape[-2]
+        return [(pool, pos, n_sink) for pool, pos in self._pool_positions(kind)] if self.n_middle else []
 
     def _pool_positions(self, kind: str):
         """(pool, positions (B, H, N) in the middle) for each width pool of keys or values, lowest width first:

@@ -3,8 +3,8 @@
     quantize_pack(x, bits, group_size, axis=-1, out=None, start=0) -> QTensor
     quantize_pack_kv(k, v, bits, group_size, out=None, start=0) -> (QTensor, QTensor)     # one launch
     decode_attention(q, segments, scaling, lengths=None, return_token_probs=False, probs_out=None)
-    pool_scores(q, pool, positions, out, offset, scaling, bias=None)    # SmartKV's two passes over width pools
-    pool_values(probs, pool, positions, offset, splits=1) -> (B, Hq, D) fp32
+    pool_scores(q, pools, out, scaling, bias=None, q_fp=None, fp=())   # SmartKV's two passes, one launch each
+    pool_values(probs, pools, fp=(), tokens_per_split) -> ((B, Hq, D), (B, Hq, D)) fp32
     pool_positions(levels, n, counts) -> (B, H, n) int32                 # where each pool's tokens sit
     importance_update(codes, probs, ranges)                             # SmartKV's statistics, in place
     kernels_available(device) -> bool
@@ -36,6 +36,8 @@ try:
     HAVE_TRITON = True
 except ImportError:  # no Triton on this platform: reference paths only
     HAVE_TRITON = False
+
+_MAX_POOLS, _MAX_FP = 4, 2  # segments of one launch
 
 __all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_update", "kernels_available",
            "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_kv",
@@ -100,30 +102,48 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
     return decode_attention_reference(q, segments, scaling, lengths, return_token_probs, probs_out)
 
 
-def pool_scores(q: torch.Tensor, pool: QTensor, positions: torch.Tensor, out: torch.Tensor, offset: int,
-                scaling: float, bias: torch.Tensor | None = None) -> None:
-    """Scores of one width pool written into position-ordered logits (SmartKV's first decode pass).
+def pool_scores(q: torch.Tensor, pools: Sequence, out: torch.Tensor, scaling: float,
+                bias: torch.Tensor | None = None, q_fp: torch.Tensor | None = None, fp: Sequence = ()) -> None:
+    """SmartKV's first decode pass, in one launch: the scores of every width pool and full-precision run written
+    into the position-ordered logits `out` (B, Hq, T) fp32, contiguous.
 
-    q: (B, Hq, D) (already in the pool's stored space); pool: per-token QTensor (B, Hkv, N, D); positions:
-    (B, Hkv, N) int, each pool token's position; out: (B, Hq, T) fp32. Sets
-    out[b, hq, offset + positions[b, hq // G, j]] = scaling * (q[b, hq] . pool[b, hq // G, j] + bias[b, hq]).
-    """
-    if pool.codes.shape[-2] == 0:
+    q: (B, Hq, D), the query in the pools' stored space; pools: at most 4 (pool, positions, base): a per-token
+    QTensor (B, Hkv, N, D), its tokens' positions (B, Hkv, N) int and a base added to them; bias: (B, Hq), added
+    to the pools' scores; fp: at most 2 (keys (B, Hkv, n, D), start): full-precision runs at positions start,
+    start + 1, ..., scored with `q_fp` (the plain query). Sets out[b, hq, base + positions[b, hq // G, j]] =
+    scaling * (q[b, hq] . pool[b, hq // G, j] + bias[b, hq]) and out[b, hq, start + j] = scaling * q_fp[b, hq]
+    . keys[b, hq // G, j]; other logits stay as they are."""
+    pools, fp = _check_segments(pools, fp)
+    if not pools and not fp:
         return None
-    if kernels_available(q.device) and _tp.pool_ok(pool):
-        return _tp.pool_scores_triton(q, pool, positions, out, offset, scaling, bias)
-    return pool_scores_reference(q, pool, positions, out, offset, scaling, bias)
+    if kernels_available(q.device) and all(_tp.pool_ok(p) for p, _, _ in pools) and out.is_contiguous():
+        return _tp.pool_scores_triton(q, pools, out, scaling, bias, q_fp, fp)
+    return pool_scores_reference(q, pools, out, scaling, bias, q_fp, fp)
 
 
-def pool_values(probs: torch.Tensor, pool: QTensor, positions: torch.Tensor, offset: int,
-                splits: int = 1) -> torch.Tensor:
-    """sum_j probs[b, hq, offset + positions[b, hq // G, j]] * pool[b, hq // G, j]: (B, Hq, D) fp32 (SmartKV's
-    second decode pass; `splits` divides each row's tokens over that many programs)."""
-    if pool.codes.shape[-2] == 0:
-        return probs.new_zeros(probs.shape[0], probs.shape[1], pool.shape[-1], dtype=torch.float32)
-    if kernels_available(probs.device) and _tp.pool_ok(pool):
-        return _tp.pool_values_triton(probs, pool, positions, offset, splits)
-    return pool_values_reference(probs, pool, positions, offset, splits)
+def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (),
+                tokens_per_split: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """SmartKV's second decode pass, in one launch: (sum over the pools' tokens, sum over the full-precision
+    runs' tokens) of probs[b, hq, position] * value, each (B, Hq, D) fp32 (apart, so the caller can rotate the
+    pools' part back). probs: (B, Hq, T); pools and fp as in `pool_scores` (values instead of keys); each
+    program sums at most `tokens_per_split` tokens of one segment."""
+    pools, fp = _check_segments(pools, fp)
+    if not pools and not fp:
+        z = probs.new_zeros(probs.shape[0], probs.shape[1], 0)
+        return z, z
+    if kernels_available(probs.device) and all(_tp.pool_ok(p) for p, _, _ in pools):
+        return _tp.pool_values_triton(probs, pools, fp, tokens_per_split)
+    return pool_values_reference(probs, pools, fp)
+
+
+def _check_segments(pools: Sequence, fp: Sequence) -> tuple[list, list]:
+    """Drop empty segments; at most 4 pools and 2 full-precision runs."""
+    pools = [(p, pos, int(base)) for p, pos, base in pools if p.codes.shape[-2]]
+    fp = [(x, int(start)) for x, start in fp if x.shape[-2]]
+    if len(pools) > _MAX_POOLS or len(fp) > _MAX_FP:
+        raise ValueError(f"pools: at most {_MAX_POOLS} non-empty, fp: at most {_MAX_FP}, got {len(pools)} and "
+                         f"{len(fp)}")
+    return pools, fp
 
 
 def pool_positions(levels: torch.Tensor, n: int, counts: Sequence[int]) -> torch.Tensor:

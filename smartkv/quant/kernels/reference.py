@@ -107,26 +107,38 @@ def _pool_index(positions: torch.Tensor, offset: int, group: int) -> torch.Tenso
     return (positions.long() + offset).repeat_interleave(group, dim=1)
 
 
-def pool_scores_reference(q: torch.Tensor, pool: QTensor, positions: torch.Tensor, out: torch.Tensor, offset: int,
-                          scaling: float, bias: torch.Tensor | None = None) -> None:
+def pool_scores_reference(q: torch.Tensor, pools, out: torch.Tensor, scaling: float,
+                          bias: torch.Tensor | None = None, q_fp: torch.Tensor | None = None, fp=()) -> None:
     B, Hq, D = q.shape
-    Hkv, N = pool.codes.shape[1], pool.codes.shape[2]
-    G = Hq // Hkv
-    k = dequantize(pool)                                                   # (B, Hkv, N, D)
-    s = (q.float().reshape(B, Hkv, G, D) @ k.transpose(-1, -2)).reshape(B, Hq, N)
-    if bias is not None:
-        s = s + bias.float().unsqueeze(-1)
-    out.scatter_(-1, _pool_index(positions, offset, G), (s * scaling).to(out.dtype))
+    for pool, positions, base in pools:
+        Hkv, N = pool.codes.shape[1], pool.codes.shape[2]
+        G = Hq // Hkv
+        k = dequantize(pool)                                                   # (B, Hkv, N, D)
+        s = (q.float().reshape(B, Hkv, G, D) @ k.transpose(-1, -2)).reshape(B, Hq, N)
+        if bias is not None:
+            s = s + bias.float().unsqueeze(-1)
+        out.scatter_(-1, _pool_index(positions, base, G), (s * scaling).to(out.dtype))
+    for keys, start in fp:
+        Hkv, n = keys.shape[1], keys.shape[2]
+        s = (q_fp.float().reshape(B, Hkv, Hq // Hkv, D) @ keys.float().transpose(-1, -2)).reshape(B, Hq, n)
+        out[..., start:start + n] = (s * scaling).to(out.dtype)
 
 
-def pool_values_reference(probs: torch.Tensor, pool: QTensor, positions: torch.Tensor, offset: int,
-                          splits: int = 1) -> torch.Tensor:
+def pool_values_reference(probs: torch.Tensor, pools, fp=()) -> tuple[torch.Tensor, torch.Tensor]:
     B, Hq, _ = probs.shape
-    Hkv, N = pool.codes.shape[1], pool.codes.shape[2]
-    G = Hq // Hkv
-    p = probs.float().gather(-1, _pool_index(positions, offset, G))        # (B, Hq, N)
-    v = dequantize(pool)                                                   # (B, Hkv, N, D)
-    return (p.reshape(B, Hkv, G, N) @ v).reshape(B, Hq, -1)
+    parts = []
+    for segments in (pools, [(x, None, start) for x, start in fp]):
+        acc = 0
+        for data, positions, base in segments:
+            Hkv, N = data.shape[1], data.shape[2]
+            G = Hq // Hkv
+            if positions is None:                                              # a full-precision run
+                p, v = probs[..., base:base + N].float(), data.float()
+            else:
+                p, v = probs.float().gather(-1, _pool_index(positions, base, G)), dequantize(data)
+            acc = acc + (p.reshape(B, Hkv, G, N) @ v).reshape(B, Hq, -1)
+        parts.append(acc if torch.is_tensor(acc) else probs.new_zeros(B, Hq, 0))
+    return parts[0], parts[1]
 
 
 def pool_positions_reference(levels: torch.Tensor, n: int, counts: tuple[int, ...]) -> torch.Tensor:

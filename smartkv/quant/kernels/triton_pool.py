@@ -17,6 +17,8 @@ accumulation. Query heads of a group are padded to 16 columns (the dot's minimum
 """
 from __future__ import annotations
 
+import itertools
+
 import triton
 import triton.language as tl
 
@@ -40,62 +42,170 @@ def _dequant_block(words_ptr, s_ptr, z_ptr, w_row, s_row, t, valid, sw_t, ss_t,
     return (codes * scale + zero).to(tl.float16)
 
 
-# Arguments that change as the cache grows are not specialised on (each new divisibility class would compile
-# another kernel mid-generation).
-@triton.jit(do_not_specialize=["sw_b", "sw_h", "ss_b", "ss_h", "sp_b", "sp_h", "so_b", "so_h", "N", "offset"])
-def _scores_kernel(q_ptr, sq_b, sq_h, bias_ptr, sb_b,
-                   w_ptr, sw_b, sw_h, sw_t, s_ptr, ss_b, ss_h, ss_t, z_ptr,
-                   pos_ptr, sp_b, sp_h, out_ptr, so_b, so_h,
-                   N, offset, scaling, Hkv, NG,
-                   BITS: tl.constexpr, PW: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
+@triton.jit
+def _seg_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid,
+              BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_N, D) fp16 rows t of one (batch, KV head) row bh of a contiguous segment (B, Hkv, N, ...): packed
+    codes with their scales and zeros (BITS 2/3/4/8), or full-precision rows (BITS 16)."""
+    row = bh.to(tl.int64) * N
+    if BITS == 16:
+        x = tl.load(w_ptr + row * D + t[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0)
+        tile = x.to(tl.float16)
+    else:
+        PW: tl.constexpr = 8 if BITS == 3 else 32 // BITS              # codes per word (3 bit: per 3 bytes)
+        WPT: tl.constexpr = (3 * D // 8) if BITS == 3 else D // PW     # int32 words (bytes at 3 bit) per token
+        NGR: tl.constexpr = D // G
+        tile = _dequant_block(w_ptr, s_ptr, z_ptr, row * WPT, row * NGR, t, valid, WPT, NGR, BITS, PW, G, D,
+                              BLOCK_N)
+    return tile
+
+
+@triton.jit
+def _seg_pos(pos_ptr, bh, P, t, valid, base, BITS: tl.constexpr):
+    """Logit positions of rows t: a pool's through its positions (rows of P in the (B * Hkv, P) positions
+    buffer), a full-precision run's contiguous from `base`."""
+    if BITS == 16:
+        pos = base + t
+    else:
+        pos = tl.load(pos_ptr + bh.to(tl.int64) * P + t, mask=valid, other=0) + base
+    return pos
+
+
+@triton.jit
+def _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, scaling, blk, bh, Hkv,
+                NG, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                NGP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores of one block of one segment for the query heads of KV head bh % Hkv, stored at their positions of
+    the (B, Hq, T) logits: pools with the query in their stored space qp (plus bias), full-precision runs with
+    the plain query qf. Queries (B, Hq, D) and bias (B, Hq) contiguous."""
     b = bh // Hkv
-    h = bh % Hkv
+    hq = (bh % Hkv) * NG + tl.arange(0, NGP)                            # query heads of this KV head's group
+    hmask = tl.arange(0, NGP) < NG
+    row_q = b * Hkv * NG + hq                                           # (b, hq) flattened
+    q_ptr = qf_ptr if BITS == 16 else qp_ptr
+    q = tl.load(q_ptr + row_q[None, :] * D + tl.arange(0, D)[:, None], mask=hmask[None, :], other=0.0)
     t = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = t < N
-    hq = h * NG + tl.arange(0, NGP)                                     # query heads of this KV head's group
-    hmask = tl.arange(0, NGP) < NG
-    q = tl.load(q_ptr + b * sq_b + hq[None, :] * sq_h + tl.arange(0, D)[:, None], mask=hmask[None, :],
-                other=0.0).to(tl.float16)                               # (D, NGP)
-    k = _dequant_block(w_ptr, s_ptr, z_ptr, b * sw_b + h * sw_h, b * ss_b + h * ss_h, t, valid, sw_t, ss_t,
-                       BITS, PW, G, D, BLOCK_N)
-    s = tl.dot(k, q)                                                    # (BLOCK_N, NGP) fp32
-    if HAS_BIAS:
-        s += tl.load(bias_ptr + b * sb_b + hq, mask=hmask, other=0.0)[None, :]
-    pos = tl.load(pos_ptr + b * sp_b + h * sp_h + t, mask=valid, other=0) + offset
-    tl.store(out_ptr + b * so_b + hq[None, :] * so_h + pos[:, None], s * scaling,
+    k = _seg_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
+    s = tl.dot(k, q.to(tl.float16))                                     # (BLOCK_N, NGP) fp32
+    if HAS_BIAS and BITS != 16:
+        s += tl.load(bias_ptr + row_q, mask=hmask, other=0.0)[None, :]
+    pos = _seg_pos(pos_ptr, bh, P, t, valid, base, BITS)
+    tl.store(out_ptr + row_q[None, :].to(tl.int64) * T + pos[:, None], s * scaling,
              mask=valid[:, None] & hmask[None, :])
 
 
-@triton.jit(do_not_specialize=["sp_b", "sp_h", "sw_b", "sw_h", "ss_b", "ss_h", "spo_b", "spo_h", "N", "offset",
-                               "tokens_per_split"])
-def _values_kernel(p_ptr, sp_b, sp_h, w_ptr, sw_b, sw_h, sw_t, s_ptr, ss_b, ss_h, ss_t, z_ptr,
-                   pos_ptr, spo_b, spo_h, out_ptr, so_b, so_h, so_s,
-                   N, offset, tokens_per_split, Hkv, NG,
-                   BITS: tl.constexpr, PW: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
+@triton.jit
+def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, split, first, per_split, bh, Hkv,
+                NG, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """sum_j p_j v_j over split `split - first` (per_split rows) of one segment, for the query heads of KV head
+    bh % Hkv, into out[b, hq, split] (out (B, Hq, S, D) fp32; probs (B, Hq, T) contiguous)."""
     b = bh // Hkv
-    h = bh % Hkv
-    hq = h * NG + tl.arange(0, NGP)
+    hq = (bh % Hkv) * NG + tl.arange(0, NGP)
     hmask = tl.arange(0, NGP) < NG
+    row_q = (b * Hkv * NG + hq).to(tl.int64)
     acc = tl.zeros((NGP, D), tl.float32)
-    lo = split * tokens_per_split
-    hi = tl.minimum(lo + tokens_per_split, N)
+    lo = (split - first) * per_split
+    hi = tl.minimum(lo + per_split, N)
     for n0 in range(lo, hi, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
         valid = t < hi
-        pos = tl.load(pos_ptr + b * spo_b + h * spo_h + t, mask=valid, other=0) + offset
-        p = tl.load(p_ptr + b * sp_b + hq[:, None] * sp_h + pos[None, :], mask=hmask[:, None] & valid[None, :],
-                    other=0.0)                                          # (NGP, BLOCK_N) fp32
-        v = _dequant_block(w_ptr, s_ptr, z_ptr, b * sw_b + h * sw_h, b * ss_b + h * ss_h, t, valid, sw_t,
-                           ss_t, BITS, PW, G, D, BLOCK_N)
+        pos = _seg_pos(pos_ptr, bh, P, t, valid, base, BITS)
+        p = tl.load(p_ptr + row_q[:, None] * T + pos[None, :], mask=hmask[:, None] & valid[None, :], other=0.0)
+        v = _seg_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
         acc += tl.dot(p.to(tl.float16), v)
-    tl.store(out_ptr + b * so_b + hq[:, None] * so_h + split * so_s + tl.arange(0, D)[None, :], acc,
-             mask=hmask[:, None])
+    tl.store(out_ptr + (row_q[:, None] * S + split) * D + tl.arange(0, D)[None, :], acc, mask=hmask[:, None])
+
+
+# Sizes and positions change as the cache grows: not specialised on (each new divisibility class would compile
+# another kernel mid-generation). Segment i: data w (codes as int32 words, bytes at 3 bit, or full-precision
+# rows), scales s and zeros z (pools), positions p (pools: this pool's first column of the (B * Hkv, P)
+# positions buffer), n rows, a = position base, e = end of its program range (cumulative).
+_DYNAMIC = ["T", "P"] + [f"{x}{i}" for i in range(6) for x in "nae"]
+
+
+@triton.jit(do_not_specialize=_DYNAMIC)
+def _scores_kernel(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, P, scaling, Hkv, NG,
+                   w0, s0, z0, p0, n0, a0, e0,
+                   w1, s1, z1, p1, n1, a1, e1,
+                   w2, s2, z2, p2, n2, a2, e2,
+                   w3, s3, z3, p3, n3, a3, e3,
+                   w4, s4, z4, p4, n4, a4, e4,
+                   w5, s5, z5, p5, n5, a5, e5,
+                   NSEG: tl.constexpr, BITS0: tl.constexpr, BITS1: tl.constexpr, BITS2: tl.constexpr,
+                   BITS3: tl.constexpr, BITS4: tl.constexpr, BITS5: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """First pass: the scores of every segment (up to 4 pools and 2 full-precision runs) in one launch; program
+    (blk, bh) scores one BLOCK_N-row block of the segment whose block range holds blk."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    if NSEG > 0:
+        if blk < e0:
+            _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w0, s0, z0, p0, P, n0, a0, scaling,
+                        blk, bh, Hkv, NG, BITS0, HAS_BIAS, G, D, NGP, BLOCK_N)
+    if NSEG > 1:
+        if (blk >= e0) & (blk < e1):
+            _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w1, s1, z1, p1, P, n1, a1, scaling,
+                        blk - e0, bh, Hkv, NG, BITS1, HAS_BIAS, G, D, NGP, BLOCK_N)
+    if NSEG > 2:
+        if (blk >= e1) & (blk < e2):
+            _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w2, s2, z2, p2, P, n2, a2, scaling,
+                        blk - e1, bh, Hkv, NG, BITS2, HAS_BIAS, G, D, NGP, BLOCK_N)
+    if NSEG > 3:
+        if (blk >= e2) & (blk < e3):
+            _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w3, s3, z3, p3, P, n3, a3, scaling,
+                        blk - e2, bh, Hkv, NG, BITS3, HAS_BIAS, G, D, NGP, BLOCK_N)
+    if NSEG > 4:
+        if (blk >= e3) & (blk < e4):
+            _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w4, s4, z4, p4, P, n4, a4, scaling,
+                        blk - e3, bh, Hkv, NG, BITS4, HAS_BIAS, G, D, NGP, BLOCK_N)
+    if NSEG > 5:
+        if (blk >= e4) & (blk < e5):
+            _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w5, s5, z5, p5, P, n5, a5, scaling,
+                        blk - e4, bh, Hkv, NG, BITS5, HAS_BIAS, G, D, NGP, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=_DYNAMIC + ["per_split"])
+def _values_kernel(p_ptr, T, out_ptr, S, P, per_split, Hkv, NG,
+                   w0, s0, z0, p0, n0, a0, e0,
+                   w1, s1, z1, p1, n1, a1, e1,
+                   w2, s2, z2, p2, n2, a2, e2,
+                   w3, s3, z3, p3, n3, a3, e3,
+                   w4, s4, z4, p4, n4, a4, e4,
+                   w5, s5, z5, p5, n5, a5, e5,
+                   NSEG: tl.constexpr, BITS0: tl.constexpr, BITS1: tl.constexpr, BITS2: tl.constexpr,
+                   BITS3: tl.constexpr, BITS4: tl.constexpr, BITS5: tl.constexpr,
+                   G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Second pass: probability-weighted values of every segment in one launch; program (split, bh) sums one
+    split of the segment whose split range holds it into its own partial output."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    if NSEG > 0:
+        if split < e0:
+            _seg_values(p_ptr, T, out_ptr, S, w0, s0, z0, p0, P, n0, a0, split, 0,
+                        per_split, bh, Hkv, NG, BITS0, G, D, NGP, BLOCK_N)
+    if NSEG > 1:
+        if (split >= e0) & (split < e1):
+            _seg_values(p_ptr, T, out_ptr, S, w1, s1, z1, p1, P, n1, a1, split, e0,
+                        per_split, bh, Hkv, NG, BITS1, G, D, NGP, BLOCK_N)
+    if NSEG > 2:
+        if (split >= e1) & (split < e2):
+            _seg_values(p_ptr, T, out_ptr, S, w2, s2, z2, p2, P, n2, a2, split, e1,
+                        per_split, bh, Hkv, NG, BITS2, G, D, NGP, BLOCK_N)
+    if NSEG > 3:
+        if (split >= e2) & (split < e3):
+            _seg_values(p_ptr, T, out_ptr, S, w3, s3, z3, p3, P, n3, a3, split, e2,
+                        per_split, bh, Hkv, NG, BITS3, G, D, NGP, BLOCK_N)
+    if NSEG > 4:
+        if (split >= e3) & (split < e4):
+            _seg_values(p_ptr, T, out_ptr, S, w4, s4, z4, p4, P, n4, a4, split, e3,
+                        per_split, bh, Hkv, NG, BITS4, G, D, NGP, BLOCK_N)
+    if NSEG > 5:
+        if (split >= e4) & (split < e5):
+            _seg_values(p_ptr, T, out_ptr, S, w5, s5, z5, p5, P, n5, a5, split, e4,
+                        per_split, bh, Hkv, NG, BITS5, G, D, NGP, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["sl_b", "sl_h", "so_b", "so_h", "n", "c0", "c1", "c2"])
@@ -168,39 +278,91 @@ def pool_ok(pool: QTensor) -> bool:
     return D >= 16 and not D & (D - 1) and pool.axis == -1 and not pool.group_size & (pool.group_size - 1)
 
 
-def pool_scores_triton(q: torch.Tensor, pool: QTensor, positions: torch.Tensor, out: torch.Tensor, offset: int,
-                       scaling: float, bias: torch.Tensor | None = None) -> None:
-    B, Hq, D = q.shape
-    Hkv, N = pool.codes.shape[1], pool.codes.shape[2]
-    NG = Hq // Hkv
-    w = _words(pool)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    _scores_kernel[(triton.cdiv(N, BLOCK_N), B * Hkv)](
-        q, q.stride(0), q.stride(1), bias if bias is not None else q, bias.stride(0) if bias is not None else 0,
-        w, *w.stride()[:3], pool.scale, *pool.scale.stride()[:3], pool.zero,
-        positions, *positions.stride()[:2], out, *out.stride()[:2],
-        N, offset, scaling, Hkv, NG,
-        BITS=pool.bits, PW=_per_word(pool.bits), G=pool.group_size, D=D, NGP=max(16, _pow2(NG)),
-        BLOCK_N=BLOCK_N, HAS_BIAS=bias is not None, num_warps=4)
+MAX_POOLS, MAX_FP = 4, 2  # segments of one launch
 
 
-def pool_values_triton(probs: torch.Tensor, pool: QTensor, positions: torch.Tensor, offset: int,
-                       splits: int) -> torch.Tensor:
-    B, Hq, _ = probs.shape
-    Hkv, N, D = pool.codes.shape[1], pool.codes.shape[2], pool.shape[-1]
+def _segments(pools, fp) -> tuple[list, list, int]:
+    """Kernel arguments (w, s, z, positions, n, base) and BITS of each non-empty segment, pools first, and the
+    row stride P of the pools' positions (views of one (B, Hkv, P) buffer, or copied into one)."""
+    pools = [(pool, pos, base) for pool, pos, base in pools if pool.codes.shape[-2]]
+    P = pools[0][1].stride(1) if pools else 1
+    Hkv = pools[0][1].shape[1] if pools else 1
+    if any(pos.stride(0) != Hkv * P or pos.stride(1) != P or pos.stride(2) != 1 for _, pos, _ in pools):
+        whole = torch.cat([pos for _, pos, _ in pools], -1)
+        P, cols = whole.shape[-1], itertools.accumulate([0] + [pos.shape[-1] for _, pos, _ in pools])
+        pools = [(pool, whole[..., c:], base) for (pool, _, base), c in zip(pools, cols)]
+    args, bits = [], []
+    for pool, pos, base in pools:
+        n = pool.codes.shape[-2]
+        if n:
+            w = _words(pool)
+            args.append((w.contiguous(), pool.scale.contiguous(), pool.zero.contiguous(), pos, n, base))
+            bits.append(pool.bits)
+    for x, base in fp:
+        if x.shape[-2]:
+            x = x.contiguous()
+            args.append((x, x, x, x, x.shape[-2], base))
+            bits.append(16)
+    return args, bits, P
+
+
+def _flat(args: list, bits: list, ends: list) -> tuple[list, dict]:
+    """Positional segment arguments (padded to 6 with empty copies of the first) and the BITS constexprs."""
+    flat = []
+    for i in range(MAX_POOLS + MAX_FP):
+        w, s, z, p, n, a = args[i] if i < len(args) else (*args[0][:4], 0, 0)
+        flat += [w, s, z, p, n, a, ends[i] if i < len(ends) else ends[-1]]
+    consts = {f"BITS{i}": bits[i] if i < len(bits) else bits[0] for i in range(MAX_POOLS + MAX_FP)}
+    return flat, dict(consts, NSEG=len(args))
+
+
+def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, scaling: float,
+                       bias: torch.Tensor | None, q_fp: torch.Tensor | None, fp: list) -> None:
+    B, Hq, D = q_pool.shape
+    args, bits, P = _segments(pools, fp)
+    if not args:
+        return
+    Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
     NG = Hq // Hkv
-    per_split = triton.cdiv(triton.cdiv(N, max(splits, 1)), BLOCK_N) * BLOCK_N
-    S = max(1, triton.cdiv(N, per_split))
-    part = torch.empty(B, Hq, S, D, dtype=torch.float32, device=probs.device)
-    w = _words(pool)
-    _values_kernel[(S, B * Hkv)](
-        probs, *probs.stride()[:2], w, *w.stride()[:3], pool.scale, *pool.scale.stride()[:3], pool.zero,
-        positions, *positions.stride()[:2], part, *part.stride()[:3],
-        N, offset, per_split, Hkv, NG,
-        BITS=pool.bits, PW=_per_word(pool.bits), G=pool.group_size, D=D, NGP=max(16, _pow2(NG)),
-        BLOCK_N=BLOCK_N, num_warps=4)
-    return part.sum(2)
+    ends = list(itertools.accumulate(triton.cdiv(a[4], BLOCK_N) for a in args))
+    flat, consts = _flat(args, bits, ends)
+    q_pool = q_pool.contiguous()
+    q_fp = q_pool if q_fp is None else q_fp.contiguous()
+    _scores_kernel[(ends[-1], B * Hkv)](
+        q_pool, q_fp, q_pool if bias is None else bias.contiguous(), out, out.shape[-1], P,
+        scaling, Hkv, NG, *flat, **consts, HAS_BIAS=bias is not None, G=_group(pools), D=D,
+        NGP=max(16, _pow2(NG)), BLOCK_N=BLOCK_N, num_warps=4)
+
+
+def pool_values_triton(probs: torch.Tensor, pools: list, fp: list,
+                       per_split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Hq, T = probs.shape
+    args, bits, P = _segments(pools, fp)
+    D = (pools[0][0] if pools else fp[0][0]).shape[-1]
+    n_pools = sum(b != 16 for b in bits)
+    if not args:
+        z = probs.new_zeros(B, Hq, D)
+        return z, z.clone()
+    Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
+    NG = Hq // Hkv
+    per_split = triton.cdiv(max(per_split, 1), BLOCK_N) * BLOCK_N
+    splits = [triton.cdiv(a[4], per_split) for a in args]
+    ends = list(itertools.accumulate(splits))
+    part = torch.empty(B, Hq, ends[-1], D, dtype=torch.float32, device=probs.device)
+    flat, consts = _flat(args, bits, ends)
+    _values_kernel[(ends[-1], B * Hkv)](
+        probs.contiguous(), T, part, ends[-1], P, per_split, Hkv, NG, *flat, **consts,
+        G=_group(pools), D=D, NGP=max(16, _pow2(NG)), BLOCK_N=BLOCK_N, num_warps=4)
+    cut = ends[n_pools - 1] if n_pools else 0
+    return part[:, :, :cut].sum(2), part[:, :, cut:].sum(2)
+
+
+def _group(pools) -> int:
+    """The pools' group size (one for all: SmartKV quantizes every width with the same groups)."""
+    groups = {pool.group_size for pool, _, _ in pools}
+    if len(groups) > 1:
+        raise ValueError(f"pools of one launch must share a group size, got {sorted(groups)}")
+    return groups.pop() if groups else 16
 
 
 def pool_positions_triton(levels: torch.Tensor, n: int, counts: tuple[int, ...]) -> torch.Tensor:
