@@ -7,9 +7,9 @@
 Wraps SmartKVLayer's steps with timers (synchronising CUDA around each, so the parts add up but the total runs
 slower than unwrapped) and prints ms per decoded token per part, summed over layers. `attend` contains the
 attention itself (the two-pass kernels on CUDA, dequantize + torch on CPU), `_observe` (importance statistics)
-and `_flush` (re-allocation every `realloc_every` tokens: `_weights`, `_allocate`, `_repool_*`, `_middle_part`).
-Parts nest (`_flush` contains `_weights`, `_allocate`, `_repool_*` and `_middle_part`; on CPU `_stored_kv`, the
-reference path's dequantization, contains `_middle_part` too), so the column does not sum to the total. The
+and `_flush` (re-allocation every `realloc_every` tokens: `_weights` with `_ranges`, `_allocate`, `_repool` with
+`_values_at`). Parts nest (`_flush` contains the others; on CPU `_stored_kv`, the reference path's
+dequantization, contains `_middle_part`), so the column does not sum to the total. The
 unwrapped rows time whole decode steps of each method without any wrapper.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from bench_quality import parse_config  # noqa: E402
 SMOLLM2_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0)
 PARTS = ("attend", "_fused_decode", "_observe", "_observe_step", "_flush", "_middle_part", "_weights", "_allocate",
-         "_repool_gather", "_repool_masked", "_stored_kv", "_store")
+         "_repool", "_values_at", "_ranges", "_stored_kv", "_store")
 
 
 def _sync(device):

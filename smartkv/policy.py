@@ -147,12 +147,11 @@ def rank_profile(weights: torch.Tensor) -> torch.Tensor:
     return torch.sort(weights.double(), dim=-1, descending=True).values.mean(0)
 
 
-def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, int],
-                   return_counts: bool = False):
+def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, int]) -> torch.Tensor:
     """Widths (R, n) for tokens of `weights` (R, n): from the widest width down, each row gives `counts[b]`
     slots to its heaviest tokens whose cap (R, n) allows b. When fewer tokens are eligible than a width wants
     (codes cannot be promoted) their bits pass to the next width down, so the budget is still spent. Rows with
-    equal cap histograms get equal width histograms; with `return_counts`, also those: {width: tokens per row}."""
+    equal cap histograms get equal width histograms."""
     R, n = weights.shape
     lowest = min(counts)
     out = torch.full((R, n), lowest, dtype=torch.long, device=weights.device)
@@ -160,7 +159,6 @@ def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, 
     neg = torch.finfo(torch.float64).min
     w = weights.double()
     surplus = 0  # bits (above the narrowest width) of slots a wider width could not use, offered to the next
-    taken = {}
     for b in sorted(counts, reverse=True)[:-1]:  # the narrowest width takes whatever is left
         want = counts[b] + surplus // (b - lowest)
         surplus %= b - lowest
@@ -169,15 +167,11 @@ def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, 
         surplus += (want - max(take, 0)) * (b - lowest)
         if take <= 0:
             continue
-        taken[b] = take
         scores = torch.where(eligible, w, torch.full_like(w, neg))
         top = torch.topk(scores, take, dim=-1, sorted=False).indices  # (R, take)
         out.scatter_(1, top, b)
         free.scatter_(1, top, False)
-    if not return_counts:
-        return out
-    taken[lowest] = n - sum(taken.values())
-    return out, {b: c for b, c in taken.items() if c}
+    return out
 
 
 def kv_budgets(budget: float, gap: float, widths=WIDTHS) -> tuple[float, float]:

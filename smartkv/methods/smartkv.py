@@ -58,13 +58,6 @@ def hadamard(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 class SmartKVLayer(KVLayer):
-    # Re-allocate without device synchronisations (gathers and scatters with host-known sizes) or with boolean
-    # masks that quantize only what changes: same pools either way. None: the first on CUDA, the second elsewhere.
-    SYNC_FREE: bool | None = None
-
-    def _sync_free(self) -> bool:
-        return self.device.type == "cuda" if self.SYNC_FREE is None else self.SYNC_FREE
-
     def _init_storage(self) -> None:
         B, H, D = self.batch_size, self.num_heads, self.head_dim
         empty = torch.empty(B, H, 0, D, dtype=self.window_dtype, device=self.device)
@@ -104,15 +97,10 @@ class SmartKVLayer(KVLayer):
         return self._width_values[idx.long()]
 
     def _middle_part(self, kind: str) -> torch.Tensor:
-        """Dequantized middle keys or values in the stored (normalised, rotated) space: (B, H, Tq, D) fp32.
-        Sync-free: scattered through the pools' positions; else by boolean masks (cheaper on a CPU)."""
+        """Dequantized middle keys or values in the stored (normalised, rotated) space: (B, H, Tq, D) fp32."""
         D = self.head_dim
         out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, D, device=self.device)
         if not self.n_middle:
-            return out
-        if self._sync_free():
-            for pool, pos in self._pool_positions(kind):
-                out.scatter_(2, pos.long().unsqueeze(-1).expand(-1, -1, -1, D), dequantize(pool))
             return out
         bits = self.level_bits(kind)
         for b, q in self.pools[kind].items():
@@ -247,6 +235,9 @@ class SmartKVLayer(KVLayer):
 
     # --- flush and re-allocation -----------------------------------------------------------------------------
     def _flush(self) -> None:
+        """Move the window's oldest tokens into the middle and re-allocate the middle's widths. Work on stored
+        tokens is proportional to the tokens that change width (demotions), not to the middle: the weights read
+        stored tokens' ranges from their scales and zeros, and only demoted tokens are dequantized."""
         cfg = self.config
         n = self.win_k.shape[-2] - cfg.recent_window
         if n < cfg.realloc_every or n <= 0:
@@ -255,20 +246,15 @@ class SmartKVLayer(KVLayer):
         self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
         if self.k_mu is None:
             self._fit_key_norm(new_k)
-        Tq = self.n_middle
         new_k, new_v = self._to_stored(new_k, new_v)
-        k_all = torch.cat([self._middle_part("k"), new_k], -2)  # (B, H, Tq + n, D)
-        v_all = torch.cat([self._middle_part("v"), new_v], -2)
-        weights = self._weights(k_all, v_all)
+        weights = self._weights(new_k, new_v)
         profile = rank_profile(weights).cpu()  # one device->host copy per re-allocation, shared by keys and values
-        for kind, src, budget in (("k", k_all, self.budget_k), ("v", v_all, self.budget_v)):
+        for kind, new, budget in (("k", new_k, self.budget_k), ("v", new_v, self.budget_v)):
             old_bits = self.level_bits(kind)
-            new_bits, counts = self._allocate(weights, old_bits, budget, profile)
-            idx = torch.searchsorted(self._width_values, new_bits).to(torch.uint8)  # width -> level index
-            repool = self._repool_gather if self._sync_free() else self._repool_masked
-            self.pools[kind] = repool(self.pools[kind], old_bits, idx, counts, src)
-            self.levels[kind] = pack_levels(idx)
-        self.n_middle = Tq + n
+            new_bits = self._allocate(weights, old_bits, budget, profile)
+            self.pools[kind] = self._repool(kind, old_bits, new_bits, new)
+            self.levels[kind] = pack_levels(torch.searchsorted(self._width_values, new_bits).to(torch.uint8))
+        self.n_middle += n
 
     def _fit_key_norm(self, keys: torch.Tensor) -> None:
         B, H, _, D = keys.shape
@@ -280,83 +266,61 @@ class SmartKVLayer(KVLayer):
             scale = keys.new_ones(B, H, 1, D)
         self.k_mu, self.k_scale = mu.half(), scale.half()
 
-    def _weights(self, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
-        """Allocation weights (B * H, T) of the middle's tokens (stored space tensors (B, H, T, D))."""
+    def _weights(self, new_k: torch.Tensor, new_v: torch.Tensor) -> torch.Tensor:
+        """Allocation weights (B * H, T) of the middle's tokens and the `n` new ones (stored space (B, H, n, D))."""
         cfg = self.config
-        B, H, T, _ = k_all.shape
-        start = self.sink_k.shape[-2]
+        B, H = self.batch_size, self.num_heads
+        start, T = self.sink_k.shape[-2], self.n_middle + new_k.shape[-2]
         imp = decode_importance(self.importance[..., start:start + T])  # (B, H, T)
         if cfg.importance == "sum":     # raw accumulated mass: favours early tokens (seen by more queries)
             imp = imp * seen_from_ranges(self.observed.to(imp.device), start + T)[start:].float()
         elif cfg.importance == "keynorm":
-            imp = self._from_stored(k_all, v_all)[0].norm(dim=-1)
+            k_all = torch.cat([self._middle_part("k"), new_k], -2)
+            imp = self._from_stored(k_all, k_all[..., :0, :])[0].norm(dim=-1)
         elif cfg.importance == "uniform":
             imp = torch.ones_like(imp)
         sens = None
-        if cfg.sensitivity:
-            k_rng = (k_all.amax(-1) - k_all.amin(-1)) * self.k_scale.float().mean(-1)  # keys back in real units
-            v_rng = v_all.amax(-1) - v_all.amin(-1)
-            sens = (k_rng.pow(2) + v_rng.pow(2)).reshape(B * H, T)
+        if cfg.sensitivity:  # each token's range (max - min over its channels), keys back in real units
+            k_rng = self._ranges("k", new_k) * self.k_scale.float().mean(-1)
+            sens = (k_rng.pow(2) + self._ranges("v", new_v).pow(2)).reshape(B * H, T)
         return token_weights(imp.reshape(B * H, T), cfg.importance_floor, cfg.importance_power, sens)
 
+    def _ranges(self, kind: str, new: torch.Tensor) -> torch.Tensor:
+        """max - min over the channels of each middle token (B, H, Tq) as stored, read from its groups' scales and
+        zeros (a group's largest code is 2^bits - 1 and its smallest 0: quantize maps the group's max and min
+        there), then of each new token (B, H, n, D): (B, H, Tq + n) fp32, without dequantizing the middle."""
+        out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, device=self.device)
+        if self.n_middle:
+            bits = self.level_bits(kind)
+            for b, q in self.pools[kind].items():
+                scale, zero = q.scale.float(), q.zero.float()
+                hi = (scale * ((1 << b) - 1) + zero).amax(-1)
+                out[bits == b] = (hi - zero.amin(-1)).flatten()
+        return torch.cat([out, new.amax(-1) - new.amin(-1)], -1)
+
     def _allocate(self, weights: torch.Tensor, old_bits: torch.Tensor, budget: float,
-                  profile: torch.Tensor) -> tuple[torch.Tensor, dict[int, int]]:
-        """New widths (B, H, T) under `budget` and the tokens per width of every row; counts per width from
-        `profile` (policy.rank_profile of the weights)."""
+                  profile: torch.Tensor) -> torch.Tensor:
+        """New widths (B, H, T) under `budget`, counts per width from `profile` (policy.rank_profile of the
+        weights); every row has the same count of each width."""
         B, H, Tq = old_bits.shape
         T = weights.shape[-1]
         caps = torch.full((B * H, T), max(self.widths), dtype=torch.long, device=weights.device)
         caps[:, :Tq] = old_bits.reshape(B * H, Tq)
         counts = counts_for(profile, budget, self.widths)
-        bits, taken = cascade_assign(weights, caps, counts, return_counts=True)
-        return bits.reshape(B, H, T), taken
+        return cascade_assign(weights, caps, counts).reshape(B, H, T)
 
-    def _repool_gather(self, pools: dict, old_bits: torch.Tensor, new_idx: torch.Tensor, counts: dict[int, int],
-                       src: torch.Tensor) -> dict:
-        """Pools for the new level indices `new_idx` (B, H, T) with `counts` tokens per width in every row: tokens
-        whose width is unchanged keep their codes, the others are quantized from `src` (B, H, T, D) (stored
-        tokens: their dequantized codes). The CUDA way: gathers with sizes known on the host, no device sync
-        (it quantizes every token of a pool and keeps the old codes where they stay)."""
-        B, H, T, D = src.shape
-        Tq = old_bits.shape[-1]
-        order = torch.argsort(new_idx, dim=-1, stable=True)       # each width's tokens in position order
-        out, start = {}, 0
+    def _repool(self, kind: str, old_bits: torch.Tensor, new_bits: torch.Tensor, new: torch.Tensor) -> dict:
+        """Pools for the widths `new_bits` (B, H, Tq + n): tokens whose width is unchanged keep their codes; demoted
+        ones are re-quantized from their dequantized codes, the n `new` tokens (B, H, n, D) from their values."""
+        B, H, Tq = old_bits.shape
+        pools, out = self.pools[kind], {}
         for b in self.widths:
-            n = counts.get(b, 0)
-            if not n:
-                continue
-            pos = order[..., start:start + n]                        # (B, H, n)
-            start += n
-            # per-token groups: quantizing every token of the pool equals quantizing only the fresh ones
-            fresh = quantize(src.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, D)), b, self.group, axis=-1)
-            if b not in pools or not Tq:
-                out[b] = fresh
-                continue
-            was_b = old_bits == b                                    # (B, H, Tq): the old pool's tokens
-            at = pos.clamp(max=Tq - 1)
-            keep = (pos < Tq) & was_b.gather(2, at)                  # stored at width b already
-            rank = (was_b.cumsum(-1) - 1).gather(2, at).clamp_min(0)  # its entry in the old pool
-            fields = []
-            for name in ("codes", "scale", "zero"):
-                old_t, new_t = getattr(pools[b], name), getattr(fresh, name)
-                kept = old_t.gather(2, rank.unsqueeze(-1).expand(-1, -1, -1, old_t.shape[-1]))
-                fields.append(torch.where(keep.unsqueeze(-1), kept, new_t))
-            out[b] = QTensor(*fields, b, self.group, -1)
-        return out
-
-    def _repool_masked(self, pools: dict, old_bits: torch.Tensor, new_idx: torch.Tensor, counts: dict[int, int],
-                       src: torch.Tensor) -> dict:
-        """`_repool_gather`'s result by boolean masks, quantizing only the tokens that change: the CPU way (masks
-        cost a device sync each on CUDA, and nothing on the CPU)."""
-        B, H, T, D = src.shape
-        Tq = old_bits.shape[-1]
-        new_bits = self._width_values[new_idx.long()]
-        out = {}
-        for b in (w for w in self.widths if counts.get(w)):
             sel = new_bits == b                                    # (B, H, T)
+            if not bool(sel.any()):
+                continue
             keep = torch.zeros_like(sel)
             keep[..., :Tq] = (old_bits == b) & sel[..., :Tq]        # tokens that keep their codes
-            fresh = quantize(src[sel & ~keep].reshape(-1, D), b, self.group, axis=-1)
+            fresh = quantize(self._values_at(kind, sel & ~keep, old_bits, new), b, self.group, axis=-1)
             if b in pools and bool(keep.any()):
                 kept_mask = sel[..., :Tq][old_bits == b]           # old pool entries that stay at width b
                 take = keep[sel]                                   # (N,) which entries are kept ones
@@ -373,6 +337,27 @@ class SmartKVLayer(KVLayer):
                 codes, scale, zero = fresh.codes, fresh.scale, fresh.zero
             shape = lambda t: t.reshape(B, H, -1, t.shape[-1])  # equal counts per row: dense pool
             out[b] = QTensor(shape(codes), shape(scale), shape(zero), b, self.group, -1)
+        return out
+
+    def _values_at(self, kind: str, mask: torch.Tensor, old_bits: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Stored-space values (M, D) fp32 of the tokens where `mask` (B, H, Tq + n) is set, in its row-major order
+        (= torch.cat([self._middle_part(kind), new], -2)[mask]), dequantizing only those of the middle."""
+        Tq = old_bits.shape[-1]
+        out = new.new_empty(int(mask.sum()), self.head_dim)
+        if not out.shape[0]:
+            return out
+        slot = (mask.flatten().cumsum(0) - 1).reshape(mask.shape)  # each set token's row in out
+        fresh = mask[..., Tq:]
+        out[slot[..., Tq:][fresh]] = new[fresh]
+        for b, pool in self.pools[kind].items():
+            in_pool = old_bits == b
+            m = mask[..., :Tq] & in_pool
+            if not bool(m.any()):
+                continue
+            rows = m[in_pool]                                      # the pool's entries (pool order) asked for
+            q = QTensor(*(getattr(pool, f).reshape(-1, getattr(pool, f).shape[-1])[rows]
+                          for f in ("codes", "scale", "zero")), b, self.group, -1)
+            out[slot[..., :Tq][m]] = dequantize(q)
         return out
 
 
