@@ -311,54 +311,57 @@ class SmartKVLayer(KVLayer):
 
     def _repool(self, kind: str, old_bits: torch.Tensor, new_bits: torch.Tensor, new: torch.Tensor) -> dict:
         """Pools for the widths `new_bits` (B, H, Tq + n): tokens whose width is unchanged keep their codes; demoted
-        ones are re-quantized from their dequantized codes, the n `new` tokens (B, H, n, D) from their values."""
+        ones are re-quantized from their dequantized codes, the n `new` tokens (B, H, n, D) from their values.
+        Boolean masks are turned into indices once each (on CUDA every one waits for the GPU)."""
         B, H, Tq = old_bits.shape
         pools, out = self.pools[kind], {}
-        for b in self.widths:
-            sel = new_bits == b                                    # (B, H, T)
-            if not bool(sel.any()):
+        present = torch.stack([(new_bits == b).any() for b in self.widths]).tolist()
+        for b, here in zip(self.widths, present):
+            if not here:
                 continue
+            sel = new_bits == b                                    # (B, H, T)
             keep = torch.zeros_like(sel)
             keep[..., :Tq] = (old_bits == b) & sel[..., :Tq]        # tokens that keep their codes
             fresh = quantize(self._values_at(kind, sel & ~keep, old_bits, new), b, self.group, axis=-1)
-            if b in pools and bool(keep.any()):
-                kept_mask = sel[..., :Tq][old_bits == b]           # old pool entries that stay at width b
+            fields = (fresh.codes, fresh.scale, fresh.zero)
+            if b in pools:  # the new pool in position order: kept entries of the old pool, fresh ones between
                 take = keep[sel]                                   # (N,) which entries are kept ones
-                fields = []
-                for name in ("codes", "scale", "zero"):
+                src = _indices(sel[..., :Tq][old_bits == b])       # old pool entries that stay at width b
+                dst_kept, dst_fresh = _indices(take), _indices(~take)
+                merged = []
+                for name, new_t in zip(("codes", "scale", "zero"), fields):
                     old_t = getattr(pools[b], name)
-                    old_t = old_t.reshape(-1, old_t.shape[-1])[kept_mask]
-                    new_t = getattr(fresh, name)
-                    t = new_t.new_empty(take.shape[0], new_t.shape[-1])
-                    t[take], t[~take] = old_t, new_t
-                    fields.append(t)
-                codes, scale, zero = fields
-            else:
-                codes, scale, zero = fresh.codes, fresh.scale, fresh.zero
+                    old_t = old_t.reshape(-1, old_t.shape[-1]).index_select(0, src)
+                    merged.append(new_t.new_empty(take.shape[0], new_t.shape[-1]).index_copy_(0, dst_kept, old_t)
+                                  .index_copy_(0, dst_fresh, new_t))
+                fields = merged
             shape = lambda t: t.reshape(B, H, -1, t.shape[-1])  # equal counts per row: dense pool
-            out[b] = QTensor(shape(codes), shape(scale), shape(zero), b, self.group, -1)
+            out[b] = QTensor(*map(shape, fields), b, self.group, -1)
         return out
 
     def _values_at(self, kind: str, mask: torch.Tensor, old_bits: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Stored-space values (M, D) fp32 of the tokens where `mask` (B, H, Tq + n) is set, in its row-major order
         (= torch.cat([self._middle_part(kind), new], -2)[mask]), dequantizing only those of the middle."""
         Tq = old_bits.shape[-1]
-        out = new.new_empty(int(mask.sum()), self.head_dim)
+        slot = (mask.flatten().cumsum(0) - 1).reshape(mask.shape)  # each set token's row in out
+        out = new.new_empty(int(slot.flatten()[-1]) + 1 if slot.numel() else 0, self.head_dim)
         if not out.shape[0]:
             return out
-        slot = (mask.flatten().cumsum(0) - 1).reshape(mask.shape)  # each set token's row in out
         fresh = mask[..., Tq:]
         out[slot[..., Tq:][fresh]] = new[fresh]
         for b, pool in self.pools[kind].items():
             in_pool = old_bits == b
             m = mask[..., :Tq] & in_pool
-            if not bool(m.any()):
-                continue
-            rows = m[in_pool]                                      # the pool's entries (pool order) asked for
-            q = QTensor(*(getattr(pool, f).reshape(-1, getattr(pool, f).shape[-1])[rows]
+            rows = _indices(m[in_pool])                            # the pool's entries (pool order) asked for
+            q = QTensor(*(getattr(pool, f).reshape(-1, getattr(pool, f).shape[-1]).index_select(0, rows)
                           for f in ("codes", "scale", "zero")), b, self.group, -1)
             out[slot[..., :Tq][m]] = dequantize(q)
         return out
+
+
+def _indices(mask: torch.Tensor) -> torch.Tensor:
+    """Positions (k,) of the set entries of a flat bool mask (one device sync on CUDA)."""
+    return mask.nonzero().squeeze(1)
 
 
 @register
