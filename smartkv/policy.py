@@ -40,12 +40,12 @@ class _BitCounter:
     Dividing a token's costs by lam, it picks the line x * 4^-b + b lowest at x = w / lam: the lower envelope of k
     lines, so the width steps up at fixed breakpoints of x. Tokens far from every breakpoint are counted by binary
     search in the sorted weights; the few within a relative 1e-9 of one (where rounding could decide) go through
-    `_choose` itself, so the count is what `_choose` gives, ties included (the first, narrowest, width wins)."""
+    `_choose`'s own float64 arithmetic (in numpy, cheaper on a few tokens), so the count is what `_choose` gives,
+    ties included (the first, narrowest, width wins)."""
 
     EPS = 1e-9
 
     def __init__(self, w: torch.Tensor, widths: torch.Tensor):
-        self.widths = widths
         self.sorted = np.sort(w.numpy())
         a, b = (4.0 ** -widths.numpy()), widths.numpy()
         # envelope from x = 0 (narrowest width) upwards: at each step the next width whose line crosses first
@@ -57,6 +57,7 @@ class _BitCounter:
             self.steps.append(b[j] - b[cur])
             cur = j
         self.base = float(b[0]) * len(self.sorted)
+        self.values, self.pows = b, a             # _choose's terms, for the same float64 operations in numpy
 
     def total(self, lam: float) -> float:
         ws, n = self.sorted, len(self.sorted)
@@ -68,8 +69,8 @@ class _BitCounter:
                 near.append((lo, hi))
         if near:                                # undecided tokens: exactly as _choose decides
             lo, hi = min(r[0] for r in near), max(r[1] for r in near)
-            chunk = torch.from_numpy(ws[lo:hi])
-            exact = float(self.widths[_choose(chunk, lam, self.widths)].sum())
+            cost = ws[lo:hi, None] * self.pows[None, :] + lam * self.values[None, :]  # = _choose, first minimum
+            exact = float(self.values[cost.argmin(-1)].sum())
             # those tokens were counted above for the breakpoints they clearly pass; recount them exactly
             counted = self.base / n * (hi - lo)
             for x, step in zip(self.breaks, self.steps):
@@ -80,12 +81,22 @@ class _BitCounter:
 
 def solve_widths(weight: torch.Tensor, budget: float, widths=WIDTHS) -> torch.Tensor:
     """Widths (n,) for tokens of `weight` (n,), sum <= floor(budget * n), a heavier token never fewer bits."""
+    w, bits = _solve(weight, budget, widths)
+    # rearrangement: heaviest tokens get the largest widths (same total, never higher cost)
+    order = torch.argsort(w, descending=True, stable=True)
+    out = torch.empty(w.numel(), dtype=torch.long)
+    out[order] = torch.sort(bits, descending=True).values.long()
+    return out
+
+
+def _solve(weight: torch.Tensor, budget: float, widths) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights as float64 on the CPU, widths (n,) before the rearrangement: the same multiset of widths)."""
     check_budget(budget, widths)
     n = weight.numel()
-    if n == 0:
-        return torch.zeros(0, dtype=torch.long)
-    w_vals = torch.tensor(sorted(widths), dtype=torch.float64)
     w = weight.detach().double().clamp_min(0).flatten().cpu()
+    if n == 0:
+        return w, torch.zeros(0, dtype=torch.float64)
+    w_vals = torch.tensor(sorted(widths), dtype=torch.float64)
     target = int(math.floor(budget * n + 1e-9))
     # Lagrangian sweep: lam from huge (all min width) down to tiny (all max width), bisection on log scale
     lo, hi = -60.0, 60.0  # log2(lam)
@@ -103,12 +114,7 @@ def solve_widths(weight: torch.Tensor, budget: float, widths=WIDTHS) -> torch.Te
             lo = mid
     best = _choose(w, 2.0 ** feasible, w_vals) if feasible is not None else torch.zeros(n, dtype=torch.long)
     idx = _fill(w, best.clone(), w_vals, target - int(w_vals[best].sum()))
-    bits = w_vals[idx]
-    # rearrangement: heaviest tokens get the largest widths (same total, never higher cost)
-    order = torch.argsort(w, descending=True, stable=True)
-    out = torch.empty(n, dtype=torch.long)
-    out[order] = torch.sort(bits, descending=True).values.long()
-    return out
+    return w, w_vals[idx]
 
 
 def _fill(w: torch.Tensor, idx: torch.Tensor, w_vals: torch.Tensor, slack: int) -> torch.Tensor:
@@ -137,8 +143,9 @@ def _fill(w: torch.Tensor, idx: torch.Tensor, w_vals: torch.Tensor, slack: int) 
 
 
 def counts_for(weight_profile: torch.Tensor, budget: float, widths=WIDTHS) -> dict[int, int]:
-    """Tokens per width for a representative (rank-averaged) weight profile."""
-    bits = solve_widths(weight_profile, budget, widths)
+    """Tokens per width for a representative (rank-averaged) weight profile (`solve_widths`' counts, without
+    placing them)."""
+    bits = _solve(weight_profile, budget, widths)[1]
     return {b: int((bits == b).sum()) for b in sorted(widths, reverse=True)}
 
 
