@@ -2,18 +2,21 @@
 
 SmartKV stores a layer's middle tokens in one dense pool per bit width, separately for keys and values: a
 token's key may sit in the 4-bit key pool while its value sits in the 2-bit value pool, so one pass cannot
-pair a key with its value the way `triton_attn` does. Two passes instead:
+pair a key with its value the way `triton_attn` does. Two passes instead, one launch each over a segment table
+(up to 4 pools, each with its tokens' positions, and 2 full-precision runs: the sinks and the recent window;
+program ranges per segment are cumulative, and each program finds its segment by comparing with them):
 
-  pool_scores  - for one key pool: the scores q . k of the pool's tokens for every query head of the KV head's
-                 group, written straight into the layer's position-ordered logits (B, Hq, T) through the pool's
-                 positions (which are ascending, so the writes are near-coalesced);
+  _scores_kernel - scores q . k of every segment's tokens for every query head of the KV head's group, written
+                   straight into the layer's position-ordered logits (B, Hq, T) (pools through their positions,
+                   which are ascending, so the writes are near-coalesced);
   (softmax over all positions in torch: (B, Hq, T) fp32, the probabilities SmartKV's importance needs anyway)
-  pool_values  - for one value pool: sum_j p_j v_j with p read from the probabilities through the pool's
-                 positions; one partial output per split of the pool, summed by the caller.
+  _values_kernel - sum_j p_j v_j with p read from the probabilities at each token's position; one partial
+                   output per split of a segment, summed by the caller (pools and full-precision runs apart, so
+                   rotated pools can be rotated back alone).
 
-Both read packed codes (2/3/4/8 bit, per-token groups) and their fp16 scales and zeros, unpack in registers
-(CODE_MODE 1 of triton_attn: exact integers) and use tensor-core dots with fp16 operands and fp32
-accumulation. Query heads of a group are padded to 16 columns (the dot's minimum).
+Pools hold packed codes (2/3/4/8 bit, per-token groups) and fp16 scales and zeros, unpacked in registers
+(CODE_MODE 1 of triton_attn: exact integers); full-precision runs are read as they are. Tensor-core dots with
+fp16 operands and fp32 accumulation. Query heads of a group are padded to 16 columns (the dot's minimum).
 """
 from __future__ import annotations
 
