@@ -110,9 +110,7 @@ def _smartkv_cache_calls(B: int, T: int, seed: int):
         return layer._fused_decode(q, SCALING)
 
     def attend_observe():
-        out, probs = layer._fused_decode(q, SCALING)
-        layer._observe_step(probs)
-        return out
+        return layer._fused_decode(q, SCALING, observe=True)
     return layer, q, attend, attend_observe, nbytes
 
 

@@ -33,7 +33,7 @@ from bench_quality import parse_config  # noqa: E402
 
 SMOLLM2_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0)
-PARTS = ("attend", "_fused_decode", "_observe", "_observe_step", "_flush", "_middle_part", "_weights", "_allocate",
+PARTS = ("attend", "_fused_decode", "_observe", "_flush", "_middle_part", "_weights", "_allocate",
          "_repool", "_values_at", "_ranges", "_stored_kv", "_store")
 
 

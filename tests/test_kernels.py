@@ -220,11 +220,19 @@ def test_pool_two_pass_kernels(bits, N, NG, D, G, shared):
     fp64 = sum((p64[..., st:st + x.shape[-2]].reshape(B, Hkv, NG, -1) @ x.double().cpu()).reshape(B, Hq, D)
                for x, st in fp_v)
     ref_mid, ref_fp = R.pool_values_reference(probs, values, fp_v)
+    codes = torch.randint(0, 256, (B, Hkv, T), generator=g, dtype=torch.uint8)
+    ranges = [(0, 4), (T - 9, T - 1)]
+    folded = codes.clone()
+    R.importance_update_reference(folded, probs.cpu(), ranges)
     for per_split in (32, 1 << 30):
-        mid, fp_out = kern.pool_values(probs, values, fp_v, per_split)
+        got_codes = codes.clone().to(DEV)
+        mid, fp_out = kern.pool_values(probs, values, fp_v, per_split, importance=(got_codes, ranges))
         assert mid.shape == fp_out.shape == (B, Hq, D) and mid.dtype == torch.float32
         assert rel(mid, mid64) < BOUND and rel(fp_out, fp64) < BOUND
         assert rel(mid, ref_mid) < BOUND and rel(fp_out, ref_fp) < BOUND
+        # the same launch folded probs into every position's importance code, once (segments cover all T)
+        diff = (got_codes.cpu().int() - folded.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.05 and not torch.equal(folded, codes)
 
 
 def test_pool_kernels_skip_empty_segments():

@@ -37,7 +37,7 @@ from smartkv.methods.base import MethodConfig, check_choice, check_group_size, c
 from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
                             rank_profile, unpack_levels)
 from smartkv.quant import QTensor, dequantize, quantize
-from smartkv.quant.kernels import importance_update, pool_positions, pool_scores, pool_values
+from smartkv.quant.kernels import pool_positions, pool_scores, pool_values
 
 
 UNSEEN = 255  # importance code of a token no query has seen yet (encode_importance(0))
@@ -150,8 +150,7 @@ class SmartKVLayer(KVLayer):
         if self._pending is not None:  # a fused decode step: `update` stored the token and returned it alone
             self._pending = None
             if self._kernel_attends(attention_mask, kwargs):
-                out, probs = self._fused_decode(query, scaling)
-                self._observe_step(probs)
+                out, _ = self._fused_decode(query, scaling, observe=True)
                 self._flush()
                 return out, None
             key, value = (t.to(query.dtype) for t in self._stored_kv())  # a mask (padded batch): reference path
@@ -174,21 +173,17 @@ class SmartKVLayer(KVLayer):
         self.importance = fold_attention(self.importance, probs, self.observed)
         self.observed = add_range(self.observed, T - W, T)
 
-    def _observe_step(self, probs: torch.Tensor) -> None:
-        """`_observe` of one decode query, probs (B, Hq, 1, T), in one kernel on CUDA (kernels.importance_update)."""
-        T = probs.shape[-1]
-        importance_update(self.importance, probs[:, :, 0], self.observed.tolist())
-        self.observed = add_range(self.observed, T - 1, T)
-
     def _decode_segments(self, key_states, value_states) -> list:
         """Turns the fused path on. SmartKV's pools do not pair keys with values (a token's key and value widths
         differ), so `attend` runs `_fused_decode`'s two passes instead of one segment-wise kernel."""
         return []
 
-    def _fused_decode(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fused_decode(self, query: torch.Tensor, scaling: float,
+                      observe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode attention read from the packed pools in two passes of one launch each (kernels.pool_scores /
         pool_values over every width pool plus the full-precision sinks and recent window, which holds this
-        step's token): scores into position-ordered logits, softmax, probability-weighted values.
+        step's token): scores into position-ordered logits, softmax, probability-weighted values. With
+        `observe`, the values pass also folds the probabilities into the importance (`_observe` of one query).
         Returns (output (B, 1, Hq, D) in query's dtype, probabilities (B, Hq, 1, T) fp32)."""
         B, Hq, _, D = query.shape
         H = self.num_heads
@@ -207,7 +202,10 @@ class SmartKVLayer(KVLayer):
         pool_scores(q if q_st is None else q_st, self._pool_segments("k"), logits, scaling, bias, q, fp)
         probs = torch.softmax(logits, -1)                                      # (B, Hq, T)
         fp = ((self.sink_v, 0), (self.win_v, n_sink + Tm))
-        mid, out = pool_values(probs, self._pool_segments("v"), fp, tokens_per_split=max(1024, Tm // 64))
+        importance = (self.importance, self.observed.tolist()) if observe else None
+        mid, out = pool_values(probs, self._pool_segments("v"), fp, max(1024, Tm // 64), importance)
+        if observe:
+            self.observed = add_range(self.observed, probs.shape[-1] - 1, probs.shape[-1])
         if Tm:
             out = out + (mid @ hadamard(D, mid.device) if self.rot_v else mid)
         return out.to(query.dtype).unsqueeze(1), probs.unsqueeze(2)

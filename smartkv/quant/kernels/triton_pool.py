@@ -100,10 +100,12 @@ def _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w_ptr, s_ptr, z_ptr, pos_p
 
 @triton.jit
 def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, split, first, per_split, bh, Hkv,
-                NG, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                NGP: tl.constexpr, BLOCK_N: tl.constexpr, FOLD: tl.constexpr):
     """sum_j p_j v_j over split `split - first` (per_split rows) of one segment, for the query heads of KV head
-    bh % Hkv, into out[b, hq, split] (out (B, Hq, S, D) fp32; probs (B, Hq, T) contiguous)."""
+    bh % Hkv, into out[b, hq, split] (out (B, Hq, S, D) fp32; probs (B, Hq, T) contiguous). With FOLD, also
+    folds p into those tokens' importance codes (code_ptr (B, Hkv, T) contiguous; r: the observed ranges): every
+    token is in exactly one split of one segment, so each is folded once."""
     b = bh // Hkv
     hq = (bh % Hkv) * NG + tl.arange(0, NGP)
     hmask = tl.arange(0, NGP) < NG
@@ -118,6 +120,8 @@ def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, 
         p = tl.load(p_ptr + row_q[:, None] * T + pos[None, :], mask=hmask[:, None] & valid[None, :], other=0.0)
         v = _seg_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
         acc += tl.dot(p.to(tl.float16), v)
+        if FOLD:
+            _fold(code_ptr + bh.to(tl.int64) * T, pos, valid, p, NG, r0, r1, r2, r3, r4, r5, r6, r7)
     tl.store(out_ptr + (row_q[:, None] * S + split) * D + tl.arange(0, D)[None, :], acc, mask=hmask[:, None])
 
 
@@ -170,8 +174,8 @@ def _scores_kernel(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, P, scaling, Hkv, NG,
                         blk - e4, bh, Hkv, NG, BITS5, HAS_BIAS, G, D, NGP, BLOCK_N)
 
 
-@triton.jit(do_not_specialize=_DYNAMIC + ["per_split"])
-def _values_kernel(p_ptr, T, out_ptr, S, P, per_split, Hkv, NG,
+@triton.jit(do_not_specialize=_DYNAMIC + ["per_split"] + [f"r{i}" for i in range(8)])
+def _values_kernel(p_ptr, T, out_ptr, S, P, per_split, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7,
                    w0, s0, z0, p0, n0, a0, e0,
                    w1, s1, z1, p1, n1, a1, e1,
                    w2, s2, z2, p2, n2, a2, e2,
@@ -180,35 +184,43 @@ def _values_kernel(p_ptr, T, out_ptr, S, P, per_split, Hkv, NG,
                    w5, s5, z5, p5, n5, a5, e5,
                    NSEG: tl.constexpr, BITS0: tl.constexpr, BITS1: tl.constexpr, BITS2: tl.constexpr,
                    BITS3: tl.constexpr, BITS4: tl.constexpr, BITS5: tl.constexpr,
-                   G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr):
+                   G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   FOLD: tl.constexpr):
     """Second pass: probability-weighted values of every segment in one launch; program (split, bh) sums one
-    split of the segment whose split range holds it into its own partial output."""
+    split of the segment whose split range holds it into its own partial output (and with FOLD updates the
+    importance codes of its tokens)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     if NSEG > 0:
         if split < e0:
             _seg_values(p_ptr, T, out_ptr, S, w0, s0, z0, p0, P, n0, a0, split, 0,
-                        per_split, bh, Hkv, NG, BITS0, G, D, NGP, BLOCK_N)
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS0, G, D, NGP,
+                        BLOCK_N, FOLD)
     if NSEG > 1:
         if (split >= e0) & (split < e1):
             _seg_values(p_ptr, T, out_ptr, S, w1, s1, z1, p1, P, n1, a1, split, e0,
-                        per_split, bh, Hkv, NG, BITS1, G, D, NGP, BLOCK_N)
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS1, G, D, NGP,
+                        BLOCK_N, FOLD)
     if NSEG > 2:
         if (split >= e1) & (split < e2):
             _seg_values(p_ptr, T, out_ptr, S, w2, s2, z2, p2, P, n2, a2, split, e1,
-                        per_split, bh, Hkv, NG, BITS2, G, D, NGP, BLOCK_N)
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS2, G, D, NGP,
+                        BLOCK_N, FOLD)
     if NSEG > 3:
         if (split >= e2) & (split < e3):
             _seg_values(p_ptr, T, out_ptr, S, w3, s3, z3, p3, P, n3, a3, split, e2,
-                        per_split, bh, Hkv, NG, BITS3, G, D, NGP, BLOCK_N)
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS3, G, D, NGP,
+                        BLOCK_N, FOLD)
     if NSEG > 4:
         if (split >= e3) & (split < e4):
             _seg_values(p_ptr, T, out_ptr, S, w4, s4, z4, p4, P, n4, a4, split, e3,
-                        per_split, bh, Hkv, NG, BITS4, G, D, NGP, BLOCK_N)
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS4, G, D, NGP,
+                        BLOCK_N, FOLD)
     if NSEG > 5:
         if (split >= e4) & (split < e5):
             _seg_values(p_ptr, T, out_ptr, S, w5, s5, z5, p5, P, n5, a5, split, e4,
-                        per_split, bh, Hkv, NG, BITS5, G, D, NGP, BLOCK_N)
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS5, G, D, NGP,
+                        BLOCK_N, FOLD)
 
 
 @triton.jit(do_not_specialize=["sl_b", "sl_h", "so_b", "so_h", "n", "c0", "c1", "c2"])
@@ -242,11 +254,27 @@ def _positions_kernel(lv_ptr, sl_b, sl_h, out_ptr, so_b, so_h, n, Hkv, c0, c1, c
         r3 += tl.sum(m3.to(tl.int32), 0)
 
 
+@triton.jit
+def _fold(code_ptr, t, valid, p, NG, s0, e0, s1, e1, s2, e2, s3, e3):
+    """One decode query's attention p (NGP, BLOCK) over tokens t (query heads of one group) folded into their
+    8-bit importance codes at code_ptr + t: mean' = (mean * seen + mass) / (seen + 1), `seen` from the earlier
+    queries' position ranges [s_r, e_r)."""
+    mass = tl.sum(p, 0) / NG
+    seen = tl.maximum(e0 - tl.maximum(s0, t), 0) + tl.maximum(e1 - tl.maximum(s1, t), 0)
+    seen += tl.maximum(e2 - tl.maximum(s2, t), 0) + tl.maximum(e3 - tl.maximum(s3, t), 0)
+    seen = seen.to(tl.float32)
+    codes = tl.load(code_ptr + t, mask=valid, other=255).to(tl.float32)
+    mean = tl.where(codes == 255, 0.0, tl.exp2(-codes / 8))
+    mean = (mean * seen + mass) / (seen + 1)
+    new = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))
+    new = tl.minimum(tl.maximum(new + 0.5, 0.0), 255.0)                 # round half up: codes are >= 0
+    tl.store(code_ptr + t, new.to(tl.uint8), mask=valid)
+
+
 @triton.jit(do_not_specialize=["sc_b", "sc_h", "sp_b", "sp_h", "T", "s0", "e0", "s1", "e1", "s2", "e2", "s3", "e3"])
 def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
                        s0, e0, s1, e1, s2, e2, s3, e3, NGP: tl.constexpr, BLOCK: tl.constexpr):
-    """One decode query's attention folded into the 8-bit importance codes of every token it saw (all T):
-    mean' = (mean * seen + mass) / (seen + 1), seen from the earlier queries' position ranges [s_r, e_r)."""
+    """`_fold` over all T tokens of every (batch, KV head) row: the query saw them all."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -257,16 +285,7 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
     hmask = tl.arange(0, NGP) < NG
     p = tl.load(p_ptr + b * sp_b + hq[:, None] * sp_h + t[None, :], mask=hmask[:, None] & valid[None, :],
                 other=0.0)
-    mass = tl.sum(p, 0) / NG
-    seen = tl.maximum(e0 - tl.maximum(s0, t), 0) + tl.maximum(e1 - tl.maximum(s1, t), 0)
-    seen += tl.maximum(e2 - tl.maximum(s2, t), 0) + tl.maximum(e3 - tl.maximum(s3, t), 0)
-    seen = seen.to(tl.float32)
-    codes = tl.load(code_ptr + b * sc_b + h * sc_h + t, mask=valid, other=255).to(tl.float32)
-    mean = tl.where(codes == 255, 0.0, tl.exp2(-codes / 8))
-    mean = (mean * seen + mass) / (seen + 1)
-    new = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))
-    new = tl.minimum(tl.maximum(new + 0.5, 0.0), 255.0)                 # round half up: codes are >= 0
-    tl.store(code_ptr + b * sc_b + h * sc_h + t, new.to(tl.uint8), mask=valid)
+    _fold(code_ptr + b * sc_b + h * sc_h, t, valid, p, NG, s0, e0, s1, e1, s2, e2, s3, e3)
 
 
 BLOCK_N = 32
@@ -337,8 +356,10 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
         NGP=max(16, _pow2(NG)), BLOCK_N=BLOCK_N, num_warps=4)
 
 
-def pool_values_triton(probs: torch.Tensor, pools: list, fp: list,
-                       per_split: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: int,
+                       importance: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """With `importance` = (codes (B, Hkv, T) uint8 contiguous, at most MAX_RANGES observed ranges), the same
+    launch folds probs into the codes (`importance_update_triton`'s function)."""
     B, Hq, T = probs.shape
     args, bits, P = _segments(pools, fp)
     D = (pools[0][0] if pools else fp[0][0]).shape[-1]
@@ -353,11 +374,18 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list,
     ends = list(itertools.accumulate(splits))
     part = torch.empty(B, Hq, ends[-1], D, dtype=torch.float32, device=probs.device)
     flat, consts = _flat(args, bits, ends)
+    codes, ranges = importance if importance is not None else (part, [])
     _values_kernel[(ends[-1], B * Hkv)](
-        probs.contiguous(), T, part, ends[-1], P, per_split, Hkv, NG, *flat, **consts,
-        G=_group(pools), D=D, NGP=max(16, _pow2(NG)), BLOCK_N=BLOCK_N, num_warps=4)
+        probs.contiguous(), T, part, ends[-1], P, per_split, Hkv, NG, codes, *_range_args(ranges), *flat,
+        **consts, G=_group(pools), D=D, NGP=max(16, _pow2(NG)), BLOCK_N=BLOCK_N, FOLD=importance is not None,
+        num_warps=4)
     cut = ends[n_pools - 1] if n_pools else 0
     return part[:, :, :cut].sum(2), part[:, :, cut:].sum(2)
+
+
+def _range_args(ranges) -> list[int]:
+    """Observed query ranges as MAX_RANGES (start, end) pairs, empty ones padded."""
+    return [x for r in ranges for x in r] + [0, 0] * (MAX_RANGES - len(ranges))
 
 
 def _group(pools) -> int:
@@ -384,8 +412,7 @@ def importance_update_triton(codes: torch.Tensor, probs: torch.Tensor, ranges: l
     B, Hkv, T = codes.shape
     Hq = probs.shape[1]
     NG = Hq // Hkv
-    flat = [x for r in ranges for x in r] + [0, 0] * (MAX_RANGES - len(ranges))
     BLOCK = 512
     _importance_kernel[(triton.cdiv(T, BLOCK), B * Hkv)](
-        codes, *codes.stride()[:2], probs, *probs.stride()[:2], T, Hkv, NG, *flat,
+        codes, *codes.stride()[:2], probs, *probs.stride()[:2], T, Hkv, NG, *_range_args(ranges),
         NGP=max(2, _pow2(NG)), BLOCK=BLOCK, num_warps=4)
