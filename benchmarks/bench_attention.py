@@ -28,10 +28,12 @@ from smartkv.quant.kernels import (decode_attention, decode_attention_reference,
                                    quantize_pack_kv)
 from smartkv.quant.kernels import decode as dec  # noqa: E402
 from smartkv.quant.kernels import triton_attn as K  # noqa: E402
+from smartkv.quant.kernels import triton_pool as _tp  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SCALING = D ** -0.5
 FUSED = ["int8", "int4", "kivi2", "kivi24", "smartkv4", "smartkv4-cache"]
+POOL_CONFIGS = [dict(_tp.POOL_CONFIG)]  # --pool-configs
 _T0 = time.time()
 
 
@@ -151,10 +153,14 @@ def bench_config(T: int, B: int, methods: list[str], copy_bw: float, budget: Bud
             notes.append(f"smartkv4-cache vs dequantize + SDPA at {T}x{B}: rel err {err:.1e}; widths k "
                          f"{sorted(layer.pools['k'])} v {sorted(layer.pools['v'])}")
             del k_ref, v_ref, ref
-            rows.append(_row(T, B, "smartkv4 cache two-pass (eager)", time_calls([attend], graph=False), base,
-                             nbytes, copy_bw))
-            rows.append(_row(T, B, "smartkv4 cache two-pass + importance (eager)",
-                             time_calls([attend_observe], graph=False), base, nbytes, copy_bw))
+            for cfg in POOL_CONFIGS:
+                _tp.POOL_CONFIG.update(cfg)
+                tag = "" if len(POOL_CONFIGS) == 1 else " {scores_block}/{values_block}/{num_warps}".format(**cfg)
+                rows.append(_row(T, B, f"smartkv4 cache two-pass (eager){tag}", time_calls([attend], graph=False),
+                                 base, nbytes, copy_bw))
+                rows.append(_row(T, B, f"smartkv4 cache two-pass + importance (eager){tag}",
+                                 time_calls([attend_observe], graph=False), base, nbytes, copy_bw))
+            _tp.POOL_CONFIG.update(POOL_CONFIGS[0])
             del layer
             torch.cuda.empty_cache()
             continue
@@ -305,7 +311,13 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--out", default=None, help="folder for bench_attention.md / .json")
     ap.add_argument("--profile", default=None, help="run 20 eager calls of one method at batch 8, 32K (for ncu)")
+    ap.add_argument("--pool-configs", default=None, metavar="S/V/W,...",
+                    help="SmartKV cache rows for each launch config of the pool passes: scores block / values "
+                         "block / warps, e.g. 32/32/4,64/64/4 (default: the library's)")
     args = ap.parse_args()
+    if args.pool_configs:
+        POOL_CONFIGS[:] = [dict(zip(("scores_block", "values_block", "num_warps"), map(int, c.split("/"))))
+                           for c in args.pool_configs.split(",")]
     budget = Budget(args.budget_s)
     methods = [m for m in args.methods.split(",") if m]
     if args.profile:

@@ -288,7 +288,9 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
     _fold(code_ptr + b * sc_b + h * sc_h, t, valid, p, NG, s0, e0, s1, e1, s2, e2, s3, e3)
 
 
-BLOCK_N = 32
+# Launch config of the two passes: tokens per block of the scores pass and of the values pass's loop, warps per
+# program. Chosen on an H100/H200 only roughly (32/32/4); bench_attention.py --pool-configs times alternatives.
+POOL_CONFIG = {"scores_block": 32, "values_block": 32, "num_warps": 4}
 MAX_RANGES = 4  # _importance_kernel's observed query ranges
 
 
@@ -346,14 +348,15 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
         return
     Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
     NG = Hq // Hkv
-    ends = list(itertools.accumulate(triton.cdiv(a[4], BLOCK_N) for a in args))
+    block = POOL_CONFIG["scores_block"]
+    ends = list(itertools.accumulate(triton.cdiv(a[4], block) for a in args))
     flat, consts = _flat(args, bits, ends)
     q_pool = q_pool.contiguous()
     q_fp = q_pool if q_fp is None else q_fp.contiguous()
     _scores_kernel[(ends[-1], B * Hkv)](
         q_pool, q_fp, q_pool if bias is None else bias.contiguous(), out, out.shape[-1], P,
         scaling, Hkv, NG, *flat, **consts, HAS_BIAS=bias is not None, G=_group(pools), D=D,
-        NGP=max(16, _pow2(NG)), BLOCK_N=BLOCK_N, num_warps=4)
+        NGP=max(16, _pow2(NG)), BLOCK_N=block, num_warps=POOL_CONFIG["num_warps"])
 
 
 def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: int,
@@ -369,7 +372,8 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
         return z, z.clone()
     Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
     NG = Hq // Hkv
-    per_split = triton.cdiv(max(per_split, 1), BLOCK_N) * BLOCK_N
+    block = POOL_CONFIG["values_block"]
+    per_split = triton.cdiv(max(per_split, 1), block) * block
     splits = [triton.cdiv(a[4], per_split) for a in args]
     ends = list(itertools.accumulate(splits))
     part = torch.empty(B, Hq, ends[-1], D, dtype=torch.float32, device=probs.device)
@@ -377,8 +381,8 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     codes, ranges = importance if importance is not None else (part, [])
     _values_kernel[(ends[-1], B * Hkv)](
         probs.contiguous(), T, part, ends[-1], P, per_split, Hkv, NG, codes, *_range_args(ranges), *flat,
-        **consts, G=_group(pools), D=D, NGP=max(16, _pow2(NG)), BLOCK_N=BLOCK_N, FOLD=importance is not None,
-        num_warps=4)
+        **consts, G=_group(pools), D=D, NGP=max(16, _pow2(NG)), BLOCK_N=block, FOLD=importance is not None,
+        num_warps=POOL_CONFIG["num_warps"])
     cut = ends[n_pools - 1] if n_pools else 0
     return part[:, :, :cut].sum(2), part[:, :, cut:].sum(2)
 
