@@ -233,9 +233,9 @@ class SmartKVLayer(KVLayer):
 
     # --- flush and re-allocation -----------------------------------------------------------------------------
     def _flush(self) -> None:
-        """Move the window's oldest tokens into the middle and re-allocate the middle's widths. Work on stored
-        tokens is proportional to the tokens that change width (demotions), not to the middle: the weights read
-        stored tokens' ranges from their scales and zeros, and only demoted tokens are dequantized."""
+        """Move the window's oldest tokens into the middle and re-allocate the middle's widths. Only tokens that
+        change width (demotions) and the new ones are dequantized or quantized; the rest is index work on the
+        level maps and a copy of the kept codes (the weights read stored tokens' ranges from scales and zeros)."""
         cfg = self.config
         n = self.win_k.shape[-2] - cfg.recent_window
         if n < cfg.realloc_every or n <= 0:

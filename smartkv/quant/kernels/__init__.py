@@ -110,7 +110,7 @@ def pool_scores(q: torch.Tensor, pools: Sequence, out: torch.Tensor, scaling: fl
     q: (B, Hq, D), the query in the pools' stored space; pools: at most 4 (pool, positions, base): a per-token
     QTensor (B, Hkv, N, D), its tokens' positions (B, Hkv, N) int and a base added to them; bias: (B, Hq), added
     to the pools' scores; fp: at most 2 (keys (B, Hkv, n, D), start): full-precision runs at positions start,
-    start + 1, ..., scored with `q_fp` (the plain query). Sets out[b, hq, base + positions[b, hq // G, j]] =
+    start + 1, ..., scored with `q_fp` (the plain query; q when None). Sets out[b, hq, base + positions[b, hq // G, j]] =
     scaling * (q[b, hq] . pool[b, hq // G, j] + bias[b, hq]) and out[b, hq, start + j] = scaling * q_fp[b, hq]
     . keys[b, hq // G, j]; other logits stay as they are."""
     pools, fp = _check_segments(pools, fp)

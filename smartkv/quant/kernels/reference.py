@@ -120,7 +120,8 @@ def pool_scores_reference(q: torch.Tensor, pools, out: torch.Tensor, scaling: fl
         out.scatter_(-1, _pool_index(positions, base, G), (s * scaling).to(out.dtype))
     for keys, start in fp:
         Hkv, n = keys.shape[1], keys.shape[2]
-        s = (q_fp.float().reshape(B, Hkv, Hq // Hkv, D) @ keys.float().transpose(-1, -2)).reshape(B, Hq, n)
+        qf = q if q_fp is None else q_fp
+        s = (qf.float().reshape(B, Hkv, Hq // Hkv, D) @ keys.float().transpose(-1, -2)).reshape(B, Hq, n)
         out[..., start:start + n] = (s * scaling).to(out.dtype)
 
 
