@@ -259,6 +259,9 @@ def test_pool_kernels_skip_empty_segments():
     assert torch.equal(mid, torch.zeros(1, 4, 64, device=DEV))
     expect = (probs[..., 5:].reshape(1, 2, 2, 2) @ win.float()).reshape(1, 4, 64)
     assert rel(fp_out, expect) < BOUND
+    with pytest.raises(ValueError, match="importance codes must be"):
+        kern.pool_values(probs, [(empty, pos, 0)], [(win, 5)], 4, importance=(torch.zeros(1, 2, 6, dtype=torch.uint8,
+                                                                                          device=DEV), []))
     with pytest.raises(ValueError, match="at most 4"):
         kern.pool_scores(q, [(quantize(win.float(), 4, 32), pos.new_zeros(1, 2, 2), 0)] * 5, logits, 0.1)
 

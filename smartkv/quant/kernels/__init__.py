@@ -130,6 +130,10 @@ def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_
     `importance_update` takes them, where the segments cover every position once: the same launch folds probs
     into the codes (in place)."""
     pools, fp = _check_segments(pools, fp)
+    if importance is not None and (importance[0].dim() != 3 or importance[0].shape[0] != probs.shape[0]
+                                   or importance[0].shape[-1] != probs.shape[-1]):
+        raise ValueError(f"importance codes must be (B, Hkv, T) = ({probs.shape[0]}, Hkv, {probs.shape[-1]}), "
+                         f"got {tuple(importance[0].shape)}")
     if not pools and not fp:
         z = probs.new_zeros(probs.shape[0], probs.shape[1], 0)
         out = z, z
