@@ -159,6 +159,60 @@ SMARTKV_CASES = {  # pools of 2..8 bits, keys and values at different widths, ro
 }
 
 
+def _record_specialisations(monkeypatch, module, names) -> dict:
+    """Wraps Triton kernels `names` of `module` to record, per set of compile-time constants, the specialisations
+    Triton would key a compiled kernel on (ints: value 1 and divisibility by 16, pointers: 16-byte alignment)."""
+    import inspect
+
+    try:
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:
+        pytest.skip("this Triton has no native_specialize_impl")
+    import triton.language as tl
+
+    keys = {}
+    for name in names:
+        kernel = getattr(module, name)
+        sig = inspect.signature(kernel.fn)
+        constexpr = {p for p, v in sig.parameters.items() if v.annotation in (tl.constexpr, "tl.constexpr")}
+        dns = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"] or [])
+
+        class Recorder:
+            def __getitem__(self, grid, kernel=kernel, sig=sig, constexpr=constexpr, dns=dns, name=name):
+                def launch(*args, **kwargs):
+                    bound = sig.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+                    consts = tuple((p, v) for p, v in bound.arguments.items() if p in constexpr)
+                    spec = tuple((p, native_specialize_impl(BaseBackend, v, False, p not in dns, p not in dns)[1])
+                                 for p, v in bound.arguments.items() if p not in constexpr)
+                    keys.setdefault((name, consts), set()).add(spec)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        monkeypatch.setattr(module, name, Recorder())
+    return keys
+
+
+@pytest.mark.parametrize("method,params,kernels", [
+    ("smartkv", dict(budget=4.25, key_value_gap=3, widths=(2, 4, 8), recent_window=8, realloc_every=4,
+                     group_size=16), ("triton_pool", ("_scores_kernel", "_values_kernel"))),
+    ("int4", {}, ("triton_attn", ("_split_kernel",))),
+    ("kivi", dict(key_bits=2, value_bits=2, group_size=16, residual_length=16), ("triton_attn", ("_split_kernel",))),
+])
+def test_decode_kernels_do_not_recompile_as_the_cache_grows(tiny, monkeypatch, method, params, kernels):
+    """Triton compiles a kernel per specialisation of its arguments. Over a generation that grows the cache
+    (SmartKV re-allocating, KIVI flushing blocks), every launch with the same compile-time constants must have the
+    same specialisation: sizes, offsets and pointers that move as the cache grows (e.g. a pool's first column of
+    the positions buffer) are kept out of it, or a decode step could stop for a compilation mid-generation."""
+    import importlib
+
+    module = importlib.import_module(f"smartkv.quant.kernels.{kernels[0]}")
+    keys = _record_specialisations(monkeypatch, module, kernels[1])
+    _generate(tiny, method, params, _prompt(53), fused=True, new_tokens=20)  # SmartKV without 3-bit pools: at
+    assert {name for name, _ in keys} == set(kernels[1])                    # head_dim 32 they take the torch path
+    for key, specs in keys.items():
+        assert len(specs) == 1, (key[0], [dict(s) for s in specs])
+
+
 @pytest.mark.parametrize("case", SMARTKV_CASES)
 def test_smartkv_two_pass_decode_equals_reference(tiny, monkeypatch, case):
     """SmartKV's fused decode (scores over key pools, softmax, values over value pools) gives the reference

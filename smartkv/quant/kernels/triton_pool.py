@@ -128,8 +128,10 @@ def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, 
 # Sizes and positions change as the cache grows: not specialised on (each new divisibility class would compile
 # another kernel mid-generation). Segment i: data w (codes as int32 words, bytes at 3 bit, or full-precision
 # rows), scales s and zeros z (pools), positions p (pools: this pool's first column of the (B * Hkv, P)
-# positions buffer), n rows, a = position base, e = end of its program range (cumulative).
-_DYNAMIC = ["T", "P"] + [f"{x}{i}" for i in range(6) for x in "nae"]
+# positions buffer), n rows, a = position base, e = end of its program range (cumulative). The positions
+# pointers too: a pool's first column moves with the pools' sizes, and with it the pointer's 16-byte alignment,
+# which Triton would otherwise specialise on (a compilation whenever a re-allocation flips one).
+_DYNAMIC = ["T", "P"] + [f"{x}{i}" for i in range(6) for x in "npae"]
 
 
 @triton.jit(do_not_specialize=_DYNAMIC)
@@ -174,7 +176,7 @@ def _scores_kernel(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, P, scaling, Hkv, NG,
                         blk - e4, bh, Hkv, NG, BITS5, HAS_BIAS, G, D, NGP, BLOCK_N)
 
 
-@triton.jit(do_not_specialize=_DYNAMIC + ["per_split"] + [f"r{i}" for i in range(8)])
+@triton.jit(do_not_specialize=_DYNAMIC + ["S", "per_split"] + [f"r{i}" for i in range(8)])
 def _values_kernel(p_ptr, T, out_ptr, S, P, per_split, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7,
                    w0, s0, z0, p0, n0, a0, e0,
                    w1, s1, z1, p1, n1, a1, e1,
