@@ -202,7 +202,8 @@ def test_decode_kernels_do_not_recompile_as_the_cache_grows(tiny, monkeypatch, m
     """Triton compiles a kernel per specialisation of its arguments. Over a generation that grows the cache
     (SmartKV re-allocating, KIVI flushing blocks), every launch with the same compile-time constants must have the
     same specialisation: sizes, offsets and pointers that move as the cache grows (e.g. a pool's first column of
-    the positions buffer) are kept out of it, or a decode step could stop for a compilation mid-generation."""
+    the positions buffer) are kept out of it, or a decode step could stop for a compilation mid-generation
+    (seconds on a GPU)."""
     import importlib
 
     module = importlib.import_module(f"smartkv.quant.kernels.{kernels[0]}")
@@ -211,6 +212,28 @@ def test_decode_kernels_do_not_recompile_as_the_cache_grows(tiny, monkeypatch, m
     assert {name for name, _ in keys} == set(kernels[1])                    # head_dim 32 they take the torch path
     for key, specs in keys.items():
         assert len(specs) == 1, (key[0], [dict(s) for s in specs])
+
+
+def test_an_empty_pool_keeps_the_pool_kernels_constants(monkeypatch):
+    """A pool that empties or fills (a width unused for a while) passes the same compile-time constants: empty
+    segments stay in the launch with placeholder pointers, so no second kernel is compiled."""
+    import smartkv.quant.kernels as kern
+    from smartkv.quant.kernels import triton_pool
+
+    keys = _record_specialisations(monkeypatch, triton_pool, ("_scores_kernel", "_values_kernel"))
+    monkeypatch.setattr(cache_mod, "FORCE_KERNELS", True)
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, NG, D = 1, 2, 2, 64
+    win = torch.randn(B, Hkv, 3, D, generator=g).half().to(DEV)
+    for n2 in (0, 6):
+        pools = [(quantize(torch.randn(B, Hkv, n, D, generator=g).to(DEV), b, 32), torch.arange(
+            n, dtype=torch.int32, device=DEV).expand(B, Hkv, n) + off, 0) for b, n, off in ((2, n2, 0), (4, 5, n2))]
+        T = n2 + 5 + 3
+        logits = torch.zeros(B, Hkv * NG, T, device=DEV)
+        q = torch.randn(B, Hkv * NG, D, generator=g).to(DEV)
+        kern.pool_scores(q, pools, logits, 0.125, None, q, [(win[..., :0, :], 0), (win, n2 + 5)])
+        kern.pool_values(torch.softmax(logits, -1), pools, [(win[..., :0, :], 0), (win, n2 + 5)])
+    assert len(keys) == 2 and all(len(specs) == 1 for specs in keys.values()), keys
 
 
 @pytest.mark.parametrize("case", SMARTKV_CASES)
@@ -222,7 +245,7 @@ def test_smartkv_two_pass_decode_equals_reference(tiny, monkeypatch, case):
     calls = []
     real = smartkv_mod.pool_scores
     monkeypatch.setattr(smartkv_mod, "pool_scores",
-                        lambda *a, **k: calls.extend(pool.bits for pool, _, _ in a[1]) or real(*a, **k))
+                        lambda *a, **k: calls.extend(p.bits for p, _, _ in a[1] if p.codes.shape[-2]) or real(*a, **k))
     params = SMARTKV_CASES[case]
     ids = _prompt(61)
     ref_tokens, ref_logits, ref_cache = _generate(tiny, "smartkv", params, ids, fused=False, new_tokens=6)

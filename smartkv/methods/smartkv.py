@@ -75,6 +75,7 @@ class SmartKVLayer(KVLayer):
         self.budget_k, self.budget_v = kv_budgets(self.config.budget, self.config.key_value_gap, self.widths)
         self.rot_k = self.config.rotate in ("keys", "both")
         self.rot_v = self.config.rotate == "both"
+        self._no_positions = torch.empty(B, H, 0, dtype=torch.int32, device=self.device)
 
     # --- storage ---------------------------------------------------------------------------------------------
     def _store(self, key_states, value_states) -> None:
@@ -211,9 +212,22 @@ class SmartKVLayer(KVLayer):
         return out.to(query.dtype).unsqueeze(1), probs.unsqueeze(2)
 
     def _pool_segments(self, kind: str) -> list:
-        """The key or value pools as `pool_scores` / `pool_values` take them: (pool, positions, n_sink)."""
+        """The key or value pools as `pool_scores` / `pool_values` take them: (pool, positions, n_sink), one per
+        width in `widths`, empty ones included (the kernels then compile once for the layer's widths, not again
+        whenever a width's pool empties or fills)."""
         n_sink = self.sink_k.shape[-2]
-        return [(pool, pos, n_sink) for pool, pos in self._pool_positions(kind)] if self.n_middle else []
+        found = dict((pool.bits, (pool, pos)) for pool, pos in self._pool_positions(kind)) if self.n_middle else {}
+        out = []
+        for w in self.widths:
+            pool, pos = found.get(w) or (self._empty_pool(w), self._no_positions)
+            out.append((pool, pos, n_sink))
+        return out
+
+    def _empty_pool(self, bits: int) -> QTensor:
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
+        codes = torch.empty(B, H, 0, D * bits // 8, dtype=torch.uint8, device=self.device)
+        meta = torch.empty(B, H, 0, D // self.group, dtype=torch.float16, device=self.device)
+        return QTensor(codes, meta, meta, bits, self.group, -1)
 
     def _pool_positions(self, kind: str):
         """(pool, positions (B, H, N) in the middle) for each width pool of keys or values, lowest width first:

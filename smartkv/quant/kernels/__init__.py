@@ -114,9 +114,9 @@ def pool_scores(q: torch.Tensor, pools: Sequence, out: torch.Tensor, scaling: fl
     scaling * (q[b, hq] . pool[b, hq // G, j] + bias[b, hq]) and out[b, hq, start + j] = scaling * q_fp[b, hq]
     . keys[b, hq // G, j]; other logits stay as they are."""
     pools, fp = _check_segments(pools, fp)
-    if not pools and not fp:
+    if _empty(pools, fp):
         return None
-    if kernels_available(q.device) and all(_tp.pool_ok(p) for p, _, _ in pools) and out.is_contiguous():
+    if kernels_available(q.device) and _pools_ok(pools) and out.is_contiguous():
         return _tp.pool_scores_triton(q, pools, out, scaling, bias, q_fp, fp)
     return pool_scores_reference(q, pools, out, scaling, bias, q_fp, fp)
 
@@ -134,10 +134,11 @@ def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_
                                    or importance[0].shape[-1] != probs.shape[-1]):
         raise ValueError(f"importance codes must be (B, Hkv, T) = ({probs.shape[0]}, Hkv, {probs.shape[-1]}), "
                          f"got {tuple(importance[0].shape)}")
-    if not pools and not fp:
-        z = probs.new_zeros(probs.shape[0], probs.shape[1], 0)
-        out = z, z
-    elif kernels_available(probs.device) and all(_tp.pool_ok(p) for p, _, _ in pools):
+    if _empty(pools, fp):
+        D = (pools[0][0].shape[-1] if pools else fp[0][0].shape[-1]) if pools or fp else 0
+        z = probs.new_zeros(probs.shape[0], probs.shape[1], D)
+        out = z, z.clone()
+    elif kernels_available(probs.device) and _pools_ok(pools):
         fold = importance is not None and len(importance[1]) <= _tp.MAX_RANGES and importance[0].is_contiguous()
         out = _tp.pool_values_triton(probs, pools, fp, tokens_per_split,
                                      (importance[0], [tuple(map(int, r)) for r in importance[1]]) if fold else None)
@@ -151,13 +152,21 @@ def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_
 
 
 def _check_segments(pools: Sequence, fp: Sequence) -> tuple[list, list]:
-    """Drop empty segments; at most 4 pools and 2 full-precision runs."""
-    pools = [(p, pos, int(base)) for p, pos, base in pools if p.codes.shape[-2]]
-    fp = [(x, int(start)) for x, start in fp if x.shape[-2]]
+    """At most 4 pools and 2 full-precision runs. Empty ones stay: a caller that always passes the same slots
+    (one per width it uses) gets one compiled kernel whatever is empty (see triton_pool._segments)."""
+    pools = [(p, pos, int(base)) for p, pos, base in pools]
+    fp = [(x, int(start)) for x, start in fp]
     if len(pools) > _MAX_POOLS or len(fp) > _MAX_FP:
-        raise ValueError(f"pools: at most {_MAX_POOLS} non-empty, fp: at most {_MAX_FP}, got {len(pools)} and "
-                         f"{len(fp)}")
+        raise ValueError(f"pools: at most {_MAX_POOLS}, fp: at most {_MAX_FP}, got {len(pools)} and {len(fp)}")
     return pools, fp
+
+
+def _pools_ok(pools: list) -> bool:
+    return all(_tp.pool_ok(p) for p, _, _ in pools if p.codes.shape[-2])
+
+
+def _empty(pools: list, fp: list) -> bool:
+    return not any(p.codes.shape[-2] for p, _, _ in pools) and not any(x.shape[-2] for x, _ in fp)
 
 
 def pool_positions(levels: torch.Tensor, n: int, counts: Sequence[int]) -> torch.Tensor:

@@ -308,28 +308,40 @@ MAX_POOLS, MAX_FP = 4, 2  # segments of one launch
 
 
 def _segments(pools, fp) -> tuple[list, list, int]:
-    """Kernel arguments (w, s, z, positions, n, base) and BITS of each non-empty segment, pools first, and the
-    row stride P of the pools' positions (views of one (B, Hkv, P) buffer, or copied into one)."""
-    pools = [(pool, pos, base) for pool, pos, base in pools if pool.codes.shape[-2]]
-    P = pools[0][1].stride(1) if pools else 1
-    Hkv = pools[0][1].shape[1] if pools else 1
-    if any(pos.stride(0) != Hkv * P or pos.stride(1) != P or pos.stride(2) != 1 for _, pos, _ in pools):
+    """Kernel arguments (w, s, z, positions, n, base) and BITS of each segment, pools first, and the row stride P
+    of the pools' positions (views of one (B, Hkv, P) buffer, or copied into one). Empty segments stay, with
+    placeholder pointers of their own dtypes, so that the kernels' signature and constants do not change when a
+    pool empties or fills: a new combination would compile the kernels again mid-generation."""
+    full = [(pool, pos, base) for pool, pos, base in pools if pool.codes.shape[-2]]
+    P = full[0][1].stride(1) if full else 1
+    Hkv = full[0][1].shape[1] if full else 1
+    if any(pos.stride(0) != Hkv * P or pos.stride(1) != P or pos.stride(2) != 1 for _, pos, _ in full):
         whole = torch.cat([pos for _, pos, _ in pools], -1)
         P, cols = whole.shape[-1], itertools.accumulate([0] + [pos.shape[-1] for _, pos, _ in pools])
         pools = [(pool, whole[..., c:], base) for (pool, _, base), c in zip(pools, cols)]
     args, bits = [], []
     for pool, pos, base in pools:
         n = pool.codes.shape[-2]
-        if n:
-            w = _words(pool)
-            args.append((w.contiguous(), pool.scale.contiguous(), pool.zero.contiguous(), pos, n, base))
-            bits.append(pool.bits)
+        w, sc, z = (t.contiguous() for t in (_words(pool), pool.scale, pool.zero))
+        args.append((w, sc, z, pos, n, base) if n else (*map(_placeholder, (w, sc, z, pos)), 0, base))
+        bits.append(pool.bits)
     for x, base in fp:
-        if x.shape[-2]:
-            x = x.contiguous()
-            args.append((x, x, x, x, x.shape[-2], base))
-            bits.append(16)
+        n = x.shape[-2]
+        x = x.contiguous() if n else _placeholder(x)
+        args.append((x, x, x, x, n, base))
+        bits.append(16)
     return args, bits, P
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor of t's dtype and device: a valid pointer for an empty segment (never read)."""
+    key = (t.device, t.dtype)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.zeros(16, dtype=t.dtype, device=t.device)
+    return _PLACEHOLDERS[key]
+
+
+_PLACEHOLDERS: dict = {}
 
 
 def _flat(args: list, bits: list, ends: list) -> tuple[list, dict]:
@@ -352,6 +364,8 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
     NG = Hq // Hkv
     block = POOL_CONFIG["scores_block"]
     ends = list(itertools.accumulate(triton.cdiv(a[4], block) for a in args))
+    if not ends[-1]:
+        return
     flat, consts = _flat(args, bits, ends)
     q_pool = q_pool.contiguous()
     q_fp = q_pool if q_fp is None else q_fp.contiguous()
