@@ -90,7 +90,12 @@ def _quant_tok_one(X, C, S, Z, sxb, sxh, sxt, scb, sch, sct, ssb, ssh, sst, b, h
     tl.store(Z + so, tl.reshape(zero, (BLOCK_T, D // G)), mask=tm[:, None])
 
 
-@triton.jit
+# Write positions, token counts and the batch / head strides of growable buffers change during a generation: not
+# specialised on (Triton would compile again when one becomes 1 or a multiple of 16, mid-generation).
+_TOK_DYNAMIC = ["T", "start"] + [f"s{x}{d}{i}" for i in (0, 1) for x in "xcs" for d in "bh"]
+
+
+@triton.jit(do_not_specialize=_TOK_DYNAMIC)
 def _quant_tok_kernel(X0, C0, S0, Z0, X1, C1, S1, Z1,
                       sxb0, sxh0, sxt0, scb0, sch0, sct0, ssb0, ssh0, sst0,
                       sxb1, sxh1, sxt1, scb1, sch1, sct1, ssb1, ssh1, sst1,
@@ -105,7 +110,7 @@ def _quant_tok_kernel(X0, C0, S0, Z0, X1, C1, S1, Z1,
                        BITS, G, D, BLOCK_T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start"] + [f"s{x}{d}" for x in "xcs" for d in "bh"])
 def _quant_chan_kernel(X, C, S, Z, sxb, sxh, sxt, scb, sch, sct, ssb, ssh, sst, H, start,
                        BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
     blk, bh = tl.program_id(0), tl.program_id(1)
