@@ -76,6 +76,7 @@ class SmartKVLayer(KVLayer):
         self.rot_k = self.config.rotate in ("keys", "both")
         self.rot_v = self.config.rotate == "both"
         self._no_positions = torch.empty(B, H, 0, dtype=torch.int32, device=self.device)
+        self._empty_pools: dict[int, QTensor] = {}
 
     # --- storage ---------------------------------------------------------------------------------------------
     def _store(self, key_states, value_states) -> None:
@@ -224,10 +225,13 @@ class SmartKVLayer(KVLayer):
         return out
 
     def _empty_pool(self, bits: int) -> QTensor:
-        B, H, D = self.batch_size, self.num_heads, self.head_dim
-        codes = torch.empty(B, H, 0, D * bits // 8, dtype=torch.uint8, device=self.device)
-        meta = torch.empty(B, H, 0, D // self.group, dtype=torch.float16, device=self.device)
-        return QTensor(codes, meta, meta, bits, self.group, -1)
+        """A pool of no tokens at `bits` (made once per width: decode steps ask for it every call)."""
+        if bits not in self._empty_pools:
+            B, H, D = self.batch_size, self.num_heads, self.head_dim
+            codes = torch.empty(B, H, 0, D * bits // 8, dtype=torch.uint8, device=self.device)
+            meta = torch.empty(B, H, 0, D // self.group, dtype=torch.float16, device=self.device)
+            self._empty_pools[bits] = QTensor(codes, meta, meta, bits, self.group, -1)
+        return self._empty_pools[bits]
 
     def _pool_positions(self, kind: str):
         """(pool, positions (B, H, N) in the middle) for each width pool of keys or values, lowest width first:
