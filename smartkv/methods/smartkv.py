@@ -75,7 +75,6 @@ class SmartKVLayer(KVLayer):
         self.budget_k, self.budget_v = kv_budgets(self.config.budget, self.config.key_value_gap, self.widths)
         self.rot_k = self.config.rotate in ("keys", "both")
         self.rot_v = self.config.rotate == "both"
-        self._no_positions = torch.empty(B, H, 0, dtype=torch.int32, device=self.device)
         self._empty_pools: dict[int, QTensor] = {}
 
     # --- storage ---------------------------------------------------------------------------------------------
@@ -213,15 +212,21 @@ class SmartKVLayer(KVLayer):
         return out.to(query.dtype).unsqueeze(1), probs.unsqueeze(2)
 
     def _pool_segments(self, kind: str) -> list:
-        """The key or value pools as `pool_scores` / `pool_values` take them: (pool, positions, n_sink), one per
-        width in `widths`, empty ones included (the kernels then compile once for the layer's widths, not again
-        whenever a width's pool empties or fills)."""
-        n_sink = self.sink_k.shape[-2]
-        found = dict((pool.bits, (pool, pos)) for pool, pos in self._pool_positions(kind)) if self.n_middle else {}
-        out = []
-        for w in self.widths:
-            pool, pos = found.get(w) or (self._empty_pool(w), self._no_positions)
-            out.append((pool, pos, n_sink))
+        """The key or value pools as `pool_scores` / `pool_values` take them: (pool, positions (B, H, N) in the
+        middle, n_sink), one per width in `widths`, lowest first, empty ones included (the kernels then compile
+        once for the layer's widths, not again whenever a width's pool empties or fills). Positions: a stable
+        sort of the level indices lists each width's positions in order, as the pools hold them (derived each
+        step, never stored: kernels.pool_positions)."""
+        pools, n_sink = self.pools[kind], self.sink_k.shape[-2]
+        counts = [pools[w].codes.shape[-2] if w in pools else 0 for w in self.widths]
+        if self.n_middle:
+            order = pool_positions(self.levels[kind], self.n_middle, counts)
+        else:
+            order = torch.empty(self.batch_size, self.num_heads, 0, dtype=torch.int32, device=self.device)
+        out, start = [], 0
+        for w, n in zip(self.widths, counts):
+            out.append((pools[w] if n else self._empty_pool(w), order[..., start:start + n], n_sink))
+            start += n
         return out
 
     def _empty_pool(self, bits: int) -> QTensor:
@@ -232,19 +237,6 @@ class SmartKVLayer(KVLayer):
             meta = torch.empty(B, H, 0, D // self.group, dtype=torch.float16, device=self.device)
             self._empty_pools[bits] = QTensor(codes, meta, meta, bits, self.group, -1)
         return self._empty_pools[bits]
-
-    def _pool_positions(self, kind: str):
-        """(pool, positions (B, H, N) in the middle) for each width pool of keys or values, lowest width first:
-        a stable sort of the level indices lists each width's positions in order, as the pools hold them
-        (derived each step, never stored: kernels.pool_positions)."""
-        pools = self.pools[kind]
-        counts = [pools[w].codes.shape[-2] if w in pools else 0 for w in self.widths]
-        order = pool_positions(self.levels[kind], self.n_middle, counts)
-        start = 0
-        for w, n in zip(self.widths, counts):
-            if n:
-                yield pools[w], order[..., start:start + n]
-            start += n
 
     def _before_update(self) -> None:
         self._flush()  # when no attention hook ran (e.g. another attention implementation)

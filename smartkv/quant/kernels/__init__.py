@@ -22,9 +22,9 @@ from collections.abc import Sequence
 import torch
 
 from smartkv.quant.core import QTensor
-from smartkv.quant.kernels.reference import (decode_attention_reference, importance_update_reference,
-                                             pool_positions_reference, pool_scores_reference,
-                                             pool_values_reference, quantize_pack_reference)
+from smartkv.quant.kernels.reference import (MAX_FP, MAX_POOLS, decode_attention_reference,
+                                             importance_update_reference, pool_positions_reference,
+                                             pool_scores_reference, pool_values_reference, quantize_pack_reference)
 from smartkv.quant.kernels.segment import KVSegment, check_inputs
 
 try:
@@ -36,8 +36,6 @@ try:
     HAVE_TRITON = True
 except ImportError:  # no Triton on this platform: reference paths only
     HAVE_TRITON = False
-
-_MAX_POOLS, _MAX_FP = 4, 2  # segments of one launch
 
 __all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_update", "kernels_available",
            "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_kv",
@@ -156,8 +154,8 @@ def _check_segments(pools: Sequence, fp: Sequence) -> tuple[list, list]:
     (one per width it uses) gets one compiled kernel whatever is empty (see triton_pool._segments)."""
     pools = [(p, pos, int(base)) for p, pos, base in pools]
     fp = [(x, int(start)) for x, start in fp]
-    if len(pools) > _MAX_POOLS or len(fp) > _MAX_FP:
-        raise ValueError(f"pools: at most {_MAX_POOLS}, fp: at most {_MAX_FP}, got {len(pools)} and {len(fp)}")
+    if len(pools) > MAX_POOLS or len(fp) > MAX_FP:
+        raise ValueError(f"pools: at most {MAX_POOLS}, fp: at most {MAX_FP}, got {len(pools)} and {len(fp)}")
     return pools, fp
 
 

@@ -102,6 +102,9 @@ def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], s
     return out, parts
 
 
+MAX_POOLS, MAX_FP = 4, 2  # SmartKV's two passes: width pools and full-precision runs of one launch
+
+
 def _pool_index(positions: torch.Tensor, offset: int, group: int) -> torch.Tensor:
     """(B, Hkv, N) positions -> (B, Hq, N) indices into position-ordered (B, Hq, T) tensors."""
     return (positions.long() + offset).repeat_interleave(group, dim=1)

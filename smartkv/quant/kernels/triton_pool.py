@@ -28,6 +28,7 @@ import triton.language as tl
 import torch
 
 from smartkv.quant.core import QTensor
+from smartkv.quant.kernels.reference import MAX_FP, MAX_POOLS
 from smartkv.quant.kernels.decode import _per_word, _pow2, _words
 from smartkv.quant.kernels.triton_attn import _load_words, _unpack
 
@@ -304,9 +305,6 @@ def pool_ok(pool: QTensor) -> bool:
     return D >= 16 and not D & (D - 1) and pool.axis == -1 and not pool.group_size & (pool.group_size - 1)
 
 
-MAX_POOLS, MAX_FP = 4, 2  # segments of one launch
-
-
 def _segments(pools, fp) -> tuple[list, list, int]:
     """Kernel arguments (w, s, z, positions, n, base) and BITS of each segment, pools first, and the row stride P
     of the pools' positions (views of one (B, Hkv, P) buffer, or copied into one). Empty segments stay, with
@@ -357,15 +355,11 @@ def _flat(args: list, bits: list, ends: list) -> tuple[list, dict]:
 def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, scaling: float,
                        bias: torch.Tensor | None, q_fp: torch.Tensor | None, fp: list) -> None:
     B, Hq, D = q_pool.shape
-    args, bits, P = _segments(pools, fp)
-    if not args:
-        return
+    args, bits, P = _segments(pools, fp)  # kernels.pool_scores passes a non-empty segment at least
     Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
     NG = Hq // Hkv
     block = POOL_CONFIG["scores_block"]
     ends = list(itertools.accumulate(triton.cdiv(a[4], block) for a in args))
-    if not ends[-1]:
-        return
     flat, consts = _flat(args, bits, ends)
     q_pool = q_pool.contiguous()
     q_fp = q_pool if q_fp is None else q_fp.contiguous()
@@ -380,12 +374,9 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     """With `importance` = (codes (B, Hkv, T) uint8 contiguous, at most MAX_RANGES observed ranges), the same
     launch folds probs into the codes (`importance_update_triton`'s function)."""
     B, Hq, T = probs.shape
-    args, bits, P = _segments(pools, fp)
+    args, bits, P = _segments(pools, fp)  # kernels.pool_values passes a non-empty segment at least
     D = (pools[0][0] if pools else fp[0][0]).shape[-1]
     n_pools = sum(b != 16 for b in bits)
-    if not args:
-        z = probs.new_zeros(B, Hq, D)
-        return z, z.clone()
     Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
     NG = Hq // Hkv
     block = POOL_CONFIG["values_block"]
