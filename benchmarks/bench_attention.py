@@ -11,6 +11,7 @@ kernel time, next to the measured device-to-device copy bandwidth (bytes read + 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -116,6 +117,28 @@ def _smartkv_cache_calls(B: int, T: int, seed: int):
     return layer, q, attend, attend_observe, nbytes
 
 
+KERNEL_SPLIT = False  # --kernel-split
+
+
+def kernel_split(fn, calls: int = 20, top: int = 8) -> str:
+    """Device time per call of each kernel `fn` launches (torch.profiler over `calls` eager calls, after one
+    warm-up), the largest first: where a multi-kernel step spends its GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    spent = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            spent[e.name] += e.device_time / calls
+    parts = [f"{name[:48]} {us:.1f} us" for name, us in spent.most_common(top)]
+    return f"{sum(spent.values()):.1f} us in kernels: " + "; ".join(parts)
+
+
 def _row(T, B, name, t, base, nbytes, copy_bw):
     bw = nbytes / t if nbytes else float("nan")
     return dict(context=T, batch=B, method=name, time_us=t * 1e6, speedup=base / t if base else float("nan"),
@@ -164,6 +187,9 @@ def bench_config(T: int, B: int, methods: list[str], copy_bw: float, budget: Bud
                 except Exception as exc:  # noqa: BLE001
                     notes.append(f"smartkv4-cache{tag} at {T}x{B}: {type(exc).__name__}: {str(exc)[:150]}")
             _tp.POOL_CONFIG.update(POOL_CONFIGS[0])
+            if KERNEL_SPLIT:
+                notes.append(f"smartkv4-cache + importance at {T}x{B}, device time per call: "
+                             + kernel_split(attend_observe))
             del layer
             torch.cuda.empty_cache()
             continue
@@ -317,7 +343,11 @@ def main():
     ap.add_argument("--pool-configs", default=None, metavar="S/V/W,...",
                     help="SmartKV cache rows for each launch config of the pool passes: scores block / values "
                          "block / warps, e.g. 32/32/4,64/64/4 (default: the library's)")
+    ap.add_argument("--kernel-split", action="store_true",
+                    help="also note the device time of each kernel of the SmartKV cache step (torch.profiler)")
     args = ap.parse_args()
+    global KERNEL_SPLIT
+    KERNEL_SPLIT = args.kernel_split
     if args.pool_configs:
         POOL_CONFIGS[:] = [dict(zip(("scores_block", "values_block", "num_warps"), map(int, c.split("/"))))
                            for c in args.pool_configs.split(",")]

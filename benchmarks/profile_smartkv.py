@@ -46,7 +46,7 @@ def decode_ms(model, ids, method: str, params: dict, tokens: int, device, after_
     """Milliseconds per decoded token (greedy) after prefilling `ids` through a fresh cache of `method`."""
     cache = smartkv.make_cache(method, model, **params)
     with torch.inference_mode():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)  # no (B, T, vocab) logits
         nxt = out.logits[:, -1:].argmax(-1)
         _sync(device)
         if after_prefill:
@@ -117,6 +117,8 @@ def main(argv=None) -> None:
         with profile(activities=acts) as prof:
             decode_ms(handle.model, ids, "smartkv", params, a.tokens, device)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.torch_profile))
+        if device.type == "cuda":
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.torch_profile))
     if a.cprofile:  # host time per Python function (the decode step is launch-bound on a GPU)
         import cProfile
         import pstats

@@ -131,7 +131,10 @@ def _fill(w: torch.Tensor, idx: torch.Tensor, w_vals: torch.Tensor, slack: int) 
         # ties (flat weights) go to the narrowest tokens first: spreads bits instead of stacking them
         gain = gain + 1e-12 * (k - idx).double()
         gain = torch.where(can & (step <= slack), gain, torch.full_like(w, -1.0))
-        order = torch.argsort(gain, descending=True, stable=True)
+        # every upgrade costs a bit at least: the best `slack` gains are all the greedy pass below can take
+        # (topk's order among exact ties differs from a stable sort's, but tied tokens have the same width and
+        # weight, so the multiset of widths, all that callers use, is the same)
+        order = torch.topk(gain, min(slack, gain.numel())).indices
         cost = step[order]
         ok = (gain[order] >= 0) & (torch.cumsum(cost, 0) <= slack)
         chosen = order[ok]

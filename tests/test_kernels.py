@@ -243,6 +243,35 @@ def test_pool_two_pass_kernels(bits, N, NG, D, G, shared, config, monkeypatch):
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.05 and not torch.equal(folded, codes)
 
 
+@pytest.mark.parametrize("D", [16, 32, 64])
+@pytest.mark.parametrize("config", [(32, 32, 4), (64, 16, 8), (16, 16, 8), (32, 32, 8)])
+def test_pool_kernels_three_bit_small_tiles(D, config, monkeypatch):
+    """3-bit pools (8 codes per 3 bytes): compiled on an H200, blocks of 16 tokens (any head_dim, any warps) and
+    head_dim 16 gave wrong sums; the wrappers use blocks of 32 tokens at least with a 3-bit pool, and head_dim 16
+    takes the torch path. Whatever the config asks for: scores and values equal the torch reference."""
+    from smartkv.quant.kernels import reference as R
+    from smartkv.quant.kernels import triton_pool
+
+    for key, value in zip(("scores_block", "values_block", "num_warps"), config):
+        monkeypatch.setitem(triton_pool.POOL_CONFIG, key, value)
+    g = gen(D * 100 + config[0])
+    B, Hkv, NG, N, n_sink = 2, 2, 2, 45, 2
+    pos = torch.arange(N, dtype=torch.int32).expand(B, Hkv, N).contiguous().to(DEV)
+    keys = quantize(randn(g, B, Hkv, N, D, scale=2.0, dtype=torch.float32), 3, 16, axis=-1)
+    vals = quantize(randn(g, B, Hkv, N, D, dtype=torch.float32), 3, 16, axis=-1)
+    fp = [(randn(g, B, Hkv, n_sink, D), 0)]
+    q = randn(g, B, Hkv * NG, D, dtype=torch.float32)
+    logits = torch.empty(B, Hkv * NG, n_sink + N, device=DEV)
+    ref = logits.clone()
+    kern.pool_scores(q, [(keys, pos, n_sink)], logits, D ** -0.5, None, q, fp)
+    R.pool_scores_reference(q, [(keys, pos, n_sink)], ref, D ** -0.5, None, q, fp)
+    assert rel(logits, ref) < BOUND
+    probs = torch.softmax(logits * 3, -1)
+    mid, fp_out = kern.pool_values(probs, [(vals, pos, n_sink)], fp, 16)
+    ref_mid, ref_fp = R.pool_values_reference(probs, [(vals, pos, n_sink)], fp)
+    assert rel(mid, ref_mid) < BOUND and rel(fp_out, ref_fp) < BOUND
+
+
 def test_pool_kernels_skip_empty_segments():
     g = gen(5)
     empty = quantize(randn(g, 1, 2, 0, 64, dtype=torch.float32), 4, 32, axis=-1)
@@ -266,12 +295,16 @@ def test_pool_kernels_skip_empty_segments():
         kern.pool_scores(q, [(quantize(win.float(), 4, 32), pos.new_zeros(1, 2, 2), 0)] * 5, logits, 0.1)
 
 
-@pytest.mark.parametrize("n,levels", [(1, 1), (37, 2), (1100, 4), (2053, 3)])
-def test_pool_positions_are_a_stable_argsort_of_the_levels(n, levels):
+@pytest.mark.parametrize("n,levels", [(1, 1), (37, 2), (1100, 4), (2053, 3), (9001, 4)])
+def test_pool_positions_are_a_stable_argsort_of_the_levels(n, levels, monkeypatch):
     """Each pool's tokens listed in position order, pool after pool: what SmartKV's pools hold. Rows have equal
-    counts per level (as cascade_assign guarantees); n spans several of the kernel's blocks and odd tails."""
+    counts per level (as cascade_assign guarantees); n spans several of the kernel's blocks (each counts the
+    levels before it, several steps of prefix bytes at 9001) and odd tails."""
     from smartkv.policy import pack_levels
     from smartkv.quant.kernels import reference as R
+    from smartkv.quant.kernels import triton_pool
+
+    monkeypatch.setattr(triton_pool, "POSITIONS_PREFIX_BYTES", 256)  # 1024 tokens a step: 8 at the last block
 
     g = gen(n)
     B, H = 2, 3

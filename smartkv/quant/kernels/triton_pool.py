@@ -227,34 +227,46 @@ def _values_kernel(p_ptr, T, out_ptr, S, P, per_split, Hkv, NG, code_ptr, r0, r1
 
 
 @triton.jit(do_not_specialize=["sl_b", "sl_h", "so_b", "so_h", "n", "c0", "c1", "c2"])
-def _positions_kernel(lv_ptr, sl_b, sl_h, out_ptr, so_b, so_h, n, Hkv, c0, c1, c2, BLOCK: tl.constexpr):
-    """Stable argsort of one row's 2-bit level indices: positions of level 0 in order, then level 1, ..."""
-    bh = tl.program_id(0)
+def _positions_kernel(lv_ptr, sl_b, sl_h, out_ptr, so_b, so_h, n, Hkv, c0, c1, c2,
+                      BLOCK: tl.constexpr, PBYTES: tl.constexpr):
+    """Stable argsort of the 2-bit level indices of block `blk` of one row: its tokens of level L go to the
+    L-th pool's slots after the row's earlier tokens of level L, which this program counts itself from the
+    packed levels before its block (4 per byte, PBYTES bytes a step): every block of every row in parallel."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // Hkv
     h = bh % Hkv
-    lv = lv_ptr + b * sl_b + h * sl_h
-    out = out_ptr + b * so_b + h * so_h
-    r0 = 0
-    r1 = 0
-    r2 = 0
-    r3 = 0
-    for t0 in range(0, n, BLOCK):
-        t = t0 + tl.arange(0, BLOCK)
-        valid = t < n
-        byte = tl.load(lv + t // 4, mask=valid, other=0).to(tl.int32)
-        idx = (byte >> ((t % 4) * 2)) & 3
-        m0 = (idx == 0) & valid
-        m1 = (idx == 1) & valid
-        m2 = (idx == 2) & valid
-        m3 = (idx == 3) & valid
-        tl.store(out + r0 + tl.cumsum(m0.to(tl.int32), 0) - 1, t, mask=m0)
-        tl.store(out + c0 + r1 + tl.cumsum(m1.to(tl.int32), 0) - 1, t, mask=m1)
-        tl.store(out + c0 + c1 + r2 + tl.cumsum(m2.to(tl.int32), 0) - 1, t, mask=m2)
-        tl.store(out + c0 + c1 + c2 + r3 + tl.cumsum(m3.to(tl.int32), 0) - 1, t, mask=m3)
-        r0 += tl.sum(m0.to(tl.int32), 0)
-        r1 += tl.sum(m1.to(tl.int32), 0)
-        r2 += tl.sum(m2.to(tl.int32), 0)
-        r3 += tl.sum(m3.to(tl.int32), 0)
+    lv = lv_ptr + b.to(tl.int64) * sl_b + h * sl_h
+    out = out_ptr + b.to(tl.int64) * so_b + h * so_h
+    start = blk * BLOCK
+    k0 = tl.zeros([PBYTES], tl.int32)
+    k1 = tl.zeros([PBYTES], tl.int32)
+    k2 = tl.zeros([PBYTES], tl.int32)
+    for b0 in range(0, start // 4, PBYTES):
+        i = b0 + tl.arange(0, PBYTES)
+        m = i < start // 4
+        byte = tl.load(lv + i, mask=m, other=0).to(tl.int32)
+        for slot in tl.static_range(4):
+            idx = (byte >> (2 * slot)) & 3
+            k0 += ((idx == 0) & m).to(tl.int32)
+            k1 += ((idx == 1) & m).to(tl.int32)
+            k2 += ((idx == 2) & m).to(tl.int32)
+    r0 = tl.sum(k0, 0)
+    r1 = tl.sum(k1, 0)
+    r2 = tl.sum(k2, 0)
+    r3 = start - r0 - r1 - r2
+    t = start + tl.arange(0, BLOCK)
+    valid = t < n
+    byte = tl.load(lv + t // 4, mask=valid, other=0).to(tl.int32)
+    idx = (byte >> ((t % 4) * 2)) & 3
+    m0 = (idx == 0) & valid
+    m1 = (idx == 1) & valid
+    m2 = (idx == 2) & valid
+    m3 = (idx == 3) & valid
+    tl.store(out + r0 + tl.cumsum(m0.to(tl.int32), 0) - 1, t, mask=m0)
+    tl.store(out + c0 + r1 + tl.cumsum(m1.to(tl.int32), 0) - 1, t, mask=m1)
+    tl.store(out + c0 + c1 + r2 + tl.cumsum(m2.to(tl.int32), 0) - 1, t, mask=m2)
+    tl.store(out + c0 + c1 + c2 + r3 + tl.cumsum(m3.to(tl.int32), 0) - 1, t, mask=m3)
 
 
 @triton.jit
@@ -295,14 +307,25 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
 # program. Chosen on an H100/H200 only roughly (32/32/4); bench_attention.py --pool-configs times alternatives.
 POOL_CONFIG = {"scores_block": 32, "values_block": 32, "num_warps": 4}
 MAX_RANGES = 4  # _importance_kernel's observed query ranges
+POSITIONS_BLOCK = 1024         # tokens per program of _positions_kernel
+POSITIONS_PREFIX_BYTES = 1024  # packed level bytes (4 tokens each) it counts per step before its block
 
 
 def pool_ok(pool: QTensor) -> bool:
-    """Shapes these kernels handle: per-token groups, power-of-two head_dim >= 16 and group size."""
+    """Shapes these kernels handle: per-token groups, power-of-two head_dim >= 16 and group size (3-bit pools:
+    head_dim >= 32, see _block)."""
     D = pool.shape[-1]
-    if pool.bits == 3 and D < 64:  # compiled 3-bit tiles below 8 words per row failed the fp64 check on an H200
+    if pool.bits == 3 and D < 32:
         return False
     return D >= 16 and not D & (D - 1) and pool.axis == -1 and not pool.group_size & (pool.group_size - 1)
+
+
+def _block(key: str, bits: list) -> int:
+    """Tokens per block of a pass: POOL_CONFIG's, at least 32 with a 3-bit segment. Compiled on an H200, 3-bit
+    tiles (8 codes per 3 bytes) of 16 tokens, or of head_dim 16, gave wrong sums (relative error ~1) whatever
+    the warps, while the interpreter passed them; 32 tokens at head_dim 32, 64 and 128 pass."""
+    block = POOL_CONFIG[key]
+    return max(block, 32) if 3 in bits else block
 
 
 def _segments(pools, fp) -> tuple[list, list, int]:
@@ -358,7 +381,7 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
     args, bits, P = _segments(pools, fp)  # kernels.pool_scores passes a non-empty segment at least
     Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
     NG = Hq // Hkv
-    block = POOL_CONFIG["scores_block"]
+    block = _block("scores_block", bits)
     ends = list(itertools.accumulate(triton.cdiv(a[4], block) for a in args))
     flat, consts = _flat(args, bits, ends)
     q_pool = q_pool.contiguous()
@@ -379,7 +402,7 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     n_pools = sum(b != 16 for b in bits)
     Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
     NG = Hq // Hkv
-    block = POOL_CONFIG["values_block"]
+    block = _block("values_block", bits)
     per_split = triton.cdiv(max(per_split, 1), block) * block
     splits = [triton.cdiv(a[4], per_split) for a in args]
     ends = list(itertools.accumulate(splits))
@@ -412,8 +435,9 @@ def pool_positions_triton(levels: torch.Tensor, n: int, counts: tuple[int, ...])
     B, H = levels.shape[:2]
     c = (tuple(counts) + (0, 0, 0, 0))[:4]
     out = torch.empty(B, H, n, dtype=torch.int32, device=levels.device)
-    _positions_kernel[(B * H,)](levels, *levels.stride()[:2], out, *out.stride()[:2], n, H, c[0], c[1], c[2],
-                                BLOCK=1024, num_warps=4)
+    _positions_kernel[(triton.cdiv(n, POSITIONS_BLOCK), B * H)](
+        levels, *levels.stride()[:2], out, *out.stride()[:2], n, H, c[0], c[1], c[2],
+        BLOCK=POSITIONS_BLOCK, PBYTES=POSITIONS_PREFIX_BYTES, num_warps=4)
     return out
 
 
