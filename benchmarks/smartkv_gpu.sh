@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SmartKV's GPU measurements of BENCHMARKS.md in one device call (at most 555 s of inner limits, under the device
+# SmartKV's GPU measurements of BENCHMARKS.md in one device call (at most 550 s of inner limits, under the device
 # tool's 600 s per call; no model staging):
 # the kernel tests, the cache's decode step with launch-config alternatives of the pool passes, the model-level
 # split of a decode step, and end-to-end decoding at the Llama-3-8B shape (32K x 8) against fp16 and int4.
@@ -11,12 +11,13 @@ mkdir -p "$OUT"
 timeout 110 python -m pytest tests/test_kernels.py tests/test_fused.py -q -k "pool or smartkv or importance or positions" \
     > "$OUT/pytest.txt" 2>&1
 tail -1 "$OUT/pytest.txt"
-timeout 130 python benchmarks/bench_attention.py --contexts 32768,4096 --batches 8,1 --methods smartkv4-cache \
-    --pool-configs 32/32/4,64/32/4,128/64/8 --budget-s 100 --out "$OUT/attention" > "$OUT/attention.log" 2>&1
-grep "smartkv4 cache" "$OUT/attention.log" | head -24
-timeout 120 python benchmarks/profile_smartkv.py --device cuda --random --context 8000 --tokens 64 --cprofile 30 \
+timeout 140 python benchmarks/bench_attention.py --contexts 32768,4096 --batches 8,1 --methods smartkv4-cache \
+    --pool-configs 64/32/4/1024,32/32/4/1024,128/32/4/1024,64/32/4/512,64/32/4/256 --kernel-split \
+    --budget-s 110 --out "$OUT/attention" > "$OUT/attention.log" 2>&1
+grep "smartkv4 cache\|device time" "$OUT/attention.log" | cut -c1-300 | head -40
+timeout 90 python benchmarks/profile_smartkv.py --device cuda --random --context 8000 --tokens 64 \
     > "$OUT/profile8k.txt" 2>&1
 tail -16 "$OUT/profile8k.txt"
-timeout 195 python benchmarks/bench_e2e.py --rows "fp16 DynamicCache (flash),int4,smartkv (budget 4.25; gap 3)" \
-    --no-max-batch --steps 16 --warmup 20 --out "$OUT/e2e" > "$OUT/e2e.log" 2>&1
+timeout 210 python benchmarks/bench_e2e.py --rows "fp16 DynamicCache (flash),int4,smartkv (budget 4.25; gap 3),smartkv (budget 4.25; gap 3; realloc 64)" \
+    --no-max-batch --steps 64 --warmup 20 --out "$OUT/e2e" > "$OUT/e2e.log" 2>&1
 grep "^|" "$OUT/e2e.log" | tail -5

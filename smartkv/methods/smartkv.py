@@ -204,7 +204,7 @@ class SmartKVLayer(KVLayer):
         probs = torch.softmax(logits, -1)                                      # (B, Hq, T)
         fp = ((self.sink_v, 0), (self.win_v, n_sink + Tm))
         importance = (self.importance, self.observed.tolist()) if observe else None
-        mid, out = pool_values(probs, self._pool_segments("v"), fp, max(1024, Tm // 64), importance)
+        mid, out = pool_values(probs, self._pool_segments("v"), fp, importance=importance)
         if observe:
             self.observed = add_range(self.observed, probs.shape[-1] - 1, probs.shape[-1])
         if Tm:

@@ -4,7 +4,7 @@
     quantize_pack_kv(k, v, bits, group_size, out=None, start=0) -> (QTensor, QTensor)     # one launch
     decode_attention(q, segments, scaling, lengths=None, return_token_probs=False, probs_out=None)
     pool_scores(q, pools, out, scaling, bias=None, q_fp=None, fp=())   # SmartKV's two passes, one launch each
-    pool_values(probs, pools, fp=(), tokens_per_split, importance=None) -> ((B, Hq, D), (B, Hq, D)) fp32
+    pool_values(probs, pools, fp=(), tokens_per_split=None, importance=None) -> ((B, Hq, D), (B, Hq, D)) fp32
     pool_positions(levels, n, counts) -> (B, H, n) int32                 # where each pool's tokens sit
     importance_update(codes, probs, ranges)                             # SmartKV's statistics, in place
     kernels_available(device) -> bool
@@ -119,12 +119,13 @@ def pool_scores(q: torch.Tensor, pools: Sequence, out: torch.Tensor, scaling: fl
     return pool_scores_reference(q, pools, out, scaling, bias, q_fp, fp)
 
 
-def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_per_split: int = 1 << 30,
+def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_per_split: int | None = None,
                 importance: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SmartKV's second decode pass, in one launch: (sum over the pools' tokens, sum over the full-precision
     runs' tokens) of probs[b, hq, position] * value, each (B, Hq, D) fp32 (apart, so the caller can rotate the
     pools' part back). probs: (B, Hq, T); pools and fp as in `pool_scores` (values instead of keys); each
-    program sums at most `tokens_per_split` tokens of one segment. importance: (codes, ranges) as
+    program sums at most `tokens_per_split` tokens of one segment (None: the launch config's choice, at least
+    `split_tokens` and 1/64 of the pools' tokens). importance: (codes, ranges) as
     `importance_update` takes them, where the segments cover every position once: the same launch folds probs
     into the codes (in place)."""
     pools, fp = _check_segments(pools, fp)

@@ -304,8 +304,10 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
 
 
 # Launch config of the two passes: tokens per block of the scores pass and of the values pass's loop, warps per
-# program. Chosen on an H100/H200 only roughly (32/32/4); bench_attention.py --pool-configs times alternatives.
-POOL_CONFIG = {"scores_block": 32, "values_block": 32, "num_warps": 4}
+# program, and the fewest tokens per split of the values pass (SmartKV asks for max(this, middle / 64)). Chosen on
+# an H200 from bench_attention.py --pool-configs (scores blocks of 64 beat 32 at 32K x 8: 1440-1515 us against
+# 1744 a step, and at 4K x 1); the others only roughly.
+POOL_CONFIG = {"scores_block": 64, "values_block": 32, "num_warps": 4, "split_tokens": 1024}
 MAX_RANGES = 4  # _importance_kernel's observed query ranges
 POSITIONS_BLOCK = 1024         # tokens per program of _positions_kernel
 POSITIONS_PREFIX_BYTES = 1024  # packed level bytes (4 tokens each) it counts per step before its block
@@ -392,7 +394,7 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
         NGP=max(16, _pow2(NG)), BLOCK_N=block, num_warps=POOL_CONFIG["num_warps"])
 
 
-def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: int,
+def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: int | None,
                        importance: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """With `importance` = (codes (B, Hkv, T) uint8 contiguous, at most MAX_RANGES observed ranges), the same
     launch folds probs into the codes (`importance_update_triton`'s function)."""
@@ -403,6 +405,8 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
     NG = Hq // Hkv
     block = _block("values_block", bits)
+    if per_split is None:
+        per_split = max(POOL_CONFIG["split_tokens"], sum(a[4] for a in args[:n_pools]) // 64)
     per_split = triton.cdiv(max(per_split, 1), block) * block
     splits = [triton.cdiv(a[4], per_split) for a in args]
     ends = list(itertools.accumulate(splits))
