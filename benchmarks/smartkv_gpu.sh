@@ -12,7 +12,7 @@ timeout 110 python -m pytest tests/test_kernels.py tests/test_fused.py -q -k "po
     > "$OUT/pytest.txt" 2>&1
 tail -1 "$OUT/pytest.txt"
 timeout 140 python benchmarks/bench_attention.py --contexts 32768,4096 --batches 8,1 --methods smartkv4-cache \
-    --pool-configs 64/32/4/1024,32/32/4/1024,128/32/4/1024,64/32/4/512,64/32/4/256 --kernel-split \
+    --pool-configs 64/32/4/1024,64/32/4/512,64/64/4/512,128/32/4/512,32/32/4/1024 --kernel-split \
     --budget-s 110 --out "$OUT/attention" > "$OUT/attention.log" 2>&1
 grep "smartkv4 cache\|device time" "$OUT/attention.log" | cut -c1-300 | head -40
 timeout 90 python benchmarks/profile_smartkv.py --device cuda --random --context 8000 --tokens 64 \

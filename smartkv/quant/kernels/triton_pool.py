@@ -34,34 +34,29 @@ from smartkv.quant.kernels.triton_attn import _load_words, _unpack
 
 
 @triton.jit
-def _dequant_block(words_ptr, s_ptr, z_ptr, w_row, s_row, t, valid, sw_t, ss_t,
-                   BITS: tl.constexpr, PW: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_N, D) fp16 values of tokens t of one (batch, head) row: codes * scale + zero (in fp32, then fp16)."""
-    w = _load_words(words_ptr + w_row, t * sw_t, valid, BITS, PW, D)
-    codes = _unpack(w, BITS, PW, D, BLOCK_N, 1).to(tl.float32)        # exact integers, channel order
-    grp = tl.arange(0, D) // G
-    so = s_row + t[:, None] * ss_t + grp[None, :]
-    scale = tl.load(s_ptr + so, mask=valid[:, None], other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + so, mask=valid[:, None], other=0.0).to(tl.float32)
-    return (codes * scale + zero).to(tl.float16)
+def _fp_tile(x_ptr, N, bh, t, valid, D: tl.constexpr):
+    """(BLOCK_N, D) fp16 rows t of one (batch, KV head) row bh of a full-precision run (B, Hkv, N, D)."""
+    row = bh.to(tl.int64) * N
+    x = tl.load(x_ptr + row * D + t[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0)
+    return x.to(tl.float16)
 
 
 @triton.jit
-def _seg_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid,
-              BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_N, D) fp16 rows t of one (batch, KV head) row bh of a contiguous segment (B, Hkv, N, ...): packed
-    codes with their scales and zeros (BITS 2/3/4/8), or full-precision rows (BITS 16)."""
+def _pool_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid,
+               BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows t of one (batch, KV head) row bh of a pool (B, Hkv, N, ...) as they are stored: raw codes (BLOCK_N, D)
+    fp16 (exact integers, channel order; BITS 2/3/4/8) and their groups' scales and zeros (BLOCK_N, D // G) fp32.
+    The passes apply scales and zeros per (token, group), outside the per-element work (as triton_attn does)."""
+    PW: tl.constexpr = 8 if BITS == 3 else 32 // BITS                  # codes per word (3 bit: per 3 bytes)
+    WPT: tl.constexpr = (3 * D // 8) if BITS == 3 else D // PW         # int32 words (bytes at 3 bit) per token
+    NGR: tl.constexpr = D // G
     row = bh.to(tl.int64) * N
-    if BITS == 16:
-        x = tl.load(w_ptr + row * D + t[:, None] * D + tl.arange(0, D)[None, :], mask=valid[:, None], other=0.0)
-        tile = x.to(tl.float16)
-    else:
-        PW: tl.constexpr = 8 if BITS == 3 else 32 // BITS              # codes per word (3 bit: per 3 bytes)
-        WPT: tl.constexpr = (3 * D // 8) if BITS == 3 else D // PW     # int32 words (bytes at 3 bit) per token
-        NGR: tl.constexpr = D // G
-        tile = _dequant_block(w_ptr, s_ptr, z_ptr, row * WPT, row * NGR, t, valid, WPT, NGR, BITS, PW, G, D,
-                              BLOCK_N)
-    return tile
+    w = _load_words(w_ptr + row * WPT, t * WPT, valid, BITS, PW, D)
+    codes = _unpack(w, BITS, PW, D, BLOCK_N, 1)
+    mo = row * NGR + t[:, None] * NGR + tl.arange(0, NGR)[None, :]
+    scale = tl.load(s_ptr + mo, mask=valid[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + mo, mask=valid[:, None], other=0.0).to(tl.float32)
+    return codes, scale, zero
 
 
 @triton.jit
@@ -90,10 +85,21 @@ def _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w_ptr, s_ptr, z_ptr, pos_p
     q = tl.load(q_ptr + row_q[None, :] * D + tl.arange(0, D)[:, None], mask=hmask[None, :], other=0.0)
     t = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = t < N
-    k = _seg_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
-    s = tl.dot(k, q.to(tl.float16))                                     # (BLOCK_N, NGP) fp32
-    if HAS_BIAS and BITS != 16:
-        s += tl.load(bias_ptr + row_q, mask=hmask, other=0.0)[None, :]
+    if BITS == 16:
+        s = tl.dot(_fp_tile(w_ptr, N, bh, t, valid, D), q.to(tl.float16))      # (BLOCK_N, NGP) fp32
+    else:
+        # q . (codes * scale + zero) = sum over groups g of scale_g (q_g . codes_g) + zero_g sum(q_g): one dot of
+        # the raw codes with a block-diagonal query, column (g, head) holding the head's query on g's channels
+        NGR: tl.constexpr = D // G
+        codes, scale, zero = _pool_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
+        qbd = tl.reshape(tl.broadcast_to(q[:, None, :], (D, NGR, NGP)), (D, NGR * NGP))
+        own = (tl.arange(0, D)[:, None] // G) == (tl.arange(0, NGR * NGP)[None, :] // NGP)
+        qbd = tl.where(own, qbd, 0.0).to(tl.float16)
+        r = tl.reshape(tl.dot(codes, qbd), (BLOCK_N, NGR, NGP))
+        qsum = tl.sum(tl.reshape(q, (NGR, G, NGP)), axis=1)                   # (NGR, NGP)
+        s = tl.sum(r * scale[:, :, None] + zero[:, :, None] * qsum[None, :, :], axis=1)
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + row_q, mask=hmask, other=0.0)[None, :]
     pos = _seg_pos(pos_ptr, bh, P, t, valid, base, BITS)
     tl.store(out_ptr + row_q[None, :].to(tl.int64) * T + pos[:, None], s * scaling,
              mask=valid[:, None] & hmask[None, :])
@@ -111,19 +117,44 @@ def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, 
     hq = (bh % Hkv) * NG + tl.arange(0, NGP)
     hmask = tl.arange(0, NGP) < NG
     row_q = (b * Hkv * NG + hq).to(tl.int64)
-    acc = tl.zeros((NGP, D), tl.float32)
     lo = (split - first) * per_split
     hi = tl.minimum(lo + per_split, N)
-    for n0 in range(lo, hi, BLOCK_N):
-        t = n0 + tl.arange(0, BLOCK_N)
-        valid = t < hi
-        pos = _seg_pos(pos_ptr, bh, P, t, valid, base, BITS)
-        p = tl.load(p_ptr + row_q[:, None] * T + pos[None, :], mask=hmask[:, None] & valid[None, :], other=0.0)
-        v = _seg_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
-        acc += tl.dot(p.to(tl.float16), v)
-        if FOLD:
-            _fold(code_ptr + bh.to(tl.int64) * T, pos, valid, p, NG, r0, r1, r2, r3, r4, r5, r6, r7)
-    tl.store(out_ptr + (row_q[:, None] * S + split) * D + tl.arange(0, D)[None, :], acc, mask=hmask[:, None])
+    code_row = code_ptr + bh.to(tl.int64) * T
+    if BITS == 16:
+        acc = tl.zeros((NGP, D), tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            t = n0 + tl.arange(0, BLOCK_N)
+            valid = t < hi
+            pos = base + t
+            p = tl.load(p_ptr + row_q[:, None] * T + pos[None, :], mask=hmask[:, None] & valid[None, :], other=0.0)
+            acc += tl.dot(p.to(tl.float16), _fp_tile(w_ptr, N, bh, t, valid, D))
+            if FOLD:
+                _fold(code_row, pos, valid, p, NG, r0, r1, r2, r3, r4, r5, r6, r7)
+        out = acc
+    else:
+        # sum_t p_t (codes_t * scale_t + zero_t) on group g's channels = (p * scale_g) @ codes + sum_t p_t zero_t,g:
+        # rows (g, head) of acc take p scaled by group g's scales against the raw codes; each channel then reads
+        # its own group's row (the segment kernel's values, triton_attn._block)
+        NGR: tl.constexpr = D // G
+        acc = tl.zeros((NGR * NGP, D), tl.float32)
+        vb = tl.zeros((NGR * NGP,), tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            t = n0 + tl.arange(0, BLOCK_N)
+            valid = t < hi
+            pos = tl.load(pos_ptr + bh.to(tl.int64) * P + t, mask=valid, other=0) + base
+            p = tl.load(p_ptr + row_q[None, :] * T + pos[:, None], mask=valid[:, None] & hmask[None, :], other=0.0)
+            codes, scale, zero = _pool_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
+            # p * scale in fp16 for the dot: the block's largest scale normalised to 2^14 (no overflow)
+            c = 16384.0 / tl.maximum(tl.max(tl.max(scale, axis=1), axis=0), 1e-30)
+            pv = tl.reshape(p[:, None, :] * (scale * c)[:, :, None], (BLOCK_N, NGR * NGP))
+            acc += tl.dot(tl.trans(pv.to(tl.float16)), codes) * (1.0 / c)
+            vb += tl.sum(tl.reshape(p[:, None, :] * zero[:, :, None], (BLOCK_N, NGR * NGP)), axis=0)
+            if FOLD:
+                _fold(code_row, pos, valid, tl.trans(p), NG, r0, r1, r2, r3, r4, r5, r6, r7)
+        acc3 = tl.reshape(acc + vb[:, None], (NGR, NGP, D))
+        own = (tl.arange(0, D)[None, None, :] // G) == tl.arange(0, NGR)[:, None, None]
+        out = tl.sum(tl.where(own, acc3, 0.0), axis=0)                          # (NGP, D)
+    tl.store(out_ptr + (row_q[:, None] * S + split) * D + tl.arange(0, D)[None, :], out, mask=hmask[:, None])
 
 
 # Sizes and positions change as the cache grows: not specialised on (each new divisibility class would compile
