@@ -247,8 +247,9 @@ def test_pool_two_pass_kernels(bits, N, NG, D, G, shared, config, monkeypatch):
 @pytest.mark.parametrize("config", [(32, 32, 4), (64, 16, 8), (16, 16, 8), (32, 32, 8)])
 def test_pool_kernels_three_bit_small_tiles(D, config, monkeypatch):
     """3-bit pools (8 codes per 3 bytes): compiled on an H200, blocks of 16 tokens (any head_dim, any warps) and
-    head_dim 16 gave wrong sums; the wrappers use blocks of 32 tokens at least with a 3-bit pool, and head_dim 16
-    takes the torch path. Whatever the config asks for: scores and values equal the torch reference."""
+    head_dim 16 gave wrong sums, and 4 groups per token (head_dim 64 in groups of 16) did not compile; the wrappers
+    use blocks of 32 tokens at least with a 3-bit pool, and those shapes take the torch path (pool_ok). Whatever
+    the config asks for: scores and values equal the torch reference."""
     from smartkv.quant.kernels import reference as R
     from smartkv.quant.kernels import triton_pool
 

@@ -344,18 +344,13 @@ POSITIONS_BLOCK = 1024         # tokens per program of _positions_kernel
 POSITIONS_PREFIX_BYTES = 1024  # packed level bytes (4 tokens each) it counts per step before its block
 
 
-MAX_GROUPS = 2  # groups per token the passes take (head_dim / group size); more go to the torch path
-
-
 def pool_ok(pool: QTensor) -> bool:
-    """Shapes these kernels handle: per-token groups, power-of-two head_dim >= 16 and group size, at most
-    MAX_GROUPS groups per token (3-bit pools: head_dim >= 32, see _block). Compiled on an H200, 3-bit pools of
-    head_dim 64 in groups of 16 (4 groups per token) failed the fp64 check in every launch config, while the
-    interpreter passed them; benchmarks/check_pool_groups.py tells which widths and group counts compile right."""
+    """Shapes these kernels handle: per-token groups, power-of-two head_dim >= 16 and group size. 3-bit pools:
+    head_dim >= 32 (see _block) and at most 2 groups per token: with 4 or 8, Triton 3.6 fails to compile the
+    passes for sm_90 (an MLIR pass error in TritonGPUOptimizeDotOperands) while 2-, 4- and 8-bit pools with 4 and
+    8 groups compile and pass; benchmarks/check_pool_groups.py tabulates it on a GPU."""
     D = pool.shape[-1]
-    if pool.bits == 3 and D < 32:
-        return False
-    if D // min(pool.group_size, D) > MAX_GROUPS:
+    if pool.bits == 3 and (D < 32 or D // min(pool.group_size, D) > 2):
         return False
     return D >= 16 and not D & (D - 1) and pool.axis == -1 and not pool.group_size & (pool.group_size - 1)
 
