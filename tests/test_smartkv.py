@@ -131,3 +131,37 @@ def test_reallocation_reads_only_what_changes(tiny, params):
             assert torch.equal(got, whole[mask])
         expect = whole.amax(-1) - whole.amin(-1)
         assert torch.allclose(layer._ranges(kind, new), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_reallocation_waits_for_the_device_a_bounded_number_of_times():
+    """On CUDA every boolean-mask index, nonzero or scalar read waits for the GPU. A re-allocation reads its sizes
+    a fixed number of times (cascade_assign's per-width counts and _repool's / _gather_values' sizes), not once
+    per width and pool: counted here, on the CPU, as the ops that would wait (the allocator's own solve runs on
+    the host and is not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import traceback
+
+    from smartkv.cache import make_cache
+
+    waits = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default):
+                frames = [f for f in traceback.extract_stack() if "smartkv" in f.filename and "tests" not in f.filename]
+                if frames and not frames[-1].name.startswith(("_solve", "_fill", "counts_for", "total", "<dictcomp>")):
+                    waits.append(frames[-1].name)
+            return func(*args, **(kwargs or {}))
+
+    cache = make_cache("smartkv", num_layers=1, budget=4.25, key_value_gap=3)
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(0)
+    layer.append(torch.randn(2, 4, 600, 64, generator=g), torch.randn(2, 4, 600, 64, generator=g))
+    layer._flush()
+    assert len(layer.pools["k"]) >= 2 and len(layer.pools["v"]) >= 2
+    before = layer.n_middle
+    layer.append(torch.randn(2, 4, 16, 64, generator=g), torch.randn(2, 4, 16, 64, generator=g))
+    with Count():
+        layer._flush()
+    assert layer.n_middle == before + 16                                   # it did re-allocate
+    assert len(waits) <= 10, waits

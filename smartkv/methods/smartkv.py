@@ -76,6 +76,7 @@ class SmartKVLayer(KVLayer):
         self.rot_k = self.config.rotate in ("keys", "both")
         self.rot_v = self.config.rotate == "both"
         self._empty_pools: dict[int, QTensor] = {}
+        self._stored: dict[str, tuple] | None = None  # during a re-allocation: _stored_ranks of each kind
 
     # --- storage ---------------------------------------------------------------------------------------------
     def _store(self, key_states, value_states) -> None:
@@ -250,19 +251,23 @@ class SmartKVLayer(KVLayer):
         n = self.win_k.shape[-2] - cfg.recent_window
         if n < cfg.realloc_every or n <= 0:
             return
-        new_k, new_v = self.win_k[..., :n, :].float(), self.win_v[..., :n, :].float()
-        self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
-        if self.k_mu is None:
-            self._fit_key_norm(new_k)
-        new_k, new_v = self._to_stored(new_k, new_v)
-        weights = self._weights(new_k, new_v)
-        profile = rank_profile(weights).cpu()  # one device->host copy per re-allocation, shared by keys and values
-        for kind, new, budget in (("k", new_k, self.budget_k), ("v", new_v, self.budget_v)):
-            old_bits = self.level_bits(kind)
-            new_bits = self._allocate(weights, old_bits, budget, profile)
-            self.pools[kind] = self._repool(kind, old_bits, new_bits, new)
-            self.levels[kind] = pack_levels(torch.searchsorted(self._width_values, new_bits).to(torch.uint8))
-        self.n_middle += n
+        self._stored = {}
+        try:
+            new_k, new_v = self.win_k[..., :n, :].float(), self.win_v[..., :n, :].float()
+            self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
+            if self.k_mu is None:
+                self._fit_key_norm(new_k)
+            new_k, new_v = self._to_stored(new_k, new_v)
+            weights = self._weights(new_k, new_v)
+            profile = rank_profile(weights).cpu()  # one device->host copy per re-allocation, shared by keys and values
+            for kind, new, budget in (("k", new_k, self.budget_k), ("v", new_v, self.budget_v)):
+                old_bits = self._stored_ranks(kind)[0]
+                new_bits = self._allocate(weights, old_bits, budget, profile)
+                self.pools[kind] = self._repool(kind, old_bits, new_bits, new)
+                self.levels[kind] = pack_levels(torch.searchsorted(self._width_values, new_bits).to(torch.uint8))
+            self.n_middle += n
+        finally:
+            self._stored = None
 
     def _fit_key_norm(self, keys: torch.Tensor) -> None:
         B, H, _, D = keys.shape
@@ -297,14 +302,16 @@ class SmartKVLayer(KVLayer):
         """max - min over the channels of each middle token (B, H, Tq) as stored, read from its groups' scales and
         zeros (a group's largest code is 2^bits - 1 and its smallest 0: quantize maps the group's max and min
         there), then of each new token (B, H, n, D): (B, H, Tq + n) fp32, without dequantizing the middle."""
-        out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, device=self.device)
-        if self.n_middle:
-            bits = self.level_bits(kind)
-            for b, q in self.pools[kind].items():
+        B, H, Tq = self.batch_size, self.num_heads, self.n_middle
+        out = torch.zeros(B * H, Tq, device=self.device)
+        if Tq:
+            bits, rank = self._stored_ranks(kind)
+            bits = bits.reshape(B * H, Tq)
+            for b, q in self.pools[kind].items():  # gathered through each token's pool entry: no device sync
                 scale, zero = q.scale.float(), q.zero.float()
-                hi = (scale * ((1 << b) - 1) + zero).amax(-1)
-                out[bits == b] = (hi - zero.amin(-1)).flatten()
-        return torch.cat([out, new.amax(-1) - new.amin(-1)], -1)
+                rng = ((scale * ((1 << b) - 1) + zero).amax(-1) - zero.amin(-1)).reshape(B * H, -1)
+                out = torch.where(bits == b, rng.gather(1, rank.clamp(max=rng.shape[1] - 1)), out)
+        return torch.cat([out.reshape(B, H, Tq), new.amax(-1) - new.amin(-1)], -1)
 
     def _allocate(self, weights: torch.Tensor, old_bits: torch.Tensor, budget: float,
                   profile: torch.Tensor) -> torch.Tensor:
@@ -318,52 +325,112 @@ class SmartKVLayer(KVLayer):
         return cascade_assign(weights, caps, counts).reshape(B, H, T)
 
     def _repool(self, kind: str, old_bits: torch.Tensor, new_bits: torch.Tensor, new: torch.Tensor) -> dict:
-        """Pools for the widths `new_bits` (B, H, Tq + n): tokens whose width is unchanged keep their codes; demoted
-        ones are re-quantized from their dequantized codes, the n `new` tokens (B, H, n, D) from their values.
-        Boolean masks are turned into indices once each (on CUDA every one waits for the GPU)."""
+        """Pools for the widths `new_bits` (B, H, Tq + n): tokens whose width is unchanged keep their codes; the
+        others (demoted stored tokens, dequantized from their own pools, and the n `new` tokens (B, H, n, D)) are
+        quantized at their new width. The sizes come from one host read and the pools are assembled by gathers,
+        so on CUDA a re-allocation waits for the GPU three times per kind (this read, and two in `_gather_values`),
+        however many widths there are."""
         B, H, Tq = old_bits.shape
-        pools, out = self.pools[kind], {}
-        present = torch.stack([(new_bits == b).any() for b in self.widths]).tolist()
-        for b, here in zip(self.widths, present):
-            if not here:
+        R, T, k = B * H, new_bits.shape[-1], len(self.widths)
+        level = torch.searchsorted(self._width_values, new_bits).reshape(R, T)  # level index of each token
+        kept = torch.zeros(R, T, dtype=torch.bool, device=new_bits.device)
+        kept[:, :Tq] = (old_bits == new_bits[..., :Tq]).reshape(R, Tq)
+        levels = torch.arange(k, device=level.device)
+        per_row = (level[:1] == levels[:, None]).sum(-1)                   # tokens per level (equal in every row)
+        fresh_per_level = torch.zeros(k, dtype=torch.long, device=level.device).scatter_add_(
+            0, level.flatten(), (~kept).flatten().long())
+        sizes = torch.cat([per_row, fresh_per_level]).tolist()               # the one read of this function
+        per_row, fresh_per_level = sizes[:k], sizes[k:]
+        fresh_idx = _indices((~kept).flatten())                            # row-major, as every pool orders them
+        values = self._gather_values(kind, fresh_idx, old_bits, new)
+        by_level = torch.argsort(level.flatten()[fresh_idx], stable=True)   # fresh tokens grouped by new level
+        order = torch.argsort(level, dim=-1, stable=True)                   # each level's positions, in order
+        old_rank = self._stored_ranks(kind)[1]                             # (R, Tq) entry of each stored token
+        pools, out, start, fresh_start = self.pools[kind], {}, 0, 0
+        for i, (b, n_b, f_b) in enumerate(zip(self.widths, per_row, fresh_per_level)):
+            pos = order[:, start:start + n_b]                               # (R, n_b) the pool's positions
+            start += n_b
+            rows = by_level[fresh_start:fresh_start + f_b]
+            fresh_start += f_b
+            if not n_b:
                 continue
-            sel = new_bits == b                                    # (B, H, T)
-            keep = torch.zeros_like(sel)
-            keep[..., :Tq] = (old_bits == b) & sel[..., :Tq]        # tokens that keep their codes
-            fresh = quantize(self._values_at(kind, sel & ~keep, old_bits, new), b, self.group, axis=-1)
-            fields = (fresh.codes, fresh.scale, fresh.zero)
-            if b in pools:  # the new pool in position order: kept entries of the old pool, fresh ones between
-                take = keep[sel]                                   # (N,) which entries are kept ones
-                src = _indices(sel[..., :Tq][old_bits == b])       # old pool entries that stay at width b
-                dst_kept, dst_fresh = _indices(take), _indices(~take)
+            fresh = quantize(values.index_select(0, rows), b, self.group, axis=-1) if f_b else None
+            fields = (fresh.codes, fresh.scale, fresh.zero) if f_b else None
+            if f_b < R * n_b:  # some entries keep their old codes: pool b existed
+                keep = kept.gather(1, pos).flatten()                        # (R * n_b,)
+                stored = pos.clamp(max=max(Tq - 1, 0))
+                src = (torch.arange(R, device=pos.device)[:, None] * pools[b].codes.shape[-2]
+                       + old_rank.gather(1, stored)).flatten()
+                dst = ((~keep).long().cumsum(0) - 1).clamp(min=0)           # entry -> its row among the fresh
                 merged = []
-                for name, new_t in zip(("codes", "scale", "zero"), fields):
+                for name, i_f in zip(("codes", "scale", "zero"), range(3)):
                     old_t = getattr(pools[b], name)
-                    old_t = old_t.reshape(-1, old_t.shape[-1]).index_select(0, src)
-                    merged.append(new_t.new_empty(take.shape[0], new_t.shape[-1]).index_copy_(0, dst_kept, old_t)
-                                  .index_copy_(0, dst_fresh, new_t))
+                    old_t = old_t.reshape(-1, old_t.shape[-1])
+                    old_t = old_t.index_select(0, src.clamp(max=old_t.shape[0] - 1))  # fresh entries: any row
+                    if fields is not None:
+                        old_t = torch.where(keep[:, None], old_t, fields[i_f].index_select(0, dst))
+                    merged.append(old_t)
                 fields = merged
             shape = lambda t: t.reshape(B, H, -1, t.shape[-1])  # equal counts per row: dense pool
             out[b] = QTensor(*map(shape, fields), b, self.group, -1)
         return out
 
+    def _stored_ranks(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(widths (B, H, Tq), entries (B * H, Tq) long) of the stored keys or values: each token's width and its
+        entry in that width's pool row (a pool holds a row's tokens of one width in position order). Computed once
+        per re-allocation (`_flush` holds them while it runs), on each call outside one."""
+        if self._stored is not None and kind in self._stored:
+            return self._stored[kind]
+        bits = self.level_bits(kind)
+        flat = bits.reshape(self.batch_size * self.num_heads, bits.shape[-1])
+        rank = torch.zeros_like(flat)
+        for b in self.pools[kind]:
+            m = flat == b
+            rank += m * (m.cumsum(-1) - 1)
+        if self._stored is not None:
+            self._stored[kind] = (bits, rank)
+        return bits, rank
+
     def _values_at(self, kind: str, mask: torch.Tensor, old_bits: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Stored-space values (M, D) fp32 of the tokens where `mask` (B, H, Tq + n) is set, in its row-major order
         (= torch.cat([self._middle_part(kind), new], -2)[mask]), dequantizing only those of the middle."""
-        Tq = old_bits.shape[-1]
-        slot = (mask.flatten().cumsum(0) - 1).reshape(mask.shape)  # each set token's row in out
-        out = new.new_empty(int(slot.flatten()[-1]) + 1 if slot.numel() else 0, self.head_dim)
-        if not out.shape[0]:
+        return self._gather_values(kind, _indices(mask.flatten()), old_bits, new)
+
+    def _gather_values(self, kind: str, idx: torch.Tensor, old_bits: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Stored-space values (M, D) fp32 of the tokens at flat indices `idx` (M,) of (B, H, Tq + n): stored ones
+        dequantized from their pools, new ones (B, H, n, D) as they are. Grouped by source with one host read."""
+        B, H, Tq = old_bits.shape
+        n, D = new.shape[-2], self.head_dim
+        out = new.new_empty(idx.numel(), D)
+        if not idx.numel():
             return out
-        fresh = mask[..., Tq:]
-        out[slot[..., Tq:][fresh]] = new[fresh]
-        for b, pool in self.pools[kind].items():
-            in_pool = old_bits == b
-            m = mask[..., :Tq] & in_pool
-            rows = _indices(m[in_pool])                            # the pool's entries (pool order) asked for
-            q = QTensor(*(getattr(pool, f).reshape(-1, getattr(pool, f).shape[-1]).index_select(0, rows)
-                          for f in ("codes", "scale", "zero")), b, self.group, -1)
-            out[slot[..., :Tq][m]] = dequantize(q)
+        row, t = idx // (Tq + n), idx % (Tq + n)
+        stored = t < Tq
+        k = len(self.widths)
+        flat_bits = old_bits.reshape(-1)
+        if Tq:
+            at = row * Tq + t.clamp(max=Tq - 1)
+            source = torch.where(stored, torch.searchsorted(self._width_values, flat_bits[at]), k)
+        else:
+            source = torch.full_like(idx, k)
+        by_source = torch.argsort(source, stable=True)
+        counts = torch.bincount(source, minlength=k + 1).tolist()            # the one read of this function
+        rank = self._stored_ranks(kind)[1].reshape(-1) if Tq else None
+        start = 0
+        for s_i, count in enumerate(counts):
+            sel = by_source[start:start + count]
+            start += count
+            if not count:
+                continue
+            r, ts = row.index_select(0, sel), t.index_select(0, sel)
+            if s_i == k:
+                out[sel] = new.reshape(-1, D).index_select(0, r * n + ts - Tq)
+                continue
+            pool = self.pools[kind][self.widths[s_i]]
+            src = r * pool.codes.shape[-2] + rank.index_select(0, r * Tq + ts)
+            q = QTensor(*(getattr(pool, f).reshape(-1, getattr(pool, f).shape[-1]).index_select(0, src)
+                          for f in ("codes", "scale", "zero")), pool.bits, self.group, -1)
+            out[sel] = dequantize(q)
         return out
 
 
