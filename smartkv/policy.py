@@ -168,12 +168,17 @@ def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, 
     free = torch.ones(R, n, dtype=torch.bool, device=weights.device)
     neg = torch.finfo(torch.float64).min
     w = weights.double()
+    wide = sorted(counts, reverse=True)[:-1]  # the narrowest width takes whatever is left
+    # tokens each row could give each width: those capped at b or wider, less the slots wider widths took (every
+    # one of those was capped wider, so it is among them): the per-row minimum read once, not once per width
+    capped = torch.stack([(caps >= b).sum(-1).min() for b in wide]).tolist() if R and wide else [0] * len(wide)
+    taken = 0
     surplus = 0  # bits (above the narrowest width) of slots a wider width could not use, offered to the next
-    for b in sorted(counts, reverse=True)[:-1]:  # the narrowest width takes whatever is left
+    for b, cap_b in zip(wide, capped):
         want = counts[b] + surplus // (b - lowest)
         surplus %= b - lowest
         eligible = free & (caps >= b)
-        take = min(want, int(eligible.sum(-1).min()) if R else 0)
+        take = min(want, cap_b - taken)
         surplus += (want - max(take, 0)) * (b - lowest)
         if take <= 0:
             continue
@@ -181,6 +186,7 @@ def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, 
         top = torch.topk(scores, take, dim=-1, sorted=False).indices  # (R, take)
         out.scatter_(1, top, b)
         free.scatter_(1, top, False)
+        taken += take
     return out
 
 
