@@ -195,8 +195,8 @@ class SmartKVLayer(KVLayer):
         q_st = bias = None
         if Tm:  # stored keys are (k - mu) / scale: q . k = (q * scale) . stored + q . mu
             qg = q.reshape(B, H, Hq // H, D)
-            q_st = qg * self.k_scale.float()
-            bias = (qg * self.k_mu.float()).sum(-1).reshape(B, Hq)
+            q_st = qg * self.k_scale                  # fp16 scale and mean promoted inside the multiply: no cast launch
+            bias = (qg * self.k_mu).sum(-1).reshape(B, Hq)
             if self.rot_k:
                 q_st = q_st @ hadamard(D, q.device)
             q_st = q_st.reshape(B, Hq, D)
