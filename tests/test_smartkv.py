@@ -164,4 +164,4 @@ def test_reallocation_waits_for_the_device_a_bounded_number_of_times():
     with Count():
         layer._flush()
     assert layer.n_middle == before + 16                                   # it did re-allocate
-    assert len(waits) <= 6, waits
+    assert len(waits) <= 4, waits                  # 30 before the gathers (2 now: _repool's fresh tokens)
