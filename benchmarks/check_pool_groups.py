@@ -21,7 +21,10 @@ def rel(a, b) -> float:
 def check(bits: int, D: int, G: int, dev: str) -> tuple[float, float]:
     g = torch.Generator().manual_seed(bits * 1000 + D + G)
     B, Hkv, NG, N, n_sink = 2, 2, 4, 300, 3
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
     pos = torch.arange(N, dtype=torch.int32).expand(B, Hkv, N).contiguous().to(dev)
     keys = quantize(rnd(B, Hkv, N, D).to(dev) * 2, bits, G, axis=-1)
     vals = quantize(rnd(B, Hkv, N, D).to(dev), bits, G, axis=-1)

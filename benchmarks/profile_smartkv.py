@@ -8,7 +8,7 @@ Wraps SmartKVLayer's steps with timers (synchronising CUDA around each, so the p
 slower than unwrapped) and prints ms per decoded token per part, summed over layers. `attend` contains the
 attention itself (the two-pass kernels on CUDA, dequantize + torch on CPU), `_observe` (importance statistics)
 and `_flush` (re-allocation every `realloc_every` tokens: `_weights` with `_ranges`, `_allocate`, `_repool` with
-`_values_at`). Parts nest (`_flush` contains the others; on CPU `_stored_kv`, the reference path's
+`_gather_values`; `_stored_ranks` once per kind, inside the first of them). Parts nest (`_flush` contains the others; on CPU `_stored_kv`, the reference path's
 dequantization, contains `_middle_part`), so the column does not sum to the total. The
 unwrapped rows time whole decode steps of each method without any wrapper.
 """
@@ -34,7 +34,7 @@ from bench_quality import parse_config  # noqa: E402
 SMOLLM2_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0)
 PARTS = ("attend", "_fused_decode", "_observe", "_flush", "_middle_part", "_weights", "_allocate",
-         "_repool", "_values_at", "_ranges", "_stored_kv", "_store")
+         "_repool", "_gather_values", "_stored_ranks", "_ranges", "_stored_kv", "_store")
 
 
 def _sync(device):

@@ -138,8 +138,9 @@ def test_reallocation_waits_for_the_device_a_bounded_number_of_times():
     a fixed number of times (cascade_assign's per-width counts and _repool's / _gather_values' sizes), not once
     per width and pool: counted here, on the CPU, as the ops that would wait (the allocator's own solve runs on
     the host and is not counted)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from smartkv.cache import make_cache
 

@@ -328,8 +328,8 @@ class SmartKVLayer(KVLayer):
         """Pools for the widths `new_bits` (B, H, Tq + n): tokens whose width is unchanged keep their codes; the
         others (demoted stored tokens, dequantized from their own pools, and the n `new` tokens (B, H, n, D)) are
         quantized at their new width. The sizes come from one host read and the pools are assembled by gathers,
-        so on CUDA a re-allocation waits for the GPU three times per kind (this read, and two in `_gather_values`),
-        however many widths there are."""
+        so on CUDA this waits for the GPU three times (that read, the fresh tokens' indices, `_gather_values`'
+        read), however many widths there are."""
         B, H, Tq = old_bits.shape
         R, T, k = B * H, new_bits.shape[-1], len(self.widths)
         level = torch.searchsorted(self._width_values, new_bits).reshape(R, T)  # level index of each token
@@ -347,7 +347,7 @@ class SmartKVLayer(KVLayer):
         order = torch.argsort(level, dim=-1, stable=True)                   # each level's positions, in order
         old_rank = self._stored_ranks(kind)[1]                             # (R, Tq) entry of each stored token
         pools, out, start, fresh_start = self.pools[kind], {}, 0, 0
-        for i, (b, n_b, f_b) in enumerate(zip(self.widths, per_row, fresh_per_level)):
+        for b, n_b, f_b in zip(self.widths, per_row, fresh_per_level):
             pos = order[:, start:start + n_b]                               # (R, n_b) the pool's positions
             start += n_b
             rows = by_level[fresh_start:fresh_start + f_b]
@@ -363,7 +363,7 @@ class SmartKVLayer(KVLayer):
                        + old_rank.gather(1, stored)).flatten()
                 dst = ((~keep).long().cumsum(0) - 1).clamp(min=0)           # entry -> its row among the fresh
                 merged = []
-                for name, i_f in zip(("codes", "scale", "zero"), range(3)):
+                for i_f, name in enumerate(("codes", "scale", "zero")):
                     old_t = getattr(pools[b], name)
                     old_t = old_t.reshape(-1, old_t.shape[-1])
                     old_t = old_t.index_select(0, src.clamp(max=old_t.shape[0] - 1))  # fresh entries: any row
@@ -399,7 +399,7 @@ class SmartKVLayer(KVLayer):
     def _gather_values(self, kind: str, idx: torch.Tensor, old_bits: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Stored-space values (M, D) fp32 of the tokens at flat indices `idx` (M,) of (B, H, Tq + n): stored ones
         dequantized from their pools, new ones (B, H, n, D) as they are. Grouped by source with one host read."""
-        B, H, Tq = old_bits.shape
+        Tq = old_bits.shape[-1]
         n, D = new.shape[-2], self.head_dim
         out = new.new_empty(idx.numel(), D)
         if not idx.numel():
