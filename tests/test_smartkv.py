@@ -127,7 +127,7 @@ def test_reallocation_reads_only_what_changes(tiny, params):
         whole = torch.cat([layer._middle_part(kind), new], -2)
         for density in (0.0, 0.1, 1.0):
             mask = torch.rand(B, H, Tq + 5, generator=g) < density
-            got = layer._values_at(kind, mask, layer.level_bits(kind), new)
+            got = layer._values_at(kind, mask, new)
             assert torch.equal(got, whole[mask])
         expect = whole.amax(-1) - whole.amin(-1)
         assert torch.allclose(layer._ranges(kind, new), expect, rtol=1e-5, atol=1e-6)

@@ -263,8 +263,9 @@ class SmartKVLayer(KVLayer):
             for kind, new, budget in (("k", new_k, self.budget_k), ("v", new_v, self.budget_v)):
                 old_bits = self._stored_ranks(kind)[0]
                 new_bits = self._allocate(weights, old_bits, budget, profile)
-                self.pools[kind] = self._repool(kind, old_bits, new_bits, new)
-                self.levels[kind] = pack_levels(torch.searchsorted(self._width_values, new_bits).to(torch.uint8))
+                level = torch.searchsorted(self._width_values, new_bits)   # index into widths, (B, H, T)
+                self.pools[kind] = self._repool(kind, old_bits, new_bits, level, new)
+                self.levels[kind] = pack_levels(level.to(torch.uint8))
             self.n_middle += n
         finally:
             self._stored = None
@@ -324,15 +325,17 @@ class SmartKVLayer(KVLayer):
         counts = counts_for(profile, budget, self.widths)
         return cascade_assign(weights, caps, counts).reshape(B, H, T)
 
-    def _repool(self, kind: str, old_bits: torch.Tensor, new_bits: torch.Tensor, new: torch.Tensor) -> dict:
-        """Pools for the widths `new_bits` (B, H, Tq + n): tokens whose width is unchanged keep their codes; the
+    def _repool(self, kind: str, old_bits: torch.Tensor, new_bits: torch.Tensor, level: torch.Tensor,
+                new: torch.Tensor) -> dict:
+        """Pools for the widths `new_bits` (B, H, Tq + n) (`level`: their indices into `widths`): tokens whose width
+        is unchanged keep their codes; the
         others (demoted stored tokens, dequantized from their own pools, and the n `new` tokens (B, H, n, D)) are
         quantized at their new width. The sizes come from one host read and the pools are assembled by gathers,
         so on CUDA this waits for the GPU three times (that read, the fresh tokens' indices, `_gather_values`'
         read), however many widths there are."""
         B, H, Tq = old_bits.shape
         R, T, k = B * H, new_bits.shape[-1], len(self.widths)
-        level = torch.searchsorted(self._width_values, new_bits).reshape(R, T)  # level index of each token
+        level = level.reshape(R, T)
         kept = torch.zeros(R, T, dtype=torch.bool, device=new_bits.device)
         kept[:, :Tq] = (old_bits == new_bits[..., :Tq]).reshape(R, Tq)
         levels = torch.arange(k, device=level.device)
@@ -342,7 +345,7 @@ class SmartKVLayer(KVLayer):
         sizes = torch.cat([per_row, fresh_per_level]).tolist()               # the one read of this function
         per_row, fresh_per_level = sizes[:k], sizes[k:]
         fresh_idx = _indices((~kept).flatten())                            # row-major, as every pool orders them
-        values = self._gather_values(kind, fresh_idx, old_bits, new)
+        values = self._gather_values(kind, fresh_idx, new)
         by_level = torch.argsort(level.flatten()[fresh_idx], stable=True)   # fresh tokens grouped by new level
         order = torch.argsort(level, dim=-1, stable=True)                   # each level's positions, in order
         old_rank = self._stored_ranks(kind)[1]                             # (R, Tq) entry of each stored token
@@ -391,14 +394,15 @@ class SmartKVLayer(KVLayer):
             self._stored[kind] = (bits, rank)
         return bits, rank
 
-    def _values_at(self, kind: str, mask: torch.Tensor, old_bits: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def _values_at(self, kind: str, mask: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Stored-space values (M, D) fp32 of the tokens where `mask` (B, H, Tq + n) is set, in its row-major order
         (= torch.cat([self._middle_part(kind), new], -2)[mask]), dequantizing only those of the middle."""
-        return self._gather_values(kind, _indices(mask.flatten()), old_bits, new)
+        return self._gather_values(kind, _indices(mask.flatten()), new)
 
-    def _gather_values(self, kind: str, idx: torch.Tensor, old_bits: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def _gather_values(self, kind: str, idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Stored-space values (M, D) fp32 of the tokens at flat indices `idx` (M,) of (B, H, Tq + n): stored ones
         dequantized from their pools, new ones (B, H, n, D) as they are. Grouped by source with one host read."""
+        old_bits, rank = self._stored_ranks(kind)
         Tq = old_bits.shape[-1]
         n, D = new.shape[-2], self.head_dim
         out = new.new_empty(idx.numel(), D)
@@ -415,7 +419,7 @@ class SmartKVLayer(KVLayer):
             source = torch.full_like(idx, k)
         by_source = torch.argsort(source, stable=True)
         counts = torch.bincount(source, minlength=k + 1).tolist()            # the one read of this function
-        rank = self._stored_ranks(kind)[1].reshape(-1) if Tq else None
+        rank = rank.reshape(-1)
         start = 0
         for s_i, count in enumerate(counts):
             sel = by_source[start:start + count]

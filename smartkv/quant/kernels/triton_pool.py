@@ -125,7 +125,7 @@ def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, 
         for n0 in range(lo, hi, BLOCK_N):
             t = n0 + tl.arange(0, BLOCK_N)
             valid = t < hi
-            pos = base + t
+            pos = _seg_pos(pos_ptr, bh, P, t, valid, base, BITS)
             p = tl.load(p_ptr + row_q[:, None] * T + pos[None, :], mask=hmask[:, None] & valid[None, :], other=0.0)
             acc += tl.dot(p.to(tl.float16), _fp_tile(w_ptr, N, bh, t, valid, D))
             if FOLD:
@@ -141,7 +141,7 @@ def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, 
         for n0 in range(lo, hi, BLOCK_N):
             t = n0 + tl.arange(0, BLOCK_N)
             valid = t < hi
-            pos = tl.load(pos_ptr + bh.to(tl.int64) * P + t, mask=valid, other=0) + base
+            pos = _seg_pos(pos_ptr, bh, P, t, valid, base, BITS)
             p = tl.load(p_ptr + row_q[None, :] * T + pos[:, None], mask=valid[:, None] & hmask[None, :], other=0.0)
             codes, scale, zero = _pool_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
             # p * scale in fp16 for the dot: the block's largest scale normalised to 2^14 (no overflow)
