@@ -179,7 +179,7 @@ def bench_config(T: int, B: int, methods: list[str], copy_bw: float, budget: Bud
             for cfg in POOL_CONFIGS:
                 _tp.POOL_CONFIG.update(cfg)
                 tag = ("" if len(POOL_CONFIGS) == 1 else
-                       " {scores_block}/{values_block}/{num_warps}/{split_tokens}".format(**_tp.POOL_CONFIG))
+                       " {scores_block}/{values_block}/{num_warps}/{split_tokens}/{pack_heads}".format(**_tp.POOL_CONFIG))
                 try:  # a config that does not compile (resources) is a note, not the end of the run
                     rows.append(_row(T, B, f"smartkv4 cache two-pass (eager){tag}",
                                      time_calls([attend], graph=False), base, nbytes, copy_bw))
@@ -341,20 +341,22 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--out", default=None, help="folder for bench_attention.md / .json")
     ap.add_argument("--profile", default=None, help="run 20 eager calls of one method at batch 8, 32K (for ncu)")
-    ap.add_argument("--pool-configs", default=None, metavar="S/V/W[/P],...",
+    ap.add_argument("--pool-configs", default=None, metavar="S/V/W[/P[/H]],...",
                     help="SmartKV cache rows for each launch config of the pool passes: scores block / values "
-                         "block / warps [/ fewest tokens per values split], e.g. 32/32/4,64/32/4/512 (default: "
-                         "the library's)")
+                         "block / warps [/ fewest tokens per values split [/ pack heads 0 or 1]], e.g. "
+                         "32/32/4,64/32/4/512/0 (default: the library's)")
     ap.add_argument("--kernel-split", action="store_true",
                     help="also note the device time of each kernel of the SmartKV cache step (torch.profiler)")
     args = ap.parse_args()
     global KERNEL_SPLIT
     KERNEL_SPLIT = args.kernel_split
     if args.pool_configs:
-        keys = ("scores_block", "values_block", "num_warps", "split_tokens")
-        POOL_CONFIGS[:] = [dict(zip(keys, map(int, c.split("/")))) for c in args.pool_configs.split(",")]
-        if any(len(c) < 3 for c in POOL_CONFIGS):
-            ap.error(f"--pool-configs: each config is S/V/W or S/V/W/P (integers), got {args.pool_configs!r}")
+        keys = ("scores_block", "values_block", "num_warps", "split_tokens", "pack_heads")
+        given = [dict(zip(keys, map(int, c.split("/")))) for c in args.pool_configs.split(",")]
+        if any(len(c) < 3 for c in given):
+            ap.error(f"--pool-configs: each config is S/V/W, S/V/W/P or S/V/W/P/H (integers), got "
+                     f"{args.pool_configs!r}")
+        POOL_CONFIGS[:] = [dict(_tp.POOL_CONFIG, **c) for c in given]  # fields left out: the library's
     budget = Budget(args.budget_s)
     methods = [m for m in args.methods.split(",") if m]
     if args.profile:

@@ -168,13 +168,16 @@ def test_segment_errors_are_clear():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("N,NG,D,G,shared,config", [(37, 3, 64, 32, True, None), (5, 4, 128, 64, False, None),
-                                                    (70, 1, 16, 16, True, None), (150, 4, 64, 32, True, (64, 16, 8))])
+                                                    (70, 1, 16, 16, True, None), (150, 4, 64, 32, True, (64, 16, 8)),
+                                                    (41, 4, 128, 32, True, None), (33, 2, 64, 16, True, None),
+                                                    (41, 4, 128, 32, True, (32, 32, 4, 0))])
 def test_pool_two_pass_kernels(bits, N, NG, D, G, shared, config, monkeypatch):
     """SmartKV's two passes over its layout in one launch each: full-precision sinks, two width pools whose
     tokens interleave in the middle (each row its own interleaving), the full-precision window. Scores land at
     every position; values come back as (pools' part, full-precision part). Against the torch reference and
     fp64. Positions as views of one buffer (what the cache passes) or as separate tensors; another launch config
-    (tokens per scores block / values block, warps) gives the same."""
+    (tokens per scores block / values block, warps, heads padded to 16 rather than packed) gives the same. Head
+    padding: NG 4 x 4 groups packs into 16 columns; NG 2 x 4 groups pads each group's heads to 4."""
     from smartkv.quant.core import dequantize
     from smartkv.quant.kernels import reference as R
     from smartkv.quant.kernels import triton_pool
@@ -183,6 +186,8 @@ def test_pool_two_pass_kernels(bits, N, NG, D, G, shared, config, monkeypatch):
         monkeypatch.setitem(triton_pool.POOL_CONFIG, "scores_block", config[0])
         monkeypatch.setitem(triton_pool.POOL_CONFIG, "values_block", config[1])
         monkeypatch.setitem(triton_pool.POOL_CONFIG, "num_warps", config[2])
+        if len(config) > 3:
+            monkeypatch.setitem(triton_pool.POOL_CONFIG, "pack_heads", config[3])
 
     g = gen(bits * 1000 + N)
     B, Hkv = 2, 2

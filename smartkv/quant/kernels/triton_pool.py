@@ -73,34 +73,39 @@ def _seg_pos(pos_ptr, bh, P, t, valid, base, BITS: tl.constexpr):
 @triton.jit
 def _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, scaling, blk, bh, Hkv,
                 NG, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                NGP: tl.constexpr, BLOCK_N: tl.constexpr):
+                NGP: tl.constexpr, NGQ: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scores of one block of one segment for the query heads of KV head bh % Hkv, stored at their positions of
     the (B, Hq, T) logits: pools with the query in their stored space qp (plus bias), full-precision runs with
-    the plain query qf. Queries (B, Hq, D) and bias (B, Hq) contiguous."""
+    the plain query qf. Queries (B, Hq, D) and bias (B, Hq) contiguous. The group's heads are padded to NGP
+    (>= 16, a dot's minimum) for full-precision runs, to NGQ for pools (whose dot has a column per (channel
+    group, head): D // G * NGQ >= 16 columns with fewer padded heads)."""
     b = bh // Hkv
-    hq = (bh % Hkv) * NG + tl.arange(0, NGP)                            # query heads of this KV head's group
-    hmask = tl.arange(0, NGP) < NG
-    row_q = b * Hkv * NG + hq                                           # (b, hq) flattened
-    q_ptr = qf_ptr if BITS == 16 else qp_ptr
-    q = tl.load(q_ptr + row_q[None, :] * D + tl.arange(0, D)[:, None], mask=hmask[None, :], other=0.0)
     t = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = t < N
+    pos = _seg_pos(pos_ptr, bh, P, t, valid, base, BITS)
     if BITS == 16:
+        hq = (bh % Hkv) * NG + tl.arange(0, NGP)                        # query heads of this KV head's group
+        hmask = tl.arange(0, NGP) < NG
+        row_q = b * Hkv * NG + hq                                       # (b, hq) flattened
+        q = tl.load(qf_ptr + row_q[None, :] * D + tl.arange(0, D)[:, None], mask=hmask[None, :], other=0.0)
         s = tl.dot(_fp_tile(w_ptr, N, bh, t, valid, D), q.to(tl.float16))      # (BLOCK_N, NGP) fp32
     else:
         # q . (codes * scale + zero) = sum over groups g of scale_g (q_g . codes_g) + zero_g sum(q_g): one dot of
         # the raw codes with a block-diagonal query, column (g, head) holding the head's query on g's channels
         NGR: tl.constexpr = D // G
+        hq = (bh % Hkv) * NG + tl.arange(0, NGQ)
+        hmask = tl.arange(0, NGQ) < NG
+        row_q = b * Hkv * NG + hq
+        q = tl.load(qp_ptr + row_q[None, :] * D + tl.arange(0, D)[:, None], mask=hmask[None, :], other=0.0)
         codes, scale, zero = _pool_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
-        qbd = tl.reshape(tl.broadcast_to(q[:, None, :], (D, NGR, NGP)), (D, NGR * NGP))
-        own = (tl.arange(0, D)[:, None] // G) == (tl.arange(0, NGR * NGP)[None, :] // NGP)
+        qbd = tl.reshape(tl.broadcast_to(q[:, None, :], (D, NGR, NGQ)), (D, NGR * NGQ))
+        own = (tl.arange(0, D)[:, None] // G) == (tl.arange(0, NGR * NGQ)[None, :] // NGQ)
         qbd = tl.where(own, qbd, 0.0).to(tl.float16)
-        r = tl.reshape(tl.dot(codes, qbd), (BLOCK_N, NGR, NGP))
-        qsum = tl.sum(tl.reshape(q, (NGR, G, NGP)), axis=1)                   # (NGR, NGP)
+        r = tl.reshape(tl.dot(codes, qbd), (BLOCK_N, NGR, NGQ))
+        qsum = tl.sum(tl.reshape(q, (NGR, G, NGQ)), axis=1)                   # (NGR, NGQ)
         s = tl.sum(r * scale[:, :, None] + zero[:, :, None] * qsum[None, :, :], axis=1)
         if HAS_BIAS:
             s += tl.load(bias_ptr + row_q, mask=hmask, other=0.0)[None, :]
-    pos = _seg_pos(pos_ptr, bh, P, t, valid, base, BITS)
     tl.store(out_ptr + row_q[None, :].to(tl.int64) * T + pos[:, None], s * scaling,
              mask=valid[:, None] & hmask[None, :])
 
@@ -108,19 +113,19 @@ def _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w_ptr, s_ptr, z_ptr, pos_p
 @triton.jit
 def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, split, first, per_split, bh, Hkv,
                 NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                NGP: tl.constexpr, BLOCK_N: tl.constexpr, FOLD: tl.constexpr):
+                NGP: tl.constexpr, NGQ: tl.constexpr, BLOCK_N: tl.constexpr, FOLD: tl.constexpr):
     """sum_j p_j v_j over split `split - first` (per_split rows) of one segment, for the query heads of KV head
     bh % Hkv, into out[b, hq, split] (out (B, Hq, S, D) fp32; probs (B, Hq, T) contiguous). With FOLD, also
     folds p into those tokens' importance codes (code_ptr (B, Hkv, T) contiguous; r: the observed ranges): every
-    token is in exactly one split of one segment, so each is folded once."""
+    token is in exactly one split of one segment, so each is folded once. Heads padded as in _seg_scores."""
     b = bh // Hkv
-    hq = (bh % Hkv) * NG + tl.arange(0, NGP)
-    hmask = tl.arange(0, NGP) < NG
-    row_q = (b * Hkv * NG + hq).to(tl.int64)
     lo = (split - first) * per_split
     hi = tl.minimum(lo + per_split, N)
     code_row = code_ptr + bh.to(tl.int64) * T
     if BITS == 16:
+        hq = (bh % Hkv) * NG + tl.arange(0, NGP)
+        hmask = tl.arange(0, NGP) < NG
+        row_q = (b * Hkv * NG + hq).to(tl.int64)
         acc = tl.zeros((NGP, D), tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
             t = n0 + tl.arange(0, BLOCK_N)
@@ -136,8 +141,11 @@ def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, 
         # rows (g, head) of acc take p scaled by group g's scales against the raw codes; each channel then reads
         # its own group's row (the segment kernel's values, triton_attn._block)
         NGR: tl.constexpr = D // G
-        acc = tl.zeros((NGR * NGP, D), tl.float32)
-        vb = tl.zeros((NGR * NGP,), tl.float32)
+        hq = (bh % Hkv) * NG + tl.arange(0, NGQ)
+        hmask = tl.arange(0, NGQ) < NG
+        row_q = (b * Hkv * NG + hq).to(tl.int64)
+        acc = tl.zeros((NGR * NGQ, D), tl.float32)
+        vb = tl.zeros((NGR * NGQ,), tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
             t = n0 + tl.arange(0, BLOCK_N)
             valid = t < hi
@@ -146,14 +154,14 @@ def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, 
             codes, scale, zero = _pool_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
             # p * scale in fp16 for the dot: the block's largest scale normalised to 2^14 (no overflow)
             c = 16384.0 / tl.maximum(tl.max(tl.max(scale, axis=1), axis=0), 1e-30)
-            pv = tl.reshape(p[:, None, :] * (scale * c)[:, :, None], (BLOCK_N, NGR * NGP))
+            pv = tl.reshape(p[:, None, :] * (scale * c)[:, :, None], (BLOCK_N, NGR * NGQ))
             acc += tl.dot(tl.trans(pv.to(tl.float16)), codes) * (1.0 / c)
-            vb += tl.sum(tl.reshape(p[:, None, :] * zero[:, :, None], (BLOCK_N, NGR * NGP)), axis=0)
+            vb += tl.sum(tl.reshape(p[:, None, :] * zero[:, :, None], (BLOCK_N, NGR * NGQ)), axis=0)
             if FOLD:
                 _fold(code_row, pos, valid, tl.trans(p), NG, r0, r1, r2, r3, r4, r5, r6, r7)
-        acc3 = tl.reshape(acc + vb[:, None], (NGR, NGP, D))
+        acc3 = tl.reshape(acc + vb[:, None], (NGR, NGQ, D))
         own = (tl.arange(0, D)[None, None, :] // G) == tl.arange(0, NGR)[:, None, None]
-        out = tl.sum(tl.where(own, acc3, 0.0), axis=0)                          # (NGP, D)
+        out = tl.sum(tl.where(own, acc3, 0.0), axis=0)                          # (NGQ, D)
     tl.store(out_ptr + (row_q[:, None] * S + split) * D + tl.arange(0, D)[None, :], out, mask=hmask[:, None])
 
 
@@ -177,7 +185,7 @@ def _scores_kernel(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, P, scaling, Hkv, NG,
                    NSEG: tl.constexpr, BITS0: tl.constexpr, BITS1: tl.constexpr, BITS2: tl.constexpr,
                    BITS3: tl.constexpr, BITS4: tl.constexpr, BITS5: tl.constexpr,
                    HAS_BIAS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   NGQ: tl.constexpr, BLOCK_N: tl.constexpr):
     """First pass: the scores of every segment (up to 4 pools and 2 full-precision runs) in one launch; program
     (blk, bh) scores one BLOCK_N-row block of the segment whose block range holds blk."""
     blk = tl.program_id(0)
@@ -185,27 +193,27 @@ def _scores_kernel(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, P, scaling, Hkv, NG,
     if NSEG > 0:
         if blk < e0:
             _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w0, s0, z0, p0, P, n0, a0, scaling,
-                        blk, bh, Hkv, NG, BITS0, HAS_BIAS, G, D, NGP, BLOCK_N)
+                        blk, bh, Hkv, NG, BITS0, HAS_BIAS, G, D, NGP, NGQ, BLOCK_N)
     if NSEG > 1:
         if (blk >= e0) & (blk < e1):
             _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w1, s1, z1, p1, P, n1, a1, scaling,
-                        blk - e0, bh, Hkv, NG, BITS1, HAS_BIAS, G, D, NGP, BLOCK_N)
+                        blk - e0, bh, Hkv, NG, BITS1, HAS_BIAS, G, D, NGP, NGQ, BLOCK_N)
     if NSEG > 2:
         if (blk >= e1) & (blk < e2):
             _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w2, s2, z2, p2, P, n2, a2, scaling,
-                        blk - e1, bh, Hkv, NG, BITS2, HAS_BIAS, G, D, NGP, BLOCK_N)
+                        blk - e1, bh, Hkv, NG, BITS2, HAS_BIAS, G, D, NGP, NGQ, BLOCK_N)
     if NSEG > 3:
         if (blk >= e2) & (blk < e3):
             _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w3, s3, z3, p3, P, n3, a3, scaling,
-                        blk - e2, bh, Hkv, NG, BITS3, HAS_BIAS, G, D, NGP, BLOCK_N)
+                        blk - e2, bh, Hkv, NG, BITS3, HAS_BIAS, G, D, NGP, NGQ, BLOCK_N)
     if NSEG > 4:
         if (blk >= e3) & (blk < e4):
             _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w4, s4, z4, p4, P, n4, a4, scaling,
-                        blk - e3, bh, Hkv, NG, BITS4, HAS_BIAS, G, D, NGP, BLOCK_N)
+                        blk - e3, bh, Hkv, NG, BITS4, HAS_BIAS, G, D, NGP, NGQ, BLOCK_N)
     if NSEG > 5:
         if (blk >= e4) & (blk < e5):
             _seg_scores(qp_ptr, qf_ptr, bias_ptr, out_ptr, T, w5, s5, z5, p5, P, n5, a5, scaling,
-                        blk - e4, bh, Hkv, NG, BITS5, HAS_BIAS, G, D, NGP, BLOCK_N)
+                        blk - e4, bh, Hkv, NG, BITS5, HAS_BIAS, G, D, NGP, NGQ, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=_DYNAMIC + ["S", "per_split"] + [f"r{i}" for i in range(8)])
@@ -218,8 +226,8 @@ def _values_kernel(p_ptr, T, out_ptr, S, P, per_split, Hkv, NG, code_ptr, r0, r1
                    w5, s5, z5, p5, n5, a5, e5,
                    NSEG: tl.constexpr, BITS0: tl.constexpr, BITS1: tl.constexpr, BITS2: tl.constexpr,
                    BITS3: tl.constexpr, BITS4: tl.constexpr, BITS5: tl.constexpr,
-                   G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FOLD: tl.constexpr):
+                   G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr, NGQ: tl.constexpr,
+                   BLOCK_N: tl.constexpr, FOLD: tl.constexpr):
     """Second pass: probability-weighted values of every segment in one launch; program (split, bh) sums one
     split of the segment whose split range holds it into its own partial output (and with FOLD updates the
     importance codes of its tokens)."""
@@ -228,32 +236,32 @@ def _values_kernel(p_ptr, T, out_ptr, S, P, per_split, Hkv, NG, code_ptr, r0, r1
     if NSEG > 0:
         if split < e0:
             _seg_values(p_ptr, T, out_ptr, S, w0, s0, z0, p0, P, n0, a0, split, 0,
-                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS0, G, D, NGP,
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS0, G, D, NGP, NGQ,
                         BLOCK_N, FOLD)
     if NSEG > 1:
         if (split >= e0) & (split < e1):
             _seg_values(p_ptr, T, out_ptr, S, w1, s1, z1, p1, P, n1, a1, split, e0,
-                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS1, G, D, NGP,
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS1, G, D, NGP, NGQ,
                         BLOCK_N, FOLD)
     if NSEG > 2:
         if (split >= e1) & (split < e2):
             _seg_values(p_ptr, T, out_ptr, S, w2, s2, z2, p2, P, n2, a2, split, e1,
-                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS2, G, D, NGP,
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS2, G, D, NGP, NGQ,
                         BLOCK_N, FOLD)
     if NSEG > 3:
         if (split >= e2) & (split < e3):
             _seg_values(p_ptr, T, out_ptr, S, w3, s3, z3, p3, P, n3, a3, split, e2,
-                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS3, G, D, NGP,
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS3, G, D, NGP, NGQ,
                         BLOCK_N, FOLD)
     if NSEG > 4:
         if (split >= e3) & (split < e4):
             _seg_values(p_ptr, T, out_ptr, S, w4, s4, z4, p4, P, n4, a4, split, e3,
-                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS4, G, D, NGP,
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS4, G, D, NGP, NGQ,
                         BLOCK_N, FOLD)
     if NSEG > 5:
         if (split >= e4) & (split < e5):
             _seg_values(p_ptr, T, out_ptr, S, w5, s5, z5, p5, P, n5, a5, split, e4,
-                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS5, G, D, NGP,
+                        per_split, bh, Hkv, NG, code_ptr, r0, r1, r2, r3, r4, r5, r6, r7, BITS5, G, D, NGP, NGQ,
                         BLOCK_N, FOLD)
 
 
@@ -338,7 +346,7 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
 # program, and the fewest tokens per split of the values pass (SmartKV asks for max(this, middle / 64)). Chosen on
 # an H200 from bench_attention.py --pool-configs (scores blocks of 64 beat 32 at 32K x 8: 1440-1515 us against
 # 1744 a step, and at 4K x 1); the others only roughly.
-POOL_CONFIG = {"scores_block": 64, "values_block": 32, "num_warps": 4, "split_tokens": 1024}
+POOL_CONFIG = {"scores_block": 64, "values_block": 32, "num_warps": 4, "split_tokens": 1024, "pack_heads": 1}
 MAX_RANGES = 4  # _importance_kernel's observed query ranges
 POSITIONS_BLOCK = 1024         # tokens per program of _positions_kernel
 POSITIONS_PREFIX_BYTES = 1024  # packed level bytes (4 tokens each) it counts per step before its block
@@ -424,7 +432,7 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
     _scores_kernel[(ends[-1], B * Hkv)](
         q_pool, q_fp, q_pool if bias is None else bias.contiguous(), out, out.shape[-1], P,
         scaling, Hkv, NG, *flat, **consts, HAS_BIAS=bias is not None, G=_group(pools), D=D,
-        NGP=max(16, _pow2(NG)), BLOCK_N=block, num_warps=POOL_CONFIG["num_warps"])
+        **_heads(NG, D, _group(pools)), BLOCK_N=block, num_warps=POOL_CONFIG["num_warps"])
 
 
 def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: int | None,
@@ -448,10 +456,18 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     codes, ranges = importance if importance is not None else (part, [])
     _values_kernel[(ends[-1], B * Hkv)](
         probs.contiguous(), T, part, ends[-1], P, per_split, Hkv, NG, codes, *_range_args(ranges), *flat,
-        **consts, G=_group(pools), D=D, NGP=max(16, _pow2(NG)), BLOCK_N=block, FOLD=importance is not None,
+        **consts, G=_group(pools), D=D, **_heads(NG, D, _group(pools)), BLOCK_N=block, FOLD=importance is not None,
         num_warps=POOL_CONFIG["num_warps"])
     cut = ends[n_pools - 1] if n_pools else 0
     return part[:, :, :cut].sum(2), part[:, :, cut:].sum(2)
+
+
+def _heads(NG: int, D: int, G: int) -> dict:
+    """Padded query heads per KV head: NGP for full-precision runs (a dot needs 16 columns), NGQ for pools,
+    whose dots have D // G columns per head (with POOL_CONFIG's pack_heads; without, NGP as well)."""
+    NGP = max(16, _pow2(NG))
+    NGQ = max(_pow2(NG), 16 // max(D // G, 1)) if POOL_CONFIG["pack_heads"] else NGP
+    return dict(NGP=NGP, NGQ=NGQ)
 
 
 def _range_args(ranges) -> list[int]:
