@@ -42,21 +42,31 @@ def _fp_tile(x_ptr, N, bh, t, valid, D: tl.constexpr):
 
 
 @triton.jit
-def _pool_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid,
-               BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows t of one (batch, KV head) row bh of a pool (B, Hkv, N, ...) as they are stored: raw codes (BLOCK_N, D)
-    fp16 (exact integers, channel order; BITS 2/3/4/8) and their groups' scales and zeros (BLOCK_N, D // G) fp32.
-    The passes apply scales and zeros per (token, group), outside the per-element work (as triton_attn does)."""
+def _pool_load(w_ptr, s_ptr, z_ptr, N, bh, t, valid,
+               BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """Rows t of one (batch, KV head) row bh of a pool (B, Hkv, N, ...) as they are stored: packed words
+    (BLOCK_N, D // PW) (3 bit: 3 bytes per 8 codes, joined into one int32) and their groups' scales and zeros
+    (BLOCK_N, D // G) fp32. `_unpack(words, ...)` gives the codes."""
     PW: tl.constexpr = 8 if BITS == 3 else 32 // BITS                  # codes per word (3 bit: per 3 bytes)
     WPT: tl.constexpr = (3 * D // 8) if BITS == 3 else D // PW         # int32 words (bytes at 3 bit) per token
     NGR: tl.constexpr = D // G
     row = bh.to(tl.int64) * N
     w = _load_words(w_ptr + row * WPT, t * WPT, valid, BITS, PW, D)
-    codes = _unpack(w, BITS, PW, D, BLOCK_N, 1)
     mo = row * NGR + t[:, None] * NGR + tl.arange(0, NGR)[None, :]
     scale = tl.load(s_ptr + mo, mask=valid[:, None], other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + mo, mask=valid[:, None], other=0.0).to(tl.float32)
-    return codes, scale, zero
+    return w, scale, zero
+
+
+@triton.jit
+def _pool_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid,
+               BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows t of a pool as raw codes (BLOCK_N, D) fp16 (exact integers, channel order; BITS 2/3/4/8) and their
+    groups' scales and zeros (BLOCK_N, D // G) fp32. The passes apply scales and zeros per (token, group),
+    outside the per-element work (as triton_attn does)."""
+    PW: tl.constexpr = 8 if BITS == 3 else 32 // BITS
+    w, scale, zero = _pool_load(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D)
+    return _unpack(w, BITS, PW, D, BLOCK_N, 1), scale, zero
 
 
 @triton.jit
@@ -146,19 +156,37 @@ def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, 
         row_q = (b * Hkv * NG + hq).to(tl.int64)
         acc = tl.zeros((NGR * NGQ, D), tl.float32)
         vb = tl.zeros((NGR * NGQ,), tl.float32)
+        PW: tl.constexpr = 8 if BITS == 3 else 32 // BITS
+        # every load of a block (positions, then the probabilities at them; words, scales, zeros) is issued one
+        # block ahead, so its latency (two dependent trips for p) hides behind the previous block's arithmetic
+        t = lo + tl.arange(0, BLOCK_N)
+        valid = t < hi
+        pos = _seg_pos(pos_ptr, bh, P, t, valid, base, BITS)
+        p = tl.load(p_ptr + row_q[None, :] * T + pos[:, None], mask=valid[:, None] & hmask[None, :], other=0.0)
+        w, scale, zero = _pool_load(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D)
+        if FOLD:
+            imp = _fold_load(code_row, pos, valid)                        # importance codes of the block
+        else:
+            imp = tl.zeros((BLOCK_N,), tl.uint8)
         for n0 in range(lo, hi, BLOCK_N):
-            t = n0 + tl.arange(0, BLOCK_N)
-            valid = t < hi
-            pos = _seg_pos(pos_ptr, bh, P, t, valid, base, BITS)
-            p = tl.load(p_ptr + row_q[None, :] * T + pos[:, None], mask=valid[:, None] & hmask[None, :], other=0.0)
-            codes, scale, zero = _pool_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D, BLOCK_N)
+            t_n = n0 + BLOCK_N + tl.arange(0, BLOCK_N)
+            valid_n = t_n < hi
+            pos_n = _seg_pos(pos_ptr, bh, P, t_n, valid_n, base, BITS)
+            p_n = tl.load(p_ptr + row_q[None, :] * T + pos_n[:, None], mask=valid_n[:, None] & hmask[None, :],
+                          other=0.0)
+            w_n, scale_n, zero_n = _pool_load(w_ptr, s_ptr, z_ptr, N, bh, t_n, valid_n, BITS, G, D)
+            if FOLD:
+                imp_n = _fold_load(code_row, pos_n, valid_n)
+            codes = _unpack(w, BITS, PW, D, BLOCK_N, 1)
             # p * scale in fp16 for the dot: the block's largest scale normalised to 2^14 (no overflow)
             c = 16384.0 / tl.maximum(tl.max(tl.max(scale, axis=1), axis=0), 1e-30)
             pv = tl.reshape(p[:, None, :] * (scale * c)[:, :, None], (BLOCK_N, NGR * NGQ))
             acc += tl.dot(tl.trans(pv.to(tl.float16)), codes) * (1.0 / c)
             vb += tl.sum(tl.reshape(p[:, None, :] * zero[:, :, None], (BLOCK_N, NGR * NGQ)), axis=0)
             if FOLD:
-                _fold(code_row, pos, valid, tl.trans(p), NG, r0, r1, r2, r3, r4, r5, r6, r7)
+                _fold_loaded(code_row, pos, valid, imp, tl.trans(p), NG, r0, r1, r2, r3, r4, r5, r6, r7)
+                imp = imp_n
+            valid, pos, p, w, scale, zero = valid_n, pos_n, p_n, w_n, scale_n, zero_n
         acc3 = tl.reshape(acc + vb[:, None], (NGR, NGQ, D))
         own = (tl.arange(0, D)[None, None, :] // G) == tl.arange(0, NGR)[:, None, None]
         out = tl.sum(tl.where(own, acc3, 0.0), axis=0)                          # (NGQ, D)
@@ -278,21 +306,24 @@ def _positions_kernel(lv_ptr, sl_b, sl_h, out_ptr, so_b, so_h, n, Hkv, c0, c1, c
     lv = lv_ptr + b.to(tl.int64) * sl_b + h * sl_h
     out = out_ptr + b.to(tl.int64) * so_b + h * so_h
     start = blk * BLOCK
-    k0 = tl.zeros([PBYTES], tl.int32)
-    k1 = tl.zeros([PBYTES], tl.int32)
-    k2 = tl.zeros([PBYTES], tl.int32)
-    for b0 in range(0, start // 4, PBYTES):
+    r0 = tl.zeros((), tl.int32)
+    r1 = tl.zeros((), tl.int32)
+    r2 = tl.zeros((), tl.int32)
+    for b0 in range(0, start // 4, PBYTES):  # reduced every step: a long step costs no registers
         i = b0 + tl.arange(0, PBYTES)
         m = i < start // 4
         byte = tl.load(lv + i, mask=m, other=0).to(tl.int32)
+        k0 = tl.zeros([PBYTES], tl.int32)
+        k1 = tl.zeros([PBYTES], tl.int32)
+        k2 = tl.zeros([PBYTES], tl.int32)
         for slot in tl.static_range(4):
             idx = (byte >> (2 * slot)) & 3
             k0 += ((idx == 0) & m).to(tl.int32)
             k1 += ((idx == 1) & m).to(tl.int32)
             k2 += ((idx == 2) & m).to(tl.int32)
-    r0 = tl.sum(k0, 0)
-    r1 = tl.sum(k1, 0)
-    r2 = tl.sum(k2, 0)
+        r0 += tl.sum(k0, 0)
+        r1 += tl.sum(k1, 0)
+        r2 += tl.sum(k2, 0)
     r3 = start - r0 - r1 - r2
     t = start + tl.arange(0, BLOCK)
     valid = t < n
@@ -313,11 +344,23 @@ def _fold(code_ptr, t, valid, p, NG, s0, e0, s1, e1, s2, e2, s3, e3):
     """One decode query's attention p (NGP, BLOCK) over tokens t (query heads of one group) folded into their
     8-bit importance codes at code_ptr + t: mean' = (mean * seen + mass) / (seen + 1), `seen` from the earlier
     queries' position ranges [s_r, e_r)."""
+    _fold_loaded(code_ptr, t, valid, _fold_load(code_ptr, t, valid), p, NG, s0, e0, s1, e1, s2, e2, s3, e3)
+
+
+@triton.jit
+def _fold_load(code_ptr, t, valid):
+    """The importance codes `_fold` updates (apart, so a loop can load them a block ahead)."""
+    return tl.load(code_ptr + t, mask=valid, other=255)
+
+
+@triton.jit
+def _fold_loaded(code_ptr, t, valid, codes, p, NG, s0, e0, s1, e1, s2, e2, s3, e3):
+    """`_fold` with the codes at t already loaded (`_fold_load`)."""
     mass = tl.sum(p, 0) / NG
     seen = tl.maximum(e0 - tl.maximum(s0, t), 0) + tl.maximum(e1 - tl.maximum(s1, t), 0)
     seen += tl.maximum(e2 - tl.maximum(s2, t), 0) + tl.maximum(e3 - tl.maximum(s3, t), 0)
     seen = seen.to(tl.float32)
-    codes = tl.load(code_ptr + t, mask=valid, other=255).to(tl.float32)
+    codes = codes.to(tl.float32)
     mean = tl.where(codes == 255, 0.0, tl.exp2(-codes / 8))
     mean = (mean * seen + mass) / (seen + 1)
     new = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))
@@ -349,7 +392,7 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
 POOL_CONFIG = {"scores_block": 64, "values_block": 32, "num_warps": 4, "split_tokens": 1024, "pack_heads": 1}
 MAX_RANGES = 4  # _importance_kernel's observed query ranges
 POSITIONS_BLOCK = 1024         # tokens per program of _positions_kernel
-POSITIONS_PREFIX_BYTES = 1024  # packed level bytes (4 tokens each) it counts per step before its block
+POSITIONS_PREFIX_BYTES = 4096  # packed level bytes (4 tokens each) it counts per step before its block
 
 
 def pool_ok(pool: QTensor) -> bool:
