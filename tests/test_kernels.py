@@ -326,6 +326,15 @@ def test_pool_positions_are_a_stable_argsort_of_the_levels(n, levels, monkeypatc
     assert torch.equal(R.pool_positions_reference(packed, n, counts).cpu(), expect)
     with pytest.raises(ValueError, match="counts"):
         kern.pool_positions(packed, n, counts + [1])
+    # keys and values in one launch: each kind its own levels and counts
+    counts2 = [n - n // 2, n // 2] if levels > 1 else [n]
+    base2 = torch.cat([torch.full((c,), i, dtype=torch.uint8) for i, c in enumerate(counts2)])
+    idx2 = torch.stack([torch.stack([base2[torch.randperm(n, generator=g)] for _ in range(H)]) for _ in range(B)])
+    both = kern.pool_positions([packed, pack_levels(idx2).to(DEV)], n, [counts, counts2])
+    assert both.shape == (2, B, H, n) and torch.equal(both[0].cpu(), expect)
+    assert torch.equal(both[1].cpu(), torch.argsort(idx2, dim=-1, stable=True).to(torch.int32))
+    with pytest.raises(ValueError, match="levels must be"):
+        kern.pool_positions([packed] * 3, n, [counts] * 3)
 
 
 @pytest.mark.parametrize("ranges", [[], [(0, 5)], [(3, 40), (90, 120)], [(0, 1), (2, 3), (10, 60), (70, 127)]])

@@ -201,34 +201,41 @@ class SmartKVLayer(KVLayer):
                 q_st = q_st @ hadamard(D, q.device)
             q_st = q_st.reshape(B, Hq, D)
         fp = ((self.sink_k, 0), (self.win_k, n_sink + Tm))
-        pool_scores(q if q_st is None else q_st, self._pool_segments("k"), logits, scaling, bias, q, fp)
+        order = self._pool_orders()
+        pool_scores(q if q_st is None else q_st, self._pool_segments("k", order[0]), logits, scaling, bias, q, fp)
         probs = torch.softmax(logits, -1)                                      # (B, Hq, T)
         fp = ((self.sink_v, 0), (self.win_v, n_sink + Tm))
         importance = (self.importance, self.observed.tolist()) if observe else None
-        mid, out = pool_values(probs, self._pool_segments("v"), fp, importance=importance)
+        mid, out = pool_values(probs, self._pool_segments("v", order[1]), fp, importance=importance)
         if observe:
             self.observed = add_range(self.observed, probs.shape[-1] - 1, probs.shape[-1])
         if Tm:
             out = out + (mid @ hadamard(D, mid.device) if self.rot_v else mid)
         return out.to(query.dtype).unsqueeze(1), probs.unsqueeze(2)
 
-    def _pool_segments(self, kind: str) -> list:
+    def _pool_segments(self, kind: str, order: torch.Tensor) -> list:
         """The key or value pools as `pool_scores` / `pool_values` take them: (pool, positions (B, H, N) in the
         middle, n_sink), one per width in `widths`, lowest first, empty ones included (the kernels then compile
-        once for the layer's widths, not again whenever a width's pool empties or fills). Positions: a stable
-        sort of the level indices lists each width's positions in order, as the pools hold them (derived each
-        step, never stored: kernels.pool_positions)."""
+        once for the layer's widths, not again whenever a width's pool empties or fills). `order`: the kind's
+        row of `_pool_orders`."""
         pools, n_sink = self.pools[kind], self.sink_k.shape[-2]
-        counts = [pools[w].codes.shape[-2] if w in pools else 0 for w in self.widths]
-        if self.n_middle:
-            order = pool_positions(self.levels[kind], self.n_middle, counts)
-        else:
-            order = torch.empty(self.batch_size, self.num_heads, 0, dtype=torch.int32, device=self.device)
         out, start = [], 0
-        for w, n in zip(self.widths, counts):
+        for w, n in zip(self.widths, self._counts(kind)):
             out.append((pools[w] if n else self._empty_pool(w), order[..., start:start + n], n_sink))
             start += n
         return out
+
+    def _counts(self, kind: str) -> list[int]:
+        return [self.pools[kind][w].codes.shape[-2] if w in self.pools[kind] else 0 for w in self.widths]
+
+    def _pool_orders(self) -> torch.Tensor:
+        """(2, B, H, n_middle) int32: for keys then values, each width's positions in order, widths lowest first,
+        as the pools hold them: a stable sort of the level indices (derived each step in one launch for both
+        kinds, never stored: kernels.pool_positions)."""
+        if not self.n_middle:
+            return torch.empty(2, self.batch_size, self.num_heads, 0, dtype=torch.int32, device=self.device)
+        return pool_positions([self.levels["k"], self.levels["v"]], self.n_middle,
+                              [self._counts("k"), self._counts("v")])
 
     def _empty_pool(self, bits: int) -> QTensor:
         """A pool of no tokens at `bits` (made once per width: decode steps ask for it every call)."""

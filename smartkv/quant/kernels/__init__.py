@@ -6,6 +6,7 @@
     pool_scores(q, pools, out, scaling, bias=None, q_fp=None, fp=())   # SmartKV's two passes, one launch each
     pool_values(probs, pools, fp=(), tokens_per_split=None, importance=None) -> ((B, Hq, D), (B, Hq, D)) fp32
     pool_positions(levels, n, counts) -> (B, H, n) int32                 # where each pool's tokens sit
+    pool_positions([lk, lv], n, [ck, cv]) -> (2, B, H, n)                # keys' and values', one launch
     importance_update(codes, probs, ranges)                             # SmartKV's statistics, in place
     kernels_available(device) -> bool
 
@@ -16,6 +17,7 @@ accuracy (see tests/test_kernels.py for the bounds).
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -42,8 +44,10 @@ __all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "impor
            "quantize_pack_reference"]
 
 
+@functools.cache
 def interpreting() -> bool:
-    """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import; fixed from
+    then on, so asked once: decode steps ask on every launch)."""
     if not HAVE_TRITON:
         return False
     from triton.runtime.jit import JITFunction
@@ -168,15 +172,26 @@ def _empty(pools: list, fp: list) -> bool:
     return not any(p.codes.shape[-2] for p, _, _ in pools) and not any(x.shape[-2] for x, _ in fp)
 
 
-def pool_positions(levels: torch.Tensor, n: int, counts: Sequence[int]) -> torch.Tensor:
+def pool_positions(levels, n: int, counts: Sequence) -> torch.Tensor:
     """Positions (B, H, n) int32 of the tokens of each width pool, pool after pool, each in position order: a
     stable argsort of the 2-bit level indices `levels` (B, H, ceil8(n) / 4) packed uint8 (policy.pack_levels).
-    `counts` = tokens per level index (every row has the same; at most 4 levels)."""
-    if len(counts) > 4 or sum(counts) != n:
-        raise ValueError(f"counts must be at most 4 tokens-per-level numbers summing to n={n}, got {list(counts)}")
-    if n and kernels_available(levels.device):
-        return _tp.pool_positions_triton(levels, n, tuple(counts))
-    return pool_positions_reference(levels, n, tuple(counts))
+    `counts` = tokens per level index (every row has the same; at most 4 levels).
+
+    Keys' and values' positions in one launch: `levels` a list of 2 such tensors (same shape) and `counts` a list
+    of their 2 count lists give (2, B, H, n)."""
+    many = isinstance(levels, (list, tuple))
+    stack, all_counts = (list(levels), list(counts)) if many else ([levels], [counts])
+    if len(stack) > 2 or len(all_counts) != len(stack) or len({x.shape for x in stack}) != 1:
+        raise ValueError("levels must be one tensor or a list of at most 2 tensors of one shape, with one counts "
+                         f"list each; got {len(stack)} tensors and {len(all_counts)} counts lists")
+    for c in all_counts:
+        if len(c) > 4 or sum(c) != n:
+            raise ValueError(f"counts must be at most 4 tokens-per-level numbers summing to n={n}, got {list(c)}")
+    if n and kernels_available(stack[0].device):
+        out = _tp.pool_positions_triton(torch.stack(stack), n, [tuple(c) for c in all_counts])
+    else:
+        out = torch.stack([pool_positions_reference(x, n, tuple(c)) for x, c in zip(stack, all_counts)])
+    return out if many else out[0]
 
 
 def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> None:

@@ -1,0 +1,92 @@
+"""Host (Python) time of a decode step next to its whole time, per method, at the Llama-3-8B shape on CUDA, and a
+cProfile of SmartKV's steps: whether a method's step waits on the GPU or on Python, and where the Python goes.
+
+    python benchmarks/profile_host.py --context 32768 --batch 8            # on a CUDA machine (random weights)
+    python benchmarks/profile_host.py --smoke --context 512 --batch 2      # CPU, tiny shapes: the code path only
+
+"host ms" is the time `model(...)` takes to return (kernels are queued, not waited for); "step ms" adds the wait
+for the device. A step whose host ms is close to its step ms is bound by Python and launches, not by the GPU.
+SmartKV re-allocates every `--realloc` steps; the default keeps re-allocations out of the measured steps.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_e2e as E  # noqa: E402
+
+ROWS = {"fp16 DynamicCache (flash)": ("dynamic", {}), "int4": ("int4", {}),
+        "smartkv (budget 4.25; gap 3)": ("smartkv", dict(budget=4.25, key_value_gap=3))}
+
+
+def steps(model, cache, batch: int, n: int, flash: bool, prof: cProfile.Profile | None = None):
+    """(host ms, step ms) of n decode steps."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, n), device=E.DEV)
+    ctx = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION) if flash
+           else torch.inference_mode())
+    out = []
+    with torch.inference_mode(), ctx:
+        for i in range(n):
+            if E.DEV == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if prof:
+                prof.enable()
+            model(ids[:, i:i + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if prof:
+                prof.disable()
+            t1 = time.perf_counter()
+            if E.DEV == "cuda":
+                torch.cuda.synchronize()
+            out.append(((t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--realloc", type=int, default=1024, help="SmartKV's realloc_every (default: none measured)")
+    ap.add_argument("--top", type=int, default=40, help="cProfile rows to print")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
+    args = ap.parse_args()
+    if args.smoke:
+        E.DEV = "cpu"
+    model = E.build_model(args.layers, args.smoke)
+    print(f"device {E.DEV}, context {args.context}, batch {args.batch}, {args.layers} layers")
+    print("| method | host ms / step | step ms | host share |\n|---|---|---|---|")
+    for name, (method, params) in ROWS.items():
+        if method == "smartkv":
+            params = dict(params, realloc_every=args.realloc)
+        cache = E.fill(model, method, params, args.batch, args.context, args.steps + args.warmup + 8)
+        flash = name.endswith("(flash)")
+        steps(model, cache, args.batch, args.warmup, flash)
+        prof = cProfile.Profile() if method == "smartkv" else None
+        got = sorted(steps(model, cache, args.batch, args.steps, flash, prof), key=lambda x: x[1])
+        host, step = got[len(got) // 2]
+        print(f"| {name} | {host:.1f} | {step:.1f} | {host / step:.0%} |", flush=True)
+        if prof:
+            buf = io.StringIO()
+            st = pstats.Stats(prof, stream=buf)
+            st.sort_stats("tottime").print_stats(args.top)
+            st.sort_stats("cumtime").print_stats(args.top)
+            profile_text = buf.getvalue()
+        del cache
+        E.free_all()
+    print(f"\ncProfile of {args.steps} SmartKV steps (host time only):")
+    print(profile_text)
+
+
+if __name__ == "__main__":
+    main()
