@@ -16,7 +16,9 @@ program ranges per segment are cumulative, and each program finds its segment by
 
 Pools hold packed codes (2/3/4/8 bit, per-token groups) and fp16 scales and zeros, unpacked in registers
 (CODE_MODE 1 of triton_attn: exact integers); full-precision runs are read as they are. Tensor-core dots with
-fp16 operands and fp32 accumulation. Query heads of a group are padded to 16 columns (the dot's minimum).
+fp16 operands and fp32 accumulation. A dot needs 16 columns: full-precision runs pad a group's query heads to 16;
+pools' dots have one column per (channel group, head), so their heads pad only to 16 // (D // G) (`_heads`).
+The values pass issues each block's loads one block ahead of its arithmetic.
 """
 from __future__ import annotations
 
