@@ -10,18 +10,18 @@ set -u
 export PYTHONPATH=$PWD
 OUT=${OUT:-benchmarks/results/latest}
 mkdir -p "$OUT"
-timeout 100 python -m pytest tests/test_kernels.py tests/test_fused.py -q -k "pool or smartkv or importance or positions" \
+timeout 150 python -m pytest tests/test_kernels.py tests/test_fused.py -q -k "pool or smartkv or importance or positions" \
     > "$OUT/pytest.txt" 2>&1
 tail -1 "$OUT/pytest.txt"
-timeout 50 python benchmarks/check_pool_groups.py > "$OUT/groups.txt" 2>&1
+timeout 45 python benchmarks/check_pool_groups.py > "$OUT/groups.txt" 2>&1
 grep -c "WRONG\|Error" "$OUT/groups.txt"
-timeout 110 python benchmarks/bench_attention.py --contexts 32768,4096 --batches 8,1 --methods smartkv4-cache \
-    --pool-configs 64/32/4/1024/1,64/32/4/1024/0,64/64/4/1024/1,64/128/4/1024/1 --kernel-split --budget-s 90 --out "$OUT/attention" \
+timeout 100 python benchmarks/bench_attention.py --contexts 32768,4096 --batches 8,1 --methods smartkv4-cache \
+    --pool-configs 64/32/4/1024/1,64/32/4/1024/0,64/64/4/1024/1,64/128/4/1024/1 --kernel-split --budget-s 80 --out "$OUT/attention" \
     > "$OUT/attention.log" 2>&1
 grep "smartkv4 cache\|device time" "$OUT/attention.log" | cut -c1-300 | head -20
-timeout 200 python benchmarks/bench_e2e.py --rows "fp16 DynamicCache (flash),int4,smartkv (budget 4.25; gap 3),smartkv (budget 4.25; gap 3; realloc 64)" \
-    --no-max-batch --steps 64 --warmup 20 --out "$OUT/e2e" > "$OUT/e2e.log" 2>&1
+timeout 170 python benchmarks/bench_e2e.py --rows "fp16 DynamicCache (flash),int4,smartkv (budget 4.25; gap 3),smartkv (budget 4.25; gap 3; realloc 64)" \
+    --no-max-batch --steps 64 --warmup 16 --out "$OUT/e2e" > "$OUT/e2e.log" 2>&1
 grep "^|" "$OUT/e2e.log" | tail -5
-timeout 90 python benchmarks/profile_smartkv.py --device cuda --random --context 32000 --batch 8 --tokens 32 \
+timeout 85 python benchmarks/profile_smartkv.py --device cuda --random --context 32000 --batch 8 --tokens 32 \
     > "$OUT/profile32k.txt" 2>&1
 tail -16 "$OUT/profile32k.txt"
