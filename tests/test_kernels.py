@@ -170,7 +170,8 @@ def test_segment_errors_are_clear():
 @pytest.mark.parametrize("N,NG,D,G,shared,config", [(37, 3, 64, 32, True, None), (5, 4, 128, 64, False, None),
                                                     (70, 1, 16, 16, True, None), (150, 4, 64, 32, True, (64, 16, 8)),
                                                     (41, 4, 128, 32, True, None), (33, 2, 64, 16, True, None),
-                                                    (41, 4, 128, 32, True, (32, 32, 4, 0))])
+                                                    (41, 4, 128, 32, True, (32, 32, 4, 0)),
+                                                    (150, 4, 128, 64, True, (128, 32, 4))])
 def test_pool_two_pass_kernels(bits, N, NG, D, G, shared, config, monkeypatch):
     """SmartKV's two passes over its layout in one launch each: full-precision sinks, two width pools whose
     tokens interleave in the middle (each row its own interleaving), the full-precision window. Scores land at
