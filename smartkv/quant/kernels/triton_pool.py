@@ -390,10 +390,11 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
 
 
 # Launch config of the two passes: tokens per block of the scores pass and of the values pass's loop, warps per
-# program, and the fewest tokens per split of the values pass (SmartKV asks for max(this, middle / 64)). Chosen on
-# an H200 from bench_attention.py --pool-configs (scores blocks of 64 beat 32 at 32K x 8: 1440-1515 us against
-# 1744 a step, and at 4K x 1); the others only roughly.
-POOL_CONFIG = {"scores_block": 64, "values_block": 32, "num_warps": 4, "split_tokens": 1024, "pack_heads": 1}
+# program, the fewest tokens per split of the values pass (SmartKV asks for max(this, middle / 64)), and whether
+# pools pack query heads into their dots' columns (`_heads`). Chosen on an H200 by device time at 32K x 8
+# (benchmarks/sweep_pool_configs.sh): scores blocks of 128 took 132 us against 148 at 64 and 265 at 32; values
+# blocks of 32 with 4 warps beat 64 (340 against 380 us) and 8 warps; the split size hardly mattered.
+POOL_CONFIG = {"scores_block": 128, "values_block": 32, "num_warps": 4, "split_tokens": 1024, "pack_heads": 1}
 MAX_RANGES = 4  # _importance_kernel's observed query ranges
 POSITIONS_BLOCK = 1024         # tokens per program of _positions_kernel
 POSITIONS_PREFIX_BYTES = 1024  # packed level bytes (4 tokens each) it counts per step before its block: 4096,
