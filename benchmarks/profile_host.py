@@ -11,6 +11,7 @@ SmartKV re-allocates every `--realloc` steps; the default keeps re-allocations o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -31,7 +32,7 @@ def steps(model, cache, batch: int, n: int, flash: bool, prof: cProfile.Profile 
     """(host ms, step ms) of n decode steps."""
     ids = torch.randint(0, model.config.vocab_size, (batch, n), device=E.DEV)
     ctx = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION) if flash
-           else torch.inference_mode())
+           else contextlib.nullcontext())
     out = []
     with torch.inference_mode(), ctx:
         for i in range(n):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import smartkv
+from smartkv.methods.smartkv import _indices
 from smartkv.models import load_tiny
 
 
@@ -113,7 +114,7 @@ def test_embedded_model_budget_and_quality():
 
 @pytest.mark.parametrize("params", [dict(budget=4.25, key_value_gap=3), dict(budget=3, rotate="both", importance="sum")])
 def test_reallocation_reads_only_what_changes(tiny, params):
-    """A re-allocation never dequantizes the whole middle: demoted tokens come from their pools (`_values_at`, the
+    """A re-allocation never dequantizes the whole middle: demoted tokens come from their pools (`_gather_values`, the
     same values as indexing the dequantized middle) and the weights read each token's range from its scales and
     zeros (`_ranges`, the dequantized tokens' max - min)."""
     cache = _run(tiny.model, steps=40, recent_window=8, realloc_every=8, group_size=32, **params)
@@ -127,7 +128,7 @@ def test_reallocation_reads_only_what_changes(tiny, params):
         whole = torch.cat([layer._middle_part(kind), new], -2)
         for density in (0.0, 0.1, 1.0):
             mask = torch.rand(B, H, Tq + 5, generator=g) < density
-            got = layer._values_at(kind, mask, new)
+            got = layer._gather_values(kind, _indices(mask.flatten()), new)
             assert torch.equal(got, whole[mask])
         expect = whole.amax(-1) - whole.amin(-1)
         assert torch.allclose(layer._ranges(kind, new), expect, rtol=1e-5, atol=1e-6)

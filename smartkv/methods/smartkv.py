@@ -201,41 +201,43 @@ class SmartKVLayer(KVLayer):
                 q_st = q_st @ hadamard(D, q.device)
             q_st = q_st.reshape(B, Hq, D)
         fp = ((self.sink_k, 0), (self.win_k, n_sink + Tm))
-        order = self._pool_orders()
-        pool_scores(q if q_st is None else q_st, self._pool_segments("k", order[0]), logits, scaling, bias, q, fp)
+        counts = {kind: self._counts(kind) for kind in ("k", "v")}
+        order = self._pool_orders(counts)
+        pool_scores(q if q_st is None else q_st, self._pool_segments("k", order[0], counts["k"]), logits, scaling,
+                    bias, q, fp)
         probs = torch.softmax(logits, -1)                                      # (B, Hq, T)
         fp = ((self.sink_v, 0), (self.win_v, n_sink + Tm))
         importance = (self.importance, self.observed.tolist()) if observe else None
-        mid, out = pool_values(probs, self._pool_segments("v", order[1]), fp, importance=importance)
+        mid, out = pool_values(probs, self._pool_segments("v", order[1], counts["v"]), fp, importance=importance)
         if observe:
             self.observed = add_range(self.observed, probs.shape[-1] - 1, probs.shape[-1])
         if Tm:
             out = out + (mid @ hadamard(D, mid.device) if self.rot_v else mid)
         return out.to(query.dtype).unsqueeze(1), probs.unsqueeze(2)
 
-    def _pool_segments(self, kind: str, order: torch.Tensor) -> list:
+    def _pool_segments(self, kind: str, order: torch.Tensor, counts: list[int]) -> list:
         """The key or value pools as `pool_scores` / `pool_values` take them: (pool, positions (B, H, N) in the
         middle, n_sink), one per width in `widths`, lowest first, empty ones included (the kernels then compile
         once for the layer's widths, not again whenever a width's pool empties or fills). `order`: the kind's
-        row of `_pool_orders`."""
+        row of `_pool_orders`; `counts`: the kind's `_counts`."""
         pools, n_sink = self.pools[kind], self.sink_k.shape[-2]
         out, start = [], 0
-        for w, n in zip(self.widths, self._counts(kind)):
+        for w, n in zip(self.widths, counts):
             out.append((pools[w] if n else self._empty_pool(w), order[..., start:start + n], n_sink))
             start += n
         return out
 
     def _counts(self, kind: str) -> list[int]:
+        """Tokens per row in each width's pool of `kind`, widths lowest first (0 for a width with no pool)."""
         return [self.pools[kind][w].codes.shape[-2] if w in self.pools[kind] else 0 for w in self.widths]
 
-    def _pool_orders(self) -> torch.Tensor:
+    def _pool_orders(self, counts: dict) -> torch.Tensor:
         """(2, B, H, n_middle) int32: for keys then values, each width's positions in order, widths lowest first,
         as the pools hold them: a stable sort of the level indices (derived each step in one launch for both
-        kinds, never stored: kernels.pool_positions)."""
+        kinds, never stored: kernels.pool_positions). `counts`: `_counts` of each kind."""
         if not self.n_middle:
             return torch.empty(2, self.batch_size, self.num_heads, 0, dtype=torch.int32, device=self.device)
-        return pool_positions([self.levels["k"], self.levels["v"]], self.n_middle,
-                              [self._counts("k"), self._counts("v")])
+        return pool_positions([self.levels["k"], self.levels["v"]], self.n_middle, [counts["k"], counts["v"]])
 
     def _empty_pool(self, bits: int) -> QTensor:
         """A pool of no tokens at `bits` (made once per width: decode steps ask for it every call)."""
@@ -335,9 +337,8 @@ class SmartKVLayer(KVLayer):
     def _repool(self, kind: str, old_bits: torch.Tensor, new_bits: torch.Tensor, level: torch.Tensor,
                 new: torch.Tensor) -> dict:
         """Pools for the widths `new_bits` (B, H, Tq + n) (`level`: their indices into `widths`): tokens whose width
-        is unchanged keep their codes; the
-        others (demoted stored tokens, dequantized from their own pools, and the n `new` tokens (B, H, n, D)) are
-        quantized at their new width. The sizes come from one host read and the pools are assembled by gathers,
+        is unchanged keep their codes; the others (demoted stored tokens, dequantized from their own pools, and the
+        n `new` tokens (B, H, n, D)) are quantized at their new width. The sizes come from one host read and the pools are assembled by gathers,
         so on CUDA this waits for the GPU three times (that read, the fresh tokens' indices, `_gather_values`'
         read), however many widths there are."""
         B, H, Tq = old_bits.shape
@@ -400,11 +401,6 @@ class SmartKVLayer(KVLayer):
         if self._stored is not None:
             self._stored[kind] = (bits, rank)
         return bits, rank
-
-    def _values_at(self, kind: str, mask: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """Stored-space values (M, D) fp32 of the tokens where `mask` (B, H, Tq + n) is set, in its row-major order
-        (= torch.cat([self._middle_part(kind), new], -2)[mask]), dequantizing only those of the middle."""
-        return self._gather_values(kind, _indices(mask.flatten()), new)
 
     def _gather_values(self, kind: str, idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Stored-space values (M, D) fp32 of the tokens at flat indices `idx` (M,) of (B, H, Tq + n): stored ones

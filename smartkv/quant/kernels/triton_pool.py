@@ -473,6 +473,7 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
     args, bits, P = _segments(pools, fp)  # kernels.pool_scores passes a non-empty segment at least
     Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
     NG = Hq // Hkv
+    G = _group(pools)
     block = _block("scores_block", bits)
     ends = list(itertools.accumulate(triton.cdiv(a[4], block) for a in args))
     flat, consts = _flat(args, bits, ends)
@@ -480,8 +481,8 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
     q_fp = q_pool if q_fp is None else q_fp.contiguous()
     _scores_kernel[(ends[-1], B * Hkv)](
         q_pool, q_fp, q_pool if bias is None else bias.contiguous(), out, out.shape[-1], P,
-        scaling, Hkv, NG, *flat, **consts, HAS_BIAS=bias is not None, G=_group(pools), D=D,
-        **_heads(NG, D, _group(pools)), BLOCK_N=block, num_warps=POOL_CONFIG["num_warps"])
+        scaling, Hkv, NG, *flat, **consts, HAS_BIAS=bias is not None, G=G, D=D, **_heads(NG, D, G),
+        BLOCK_N=block, num_warps=POOL_CONFIG["num_warps"])
 
 
 def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: int | None,
@@ -494,6 +495,7 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     n_pools = sum(b != 16 for b in bits)
     Hkv = (pools[0][0].codes if pools else fp[0][0]).shape[1]
     NG = Hq // Hkv
+    G = _group(pools)
     block = _block("values_block", bits)
     if per_split is None:
         per_split = max(POOL_CONFIG["split_tokens"], sum(a[4] for a in args[:n_pools]) // 64)
@@ -505,7 +507,7 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     codes, ranges = importance if importance is not None else (part, [])
     _values_kernel[(ends[-1], B * Hkv)](
         probs.contiguous(), T, part, ends[-1], P, per_split, Hkv, NG, codes, *_range_args(ranges), *flat,
-        **consts, G=_group(pools), D=D, **_heads(NG, D, _group(pools)), BLOCK_N=block, FOLD=importance is not None,
+        **consts, G=G, D=D, **_heads(NG, D, G), BLOCK_N=block, FOLD=importance is not None,
         num_warps=POOL_CONFIG["num_warps"])
     cut = ends[n_pools - 1] if n_pools else 0
     return part[:, :, :cut].sum(2), part[:, :, cut:].sum(2)
