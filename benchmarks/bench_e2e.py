@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import smartkv
+from smartkv.graphs import GraphDecoder
 from smartkv.hf_compat import use_attention
 
 GIB = 2 ** 30
@@ -43,7 +44,13 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
     # re-allocating every 64 tokens instead of 16: a quarter of the re-allocation steps, up to 48 more
     # full-precision tokens in the window (docs/smartkv.md has its quality)
     "smartkv (budget 4.25; gap 3; realloc 64)": ("smartkv", dict(budget=4.25, key_value_gap=3, realloc_every=64)),
+    # whole decode steps captured once as a CUDA graph and replayed (smartkv.graphs.GraphDecoder): no host cost
+    "fp16 (CUDA graph)": ("fp16", {}),
+    "int8 (CUDA graph)": ("int8", {}),
+    "int4 (CUDA graph)": ("int4", {}),
+    "fp16 StaticCache (CUDA graph)": ("hf-static", {}),   # transformers' own static cache, SDPA with its mask
 }
+GRAPH = " (CUDA graph)"
 MAX_BATCH_ROWS = ["fp16 DynamicCache (SDPA)", "fp16 DynamicCache (flash)", "int8", "int4", "kivi-2 (K2/V2)",
                   "kivi 2/4"]
 
@@ -76,6 +83,15 @@ def fill(model, method: str, params: dict, batch: int, context: int, extra: int,
     n = min(chunk, context)
     k = torch.randn(batch, H, n, D, device=DEV, dtype=torch.bfloat16, generator=g)  # (B, H, chunk, D)
     v = torch.randn(batch, H, n, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    if method == "hf-static":
+        use_attention(model, "sdpa")
+        cache = StaticCache(config=cfg, max_cache_len=context + extra)
+        for i in range(cfg.num_hidden_layers):
+            for start in range(0, context, n):
+                T = min(n, context - start)
+                cache.update(k[..., :T, :], v[..., :T, :], i,
+                             {"cache_position": torch.arange(start, start + T, device=DEV)})
+        return cache
     if method.startswith("dynamic"):
         use_attention(model, "sdpa")
         cache = DynamicCache()
@@ -97,13 +113,20 @@ def time_steps(model, cache, name: str, batch: int, steps: int, warmup: int) -> 
     ids = torch.randint(0, model.config.vocab_size, (batch, steps + warmup), device=DEV)
     flash = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if name.endswith("(flash)") else contextlib.nullcontext()
     times = []
+    dec = None
+    if name.endswith(GRAPH):  # its own warm-up steps come first, then the capture: inside `warmup` here
+        dec = GraphDecoder(model, cache, max_length=int(cache.get_seq_length()) + steps + warmup,
+                           mode="graph" if DEV == "cuda" else "static")
     with torch.inference_mode(), flash:
         for i in range(steps + warmup):
             if DEV == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             t0 = time.perf_counter()
-            model(ids[:, i:i + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if dec is not None:
+                dec.step(ids[:, i:i + 1])
+            else:
+                model(ids[:, i:i + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
             if DEV == "cuda":
                 end.record()
                 torch.cuda.synchronize()
@@ -115,9 +138,9 @@ def time_steps(model, cache, name: str, batch: int, steps: int, warmup: int) -> 
 
 def kv_bytes(cache, context: int, batch: int) -> tuple[float, int]:
     """(bytes per token per sequence, slack bytes) of a filled cache, over the tokens it holds now."""
-    if isinstance(cache, DynamicCache):
+    if not isinstance(cache, smartkv.SmartKVCache):  # DynamicCache, StaticCache (its whole capacity)
         total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-        return total / (cache.get_seq_length() * batch), 0
+        return total / (int(cache.get_seq_length()) * batch), 0
     return cache.memory_report().total_bytes / (cache.get_seq_length() * batch), cache.slack_bytes()
 
 
@@ -138,6 +161,8 @@ def run_row(model, name: str, batch: int, args) -> dict:
     cache = fill(model, *METHODS[name], batch, args.context, args.steps + args.warmup + 1)
     fill_s = time.time() - t0
     times = time_steps(model, cache, name, batch, args.steps, args.warmup)
+    if isinstance(cache, smartkv.SmartKVCache):
+        cache.end_static()  # no-op unless a graph row ran
     per_token, slack = kv_bytes(cache, args.context, batch)  # after decoding: SmartKV's window has been flushed
     ms = statistics.median(times)
     row = dict(name=name, batch=batch, context=args.context, step_ms=ms, tokens_per_s=batch * 1e3 / ms,
@@ -214,6 +239,8 @@ def main():
     ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch rows")
     ap.add_argument("--max-rows", default=",".join(MAX_BATCH_ROWS), help="rows to run at their largest batch")
     ap.add_argument("--reserve-gib", type=float, default=4.0, help="memory kept free when estimating max batch")
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="card memory to size the largest batches for (default: this card's; 79.2 = an 80 GB H100)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip rows that would start after this")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, context 512: checks the script runs")
@@ -233,6 +260,9 @@ def main():
     if DEV == "cuda":
         props = torch.cuda.get_device_properties(0)
         card, total_memory = f"{props.name} ({props.multi_processor_count} SMs)", props.total_memory
+        if args.memory_gib:
+            card += f", largest batches sized for {args.memory_gib} GiB"
+            total_memory = int(args.memory_gib * GIB)
     else:
         card, total_memory = "CPU (smoke run)", weights + 8 * args.context * 2 ** 17 + int(args.reserve_gib * GIB)
     head = [f"- card: {card}, {total_memory / GIB:.1f} GiB; torch {torch.__version__}; "

@@ -20,6 +20,7 @@ the kernel takes per-sequence lengths, not left-padding offsets) by dequantizing
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,15 @@ FORCE_KERNELS = False  # tests: run the kernels on CPU tensors too (only with TR
 _active = threading.local()  # the layer whose `update` ran last in this thread, and the keys it returned
 
 
+@dataclass
+class StaticDecode:
+    """Where a static decode step writes and reads, on the device (`SmartKVCache.begin_static`): with it a step
+    launches the same kernels with the same arguments whatever the length, so it can be captured once as a CUDA
+    graph and replayed (`smartkv.graphs.GraphDecoder`). The caller sets both before each step."""
+    pos: torch.Tensor      # (B,) int32: the row the new token goes to (= tokens stored before it)
+    lengths: torch.Tensor  # (B,) int32: pos + 1, the tokens it attends to
+
+
 class KVLayer(CacheLayerMixin):
     """Base cache layer. Subclasses implement `_store` (append new tokens), `_stored_kv` (dequantized stored
     tokens, in order) and `_account` (the tensors they hold); for the fused decode path also `_decode_segments`
@@ -40,6 +50,7 @@ class KVLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    static_capable = False  # implements _static_store / _static_segments / _advance (static decode steps)
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
@@ -49,6 +60,7 @@ class KVLayer(CacheLayerMixin):
         self.attention_hooked = False   # set by make_cache once the model runs the "smartkv" attention
         self.reserved_tokens = 0
         self._pending: list[KVSegment] | None = None
+        self.static: StaticDecode | None = None
 
     # --- transformers' layer interface -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -77,6 +89,12 @@ class KVLayer(CacheLayerMixin):
             raise RuntimeError("the last fused decode step's attention never ran: the model must use the 'smartkv' "
                                "attention (smartkv.make_cache(method, model)), or pass use_kernels=False")
         self._before_update()
+        if self.static is not None and key_states.shape[-2] == 1:
+            # static step: rows and lengths come from the device; the host's counts move in `advance`
+            self._static_store(key_states, value_states, self.static)
+            self._pending = self._static_segments(key_states, value_states, self.static)
+            _active.layer, _active.keys_id = self, id(key_states)
+            return key_states, value_states
         if key_states.shape[-2] == 1 and self.seq_len and self.fused:
             self._store(key_states, value_states)
             self._pending = self._decode_segments(key_states, value_states)
@@ -157,6 +175,22 @@ class KVLayer(CacheLayerMixin):
     def _slack_bytes(self) -> int:
         return 0
 
+    def _static_store(self, key_states: torch.Tensor, value_states: torch.Tensor, state: StaticDecode) -> None:
+        """Store one token per sequence at row state.pos[b], reading nothing of the length on the host."""
+        raise NotImplementedError
+
+    def _static_segments(self, key_states, value_states, state: StaticDecode) -> list[KVSegment]:
+        """Segments over the whole reserved capacity, valid up to state.lengths (see KVSegment.residual_last)."""
+        raise NotImplementedError
+
+    def _advance(self, tokens: int) -> None:
+        """Count `tokens` stored by static steps in the host-side bookkeeping (buffer lengths)."""
+        raise NotImplementedError
+
+    def _static_begin(self, tokens: int) -> None:
+        """Make room for `tokens` tokens in all before static steps start (no buffer may move after)."""
+        self.reserve(tokens)
+
     def _decode_segments(self, key_states: torch.Tensor, value_states: torch.Tensor) -> list[KVSegment]:
         """What the fused decode attention reads: segments over all cached tokens, in order, ending with this
         step's token at full precision. Implementing it turns the fused path on for a layer.
@@ -194,6 +228,12 @@ class KVLayer(CacheLayerMixin):
 
     def _fused_attend(self, module, query, attention_mask, **kwargs):
         segments, self._pending = self._pending, None
+        if self.static is not None:
+            # static steps (smartkv.graphs) pass no attention mask; the causal one transformers builds anyway while
+            # a CUDA graph is captured covers every stored token, which the device lengths already say
+            if not self._kernel_attends(None, kwargs):
+                raise ValueError("static decode steps support plain attention only (no softcap, no sliding window)")
+            attention_mask = None
         if self._kernel_attends(attention_mask, kwargs):
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             out = decode_attention(query, segments, scaling)           # (B, Hq, 1, D)
@@ -257,6 +297,44 @@ class SmartKVCache(Cache):
 
     def stored_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layers[layer_idx].stored_kv()
+
+    # --- static decode steps (CUDA graphs) -------------------------------------------------------------------
+    def begin_static(self, max_tokens: int) -> StaticDecode:
+        """Switch decode steps to static ones, for up to `max_tokens` tokens per sequence in all (reserved now,
+        so no buffer moves while a graph holds its address). The cache must hold a prompt already, on the
+        fused path (kernels and the "smartkv" attention), of a method whose layers support it (fp16, int8, int4).
+        Before each step set `state.pos` and `state.lengths`; after it call `advance(1)`."""
+        layers = self.layers
+        if not all(layer.static_capable for layer in layers):
+            raise ValueError(f"method must be one of ('fp16', 'int8', 'int4') for static decode steps, got "
+                             f"{self.method!r}")
+        if not all(layer.is_initialized and layer.seq_len for layer in layers):
+            raise ValueError("static decode steps need a cache that holds a prompt already (run the prompt first)")
+        if not all(layer.kernels and layer.attention_hooked for layer in layers):
+            raise ValueError("static decode steps need the fused kernels: a CUDA device (or FORCE_KERNELS under "
+                             "TRITON_INTERPRET=1), use_kernels=True and a cache made with the model")
+        n = self.get_seq_length()
+        if max_tokens <= n:
+            raise ValueError(f"max_tokens must exceed the {n} tokens already cached, got {max_tokens}")
+        for layer in layers:
+            layer._static_begin(max_tokens)
+        first = layers[0]
+        make = dict(dtype=torch.int32, device=first.device)
+        state = StaticDecode(torch.full((first.batch_size,), n, **make), torch.full((first.batch_size,), n + 1, **make))
+        for layer in layers:
+            layer.static = state
+        return state
+
+    def advance(self, tokens: int = 1) -> None:
+        """Count tokens that static steps stored (host bookkeeping: lengths, memory accounting)."""
+        for layer in self.layers:
+            layer._advance(tokens)
+            layer.seq_len += tokens
+
+    def end_static(self) -> None:
+        """Back to ordinary decode steps (the cache keeps every token stored so far)."""
+        for layer in self.layers:
+            layer.static = None
 
     def __repr__(self) -> str:
         return f"SmartKVCache({self.method_config!r}, layers={len(self.layers)})"

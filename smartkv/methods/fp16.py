@@ -8,11 +8,15 @@ import torch
 from smartkv.cache import KVLayer
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig
+from smartkv.quant.kernels import KVSegment
 
 
 class FP16Layer(KVLayer):
+    static_capable = True
+
     def _init_storage(self) -> None:
         self.keys = self.values = None
+        self._buf = None  # static steps: (keys, values) of the reserved capacity; keys/values are views of them
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if self.keys is None:
@@ -23,6 +27,35 @@ class FP16Layer(KVLayer):
 
     def _stored_kv(self):
         return self.keys, self.values
+
+    # static decode steps (smartkv.graphs): preallocated rows, the new token written at state.pos
+    def _static_begin(self, tokens: int) -> None:
+        if self._buf is None or self._buf[0].shape[-2] < tokens:
+            n = self.keys.shape[-2]
+            self._buf = tuple(x.new_empty(*x.shape[:2], tokens, x.shape[-1]) for x in (self.keys, self.values))
+            self._buf[0][..., :n, :] = self.keys
+            self._buf[1][..., :n, :] = self.values
+            self.keys, self.values = (b[..., :n, :] for b in self._buf)
+
+    def _static_store(self, key_states, value_states, state) -> None:
+        at = state.pos.long().view(-1, 1, 1, 1).expand(-1, key_states.shape[1], 1, key_states.shape[-1])
+        self._buf[0].scatter_(-2, at, key_states.to(self._buf[0].dtype))
+        self._buf[1].scatter_(-2, at, value_states.to(self._buf[1].dtype))
+
+    def _static_segments(self, key_states, value_states, state):
+        return [KVSegment(self._buf[0], self._buf[1], lengths=state.lengths)]
+
+    def _advance(self, tokens: int) -> None:
+        n = self.keys.shape[-2] + tokens
+        if n > self._buf[0].shape[-2]:
+            raise RuntimeError(f"static steps ran past the reserved {self._buf[0].shape[-2]} tokens")
+        self.keys, self.values = (b[..., :n, :] for b in self._buf)
+
+    def _slack_bytes(self) -> int:
+        if self._buf is None or self._buf[0].data_ptr() != self.keys.data_ptr():
+            return 0
+        unused = self._buf[0].shape[-2] - self.keys.shape[-2]
+        return 2 * unused * self.keys[..., :1, :].numel() * self.keys.element_size()
 
     def _account(self, lb) -> None:
         lb.add_full(self.keys, "k")

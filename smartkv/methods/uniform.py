@@ -13,11 +13,12 @@ from smartkv.cache import KVLayer
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig, check_choice, check_group_size
 from smartkv.quant import dequantize
-from smartkv.quant.kernels import KVSegment
+from smartkv.quant.kernels import KVSegment, quantize_pack_kv
 from smartkv.storage import QBuffer, append_kv
 
 
 class UniformLayer(KVLayer):
+    static_capable = True
     def _init_storage(self) -> None:
         self.group = min(self.config.group_size, self.head_dim)
         shape = (self.batch_size, self.num_heads, self.head_dim)
@@ -33,6 +34,20 @@ class UniformLayer(KVLayer):
     def _decode_segments(self, key_states, value_states):
         n = self.seq_len  # tokens stored before this step; the new one attends unquantized
         return [KVSegment(self.qk.view(n), self.qv.view(n), key_residual=key_states, value_residual=value_states)]
+
+    def _static_store(self, key_states, value_states, state) -> None:
+        quantize_pack_kv(key_states, value_states, self.qk.bits, self.qk.group, out=(self.qk.q, self.qv.q),
+                         start=state.pos)
+
+    def _static_segments(self, key_states, value_states, state):
+        return [KVSegment(self.qk.q, self.qv.q, key_residual=key_states, value_residual=value_states,
+                          lengths=state.lengths, residual_last=True)]
+
+    def _advance(self, tokens: int) -> None:
+        if self.qk.n + tokens > self.qk.capacity:
+            raise RuntimeError(f"static steps ran past the reserved {self.qk.capacity} tokens")
+        self.qk.n += tokens
+        self.qv.n += tokens
 
     def _reserve(self, tokens: int) -> None:
         self.qk.reserve(tokens)

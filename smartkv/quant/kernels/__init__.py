@@ -77,8 +77,11 @@ def quantize_pack(x: torch.Tensor, bits: int, group_size: int, axis: int = -1, o
 
 
 def quantize_pack_kv(k: torch.Tensor, v: torch.Tensor, bits: int, group_size: int,
-                     out: tuple[QTensor, QTensor] | None = None, start: int = 0) -> tuple[QTensor, QTensor]:
-    """Keys and values of one layer, per-token groups, in one launch (the append path of int8/int4)."""
+                     out: tuple[QTensor, QTensor] | None = None,
+                     start: int | torch.Tensor = 0) -> tuple[QTensor, QTensor]:
+    """Keys and values of one layer, per-token groups, in one launch (the append path of int8/int4).
+    start: a row, or with `out` a (B,) int32 tensor, sequence b written from row start[b] (read on the device
+    by the kernel: static decode steps)."""
     if kernels_available(k.device) and _tq.triton_shapes_ok(k, group_size):
         return _tq.quantize_pack_kv_triton(k, v, bits, group_size, out, start)
     outs = out if out is not None else (None, None)

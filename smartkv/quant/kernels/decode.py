@@ -200,6 +200,7 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
             V_KIND=v.kind, V_BITS=v.bits, V_PW=_per_word(v.bits) if v.kind else 1, V_G=v.group, V_NGRP=v.ngrp,
             HAS_KRES=k.has_res, HAS_VRES=v.has_res, HAS_LEN=lens is not None, HAS_KAFF=ka is not None,
             STORE_SCORES=return_token_probs, BLOCK_N=p.block_n, CODE_MODE=p.tuning.code_mode,
+            RES_LAST=seg.residual_last,
             PREFETCH=p.tuning.prefetch, num_warps=p.tuning.num_warps, num_stages=p.tuning.num_stages,
             **({"maxnreg": p.tuning.maxnreg} if p.tuning.maxnreg else {}))
         split0 += p.n_splits

@@ -23,9 +23,16 @@ def write_rows(out: QTensor, q: QTensor, start: int) -> QTensor:
 
 
 def quantize_pack_reference(x: torch.Tensor, bits: int, group_size: int, axis: int = -1,
-                            out: QTensor | None = None, start: int = 0) -> QTensor:
-    """`smartkv.quant.core.quantize`, optionally written into `out` at token `start`."""
+                            out: QTensor | None = None, start: int | torch.Tensor = 0) -> QTensor:
+    """`smartkv.quant.core.quantize`, optionally written into `out` at token `start` (or, with a (B,) tensor,
+    sequence b at token start[b])."""
     q = quantize(x, bits, group_size, axis)
+    if isinstance(start, torch.Tensor):  # per-sequence rows (a static decode step), (B,) int
+        for b, row in enumerate(start.tolist()):
+            one = QTensor(q.codes[b:b + 1], q.scale[b:b + 1], q.zero[b:b + 1], bits, group_size, axis)
+            write_rows(QTensor(out.codes[b:b + 1], out.scale[b:b + 1], out.zero[b:b + 1], bits, group_size, axis),
+                       one, row)
+        return out
     return q if out is None else write_rows(out, q, start)
 
 
@@ -43,6 +50,10 @@ def segment_kv(seg: KVSegment, dtype=torch.float32) -> tuple[torch.Tensor, torch
     v = _dequant(seg.values, dtype)
     if seg.value_residual is not None:
         v = torch.cat([v, seg.value_residual.to(dtype)], -2)
+    if seg.residual_last:  # the residual stands for token lengths[b] - 1 (the last one counted)
+        at = (seg.lengths.to(k.device).long() - 1).clamp(min=0).view(-1, 1, 1, 1)
+        k = k.scatter(-2, at.expand(k.shape[0], k.shape[1], 1, k.shape[-1]), seg.key_residual.to(dtype))
+        v = v.scatter(-2, at.expand(v.shape[0], v.shape[1], 1, v.shape[-1]), seg.value_residual.to(dtype))
     if seg.key_scale is not None:
         k = k * seg.key_scale.to(dtype) + seg.key_shift.to(dtype)
     return k, v

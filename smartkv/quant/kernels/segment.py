@@ -28,6 +28,10 @@ class KVSegment:
     lengths: (B,) int, valid tokens of this segment per sequence (ragged batch); None = all.
     key_scale / key_shift: (B, kv_heads, 1, head_dim); the stored keys (all of them) are (k - shift) / scale,
     so the kernel uses q * scale and adds q . shift (SmartKV's per-channel key normalisation).
+    residual_last: the residuals (one token each) are every sequence's last valid token, position
+    lengths[b] - 1, which the quantized rows also cover (and which it replaces); the quantized parts are
+    per-token and may be a whole buffer's capacity. A static decode step (CUDA graphs): nothing about the
+    current length is known on the host, yet the new token still attends at full precision.
     """
     keys: KVPart
     values: KVPart
@@ -36,6 +40,7 @@ class KVSegment:
     lengths: torch.Tensor | None = None
     key_scale: torch.Tensor | None = None
     key_shift: torch.Tensor | None = None
+    residual_last: bool = False
 
     def __post_init__(self):
         for name in ("key_residual", "value_residual"):
@@ -51,6 +56,11 @@ class KVSegment:
             raise ValueError(f"values must be quantized per token (axis=-1), got axis={self.values.axis}")
         if (self.key_scale is None) != (self.key_shift is None):
             raise ValueError("key_scale and key_shift go together; got only one of them")
+        if self.residual_last and (self.lengths is None or _tokens(self.key_residual) != 1
+                                   or _tokens(self.value_residual) != 1 or not isinstance(self.keys, QTensor)
+                                   or self.keys.axis != -1):
+            raise ValueError("residual_last needs lengths, per-token quantized keys and values, and a one-token "
+                             "key_residual and value_residual")
 
     @property
     def num_tokens(self) -> int:

@@ -295,7 +295,8 @@ def _split_kernel(
         K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr, K_NGRP: tl.constexpr,
         V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_PW: tl.constexpr, V_G: tl.constexpr, V_NGRP: tl.constexpr,
         HAS_KRES: tl.constexpr, HAS_VRES: tl.constexpr, HAS_LEN: tl.constexpr, HAS_KAFF: tl.constexpr,
-        STORE_SCORES: tl.constexpr, BLOCK_N: tl.constexpr, CODE_MODE: tl.constexpr, PREFETCH: tl.constexpr):
+        STORE_SCORES: tl.constexpr, BLOCK_N: tl.constexpr, CODE_MODE: tl.constexpr, PREFETCH: tl.constexpr,
+        RES_LAST: tl.constexpr = False):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H_KV).to(tl.int64)  # offsets in int64: a (32, 8, 128K, 128) fp16 cache has 2^32 elements
@@ -303,6 +304,9 @@ def _split_kernel(
     seq_len = T_SEG
     if HAS_LEN:
         seq_len = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32) - seg_offset, 0), T_SEG)
+    if RES_LAST:  # the residual (one token) is each sequence's last valid token (KVSegment.residual_last)
+        TK = tl.maximum(seq_len - 1, 0)
+        TV = TK
     s0 = split * TPS
     s1 = tl.minimum(s0 + TPS, seq_len)
 

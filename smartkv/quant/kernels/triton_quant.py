@@ -99,9 +99,12 @@ _TOK_DYNAMIC = ["T", "start"] + [f"s{x}{d}{i}" for i in (0, 1) for x in "xcs" fo
 def _quant_tok_kernel(X0, C0, S0, Z0, X1, C1, S1, Z1,
                       sxb0, sxh0, sxt0, scb0, sch0, sct0, ssb0, ssh0, sst0,
                       sxb1, sxh1, sxt1, scb1, sch1, sct1, ssb1, ssh1, sst1,
-                      H, T, start, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+                      H, T, start, STARTS, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                      BLOCK_T: tl.constexpr, START_PTR: tl.constexpr):
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    if START_PTR:  # per-sequence write rows from device memory (static decode steps, CUDA graphs)
+        start = tl.load(STARTS + b).to(tl.int64)
     if tl.program_id(2) == 0:
         _quant_tok_one(X0, C0, S0, Z0, sxb0, sxh0, sxt0, scb0, sch0, sct0, ssb0, ssh0, sst0, b, h, T, start,
                        BITS, G, D, BLOCK_T)
@@ -176,7 +179,8 @@ def quantize_pack_triton(x: torch.Tensor, bits: int, group_size: int, axis: int 
         grid = (triton.cdiv(T, BLOCK_T), B * H, 1)
         args = x.stride()[:3] + _meta_strides(q)
         _quant_tok_kernel[grid](x, q.codes, q.scale, q.zero, x, q.codes, q.scale, q.zero, *args, *args,
-                                H, T, start, BITS=bits, G=group_size, D=D, BLOCK_T=BLOCK_T, num_warps=4)
+                                H, T, start, x, BITS=bits, G=group_size, D=D, BLOCK_T=BLOCK_T, START_PTR=False,
+                                num_warps=4)
     else:
         _quant_chan_kernel[(T // group_size, B * H)](x, q.codes, q.scale, q.zero, *x.stride()[:3],
                                                     *_meta_strides(q), H, start, BITS=bits, G=group_size, D=D,
@@ -185,9 +189,18 @@ def quantize_pack_triton(x: torch.Tensor, bits: int, group_size: int, axis: int 
 
 
 def quantize_pack_kv_triton(k: torch.Tensor, v: torch.Tensor, bits: int, group_size: int,
-                            out: tuple[QTensor, QTensor] | None = None, start: int = 0) -> tuple[QTensor, QTensor]:
+                            out: tuple[QTensor, QTensor] | None = None,
+                            start: int | torch.Tensor = 0) -> tuple[QTensor, QTensor]:
+    """start: the first row written, or a (B,) int32 tensor of per-sequence rows read by the kernel (nothing on
+    the host depends on its value: a static decode step; rows past `out`'s capacity are the caller's to avoid)."""
     if k.shape != v.shape:
         raise ValueError(f"keys and values must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    starts = start if isinstance(start, torch.Tensor) else None
+    if starts is not None:
+        if out is None or starts.shape != (k.shape[0],) or starts.dtype != torch.int32:
+            raise ValueError(f"a tensor start needs out= and shape ({k.shape[0]},) int32, got "
+                             f"{tuple(starts.shape)} {starts.dtype}")
+        start = 0
     for x, o in zip((k, v), out or (None, None), strict=True):
         _check(x, bits, group_size, -1, o, start)
     k = k if k.stride(-1) == 1 else k.contiguous()
@@ -203,5 +216,6 @@ def quantize_pack_kv_triton(k: torch.Tensor, v: torch.Tensor, bits: int, group_s
     grid = (triton.cdiv(T, BLOCK_T), B * H, 2)
     _quant_tok_kernel[grid](k, qk.codes, qk.scale, qk.zero, v, qv.codes, qv.scale, qv.zero,
                             *k.stride()[:3], *_meta_strides(qk), *v.stride()[:3], *_meta_strides(qv),
-                            H, T, start, BITS=bits, G=group_size, D=D, BLOCK_T=BLOCK_T, num_warps=4)
+                            H, T, start, starts if starts is not None else k, BITS=bits, G=group_size, D=D,
+                            BLOCK_T=BLOCK_T, START_PTR=starts is not None, num_warps=4)
     return qk, qv

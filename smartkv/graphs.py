@@ -1,0 +1,136 @@
+"""Decode steps as one CUDA graph: the whole model's step captured once and replayed, without Python.
+
+At batch 8 an eager decode step of an 8B model spends more time on the host (transformers' Python, kernel
+launches) than the GPU needs for it (BENCHMARKS.md, "End-to-end decoding"). A graph replays every launch of a
+step at once; what changes between steps (the new tokens, their position, the cache length) lives in device
+buffers that the captured kernels read:
+
+    dec = GraphDecoder(model, cache, max_length=n_prompt + new_tokens)  # cache: fp16 / int8 / int4, StaticCache
+    logits = dec.step(next_ids)                                            # (B, 1) -> (B, 1, vocab)
+
+Caches: smartkv's `fp16`, `int8` and `int4` with the kernels (`SmartKVCache.begin_static`: every step writes
+and reads through `StaticDecode`'s device positions, attention runs over the reserved capacity up to the device
+length), and transformers' `StaticCache`. Other methods re-organise their storage on the host as they go
+(KIVI's window flushes, SmartKV's re-allocation), so their steps cannot be one graph; they raise.
+
+mode: "graph" (CUDA), "static" (the same static step, run eagerly: what CPU tests check against ordinary steps),
+"eager" (ordinary `model(...)` steps; any cache). The default is "graph" on CUDA and "eager" elsewhere, so the
+same loop runs on every machine with the same results.
+"""
+from __future__ import annotations
+
+import torch
+
+from smartkv.cache import SmartKVCache
+
+MODES = ("graph", "static", "eager")
+
+
+def _static_cache_type():
+    try:
+        from transformers import StaticCache
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return None
+    return StaticCache
+
+
+class GraphDecoder:
+    """One new token per sequence per `step`, through `cache`, for up to `max_length` tokens in all."""
+
+    def __init__(self, model, cache, max_length: int, mode: str | None = None, warmup: int = 2):
+        device = next(model.parameters()).device
+        mode = mode if mode is not None else ("graph" if device.type == "cuda" else "eager")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "graph" and device.type != "cuda":
+            raise ValueError(f"mode 'graph' needs the model on a CUDA device, got {device}")
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an integer >= 1 (eager steps before the capture), got {warmup!r}")
+        static_type = _static_cache_type()
+        self.hf_static = static_type is not None and isinstance(cache, static_type)
+        if not self.hf_static and not isinstance(cache, SmartKVCache):
+            raise ValueError(f"cache must be a smartkv cache or transformers' StaticCache, got {type(cache).__name__}")
+        n = int(cache.get_seq_length())  # StaticCache may answer with a tensor
+        if n == 0:
+            raise ValueError("the cache must hold the prompt already (run the prompt through the model first)")
+        if not isinstance(max_length, int) or max_length <= n:
+            raise ValueError(f"max_length must be an integer above the {n} cached tokens, got {max_length!r}")
+        cap = getattr(cache, "max_cache_len", None) or getattr(cache.layers[0], "max_cache_len", None) \
+            if self.hf_static else None  # on the cache in older 5.x, on each layer in newer ones
+        if cap is not None and max_length > cap:
+            raise ValueError(f"max_length must be at most the StaticCache's max_cache_len ({cap}), got {max_length}")
+        self.model, self.cache, self.max_length, self.mode = model, cache, max_length, mode
+        self.warmup, self.device = warmup, device
+        self.length = n          # tokens per sequence in the cache (host count)
+        self.steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.state = None
+        if mode != "eager" and not self.hf_static:
+            self.state = cache.begin_static(max_length)
+        self._ids = self._positions = self._logits = None
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, vocab) of the next token after `input_ids` (B, 1), which the cache then holds."""
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            raise ValueError(f"input_ids must be (batch, 1), got {tuple(input_ids.shape)}")
+        if self.length + 1 > self.max_length:
+            raise ValueError(f"max_length ({self.max_length}) reached: the cache holds {self.length} tokens")
+        with torch.inference_mode():
+            if self.mode == "eager":
+                logits = self.model(input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+            else:
+                logits = self._static_step(input_ids)
+        self.length += 1
+        self.steps += 1
+        return logits
+
+    def _buffers(self, input_ids: torch.Tensor) -> None:
+        B = input_ids.shape[0]
+        self._ids = torch.zeros(B, 1, dtype=input_ids.dtype, device=self.device)
+        self._positions = torch.zeros(B, 1, dtype=torch.long, device=self.device)  # position_ids
+
+    def _forward(self) -> torch.Tensor:
+        # no attention_mask: the layers' device lengths say what is valid (a mask built while capturing would
+        # carry this step's length on the host into every replay; static layers ignore the causal one)
+        return self.model(self._ids, past_key_values=self.cache, use_cache=True, position_ids=self._positions,
+                          logits_to_keep=1).logits
+
+    def _static_step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._ids is None:
+            self._buffers(input_ids)
+        if input_ids.shape != self._ids.shape:
+            raise ValueError(f"input_ids must keep the shape of the first step, {tuple(self._ids.shape)}, got "
+                             f"{tuple(input_ids.shape)}")
+        n = self.length
+        self._ids.copy_(input_ids)
+        self._positions.fill_(n)
+        if self.state is not None:
+            self.state.pos.fill_(n)
+            self.state.lengths.fill_(n + 1)
+        if self.mode == "static":
+            logits = self._forward()
+        elif self.graph is not None:
+            self.graph.replay()
+            logits = self._logits
+        elif self.steps < self.warmup:  # real steps on a side stream first, as torch.cuda.graphs asks
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                logits = self._forward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._logits = self._forward()
+            self.graph.replay()
+            logits = self._logits
+        if self.state is not None:
+            self.cache.advance(1)
+        return logits.clone() if self.graph is not None else logits
+
+    def close(self) -> None:
+        """Release the graph and return the cache to ordinary steps (it keeps every token)."""
+        self.graph = None
+        if self.state is not None:
+            self.cache.end_static()
+            self.state = None

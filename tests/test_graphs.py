@@ -1,0 +1,171 @@
+"""Static decode steps (what a CUDA graph replays) give what ordinary fused steps give: same greedy tokens,
+logits within the kernels' accuracy, the same bytes stored; the kernels' device-side rows and lengths match the
+torch reference; bad use gets a clear error. Kernels run through Triton's CPU interpreter here; the capture
+itself needs CUDA (benchmarks/bench_e2e.py's graph rows)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import smartkv  # noqa: E402
+import smartkv.cache as cache_mod  # noqa: E402
+from smartkv.graphs import GraphDecoder  # noqa: E402
+from smartkv.models import load_tiny  # noqa: E402
+from smartkv.quant.core import dequantize, quantize  # noqa: E402
+from smartkv.quant.kernels import KVSegment, decode_attention, quantize_pack_kv  # noqa: E402
+from smartkv.quant.kernels.reference import decode_attention_reference, quantize_pack_reference  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_tiny("tiny-llama", seed=0, device=DEV).model  # head_dim 32, 4 query / 2 KV heads, 2 layers
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    monkeypatch.setattr(cache_mod, "FORCE_KERNELS", True)
+
+
+def _decode(model, method, ids, steps, mode, reserve=None):
+    """Greedy tokens and per-step logits of `steps` decode steps after the prompt `ids`."""
+    cache = smartkv.make_cache(method, model)
+    with torch.inference_mode():
+        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:]
+    n = ids.shape[1]
+    dec = GraphDecoder(model, cache, max_length=reserve or n + steps, mode=mode)
+    tokens, all_logits = [], []
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        logits = dec.step(nxt)
+        all_logits.append(logits[:, -1].float())
+    return torch.cat(tokens, 1), torch.stack(all_logits), cache, dec
+
+
+@pytest.mark.parametrize("method", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_static_steps_equal_ordinary_steps(tiny, kernels, method, batch):
+    ids = torch.randint(3, 500, (batch, 21), generator=torch.Generator().manual_seed(batch)).to(DEV)
+    ref_tokens, ref_logits, ref_cache, _ = _decode(tiny, method, ids, 4, "eager")
+    # reserved well past the end: the static kernels see the whole capacity and must stop at the device length
+    tokens, logits, cache, dec = _decode(tiny, method, ids, 4, "static", reserve=21 + 4 + 70)
+    assert torch.equal(tokens, ref_tokens)
+    err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    assert err < 2e-3, err
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == 25 == dec.length
+    assert cache.memory_report() == ref_cache.memory_report()
+    for i in range(len(cache.layers)):
+        for a, b in zip(cache.stored_kv(i), ref_cache.stored_kv(i), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0 if i == 0 else 5e-2)
+    dec.close()                                  # back to ordinary steps: the cache goes on from where it is
+    assert all(layer.static is None for layer in cache.layers)
+    with torch.inference_mode():
+        more = tiny(tokens[:, -1:], past_key_values=cache, use_cache=True).logits
+    assert more.shape == (batch, 1, tiny.config.vocab_size) and cache.get_seq_length() == 26
+
+
+def test_eager_mode_is_plain_model_steps(tiny):
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(5)).to(DEV)
+    cache = smartkv.make_cache("kivi", tiny, residual_length=32)   # any cache in eager mode
+    with torch.inference_mode():
+        tiny(ids, past_key_values=cache, use_cache=True)
+    dec = GraphDecoder(tiny, cache, max_length=12, mode="eager")
+    nxt = ids[:, -1:]
+    for _ in range(3):
+        assert dec.step(nxt).shape == (2, 1, tiny.config.vocab_size)
+    assert cache.get_seq_length() == 12
+    with pytest.raises(ValueError, match="max_length"):
+        dec.step(nxt)
+
+
+def test_bad_use_is_refused_before_any_step(tiny, kernels):
+    ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(6)).to(DEV)
+    empty = smartkv.make_cache("int4", tiny)
+    with pytest.raises(ValueError, match="hold the prompt"):
+        GraphDecoder(tiny, empty, max_length=20, mode="static")
+    kivi = smartkv.make_cache("kivi", tiny)
+    with torch.inference_mode():
+        tiny(ids, past_key_values=kivi, use_cache=True)
+    with pytest.raises(ValueError, match="method must be one of"):
+        GraphDecoder(tiny, kivi, max_length=20, mode="static")
+    int4 = smartkv.make_cache("int4", tiny)
+    with torch.inference_mode():
+        tiny(ids, past_key_values=int4, use_cache=True)
+    with pytest.raises(ValueError, match="max_length must be"):
+        GraphDecoder(tiny, int4, max_length=9, mode="static")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        GraphDecoder(tiny, int4, max_length=20, mode="fast")
+    if DEV == "cpu":
+        with pytest.raises(ValueError, match="CUDA"):
+            GraphDecoder(tiny, int4, max_length=20, mode="graph")
+    with pytest.raises(ValueError, match="cache must be"):
+        GraphDecoder(tiny, object(), max_length=20, mode="static")
+    dec = GraphDecoder(tiny, int4, max_length=20, mode="static")
+    with pytest.raises(ValueError, match="input_ids must be"):
+        dec.step(ids)
+    assert int4.get_seq_length() == 9                 # nothing was stored by the refused calls
+
+
+def test_device_start_rows_write_what_host_rows_write():
+    g = torch.Generator().manual_seed(7)
+    B, H, D, cap = 3, 2, 32, 40
+    k = torch.randn(B, H, 1, D, generator=g).to(DEV)
+    v = torch.randn(B, H, 1, D, generator=g).to(DEV)
+    rows = torch.tensor([5, 0, 39], dtype=torch.int32, device=DEV)     # ragged: every sequence its own row
+    outs = []
+    for fn in (quantize_pack_kv, lambda *a, **kw: (quantize_pack_reference(a[0], *a[2:4], -1, kw["out"][0],
+                                                                            kw["start"]),
+                                                    quantize_pack_reference(a[1], *a[2:4], -1, kw["out"][1],
+                                                                            kw["start"]))):
+        dst = [quantize(torch.zeros(B, H, cap, D, device=DEV), 4, 16, -1) for _ in range(2)]
+        fn(k, v, 4, 16, out=dst, start=rows)
+        outs.append(dst)
+    for b, row in enumerate(rows.tolist()):
+        for x, q in ((k, outs[0][0]), (v, outs[0][1])):
+            one = quantize(x[b:b + 1], 4, 16, -1)
+            assert torch.equal(q.codes[b:b + 1, :, row:row + 1], one.codes)
+            assert torch.equal(q.scale[b:b + 1, :, row:row + 1], one.scale)
+        assert torch.equal(outs[0][0].codes[b, :, :row], outs[1][0].codes[b, :, :row])  # the rest untouched
+    for a, b in zip(outs[0], outs[1], strict=True):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.zero, b.zero)
+    with pytest.raises(ValueError, match="int32"):
+        quantize_pack_kv(k, v, 4, 16, out=outs[0], start=rows.long())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_residual_last_reads_each_sequence_up_to_its_length(bits):
+    """A capacity-sized segment with device lengths, the last valid token at full precision: the kernel equals
+    the reference and the plain segment of just those tokens."""
+    g = torch.Generator().manual_seed(bits)
+    B, H, G, D, cap = 3, 2, 2, 32, 300
+    q = torch.randn(B, H * G, D, generator=g).to(DEV)
+    kv = torch.randn(2, B, H, cap, D, generator=g).to(DEV)
+    new = torch.randn(2, B, H, 1, D, generator=g).to(DEV)
+    lengths = torch.tensor([300, 1, 173], dtype=torch.int32, device=DEV)
+    qk, qv = quantize(kv[0], bits, 16, -1), quantize(kv[1], bits, 16, -1)
+    seg = KVSegment(qk, qv, key_residual=new[0], value_residual=new[1], lengths=lengths, residual_last=True)
+    got = decode_attention(q, [seg], 0.3)
+    ref = decode_attention_reference(q, [seg], 0.3)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-3, atol=2e-3)
+    for b, n in enumerate(lengths.tolist()):  # the same as attending over n - 1 stored tokens + the new one
+        k = torch.cat([dequantize(qk, torch.float32)[b:b + 1, :, :n - 1], new[0][b:b + 1]], -2)
+        v = torch.cat([dequantize(qv, torch.float32)[b:b + 1, :, :n - 1], new[1][b:b + 1]], -2)
+        plain = decode_attention_reference(q[b:b + 1], [KVSegment(k, v)], 0.3)
+        torch.testing.assert_close(ref[b:b + 1].float(), plain.float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="residual_last"):
+        KVSegment(qk, qv, key_residual=new[0], value_residual=new[1], residual_last=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", ["fp16", "int4"])
+def test_graph_replays_equal_static_steps(tiny, method):
+    ids = torch.randint(3, 500, (2, 33), generator=torch.Generator().manual_seed(8)).to(DEV)
+    s_tokens, s_logits, _, _ = _decode(tiny, method, ids, 6, "static", reserve=200)
+    g_tokens, g_logits, cache, dec = _decode(tiny, method, ids, 6, "graph", reserve=200)
+    assert dec.graph is not None                              # steps 3-6 were replays
+    assert torch.equal(g_tokens, s_tokens)
+    torch.testing.assert_close(g_logits, s_logits, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 39
