@@ -134,3 +134,24 @@ class GraphDecoder:
         if self.state is not None:
             self.cache.end_static()
             self.state = None
+
+
+
+def generate_greedy(model, cache, input_ids: torch.Tensor, max_new_tokens: int, mode: str | None = None) -> torch.Tensor:
+    """Greedy decoding through `GraphDecoder` steps: the prompt (B, T) through the model, then one token per step.
+    Returns the new tokens (B, max_new_tokens): `model.generate(..., do_sample=False)`'s, up to the kernels'
+    rounding. Unpadded batches only (graphed steps carry no attention mask; use `generate` for padded ones)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    with torch.inference_mode():
+        logits = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    dec = GraphDecoder(model, cache, max_length=input_ids.shape[1] + max_new_tokens, mode=mode)
+    out = []
+    try:
+        for i in range(max_new_tokens):
+            out.append(logits[:, -1].argmax(-1, keepdim=True))
+            if i + 1 < max_new_tokens:  # the last token is returned, not fed (as generate does)
+                logits = dec.step(out[-1])
+    finally:
+        dec.close()
+    return torch.cat(out, 1)

@@ -176,7 +176,11 @@ def _record_specialisations(monkeypatch, module, names, keys: dict | None = None
         kernel = getattr(module, name)
         sig = inspect.signature(kernel.fn)
         constexpr = {p for p, v in sig.parameters.items() if v.annotation in (tl.constexpr, "tl.constexpr")}
-        dns = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"] or [])
+        dns = getattr(kernel, "do_not_specialize", None)  # a JITFunction's (names or indices); the interpreter's:
+        if dns is None:                                    # in the decorator's kwargs
+            dns = kernel.kwargs.get("do_not_specialize")
+        params = list(sig.parameters)
+        dns = {params[p] if isinstance(p, int) else p for p in dns or []}
 
         class Recorder:
             def __getitem__(self, grid, kernel=kernel, sig=sig, constexpr=constexpr, dns=dns, name=name):

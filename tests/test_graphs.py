@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 import smartkv  # noqa: E402
 import smartkv.cache as cache_mod  # noqa: E402
-from smartkv.graphs import GraphDecoder  # noqa: E402
+from smartkv.graphs import GraphDecoder, generate_greedy  # noqa: E402
 from smartkv.models import load_tiny  # noqa: E402
 from smartkv.quant.core import dequantize, quantize  # noqa: E402
 from smartkv.quant.kernels import KVSegment, decode_attention, quantize_pack_kv  # noqa: E402
@@ -169,3 +169,15 @@ def test_graph_replays_equal_static_steps(tiny, method):
     assert torch.equal(g_tokens, s_tokens)
     torch.testing.assert_close(g_logits, s_logits, rtol=1e-5, atol=1e-5)
     assert cache.get_seq_length() == 39
+
+
+@pytest.mark.parametrize("mode", ["static", None])
+def test_generate_greedy_gives_generates_tokens(tiny, kernels, mode):
+    ids = torch.randint(3, 500, (2, 17), generator=torch.Generator().manual_seed(9)).to(DEV)
+    ref = tiny.generate(ids, past_key_values=smartkv.make_cache("int4", tiny), max_new_tokens=5, do_sample=False)
+    cache = smartkv.make_cache("int4", tiny)
+    new = generate_greedy(tiny, cache, ids, 5, mode=mode)
+    assert torch.equal(new, ref[:, 17:])
+    assert cache.get_seq_length() == 21 and all(layer.static is None for layer in cache.layers)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_greedy(tiny, cache, ids, 0)
