@@ -243,12 +243,16 @@ def spot_check(methods: list[str], notes: list):
 VARIANTS = {  # (kind, key bits) -> Tuning fields to try (each on top of the current default)
     (K.TOK, 4): [dict(block_n=256, num_warps=4, prefetch=0), dict(block_n=256, num_warps=4, prefetch=1),
                  dict(block_n=128, num_warps=4, prefetch=1), dict(block_n=128, num_warps=4, prefetch=2),
-                 dict(block_n=128, num_warps=4, prefetch=0, maxnreg=168), dict(block_n=64, num_warps=4, prefetch=2)],
+                 dict(block_n=128, num_warps=4, prefetch=0, maxnreg=168), dict(block_n=64, num_warps=4, prefetch=2),
+                 # 8 warps: half the tile per thread, so more programs per SM (4 warps use ~240 registers)
+                 dict(block_n=128, num_warps=8, prefetch=2), dict(block_n=256, num_warps=8, prefetch=2),
+                 dict(block_n=256, num_warps=8, prefetch=1)],
     (K.TOK, 8): [dict(block_n=128, num_warps=4, prefetch=0), dict(block_n=128, num_warps=4, prefetch=1),
-                 dict(block_n=128, num_warps=4, prefetch=2), dict(block_n=64, num_warps=4, prefetch=2)],
+                 dict(block_n=128, num_warps=4, prefetch=2), dict(block_n=64, num_warps=4, prefetch=2),
+                 dict(block_n=128, num_warps=8, prefetch=2), dict(block_n=256, num_warps=8, prefetch=2)],
     (K.CHAN, 2): [dict(num_stages=1, code_mode=1, prefetch=0), dict(num_stages=1, code_mode=1, prefetch=1),
                   dict(num_stages=2, code_mode=1, prefetch=1), dict(num_stages=1, code_mode=1, prefetch=2),
-                  dict(num_stages=1, code_mode=2, prefetch=1)],
+                  dict(num_stages=1, code_mode=2, prefetch=1), dict(num_warps=8, num_stages=1, code_mode=1, prefetch=2)],
 }
 SWEEP_METHOD = {(K.TOK, 4): "int4", (K.TOK, 8): "int8", (K.CHAN, 2): "kivi2"}
 
@@ -338,6 +342,7 @@ def main():
     ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     ap.add_argument("--methods", default=",".join(FUSED), help=f"fused methods, from {FUSED}")
     ap.add_argument("--sweep", action="store_true", help="tune launch configs at batch 8, 32K first")
+    ap.add_argument("--sweep-batch", type=int, default=8, help="batch the sweep tunes at (32K context)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--out", default=None, help="folder for bench_attention.md / .json")
     ap.add_argument("--profile", default=None, help="run 20 eager calls of one method at batch 8, 32K (for ncu)")
@@ -378,7 +383,7 @@ def main():
     print(notes[-1], flush=True)
     if args.sweep:
         sweep_lines = ["| method | variant | time (us) | GB/s | compiled |", "|---|---|---|---|---|"]
-        sweep(budget, sweep_lines)
+        sweep(budget, sweep_lines, B=args.sweep_batch)
         print("\n".join(sweep_lines), flush=True)
     spot_check(methods, notes)
     rows = []
