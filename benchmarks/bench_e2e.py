@@ -101,6 +101,11 @@ def fill(model, method: str, params: dict, batch: int, context: int, extra: int,
         return cache
     cache = smartkv.make_cache(method, model, **params)
     cache.reserve(context + extra)
+    if method == "fp16":  # concatenates on every append: one tensor per layer, as a prefill leaves it
+        reps = math.ceil(context / n)
+        for layer in cache.layers:
+            layer.append(k.repeat(1, 1, reps, 1)[..., :context, :], v.repeat(1, 1, reps, 1)[..., :context, :])
+        return cache
     for layer in cache.layers:
         for start in range(0, context, n):
             T = min(n, context - start)
