@@ -14,8 +14,8 @@ length), and transformers' `StaticCache`. Other methods re-organise their storag
 (KIVI's window flushes, SmartKV's re-allocation), so their steps cannot be one graph; they raise.
 
 mode: "graph" (CUDA), "static" (the same static step, run eagerly: what CPU tests check against ordinary steps),
-"eager" (ordinary `model(...)` steps; any cache). The default is "graph" on CUDA and "eager" elsewhere, so the
-same loop runs on every machine with the same results.
+"eager" (ordinary `model(...)` steps; any cache). The default (`default_mode`) is "graph" on CUDA for a cache
+that supports it and "eager" otherwise, so the same loop runs on every machine and with every method.
 """
 from __future__ import annotations
 
@@ -34,12 +34,27 @@ def _static_cache_type():
     return StaticCache
 
 
+def static_capable(cache) -> bool:
+    """Whether `cache`'s decode steps can be static (captured as a graph): transformers' StaticCache, or a smartkv
+    cache of fp16 / int8 / int4 on the kernels path with the model's attention hooked."""
+    static_type = _static_cache_type()
+    if static_type is not None and isinstance(cache, static_type):
+        return True
+    return isinstance(cache, SmartKVCache) and all(
+        layer.static_capable and layer.is_initialized and layer.kernels and layer.attention_hooked
+        for layer in cache.layers)
+
+
+def default_mode(device: torch.device | str, cache) -> str:
+    return "graph" if torch.device(device).type == "cuda" and static_capable(cache) else "eager"
+
+
 class GraphDecoder:
     """One new token per sequence per `step`, through `cache`, for up to `max_length` tokens in all."""
 
     def __init__(self, model, cache, max_length: int, mode: str | None = None, warmup: int = 2):
         device = next(model.parameters()).device
-        mode = mode if mode is not None else ("graph" if device.type == "cuda" else "eager")
+        mode = mode if mode is not None else default_mode(device, cache)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "graph" and device.type != "cuda":

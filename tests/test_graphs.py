@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 import smartkv  # noqa: E402
 import smartkv.cache as cache_mod  # noqa: E402
-from smartkv.graphs import GraphDecoder, generate_greedy  # noqa: E402
+from smartkv.graphs import GraphDecoder, default_mode, generate_greedy  # noqa: E402
 from smartkv.models import load_tiny  # noqa: E402
 from smartkv.quant.core import dequantize, quantize  # noqa: E402
 from smartkv.quant.kernels import KVSegment, decode_attention, quantize_pack_kv  # noqa: E402
@@ -181,3 +181,15 @@ def test_generate_greedy_gives_generates_tokens(tiny, kernels, mode):
     assert cache.get_seq_length() == 21 and all(layer.static is None for layer in cache.layers)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_greedy(tiny, cache, ids, 0)
+
+
+def test_default_mode_graphs_only_what_can_be_graphed(tiny, kernels):
+    ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(10)).to(DEV)
+    caches = {m: smartkv.make_cache(m, tiny) for m in ("fp16", "int4", "kivi", "smartkv")}
+    for cache in caches.values():
+        with torch.inference_mode():
+            tiny(ids, past_key_values=cache, use_cache=True)
+    assert [default_mode("cuda", c) for c in caches.values()] == ["graph", "graph", "eager", "eager"]
+    assert {default_mode("cpu", c) for c in caches.values()} == {"eager"}
+    no_hook = smartkv.make_cache("int4", num_layers=2)     # no model given: attention not hooked, no fused path
+    assert default_mode("cuda", no_hook) == "eager"
