@@ -49,6 +49,10 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
     "int8 (CUDA graph)": ("int8", {}),
     "int4 (CUDA graph)": ("int4", {}),
     "fp16 StaticCache (CUDA graph)": ("hf-static", {}),   # transformers' own static cache, SDPA with its mask
+    # SmartKV: one graph per re-allocation period; the re-allocation itself runs on the host between two replays
+    "smartkv (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3)),
+    "smartkv (budget 4.25; gap 3; realloc 64) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
+                                                                              realloc_every=64)),
 }
 GRAPH = " (CUDA graph)"
 MAX_BATCH_ROWS = ["fp16 DynamicCache (SDPA)", "fp16 DynamicCache (flash)", "int8", "int4", "kivi-2 (K2/V2)",

@@ -183,9 +183,17 @@ class KVLayer(CacheLayerMixin):
         """Segments over the whole reserved capacity, valid up to state.lengths (see KVSegment.residual_last)."""
         raise NotImplementedError
 
-    def _advance(self, tokens: int) -> None:
-        """Count `tokens` stored by static steps in the host-side bookkeeping (buffer lengths)."""
+    def _advance(self, tokens: int) -> bool:
+        """Count `tokens` stored by static steps in the host-side bookkeeping (buffer lengths); True when the layer
+        re-organised its storage doing so (SmartKV's re-allocation), so that a captured step no longer applies."""
         raise NotImplementedError
+
+    def _static_end(self) -> None:
+        """Leave static steps: hold the stored tokens in ordinary tensors again, freeing phase buffers."""
+
+    def static_ready(self) -> bool:
+        """Whether static steps can start now (the layer supports them and its state allows)."""
+        return self.static_capable
 
     def _static_begin(self, tokens: int) -> None:
         """Make room for `tokens` tokens in all before static steps start (no buffer may move after)."""
@@ -302,12 +310,13 @@ class SmartKVCache(Cache):
     def begin_static(self, max_tokens: int) -> StaticDecode:
         """Switch decode steps to static ones, for up to `max_tokens` tokens per sequence in all (reserved now,
         so no buffer moves while a graph holds its address). The cache must hold a prompt already, on the
-        fused path (kernels and the "smartkv" attention), of a method whose layers support it (fp16, int8, int4).
+        fused path (kernels and the "smartkv" attention), of a method whose layers support it (fp16, int8, int4,
+        smartkv).
         Before each step set `state.pos` and `state.lengths`; after it call `advance(1)`."""
         layers = self.layers
         if not all(layer.static_capable for layer in layers):
-            raise ValueError(f"method must be one of ('fp16', 'int8', 'int4') for static decode steps, got "
-                             f"{self.method!r}")
+            raise ValueError(f"method must be one of ('fp16', 'int8', 'int4', 'smartkv') for static decode steps, "
+                             f"got {self.method!r}")
         if not all(layer.is_initialized and layer.seq_len for layer in layers):
             raise ValueError("static decode steps need a cache that holds a prompt already (run the prompt first)")
         if not all(layer.kernels and layer.attention_hooked for layer in layers):
@@ -325,16 +334,22 @@ class SmartKVCache(Cache):
             layer.static = state
         return state
 
-    def advance(self, tokens: int = 1) -> None:
-        """Count tokens that static steps stored (host bookkeeping: lengths, memory accounting)."""
+    def advance(self, tokens: int = 1) -> bool:
+        """Count tokens that static steps stored (host bookkeeping: lengths, memory accounting). Returns True when
+        a layer re-organised its storage (SmartKV re-allocating): the next static step launches other kernels
+        arguments, so a captured graph must be captured again."""
+        changed = False
         for layer in self.layers:
-            layer._advance(tokens)
             layer.seq_len += tokens
+            changed |= bool(layer._advance(tokens))
+        return changed
 
     def end_static(self) -> None:
         """Back to ordinary decode steps (the cache keeps every token stored so far)."""
         for layer in self.layers:
-            layer.static = None
+            if layer.static is not None:
+                layer.static = None
+                layer._static_end()
 
     def __repr__(self) -> str:
         return f"SmartKVCache({self.method_config!r}, layers={len(self.layers)})"

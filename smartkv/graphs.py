@@ -5,13 +5,14 @@ launches) than the GPU needs for it (BENCHMARKS.md, "End-to-end decoding"). A gr
 step at once; what changes between steps (the new tokens, their position, the cache length) lives in device
 buffers that the captured kernels read:
 
-    dec = GraphDecoder(model, cache, max_length=n_prompt + new_tokens)  # cache: fp16 / int8 / int4, StaticCache
+    dec = GraphDecoder(model, cache, max_length=n_prompt + new_tokens)  # fp16/int8/int4/smartkv, StaticCache
     logits = dec.step(next_ids)                                            # (B, 1) -> (B, 1, vocab)
 
-Caches: smartkv's `fp16`, `int8` and `int4` with the kernels (`SmartKVCache.begin_static`: every step writes
-and reads through `StaticDecode`'s device positions, attention runs over the reserved capacity up to the device
-length), and transformers' `StaticCache`. Other methods re-organise their storage on the host as they go
-(KIVI's window flushes, SmartKV's re-allocation), so their steps cannot be one graph; they raise.
+Caches: smartkv's `fp16`, `int8`, `int4` and `smartkv` with the kernels (`SmartKVCache.begin_static`: every step
+writes and reads through `StaticDecode`'s device positions, attention runs over the reserved capacity up to the
+device length), and transformers' `StaticCache`. SmartKV re-allocates every `realloc_every` tokens on the host:
+that step's re-allocation runs between two replays (`cache.advance`), and the next step is captured again, so a
+graph serves one re-allocation period. KIVI re-organises its window every step and runs ordinary steps.
 
 mode: "graph" (CUDA), "static" (the same static step, run eagerly: what CPU tests check against ordinary steps),
 "eager" (ordinary `model(...)` steps; any cache). The default (`default_mode`) is "graph" on CUDA for a cache
@@ -36,13 +37,13 @@ def _static_cache_type():
 
 def static_capable(cache) -> bool:
     """Whether `cache`'s decode steps can be static (captured as a graph): transformers' StaticCache, or a smartkv
-    cache of fp16 / int8 / int4 on the kernels path with the model's attention hooked."""
+    cache of fp16 / int8 / int4 / smartkv on the kernels path with the model's attention hooked."""
     static_type = _static_cache_type()
     if static_type is not None and isinstance(cache, static_type):
         return True
     return isinstance(cache, SmartKVCache) and all(
         layer.static_capable and layer.is_initialized and layer.kernels and layer.attention_hooked
-        for layer in cache.layers)
+        and layer.static_ready() for layer in cache.layers)
 
 
 def default_mode(device: torch.device | str, cache) -> str:
@@ -78,6 +79,8 @@ class GraphDecoder:
         self.warmup, self.device = warmup, device
         self.length = n          # tokens per sequence in the cache (host count)
         self.steps = 0
+        self.captures = 0        # graphs captured (SmartKV: one per re-allocation period)
+        self._eager_left = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.state = None
         if mode != "eager" and not self.hf_static:
@@ -127,7 +130,8 @@ class GraphDecoder:
         elif self.graph is not None:
             self.graph.replay()
             logits = self._logits
-        elif self.steps < self.warmup:  # real steps on a side stream first, as torch.cuda.graphs asks
+        elif self._eager_left > 0:  # real steps on a side stream first, as torch.cuda.graphs asks
+            self._eager_left -= 1
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -137,11 +141,17 @@ class GraphDecoder:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self._logits = self._forward()
+            self.captures += 1
             self.graph.replay()
             logits = self._logits
-        if self.state is not None:
-            self.cache.advance(1)
-        return logits.clone() if self.graph is not None else logits
+        logits = logits.clone() if self.graph is not None else logits
+        if self.state is not None and self.cache.advance(1):
+            # a layer re-organised its storage (SmartKV's re-allocation, run here on the host as an ordinary step
+            # runs it after its attention): the next step launches other arguments, so capture again after one
+            # eager step (kernels for new pool widths compile outside the capture)
+            self.graph = None
+            self._eager_left = 1
+        return logits
 
     def close(self) -> None:
         """Release the graph and return the cache to ordinary steps (it keeps every token)."""
@@ -152,7 +162,8 @@ class GraphDecoder:
 
 
 
-def generate_greedy(model, cache, input_ids: torch.Tensor, max_new_tokens: int, mode: str | None = None) -> torch.Tensor:
+def generate_greedy(model, cache, input_ids: torch.Tensor, max_new_tokens: int,
+                    mode: str | None = None) -> torch.Tensor:
     """Greedy decoding through `GraphDecoder` steps: the prompt (B, T) through the model, then one token per step.
     Returns the new tokens (B, max_new_tokens): `model.generate(..., do_sample=False)`'s, up to the kernels'
     rounding. Unpadded batches only (graphed steps carry no attention mask; use `generate` for padded ones)."""

@@ -29,9 +29,9 @@ def kernels(monkeypatch):
     monkeypatch.setattr(cache_mod, "FORCE_KERNELS", True)
 
 
-def _decode(model, method, ids, steps, mode, reserve=None):
+def _decode(model, method, ids, steps, mode, reserve=None, **params):
     """Greedy tokens and per-step logits of `steps` decode steps after the prompt `ids`."""
-    cache = smartkv.make_cache(method, model)
+    cache = smartkv.make_cache(method, model, **params)
     with torch.inference_mode():
         logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:]
     n = ids.shape[1]
@@ -160,15 +160,17 @@ def test_residual_last_reads_each_sequence_up_to_its_length(bits):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("method", ["fp16", "int4"])
+@pytest.mark.parametrize("method", ["fp16", "int4", "smartkv"])
 def test_graph_replays_equal_static_steps(tiny, method):
+    """SmartKV: 14 steps at realloc_every=4, so graphs are captured again after each re-allocation."""
+    params = dict(SMARTKV) if method == "smartkv" else {}
     ids = torch.randint(3, 500, (2, 33), generator=torch.Generator().manual_seed(8)).to(DEV)
-    s_tokens, s_logits, _, _ = _decode(tiny, method, ids, 6, "static", reserve=200)
-    g_tokens, g_logits, cache, dec = _decode(tiny, method, ids, 6, "graph", reserve=200)
-    assert dec.graph is not None                              # steps 3-6 were replays
+    s_tokens, s_logits, _, _ = _decode(tiny, method, ids, 14, "static", reserve=200, **params)
+    g_tokens, g_logits, cache, dec = _decode(tiny, method, ids, 14, "graph", reserve=200, **params)
+    assert dec.captures == (1 if method != "smartkv" else 4)  # again 1 step after each of 3 re-allocations
     assert torch.equal(g_tokens, s_tokens)
     torch.testing.assert_close(g_logits, s_logits, rtol=1e-5, atol=1e-5)
-    assert cache.get_seq_length() == 39
+    assert cache.get_seq_length() == 47
 
 
 @pytest.mark.parametrize("mode", ["static", None])
@@ -189,7 +191,41 @@ def test_default_mode_graphs_only_what_can_be_graphed(tiny, kernels):
     for cache in caches.values():
         with torch.inference_mode():
             tiny(ids, past_key_values=cache, use_cache=True)
-    assert [default_mode("cuda", c) for c in caches.values()] == ["graph", "graph", "eager", "eager"]
+    assert [default_mode("cuda", c) for c in caches.values()] == ["graph", "graph", "eager", "graph"]
     assert {default_mode("cpu", c) for c in caches.values()} == {"eager"}
     no_hook = smartkv.make_cache("int4", num_layers=2)     # no model given: attention not hooked, no fused path
     assert default_mode("cuda", no_hook) == "eager"
+
+
+SMARTKV = dict(budget=4.25, key_value_gap=3, widths=(2, 4, 8), recent_window=8, realloc_every=4, group_size=16)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny, kernels, batch):
+    """12 steps at realloc_every=4: three re-allocations run between static steps (`cache.advance`), each
+    followed by a new phase; tokens, logits, importance and the pools' widths follow the ordinary fused steps."""
+    ids = torch.randint(3, 500, (batch, 30), generator=torch.Generator().manual_seed(11 + batch)).to(DEV)
+    ref_tokens, ref_logits, ref_cache, _ = _decode(tiny, "smartkv", ids, 12, "eager", **SMARTKV)
+    tokens, logits, cache, dec = _decode(tiny, "smartkv", ids, 12, "static", **SMARTKV)
+    assert torch.equal(tokens, ref_tokens)
+    err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    assert err < 2e-3, err
+    assert cache.get_seq_length() == ref_cache.get_seq_length() == 42
+    for layer, ref in zip(cache.layers, ref_cache.layers, strict=True):
+        assert layer.n_middle == ref.n_middle > 30 - 8 and layer.win_k.shape == ref.win_k.shape
+        assert torch.equal(layer.observed, ref.observed)
+        assert (layer.importance.int() - ref.importance.int()).abs().max() <= 1   # 8-bit codes, one step apart
+        for kind in ("k", "v"):
+            assert torch.equal(layer.level_bits(kind), ref.level_bits(kind))
+    assert cache.memory_report().total_bytes == ref_cache.memory_report().total_bytes
+    dec.close()
+
+
+def test_smartkv_needs_its_sinks_for_static_steps(tiny, kernels):
+    ids = torch.randint(3, 500, (1, 3), generator=torch.Generator().manual_seed(12)).to(DEV)
+    cache = smartkv.make_cache("smartkv", tiny, **SMARTKV)   # 4 sink tokens, a 3-token prompt
+    with torch.inference_mode():
+        tiny(ids, past_key_values=cache, use_cache=True)
+    assert default_mode("cuda", cache) == "eager"
+    with pytest.raises(ValueError, match="sinks"):
+        GraphDecoder(tiny, cache, max_length=10, mode="static")

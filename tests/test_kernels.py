@@ -247,6 +247,17 @@ def test_pool_two_pass_kernels(bits, N, NG, D, G, shared, config, monkeypatch):
         # the same launch folded probs into every position's importance code, once (segments cover all T)
         diff = (got_codes.cpu().int() - folded.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.05 and not torch.equal(folded, codes)
+    if not config:  # the decode queries' range ending per sequence where the device says (static decode steps)
+        end = torch.tensor([T - 1, T - 4], dtype=torch.int32, device=DEV)
+        got_codes = codes.clone().to(DEV)
+        kern.pool_values(probs, values, fp_v, 32, importance=(got_codes, [(0, 4), (0, 0), (0, 0), (T - 9, 0)], end))
+        for b, e in enumerate(end.tolist()):
+            want = codes[b:b + 1].clone()
+            R.importance_update_reference(want, probs[b:b + 1].cpu(), [(0, 4), (T - 9, e)])
+            diff = (got_codes[b:b + 1].cpu().int() - want.int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 0.05
+        with pytest.raises(ValueError, match="range_end"):
+            kern.pool_values(probs, values, fp_v, 32, importance=(got_codes, ranges, end))
 
 
 @pytest.mark.parametrize("D", [16, 32, 64])

@@ -45,11 +45,16 @@ class FP16Layer(KVLayer):
     def _static_segments(self, key_states, value_states, state):
         return [KVSegment(self._buf[0], self._buf[1], lengths=state.lengths)]
 
-    def _advance(self, tokens: int) -> None:
+    def _advance(self, tokens: int) -> bool:
         n = self.keys.shape[-2] + tokens
         if n > self._buf[0].shape[-2]:
             raise RuntimeError(f"static steps ran past the reserved {self._buf[0].shape[-2]} tokens")
         self.keys, self.values = (b[..., :n, :] for b in self._buf)
+        return False
+
+    def _static_end(self) -> None:
+        self.keys, self.values = self.keys.contiguous(), self.values.contiguous()
+        self._buf = None
 
     def _slack_bytes(self) -> int:
         if self._buf is None or self._buf[0].data_ptr() != self.keys.data_ptr():

@@ -38,6 +38,7 @@ from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv
                             rank_profile, unpack_levels)
 from smartkv.quant import QTensor, dequantize, quantize
 from smartkv.quant.kernels import pool_positions, pool_scores, pool_values
+from smartkv.quant.kernels.reference import MAX_RANGES
 
 
 UNSEEN = 255  # importance code of a token no query has seen yet (encode_importance(0))
@@ -58,6 +59,8 @@ def hadamard(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 class SmartKVLayer(KVLayer):
+    static_capable = True
+
     def _init_storage(self) -> None:
         B, H, D = self.batch_size, self.num_heads, self.head_dim
         empty = torch.empty(B, H, 0, D, dtype=self.window_dtype, device=self.device)
@@ -77,6 +80,7 @@ class SmartKVLayer(KVLayer):
         self.rot_v = self.config.rotate == "both"
         self._empty_pools: dict[int, QTensor] = {}
         self._stored: dict[str, tuple] | None = None  # during a re-allocation: _stored_ranks of each kind
+        self._sbuf = None  # static steps: window K/V and importance buffers of the phase (see _static_begin)
 
     # --- storage ---------------------------------------------------------------------------------------------
     def _store(self, key_states, value_states) -> None:
@@ -151,6 +155,11 @@ class SmartKVLayer(KVLayer):
         scaling = D ** -0.5 if scaling is None else scaling
         if self._pending is not None:  # a fused decode step: `update` stored the token and returned it alone
             self._pending = None
+            if self.static is not None:  # no flush here: `_advance` re-allocates between static steps
+                if not self._kernel_attends(None, kwargs):
+                    raise ValueError("static decode steps support plain attention only (no softcap, no sliding "
+                                     "window)")
+                return self._fused_decode(query, scaling, observe=True)[0], None
             if self._kernel_attends(attention_mask, kwargs):
                 out, _ = self._fused_decode(query, scaling, observe=True)
                 self._flush()
@@ -190,7 +199,10 @@ class SmartKVLayer(KVLayer):
         B, Hq, _, D = query.shape
         H = self.num_heads
         q = query[:, :, 0].float()                                             # (B, Hq, D)
-        n_sink, Tm, n_win = self.sink_k.shape[-2], self.n_middle, self.win_k.shape[-2]
+        static = self.static is not None
+        # static steps: the window's whole buffer, the rows past each sequence's length masked below
+        win_k, win_v = (self._sbuf["k"], self._sbuf["v"]) if static else (self.win_k, self.win_v)
+        n_sink, Tm, n_win = self.sink_k.shape[-2], self.n_middle, win_k.shape[-2]
         logits = torch.empty(B, Hq, n_sink + Tm + n_win, dtype=torch.float32, device=query.device)
         q_st = bias = None
         if Tm:  # stored keys are (k - mu) / scale: q . k = (q * scale) . stored + q . mu
@@ -200,16 +212,23 @@ class SmartKVLayer(KVLayer):
             if self.rot_k:
                 q_st = q_st @ hadamard(D, q.device)
             q_st = q_st.reshape(B, Hq, D)
-        fp = ((self.sink_k, 0), (self.win_k, n_sink + Tm))
+        fp = ((self.sink_k, 0), (win_k, n_sink + Tm))
         counts = {kind: self._counts(kind) for kind in ("k", "v")}
         order = self._pool_orders(counts)
         pool_scores(q if q_st is None else q_st, self._pool_segments("k", order[0], counts["k"]), logits, scaling,
                     bias, q, fp)
+        if static:
+            logits = logits.masked_fill(self._sbuf["at"] >= self.static.lengths.view(B, 1, 1), float("-inf"))
         probs = torch.softmax(logits, -1)                                      # (B, Hq, T)
-        fp = ((self.sink_v, 0), (self.win_v, n_sink + Tm))
-        importance = (self.importance, self.observed.tolist()) if observe else None
+        fp = ((self.sink_v, 0), (win_v, n_sink + Tm))
+        if not observe:
+            importance = None
+        elif static:  # the decode queries' range ends at this query's position, on the device
+            importance = (self._sbuf["imp"], self._sbuf["ranges"], self.static.pos)
+        else:
+            importance = (self.importance, self.observed.tolist())
         mid, out = pool_values(probs, self._pool_segments("v", order[1], counts["v"]), fp, importance=importance)
-        if observe:
+        if observe and not static:  # static steps count their query in `_advance`
             self.observed = add_range(self.observed, probs.shape[-1] - 1, probs.shape[-1])
         if Tm:
             out = out + (mid @ hadamard(D, mid.device) if self.rot_v else mid)
@@ -250,6 +269,75 @@ class SmartKVLayer(KVLayer):
 
     def _before_update(self) -> None:
         self._flush()  # when no attention hook ran (e.g. another attention implementation)
+
+    # --- static decode steps (smartkv.graphs): between two re-allocations only the window grows ----------------
+    def static_ready(self) -> bool:
+        return self.sink_k.shape[-2] >= self.config.sink_tokens and len(self._split_ranges()[0]) < MAX_RANGES
+
+    def _split_ranges(self) -> tuple[list, int]:
+        """(observed ranges other than the decode queries' one, where that one starts)."""
+        obs, n = [tuple(map(int, r)) for r in self.observed.tolist()], self.seq_len
+        return (obs[:-1], obs[-1][0]) if obs and obs[-1][1] == n else (obs, n)
+
+    def _static_begin(self, tokens: int) -> None:
+        """Buffers for one phase: the window's K/V (room for it to grow to a re-allocation) and the importance
+        codes up to the window's end, zero / UNSEEN beyond what is stored; the observed ranges split into fixed
+        ones and the decode queries' range, whose end each static step reads from the device."""
+        if not self.static_ready():
+            raise ValueError(f"static decode steps need the {self.config.sink_tokens} attention sinks stored and at "
+                             f"most {MAX_RANGES - 1} observed query ranges besides the decode queries'")
+        self._flush()  # a window over-full from `append` (the next ordinary step would flush it first too)
+        cfg = self.config
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
+        W, n_win = cfg.recent_window + cfg.realloc_every, self.win_k.shape[-2]
+        start = self.sink_k.shape[-2] + self.n_middle
+        buf = {kind: x.new_zeros(B, H, W, D) for kind, x in (("k", self.win_k), ("v", self.win_v))}
+        buf["k"][..., :n_win, :] = self.win_k
+        buf["v"][..., :n_win, :] = self.win_v
+        buf["imp"] = self.importance.new_full((B, H, start + W), UNSEEN)
+        buf["imp"][..., :self.importance.shape[-1]] = self.importance
+        buf["at"] = torch.arange(start + W, device=self.device)
+        fixed, s_dec = self._split_ranges()
+        buf["ranges"] = fixed + [(0, 0)] * (MAX_RANGES - 1 - len(fixed)) + [(s_dec, 0)]
+        buf["start"] = start
+        self._sbuf = buf
+        self.win_k, self.win_v = buf["k"][..., :n_win, :], buf["v"][..., :n_win, :]
+        self.importance = buf["imp"][..., :self.importance.shape[-1]]
+
+    def _static_store(self, key_states, value_states, state) -> None:
+        B, H, _, D = key_states.shape
+        row = (state.pos - self._sbuf["start"]).long().view(B, 1, 1, 1).expand(B, H, 1, D)
+        self._sbuf["k"].scatter_(-2, row, key_states.to(self.window_dtype))
+        self._sbuf["v"].scatter_(-2, row, value_states.to(self.window_dtype))
+
+    def _static_segments(self, key_states, value_states, state) -> list:
+        return []  # `attend` runs the two passes (see _decode_segments)
+
+    def _advance(self, tokens: int) -> bool:
+        for _ in range(tokens):
+            n_win, T = self.win_k.shape[-2] + 1, self.importance.shape[-1] + 1
+            if n_win > self._sbuf["k"].shape[-2]:
+                raise RuntimeError("static steps ran past the window's buffer (a re-allocation was skipped)")
+            self.win_k, self.win_v = self._sbuf["k"][..., :n_win, :], self._sbuf["v"][..., :n_win, :]
+            self.importance = self._sbuf["imp"][..., :T]
+            self.observed = add_range(self.observed, T - 1, T)
+        if self.win_k.shape[-2] - self.config.recent_window < self.config.realloc_every:
+            return False
+        self._flush()  # what the ordinary step does after its attention, here between two static steps
+        self._static_begin(0)
+        return True
+
+    def _static_end(self) -> None:
+        self.win_k, self.win_v, self.importance = (x.contiguous() for x in (self.win_k, self.win_v, self.importance))
+        self._sbuf = None
+
+    def _slack_bytes(self) -> int:
+        if self._sbuf is None or self.static is None:
+            return 0
+        unused = self._sbuf["k"].shape[-2] - self.win_k.shape[-2]
+        row = self.win_k[..., :1, :].numel() * self.win_k.element_size()
+        return 2 * unused * row + (self._sbuf["imp"].shape[-1] - self.importance.shape[-1]) * self.batch_size \
+            * self.num_heads
 
     # --- flush and re-allocation -----------------------------------------------------------------------------
     def _flush(self) -> None:

@@ -43,11 +43,12 @@ class UniformLayer(KVLayer):
         return [KVSegment(self.qk.q, self.qv.q, key_residual=key_states, value_residual=value_states,
                           lengths=state.lengths, residual_last=True)]
 
-    def _advance(self, tokens: int) -> None:
+    def _advance(self, tokens: int) -> bool:
         if self.qk.n + tokens > self.qk.capacity:
             raise RuntimeError(f"static steps ran past the reserved {self.qk.capacity} tokens")
         self.qk.n += tokens
         self.qv.n += tokens
+        return False
 
     def _reserve(self, tokens: int) -> None:
         self.qk.reserve(tokens)

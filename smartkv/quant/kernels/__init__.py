@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from smartkv.quant.core import QTensor
-from smartkv.quant.kernels.reference import (MAX_FP, MAX_POOLS, decode_attention_reference,
+from smartkv.quant.kernels.reference import (MAX_FP, MAX_POOLS, MAX_RANGES, decode_attention_reference,
                                              importance_update_reference, pool_positions_reference,
                                              pool_scores_reference, pool_values_reference, quantize_pack_reference)
 from smartkv.quant.kernels.segment import KVSegment, check_inputs
@@ -134,8 +134,23 @@ def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_
     program sums at most `tokens_per_split` tokens of one segment (None: the launch config's choice, at least
     `split_tokens` and 1/64 of the pools' tokens). importance: (codes, ranges) as
     `importance_update` takes them, where the segments cover every position once: the same launch folds probs
-    into the codes (in place)."""
+    into the codes (in place). (codes, ranges, range_end): exactly MAX_RANGES ranges, the last one ending at
+    range_end[b] ((B,) int32) for sequence b instead of at its own end (read on the device: static decode
+    steps)."""
     pools, fp = _check_segments(pools, fp)
+    end = importance[2] if importance is not None and len(importance) > 2 else None
+    if end is not None:
+        if len(importance[1]) != MAX_RANGES or end.shape != (probs.shape[0],) or end.dtype != torch.int32:
+            raise ValueError(f"with range_end, ranges must hold exactly {MAX_RANGES} ranges and range_end "
+                             f"be ({probs.shape[0]},) int32, got {len(importance[1])} ranges, "
+                             f"{tuple(end.shape)} {end.dtype}")
+        importance = (importance[0], importance[1])
+        if not (kernels_available(probs.device) and _pools_ok(pools) and importance[0].is_contiguous()):
+            out = pool_values(probs, pools, fp, tokens_per_split)   # the reference: ranges per sequence
+            for b, e in enumerate(end.tolist()):
+                ranges = [tuple(map(int, r)) for r in importance[1][:-1]] + [(int(importance[1][-1][0]), e)]
+                importance_update(importance[0][b:b + 1], probs[b:b + 1], ranges)
+            return out
     if importance is not None and (importance[0].dim() != 3 or importance[0].shape[0] != probs.shape[0]
                                    or importance[0].shape[-1] != probs.shape[-1]):
         raise ValueError(f"importance codes must be (B, Hkv, T) = ({probs.shape[0]}, Hkv, {probs.shape[-1]}), "
@@ -145,9 +160,10 @@ def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_
         z = probs.new_zeros(probs.shape[0], probs.shape[1], D)
         out = z, z.clone()
     elif kernels_available(probs.device) and _pools_ok(pools):
-        fold = importance is not None and len(importance[1]) <= _tp.MAX_RANGES and importance[0].is_contiguous()
+        fold = importance is not None and len(importance[1]) <= MAX_RANGES and importance[0].is_contiguous()
         out = _tp.pool_values_triton(probs, pools, fp, tokens_per_split,
-                                     (importance[0], [tuple(map(int, r)) for r in importance[1]]) if fold else None)
+                                     (importance[0], [tuple(map(int, r)) for r in importance[1]], end)
+                                     if fold else None)
         if fold:
             return out
     else:
@@ -204,6 +220,6 @@ def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence
     fp32, the query's attention over all T tokens; ranges: the [start, end) positions of the queries observed
     before, from which each token's count of observers is derived."""
     ranges = [tuple(map(int, r)) for r in ranges]
-    if kernels_available(codes.device) and len(ranges) <= _tp.MAX_RANGES and codes.shape[-1]:
+    if kernels_available(codes.device) and len(ranges) <= MAX_RANGES and codes.shape[-1]:
         return _tp.importance_update_triton(codes, probs, ranges)
     return importance_update_reference(codes, probs, ranges)

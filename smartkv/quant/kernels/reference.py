@@ -114,6 +114,7 @@ def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], s
 
 
 MAX_POOLS, MAX_FP = 4, 2  # SmartKV's two passes: width pools and full-precision runs of one launch
+MAX_RANGES = 4  # observed query ranges the importance fold takes
 
 
 def _pool_index(positions: torch.Tensor, offset: int, group: int) -> torch.Tensor:

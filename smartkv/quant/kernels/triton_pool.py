@@ -30,7 +30,7 @@ import triton.language as tl
 import torch
 
 from smartkv.quant.core import QTensor
-from smartkv.quant.kernels.reference import MAX_FP, MAX_POOLS
+from smartkv.quant.kernels.reference import MAX_FP, MAX_POOLS, MAX_RANGES
 from smartkv.quant.kernels.decode import _per_word, _pow2, _words
 from smartkv.quant.kernels.triton_attn import _load_words, _unpack
 
@@ -257,12 +257,14 @@ def _values_kernel(p_ptr, T, out_ptr, S, P, per_split, Hkv, NG, code_ptr, r0, r1
                    NSEG: tl.constexpr, BITS0: tl.constexpr, BITS1: tl.constexpr, BITS2: tl.constexpr,
                    BITS3: tl.constexpr, BITS4: tl.constexpr, BITS5: tl.constexpr,
                    G: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr, NGQ: tl.constexpr,
-                   BLOCK_N: tl.constexpr, FOLD: tl.constexpr):
+                   BLOCK_N: tl.constexpr, FOLD: tl.constexpr, r_end_ptr=None, R_END: tl.constexpr = False):
     """Second pass: probability-weighted values of every segment in one launch; program (split, bh) sums one
     split of the segment whose split range holds it into its own partial output (and with FOLD updates the
     importance codes of its tokens)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
+    if R_END:  # the last observed range ends where each sequence's query stands (static decode steps)
+        r7 = tl.load(r_end_ptr + bh // Hkv)
     if NSEG > 0:
         if split < e0:
             _seg_values(p_ptr, T, out_ptr, S, w0, s0, z0, p0, P, n0, a0, split, 0,
@@ -395,7 +397,6 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
 # (benchmarks/sweep_pool_configs.sh): scores blocks of 128 took 132 us against 148 at 64 and 265 at 32; values
 # blocks of 32 with 4 warps beat 64 (340 against 380 us) and 8 warps; the split size hardly mattered.
 POOL_CONFIG = {"scores_block": 128, "values_block": 32, "num_warps": 4, "split_tokens": 1024, "pack_heads": 1}
-MAX_RANGES = 4  # _importance_kernel's observed query ranges
 POSITIONS_BLOCK = 1024         # tokens per program of _positions_kernel
 POSITIONS_PREFIX_BYTES = 1024  # packed level bytes (4 tokens each) it counts per step before its block: 4096,
 #                                reduced every step, took 192 us against 89 at 32K x 8 (H200)
@@ -487,8 +488,9 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
 
 def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: int | None,
                        importance: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """With `importance` = (codes (B, Hkv, T) uint8 contiguous, at most MAX_RANGES observed ranges), the same
-    launch folds probs into the codes (`importance_update_triton`'s function)."""
+    """With `importance` = (codes (B, Hkv, T) uint8 contiguous, at most MAX_RANGES observed ranges[, range_end]),
+    the same launch folds probs into the codes (`importance_update_triton`'s function). With range_end ((B,)
+    int32), the last of exactly MAX_RANGES ranges ends at range_end[b] for sequence b, read on the device."""
     B, Hq, T = probs.shape
     args, bits, P = _segments(pools, fp)  # kernels.pool_values passes a non-empty segment at least
     D = (pools[0][0] if pools else fp[0][0]).shape[-1]
@@ -504,11 +506,11 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     ends = list(itertools.accumulate(splits))
     part = torch.empty(B, Hq, ends[-1], D, dtype=torch.float32, device=probs.device)
     flat, consts = _flat(args, bits, ends)
-    codes, ranges = importance if importance is not None else (part, [])
+    codes, ranges, end = (tuple(importance) + (None,))[:3] if importance is not None else (part, [], None)
     _values_kernel[(ends[-1], B * Hkv)](
         probs.contiguous(), T, part, ends[-1], P, per_split, Hkv, NG, codes, *_range_args(ranges), *flat,
         **consts, G=G, D=D, **_heads(NG, D, G), BLOCK_N=block, FOLD=importance is not None,
-        num_warps=POOL_CONFIG["num_warps"])
+        num_warps=POOL_CONFIG["num_warps"], **({"r_end_ptr": end, "R_END": True} if end is not None else {}))
     cut = ends[n_pools - 1] if n_pools else 0
     return part[:, :, :cut].sum(2), part[:, :, cut:].sum(2)
 
