@@ -229,3 +229,9 @@ def test_smartkv_needs_its_sinks_for_static_steps(tiny, kernels):
     assert default_mode("cuda", cache) == "eager"
     with pytest.raises(ValueError, match="sinks"):
         GraphDecoder(tiny, cache, max_length=10, mode="static")
+    # 3-bit pools with 4 groups per token take the pool passes' torch path: not static, ordinary steps instead
+    ids = torch.randint(3, 500, (1, 20), generator=torch.Generator().manual_seed(13)).to(DEV)
+    three = smartkv.make_cache("smartkv", tiny, **dict(SMARTKV, widths=(3, 8), group_size=8))
+    with torch.inference_mode():
+        tiny(ids, past_key_values=three, use_cache=True)
+    assert default_mode("cuda", three) == "eager"

@@ -37,7 +37,7 @@ from smartkv.methods.base import MethodConfig, check_choice, check_group_size, c
 from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
                             rank_profile, unpack_levels)
 from smartkv.quant import QTensor, dequantize, quantize
-from smartkv.quant.kernels import pool_positions, pool_scores, pool_values
+from smartkv.quant.kernels import pool_kernels_ok, pool_positions, pool_scores, pool_values
 from smartkv.quant.kernels.reference import MAX_RANGES
 
 
@@ -272,7 +272,10 @@ class SmartKVLayer(KVLayer):
 
     # --- static decode steps (smartkv.graphs): between two re-allocations only the window grows ----------------
     def static_ready(self) -> bool:
-        return self.sink_k.shape[-2] >= self.config.sink_tokens and len(self._split_ranges()[0]) < MAX_RANGES
+        """Sinks filled, room for the decode range among the fold's ranges, and every width on the kernels (the
+        torch path of a pool pass reads sizes on the host, which a captured step cannot)."""
+        return (self.sink_k.shape[-2] >= self.config.sink_tokens and len(self._split_ranges()[0]) < MAX_RANGES
+                and all(pool_kernels_ok(self._empty_pool(w)) for w in self.widths))
 
     def _split_ranges(self) -> tuple[list, int]:
         """(observed ranges other than the decode queries' one, where that one starts)."""
@@ -284,8 +287,9 @@ class SmartKVLayer(KVLayer):
         codes up to the window's end, zero / UNSEEN beyond what is stored; the observed ranges split into fixed
         ones and the decode queries' range, whose end each static step reads from the device."""
         if not self.static_ready():
-            raise ValueError(f"static decode steps need the {self.config.sink_tokens} attention sinks stored and at "
-                             f"most {MAX_RANGES - 1} observed query ranges besides the decode queries'")
+            raise ValueError(f"static decode steps need the {self.config.sink_tokens} attention sinks stored, at "
+                             f"most {MAX_RANGES - 1} observed query ranges besides the decode queries', and widths "
+                             f"the pool kernels take (3-bit pools: at most 2 groups per token)")
         self._flush()  # a window over-full from `append` (the next ordinary step would flush it first too)
         cfg = self.config
         B, H, D = self.batch_size, self.num_heads, self.head_dim

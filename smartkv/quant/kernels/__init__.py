@@ -183,6 +183,11 @@ def _check_segments(pools: Sequence, fp: Sequence) -> tuple[list, list]:
     return pools, fp
 
 
+def pool_kernels_ok(pool: QTensor) -> bool:
+    """Whether the pool passes' kernels take pools shaped like `pool` (else those calls run the torch path)."""
+    return HAVE_TRITON and _tp.pool_ok(pool)
+
+
 def _pools_ok(pools: list) -> bool:
     return all(_tp.pool_ok(p) for p, _, _ in pools if p.codes.shape[-2])
 
