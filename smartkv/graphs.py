@@ -51,7 +51,9 @@ def default_mode(device: torch.device | str, cache) -> str:
 
 
 class GraphDecoder:
-    """One new token per sequence per `step`, through `cache`, for up to `max_length` tokens in all."""
+    """One new token per sequence per `step`, through `cache`, for up to `max_length` tokens in all. While it is
+    open (static modes) the cache's one-token steps write where its device position says: decode through `step`
+    only, and `close()` before calling the model on the cache directly again."""
 
     def __init__(self, model, cache, max_length: int, mode: str | None = None, warmup: int = 2):
         device = next(model.parameters()).device
