@@ -87,6 +87,10 @@ def fill(model, method: str, params: dict, batch: int, context: int, extra: int,
     n = min(chunk, context)
     k = torch.randn(batch, H, n, D, device=DEV, dtype=torch.bfloat16, generator=g)  # (B, H, chunk, D)
     v = torch.randn(batch, H, n, D, device=DEV, dtype=torch.bfloat16, generator=g)
+
+    def whole(x):  # the chunk repeated to `context` tokens: one tensor per layer, as a prefill leaves it
+        return x.repeat(1, 1, math.ceil(context / n), 1)[..., :context, :]
+
     if method == "hf-static":
         use_attention(model, "sdpa")
         cache = StaticCache(config=cfg, max_cache_len=context + extra)
@@ -99,16 +103,14 @@ def fill(model, method: str, params: dict, batch: int, context: int, extra: int,
     if method.startswith("dynamic"):
         use_attention(model, "sdpa")
         cache = DynamicCache()
-        reps = math.ceil(context / n)
-        for i in range(cfg.num_hidden_layers):  # one tensor per layer, as a prefill leaves it
-            cache.update(k.repeat(1, 1, reps, 1)[..., :context, :], v.repeat(1, 1, reps, 1)[..., :context, :], i)
+        for i in range(cfg.num_hidden_layers):
+            cache.update(whole(k), whole(v), i)
         return cache
     cache = smartkv.make_cache(method, model, **params)
     cache.reserve(context + extra)
-    if method == "fp16":  # concatenates on every append: one tensor per layer, as a prefill leaves it
-        reps = math.ceil(context / n)
+    if method == "fp16":  # concatenates on every append: filled in one
         for layer in cache.layers:
-            layer.append(k.repeat(1, 1, reps, 1)[..., :context, :], v.repeat(1, 1, reps, 1)[..., :context, :])
+            layer.append(whole(k), whole(v))
         return cache
     for layer in cache.layers:
         for start in range(0, context, n):

@@ -191,9 +191,9 @@ class KVLayer(CacheLayerMixin):
     def _static_end(self) -> None:
         """Leave static steps: hold the stored tokens in ordinary tensors again, freeing phase buffers."""
 
-    def static_ready(self) -> bool:
-        """Whether static steps can start now (the layer supports them and its state allows)."""
-        return self.static_capable
+    def static_blocker(self) -> str | None:
+        """Why static steps cannot start now, given that the layer supports them (None: they can)."""
+        return None
 
     def _static_begin(self, tokens: int) -> None:
         """Make room for `tokens` tokens in all before static steps start (no buffer may move after)."""
@@ -234,14 +234,18 @@ class KVLayer(CacheLayerMixin):
         no sliding window; otherwise the caller takes the reference path over the same stored tokens."""
         return attention_mask is None and not kwargs.get("softcap") and not kwargs.get("sliding_window")
 
+    def _static_mask(self, kwargs: dict) -> None:
+        """The attention mask of a static step: none. Static steps (smartkv.graphs) pass no mask; the causal one
+        transformers builds anyway while a CUDA graph is captured covers every stored token, which the device
+        lengths already say. Softcap and sliding windows have no static path: an error, never the reference."""
+        if not self._kernel_attends(None, kwargs):
+            raise ValueError("static decode steps support plain attention only (no softcap, no sliding window)")
+        return None
+
     def _fused_attend(self, module, query, attention_mask, **kwargs):
         segments, self._pending = self._pending, None
         if self.static is not None:
-            # static steps (smartkv.graphs) pass no attention mask; the causal one transformers builds anyway while
-            # a CUDA graph is captured covers every stored token, which the device lengths already say
-            if not self._kernel_attends(None, kwargs):
-                raise ValueError("static decode steps support plain attention only (no softcap, no sliding window)")
-            attention_mask = None
+            attention_mask = self._static_mask(kwargs)
         if self._kernel_attends(attention_mask, kwargs):
             scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
             out = decode_attention(query, segments, scaling)           # (B, Hq, 1, D)
@@ -313,15 +317,10 @@ class SmartKVCache(Cache):
         fused path (kernels and the "smartkv" attention), of a method whose layers support it (fp16, int8, int4,
         smartkv).
         Before each step set `state.pos` and `state.lengths`; after it call `advance(1)`."""
+        problem = self.static_problem()
+        if problem:
+            raise ValueError(problem)
         layers = self.layers
-        if not all(layer.static_capable for layer in layers):
-            raise ValueError(f"method must be one of ('fp16', 'int8', 'int4', 'smartkv') for static decode steps, "
-                             f"got {self.method!r}")
-        if not all(layer.is_initialized and layer.seq_len for layer in layers):
-            raise ValueError("static decode steps need a cache that holds a prompt already (run the prompt first)")
-        if not all(layer.kernels and layer.attention_hooked for layer in layers):
-            raise ValueError("static decode steps need the fused kernels: a CUDA device (or FORCE_KERNELS under "
-                             "TRITON_INTERPRET=1), use_kernels=True and a cache made with the model")
         n = self.get_seq_length()
         if max_tokens <= n:
             raise ValueError(f"max_tokens must exceed the {n} tokens already cached, got {max_tokens}")
@@ -333,6 +332,19 @@ class SmartKVCache(Cache):
         for layer in layers:
             layer.static = state
         return state
+
+    def static_problem(self) -> str | None:
+        """Why decode steps cannot be static now (`begin_static`'s error), or None when they can."""
+        layers = self.layers
+        if not all(layer.static_capable for layer in layers):
+            return (f"method must be one of ('fp16', 'int8', 'int4', 'smartkv') for static decode steps, got "
+                    f"{self.method!r}")
+        if not all(layer.is_initialized and layer.seq_len for layer in layers):
+            return "static decode steps need a cache that holds a prompt already (run the prompt first)"
+        if not all(layer.kernels and layer.attention_hooked for layer in layers):
+            return ("static decode steps need the fused kernels: a CUDA device (or FORCE_KERNELS under "
+                    "TRITON_INTERPRET=1), use_kernels=True and a cache made with the model")
+        return next((p for p in (layer.static_blocker() for layer in layers) if p), None)
 
     def advance(self, tokens: int = 1) -> bool:
         """Count tokens that static steps stored (host bookkeeping: lengths, memory accounting). Returns True when

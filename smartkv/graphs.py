@@ -21,29 +21,17 @@ that supports it and "eager" otherwise, so the same loop runs on every machine a
 from __future__ import annotations
 
 import torch
+from transformers import StaticCache
 
 from smartkv.cache import SmartKVCache
 
 MODES = ("graph", "static", "eager")
 
 
-def _static_cache_type():
-    try:
-        from transformers import StaticCache
-    except ImportError:  # pragma: no cover - every supported transformers has it
-        return None
-    return StaticCache
-
-
 def static_capable(cache) -> bool:
     """Whether `cache`'s decode steps can be static (captured as a graph): transformers' StaticCache, or a smartkv
-    cache of fp16 / int8 / int4 / smartkv on the kernels path with the model's attention hooked."""
-    static_type = _static_cache_type()
-    if static_type is not None and isinstance(cache, static_type):
-        return True
-    return isinstance(cache, SmartKVCache) and all(
-        layer.static_capable and layer.is_initialized and layer.kernels and layer.attention_hooked
-        and layer.static_ready() for layer in cache.layers)
+    cache whose `static_problem` is None (fp16 / int8 / int4 / smartkv on the kernels path, attention hooked)."""
+    return isinstance(cache, StaticCache) or (isinstance(cache, SmartKVCache) and cache.static_problem() is None)
 
 
 def default_mode(device: torch.device | str, cache) -> str:
@@ -64,8 +52,7 @@ class GraphDecoder:
             raise ValueError(f"mode 'graph' needs the model on a CUDA device, got {device}")
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an integer >= 1 (eager steps before the capture), got {warmup!r}")
-        static_type = _static_cache_type()
-        self.hf_static = static_type is not None and isinstance(cache, static_type)
+        self.hf_static = isinstance(cache, StaticCache)
         if not self.hf_static and not isinstance(cache, SmartKVCache):
             raise ValueError(f"cache must be a smartkv cache or transformers' StaticCache, got {type(cache).__name__}")
         n = int(cache.get_seq_length())  # StaticCache may answer with a tensor
@@ -78,9 +65,8 @@ class GraphDecoder:
         if cap is not None and max_length > cap:
             raise ValueError(f"max_length must be at most the StaticCache's max_cache_len ({cap}), got {max_length}")
         self.model, self.cache, self.max_length, self.mode = model, cache, max_length, mode
-        self.warmup, self.device = warmup, device
+        self.device = device
         self.length = n          # tokens per sequence in the cache (host count)
-        self.steps = 0
         self.captures = 0        # graphs captured (SmartKV: one per re-allocation period)
         self._eager_left = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -101,7 +87,6 @@ class GraphDecoder:
             else:
                 logits = self._static_step(input_ids)
         self.length += 1
-        self.steps += 1
         return logits
 
     def _buffers(self, input_ids: torch.Tensor) -> None:

@@ -147,6 +147,15 @@ class QBuffer:
         return unused * per_row + meta_unused * per_meta_row
 
 
+def write_token(buffers, rows: torch.Tensor, tokens) -> None:
+    """Write one token per sequence, tokens[i] (B, H, 1, D), into buffers[i] (B, H, capacity, D) at row rows[b]
+    ((B,) int tensor, read on the device: a static decode step learns nothing of the length on the host)."""
+    B, H, _, D = tokens[0].shape
+    at = rows.long().view(B, 1, 1, 1).expand(B, H, 1, D)
+    for buf, x in zip(buffers, tokens, strict=True):
+        buf.scatter_(-2, at, x.to(buf.dtype))
+
+
 def append_kv(qk: QBuffer, qv: QBuffer, k: torch.Tensor, v: torch.Tensor) -> None:
     """Keys and values of one per-token format into two buffers of one length: one launch with the kernels."""
     if not qk.kernels or qk.n != qv.n:

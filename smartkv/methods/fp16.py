@@ -9,6 +9,7 @@ from smartkv.cache import KVLayer
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig
 from smartkv.quant.kernels import KVSegment
+from smartkv.storage import write_token
 
 
 class FP16Layer(KVLayer):
@@ -38,9 +39,7 @@ class FP16Layer(KVLayer):
             self.keys, self.values = (b[..., :n, :] for b in self._buf)
 
     def _static_store(self, key_states, value_states, state) -> None:
-        at = state.pos.long().view(-1, 1, 1, 1).expand(-1, key_states.shape[1], 1, key_states.shape[-1])
-        self._buf[0].scatter_(-2, at, key_states.to(self._buf[0].dtype))
-        self._buf[1].scatter_(-2, at, value_states.to(self._buf[1].dtype))
+        write_token(self._buf, state.pos, (key_states, value_states))
 
     def _static_segments(self, key_states, value_states, state):
         return [KVSegment(self._buf[0], self._buf[1], lengths=state.lengths)]

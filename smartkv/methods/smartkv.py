@@ -39,6 +39,7 @@ from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv
 from smartkv.quant import QTensor, dequantize, quantize
 from smartkv.quant.kernels import pool_kernels_ok, pool_positions, pool_scores, pool_values
 from smartkv.quant.kernels.reference import MAX_RANGES
+from smartkv.storage import write_token
 
 
 UNSEEN = 255  # importance code of a token no query has seen yet (encode_importance(0))
@@ -156,9 +157,7 @@ class SmartKVLayer(KVLayer):
         if self._pending is not None:  # a fused decode step: `update` stored the token and returned it alone
             self._pending = None
             if self.static is not None:  # no flush here: `_advance` re-allocates between static steps
-                if not self._kernel_attends(None, kwargs):
-                    raise ValueError("static decode steps support plain attention only (no softcap, no sliding "
-                                     "window)")
+                self._static_mask(kwargs)
                 return self._fused_decode(query, scaling, observe=True)[0], None
             if self._kernel_attends(attention_mask, kwargs):
                 out, _ = self._fused_decode(query, scaling, observe=True)
@@ -271,11 +270,15 @@ class SmartKVLayer(KVLayer):
         self._flush()  # when no attention hook ran (e.g. another attention implementation)
 
     # --- static decode steps (smartkv.graphs): between two re-allocations only the window grows ----------------
-    def static_ready(self) -> bool:
+    def static_blocker(self) -> str | None:
         """Sinks filled, room for the decode range among the fold's ranges, and every width on the kernels (the
         torch path of a pool pass reads sizes on the host, which a captured step cannot)."""
-        return (self.sink_k.shape[-2] >= self.config.sink_tokens and len(self._split_ranges()[0]) < MAX_RANGES
-                and all(pool_kernels_ok(self._empty_pool(w)) for w in self.widths))
+        if (self.sink_k.shape[-2] >= self.config.sink_tokens and len(self._split_ranges()[0]) < MAX_RANGES
+                and all(pool_kernels_ok(self._empty_pool(w)) for w in self.widths)):
+            return None
+        return (f"static decode steps need the {self.config.sink_tokens} attention sinks stored, at most "
+                f"{MAX_RANGES - 1} observed query ranges besides the decode queries', and widths the pool kernels "
+                f"take (3-bit pools: at most 2 groups per token)")
 
     def _split_ranges(self) -> tuple[list, int]:
         """(observed ranges other than the decode queries' one, where that one starts)."""
@@ -285,11 +288,8 @@ class SmartKVLayer(KVLayer):
     def _static_begin(self, tokens: int) -> None:
         """Buffers for one phase: the window's K/V (room for it to grow to a re-allocation) and the importance
         codes up to the window's end, zero / UNSEEN beyond what is stored; the observed ranges split into fixed
-        ones and the decode queries' range, whose end each static step reads from the device."""
-        if not self.static_ready():
-            raise ValueError(f"static decode steps need the {self.config.sink_tokens} attention sinks stored, at "
-                             f"most {MAX_RANGES - 1} observed query ranges besides the decode queries', and widths "
-                             f"the pool kernels take (3-bit pools: at most 2 groups per token)")
+        ones and the decode queries' range, whose end each static step reads from the device (`begin_static` has
+        checked `static_blocker`; a re-allocation keeps it clear)."""
         self._flush()  # a window over-full from `append` (the next ordinary step would flush it first too)
         cfg = self.config
         B, H, D = self.batch_size, self.num_heads, self.head_dim
@@ -309,10 +309,7 @@ class SmartKVLayer(KVLayer):
         self.importance = buf["imp"][..., :self.importance.shape[-1]]
 
     def _static_store(self, key_states, value_states, state) -> None:
-        B, H, _, D = key_states.shape
-        row = (state.pos - self._sbuf["start"]).long().view(B, 1, 1, 1).expand(B, H, 1, D)
-        self._sbuf["k"].scatter_(-2, row, key_states.to(self.window_dtype))
-        self._sbuf["v"].scatter_(-2, row, value_states.to(self.window_dtype))
+        write_token((self._sbuf["k"], self._sbuf["v"]), state.pos - self._sbuf["start"], (key_states, value_states))
 
     def _static_segments(self, key_states, value_states, state) -> list:
         return []  # `attend` runs the two passes (see _decode_segments)
@@ -430,9 +427,9 @@ class SmartKVLayer(KVLayer):
                 new: torch.Tensor) -> dict:
         """Pools for the widths `new_bits` (B, H, Tq + n) (`level`: their indices into `widths`): tokens whose width
         is unchanged keep their codes; the others (demoted stored tokens, dequantized from their own pools, and the
-        n `new` tokens (B, H, n, D)) are quantized at their new width. The sizes come from one host read and the pools are assembled by gathers,
-        so on CUDA this waits for the GPU three times (that read, the fresh tokens' indices, `_gather_values`'
-        read), however many widths there are."""
+        n `new` tokens (B, H, n, D)) are quantized at their new width. The sizes come from one host read and the
+        pools are assembled by gathers, so on CUDA this waits for the GPU three times (that read, the fresh tokens'
+        indices, `_gather_values`' read), however many widths there are."""
         B, H, Tq = old_bits.shape
         R, T, k = B * H, new_bits.shape[-1], len(self.widths)
         level = level.reshape(R, T)

@@ -19,6 +19,7 @@ from smartkv.storage import QBuffer, append_kv
 
 class UniformLayer(KVLayer):
     static_capable = True
+
     def _init_storage(self) -> None:
         self.group = min(self.config.group_size, self.head_dim)
         shape = (self.batch_size, self.num_heads, self.head_dim)
