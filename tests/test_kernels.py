@@ -97,6 +97,30 @@ def test_uniform_per_token(bits, T, NG, D):
     _check(q, [KVSegment(quantize(k, bits, 32), quantize(v, bits, 32))])
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_every_code_mode_gives_the_same_attention(bits, mode, monkeypatch):
+    """Codes reach the tensor cores as exact integers (mode 1) or fp16 subnormals (0, 2, and 3, where a code
+    reads as code * 2^(place in its byte * bits) and the kernel undoes that per channel): all the same function,
+    with keys and values of one token in different groups of channels, ragged lengths and a value scale range
+    of 10^4 between tokens (one normalisation per split must neither overflow nor lose the small ones)."""
+    from smartkv.quant.kernels import decode as dec
+
+    for kind in (1, 0):
+        monkeypatch.setitem(dec.TUNING, kind, dec.Tuning(**{**vars(dec.TUNING[kind]), "code_mode": mode}))
+    g = gen(100 * bits + mode)
+    B, H, T, D = 3, 2, 301, 64
+    k, v = _kv(g, B, H, T, D)
+    v = v * torch.logspace(-2, 2, T, device=v.device)[:, None]           # scales from 0.01x to 100x
+    lengths = torch.tensor([301, 130, 7], device=DEV)
+    q = randn(g, B, H * 4, 1, D)
+    segs = [KVSegment(quantize(k, bits, 32), quantize(v, bits, 32))]
+    out = _check(q, segs, lengths)[0]
+    exact = kern.decode_attention_reference(q, segs, D ** -0.5, lengths, compute_dtype=torch.float64)
+    for b in range(B):  # each sequence on its own: the short one holds only the smallest values
+        assert rel(out[b], exact[b]) < BOUND, (b, rel(out[b], exact[b]))
+
+
 def test_full_precision_segment_bf16_query():
     g = gen(7)
     k, v = _kv(g, 2, 2, 45, 64)

@@ -26,8 +26,9 @@ class Tuning:
     maxnreg: int | None = None # register cap (more programs per SM, maybe spills)
     programs_per_sm: int = 8   # split the context until the grid has about this many programs per SM
     min_split_tokens: int = 256
-    # 1: 0x6400 trick (exact fp16 integers); 0: codes as fp16 subnormals; 2: as 0, two codes per word op
-    code_mode: int = int(os.environ.get("SMARTKV_KERNEL_CODE_MODE", "2"))
+    # 1: 0x6400 trick (exact fp16 integers); 0: codes as fp16 subnormals; 2: as 0, two codes per word op;
+    # 3: as 2, shifting by whole bytes only (codes read as code * 2^(place in byte * bits), undone per channel)
+    code_mode: int = int(os.environ.get("SMARTKV_KERNEL_CODE_MODE", "3"))
 
 
 # Defaults: the fastest of `benchmarks/bench_attention.py --sweep` (H100, batch 8, 32K; BENCHMARKS.md).
@@ -82,6 +83,7 @@ class _Side:
     fp_strides: tuple
     n_quant: int            # tokens held by the quantized part (all of them when there is no residual)
     has_res: bool
+    svec: int = 1           # per-token scales: a row's NGRP fp16 start at multiples of svec (vector loads)
 
 
 def _side(part, residual: torch.Tensor | None, n_tokens: int, D: int) -> _Side:
@@ -92,8 +94,9 @@ def _side(part, residual: torch.Tensor | None, n_tokens: int, D: int) -> _Side:
         fps = residual.stride()[:3] if residual is not None else (0, 0, 0)
         ngrp = D // part.group_size if kind == K.TOK else 1
         n_quant = part.codes.shape[-2] if residual is not None else n_tokens
+        svec = ngrp if kind == K.TOK and ngrp in (2, 4, 8) and part.scale.stride(2) % ngrp == 0 else 1
         return _Side(kind, part.bits, part.group_size, ngrp, (words, part.scale, part.zero),
-                     words.stride()[:3] + part.scale.stride()[:3], fp, fps, n_quant, residual is not None)
+                     words.stride()[:3] + part.scale.stride()[:3], fp, fps, n_quant, residual is not None, svec)
     if part.stride(-1) != 1:
         part = part.contiguous()
     return _Side(K.FP, 16, D, 1, (part, part, part), (0,) * 6, part, part.stride()[:3], n_tokens, False)
@@ -200,7 +203,7 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
             V_KIND=v.kind, V_BITS=v.bits, V_PW=_per_word(v.bits) if v.kind else 1, V_G=v.group, V_NGRP=v.ngrp,
             HAS_KRES=k.has_res, HAS_VRES=v.has_res, HAS_LEN=lens is not None, HAS_KAFF=ka is not None,
             STORE_SCORES=return_token_probs, BLOCK_N=p.block_n, CODE_MODE=p.tuning.code_mode,
-            RES_LAST=seg.residual_last,
+            RES_LAST=seg.residual_last, SVEC_K=k.svec, SVEC_V=v.svec,
             PREFETCH=p.tuning.prefetch, num_warps=p.tuning.num_warps, num_stages=p.tuning.num_stages,
             **({"maxnreg": p.tuning.maxnreg} if p.tuning.maxnreg else {}))
         split0 += p.n_splits

@@ -12,13 +12,17 @@ Scales stay out of the inner loop (perf_anchors 1.4):
                     zero are applied per (token, group): s_t = sum_x scale_tx * R_t(x,h) + zero_tx * sum_{c in x} q_hc.
   per-channel keys (KIVI) - the block covers X groups of G tokens; column (x, h) holds q_h * scale_x, so
                     one dot gives every group's scaled score; each token keeps the column of its own group.
-  per-token values - probabilities times the value scale, P'(x,h) = p_h * scale_x, against the raw codes;
-                    the accumulator row (x, h) is right for channels of group x, picked at the end; zeros enter
-                    as sum_t p_h * zero_tx.
+  per-token values - probabilities times the value scale, P'(x,h) = p_h * scale_x * vnorm, against the raw
+                    codes; the accumulator row (x, h) is right for channels of group x, picked at the end; zeros
+                    enter as sum_t p_h * zero_tx. vnorm, one power of two per run of tokens (_vnorm), keeps
+                    P' inside fp16 and lets the value dots accumulate in place; the accumulator is converted
+                    to and from those units once per run.
 Codes become fp16 by bit tricks, not conversions (CODE_MODE 1: 0x6400 | c is 1024 + c, minus 1024 exact;
 CODE_MODE 0: the code's bits read as an fp16 subnormal, c * 2^-24; CODE_MODE 2: as 0 but two codes per
 shift-and-mask, 16 bits apart, so each fp16x2 register comes from one word op and the tile's columns are a
-fixed permutation of the channels inside each word, `_chan_of`).
+fixed permutation of the channels inside each word, `_chan_of`; CODE_MODE 3 (default): as 2, but shifting by
+whole bytes only, so a code reads as c * 2^(j * bits) * 2^-24 with j its place in the byte; the query's
+channels are divided by 2^(j * bits) once, and the value accumulator's channels likewise, `_code_scale`).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ FP, TOK, CHAN = 0, 1, 2
 def _chan_of(f, BITS: tl.constexpr, PW: tl.constexpr, CODE_MODE: tl.constexpr):
     """Channel held by column f of an unpacked tile: channel order, except in CODE_MODE 2 where each word's
     columns are (0, PW/2, 1, PW/2 + 1, ...)."""
-    if CODE_MODE == 2 and BITS != 16 and BITS != 3:
+    if CODE_MODE >= 2 and BITS != 16 and BITS != 3:
         c = (f // PW) * PW + (f % PW) // 2 + (f % 2) * (PW // 2)
     else:
         c = f
@@ -77,31 +81,51 @@ def _nat8(w, k0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr, CODE_MODE: 
 
 
 @triton.jit
-def _half(words, k: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
+def _code_scale(f, BITS: tl.constexpr, PW: tl.constexpr, CODE_MODE: tl.constexpr):
+    """What column f of an unpacked tile holds per unit of code, times 2^24: 1, except in CODE_MODE 3 where a
+    code j places into its byte (j = (k mod 8/BITS)) reads as code * 2^(j*BITS) (see _half)."""
+    if CODE_MODE == 3 and BITS != 16 and BITS != 3:
+        k = ((f % PW) // 2) % (8 // BITS)
+        r = tl.exp2((k * BITS).to(tl.float32))
+    else:
+        r = tl.full(f.shape, 1.0, tl.float32)
+    return r
+
+
+@triton.jit
+def _half(words, k: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr, CODE_MODE: tl.constexpr = 2):
     """Code k (HI=0) or k + 16/BITS (HI=1) of every word as an fp16 subnormal (code * 2^-24); both come from
-    one shift-and-mask of the word, so the pair is already the fp16x2 register the tensor core reads."""
-    m: tl.constexpr = ((1 << BITS) - 1) | (((1 << BITS) - 1) << 16)
-    h2 = (words >> (k * BITS)) & m
+    one shift-and-mask of the word, so the pair is already the fp16x2 register the tensor core reads.
+    CODE_MODE 3 shifts by whole bytes only and masks the code where it sits in its byte, so it reads as
+    code * 2^(j*BITS) * 2^-24 (j its place in the byte, still a subnormal): the words of a byte pair share one
+    shift, and callers undo 2^(j*BITS) per channel (_code_scale) outside the loop."""
+    if CODE_MODE == 3:
+        j: tl.constexpr = k % (8 // BITS)
+        m3: tl.constexpr = (((1 << BITS) - 1) | (((1 << BITS) - 1) << 16)) << (j * BITS)
+        h2 = (words >> ((k // (8 // BITS)) * 8)) & m3
+    else:
+        m: tl.constexpr = ((1 << BITS) - 1) | (((1 << BITS) - 1) << 16)
+        h2 = (words >> (k * BITS)) & m
     if HI:
         h2 = h2 >> 16
     return h2.to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
-def _half_nat4(w, k0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
-    return tl.join(tl.join(_half(w, k0, BITS, HI), _half(w, k0 + 2 * st, BITS, HI)),
-                   tl.join(_half(w, k0 + st, BITS, HI), _half(w, k0 + 3 * st, BITS, HI)))
+def _half_nat4(w, k0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr, CM: tl.constexpr):
+    return tl.join(tl.join(_half(w, k0, BITS, HI, CM), _half(w, k0 + 2 * st, BITS, HI, CM)),
+                   tl.join(_half(w, k0 + st, BITS, HI, CM), _half(w, k0 + 3 * st, BITS, HI, CM)))
 
 
 @triton.jit
-def _half_tile(w, PW: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
+def _half_tile(w, PW: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr, CM: tl.constexpr):
     """Codes k (+ 16/BITS if HI) for k < PW/2, joined in k order."""
     if PW == 4:
-        h = tl.join(_half(w, 0, BITS, HI), _half(w, 1, BITS, HI))
+        h = tl.join(_half(w, 0, BITS, HI, CM), _half(w, 1, BITS, HI, CM))
     elif PW == 8:
-        h = _half_nat4(w, 0, 1, BITS, HI)
+        h = _half_nat4(w, 0, 1, BITS, HI, CM)
     else:
-        h = tl.join(_half_nat4(w, 0, 2, BITS, HI), _half_nat4(w, 1, 2, BITS, HI))
+        h = tl.join(_half_nat4(w, 0, 2, BITS, HI, CM), _half_nat4(w, 1, 2, BITS, HI, CM))
     return h
 
 
@@ -111,8 +135,8 @@ def _unpack(words, BITS: tl.constexpr, PW: tl.constexpr, D: tl.constexpr, BLOCK_
     """words (BLOCK_N, D/PW) -> (BLOCK_N, D) fp16 codes in channel order (word w holds codes w*PW .. w*PW+PW-1,
     code w*PW + k at bit k*BITS). Built by nested joins so each thread keeps a word's codes in its own
     registers (a 3-D shift-and-reshape lets Triton spread them over lanes and go through shared memory)."""
-    if CODE_MODE == 2 and BITS != 3:  # pairs (k, k + PW/2) adjacent: see _chan_of
-        h = tl.join(_half_tile(words, PW, BITS, 0), _half_tile(words, PW, BITS, 1))
+    if CODE_MODE >= 2 and BITS != 3:  # pairs (k, k + PW/2) adjacent: see _chan_of
+        h = tl.join(_half_tile(words, PW, BITS, 0, CODE_MODE), _half_tile(words, PW, BITS, 1, CODE_MODE))
     elif PW == 4:
         h = _nat4(words, 0, 1, BITS, CODE_MODE)
     elif PW == 8:
@@ -128,7 +152,8 @@ def _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_o
            K_KIND: tl.constexpr, V_KIND: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr,
            K_G: tl.constexpr, K_NGRP: tl.constexpr, V_BITS: tl.constexpr, V_PW: tl.constexpr,
            V_NGRP: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr,
-           BLOCK_N: tl.constexpr, CODE_MODE: tl.constexpr, WORDS: tl.constexpr):
+           BLOCK_N: tl.constexpr, CODE_MODE: tl.constexpr, WORDS: tl.constexpr, SVK: tl.constexpr,
+           SVV: tl.constexpr):
     """Global loads of one block: (key data, value data, key meta x2, value meta x2). Data (packed words or
     full-precision tiles) only when WORDS, else a placeholder (the block loads it). Issued a block ahead of
     use in the main loop, so the scales' latency hides behind the previous block's arithmetic."""
@@ -140,7 +165,7 @@ def _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_o
     kx = tl.zeros((1,), tl.int32)
     vx = tl.zeros((1,), tl.int32)
     if K_KIND == 1:
-        so = t[:, None] * skst + xk[None, :]
+        so = tl.multiple_of(t[:, None] * skst, (1, SVK)) + xk[None, :]
         sm = valid[:, None] & (xk[None, :] < K_NGRP)
         km0 = tl.load(ks_ptr + so, mask=sm, other=0.0).to(tl.float32) * INV
         km1 = tl.load(kz_ptr + so, mask=sm, other=0.0).to(tl.float32)
@@ -154,7 +179,7 @@ def _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_o
         km0 = tl.zeros((1,), tl.float32)
         km1 = tl.zeros((1,), tl.float32)
     if V_KIND == 1:
-        so = t[:, None] * svst + xv[None, :]
+        so = tl.multiple_of(t[:, None] * svst, (1, SVV)) + xv[None, :]
         sm = valid[:, None] & (xv[None, :] < V_NGRP)
         vm0 = tl.load(vs_ptr + so, mask=sm, other=0.0).to(tl.float32)
         vm1 = tl.load(vz_ptr + so, mask=sm, other=0.0).to(tl.float32)
@@ -176,7 +201,7 @@ def _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_o
 @triton.jit
 def _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
            kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off,
-           q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG,
+           q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, vnorm,
            K_KIND: tl.constexpr, V_KIND: tl.constexpr,
            K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr,
            V_BITS: tl.constexpr, V_PW: tl.constexpr,
@@ -230,10 +255,9 @@ def _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
     # ---- values
     if V_KIND == 1:  # vm0 = scale, vm1 = zero, (BLOCK_N, XV)
         vc = _unpack(vx, V_BITS, V_PW, D, BLOCK_N, CODE_MODE)
-        # p * scale in fp16 for the dot: normalise the block's largest scale to 2^14 (no overflow, no underflow)
-        c = 16384.0 / tl.maximum(tl.max(tl.max(vm0, axis=1), axis=0), 1e-30)
-        pv = tl.reshape(p[:, None, :] * (vm0 * c)[:, :, None], (BLOCK_N, XV * NGP))
-        acc += tl.dot(tl.trans(pv.to(tl.float16)), vc) * (INV / c)
+        # p * scale * vnorm in fp16 for the dot (_vnorm: no overflow); acc is in units of vnorm / INV here
+        pv = tl.reshape(p[:, None, :] * (vm0 * vnorm)[:, :, None], (BLOCK_N, XV * NGP))
+        acc = tl.dot(tl.trans(pv.to(tl.float16)), vc, acc)
         vb += tl.sum(tl.reshape(p[:, None, :] * vm1[:, :, None], (BLOCK_N, XV * NGP)), axis=0)
     else:
         pv = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, XV, NGP)), (BLOCK_N, XV * NGP))
@@ -248,35 +272,62 @@ def _run(lo, hi, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, 
          K_KIND: tl.constexpr, V_KIND: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr,
          K_NGRP: tl.constexpr, V_BITS: tl.constexpr, V_PW: tl.constexpr, V_NGRP: tl.constexpr,
          D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr, BLOCK_N: tl.constexpr,
-         HAS_KAFF: tl.constexpr, STORE_SCORES: tl.constexpr, CODE_MODE: tl.constexpr, PREFETCH: tl.constexpr):
+         HAS_KAFF: tl.constexpr, STORE_SCORES: tl.constexpr, CODE_MODE: tl.constexpr, PREFETCH: tl.constexpr,
+         SVK: tl.constexpr = 1, SVV: tl.constexpr = 1):
     """Tokens [lo, hi) in blocks aligned to BLOCK_N. PREFETCH 1: each block's scales are loaded one block
     ahead; 2: its code words too; 0: everything at use."""
     WORDS: tl.constexpr = PREFETCH == 2
+    vnorm = 1.0
+    if V_KIND == 1:  # quantized values accumulate in units of vnorm / INV per channel (_vnorm, _code_scale)
+        INV: tl.constexpr = 1.0 if CODE_MODE == 1 else 16777216.0
+        vnorm = _vnorm(vs_ptr, svst, lo, hi, V_NGRP, XV, SVV)
+        units = vnorm / INV * _code_scale(tl.arange(0, D), V_BITS, V_PW, CODE_MODE)
+        acc = acc * units[None, :]
     n_first = (lo // BLOCK_N) * BLOCK_N
     kx, vx, km0, km1, vm0, vm1 = _fetch(n_first, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK,
                                         k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, chK, chV,
                                         K_KIND, V_KIND, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP,
-                                        XK, XV, BLOCK_N, CODE_MODE, WORDS)
+                                        XK, XV, BLOCK_N, CODE_MODE, WORDS, SVK, SVV)
     for n0 in range(n_first, hi, BLOCK_N):
         if PREFETCH > 0:
             nkx, nvx, nkm0, nkm1, nvm0, nvm1 = _fetch(n0 + BLOCK_N, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
                                                       kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt,
                                                       svst, vr_ptr, svrt, v_off, chK, chV, K_KIND, V_KIND,
                                                       K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP,
-                                                      XK, XV, BLOCK_N, CODE_MODE, WORDS)
+                                                      XK, XV, BLOCK_N, CODE_MODE, WORDS, SVK, SVV)
         else:
             kx, vx, km0, km1, vm0, vm1 = _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt,
                                                 TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt,
                                                 v_off, chK, chV, K_KIND, V_KIND, K_BITS, K_PW, K_G, K_NGRP,
-                                                V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, CODE_MODE, WORDS)
+                                                V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, CODE_MODE, WORDS,
+                                                SVK, SVV)
         m_i, l_i, acc, vb = _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
                                    kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off,
-                                   q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG,
+                                   q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, vnorm,
                                    K_KIND, V_KIND, K_BITS, K_PW, K_G, V_BITS, V_PW, D, NGP, XK, XV, BLOCK_N,
                                    HAS_KAFF, STORE_SCORES, CODE_MODE, WORDS)
         if PREFETCH > 0:
             kx, vx, km0, km1, vm0, vm1 = nkx, nvx, nkm0, nkm1, nvm0, nvm1
+    if V_KIND == 1:
+        acc = acc / units[None, :]
     return m_i, l_i, acc, vb
+
+
+@triton.jit
+def _vnorm(vs_ptr, svst, lo, hi, V_NGRP: tl.constexpr, XV: tl.constexpr, SVV: tl.constexpr):
+    """2^k, the largest power of two with (largest value scale of tokens [lo, hi)) * 2^k <= 2^14, at most 2^60:
+    p * scale * 2^k neither overflows fp16 nor needlessly underflows, and one factor for the whole range lets
+    the value dots accumulate in place (a power of two: converting the accumulator is exact)."""
+    CH: tl.constexpr = 256
+    xv = tl.arange(0, XV)
+    mx = tl.zeros((CH, XV), tl.float16)
+    for n0 in range(lo, hi, CH):
+        t = n0 + tl.arange(0, CH)
+        so = tl.multiple_of(t[:, None] * svst, (1, SVV)) + xv[None, :]
+        sc = tl.load(vs_ptr + so, mask=(t < hi)[:, None] & (xv < V_NGRP)[None, :], other=0.0)
+        mx = tl.maximum(mx, tl.abs(sc))
+    k = tl.floor(tl.log2(16384.0 / tl.maximum(tl.max(tl.max(mx, axis=1), axis=0).to(tl.float32), 1e-30)))
+    return tl.exp2(tl.minimum(k, 60.0))
 
 
 @triton.jit(do_not_specialize=["seg_offset", "T_SEG", "TK", "TV", "split0", "TPS"])
@@ -296,7 +347,7 @@ def _split_kernel(
         V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_PW: tl.constexpr, V_G: tl.constexpr, V_NGRP: tl.constexpr,
         HAS_KRES: tl.constexpr, HAS_VRES: tl.constexpr, HAS_LEN: tl.constexpr, HAS_KAFF: tl.constexpr,
         STORE_SCORES: tl.constexpr, BLOCK_N: tl.constexpr, CODE_MODE: tl.constexpr, PREFETCH: tl.constexpr,
-        RES_LAST: tl.constexpr = False):
+        RES_LAST: tl.constexpr = False, SVEC_K: tl.constexpr = 1, SVEC_V: tl.constexpr = 1):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H_KV).to(tl.int64)  # offsets in int64: a (32, 8, 128K, 128) fp16 cache has 2^32 elements
@@ -327,6 +378,10 @@ def _split_kernel(
     q16 = qrep.to(tl.float16)
     qbd16 = tl.where((chK // K_G)[:, None] == (col // NGP)[None, :], q16, 0.0)
     qsum = tl.reshape(tl.sum(qbd16.to(tl.float32), axis=0), (XK, NGP))
+    if CODE_MODE == 3:  # the key tile reads code * 2^(j*BITS): undo it on the query's channels
+        tl.static_assert(K_KIND != 2, "CODE_MODE 3 takes per-token or full-precision keys")
+        if K_KIND == 1:
+            qbd16 = (qbd16.to(tl.float32) / _code_scale(f, K_BITS, K_PW, CODE_MODE)[:, None]).to(tl.float16)
 
     m_i = tl.full((NGP,), -1.0e30, tl.float32)
     l_i = tl.zeros((NGP,), tl.float32)
@@ -355,7 +410,7 @@ def _split_kernel(
                              skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, q16, qbd16,
                              qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, K_KIND, V_KIND, K_BITS, K_PW,
                              K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES,
-                             CODE_MODE, PREFETCH)
+                             CODE_MODE, PREFETCH, SVEC_K, SVEC_V)
     # phase B: one of keys / values quantized, the other full precision (KIVI's windows); C: both full
     if HAS_KRES or HAS_VRES:
         TB = tl.maximum(TK, TV)
