@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_speed_util import build_segments, copy_bandwidth, segments_bytes, sets_for, time_calls  # noqa: E402
+from bench_speed_util import (apply_tuning, build_segments, copy_bandwidth, segments_bytes, sets_for,  # noqa: E402
+                              time_calls)
 
 from smartkv.quant.core import dequantize, quantize  # noqa: E402
 from smartkv.quant.kernels import (decode_attention, decode_attention_reference, quantize_pack,  # noqa: E402
@@ -241,30 +242,28 @@ def spot_check(methods: list[str], notes: list):
 
 
 VARIANTS = {  # (kind, key bits) -> Tuning fields to try (each on top of the current default)
-    (K.TOK, 4): [dict(block_n=256, num_warps=4, prefetch=0), dict(block_n=256, num_warps=4, prefetch=1),
-                 dict(block_n=128, num_warps=4, prefetch=1), dict(block_n=128, num_warps=4, prefetch=2),
-                 dict(block_n=128, num_warps=4, prefetch=0, maxnreg=168), dict(block_n=64, num_warps=4, prefetch=2),
-                 # 8 warps: half the tile per thread, so more programs per SM (4 warps use ~240 registers)
-                 dict(block_n=128, num_warps=8, prefetch=2), dict(block_n=256, num_warps=8, prefetch=2),
-                 dict(block_n=256, num_warps=8, prefetch=1)],
-    (K.TOK, 8): [dict(block_n=128, num_warps=4, prefetch=0), dict(block_n=128, num_warps=4, prefetch=1),
-                 dict(block_n=128, num_warps=4, prefetch=2), dict(block_n=64, num_warps=4, prefetch=2),
-                 dict(block_n=128, num_warps=8, prefetch=2), dict(block_n=256, num_warps=8, prefetch=2)],
-    (K.CHAN, 2): [dict(num_stages=1, code_mode=1, prefetch=0), dict(num_stages=1, code_mode=1, prefetch=1),
-                  dict(num_stages=2, code_mode=1, prefetch=1), dict(num_stages=1, code_mode=1, prefetch=2),
-                  dict(num_stages=1, code_mode=2, prefetch=1), dict(num_warps=8, num_stages=1, code_mode=1, prefetch=2)],
+    # prefetch 3: software-pipelined (block i's values after block i+1's loads and with its scores)
+    (K.TOK, 4): [dict(block_n=128, prefetch=2), dict(block_n=64, prefetch=2), dict(block_n=64, prefetch=3),
+                 dict(block_n=128, prefetch=3), dict(block_n=128, prefetch=2, maxnreg=168),
+                 dict(block_n=128, prefetch=2, code_mode=2), dict(block_n=256, num_warps=8, prefetch=2)],
+    (K.TOK, 8): [dict(block_n=128, prefetch=2), dict(block_n=64, prefetch=2), dict(block_n=64, prefetch=3),
+                 dict(block_n=128, prefetch=1)],
+    (K.CHAN, 2): [dict(num_stages=1, code_mode=1, prefetch=2), dict(num_stages=1, code_mode=1, prefetch=1)],
 }
 SWEEP_METHOD = {(K.TOK, 4): "int4", (K.TOK, 8): "int8", (K.CHAN, 2): "kivi2"}
 
 
-def sweep(budget: Budget, lines: list, T: int = 32768, B: int = 8):
-    """Try launch configs at (B, T); keep the fastest in dec.TUNING."""
+def sweep(budget: Budget, lines: list, T: int = 32768, B: int = 8, methods: list[str] | None = None):
+    """Try launch configs at (B, T) for the kernels of `methods` (all swept ones if None); keep the fastest in
+    dec.TUNING."""
     for key, variants in VARIANTS.items():
         m = SWEEP_METHOD[key]
+        if methods is not None and m not in methods:
+            continue
         sets, nbytes = _sets(m, B, T, seed=5)
         best = None
         default = dec.tuning_for(*key)
-        for kw in variants + [dict(programs_per_sm=p) for p in (4, 16)]:
+        for kw in variants + [dict(programs_per_sm=p) for p in (4, 8, 16)]:
             if budget.left() < 60:
                 lines.append(f"| {m} | {kw} | skipped (time budget) |")
                 break
@@ -342,6 +341,8 @@ def main():
     ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     ap.add_argument("--methods", default=",".join(FUSED), help=f"fused methods, from {FUSED}")
     ap.add_argument("--sweep", action="store_true", help="tune launch configs at batch 8, 32K first")
+    ap.add_argument("--tuning", default=None, metavar="JSON",
+                    help="start from the launch configs of an earlier bench_attention.json (its \"tuning\")")
     ap.add_argument("--sweep-batch", type=int, default=8, help="batch the sweep tunes at (32K context)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--out", default=None, help="folder for bench_attention.md / .json")
@@ -379,11 +380,13 @@ def main():
     head.append(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + written)")
     print("\n".join(head), flush=True)
     notes, sweep_lines = [], []
+    if args.tuning:
+        notes.append(f"launch configs from {args.tuning}: {json.dumps(apply_tuning(args.tuning))}")
     probe_code_mode(notes)
     print(notes[-1], flush=True)
     if args.sweep:
         sweep_lines = ["| method | variant | time (us) | GB/s | compiled |", "|---|---|---|---|---|"]
-        sweep(budget, sweep_lines, B=args.sweep_batch)
+        sweep(budget, sweep_lines, B=args.sweep_batch, methods=methods)
         print("\n".join(sweep_lines), flush=True)
     spot_check(methods, notes)
     rows = []

@@ -20,6 +20,7 @@ import gc
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -254,6 +255,8 @@ def main():
                     help="card memory to size the largest batches for (default: this card's; 79.2 = an 80 GB H100)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip rows that would start after this")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tuning", default=None, metavar="JSON",
+                    help="kernel launch configs from a bench_attention.json (what its --sweep kept)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, context 512: checks the script runs")
     args = ap.parse_args()
     global DEV
@@ -262,6 +265,12 @@ def main():
         DEV, args.context, args.batch, args.steps, args.warmup, args.layers = "cpu", 512, 2, 2, 1, 2
         args.no_max_batch = True
         smartkv.cache.FORCE_KERNELS = True  # with TRITON_INTERPRET=1: the fused path through the interpreter
+    if args.tuning:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_speed_util import apply_tuning
+        notes_tuning = [f"- kernel launch configs from {args.tuning}: {json.dumps(apply_tuning(args.tuning))}"]
+    else:
+        notes_tuning = []
     t_start = time.time()
     out = Path(args.out) if args.out else None
     if out:
@@ -278,7 +287,7 @@ def main():
         card, total_memory = "CPU (smoke run)", weights + 8 * args.context * 2 ** 17 + int(args.reserve_gib * GIB)
     head = [f"- card: {card}, {total_memory / GIB:.1f} GiB; torch {torch.__version__}; "
             f"weights {weights / GIB:.1f} GiB ({args.layers} layers)",
-            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"] + notes_tuning
     notes: list[str] = []
     check_fused(model, notes, context=min(4096, args.context))
     rows: list[dict] = []

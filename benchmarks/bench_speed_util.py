@@ -123,3 +123,17 @@ def build_segments(method: str, B: int, H: int, T: int, D: int, gen, group: int 
 
 def segments_bytes(segments: list[KVSegment]) -> int:
     return sum(s.nbytes for s in segments)
+
+
+def apply_tuning(path: str) -> dict:
+    """Launch configs from a bench_attention.json (its "tuning": what its sweep kept) into the kernels' TUNING."""
+    import ast
+    import json
+
+    from smartkv.quant.kernels import decode as dec
+
+    with open(path) as f:
+        tuning = json.load(f)["tuning"]
+    for key, fields in tuning.items():
+        dec.TUNING[ast.literal_eval(key)] = dec.Tuning(**fields)
+    return tuning

@@ -121,6 +121,47 @@ def test_every_code_mode_gives_the_same_attention(bits, mode, monkeypatch):
         assert rel(out[b], exact[b]) < BOUND, (b, rel(out[b], exact[b]))
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_every_loop_schedule_gives_the_same_attention(prefetch, block_n, monkeypatch):
+    """Loads at use, one block ahead, or software-pipelined (block i's values next to block i+1's scores):
+    the same function, across split and block boundaries, ragged lengths and a residual-last token."""
+    from smartkv.quant.kernels import decode as dec
+
+    monkeypatch.setitem(dec.TUNING, 1, dec.Tuning(**{**vars(dec.TUNING[1]), "prefetch": prefetch,
+                                                     "block_n": block_n, "min_split_tokens": 64}))
+    g = gen(7 * prefetch + block_n)
+    B, H, T, D = 3, 2, 333, 64
+    k, v = _kv(g, B, H, T, D)
+    lengths = torch.tensor([333, 97, 1], device=DEV)
+    q = randn(g, B, H * 4, 1, D)
+    _check(q, [KVSegment(quantize(k, 4, 32), quantize(v, 8, 32))], lengths)
+    last = torch.stack([k[torch.arange(B), :, lengths - 1], v[torch.arange(B), :, lengths - 1]])  # (2, B, H, D)
+    seg = KVSegment(quantize(k, 4, 32), quantize(v, 4, 32), key_residual=last[0, :, :, None].half(),
+                    value_residual=last[1, :, :, None].half(), lengths=lengths, residual_last=True)
+    _check(q, [seg], probs=False)
+
+
+def test_splits_fill_whole_waves():
+    """The split planner takes the fewest waves' worth of time: a grid whose last wave is mostly empty costs a
+    whole wave (H200, int4 at 32K x 48, 264 slots: 2 splits, 3 waves, measured 1482 us; 3 splits, 5 waves,
+    1645 us), and a split never falls under the minimum."""
+    import triton
+
+    from smartkv.quant.kernels.decode import SPLIT_OVERHEAD_BLOCKS, _splits
+
+    def cost(blocks, programs, slots, per):
+        return triton.cdiv(programs * triton.cdiv(blocks, per), slots) * (per + SPLIT_OVERHEAD_BLOCKS)
+
+    assert triton.cdiv(256, _splits(256, 48 * 8, 264, 2)) == 2
+    for blocks, programs, slots, min_blocks in [(256, 384, 264, 2), (256, 64, 264, 2), (1024, 8, 132, 4),
+                                                (3, 16, 264, 1), (1, 1, 8, 2), (700, 120, 396, 2)]:
+        per = _splits(blocks, programs, slots, min_blocks)
+        assert per >= min_blocks
+        assert all(cost(blocks, programs, slots, per) <= cost(blocks, programs, slots, p) + 1e-9
+                   for p in range(min_blocks, blocks + 1))
+
+
 def test_full_precision_segment_bf16_query():
     g = gen(7)
     k, v = _kv(g, 2, 2, 45, 64)

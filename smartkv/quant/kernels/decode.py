@@ -22,9 +22,9 @@ class Tuning:
     block_n: int = 64          # tokens per inner step (per-channel keys: groups per step * group size instead)
     num_warps: int = 4
     num_stages: int = 2
-    prefetch: int = 1          # 1: scales/zeros loaded one block ahead; 2: code words too; 0: at use
+    prefetch: int = 1          # 1: scales/zeros loaded one block ahead; 2: code words too; 0: at use; 3: pipelined
     maxnreg: int | None = None # register cap (more programs per SM, maybe spills)
-    programs_per_sm: int = 8   # split the context until the grid has about this many programs per SM
+    programs_per_sm: int = 0   # 0: splits by whole waves (_splits); n > 0: until the grid has ~n programs per SM
     min_split_tokens: int = 256
     # 1: 0x6400 trick (exact fp16 integers); 0: codes as fp16 subnormals; 2: as 0, two codes per word op;
     # 3: as 2, shifting by whole bytes only (codes read as code * 2^(place in byte * bits), undone per channel)
@@ -50,6 +50,42 @@ def _sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+SPLIT_OVERHEAD_BLOCKS = 1.5  # a program's fixed cost (query, value-scale pass, partial store) in blocks of tokens
+
+
+def _splits(blocks: int, programs: int, slots: int, min_blocks: int) -> int:
+    """Blocks per split for `programs` (batch x KV heads) sequences of `blocks` blocks each, when `slots`
+    programs run at once on the card: the fewest waves' worth of time, ceil(programs x splits / slots) x
+    (blocks per split + SPLIT_OVERHEAD_BLOCKS). A last wave that is mostly empty costs as much as a full one:
+    at 32K x 48 (384 sequences, 264 slots) 3 splits take 5 waves where 2 take 3 (measured 10% apart)."""
+    best = None
+    for per in sorted({max(triton.cdiv(blocks, n), min_blocks) for n in range(1, blocks + 1)}):
+        n = triton.cdiv(blocks, per)
+        cost = triton.cdiv(programs * n, slots) * (per + SPLIT_OVERHEAD_BLOCKS)
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, per)
+    return best[1]
+
+
+_RESIDENT: dict = {}  # (K kind, key bits, V bits, tuning) -> programs of that split kernel resident per SM
+
+
+def _resident(kind: int, kbits: int, vbits: int, tune: Tuning) -> int:
+    """Split-kernel programs one SM holds at once, from the compiled kernel's registers and shared memory
+    (H100/H200: 64K registers, 228 KB shared, 64 warps); 2 until one has been compiled (the 4-warp kernels
+    take ~240 registers a thread)."""
+    key = (kind, kbits, vbits, tuple(sorted(vars(tune).items())))
+    if key not in _RESIDENT:
+        kern = LAST_KERNELS.get((kind, kbits, vbits))
+        n_regs = getattr(kern, "n_regs", 0) if kern is not None else 0
+        if not n_regs:
+            return 2
+        regs = -(-n_regs // 8) * 8 * 32 * tune.num_warps
+        shared = max(getattr(kern.metadata, "shared", 0), 1)
+        _RESIDENT[key] = max(1, min(65536 // regs, (228 * 1024) // shared, 64 // tune.num_warps))
+    return _RESIDENT[key]
 
 
 def _pow2(n: int) -> int:
@@ -136,8 +172,13 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
             block_n = tune.block_n
         xv = max(vs.ngrp, fill)
         blocks = triton.cdiv(T, block_n)
-        want = max(1, triton.cdiv(tune.programs_per_sm * _sm_count(device), B * Hkv))
-        per_split = max(triton.cdiv(blocks, want), triton.cdiv(tune.min_split_tokens, block_n))
+        min_blocks = triton.cdiv(tune.min_split_tokens, block_n)
+        if tune.programs_per_sm:
+            want = max(1, triton.cdiv(tune.programs_per_sm * _sm_count(device), B * Hkv))
+            per_split = max(triton.cdiv(blocks, want), min_blocks)
+        else:
+            slots = _resident(ks.kind, ks.bits, vs.bits, tune) * _sm_count(device)
+            per_split = _splits(blocks, B * Hkv, slots, min_blocks)
         tps = per_split * block_n
         plans.append(_Launch(seg, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune))
         offset += T

@@ -199,29 +199,15 @@ def _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_o
 
 
 @triton.jit
-def _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
-           kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off,
-           q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, vnorm,
-           K_KIND: tl.constexpr, V_KIND: tl.constexpr,
-           K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr,
-           V_BITS: tl.constexpr, V_PW: tl.constexpr,
-           D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr, BLOCK_N: tl.constexpr,
-           HAS_KAFF: tl.constexpr, STORE_SCORES: tl.constexpr, CODE_MODE: tl.constexpr, WORDS: tl.constexpr):
-    """One block of BLOCK_N tokens: scores, online softmax, values. kx/vx/km*/vm* come from _fetch."""
+def _scores(n0, lo, hi, kx, km0, km1, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, qk_scale, NG,
+            K_KIND: tl.constexpr, K_G: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr, D: tl.constexpr,
+            NGP: tl.constexpr, XK: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KAFF: tl.constexpr,
+            STORE_SCORES: tl.constexpr, CODE_MODE: tl.constexpr):
+    """Scaled scores (BLOCK_N, NGP) of one block's keys (kx, km* from _fetch); -inf outside [lo, hi)."""
     INV: tl.constexpr = 1.0 if CODE_MODE == 1 else 16777216.0
     t = n0 + tl.arange(0, BLOCK_N)
     valid = (t >= lo) & (t < hi)
     xk = tl.arange(0, XK)
-    if not WORDS:
-        if K_KIND == 0:
-            kx = tl.load(kr_ptr + (t - k_off)[:, None] * skrt + chK[None, :], mask=valid[:, None], other=0.0)
-        else:
-            kx = _load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D)
-        if V_KIND == 0:
-            vx = tl.load(vr_ptr + (t - v_off)[:, None] * svrt + chV[None, :], mask=valid[:, None], other=0.0)
-        else:
-            vx = _load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D)
-    # ---- keys -> scores (BLOCK_N, NGP)
     if K_KIND == 1:  # per-token groups: km0 = scale * INV, km1 = zero, (BLOCK_N, XK)
         kc = _unpack(kx, K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
         r = tl.reshape(tl.dot(kc, qbd16), (BLOCK_N, XK, NGP))
@@ -243,16 +229,26 @@ def _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
     hh = tl.arange(0, NGP)
     if STORE_SCORES:
         tl.store(sc_ptr + hh[None, :] * ssch + t[:, None], s, mask=valid[:, None] & (hh[None, :] < NG))
-    s = tl.where(valid[:, None], s, float("-inf"))
-    # ---- online softmax, state per query head
+    return tl.where(valid[:, None], s, float("-inf"))
+
+
+@triton.jit
+def _softmax(s, m_i, l_i):
+    """Online softmax over one block's scores: (new max, new sum, rescale of what came before, p)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=0))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[None, :])
-    l_i = l_i * alpha + tl.sum(p, axis=0)
+    return m_new, l_i * alpha + tl.sum(p, axis=0), alpha, p
+
+
+@triton.jit
+def _values(acc, vb, alpha, p, vx, vm0, vm1, vnorm, V_KIND: tl.constexpr, V_BITS: tl.constexpr,
+            V_PW: tl.constexpr, D: tl.constexpr, NGP: tl.constexpr, XV: tl.constexpr, BLOCK_N: tl.constexpr,
+            CODE_MODE: tl.constexpr):
+    """acc * alpha + p . values of one block (vx, vm* from _fetch)."""
     alpha_v = tl.reshape(tl.broadcast_to(alpha[None, :], (XV, NGP)), (XV * NGP,))
     acc = acc * alpha_v[:, None]
     vb = vb * alpha_v
-    # ---- values
     if V_KIND == 1:  # vm0 = scale, vm1 = zero, (BLOCK_N, XV)
         vc = _unpack(vx, V_BITS, V_PW, D, BLOCK_N, CODE_MODE)
         # p * scale * vnorm in fp16 for the dot (_vnorm: no overflow); acc is in units of vnorm / INV here
@@ -262,6 +258,36 @@ def _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
     else:
         pv = tl.reshape(tl.broadcast_to(p[:, None, :], (BLOCK_N, XV, NGP)), (BLOCK_N, XV * NGP))
         acc += tl.dot(tl.trans(pv.to(tl.float16)), vx.to(tl.float16))
+    return acc, vb
+
+
+@triton.jit
+def _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
+           kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off,
+           q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, vnorm,
+           K_KIND: tl.constexpr, V_KIND: tl.constexpr,
+           K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr,
+           V_BITS: tl.constexpr, V_PW: tl.constexpr,
+           D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr, BLOCK_N: tl.constexpr,
+           HAS_KAFF: tl.constexpr, STORE_SCORES: tl.constexpr, CODE_MODE: tl.constexpr, WORDS: tl.constexpr):
+    """One block of BLOCK_N tokens: scores, online softmax, values. kx/vx/km*/vm* come from _fetch (the words
+    only when WORDS; otherwise they are loaded here)."""
+    t = n0 + tl.arange(0, BLOCK_N)
+    valid = (t >= lo) & (t < hi)
+    if not WORDS:
+        if K_KIND == 0:
+            kx = tl.load(kr_ptr + (t - k_off)[:, None] * skrt + chK[None, :], mask=valid[:, None], other=0.0)
+        else:
+            kx = _load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D)
+        if V_KIND == 0:
+            vx = tl.load(vr_ptr + (t - v_off)[:, None] * svrt + chV[None, :], mask=valid[:, None], other=0.0)
+        else:
+            vx = _load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D)
+    s = _scores(n0, lo, hi, kx, km0, km1, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, qk_scale, NG, K_KIND, K_G,
+                K_BITS, K_PW, D, NGP, XK, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+    m_new, l_i, alpha, p = _softmax(s, m_i, l_i)
+    acc, vb = _values(acc, vb, alpha, p, vx, vm0, vm1, vnorm, V_KIND, V_BITS, V_PW, D, NGP, XV, BLOCK_N,
+                      CODE_MODE)
     return m_new, l_i, acc, vb
 
 
@@ -275,7 +301,8 @@ def _run(lo, hi, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, 
          HAS_KAFF: tl.constexpr, STORE_SCORES: tl.constexpr, CODE_MODE: tl.constexpr, PREFETCH: tl.constexpr,
          SVK: tl.constexpr = 1, SVV: tl.constexpr = 1):
     """Tokens [lo, hi) in blocks aligned to BLOCK_N. PREFETCH 1: each block's scales are loaded one block
-    ahead; 2: its code words too; 0: everything at use."""
+    ahead; 2: its code words too; 0: everything at use; 3: software-pipelined, block i's values computed after
+    block i+1's loads are issued and next to its scores (two independent chains per iteration)."""
     WORDS: tl.constexpr = PREFETCH == 2
     vnorm = 1.0
     if V_KIND == 1:  # quantized values accumulate in units of vnorm / INV per channel (_vnorm, _code_scale)
@@ -287,27 +314,46 @@ def _run(lo, hi, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, 
     kx, vx, km0, km1, vm0, vm1 = _fetch(n_first, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK,
                                         k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, chK, chV,
                                         K_KIND, V_KIND, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP,
-                                        XK, XV, BLOCK_N, CODE_MODE, WORDS, SVK, SVV)
-    for n0 in range(n_first, hi, BLOCK_N):
-        if PREFETCH > 0:
-            nkx, nvx, nkm0, nkm1, nvm0, nvm1 = _fetch(n0 + BLOCK_N, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
-                                                      kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt,
-                                                      svst, vr_ptr, svrt, v_off, chK, chV, K_KIND, V_KIND,
-                                                      K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP,
-                                                      XK, XV, BLOCK_N, CODE_MODE, WORDS, SVK, SVV)
-        else:
-            kx, vx, km0, km1, vm0, vm1 = _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt,
-                                                TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt,
-                                                v_off, chK, chV, K_KIND, V_KIND, K_BITS, K_PW, K_G, K_NGRP,
-                                                V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, CODE_MODE, WORDS,
-                                                SVK, SVV)
-        m_i, l_i, acc, vb = _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
-                                   kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off,
-                                   q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, vnorm,
-                                   K_KIND, V_KIND, K_BITS, K_PW, K_G, V_BITS, V_PW, D, NGP, XK, XV, BLOCK_N,
-                                   HAS_KAFF, STORE_SCORES, CODE_MODE, WORDS)
-        if PREFETCH > 0:
-            kx, vx, km0, km1, vm0, vm1 = nkx, nvx, nkm0, nkm1, nvm0, nvm1
+                                        XK, XV, BLOCK_N, CODE_MODE, WORDS or PREFETCH == 3, SVK, SVV)
+    if PREFETCH == 3:  # software-pipelined: block i's values after block i+1's loads and with its scores
+        s = _scores(n_first, lo, hi, kx, km0, km1, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, qk_scale, NG,
+                    K_KIND, K_G, K_BITS, K_PW, D, NGP, XK, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+        m_i, l_i, alpha, p = _softmax(s, m_i, l_i)
+        for n0 in range(n_first + BLOCK_N, hi, BLOCK_N):
+            nkx, nvx, nkm0, nkm1, nvm0, nvm1 = _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt,
+                                                      TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt,
+                                                      v_off, chK, chV, K_KIND, V_KIND, K_BITS, K_PW, K_G, K_NGRP,
+                                                      V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, CODE_MODE,
+                                                      True, SVK, SVV)
+            acc, vb = _values(acc, vb, alpha, p, vx, vm0, vm1, vnorm, V_KIND, V_BITS, V_PW, D, NGP, XV, BLOCK_N,
+                              CODE_MODE)
+            s = _scores(n0, lo, hi, nkx, nkm0, nkm1, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, qk_scale, NG,
+                        K_KIND, K_G, K_BITS, K_PW, D, NGP, XK, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
+            m_i, l_i, alpha, p = _softmax(s, m_i, l_i)
+            vx, vm0, vm1 = nvx, nvm0, nvm1
+        acc, vb = _values(acc, vb, alpha, p, vx, vm0, vm1, vnorm, V_KIND, V_BITS, V_PW, D, NGP, XV, BLOCK_N,
+                          CODE_MODE)
+    else:
+        for n0 in range(n_first, hi, BLOCK_N):
+            if PREFETCH > 0:
+                nkx, nvx, nkm0, nkm1, nvm0, nvm1 = _fetch(n0 + BLOCK_N, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
+                                                          kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt,
+                                                          svst, vr_ptr, svrt, v_off, chK, chV, K_KIND, V_KIND,
+                                                          K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP,
+                                                          XK, XV, BLOCK_N, CODE_MODE, WORDS, SVK, SVV)
+            else:
+                kx, vx, km0, km1, vm0, vm1 = _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt,
+                                                    TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt,
+                                                    v_off, chK, chV, K_KIND, V_KIND, K_BITS, K_PW, K_G, K_NGRP,
+                                                    V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, CODE_MODE, WORDS,
+                                                    SVK, SVV)
+            m_i, l_i, acc, vb = _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
+                                       kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off,
+                                       q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, vnorm,
+                                       K_KIND, V_KIND, K_BITS, K_PW, K_G, V_BITS, V_PW, D, NGP, XK, XV, BLOCK_N,
+                                       HAS_KAFF, STORE_SCORES, CODE_MODE, WORDS)
+            if PREFETCH > 0:
+                kx, vx, km0, km1, vm0, vm1 = nkx, nvx, nkm0, nkm1, nvm0, nvm1
     if V_KIND == 1:
         acc = acc / units[None, :]
     return m_i, l_i, acc, vb
