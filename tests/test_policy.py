@@ -50,6 +50,21 @@ def test_concentrated_weights_get_the_wide_codes():
     assert bool((bits[:5] == 8).all()) and int(bits.sum()) <= 400
 
 
+tied_st = st.lists(st.sampled_from([0.0, 1e-300, 1.0, 3.0, 21.333333333333332, 85.33333333333333, 1028.0157]),
+                   min_size=1, max_size=200)  # many ties, some on the envelope's breakpoints
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(weights_st, tied_st), budget_st, st.sampled_from([WIDTHS, (2, 4, 8), (3, 4)]))
+def test_counts_for_is_the_histogram_of_solve_widths(ws, budget, widths):
+    """counts_for runs the solve on sorted weights in numpy (SmartKV's re-allocations call it twice per layer);
+    its counts are exactly those of the per-token solve."""
+    budget = min(max(budget, min(widths)), max(widths))
+    w = torch.tensor(ws, dtype=torch.float64)
+    bits = solve_widths(w, budget, widths)
+    assert counts_for(w, budget, widths) == {b: int((bits == b).sum()) for b in sorted(widths, reverse=True)}
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 60), budget_st, st.integers(0, 2**31 - 1))
 def test_cascade_respects_caps_and_gives_equal_counts(rows, n, budget, seed):
