@@ -147,6 +147,23 @@ def _unpack(words, BITS: tl.constexpr, PW: tl.constexpr, D: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _data(t, valid, kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off, chK, chV,
+          K_KIND: tl.constexpr, V_KIND: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr,
+          V_BITS: tl.constexpr, V_PW: tl.constexpr, D: tl.constexpr):
+    """Key and value data of tokens t: packed words, or full-precision rows (residual windows start at k_off /
+    v_off)."""
+    if K_KIND == 0:
+        kx = tl.load(kr_ptr + (t - k_off)[:, None] * skrt + chK[None, :], mask=valid[:, None], other=0.0)
+    else:
+        kx = _load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D)
+    if V_KIND == 0:
+        vx = tl.load(vr_ptr + (t - v_off)[:, None] * svrt + chV[None, :], mask=valid[:, None], other=0.0)
+    else:
+        vx = _load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D)
+    return kx, vx
+
+
+@triton.jit
 def _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_off,
            vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, chK, chV,
            K_KIND: tl.constexpr, V_KIND: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr,
@@ -187,14 +204,8 @@ def _fetch(n0, lo, hi, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt, TK, k_o
         vm0 = tl.zeros((1,), tl.float32)
         vm1 = tl.zeros((1,), tl.float32)
     if WORDS:
-        if K_KIND == 0:
-            kx = tl.load(kr_ptr + (t - k_off)[:, None] * skrt + chK[None, :], mask=valid[:, None], other=0.0)
-        else:
-            kx = _load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D)
-        if V_KIND == 0:
-            vx = tl.load(vr_ptr + (t - v_off)[:, None] * svrt + chV[None, :], mask=valid[:, None], other=0.0)
-        else:
-            vx = _load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D)
+        kx, vx = _data(t, valid, kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off, chK, chV,
+                       K_KIND, V_KIND, K_BITS, K_PW, V_BITS, V_PW, D)
     return kx, vx, km0, km1, vm0, vm1
 
 
@@ -275,14 +286,8 @@ def _block(n0, lo, hi, m_i, l_i, acc, vb, kx, vx, km0, km1, vm0, vm1,
     t = n0 + tl.arange(0, BLOCK_N)
     valid = (t >= lo) & (t < hi)
     if not WORDS:
-        if K_KIND == 0:
-            kx = tl.load(kr_ptr + (t - k_off)[:, None] * skrt + chK[None, :], mask=valid[:, None], other=0.0)
-        else:
-            kx = _load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D)
-        if V_KIND == 0:
-            vx = tl.load(vr_ptr + (t - v_off)[:, None] * svrt + chV[None, :], mask=valid[:, None], other=0.0)
-        else:
-            vx = _load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D)
+        kx, vx = _data(t, valid, kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svrt, v_off, chK, chV,
+                       K_KIND, V_KIND, K_BITS, K_PW, V_BITS, V_PW, D)
     s = _scores(n0, lo, hi, kx, km0, km1, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, qk_scale, NG, K_KIND, K_G,
                 K_BITS, K_PW, D, NGP, XK, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE)
     m_new, l_i, alpha, p = _softmax(s, m_i, l_i)
