@@ -33,6 +33,9 @@ from bench_quality import parse_config  # noqa: E402
 
 SMOLLM2_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0)
+SHAPES = {"smollm2": SMOLLM2_SHAPES,  # --random's shapes; llama3-8b: the GPU benchmarks' attention shapes
+          "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)}
 PARTS = ("attend", "_fused_decode", "_observe", "_flush", "_middle_part", "_weights", "_allocate",
          "_repool", "_gather_values", "_stored_ranks", "_ranges", "_stored_kv", "_store")
 
@@ -92,14 +95,20 @@ def main(argv=None) -> None:
                    help="also print cProfile's top ROWS Python functions (own and cumulative time) over it")
     p.add_argument("--random", action="store_true",
                    help="a random-weight Llama of SmolLM2's shapes and random tokens (no model files needed)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2", help="--random's model shapes")
+    p.add_argument("--layers", type=int, default=None, help="--random's layer count (default: the shape's)")
+    p.add_argument("--methods", default="fp16,int4", help="unwrapped rows timed next to smartkv (or 'none')")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     device = torch.device(a.device)
     if a.random:
+        shapes = dict(SHAPES[a.shape])
+        if a.layers:
+            shapes["num_hidden_layers"] = a.layers
         handle = load_tiny("tiny-llama", device=a.device, dtype=torch.bfloat16 if device.type == "cuda" else
-                           torch.float32, **SMOLLM2_SHAPES, max_position_embeddings=max(8192, a.context + 1024))
+                           torch.float32, **shapes, max_position_embeddings=max(8192, a.context + 1024))
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, SMOLLM2_SHAPES["vocab_size"], (a.batch, a.context), generator=gen)
+        ids = torch.randint(3, shapes["vocab_size"], (a.batch, a.context), generator=gen)
         ids = ids.to(device)
     else:
         handle = load_model("smollm2", device=a.device)
@@ -107,7 +116,8 @@ def main(argv=None) -> None:
     params = parse_config(f"smartkv:{a.params}")[1]
     print(f"device {a.device}, context {a.context}, {a.tokens} decoded tokens, smartkv {a.params}", flush=True)
     rows = []
-    for m, pr in (("fp16", {}), ("int4", {}), ("smartkv", params)):
+    others = [] if a.methods == "none" else [(m, {}) for m in a.methods.split(",")]
+    for m, pr in others + [("smartkv", params)]:
         decode_ms(handle.model, ids, m, pr, 40, device)  # warm-up past re-allocations: kernels compiled
         rows.append((m, decode_ms(handle.model, ids, m, pr, a.tokens, device)))
         print(f"  {m}: {rows[-1][1]:.2f} ms / token", flush=True)
