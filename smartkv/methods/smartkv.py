@@ -437,8 +437,8 @@ class SmartKVLayer(KVLayer):
         kept[:, :Tq] = (old_bits == new_bits[..., :Tq]).reshape(R, Tq)
         levels = torch.arange(k, device=level.device)
         per_row = (level[:1] == levels[:, None]).sum(-1)                   # tokens per level (equal in every row)
-        fresh_per_level = torch.zeros(k, dtype=torch.long, device=level.device).scatter_add_(
-            0, level.flatten(), (~kept).flatten().long())
+        # (a scatter_add into k counters from every token took ~1 ms on an H200 at 32K x 8: all atomics on 4 words)
+        fresh_per_level = ((level.flatten() == levels[:, None]) & ~kept.flatten()).sum(-1)
         sizes = torch.cat([per_row, fresh_per_level]).tolist()               # the one read of this function
         per_row, fresh_per_level = sizes[:k], sizes[k:]
         fresh_idx = _indices((~kept).flatten())                            # row-major, as every pool orders them
