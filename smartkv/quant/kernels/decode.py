@@ -1,10 +1,10 @@
 """Launching the split-K decode attention kernels (triton_attn) for a list of segments."""
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import os
 
 import torch
 import triton
@@ -55,18 +55,21 @@ def _sm_count(device: torch.device) -> int:
 SPLIT_OVERHEAD_BLOCKS = 1.5  # a program's fixed cost (query, value-scale pass, partial store) in blocks of tokens
 
 
+@functools.lru_cache(maxsize=4096)
 def _splits(blocks: int, programs: int, slots: int, min_blocks: int) -> int:
     """Blocks per split for `programs` (batch x KV heads) sequences of `blocks` blocks each, when `slots`
     programs run at once on the card: the fewest waves' worth of time, ceil(programs x splits / slots) x
     (blocks per split + SPLIT_OVERHEAD_BLOCKS). A last wave that is mostly empty costs as much as a full one:
     at 32K x 48 (384 sequences, 264 slots) 3 splits take 5 waves where 2 take 3 (measured 10% apart)."""
-    best = None
-    for per in sorted({max(triton.cdiv(blocks, n), min_blocks) for n in range(1, blocks + 1)}):
-        n = triton.cdiv(blocks, per)
-        cost = triton.cdiv(programs * n, slots) * (per + SPLIT_OVERHEAD_BLOCKS)
-        if best is None or cost < best[0] - 1e-9:
+    best, n = None, 1
+    while True:  # each distinct blocks-per-split value once, from the largest down: O(sqrt(blocks)) candidates
+        per = max(triton.cdiv(blocks, n), min_blocks)
+        cost = triton.cdiv(programs * triton.cdiv(blocks, per), slots) * (per + SPLIT_OVERHEAD_BLOCKS)
+        if best is None or cost < best[0] + 1e-9:  # ties: the smaller split
             best = (cost, per)
-    return best[1]
+        if per <= max(min_blocks, 1):
+            return best[1]
+        n = triton.cdiv(blocks, per - 1)                                   # the next n with a smaller split
 
 
 _RESIDENT: dict = {}  # (K kind, key bits, V bits, tuning) -> programs of that split kernel resident per SM
