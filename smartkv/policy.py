@@ -73,11 +73,10 @@ class _BitCounter:
         total = self.base
         for step, hi in zip(self.steps, his.tolist()):
             total += step * (n - hi)            # clearly above this breakpoint
-        near = [(lo, hi) for lo, hi in zip(los.tolist(), his.tolist()) if hi > lo]
+        near = self._undecided(los, his)
         if near:                                # undecided tokens: exactly as _choose decides
-            lo, hi = min(r[0] for r in near), max(r[1] for r in near)
-            cost = ws[lo:hi, None] * self.pows[None, :] + lam * self.values[None, :]  # = _choose, first minimum
-            exact = float(self.values[cost.argmin(-1)].sum())
+            lo, hi = near
+            exact = float(self.values[self._exact(lo, hi, lam)].sum())
             # those tokens were counted above for the breakpoints they clearly pass; recount them exactly
             counted = self.base / n * (hi - lo)
             for x, step in zip(self.breaks, self.steps):
@@ -85,23 +84,28 @@ class _BitCounter:
             total += exact - counted
         return total
 
-
     def assign(self, lam: float) -> np.ndarray:
         """`_choose(w, lam)` for the sorted weights (ascending): width indices, from the same breakpoints as
         `total`, the undecided tokens by `_choose`'s arithmetic."""
-        ws, n = self.sorted, len(self.sorted)
-        idx = np.full(n, self.envelope[0], dtype=np.int64)
+        idx = np.full(len(self.sorted), self.envelope[0], dtype=np.int64)
         los, his = self._bounds(lam)
-        near = []
-        for j, lo, hi in zip(self.envelope[1:], los.tolist(), his.tolist()):
+        for j, hi in zip(self.envelope[1:], his.tolist()):
             idx[hi:] = j
-            if hi > lo:
-                near.append((lo, hi))
+        near = self._undecided(los, his)
         if near:
-            lo, hi = min(r[0] for r in near), max(r[1] for r in near)
-            cost = ws[lo:hi, None] * self.pows[None, :] + lam * self.values[None, :]
-            idx[lo:hi] = cost.argmin(-1)
+            idx[near[0]:near[1]] = self._exact(*near, lam)
         return idx
+
+    @staticmethod
+    def _undecided(los: np.ndarray, his: np.ndarray) -> tuple[int, int] | None:
+        """The sorted positions [lo, hi) spanning every token near some breakpoint (None: there are none)."""
+        near = [(lo, hi) for lo, hi in zip(los.tolist(), his.tolist()) if hi > lo]
+        return (min(r[0] for r in near), max(r[1] for r in near)) if near else None
+
+    def _exact(self, lo: int, hi: int, lam: float) -> np.ndarray:
+        """Width indices of sorted tokens [lo, hi) by `_choose`'s float64 arithmetic (first minimum wins)."""
+        cost = self.sorted[lo:hi, None] * self.pows[None, :] + lam * self.values[None, :]
+        return cost.argmin(-1)
 
 
 def solve_widths(weight: torch.Tensor, budget: float, widths=WIDTHS) -> torch.Tensor:
@@ -114,17 +118,24 @@ def solve_widths(weight: torch.Tensor, budget: float, widths=WIDTHS) -> torch.Te
     return out
 
 
+def _problem(weight: torch.Tensor, budget: float, widths) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The allocation problem, checked: (weights (n,) float64 on the CPU, widths ascending float64, bit target
+    floor(budget * n))."""
+    check_budget(budget, widths)
+    w = weight.detach().double().clamp_min(0).flatten().cpu()
+    w_vals = torch.tensor(sorted(widths), dtype=torch.float64)
+    target = int(math.floor(budget * w.numel() + 1e-9))
+    if float(w_vals[0]) * w.numel() > target:
+        raise ValueError(f"budget {budget} is below the smallest width {min(widths)}")
+    return w, w_vals, target
+
+
 def _solve(weight: torch.Tensor, budget: float, widths) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights as float64 on the CPU, widths (n,) before the rearrangement: the same multiset of widths)."""
-    check_budget(budget, widths)
-    n = weight.numel()
-    w = weight.detach().double().clamp_min(0).flatten().cpu()
+    w, w_vals, target = _problem(weight, budget, widths)
+    n = w.numel()
     if n == 0:
         return w, torch.zeros(0, dtype=torch.float64)
-    w_vals = torch.tensor(sorted(widths), dtype=torch.float64)
-    target = int(math.floor(budget * n + 1e-9))
-    if float(w_vals[0]) * n > target:
-        raise ValueError(f"budget {budget} is below the smallest width {min(widths)}")
     feasible = _lagrangian(_BitCounter(w, w_vals), target)
     best = _choose(w, 2.0 ** feasible, w_vals) if feasible is not None else torch.zeros(n, dtype=torch.long)
     idx = _fill(w, best.clone(), w_vals, target - int(w_vals[best].sum()))
@@ -207,16 +218,11 @@ def counts_for(weight_profile: torch.Tensor, budget: float, widths=WIDTHS) -> di
     placing them. The same Lagrangian solve and greedy fill, run on the sorted weights in numpy (the assignment
     of a sorted profile is a step function, read from the breakpoints): a few times faster than `_solve`, which
     matters because SmartKV calls it twice per layer at every re-allocation, with the GPU waiting."""
-    check_budget(budget, widths)
-    w = weight_profile.detach().double().clamp_min(0).flatten().cpu()
+    w, w_vals, target = _problem(weight_profile, budget, widths)
     n = w.numel()
     out = dict.fromkeys(sorted(widths, reverse=True), 0)
     if n == 0:
         return out
-    w_vals = torch.tensor(sorted(widths), dtype=torch.float64)
-    target = int(math.floor(budget * n + 1e-9))
-    if float(w_vals[0]) * n > target:
-        raise ValueError(f"budget {budget} is below the smallest width {min(widths)}")
     counter = _BitCounter(w, w_vals)
     feasible = _lagrangian(counter, target)
     vals = w_vals.numpy()
