@@ -34,8 +34,8 @@ FP, TOK, CHAN = 0, 1, 2
 
 @triton.jit
 def _chan_of(f, BITS: tl.constexpr, PW: tl.constexpr, CODE_MODE: tl.constexpr):
-    """Channel held by column f of an unpacked tile: channel order, except in CODE_MODE 2 where each word's
-    columns are (0, PW/2, 1, PW/2 + 1, ...)."""
+    """Channel held by column f of an unpacked tile: channel order, except in CODE_MODE 2 and 3 where each
+    word's columns are (0, PW/2, 1, PW/2 + 1, ...)."""
     if CODE_MODE >= 2 and BITS != 16 and BITS != 3:
         c = (f // PW) * PW + (f % PW) // 2 + (f % 2) * (PW // 2)
     else:
@@ -83,7 +83,8 @@ def _nat8(w, k0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr, CODE_MODE: 
 @triton.jit
 def _code_scale(f, BITS: tl.constexpr, PW: tl.constexpr, CODE_MODE: tl.constexpr):
     """What column f of an unpacked tile holds per unit of code, times 2^24: 1, except in CODE_MODE 3 where a
-    code j places into its byte (j = (k mod 8/BITS)) reads as code * 2^(j*BITS) (see _half)."""
+    code sitting j places into its byte (j = k mod 8/BITS, k its pair in the word) reads as code * 2^(j*BITS)
+    (see _half)."""
     if CODE_MODE == 3 and BITS != 16 and BITS != 3:
         k = ((f % PW) // 2) % (8 // BITS)
         r = tl.exp2((k * BITS).to(tl.float32))
