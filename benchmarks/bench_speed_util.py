@@ -6,6 +6,8 @@ events, and the median replay time divided by the calls it holds is reported.
 """
 from __future__ import annotations
 
+import ast
+import json
 import math
 from collections.abc import Callable
 
@@ -127,9 +129,6 @@ def segments_bytes(segments: list[KVSegment]) -> int:
 
 def apply_tuning(path: str) -> dict:
     """Launch configs from a bench_attention.json (its "tuning": what its sweep kept) into the kernels' TUNING."""
-    import ast
-    import json
-
     from smartkv.quant.kernels import decode as dec
 
     with open(path) as f:
