@@ -148,7 +148,6 @@ class GraphDecoder:
             self.state = None
 
 
-
 def generate_greedy(model, cache, input_ids: torch.Tensor, max_new_tokens: int,
                     mode: str | None = None) -> torch.Tensor:
     """Greedy decoding through `GraphDecoder` steps: the prompt (B, T) through the model, then one token per step.
