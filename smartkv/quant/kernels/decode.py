@@ -75,20 +75,19 @@ def _splits(blocks: int, programs: int, slots: int, min_blocks: int) -> int:
 _RESIDENT: dict = {}  # (K kind, key bits, V bits, tuning) -> programs of that split kernel resident per SM
 
 
-def _resident(kind: int, kbits: int, vbits: int, tune: Tuning) -> int:
-    """Split-kernel programs one SM holds at once, from the compiled kernel's registers and shared memory
-    (H100/H200: 64K registers, 228 KB shared, 64 warps); 2 until one has been compiled (the 4-warp kernels
-    take ~240 registers a thread)."""
-    key = (kind, kbits, vbits, tuple(sorted(vars(tune).items())))
-    if key not in _RESIDENT:
-        kern = LAST_KERNELS.get((kind, kbits, vbits))
-        n_regs = getattr(kern, "n_regs", 0) if kern is not None else 0
-        if not n_regs:
-            return 2
-        regs = -(-n_regs // 8) * 8 * 32 * tune.num_warps
-        shared = max(getattr(kern.metadata, "shared", 0), 1)
-        _RESIDENT[key] = max(1, min(65536 // regs, (228 * 1024) // shared, 64 // tune.num_warps))
-    return _RESIDENT[key]
+def _resident_key(kind: int, kbits: int, vbits: int, tune: Tuning) -> tuple:
+    return kind, kbits, vbits, tuple(sorted(vars(tune).items()))
+
+
+def _note_resident(key: tuple, kern, num_warps: int) -> None:
+    """Record how many programs of the kernel just launched for `key` one SM holds at once, from its registers
+    and shared memory (H100/H200: 64K registers, 228 KB shared, 64 warps)."""
+    n_regs = getattr(kern, "n_regs", 0) if kern is not None else 0
+    if key in _RESIDENT or not n_regs:
+        return
+    regs = -(-n_regs // 8) * 8 * 32 * num_warps
+    shared = max(getattr(kern.metadata, "shared", 0), 1)
+    _RESIDENT[key] = max(1, min(65536 // regs, (228 * 1024) // shared, 64 // num_warps))
 
 
 def _pow2(n: int) -> int:
@@ -153,6 +152,7 @@ class _Launch:
     n_splits: int
     offset: int
     tuning: Tuning
+    resident_key: tuple | None = None  # the whole-wave planner's key into _RESIDENT (None: programs_per_sm)
 
 
 def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, device) -> list[_Launch]:
@@ -176,14 +176,16 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
         xv = max(vs.ngrp, fill)
         blocks = triton.cdiv(T, block_n)
         min_blocks = triton.cdiv(tune.min_split_tokens, block_n)
+        key = None
         if tune.programs_per_sm:
             want = max(1, triton.cdiv(tune.programs_per_sm * _sm_count(device), B * Hkv))
             per_split = max(triton.cdiv(blocks, want), min_blocks)
         else:
-            slots = _resident(ks.kind, ks.bits, vs.bits, tune) * _sm_count(device)
-            per_split = _splits(blocks, B * Hkv, slots, min_blocks)
+            key = _resident_key(ks.kind, ks.bits, vs.bits, tune)
+            # 2 until this kernel has been launched once (the 4-warp kernels take ~240 registers a thread)
+            per_split = _splits(blocks, B * Hkv, _RESIDENT.get(key, 2) * _sm_count(device), min_blocks)
         tps = per_split * block_n
-        plans.append(_Launch(seg, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune))
+        plans.append(_Launch(seg, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune, key))
         offset += T
     return plans
 
@@ -232,7 +234,7 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
         kb = seg.key_shift
         sc = scores[i] if scores[i] is not None else o_part
         k, v = p.k, p.v
-        LAST_KERNELS[(k.kind, k.bits, v.bits)] = K._split_kernel[(p.n_splits, B * Hkv)](
+        kern = K._split_kernel[(p.n_splits, B * Hkv)](
             q3, q3.stride(0), q3.stride(1),
             *k.quant, *k.quant_strides, k.fp, *k.fp_strides,
             *v.quant, *v.quant_strides, v.fp, *v.fp_strides,
@@ -250,6 +252,9 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
             RES_LAST=seg.residual_last, SVEC_K=k.svec, SVEC_V=v.svec,
             PREFETCH=p.tuning.prefetch, num_warps=p.tuning.num_warps, num_stages=p.tuning.num_stages,
             **({"maxnreg": p.tuning.maxnreg} if p.tuning.maxnreg else {}))
+        LAST_KERNELS[(k.kind, k.bits, v.bits)] = kern
+        if p.resident_key is not None:
+            _note_resident(p.resident_key, kern, p.tuning.num_warps)
         split0 += p.n_splits
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=dev) if return_token_probs else out
