@@ -106,8 +106,8 @@ def test_every_code_mode_gives_the_same_attention(bits, mode, monkeypatch):
     of 10^4 between tokens (one normalisation per split must neither overflow nor lose the small ones)."""
     from smartkv.quant.kernels import decode as dec
 
-    for kind in (1, 0):
-        monkeypatch.setitem(dec.TUNING, kind, dec.Tuning(**{**vars(dec.TUNING[kind]), "code_mode": mode}))
+    for key in [k for k in dec.TUNING if (k if isinstance(k, int) else k[0]) in (0, 1)]:  # fp, per-token
+        monkeypatch.setitem(dec.TUNING, key, dec.Tuning(**{**vars(dec.TUNING[key]), "code_mode": mode}))
     g = gen(100 * bits + mode)
     B, H, T, D = 3, 2, 301, 64
     k, v = _kv(g, B, H, T, D)
@@ -128,8 +128,9 @@ def test_every_loop_schedule_gives_the_same_attention(prefetch, block_n, monkeyp
     the same function, across split and block boundaries, ragged lengths and a residual-last token."""
     from smartkv.quant.kernels import decode as dec
 
-    monkeypatch.setitem(dec.TUNING, 1, dec.Tuning(**{**vars(dec.TUNING[1]), "prefetch": prefetch,
-                                                     "block_n": block_n, "min_split_tokens": 64}))
+    for key in [k for k in dec.TUNING if (k if isinstance(k, int) else k[0]) == 1]:  # per-token, every width
+        monkeypatch.setitem(dec.TUNING, key, dec.Tuning(**{**vars(dec.TUNING[key]), "prefetch": prefetch,
+                                                           "block_n": block_n, "min_split_tokens": 64}))
     g = gen(7 * prefetch + block_n)
     B, H, T, D = 3, 2, 333, 64
     k, v = _kv(g, B, H, T, D)
@@ -178,6 +179,24 @@ def test_kivi_windows(Tk, Tv, T):
     seg = KVSegment(quantize(k[..., :Tk, :], 2, 32, -2), quantize(v[..., :Tv, :], 2, 32),
                     k[..., Tk:, :].half(), v[..., Tv:, :].half())
     _check(randn(g, B, H * 4, 1, D), [seg])
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_kivi_blocks_of_fewer_groups(block_n, monkeypatch):
+    """Per-channel keys in blocks of fewer key groups than the query has column sets (one-warp programs):
+    each token still reads its own group's column, across windows and ragged lengths."""
+    from smartkv.quant.kernels import decode as dec
+
+    monkeypatch.setitem(dec.TUNING, 2, dec.Tuning(**{**vars(dec.TUNING[2]), "block_n": block_n, "num_warps": 1,
+                                                     "min_split_tokens": 64}))
+    g = gen(block_n + 5)
+    B, H, D, T, Tk = 3, 2, 64, 230, 192
+    k, v = _kv(g, B, H, T, D)
+    seg = KVSegment(quantize(k[..., :Tk, :], 2, 32, -2), quantize(v[..., :Tk, :], 2, 32),
+                    k[..., Tk:, :].half(), v[..., Tk:, :].half())
+    plan = dec._plan([seg], B, H, 4, D, k.device)[0]
+    assert plan.block_n == block_n and plan.tps % block_n == 0
+    _check(randn(g, B, H * 4, 1, D), [seg], torch.tensor([230, 101, 3], device=DEV))
 
 
 def test_ragged_batch_lengths():
@@ -236,7 +255,8 @@ def test_segment_errors_are_clear():
                                                     (70, 1, 16, 16, True, None), (150, 4, 64, 32, True, (64, 16, 8)),
                                                     (41, 4, 128, 32, True, None), (33, 2, 64, 16, True, None),
                                                     (41, 4, 128, 32, True, (32, 32, 4, 0)),
-                                                    (150, 4, 128, 64, True, (128, 32, 4))])
+                                                    (150, 4, 128, 64, True, (128, 32, 4)),
+                                                    (150, 4, 128, 32, True, (32, 32, 1))])
 def test_pool_two_pass_kernels(bits, N, NG, D, G, shared, config, monkeypatch):
     """SmartKV's two passes over its layout in one launch each: full-precision sinks, two width pools whose
     tokens interleave in the middle (each row its own interleaving), the full-precision window. Scores land at

@@ -19,7 +19,8 @@ LOG2E = 1.4426950408889634
 @dataclass
 class Tuning:
     """Launch choices; `TUNING` holds one per key kind (benchmarks may overwrite them)."""
-    block_n: int = 64          # tokens per inner step (per-channel keys: groups per step * group size instead)
+    block_n: int = 64          # tokens per inner step (per-channel keys: 0 for as many groups as the query has
+                               # column sets, 16 / query heads per KV head; or fewer whole groups)
     num_warps: int = 4
     num_stages: int = 2
     prefetch: int = 1          # 1: scales/zeros loaded one block ahead; 2: code words too; 0: at use; 3: pipelined
@@ -31,9 +32,13 @@ class Tuning:
     code_mode: int = int(os.environ.get("SMARTKV_KERNEL_CODE_MODE", "3"))
 
 
-# Defaults: the fastest of `benchmarks/bench_attention.py --sweep` (H100, batch 8, 32K; BENCHMARKS.md).
+# Defaults: the fastest of `benchmarks/bench_attention.py --sweep` (H100 and H200, batch 8, 32K; BENCHMARKS.md).
+# Per-token keys: one-warp programs of 32 tokens (H200: int4 12%, int8 25% faster than 4 warps x 128 tokens at
+# 32K x 8), splits down to 64 tokens (small grids: at 4K x 1, 64 splits of 64 tokens per KV head); int8 loads its words
+# at use (prefetching them spills).
 TUNING = {K.FP: Tuning(block_n=64, prefetch=0),
-          K.TOK: Tuning(block_n=128, prefetch=2),
+          K.TOK: Tuning(block_n=32, num_warps=1, prefetch=2, min_split_tokens=64),
+          (K.TOK, 8): Tuning(block_n=32, num_warps=1, prefetch=0, min_split_tokens=64),
           K.CHAN: Tuning(block_n=0, num_stages=1, code_mode=1, prefetch=2)}  # (kind, key bits) entries override
 
 
@@ -81,13 +86,13 @@ def _resident_key(kind: int, kbits: int, vbits: int, tune: Tuning) -> tuple:
 
 def _note_resident(key: tuple, kern, num_warps: int) -> None:
     """Record how many programs of the kernel just launched for `key` one SM holds at once, from its registers
-    and shared memory (H100/H200: 64K registers, 228 KB shared, 64 warps)."""
+    and shared memory (H100/H200: 64K registers, 228 KB shared, 64 warps, 32 programs)."""
     n_regs = getattr(kern, "n_regs", 0) if kern is not None else 0
     if key in _RESIDENT or not n_regs:
         return
     regs = -(-n_regs // 8) * 8 * 32 * num_warps
     shared = max(getattr(kern.metadata, "shared", 0), 1)
-    _RESIDENT[key] = max(1, min(65536 // regs, (228 * 1024) // shared, 64 // num_warps))
+    _RESIDENT[key] = max(1, min(65536 // regs, (228 * 1024) // shared, 64 // num_warps, 32))
 
 
 def _pow2(n: int) -> int:
@@ -167,9 +172,11 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
         ks = _side(seg.keys, seg.key_residual, T, D)
         vs = _side(seg.values, seg.value_residual, T, D)
         tune = tuning_for(ks.kind, ks.bits)
-        if ks.kind == K.CHAN:
+        if ks.kind == K.CHAN:  # columns for `fill` key groups; a block holds them all (block_n 0) or fewer
             xk = fill
             block_n = xk * ks.group
+            if tune.block_n and tune.block_n % ks.group == 0 and tune.block_n < block_n:
+                block_n = tune.block_n
         else:
             xk = max(ks.ngrp, fill)
             block_n = tune.block_n
@@ -182,8 +189,9 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
             per_split = max(triton.cdiv(blocks, want), min_blocks)
         else:
             key = _resident_key(ks.kind, ks.bits, vs.bits, tune)
-            # 2 until this kernel has been launched once (the 4-warp kernels take ~240 registers a thread)
-            per_split = _splits(blocks, B * Hkv, _RESIDENT.get(key, 2) * _sm_count(device), min_blocks)
+            # until this kernel has been launched once: 8 warps per SM (they take ~240 registers a thread)
+            resident = _RESIDENT.get(key, max(1, 8 // tune.num_warps))
+            per_split = _splits(blocks, B * Hkv, resident * _sm_count(device), min_blocks)
         tps = per_split * block_n
         plans.append(_Launch(seg, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune, key))
         offset += T
