@@ -86,3 +86,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A random tiny Llama (head_dim 32, 4 query / 2 KV heads, 2 layers, seed 0) on the GPU when there is one; one
+    per test module, so a module's graphs and hooks stay its own."""
+    import torch
+
+    from smartkv.models import load_tiny
+
+    return load_tiny("tiny-llama", seed=0, device="cuda" if torch.cuda.is_available() else "cpu").model

@@ -9,7 +9,6 @@ pytest.importorskip("triton")  # tests/conftest.py puts Triton in its interprete
 
 import smartkv  # noqa: E402
 import smartkv.cache as cache_mod  # noqa: E402
-from smartkv.models import load_tiny  # noqa: E402
 from smartkv.quant.core import quantize  # noqa: E402
 from smartkv import storage  # noqa: E402
 from smartkv.storage import QBuffer, TokenBuffer  # noqa: E402
@@ -22,11 +21,6 @@ CASES = {
     "kivi24": ("kivi", dict(residual_length=32), 31),
     "kivi2-g16": ("kivi", dict(key_bits=2, value_bits=2, group_size=16, residual_length=16), 47),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_tiny("tiny-llama", seed=0, device=DEV).model  # head_dim 32, 4 query / 2 KV heads, 2 layers
 
 
 @pytest.fixture
@@ -62,12 +56,12 @@ def _generate(model, method, params, ids, fused: bool, new_tokens=4, **kwargs):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fused_decode_equals_reference(tiny, counted, case):
+def test_fused_decode_equals_reference(tiny_llama, counted, case):
     method, params, length = CASES[case]
     ids = _prompt(length)
-    ref_tokens, ref_logits, ref_cache = _generate(tiny, method, params, ids, fused=False)
+    ref_tokens, ref_logits, ref_cache = _generate(tiny_llama, method, params, ids, fused=False)
     n_ref = len(counted)
-    tokens, logits, cache = _generate(tiny, method, params, ids, fused=True)
+    tokens, logits, cache = _generate(tiny_llama, method, params, ids, fused=True)
     assert n_ref == 0 and len(counted) == 3 * 2       # 3 decode steps x 2 layers, all fused
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
@@ -78,20 +72,20 @@ def test_fused_decode_equals_reference(tiny, counted, case):
         assert torch.equal(a, b)
 
 
-def test_padded_batch_falls_back_inside_attention(tiny, counted):
+def test_padded_batch_falls_back_inside_attention(tiny_llama, counted):
     ids = _prompt(24, batch=2, seed=3)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0                                         # left padding in the second row
     ids[1, :5] = 0
-    ref_tokens, ref_logits, _ = _generate(tiny, "int4", {}, ids, fused=False, new_tokens=3, attention_mask=mask)
-    tokens, logits, _ = _generate(tiny, "int4", {}, ids, fused=True, new_tokens=3, attention_mask=mask)
+    ref_tokens, ref_logits, _ = _generate(tiny_llama, "int4", {}, ids, fused=False, new_tokens=3, attention_mask=mask)
+    tokens, logits, _ = _generate(tiny_llama, "int4", {}, ids, fused=True, new_tokens=3, attention_mask=mask)
     assert not counted                                      # the mask sends every step to the reference path
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
 
 
-def test_model_without_the_hook_gets_a_clear_error(tiny, counted):
-    layer = smartkv.make_cache("int8", tiny).layers[0]
+def test_model_without_the_hook_gets_a_clear_error(tiny_llama, counted):
+    layer = smartkv.make_cache("int8", tiny_llama).layers[0]
     k = torch.randn(1, 2, 4, 32, device=DEV)
     layer.update(k, k)                                     # prefill: reference path
     layer.update(k[..., :1, :], k[..., :1, :])             # fused step; no attention call follows
@@ -137,15 +131,15 @@ def test_sliding_window_buffer_keeps_contents():
     assert buf.data.shape[-2] == 6                          # slid back instead of growing
 
 
-def test_reserve_preallocates_and_counts_slack_apart(tiny):
+def test_reserve_preallocates_and_counts_slack_apart(tiny_llama):
     ids = _prompt(40)
     caches = []
     for reserve in (0, 1024):
-        cache = smartkv.make_cache("kivi", tiny, residual_length=32)
+        cache = smartkv.make_cache("kivi", tiny_llama, residual_length=32)
         if reserve:
             cache.reserve(reserve)
         with torch.inference_mode():
-            tiny(ids, past_key_values=cache, use_cache=True)
+            tiny_llama(ids, past_key_values=cache, use_cache=True)
         caches.append(cache)
     assert caches[0].memory_report() == caches[1].memory_report()
     assert caches[1].slack_bytes() > caches[0].slack_bytes()
@@ -206,7 +200,7 @@ DECODE_KERNELS = (("triton_attn", ("_split_kernel", "_merge_kernel")),
     ("int4", {}, DECODE_KERNELS),
     ("kivi", dict(key_bits=2, value_bits=2, group_size=16, residual_length=16), DECODE_KERNELS),
 ])
-def test_decode_kernels_do_not_recompile_as_the_cache_grows(tiny, monkeypatch, method, params, kernels):
+def test_decode_kernels_do_not_recompile_as_the_cache_grows(tiny_llama, monkeypatch, method, params, kernels):
     """Triton compiles a kernel per specialisation of its arguments. Over a generation that grows the cache
     (SmartKV re-allocating, KIVI flushing blocks), every launch with the same compile-time constants must have the
     same specialisation: sizes, offsets and pointers that move as the cache grows (e.g. a pool's first column of
@@ -218,11 +212,11 @@ def test_decode_kernels_do_not_recompile_as_the_cache_grows(tiny, monkeypatch, m
     for module, names in kernels:
         keys.update(_record_specialisations(monkeypatch, importlib.import_module(f"smartkv.quant.kernels.{module}"),
                                             names, keys))
-    _generate(tiny, method, params, _prompt(53), fused=True, new_tokens=20)  # SmartKV without 3-bit pools: at
+    _generate(tiny_llama, method, params, _prompt(53), fused=True, new_tokens=20)  # SmartKV without 3-bit pools: at
     launched = {name for name, _ in keys}                                   # head_dim 32 they take the torch path
     assert launched >= {names[0] for _, names in kernels}, launched
     for key, specs in keys.items():
-        assert len(specs) == 1, (key[0], [dict(s) for s in specs])
+        assert len(specs) == 1, (key[0], [{k: v for k, v in s if any(dict(o)[k] != v for o in specs)} for s in specs])
 
 
 def test_an_empty_pool_keeps_the_pool_kernels_constants(monkeypatch):
@@ -248,7 +242,7 @@ def test_an_empty_pool_keeps_the_pool_kernels_constants(monkeypatch):
 
 
 @pytest.mark.parametrize("case", SMARTKV_CASES)
-def test_smartkv_two_pass_decode_equals_reference(tiny, monkeypatch, case):
+def test_smartkv_two_pass_decode_equals_reference(tiny_llama, monkeypatch, case):
     """SmartKV's fused decode (scores over key pools, softmax, values over value pools) gives the reference
     path's tokens, logits and importance, and stores the same bytes; a re-allocation happens mid-decode."""
     from smartkv.methods import smartkv as smartkv_mod
@@ -259,9 +253,9 @@ def test_smartkv_two_pass_decode_equals_reference(tiny, monkeypatch, case):
                         lambda *a, **k: calls.extend(p.bits for p, _, _ in a[1] if p.codes.shape[-2]) or real(*a, **k))
     params = SMARTKV_CASES[case]
     ids = _prompt(61)
-    ref_tokens, ref_logits, ref_cache = _generate(tiny, "smartkv", params, ids, fused=False, new_tokens=6)
+    ref_tokens, ref_logits, ref_cache = _generate(tiny_llama, "smartkv", params, ids, fused=False, new_tokens=6)
     assert not calls
-    tokens, logits, cache = _generate(tiny, "smartkv", params, ids, fused=True, new_tokens=6)
+    tokens, logits, cache = _generate(tiny_llama, "smartkv", params, ids, fused=True, new_tokens=6)
     widths = {b for layer in cache.layers for b in layer.pools["k"]} | {
         b for layer in cache.layers for b in layer.pools["v"]}
     assert len(widths) >= 2 and set(calls) <= widths and len(calls) >= 5 * 2   # every decode step, both layers

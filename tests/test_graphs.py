@@ -11,17 +11,11 @@ pytest.importorskip("triton")
 import smartkv  # noqa: E402
 import smartkv.cache as cache_mod  # noqa: E402
 from smartkv.graphs import GraphDecoder, default_mode, generate_greedy  # noqa: E402
-from smartkv.models import load_tiny  # noqa: E402
 from smartkv.quant.core import dequantize, quantize  # noqa: E402
 from smartkv.quant.kernels import KVSegment, decode_attention, quantize_pack_kv  # noqa: E402
 from smartkv.quant.kernels.reference import decode_attention_reference, quantize_pack_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_tiny("tiny-llama", seed=0, device=DEV).model  # head_dim 32, 4 query / 2 KV heads, 2 layers
 
 
 @pytest.fixture
@@ -47,11 +41,11 @@ def _decode(model, method, ids, steps, mode, reserve=None, **params):
 
 @pytest.mark.parametrize("method", ["fp16", "int8", "int4"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_static_steps_equal_ordinary_steps(tiny, kernels, method, batch):
+def test_static_steps_equal_ordinary_steps(tiny_llama, kernels, method, batch):
     ids = torch.randint(3, 500, (batch, 21), generator=torch.Generator().manual_seed(batch)).to(DEV)
-    ref_tokens, ref_logits, ref_cache, _ = _decode(tiny, method, ids, 4, "eager")
+    ref_tokens, ref_logits, ref_cache, _ = _decode(tiny_llama, method, ids, 4, "eager")
     # reserved well past the end: the static kernels see the whole capacity and must stop at the device length
-    tokens, logits, cache, dec = _decode(tiny, method, ids, 4, "static", reserve=21 + 4 + 70)
+    tokens, logits, cache, dec = _decode(tiny_llama, method, ids, 4, "static", reserve=21 + 4 + 70)
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
     assert err < 2e-3, err
@@ -63,47 +57,47 @@ def test_static_steps_equal_ordinary_steps(tiny, kernels, method, batch):
     dec.close()                                  # back to ordinary steps: the cache goes on from where it is
     assert all(layer.static is None for layer in cache.layers)
     with torch.inference_mode():
-        more = tiny(tokens[:, -1:], past_key_values=cache, use_cache=True).logits
-    assert more.shape == (batch, 1, tiny.config.vocab_size) and cache.get_seq_length() == 26
+        more = tiny_llama(tokens[:, -1:], past_key_values=cache, use_cache=True).logits
+    assert more.shape == (batch, 1, tiny_llama.config.vocab_size) and cache.get_seq_length() == 26
 
 
-def test_eager_mode_is_plain_model_steps(tiny):
+def test_eager_mode_is_plain_model_steps(tiny_llama):
     ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(5)).to(DEV)
-    cache = smartkv.make_cache("kivi", tiny, residual_length=32)   # any cache in eager mode
+    cache = smartkv.make_cache("kivi", tiny_llama, residual_length=32)   # any cache in eager mode
     with torch.inference_mode():
-        tiny(ids, past_key_values=cache, use_cache=True)
-    dec = GraphDecoder(tiny, cache, max_length=12, mode="eager")
+        tiny_llama(ids, past_key_values=cache, use_cache=True)
+    dec = GraphDecoder(tiny_llama, cache, max_length=12, mode="eager")
     nxt = ids[:, -1:]
     for _ in range(3):
-        assert dec.step(nxt).shape == (2, 1, tiny.config.vocab_size)
+        assert dec.step(nxt).shape == (2, 1, tiny_llama.config.vocab_size)
     assert cache.get_seq_length() == 12
     with pytest.raises(ValueError, match="max_length"):
         dec.step(nxt)
 
 
-def test_bad_use_is_refused_before_any_step(tiny, kernels):
+def test_bad_use_is_refused_before_any_step(tiny_llama, kernels):
     ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(6)).to(DEV)
-    empty = smartkv.make_cache("int4", tiny)
+    empty = smartkv.make_cache("int4", tiny_llama)
     with pytest.raises(ValueError, match="hold the prompt"):
-        GraphDecoder(tiny, empty, max_length=20, mode="static")
-    kivi = smartkv.make_cache("kivi", tiny)
+        GraphDecoder(tiny_llama, empty, max_length=20, mode="static")
+    kivi = smartkv.make_cache("kivi", tiny_llama)
     with torch.inference_mode():
-        tiny(ids, past_key_values=kivi, use_cache=True)
+        tiny_llama(ids, past_key_values=kivi, use_cache=True)
     with pytest.raises(ValueError, match="method must be one of"):
-        GraphDecoder(tiny, kivi, max_length=20, mode="static")
-    int4 = smartkv.make_cache("int4", tiny)
+        GraphDecoder(tiny_llama, kivi, max_length=20, mode="static")
+    int4 = smartkv.make_cache("int4", tiny_llama)
     with torch.inference_mode():
-        tiny(ids, past_key_values=int4, use_cache=True)
+        tiny_llama(ids, past_key_values=int4, use_cache=True)
     with pytest.raises(ValueError, match="max_length must be"):
-        GraphDecoder(tiny, int4, max_length=9, mode="static")
+        GraphDecoder(tiny_llama, int4, max_length=9, mode="static")
     with pytest.raises(ValueError, match="mode must be one of"):
-        GraphDecoder(tiny, int4, max_length=20, mode="fast")
+        GraphDecoder(tiny_llama, int4, max_length=20, mode="fast")
     if DEV == "cpu":
         with pytest.raises(ValueError, match="CUDA"):
-            GraphDecoder(tiny, int4, max_length=20, mode="graph")
+            GraphDecoder(tiny_llama, int4, max_length=20, mode="graph")
     with pytest.raises(ValueError, match="cache must be"):
-        GraphDecoder(tiny, object(), max_length=20, mode="static")
-    dec = GraphDecoder(tiny, int4, max_length=20, mode="static")
+        GraphDecoder(tiny_llama, object(), max_length=20, mode="static")
+    dec = GraphDecoder(tiny_llama, int4, max_length=20, mode="static")
     with pytest.raises(ValueError, match="input_ids must be"):
         dec.step(ids)
     assert int4.get_seq_length() == 9                 # nothing was stored by the refused calls
@@ -161,12 +155,12 @@ def test_residual_last_reads_each_sequence_up_to_its_length(bits):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("method", ["fp16", "int4", "smartkv"])
-def test_graph_replays_equal_static_steps(tiny, method):
+def test_graph_replays_equal_static_steps(tiny_llama, method):
     """SmartKV: 14 steps at realloc_every=4, so graphs are captured again after each re-allocation."""
     params = dict(SMARTKV) if method == "smartkv" else {}
     ids = torch.randint(3, 500, (2, 33), generator=torch.Generator().manual_seed(8)).to(DEV)
-    s_tokens, s_logits, _, _ = _decode(tiny, method, ids, 14, "static", reserve=200, **params)
-    g_tokens, g_logits, cache, dec = _decode(tiny, method, ids, 14, "graph", reserve=200, **params)
+    s_tokens, s_logits, _, _ = _decode(tiny_llama, method, ids, 14, "static", reserve=200, **params)
+    g_tokens, g_logits, cache, dec = _decode(tiny_llama, method, ids, 14, "graph", reserve=200, **params)
     assert dec.captures == (1 if method != "smartkv" else 4)  # again 1 step after each of 3 re-allocations
     assert torch.equal(g_tokens, s_tokens)
     torch.testing.assert_close(g_logits, s_logits, rtol=1e-5, atol=1e-5)
@@ -174,23 +168,24 @@ def test_graph_replays_equal_static_steps(tiny, method):
 
 
 @pytest.mark.parametrize("mode", ["static", None])
-def test_generate_greedy_gives_generates_tokens(tiny, kernels, mode):
+def test_generate_greedy_gives_generates_tokens(tiny_llama, kernels, mode):
     ids = torch.randint(3, 500, (2, 17), generator=torch.Generator().manual_seed(9)).to(DEV)
-    ref = tiny.generate(ids, past_key_values=smartkv.make_cache("int4", tiny), max_new_tokens=5, do_sample=False)
-    cache = smartkv.make_cache("int4", tiny)
-    new = generate_greedy(tiny, cache, ids, 5, mode=mode)
+    ref = tiny_llama.generate(ids, past_key_values=smartkv.make_cache("int4", tiny_llama), max_new_tokens=5,
+                              do_sample=False)
+    cache = smartkv.make_cache("int4", tiny_llama)
+    new = generate_greedy(tiny_llama, cache, ids, 5, mode=mode)
     assert torch.equal(new, ref[:, 17:])
     assert cache.get_seq_length() == 21 and all(layer.static is None for layer in cache.layers)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generate_greedy(tiny, cache, ids, 0)
+        generate_greedy(tiny_llama, cache, ids, 0)
 
 
-def test_default_mode_graphs_only_what_can_be_graphed(tiny, kernels):
+def test_default_mode_graphs_only_what_can_be_graphed(tiny_llama, kernels):
     ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(10)).to(DEV)
-    caches = {m: smartkv.make_cache(m, tiny) for m in ("fp16", "int4", "kivi", "smartkv")}
+    caches = {m: smartkv.make_cache(m, tiny_llama) for m in ("fp16", "int4", "kivi", "smartkv")}
     for cache in caches.values():
         with torch.inference_mode():
-            tiny(ids, past_key_values=cache, use_cache=True)
+            tiny_llama(ids, past_key_values=cache, use_cache=True)
     assert [default_mode("cuda", c) for c in caches.values()] == ["graph", "graph", "eager", "graph"]
     assert {default_mode("cpu", c) for c in caches.values()} == {"eager"}
     no_hook = smartkv.make_cache("int4", num_layers=2)     # no model given: attention not hooked, no fused path
@@ -201,12 +196,12 @@ SMARTKV = dict(budget=4.25, key_value_gap=3, widths=(2, 4, 8), recent_window=8, 
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny, kernels, batch):
+def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny_llama, kernels, batch):
     """12 steps at realloc_every=4: three re-allocations run between static steps (`cache.advance`), each
     followed by a new phase; tokens, logits, importance and the pools' widths follow the ordinary fused steps."""
     ids = torch.randint(3, 500, (batch, 30), generator=torch.Generator().manual_seed(11 + batch)).to(DEV)
-    ref_tokens, ref_logits, ref_cache, _ = _decode(tiny, "smartkv", ids, 12, "eager", **SMARTKV)
-    tokens, logits, cache, dec = _decode(tiny, "smartkv", ids, 12, "static", **SMARTKV)
+    ref_tokens, ref_logits, ref_cache, _ = _decode(tiny_llama, "smartkv", ids, 12, "eager", **SMARTKV)
+    tokens, logits, cache, dec = _decode(tiny_llama, "smartkv", ids, 12, "static", **SMARTKV)
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
     assert err < 2e-3, err
@@ -221,17 +216,17 @@ def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny, ke
     dec.close()
 
 
-def test_smartkv_needs_its_sinks_for_static_steps(tiny, kernels):
+def test_smartkv_needs_its_sinks_for_static_steps(tiny_llama, kernels):
     ids = torch.randint(3, 500, (1, 3), generator=torch.Generator().manual_seed(12)).to(DEV)
-    cache = smartkv.make_cache("smartkv", tiny, **SMARTKV)   # 4 sink tokens, a 3-token prompt
+    cache = smartkv.make_cache("smartkv", tiny_llama, **SMARTKV)   # 4 sink tokens, a 3-token prompt
     with torch.inference_mode():
-        tiny(ids, past_key_values=cache, use_cache=True)
+        tiny_llama(ids, past_key_values=cache, use_cache=True)
     assert default_mode("cuda", cache) == "eager"
     with pytest.raises(ValueError, match="sinks"):
-        GraphDecoder(tiny, cache, max_length=10, mode="static")
+        GraphDecoder(tiny_llama, cache, max_length=10, mode="static")
     # 3-bit pools with 4 groups per token take the pool passes' torch path: not static, ordinary steps instead
     ids = torch.randint(3, 500, (1, 20), generator=torch.Generator().manual_seed(13)).to(DEV)
-    three = smartkv.make_cache("smartkv", tiny, **dict(SMARTKV, widths=(3, 8), group_size=8))
+    three = smartkv.make_cache("smartkv", tiny_llama, **dict(SMARTKV, widths=(3, 8), group_size=8))
     with torch.inference_mode():
-        tiny(ids, past_key_values=three, use_cache=True)
+        tiny_llama(ids, past_key_values=three, use_cache=True)
     assert default_mode("cuda", three) == "eager"

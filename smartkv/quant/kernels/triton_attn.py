@@ -382,7 +382,10 @@ def _vnorm(vs_ptr, svst, lo, hi, V_NGRP: tl.constexpr, XV: tl.constexpr, SVV: tl
     return tl.exp2(tl.minimum(k, 60.0))
 
 
-@triton.jit(do_not_specialize=["seg_offset", "T_SEG", "TK", "TV", "split0", "TPS"])
+# Not specialised on: what moves as the cache grows (lengths, offsets, tokens per split) and the strides of the
+# per-split and per-token buffers, which scale with the split count S or the token count (S = 1 or a multiple of
+# 16 would compile another kernel mid-generation).
+@triton.jit(do_not_specialize=["seg_offset", "T_SEG", "TK", "TV", "split0", "TPS", "slb", "slh", "sscb", "ssch"])
 def _split_kernel(
         Q, sqb, sqh,
         KQ, KS, KZ, skqb, skqh, skqt, sksb, sksh, skst,
@@ -513,7 +516,7 @@ def _split_kernel(
     tl.store(LP + b * slb + hq * slh + split0 + split, lse, mask=hh < NG)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "slb", "slh"])
 def _merge_kernel(OP, LP, Out, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
                   D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr):
     pid = tl.program_id(0)
@@ -541,7 +544,7 @@ def _merge_kernel(OP, LP, Out, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
         tl.store(LSE + pid, tl.where(den > 0, m_safe + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf")))
 
 
-@triton.jit(do_not_specialize=["seg_offset", "T_SEG"])
+@triton.jit(do_not_specialize=["seg_offset", "T_SEG", "sscb", "ssch", "spb", "sph"])
 def _probs_kernel(SC, sscb, ssch, LSE, PO, spb, sph, LEN, seg_offset, T_SEG, H_KV, NG,
                   NGP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_LEN: tl.constexpr, ACCUMULATE: tl.constexpr):
     bh = tl.program_id(1)
