@@ -143,6 +143,22 @@ def test_every_loop_schedule_gives_the_same_attention(prefetch, block_n, monkeyp
     _check(q, [seg], probs=False)
 
 
+@pytest.mark.parametrize("NG,group,warps", [(4, 32, 1), (2, 32, 1), (1, 32, 1), (8, 32, 4), (4, 16, 4)])
+def test_wide_dots_keep_four_warp_programs(NG, group, warps):
+    """Per-token keys run one-warp programs while their dots have at most 16 columns (query heads per KV head x
+    key/value groups); wider ones (8 heads, or groups of 16 channels at head_dim 128) would spill in one warp and
+    take 4 warps x 128 tokens. Either way the same attention."""
+    from smartkv.quant.kernels import decode as dec
+
+    g = gen(NG * 100 + group)
+    B, H, T, D = 2, 2, 150, 128
+    k, v = _kv(g, B, H, T, D)
+    seg = KVSegment(quantize(k, 4, group), quantize(v, 4, group))
+    plan = dec._plan([seg], B, H, NG, D, k.device)[0]
+    assert plan.tuning.num_warps == warps and plan.block_n == (32 if warps == 1 else 128)
+    _check(randn(g, B, H * NG, 1, D), [seg], torch.tensor([150, 61], device=DEV))
+
+
 def test_splits_fill_whole_waves():
     """The split planner takes the fewest waves' worth of time: a grid whose last wave is mostly empty costs a
     whole wave (H200, int4 at 32K x 48, 264 slots: 2 splits, 3 waves, measured 1482 us; 3 splits, 5 waves,

@@ -42,8 +42,16 @@ TUNING = {K.FP: Tuning(block_n=64, prefetch=0),
           K.CHAN: Tuning(block_n=0, num_stages=1, code_mode=1, prefetch=2)}  # (kind, key bits) entries override
 
 
-def tuning_for(kind: int, bits: int) -> Tuning:
-    return TUNING.get((kind, bits), TUNING[kind])
+# Per-token keys whose dots have more than 16 columns (query heads per KV head x key or value groups per token:
+# 8 heads, or groups of 16 channels at head_dim 128): a one-warp program would hold a 32-row accumulator alone and
+# spill (sm_90 SASS, 8 heads: 72 bytes of stack); they keep the previous default, 4 warps x 128 tokens.
+WIDE = Tuning(block_n=128, prefetch=2)
+
+
+def tuning_for(kind: int, bits: int, columns: int = 16) -> Tuning:
+    """Launch config for keys of `kind` at `bits`, whose dots have `columns` columns (the per-token kinds)."""
+    tune = TUNING.get((kind, bits), TUNING[kind])
+    return WIDE if kind == K.TOK and tune.num_warps == 1 and columns > 16 else tune
 _SM_COUNT: dict[int, int] = {}
 LAST_KERNELS: dict = {}  # (K kind, key bits, V bits) -> last compiled split kernel (registers, spills: benchmarks)
 
@@ -171,7 +179,7 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
             continue
         ks = _side(seg.keys, seg.key_residual, T, D)
         vs = _side(seg.values, seg.value_residual, T, D)
-        tune = tuning_for(ks.kind, ks.bits)
+        tune = tuning_for(ks.kind, ks.bits, max(ks.ngrp, vs.ngrp, fill) * ngp)
         if ks.kind == K.CHAN:  # columns for `fill` key groups; a block holds them all (block_n 0) or fewer
             xk = fill
             block_n = xk * ks.group
