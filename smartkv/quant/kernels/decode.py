@@ -34,8 +34,8 @@ class Tuning:
 
 # Defaults: the fastest of `benchmarks/bench_attention.py --sweep` (H100 and H200, batch 8, 32K; BENCHMARKS.md).
 # Per-token keys: one-warp programs of 32 tokens (H200: int4 12%, int8 25% faster than 4 warps x 128 tokens at
-# 32K x 8), splits down to 64 tokens (small grids: at 4K x 1, 64 splits of 64 tokens per KV head); int8 loads its words
-# at use (prefetching them spills).
+# 32K x 8), splits down to 64 tokens (small grids: at 4K x 1, 64 splits of 64 tokens per KV head); int8 loads its
+# words at use (prefetching them spills).
 TUNING = {K.FP: Tuning(block_n=64, prefetch=0),
           K.TOK: Tuning(block_n=32, num_warps=1, prefetch=2, min_split_tokens=64),
           (K.TOK, 8): Tuning(block_n=32, num_warps=1, prefetch=0, min_split_tokens=64),
@@ -52,6 +52,8 @@ def tuning_for(kind: int, bits: int, columns: int = 16) -> Tuning:
     """Launch config for keys of `kind` at `bits`, whose dots have `columns` columns (the per-token kinds)."""
     tune = TUNING.get((kind, bits), TUNING[kind])
     return WIDE if kind == K.TOK and tune.num_warps == 1 and columns > 16 else tune
+
+
 _SM_COUNT: dict[int, int] = {}
 LAST_KERNELS: dict = {}  # (K kind, key bits, V bits) -> last compiled split kernel (registers, spills: benchmarks)
 
