@@ -253,7 +253,10 @@ VARIANTS = {  # (kind, key bits) -> Tuning fields to try (each on top of the cur
     (K.TOK, 8): [dict(), dict(block_n=128, num_warps=4, prefetch=2), dict(prefetch=1), dict(maxnreg=224),
                  dict(maxnreg=200), dict(maxnreg=168), dict(block_n=32, num_warps=2, prefetch=1)],
     # per-channel keys: a block holds 16 / (query heads per KV head) key groups (block_n 0) or fewer (1 warp)
-    (K.CHAN, 2): [dict(), dict(prefetch=1), dict(block_n=32, num_warps=1, prefetch=0, min_split_tokens=64),
+    # code mode 3 for per-channel keys too (the scaled query divided per channel; sm_90 SASS: 1474 -> 1021
+    # instructions per 128-token block, 8 bytes of stack): not yet timed
+    (K.CHAN, 2): [dict(), dict(code_mode=3), dict(code_mode=3, prefetch=1), dict(prefetch=1),
+                  dict(block_n=32, num_warps=1, prefetch=0, min_split_tokens=64),
                   dict(block_n=32, num_warps=1, prefetch=2, min_split_tokens=64),
                   dict(block_n=64, num_warps=2, prefetch=0, min_split_tokens=64)],
 }

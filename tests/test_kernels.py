@@ -197,6 +197,23 @@ def test_kivi_windows(Tk, Tv, T):
     _check(randn(g, B, H * 4, 1, D), [seg])
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_kivi_every_code_mode_gives_the_same_attention(bits, mode, monkeypatch):
+    """Per-channel keys (their scale folded into the query per block) in every code mode, with per-token values
+    in the same mode, across the full-precision windows: the same function (mode 3 divides the scaled query's
+    channels by the place of each code in its byte)."""
+    from smartkv.quant.kernels import decode as dec
+
+    monkeypatch.setitem(dec.TUNING, 2, dec.Tuning(**{**vars(dec.TUNING[2]), "code_mode": mode}))
+    g = gen(10 * bits + mode)
+    B, H, D, T, Tk = 2, 2, 64, 200, 160
+    k, v = _kv(g, B, H, T, D)
+    seg = KVSegment(quantize(k[..., :Tk, :], bits, 32, -2), quantize(v[..., :Tk, :], bits, 32),
+                    k[..., Tk:, :].half(), v[..., Tk:, :].half())
+    _check(randn(g, B, H * 4, 1, D), [seg], torch.tensor([200, 77], device=DEV))
+
+
 @pytest.mark.parametrize("block_n", [32, 64])
 def test_kivi_blocks_of_fewer_groups(block_n, monkeypatch):
     """Per-channel keys in blocks of fewer key groups than the query has column sets (one-warp programs):

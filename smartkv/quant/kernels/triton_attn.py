@@ -22,7 +22,8 @@ CODE_MODE 0: the code's bits read as an fp16 subnormal, c * 2^-24; CODE_MODE 2: 
 shift-and-mask, 16 bits apart, so each fp16x2 register comes from one word op and the tile's columns are a
 fixed permutation of the channels inside each word, `_chan_of`; CODE_MODE 3 (default): as 2, but shifting by
 whole bytes only, so a code reads as c * 2^(j * bits) * 2^-24 with j its place in the byte; the query's
-channels are divided by 2^(j * bits) once, and the value accumulator's channels likewise, `_code_scale`).
+channels are divided by 2^(j * bits) once (per-channel keys: the scaled query's, per block), and the value
+accumulator's channels likewise, `_code_scale`).
 """
 from __future__ import annotations
 
@@ -226,7 +227,11 @@ def _scores(n0, lo, hi, kx, km0, km1, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch
         s = tl.sum(r * km0[:, :, None] + km1[:, :, None] * qsum[None, :, :], axis=1)
     elif K_KIND == 2:  # per-channel groups of K_G tokens, XK groups per block: km0/km1 (D, XK*NGP)
         kc = _unpack(kx, K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
-        qs16 = (qrep * km0).to(tl.float16)
+        if CODE_MODE == 3:  # the key tile reads code * 2^(j*BITS): undo it on the scaled query's channels
+            ics = 1.0 / _code_scale(tl.arange(0, D), K_BITS, K_PW, CODE_MODE)
+            qs16 = (qrep * km0 * ics[:, None]).to(tl.float16)
+        else:
+            qs16 = (qrep * km0).to(tl.float16)
         bias = tl.sum(qrep * km1, axis=0)
         r = tl.dot(kc, qs16) * INV + bias[None, :]
         r = tl.reshape(r, (BLOCK_N, XK, NGP))
@@ -433,10 +438,8 @@ def _split_kernel(
     q16 = qrep.to(tl.float16)
     qbd16 = tl.where((chK // K_G)[:, None] == (col // NGP)[None, :], q16, 0.0)
     qsum = tl.reshape(tl.sum(qbd16.to(tl.float32), axis=0), (XK, NGP))
-    if CODE_MODE == 3:  # the key tile reads code * 2^(j*BITS): undo it on the query's channels
-        tl.static_assert(K_KIND != 2, "CODE_MODE 3 takes per-token or full-precision keys")
-        if K_KIND == 1:
-            qbd16 = (qbd16.to(tl.float32) / _code_scale(f, K_BITS, K_PW, CODE_MODE)[:, None]).to(tl.float16)
+    if CODE_MODE == 3 and K_KIND == 1:  # the key tile reads code * 2^(j*BITS): undo it on the query's channels
+        qbd16 = (qbd16.to(tl.float32) / _code_scale(f, K_BITS, K_PW, CODE_MODE)[:, None]).to(tl.float16)
 
     m_i = tl.full((NGP,), -1.0e30, tl.float32)
     l_i = tl.zeros((NGP,), tl.float32)
