@@ -249,7 +249,9 @@ VARIANTS = {  # (kind, key bits) -> Tuning fields to try (each on top of the cur
     # The register caps trade spills for more programs per SM (224: 9, 200: 10, 168: 12).
     (K.TOK, 4): [dict(), dict(block_n=128, num_warps=4, prefetch=2), dict(prefetch=0), dict(maxnreg=224),
                  dict(maxnreg=200), dict(maxnreg=168), dict(block_n=64, prefetch=0),
-                 dict(block_n=64, num_warps=2, prefetch=2)],
+                 dict(block_n=64, num_warps=2, prefetch=2),
+                 # wider merges (for --sweep-batch 1: 128 splits per KV head at 32K): not yet timed
+                 dict(merge_block_s=64, merge_warps=4), dict(merge_block_s=128, merge_warps=4)],
     (K.TOK, 8): [dict(), dict(block_n=128, num_warps=4, prefetch=2), dict(prefetch=1), dict(maxnreg=224),
                  dict(maxnreg=200), dict(maxnreg=168), dict(block_n=32, num_warps=2, prefetch=1)],
     # per-channel keys: a block holds 16 / (query heads per KV head) key groups (block_n 0) or fewer (1 warp)

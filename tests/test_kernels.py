@@ -159,6 +159,24 @@ def test_wide_dots_keep_four_warp_programs(NG, group, warps):
     _check(randn(g, B, H * NG, 1, D), [seg], torch.tensor([150, 61], device=DEV))
 
 
+@pytest.mark.parametrize("block_s,warps", [(16, 1), (64, 4), (128, 2)])
+def test_merge_of_many_splits(block_s, warps, monkeypatch):
+    """The merge of many partials (64-token splits: 9 to 40 per sequence, ragged) reads them 16, 64 or 128 at a
+    time: the same attention, the same token probabilities."""
+    from smartkv.quant.kernels import decode as dec
+
+    for key in [k for k in dec.TUNING if (k if isinstance(k, int) else k[0]) == 1]:
+        monkeypatch.setitem(dec.TUNING, key, dec.Tuning(**{**vars(dec.TUNING[key]), "min_split_tokens": 64,
+                                                           "merge_block_s": block_s, "merge_warps": warps}))
+    g = gen(block_s + warps)
+    B, H, T, D = 2, 2, 2500, 64
+    k, v = _kv(g, B, H, T, D)
+    seg = KVSegment(quantize(k, 4, 32), quantize(v, 4, 32))
+    plan = dec._plan([seg], B, H, 4, D, k.device)[0]
+    assert plan.n_splits > 16 and dec._merge_config([plan], D) == (block_s, warps)
+    _check(randn(g, B, H * 4, 1, D), [seg], torch.tensor([2500, 600], device=DEV))
+
+
 def test_splits_fill_whole_waves():
     """The split planner takes the fewest waves' worth of time: a grid whose last wave is mostly empty costs a
     whole wave (H200, int4 at 32K x 48, 264 slots: 2 splits, 3 waves, measured 1482 us; 3 splits, 5 waves,

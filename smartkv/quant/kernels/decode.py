@@ -30,6 +30,11 @@ class Tuning:
     # 1: 0x6400 trick (exact fp16 integers); 0: codes as fp16 subnormals; 2: as 0, two codes per word op;
     # 3: as 2, shifting by whole bytes only (codes read as code * 2^(place in byte * bits), undone per channel)
     code_mode: int = int(os.environ.get("SMARTKV_KERNEL_CODE_MODE", "3"))
+    # the merge launch (one program per sequence and query head over every split of every segment) reads
+    # merge_block_s partials a step with merge_warps warps; the largest of the segments' settings wins. 16 / 1 is
+    # the timed default; at batch 1 a one-warp plan can have 128 splits per segment (8 steps of 16).
+    merge_block_s: int = 16
+    merge_warps: int = 1
 
 
 # Defaults: the fastest of `benchmarks/bench_attention.py --sweep` (H100 and H200, batch 8, 32K; BENCHMARKS.md).
@@ -208,6 +213,14 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
     return plans
 
 
+def _merge_config(plans: Sequence[_Launch], D: int) -> tuple[int, int]:
+    """(partials per step, warps) of the merge launch: the plans' largest merge_block_s (a power of two, 16 at
+    least) and merge_warps (two at least past head_dim 128). Not by split count: the split count changes as the
+    cache grows, and another BLOCK_S would compile another kernel mid-generation."""
+    block_s = max([16] + [_pow2(p.tuning.merge_block_s) for p in plans])
+    return block_s, max([1 if D <= 128 else 2] + [p.tuning.merge_warps for p in plans])
+
+
 def triton_ok(q: torch.Tensor, segments: Sequence[KVSegment]) -> bool:
     """Shapes the kernel handles: power-of-two head_dim >= 16, power-of-two groups."""
     D = q.shape[-1]
@@ -278,9 +291,10 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     lse = torch.empty(B, Hq, dtype=torch.float32, device=dev) if return_token_probs else out
     if S == 0:
         lse_part.fill_(float("-inf"))
+    block_s, warps = _merge_config(plans, D)
     K._merge_kernel[(B * Hq,)](o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
-                               *lse_part.stride()[:2], *out.stride()[:2], Hq, D=D, BLOCK_S=16,
-                               STORE_LSE=return_token_probs, num_warps=1 if D <= 128 else 2)
+                               *lse_part.stride()[:2], *out.stride()[:2], Hq, D=D, BLOCK_S=block_s,
+                               STORE_LSE=return_token_probs, num_warps=warps)
     out = out if squeeze else out.unsqueeze(2)
     if not return_token_probs:
         return out
