@@ -40,23 +40,22 @@ class Tuning:
 # Defaults: the fastest of `benchmarks/bench_attention.py --sweep` (H100 and H200, batch 8, 32K; BENCHMARKS.md).
 # Per-token keys: one-warp programs of 32 tokens (H200: int4 12%, int8 25% faster than 4 warps x 128 tokens at
 # 32K x 8), splits down to 64 tokens (small grids: at 4K x 1, 64 splits of 64 tokens per KV head); int8 loads its
-# words at use (prefetching them spills).
+# words at use (prefetching them spills). (K.TOK, WIDE): per-token keys whose dots have more than 16 columns
+# (query heads per KV head x key or value groups per token: 8 heads, or groups of 16 channels at head_dim 128),
+# where a one-warp program would hold a 32-row accumulator alone and spill (sm_90 SASS, 8 heads: 72 bytes of
+# stack): the previous default, 4 warps x 128 tokens.
+WIDE = "wide"
 TUNING = {K.FP: Tuning(block_n=64, prefetch=0),
           K.TOK: Tuning(block_n=32, num_warps=1, prefetch=2, min_split_tokens=64),
           (K.TOK, 8): Tuning(block_n=32, num_warps=1, prefetch=0, min_split_tokens=64),
+          (K.TOK, WIDE): Tuning(block_n=128, prefetch=2),
           K.CHAN: Tuning(block_n=0, num_stages=1, code_mode=1, prefetch=2)}  # (kind, key bits) entries override
-
-
-# Per-token keys whose dots have more than 16 columns (query heads per KV head x key or value groups per token:
-# 8 heads, or groups of 16 channels at head_dim 128): a one-warp program would hold a 32-row accumulator alone and
-# spill (sm_90 SASS, 8 heads: 72 bytes of stack); they keep the previous default, 4 warps x 128 tokens.
-WIDE = Tuning(block_n=128, prefetch=2)
 
 
 def tuning_for(kind: int, bits: int, columns: int = 16) -> Tuning:
     """Launch config for keys of `kind` at `bits`, whose dots have `columns` columns (the per-token kinds)."""
     tune = TUNING.get((kind, bits), TUNING[kind])
-    return WIDE if kind == K.TOK and tune.num_warps == 1 and columns > 16 else tune
+    return TUNING[(K.TOK, WIDE)] if kind == K.TOK and tune.num_warps == 1 and columns > 16 else tune
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -96,7 +95,7 @@ _RESIDENT: dict = {}  # (K kind, key bits, V bits, tuning) -> programs of that s
 
 
 def _resident_key(kind: int, kbits: int, vbits: int, tune: Tuning) -> tuple:
-    return kind, kbits, vbits, tuple(sorted(vars(tune).items()))
+    return kind, kbits, vbits, tuple(vars(tune).values())  # a dataclass's fields keep their order
 
 
 def _note_resident(key: tuple, kern, num_warps: int) -> None:
@@ -186,16 +185,15 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
             continue
         ks = _side(seg.keys, seg.key_residual, T, D)
         vs = _side(seg.values, seg.value_residual, T, D)
-        tune = tuning_for(ks.kind, ks.bits, max(ks.ngrp, vs.ngrp, fill) * ngp)
-        if ks.kind == K.CHAN:  # columns for `fill` key groups; a block holds them all (block_n 0) or fewer
-            xk = fill
+        xk = fill if ks.kind == K.CHAN else max(ks.ngrp, fill)  # column sets of the key and value dots
+        xv = max(vs.ngrp, fill)
+        tune = tuning_for(ks.kind, ks.bits, max(xk, xv) * ngp)
+        if ks.kind == K.CHAN:  # a block holds the `fill` key groups of the columns (block_n 0) or fewer
             block_n = xk * ks.group
             if tune.block_n and tune.block_n % ks.group == 0 and tune.block_n < block_n:
                 block_n = tune.block_n
         else:
-            xk = max(ks.ngrp, fill)
             block_n = tune.block_n
-        xv = max(vs.ngrp, fill)
         blocks = triton.cdiv(T, block_n)
         min_blocks = triton.cdiv(tune.min_split_tokens, block_n)
         key = None
