@@ -82,6 +82,14 @@ def _check(q, segments, lengths=None, probs=True):
     return got
 
 
+def _tune(monkeypatch, kinds, **fields):
+    """Set `fields` on the launch config of every key kind in `kinds` (per-width and wide entries included)."""
+    from smartkv.quant.kernels import decode as dec
+
+    for key in [k for k in dec.TUNING if (k if isinstance(k, int) else k[0]) in kinds]:
+        monkeypatch.setitem(dec.TUNING, key, dec.Tuning(**{**vars(dec.TUNING[key]), **fields}))
+
+
 def _kv(g, B, H, T, D, vscale=1.0):
     k = randn(g, B, H, T, D, dtype=torch.float32) + randn(g, 1, 1, 1, D, scale=3.0, dtype=torch.float32)
     return k, randn(g, B, H, T, D, scale=vscale, dtype=torch.float32)
@@ -104,10 +112,7 @@ def test_every_code_mode_gives_the_same_attention(bits, mode, monkeypatch):
     reads as code * 2^(place in its byte * bits) and the kernel undoes that per channel): all the same function,
     with keys and values of one token in different groups of channels, ragged lengths and a value scale range
     of 10^4 between tokens (one normalisation per split must neither overflow nor lose the small ones)."""
-    from smartkv.quant.kernels import decode as dec
-
-    for key in [k for k in dec.TUNING if (k if isinstance(k, int) else k[0]) in (0, 1)]:  # fp, per-token
-        monkeypatch.setitem(dec.TUNING, key, dec.Tuning(**{**vars(dec.TUNING[key]), "code_mode": mode}))
+    _tune(monkeypatch, (0, 1), code_mode=mode)  # full-precision and per-token keys
     g = gen(100 * bits + mode)
     B, H, T, D = 3, 2, 301, 64
     k, v = _kv(g, B, H, T, D)
@@ -126,11 +131,7 @@ def test_every_code_mode_gives_the_same_attention(bits, mode, monkeypatch):
 def test_every_loop_schedule_gives_the_same_attention(prefetch, block_n, monkeypatch):
     """Loads at use, one block ahead, or software-pipelined (block i's values next to block i+1's scores):
     the same function, across split and block boundaries, ragged lengths and a residual-last token."""
-    from smartkv.quant.kernels import decode as dec
-
-    for key in [k for k in dec.TUNING if (k if isinstance(k, int) else k[0]) == 1]:  # per-token, every width
-        monkeypatch.setitem(dec.TUNING, key, dec.Tuning(**{**vars(dec.TUNING[key]), "prefetch": prefetch,
-                                                           "block_n": block_n, "min_split_tokens": 64}))
+    _tune(monkeypatch, (1,), prefetch=prefetch, block_n=block_n, min_split_tokens=64)
     g = gen(7 * prefetch + block_n)
     B, H, T, D = 3, 2, 333, 64
     k, v = _kv(g, B, H, T, D)
@@ -165,9 +166,7 @@ def test_merge_of_many_splits(block_s, warps, monkeypatch):
     time: the same attention, the same token probabilities."""
     from smartkv.quant.kernels import decode as dec
 
-    for key in [k for k in dec.TUNING if (k if isinstance(k, int) else k[0]) == 1]:
-        monkeypatch.setitem(dec.TUNING, key, dec.Tuning(**{**vars(dec.TUNING[key]), "min_split_tokens": 64,
-                                                           "merge_block_s": block_s, "merge_warps": warps}))
+    _tune(monkeypatch, (1,), min_split_tokens=64, merge_block_s=block_s, merge_warps=warps)
     g = gen(block_s + warps)
     B, H, T, D = 2, 2, 2500, 64
     k, v = _kv(g, B, H, T, D)
@@ -221,9 +220,7 @@ def test_kivi_every_code_mode_gives_the_same_attention(bits, mode, monkeypatch):
     """Per-channel keys (their scale folded into the query per block) in every code mode, with per-token values
     in the same mode, across the full-precision windows: the same function (mode 3 divides the scaled query's
     channels by the place of each code in its byte)."""
-    from smartkv.quant.kernels import decode as dec
-
-    monkeypatch.setitem(dec.TUNING, 2, dec.Tuning(**{**vars(dec.TUNING[2]), "code_mode": mode}))
+    _tune(monkeypatch, (2,), code_mode=mode)
     g = gen(10 * bits + mode)
     B, H, D, T, Tk = 2, 2, 64, 200, 160
     k, v = _kv(g, B, H, T, D)
@@ -238,8 +235,7 @@ def test_kivi_blocks_of_fewer_groups(block_n, monkeypatch):
     each token still reads its own group's column, across windows and ragged lengths."""
     from smartkv.quant.kernels import decode as dec
 
-    monkeypatch.setitem(dec.TUNING, 2, dec.Tuning(**{**vars(dec.TUNING[2]), "block_n": block_n, "num_warps": 1,
-                                                     "min_split_tokens": 64}))
+    _tune(monkeypatch, (2,), block_n=block_n, num_warps=1, min_split_tokens=64)
     g = gen(block_n + 5)
     B, H, D, T, Tk = 3, 2, 64, 230, 192
     k, v = _kv(g, B, H, T, D)
