@@ -243,7 +243,6 @@ def spot_check(methods: list[str], notes: list):
 
 
 VARIANTS = {  # (kind, key bits) -> Tuning fields to try (each on top of the current default)
-    # prefetch 3: software-pipelined (block i's values after block i+1's loads and with its scores).
     # Per-token kinds run one-warp programs of 32 tokens (H200, 2026-11-29: 12-25% faster than 4 warps x 128):
     # the same registers per thread, but an SM's 8 warps are 8 independent programs, no barriers across warps.
     # The register caps trade spills for more programs per SM (224: 9, 200: 10, 168: 12).
@@ -273,6 +272,8 @@ def sweep(budget: Budget, lines: list, T: int = 32768, B: int = 8, methods: list
         if methods is not None and m not in methods:
             continue
         sets, nbytes = _sets(m, B, T, seed=5)
+        q0, s0 = sets[0]
+        ref = decode_attention_reference(q0, s0, SCALING).float()  # every variant is checked against it
         best = None
         default = dec.tuning_for(*key)
         for kw in variants:
@@ -283,8 +284,6 @@ def sweep(budget: Budget, lines: list, T: int = 32768, B: int = 8, methods: list
             base.update(kw)
             dec.TUNING[key] = dec.Tuning(**base)
             try:
-                q0, s0 = sets[0]
-                ref = decode_attention_reference(q0, s0, SCALING).float()
                 err = ((decode_attention(q0, s0, SCALING).float() - ref).norm() / ref.norm()).item()
                 t = time_calls([_fused_call(q, s) for q, s in sets], min_time_s=0.1)
             except Exception as e:  # a variant that does not compile or fit: note it, keep going
@@ -299,7 +298,7 @@ def sweep(budget: Budget, lines: list, T: int = 32768, B: int = 8, methods: list
                 best = (t, dec.Tuning(**base))
         dec.TUNING[key] = best[1]
         lines.append(f"| **{m} best** | {vars(best[1])} | {best[0] * 1e6:.1f} | {nbytes / best[0] / 1e9:.0f} | |")
-        del sets
+        del sets, ref, q0, s0
         torch.cuda.empty_cache()
 
 
