@@ -178,7 +178,8 @@ def bench_config(T: int, B: int, methods: list[str], copy_bw: float, budget: Bud
             for cfg in POOL_CONFIGS:  # each config checked against dequantize + SDPA, then timed
                 _tp.POOL_CONFIG.update(cfg)
                 tag = ("" if len(POOL_CONFIGS) == 1 else
-                       " {scores_block}/{values_block}/{num_warps}/{split_tokens}/{pack_heads}".format(**_tp.POOL_CONFIG))
+                       " {scores_block}/{values_block}/{num_warps}/{split_tokens}/{pack_heads}/{values_warps}".format(
+                           **_tp.POOL_CONFIG))
                 try:  # a config that does not compile (resources) is a note, not the end of the run
                     err = ((attend()[0].transpose(1, 2).float() - ref.float()).norm() / ref.float().norm()).item()
                     notes.append(f"smartkv4-cache{tag} vs dequantize + SDPA at {T}x{B}: rel err {err:.1e}")
@@ -249,8 +250,10 @@ VARIANTS = {  # (kind, key bits) -> Tuning fields to try (each on top of the cur
     (K.TOK, 4): [dict(), dict(block_n=128, num_warps=4, prefetch=2), dict(prefetch=0), dict(maxnreg=224),
                  dict(maxnreg=200), dict(maxnreg=168), dict(block_n=64, prefetch=0),
                  dict(block_n=64, num_warps=2, prefetch=2),
-                 # wider merges (for --sweep-batch 1: 128 splits per KV head at 32K): not yet timed
-                 dict(merge_block_s=64, merge_warps=4), dict(merge_block_s=128, merge_warps=4)],
+                 # merges of fewer programs than SMs (--sweep-batch 1: 128 splits per KV head at 32K): 128 / 4 is
+                 # the default (H200: 37.4 us against 42.6 at 16 / 1, 39.2 at 64 / 4); at batch 8+ the others
+                 dict(few_merge_block_s=16, few_merge_warps=1), dict(few_merge_block_s=64, few_merge_warps=4),
+                 dict(merge_block_s=64, merge_warps=4)],
     (K.TOK, 8): [dict(), dict(block_n=128, num_warps=4, prefetch=2), dict(prefetch=1), dict(maxnreg=224),
                  dict(maxnreg=200), dict(maxnreg=168), dict(block_n=32, num_warps=2, prefetch=1)],
     # per-channel keys: a block holds 16 / (query heads per KV head) key groups (block_n 0) or fewer (1 warp)
@@ -363,9 +366,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip what would start after this many seconds")
     ap.add_argument("--out", default=None, help="folder for bench_attention.md / .json")
     ap.add_argument("--profile", default=None, help="run 20 eager calls of one method at batch 8, 32K (for ncu)")
-    ap.add_argument("--pool-configs", default=None, metavar="S/V/W[/P[/H]],...",
+    ap.add_argument("--pool-configs", default=None, metavar="S/V/W[/P[/H[/VW]]],...",
                     help="SmartKV cache rows for each launch config of the pool passes: scores block / values "
-                         "block / warps [/ fewest tokens per values split [/ pack heads 0 or 1]], e.g. "
+                         "block / scores warps [/ fewest tokens per values split [/ pack heads 0 or 1 [/ values warps]]], e.g. "
                          "32/32/4,64/32/4/512/0 (default: the library's)")
     ap.add_argument("--kernel-split", action="store_true",
                     help="also note the device time of each kernel of the SmartKV cache step (torch.profiler)")
@@ -373,10 +376,10 @@ def main():
     global KERNEL_SPLIT
     KERNEL_SPLIT = args.kernel_split
     if args.pool_configs:
-        keys = ("scores_block", "values_block", "num_warps", "split_tokens", "pack_heads")
+        keys = ("scores_block", "values_block", "num_warps", "split_tokens", "pack_heads", "values_warps")
         given = [dict(zip(keys, map(int, c.split("/")))) for c in args.pool_configs.split(",")]
         if any(len(c) < 3 for c in given):
-            ap.error(f"--pool-configs: each config is S/V/W, S/V/W/P or S/V/W/P/H (integers), got "
+            ap.error(f"--pool-configs: each config is S/V/W, S/V/W/P, S/V/W/P/H or S/V/W/P/H/VW (integers), got "
                      f"{args.pool_configs!r}")
         POOL_CONFIGS[:] = [dict(_tp.POOL_CONFIG, **c) for c in given]  # fields left out: the library's
     budget = Budget(args.budget_s)
@@ -422,7 +425,7 @@ def main():
     report += ["", "### Quantize and pack", ""] + qlines + ["", "notes:"] + [f"- {n}" for n in notes]
     report += ["", f"launch configs: {json.dumps(tuning)}"]
     if sweep_lines:
-        report += ["", "### Launch-config sweep (batch 8, 32K)", ""] + sweep_lines
+        report += ["", f"### Launch-config sweep (batch {args.sweep_batch}, 32K)", ""] + sweep_lines
     print("\n" + "\n".join(report))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

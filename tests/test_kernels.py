@@ -5,6 +5,7 @@ per-channel keys q * scale) is within 3e-3 relative, ||out - ref|| / ||ref|| (1e
 fp64 attention over the dequantized cache; token probabilities within 3e-3, and they sum to the group size.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,14 +167,30 @@ def test_merge_of_many_splits(block_s, warps, monkeypatch):
     time: the same attention, the same token probabilities."""
     from smartkv.quant.kernels import decode as dec
 
-    _tune(monkeypatch, (1,), min_split_tokens=64, merge_block_s=block_s, merge_warps=warps)
+    _tune(monkeypatch, (1,), min_split_tokens=64, merge_block_s=block_s, merge_warps=warps,
+          few_merge_block_s=block_s, few_merge_warps=warps)
     g = gen(block_s + warps)
     B, H, T, D = 2, 2, 2500, 64
     k, v = _kv(g, B, H, T, D)
     seg = KVSegment(quantize(k, 4, 32), quantize(v, 4, 32))
     plan = dec._plan([seg], B, H, 4, D, k.device)[0]
-    assert plan.n_splits > 16 and dec._merge_config([plan], D) == (block_s, warps)
+    assert plan.n_splits > 16 and dec._merge_config([plan], D, B * H * 4, 132) == (block_s, warps)
     _check(randn(g, B, H * 4, 1, D), [seg], torch.tensor([2500, 600], device=DEV))
+
+
+def test_merge_config_by_merge_programs(monkeypatch):
+    """Fewer merge programs than SMs take the few_ merge settings, more take the others; head_dim 256 gets two
+    warps at least; the largest setting of a launch's segments wins."""
+    from smartkv.quant.kernels import decode as dec
+
+    _tune(monkeypatch, (1,), merge_block_s=16, merge_warps=1, few_merge_block_s=128, few_merge_warps=4)
+    seg = KVSegment(*(quantize(x, 4, 32) for x in _kv(gen(1), 1, 2, 300, 64)))
+    plan = dec._plan([seg], 1, 2, 4, 64, seg.keys.codes.device)[0]
+    assert dec._merge_config([plan], 64, 131, 132) == (128, 4)
+    assert dec._merge_config([plan], 64, 132, 132) == (16, 1)
+    assert dec._merge_config([plan], 256, 1536, 132) == (16, 2)
+    wide = dec._Launch(**dict(vars(plan), tuning=dec.Tuning(merge_block_s=40, merge_warps=8)))
+    assert dec._merge_config([plan, wide], 64, 1536, 132) == (64, 8)
 
 
 def test_splits_fill_whole_waves():
@@ -194,6 +211,28 @@ def test_splits_fill_whole_waves():
         assert per >= min_blocks
         assert all(cost(blocks, programs, slots, per) <= cost(blocks, programs, slots, p) + 1e-9
                    for p in range(min_blocks, blocks + 1))
+
+
+def test_splits_of_several_segments_fill_whole_waves():
+    """SmartKV's values pass cuts every segment of its launch (pools of different sizes, the sinks, the window)
+    at one split size: the planner minimises the same cost over the launch's total split count."""
+    import triton
+
+    from smartkv.quant.kernels.decode import SPLIT_OVERHEAD_BLOCKS, splits_of
+
+    def cost(blocks, programs, slots, per):
+        n = sum(triton.cdiv(b, per) for b in blocks)
+        return triton.cdiv(programs * n, slots) * (per + SPLIT_OVERHEAD_BLOCKS)
+
+    rng = np.random.default_rng(3)
+    cases = [((256, 512, 3, 0), 64, 1056, 4), ((1, 1), 1, 8, 2), ((0,), 8, 132, 1), ((128, 128), 64, 264, 32)]
+    cases += [(tuple(int(b) for b in rng.integers(0, 700, rng.integers(1, 6))), int(rng.integers(1, 400)),
+               int(rng.choice([132, 264, 1056])), int(rng.integers(1, 9))) for _ in range(200)]
+    for blocks, programs, slots, min_blocks in cases:
+        per = splits_of(blocks, programs, slots, min_blocks)
+        assert per >= min_blocks
+        best = min(cost(blocks, programs, slots, p) for p in range(min_blocks, max(blocks + (min_blocks,)) + 1))
+        assert cost(blocks, programs, slots, per) <= best + 1e-9
 
 
 def test_full_precision_segment_bf16_query():

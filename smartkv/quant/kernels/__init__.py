@@ -131,8 +131,8 @@ def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_
     """SmartKV's second decode pass, in one launch: (sum over the pools' tokens, sum over the full-precision
     runs' tokens) of probs[b, hq, position] * value, each (B, Hq, D) fp32 (apart, so the caller can rotate the
     pools' part back). probs: (B, Hq, T); pools and fp as in `pool_scores` (values instead of keys); each
-    program sums at most `tokens_per_split` tokens of one segment (None: the launch config's choice, at least
-    `split_tokens` and 1/64 of the pools' tokens). importance: (codes, ranges) as
+    program sums at most `tokens_per_split` tokens of one segment (None: planned by whole waves of the card, at
+    least POOL_CONFIG's `split_tokens`). importance: (codes, ranges) as
     `importance_update` takes them, where the segments cover every position once: the same launch folds probs
     into the codes (in place). (codes, ranges, range_end): exactly MAX_RANGES ranges, the last one ending at
     range_end[b] ((B,) int32) for sequence b instead of at its own end (read on the device: static decode

@@ -31,10 +31,15 @@ class Tuning:
     # 3: as 2, shifting by whole bytes only (codes read as code * 2^(place in byte * bits), undone per channel)
     code_mode: int = int(os.environ.get("SMARTKV_KERNEL_CODE_MODE", "3"))
     # the merge launch (one program per sequence and query head over every split of every segment) reads
-    # merge_block_s partials a step with merge_warps warps; the largest of the segments' settings wins. 16 / 1 is
-    # the timed default; at batch 1 a one-warp plan can have 128 splits per segment (8 steps of 16).
+    # merge_block_s partials a step with merge_warps warps; the largest of the segments' settings wins. With
+    # fewer merge programs than SMs (batch 1: 32 query heads) the merge is one latency-bound wave and the few_
+    # settings apply. H200, 2026-11-29, 128 / 4 against 16 / 1: int4 at 32K x 1 42.2 -> 36.5 us, 4K x 1
+    # 14.0 -> 12.0 (a one-warp plan makes up to 128 splits per segment there); at batch 48 (1536 programs)
+    # 128 / 4 was slower (4K: 180 -> 190 us), at batch 8 even.
     merge_block_s: int = 16
     merge_warps: int = 1
+    few_merge_block_s: int = 128
+    few_merge_warps: int = 4
 
 
 # Defaults: the fastest of `benchmarks/bench_attention.py --sweep` (H100 and H200, batch 8, 32K; BENCHMARKS.md).
@@ -74,21 +79,32 @@ def _sm_count(device: torch.device) -> int:
 SPLIT_OVERHEAD_BLOCKS = 1.5  # a program's fixed cost (query, value-scale pass, partial store) in blocks of tokens
 
 
-@functools.lru_cache(maxsize=4096)
 def _splits(blocks: int, programs: int, slots: int, min_blocks: int) -> int:
     """Blocks per split for `programs` (batch x KV heads) sequences of `blocks` blocks each, when `slots`
     programs run at once on the card: the fewest waves' worth of time, ceil(programs x splits / slots) x
     (blocks per split + SPLIT_OVERHEAD_BLOCKS). A last wave that is mostly empty costs as much as a full one:
     at 32K x 48 (384 sequences, 264 slots) 3 splits take 5 waves where 2 take 3 (measured 10% apart)."""
-    best, n = None, 1
-    while True:  # each distinct blocks-per-split value once, from the largest down: O(sqrt(blocks)) candidates
-        per = max(triton.cdiv(blocks, n), min_blocks)
-        cost = triton.cdiv(programs * triton.cdiv(blocks, per), slots) * (per + SPLIT_OVERHEAD_BLOCKS)
+    return splits_of((blocks,), programs, slots, min_blocks)
+
+
+@functools.lru_cache(maxsize=4096)
+def splits_of(blocks: tuple[int, ...], programs: int, slots: int, min_blocks: int) -> int:
+    """`_splits` for one launch whose programs cover several segments of `blocks` blocks per sequence each, all
+    cut at one split size (SmartKV's values pass). Under the cost model the best size is the smallest one that
+    gives some segment a given split count, so only those are tried: O(sum sqrt(blocks)) candidates."""
+    sizes = {max(min_blocks, 1)}
+    for b in blocks:
+        n = 1
+        while (per := triton.cdiv(b, n)) > min_blocks:                    # each distinct size of b's splits once
+            sizes.add(per)
+            n = triton.cdiv(b, per - 1)
+    best = None
+    for per in sorted(sizes, reverse=True):
+        n_splits = sum(triton.cdiv(b, per) for b in blocks)
+        cost = triton.cdiv(programs * n_splits, slots) * (per + SPLIT_OVERHEAD_BLOCKS)
         if best is None or cost < best[0] + 1e-9:  # ties: the smaller split
             best = (cost, per)
-        if per <= max(min_blocks, 1):
-            return best[1]
-        n = triton.cdiv(blocks, per - 1)                                   # the next n with a smaller split
+    return best[1]
 
 
 _RESIDENT: dict = {}  # (K kind, key bits, V bits, tuning) -> programs of that split kernel resident per SM
@@ -211,12 +227,15 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
     return plans
 
 
-def _merge_config(plans: Sequence[_Launch], D: int) -> tuple[int, int]:
-    """(partials per step, warps) of the merge launch: the plans' largest merge_block_s (a power of two, 16 at
-    least) and merge_warps (two at least past head_dim 128). Not by split count: the split count changes as the
-    cache grows, and another BLOCK_S would compile another kernel mid-generation."""
-    block_s = max([16] + [_pow2(p.tuning.merge_block_s) for p in plans])
-    return block_s, max([1 if D <= 128 else 2] + [p.tuning.merge_warps for p in plans])
+def _merge_config(plans: Sequence[_Launch], D: int, programs: int, sms: int) -> tuple[int, int]:
+    """(partials per step, warps) of the merge launch of `programs` programs on a card of `sms` SMs: the plans'
+    largest merge_block_s (a power of two, 16 at least) and merge_warps (two at least past head_dim 128), or
+    their few_ settings when programs < sms. Not by split count: the split count changes as the cache grows,
+    and another BLOCK_S would compile another kernel mid-generation (the batch does not change)."""
+    few = programs < sms
+    block_s = max([16] + [_pow2(p.tuning.few_merge_block_s if few else p.tuning.merge_block_s) for p in plans])
+    warps = max([1 if D <= 128 else 2] + [p.tuning.few_merge_warps if few else p.tuning.merge_warps for p in plans])
+    return block_s, warps
 
 
 def triton_ok(q: torch.Tensor, segments: Sequence[KVSegment]) -> bool:
@@ -289,7 +308,7 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     lse = torch.empty(B, Hq, dtype=torch.float32, device=dev) if return_token_probs else out
     if S == 0:
         lse_part.fill_(float("-inf"))
-    block_s, warps = _merge_config(plans, D)
+    block_s, warps = _merge_config(plans, D, B * Hq, _sm_count(dev))
     K._merge_kernel[(B * Hq,)](o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
                                *lse_part.stride()[:2], *out.stride()[:2], Hq, D=D, BLOCK_S=block_s,
                                STORE_LSE=return_token_probs, num_warps=warps)

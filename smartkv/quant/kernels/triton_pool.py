@@ -31,6 +31,7 @@ import torch
 
 from smartkv.quant.core import QTensor
 from smartkv.quant.kernels.reference import MAX_FP, MAX_POOLS, MAX_RANGES
+from smartkv.quant.kernels import decode as _dec
 from smartkv.quant.kernels.decode import _per_word, _pow2, _words
 from smartkv.quant.kernels.triton_attn import _load_words, _unpack
 
@@ -392,11 +393,16 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
 
 
 # Launch config of the two passes: tokens per block of the scores pass and of the values pass's loop, warps per
-# program, the fewest tokens per split of the values pass (SmartKV asks for max(this, middle / 64)), and whether
-# pools pack query heads into their dots' columns (`_heads`). Chosen on an H200 by device time at 32K x 8
-# (benchmarks/sweep_pool_configs.sh): scores blocks of 128 took 132 us against 148 at 64 and 265 at 32; values
-# blocks of 32 with 4 warps beat 64 (340 against 380 us) and 8 warps; the split size hardly mattered.
-POOL_CONFIG = {"scores_block": 128, "values_block": 32, "num_warps": 4, "split_tokens": 1024, "pack_heads": 1}
+# program of the scores pass (num_warps) and of the values pass (values_warps), the fewest tokens per split of
+# the values pass (its split size is planned by whole waves of the card, decode.splits_of), and whether pools
+# pack query heads into their dots' columns (`_heads`). Chosen on an H200 by device time
+# (benchmarks/sweep_pool_configs.sh, bench_attention.py --pool-configs --kernel-split): scores blocks of 128
+# took 132 us at 32K x 8 against 148 at 64 and 265 at 32 (4 warps; one or two were slower everywhere). Values:
+# blocks of 32, one warp, splits planned by waves of 128 tokens at least: 341 -> 250 us at 32K x 8, 73 -> 35 at
+# 32K x 1, 74 -> 41 at 4K x 8, 48 -> 12 at 4K x 1, against 4 warps and max(1024, middle / 64)-token splits
+# (2026-11-29; one warp with the old splits was slower at small sizes, the planner with 4 warps no faster).
+POOL_CONFIG = {"scores_block": 128, "values_block": 32, "num_warps": 4, "values_warps": 1, "split_tokens": 128,
+               "pack_heads": 1}
 POSITIONS_BLOCK = 1024         # tokens per program of _positions_kernel
 POSITIONS_PREFIX_BYTES = 1024  # packed level bytes (4 tokens each) it counts per step before its block: 4096,
 #                                reduced every step, took 192 us against 89 at 32K x 8 (H200)
@@ -499,18 +505,23 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     NG = Hq // Hkv
     G = _group(pools)
     block = _block("values_block", bits)
-    if per_split is None:
-        per_split = max(POOL_CONFIG["split_tokens"], sum(a[4] for a in args[:n_pools]) // 64)
+    warps = POOL_CONFIG["values_warps"]
+    key = ("pool values", tuple(bits), G, D, block, warps)  # decode._RESIDENT: programs per SM once compiled
+    if per_split is None:  # by whole waves of the card (decode's planner), splits of split_tokens at least
+        slots = _dec._RESIDENT.get(key, max(1, 8 // warps)) * _dec._sm_count(probs.device)
+        per_split = block * _dec.splits_of(tuple(triton.cdiv(a[4], block) for a in args), B * Hkv, slots,
+                                           triton.cdiv(POOL_CONFIG["split_tokens"], block))
     per_split = triton.cdiv(max(per_split, 1), block) * block
     splits = [triton.cdiv(a[4], per_split) for a in args]
     ends = list(itertools.accumulate(splits))
     part = torch.empty(B, Hq, ends[-1], D, dtype=torch.float32, device=probs.device)
     flat, consts = _flat(args, bits, ends)
     codes, ranges, end = (tuple(importance) + (None,))[:3] if importance is not None else (part, [], None)
-    _values_kernel[(ends[-1], B * Hkv)](
+    kern = _values_kernel[(ends[-1], B * Hkv)](
         probs.contiguous(), T, part, ends[-1], P, per_split, Hkv, NG, codes, *_range_args(ranges), *flat,
         **consts, G=G, D=D, **_heads(NG, D, G), BLOCK_N=block, FOLD=importance is not None,
-        num_warps=POOL_CONFIG["num_warps"], **({"r_end_ptr": end, "R_END": True} if end is not None else {}))
+        num_warps=warps, **({"r_end_ptr": end, "R_END": True} if end is not None else {}))
+    _dec._note_resident(key, kern, warps)
     cut = ends[n_pools - 1] if n_pools else 0
     return part[:, :, :cut].sum(2), part[:, :, cut:].sum(2)
 
