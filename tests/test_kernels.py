@@ -484,16 +484,17 @@ def test_pool_kernels_skip_empty_segments():
         kern.pool_scores(q, [(quantize(win.float(), 4, 32), pos.new_zeros(1, 2, 2), 0)] * 5, logits, 0.1)
 
 
-@pytest.mark.parametrize("n,levels", [(1, 1), (37, 2), (1100, 4), (2053, 3), (9001, 4)])
-def test_pool_positions_are_a_stable_argsort_of_the_levels(n, levels, monkeypatch):
+@pytest.mark.parametrize("n,levels,block", [(1, 1, 1024), (37, 2, 1024), (1100, 4, 1024), (2053, 3, 1024),
+                                            (9001, 4, 2048), (20000, 4, 1024), (40000, 3, 1024)])
+def test_pool_positions_are_a_stable_argsort_of_the_levels(n, levels, block, monkeypatch):
     """Each pool's tokens listed in position order, pool after pool: what SmartKV's pools hold. Rows have equal
-    counts per level (as cascade_assign guarantees); n spans several of the kernel's blocks (each counts the
-    levels before it, several steps of prefix bytes at 9001) and odd tails."""
+    counts per level (as cascade_assign guarantees); n spans several of the kernels' blocks (each sums the
+    earlier blocks' level counts, 32 a step: two steps at 40000) and odd tails."""
     from smartkv.policy import pack_levels
     from smartkv.quant.kernels import reference as R
     from smartkv.quant.kernels import triton_pool
 
-    monkeypatch.setattr(triton_pool, "POSITIONS_PREFIX_BYTES", 256)  # 1024 tokens a step: 8 at the last block
+    monkeypatch.setattr(triton_pool, "POSITIONS_BLOCK", block)
 
     g = gen(n)
     B, H = 2, 3

@@ -298,44 +298,57 @@ def _values_kernel(p_ptr, T, out_ptr, S, P, per_split, Hkv, NG, code_ptr, r0, r1
                         BLOCK_N, FOLD)
 
 
-@triton.jit(do_not_specialize=["sl_k", "sl_b", "sl_h", "so_k", "so_b", "so_h", "n", "c0", "c1", "c2", "d0", "d1", "d2"])
-def _positions_kernel(lv_ptr, sl_k, sl_b, sl_h, out_ptr, so_k, so_b, so_h, n, Hkv, c0, c1, c2, d0, d1, d2,
-                      BLOCK: tl.constexpr, PBYTES: tl.constexpr):
-    """Stable argsort of the 2-bit level indices of block `blk` of one row: its tokens of level L go to the
-    L-th pool's slots after the row's earlier tokens of level L, which this program counts itself from the
-    packed levels before its block (4 per byte, PBYTES bytes a step): every block of every row in parallel, and
-    of each kind (program_id 2: levels[k], out[k]; c the level counts of kind 0, d of kind 1)."""
+@triton.jit
+def _block_levels(lv_ptr, sl_k, sl_b, sl_h, n, Hkv, BLOCK: tl.constexpr):
+    """Tokens t of block program_id(0) of the row (program_id(1) = b * Hkv + h) of kind program_id(2), their
+    2-bit level indices (4 per byte of the packed levels) and whether t < n."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     kind = tl.program_id(2)
-    b = bh // Hkv
-    h = bh % Hkv
-    lv = lv_ptr + kind.to(tl.int64) * sl_k + b.to(tl.int64) * sl_b + h * sl_h
-    out = out_ptr + kind.to(tl.int64) * so_k + b.to(tl.int64) * so_b + h * so_h
+    lv = lv_ptr + kind.to(tl.int64) * sl_k + (bh // Hkv).to(tl.int64) * sl_b + (bh % Hkv) * sl_h
+    t = blk * BLOCK + tl.arange(0, BLOCK)
+    valid = t < n
+    byte = tl.load(lv + t // 4, mask=valid, other=0).to(tl.int32)
+    return t, (byte >> ((t % 4) * 2)) & 3, valid
+
+
+@triton.jit(do_not_specialize=["sl_k", "sl_b", "sl_h", "n"])
+def _level_counts_kernel(lv_ptr, sl_k, sl_b, sl_h, cnt_ptr, n, Hkv, BLOCK: tl.constexpr):
+    """Tokens of each level index in each BLOCK-token block of every row: cnt (K, B * Hkv, blocks, 4) int32."""
+    t, idx, valid = _block_levels(lv_ptr, sl_k, sl_b, sl_h, n, Hkv, BLOCK)
+    row = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * tl.num_programs(0) \
+        + tl.program_id(0)
+    lvl = tl.arange(0, 4)
+    c = tl.sum(((idx[:, None] == lvl[None, :]) & valid[:, None]).to(tl.int32), axis=0)
+    tl.store(cnt_ptr + row * 4 + lvl, c)
+
+
+@triton.jit(do_not_specialize=["sl_k", "sl_b", "sl_h", "so_k", "so_b", "so_h", "n", "c0", "c1", "c2", "d0", "d1", "d2"])
+def _positions_kernel(lv_ptr, sl_k, sl_b, sl_h, cnt_ptr, out_ptr, so_k, so_b, so_h, n, Hkv, c0, c1, c2, d0, d1, d2,
+                      BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Stable argsort of the 2-bit level indices of block `blk` of one row: its tokens of level L go to the
+    L-th pool's slots after the row's earlier tokens of level L, which it sums from the earlier blocks' counts
+    (`_level_counts_kernel`, CHUNK blocks a step): every block of every row in parallel, and of each kind
+    (program_id 2: levels[k], out[k]; c the level counts of kind 0, d of kind 1)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    kind = tl.program_id(2)
+    t, idx, valid = _block_levels(lv_ptr, sl_k, sl_b, sl_h, n, Hkv, BLOCK)
+    out = out_ptr + kind.to(tl.int64) * so_k + (bh // Hkv).to(tl.int64) * so_b + (bh % Hkv) * so_h
     c0 = tl.where(kind == 0, c0, d0)
     c1 = tl.where(kind == 0, c1, d1)
     c2 = tl.where(kind == 0, c2, d2)
-    start = blk * BLOCK
-    k0 = tl.zeros([PBYTES], tl.int32)
-    k1 = tl.zeros([PBYTES], tl.int32)
-    k2 = tl.zeros([PBYTES], tl.int32)
-    for b0 in range(0, start // 4, PBYTES):
-        i = b0 + tl.arange(0, PBYTES)
-        m = i < start // 4
-        byte = tl.load(lv + i, mask=m, other=0).to(tl.int32)
-        for slot in tl.static_range(4):
-            idx = (byte >> (2 * slot)) & 3
-            k0 += ((idx == 0) & m).to(tl.int32)
-            k1 += ((idx == 1) & m).to(tl.int32)
-            k2 += ((idx == 2) & m).to(tl.int32)
-    r0 = tl.sum(k0, 0)
-    r1 = tl.sum(k1, 0)
-    r2 = tl.sum(k2, 0)
-    r3 = start - r0 - r1 - r2
-    t = start + tl.arange(0, BLOCK)
-    valid = t < n
-    byte = tl.load(lv + t // 4, mask=valid, other=0).to(tl.int32)
-    idx = (byte >> ((t % 4) * 2)) & 3
+    cnt = cnt_ptr + (kind * tl.num_programs(1) + bh).to(tl.int64) * tl.num_programs(0) * 4
+    lvl = tl.arange(0, 4)
+    acc = tl.zeros([CHUNK, 4], tl.int32)
+    for b0 in range(0, blk, CHUNK):
+        j = b0 + tl.arange(0, CHUNK)
+        acc += tl.load(cnt + j[:, None] * 4 + lvl[None, :], mask=(j < blk)[:, None], other=0)
+    before = tl.sum(acc, axis=0)                                   # (4,) the row's tokens of each level before
+    r0 = tl.sum(tl.where(lvl == 0, before, 0), 0)
+    r1 = tl.sum(tl.where(lvl == 1, before, 0), 0)
+    r2 = tl.sum(tl.where(lvl == 2, before, 0), 0)
+    r3 = tl.sum(tl.where(lvl == 3, before, 0), 0)
     m0 = (idx == 0) & valid
     m1 = (idx == 1) & valid
     m2 = (idx == 2) & valid
@@ -403,9 +416,10 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
 # (2026-11-29; one warp with the old splits was slower at small sizes, the planner with 4 warps no faster).
 POOL_CONFIG = {"scores_block": 128, "values_block": 32, "num_warps": 4, "values_warps": 1, "split_tokens": 128,
                "pack_heads": 1}
-POSITIONS_BLOCK = 1024         # tokens per program of _positions_kernel
-POSITIONS_PREFIX_BYTES = 1024  # packed level bytes (4 tokens each) it counts per step before its block: 4096,
-#                                reduced every step, took 192 us against 89 at 32K x 8 (H200)
+POSITIONS_BLOCK = 1024  # tokens per program of _level_counts_kernel and _positions_kernel
+POSITIONS_WARPS = 4
+# Before 2026-11-29 each positions program counted the levels of its row before its block itself: O(blocks^2)
+# per row, 78 us at 32K x 8 and 729 at 128K x 8 (H200); two launches now, each block's levels read twice.
 
 
 def pool_ok(pool: QTensor) -> bool:
@@ -554,9 +568,12 @@ def pool_positions_triton(levels: torch.Tensor, n: int, counts: tuple) -> torch.
     c = [(tuple(x) + (0, 0, 0, 0))[:3] for x in counts]
     c = c + c[:1] * (2 - K)
     out = torch.empty(K, B, H, n, dtype=torch.int32, device=levels.device)
-    _positions_kernel[(triton.cdiv(n, POSITIONS_BLOCK), B * H, K)](
-        levels, *levels.stride()[:3], out, *out.stride()[:3], n, H, *c[0], *c[1],
-        BLOCK=POSITIONS_BLOCK, PBYTES=POSITIONS_PREFIX_BYTES, num_warps=4)
+    grid = (triton.cdiv(n, POSITIONS_BLOCK), B * H, K)
+    cnt = torch.empty(K, B * H, grid[0], 4, dtype=torch.int32, device=levels.device)
+    _level_counts_kernel[grid](levels, *levels.stride()[:3], cnt, n, H, BLOCK=POSITIONS_BLOCK,
+                               num_warps=POSITIONS_WARPS)
+    _positions_kernel[grid](levels, *levels.stride()[:3], cnt, out, *out.stride()[:3], n, H, *c[0], *c[1],
+                            BLOCK=POSITIONS_BLOCK, CHUNK=32, num_warps=POSITIONS_WARPS)
     return out
 
 
