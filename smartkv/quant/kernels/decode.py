@@ -130,9 +130,8 @@ def _pow2(n: int) -> int:
 
 
 def _words(q: QTensor) -> torch.Tensor:
-    """Codes as int32 words (2/4/8 bit) or bytes (3 bit); a view when the layout allows."""
-    if q.bits == 3:
-        return q.codes
+    """Codes as int32 words (3 bit: 3 bytes per 8 codes, read as words: head_dim a multiple of 32); a view when
+    the layout allows."""
     try:
         return q.codes.view(torch.int32)
     except RuntimeError:
@@ -239,7 +238,7 @@ def _merge_config(plans: Sequence[_Launch], D: int, programs: int, sms: int) -> 
 
 
 def triton_ok(q: torch.Tensor, segments: Sequence[KVSegment]) -> bool:
-    """Shapes the kernel handles: power-of-two head_dim >= 16, power-of-two groups."""
+    """Shapes the kernel handles: power-of-two head_dim >= 16 (>= 32 with 3-bit codes), power-of-two groups."""
     D = q.shape[-1]
     if D < 16 or D & (D - 1):
         return False
@@ -247,7 +246,7 @@ def triton_ok(q: torch.Tensor, segments: Sequence[KVSegment]) -> bool:
         for part in (seg.keys, seg.values):
             if isinstance(part, QTensor):
                 g = part.group_size
-                if g & (g - 1) or (part.axis == -1 and D // g > 64):
+                if g & (g - 1) or (part.axis == -1 and D // g > 64) or (part.bits == 3 and D % 32):
                     return False
     return True
 

@@ -46,13 +46,20 @@ def _chan_of(f, BITS: tl.constexpr, PW: tl.constexpr, CODE_MODE: tl.constexpr):
 
 @triton.jit
 def _load_words(ptr, row_off, row_mask, BITS: tl.constexpr, PW: tl.constexpr, D: tl.constexpr):
-    """(BLOCK_N, D / PW) int32 words of PW codes each. ptr is int32* (2/4/8 bit) or uint8* (3 bit)."""
+    """(BLOCK_N, D / PW) int32 words of PW codes each; ptr is int32*. At 3 bits a token's codes are 3 bytes per 8
+    codes (3D / 32 words, D a multiple of 32): each 3 loaded words hold 4 such groups, returned one per word in
+    its low 24 bits (three word loads per 32 codes, not three byte loads per 8)."""
     if BITS == 3:
-        off = row_off[:, None] + 3 * tl.arange(0, D // 8)[None, :]
+        off = row_off[:, None] + 3 * tl.arange(0, D // 32)[None, :]
         m = row_mask[:, None]
-        w = tl.load(ptr + off, mask=m, other=0).to(tl.int32)
-        w = w | (tl.load(ptr + off + 1, mask=m, other=0).to(tl.int32) << 8)
-        w = w | (tl.load(ptr + off + 2, mask=m, other=0).to(tl.int32) << 16)
+        w0 = tl.load(ptr + off, mask=m, other=0)
+        w1 = tl.load(ptr + off + 1, mask=m, other=0)
+        w2 = tl.load(ptr + off + 2, mask=m, other=0)
+        g0 = w0 & 0xFFFFFF                                       # bytes 0-2 of the 12
+        g1 = ((w0 >> 24) & 0xFF) | ((w1 & 0xFFFF) << 8)          # bytes 3-5
+        g2 = ((w1 >> 16) & 0xFFFF) | ((w2 & 0xFF) << 16)         # bytes 6-8
+        g3 = (w2 >> 8) & 0xFFFFFF                                # bytes 9-11
+        w = tl.reshape(tl.join(tl.join(g0, g2), tl.join(g1, g3)), (row_off.shape[0], D // 8))  # g0 g1 g2 g3
     else:
         w = tl.load(ptr + row_off[:, None] + tl.arange(0, D // PW)[None, :], mask=row_mask[:, None], other=0)
     return w

@@ -51,7 +51,7 @@ def _pool_load(w_ptr, s_ptr, z_ptr, N, bh, t, valid,
     (BLOCK_N, D // PW) (3 bit: 3 bytes per 8 codes, joined into one int32) and their groups' scales and zeros
     (BLOCK_N, D // G) fp32. `_unpack(words, ...)` gives the codes."""
     PW: tl.constexpr = 8 if BITS == 3 else 32 // BITS                  # codes per word (3 bit: per 3 bytes)
-    WPT: tl.constexpr = (3 * D // 8) if BITS == 3 else D // PW         # int32 words (bytes at 3 bit) per token
+    WPT: tl.constexpr = (3 * D // 32) if BITS == 3 else D // PW        # int32 words per token
     NGR: tl.constexpr = D // G
     row = bh.to(tl.int64) * N
     w = _load_words(w_ptr + row * WPT, t * WPT, valid, BITS, PW, D)
