@@ -4,21 +4,18 @@ is checked against torch's stable argsort, then timed as CUDA-graph replays (tri
 device time, not the launches' host time, which is ~60 us and hid the kernels below 32K x 8 in plain timing).
 GPU only.
 
-    python benchmarks/bench_positions.py [--sizes 4096x1,32768x8,131072x8] [--configs 1024/4,2048/4]
+    PYTHONPATH=$PWD python benchmarks/bench_positions.py [--sizes 4096x1,32768x8,131072x8] [--configs 1024/4,2048/4]
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from smartkv.policy import pack_levels  # noqa: E402
-from smartkv.quant.kernels import pool_positions  # noqa: E402
-from smartkv.quant.kernels import triton_pool as tp  # noqa: E402
+from smartkv.policy import pack_levels
+from smartkv.quant.kernels import pool_positions
+from smartkv.quant.kernels import triton_pool as tp
 
 H = 8  # KV heads (Llama-3-8B)
 
