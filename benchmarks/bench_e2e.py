@@ -281,7 +281,11 @@ def main():
         props = torch.cuda.get_device_properties(0)
         card, total_memory = f"{props.name} ({props.multi_processor_count} SMs)", props.total_memory
         if args.memory_gib:
-            card += f", largest batches sized for {args.memory_gib} GiB"
+            # the allocator is held to that much too, so that a row which would not fit on such a card runs out
+            # of memory here (and its largest batch is retried smaller) instead of borrowing this card's excess:
+            # SmartKV at batch 50 (32K) peaked at 88.6 GiB on an H200 while sized for 79.2 (2026-11-29)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * GIB / props.total_memory))
+            card += f", largest batches sized for and held to {args.memory_gib} GiB"
             total_memory = int(args.memory_gib * GIB)
     else:
         card, total_memory = "CPU (smoke run)", weights + 8 * args.context * 2 ** 17 + int(args.reserve_gib * GIB)
