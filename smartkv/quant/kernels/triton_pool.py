@@ -14,11 +14,13 @@ program ranges per segment are cumulative, and each program finds its segment by
                    output per split of a segment, summed by the caller (pools and full-precision runs apart, so
                    rotated pools can be rotated back alone).
 
-Pools hold packed codes (2/3/4/8 bit, per-token groups) and fp16 scales and zeros, unpacked in registers
-(CODE_MODE 1 of triton_attn: exact integers); full-precision runs are read as they are. Tensor-core dots with
+Pools hold packed codes (2/3/4/8 bit, per-token groups; 3-bit rows read as int32 words) and fp16 scales and
+zeros, unpacked in registers (CODE_MODE 1 of triton_attn: exact integers); full-precision runs are read as they
+are. Tensor-core dots with
 fp16 operands and fp32 accumulation. A dot needs 16 columns: full-precision runs pad a group's query heads to 16;
 pools' dots have one column per (channel group, head), so their heads pad only to 16 // (D // G) (`_heads`).
-The values pass issues each block's loads one block ahead of its arithmetic.
+The values pass issues each block's loads one block ahead of its arithmetic; its programs are one warp each and
+its split size is planned by whole waves of the card (POOL_CONFIG).
 """
 from __future__ import annotations
 
