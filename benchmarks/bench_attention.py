@@ -36,6 +36,7 @@ HQ, HKV, D = 32, 8, 128
 SCALING = D ** -0.5
 FUSED = ["int8", "int4", "kivi2", "kivi24", "smartkv4", "smartkv4-cache"]
 POOL_CONFIGS = [dict(_tp.POOL_CONFIG)]  # --pool-configs
+POOL_FIELDS = ("scores_block", "values_block", "num_warps", "split_tokens", "pack_heads", "values_warps")  # its order
 _T0 = time.time()
 
 
@@ -177,9 +178,7 @@ def bench_config(T: int, B: int, methods: list[str], copy_bw: float, budget: Bud
             notes.append(f"smartkv4-cache at {T}x{B}: widths k {sorted(layer.pools['k'])} v {sorted(layer.pools['v'])}")
             for cfg in POOL_CONFIGS:  # each config checked against dequantize + SDPA, then timed
                 _tp.POOL_CONFIG.update(cfg)
-                tag = ("" if len(POOL_CONFIGS) == 1 else
-                       " {scores_block}/{values_block}/{num_warps}/{split_tokens}/{pack_heads}/{values_warps}".format(
-                           **_tp.POOL_CONFIG))
+                tag = "" if len(POOL_CONFIGS) == 1 else " " + "/".join(str(_tp.POOL_CONFIG[f]) for f in POOL_FIELDS)
                 try:  # a config that does not compile (resources) is a note, not the end of the run
                     err = ((attend()[0].transpose(1, 2).float() - ref.float()).norm() / ref.float().norm()).item()
                     notes.append(f"smartkv4-cache{tag} vs dequantize + SDPA at {T}x{B}: rel err {err:.1e}")
@@ -376,8 +375,7 @@ def main():
     global KERNEL_SPLIT
     KERNEL_SPLIT = args.kernel_split
     if args.pool_configs:
-        keys = ("scores_block", "values_block", "num_warps", "split_tokens", "pack_heads", "values_warps")
-        given = [dict(zip(keys, map(int, c.split("/")))) for c in args.pool_configs.split(",")]
+        given = [dict(zip(POOL_FIELDS, map(int, c.split("/")))) for c in args.pool_configs.split(",")]
         if any(len(c) < 3 for c in given):
             ap.error(f"--pool-configs: each config is S/V/W, S/V/W/P, S/V/W/P/H or S/V/W/P/H/VW (integers), got "
                      f"{args.pool_configs!r}")

@@ -114,6 +114,12 @@ def _resident_key(kind: int, kbits: int, vbits: int, tune: Tuning) -> tuple:
     return kind, kbits, vbits, tuple(vars(tune).values())  # a dataclass's fields keep their order
 
 
+def _slots(key: tuple, num_warps: int, device) -> int:
+    """Programs of the kernel recorded under `key` that the card runs at once: its programs per SM once it has
+    been launched (`_note_resident`), before that 8 warps' worth (they take ~240 registers a thread)."""
+    return _RESIDENT.get(key, max(1, 8 // num_warps)) * _sm_count(device)
+
+
 def _note_resident(key: tuple, kern, num_warps: int) -> None:
     """Record how many programs of the kernel just launched for `key` one SM holds at once, from its registers
     and shared memory (H100/H200: 64K registers, 228 KB shared, 64 warps, 32 programs)."""
@@ -217,9 +223,7 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
             per_split = max(triton.cdiv(blocks, want), min_blocks)
         else:
             key = _resident_key(ks.kind, ks.bits, vs.bits, tune)
-            # until this kernel has been launched once: 8 warps per SM (they take ~240 registers a thread)
-            resident = _RESIDENT.get(key, max(1, 8 // tune.num_warps))
-            per_split = _splits(blocks, B * Hkv, resident * _sm_count(device), min_blocks)
+            per_split = _splits(blocks, B * Hkv, _slots(key, tune.num_warps, device), min_blocks)
         tps = per_split * block_n
         plans.append(_Launch(seg, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune, key))
         offset += T

@@ -524,8 +524,8 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     warps = POOL_CONFIG["values_warps"]
     key = ("pool values", tuple(bits), G, D, block, warps)  # decode._RESIDENT: programs per SM once compiled
     if per_split is None:  # by whole waves of the card (decode's planner), splits of split_tokens at least
-        slots = _dec._RESIDENT.get(key, max(1, 8 // warps)) * _dec._sm_count(probs.device)
-        per_split = block * _dec.splits_of(tuple(triton.cdiv(a[4], block) for a in args), B * Hkv, slots,
+        per_split = block * _dec.splits_of(tuple(triton.cdiv(a[4], block) for a in args), B * Hkv,
+                                           _dec._slots(key, warps, probs.device),
                                            triton.cdiv(POOL_CONFIG["split_tokens"], block))
     per_split = triton.cdiv(max(per_split, 1), block) * block
     splits = [triton.cdiv(a[4], per_split) for a in args]
