@@ -25,12 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_speed_util import (apply_tuning, build_segments, copy_bandwidth, segments_bytes, sets_for,  # noqa: E402
                               time_calls)
 
-from smartkv.quant.core import dequantize, quantize  # noqa: E402
-from smartkv.quant.kernels import (decode_attention, decode_attention_reference, quantize_pack,  # noqa: E402
+from smartkv.core.quant import dequantize, quantize  # noqa: E402
+from smartkv.kernels import (decode_attention, decode_attention_reference, quantize_pack,  # noqa: E402
                                    quantize_pack_kv)
-from smartkv.quant.kernels import decode as dec  # noqa: E402
-from smartkv.quant.kernels import triton_attn as K  # noqa: E402
-from smartkv.quant.kernels import triton_pool as _tp  # noqa: E402
+from smartkv.kernels import split as dec  # noqa: E402
+from smartkv.kernels import triton_attn as K  # noqa: E402
+from smartkv.kernels import triton_pool as _tp  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SCALING = D ** -0.5
@@ -92,7 +92,7 @@ def _fused_call(q, segs):
 def _smartkv_cache(B: int, T: int, seed: int, budget: float = 4.0):
     """A SmartKV cache layer (defaults but `budget`; keys and values at different widths) filled with T random
     tokens and re-allocated once, as the cache holds them while decoding; its bytes (everything held)."""
-    from smartkv.cache import make_cache
+    from smartkv.cache.layer import make_cache
 
     gen = _gen(seed)
     cache = make_cache("smartkv", num_layers=1, budget=budget)

@@ -30,8 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import smartkv
-from smartkv.graphs import GraphDecoder
-from smartkv.hf_compat import use_attention
+from smartkv.cache.graphs import GraphDecoder
+from smartkv.cache.hf_compat import use_attention
 
 GIB = 2 ** 30
 METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' DynamicCache
@@ -46,7 +46,7 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
     # re-allocating every 64 tokens instead of 16: a quarter of the re-allocation steps, up to 48 more
     # full-precision tokens in the window (docs/smartkv.md has its quality)
     "smartkv (budget 4.25; gap 3; realloc 64)": ("smartkv", dict(budget=4.25, key_value_gap=3, realloc_every=64)),
-    # whole decode steps captured once as a CUDA graph and replayed (smartkv.graphs.GraphDecoder): no host cost
+    # whole decode steps captured once as a CUDA graph and replayed (smartkv.cache.graphs.GraphDecoder): no host cost
     "fp16 (CUDA graph)": ("fp16", {}),
     "int8 (CUDA graph)": ("int8", {}),
     "int4 (CUDA graph)": ("int4", {}),
@@ -263,10 +263,10 @@ def main():
     args = ap.parse_args()
     global DEV
     if args.smoke:
-        import smartkv.cache
+        import smartkv.cache.layer
         DEV, args.context, args.batch, args.steps, args.warmup, args.layers = "cpu", 512, 2, 2, 1, 2
         args.no_max_batch = True
-        smartkv.cache.FORCE_KERNELS = True  # with TRITON_INTERPRET=1: the fused path through the interpreter
+        smartkv.cache.layer.FORCE_KERNELS = True  # with TRITON_INTERPRET=1: the fused path through the interpreter
     if args.tuning:
         sys.path.insert(0, str(Path(__file__).parent))
         from bench_speed_util import apply_tuning

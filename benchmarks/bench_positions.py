@@ -13,9 +13,9 @@ import argparse
 import torch
 import triton
 
-from smartkv.policy import pack_levels
-from smartkv.quant.kernels import pool_positions
-from smartkv.quant.kernels import triton_pool as tp
+from smartkv.core.policy import pack_levels
+from smartkv.kernels import pool_positions
+from smartkv.kernels import triton_pool as tp
 
 H = 8  # KV heads (Llama-3-8B)
 

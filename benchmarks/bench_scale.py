@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 def child(grid: str, out: Path, gpus: int, workers_per_gpu: int) -> dict:
     """One run in this process (CUDA_VISIBLE_DEVICES already set by the parent)."""
-    from smartkv.bench.executor import ExecConfig
+    from smartkv.bench.run.executor import ExecConfig
     from smartkv.bench.progress import Progress
-    from smartkv.bench.store import ResultStore
+    from smartkv.bench.results.store import ResultStore
     from smartkv.bench.submit import make_plan, submit
 
     plan = make_plan(grid, out)
@@ -151,7 +151,7 @@ def main() -> None:
         have = torch.cuda.device_count()
         if max(counts) > have:
             ap.error(f"--gpus: this machine has {have} GPUs, asked for {max(counts)}")
-        from smartkv.bench.grid import load_grid
+        from smartkv.bench.spec.grid import load_grid
         if any(j["model"]["name"] == "smollm2" for j in load_grid(args.grid).jobs):
             from smartkv.models import embedded_model_dir
             embedded_model_dir()  # the one-time conversion, outside the timing

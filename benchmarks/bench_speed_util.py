@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from smartkv.quant.core import QTensor, packed_width
-from smartkv.quant.kernels import KVSegment, quantize_pack
+from smartkv.core.quant import QTensor, packed_width
+from smartkv.kernels import KVSegment, quantize_pack
 
 L2_BYTES = 50 * 2 ** 20
 
@@ -129,7 +129,7 @@ def segments_bytes(segments: list[KVSegment]) -> int:
 
 def apply_tuning(path: str) -> dict:
     """Launch configs from a bench_attention.json (its "tuning": what its sweep kept) into the kernels' TUNING."""
-    from smartkv.quant.kernels import decode as dec
+    from smartkv.kernels import split as dec
 
     with open(path) as f:
         tuning = json.load(f)["tuning"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from smartkv.quant.core import quantize
-from smartkv.quant.kernels import reference as R
-from smartkv.quant.kernels import triton_pool as tp
+from smartkv.core.quant import quantize
+from smartkv.kernels import reference as R
+from smartkv.kernels import triton_pool as tp
 
 
 def rel(a, b) -> float:

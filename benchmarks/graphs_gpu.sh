@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Whole decode steps as CUDA graphs (smartkv.graphs) on the GPU, one device call (inner limits 530 s):
+# Whole decode steps as CUDA graphs (smartkv.cache.graphs) on the GPU, one device call (inner limits 530 s):
 # the graph tests (capture, replay = static steps, SmartKV across re-allocations) and the fused-path tests, then
 # end-to-end decoding at the Llama-3-8B shape, 32K x 8: eager against graphed steps for fp16, int4 and SmartKV
 # (whose graphs are captured again after each re-allocation; 64 steps = 4 periods at realloc_every=16).

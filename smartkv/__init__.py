@@ -3,9 +3,13 @@
     cache = smartkv.make_cache("smartkv", model, budget=4)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
     cache.memory_report()
+
+Layout (imports point downwards only): core (pure quantization, policy, importance, memory accounting) <- kernels
+(decode attention: torch reference, Triton) <- cache (the transformers Cache adapter, buffers, CUDA graphs) <-
+methods (registered configs and their layers) <- models, data, metrics <- bench (spec, run, results, cli).
 """
-from smartkv.cache import SmartKVCache, make_cache
-from smartkv.methods import list_methods, make_config, method_fields, validate_method
+from smartkv.cache.layer import SmartKVCache
+from smartkv.methods import list_methods, make_cache, make_config, method_fields, validate_method
 
 __version__ = "0.1.0"
 __all__ = ["SmartKVCache", "make_cache", "list_methods", "make_config", "method_fields", "validate_method",

@@ -43,7 +43,7 @@ def analyze_attention(model, tokenizer, ctx: int = 1024, decode: int = 64, offse
     cache reading eager attention weights, then replay the same tokens through a SmartKV cache for its bits."""
     import smartkv
     from smartkv.data.prose import prose_text
-    from smartkv.hf_compat import attn_implementation, use_attention
+    from smartkv.cache.hf_compat import attn_implementation, use_attention
 
     ids = torch.tensor(tokenizer(prose_text(), add_special_tokens=False)["input_ids"])
     start = int(offset * (len(ids) - ctx - decode))

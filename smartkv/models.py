@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from smartkv.cache.hf_compat import model_kv_shape  # noqa: F401  (re-exported: callers ask models for shapes)
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_ALIASES = ("smollm2", "embedded", "smollm2-135m", "smollm2-135m-instruct")
@@ -209,12 +211,3 @@ def load_model(name: str = "smollm2", device: str | None = "auto", dtype: str | 
     return ModelHandle(name, model, tokenizer, load_s=time.perf_counter() - start)
 
 
-def model_kv_shape(model) -> dict:
-    """Layers, KV heads and head_dim of a loaded model or a config."""
-    cfg = getattr(model, "config", model)
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    return {"num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at the first import of smartkv.quant.kernels,
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at the first import of smartkv.kernels,
 # whichever test module does it first: without a GPU the whole session runs kernels in the interpreter.
 try:
     import torch
@@ -19,7 +19,7 @@ except ImportError:
 # Ray reads this once at import: a local instance then binds to 127.0.0.1 only (see executor.LOOPBACK_ENV).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-FAKE_WORKER = "smartkv.bench.fake_worker:run_job"
+FAKE_WORKER = "smartkv.bench.run.fake_worker:run_job"
 
 TINY_GRID = """\
 name: {name}

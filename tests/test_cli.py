@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from smartkv.bench import submit as submit_lib
 from smartkv.bench.cli import app
-from smartkv.bench.grid import load_grid
+from smartkv.bench.spec.grid import load_grid
 
 runner = CliRunner()
 

@@ -5,13 +5,13 @@ import time
 
 import pytest
 
-from smartkv.bench import executor
-from smartkv.bench.executor import (ExecConfig, ExecError, Scheduler, execute, model_key, plan_workers,
+from smartkv.bench.run import executor
+from smartkv.bench.run.executor import (ExecConfig, ExecError, Scheduler, execute, model_key, plan_workers,
                                      unit_key)
-from smartkv.bench.grid import job_cost, load_grid
+from smartkv.bench.spec.grid import job_cost, load_grid
 from smartkv.bench.progress import Progress
-from smartkv.bench.runner import JobRunner
-from smartkv.bench.store import ResultStore, job_status
+from smartkv.bench.run.runner import JobRunner
+from smartkv.bench.results.store import ResultStore, job_status
 from smartkv.bench.submit import make_plan, submit
 
 TWO_MODELS = """\
@@ -153,7 +153,7 @@ def test_ray_run_every_job_exactly_once(ray_session, write_grid, fake_worker, tm
 
 @pytest.mark.slow
 def test_real_worker_on_tiny_model_with_ray(ray_session, write_grid, tmp_path, monkeypatch):
-    """The real worker (smartkv.bench.worker) on the tiny random model, through Ray with 2 CPUs."""
+    """The real worker (smartkv.bench.run.worker) on the tiny random model, through Ray with 2 CPUs."""
     monkeypatch.delenv("SMARTKV_BENCH_WORKER", raising=False)
     path = write_grid("""
         name: real

@@ -8,10 +8,10 @@ import torch
 pytest.importorskip("triton")  # tests/conftest.py puts Triton in its interpreter on machines without a GPU
 
 import smartkv  # noqa: E402
-import smartkv.cache as cache_mod  # noqa: E402
-from smartkv.quant.core import quantize  # noqa: E402
+import smartkv.cache.layer as cache_mod  # noqa: E402
+from smartkv.core.quant import quantize  # noqa: E402
 from smartkv import storage  # noqa: E402
-from smartkv.storage import QBuffer, TokenBuffer  # noqa: E402
+from smartkv.cache.buffers import QBuffer, TokenBuffer  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # prompt lengths put a KIVI key-block flush and a value-window flush inside the first decode steps
@@ -210,7 +210,7 @@ def test_decode_kernels_do_not_recompile_as_the_cache_grows(tiny_llama, monkeypa
 
     keys = {}
     for module, names in kernels:
-        keys.update(_record_specialisations(monkeypatch, importlib.import_module(f"smartkv.quant.kernels.{module}"),
+        keys.update(_record_specialisations(monkeypatch, importlib.import_module(f"smartkv.kernels.{module}"),
                                             names, keys))
     _generate(tiny_llama, method, params, _prompt(53), fused=True, new_tokens=20)  # SmartKV without 3-bit pools: at
     launched = {name for name, _ in keys}                                   # head_dim 32 they take the torch path
@@ -222,8 +222,8 @@ def test_decode_kernels_do_not_recompile_as_the_cache_grows(tiny_llama, monkeypa
 def test_an_empty_pool_keeps_the_pool_kernels_constants(monkeypatch):
     """A pool that empties or fills (a width unused for a while) passes the same compile-time constants: empty
     segments stay in the launch with placeholder pointers, so no second kernel is compiled."""
-    import smartkv.quant.kernels as kern
-    from smartkv.quant.kernels import triton_pool
+    import smartkv.kernels as kern
+    from smartkv.kernels import triton_pool
 
     keys = _record_specialisations(monkeypatch, triton_pool, ("_scores_kernel", "_values_kernel"))
     monkeypatch.setattr(cache_mod, "FORCE_KERNELS", True)

@@ -9,11 +9,11 @@ import torch
 pytest.importorskip("triton")
 
 import smartkv  # noqa: E402
-import smartkv.cache as cache_mod  # noqa: E402
-from smartkv.graphs import GraphDecoder, default_mode, generate_greedy  # noqa: E402
-from smartkv.quant.core import dequantize, quantize  # noqa: E402
-from smartkv.quant.kernels import KVSegment, decode_attention, quantize_pack_kv  # noqa: E402
-from smartkv.quant.kernels.reference import decode_attention_reference, quantize_pack_reference  # noqa: E402
+import smartkv.cache.layer as cache_mod  # noqa: E402
+from smartkv.cache.graphs import GraphDecoder, default_mode, generate_greedy  # noqa: E402
+from smartkv.core.quant import dequantize, quantize  # noqa: E402
+from smartkv.kernels import KVSegment, decode_attention, quantize_pack_kv  # noqa: E402
+from smartkv.kernels.reference import decode_attention_reference, quantize_pack_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

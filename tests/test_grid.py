@@ -9,8 +9,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smartkv.bench import grid as grid_mod
-from smartkv.bench.grid import GridError, job_id_of, load_grid
+from smartkv.bench.spec import grid as grid_mod
+from smartkv.bench.spec.grid import GridError, job_id_of, load_grid
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 

@@ -1,7 +1,7 @@
-"""Importance statistics (smartkv.importance): masks, normalisation, derived visibility counts, 8-bit codes."""
+"""Importance statistics (smartkv.core.importance): masks, normalisation, derived visibility counts, 8-bit codes."""
 import torch
 
-from smartkv.importance import (add_range, allowed_from_mask, attention_probs, decode_importance,
+from smartkv.core.importance import (add_range, allowed_from_mask, attention_probs, decode_importance,
                                 encode_importance, kv_head_mass, seen_counts, seen_from_ranges, token_weights,
                                 update_mean)
 

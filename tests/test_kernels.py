@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("triton")  # tests/conftest.py puts Triton in its interpreter on machines without a GPU
 
-import smartkv.quant.kernels as kern  # noqa: E402
-from smartkv.quant.core import quantize  # noqa: E402
+import smartkv.kernels as kern  # noqa: E402
+from smartkv.core.quant import quantize  # noqa: E402
 
-from smartkv.quant.kernels import KVSegment  # noqa: E402
+from smartkv.kernels import KVSegment  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BOUND = 3e-3
@@ -85,7 +85,7 @@ def _check(q, segments, lengths=None, probs=True):
 
 def _tune(monkeypatch, kinds, **fields):
     """Set `fields` on the launch config of every key kind in `kinds` (per-width and wide entries included)."""
-    from smartkv.quant.kernels import decode as dec
+    from smartkv.kernels import split as dec
 
     for key in [k for k in dec.TUNING if (k if isinstance(k, int) else k[0]) in kinds]:
         monkeypatch.setitem(dec.TUNING, key, dec.Tuning(**{**vars(dec.TUNING[key]), **fields}))
@@ -150,7 +150,7 @@ def test_wide_dots_keep_four_warp_programs(NG, group, warps):
     """Per-token keys run one-warp programs while their dots have at most 16 columns (query heads per KV head x
     key/value groups); wider ones (8 heads, or groups of 16 channels at head_dim 128) would spill in one warp and
     take 4 warps x 128 tokens. Either way the same attention."""
-    from smartkv.quant.kernels import decode as dec
+    from smartkv.kernels import split as dec
 
     g = gen(NG * 100 + group)
     B, H, T, D = 2, 2, 150, 128
@@ -165,7 +165,7 @@ def test_wide_dots_keep_four_warp_programs(NG, group, warps):
 def test_merge_of_many_splits(block_s, warps, monkeypatch):
     """The merge of many partials (64-token splits: 9 to 40 per sequence, ragged) reads them 16, 64 or 128 at a
     time: the same attention, the same token probabilities."""
-    from smartkv.quant.kernels import decode as dec
+    from smartkv.kernels import split as dec
 
     _tune(monkeypatch, (1,), min_split_tokens=64, merge_block_s=block_s, merge_warps=warps,
           few_merge_block_s=block_s, few_merge_warps=warps)
@@ -181,7 +181,7 @@ def test_merge_of_many_splits(block_s, warps, monkeypatch):
 def test_merge_config_by_merge_programs(monkeypatch):
     """Fewer merge programs than SMs take the few_ merge settings, more take the others; head_dim 256 gets two
     warps at least; the largest setting of a launch's segments wins."""
-    from smartkv.quant.kernels import decode as dec
+    from smartkv.kernels import split as dec
 
     _tune(monkeypatch, (1,), merge_block_s=16, merge_warps=1, few_merge_block_s=128, few_merge_warps=4)
     seg = KVSegment(*(quantize(x, 4, 32) for x in _kv(gen(1), 1, 2, 300, 64)))
@@ -199,7 +199,7 @@ def test_splits_fill_whole_waves():
     1645 us), and a split never falls under the minimum."""
     import triton
 
-    from smartkv.quant.kernels.decode import SPLIT_OVERHEAD_BLOCKS, _splits
+    from smartkv.kernels.split import SPLIT_OVERHEAD_BLOCKS, _splits
 
     def cost(blocks, programs, slots, per):
         return triton.cdiv(programs * triton.cdiv(blocks, per), slots) * (per + SPLIT_OVERHEAD_BLOCKS)
@@ -218,7 +218,7 @@ def test_splits_of_several_segments_fill_whole_waves():
     at one split size: the planner minimises the same cost over the launch's total split count."""
     import triton
 
-    from smartkv.quant.kernels.decode import SPLIT_OVERHEAD_BLOCKS, splits_of
+    from smartkv.kernels.split import SPLIT_OVERHEAD_BLOCKS, splits_of
 
     def cost(blocks, programs, slots, per):
         n = sum(triton.cdiv(b, per) for b in blocks)
@@ -272,7 +272,7 @@ def test_kivi_every_code_mode_gives_the_same_attention(bits, mode, monkeypatch):
 def test_kivi_blocks_of_fewer_groups(block_n, monkeypatch):
     """Per-channel keys in blocks of fewer key groups than the query has column sets (one-warp programs):
     each token still reads its own group's column, across windows and ragged lengths."""
-    from smartkv.quant.kernels import decode as dec
+    from smartkv.kernels import split as dec
 
     _tune(monkeypatch, (2,), block_n=block_n, num_warps=1, min_split_tokens=64)
     g = gen(block_n + 5)
@@ -350,9 +350,9 @@ def test_pool_two_pass_kernels(bits, N, NG, D, G, shared, config, monkeypatch):
     fp64. Positions as views of one buffer (what the cache passes) or as separate tensors; another launch config
     (tokens per scores block / values block, warps, heads padded to 16 rather than packed) gives the same. Head
     padding: NG 4 x 4 groups packs into 16 columns; NG 2 x 4 groups pads each group's heads to 4."""
-    from smartkv.quant.core import dequantize
-    from smartkv.quant.kernels import reference as R
-    from smartkv.quant.kernels import triton_pool
+    from smartkv.core.quant import dequantize
+    from smartkv.kernels import reference as R
+    from smartkv.kernels import triton_pool
 
     if config:
         monkeypatch.setitem(triton_pool.POOL_CONFIG, "scores_block", config[0])
@@ -438,8 +438,8 @@ def test_pool_kernels_three_bit_small_tiles(D, config, monkeypatch):
     head_dim 16 gave wrong sums, and 4 groups per token (head_dim 64 in groups of 16) did not compile; the wrappers
     use blocks of 32 tokens at least with a 3-bit pool, and those shapes take the torch path (pool_ok). Whatever
     the config asks for: scores and values equal the torch reference."""
-    from smartkv.quant.kernels import reference as R
-    from smartkv.quant.kernels import triton_pool
+    from smartkv.kernels import reference as R
+    from smartkv.kernels import triton_pool
 
     for key, value in zip(("scores_block", "values_block", "num_warps"), config):
         monkeypatch.setitem(triton_pool.POOL_CONFIG, key, value)
@@ -490,9 +490,9 @@ def test_pool_positions_are_a_stable_argsort_of_the_levels(n, levels, block, mon
     """Each pool's tokens listed in position order, pool after pool: what SmartKV's pools hold. Rows have equal
     counts per level (as cascade_assign guarantees); n spans several of the kernels' blocks (each sums the
     earlier blocks' level counts, 32 a step: two steps at 40000) and odd tails."""
-    from smartkv.policy import pack_levels
-    from smartkv.quant.kernels import reference as R
-    from smartkv.quant.kernels import triton_pool
+    from smartkv.core.policy import pack_levels
+    from smartkv.kernels import reference as R
+    from smartkv.kernels import triton_pool
 
     monkeypatch.setattr(triton_pool, "POSITIONS_BLOCK", block)
 
@@ -524,9 +524,9 @@ def test_pool_positions_are_a_stable_argsort_of_the_levels(n, levels, block, mon
 @pytest.mark.parametrize("ranges", [[], [(0, 5)], [(3, 40), (90, 120)], [(0, 1), (2, 3), (10, 60), (70, 127)]])
 def test_importance_update_kernel_matches_the_statistics(ranges):
     """One decode query's attention folded into the 8-bit importance codes: the kernel against
-    smartkv.importance's running mean (codes within one step of 2^(1/8); nearly all equal)."""
-    from smartkv.importance import decode_importance, encode_importance, seen_from_ranges
-    from smartkv.quant.kernels import reference as R
+    smartkv.core.importance's running mean (codes within one step of 2^(1/8); nearly all equal)."""
+    from smartkv.core.importance import decode_importance, encode_importance, seen_from_ranges
+    from smartkv.kernels import reference as R
 
     g = gen(len(ranges))
     B, Hkv, NG, T = 2, 3, 3, 1000 + len(ranges)
@@ -546,7 +546,7 @@ def test_importance_update_kernel_matches_the_statistics(ranges):
 
 
 def test_importance_update_with_many_ranges_takes_the_reference_path():
-    from smartkv.quant.kernels import reference as R
+    from smartkv.kernels import reference as R
 
     g = gen(3)
     codes = torch.randint(0, 256, (1, 2, 300), generator=g, dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""Bit allocation (smartkv.policy): budgets met, monotone, flat -> uniform, caps respected, equal counts."""
+"""Bit allocation (smartkv.core.policy): budgets met, monotone, flat -> uniform, caps respected, equal counts."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
+from smartkv.core.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
                             rank_profile, solve_widths, unpack_levels)
 
 weights_st = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=200)
@@ -114,7 +114,7 @@ def test_bad_budget_is_named(bad):
 def test_bit_counter_equals_choosing_every_token(widths):
     """The bisection's fast count of bits equals `_choose` on every token, also for lam right at a breakpoint
     (flat weights: every token ties there; the narrower width must win as argmin's first index does)."""
-    from smartkv.policy import _BitCounter, _choose
+    from smartkv.core.policy import _BitCounter, _choose
 
     g = torch.Generator().manual_seed(len(widths))
     w_vals = torch.tensor(widths, dtype=torch.float64)

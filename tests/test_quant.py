@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smartkv.quant import BITS, dequantize, pack, quantize, unpack
+from smartkv.core.quant import BITS, dequantize, pack, quantize, unpack
 
 
 def _steps(q, shape):

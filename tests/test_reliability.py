@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from smartkv.bench import store as store_mod
+from smartkv.bench.results import store as store_mod
 from smartkv.bench.cli import app
-from smartkv.bench.executor import ExecConfig
-from smartkv.bench.grid import load_grid
-from smartkv.bench.store import ResultStore
+from smartkv.bench.run.executor import ExecConfig
+from smartkv.bench.spec.grid import load_grid
+from smartkv.bench.results.store import ResultStore
 from smartkv.bench.submit import make_plan, submit
 
 runner = CliRunner()

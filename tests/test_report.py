@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from smartkv.bench import report, schema
+from smartkv.bench.results import report
+from smartkv.bench.results import schema
 from smartkv.bench.cli import app
-from smartkv.bench.grid import load_grid
-from smartkv.bench.store import ResultStore
+from smartkv.bench.spec.grid import load_grid
+from smartkv.bench.results.store import ResultStore
 
 runner = CliRunner()
 
@@ -85,7 +86,7 @@ def test_empty_dataset_gives_an_empty_table():
 
 
 def test_report_command_on_a_fixture_dataset(tmp_path, tiny_grid):
-    from smartkv.bench import fake_worker
+    from smartkv.bench.run import fake_worker
 
     store = ResultStore(tmp_path / "res")
     for job in load_grid(tiny_grid).jobs:

@@ -28,7 +28,7 @@ def test_budget_met_on_keys_and_values(tiny, budget, gap):
     cache = _run(tiny.model, budget=budget, key_value_gap=gap, recent_window=8, realloc_every=8, group_size=32)
     rep = cache.memory_report()
     assert budget - 0.35 <= rep.avg_bits <= budget + 1e-9
-    k_budget, v_budget = smartkv.policy.kv_budgets(budget, gap)
+    k_budget, v_budget = smartkv.core.policy.kv_budgets(budget, gap)
     for lb in rep.per_layer:
         assert lb["k_bits"] <= k_budget * lb["k_elements"] + 1e-6
         assert lb["v_bits"] <= v_budget * lb["v_elements"] + 1e-6
@@ -143,7 +143,7 @@ def test_reallocation_waits_for_the_device_a_bounded_number_of_times():
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from smartkv.cache import make_cache
+    from smartkv.cache.layer import make_cache
 
     waits = []
 

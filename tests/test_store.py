@@ -13,10 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from smartkv.bench import fake_worker, schema, store as store_mod
-from smartkv.bench.grid import load_grid
-from smartkv.bench.runner import failure_rows
-from smartkv.bench.store import LockBusy, ResultStore, StoreError, partition_value
+from smartkv.bench.run import fake_worker
+from smartkv.bench.results import schema
+from smartkv.bench.results import store as store_mod
+from smartkv.bench.spec.grid import load_grid
+from smartkv.bench.run.runner import failure_rows
+from smartkv.bench.results.store import LockBusy, ResultStore, StoreError, partition_value
 
 
 @pytest.fixture
@@ -137,7 +139,7 @@ def test_lock_refuses_a_second_writer_and_names_the_holder(store):
 
 
 def test_lock_of_a_killed_process_is_released(store):
-    code = ("import sys, time; from smartkv.bench.store import ResultStore\n"
+    code = ("import sys, time; from smartkv.bench.results.store import ResultStore\n"
             "with ResultStore(sys.argv[1]).lock():\n    print('locked', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(store.root)], stdout=subprocess.PIPE, text=True)
     try:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import smartkv
-from smartkv.bench import schema, worker
-from smartkv.bench.decode import decode, reference_memo, sampler
+from smartkv.bench.results import schema
+from smartkv.bench.run import worker
+from smartkv.bench.run.generation import decode, reference_memo, sampler
 from smartkv.models import load_model
 
 PASSKEY = ("passkey", {"length": 300, "num_samples": 2})      # the shortest passkey the byte tokenizer allows

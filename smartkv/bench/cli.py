@@ -15,11 +15,11 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from smartkv.bench import report as report_lib
-from smartkv.bench.executor import ExecConfig, ExecError, RunStats
-from smartkv.bench.grid import GridError
+from smartkv.bench.results import report as report_lib
+from smartkv.bench.run.executor import ExecConfig, ExecError, RunStats
+from smartkv.bench.spec.grid import GridError
 from smartkv.bench.progress import Progress
-from smartkv.bench.store import ResultStore, StoreError, LockBusy
+from smartkv.bench.results.store import ResultStore, StoreError, LockBusy
 
 # Typer vendors click; its UsageError is the base of the exported BadParameter.
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
@@ -226,7 +226,7 @@ def _finish(result, plan) -> None:
 def _print_plan(plan, force: bool) -> None:
     from rich.table import Table
 
-    from smartkv.bench.executor import job_label
+    from smartkv.bench.run.executor import job_label
 
     table = Table(title=f"grid '{plan.grid.name}' -> {plan.store.root}")
     for col in ("job_id", "job", "seed", "state"):
@@ -343,7 +343,7 @@ def report(
 @app.command()
 def ls() -> None:
     """Methods, prompt sets and models a grid can name."""
-    from smartkv.bench import catalog as catalog_mod
+    from smartkv.bench.spec import catalog as catalog_mod
 
     catalog = catalog_mod.default_catalog()
     console = _console()

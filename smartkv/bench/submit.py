@@ -11,12 +11,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smartkv.bench.catalog import Catalog
-from smartkv.bench.executor import ExecConfig, ExecError, RunStats, execute
-from smartkv.bench.grid import Grid, load_grid
+from smartkv.bench.spec.catalog import Catalog
+from smartkv.bench.run.executor import ExecConfig, ExecError, RunStats, execute
+from smartkv.bench.spec.grid import Grid, load_grid
 from smartkv.bench.progress import Progress
-from smartkv.bench.runner import import_ref, resolve_worker_ref
-from smartkv.bench.store import ResultFile, ResultStore, StoreError
+from smartkv.bench.run.runner import import_ref, resolve_worker_ref
+from smartkv.bench.results.store import ResultFile, ResultStore, StoreError
 
 log = logging.getLogger(__name__)
 

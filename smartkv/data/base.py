@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from smartkv.registry import Registry, did_you_mean
+from smartkv.core.registry import Registry, did_you_mean
 
 PROMPT_SETS: Registry[type] = Registry("prompt set")
 KINDS = ("generate", "ppl")

@@ -20,7 +20,7 @@ from typing import ClassVar
 from smartkv.data import longbench_config as cfg
 from smartkv.data.base import PROMPT_SETS, PromptSet, Sample, check_int, set_field
 from smartkv.data.inputs import truncate_middle
-from smartkv.registry import did_you_mean
+from smartkv.core.registry import did_you_mean
 
 log = logging.getLogger(__name__)
 HUB_ID = "THUDM/LongBench"

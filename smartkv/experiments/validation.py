@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import smartkv
-from smartkv.bench.worker import Settings, run_sample
+from smartkv.bench.run.worker import Settings, run_sample
 from smartkv.data import Sample
 from smartkv.data.inputs import count_tokens
 from smartkv.data.prose import prose_paragraphs
@@ -167,7 +167,7 @@ def validation_samples(tokenizer, num_prompts: int, context_tokens: int = 384, m
 
 def warm_up(handle) -> None:
     """One short untimed decode, so the first baseline does not pay for allocator and kernel start-up."""
-    from smartkv.bench.decode import decode
+    from smartkv.bench.run.generation import decode
     decode(handle.model, [1, 2, 3, 4], smartkv.make_cache("fp16", handle.model), 2, keep_logits=False)
 
 

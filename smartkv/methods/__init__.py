@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from smartkv.cache.hf_compat import model_kv_shape, use_attention
+from smartkv.cache.layer import ATTENTION_NAME, SmartKVCache
 from smartkv.methods.base import MethodConfig
-from smartkv.registry import Registry, did_you_mean
+from smartkv.core.registry import Registry, did_you_mean
 
 METHODS: Registry[type[MethodConfig]] = Registry("method")
 
@@ -50,7 +52,23 @@ def validate_method(name: str, params: dict | None = None) -> None:
     make_config(name, **(params or {}))
 
 
+def make_cache(method: str, model=None, num_layers: int | None = None, **params) -> SmartKVCache:
+    """Build the cache of a registered method for `model` (or for `num_layers` layers, without a model).
+
+    `smartkv.make_cache("kivi", model, key_bits=2)` -> a Cache to pass as `past_key_values=`. Unknown methods or
+    parameters raise ValueError naming what is allowed. Switches the model's attention to the "smartkv" hook,
+    which is plain SDPA for methods that do not need it.
+    """
+    config = make_config(method, **params)
+    if model is not None:
+        num_layers = model_kv_shape(model)["num_layers"]
+        use_attention(model, ATTENTION_NAME)
+    if num_layers is None:
+        raise ValueError("make_cache needs a model or num_layers")
+    return SmartKVCache(config, num_layers, attention_hooked=model is not None)
+
+
 # importing the method modules registers them
 from smartkv.methods import fp16, kivi, smartkv, uniform  # noqa: E402,F401
 
-__all__ = ["METHODS", "MethodConfig", "list_methods", "make_config", "method_fields", "validate_method"]
+__all__ = ["METHODS", "MethodConfig", "list_methods", "make_cache", "make_config", "method_fields", "validate_method"]

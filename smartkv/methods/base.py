@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
-from smartkv.quant.core import BITS
+from smartkv.core.quant import BITS
 
 
 @dataclass(frozen=True)

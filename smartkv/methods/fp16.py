@@ -5,11 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
-from smartkv.cache import KVLayer
+from smartkv.cache.layer import KVLayer
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig
-from smartkv.quant.kernels import KVSegment
-from smartkv.storage import write_token
+from smartkv.kernels import KVSegment
+from smartkv.cache.buffers import write_token
 
 
 class FP16Layer(KVLayer):
@@ -29,7 +29,7 @@ class FP16Layer(KVLayer):
     def _stored_kv(self):
         return self.keys, self.values
 
-    # static decode steps (smartkv.graphs): preallocated rows, the new token written at state.pos
+    # static decode steps (smartkv.cache.graphs): preallocated rows, the new token written at state.pos
     def _static_begin(self, tokens: int) -> None:
         if self._buf is None or self._buf[0].shape[-2] < tokens:
             n = self.keys.shape[-2]

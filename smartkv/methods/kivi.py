@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from smartkv.cache import KVLayer
+from smartkv.cache.layer import KVLayer
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
-from smartkv.quant import dequantize
-from smartkv.quant.kernels import KVSegment
-from smartkv.storage import QBuffer, TokenBuffer
+from smartkv.core.quant import dequantize
+from smartkv.kernels import KVSegment
+from smartkv.cache.buffers import QBuffer, TokenBuffer
 
 
 class KIVILayer(KVLayer):

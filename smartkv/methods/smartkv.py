@@ -16,7 +16,7 @@ Keys decide quality (an error in a key moves the softmax, an error in a value is
     mixed precision needs; q . (s * k_hat + mu) = (q * s) . k_hat + q . mu, so the query side pays nothing;
   - `rotate` applies a Hadamard rotation to the normalised keys (and values) before per-token quantization,
     spreading what outliers remain over all channels of a group (orthogonal: the query is rotated alike).
-Importance (smartkv.importance): the mean attention a token received from the queries that could see it,
+Importance (smartkv.core.importance): the mean attention a token received from the queries that could see it,
 stored as 8-bit log codes; the number of queries that saw each token is derived from the observed positions.
 Metadata counted in `_account`: group scales and zeros, the level maps, importance codes, the observed query
 ranges, the key normalisation vectors.
@@ -28,18 +28,18 @@ from dataclasses import dataclass
 
 import torch
 
-from smartkv.cache import KVLayer
-from smartkv.hf_compat import sdpa_attention_forward
-from smartkv.importance import (add_range, allowed_from_mask, attention_probs, decode_importance, fold_attention,
+from smartkv.cache.layer import KVLayer
+from smartkv.cache.hf_compat import sdpa_attention_forward
+from smartkv.core.importance import (add_range, allowed_from_mask, attention_probs, decode_importance, fold_attention,
                                 seen_from_ranges, token_weights)
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
-from smartkv.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
+from smartkv.core.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
                             rank_profile, unpack_levels)
-from smartkv.quant import QTensor, dequantize, quantize
-from smartkv.quant.kernels import pool_kernels_ok, pool_positions, pool_scores, pool_values
-from smartkv.quant.kernels.reference import MAX_RANGES
-from smartkv.storage import write_token
+from smartkv.core.quant import QTensor, dequantize, quantize
+from smartkv.kernels import pool_kernels_ok, pool_positions, pool_scores, pool_values
+from smartkv.kernels.reference import MAX_RANGES
+from smartkv.cache.buffers import write_token
 
 
 UNSEEN = 255  # importance code of a token no query has seen yet (encode_importance(0))
@@ -269,7 +269,7 @@ class SmartKVLayer(KVLayer):
     def _before_update(self) -> None:
         self._flush()  # when no attention hook ran (e.g. another attention implementation)
 
-    # --- static decode steps (smartkv.graphs): between two re-allocations only the window grows ----------------
+    # --- static decode steps (smartkv.cache.graphs): between two re-allocations only the window grows ----------------
     def static_blocker(self) -> str | None:
         """Sinks filled, room for the decode range among the fold's ranges, and every width on the kernels (the
         torch path of a pool pass reads sizes on the host, which a captured step cannot)."""

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from smartkv.cache import KVLayer
+from smartkv.cache.layer import KVLayer
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig, check_choice, check_group_size
-from smartkv.quant import dequantize
-from smartkv.quant.kernels import KVSegment, quantize_pack_kv
-from smartkv.storage import QBuffer, append_kv
+from smartkv.core.quant import dequantize
+from smartkv.kernels import KVSegment, quantize_pack_kv
+from smartkv.cache.buffers import QBuffer, append_kv
 
 
 class UniformLayer(KVLayer):

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from smartkv.metrics.textsim import EmptyTextError, fuzz_ratio, jieba_cut, rouge_l_f
-from smartkv.registry import Registry
+from smartkv.core.registry import Registry
 
 METRICS: Registry[Callable[..., float]] = Registry("metric")
 FIRST_LINE = "@first_line"

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from smartkv.quant.core import QTensor
-from smartkv.quant.kernels import triton_attn as K
-from smartkv.quant.kernels.segment import KVSegment, check_inputs  # noqa: F401
+from smartkv.core.quant import QTensor
+from smartkv.kernels import triton_attn as K
+from smartkv.kernels.segment import KVSegment, check_inputs  # noqa: F401
 
 LOG2E = 1.4426950408889634
 

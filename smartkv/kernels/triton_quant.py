@@ -1,4 +1,4 @@
-"""Triton quantize-and-pack: the bytes of `smartkv.quant.core.quantize`, one launch per call.
+"""Triton quantize-and-pack: the bytes of `smartkv.core.quant.quantize`, one launch per call.
 
 Per-token groups (axis=-1): a program quantizes BLOCK_T tokens x D channels. `quantize_pack_kv` does a layer's
 keys and values in one launch (program axis 2 picks which). Per-channel groups (axis=-2): a program quantizes
@@ -12,7 +12,7 @@ import triton.language as tl
 
 import torch
 
-from smartkv.quant.core import QTensor, check_bits, check_group, packed_width
+from smartkv.core.quant import QTensor, check_bits, check_group, packed_width
 
 
 @triton.jit

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from smartkv.quant.core import QTensor, dequantize, quantize
-from smartkv.quant.kernels.segment import KVSegment
+from smartkv.core.quant import QTensor, dequantize, quantize
+from smartkv.kernels.segment import KVSegment
 
 
 def write_rows(out: QTensor, q: QTensor, start: int) -> QTensor:
@@ -24,7 +24,7 @@ def write_rows(out: QTensor, q: QTensor, start: int) -> QTensor:
 
 def quantize_pack_reference(x: torch.Tensor, bits: int, group_size: int, axis: int = -1,
                             out: QTensor | None = None, start: int | torch.Tensor = 0) -> QTensor:
-    """`smartkv.quant.core.quantize`, optionally written into `out` at token `start` (or, with a (B,) tensor,
+    """`smartkv.core.quant.quantize`, optionally written into `out` at token `start` (or, with a (B,) tensor,
     sequence b at token start[b])."""
     q = quantize(x, bits, group_size, axis)
     if isinstance(start, torch.Tensor):  # per-sequence rows (a static decode step), (B,) int
@@ -158,10 +158,10 @@ def pool_values_reference(probs: torch.Tensor, pools, fp=()) -> tuple[torch.Tens
 
 
 def pool_positions_reference(levels: torch.Tensor, n: int, counts: tuple[int, ...]) -> torch.Tensor:
-    from smartkv.policy import unpack_levels
+    from smartkv.core.policy import unpack_levels
     return torch.argsort(unpack_levels(levels, n), dim=-1, stable=True).to(torch.int32)
 
 
 def importance_update_reference(codes: torch.Tensor, probs: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
-    from smartkv.importance import fold_attention
+    from smartkv.core.importance import fold_attention
     codes.copy_(fold_attention(codes, probs.unsqueeze(2), torch.tensor(ranges, dtype=torch.int64).reshape(-1, 2)))

@@ -9,7 +9,7 @@ that need nothing it is exactly transformers' SDPA (so `fp16` equals `DynamicCac
 statistics (SmartKV's importance) overrides `KVLayer.attend`.
 
 Fused decode (CUDA): a layer that implements `_decode_segments` and runs where the Triton kernels do
-(`smartkv.quant.kernels.kernels_available`, CUDA only unless `FORCE_KERNELS`) takes the fused path on decode
+(`smartkv.kernels.kernels_available`, CUDA only unless `FORCE_KERNELS`) takes the fused path on decode
 steps (one new token, cache not empty, hook installed, `use_kernels` not False): `update` stores the token
 (quantized into preallocated rows) and returns it unchanged as a placeholder, without dequantizing anything;
 `attend` runs `decode_attention` over the segments, reading the codes in place. Same numbers as the reference
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from smartkv.hf_compat import Cache, CacheLayerMixin, register_attention, sdpa_attention_forward, use_attention
-from smartkv.memory import LayerBytes, MemoryReport, summarize
-from smartkv.quant.kernels import KVSegment, decode_attention, kernels_available
-from smartkv.quant.kernels.reference import segment_kv
+from smartkv.cache.hf_compat import Cache, CacheLayerMixin, register_attention, sdpa_attention_forward, use_attention
+from smartkv.core.memory import LayerBytes, MemoryReport, summarize
+from smartkv.kernels import KVSegment, decode_attention, kernels_available
+from smartkv.kernels.reference import segment_kv
 
 ATTENTION_NAME = "smartkv"
 FORCE_KERNELS = False  # tests: run the kernels on CPU tensors too (only with TRITON_INTERPRET=1)
@@ -38,7 +38,7 @@ _active = threading.local()  # the layer whose `update` ran last in this thread,
 class StaticDecode:
     """Where a static decode step writes and reads, on the device (`SmartKVCache.begin_static`): with it a step
     launches the same kernels with the same arguments whatever the length, so it can be captured once as a CUDA
-    graph and replayed (`smartkv.graphs.GraphDecoder`). The caller sets both before each step."""
+    graph and replayed (`smartkv.cache.graphs.GraphDecoder`). The caller sets both before each step."""
     pos: torch.Tensor      # (B,) int32: the row the new token goes to (= tokens stored before it)
     lengths: torch.Tensor  # (B,) int32: pos + 1, the tokens it attends to
 
@@ -235,7 +235,7 @@ class KVLayer(CacheLayerMixin):
         return attention_mask is None and not kwargs.get("softcap") and not kwargs.get("sliding_window")
 
     def _static_mask(self, kwargs: dict) -> None:
-        """The attention mask of a static step: none. Static steps (smartkv.graphs) pass no mask; the causal one
+        """The attention mask of a static step: none. Static steps (smartkv.cache.graphs) pass no mask; the causal one
         transformers builds anyway while a CUDA graph is captured covers every stored token, which the device
         lengths already say. Softcap and sliding windows have no static path: an error, never the reference."""
         if not self._kernel_attends(None, kwargs):
@@ -365,22 +365,3 @@ class SmartKVCache(Cache):
 
     def __repr__(self) -> str:
         return f"SmartKVCache({self.method_config!r}, layers={len(self.layers)})"
-
-
-def make_cache(method: str, model=None, num_layers: int | None = None, **params) -> SmartKVCache:
-    """Build the cache of a registered method for `model` (or for `num_layers` layers, without a model).
-
-    `smartkv.make_cache("kivi", model, key_bits=2)` -> a Cache to pass as `past_key_values=`. Unknown methods or
-    parameters raise ValueError naming what is allowed. Switches the model's attention to the "smartkv" hook,
-    which is plain SDPA for methods that do not need it.
-    """
-    from smartkv.methods import make_config
-    from smartkv.models import model_kv_shape
-
-    config = make_config(method, **params)
-    if model is not None:
-        num_layers = model_kv_shape(model)["num_layers"]
-        use_attention(model, ATTENTION_NAME)
-    if num_layers is None:
-        raise ValueError("make_cache needs a model or num_layers")
-    return SmartKVCache(config, num_layers, attention_hooked=model is not None)

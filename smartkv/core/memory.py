@@ -1,6 +1,6 @@
 """True-byte accounting: every number comes from the nbytes of tensors a cache actually holds.
 
-Layers with growable buffers (`smartkv.storage`: preallocated rows that appends write into) count the rows in
+Layers with growable buffers (`smartkv.cache.buffers`: preallocated rows that appends write into) count the rows in
 use only, so a report is the same whichever path filled the cache and however much room was reserved. The
 unused capacity is reported apart, by `SmartKVCache.slack_bytes()` (bounded by `storage.GROWTH`, or by what
 `SmartKVCache.reserve` asked for).

@@ -22,9 +22,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from smartkv.bench.grid import canonical_json, job_cost, method_label
+from smartkv.bench.spec.grid import canonical_json, job_cost, method_label
 from smartkv.bench.progress import Progress
-from smartkv.bench.runner import JobRunner, failure_rows, resolve_worker_ref
+from smartkv.bench.run.runner import JobRunner, failure_rows, resolve_worker_ref
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ExecConfig:
     max_inflight: int | None = None     # calls queued on all actors together; default 2 per worker
     max_attempts: int = 3               # tries of a job whose actor died
     local: bool = False                 # in-process, no Ray
-    worker_ref: str | None = None       # "module:function"; default smartkv.bench.worker:run_job
+    worker_ref: str | None = None       # "module:function"; default smartkv.bench.run.worker:run_job
     poll_s: float = 0.5
     actor_start_timeout_s: float = 300.0
 
@@ -182,7 +182,7 @@ def _record(stats: RunStats, progress: Progress, slot: str | None, job: dict, re
 
 
 def _status_of(rows: list[dict]) -> str:
-    from smartkv.bench.store import job_status
+    from smartkv.bench.results.store import job_status
     return job_status(rows)
 
 

@@ -21,9 +21,9 @@ that supports it and "eager" otherwise, so the same loop runs on every machine a
 from __future__ import annotations
 
 import torch
-from transformers import StaticCache
+from smartkv.cache.hf_compat import StaticCache
 
-from smartkv.cache import SmartKVCache
+from smartkv.cache.layer import SmartKVCache
 
 MODES = ("graph", "static", "eager")
 

@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from smartkv.bench.catalog import Catalog
-from smartkv.registry import did_you_mean
+from smartkv.bench.spec.catalog import Catalog
+from smartkv.core.registry import did_you_mean
 
 MAX_REPEATS = 100
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -280,7 +280,7 @@ def kv_budgets(budget: float, gap: float, widths=WIDTHS) -> tuple[float, float]:
 
 def pack_levels(levels: torch.Tensor) -> torch.Tensor:
     """Width indices (..., n) uint8 in 0..3 -> (..., ceil(n / 8) * 2) uint8, 2 bits each (n padded to 8)."""
-    from smartkv.quant.core import pack
+    from smartkv.core.quant import pack
     pad = -levels.shape[-1] % 8
     if pad:
         levels = torch.cat([levels, levels.new_zeros(*levels.shape[:-1], pad)], -1)
@@ -289,5 +289,5 @@ def pack_levels(levels: torch.Tensor) -> torch.Tensor:
 
 def unpack_levels(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of `pack_levels`: -> (..., n) uint8."""
-    from smartkv.quant.core import unpack
+    from smartkv.core.quant import unpack
     return unpack(packed, 2)[..., :n]

@@ -5,13 +5,13 @@ Everything else in smartkv imports these names from here.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, StaticCache
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-__all__ = ["Cache", "CacheLayerMixin", "repeat_kv", "sdpa_attention_forward", "register_attention",
-           "use_attention", "attn_implementation"]
+__all__ = ["Cache", "CacheLayerMixin", "StaticCache", "attn_implementation", "model_kv_shape", "register_attention",
+           "repeat_kv", "sdpa_attention_forward", "use_attention"]
 
 
 def register_attention(name: str, fn) -> None:
@@ -34,3 +34,14 @@ def use_attention(model: torch.nn.Module, name: str) -> None:
         model.set_attn_implementation(name)
     else:  # older 5.x
         model.config._attn_implementation = name
+
+
+def model_kv_shape(model) -> dict:
+    """Layers, KV heads and head_dim of a loaded model or a config."""
+    cfg = getattr(model, "config", model)
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    return {"num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}

@@ -1,6 +1,6 @@
 """Group-wise asymmetric min-max quantization and bit packing. Pure tensor math, CPU and CUDA alike.
 
-Storage layout (shared with the Triton kernels in `smartkv.quant.kernels`):
+Storage layout (shared with the Triton kernels in `smartkv.kernels`):
   - codes are packed along the LAST axis (head_dim), little-endian inside each byte:
       8 bit: one code a byte; 4 bit: c0 | c1 << 4; 2 bit: c0 | c1 << 2 | c2 << 4 | c3 << 6;
       3 bit: eight codes in three bytes, the 24-bit word sum(c_j << 3j) stored low byte first.

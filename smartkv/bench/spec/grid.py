@@ -38,17 +38,16 @@ anything runs.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from smartkv.bench import catalog as catalog_mod
-from smartkv.bench import grid_fields as F
-from smartkv.bench.catalog import Catalog
-from smartkv.bench.grid_fields import GridError, canonical_json, short
+from smartkv.bench.spec import catalog as catalog_mod
+from smartkv.bench.spec import fields as F
+from smartkv.bench.spec.catalog import Catalog, package_version
+from smartkv.bench.spec.fields import GridError, canonical_json, short
 
 __all__ = ["Grid", "GridError", "canonical_json", "expand", "job_cost", "job_id_of", "job_identity", "load_grid",
            "method_label", "package_version"]
@@ -69,13 +68,6 @@ class Grid:
     path: str
     jobs: list[dict] = field(default_factory=list)
     description: str = ""
-
-
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("smartkv")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def job_id_of(spec: dict) -> str:

@@ -31,11 +31,11 @@ import triton.language as tl
 
 import torch
 
-from smartkv.quant.core import QTensor
-from smartkv.quant.kernels.reference import MAX_FP, MAX_POOLS, MAX_RANGES
-from smartkv.quant.kernels import decode as _dec
-from smartkv.quant.kernels.decode import _per_word, _pow2, _words
-from smartkv.quant.kernels.triton_attn import _load_words, _unpack
+from smartkv.core.quant import QTensor
+from smartkv.kernels.reference import MAX_FP, MAX_POOLS, MAX_RANGES
+from smartkv.kernels import split as _dec
+from smartkv.kernels.split import _per_word, _pow2, _words
+from smartkv.kernels.triton_attn import _load_words, _unpack
 
 
 @triton.jit

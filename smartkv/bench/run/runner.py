@@ -17,13 +17,13 @@ import time
 import traceback
 from typing import Callable
 
-from smartkv.bench import schema
-from smartkv.bench.grid import canonical_json, job_identity
+from smartkv.bench.results import schema
+from smartkv.bench.spec.grid import canonical_json, job_identity
 from smartkv.bench.redact import redact
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORKER = "smartkv.bench.worker:run_job"
+DEFAULT_WORKER = "smartkv.bench.run.worker:run_job"
 WORKER_ENV = "SMARTKV_BENCH_WORKER"
 
 

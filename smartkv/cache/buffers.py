@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from smartkv.quant.core import QTensor, packed_width
-from smartkv.quant.kernels import quantize_pack, quantize_pack_kv, quantize_pack_reference
+from smartkv.core.quant import QTensor, packed_width
+from smartkv.kernels import quantize_pack, quantize_pack_kv, quantize_pack_reference
 
 GROWTH = 1.25     # 2x would leave up to half the buffer unused: more than int4 saves over int8
 MIN_GROWTH = 256  # tokens

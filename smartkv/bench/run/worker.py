@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import torch
 
 import smartkv
-from smartkv.bench import schema
-from smartkv.bench.decode import (Decoded, decode, decode_measuring_prefill, fp16_reference, greedy, prefill_errors,
+from smartkv.bench.results import schema
+from smartkv.bench.run.generation import (Decoded, decode, decode_measuring_prefill, fp16_reference, greedy, prefill_errors,
                                   reference_memo, sampler)
-from smartkv.bench.grid import canonical_json, method_label
+from smartkv.bench.spec.grid import canonical_json, method_label
 from smartkv.bench.redact import redact
 from smartkv.data import build_input_ids, continuation_ids, get_prompt_set
 from smartkv.metrics import quality, speed, task

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from smartkv.bench import schema
+from smartkv.bench.results import schema
 from smartkv.bench.redact import redact
 
 log = logging.getLogger(__name__)

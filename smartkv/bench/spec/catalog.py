@@ -3,6 +3,7 @@ smartkv.data and smartkv.models about names, so grid validation can run against 
 """
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from pathlib import Path
 
@@ -84,7 +85,6 @@ class Catalog:
         return [EMBEDDED_ALIASES[0], *TINY_MODELS]
 
     def package_version(self) -> str:
-        from smartkv.bench.grid import package_version
         return package_version()
 
 
@@ -97,6 +97,13 @@ def _integral_floats_to_int(value):
     if isinstance(value, dict):
         return {k: _integral_floats_to_int(v) for k, v in value.items()}
     return value
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("smartkv")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def default_catalog() -> Catalog:

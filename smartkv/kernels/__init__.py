@@ -12,7 +12,7 @@
 
 The Triton path runs on CUDA tensors (or any tensors under TRITON_INTERPRET=1); everything else, and shapes the
 kernels do not cover (head_dim not a power of two), takes the `*_reference` path. Bytes written by
-`quantize_pack` equal `smartkv.quant.core.quantize`'s; `decode_attention` matches the reference to fp16-operand
+`quantize_pack` equal `smartkv.core.quant.quantize`'s; `decode_attention` matches the reference to fp16-operand
 accuracy (see tests/test_kernels.py for the bounds).
 """
 from __future__ import annotations
@@ -23,18 +23,18 @@ from collections.abc import Sequence
 
 import torch
 
-from smartkv.quant.core import QTensor
-from smartkv.quant.kernels.reference import (MAX_FP, MAX_POOLS, MAX_RANGES, decode_attention_reference,
+from smartkv.core.quant import QTensor
+from smartkv.kernels.reference import (MAX_FP, MAX_POOLS, MAX_RANGES, decode_attention_reference,
                                              importance_update_reference, pool_positions_reference,
                                              pool_scores_reference, pool_values_reference, quantize_pack_reference)
-from smartkv.quant.kernels.segment import KVSegment, check_inputs
+from smartkv.kernels.segment import KVSegment, check_inputs
 
 try:
     import triton  # noqa: F401
 
-    from smartkv.quant.kernels import decode as _decode
-    from smartkv.quant.kernels import triton_pool as _tp
-    from smartkv.quant.kernels import triton_quant as _tq
+    from smartkv.kernels import split as _decode
+    from smartkv.kernels import triton_pool as _tp
+    from smartkv.kernels import triton_quant as _tq
     HAVE_TRITON = True
 except ImportError:  # no Triton on this platform: reference paths only
     HAVE_TRITON = False
@@ -219,7 +219,7 @@ def pool_positions(levels, n: int, counts: Sequence) -> torch.Tensor:
 
 
 def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> None:
-    """Fold one decode query's attention into SmartKV's importance codes, in place (smartkv.importance).
+    """Fold one decode query's attention into SmartKV's importance codes, in place (smartkv.core.importance).
 
     codes: (B, Hkv, T) uint8 (`encode_importance` of the mean attention each token received); probs: (B, Hq, T)
     fp32, the query's attention over all T tokens; ranges: the [start, end) positions of the queries observed

@@ -2,7 +2,7 @@
 
 Used by the runner's tests and to check a cluster's plumbing without models:
 
-    SMARTKV_BENCH_WORKER=smartkv.bench.fake_worker:run_job smartkv-bench submit --grid jobs/quick.yaml
+    SMARTKV_BENCH_WORKER=smartkv.bench.run.fake_worker:run_job smartkv-bench submit --grid jobs/quick.yaml
 
 Environment (all optional; SMARTKV_* variables reach the Ray actors):
   SMARTKV_FAKE_SLEEP_S    seconds to spend per job (default 0)
@@ -20,8 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from smartkv.bench import schema
-from smartkv.bench.grid import job_identity
+from smartkv.bench.results import schema
+from smartkv.bench.spec.grid import job_identity
 
 FAULTS = ("oom", "raise", "exit")
 _BITS = {"fp16": 16.0, "int8": 8.0, "int4": 4.0}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smartkv.quant.core import QTensor
+from smartkv.core.quant import QTensor
 
 KVPart = torch.Tensor | QTensor
 
