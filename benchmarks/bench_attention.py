@@ -92,7 +92,7 @@ def _fused_call(q, segs):
 def _smartkv_cache(B: int, T: int, seed: int, budget: float = 4.0):
     """A SmartKV cache layer (defaults but `budget`; keys and values at different widths) filled with T random
     tokens and re-allocated once, as the cache holds them while decoding; its bytes (everything held)."""
-    from smartkv.cache.layer import make_cache
+    from smartkv.methods import make_cache
 
     gen = _gen(seed)
     cache = make_cache("smartkv", num_layers=1, budget=budget)

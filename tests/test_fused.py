@@ -10,7 +10,7 @@ pytest.importorskip("triton")  # tests/conftest.py puts Triton in its interprete
 import smartkv  # noqa: E402
 import smartkv.cache.layer as cache_mod  # noqa: E402
 from smartkv.core.quant import quantize  # noqa: E402
-from smartkv import storage  # noqa: E402
+from smartkv.cache import buffers as storage  # noqa: E402
 from smartkv.cache.buffers import QBuffer, TokenBuffer  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

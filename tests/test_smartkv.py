@@ -143,7 +143,7 @@ def test_reallocation_waits_for_the_device_a_bounded_number_of_times():
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from smartkv.cache.layer import make_cache
+    from smartkv.methods import make_cache
 
     waits = []
 
