@@ -8,7 +8,7 @@
 # (CUDA graph),int8 (CUDA graph),int4 (CUDA graph)" --memory-gib 79.2 and drop --no-max-batch.
 set -u
 export PYTHONPATH=$PWD
-OUT=${OUT:-benchmarks/results/latest}
+OUT=${OUT:-benchmarks/raw/latest}
 mkdir -p "$OUT"
 timeout 130 python -m pytest tests/test_graphs.py tests/test_fused.py -q > "$OUT/pytest.txt" 2>&1
 tail -3 "$OUT/pytest.txt"

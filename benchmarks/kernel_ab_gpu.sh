@@ -7,9 +7,10 @@
 # not both, at TEST_S 240). On a fresh H200 tests/test_kernels.py + tests/test_graphs.py take ~155 s (2026-11-29)
 # and compiling for the first time can take longer: TEST_S 170 stopped them after 52 of 122 once.
 #   run(command="OLD=.ab/old OUT=$OUT bash benchmarks/kernel_ab_gpu.sh")
-#   run(command="BASE_TUNING=benchmarks/results/kernels_h200_2026-11-29/pps8.json OUT=$OUT bash benchmarks/kernel_ab_gpu.sh")
+#   run(command="BASE_TUNING=benchmarks/raw/<run>/base.json OUT=$OUT bash benchmarks/kernel_ab_gpu.sh",
+#       carry=["benchmarks/raw/<run>"])      # benchmarks/raw is git-ignored, so it travels only when carried
 set -u
-OUT=${OUT:-benchmarks/results/latest}
+OUT=${OUT:-benchmarks/raw/latest}
 TESTS=${TESTS:-tests/test_kernels.py}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"

@@ -8,7 +8,7 @@
 #   run(command="OUT=$OUT bash benchmarks/smartkv_gpu.sh")      # files land in $OUT
 set -u
 export PYTHONPATH=$PWD
-OUT=${OUT:-benchmarks/results/latest}
+OUT=${OUT:-benchmarks/raw/latest}
 mkdir -p "$OUT"
 timeout 150 python -m pytest tests/test_kernels.py tests/test_fused.py -q -k "pool or smartkv or importance or positions" \
     > "$OUT/pytest.txt" 2>&1

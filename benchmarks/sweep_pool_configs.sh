@@ -4,6 +4,8 @@
 #   run(command="OUT=$OUT bash benchmarks/sweep_pool_configs.sh")
 set -u
 export PYTHONPATH=$PWD
+OUT=${OUT:-benchmarks/raw/latest}
+mkdir -p "$OUT"
 i=0
 for cfg in 64/32/4/1024 64/64/4/1024 64/32/8/1024 64/64/8/1024 32/32/4/1024 128/32/4/1024 64/32/4/512 64/32/4/2048; do
   i=$((i+1))

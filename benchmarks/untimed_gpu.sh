@@ -7,7 +7,7 @@
 #   run(command="OUT=$OUT bash benchmarks/untimed_gpu.sh")
 set -u
 export PYTHONPATH=$PWD
-OUT=${OUT:-benchmarks/results/latest}
+OUT=${OUT:-benchmarks/raw/latest}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 timeout 230 python -m pytest tests/test_kernels.py tests/test_fused.py -q -x > "$OUT/pytest.txt" 2>&1

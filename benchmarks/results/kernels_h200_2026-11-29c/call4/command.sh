@@ -1,1 +1,0 @@
-export PYTHONPATH=$PWD; timeout 200 python benchmarks/bench_positions.py --configs 1024/1024/4,2048/1024/4,4096/1024/4,4096/1024/8,8192/1024/8,8192/2048/8,16384/2048/16  # (the script at 5e80f7d + POSITIONS_WARPS; plain do_bench timing: host-bound below 128K x 8, superseded by call5)
