@@ -30,12 +30,12 @@ from smartkv.kernels import (decode_attention, decode_attention_reference, quant
                                    quantize_pack_kv)
 from smartkv.kernels import split as dec  # noqa: E402
 from smartkv.kernels import triton_attn as K  # noqa: E402
-from smartkv.kernels import triton_pool as _tp  # noqa: E402
+from smartkv.kernels import tuning  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SCALING = D ** -0.5
 FUSED = ["int8", "int4", "kivi2", "kivi24", "smartkv4", "smartkv4-cache"]
-POOL_CONFIGS = [dict(_tp.POOL_CONFIG)]  # --pool-configs
+POOL_CONFIGS = [dict(vars(tuning.current().pool))]  # --pool-configs
 POOL_FIELDS = ("scores_block", "values_block", "num_warps", "split_tokens", "pack_heads", "values_warps")  # its order
 _T0 = time.time()
 
@@ -177,8 +177,8 @@ def bench_config(T: int, B: int, methods: list[str], copy_bw: float, budget: Bud
             del k_ref, v_ref
             notes.append(f"smartkv4-cache at {T}x{B}: widths k {sorted(layer.pools['k'])} v {sorted(layer.pools['v'])}")
             for cfg in POOL_CONFIGS:  # each config checked against dequantize + SDPA, then timed
-                _tp.POOL_CONFIG.update(cfg)
-                tag = "" if len(POOL_CONFIGS) == 1 else " " + "/".join(str(_tp.POOL_CONFIG[f]) for f in POOL_FIELDS)
+                tuning.use(tuning.with_changes(tuning.current(), pool=cfg))
+                tag = "" if len(POOL_CONFIGS) == 1 else " " + "/".join(str(cfg[f]) for f in POOL_FIELDS)
                 try:  # a config that does not compile (resources) is a note, not the end of the run
                     err = ((attend()[0].transpose(1, 2).float() - ref.float()).norm() / ref.float().norm()).item()
                     notes.append(f"smartkv4-cache{tag} vs dequantize + SDPA at {T}x{B}: rel err {err:.1e}")
@@ -191,7 +191,7 @@ def bench_config(T: int, B: int, methods: list[str], copy_bw: float, budget: Bud
                                      + kernel_split(attend_observe))
                 except Exception as exc:  # noqa: BLE001
                     notes.append(f"smartkv4-cache{tag} at {T}x{B}: {type(exc).__name__}: {str(exc)[:150]}")
-            _tp.POOL_CONFIG.update(POOL_CONFIGS[0])
+            tuning.use(tuning.with_changes(tuning.current(), pool=POOL_CONFIGS[0]))
             del layer, ref
             torch.cuda.empty_cache()
             continue
@@ -221,8 +221,8 @@ def probe_code_mode(notes: list):
         out = decode_attention(q, segs, SCALING)
         worst = max(worst, ((out.float() - ref.float()).norm() / ref.float().norm()).item())
     if worst > 1e-2:
-        for t in dec.TUNING.values():
-            t.code_mode = 1
+        table = tuning.current()
+        tuning.use(tuning.with_changes(table, split={k: {"code_mode": 1} for k in table.split}))
         notes.append(f"fp16-subnormal codes rel err {worst:.1e}: subnormals flushed here, using code mode 1")
     else:
         notes.append(f"fp16-subnormal codes (code modes 0/2/3) verified: rel err {worst:.1e}")
@@ -268,7 +268,7 @@ SWEEP_METHOD = {(K.TOK, 4): "int4", (K.TOK, 8): "int8", (K.CHAN, 2): "kivi2"}
 
 def sweep(budget: Budget, lines: list, T: int = 32768, B: int = 8, methods: list[str] | None = None):
     """Try launch configs at (B, T) for the kernels of `methods` (all swept ones if None); keep the fastest in
-    dec.TUNING."""
+    the active tuning table."""
     for key, variants in VARIANTS.items():
         m = SWEEP_METHOD[key]
         if methods is not None and m not in methods:
@@ -277,14 +277,14 @@ def sweep(budget: Budget, lines: list, T: int = 32768, B: int = 8, methods: list
         q0, s0 = sets[0]
         ref = decode_attention_reference(q0, s0, SCALING).float()  # every variant is checked against it
         best = None
-        default = dec.tuning_for(*key)
+        default = tuning.split_tuning(*key)
         for kw in variants:
             if budget.left() < 60:
                 lines.append(f"| {m} | {kw} | skipped (time budget) |")
                 break
             base = dict(vars(default))
             base.update(kw)
-            dec.TUNING[key] = dec.Tuning(**base)
+            tuning.use(tuning.with_changes(tuning.current(), split={key: tuning.Tuning(**base)}))
             try:
                 err = ((decode_attention(q0, s0, SCALING).float() - ref).norm() / ref.norm()).item()
                 t = time_calls([_fused_call(q, s) for q, s in sets], min_time_s=0.1)
@@ -297,8 +297,8 @@ def sweep(budget: Budget, lines: list, T: int = 32768, B: int = 8, methods: list
             if err > 2e-3:  # a wrong kernel is not a candidate, however fast
                 continue
             if best is None or t < best[0]:
-                best = (t, dec.Tuning(**base))
-        dec.TUNING[key] = best[1]
+                best = (t, tuning.Tuning(**base))
+        tuning.use(tuning.with_changes(tuning.current(), split={key: best[1]}))
         lines.append(f"| **{m} best** | {vars(best[1])} | {best[0] * 1e6:.1f} | {nbytes / best[0] / 1e9:.0f} | |")
         del sets, ref, q0, s0
         torch.cuda.empty_cache()
@@ -379,7 +379,7 @@ def main():
         if any(len(c) < 3 for c in given):
             ap.error(f"--pool-configs: each config is S/V/W, S/V/W/P, S/V/W/P/H or S/V/W/P/H/VW (integers), got "
                      f"{args.pool_configs!r}")
-        POOL_CONFIGS[:] = [dict(_tp.POOL_CONFIG, **c) for c in given]  # fields left out: the library's
+        POOL_CONFIGS[:] = [dict(vars(tuning.current().pool), **c) for c in given]  # fields left out: the library's
     budget = Budget(args.budget_s)
     methods = [m for m in args.methods.split(",") if m]
     if args.profile:
@@ -418,10 +418,10 @@ def main():
         print("\n".join(decode_table(rows[n:])[2:]), flush=True)
     rows.sort(key=lambda r: (r["context"], r["batch"]))
     qlines = bench_quantize(copy_bw, budget)
-    tuning = {str(k): vars(v) for k, v in dec.TUNING.items()}
+    tuning_used = {str(k): vars(v) for k, v in tuning.current().split.items()}
     report = head + ["", "### Decode attention (one layer, one new token per sequence)", ""] + decode_table(rows)
     report += ["", "### Quantize and pack", ""] + qlines + ["", "notes:"] + [f"- {n}" for n in notes]
-    report += ["", f"launch configs: {json.dumps(tuning)}"]
+    report += ["", f"launch configs: {json.dumps(tuning_used)}"]
     if sweep_lines:
         report += ["", f"### Launch-config sweep (batch {args.sweep_batch}, 32K)", ""] + sweep_lines
     print("\n" + "\n".join(report))
@@ -430,7 +430,7 @@ def main():
         with open(os.path.join(args.out, "bench_attention.md"), "w") as f:
             f.write("\n".join(report) + "\n")
         with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
-            json.dump(dict(head=head, rows=rows, notes=notes, tuning=tuning), f, indent=1)
+            json.dump(dict(head=head, rows=rows, notes=notes, tuning=tuning_used), f, indent=1)
 
 
 if __name__ == "__main__":

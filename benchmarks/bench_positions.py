@@ -15,7 +15,7 @@ import triton
 
 from smartkv.core.policy import pack_levels
 from smartkv.kernels import pool_positions
-from smartkv.kernels import triton_pool as tp
+from smartkv.kernels import tuning
 
 H = 8  # KV heads (Llama-3-8B)
 
@@ -48,7 +48,7 @@ def main() -> None:
         expect = torch.stack([torch.argsort(x.cuda(), dim=-1, stable=True).to(torch.int32) for x in (lk, lv)])
         cells = []
         for block, warps in configs:
-            tp.POSITIONS_BLOCK, tp.POSITIONS_WARPS = block, warps
+            tuning.use(tuning.with_changes(tuning.current(), positions={"block": block, "warps": warps}))
             got = pool_positions(packed, T, [ck, cv])
             if not torch.equal(got, expect):
                 cells.append("wrong")

@@ -128,11 +128,11 @@ def segments_bytes(segments: list[KVSegment]) -> int:
 
 
 def apply_tuning(path: str) -> dict:
-    """Launch configs from a bench_attention.json (its "tuning": what its sweep kept) into the kernels' TUNING."""
-    from smartkv.kernels import split as dec
+    """Make the launch configs of a bench_attention.json (its "tuning": what its sweep kept) the active table."""
+    from smartkv.kernels import tuning
 
     with open(path) as f:
-        tuning = json.load(f)["tuning"]
-    for key, fields in tuning.items():
-        dec.TUNING[ast.literal_eval(key)] = dec.Tuning(**fields)
-    return tuning
+        configs = json.load(f)["tuning"]
+    split = {ast.literal_eval(key): tuning.Tuning(**fields) for key, fields in configs.items()}
+    tuning.use(tuning.with_changes(tuning.current(), split=split))
+    return configs

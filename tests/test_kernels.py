@@ -15,6 +15,7 @@ import smartkv.kernels as kern  # noqa: E402
 from smartkv.core.quant import quantize  # noqa: E402
 
 from smartkv.kernels import KVSegment  # noqa: E402
+from smartkv.kernels import tuning  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BOUND = 3e-3
@@ -85,10 +86,14 @@ def _check(q, segments, lengths=None, probs=True):
 
 def _tune(monkeypatch, kinds, **fields):
     """Set `fields` on the launch config of every key kind in `kinds` (per-width and wide entries included)."""
-    from smartkv.kernels import split as dec
+    table = tuning.current()
+    keys = [k for k in table.split if (k if isinstance(k, int) else k[0]) in kinds]
+    _use(monkeypatch, split={k: fields for k in keys})
 
-    for key in [k for k in dec.TUNING if (k if isinstance(k, int) else k[0]) in kinds]:
-        monkeypatch.setitem(dec.TUNING, key, dec.Tuning(**{**vars(dec.TUNING[key]), **fields}))
+
+def _use(monkeypatch, **changes):
+    """Launch with the current tuning table changed by `changes` (tuning.with_changes) until the test ends."""
+    monkeypatch.setattr(tuning, "_active", tuning.with_changes(tuning.current(), **changes))
 
 
 def _kv(g, B, H, T, D, vscale=1.0):
@@ -189,7 +194,7 @@ def test_merge_config_by_merge_programs(monkeypatch):
     assert dec._merge_config([plan], 64, 131, 132) == (128, 4)
     assert dec._merge_config([plan], 64, 132, 132) == (16, 1)
     assert dec._merge_config([plan], 256, 1536, 132) == (16, 2)
-    wide = dec._Launch(**dict(vars(plan), tuning=dec.Tuning(merge_block_s=40, merge_warps=8)))
+    wide = dec._Launch(**dict(vars(plan), tuning=tuning.Tuning(merge_block_s=40, merge_warps=8)))
     assert dec._merge_config([plan, wide], 64, 1536, 132) == (64, 8)
 
 
@@ -355,11 +360,8 @@ def test_pool_two_pass_kernels(bits, N, NG, D, G, shared, config, monkeypatch):
     from smartkv.kernels import triton_pool
 
     if config:
-        monkeypatch.setitem(triton_pool.POOL_CONFIG, "scores_block", config[0])
-        monkeypatch.setitem(triton_pool.POOL_CONFIG, "values_block", config[1])
-        monkeypatch.setitem(triton_pool.POOL_CONFIG, "num_warps", config[2])
-        if len(config) > 3:
-            monkeypatch.setitem(triton_pool.POOL_CONFIG, "pack_heads", config[3])
+        fields = ("scores_block", "values_block", "num_warps", "pack_heads")
+        _use(monkeypatch, pool=dict(zip(fields, config)))
 
     g = gen(bits * 1000 + N)
     B, Hkv = 2, 2
@@ -441,8 +443,7 @@ def test_pool_kernels_three_bit_small_tiles(D, config, monkeypatch):
     from smartkv.kernels import reference as R
     from smartkv.kernels import triton_pool
 
-    for key, value in zip(("scores_block", "values_block", "num_warps"), config):
-        monkeypatch.setitem(triton_pool.POOL_CONFIG, key, value)
+    _use(monkeypatch, pool=dict(zip(("scores_block", "values_block", "num_warps"), config)))
     g = gen(D * 100 + config[0])
     B, Hkv, NG, N, n_sink = 2, 2, 2, 45, 2
     pos = torch.arange(N, dtype=torch.int32).expand(B, Hkv, N).contiguous().to(DEV)
@@ -494,7 +495,7 @@ def test_pool_positions_are_a_stable_argsort_of_the_levels(n, levels, block, mon
     from smartkv.kernels import reference as R
     from smartkv.kernels import triton_pool
 
-    monkeypatch.setattr(triton_pool, "POSITIONS_BLOCK", block)
+    _use(monkeypatch, positions={"block": block})
 
     g = gen(n)
     B, H = 2, 3

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,55 +11,9 @@ import triton
 from smartkv.core.quant import QTensor
 from smartkv.kernels import triton_attn as K
 from smartkv.kernels.segment import KVSegment, check_inputs  # noqa: F401
+from smartkv.kernels.tuning import Tuning, split_tuning
 
 LOG2E = 1.4426950408889634
-
-
-@dataclass
-class Tuning:
-    """Launch choices; `TUNING` holds one per key kind (benchmarks may overwrite them)."""
-    block_n: int = 64          # tokens per inner step (per-channel keys: 0 for as many groups as the query has
-                               # column sets, 16 / query heads per KV head; or fewer whole groups)
-    num_warps: int = 4
-    num_stages: int = 2
-    prefetch: int = 1          # 1: scales/zeros loaded one block ahead; 2: code words too; 0: at use; 3: pipelined
-    maxnreg: int | None = None # register cap (more programs per SM, maybe spills)
-    programs_per_sm: int = 0   # 0: splits by whole waves (_splits); n > 0: until the grid has ~n programs per SM
-    min_split_tokens: int = 256
-    # 1: 0x6400 trick (exact fp16 integers); 0: codes as fp16 subnormals; 2: as 0, two codes per word op;
-    # 3: as 2, shifting by whole bytes only (codes read as code * 2^(place in byte * bits), undone per channel)
-    code_mode: int = int(os.environ.get("SMARTKV_KERNEL_CODE_MODE", "3"))
-    # the merge launch (one program per sequence and query head over every split of every segment) reads
-    # merge_block_s partials a step with merge_warps warps; the largest of the segments' settings wins. With
-    # fewer merge programs than SMs (batch 1: 32 query heads) the merge is one latency-bound wave and the few_
-    # settings apply. H200, 2026-11-29, 128 / 4 against 16 / 1: int4 at 32K x 1 42.2 -> 36.5 us, 4K x 1
-    # 14.0 -> 12.0 (a one-warp plan makes up to 128 splits per segment there); at batch 48 (1536 programs)
-    # 128 / 4 was slower (4K: 180 -> 190 us), at batch 8 even.
-    merge_block_s: int = 16
-    merge_warps: int = 1
-    few_merge_block_s: int = 128
-    few_merge_warps: int = 4
-
-
-# Defaults: the fastest of `benchmarks/bench_attention.py --sweep` (H100 and H200, batch 8, 32K; BENCHMARKS.md).
-# Per-token keys: one-warp programs of 32 tokens (H200: int4 12%, int8 25% faster than 4 warps x 128 tokens at
-# 32K x 8), splits down to 64 tokens (small grids: at 4K x 1, 64 splits of 64 tokens per KV head); int8 loads its
-# words at use (prefetching them spills). (K.TOK, WIDE): per-token keys whose dots have more than 16 columns
-# (query heads per KV head x key or value groups per token: 8 heads, or groups of 16 channels at head_dim 128),
-# where a one-warp program would hold a 32-row accumulator alone and spill (sm_90 SASS, 8 heads: 72 bytes of
-# stack): the previous default, 4 warps x 128 tokens.
-WIDE = "wide"
-TUNING = {K.FP: Tuning(block_n=64, prefetch=0),
-          K.TOK: Tuning(block_n=32, num_warps=1, prefetch=2, min_split_tokens=64),
-          (K.TOK, 8): Tuning(block_n=32, num_warps=1, prefetch=0, min_split_tokens=64),
-          (K.TOK, WIDE): Tuning(block_n=128, prefetch=2),
-          K.CHAN: Tuning(block_n=0, num_stages=1, code_mode=1, prefetch=2)}  # (kind, key bits) entries override
-
-
-def tuning_for(kind: int, bits: int, columns: int = 16) -> Tuning:
-    """Launch config for keys of `kind` at `bits`, whose dots have `columns` columns (the per-token kinds)."""
-    tune = TUNING.get((kind, bits), TUNING[kind])
-    return TUNING[(K.TOK, WIDE)] if kind == K.TOK and tune.num_warps == 1 and columns > 16 else tune
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -131,11 +84,11 @@ def _note_resident(key: tuple, kern, num_warps: int) -> None:
     _RESIDENT[key] = max(1, min(65536 // regs, (228 * 1024) // shared, 64 // num_warps, 32))
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _words(q: QTensor) -> torch.Tensor:
+def code_words(q: QTensor) -> torch.Tensor:
     """Codes as int32 words (3 bit: 3 bytes per 8 codes, read as words: head_dim a multiple of 32); a view when
     the layout allows."""
     try:
@@ -144,7 +97,7 @@ def _words(q: QTensor) -> torch.Tensor:
         return q.codes.contiguous().view(torch.int32)
 
 
-def _per_word(bits: int) -> int:
+def per_word(bits: int) -> int:
     return 8 if bits == 3 else 32 // bits
 
 
@@ -166,7 +119,7 @@ class _Side:
 
 def _side(part, residual: torch.Tensor | None, n_tokens: int, D: int) -> _Side:
     if isinstance(part, QTensor):
-        words = _words(part)
+        words = code_words(part)
         kind = K.CHAN if part.axis == -2 else K.TOK
         fp = residual if residual is not None else part.scale  # any tensor when there is no residual
         fps = residual.stride()[:3] if residual is not None else (0, 0, 0)
@@ -196,7 +149,7 @@ class _Launch:
 
 
 def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, device) -> list[_Launch]:
-    ngp = _pow2(NG)
+    ngp = pow2(NG)
     fill = max(1, 16 // ngp)   # query-head columns are padded to 16 for the tensor cores
     plans, offset = [], 0
     for seg in segments:
@@ -208,7 +161,7 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
         vs = _side(seg.values, seg.value_residual, T, D)
         xk = fill if ks.kind == K.CHAN else max(ks.ngrp, fill)  # column sets of the key and value dots
         xv = max(vs.ngrp, fill)
-        tune = tuning_for(ks.kind, ks.bits, max(xk, xv) * ngp)
+        tune = split_tuning(ks.kind, ks.bits, max(xk, xv) * ngp)
         if ks.kind == K.CHAN:  # a block holds the `fill` key groups of the columns (block_n 0) or fewer
             block_n = xk * ks.group
             if tune.block_n and tune.block_n % ks.group == 0 and tune.block_n < block_n:
@@ -236,7 +189,7 @@ def _merge_config(plans: Sequence[_Launch], D: int, programs: int, sms: int) -> 
     their few_ settings when programs < sms. Not by split count: the split count changes as the cache grows,
     and another BLOCK_S would compile another kernel mid-generation (the batch does not change)."""
     few = programs < sms
-    block_s = max([16] + [_pow2(p.tuning.few_merge_block_s if few else p.tuning.merge_block_s) for p in plans])
+    block_s = max([16] + [pow2(p.tuning.few_merge_block_s if few else p.tuning.merge_block_s) for p in plans])
     warps = max([1 if D <= 128 else 2] + [p.tuning.few_merge_warps if few else p.tuning.merge_warps for p in plans])
     return block_s, warps
 
@@ -265,7 +218,7 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     B, Hq, D = q3.shape
     Hkv = (segments[0].keys.codes if isinstance(segments[0].keys, QTensor) else segments[0].keys).shape[1]
     NG = Hq // Hkv
-    NGP = _pow2(NG)
+    NGP = pow2(NG)
     dev = q.device
     plans = _plan(segments, B, Hkv, NG, D, dev)
     S = sum(p.n_splits for p in plans)
@@ -296,8 +249,8 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
             sc, *(sc.stride()[:2]),
             scaling * LOG2E, p.tps, Hkv, NG,
             D=D, NGP=NGP, XK=p.xk, XV=p.xv,
-            K_KIND=k.kind, K_BITS=k.bits, K_PW=_per_word(k.bits) if k.kind else 1, K_G=k.group, K_NGRP=k.ngrp,
-            V_KIND=v.kind, V_BITS=v.bits, V_PW=_per_word(v.bits) if v.kind else 1, V_G=v.group, V_NGRP=v.ngrp,
+            K_KIND=k.kind, K_BITS=k.bits, K_PW=per_word(k.bits) if k.kind else 1, K_G=k.group, K_NGRP=k.ngrp,
+            V_KIND=v.kind, V_BITS=v.bits, V_PW=per_word(v.bits) if v.kind else 1, V_G=v.group, V_NGRP=v.ngrp,
             HAS_KRES=k.has_res, HAS_VRES=v.has_res, HAS_LEN=lens is not None, HAS_KAFF=ka is not None,
             STORE_SCORES=return_token_probs, BLOCK_N=p.block_n, CODE_MODE=p.tuning.code_mode,
             RES_LAST=seg.residual_last, SVEC_K=k.svec, SVEC_V=v.svec,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FP, TOK, CHAN = 0, 1, 2
+from smartkv.kernels.tuning import CHAN, FP, TOK  # noqa: E402,F401  (key layouts, named once)
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def _chan_of(f, BITS: tl.constexpr, PW: tl.constexpr, CODE_MODE: tl.constexpr):
 
 
 @triton.jit
-def _load_words(ptr, row_off, row_mask, BITS: tl.constexpr, PW: tl.constexpr, D: tl.constexpr):
+def load_words(ptr, row_off, row_mask, BITS: tl.constexpr, PW: tl.constexpr, D: tl.constexpr):
     """(BLOCK_N, D / PW) int32 words of PW codes each; ptr is int32*. At 3 bits a token's codes are 3 bytes per 8
     codes (3D / 32 words, D a multiple of 32): each 3 loaded words hold 4 such groups, returned one per word in
     its low 24 bits (three word loads per 32 codes, not three byte loads per 8)."""
@@ -139,7 +139,7 @@ def _half_tile(w, PW: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr, CM: tl
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr, PW: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+def unpack(words, BITS: tl.constexpr, PW: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
             CODE_MODE: tl.constexpr):
     """words (BLOCK_N, D/PW) -> (BLOCK_N, D) fp16 codes in channel order (word w holds codes w*PW .. w*PW+PW-1,
     code w*PW + k at bit k*BITS). Built by nested joins so each thread keeps a word's codes in its own
@@ -164,11 +164,11 @@ def _data(t, valid, kq_ptr, skqt, kr_ptr, skrt, k_off, vq_ptr, svqt, vr_ptr, svr
     if K_KIND == 0:
         kx = tl.load(kr_ptr + (t - k_off)[:, None] * skrt + chK[None, :], mask=valid[:, None], other=0.0)
     else:
-        kx = _load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D)
+        kx = load_words(kq_ptr, t * skqt, valid, K_BITS, K_PW, D)
     if V_KIND == 0:
         vx = tl.load(vr_ptr + (t - v_off)[:, None] * svrt + chV[None, :], mask=valid[:, None], other=0.0)
     else:
-        vx = _load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D)
+        vx = load_words(vq_ptr, t * svqt, valid, V_BITS, V_PW, D)
     return kx, vx
 
 
@@ -229,11 +229,11 @@ def _scores(n0, lo, hi, kx, km0, km1, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch
     valid = (t >= lo) & (t < hi)
     xk = tl.arange(0, XK)
     if K_KIND == 1:  # per-token groups: km0 = scale * INV, km1 = zero, (BLOCK_N, XK)
-        kc = _unpack(kx, K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
+        kc = unpack(kx, K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
         r = tl.reshape(tl.dot(kc, qbd16), (BLOCK_N, XK, NGP))
         s = tl.sum(r * km0[:, :, None] + km1[:, :, None] * qsum[None, :, :], axis=1)
     elif K_KIND == 2:  # per-channel groups of K_G tokens, XK groups per block: km0/km1 (D, XK*NGP)
-        kc = _unpack(kx, K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
+        kc = unpack(kx, K_BITS, K_PW, D, BLOCK_N, CODE_MODE)
         if CODE_MODE == 3:  # the key tile reads code * 2^(j*BITS): undo it on the scaled query's channels
             ics = 1.0 / _code_scale(tl.arange(0, D), K_BITS, K_PW, CODE_MODE)
             qs16 = (qrep * km0 * ics[:, None]).to(tl.float16)
@@ -274,7 +274,7 @@ def _values(acc, vb, alpha, p, vx, vm0, vm1, vnorm, V_KIND: tl.constexpr, V_BITS
     acc = acc * alpha_v[:, None]
     vb = vb * alpha_v
     if V_KIND == 1:  # vm0 = scale, vm1 = zero, (BLOCK_N, XV)
-        vc = _unpack(vx, V_BITS, V_PW, D, BLOCK_N, CODE_MODE)
+        vc = unpack(vx, V_BITS, V_PW, D, BLOCK_N, CODE_MODE)
         # p * scale * vnorm in fp16 for the dot (_vnorm: no overflow); acc is in units of vnorm / INV here
         pv = tl.reshape(p[:, None, :] * (vm0 * vnorm)[:, :, None], (BLOCK_N, XV * NGP))
         acc = tl.dot(tl.trans(pv.to(tl.float16)), vc, acc)

@@ -20,7 +20,7 @@ are. Tensor-core dots with
 fp16 operands and fp32 accumulation. A dot needs 16 columns: full-precision runs pad a group's query heads to 16;
 pools' dots have one column per (channel group, head), so their heads pad only to 16 // (D // G) (`_heads`).
 The values pass issues each block's loads one block ahead of its arithmetic; its programs are one warp each and
-its split size is planned by whole waves of the card (POOL_CONFIG).
+its split size is planned by whole waves of the card (tuning.PoolTuning).
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ import torch
 from smartkv.core.quant import QTensor
 from smartkv.kernels.reference import MAX_FP, MAX_POOLS, MAX_RANGES
 from smartkv.kernels import split as _dec
-from smartkv.kernels.split import _per_word, _pow2, _words
-from smartkv.kernels.triton_attn import _load_words, _unpack
+from smartkv.kernels.split import code_words, per_word, pow2
+from smartkv.kernels.triton_attn import load_words, unpack
+from smartkv.kernels.tuning import current
 
 
 @triton.jit
@@ -51,12 +52,12 @@ def _pool_load(w_ptr, s_ptr, z_ptr, N, bh, t, valid,
                BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
     """Rows t of one (batch, KV head) row bh of a pool (B, Hkv, N, ...) as they are stored: packed words
     (BLOCK_N, D // PW) (3 bit: 3 bytes per 8 codes, joined into one int32) and their groups' scales and zeros
-    (BLOCK_N, D // G) fp32. `_unpack(words, ...)` gives the codes."""
+    (BLOCK_N, D // G) fp32. `unpack(words, ...)` gives the codes."""
     PW: tl.constexpr = 8 if BITS == 3 else 32 // BITS                  # codes per word (3 bit: per 3 bytes)
     WPT: tl.constexpr = (3 * D // 32) if BITS == 3 else D // PW        # int32 words per token
     NGR: tl.constexpr = D // G
     row = bh.to(tl.int64) * N
-    w = _load_words(w_ptr + row * WPT, t * WPT, valid, BITS, PW, D)
+    w = load_words(w_ptr + row * WPT, t * WPT, valid, BITS, PW, D)
     mo = row * NGR + t[:, None] * NGR + tl.arange(0, NGR)[None, :]
     scale = tl.load(s_ptr + mo, mask=valid[:, None], other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + mo, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -71,7 +72,7 @@ def _pool_tile(w_ptr, s_ptr, z_ptr, N, bh, t, valid,
     outside the per-element work (as triton_attn does)."""
     PW: tl.constexpr = 8 if BITS == 3 else 32 // BITS
     w, scale, zero = _pool_load(w_ptr, s_ptr, z_ptr, N, bh, t, valid, BITS, G, D)
-    return _unpack(w, BITS, PW, D, BLOCK_N, 1), scale, zero
+    return unpack(w, BITS, PW, D, BLOCK_N, 1), scale, zero
 
 
 @triton.jit
@@ -182,7 +183,7 @@ def _seg_values(p_ptr, T, out_ptr, S, w_ptr, s_ptr, z_ptr, pos_ptr, P, N, base, 
             w_n, scale_n, zero_n = _pool_load(w_ptr, s_ptr, z_ptr, N, bh, t_n, valid_n, BITS, G, D)
             if FOLD:
                 imp_n = _fold_load(code_row, pos_n, valid_n)
-            codes = _unpack(w, BITS, PW, D, BLOCK_N, 1)
+            codes = unpack(w, BITS, PW, D, BLOCK_N, 1)
             # p * scale in fp16 for the dot: the block's largest scale normalised to 2^14 (no overflow)
             c = 16384.0 / tl.maximum(tl.max(tl.max(scale, axis=1), axis=0), 1e-30)
             pv = tl.reshape(p[:, None, :] * (scale * c)[:, :, None], (BLOCK_N, NGR * NGQ))
@@ -407,23 +408,6 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
     _fold(code_ptr + b * sc_b + h * sc_h, t, valid, p, NG, s0, e0, s1, e1, s2, e2, s3, e3)
 
 
-# Launch config of the two passes: tokens per block of the scores pass and of the values pass's loop, warps per
-# program of the scores pass (num_warps) and of the values pass (values_warps), the fewest tokens per split of
-# the values pass (its split size is planned by whole waves of the card, decode.splits_of), and whether pools
-# pack query heads into their dots' columns (`_heads`). Chosen on an H200 by device time
-# (benchmarks/sweep_pool_configs.sh, bench_attention.py --pool-configs --kernel-split): scores blocks of 128
-# took 132 us at 32K x 8 against 148 at 64 and 265 at 32 (4 warps; one or two were slower everywhere). Values:
-# blocks of 32, one warp, splits planned by waves of 128 tokens at least: 341 -> 250 us at 32K x 8, 73 -> 35 at
-# 32K x 1, 74 -> 41 at 4K x 8, 48 -> 12 at 4K x 1, against 4 warps and max(1024, middle / 64)-token splits
-# (2026-11-29; one warp with the old splits was slower at small sizes, the planner with 4 warps no faster).
-POOL_CONFIG = {"scores_block": 128, "values_block": 32, "num_warps": 4, "values_warps": 1, "split_tokens": 128,
-               "pack_heads": 1}
-POSITIONS_BLOCK = 1024  # tokens per program of _level_counts_kernel and _positions_kernel
-POSITIONS_WARPS = 4
-# Before 2026-11-29 each positions program counted the levels of its row before its block itself: O(blocks^2)
-# per row, 78 us at 32K x 8 and 729 at 128K x 8 (H200); two launches now, each block's levels read twice.
-
-
 def pool_ok(pool: QTensor) -> bool:
     """Shapes these kernels handle: per-token groups, power-of-two head_dim >= 16 and group size. 3-bit pools:
     head_dim >= 32 (see _block) and at most 2 groups per token: with 4 or 8, Triton 3.6 fails to compile the
@@ -436,10 +420,10 @@ def pool_ok(pool: QTensor) -> bool:
 
 
 def _block(key: str, bits: list) -> int:
-    """Tokens per block of a pass: POOL_CONFIG's, at least 32 with a 3-bit segment. Compiled on an H200, 3-bit
+    """Tokens per block of a pass: the pool tuning's, at least 32 with a 3-bit segment. Compiled on an H200, 3-bit
     tiles (8 codes per 3 bytes) of 16 tokens, or of head_dim 16, gave wrong sums (relative error ~1) whatever
     the warps, while the interpreter passed them; 32 tokens at head_dim 32, 64 and 128 pass."""
-    block = POOL_CONFIG[key]
+    block = getattr(current().pool, key)
     return max(block, 32) if 3 in bits else block
 
 
@@ -458,7 +442,7 @@ def _segments(pools, fp) -> tuple[list, list, int]:
     args, bits = [], []
     for pool, pos, base in pools:
         n = pool.codes.shape[-2]
-        w, sc, z = (t.contiguous() for t in (_words(pool), pool.scale, pool.zero))
+        w, sc, z = (t.contiguous() for t in (code_words(pool), pool.scale, pool.zero))
         args.append((w, sc, z, pos, n, base) if n else (*map(_placeholder, (w, sc, z, pos)), 0, base))
         bits.append(pool.bits)
     for x, base in fp:
@@ -505,7 +489,7 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
     _scores_kernel[(ends[-1], B * Hkv)](
         q_pool, q_fp, q_pool if bias is None else bias.contiguous(), out, out.shape[-1], P,
         scaling, Hkv, NG, *flat, **consts, HAS_BIAS=bias is not None, G=G, D=D, **_heads(NG, D, G),
-        BLOCK_N=block, num_warps=POOL_CONFIG["num_warps"])
+        BLOCK_N=block, num_warps=current().pool.num_warps)
 
 
 def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: int | None,
@@ -521,12 +505,12 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     NG = Hq // Hkv
     G = _group(pools)
     block = _block("values_block", bits)
-    warps = POOL_CONFIG["values_warps"]
+    warps = current().pool.values_warps
     key = ("pool values", tuple(bits), G, D, block, warps)  # decode._RESIDENT: programs per SM once compiled
     if per_split is None:  # by whole waves of the card (decode's planner), splits of split_tokens at least
         per_split = block * _dec.splits_of(tuple(triton.cdiv(a[4], block) for a in args), B * Hkv,
                                            _dec._slots(key, warps, probs.device),
-                                           triton.cdiv(POOL_CONFIG["split_tokens"], block))
+                                           triton.cdiv(current().pool.split_tokens, block))
     per_split = triton.cdiv(max(per_split, 1), block) * block
     splits = [triton.cdiv(a[4], per_split) for a in args]
     ends = list(itertools.accumulate(splits))
@@ -544,9 +528,9 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
 
 def _heads(NG: int, D: int, G: int) -> dict:
     """Padded query heads per KV head: NGP for full-precision runs (a dot needs 16 columns), NGQ for pools,
-    whose dots have D // G columns per head (with POOL_CONFIG's pack_heads; without, NGP as well)."""
-    NGP = max(16, _pow2(NG))
-    NGQ = max(_pow2(NG), 16 // max(D // G, 1)) if POOL_CONFIG["pack_heads"] else NGP
+    whose dots have D // G columns per head (with the pool tuning's pack_heads; without, NGP as well)."""
+    NGP = max(16, pow2(NG))
+    NGQ = max(pow2(NG), 16 // max(D // G, 1)) if current().pool.pack_heads else NGP
     return dict(NGP=NGP, NGQ=NGQ)
 
 
@@ -567,15 +551,16 @@ def pool_positions_triton(levels: torch.Tensor, n: int, counts: tuple) -> torch.
     """(K, B, H, n) int32 for levels (K, B, H, nbytes) and K <= 2 count tuples: per kind, positions of level 0,
     then level 1, ... (a stable argsort of the unpacked levels), all kinds in one launch."""
     K, B, H = levels.shape[:3]
+    positions = current().positions
     c = [(tuple(x) + (0, 0, 0, 0))[:3] for x in counts]
     c = c + c[:1] * (2 - K)
     out = torch.empty(K, B, H, n, dtype=torch.int32, device=levels.device)
-    grid = (triton.cdiv(n, POSITIONS_BLOCK), B * H, K)
+    grid = (triton.cdiv(n, positions.block), B * H, K)
     cnt = torch.empty(K, B * H, grid[0], 4, dtype=torch.int32, device=levels.device)
-    _level_counts_kernel[grid](levels, *levels.stride()[:3], cnt, n, H, BLOCK=POSITIONS_BLOCK,
-                               num_warps=POSITIONS_WARPS)
+    _level_counts_kernel[grid](levels, *levels.stride()[:3], cnt, n, H, BLOCK=positions.block,
+                               num_warps=positions.warps)
     _positions_kernel[grid](levels, *levels.stride()[:3], cnt, out, *out.stride()[:3], n, H, *c[0], *c[1],
-                            BLOCK=POSITIONS_BLOCK, CHUNK=32, num_warps=POSITIONS_WARPS)
+                            BLOCK=positions.block, CHUNK=32, num_warps=positions.warps)
     return out
 
 
@@ -588,4 +573,4 @@ def importance_update_triton(codes: torch.Tensor, probs: torch.Tensor, ranges: l
     BLOCK = 512
     _importance_kernel[(triton.cdiv(T, BLOCK), B * Hkv)](
         codes, *codes.stride()[:2], probs, *probs.stride()[:2], T, Hkv, NG, *_range_args(ranges),
-        NGP=max(2, _pow2(NG)), BLOCK=BLOCK, num_warps=4)
+        NGP=max(2, pow2(NG)), BLOCK=BLOCK, num_warps=4)

@@ -13,6 +13,7 @@ import triton.language as tl
 import torch
 
 from smartkv.core.quant import QTensor, check_bits, check_group, packed_width
+from smartkv.kernels.tuning import current
 
 
 @triton.jit
@@ -180,11 +181,11 @@ def quantize_pack_triton(x: torch.Tensor, bits: int, group_size: int, axis: int 
         args = x.stride()[:3] + _meta_strides(q)
         _quant_tok_kernel[grid](x, q.codes, q.scale, q.zero, x, q.codes, q.scale, q.zero, *args, *args,
                                 H, T, start, x, BITS=bits, G=group_size, D=D, BLOCK_T=BLOCK_T, START_PTR=False,
-                                num_warps=4)
+                                num_warps=current().quant_warps)
     else:
         _quant_chan_kernel[(T // group_size, B * H)](x, q.codes, q.scale, q.zero, *x.stride()[:3],
                                                     *_meta_strides(q), H, start, BITS=bits, G=group_size, D=D,
-                                                    num_warps=4)
+                                                    num_warps=current().quant_warps)
     return q
 
 
@@ -217,5 +218,5 @@ def quantize_pack_kv_triton(k: torch.Tensor, v: torch.Tensor, bits: int, group_s
     _quant_tok_kernel[grid](k, qk.codes, qk.scale, qk.zero, v, qv.codes, qv.scale, qv.zero,
                             *k.stride()[:3], *_meta_strides(qk), *v.stride()[:3], *_meta_strides(qv),
                             H, T, start, starts if starts is not None else k, BITS=bits, G=group_size, D=D,
-                            BLOCK_T=BLOCK_T, START_PTR=starts is not None, num_warps=4)
+                            BLOCK_T=BLOCK_T, START_PTR=starts is not None, num_warps=current().quant_warps)
     return qk, qv
