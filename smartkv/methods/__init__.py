@@ -52,14 +52,21 @@ def validate_method(name: str, params: dict | None = None) -> None:
     make_config(name, **(params or {}))
 
 
-def make_cache(method: str, model=None, num_layers: int | None = None, **params) -> SmartKVCache:
+def make_cache(method: str | MethodConfig, model=None, num_layers: int | None = None, **params) -> SmartKVCache:
     """Build the cache of a registered method for `model` (or for `num_layers` layers, without a model).
 
-    `smartkv.make_cache("kivi", model, key_bits=2)` -> a Cache to pass as `past_key_values=`. Unknown methods or
-    parameters raise ValueError naming what is allowed. Switches the model's attention to the "smartkv" hook,
+    `smartkv.make_cache("kivi", model, key_bits=2)` -> a Cache to pass as `past_key_values=`; `method` may also be
+    a config from `make_config` (built once, reused). Unknown methods or parameters raise ValueError naming what
+    is allowed. Switches the model's attention to the "smartkv" hook,
     which is plain SDPA for methods that do not need it.
     """
-    config = make_config(method, **params)
+    if isinstance(method, MethodConfig):
+        if params:
+            raise ValueError(f"make_cache takes a config or a method name with parameters, not both; got "
+                             f"{method.name!r} and {sorted(params)}")
+        config = method
+    else:
+        config = make_config(method, **params)
     if model is not None:
         num_layers = model_kv_shape(model)["num_layers"]
         use_attention(model, ATTENTION_NAME)

@@ -32,11 +32,12 @@ import torch
 
 import smartkv
 from smartkv.bench.results import schema
-from smartkv.bench.run.generation import (Decoded, decode, decode_measuring_prefill, fp16_reference, greedy, prefill_errors,
-                                  reference_memo, sampler)
-from smartkv.bench.spec.grid import canonical_json, method_label
 from smartkv.bench.redact import redact
+from smartkv.bench.run.generation import (Decoded, decode, decode_measuring_prefill, fp16_reference, greedy,
+                                          prefill_errors, reference_memo, sampler)
+from smartkv.bench.spec.grid import canonical_json, method_label
 from smartkv.data import build_input_ids, continuation_ids, get_prompt_set
+from smartkv.methods import MethodConfig
 from smartkv.metrics import quality, speed, task
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,16 @@ class Settings:
     seed: int = 0
     truncation_side: str = "none"
     max_context_tokens: int | None = None
+    config: MethodConfig = field(init=False, repr=False)  # built (and validated) once, from method and params
+
+    def __post_init__(self):
+        self.config = smartkv.make_config(self.method, **self.params)
 
     @classmethod
     def from_job(cls, job: dict) -> "Settings":
         method, gen, trunc = job.get("method") or {}, job.get("generation") or {}, job.get("truncation") or {}
         if not method.get("name"):
             raise ValueError("the job has no method name (job['method']['name'])")
-        smartkv.validate_method(method["name"], method.get("params") or {})
         side = trunc.get("side") or "none"
         if side not in TRUNCATION_SIDES:
             raise ValueError(f"truncation.side must be one of {TRUNCATION_SIDES}, got {side!r}")
@@ -226,7 +230,7 @@ def timed_run(handle, ids: list[int], settings: Settings, n: int, **kwargs) -> t
     report); on CUDA it would inflate the peak memory, so callers measure it in an untimed pass instead.
     """
     device = handle.device
-    cache = smartkv.make_cache(settings.method, handle.model, **settings.params)
+    cache = smartkv.make_cache(settings.config, handle.model)
     speed.reset_peak_memory(device)
     run_fn = decode if device.type == "cuda" else decode_measuring_prefill
     decoded = run_fn(handle.model, ids, cache, n, **kwargs)
@@ -262,7 +266,7 @@ def run_generate(handle, sample, ids: list[int], settings: Settings) -> tuple[di
         ref = fp16_reference(handle, ids, n, eos_ids=eos)
         logits = decoded.logits
         if decoded.tokens != ref.tokens:  # teacher-force the fp16 tokens; the prefill gives the errors for free
-            cache = smartkv.make_cache(settings.method, handle.model, **settings.params)
+            cache = smartkv.make_cache(settings.config, handle.model)
             forced = decode_measuring_prefill(handle.model, ids, cache, len(ref.tokens), forced=ref.tokens)
             logits, errors = forced.logits, errors or forced.kv_errors
         values.update(kl_to_fp16=quality.kl_divergence(ref.logits, logits).mean().item(),
@@ -291,7 +295,7 @@ def run_ppl(handle, sample, ids: list[int], settings: Settings) -> tuple[dict, d
 def _with_errors(handle, ids, settings, values: dict, extra: dict, errors: dict | None) -> tuple[dict, dict]:
     """Add the prefill's reconstruction error, measuring it in an untimed prefill if no pass measured it yet."""
     if errors is None:
-        cache = smartkv.make_cache(settings.method, handle.model, **settings.params)
+        cache = smartkv.make_cache(settings.config, handle.model)
         errors = prefill_errors(handle.model, ids, cache)
     values.update(key_rel_error=errors["key_rel_error"], value_rel_error=errors["value_rel_error"])
     extra.update(key_rel_error_per_layer=errors["key_rel_error_per_layer"],

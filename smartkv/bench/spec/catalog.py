@@ -43,12 +43,9 @@ class Catalog:
         from smartkv import methods
         return list(methods.list_methods())
 
-    def validate_method(self, name: str, params: dict) -> None:
-        from smartkv import methods
-        methods.validate_method(name, dict(params))
-
     def canonical_method(self, name: str, params: dict) -> dict:
-        """{"name", "params" (every parameter, defaults filled in), "label"} for a validated method."""
+        """{"name", "params" (every parameter, defaults filled in), "label"}; ValueError for a bad method (the
+        config is built once, here, and travels as this dict across the Ray and Parquet boundary)."""
         import json
 
         from smartkv import methods

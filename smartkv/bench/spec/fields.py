@@ -151,15 +151,17 @@ def entries(value: Any, fld: str, path: Path, names: list[str], validate, canoni
         for combo in sweep(params, path, where):
             if fld == "prompt_sets":
                 check_bounds(combo, path, where)
-            try:
-                validate(name, combo)
+            try:  # validate None: `canonical` validates (a method's config is built once, there)
+                if validate is not None:
+                    validate(name, combo)
+                entry = canonical(name, combo)
             except ValueError as exc:
                 raise GridError(path, where, str(exc)) from None
             key = canonical_json([name, combo])
             if key in seen:
                 raise GridError(path, where, f"duplicate {kind} {name}{fmt(combo)}: already given at {seen[key]}")
             seen[key] = where
-            out.append((where, canonical(name, combo)))
+            out.append((where, entry))
     return out
 
 

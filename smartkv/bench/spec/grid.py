@@ -12,7 +12,7 @@ A grid file (YAML, read with `yaml.safe_load` only):
       smartkv: {budget: [3, 4, 6]}    # a list is a sweep (cartesian product over all swept keys);
                                       # a literal list value is written as a one-item sweep: [[2, 4, 8]]
     prompt_sets:                      # same shapes as methods; options go to smartkv.data
-      passkey: {context_tokens: 1024, n_samples: 3, seed: 0}
+      passkey: {length: 1024, num_samples: 3, seed: 0}
     generation: {max_new_tokens: null, do_sample: false}   # + temperature, top_p, top_k, compare_fp16 (KL vs fp16)
     truncation: {side: middle, max_context_tokens: null}   # side: left | right | middle | none
     seeds: [0]                        # int or list; the job seed (torch/numpy), not the data seed
@@ -156,7 +156,7 @@ def expand(raw: dict, path: Path, catalog: Catalog) -> Grid:
     F.check_keys(raw, GRID_KEYS, path, "")
     name = F.grid_name(raw.get("name", path.stem), path)
     models = F.model_list(raw.get("models"), path, catalog)
-    methods = F.entries(raw.get("methods"), "methods", path, catalog.method_names(), catalog.validate_method,
+    methods = F.entries(raw.get("methods"), "methods", path, catalog.method_names(), None,
                        catalog.canonical_method)
     sets = F.entries(raw.get("prompt_sets"), "prompt_sets", path, catalog.prompt_set_names(),
                     catalog.validate_prompt_set, lambda name, options: {"name": name, "options": options})
