@@ -54,3 +54,14 @@ def check_int(name: str, value, lo: int, hi: int | None = None) -> None:
 
 def check_group_size(value) -> None:
     check_choice("group_size", value, (8, 16, 32, 64, 128))
+
+
+def group_for(group_size: int, head_dim: int) -> int:
+    """Channels per quantization group on a model with `head_dim`: the one rule of every method. A group_size
+    larger than head_dim is clamped to head_dim (one group per token and head: the same bytes as the largest
+    group that fits), so a method's defaults work on any model; a group that does not divide head_dim is an
+    error."""
+    group = min(group_size, head_dim)
+    if head_dim % group:
+        raise ValueError(f"group_size must divide head_dim ({head_dim}) or exceed it, got {group_size}")
+    return group

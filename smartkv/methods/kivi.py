@@ -16,7 +16,7 @@ import torch
 
 from smartkv.cache.layer import KVLayer
 from smartkv.methods import register
-from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
+from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int, group_for
 from smartkv.core.quant import dequantize
 from smartkv.kernels import KVSegment
 from smartkv.cache.buffers import QBuffer, TokenBuffer
@@ -24,9 +24,7 @@ from smartkv.cache.buffers import QBuffer, TokenBuffer
 
 class KIVILayer(KVLayer):
     def _init_storage(self) -> None:
-        self.group = self.config.group_size
-        if self.head_dim % self.group:  # value groups run along head_dim
-            raise ValueError(f"group_size must divide head_dim ({self.head_dim}), got {self.group}")
+        self.group = group_for(self.config.group_size, self.head_dim)  # value groups run along head_dim
         R = self.config.residual_length
         self.key_block = R or self.group   # keys are quantized key_block tokens at a time
         B, H, D = self.batch_size, self.num_heads, self.head_dim

@@ -33,7 +33,7 @@ from smartkv.cache.hf_compat import sdpa_attention_forward
 from smartkv.core.importance import (add_range, allowed_from_mask, attention_probs, decode_importance, fold_attention,
                                 seen_from_ranges, token_weights)
 from smartkv.methods import register
-from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
+from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int, group_for
 from smartkv.core.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
                             rank_profile, unpack_levels)
 from smartkv.core.quant import QTensor, dequantize, quantize
@@ -73,7 +73,7 @@ class SmartKVLayer(KVLayer):
         self.importance = torch.empty(B, H, 0, dtype=torch.uint8, device=self.device)  # encode_importance codes
         self.observed = torch.empty(0, 2, dtype=torch.int64)  # query ranges [start, end), on the CPU: read each step
         self.k_mu = self.k_scale = None                                                 # (B, H, 1, D) fp16
-        self.group = min(self.config.group_size, D)
+        self.group = group_for(self.config.group_size, D)
         self.widths = tuple(sorted(self.config.widths))
         self._width_values = torch.tensor(self.widths, device=self.device)  # level index -> width, made once
         self.budget_k, self.budget_v = kv_budgets(self.config.budget, self.config.key_value_gap, self.widths)

@@ -11,7 +11,7 @@ import torch
 
 from smartkv.cache.layer import KVLayer
 from smartkv.methods import register
-from smartkv.methods.base import MethodConfig, check_choice, check_group_size
+from smartkv.methods.base import MethodConfig, check_choice, check_group_size, group_for
 from smartkv.core.quant import dequantize
 from smartkv.kernels import KVSegment, quantize_pack_kv
 from smartkv.cache.buffers import QBuffer, append_kv
@@ -21,7 +21,7 @@ class UniformLayer(KVLayer):
     static_capable = True
 
     def _init_storage(self) -> None:
-        self.group = min(self.config.group_size, self.head_dim)
+        self.group = group_for(self.config.group_size, self.head_dim)
         shape = (self.batch_size, self.num_heads, self.head_dim)
         self.qk = QBuffer(self.config.bits, self.group, -1, *shape, self.device, self.kernels)  # (B, H, T, D*b/8)
         self.qv = QBuffer(self.config.bits, self.group, -1, *shape, self.device, self.kernels)
