@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from smartkv.experiments.validation import BASELINES, decode_step_ms, fill_cache, measure_filled, model_shape
+from smartkv.experiments.baselines import BASELINES, decode_step_ms, fill_cache, measure_filled, model_shape
 
 TOKENS = 1024
 GROUP, RESIDUAL = 32, 128   # the int8/int4/kivi defaults the totals below assume

@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from smartkv.experiments import validation as V
+from smartkv.experiments import baselines as V
 
 log = logging.getLogger("smartkv.experiments.validate_baselines")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from smartkv.experiments import validate_baselines
-from smartkv.experiments.validation import BASELINES, baseline_name, model_shape
+from smartkv.experiments.baselines import BASELINES, baseline_name, model_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The original validation experiment, measured honestly: baselines, prompts, tensor-only memory and error
+"""The original validation experiment's baselines, measured honestly: baselines, prompts, tensor-only memory and error
 measurements, and the run of every baseline THROUGH its cache on a model. No printing (the CLI prints).
 
 The public SmartKV repository's `validate_baselines` generated with the model's full-precision cache for every
