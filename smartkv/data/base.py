@@ -16,7 +16,7 @@ from typing import ClassVar
 from smartkv.core.registry import Registry, did_you_mean
 
 PROMPT_SETS: Registry[type] = Registry("prompt set")
-KINDS = ("generate", "ppl")
+KINDS = ("generate", "ppl", "lm-eval")
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,12 @@ class Sample:
     answers: tuple[str, ...]  # references
     metric: str  # a name in smartkv.metrics.task (or "ppl")
     max_new_tokens: int
-    kind: str  # "generate" or "ppl"
+    kind: str  # "generate", "ppl" or "lm-eval" (the harness's own requests and metrics: see data/lmeval.py)
     continuation: str = ""  # kind == "ppl": text fed one token at a time after the prompt
     all_classes: tuple[str, ...] = ()
     answer_prefix: str = ""  # RULER: the start of the answer, put after the chat template's assistant header
     meta: dict = field(default_factory=dict, compare=False)  # depth, target length, task, language...
+    harness: object = field(default=None, compare=False, repr=False)  # kind "lm-eval": its data.lmeval.LMEvalDoc
 
 
 @dataclass(frozen=True)

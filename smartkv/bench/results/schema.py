@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 ROW_KINDS = ("sample", "summary")
 STATUSES = ("ok", "error", "oom")
@@ -57,6 +57,13 @@ COLUMNS: dict[str, pa.DataType] = {
     "payload_ratio": pa.float64(),
     "total_ratio": pa.float64(),
     "avg_bits": pa.float64(),
+    # serving view of the measured run (schema 2). Per request: ttft = start to the first token chosen (the
+    # prefill and that choice), tpot = decode time / decode steps, e2e = start to the last token. A sample of
+    # several requests (lm-eval multiple choice) sums e2e and output tokens and averages ttft and tpot.
+    "ttft_ms": pa.float64(),
+    "tpot_ms": pa.float64(),
+    "output_tokens": pa.int64(),       # tokens the decode loop produced (forced ones for perplexity / scoring)
+    "e2e_ms": pa.float64(),
     # bookkeeping
     "n_samples": pa.int64(),           # summary rows: samples counted
     "n_failed": pa.int64(),            # summary rows: samples with status != ok

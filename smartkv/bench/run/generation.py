@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import json
 import os
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ class Decoded:
     decode_ms: float                 # all forward calls after the prefill, together
     decode_steps: int                # how many there were (n - 1 unless stopped at EOS)
     kv_errors: dict | None = None    # what `after_prefill` returned (reconstruction errors)
+    ttft_ms: float | None = None     # serving view: request start to the first token chosen (None: no token)
+    e2e_ms: float | None = None      # request start to the last token chosen, host work included
 
     @property
     def decode_ms_per_token(self) -> float | None:
@@ -74,37 +77,45 @@ def sampler(generator: torch.Generator, temperature: float | None = None, top_p:
 
 def decode(model, input_ids: list[int], cache, max_new_tokens: int, *, forced: list[int] | None = None,
            eos_ids=frozenset(), choose: Chooser = greedy, keep_logits: bool = True,
-           after_prefill: Callable[[object], dict] | None = None) -> Decoded:
+           after_prefill: Callable[[object], dict] | None = None,
+           stop: Callable[[list[int]], bool] | None = None) -> Decoded:
     """Prefill `input_ids` into `cache`, then produce up to `max_new_tokens` tokens one forward call at a time.
 
     With `forced`, token i is forced[i] (no EOS stop) and logits[i] is the model's distribution for it.
     `after_prefill(cache)` runs between prefill and decode, outside the timed parts; its result lands in
-    `kv_errors`. Timings are wall clock around each forward call, synchronised on CUDA.
+    `kv_errors`. `stop(tokens)` ends a free-running generation early (stop strings). Timings are wall clock
+    around each forward call, synchronised on CUDA; `ttft_ms` and `e2e_ms` also count the host's token choices.
     """
     device = next(model.parameters()).device
     kw = {cache_kwarg(model): cache, "use_cache": True}
     n = min(max_new_tokens, len(forced)) if forced is not None else max_new_tokens
-    tokens, kept, decode_ms, steps, kv_errors = [], [], 0.0, 0, None
+    tokens, kept, decode_ms, steps, kv_errors, ttft_ms = [], [], 0.0, 0, None, None
     with torch.inference_mode():
         ids = torch.tensor([input_ids], device=device)
         with Timer(device) as prefill:
+            start = time.perf_counter()  # after the timer's synchronisation: the request starts here
             logits = model(input_ids=ids, logits_to_keep=1, **kw).logits[0, -1]
         if after_prefill is not None:
+            untimed = time.perf_counter()
             kv_errors = after_prefill(cache)
+            start += time.perf_counter() - untimed  # the measurement is not the request's
         for i in range(n):
             token = forced[i] if forced is not None else choose(logits)
             tokens.append(token)
+            if i == 0:
+                ttft_ms = (time.perf_counter() - start) * 1000.0
             if keep_logits:
                 kept.append(logits.float())
-            if i == n - 1 or (forced is None and token in eos_ids):
+            if i == n - 1 or (forced is None and (token in eos_ids or (stop is not None and stop(tokens)))):
                 break
             step = torch.tensor([[token]], device=device)
             with Timer(device) as timer:
                 logits = model(input_ids=step, **kw).logits[0, -1]
             decode_ms += timer.ms
             steps += 1
+    e2e_ms = (time.perf_counter() - start) * 1000.0 if tokens else None
     stacked = torch.stack(kept).cpu() if kept else None
-    return Decoded(tokens, stacked, prefill.ms, decode_ms, steps, kv_errors)
+    return Decoded(tokens, stacked, prefill.ms, decode_ms, steps, kv_errors, ttft_ms, e2e_ms)
 
 
 # --- reconstruction error ------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@
              the same positions (when the method produced exactly the fp16 tokens, its own logits are those).
   ppl      - prefill the context, feed the continuation one token at a time (the decode path: the quantized cache
              is read), NLL and perplexity; KL and top-1 agreement against the fp16 cache's logits.
+  lm-eval  - a document of an lm-evaluation-harness task: its requests through the cache, lm-eval's filters and
+             metrics (score = the task's first metric), no fp16 comparison (smartkv.lmeval.sample).
 Every row carries the true-byte memory report at the end of the sample, CUDA peak memory, and the key/value
 reconstruction error of the prompt's prefill against the prompt's own (fp16-cache) keys and values. The fp16
 reference of a (model, prompt) is computed once and memoised on the handle (bench/decode.py).
@@ -46,8 +48,9 @@ TRUNCATION_SIDES = ("left", "right", "middle", "none")
 DEFAULT_MAX_NEW_TOKENS = 32  # for a generate sample that names none
 # Columns a summary row averages over the ok samples (peak memory takes the max; token counts a rounded mean).
 MEAN_COLUMNS = ("score", "kl_to_fp16", "nll", "top1_agreement", "key_rel_error", "value_rel_error", "prefill_ms",
-                "decode_ms_per_token", "tokens_per_s", "payload_ratio", "total_ratio", "avg_bits")
-ROUNDED_MEAN_COLUMNS = ("context_tokens", "new_tokens", "kv_total_bytes", "kv_fp16_bytes")
+                "decode_ms_per_token", "tokens_per_s", "payload_ratio", "total_ratio", "avg_bits", "ttft_ms",
+                "tpot_ms", "e2e_ms")
+ROUNDED_MEAN_COLUMNS = ("context_tokens", "new_tokens", "kv_total_bytes", "kv_fp16_bytes", "output_tokens")
 
 
 @dataclass(frozen=True)
@@ -186,10 +189,16 @@ def free_memory() -> None:
 
 def run_sample(handle, sample, settings: Settings) -> tuple[dict, dict]:
     """Measure one sample: (row values, extra) — see the module docstring. Raises on failure."""
+    if sample.kind == "lm-eval":
+        from smartkv.lmeval.sample import run_lm_eval_sample  # lm-eval is an optional extra
+        values, extra = run_lm_eval_sample(handle, sample, settings.method, settings.params,
+                                           max_length=settings.max_context_tokens)
+        extra.update(sample_meta=sample.meta)
+        return values, extra
     ids, truncated = truncate(build_input_ids(sample, handle.tokenizer), settings)
     run = run_generate if sample.kind == "generate" else run_ppl if sample.kind == "ppl" else None
     if run is None:
-        raise ValueError(f"sample kind must be 'generate' or 'ppl', got {sample.kind!r}")
+        raise ValueError(f"sample kind must be 'generate', 'ppl' or 'lm-eval', got {sample.kind!r}")
     values, extra = run(handle, sample, ids, settings)
     extra.update(truncated=truncated, sample_meta=sample.meta)
     return values, extra
@@ -242,7 +251,9 @@ def timed_run(handle, ids: list[int], settings: Settings, n: int, **kwargs) -> t
               "decode_ms_per_token": per_token,
               "tokens_per_s": speed.tokens_per_s(1, per_token) if per_token else None, "peak_mem_bytes": peak,
               "kv_total_bytes": report.total_bytes, "kv_fp16_bytes": report.fp16_bytes,
-              "payload_ratio": report.payload_ratio, "total_ratio": report.total_ratio, "avg_bits": report.avg_bits}
+              "payload_ratio": report.payload_ratio, "total_ratio": report.total_ratio, "avg_bits": report.avg_bits,
+              "ttft_ms": decoded.ttft_ms, "tpot_ms": per_token, "output_tokens": len(decoded.tokens),
+              "e2e_ms": decoded.e2e_ms}
     return decoded, report.as_dict(), values
 
 

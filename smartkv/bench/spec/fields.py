@@ -145,7 +145,7 @@ def entries(value: Any, fld: str, path: Path, names: list[str], validate, canoni
     pairs = entry_pairs(value, fld, path, kind)
     out, seen = [], {}
     for where, name, params in pairs:
-        if name not in names:
+        if not known_name(name, names):
             raise GridError(path, where, f"unknown {kind} {name!r}{did_you_mean(name, names)}; "
                                          f"allowed: {', '.join(names)}")
         for combo in sweep(params, path, where):
@@ -163,6 +163,15 @@ def entries(value: Any, fld: str, path: Path, names: list[str], validate, canoni
             seen[key] = where
             out.append((where, entry))
     return out
+
+
+def known_name(name: str, names: list[str]) -> bool:
+    """`name` is listed, or a family listed as `base:<task>` takes any task (lm-eval:<task>); the family's own
+    validation then says whether the task exists."""
+    if name in names:
+        return True
+    base, sep, task = name.partition(":")
+    return bool(sep and task) and f"{base}:<task>" in names
 
 
 def check_bounds(options: dict, path: Path, where: str) -> None:
