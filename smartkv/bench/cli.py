@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from smartkv.bench.results import plots as plots_lib
 from smartkv.bench.results import report as report_lib
 from smartkv.bench.run.executor import ExecConfig, ExecError, RunStats
 from smartkv.bench.spec.grid import GridError
@@ -256,7 +257,7 @@ def _print_report(store: ResultStore, baseline: str, save: bool) -> None:
         out.mkdir(exist_ok=True)
         (out / "report.md").write_text(report_lib.to_markdown(table, baseline))
         (out / "report.csv").write_text(report_lib.to_csv(table, baseline))
-        report_lib.plot(frame, table, out)
+        plots_lib.plot(frame, table, out)
         _console().print(f"report: {out}/report.md, report.csv, *.png")
 
 
@@ -270,14 +271,15 @@ def _render_table(table, baseline: str) -> None:
 
     view = Table(show_lines=False, pad_edge=False)
     headers = ("model", "prompt set", "method", "n", "fail", "score", f"Δ {baseline}", "ppl", "KL", "mem", "bits",
-               "prefill tok/s", "decode tok/s")
+               "prefill tok/s", "decode tok/s", "TTFT ms", "TPOT ms", "out tok", "e2e ms")
     for head in headers:
         view.add_column(head, no_wrap=head in ("method", "score"))
     for r in table.itertuples(index=False):
         view.add_row(r.model, r.prompt_set, r.method, str(r.samples), str(r.failed + r.oom), pm(r.score, r.score_ci95),
                      report_lib._fmt(r.delta_vs_baseline), report_lib._fmt(r.ppl), report_lib._fmt(r.kl_to_fp16),
                      report_lib._fmt(r.total_ratio), report_lib._fmt(r.avg_bits),
-                     pm(r.prefill_tok_s, r.prefill_ci95), pm(r.decode_tok_s, r.decode_ci95))
+                     pm(r.prefill_tok_s, r.prefill_ci95), pm(r.decode_tok_s, r.decode_ci95),
+                     *(report_lib._fmt(getattr(r, c)) for c in report_lib.SERVING))
     _console().print(view)
 
 
@@ -336,7 +338,7 @@ def report(
         render = report_lib.to_markdown if format == "md" else report_lib.to_csv
         typer.echo(render(table, baseline), nl=False)
     if plot is not None:
-        for path in report_lib.plot(frame, table, plot):
+        for path in plots_lib.plot(frame, table, plot):
             typer.echo(f"wrote {path}", err=True)
 
 
