@@ -79,7 +79,10 @@ def submit(
     out: Annotated[Optional[Path], typer.Option(help="Results directory. Default: results/<grid name>.")] = None,
     force: Annotated[bool, typer.Option(help="Rerun jobs that already have results.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Rerun jobs whose results say error or oom.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="List the jobs and which are done; run nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        help="List the jobs and which are done, and estimate the time and GPU-hours of the rest; run no job.")] = False,
+    calibrate: Annotated[bool, typer.Option(
+        help="With --dry-run: time methods with no measured rate in a short run on this machine.")] = True,
     max_inflight: Annotated[Optional[int], typer.Option(
         help="Jobs queued on all workers at once (default: 2 per worker).")] = None,
     local: Annotated[bool, typer.Option(help="Run in this process without Ray (debugging).")] = False,
@@ -109,7 +112,11 @@ def submit(
     except GridError as exc:
         raise _fail(str(exc), Exit.USAGE) from None
     if dry_run:
+        from smartkv.bench.estimate import renderables
         _print_plan(plan, force)
+        for item in renderables(plan, workers, workers_per_gpu, calibrate, lambda model, methods: _console(
+                stderr=True).print(f"calibrating {model} on this machine: {', '.join(methods)} ...")):
+            _console().print(item)
         return
     if not plan.pending:
         _console().print(f"Nothing to run: all {len(plan.grid.jobs)} jobs of grid '{plan.grid.name}' already have "
