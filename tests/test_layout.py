@@ -1,5 +1,6 @@
 """The package's layers import downwards only: core <- kernels <- cache <- methods <- models/data/metrics <-
-analysis <- bench <- experiments (the validation experiment runs its samples through the runner's worker). A
+analysis <- bench/lmeval <- experiments (the validation experiment runs its samples through the runner's worker;
+lmeval runs lm-eval's requests in the runner's decode loop, and the runner's worker runs lm-eval documents). A
 module importing a higher layer fails here, with the offending import named."""
 import ast
 from pathlib import Path
@@ -8,7 +9,7 @@ import smartkv
 
 ROOT = Path(smartkv.__file__).parent
 LAYERS = [("core",), ("kernels",), ("cache",), ("methods",), ("models", "data", "metrics"),
-          ("analysis",), ("bench",), ("experiments",)]
+          ("analysis",), ("bench", "lmeval"), ("experiments",)]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

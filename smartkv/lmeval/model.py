@@ -66,7 +66,7 @@ class SmartKVLM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int = 256, batch_size=1, max_batch_size=None,
                  handle: ModelHandle | None = None, **method_params):
         super().__init__()
-        smartkv.validate_method(method, method_params)  # a bad argument fails before a model loads
+        self.config = smartkv.make_config(method, **method_params)  # a bad argument fails before a model loads
         if str(batch_size) not in ("1", "None", "auto"):
             log.info("smartkv runs requests one at a time; batch_size=%s is ignored", batch_size)
         self.handle = handle or load_model(str(pretrained), device=device or "auto", dtype=dtype,
@@ -162,7 +162,7 @@ class SmartKVLM(TemplateLM):
         return int(min(getattr(self.tokenizer, "model_max_length", 2048), 1 << 20))
 
     def _run(self, request_type: str, ids: list[int], n: int, **kwargs) -> Decoded:
-        cache = smartkv.make_cache(self.method, self.model, **self.method_params)
+        cache = smartkv.make_cache(self.config, self.model)
         decoded = decode(self.model, ids, cache, n, **kwargs)
         report = cache.memory_report()
         self.requests_log.append(RequestStats(

@@ -70,7 +70,7 @@ class Settings:
     config: MethodConfig = field(init=False, repr=False)  # built (and validated) once, from method and params
 
     def __post_init__(self):
-        self.config = smartkv.make_config(self.method, **self.params)
+        object.__setattr__(self, "config", smartkv.make_config(self.method, **self.params))  # frozen: set once
 
     @classmethod
     def from_job(cls, job: dict) -> "Settings":
