@@ -28,6 +28,7 @@ from bench_speed_util import (apply_tuning, build_segments, copy_bandwidth, segm
 from smartkv.core.quant import dequantize, quantize  # noqa: E402
 from smartkv.kernels import (decode_attention, decode_attention_reference, quantize_pack,  # noqa: E402
                                    quantize_pack_kv)
+from smartkv.kernels import cuda_attn  # noqa: E402
 from smartkv.kernels import split as dec  # noqa: E402
 from smartkv.kernels import triton_attn as K  # noqa: E402
 from smartkv.kernels import tuning  # noqa: E402
@@ -120,6 +121,7 @@ def _smartkv_cache_calls(B: int, T: int, seed: int):
 
 
 KERNEL_SPLIT = False  # --kernel-split
+TRITON_ROWS = False  # --triton-rows
 
 
 def kernel_split(fn, calls: int = 20, top: int = 8) -> str:
@@ -198,6 +200,13 @@ def bench_config(T: int, B: int, methods: list[str], copy_bw: float, budget: Bud
         sets, nbytes = _sets(m, B, T, seed=T * 7 + B)
         t = time_calls([_fused_call(q, s) for q, s in sets])
         rows.append(_row(T, B, m, t, base, nbytes, copy_bw))
+        if TRITON_ROWS:  # the same method on the portable Triton kernels, in the same run
+            os.environ["SMARTKV_FAST_ATTN"] = "0"
+            try:
+                rows.append(_row(T, B, f"{m} (Triton)", time_calls([_fused_call(q, s) for q, s in sets]), base,
+                                 nbytes, copy_bw))
+            finally:
+                os.environ.pop("SMARTKV_FAST_ATTN", None)
         if m == "int4" and B * T * HKV * D * 4 * 6 < free:  # dequantize-then-SDPA needs fp32 temporaries
             q, segs = sets[0]
             ref = _dequant_call(q, segs[0])()
@@ -239,7 +248,11 @@ def spot_check(methods: list[str], notes: list):
         ref, rprobs = decode_attention_reference(q, segs, SCALING, lengths, return_token_probs=True)
         e = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         ep = max(((a - b).norm() / b.norm()).item() for a, b in zip(probs, rprobs, strict=True))
-        notes.append(f"spot check {m}: output rel err {e:.1e}, token probs rel err {ep:.1e}")
+        fast = decode_attention(q, segs, SCALING, lengths)  # no probabilities: the CUDA path where it applies
+        ef = ((fast.float() - ref.float()).norm() / ref.float().norm()).item()
+        why = cuda_attn.unsupported(q, segs) or "CUDA fast path"
+        notes.append(f"spot check {m}: output rel err {e:.1e}, token probs rel err {ep:.1e} (Triton); "
+                     f"without probs {ef:.1e} ({why})")
 
 
 VARIANTS = {  # (kind, key bits) -> Tuning fields to try (each on top of the current default)
@@ -371,9 +384,11 @@ def main():
                          "32/32/4,64/32/4/512/0 (default: the library's)")
     ap.add_argument("--kernel-split", action="store_true",
                     help="also note the device time of each kernel of the SmartKV cache step (torch.profiler)")
+    ap.add_argument("--triton-rows", action="store_true",
+                    help="also time each fused method on the Triton kernels (SMARTKV_FAST_ATTN=0), same run")
     args = ap.parse_args()
-    global KERNEL_SPLIT
-    KERNEL_SPLIT = args.kernel_split
+    global KERNEL_SPLIT, TRITON_ROWS
+    KERNEL_SPLIT, TRITON_ROWS = args.kernel_split, args.triton_rows
     if args.pool_configs:
         given = [dict(zip(POOL_FIELDS, map(int, c.split("/")))) for c in args.pool_configs.split(",")]
         if any(len(c) < 3 for c in given):

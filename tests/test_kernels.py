@@ -21,6 +21,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BOUND = 3e-3
 
 
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    """These tests are the Triton kernels' (tests/test_cuda_attn.py has the CUDA fast path's)."""
+    monkeypatch.setenv("SMARTKV_FAST_ATTN", "0")
+
+
 def rel(a, b) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -10,7 +10,8 @@
     importance_update(codes, probs, ranges)                             # SmartKV's statistics, in place
     kernels_available(device) -> bool
 
-The Triton path runs on CUDA tensors (or any tensors under TRITON_INTERPRET=1); everything else, and shapes the
+On CUDA, `decode_attention` runs the CUDA C++ kernels of `cuda_attn` (compiled at first use) where they apply and
+says why once where they do not (logger "smartkv.kernels"). The Triton path runs on CUDA tensors (or any tensors under TRITON_INTERPRET=1); everything else, and shapes the
 kernels do not cover (head_dim not a power of two), takes the `*_reference` path. Bytes written by
 `quantize_pack` equal `smartkv.core.quant.quantize`'s; `decode_attention` matches the reference to fp16-operand
 accuracy (see tests/test_kernels.py for the bounds).
@@ -27,6 +28,7 @@ from smartkv.core.quant import QTensor
 from smartkv.kernels.reference import (MAX_FP, MAX_POOLS, MAX_RANGES, decode_attention_reference,
                                              importance_update_reference, pool_positions_reference,
                                              pool_scores_reference, pool_values_reference, quantize_pack_reference)
+from smartkv.kernels import cuda_attn as _cuda
 from smartkv.kernels.segment import KVSegment, check_inputs
 
 try:
@@ -102,6 +104,14 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
     cache can accumulate importance without another pass).
     """
     check_inputs(q, segments)
+    if q.is_cuda:  # the CUDA kernels first (cuda_attn); the Triton ones where they do not apply
+        why = "token probabilities" if return_token_probs else _cuda.unsupported(q, segments)
+        if why is None:
+            try:
+                return _cuda.decode_attention_cuda(q, segments, scaling, lengths)
+            except RuntimeError as exc:  # NVRTC or the driver refused this configuration: noted once
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        _cuda.note_fallback(why)
     if kernels_available(q.device) and _decode.triton_ok(q, segments):
         return _decode.decode_attention_triton(q, segments, scaling, lengths, return_token_probs, probs_out)
     return decode_attention_reference(q, segments, scaling, lengths, return_token_probs, probs_out)

@@ -66,12 +66,24 @@ class PositionsTuning:
 
 
 @dataclass(frozen=True)
+class CudaTuning:
+    """The CUDA decode-attention path (cuda_attn): warps per block, stages in each warp's cp.async ring, blocks
+    per SM its registers must allow (a register cap), and the fewest cached tokens (batch x tokens) it takes:
+    below, the Triton kernels do."""
+    warps: int = 4
+    stages: int = 2
+    min_blocks: int = 3
+    min_tokens: int = 16384
+
+
+@dataclass(frozen=True)
 class Table:
     """All launch configs for one card."""
     split: dict = field(default_factory=dict)  # key layout, or (layout, key bits | WIDE) -> Tuning
     pool: PoolTuning = PoolTuning()
     positions: PositionsTuning = PositionsTuning()
     quant_warps: int = 4                       # quantize-and-pack kernels (triton_quant)
+    cuda: CudaTuning = CudaTuning()
 
 
 # Hopper (H100, H200): the fastest of the sweeps at batch 8 / 32K. Per-token keys: one-warp programs of 32
@@ -79,7 +91,10 @@ class Table:
 # words at use (prefetching them spills). (TOK, WIDE): where a one-warp program would hold a 32-row accumulator
 # alone and spill (sm_90 SASS, 8 query heads per KV head: 72 bytes of stack), 4 warps x 128 tokens. Pools:
 # scores blocks of 128 (132 us at 32K x 8 against 148 at 64), values one warp over blocks of 32 with splits
-# planned by waves of 128 tokens at least.
+# planned by waves of 128 tokens at least. CUDA path (H200, 2026-12-02, bench_ladder at 32K x 8): 4 warps x 2
+# stages at 3 blocks per SM, int4 105.6 us against 110.4 (3 stages, no cap), 111.0 (4 blocks: 128 registers),
+# 113.7 (8 warps), 125.0 (2 warps); below 16K cached tokens Triton is faster (4K x 1: int4 12.1 us vs 13.8,
+# kivi2 13.7 vs 23.5; from 4K x 8 the CUDA path wins).
 HOPPER = Table(split={FP: Tuning(block_n=64, prefetch=0),
                       TOK: Tuning(block_n=32, num_warps=1, prefetch=2, min_split_tokens=64),
                       (TOK, 8): Tuning(block_n=32, num_warps=1, prefetch=0, min_split_tokens=64),
@@ -119,7 +134,7 @@ def use(table: Table | None) -> Table | None:
 
 
 def with_changes(table: Table, split: dict | None = None, pool: dict | None = None,
-                 positions: dict | None = None, quant_warps: int | None = None) -> Table:
+                 positions: dict | None = None, quant_warps: int | None = None, cuda: dict | None = None) -> Table:
     """`table` with some entries replaced: `split` maps keys to whole Tunings, or to dicts of changed fields."""
     new_split = dict(table.split)
     for key, value in (split or {}).items():
@@ -127,7 +142,8 @@ def with_changes(table: Table, split: dict | None = None, pool: dict | None = No
     return Table(split=new_split,
                  pool=dataclasses.replace(table.pool, **(pool or {})),
                  positions=dataclasses.replace(table.positions, **(positions or {})),
-                 quant_warps=table.quant_warps if quant_warps is None else quant_warps)
+                 quant_warps=table.quant_warps if quant_warps is None else quant_warps,
+                 cuda=dataclasses.replace(table.cuda, **(cuda or {})))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,200 @@
+"""The CUDA decode-attention kernels (smartkv.kernels.cuda_attn) against the fp32 torch reference.
+
+The GPU tests skip without CUDA (benchmarks/fast_gpu.sh runs them on the GPU machine); the planner and the
+dispatch rules run everywhere. Bound: ||out - ref|| / ||ref|| <= 3e-3 (fp16 operands on the tensor cores: the
+query, and p times the value scale), as for the Triton kernels.
+"""
+import pytest
+import torch
+
+import smartkv.kernels as kern
+from smartkv.core.quant import quantize
+from smartkv.kernels import KVSegment, cuda_attn, decode_attention_reference, tuning
+
+BOUND = 3e-3
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True)
+def _small_caches_too():
+    """The shapes here are small: take the fast path below its size threshold as well."""
+    with tuning.override(cuda={"min_tokens": 0}):
+        yield
+
+
+def rel(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def rand(g, *shape, scale=1.0, shift=0.0, dtype=torch.float16):
+    return (torch.randn(*shape, generator=g) * scale + shift).to(dtype).to("cuda")
+
+
+def check(q, segs, lengths=None, bound=BOUND):
+    before = cuda_attn.PATHS["fast"]
+    out = kern.decode_attention(q, segs, 0.0883883, lengths)
+    assert cuda_attn.PATHS["fast"] == before + 1, dict(cuda_attn.PATHS)
+    ref = decode_attention_reference(q, segs, 0.0883883, lengths)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    err = rel(out, ref)
+    assert err < bound, err
+    return out
+
+
+def uniform(g, bits, B, H, T, D, new=1, kscale=2.0, vscale=1.0):
+    k = quantize(rand(g, B, H, T, D, scale=kscale, shift=0.3), bits, 32)
+    v = quantize(rand(g, B, H, T, D, scale=vscale, shift=-0.2), bits, 32)
+    res = (rand(g, B, H, new, D), rand(g, B, H, new, D)) if new else (None, None)
+    return KVSegment(k, v, *res)
+
+
+@cuda
+@pytest.mark.parametrize("bits", [4, 8, 2])
+@pytest.mark.parametrize("B,T,NG,D", [(2, 1000, 4, 128), (3, 4133, 4, 128), (1, 77, 8, 128), (2, 2048, 1, 64),
+                                      (2, 3000, 2, 64)])
+def test_uniform_per_token(bits, B, T, NG, D):
+    g = torch.Generator().manual_seed(bits * 1000 + T)
+    H = 2
+    q = rand(g, B, H * NG, D)
+    check(q, [uniform(g, bits, B, H, T, D)])
+
+
+@cuda
+def test_no_residual_bf16_query_and_4d_query():
+    g = torch.Generator().manual_seed(5)
+    seg = uniform(g, 4, 2, 8, 5000, 128, new=0)
+    q = rand(g, 2, 32, 1, 128, dtype=torch.bfloat16)
+    out = check(q, [seg], bound=1e-2)
+    assert out.shape == (2, 32, 1, 128)
+
+
+@cuda
+@pytest.mark.parametrize("kb,vb", [(2, 2), (2, 4), (4, 4)])
+@pytest.mark.parametrize("Tk,Tv,T", [(4096, 4000, 4128), (64, 32, 200), (0, 0, 100), (8192, 8192, 8192)])
+def test_kivi_windows(kb, vb, Tk, Tv, T):
+    g = torch.Generator().manual_seed(Tk + T + kb)
+    B, H, D = 2, 4, 128
+    x = rand(g, B, H, T, D, scale=2.0) + torch.linspace(-3, 3, D, device="cuda", dtype=torch.float16)
+    v = rand(g, B, H, T, D)
+    if Tk == 0:
+        segs = [KVSegment(x, v)]  # a full-precision segment alone: not for this path
+        q = rand(g, B, 4 * H, D)
+        assert cuda_attn.unsupported(q, segs) == "no quantized segment"
+        return
+    qk = quantize(x[:, :, :Tk], kb, 32, axis=-2)
+    qv = quantize(v[:, :, :Tv], vb, 32)
+    seg = KVSegment(qk, qv, x[:, :, Tk:] if T > Tk else None, v[:, :, Tv:] if T > Tv else None)
+    check(rand(g, B, 4 * H, D), [seg])
+
+
+@cuda
+def test_ragged_lengths_and_static_residual_last():
+    g = torch.Generator().manual_seed(7)
+    B, H, C, D = 3, 8, 3000, 128
+    seg = uniform(g, 4, B, H, C, D, new=0)
+    lengths = torch.tensor([3000, 1, 1777], device="cuda")
+    q = rand(g, B, 32, D)
+    check(q, [seg], lengths)
+    # a static decode step: the residual stands for token lengths[b] - 1 of a whole-capacity buffer
+    static = KVSegment(seg.keys, seg.values, rand(g, B, H, 1, D), rand(g, B, H, 1, D),
+                       lengths=torch.tensor([2999, 1, 1777], device="cuda", dtype=torch.int32), residual_last=True)
+    check(q, [static])
+
+
+@cuda
+def test_several_segments_key_normalisation_and_full_precision_runs():
+    g = torch.Generator().manual_seed(11)
+    B, H, D = 2, 8, 128
+    mu, sd = rand(g, B, H, 1, D), rand(g, B, H, 1, D).abs() + 0.5
+    segs = [KVSegment(rand(g, B, H, 4, D), rand(g, B, H, 4, D))]
+    for bits, n in ((8, 700), (4, 900), (2, 1500)):
+        k = quantize(rand(g, B, H, n, D), bits, 32)
+        segs.append(KVSegment(k, quantize(rand(g, B, H, n, D), bits, 32), key_scale=sd, key_shift=mu))
+    segs.append(KVSegment(rand(g, B, H, 32, D), rand(g, B, H, 32, D)))
+    check(rand(g, B, 32, D), segs, torch.tensor([3136, 2000], device="cuda"))
+
+
+@cuda
+def test_large_values_and_constant_groups():
+    g = torch.Generator().manual_seed(13)
+    x = rand(g, 1, 8, 2048, 128, scale=3.0)
+    x[0, 1, 100:200] = 0.25              # constant groups: scale 0
+    x[0, 2, :, 7] = 1e4                  # a large channel
+    v = rand(g, 1, 8, 2048, 128, scale=20.0)
+    v[0, 3, 5:9] = 3e4
+    seg = KVSegment(quantize(x, 4, 32), quantize(v, 4, 32))
+    check(rand(g, 1, 32, 128, scale=0.05), [seg])
+
+
+@cuda
+def test_cuda_graph_replay_matches_eager():
+    g = torch.Generator().manual_seed(17)
+    seg = uniform(g, 4, 2, 8, 4096, 128)
+    q = rand(g, 2, 32, 128)
+    eager = kern.decode_attention(q, [seg], 0.09)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kern.decode_attention(q, [seg], 0.09)
+    q.copy_(rand(g, 2, 32, 128))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(out, kern.decode_attention(q, [seg], 0.09)) < 1e-6
+    assert rel(out, eager) > 1e-2  # the replay read the new query
+    # captured before any eager call made the merge's arrival counters: the separate merge kernel, same numbers
+    cuda_attn._COUNTERS.clear()
+    graph2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph2):
+        out2 = kern.decode_attention(q, [seg], 0.09)
+    graph2.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not cuda_attn._COUNTERS and rel(out2, out) < 1e-6
+
+
+@cuda
+def test_fallbacks_say_why_and_stay_correct():
+    g = torch.Generator().manual_seed(19)
+    k = quantize(rand(g, 1, 2, 500, 128), 4, 64)
+    seg = KVSegment(k, quantize(rand(g, 1, 2, 500, 128), 4, 64))
+    q = rand(g, 1, 8, 128)
+    assert "group size" in cuda_attn.unsupported(q, [seg])
+    ref = decode_attention_reference(q, [seg], 0.1)
+    assert rel(kern.decode_attention(q, [seg], 0.1), ref) < BOUND
+    assert cuda_attn.PATHS[cuda_attn.unsupported(q, [seg])] >= 1
+
+
+@cuda
+def test_small_caches_take_the_triton_path():
+    g = torch.Generator().manual_seed(23)
+    seg = uniform(g, 4, 2, 8, 4000, 128)
+    q = rand(g, 2, 32, 128)
+    with tuning.override(cuda={"min_tokens": 16384}):
+        assert "fewer than 16384" in cuda_attn.unsupported(q, [seg])
+        assert rel(kern.decode_attention(q, [seg], 0.1), decode_attention_reference(q, [seg], 0.1)) < BOUND
+        assert cuda_attn.unsupported(q, [uniform(g, 4, 2, 8, 9000, 128)]) is None
+
+
+def test_unsupported_off_cuda_and_by_switch(monkeypatch):
+    k = quantize(torch.randn(1, 2, 64, 128), 4, 32)
+    seg = KVSegment(k, k)
+    assert "CUDA" in cuda_attn.unsupported(torch.randn(1, 8, 128), [seg])
+    monkeypatch.setenv("SMARTKV_FAST_ATTN", "0")
+    assert cuda_attn.unsupported(torch.randn(1, 8, 128), [seg]) == "SMARTKV_FAST_ATTN=0"
+
+
+def test_plan_fills_whole_waves():
+    # 64 sequence-heads of 1024 stages, 264 blocks at once: 4 blocks each (256 blocks, one wave)
+    n, per_warp = cuda_attn.plan_blocks(1024, 64, 264)
+    assert n * 64 <= 264 and n * 4 * per_warp >= 1024 and n == 4
+    # few sequences: more blocks each, down to one stage per warp
+    assert cuda_attn.plan_blocks(3, 8, 264) == (1, 1)
+    assert cuda_attn.plan_blocks(128, 8, 264)[0] == 32
+
+
+def test_shared_memory_formula_matches_the_kernel_source():
+    # the .cu file and the host compute the block's shared memory apart; the kernel traps on a shortfall
+    src = cuda_attn.SOURCE.read_text()
+    assert "SMEM_BYTES = Q_BYTES + NW * WARP_BYTES" in src and "__trap()" in src
+    assert cuda_attn.smem_bytes(128, 1, 4, 4, 4, 3) == 78032
