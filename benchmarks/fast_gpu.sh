@@ -7,7 +7,7 @@
 #   run(command="cd .gpu && OUT=$OUT bash benchmarks/fast_gpu.sh")     # STEPS="tests ladder" for a subset
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-benchmarks/results/latest}
+OUT=${OUT:-benchmarks/raw/latest}
 STEPS=${STEPS:-tests mutation ladder attention e2e}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
