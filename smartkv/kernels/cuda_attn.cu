@@ -1,8 +1,8 @@
 // Split-KV decode attention over packed KV codes, CUDA C++ (sm_80+), compiled at first use through NVRTC
 // (smartkv/kernels/cuda_attn.py). One configuration per compile, set by the SK_* macros below.
 //
-// A block holds NW independent warps working on one (sequence, KV head). Main blocks: each warp streams its
-// run of tokens through a per-warp cp.async ring of 32-token stages (packed codes and fp16 scales staged in
+// A block holds NW independent warps working on one (sequence, KV head). Each warp streams its run of the
+// quantized tokens through a per-warp cp.async ring of 32-token stages (packed codes and fp16 scales staged in
 // shared memory, rows padded so the fragment reads hit distinct banks) and runs both dots on the tensor cores
 // (mma.m16n8k16, fp32 accumulation):
 //   scores^T = K . Q^T   A = 16 tokens x 16 channels of codes, B = the group's queries (N = 8 columns: up to
@@ -15,9 +15,10 @@
 // the subnormal c * 2^(s-24), so one LOP3 yields a register of two codes and the per-position factor 2^s is
 // undone on the query (keys) or the accumulator row (values). Pairs of tokens for the value operand come from
 // one PRMT. No unpacked tile touches shared memory.
-// Tail blocks: the tokens after the quantized part (full-precision windows, the new token) with plain fp32
-// arithmetic per token. Every block combines its warps and writes one partial (output, log2-sum-exp); a
-// second kernel merges the partials of all blocks (Flash-Decoding).
+// The tokens after the quantized part (full-precision windows, the new token) are shared out over the warps,
+// a few each, in plain fp32 per token (blocks of such warps alone when nothing is quantized). Every block
+// combines its warps and writes one partial (output, log2-sum-exp); the last block of each (sequence, KV head)
+// to finish merges every partial of the call (Flash-Decoding), or sk_merge does when there are no counters.
 
 #ifndef SK_D
 #define SK_D 128
