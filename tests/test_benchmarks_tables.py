@@ -34,18 +34,19 @@ def test_checked_in_tables_match_their_summaries(capsys):
 
 def test_a_changed_number_fails_the_check_until_regenerated(repo, capsys):
     def bump(data):
-        row = data["tables"][0]["rows"][4]            # 32K x 8
-        assert row[5] == [229.3, 1.09]                # the int4 cell
-        row[5] = [228.3, 1.09]
+        row = data["tables"][0]["rows"][3]            # 32K x 8
+        assert row[:2] == ["32K", 8] and row[5] == [110.3, 2.25]   # the int4 cell
+        row[5] = [109.3, 2.25]
     _edit(repo, "decode_attention_h200", bump)
     assert tables.main(["--check", "--root", str(repo)]) == 1
     assert "decode_attention_h200" in capsys.readouterr().err
     before = (repo / "BENCHMARKS.md").read_text()
     assert tables.main(["--root", str(repo)]) == 0
     after = (repo / "BENCHMARKS.md").read_text()
-    assert "| 228.3 (1.09x) |" in after and "| 229.3 (1.09x) |" not in after
+    assert "| 109.3 (2.25x) |" in after and "| 110.3 (2.25x) |" not in after
     # only the generated block changed: the prose around the markers is kept
-    assert [l for l in before.splitlines() if "229.3" not in l] == [l for l in after.splitlines() if "228.3" not in l]
+    assert ([l for l in before.splitlines() if "110.3 (2.25x)" not in l]
+            == [l for l in after.splitlines() if "109.3 (2.25x)" not in l])
     assert tables.main(["--check", "--root", str(repo)]) == 0
 
 
