@@ -245,7 +245,7 @@ def test_an_empty_pool_keeps_the_pool_kernels_constants(monkeypatch):
 def test_smartkv_two_pass_decode_equals_reference(tiny_llama, monkeypatch, case):
     """SmartKV's fused decode (scores over key pools, softmax, values over value pools) gives the reference
     path's tokens, logits and importance, and stores the same bytes; a re-allocation happens mid-decode."""
-    from smartkv.methods import smartkv as smartkv_mod
+    from smartkv.methods.smartkv import attention as smartkv_mod  # the module whose pool_scores `attend` calls
 
     calls = []
     real = smartkv_mod.pool_scores

@@ -1,0 +1,54 @@
+"""SmartKV's hyper-parameters: one frozen dataclass, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smartkv.core.policy import WIDTHS, check_budget
+from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
+from smartkv.methods.smartkv.layer import SmartKVLayer
+
+
+@dataclass(frozen=True)
+class SmartKV(MethodConfig):
+    """Attention-importance mixed precision under an average code-width `budget` (bits per quantized element,
+    the mean of keys' and values' averages). Measured effect of each option: docs/smartkv.md."""
+    name = "smartkv"
+    budget: float = 7.0
+    widths: tuple = WIDTHS
+    group_size: int = 64
+    sink_tokens: int = 4
+    recent_window: int = 32
+    realloc_every: int = 16
+    observe_window: int = 32
+    key_norm: str = "channel"
+    importance: str = "mean"
+    importance_floor: float = 0.1
+    importance_power: float = 2.0
+    sensitivity: bool = True
+    key_value_gap: float = 2.0
+    rotate: str = "none"
+    use_kernels: bool = True   # False: never the Triton kernels (dequantize + attention in torch even on CUDA)
+
+    def validate(self) -> None:
+        if not self.widths or any(w not in WIDTHS for w in self.widths) or len(set(self.widths)) != len(self.widths):
+            raise ValueError(f"widths must be distinct values from {WIDTHS}, got {self.widths!r}")
+        check_budget(self.budget, self.widths)
+        check_group_size(self.group_size)
+        check_int("sink_tokens", self.sink_tokens, 0, 1024)
+        check_int("recent_window", self.recent_window, 0, 1 << 20)
+        check_int("realloc_every", self.realloc_every, 1, 1 << 20)
+        check_int("observe_window", self.observe_window, 1, 1 << 16)
+        check_choice("key_norm", self.key_norm, ("channel", "center", "none"))
+        check_choice("importance", self.importance, ("mean", "sum", "keynorm", "uniform"))
+        if not isinstance(self.importance_floor, (int, float)) or not 0 <= self.importance_floor <= 1e6:
+            raise ValueError(f"importance_floor must be a number >= 0, got {self.importance_floor!r}")
+        if not isinstance(self.importance_power, (int, float)) or not 0 <= self.importance_power <= 8:
+            raise ValueError(f"importance_power must be a number in [0, 8], got {self.importance_power!r}")
+        check_choice("sensitivity", self.sensitivity, (True, False))
+        if not isinstance(self.key_value_gap, (int, float)) or not 0 <= self.key_value_gap <= 6:
+            raise ValueError(f"key_value_gap must be a number in [0, 6] bits, got {self.key_value_gap!r}")
+        check_choice("rotate", self.rotate, ("none", "keys", "both"))
+        check_choice("use_kernels", self.use_kernels, (True, False))
+
+    def make_layer(self, layer_idx: int):
+        return SmartKVLayer(self, layer_idx)

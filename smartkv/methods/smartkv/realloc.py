@@ -1,0 +1,210 @@
+"""SmartKV's re-allocation: the window's oldest tokens move into the middle and the middle's widths are chosen
+again under the budget (policy.rank_profile, counts_for, cascade_assign); only demoted and new tokens are
+(de)quantized, kept tokens keep their codes."""
+from __future__ import annotations
+
+import torch
+
+from smartkv.core.importance import decode_importance, seen_from_ranges, token_weights
+from smartkv.core.policy import cascade_assign, counts_for, pack_levels, rank_profile
+from smartkv.core.quant import QTensor, dequantize, quantize
+
+
+class SmartKVRealloc:
+    """SmartKVLayer's re-allocation part: `_flush` and the steps it takes."""
+
+    def _before_update(self) -> None:
+        self._flush()  # when no attention hook ran (e.g. another attention implementation)
+
+    def _flush(self) -> None:
+        """Move the window's oldest tokens into the middle and re-allocate the middle's widths. Only tokens that
+        change width (demotions) and the new ones are dequantized or quantized; the rest is index work on the
+        level maps and a copy of the kept codes (the weights read stored tokens' ranges from scales and zeros)."""
+        cfg = self.config
+        n = self.win_k.shape[-2] - cfg.recent_window
+        if n < cfg.realloc_every or n <= 0:
+            return
+        self._stored = {}
+        try:
+            new_k, new_v = self.win_k[..., :n, :].float(), self.win_v[..., :n, :].float()
+            self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
+            if self.k_mu is None:
+                self._fit_key_norm(new_k)
+            new_k, new_v = self._to_stored(new_k, new_v)
+            weights = self._weights(new_k, new_v)
+            profile = rank_profile(weights).cpu()  # one device->host copy per re-allocation, shared by keys and values
+            for kind, new, budget in (("k", new_k, self.budget_k), ("v", new_v, self.budget_v)):
+                old_bits = self._stored_ranks(kind)[0]
+                new_bits = self._allocate(weights, old_bits, budget, profile)
+                level = torch.searchsorted(self._width_values, new_bits)   # index into widths, (B, H, T)
+                self.pools[kind] = self._repool(kind, old_bits, new_bits, level, new)
+                self.levels[kind] = pack_levels(level.to(torch.uint8))
+            self.n_middle += n
+        finally:
+            self._stored = None
+
+    def _fit_key_norm(self, keys: torch.Tensor) -> None:
+        B, H, _, D = keys.shape
+        mode = self.config.key_norm
+        mu = keys.mean(-2, keepdim=True) if mode in ("channel", "center") else keys.new_zeros(B, H, 1, D)
+        if mode == "channel":
+            scale = (keys - mu).abs().amax(-2, keepdim=True).clamp_min(1e-3)
+        else:
+            scale = keys.new_ones(B, H, 1, D)
+        self.k_mu, self.k_scale = mu.half(), scale.half()
+
+    def _weights(self, new_k: torch.Tensor, new_v: torch.Tensor) -> torch.Tensor:
+        """Allocation weights (B * H, T) of the middle's tokens and the `n` new ones (stored space (B, H, n, D))."""
+        cfg = self.config
+        B, H = self.batch_size, self.num_heads
+        start, T = self.sink_k.shape[-2], self.n_middle + new_k.shape[-2]
+        imp = decode_importance(self.importance[..., start:start + T])  # (B, H, T)
+        if cfg.importance == "sum":     # raw accumulated mass: favours early tokens (seen by more queries)
+            imp = imp * seen_from_ranges(self.observed.to(imp.device), start + T)[start:].float()
+        elif cfg.importance == "keynorm":
+            k_all = torch.cat([self._middle_part("k"), new_k], -2)
+            imp = self._from_stored(k_all, k_all[..., :0, :])[0].norm(dim=-1)
+        elif cfg.importance == "uniform":
+            imp = torch.ones_like(imp)
+        sens = None
+        if cfg.sensitivity:  # each token's range (max - min over its channels), keys back in real units
+            k_rng = self._ranges("k", new_k) * self.k_scale.float().mean(-1)
+            sens = (k_rng.pow(2) + self._ranges("v", new_v).pow(2)).reshape(B * H, T)
+        return token_weights(imp.reshape(B * H, T), cfg.importance_floor, cfg.importance_power, sens)
+
+    def _ranges(self, kind: str, new: torch.Tensor) -> torch.Tensor:
+        """max - min over the channels of each middle token (B, H, Tq) as stored, read from its groups' scales and
+        zeros (a group's largest code is 2^bits - 1 and its smallest 0: quantize maps the group's max and min
+        there), then of each new token (B, H, n, D): (B, H, Tq + n) fp32, without dequantizing the middle."""
+        B, H, Tq = self.batch_size, self.num_heads, self.n_middle
+        out = torch.zeros(B * H, Tq, device=self.device)
+        if Tq:
+            bits, rank = self._stored_ranks(kind)
+            bits = bits.reshape(B * H, Tq)
+            for b, q in self.pools[kind].items():  # gathered through each token's pool entry: no device sync
+                scale, zero = q.scale.float(), q.zero.float()
+                rng = ((scale * ((1 << b) - 1) + zero).amax(-1) - zero.amin(-1)).reshape(B * H, -1)
+                out = torch.where(bits == b, rng.gather(1, rank.clamp(max=rng.shape[1] - 1)), out)
+        return torch.cat([out.reshape(B, H, Tq), new.amax(-1) - new.amin(-1)], -1)
+
+    def _allocate(self, weights: torch.Tensor, old_bits: torch.Tensor, budget: float,
+                  profile: torch.Tensor) -> torch.Tensor:
+        """New widths (B, H, T) under `budget`, counts per width from `profile` (policy.rank_profile of the
+        weights); every row has the same count of each width."""
+        B, H, Tq = old_bits.shape
+        T = weights.shape[-1]
+        caps = torch.full((B * H, T), max(self.widths), dtype=torch.long, device=weights.device)
+        caps[:, :Tq] = old_bits.reshape(B * H, Tq)
+        counts = counts_for(profile, budget, self.widths)
+        return cascade_assign(weights, caps, counts).reshape(B, H, T)
+
+    def _repool(self, kind: str, old_bits: torch.Tensor, new_bits: torch.Tensor, level: torch.Tensor,
+                new: torch.Tensor) -> dict:
+        """Pools for the widths `new_bits` (B, H, Tq + n) (`level`: their indices into `widths`): tokens whose width
+        is unchanged keep their codes; the others (demoted stored tokens, dequantized from their own pools, and the
+        n `new` tokens (B, H, n, D)) are quantized at their new width. The sizes come from one host read and the
+        pools are assembled by gathers, so on CUDA this waits for the GPU three times (that read, the fresh tokens'
+        indices, `_gather_values`' read), however many widths there are."""
+        B, H, Tq = old_bits.shape
+        R, T, k = B * H, new_bits.shape[-1], len(self.widths)
+        level = level.reshape(R, T)
+        kept = torch.zeros(R, T, dtype=torch.bool, device=new_bits.device)
+        kept[:, :Tq] = (old_bits == new_bits[..., :Tq]).reshape(R, Tq)
+        levels = torch.arange(k, device=level.device)
+        per_row = (level[:1] == levels[:, None]).sum(-1)                   # tokens per level (equal in every row)
+        # (a scatter_add into k counters from every token takes ~1 ms on an H200 at 32K x 8: all atomics on 4 words)
+        fresh_per_level = ((level.flatten() == levels[:, None]) & ~kept.flatten()).sum(-1)
+        sizes = torch.cat([per_row, fresh_per_level]).tolist()               # the one read of this function
+        per_row, fresh_per_level = sizes[:k], sizes[k:]
+        fresh_idx = _indices((~kept).flatten())                            # row-major, as every pool orders them
+        values = self._gather_values(kind, fresh_idx, new)
+        by_level = torch.argsort(level.flatten()[fresh_idx], stable=True)   # fresh tokens grouped by new level
+        order = torch.argsort(level, dim=-1, stable=True)                   # each level's positions, in order
+        old_rank = self._stored_ranks(kind)[1]                             # (R, Tq) entry of each stored token
+        pools, out, start, fresh_start = self.pools[kind], {}, 0, 0
+        for b, n_b, f_b in zip(self.widths, per_row, fresh_per_level):
+            pos = order[:, start:start + n_b]                               # (R, n_b) the pool's positions
+            start += n_b
+            rows = by_level[fresh_start:fresh_start + f_b]
+            fresh_start += f_b
+            if not n_b:
+                continue
+            fresh = quantize(values.index_select(0, rows), b, self.group, axis=-1) if f_b else None
+            fields = (fresh.codes, fresh.scale, fresh.zero) if f_b else None
+            if f_b < R * n_b:  # some entries keep their old codes: pool b existed
+                keep = kept.gather(1, pos).flatten()                        # (R * n_b,)
+                stored = pos.clamp(max=max(Tq - 1, 0))
+                src = (torch.arange(R, device=pos.device)[:, None] * pools[b].codes.shape[-2]
+                       + old_rank.gather(1, stored)).flatten()
+                dst = ((~keep).long().cumsum(0) - 1).clamp(min=0)           # entry -> its row among the fresh
+                merged = []
+                for i_f, name in enumerate(("codes", "scale", "zero")):
+                    old_t = getattr(pools[b], name)
+                    old_t = old_t.reshape(-1, old_t.shape[-1])
+                    old_t = old_t.index_select(0, src.clamp(max=old_t.shape[0] - 1))  # fresh entries: any row
+                    if fields is not None:
+                        old_t = torch.where(keep[:, None], old_t, fields[i_f].index_select(0, dst))
+                    merged.append(old_t)
+                fields = merged
+            shape = lambda t: t.reshape(B, H, -1, t.shape[-1])  # equal counts per row: dense pool
+            out[b] = QTensor(*map(shape, fields), b, self.group, -1)
+        return out
+
+    def _stored_ranks(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(widths (B, H, Tq), entries (B * H, Tq) long) of the stored keys or values: each token's width and its
+        entry in that width's pool row (a pool holds a row's tokens of one width in position order). Computed once
+        per re-allocation (`_flush` holds them while it runs), on each call outside one."""
+        if self._stored is not None and kind in self._stored:
+            return self._stored[kind]
+        bits = self.level_bits(kind)
+        flat = bits.reshape(self.batch_size * self.num_heads, bits.shape[-1])
+        rank = torch.zeros_like(flat)
+        for b in self.pools[kind]:
+            m = flat == b
+            rank += m * (m.cumsum(-1) - 1)
+        if self._stored is not None:
+            self._stored[kind] = (bits, rank)
+        return bits, rank
+
+    def _gather_values(self, kind: str, idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Stored-space values (M, D) fp32 of the tokens at flat indices `idx` (M,) of (B, H, Tq + n): stored ones
+        dequantized from their pools, new ones (B, H, n, D) as they are. Grouped by source with one host read."""
+        old_bits, rank = self._stored_ranks(kind)
+        Tq = old_bits.shape[-1]
+        n, D = new.shape[-2], self.head_dim
+        out = new.new_empty(idx.numel(), D)
+        if not idx.numel():
+            return out
+        row, t = idx // (Tq + n), idx % (Tq + n)
+        stored = t < Tq
+        k = len(self.widths)
+        flat_bits = old_bits.reshape(-1)
+        if Tq:
+            at = row * Tq + t.clamp(max=Tq - 1)
+            source = torch.where(stored, torch.searchsorted(self._width_values, flat_bits[at]), k)
+        else:
+            source = torch.full_like(idx, k)
+        by_source = torch.argsort(source, stable=True)
+        counts = torch.bincount(source, minlength=k + 1).tolist()            # the one read of this function
+        rank = rank.reshape(-1)
+        start = 0
+        for s_i, count in enumerate(counts):
+            sel = by_source[start:start + count]
+            start += count
+            if not count:
+                continue
+            r, ts = row.index_select(0, sel), t.index_select(0, sel)
+            if s_i == k:
+                out[sel] = new.reshape(-1, D).index_select(0, r * n + ts - Tq)
+                continue
+            pool = self.pools[kind][self.widths[s_i]]
+            src = r * pool.codes.shape[-2] + rank.index_select(0, r * Tq + ts)
+            q = QTensor(*(getattr(pool, f).reshape(-1, getattr(pool, f).shape[-1]).index_select(0, src)
+                          for f in ("codes", "scale", "zero")), pool.bits, self.group, -1)
+            out[sel] = dequantize(q)
+        return out
+
+
+def _indices(mask: torch.Tensor) -> torch.Tensor:
+    """Positions (k,) of the set entries of a flat bool mask (one device sync on CUDA)."""
+    return mask.nonzero().squeeze(1)

@@ -1,0 +1,133 @@
+"""SmartKV's storage: full-precision sinks and window, one dense pool per width for the middle (keys and values
+apart) with 2-bit level maps, the importance codes and observed query ranges, the key normalisation; the stored
+space (normalised, rotated) and the accounting of every tensor held."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from smartkv.core.policy import kv_budgets, unpack_levels
+from smartkv.core.quant import QTensor, dequantize
+from smartkv.methods.base import group_for
+
+
+UNSEEN = 255  # importance code of a token no query has seen yet (encode_importance(0))
+
+
+@functools.cache
+def hadamard(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard matrix (dim, dim), dim a power of two; symmetric, its own inverse. Cached per
+    device: decode steps use it every call, and a host-to-device copy each time would wait for the GPU."""
+    if dim & (dim - 1):
+        raise ValueError(f"rotate needs a power-of-two head_dim, got {dim}")
+    if torch.device(device).type != "cpu":
+        return hadamard(dim).to(device)
+    h = torch.ones(1, 1)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / dim ** 0.5
+
+
+class SmartKVStorage:
+    """SmartKVLayer's storage part: the layer state every other part reads, and the views of it."""
+
+    def _init_storage(self) -> None:
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
+        empty = torch.empty(B, H, 0, D, dtype=self.window_dtype, device=self.device)
+        self.sink_k, self.sink_v = empty, empty.clone()
+        self.win_k, self.win_v = empty.clone(), empty.clone()
+        self.n_middle = 0
+        self.levels = {"k": None, "v": None}            # packed 2-bit indices into widths, (B, H, ceil8(Tq)/4)
+        self.pools: dict[str, dict[int, QTensor]] = {"k": {}, "v": {}}
+        self.importance = torch.empty(B, H, 0, dtype=torch.uint8, device=self.device)  # encode_importance codes
+        self.observed = torch.empty(0, 2, dtype=torch.int64)  # query ranges [start, end), on the CPU: read each step
+        self.k_mu = self.k_scale = None                                                 # (B, H, 1, D) fp16
+        self.group = group_for(self.config.group_size, D)
+        self.widths = tuple(sorted(self.config.widths))
+        self._width_values = torch.tensor(self.widths, device=self.device)  # level index -> width, made once
+        self.budget_k, self.budget_v = kv_budgets(self.config.budget, self.config.key_value_gap, self.widths)
+        self.rot_k = self.config.rotate in ("keys", "both")
+        self.rot_v = self.config.rotate == "both"
+        self._empty_pools: dict[int, QTensor] = {}
+        self._stored: dict[str, tuple] | None = None  # during a re-allocation: _stored_ranks of each kind
+        self._sbuf = None  # static steps: window K/V and importance buffers of the phase (see _static_begin)
+
+    def _store(self, key_states, value_states) -> None:
+        n_sink = max(0, min(self.config.sink_tokens - self.sink_k.shape[-2], key_states.shape[-2]))
+        if n_sink:
+            self.sink_k = torch.cat([self.sink_k, key_states[..., :n_sink, :].to(self.window_dtype)], -2)
+            self.sink_v = torch.cat([self.sink_v, value_states[..., :n_sink, :].to(self.window_dtype)], -2)
+        self.win_k = torch.cat([self.win_k, key_states[..., n_sink:, :].to(self.window_dtype)], -2)
+        self.win_v = torch.cat([self.win_v, value_states[..., n_sink:, :].to(self.window_dtype)], -2)
+        B, H = self.batch_size, self.num_heads
+        unseen = self.importance.new_full((B, H, key_states.shape[-2]), UNSEEN)  # encode_importance(0)
+        self.importance = torch.cat([self.importance, unseen], -1)
+
+    def level_bits(self, kind: str) -> torch.Tensor:
+        """Widths (B, H, Tq) of the middle's keys ("k") or values ("v")."""
+        B, H = self.batch_size, self.num_heads
+        if self.levels[kind] is None:
+            return torch.empty(B, H, 0, dtype=torch.long, device=self.device)
+        idx = unpack_levels(self.levels[kind], self.n_middle)
+        return self._width_values[idx.long()]
+
+    def _middle_part(self, kind: str) -> torch.Tensor:
+        """Dequantized middle keys or values in the stored (normalised, rotated) space: (B, H, Tq, D) fp32."""
+        D = self.head_dim
+        out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, D, device=self.device)
+        if not self.n_middle:
+            return out
+        bits = self.level_bits(kind)
+        for b, q in self.pools[kind].items():
+            out[bits == b] = dequantize(q).reshape(-1, D)
+        return out
+
+    def _to_stored(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = (k - self.k_mu.float()) / self.k_scale.float()
+        if self.rot_k:
+            k = k @ hadamard(self.head_dim, k.device)
+        if self.rot_v:
+            v = v @ hadamard(self.head_dim, v.device)
+        return k, v
+
+    def _from_stored(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rot_k:
+            k = k @ hadamard(self.head_dim, k.device)
+        if self.rot_v:
+            v = v @ hadamard(self.head_dim, v.device)
+        if self.k_mu is not None:
+            k = k * self.k_scale.float() + self.k_mu.float()
+        return k, v
+
+    def _stored_kv(self):
+        k, v = self._from_stored(self._middle_part("k"), self._middle_part("v"))
+        dt = self.dtype
+        keys = torch.cat([self.sink_k.to(dt), k.to(dt), self.win_k.to(dt)], -2)
+        values = torch.cat([self.sink_v.to(dt), v.to(dt), self.win_v.to(dt)], -2)
+        return keys, values
+
+    def _account(self, lb) -> None:
+        for kind in ("k", "v"):
+            for q in self.pools[kind].values():
+                lb.add_codes(q.codes, q.bits, kind)
+                lb.add("metadata", q.scale)
+                lb.add("metadata", q.zero)
+            lb.add("metadata", self.levels[kind])
+        for t in (self.importance, self.observed, self.k_mu, self.k_scale):
+            lb.add("metadata", t)
+        for t in (self.sink_k, self.sink_v, self.win_k, self.win_v):
+            lb.add("residual", t)
+
+    def _counts(self, kind: str) -> list[int]:
+        """Tokens per row in each width's pool of `kind`, widths lowest first (0 for a width with no pool)."""
+        return [self.pools[kind][w].codes.shape[-2] if w in self.pools[kind] else 0 for w in self.widths]
+
+    def _empty_pool(self, bits: int) -> QTensor:
+        """A pool of no tokens at `bits` (made once per width: decode steps ask for it every call)."""
+        if bits not in self._empty_pools:
+            B, H, D = self.batch_size, self.num_heads, self.head_dim
+            codes = torch.empty(B, H, 0, D * bits // 8, dtype=torch.uint8, device=self.device)
+            meta = torch.empty(B, H, 0, D // self.group, dtype=torch.float16, device=self.device)
+            self._empty_pools[bits] = QTensor(codes, meta, meta, bits, self.group, -1)
+        return self._empty_pools[bits]
