@@ -97,3 +97,43 @@ def tiny_llama():
     from smartkv.models import load_tiny
 
     return load_tiny("tiny-llama", seed=0, device="cuda" if torch.cuda.is_available() else "cpu").model
+
+
+def held_tensors(obj) -> dict[str, int]:
+    """Bytes of every storage the tensors reachable from `obj` live in, by the attribute path that first reaches it.
+
+    Walks attributes of smartkv objects (cache, layers, buffers, QTensors, dataclasses) and lists, tuples and dicts,
+    so a tensor a layer holds is found whatever its name. Views share their base's storage and are counted once, at
+    the storage's full size: what the cache keeps allocated, not what its accounting says it uses."""
+    import torch
+
+    found: dict[tuple, tuple[str, int]] = {}
+    visited: set[int] = set()
+
+    def walk(x, path: str) -> None:
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            if storage.nbytes():
+                found.setdefault((str(x.device), storage.data_ptr()), (path, storage.nbytes()))
+            return
+        if id(x) in visited:
+            return
+        visited.add(id(x))
+        if isinstance(x, dict):
+            for key, value in x.items():
+                walk(value, f"{path}[{key!r}]")
+        elif isinstance(x, (list, tuple)):
+            for i, value in enumerate(x):
+                walk(value, f"{path}[{i}]")
+        elif type(x).__module__.startswith("smartkv") and hasattr(x, "__dict__"):
+            for name, value in vars(x).items():
+                walk(value, f"{path}.{name}")
+
+    walk(obj, type(obj).__name__)
+    return dict(found.values())
+
+
+@pytest.fixture
+def held():
+    """held(obj) -> {attribute path: bytes} of the storages reachable from obj (see held_tensors)."""
+    return held_tensors

@@ -1,6 +1,11 @@
 """One contract every registered method passes: builds from defaults, works as `past_key_values` the way
-DynamicCache does (greedy, sampled, batch with padding, repeated forward calls, Llama and GPT-2), and reports
-its memory consistently."""
+DynamicCache does (greedy, sampled, batch with padding, repeated forward calls, Llama and GPT-2), stores keys and
+values within half a quantization step of the exact ones, decodes what dequantize-then-SDPA over its stored tokens
+gives, stays within its measured error of fp16, and reports the bytes of the tensors it really holds.
+
+Error bounds are 3x the error measured on these seeded tiny models (CPU, fp32); a quantized method must also stay
+above a third of it, so a cache that stops quantizing (or is not read) fails too. A new method adds its measured
+errors to the tables (the failure says which)."""
 import pytest
 import torch
 from transformers import DynamicCache
@@ -12,6 +17,18 @@ METHODS = smartkv.list_methods()
 # small windows so that every method really quantizes within a short test prompt
 SMALL = {"kivi": dict(residual_length=32), "smartkv": dict(budget=4, recent_window=8, realloc_every=8)}
 
+# ||logits - fp16 logits|| / ||fp16 logits|| over a left-padded batch's 21 decode positions (test_batch_with_left_padding)
+PADDED_REL = {"tiny-llama": {"int8": 0.0015, "int4": 0.027, "kivi": 0.022, "smartkv": 0.055},
+              "tiny-gpt2": {"int8": 0.00054, "int4": 0.011, "kivi": 0.0083, "smartkv": 0.020}}
+# the same against one full-precision pass, over chunked prefills and decode steps (test_repeated_forward_calls...)
+CHUNKED_REL = {"tiny-llama": {"int8": 0.0016, "int4": 0.027, "kivi": 0.017, "smartkv": 0.041},
+               "tiny-gpt2": {"int8": 0.00048, "int4": 0.0078, "kivi": 0.0049, "smartkv": 0.014}}
+# of those 96 positions, how many change their argmax
+CHUNKED_FLIPS = {"tiny-llama": {"int8": 0, "int4": 3, "kivi": 1, "smartkv": 9},
+                 "tiny-gpt2": {"int8": 0, "int4": 0, "kivi": 0, "smartkv": 0}}
+# Tensors a layer holds that are no cache state (the same bytes at any length): not in memory_report.
+CONSTANTS = ("_width_values",)   # SmartKV: level index -> width lookup, len(widths) int64
+
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
 def tiny(request):
@@ -21,6 +38,17 @@ def tiny(request):
 def _prompt(batch=1, length=80, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 500, (batch, length), generator=g)
+
+
+def _measured(table: dict, model: str, method: str):
+    if method not in table[model]:
+        pytest.fail(f"no measured error for {method!r} on {model}: measure it and add it to this module's tables")
+    return table[model][method]
+
+
+def _within_measured(err: float, table: dict, model: str, method: str) -> None:
+    expect = _measured(table, model, method)
+    assert expect / 3 <= err <= 3 * expect, f"{method} on {model}: {err:.5f}, measured {expect}"
 
 
 def test_registry_names_are_stable():
@@ -67,7 +95,8 @@ def _decode_logits(model, cache, ids, mask, steps):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_with_left_padding(tiny, method):
-    """A left-padded row decodes like the same row alone (fp16 exactly), quantized methods stay close to fp16."""
+    """A left-padded row decodes like the same row alone (fp16 exactly); quantized methods stay within their
+    measured error of fp16."""
     short, long = _prompt(length=60, seed=2), _prompt(length=72, seed=3)
     batch = torch.cat([torch.cat([torch.zeros(1, 12, dtype=torch.long), short], 1), long], 0)
     mask = torch.ones_like(batch)
@@ -75,19 +104,18 @@ def test_batch_with_left_padding(tiny, method):
     params = SMALL.get(method, {})
     got = _decode_logits(tiny.model, smartkv.make_cache(method, tiny.model, **params), batch, mask, 20)
     ref = _decode_logits(tiny.model, smartkv.make_cache("fp16", tiny.model), batch, mask, 20)
-    assert torch.isfinite(got).all()
     if method == "fp16":
         alone = _decode_logits(tiny.model, smartkv.make_cache("fp16", tiny.model), short,
                                torch.ones_like(short), 20)
         assert torch.allclose(got[0], alone[0], atol=1e-4)
     else:
-        rel = (got - ref).norm() / ref.norm()
-        assert rel < 0.5
+        _within_measured(((got - ref).norm() / ref.norm()).item(), PADDED_REL, tiny.name, method)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_repeated_forward_calls_read_the_cache(tiny, method):
-    """Prefill in two chunks, then step token by token: logits stay close to one full-precision pass."""
+    """Prefill in two chunks, then step token by token: logits within the method's measured error of one
+    full-precision pass, and the argmax moves at no more positions than measured."""
     ids = _prompt(length=96, seed=4)
     with torch.inference_mode():
         ref = tiny.model(ids).logits
@@ -98,29 +126,119 @@ def test_repeated_forward_calls_read_the_cache(tiny, method):
             parts.append(tiny.model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
     logits = torch.cat(parts, 1)
     assert cache.get_seq_length() == 96
-    err = (logits - ref).abs().max().item()
     if method == "fp16":
-        assert err < 1e-4
-    else:
-        assert err < 0.5 * ref.abs().max().item()
-        assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.5
+        assert (logits - ref).abs().max().item() < 1e-4
+        return
+    _within_measured(((logits - ref).norm() / ref.norm()).item(), CHUNKED_REL, tiny.name, method)
+    flips = int((logits.argmax(-1) != ref.argmax(-1)).sum())
+    assert flips <= 3 * _measured(CHUNKED_FLIPS, tiny.name, method) + 1, flips
+
+
+def _half_steps(x: torch.Tensor, bits, group: int, axis: int = -1) -> torch.Tensor:
+    """Half the min-max quantization step of each element of x (..., T, D) in groups of `group` channels (axis -1)
+    or tokens (axis -2); `bits` an int or per-token widths (..., T)."""
+    x = x.float()
+    if axis == -2:
+        return _half_steps(x.transpose(-1, -2), bits, group).transpose(-1, -2)
+    g = x.unflatten(-1, (-1, group))
+    levels = 2.0 ** (bits if isinstance(bits, int) else bits.float()[..., None, None]) - 1
+    return ((g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / levels / 2).expand_as(g).flatten(-2)
+
+
+def _layout_half_steps(method: str, config, layer, k: torch.Tensor, v: torch.Tensor):
+    """Half a quantization step of every stored key and value after one prompt of exact keys k and values v
+    (B, H, T, D), from each method's documented layout; 0 where a token is kept in full precision."""
+    T, D = k.shape[-2:]
+    hk, hv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
+    if method == "fp16":
+        return hk, hv
+    G = min(config.group_size, D)
+    if method in ("int8", "int4"):
+        return _half_steps(k, config.bits, G), _half_steps(v, config.bits, G)
+    if method == "kivi":  # keys per channel in whole blocks of R tokens, values per token but the last R
+        R = config.residual_length
+        n_k, n_v = T // R * R, max(T - R, 0)
+        hk[..., :n_k, :] = _half_steps(k[..., :n_k, :], config.key_bits, G, axis=-2)
+        hv[..., :n_v, :] = _half_steps(v[..., :n_v, :], config.value_bits, G)
+        return hk, hv
+    if method == "smartkv":  # sinks, then the middle at per-token widths, then the recent window
+        assert config.rotate == "none"
+        sinks = min(config.sink_tokens, T)
+        n = T - sinks - config.recent_window
+        mid = slice(sinks, sinks + (n if n >= config.realloc_every else 0))
+        mu, scale = layer.k_mu.float(), layer.k_scale.float()     # keys are normalised per channel, then quantized
+        hk[..., mid, :] = _half_steps((k[..., mid, :] - mu) / scale, layer.level_bits("k"), G) * scale
+        hv[..., mid, :] = _half_steps(v[..., mid, :], layer.level_bits("v"), G)
+        return hk, hv
+    pytest.fail(f"no quantization layout for {method!r}: describe it in _layout_half_steps")
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_memory_report_is_consistent(tiny, method):
-    ids = _prompt(length=100, seed=5)
+def test_stored_values_are_within_half_a_step(tiny, method):
+    """After a prompt, every stored key and value is within half a quantization step of the exact one (the fp16
+    cache's), at the positions, groups and widths the method's layout puts it. Measured worst: 1.0009 half steps;
+    the slack is the fp16 rounding of scales (2^-10 of a step) and of full-precision windows (2^-11 of a value)."""
+    ids = _prompt(batch=2, length=100, seed=5)
+    caches = {m: smartkv.make_cache(m, tiny.model, **SMALL.get(m, {})) for m in ("fp16", method)}
+    with torch.inference_mode():
+        for cache in caches.values():
+            tiny.model(ids, past_key_values=cache, use_cache=True)
+    cache = caches[method]
+    for i, layer in enumerate(cache.layers):
+        exact, stored = caches["fp16"].stored_kv(i), cache.stored_kv(i)
+        steps = _layout_half_steps(method, cache.method_config, layer, *exact)
+        for x, y, half in zip(exact, stored, steps):
+            x, y = x.float(), y.float()
+            err = (y - x).abs()
+            assert (err <= half * (1 + 2 ** -9) + x.abs() * 2 ** -10 + 1e-6 * x.abs().max()).all(), \
+                f"layer {i}: {(err / half.clamp_min(1e-12)).max():.3f} half steps"
+            if method != "fp16":
+                assert (half > 0).any() and err.max() > 0.2 * half.max()   # it did quantize
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decode_equals_dequantize_then_sdpa(tiny, method):
+    """Each decode step gives the logits the model gives over a DynamicCache holding the method's stored keys and
+    values, dequantized, across KIVI's key-block flush (64 tokens) and SmartKV's re-allocations. Measured worst:
+    3.7e-7 of the largest logit (SmartKV's own decode attention; 0 for the methods that return SDPA's)."""
+    ids = _prompt(batch=2, length=60, seed=6)
+    cache = smartkv.make_cache(method, tiny.model, **SMALL.get(method, {}))
+    worst = 0.0
+    with torch.inference_mode():
+        tiny.model(ids, past_key_values=cache, use_cache=True)
+        for t in range(12):
+            ref_cache = DynamicCache()
+            for i in range(len(cache.layers)):
+                ref_cache.update(*(x.clone() for x in cache.stored_kv(i)), i)
+            x = torch.full((2, 1), 20 + t)
+            got = tiny.model(x, past_key_values=cache, use_cache=True).logits
+            ref = tiny.model(x, past_key_values=ref_cache, use_cache=True).logits
+            worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+    assert cache.get_seq_length() == 72
+    assert worst < 2e-6, worst
+
+
+@pytest.mark.parametrize("when", ["prompt", "decode"])
+@pytest.mark.parametrize("method", METHODS)
+def test_memory_report_counts_the_bytes_held(tiny, method, when, held, request):
+    """total_bytes + slack_bytes() is every byte of every tensor the cache holds (found by walking its objects,
+    not listed by hand), after a prompt and after decode steps."""
+    if tiny.name == "tiny-gpt2" and method == "fp16" and when == "prompt":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "FP16Layer keeps the prompt's key_states/value_states as given; GPT-2's are views of the fused c_attn "
+            "output (query, key, value), so 1.5x the reported bytes stay allocated until the first decode step")))
+    ids = _prompt(batch=2, length=100, seed=5)
     cache = smartkv.make_cache(method, tiny.model, **SMALL.get(method, {}))
     with torch.inference_mode():
         tiny.model(ids, past_key_values=cache, use_cache=True)
+        for t in range(20 if when == "decode" else 0):
+            tiny.model(torch.full((2, 1), 30 + t), past_key_values=cache, use_cache=True)
     r = cache.memory_report()
+    tensors = {p: n for p, n in held(cache).items() if not p.endswith(CONSTANTS)}
+    assert sum(tensors.values()) == r.total_bytes + cache.slack_bytes(), tensors
     shape = smartkv.models.model_kv_shape(tiny.model)
-    assert r.tokens == 100
-    assert r.fp16_bytes == 2 * 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * 100
-    assert r.total_bytes == r.payload_bytes + r.metadata_bytes + r.residual_bytes
-    assert r.total_ratio == pytest.approx(r.total_bytes / r.fp16_bytes)
-    assert r.payload_ratio == pytest.approx(r.avg_bits / 16)
-    per_layer = sum(d["payload"] + d["metadata"] + d["residual"] for d in r.per_layer)
-    assert per_layer == r.total_bytes
+    assert r.tokens == ids.shape[1] + (20 if when == "decode" else 0)
+    assert r.fp16_bytes == 2 * 2 * 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * r.tokens
     if method != "fp16":
         assert r.total_ratio < 1.0 and r.metadata_bytes > 0
 
