@@ -99,6 +99,10 @@ def tiny_llama():
     return load_tiny("tiny-llama", seed=0, device="cuda" if torch.cuda.is_available() else "cpu").model
 
 
+# Attributes holding tensors that are no cache state (the same bytes at any length), left out of held_tensors:
+CONSTANT_ATTRIBUTES = ("_width_values",)   # SmartKV: level index -> width lookup, len(widths) int64
+
+
 def held_tensors(obj) -> dict[str, int]:
     """Bytes of every storage the tensors reachable from `obj` live in, by the attribute path that first reaches it.
 
@@ -127,7 +131,8 @@ def held_tensors(obj) -> dict[str, int]:
                 walk(value, f"{path}[{i}]")
         elif type(x).__module__.startswith("smartkv") and hasattr(x, "__dict__"):
             for name, value in vars(x).items():
-                walk(value, f"{path}.{name}")
+                if name not in CONSTANT_ATTRIBUTES:
+                    walk(value, f"{path}.{name}")
 
     walk(obj, type(obj).__name__)
     return dict(found.values())
