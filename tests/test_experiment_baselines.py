@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import smartkv
 from smartkv.experiments import validate_baselines
 from smartkv.experiments.baselines import BASELINES, baseline_name, model_shape
 
@@ -39,9 +40,13 @@ def test_memory_only_prints_and_writes_the_ratios(tmp_path, capsys):
     record = only_json(out_dir)
     ratios = {r["baseline"]: r["payload_ratio"] for r in record["results"]}
     assert ratios["FP16"] == 1.0 and ratios["INT8"] == 0.5 and ratios["INT4"] == 0.25 and ratios["KIVI"] == 0.1875
-    assert 0.40 <= ratios["SmartKV"] <= 0.60
+    smart = next(r for r in record["results"] if r["baseline"] == "SmartKV")
+    budget = smartkv.method_fields("smartkv")["budget"]     # measured 6.9935 bits at the default 7
+    assert budget - 0.05 <= smart["avg_bits"] <= budget and ratios["SmartKV"] == pytest.approx(smart["avg_bits"] / 16)
     totals = {r["baseline"]: r["total_ratio"] for r in record["results"]}
     assert totals["INT8"] == pytest.approx(0.5625) and totals["INT4"] == pytest.approx(0.3125)
+    # KIVI at 192 tokens, R = 128: 128 keys and 64 values quantized (+1 bit of scale and zero each), the rest 16 bits
+    assert totals["KIVI"] == pytest.approx((128 * 3 + 64 * 5 + 192 * 16) / (2 * 192 * 16))
     assert record["model"]["shape"] == {"num_layers": 12, "num_kv_heads": 12, "head_dim": 64}
     assert record["model"]["weights_loaded"] is False
     for name in BASELINES:
