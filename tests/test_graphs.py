@@ -62,14 +62,21 @@ def test_static_steps_equal_ordinary_steps(tiny_llama, kernels, method, batch):
 
 
 def test_eager_mode_is_plain_model_steps(tiny_llama):
+    """Eager steps give exactly the logits of `model(token, past_key_values=cache)` on a second cache of the same
+    method, step for step, and stop at max_length."""
     ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(5)).to(DEV)
-    cache = smartkv.make_cache("kivi", tiny_llama, residual_length=32)   # any cache in eager mode
+    cache, plain = (smartkv.make_cache("kivi", tiny_llama, residual_length=32) for _ in range(2))  # any cache
     with torch.inference_mode():
-        tiny_llama(ids, past_key_values=cache, use_cache=True)
+        for c in (cache, plain):
+            tiny_llama(ids, past_key_values=c, use_cache=True)
     dec = GraphDecoder(tiny_llama, cache, max_length=12, mode="eager")
     nxt = ids[:, -1:]
-    for _ in range(3):
-        assert dec.step(nxt).shape == (2, 1, tiny_llama.config.vocab_size)
+    for t in range(3):
+        got = dec.step(nxt)
+        with torch.inference_mode():
+            want = tiny_llama(nxt, past_key_values=plain, use_cache=True).logits
+        assert torch.equal(got, want), t
+        nxt = got[:, -1].argmax(-1, keepdim=True)
     assert cache.get_seq_length() == 12
     with pytest.raises(ValueError, match="max_length"):
         dec.step(nxt)
