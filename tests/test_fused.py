@@ -14,6 +14,8 @@ from smartkv.cache import buffers as storage  # noqa: E402
 from smartkv.cache.buffers import QBuffer, TokenBuffer  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# fused vs reference logits, relative to the largest: fp16 operands on CUDA; the CPU interpreter measured 1.9e-4
+LOGIT_BOUND = 5e-3 if DEV == "cuda" else 1e-3
 # prompt lengths put a KIVI key-block flush and a value-window flush inside the first decode steps
 CASES = {
     "int8": ("int8", {}, 24),
@@ -65,7 +67,7 @@ def test_fused_decode_equals_reference(tiny_llama, counted, case):
     assert n_ref == 0 and len(counted) == 3 * 2       # 3 decode steps x 2 layers, all fused
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-    assert err < 5e-3, err
+    assert err < LOGIT_BOUND, err
     assert cache.memory_report() == ref_cache.memory_report()
     # layer 0's inputs are the embeddings, identical on both paths: the kernels stored the same bytes
     for a, b in zip(cache.layers[0].stored_kv(), ref_cache.layers[0].stored_kv(), strict=True):
@@ -261,7 +263,7 @@ def test_smartkv_two_pass_decode_equals_reference(tiny_llama, monkeypatch, case)
     assert len(widths) >= 2 and set(calls) <= widths and len(calls) >= 5 * 2   # every decode step, both layers
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-    assert err < 5e-3, err
+    assert err < LOGIT_BOUND, err
     assert cache.memory_report() == ref_cache.memory_report()
     for layer, ref in zip(cache.layers, ref_cache.layers, strict=True):
         assert layer.n_middle == ref.n_middle > 61 - 4 - 8 - 4

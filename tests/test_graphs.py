@@ -16,6 +16,9 @@ from smartkv.kernels import KVSegment, decode_attention, quantize_pack_kv  # noq
 from smartkv.kernels.reference import decode_attention_reference, quantize_pack_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# static vs ordinary steps: logits relative to the largest, and layer 1's stored keys/values (its inputs went through
+# layer 0's kernel attention); fp16 operands on CUDA; the CPU interpreter measured 1.7e-4 and 1.0e-4
+LOGIT_BOUND, KV_ATOL = (2e-3, 5e-2) if DEV == "cuda" else (6e-4, 4e-4)
 
 
 @pytest.fixture
@@ -48,12 +51,12 @@ def test_static_steps_equal_ordinary_steps(tiny_llama, kernels, method, batch):
     tokens, logits, cache, dec = _decode(tiny_llama, method, ids, 4, "static", reserve=21 + 4 + 70)
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-    assert err < 2e-3, err
+    assert err < LOGIT_BOUND, err
     assert cache.get_seq_length() == ref_cache.get_seq_length() == 25 == dec.length
     assert cache.memory_report() == ref_cache.memory_report()
     for i in range(len(cache.layers)):
         for a, b in zip(cache.stored_kv(i), ref_cache.stored_kv(i), strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0 if i == 0 else 5e-2)
+            torch.testing.assert_close(a, b, rtol=0, atol=0 if i == 0 else KV_ATOL)
     dec.close()                                  # back to ordinary steps: the cache goes on from where it is
     assert all(layer.static is None for layer in cache.layers)
     with torch.inference_mode():
@@ -211,7 +214,7 @@ def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny_lla
     tokens, logits, cache, dec = _decode(tiny_llama, "smartkv", ids, 12, "static", **SMARTKV)
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-    assert err < 2e-3, err
+    assert err < LOGIT_BOUND, err
     assert cache.get_seq_length() == ref_cache.get_seq_length() == 42
     for layer, ref in zip(cache.layers, ref_cache.layers, strict=True):
         assert layer.n_middle == ref.n_middle > 30 - 8 and layer.win_k.shape == ref.win_k.shape
