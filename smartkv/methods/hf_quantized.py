@@ -14,6 +14,7 @@ every method here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -75,9 +76,9 @@ class HFQuantized(MethodConfig):
     residual_length: int = 128
     axis_key: int = 0
     axis_value: int = 0
-    backend = ""
-    nbits_allowed: tuple = ()
-    axes_allowed: tuple = ()
+    backend: ClassVar[str] = ""
+    nbits_allowed: ClassVar[tuple] = ()
+    axes_allowed: ClassVar[tuple] = ()
 
     def validate(self) -> None:
         check_choice("nbits", self.nbits, self.nbits_allowed)
