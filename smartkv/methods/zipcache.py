@@ -141,8 +141,9 @@ class ZipCacheLayer(KVLayer):
     def _init_storage(self) -> None:
         B, H, D = self.batch_size, self.num_heads, self.head_dim
         self.blocks: list[ZipBlock] = []
-        self.win_k = TokenBuffer(B, H, D, self.window_dtype, self.device)   # (B, H, w, D) not yet compressed
-        self.win_v = TokenBuffer(B, H, D, self.window_dtype, self.device)
+        empty = torch.empty(B, H, 0, D, dtype=self.window_dtype, device=self.device)
+        self.win_k = self._window_buffer(empty)   # (B, H, w, D): tokens not yet compressed, 16 bits
+        self.win_v = self._window_buffer(empty)
         self.win_mass = torch.zeros(B, H, 0, device=self.device)            # attention received by window tokens
         self.win_seen = torch.zeros(B, 0, dtype=torch.int32, device=self.device)  # queries that saw each one
         self.calls = 0
@@ -207,6 +208,15 @@ class ZipCacheLayer(KVLayer):
         self.win_v.drop_front(count)
         self.win_mass, self.win_seen = self.win_mass[..., count:], self.win_seen[:, count:]
         self.unscored = 0
+        if self.win_k.data.shape[-2] > 2 * (cfg.streaming_gap + 1):  # a prompt passed through: give its room back
+            self.win_k, self.win_v = (self._window_buffer(buf.view()) for buf in (self.win_k, self.win_v))
+
+    def _window_buffer(self, rows: torch.Tensor) -> TokenBuffer:
+        """A window buffer holding `rows`, with room for a streaming block and the token that completes it."""
+        buf = TokenBuffer(self.batch_size, self.num_heads, self.head_dim, self.window_dtype, self.device)
+        buf.reserve(max(self.config.streaming_gap + 1, rows.shape[-2]))
+        buf.append(rows)
+        return buf
 
     def _slack_bytes(self) -> int:
         return self.win_k.slack_bytes + self.win_v.slack_bytes
