@@ -10,8 +10,8 @@ From either we keep the unindented paragraphs (prose), drop code blocks, grammar
 headings, and join each paragraph onto one line.
 
 Tuning and evaluation parts: every document belongs to one part, by a hash of its name (TUNING_SHARE of the
-documents tune, the rest evaluate), so the parts share no document and a text change moves no document between
-them. Settings are chosen on `part="tuning"`; reports use `part="evaluation"`. The text differs between CPython
+documents tune, the rest evaluate), so the parts share no document (nor paragraph: boilerplate repeated in a
+tuning document is dropped from the evaluation part) and a text change moves no document between them. Settings are chosen on `part="tuning"`; reports use `part="evaluation"`. The text differs between CPython
 releases, so `prose_digest()` goes into the content hash of any set using it.
 """
 from __future__ import annotations
@@ -95,9 +95,15 @@ def prose_documents(source: str = "pydoc") -> tuple[tuple[str, tuple[str, ...]],
 
 @functools.cache
 def prose_paragraphs(source: str = "pydoc", part: str = "all") -> tuple[str, ...]:
+    """Prose paragraphs of `source`, of the documents of `part`. A paragraph that also occurs in a tuning
+    document (boilerplate repeated across documents) is left out of the evaluation part."""
     check_source_part(source, part)
-    return tuple(p for name, paras in prose_documents(source)
-                 if part == "all" or document_part(source, name) == part for p in paras)
+    paras = tuple(p for name, doc in prose_documents(source)
+                  if part == "all" or document_part(source, name) == part for p in doc)
+    if part == "evaluation":
+        tuning = set(prose_paragraphs(source, "tuning"))
+        paras = tuple(p for p in paras if p not in tuning)
+    return paras
 
 
 @functools.cache
