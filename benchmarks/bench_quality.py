@@ -46,7 +46,8 @@ SMARTKV_INT4 = "smartkv:budget=4.25,key_value_gap=3"   # the int4 memory point
 # SmartKV with attention importance on/off and per-channel key normalisation on/off at both memory points, against
 # the baselines at (or under) the same total bytes
 ABLATION_CONFIGS = (
-    "int4", "zipcache:high_bits=8,low_bits=4,salient_ratio=0.15", "zipcache:high_bits=4,low_bits=4",
+    "int4", "kivi:key_bits=4,value_bits=4,residual_length=32",
+    "zipcache:high_bits=8,low_bits=4,salient_ratio=0.15", "zipcache:high_bits=4,low_bits=4",
     SMARTKV_INT4, f"{SMARTKV_INT4},importance=uniform", f"{SMARTKV_INT4},key_norm=none",
     f"{SMARTKV_INT4},importance=uniform,key_norm=none",
     "kivi:key_bits=2,value_bits=2,residual_length=32", "kivi:key_bits=2,value_bits=2,residual_length=128",
