@@ -14,7 +14,7 @@ and do not overlap. Reported per method, averaged over windows:
 
     python benchmarks/bench_quality.py                       # the BENCHMARKS.md table (~25 min, 1 core)
     python benchmarks/bench_quality.py --configs 'int4;kivi:key_bits=4,value_bits=4,residual_length=32'
-    python benchmarks/bench_quality.py --ablation --ctx 512 --decode 32 --windows 8    # SmartKV's parts
+    python benchmarks/bench_quality.py --ablation all --ctx 256 --decode 32 --windows 8    # SmartKV's parts
 """
 from __future__ import annotations
 
@@ -44,20 +44,17 @@ DEFAULT_CONFIGS = (
 )
 SMARTKV_INT4 = "smartkv:budget=4.25,key_value_gap=3"   # the int4 memory point
 # SmartKV with attention importance on/off and per-channel key normalisation on/off at both memory points, against
-# the baselines at (or under) the same total bytes
-ABLATION_CONFIGS = (
-    "int4", "kivi:key_bits=4,value_bits=4,residual_length=32",
-    "zipcache:high_bits=8,low_bits=4,salient_ratio=0.15", "zipcache:high_bits=4,low_bits=4",
-    SMARTKV_INT4, f"{SMARTKV_INT4},importance=uniform", f"{SMARTKV_INT4},key_norm=none",
-    f"{SMARTKV_INT4},importance=uniform,key_norm=none",
-    "kivi:key_bits=2,value_bits=2,residual_length=32", "kivi:key_bits=2,value_bits=2,residual_length=128",
-    "zipcache", "zipcache:salient_ratio=0.4",
-    f"smartkv:budget=2.4,key_value_gap=1,{SMARTKV_LOW}",
-    f"smartkv:budget=2.4,key_value_gap=1,{SMARTKV_LOW.replace('uniform', 'mean')}",
-    f"smartkv:budget=2.4,key_value_gap=1,{SMARTKV_LOW},key_norm=none",
-    f"smartkv:budget=2.4,key_value_gap=1,{SMARTKV_LOW.replace('uniform', 'mean')},key_norm=none",
-    "fp8", "quanto", "quanto:nbits=2",
-)
+# the baselines at (or near) the same total bytes
+SMARTKV_KIVI2 = f"smartkv:budget=2.4,key_value_gap=1,{SMARTKV_LOW.replace(',importance=uniform', '')}"
+ABLATIONS = {
+    "int4": ("int4", "kivi:key_bits=4,value_bits=4,residual_length=32",
+             "zipcache:high_bits=8,low_bits=4,salient_ratio=0.15", "quanto",
+             SMARTKV_INT4, f"{SMARTKV_INT4},importance=uniform", f"{SMARTKV_INT4},key_norm=none",
+             f"{SMARTKV_INT4},importance=uniform,key_norm=none"),
+    "kivi2": ("kivi:key_bits=2,value_bits=2,residual_length=32", "zipcache:salient_ratio=0.4", "quanto:nbits=2",
+              f"{SMARTKV_KIVI2},importance=uniform", SMARTKV_KIVI2, f"{SMARTKV_KIVI2},importance=uniform,key_norm=none",
+              f"{SMARTKV_KIVI2},key_norm=none"),
+}
 
 
 @dataclass
@@ -188,7 +185,8 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=3, help="windows, evenly spaced over the part's text")
     p.add_argument("--configs", default=";".join(DEFAULT_CONFIGS),
                    help="';'-separated method[:k=v,...] specs, e.g. 'int4;smartkv:budget=4'")
-    p.add_argument("--ablation", action="store_true", help="run ABLATION_CONFIGS instead of --configs")
+    p.add_argument("--ablation", choices=(*ABLATIONS, "all"), default=None,
+                   help="run the ablation at one memory point (ABLATIONS) or both, instead of --configs")
     p.add_argument("--reference", default=None, help="config for the paired dKL column (a spec in the run)")
     p.add_argument("--model", default="smollm2", help="model name for smartkv.models.load_model")
     p.add_argument("--source", default="pydoc", choices=SOURCES, help="prose source")
@@ -207,7 +205,10 @@ def main(argv=None) -> None:
     from smartkv.models import load_model
     handle = load_model(a.model)
     windows = make_windows(handle.tokenizer, a.ctx, a.decode, a.windows, a.source, a.part)
-    configs = list(ABLATION_CONFIGS) if a.ablation else [c for c in a.configs.split(";") if c.strip()]
+    if a.ablation:
+        configs = [c for point, cs in ABLATIONS.items() if a.ablation in (point, "all") for c in cs]
+    else:
+        configs = [c for c in a.configs.split(";") if c.strip()]
     configs = [c for c in configs if parse_config(c)[0] in smartkv.list_methods()]  # quanto: when installed
     log = lambda r: print(f"# {r['config']}: ratio {r['total_ratio']:.4f} KL {r['kl']:.5f} ppl {r['ppl']:.3f} "
                           f"top1 {100 * r['top1']:.1f}% ({r['seconds']:.0f}s)", file=sys.stderr, flush=True)
