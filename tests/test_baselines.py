@@ -223,3 +223,17 @@ def test_hqq_bytes_are_the_backends_tensors(tiny):
 
 def test_fp8_zipcache_always_registered():
     assert {"zipcache", "fp8"} <= set(smartkv.list_methods())
+
+
+def test_a_grid_names_the_new_baselines(tmp_path):
+    from smartkv.bench.spec.grid import GridError, load_grid
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("name: b\nmodels: [tiny-llama]\nmethods:\n  zipcache: {salient_ratio: [0.4, 0.6]}\n  fp8: {}\n"
+                    "prompt_sets:\n  prose-ppl: {length: 128, num_samples: 2, part: evaluation}\n")
+    jobs = load_grid(grid).jobs
+    assert sorted(j["method"]["label"] for j in jobs) == ["fp8", "zipcache", "zipcache(salient_ratio=0.4)"]
+    assert {j["prompt_set"]["options"]["part"] for j in jobs} == {"evaluation"}
+    grid.write_text(grid.read_text().replace("salient_ratio: [0.4, 0.6]", "salient_ratio: 2"))
+    with pytest.raises(GridError, match="salient_ratio"):
+        load_grid(grid)
