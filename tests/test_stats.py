@@ -63,4 +63,7 @@ def test_report_carries_intervals_paired_differences_and_allocated_bytes():
     assert int4["d_score"] == pytest.approx(-0.35) and int4["d_score_hi"] < 0
     assert int4["d_kl_to_fp16"] == pytest.approx(-0.035)
     assert int4["allocated_ratio"] == pytest.approx(0.4) and table.loc["fp16", "d_score"] == 0.0
+    rows = [dict(r, avg_bits=32.0) if r["method"] == "fp16" else r for r in rows]   # an fp32 model's reference
+    table = report.summarize(pd.DataFrame(rows), "fp16").set_index("method")
+    assert table.loc["fp16 (holds fp32)", "n_score"] == 8 and table.loc["int4", "d_score"] == pytest.approx(-0.35)
     assert list(report.summarize(pd.DataFrame(rows)).columns) == report.COLUMNS

@@ -84,7 +84,7 @@ def summarize(df: pd.DataFrame, baseline: str = "fp16") -> pd.DataFrame:
         prefill, prefill_ci = _mean_ci(group["prefill_tok_s"])
         decode, decode_ci = _mean_ci(group["decode_tok_s"])
         lines.append({"model": key[0], "prompt_set": key[1], "method": reference_label(key[2], key[3], group),
-                      "_method_name": key[2],
+                      "_method_name": key[2], "_label": key[3],
                       "jobs": len(group), "samples": int(group["samples"].sum()),
                       "failed": int((group["status"] == "error").sum() + group["failed"].sum()),
                       "oom": int((group["status"] == "oom").sum()), "score": score, "score_ci95": score_ci,
@@ -99,8 +99,8 @@ def summarize(df: pd.DataFrame, baseline: str = "fp16") -> pd.DataFrame:
     table["delta_vs_baseline"] = [row.score - base.get((row.model, row.prompt_set), math.nan)
                                   for row in table.itertuples()]
     intervals = stats.sample_table(df, GROUP, baseline).drop(columns=["method"]).rename(
-        columns={"method_label": "method"})
-    table = table.merge(intervals, on=["model", "prompt_set", "method"], how="left")
+        columns={"method_label": "_label"})
+    table = table.merge(intervals, on=["model", "prompt_set", "_label"], how="left")
     table = table.sort_values(["model", "prompt_set", "total_ratio"], ascending=[True, True, False],
                               na_position="last", kind="stable")
     return table[COLUMNS].reset_index(drop=True)
