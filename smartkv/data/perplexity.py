@@ -1,8 +1,9 @@
 """prose-ppl: windows of real prose for the two-pass perplexity measurement.
 
 Each sample is a context of `length` tokens (`prompt`, prefilled) and the next `continuation` tokens
-(`continuation`, fed one token at a time and scored). The text is CPython's documentation prose
-(smartkv.data.prose), tokenized once; windows sit in cells of length + continuation + SLACK tokens on a grid
+(`continuation`, fed one token at a time and scored). The text is prose that ships with CPython
+(smartkv.data.prose: `source` "pydoc" or "docstrings"), the documents of one `part` ("evaluation", the default
+for reports; "tuning" to choose settings; "all"), tokenized once; windows sit in cells of length + continuation + SLACK tokens on a grid
 shifted by a seeded offset, and a seeded choice of cells picks them, so windows never overlap. Within its cell a
 window moves by up to SLACK tokens to where both texts re-tokenize to exactly the same ids, so a consumer that
 encodes `prompt` and `continuation` separately gets `length` and `continuation` tokens.
@@ -15,7 +16,7 @@ from typing import ClassVar
 
 from smartkv.data.base import PROMPT_SETS, PromptSet, Sample, check_int
 from smartkv.data.inputs import encode
-from smartkv.data.prose import prose_digest, prose_text
+from smartkv.data.prose import check_source_part, prose_digest, prose_text
 
 SLACK = 8
 
@@ -31,18 +32,21 @@ class ProsePPL(PromptSet):
     seed: int = 42
     length: int = 1024  # context tokens
     continuation: int = 128  # scored tokens
+    source: str = "pydoc"
+    part: str = "evaluation"
 
     name: ClassVar[str] = "prose-ppl"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
 
     def __post_init__(self):
         check_int("num_samples", self.num_samples, 1)
         check_int("seed", self.seed)
         check_int("length", self.length, 1)
         check_int("continuation", self.continuation, 1)
+        check_source_part(self.source, self.part)
 
     def data_digest(self) -> str:
-        return prose_digest()
+        return prose_digest(self.source, self.part)
 
     def cell_starts(self, total_tokens: int) -> list[int]:
         cell = self.length + self.continuation + SLACK
@@ -51,7 +55,8 @@ class ProsePPL(PromptSet):
         cells = (total_tokens - offset) // cell
         if cells < self.num_samples:
             raise ValueError(f"num_samples={self.num_samples} windows of {cell - SLACK} tokens (length + "
-                             f"continuation) do not fit in the prose text ({total_tokens} tokens); at most {cells}")
+                             f"continuation) do not fit in the {self.source} prose's {self.part} part "
+                             f"({total_tokens} tokens); at most {cells}")
         return sorted(offset + cell * c for c in rng.sample(range(cells), self.num_samples))
 
     def window_start(self, ids: list[int], cell_start: int, tokenizer) -> int:
@@ -63,7 +68,7 @@ class ProsePPL(PromptSet):
         return cell_start
 
     def samples(self, tokenizer) -> list[Sample]:
-        ids = encode(tokenizer, prose_text())
+        ids = encode(tokenizer, prose_text(self.source, self.part))
         out = []
         for i, cell_start in enumerate(self.cell_starts(len(ids))):
             start = self.window_start(ids, cell_start, tokenizer)
@@ -71,5 +76,6 @@ class ProsePPL(PromptSet):
             out.append(Sample(id=str(i), prompt=tokenizer.decode(ids[start:cut]), answers=(), metric="ppl",
                               max_new_tokens=0, kind="ppl", continuation=tokenizer.decode(ids[cut:end]),
                               meta={"task": self.name, "start_token": start, "context_tokens": self.length,
-                                    "continuation_tokens": self.continuation}))
+                                    "continuation_tokens": self.continuation, "source": self.source,
+                                    "part": self.part}))
         return out

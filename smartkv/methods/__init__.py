@@ -5,6 +5,11 @@
     int4    uniform per-token 4-bit
     kivi    KIVI (arXiv:2402.02750): per-channel keys, per-token values, full-precision residual window
     smartkv attention-importance mixed precision (2/3/4/8 bits per token) under a bit budget
+    zipcache ZipCache (arXiv:2405.14256): normalised-attention saliency from probe queries, salient tokens at
+            high bits, the rest at low bits; channel-wise keys, channel-separable token-wise values
+    fp8     float8 e4m3 codes with one scale per token and KV head, as serving engines store KV
+    quanto  transformers' QuantizedCache with optimum-quanto (registered when optimum-quanto is installed)
+    hqq     transformers' QuantizedCache with HQQ (registered when hqq is installed)
 """
 from __future__ import annotations
 
@@ -77,5 +82,6 @@ def make_cache(method: str | MethodConfig, model=None, num_layers: int | None = 
 
 # importing the method modules registers them
 from smartkv.methods import fp16, kivi, smartkv, uniform  # noqa: E402,F401
+from smartkv.methods import fp8, hf_quantized, zipcache  # noqa: E402,F401
 
 __all__ = ["METHODS", "MethodConfig", "list_methods", "make_cache", "make_config", "method_fields", "validate_method"]

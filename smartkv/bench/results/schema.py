@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 2: serving columns (ttft_ms...); 3: kv_allocated_bytes
 
 ROW_KINDS = ("sample", "summary")
 STATUSES = ("ok", "error", "oom")
@@ -54,6 +54,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "peak_mem_bytes": pa.int64(),
     "kv_total_bytes": pa.int64(),
     "kv_fp16_bytes": pa.int64(),
+    "kv_allocated_bytes": pa.int64(),  # kv_total_bytes + the slack of growable buffers (capacity not yet used)
     "payload_ratio": pa.float64(),
     "total_ratio": pa.float64(),
     "avg_bits": pa.float64(),

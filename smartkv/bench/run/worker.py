@@ -245,12 +245,13 @@ def timed_run(handle, ids: list[int], settings: Settings, n: int, **kwargs) -> t
     decoded = run_fn(handle.model, ids, cache, n, **kwargs)
     peak = speed.peak_memory_bytes(device)
     report = cache.memory_report()
+    allocated = report.total_bytes + cache.slack_bytes()
     del cache
     per_token = decoded.decode_ms_per_token
     values = {"context_tokens": len(ids), "new_tokens": len(decoded.tokens), "prefill_ms": decoded.prefill_ms,
               "decode_ms_per_token": per_token,
               "tokens_per_s": speed.tokens_per_s(1, per_token) if per_token else None, "peak_mem_bytes": peak,
-              "kv_total_bytes": report.total_bytes, "kv_fp16_bytes": report.fp16_bytes,
+              "kv_total_bytes": report.total_bytes, "kv_fp16_bytes": report.fp16_bytes, "kv_allocated_bytes": allocated,
               "payload_ratio": report.payload_ratio, "total_ratio": report.total_ratio, "avg_bits": report.avg_bits,
               "ttft_ms": decoded.ttft_ms, "tpot_ms": per_token, "output_tokens": len(decoded.tokens),
               "e2e_ms": decoded.e2e_ms}
@@ -280,11 +281,20 @@ def run_generate(handle, sample, ids: list[int], settings: Settings) -> tuple[di
             cache = smartkv.make_cache(settings.config, handle.model)
             forced = decode_measuring_prefill(handle.model, ids, cache, len(ref.tokens), forced=ref.tokens)
             logits, errors = forced.logits, errors or forced.kv_errors
-        values.update(kl_to_fp16=quality.kl_divergence(ref.logits, logits).mean().item(),
-                      top1_agreement=quality.top1_agreement(ref.logits, logits))
+        values.update(decode_path_quality(ref.logits, logits))
         extra.update(agreement(decoded.tokens, ref.tokens), teacher_forced=decoded.tokens != ref.tokens,
                      fp16_prediction=handle.tokenizer.decode(ref.tokens, skip_special_tokens=True))
     return _with_errors(handle, ids, settings, values, extra, errors)
+
+
+def decode_path_quality(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
+    """KL to fp16 and top-1 agreement over the positions that read the cache: the first distribution comes from
+    the prefill, which attends to the prompt unquantized (KL 0, agreement 1 for every method), so it is left out
+    (kept when it is the only one)."""
+    if len(logits) > 1:
+        ref_logits, logits = ref_logits[1:], logits[1:]
+    return {"kl_to_fp16": quality.kl_divergence(ref_logits, logits).mean().item(),
+            "top1_agreement": quality.top1_agreement(ref_logits, logits)}
 
 
 def run_ppl(handle, sample, ids: list[int], settings: Settings) -> tuple[dict, dict]:
@@ -297,8 +307,7 @@ def run_ppl(handle, sample, ids: list[int], settings: Settings) -> tuple[dict, d
     extra = {"memory": memory}
     if settings.compare_fp16:
         ref = fp16_reference(handle, ids, len(cont), forced=cont)
-        values.update(kl_to_fp16=quality.kl_divergence(ref.logits, decoded.logits).mean().item(),
-                      top1_agreement=quality.top1_agreement(ref.logits, decoded.logits))
+        values.update(decode_path_quality(ref.logits, decoded.logits))
         extra["fp16_nll"] = quality.nll(ref.logits, torch.tensor(cont)).mean().item()
     return _with_errors(handle, ids, settings, values, extra, decoded.kv_errors)
 
