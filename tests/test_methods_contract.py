@@ -19,14 +19,28 @@ SMALL = {"kivi": dict(residual_length=32), "smartkv": dict(budget=4, recent_wind
          "zipcache": dict(streaming_gap=8), "quanto": dict(residual_length=16), "hqq": dict(residual_length=16)}
 
 # ||logits - fp16 logits|| / ||fp16 logits|| over a left-padded batch's 21 decode positions (test_batch_with_left_padding)
-PADDED_REL = {"tiny-llama": {"int8": 0.0015, "int4": 0.027, "kivi": 0.022, "smartkv": 0.055},
-              "tiny-gpt2": {"int8": 0.00054, "int4": 0.011, "kivi": 0.0083, "smartkv": 0.020}}
+PADDED_REL = {"tiny-llama": {"int8": 0.0015, "int4": 0.027, "kivi": 0.022, "smartkv": 0.055, "zipcache": 0.072,
+                             "fp8": 0.0088, "quanto": 0.029, "hqq": 0.030},
+              "tiny-gpt2": {"int8": 0.00054, "int4": 0.011, "kivi": 0.0083, "smartkv": 0.020, "zipcache": 0.027,
+                            "fp8": 0.0030, "quanto": 0.011, "hqq": 0.011}}
 # the same against one full-precision pass, over chunked prefills and decode steps (test_repeated_forward_calls...)
-CHUNKED_REL = {"tiny-llama": {"int8": 0.0016, "int4": 0.027, "kivi": 0.017, "smartkv": 0.041},
-               "tiny-gpt2": {"int8": 0.00048, "int4": 0.0078, "kivi": 0.0049, "smartkv": 0.014}}
+CHUNKED_REL = {"tiny-llama": {"int8": 0.0016, "int4": 0.027, "kivi": 0.017, "smartkv": 0.041, "zipcache": 0.060,
+                              "fp8": 0.0070, "quanto": 0.029, "hqq": 0.024},
+               "tiny-gpt2": {"int8": 0.00048, "int4": 0.0078, "kivi": 0.0049, "smartkv": 0.014, "zipcache": 0.025,
+                             "fp8": 0.0023, "quanto": 0.0077, "hqq": 0.0079}}
 # of those 96 positions, how many change their argmax
-CHUNKED_FLIPS = {"tiny-llama": {"int8": 0, "int4": 3, "kivi": 1, "smartkv": 9},
-                 "tiny-gpt2": {"int8": 0, "int4": 0, "kivi": 0, "smartkv": 0}}
+CHUNKED_FLIPS = {"tiny-llama": {"int8": 0, "int4": 3, "kivi": 1, "smartkv": 9, "zipcache": 5, "fp8": 2, "quanto": 2,
+                                "hqq": 4},
+                 "tiny-gpt2": {"int8": 0, "int4": 0, "kivi": 0, "smartkv": 0, "zipcache": 0, "fp8": 0, "quanto": 0,
+                               "hqq": 0}}
+# Layouts this module does not restate: their stored values and bytes are checked against their paper's or
+# library's computation in tests/test_baselines.py (named here)
+OWN_LAYOUT_TESTS = {"zipcache": "test_keys_are_channel_wise_within_each_set, test_values_follow_the_reference_cstquant",
+                    "quanto": "test_generates_what_transformers_quantizedcache_generates",
+                    "hqq": "test_generates_what_transformers_quantizedcache_generates"}
+# backends whose tensors live in objects of their own library (the walker follows smartkv objects only)
+OWN_BYTES_TESTS = {"quanto": "test_quanto_bytes_are_the_backends_tensors",
+                   "hqq": "test_hqq_bytes_are_the_backends_tensors"}
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
@@ -152,6 +166,10 @@ def _layout_half_steps(method: str, config, layer, k: torch.Tensor, v: torch.Ten
     hk, hv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
     if method == "fp16":
         return hk, hv
+    if method == "fp8":  # e4m3 codes of x / s, s = amax over (token, head) / 448: half an ulp is 2^-4 of a normal
+        # value (3 mantissa bits) and 2^-10 * s below 2^-6 * s (subnormals)
+        return tuple(x.abs().float() * 2 ** -4 + x.abs().amax(-1, keepdim=True).float() / 448 * 2 ** -10
+                     for x in (k, v))
     G = min(config.group_size, D)
     if method in ("int8", "int4"):
         return _half_steps(k, config.bits, G), _half_steps(v, config.bits, G)
@@ -178,6 +196,8 @@ def test_stored_values_are_within_half_a_step(tiny, method):
     """After a prompt, every stored key and value is within half a quantization step of the exact one (the fp16
     cache's), at the positions, groups and widths the method's layout puts it. Measured worst: 1.0009 half steps;
     the slack is the fp16 rounding of scales (2^-10 of a step) and of full-precision windows (2^-11 of a value)."""
+    if method in OWN_LAYOUT_TESTS:
+        pytest.skip(f"{method}'s stored values are checked in tests/test_baselines.py: {OWN_LAYOUT_TESTS[method]}")
     ids = _prompt(batch=2, length=100, seed=5)
     caches = {m: smartkv.make_cache(m, tiny.model, **SMALL.get(m, {})) for m in ("fp16", method)}
     with torch.inference_mode():
@@ -227,6 +247,8 @@ def test_memory_report_counts_the_bytes_held(tiny, method, when, held, request):
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
             "FP16Layer keeps the prompt's key_states/value_states as given; GPT-2's are views of the fused c_attn "
             "output (query, key, value), so 1.5x the reported bytes stay allocated until the first decode step")))
+    if method in OWN_BYTES_TESTS:
+        pytest.skip(f"{method}'s bytes are checked in tests/test_baselines.py: {OWN_BYTES_TESTS[method]}")
     ids = _prompt(batch=2, length=100, seed=5)
     cache = smartkv.make_cache(method, tiny.model, **SMALL.get(method, {}))
     with torch.inference_mode():

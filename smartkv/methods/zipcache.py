@@ -206,7 +206,8 @@ class ZipCacheLayer(KVLayer):
                                           scores, cfg.high_bits, cfg.low_bits, cfg.salient_ratio))
         self.win_k.drop_front(count)
         self.win_v.drop_front(count)
-        self.win_mass, self.win_seen = self.win_mass[..., count:], self.win_seen[:, count:]
+        # copies, not views: a view would keep the flushed tokens' statistics allocated (uncounted bytes)
+        self.win_mass, self.win_seen = self.win_mass[..., count:].clone(), self.win_seen[:, count:].clone()
         self.unscored = 0
         if self.win_k.data.shape[-2] > 2 * (cfg.streaming_gap + 1):  # a prompt passed through: give its room back
             self.win_k, self.win_v = (self._window_buffer(buf.view()) for buf in (self.win_k, self.win_v))
