@@ -67,3 +67,14 @@ def test_report_carries_intervals_paired_differences_and_allocated_bytes():
     table = report.summarize(pd.DataFrame(rows), "fp16").set_index("method")
     assert table.loc["fp16 (holds fp32)", "n_score"] == 8 and table.loc["int4", "d_score"] == pytest.approx(-0.35)
     assert list(report.summarize(pd.DataFrame(rows)).columns) == report.COLUMNS
+
+
+def test_paired_difference_when_one_side_has_no_ok_rows():
+    """A method whose every sample failed (or a reference with none) pairs no units: n 0, no interval, no error."""
+    from smartkv.bench.results import stats
+
+    ok = pd.DataFrame({"status": ["ok", "ok"], "seed": [0, 0], "sample_id": [0, 1], "score": [1.0, 0.0]})
+    failed = ok.assign(status="error", score=float("nan"))
+    for a, b in ((ok, failed), (failed, ok)):
+        d = stats.paired(a, b, "score")
+        assert d["n_pairs_score"] == 0 and math.isnan(d["d_score"]) and math.isnan(d["d_score_lo"])
