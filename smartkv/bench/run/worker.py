@@ -37,7 +37,8 @@ from smartkv.bench.results import schema
 from smartkv.bench.redact import redact
 from smartkv.bench.run.generation import (Decoded, decode, decode_measuring_prefill, fp16_reference, greedy,
                                           prefill_errors, reference_memo, sampler)
-from smartkv.bench.spec.grid import canonical_json, method_label
+from smartkv.bench.run.runner import is_oom
+from smartkv.bench.spec.grid import job_identity
 from smartkv.data import build_input_ids, continuation_ids, get_prompt_set
 from smartkv.methods import MethodConfig
 from smartkv.metrics import quality, speed, task
@@ -158,25 +159,8 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def job_identity(job: dict) -> dict:
-    """The identity columns of every row of `job`, as the runner writes them (missing keys give nulls)."""
-    model, method, prompt_set = job.get("model") or {}, job.get("method") or {}, job.get("prompt_set") or {}
-    params = method.get("params") or {}
-    label = method_label({"name": method["name"], "params": params}) if method.get("name") else None
-    return {"job_id": job.get("job_id"), "grid": job.get("grid"), "model": model.get("name"),
-            "model_revision": model.get("revision"), "method": method.get("name"),
-            "method_params": canonical_json(params), "method_label": label, "prompt_set": prompt_set.get("name"),
-            "prompt_set_version": job.get("prompt_set_version"), "prompt_set_hash": job.get("prompt_set_hash"),
-            "seed": job.get("seed"), "repeat": job.get("repeat"),
-            "package_version": job.get("package_version") or smartkv.__version__}
-
-
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
 def free_memory() -> None:

@@ -88,14 +88,19 @@ def method_label(method: dict) -> str:
 
 
 def job_identity(job: dict) -> dict:
-    """The identity columns every result row of `job` carries (see schema.py)."""
+    """The identity columns every result row of `job` carries (see schema.py); missing parts give nulls, so a
+    worker can label rows of a hand-made job too."""
+    model, method, prompt_set = job.get("model") or {}, job.get("method") or {}, job.get("prompt_set") or {}
+    params = method.get("params") or {}
+    label = method_label({"name": method["name"], "params": params, "label": method.get("label")}) \
+        if method.get("name") else None
     return {
-        "job_id": job["job_id"], "grid": job["grid"], "model": job["model"]["name"],
-        "model_revision": job["model"]["revision"], "method": job["method"]["name"],
-        "method_params": canonical_json(job["method"]["params"]), "method_label": method_label(job["method"]),
-        "prompt_set": job["prompt_set"]["name"], "prompt_set_version": job["prompt_set_version"],
-        "prompt_set_hash": job["prompt_set_hash"], "seed": job["seed"], "repeat": job["repeat"],
-        "package_version": job["package_version"],
+        "job_id": job.get("job_id"), "grid": job.get("grid"), "model": model.get("name"),
+        "model_revision": model.get("revision"), "method": method.get("name"),
+        "method_params": canonical_json(params), "method_label": label, "prompt_set": prompt_set.get("name"),
+        "prompt_set_version": job.get("prompt_set_version"), "prompt_set_hash": job.get("prompt_set_hash"),
+        "seed": job.get("seed"), "repeat": job.get("repeat"),
+        "package_version": job.get("package_version") or package_version(),
     }
 
 
