@@ -42,6 +42,7 @@ from smartkv.bench.spec.grid import job_identity
 from smartkv.data import build_input_ids, continuation_ids, get_prompt_set
 from smartkv.methods import MethodConfig
 from smartkv.metrics import quality, speed, task
+from smartkv.models import context_of
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,17 @@ def timed_run(handle, ids: list[int], settings: Settings, n: int, **kwargs) -> t
     return decoded, report.as_dict(), values
 
 
+def check_context(handle, prompt_tokens: int, new_tokens: int) -> None:
+    """A prompt past the model's context would run and score 0 as if the method failed: an error row instead."""
+    context = context_of(handle.model.config.to_dict())
+    if context is not None and prompt_tokens + new_tokens > context:
+        raise ValueError(f"the prompt ({prompt_tokens} tokens) + {new_tokens} new tokens exceed the model's context "
+                         f"of {context} tokens; lower the length or set truncation.max_context_tokens")
+
+
 def run_generate(handle, sample, ids: list[int], settings: Settings) -> tuple[dict, dict]:
     n = settings.max_new_tokens or sample.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    check_context(handle, len(ids), n)
     eos = eos_ids(handle, stop_on_newline=bool(sample.meta.get("stop_on_newline")))
     choose = greedy
     if settings.do_sample:
@@ -285,6 +295,7 @@ def run_ppl(handle, sample, ids: list[int], settings: Settings) -> tuple[dict, d
     cont = continuation_ids(sample, handle.tokenizer)  # the prompt set's length: max_new_tokens is for generation
     if not cont:
         raise ValueError(f"perplexity sample {sample.id!r} has an empty continuation")
+    check_context(handle, len(ids), len(cont))
     decoded, memory, values = timed_run(handle, ids, settings, len(cont), forced=cont)
     token_nll = quality.nll(decoded.logits, torch.tensor(cont))
     values.update(metric="ppl", nll=token_nll.mean().item(), ppl=quality.perplexity(token_nll))
