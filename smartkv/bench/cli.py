@@ -21,7 +21,7 @@ from smartkv.bench.results import report as report_lib
 from smartkv.bench.run.executor import ExecConfig, ExecError, RunStats
 from smartkv.bench.spec.grid import GridError
 from smartkv.bench.progress import Progress
-from smartkv.bench.redact import RedactingFilter, redact
+from smartkv.bench.redact import RedactingFilter, RedactingStream, redact
 from smartkv.bench.view import ProgressView, render_table
 from smartkv.bench.results.store import ResultStore, StoreError, LockBusy
 
@@ -60,10 +60,11 @@ def _check_range(option: str, value: int | None, lo: int, hi: int) -> None:
 
 
 def _console(stderr: bool = False):
-    """Rich console; wide when not a terminal, so tables in logs and pipes are not folded."""
+    """Rich console that masks secrets; wide when not a terminal, so tables in logs and pipes are not folded."""
     from rich.console import Console
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if stream.isatty() else 200)
+    return Console(file=RedactingStream(stream), highlight=False, soft_wrap=False,
+                   width=None if stream.isatty() else 200)
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -30,7 +30,7 @@ TINY_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "nu
 OPTION_BOUNDS = {"length": (16, 1_048_576), "max_length": (16, 1_048_576), "context_tokens": (16, 1_048_576),
                  "num_samples": (1, 100_000), "n_samples": (1, 100_000), "seed": (0, 2**31 - 1),
                  "continuation": (1, 65_536), "num_needles": (1, 1_000), "num_chains": (1, 100),
-                 "num_hops": (1, 100)}
+                 "num_hops": (1, 100), "num_fewshot": (0, 1_000), "fewshot_seed": (0, 2**31 - 1)}
 
 
 class GridError(ValueError):
