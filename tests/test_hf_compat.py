@@ -73,6 +73,8 @@ def test_pytest_config_fails_on_the_deprecation_instead_of_hiding_it():
     rules = config["filterwarnings"]
     assert not [r for r in rules if r.startswith("ignore") and "past_key_values" in r]
     assert "error:.*past_key_values.*:FutureWarning" in rules
+    tiny = load_tiny("tiny-llama")
+    if cache_arg(tiny.model) != "cache":
+        pytest.skip("this transformers takes past_key_values: it has nothing to deprecate")
     with pytest.raises(FutureWarning, match="past_key_values"):  # the rule is in force in this very session
-        tiny = load_tiny("tiny-llama")
         tiny.model(torch.tensor([[5, 6, 7]]), past_key_values=smartkv.make_cache("fp16", tiny.model))

@@ -53,7 +53,8 @@ def test_every_row_records_code_and_environment(write_grid, fake_worker, tmp_pat
     assert column("torch_version") == {torch.__version__}
     assert column("transformers_version") == {importlib.metadata.version("transformers")}
     assert column("triton_version") == {triton} and column("cuda_version") == {torch.version.cuda}
-    assert column("gpu_name") == {None}  # ran on the CPU
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None  # device auto: the GPU if any
+    assert column("gpu_name") == {gpu}
     assert column("source_commit") == {provenance.git_commit()}  # None where the copy is not in git
     assert column("runtime_env") == {"{}"}
 
@@ -110,6 +111,14 @@ def test_a_library_upgrade_makes_results_stale(write_grid, fake_worker, tmp_path
                                                            "triton_version": None, "cuda_version": None})
     cells, stderr = _status_cells(grid, out)
     assert cells[8] == "3" and "torch_version" in stderr and "transformers_version" in stderr
+
+
+def test_a_result_changing_variable_makes_results_stale(write_grid, fake_worker, tmp_path, monkeypatch):
+    grid, out = write_grid(GRID), tmp_path / "out"
+    assert _submit(grid, out).exit_code == 0
+    monkeypatch.setenv("SMARTKV_NO_KERNELS", "1")  # the torch fallbacks instead of the Triton kernels
+    cells, stderr = _status_cells(grid, out)
+    assert cells[8] == "3" and 'runtime_env {} -> {"SMARTKV_NO_KERNELS": "1"}' in stderr
 
 
 # ---- what the job id covers ---------------------------------------------------------------------------------
