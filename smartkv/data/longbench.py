@@ -71,7 +71,7 @@ def read_records(file: Path) -> list[dict]:
 
 def parse_line(line: str, where: str) -> dict:
     try:
-        record = json.loads(line)
+        record = json.loads(line.rstrip("\r\n"))  # so the column is on this line, not at the start of the next
     except json.JSONDecodeError as exc:
         raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(record, dict):
