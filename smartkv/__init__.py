@@ -13,5 +13,5 @@ from smartkv.cache.layer import SmartKVCache
 from smartkv.methods import list_methods, make_cache, make_config, method_fields, validate_method
 
 __version__ = "0.1.0"
-__all__ = ["SmartKVCache", "cache_kwargs", "make_cache", "list_methods", "make_config", "method_fields", "validate_method",
-           "__version__"]
+__all__ = ["SmartKVCache", "cache_kwargs", "make_cache", "list_methods", "make_config", "method_fields",
+           "validate_method", "__version__"]

@@ -89,7 +89,8 @@ BAD_GRIDS = [
     ("empty-sweep", GOOD.replace("fp16: {}", "smartkv: {budget: []}"), ["methods.smartkv.budget", "empty sweep"]),
     # the YAML itself: duplicate keys, alias bombs, self-reference, nesting
     ("duplicate-key", "models: [tiny-llama]\nmethods:\n  smartkv: {budget: 3}\n  smartkv: {budget: 5}\n"
-                      "prompt_sets: [passkey]\n", ["line 4, column 3", "duplicate key 'smartkv'", "first given on line 3"]),
+                      "prompt_sets: [passkey]\n",
+     ["line 4, column 3", "duplicate key 'smartkv'", "first given on line 3"]),
     ("duplicate-top-key", GOOD + "models: [tiny-gpt2]\n", ["line 4", "duplicate key 'models'"]),
     ("duplicate-option", GOOD.replace("length: 256", "length: 256, length: 512"), ["duplicate key 'length'"]),
     ("alias-bomb-description", _in_description(_alias_bomb(6)), ["(yaml): aliases expand to", "at most 10000 more"]),
