@@ -31,7 +31,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 import smartkv
 from smartkv.cache.graphs import GraphDecoder
-from smartkv.cache.hf_compat import use_attention
+from smartkv.cache.hf_compat import cache_kwargs, use_attention
 
 GIB = 2 ** 30
 METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' DynamicCache
@@ -139,7 +139,7 @@ def time_steps(model, cache, name: str, batch: int, steps: int, warmup: int) -> 
             if dec is not None:
                 dec.step(ids[:, i:i + 1])
             else:
-                model(ids[:, i:i + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(ids[:, i:i + 1], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             if DEV == "cuda":
                 end.record()
                 torch.cuda.synchronize()
@@ -204,7 +204,7 @@ def check_fused(model, notes: list, context: int = 4096, batch: int = 2, steps: 
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
             cache = fill(model, "dynamic", {}, batch, context, steps)
             with torch.inference_mode(), sdpa_kernel(backend):
-                logits.append(torch.cat([model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+                logits.append(torch.cat([model(ids[:, i:i + 1], **cache_kwargs(model, cache), use_cache=True).logits
                                          for i in range(steps)], 1).float())
         err = ((logits[0] - logits[1]).norm() / logits[1].norm()).item()
         agree = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
@@ -216,7 +216,7 @@ def check_fused(model, notes: list, context: int = 4096, batch: int = 2, steps: 
         for use_kernels in (True, False):
             cache = fill(model, method, dict(params, use_kernels=use_kernels), batch, context, steps)
             with torch.inference_mode():
-                logits.append(torch.cat([model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+                logits.append(torch.cat([model(ids[:, i:i + 1], **cache_kwargs(model, cache), use_cache=True).logits
                                          for i in range(steps)], 1).float())
         err = ((logits[0] - logits[1]).norm() / logits[1].norm()).item()
         agree = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()

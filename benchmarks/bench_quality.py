@@ -28,6 +28,7 @@ import torch
 
 import smartkv
 from smartkv.bench.results.stats import bootstrap_ci
+from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.data.prose import PARTS, SOURCES, prose_text
 
 SMARTKV_LOW = "group_size=64,recent_window=8,realloc_every=8,importance=uniform"  # the KIVI-2 memory point
@@ -99,10 +100,10 @@ def make_windows(tokenizer, ctx: int, decode: int, count: int = 3, source: str =
 @torch.inference_mode()
 def decode_logprobs(model, window: Window, cache) -> torch.Tensor:
     """Log-probabilities (decode, vocab) of the next token at each decoded position, through `cache`."""
-    model(window.prompt, past_key_values=cache, use_cache=True)  # its own prediction reads no stored token
+    model(window.prompt, **cache_kwargs(model, cache), use_cache=True)  # its own prediction reads no stored token
     steps = []
     for i in range(window.targets.shape[1] - 1):
-        out = model(window.targets[:, i:i + 1], past_key_values=cache, use_cache=True)
+        out = model(window.targets[:, i:i + 1], **cache_kwargs(model, cache), use_cache=True)
         steps.append(out.logits[:, -1])
     return torch.log_softmax(torch.cat(steps, 0).float(), -1)
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_quality  # noqa: E402
 
 import smartkv  # noqa: E402
+from smartkv.cache.hf_compat import cache_kwargs  # noqa: E402
 
 BASELINES = ("int8", "int4", "kivi:key_bits=4,value_bits=4,residual_length=32",
              "kivi:key_bits=2,value_bits=4,residual_length=32", "kivi:key_bits=2,value_bits=4,residual_length=128",
@@ -38,7 +39,7 @@ def retrieval_accuracy(model, tokenizer, spec: str, task: str, length: int, samp
     for s in get_prompt_set(task, length=length, num_samples=samples, seed=seed).samples(tokenizer):
         ids = torch.tensor([build_input_ids(s, tokenizer)])
         cache = smartkv.make_cache(method, model, **params)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=s.max_new_tokens, do_sample=False)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=s.max_new_tokens, do_sample=False)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         hits.append(score(s.metric, text, s.answers, s.all_classes))
     return sum(hits) / len(hits)

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e as E  # noqa: E402
+from smartkv.cache.hf_compat import cache_kwargs  # noqa: E402
 
 ROWS = {"fp16 DynamicCache (flash)": ("dynamic", {}), "int4": ("int4", {}),
         "smartkv (budget 4.25; gap 3)": ("smartkv", dict(budget=4.25, key_value_gap=3))}
@@ -41,7 +42,7 @@ def steps(model, cache, batch: int, n: int, flash: bool, prof: cProfile.Profile 
             t0 = time.perf_counter()
             if prof:
                 prof.enable()
-            model(ids[:, i:i + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids[:, i:i + 1], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             if prof:
                 prof.disable()
             t1 = time.perf_counter()

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import smartkv
+from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.data.prose import prose_text
 from smartkv.methods import smartkv as smartkv_mod
 from smartkv.models import load_model, load_tiny
@@ -49,14 +50,14 @@ def decode_ms(model, ids, method: str, params: dict, tokens: int, device, after_
     """Milliseconds per decoded token (greedy) after prefilling `ids` through a fresh cache of `method`."""
     cache = smartkv.make_cache(method, model, **params)
     with torch.inference_mode():
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)  # no (B, T, vocab) logits
+        out = model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)  # no (B, T, vocab) logits
         nxt = out.logits[:, -1:].argmax(-1)
         _sync(device)
         if after_prefill:
             after_prefill()
         start = time.perf_counter()
         for _ in range(tokens):
-            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
         _sync(device)
     return (time.perf_counter() - start) / tokens * 1e3
 

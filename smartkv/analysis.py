@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from smartkv.cache.hf_compat import cache_kwargs
+
 log = logging.getLogger(__name__)
 
 
@@ -51,9 +53,9 @@ def analyze_attention(model, tokenizer, ctx: int = 1024, decode: int = 64, offse
 
     params = dict(smartkv_params or {})
     cache = smartkv.make_cache("smartkv", model, **params)
-    model(ids[:, :ctx], past_key_values=cache, use_cache=True)
+    model(ids[:, :ctx], **cache_kwargs(model, cache), use_cache=True)
     for t in range(ctx, ctx + decode):
-        model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        model(ids[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True)
     bits_k = torch.stack([layer.level_bits("k")[0].float().mean(0) for layer in cache.layers])  # (L, Tq)
     bits_v = torch.stack([layer.level_bits("v")[0].float().mean(0) for layer in cache.layers])
 
@@ -62,10 +64,10 @@ def analyze_attention(model, tokenizer, ctx: int = 1024, decode: int = 64, offse
     try:
         ref = smartkv.make_cache("fp16", model)
         use_attention(model, "eager")  # make_cache switched it back to the smartkv hook
-        model(ids[:, :ctx], past_key_values=ref, use_cache=True)
+        model(ids[:, :ctx], **cache_kwargs(model, ref), use_cache=True)
         steps = []
         for t in range(ctx, ctx + decode):
-            out = model(ids[:, t:t + 1], past_key_values=ref, use_cache=True, output_attentions=True)
+            out = model(ids[:, t:t + 1], **cache_kwargs(model, ref), use_cache=True, output_attentions=True)
             steps.append([a[0, :, 0, :ctx].float() for a in out.attentions])  # L x (Hq, ctx): prompt tokens
     finally:
         use_attention(model, previous)

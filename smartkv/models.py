@@ -127,22 +127,58 @@ def _convert_embedded(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Tiny random models (tests, plumbing checks): their configs, the bounds a grid may set them to, and a cap on the
+# parameters that a combination of them implies (float32), so no grid allocates more than a test machine holds.
+TINY_DEFAULTS = {
+    "tiny-llama": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+    "tiny-gpt2": dict(vocab_size=512, n_embd=128, n_layer=2, n_head=4, n_positions=4096),
+}
+TINY_BOUNDS = {"vocab_size": (16, 262_144), "hidden_size": (8, 8192), "n_embd": (8, 8192),
+               "intermediate_size": (8, 32_768), "num_hidden_layers": (1, 64), "n_layer": (1, 64),
+               "num_attention_heads": (1, 128), "n_head": (1, 128), "num_key_value_heads": (1, 128),
+               "max_position_embeddings": (16, 1_048_576), "n_positions": (16, 1_048_576)}
+MAX_TINY_PARAMS = 2**28  # 1 GiB of float32 weights
+
+
+def tiny_config_problem(kind: str, overrides: dict) -> str | None:
+    """What is wrong with these overrides of a tiny model's config (None if nothing), without building it."""
+    if kind not in TINY_DEFAULTS:
+        return f"tiny model must be one of {TINY_MODELS}, got {kind!r}"
+    for key, value in overrides.items():
+        if key not in TINY_DEFAULTS[kind]:
+            return f"{key} is not a {kind} setting; allowed: {', '.join(TINY_DEFAULTS[kind])}"
+        lo, hi = TINY_BOUNDS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            return f"{key} must be an integer in [{lo}, {hi}], got {value!r}"
+    cfg = {**TINY_DEFAULTS[kind], **overrides}
+    hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    if hidden % heads or heads % kv_heads:
+        return (f"hidden size ({hidden}) must be a multiple of the attention heads ({heads}), and those of the KV "
+                f"heads ({kv_heads})")
+    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    mlp = cfg.get("intermediate_size", 4 * hidden)
+    params = 2 * cfg["vocab_size"] * hidden + cfg.get("n_positions", 0) * hidden + layers * (
+        4 * hidden * hidden + 3 * hidden * mlp)
+    if params > MAX_TINY_PARAMS:
+        return (f"these settings make a model of about {params / 1e6:.0f}M parameters; a tiny model may have at "
+                f"most {MAX_TINY_PARAMS / 1e6:.0f}M")
+    return None
+
+
 def tiny_config(kind: str, **overrides):
     """Config of a tiny random model; shapes chosen so every quantizer setting is exercised (head_dim 32)."""
     from transformers import GPT2Config, LlamaConfig
 
+    problem = tiny_config_problem(kind, overrides)
+    if problem:
+        raise ValueError(problem)
     if kind == "tiny-llama":
-        cfg = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                   rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        cfg.update(overrides)
-        return LlamaConfig(**cfg)
-    if kind == "tiny-gpt2":
-        cfg = dict(vocab_size=512, n_embd=128, n_layer=2, n_head=4, n_positions=4096,
-                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        cfg.update(overrides)
-        return GPT2Config(**cfg)
-    raise ValueError(f"tiny model must be one of {TINY_MODELS}, got {kind!r}")
+        return LlamaConfig(**{**TINY_DEFAULTS[kind], **overrides}, rope_theta=10000.0, tie_word_embeddings=False,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return GPT2Config(**{**TINY_DEFAULTS[kind], **overrides}, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 class TinyTokenizer:
@@ -182,6 +218,66 @@ def load_tiny(kind: str, seed: int = 0, dtype=torch.float32, device: str = "cpu"
     model.to(device).eval()
     max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 4096)
     return ModelHandle(kind, model, TinyTokenizer(max_len))
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+EMBEDDED_CONTEXT = 8192  # SmolLM2-135M-Instruct's max_position_embeddings, before its first conversion
+
+
+def context_of(config: dict) -> int | None:
+    """The context length a config declares (its text config's for multimodal models), or None."""
+    for cfg in (config, config.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            if isinstance(cfg.get(key), int) and cfg[key] > 0:
+                return cfg[key]
+    return None
+
+
+def model_context(name: str, revision: str | None = None, config: dict | None = None) -> int | None:
+    """The context length of a model, from its config alone and offline (no weights, no network); None when the
+    config is not on this machine."""
+    if name in TINY_MODELS:
+        return context_of({**TINY_DEFAULTS[name], **(config or {})})
+    path = _local_config(name, revision)
+    if path is None:
+        return EMBEDDED_CONTEXT if name.lower() in EMBEDDED_ALIASES else None
+    try:
+        return context_of(json.loads(Path(path).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _local_config(name: str, revision: str | None) -> Path | None:
+    if name.lower() in EMBEDDED_ALIASES:
+        path = smartkv_home() / "models" / "smollm2-135m-instruct" / "config.json"
+        return path if path.is_file() else None
+    if Path(name).expanduser().is_dir():
+        path = Path(name).expanduser() / "config.json"
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except Exception:  # a malformed id or an old huggingface_hub: nothing known locally
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def load_tokenizer_offline(name: str, revision: str | None = None, config: dict | None = None,
+                           trust_remote_code: bool = False):
+    """A model's tokenizer without its weights and without the network; None when it is not on this machine."""
+    if name in TINY_MODELS:
+        return TinyTokenizer(model_context(name, config=config))
+    if name.lower() in EMBEDDED_ALIASES:
+        path = smartkv_home() / "models" / "smollm2-135m-instruct"
+        if not _converted(path):
+            return None
+        name = str(path)
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, local_files_only=True,
+                                             trust_remote_code=trust_remote_code)
+    except Exception:  # not cached, no tokenizer files, a tokenizer that needs the network: unknown here
+        return None
 
 
 def load_model(name: str = "smollm2", device: str | None = "auto", dtype: str | torch.dtype | None = "auto",

@@ -15,6 +15,19 @@ methods: {fp16: {}}
 prompt_sets: {passkey: {length: 256, num_samples: 2}}
 """
 
+def _alias_bomb(levels: int, width: int = 9) -> str:
+    """`a: &a [lol x width]`, then each level a list of `width` aliases of the one before: width**levels values."""
+    names = "abcdefghijklmnop"
+    text = f"{names[0]}: &{names[0]} [{', '.join(['lol'] * width)}]\n"
+    for i in range(1, levels):
+        text += f"{names[i]}: &{names[i]} [{', '.join(['*' + names[i - 1]] * width)}]\n"
+    return text
+
+
+def _in_description(yaml_text: str) -> str:
+    return "description:\n" + "".join(f"  {line}\n" for line in yaml_text.splitlines()) + GOOD
+
+
 # (case id, grid text, substrings the one-line message must contain: the field and what is allowed)
 BAD_GRIDS = [
     ("yaml-syntax", "models: [tiny-llama\nmethods: {fp16: {}}\n", ["line ", "YAML syntax error"]),
@@ -74,6 +87,35 @@ BAD_GRIDS = [
     ("nested-param", GOOD.replace("fp16: {}", "smartkv: {budget: {a: 1}}"), ["methods.smartkv.budget", "nested"]),
     ("nan-param", GOOD.replace("fp16: {}", "smartkv: {budget: .nan}"), ["methods.smartkv.budget", "finite"]),
     ("empty-sweep", GOOD.replace("fp16: {}", "smartkv: {budget: []}"), ["methods.smartkv.budget", "empty sweep"]),
+    # the YAML itself: duplicate keys, alias bombs, self-reference, nesting
+    ("duplicate-key", "models: [tiny-llama]\nmethods:\n  smartkv: {budget: 3}\n  smartkv: {budget: 5}\n"
+                      "prompt_sets: [passkey]\n",
+     ["line 4, column 3", "duplicate key 'smartkv'", "first given on line 3"]),
+    ("duplicate-top-key", GOOD + "models: [tiny-gpt2]\n", ["line 4", "duplicate key 'models'"]),
+    ("duplicate-option", GOOD.replace("length: 256", "length: 256, length: 512"), ["duplicate key 'length'"]),
+    ("alias-bomb-description", _in_description(_alias_bomb(6)), ["(yaml): aliases expand to", "at most 10000 more"]),
+    ("alias-bomb-param", _in_description(_alias_bomb(6)).replace("{fp16: {}}", "{smartkv: {budget: *f}}"),
+     ["aliases expand to", "at most 10000"]),
+    ("recursive-alias", "description: &d [1, *d]\n" + GOOD, ["line 1", "refers to the value that contains it"]),
+    ("deep-nesting", "description: " + "[" * 100 + "]" * 100 + "\n" + GOOD, ["nested too deeply"]),
+    # numbers bounded by what a machine holds, before anything is allocated
+    ("tiny-config-field", GOOD.replace("[tiny-llama]", "[{name: tiny-llama, config: {hidden_size: 65536}}]"),
+     ["models[0].config", "hidden_size must be an integer in [8, 8192], got 65536"]),
+    ("tiny-config-total", GOOD.replace("[tiny-llama]", "[{name: tiny-llama, config: {hidden_size: 8192, "
+                                                       "intermediate_size: 32768, num_hidden_layers: 64}}]"),
+     ["models[0].config", "M parameters", "at most 268M"]),
+    ("tiny-config-heads", GOOD.replace("[tiny-llama]", "[{name: tiny-llama, config: {num_attention_heads: 3}}]"),
+     ["models[0].config", "multiple of the attention heads"]),
+    ("tiny-config-zero", GOOD.replace("[tiny-llama]", "[{name: tiny-gpt2, config: {n_layer: 0}}]"),
+     ["n_layer must be an integer in [1, 64]"]),
+    ("continuation-absurd", GOOD.replace("passkey: {length: 256, num_samples: 2}",
+                                         "prose-ppl: {continuation: 1000000000}"), ["continuation", "[1, 65536]"]),
+    ("needles-absurd", GOOD.replace("passkey: {length: 256, num_samples: 2}", "needle: {num_needles: 10000000}"),
+     ["num_needles", "[1, 1000]"]),
+    ("hops-absurd", GOOD.replace("passkey: {length: 256, num_samples: 2}",
+                                 "variable-tracking: {num_hops: 100000}"), ["num_hops", "[1, 100]"]),
+    ("too-many-samples", GOOD.replace("num_samples: 2", "num_samples: 100000") + "seeds: [" +
+     ", ".join(map(str, range(20))) + "]\n", ["(grid)", "2000000 samples", "1000000"]),
 ]
 
 
@@ -101,6 +143,19 @@ def test_bad_grid_file(workdir, case, text, expected):
     for part in expected:
         assert part in line, line
     assert not (workdir / "results").exists()  # nothing written
+
+
+def test_status_refuses_an_alias_bomb_among_the_grids_quickly(workdir):
+    """`status` reads every jobs/*.yaml: a bomb there is one line and exit 2, in well under a second of work."""
+    import time
+
+    (workdir / "jobs").mkdir()
+    (workdir / "jobs" / "ok.yaml").write_text(GOOD)
+    (workdir / "jobs" / "zz-bomb.yaml").write_text(_in_description(_alias_bomb(10)))  # 9**10 values
+    start = time.process_time()
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 2 and "aliases expand to" in _one_line_error(result)
+    assert time.process_time() - start < 5
 
 
 def test_missing_grid_file(workdir):

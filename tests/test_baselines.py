@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import smartkv
+from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.methods.fp8 import E4M3_MAX, fp8_dequantize, fp8_quantize
 from smartkv.methods.zipcache import (attention_received, compress_block, decompress_block, pack_bits, probe_rows,
                                       unpack_bits, visible)
@@ -121,7 +122,7 @@ def test_streaming_compresses_every_gap_tokens(tiny):
     ids = torch.randint(3, 500, (1, 50), generator=G)
     cache = smartkv.make_cache("zipcache", tiny.model, streaming_gap=8, salient_ratio=0.5)
     with torch.inference_mode():
-        tiny.model.generate(ids, past_key_values=cache, max_new_tokens=30, do_sample=False)
+        tiny.model.generate(ids, **cache_kwargs(tiny.model, cache), max_new_tokens=30, do_sample=False)
     layer = cache.layers[0]
     assert [b.n for b in layer.blocks] == [50, 8, 8, 8] and len(layer.win_k) == 79 - 74
     for b in layer.blocks:
@@ -136,7 +137,7 @@ def test_prompt_saliency_comes_from_the_attention_hook(tiny):
     ids = torch.randint(3, 500, (1, 64), generator=G)
     cache = smartkv.make_cache("zipcache", tiny.model, probe_ratio=1.0)
     with torch.inference_mode():
-        tiny.model(ids, past_key_values=cache, use_cache=True)
+        tiny.model(ids, **cache_kwargs(tiny.model, cache), use_cache=True)
     hooked = unpack_bits(cache.layers[1].blocks[0].mask, 64)
     recency = torch.zeros_like(hooked)
     recency[..., -round(0.6 * 64):] = True
@@ -166,7 +167,7 @@ def test_fp8_round_trip_is_e4m3_accurate():
 def test_fp8_bytes(tiny):
     cache = smartkv.make_cache("fp8", tiny.model)
     with torch.inference_mode():
-        tiny.model(torch.randint(3, 500, (1, 40), generator=G), past_key_values=cache, use_cache=True)
+        tiny.model(torch.randint(3, 500, (1, 40), generator=G), **cache_kwargs(tiny.model, cache), use_cache=True)
     r = cache.memory_report()
     D = cache.layers[0].head_dim
     assert r.payload_ratio == 0.5 and r.avg_bits == 8.0
@@ -185,10 +186,9 @@ def test_generates_what_transformers_quantizedcache_generates(tiny, backend):
     ids = torch.randint(3, 500, (1, 70), generator=G)
     ours = smartkv.make_cache(backend, tiny.model, residual_length=16)
     with torch.inference_mode():
-        out = tiny.model.generate(ids, past_key_values=ours, max_new_tokens=40, do_sample=False)
-        ref = tiny.model.generate(ids, past_key_values=QuantizedCache(backend=backend, config=tiny.model.config,
-                                                                      residual_length=16),
-                                  max_new_tokens=40, do_sample=False)
+        out = tiny.model.generate(ids, **cache_kwargs(tiny.model, ours), max_new_tokens=40, do_sample=False)
+        theirs = QuantizedCache(backend=backend, config=tiny.model.config, residual_length=16)
+        ref = tiny.model.generate(ids, **cache_kwargs(tiny.model, theirs), max_new_tokens=40, do_sample=False)
     assert torch.equal(out, ref)
     r = ours.memory_report()
     assert r.avg_bits == 4.0 and r.residual_bytes > 0 and 0.25 < r.total_ratio < 0.6
@@ -198,7 +198,7 @@ def test_generates_what_transformers_quantizedcache_generates(tiny, backend):
 def test_quanto_bytes_are_the_backends_tensors(tiny):
     cache = smartkv.make_cache("quanto", tiny.model, nbits=2)
     with torch.inference_mode():
-        tiny.model(torch.randint(3, 500, (1, 64), generator=G), past_key_values=cache, use_cache=True)
+        tiny.model(torch.randint(3, 500, (1, 64), generator=G), **cache_kwargs(tiny.model, cache), use_cache=True)
     layer = cache.layers[0]
     qk = layer.inner._quantized_keys
     B, H, T, D = 1, layer.num_heads, 64, layer.head_dim
@@ -212,7 +212,7 @@ def test_quanto_bytes_are_the_backends_tensors(tiny):
 def test_hqq_bytes_are_the_backends_tensors(tiny):
     cache = smartkv.make_cache("hqq", tiny.model, nbits=3)
     with torch.inference_mode():
-        tiny.model(torch.randint(3, 500, (1, 64), generator=G), past_key_values=cache, use_cache=True)
+        tiny.model(torch.randint(3, 500, (1, 64), generator=G), **cache_kwargs(tiny.model, cache), use_cache=True)
     layer = cache.layers[0]
     (codes, meta), (vcodes, vmeta) = layer.inner._quantized_keys, layer.inner._quantized_values
     lb = layer.layer_bytes()

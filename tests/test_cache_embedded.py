@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import smartkv
+from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.models import load_model
 
 pytestmark = pytest.mark.slow
@@ -25,20 +26,20 @@ def prose_ids(smol):
 def _fill(model, method, ids, steps=8, **params):
     cache = smartkv.make_cache(method, model, **params)
     with torch.inference_mode():
-        model(ids[:, :-steps], past_key_values=cache, use_cache=True)
+        model(ids[:, :-steps], **cache_kwargs(model, cache), use_cache=True)
         for t in range(ids.shape[1] - steps, ids.shape[1]):
-            model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            model(ids[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True)
     return cache
 
 
 def test_fp16_equals_dynamic_cache(smol, prose_ids):
     ids = prose_ids[:, :300]
     with torch.inference_mode():
-        ref = smol.model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=20, do_sample=False)
-        got = smol.model.generate(ids, past_key_values=smartkv.make_cache("fp16", smol.model),
+        ref = smol.model.generate(ids, **cache_kwargs(smol.model, DynamicCache()), max_new_tokens=20, do_sample=False)
+        got = smol.model.generate(ids, **cache_kwargs(smol.model, smartkv.make_cache("fp16", smol.model)),
                                   max_new_tokens=20, do_sample=False)
-        ref_logits = smol.model(ids, past_key_values=DynamicCache()).logits
-        got_logits = smol.model(ids, past_key_values=smartkv.make_cache("fp16", smol.model)).logits
+        ref_logits = smol.model(ids, **cache_kwargs(smol.model, DynamicCache())).logits
+        got_logits = smol.model(ids, **cache_kwargs(smol.model, smartkv.make_cache("fp16", smol.model))).logits
     assert torch.equal(got, ref)
     assert torch.equal(got_logits, ref_logits)
 

@@ -97,7 +97,7 @@ def test_help_documents_every_option():
     result = runner.invoke(app, ["submit", "--help"])
     assert result.exit_code == 0
     for option in ("--grid", "--address", "--out", "--force", "--dry-run", "--max-inflight", "--local", "--workers",
-                   "--cpus-per-worker", "--workers-per-gpu", "--retry-failed"):
+                   "--cpus-per-worker", "--workers-per-gpu", "--retry-failed", "--rerun-stale"):
         assert option in result.stdout
     assert runner.invoke(app, ["report", "--help"]).exit_code == 0
 

@@ -126,7 +126,7 @@ def test_validation_does_not_read_the_data(tmp_path):
     bad = tmp_path / "hotpotqa.jsonl"
     bad.write_text("not json\n")
     validate_prompt_set("longbench:hotpotqa", {"path": str(bad)})  # cheap: the file exists
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(ValueError, match="hotpotqa.jsonl: line 1: not valid JSON"):  # parsed when read: file, line
         get_prompt_set("longbench:hotpotqa", path=str(bad)).samples(TOK)
 
 

@@ -58,10 +58,18 @@ def test_memory_only_prints_and_writes_the_ratios(tmp_path, capsys):
 @pytest.mark.parametrize("argv, says", [
     (["--baselines", "FP16", "FP32"], "unknown baseline 'FP32'; allowed: FP16, INT8, INT4, KIVI, SmartKV"),
     (["--model", "gpt3"], "unknown model 'gpt3'; allowed: gpt2, gpt2-medium, smollm2"),
-    (["--num-prompts", "0"], "argument --num-prompts: must be a positive integer, got '0'"),
-    (["--num-prompts", "-2"], "must be a positive integer, got '-2'"),
-    (["--num-prompts", "three"], "must be a positive integer, got 'three'"),
+    (["--num-prompts", "0"], "argument --num-prompts: must be a positive integer in [1, 1000], got '0'"),
+    (["--num-prompts", "-2"], "must be a positive integer in [1, 1000], got '-2'"),
+    (["--num-prompts", "three"], "must be a positive integer in [1, 1000], got 'three'"),
+    (["--num-prompts", "100000"], "must be a positive integer in [1, 1000], got '100000'"),
     (["--context-tokens", "0", "--memory-only"], "must be a positive integer"),
+    (["--context-tokens", "2000000", "--memory-only"], "in [1, 1048576], got '2000000'"),
+    (["--context-tokens", "300000", "--memory-only", "--model", "gpt2-medium"],
+     "300000 tokens of gpt2-medium's keys and values are 27.5 GiB; at most 43690 tokens (4 GiB)"),
+    (["--context-tokens", "5000", "--model", "gpt2"], "5000 prompt tokens + 32 new tokens exceed gpt2's context of "
+                                                       "1024 tokens"),
+    (["--max-new-tokens", "100000"], "argument --max-new-tokens: must be a positive integer in [1, 4096]"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 2147483647], got '-1'"),
     (["--device", "tpu"], "device must be one of"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, says):
@@ -70,6 +78,16 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, sa
     assert code == 2
     assert says in err and len(err.strip().splitlines()) == 1, err
     assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "a-file"])
+def test_an_unusable_out_dir_is_one_line_exit_2(tmp_path, capsys, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out_dir = blocker / "val" if where == "under-a-file" else blocker
+    code, out, err = run_main(capsys, "--memory-only", "--model", "tiny-llama", "--out-dir", str(out_dir))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "argument --out-dir: cannot write to" in err and "Traceback" not in err
 
 
 def test_model_shapes_need_no_weights():

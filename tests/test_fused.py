@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("triton")  # tests/conftest.py puts Triton in its interpreter on machines without a GPU
 
 import smartkv  # noqa: E402
+from smartkv.cache.hf_compat import cache_kwargs  # noqa: E402
 import smartkv.cache.layer as cache_mod  # noqa: E402
 from smartkv.core.quant import quantize  # noqa: E402
 from smartkv.cache import buffers as storage  # noqa: E402
@@ -50,7 +51,7 @@ def _generate(model, method, params, ids, fused: bool, new_tokens=4, **kwargs):
     try:  # restored after: a leaked True would send later tests' CPU caches through the (slow) interpreter
         cache = smartkv.make_cache(method, model, **params, use_kernels=fused or DEV != "cuda")
         with torch.inference_mode():
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
+            out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new_tokens, do_sample=False,
                                  output_scores=True, return_dict_in_generate=True, **kwargs)
     finally:
         cache_mod.FORCE_KERNELS = before
@@ -141,7 +142,7 @@ def test_reserve_preallocates_and_counts_slack_apart(tiny_llama):
         if reserve:
             cache.reserve(reserve)
         with torch.inference_mode():
-            tiny_llama(ids, past_key_values=cache, use_cache=True)
+            tiny_llama(ids, **cache_kwargs(tiny_llama, cache), use_cache=True)
         caches.append(cache)
     assert caches[0].memory_report() == caches[1].memory_report()
     assert caches[1].slack_bytes() > caches[0].slack_bytes()

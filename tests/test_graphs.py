@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 import smartkv  # noqa: E402
+from smartkv.cache.hf_compat import cache_kwargs  # noqa: E402
 import smartkv.cache.layer as cache_mod  # noqa: E402
 from smartkv.cache.graphs import GraphDecoder, default_mode, generate_greedy  # noqa: E402
 from smartkv.core.quant import dequantize, quantize  # noqa: E402
@@ -30,7 +31,7 @@ def _decode(model, method, ids, steps, mode, reserve=None, **params):
     """Greedy tokens and per-step logits of `steps` decode steps after the prompt `ids`."""
     cache = smartkv.make_cache(method, model, **params)
     with torch.inference_mode():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:]
+        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:]
     n = ids.shape[1]
     dec = GraphDecoder(model, cache, max_length=reserve or n + steps, mode=mode)
     tokens, all_logits = [], []
@@ -60,24 +61,24 @@ def test_static_steps_equal_ordinary_steps(tiny_llama, kernels, method, batch):
     dec.close()                                  # back to ordinary steps: the cache goes on from where it is
     assert all(layer.static is None for layer in cache.layers)
     with torch.inference_mode():
-        more = tiny_llama(tokens[:, -1:], past_key_values=cache, use_cache=True).logits
+        more = tiny_llama(tokens[:, -1:], **cache_kwargs(tiny_llama, cache), use_cache=True).logits
     assert more.shape == (batch, 1, tiny_llama.config.vocab_size) and cache.get_seq_length() == 26
 
 
 def test_eager_mode_is_plain_model_steps(tiny_llama):
-    """Eager steps give exactly the logits of `model(token, past_key_values=cache)` on a second cache of the same
+    """Eager steps give exactly the logits of `model(token, **cache_kwargs(model, cache))` on a second cache of the same
     method, step for step, and stop at max_length."""
     ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(5)).to(DEV)
     cache, plain = (smartkv.make_cache("kivi", tiny_llama, residual_length=32) for _ in range(2))  # any cache
     with torch.inference_mode():
         for c in (cache, plain):
-            tiny_llama(ids, past_key_values=c, use_cache=True)
+            tiny_llama(ids, **cache_kwargs(tiny_llama, c), use_cache=True)
     dec = GraphDecoder(tiny_llama, cache, max_length=12, mode="eager")
     nxt = ids[:, -1:]
     for t in range(3):
         got = dec.step(nxt)
         with torch.inference_mode():
-            want = tiny_llama(nxt, past_key_values=plain, use_cache=True).logits
+            want = tiny_llama(nxt, **cache_kwargs(tiny_llama, plain), use_cache=True).logits
         assert torch.equal(got, want), t
         nxt = got[:, -1].argmax(-1, keepdim=True)
     assert cache.get_seq_length() == 12
@@ -92,12 +93,12 @@ def test_bad_use_is_refused_before_any_step(tiny_llama, kernels):
         GraphDecoder(tiny_llama, empty, max_length=20, mode="static")
     kivi = smartkv.make_cache("kivi", tiny_llama)
     with torch.inference_mode():
-        tiny_llama(ids, past_key_values=kivi, use_cache=True)
+        tiny_llama(ids, **cache_kwargs(tiny_llama, kivi), use_cache=True)
     with pytest.raises(ValueError, match="method must be one of"):
         GraphDecoder(tiny_llama, kivi, max_length=20, mode="static")
     int4 = smartkv.make_cache("int4", tiny_llama)
     with torch.inference_mode():
-        tiny_llama(ids, past_key_values=int4, use_cache=True)
+        tiny_llama(ids, **cache_kwargs(tiny_llama, int4), use_cache=True)
     with pytest.raises(ValueError, match="max_length must be"):
         GraphDecoder(tiny_llama, int4, max_length=9, mode="static")
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -180,7 +181,7 @@ def test_graph_replays_equal_static_steps(tiny_llama, method):
 @pytest.mark.parametrize("mode", ["static", None])
 def test_generate_greedy_gives_generates_tokens(tiny_llama, kernels, mode):
     ids = torch.randint(3, 500, (2, 17), generator=torch.Generator().manual_seed(9)).to(DEV)
-    ref = tiny_llama.generate(ids, past_key_values=smartkv.make_cache("int4", tiny_llama), max_new_tokens=5,
+    ref = tiny_llama.generate(ids, **cache_kwargs(tiny_llama, smartkv.make_cache("int4", tiny_llama)), max_new_tokens=5,
                               do_sample=False)
     cache = smartkv.make_cache("int4", tiny_llama)
     new = generate_greedy(tiny_llama, cache, ids, 5, mode=mode)
@@ -195,7 +196,7 @@ def test_default_mode_graphs_only_what_can_be_graphed(tiny_llama, kernels):
     caches = {m: smartkv.make_cache(m, tiny_llama) for m in ("fp16", "int4", "kivi", "smartkv")}
     for cache in caches.values():
         with torch.inference_mode():
-            tiny_llama(ids, past_key_values=cache, use_cache=True)
+            tiny_llama(ids, **cache_kwargs(tiny_llama, cache), use_cache=True)
     assert [default_mode("cuda", c) for c in caches.values()] == ["graph", "graph", "eager", "graph"]
     assert {default_mode("cpu", c) for c in caches.values()} == {"eager"}
     no_hook = smartkv.make_cache("int4", num_layers=2)     # no model given: attention not hooked, no fused path
@@ -230,7 +231,7 @@ def test_smartkv_needs_its_sinks_for_static_steps(tiny_llama, kernels):
     ids = torch.randint(3, 500, (1, 3), generator=torch.Generator().manual_seed(12)).to(DEV)
     cache = smartkv.make_cache("smartkv", tiny_llama, **SMARTKV)   # 4 sink tokens, a 3-token prompt
     with torch.inference_mode():
-        tiny_llama(ids, past_key_values=cache, use_cache=True)
+        tiny_llama(ids, **cache_kwargs(tiny_llama, cache), use_cache=True)
     assert default_mode("cuda", cache) == "eager"
     with pytest.raises(ValueError, match="sinks"):
         GraphDecoder(tiny_llama, cache, max_length=10, mode="static")
@@ -238,5 +239,5 @@ def test_smartkv_needs_its_sinks_for_static_steps(tiny_llama, kernels):
     ids = torch.randint(3, 500, (1, 20), generator=torch.Generator().manual_seed(13)).to(DEV)
     three = smartkv.make_cache("smartkv", tiny_llama, **dict(SMARTKV, widths=(3, 8), group_size=8))
     with torch.inference_mode():
-        tiny_llama(ids, past_key_values=three, use_cache=True)
+        tiny_llama(ids, **cache_kwargs(tiny_llama, three), use_cache=True)
     assert default_mode("cuda", three) == "eager"

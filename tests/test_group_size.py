@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import smartkv
+from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.models import load_tiny
 
 METHODS = {"int8": {}, "int4": {}, "kivi": {"residual_length": 128}, "smartkv": {}}
@@ -13,8 +14,8 @@ def _run(model, method, **params):
     cache = smartkv.make_cache(method, model, **params)
     ids = torch.arange(3, 163).unsqueeze(0)  # 160 tokens: past KIVI's residual window, so keys are quantized
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache).logits
-        logits = model(torch.tensor([[7]]), past_key_values=cache).logits
+        logits = model(ids, **cache_kwargs(model, cache)).logits
+        logits = model(torch.tensor([[7]]), **cache_kwargs(model, cache)).logits
     return cache, logits
 
 

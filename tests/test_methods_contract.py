@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 import smartkv
+from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.models import load_tiny
 
 METHODS = smartkv.list_methods()
@@ -73,11 +74,11 @@ def test_registry_names_are_stable():
 def test_builds_from_defaults_and_generates_greedy(tiny, method):
     ids = _prompt()
     cache = smartkv.make_cache(method, tiny.model, **SMALL.get(method, {}))
-    out = tiny.model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False)
+    out = tiny.model.generate(ids, **cache_kwargs(tiny.model, cache), max_new_tokens=24, do_sample=False)
     assert out.shape == (1, 80 + 24)
     assert cache.get_seq_length() == 80 + 23  # the last generated token is never fed back
     if method == "fp16":  # random tiny models are chaotic: only the reference is compared token for token
-        ref = tiny.model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=24, do_sample=False)
+        ref = tiny.model.generate(ids, **cache_kwargs(tiny.model, DynamicCache()), max_new_tokens=24, do_sample=False)
         assert torch.equal(out, ref)
 
 
@@ -88,7 +89,7 @@ def test_sampled_generation_is_seeded(tiny, method):
     for _ in range(2):
         torch.manual_seed(123)
         cache = smartkv.make_cache(method, tiny.model, **SMALL.get(method, {}))
-        outs.append(tiny.model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=True,
+        outs.append(tiny.model.generate(ids, **cache_kwargs(tiny.model, cache), max_new_tokens=16, do_sample=True,
                                         top_k=50, temperature=1.0))
     assert torch.equal(outs[0], outs[1])
 
@@ -97,7 +98,7 @@ def _decode_logits(model, cache, ids, mask, steps):
     """Prefill `ids`, then feed `steps` fixed tokens one at a time; logits of every step (B, steps + 1, V)."""
     def step(x, mask):  # positions from the mask, as generate() does (GPT-2 has absolute positions)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -x.shape[1]:]
-        return model(x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        return model(x, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True).logits
 
     with torch.inference_mode():
         out = [step(ids, mask)[:, -1:]]
@@ -134,10 +135,10 @@ def test_repeated_forward_calls_read_the_cache(tiny, method):
     with torch.inference_mode():
         ref = tiny.model(ids).logits
         cache = smartkv.make_cache(method, tiny.model, **SMALL.get(method, {}))
-        parts = [tiny.model(ids[:, :40], past_key_values=cache, use_cache=True).logits,
-                 tiny.model(ids[:, 40:64], past_key_values=cache, use_cache=True).logits]
+        parts = [tiny.model(ids[:, :40], **cache_kwargs(tiny.model, cache), use_cache=True).logits,
+                 tiny.model(ids[:, 40:64], **cache_kwargs(tiny.model, cache), use_cache=True).logits]
         for t in range(64, 96):
-            parts.append(tiny.model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            parts.append(tiny.model(ids[:, t:t + 1], **cache_kwargs(tiny.model, cache), use_cache=True).logits)
     logits = torch.cat(parts, 1)
     assert cache.get_seq_length() == 96
     if method == "fp16":
@@ -202,7 +203,7 @@ def test_stored_values_are_within_half_a_step(tiny, method):
     caches = {m: smartkv.make_cache(m, tiny.model, **SMALL.get(m, {})) for m in ("fp16", method)}
     with torch.inference_mode():
         for cache in caches.values():
-            tiny.model(ids, past_key_values=cache, use_cache=True)
+            tiny.model(ids, **cache_kwargs(tiny.model, cache), use_cache=True)
     cache = caches[method]
     for i, layer in enumerate(cache.layers):
         exact, stored = caches["fp16"].stored_kv(i), cache.stored_kv(i)
@@ -225,14 +226,14 @@ def test_decode_equals_dequantize_then_sdpa(tiny, method):
     cache = smartkv.make_cache(method, tiny.model, **SMALL.get(method, {}))
     worst = 0.0
     with torch.inference_mode():
-        tiny.model(ids, past_key_values=cache, use_cache=True)
+        tiny.model(ids, **cache_kwargs(tiny.model, cache), use_cache=True)
         for t in range(12):
             ref_cache = DynamicCache()
             for i in range(len(cache.layers)):
                 ref_cache.update(*(x.clone() for x in cache.stored_kv(i)), i)
             x = torch.full((2, 1), 20 + t)
-            got = tiny.model(x, past_key_values=cache, use_cache=True).logits
-            ref = tiny.model(x, past_key_values=ref_cache, use_cache=True).logits
+            got = tiny.model(x, **cache_kwargs(tiny.model, cache), use_cache=True).logits
+            ref = tiny.model(x, **cache_kwargs(tiny.model, ref_cache), use_cache=True).logits
             worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
     assert cache.get_seq_length() == 72
     assert worst < 2e-6, worst
@@ -252,9 +253,9 @@ def test_memory_report_counts_the_bytes_held(tiny, method, when, held, request):
     ids = _prompt(batch=2, length=100, seed=5)
     cache = smartkv.make_cache(method, tiny.model, **SMALL.get(method, {}))
     with torch.inference_mode():
-        tiny.model(ids, past_key_values=cache, use_cache=True)
+        tiny.model(ids, **cache_kwargs(tiny.model, cache), use_cache=True)
         for t in range(20 if when == "decode" else 0):
-            tiny.model(torch.full((2, 1), 30 + t), past_key_values=cache, use_cache=True)
+            tiny.model(torch.full((2, 1), 30 + t), **cache_kwargs(tiny.model, cache), use_cache=True)
     r = cache.memory_report()
     tensors = held(cache)
     assert sum(tensors.values()) == r.total_bytes + cache.slack_bytes(), tensors

@@ -185,9 +185,10 @@ def test_corrupt_result_file_is_reported_skipped_and_rerun(write_grid, fake_work
     files[1].write_bytes(b"garbage")                     # overwritten
     status = runner.invoke(app, ["status", str(grid), "--out", str(out)])
     assert status.exit_code == 0
-    assert status.stderr.count("corrupt result file") == 2 and files[0].stem in status.stderr
+    assert status.stderr.count("not a readable Parquet file") == 2 and files[0].stem in status.stderr
+    assert status.stderr.count("the next submit reruns job") == 2
     report = runner.invoke(app, ["report", str(out), "--format", "csv"])
-    assert report.exit_code == 0 and report.stderr.count("warning: skipped corrupt result file") == 2
+    assert report.exit_code == 0 and report.stderr.count("warning: skipped ") == 2
     rerun = runner.invoke(app, ["submit", "--grid", str(grid), "--out", str(out), "--local"])
     assert rerun.exit_code == 0 and "ran 2 jobs (2 ok)" in rerun.stdout
     _assert_each_job_once(out, load_grid(grid).jobs)
@@ -231,11 +232,11 @@ def test_disk_full_mid_run_stops_cleanly_and_resumes(write_grid, fake_worker, tm
     grid, out = _grid(write_grid), tmp_path / "out"
     real_replace, calls = os.replace, []
 
-    def replace(src, dst):
+    def replace(src, dst, **fds):
         calls.append(dst)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        return real_replace(src, dst)
+        return real_replace(src, dst, **fds)
 
     monkeypatch.setattr(store_mod.os, "replace", replace)
     result = runner.invoke(app, ["submit", "--grid", str(grid), "--out", str(out), "--local"])

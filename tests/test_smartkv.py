@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import smartkv
+from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.methods.smartkv import _indices
 from smartkv.models import load_tiny
 
@@ -17,9 +18,9 @@ def _run(model, steps=24, prompt=40, **params):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt + steps), generator=g)
     with torch.inference_mode():
-        model(ids[:, :prompt], past_key_values=cache, use_cache=True)
+        model(ids[:, :prompt], **cache_kwargs(model, cache), use_cache=True)
         for t in range(prompt, prompt + steps):
-            model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            model(ids[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True)
     return cache
 
 
@@ -56,11 +57,11 @@ def test_demotion_keeps_codes_of_unchanged_tokens(tiny):
     ids = torch.randint(0, 512, (1, 80), generator=g)
     layer = cache.layers[1]
     with torch.inference_mode():
-        tiny.model(ids[:, :40], past_key_values=cache, use_cache=True)
+        tiny.model(ids[:, :40], **cache_kwargs(tiny.model, cache), use_cache=True)
         before_bits = layer.level_bits("k").clone()
         before = layer._middle_part("k").clone()
         for t in range(40, 56):
-            tiny.model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            tiny.model(ids[:, t:t + 1], **cache_kwargs(tiny.model, cache), use_cache=True)
     after_bits = layer.level_bits("k")[..., :before_bits.shape[-1]]
     after = layer._middle_part("k")[..., :before_bits.shape[-1], :]
     assert bool((after_bits <= before_bits).all())          # stored codes are never promoted
@@ -135,8 +136,8 @@ def test_embedded_model_budget_and_quality():
     for name, params in (("fp16", {}), ("smartkv", dict(budget=4.25, key_value_gap=3)), ("int4", {})):
         cache = smartkv.make_cache(name, smol.model, **params)
         with torch.inference_mode():
-            smol.model(ids[:, :360], past_key_values=cache, use_cache=True)
-            out = [smol.model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            smol.model(ids[:, :360], **cache_kwargs(smol.model, cache), use_cache=True)
+            out = [smol.model(ids[:, t:t + 1], **cache_kwargs(smol.model, cache), use_cache=True).logits[0, -1]
                    for t in range(360, 400)]
         logits[name] = torch.log_softmax(torch.stack(out).float(), -1)
         if name == "smartkv":

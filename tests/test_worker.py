@@ -40,7 +40,7 @@ def handle():
 
 def make_job(method: str, prompt_set=PASSKEY, params=None, seed: int = 0, **generation) -> dict:
     name, options = prompt_set
-    return {"job_id": f"job-{method}", "grid": "test", "spec_version": 1,
+    return {"job_id": f"job-{method}", "grid": "test", "spec_version": 2,
             "model": {"name": "tiny-llama", "revision": None, "dtype": "float32", "device": "cpu"},
             "method": {"name": method, "params": params or {}}, "prompt_set": {"name": name, "options": options},
             "generation": {"max_new_tokens": 4, "do_sample": False, "temperature": None, "top_p": None,

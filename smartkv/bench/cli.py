@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,6 +21,8 @@ from smartkv.bench.results import report as report_lib
 from smartkv.bench.run.executor import ExecConfig, ExecError, RunStats
 from smartkv.bench.spec.grid import GridError
 from smartkv.bench.progress import Progress
+from smartkv.bench.redact import RedactingFilter, RedactingStream, redact
+from smartkv.bench.view import ProgressView, render_table
 from smartkv.bench.results.store import ResultStore, StoreError, LockBusy
 
 # Typer vendors click; its UsageError is the base of the exported BadParameter.
@@ -39,7 +42,6 @@ class _OneLineUsageErrors(TyperGroup):
 
 app = typer.Typer(cls=_OneLineUsageErrors, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
-REPORT_DIR = "_report"  # under the results root; "_" keeps it out of pyarrow's dataset discovery
 FORMATS = ("table", "md", "csv")
 
 
@@ -48,7 +50,7 @@ class Exit:
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {redact(message)}", err=True)
     return typer.Exit(code)
 
 
@@ -58,16 +60,18 @@ def _check_range(option: str, value: int | None, lo: int, hi: int) -> None:
 
 
 def _console(stderr: bool = False):
-    """Rich console; wide when not a terminal, so tables in logs and pipes are not folded."""
+    """Rich console that masks secrets; wide when not a terminal, so tables in logs and pipes are not folded."""
     from rich.console import Console
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if stream.isatty() else 200)
+    return Console(file=RedactingStream(stream), highlight=False, soft_wrap=False,
+                   width=None if stream.isatty() else 200)
 
 
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, force=True,
-                        handlers=[RichHandler(console=_console(stderr=True), show_path=False)])
+    handler = RichHandler(console=_console(stderr=True), show_path=False)
+    handler.addFilter(RedactingFilter())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, force=True, handlers=[handler])
 
 
 @app.command()
@@ -79,6 +83,8 @@ def submit(
     out: Annotated[Optional[Path], typer.Option(help="Results directory. Default: results/<grid name>.")] = None,
     force: Annotated[bool, typer.Option(help="Rerun jobs that already have results.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Rerun jobs whose results say error or oom.")] = False,
+    rerun_stale: Annotated[bool, typer.Option(
+        help="Rerun jobs whose results came from other smartkv code or torch/transformers versions.")] = False,
     dry_run: Annotated[bool, typer.Option(
         help="List the jobs and which are done, and estimate the time and GPU-hours of the rest; run no job.")] = False,
     calibrate: Annotated[bool, typer.Option(
@@ -108,9 +114,10 @@ def submit(
     if address is not None and not address.strip():
         raise _fail("--address: must be 'auto', host:port or ray://host:port, got an empty string", Exit.USAGE)
     try:
-        plan = submit_lib.make_plan(grid, out, force=force, retry_failed=retry_failed)
+        plan = submit_lib.make_plan(grid, out, force=force, retry_failed=retry_failed, rerun_stale=rerun_stale)
     except GridError as exc:
         raise _fail(str(exc), Exit.USAGE) from None
+    _warn([line for line in (submit_lib.stale_line(plan),) if line])
     if dry_run:
         from smartkv.bench.estimate import renderables
         _print_plan(plan, force)
@@ -126,16 +133,17 @@ def submit(
     config = ExecConfig(address=address, workers=workers, cpus_per_worker=cpus_per_worker,
                         workers_per_gpu=workers_per_gpu, max_inflight=max_inflight, max_attempts=max_attempts,
                         local=local)
-    result = _run(submit_lib, plan, config, force, retry_failed, progress)
+    result = _run(submit_lib, plan, config, dict(force=force, retry_failed=retry_failed, rerun_stale=rerun_stale),
+                  progress)
     _finish(result, plan)
 
 
-def _run(submit_lib, plan, config: ExecConfig, force: bool, retry_failed: bool, show: Optional[bool]):
+def _run(submit_lib, plan, config: ExecConfig, selection: dict, show: Optional[bool]):
     signal.signal(signal.SIGTERM, _raise_interrupt)
     state = Progress()
     try:
         submit_lib.check_ready(plan, config)
-    except StoreError as exc:
+    except (GridError, StoreError) as exc:
         raise _fail(str(exc), Exit.USAGE) from None
     except ExecError as exc:
         raise _fail(str(exc), Exit.FAILED) from None
@@ -144,8 +152,7 @@ def _run(submit_lib, plan, config: ExecConfig, force: bool, retry_failed: bool, 
     view = ProgressView(_console(stderr=True), live=sys.stderr.isatty() if show is None else show)
     try:
         with view:
-            return submit_lib.submit(plan, config, force=force, retry_failed=retry_failed, progress=state,
-                                     on_tick=view.update)
+            return submit_lib.submit(plan, config, **selection, progress=state, on_tick=view.update)
     except LockBusy as exc:
         raise _fail(str(exc), Exit.FAILED) from None
     except StoreError as exc:  # a write failed mid-run (disk full, ...): what was written stays valid
@@ -155,56 +162,6 @@ def _run(submit_lib, plan, config: ExecConfig, force: bool, retry_failed: bool, 
     except KeyboardInterrupt:
         raise _fail(f"interrupted: {state.done} jobs finished and saved; submit again to resume",
                     Exit.INTERRUPTED) from None
-
-
-class ProgressView:
-    """Live display (rich) of a Progress on a terminal; elsewhere one line each time a job finishes."""
-
-    def __init__(self, console, live: bool):
-        self.console, self.live, self._shown, self._notes = console, None, 0, 0
-        if live:
-            from rich.live import Live
-            self.live = Live(console=console, refresh_per_second=4, transient=False)
-
-    def __enter__(self):
-        if self.live:
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.live:
-            self.live.__exit__(*exc)
-
-    def update(self, state: Progress) -> None:
-        for message in state.messages[self._notes:]:
-            self.console.print(f"[yellow]{message}[/yellow]")
-        self._notes = len(state.messages)
-        if self.live:
-            self.live.update(self._render(state))
-        elif state.done != self._shown:
-            self._shown = state.done
-            self.console.print(self._headline(state))
-
-    @staticmethod
-    def _headline(state: Progress) -> str:
-        eta = "?" if state.eta_s is None else _clock(state.eta_s)
-        return (f"jobs {state.done}/{state.total} done, {state.failed} failed, {state.oom} oom, "
-                f"{state.retried} retried | elapsed {_clock(state.elapsed_s)} | ETA {eta}")
-
-    def _render(self, state: Progress):
-        from rich.table import Table
-
-        table = Table(title=self._headline(state), title_justify="left", box=None)
-        for col in ("worker", "done", "loads", "restarts", "running"):
-            table.add_column(col)
-        for slot in state.slots.values():
-            table.add_row(slot.name, str(slot.done), str(slot.model_loads), str(slot.restarts), slot.current or "-")
-        return table
-
-
-def _clock(seconds: float) -> str:
-    minutes, sec = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -249,45 +206,31 @@ def _print_plan(plan, force: bool) -> None:
     console = _console()
     console.print(table)
     console.print(f"{len(plan.grid.jobs)} jobs, {len(plan.done)} done, {len(plan.pending)} to run"
-                  + (f", {len(plan.corrupt)} corrupt files" if plan.corrupt else ""))
+                  + (f", {len(plan.corrupt)} unusable files (smartkv-bench status names them)" if plan.corrupt else ""))
 
 
 def _print_report(store: ResultStore, baseline: str, save: bool) -> None:
     data, warnings = store.read()
-    for w in warnings:
-        typer.echo(f"warning: {w}", err=True)
+    _warn(warnings)
     frame = data.to_pandas()
     table = report_lib.summarize(frame, baseline)
-    _render_table(table, baseline)
+    render_table(_console(), table, baseline)
     if save and not table.empty:
-        out = store.root / REPORT_DIR
-        out.mkdir(exist_ok=True)
-        (out / "report.md").write_text(report_lib.to_markdown(table, baseline))
-        (out / "report.csv").write_text(report_lib.to_csv(table, baseline))
-        plots_lib.plot(frame, table, out)
+        files = {"report.md": report_lib.to_markdown(table, baseline).encode(),
+                 "report.csv": report_lib.to_csv(table, baseline).encode()}
+        with tempfile.TemporaryDirectory(prefix="smartkv-report-") as scratch:  # private: plots, then copied in
+            files.update({p.name: p.read_bytes() for p in plots_lib.plot(frame, table, scratch)})
+        try:  # the results are written; a report that cannot be is a warning, not a failed run
+            out = store.write_report_files(files)
+        except (StoreError, OSError) as exc:
+            _warn([f"cannot write the report: {exc}"])
+            return
         _console().print(f"report: {out}/report.md, report.csv, *.png")
 
 
-def _render_table(table, baseline: str) -> None:
-    """The terminal view: the same numbers as report.md, with intervals folded into their columns."""
-    from rich.table import Table
-
-    def pm(value, ci) -> str:
-        text = report_lib._fmt(value)
-        return f"{text} ± {report_lib._fmt(ci)}" if text and report_lib._fmt(ci) else text
-
-    view = Table(show_lines=False, pad_edge=False)
-    headers = ("model", "prompt set", "method", "n", "fail", "score", f"Δ {baseline}", "ppl", "KL", "mem", "bits",
-               "prefill tok/s", "decode tok/s", "TTFT ms", "TPOT ms", "out tok", "e2e ms")
-    for head in headers:
-        view.add_column(head, no_wrap=head in ("method", "score"))
-    for r in table.itertuples(index=False):
-        view.add_row(r.model, r.prompt_set, r.method, str(r.samples), str(r.failed + r.oom), pm(r.score, r.score_ci95),
-                     report_lib._fmt(r.delta_vs_baseline), report_lib._fmt(r.ppl), report_lib._fmt(r.kl_to_fp16),
-                     report_lib._fmt(r.total_ratio), report_lib._fmt(r.avg_bits),
-                     pm(r.prefill_tok_s, r.prefill_ci95), pm(r.decode_tok_s, r.decode_ci95),
-                     *(report_lib._fmt(getattr(r, c)) for c in report_lib.SERVING))
-    _console().print(view)
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(f"warning: {redact(line)}", err=True)
 
 
 @app.command()
@@ -295,15 +238,17 @@ def status(
     grids: Annotated[Optional[list[Path]], typer.Argument(help="Grid files (default: jobs/*.yaml).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Results directory (only with one grid).")] = None,
 ) -> None:
-    """Done / failed / pending jobs per grid, and any corrupt result files."""
-    from smartkv.bench.submit import make_plan
+    """Done / failed / pending jobs per grid, and every file in a results folder that is not a usable result."""
     from rich.table import Table
+
+    from smartkv.bench import submit as submit_lib
+    from smartkv.bench.submit import make_plan
 
     grids = grids or sorted(Path("jobs").glob("*.yaml"))
     if out is not None and len(grids) != 1:
         raise _fail("--out: give exactly one grid file with --out", Exit.USAGE)
     table = Table()
-    for col in ("grid", "jobs", "done", "ok", "error", "oom", "pending", "corrupt", "results"):
+    for col in ("grid", "jobs", "done", "ok", "error", "oom", "pending", "bad files", "stale", "results"):
         table.add_column(col)
     problems = []
     for path in grids:
@@ -314,12 +259,10 @@ def status(
         statuses = [f.status for f in plan.done.values()]
         table.add_row(plan.grid.name, str(len(plan.grid.jobs)), str(len(plan.done)), str(statuses.count("ok")),
                       str(statuses.count("error")), str(statuses.count("oom")), str(len(plan.pending)),
-                      str(len(plan.corrupt)), str(plan.store.root))
-        problems += [f"corrupt result file {f.path} ({f.problem}); the next submit reruns job {f.job_id}"
-                     for f in plan.corrupt]
+                      str(len(plan.corrupt)), str(len(plan.stale)), str(plan.store.root))
+        problems += submit_lib.problem_lines(plan) + [line for line in (submit_lib.stale_line(plan),) if line]
     _console().print(table)
-    for line in problems:
-        typer.echo(f"warning: {line}", err=True)
+    _warn(problems)
 
 
 @app.command()
@@ -335,12 +278,11 @@ def report(
     if not results.is_dir():
         raise _fail(f"RESULTS: {results} is not a directory of results", Exit.USAGE)
     data, warnings = ResultStore(results).read()
-    for w in warnings:
-        typer.echo(f"warning: {w}", err=True)
+    _warn(warnings)
     frame = data.to_pandas()
     table = report_lib.summarize(frame, baseline)
     if format == "table":
-        _render_table(table, baseline)
+        render_table(_console(), table, baseline)
     else:
         render = report_lib.to_markdown if format == "md" else report_lib.to_csv
         typer.echo(render(table, baseline), nl=False)

@@ -21,7 +21,7 @@ that supports it and "eager" otherwise, so the same loop runs on every machine a
 from __future__ import annotations
 
 import torch
-from smartkv.cache.hf_compat import StaticCache
+from smartkv.cache.hf_compat import StaticCache, cache_kwargs
 
 from smartkv.cache.layer import SmartKVCache
 
@@ -74,6 +74,7 @@ class GraphDecoder:
         if mode != "eager" and not self.hf_static:
             self.state = cache.begin_static(max_length)
         self._ids = self._positions = self._logits = None
+        self._cache_kw = cache_kwargs(model, cache)  # once: the step is host-bound
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, vocab) of the next token after `input_ids` (B, 1), which the cache then holds."""
@@ -83,7 +84,7 @@ class GraphDecoder:
             raise ValueError(f"max_length ({self.max_length}) reached: the cache holds {self.length} tokens")
         with torch.inference_mode():
             if self.mode == "eager":
-                logits = self.model(input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+                logits = self.model(input_ids, **self._cache_kw, use_cache=True, logits_to_keep=1).logits
             else:
                 logits = self._static_step(input_ids)
         self.length += 1
@@ -97,7 +98,7 @@ class GraphDecoder:
     def _forward(self) -> torch.Tensor:
         # no attention_mask: the layers' device lengths say what is valid (a mask built while capturing would
         # carry this step's length on the host into every replay; static layers ignore the causal one)
-        return self.model(self._ids, past_key_values=self.cache, use_cache=True, position_ids=self._positions,
+        return self.model(self._ids, **self._cache_kw, use_cache=True, position_ids=self._positions,
                           logits_to_keep=1).logits
 
     def _static_step(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -156,7 +157,7 @@ def generate_greedy(model, cache, input_ids: torch.Tensor, max_new_tokens: int,
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     with torch.inference_mode():
-        logits = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
     dec = GraphDecoder(model, cache, max_length=input_ids.shape[1] + max_new_tokens, mode=mode)
     out = []
     try:

@@ -4,15 +4,18 @@ Everything else in smartkv imports these names from here.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticCache
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-__all__ = ["Cache", "CacheLayerMixin", "StaticCache", "attn_implementation", "model_kv_shape", "quantized_backend_available",
-           "quantized_layer", "quantized_layer_state", "register_attention", "repeat_kv", "sdpa_attention_forward",
-           "use_attention"]
+__all__ = ["Cache", "CacheLayerMixin", "StaticCache", "attn_implementation", "cache_arg", "cache_kwargs",
+           "model_kv_shape", "quantized_backend_available", "quantized_layer", "quantized_layer_state",
+           "register_attention", "repeat_kv", "sdpa_attention_forward", "use_attention"]
 
 
 def register_attention(name: str, fn) -> None:
@@ -72,3 +75,20 @@ def quantized_layer_state(layer) -> tuple:
     the quantized ones in the backend's own type, the residual ones as tensors (empty before the first flush)."""
     residual = [t if isinstance(t, torch.Tensor) and t.dim() == 4 else None for t in (layer.keys, layer.values)]
     return layer._quantized_keys, layer._quantized_values, *residual
+
+
+def cache_arg(model) -> str:
+    """The keyword a model's forward (and generate) takes the cache by: `cache` where the installed transformers
+    names it so (5.2x, which warns that `past_key_values` will be removed), `past_key_values` where it does not."""
+    return _cache_arg(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg(model_type: type) -> str:
+    forward = getattr(model_type, "forward", model_type)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """`{cache_arg(model): cache}`: `model(ids, **cache_kwargs(model, cache), use_cache=True)`, or with generate."""
+    return {cache_arg(model): cache}

@@ -282,7 +282,7 @@ register_attention(ATTENTION_NAME, smartkv_attention)
 
 
 class SmartKVCache(Cache):
-    """A transformers `Cache` holding one `KVLayer` per model layer; use as `past_key_values=`."""
+    """A transformers `Cache` holding one `KVLayer` per model layer; pass it with `cache_kwargs`."""
 
     def __init__(self, method_config, num_layers: int, attention_hooked: bool = False):
         super().__init__(layers=[method_config.make_layer(i) for i in range(num_layers)])

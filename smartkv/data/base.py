@@ -58,6 +58,23 @@ class PromptSet:
     def samples(self, tokenizer) -> list[Sample]:
         raise NotImplementedError
 
+    # ---- what the runner checks before any model loads -----------------------------------------------------
+    def prompt_tokens(self) -> int | None:
+        """Most tokens a sample feeds the model before generating (chat template aside); None: unknown until the
+        data is read."""
+        return None
+
+    def new_tokens(self) -> int:
+        """Tokens a sample generates unless the job says otherwise."""
+        return 0
+
+    def check_data(self) -> None:
+        """ValueError if the set's data cannot be had: a local file that does not parse (file and line named), a
+        hub dataset neither cached nor reachable. Reads local files only."""
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """ValueError if this tokenizer cannot make the samples (a target length below the task's own prompt)."""
+
 
 # ---- option checks: ValueError naming the option, what is allowed and what was given --------------------------
 

@@ -46,11 +46,61 @@ def resolve_file(path: str | Path, task: str) -> Path:
 
 
 def read_records(file: Path) -> list[dict]:
+    """Every record of a local JSONL or Parquet file, each checked; ValueError naming the file and line (JSONL) or
+    row (Parquet) of the first bad one."""
     if file.suffix == ".parquet":
         import pyarrow.parquet as pq
-        return pq.read_table(file).to_pylist()
-    with open(file, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        try:
+            records = pq.read_table(file).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+            raise ValueError(f"{file}: not a readable Parquet file ({exc.__class__.__name__})") from None
+        for row, record in enumerate(records, 1):
+            check_record(record, f"{file}: row {row}")
+        return records
+    records = []
+    try:
+        with open(file, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(parse_line(line, f"{file}: line {line_no}"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file}: not UTF-8 text (byte {exc.start} of the line after record {len(records)})") \
+            from None
+    return records
+
+
+def parse_line(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line.rstrip("\r\n"))  # so the column is on this line, not at the start of the next
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a LongBench record must be a JSON object, got {type(record).__name__}")
+    check_record(record, where)
+    return record
+
+
+def hub_cached(task: str) -> bool:
+    """LongBench's data.zip is in the local Hugging Face cache (what load_hub falls back to)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(HUB_ID, "data.zip", repo_type="dataset"), str)
+    except Exception:  # an old or missing huggingface_hub: nothing is known to be cached
+        return False
+
+
+def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """The hub answers (a TCP connection), unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say not to try."""
+    import os
+    import socket
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def load_hub(task: str) -> list[dict]:
@@ -75,6 +125,8 @@ def check_record(record: dict, where: str) -> None:
     missing = [k for k in ("input", "context", "answers") if k not in record]
     if missing:
         raise ValueError(f"{where}: LongBench record lacks {missing}; the schema is {', '.join(FIELDS)}")
+    if not isinstance(record["answers"], list):
+        raise ValueError(f"{where}: answers must be a list of strings, got {type(record['answers']).__name__}")
 
 
 @PROMPT_SETS.register("longbench")
@@ -114,6 +166,20 @@ class LongBench(PromptSet):
     def data_digest(self) -> str:
         source = hashlib.sha256(Path(self.path).read_bytes()).hexdigest() if self.path else f"hub:{HUB_ID}"
         return f"{source}:{cfg.TEMPLATE_HASH}"
+
+    def prompt_tokens(self) -> int | None:
+        return self.max_length  # None: as long as the records are
+
+    def new_tokens(self) -> int:
+        return cfg.MAX_NEW_TOKENS[base_task(self.task)]
+
+    def check_data(self) -> None:
+        if self.path:
+            read_records(Path(self.path))
+        elif not hub_cached(self.task) and not hub_reachable():
+            raise ValueError(f"LongBench {self.task!r} ({HUB_ID}) is not in the local Hugging Face cache and the hub "
+                             "is not reachable (offline); fetch LongBench's data.zip where there is network, unzip "
+                             f"it and give the folder as the option path ('{self.name}': {{path: data/longbench}})")
 
     def records(self) -> list[dict]:
         records = read_records(Path(self.path)) if self.path else load_hub(self.task)

@@ -67,6 +67,12 @@ class ProsePPL(PromptSet):
                 return start
         return cell_start
 
+    def prompt_tokens(self) -> int:
+        return self.length + self.continuation  # the continuation is fed too, one token at a time
+
+    def check_tokenizer(self, tokenizer) -> None:
+        self.cell_starts(len(encode(tokenizer, prose_text())))  # enough prose for num_samples windows
+
     def samples(self, tokenizer) -> list[Sample]:
         ids = encode(tokenizer, prose_text(self.source, self.part))
         out = []

@@ -20,6 +20,7 @@ from typing import ClassVar
 from smartkv.data.base import PROMPT_SETS, PromptSet, Sample, check_choice, check_int, check_percents, set_field
 from smartkv.data.haystack import (HAYSTACKS, NOISE, RULER_DEPTHS, Haystack, distinct, fit_units, insert_at_depths,
                                    random_key, random_number, random_uuid)
+from smartkv.data.inputs import count_tokens
 from smartkv.data.prose import prose_digest
 
 Render = Callable[[int], tuple[str, str]]  # haystack units -> (prompt, answer prefix)
@@ -77,6 +78,23 @@ class SyntheticSet(PromptSet):
 
     def samples(self, tokenizer) -> list[Sample]:
         return [self.make_sample(i, tokenizer) for i in range(self.num_samples)]
+
+    def prompt_tokens(self) -> int:
+        return self.length
+
+    def new_tokens(self) -> int:
+        return self.max_new_tokens
+
+    def check_tokenizer(self, tokenizer, max_checked: int = 1000) -> None:
+        """The task's prompt without any haystack must fit `length` for every sample (the first `max_checked`)."""
+        need = 0
+        for index in range(min(self.num_samples, max_checked)):
+            rng = random.Random(f"{self.name}:{self.seed}:{index}")
+            draft = self.draft(rng, self.depth(index, rng))
+            need = max(need, count_tokens(tokenizer, "".join(draft.render(0))))
+        if need > self.length:
+            raise ValueError(f"length must be at least {need} tokens for {self.name} with this model's tokenizer "
+                             f"(the task's prompt without any haystack), got {self.length}")
 
     def make_sample(self, index: int, tokenizer) -> Sample:
         rng = random.Random(f"{self.name}:{self.seed}:{index}")

@@ -17,6 +17,7 @@ import logging
 import platform
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,14 +38,23 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _int_in(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi], else one line naming the range."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            what = "a positive integer" if lo == 1 else "an integer"
+            raise argparse.ArgumentTypeError(f"must be {what} in [{lo}, {hi}], got {text!r}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+MAX_SYNTHETIC_BYTES = 4 * 2**30   # --memory-only's fp16 K/V tensors
+HUB_CONTEXT = {"gpt2": 1024, "gpt2-medium": 1024}
 
 
 def _checked(fn):
@@ -69,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_checked(V.check_model_name), default="gpt2",
                    help=f"one of {', '.join(V.MODEL_NAMES)} or a local model directory; a hub model that cannot be "
                         f"loaded offline falls back to the embedded {V.FALLBACK_MODEL} (default: gpt2)")
-    p.add_argument("--num-prompts", type=_positive_int, default=3, help="prompts to generate from (default: 3)")
+    p.add_argument("--num-prompts", type=_int_in(1, 1000), default=3, help="prompts to generate from (default: 3)")
     p.add_argument("--baselines", type=_checked(V.baseline_name), nargs="+", default=list(V.BASELINES),
                    metavar="NAME", help=f"any of {', '.join(V.BASELINES)}, any case (default: all)")
     p.add_argument("--device", type=_checked(_device), default="auto", help="auto, cpu, cuda or cuda:N")
@@ -77,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--memory-only", action="store_true",
                    help="no model weights: measure the caches on synthetic K/V of the model's shape")
-    p.add_argument("--context-tokens", type=_positive_int, default=None,
+    p.add_argument("--context-tokens", type=_int_in(1, 1 << 20), default=None,
                    help="prompt prose tokens (default: 384), or with --memory-only the cached tokens (default: 1024)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default: 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic tensors (default: 0)")
+    p.add_argument("--max-new-tokens", type=_int_in(1, 4096), default=32, help="tokens to generate (default: 32)")
+    p.add_argument("--seed", type=_int_in(0, 2**31 - 1), default=0, help="seed of the synthetic tensors (default: 0)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
                    help=f"where validation.log and <experiment_id>.json go (default: {DEFAULT_OUT_DIR})")
     return p
@@ -184,8 +194,37 @@ def setup_logging(out_dir: Path, exp_id: str, console) -> list[logging.Handler]:
     return handlers
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What one argument alone cannot say: the sizes against the model, the output directory usable. Exits 2 with
+    one line (parser.error) before any model loads or anything is written."""
+    if args.memory_only:
+        shape = V.model_shape(args.model)
+        per_token = 2 * 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"]  # K and V, fp16
+        tokens = args.context_tokens or 1024
+        if tokens * per_token > MAX_SYNTHETIC_BYTES:
+            parser.error(f"argument --context-tokens: {tokens} tokens of {args.model}'s keys and values are "
+                         f"{tokens * per_token / 2**30:.1f} GiB; at most {MAX_SYNTHETIC_BYTES // per_token} tokens "
+                         f"({MAX_SYNTHETIC_BYTES // 2**30} GiB)")
+    else:
+        from smartkv.models import model_context
+        context = HUB_CONTEXT.get(args.model) or model_context(args.model)
+        tokens = (args.context_tokens or 384) + args.max_new_tokens
+        if context is not None and tokens > context:
+            parser.error(f"argument --context-tokens: {args.context_tokens or 384} prompt tokens + "
+                         f"{args.max_new_tokens} new tokens exceed {args.model}'s context of {context} tokens")
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        probe = args.out_dir / f".probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        parser.error(f"argument --out-dir: cannot write to {args.out_dir}: {exc.strerror or exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # bad input exits here with code 2, before anything is written
+    parser = build_parser()
+    args = parser.parse_args(argv)  # bad input exits here with code 2, before anything is written
+    check_args(parser, args)
     args.baselines = list(dict.fromkeys(args.baselines))
     from rich.console import Console
 
@@ -193,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # logs and pipes: keep the table's columns whole
         console = Console(width=160)
     exp_id = experiment_id(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     handlers = setup_logging(args.out_dir, exp_id, console)
     start = time.perf_counter()
     record = {"experiment_id": exp_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

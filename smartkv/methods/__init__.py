@@ -60,9 +60,10 @@ def validate_method(name: str, params: dict | None = None) -> None:
 def make_cache(method: str | MethodConfig, model=None, num_layers: int | None = None, **params) -> SmartKVCache:
     """Build the cache of a registered method for `model` (or for `num_layers` layers, without a model).
 
-    `smartkv.make_cache("kivi", model, key_bits=2)` -> a Cache to pass as `past_key_values=`; `method` may also be
-    a config from `make_config` (built once, reused). Unknown methods or parameters raise ValueError naming what
-    is allowed. Switches the model's attention to the "smartkv" hook,
+    `smartkv.make_cache("kivi", model, key_bits=2)` -> a Cache to pass as `cache=` (`past_key_values=` before
+    transformers 5.2x; `smartkv.cache_kwargs` picks); `method` may also be a config from `make_config` (built once,
+    reused). Unknown methods or parameters raise ValueError naming what is allowed. Switches the model's attention
+    to the "smartkv" hook,
     which is plain SDPA for methods that do not need it.
     """
     if isinstance(method, MethodConfig):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 2: serving columns (ttft_ms...); 3: kv_allocated_bytes
+SCHEMA_VERSION = 4  # 2: serving columns (ttft_ms...); 3: kv_allocated_bytes; 4: provenance (source_commit...)
 
 ROW_KINDS = ("sample", "summary")
 STATUSES = ("ok", "error", "oom")
@@ -29,6 +29,15 @@ COLUMNS: dict[str, pa.DataType] = {
     "seed": pa.int64(),
     "repeat": pa.int64(),
     "package_version": pa.string(),
+    # the code and environment that produced the row (bench/provenance.py)
+    "source_commit": pa.string(),      # git commit of smartkv's checkout (+dirty), null outside git
+    "code_hash": pa.string(),          # hash of smartkv's .py files
+    "runtime_env": pa.string(),        # JSON of the SMARTKV_* variables that change results
+    "torch_version": pa.string(),
+    "transformers_version": pa.string(),
+    "triton_version": pa.string(),
+    "cuda_version": pa.string(),       # torch's CUDA build; null on CPU builds
+    "gpu_name": pa.string(),           # the GPU the job ran on; null on CPU
     # which row
     "row_kind": pa.string(),           # "sample" | "summary"
     "sample_id": pa.string(),          # null on summary rows

@@ -52,7 +52,8 @@ def paired(samples: pd.DataFrame, reference: pd.DataFrame, metric: str) -> dict:
     """d_{metric}: mean over shared units of (method - reference), d_{metric}_lo / _hi: its 95% bootstrap
     interval, n_pairs_{metric}: shared units."""
     a, b = unit_values(samples, metric), unit_values(reference, metric)
-    # index alignment keeps the units both measured; a side with no ok rows shares none (and has no unit index)
+    # index alignment keeps the units both measured; with no reference rows at all (its jobs failed, or their files
+    # were skipped as unusable) there is nothing to pair, and an empty plain index would not align with units
     diff = (a - b).dropna() if len(a) and len(b) else pd.Series(dtype=float)
     lo, hi = bootstrap_ci(diff.to_numpy())
     return {f"d_{metric}": float(diff.mean()) if len(diff) else math.nan, f"d_{metric}_lo": lo,

@@ -8,7 +8,6 @@ tokens (greedy or sampled) or is fed them (`forced`: teacher forcing, perplexity
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import time
@@ -20,6 +19,7 @@ from typing import Callable
 import torch
 
 import smartkv
+from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.metrics import quality
 from smartkv.metrics.speed import Timer
 
@@ -47,11 +47,6 @@ class Decoded:
     @property
     def nbytes(self) -> int:
         return 0 if self.logits is None else self.logits.numel() * self.logits.element_size()
-
-
-def cache_kwarg(model) -> str:
-    """The forward() keyword that takes the cache: `cache` from transformers 5.2x, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def greedy(logits: torch.Tensor) -> int:
@@ -87,7 +82,7 @@ def decode(model, input_ids: list[int], cache, max_new_tokens: int, *, forced: l
     around each forward call, synchronised on CUDA; `ttft_ms` and `e2e_ms` also count the host's token choices.
     """
     device = next(model.parameters()).device
-    kw = {cache_kwarg(model): cache, "use_cache": True}
+    kw = {**cache_kwargs(model, cache), "use_cache": True}
     n = min(max_new_tokens, len(forced)) if forced is not None else max_new_tokens
     tokens, kept, decode_ms, steps, kv_errors, ttft_ms = [], [], 0.0, 0, None, None
     with torch.inference_mode():

@@ -17,6 +17,7 @@ import time
 import traceback
 from typing import Callable
 
+from smartkv.bench import provenance
 from smartkv.bench.results import schema
 from smartkv.bench.spec.grid import canonical_json, job_identity
 from smartkv.bench.redact import redact
@@ -44,9 +45,10 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def failure_rows(job: dict, status: str, error: str, worker: str = "", wall_s: float | None = None) -> list[dict]:
-    """A job that produced no rows of its own: one summary row carrying the error."""
-    return [schema.empty_row(**job_identity(job), row_kind="summary", status=status, error=redact(error)[:4000],
-                             n_samples=0, n_failed=0, worker=worker, wall_s=wall_s)]
+    """A job that produced no rows of its own: one summary row carrying the error (and this process's code)."""
+    values = {**job_identity(job), **provenance.code_identity()}
+    return [schema.empty_row(**values, row_kind="summary", status=status, error=redact(error)[:4000], n_samples=0,
+                             n_failed=0, worker=worker, wall_s=wall_s)]
 
 
 def load_handle(model: dict):
@@ -138,10 +140,14 @@ class JobRunner:
             torch.cuda.empty_cache()
 
     def _annotate(self, rows: list[dict], job: dict, wall_s: float, loaded: bool) -> None:
-        """Canonical identity on every row (whatever the worker wrote), who ran it, wall time, model loads."""
+        """Canonical identity and provenance on every row (whatever the worker wrote), who ran it, wall time, model
+        loads."""
         identity = job_identity(job)
+        device = getattr(self._handle, "device", None) if self._handle is not None else None
+        made_by = provenance.current(str(device) if device is not None else None)
         for row in rows:
             row.update(identity)
+            row.update(made_by)
             row["worker"] = row.get("worker") or self.name
             if row.get("row_kind") != "summary":
                 continue

@@ -37,10 +37,12 @@ from smartkv.bench.results import schema
 from smartkv.bench.redact import redact
 from smartkv.bench.run.generation import (Decoded, decode, decode_measuring_prefill, fp16_reference, greedy,
                                           prefill_errors, reference_memo, sampler)
-from smartkv.bench.spec.grid import canonical_json, method_label
+from smartkv.bench.run.runner import is_oom
+from smartkv.bench.spec.grid import job_identity
 from smartkv.data import build_input_ids, continuation_ids, get_prompt_set
 from smartkv.methods import MethodConfig
 from smartkv.metrics import quality, speed, task
+from smartkv.models import context_of
 
 log = logging.getLogger(__name__)
 
@@ -158,25 +160,8 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def job_identity(job: dict) -> dict:
-    """The identity columns of every row of `job`, as the runner writes them (missing keys give nulls)."""
-    model, method, prompt_set = job.get("model") or {}, job.get("method") or {}, job.get("prompt_set") or {}
-    params = method.get("params") or {}
-    label = method_label({"name": method["name"], "params": params}) if method.get("name") else None
-    return {"job_id": job.get("job_id"), "grid": job.get("grid"), "model": model.get("name"),
-            "model_revision": model.get("revision"), "method": method.get("name"),
-            "method_params": canonical_json(params), "method_label": label, "prompt_set": prompt_set.get("name"),
-            "prompt_set_version": job.get("prompt_set_version"), "prompt_set_hash": job.get("prompt_set_hash"),
-            "seed": job.get("seed"), "repeat": job.get("repeat"),
-            "package_version": job.get("package_version") or smartkv.__version__}
-
-
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
 def free_memory() -> None:
@@ -258,8 +243,17 @@ def timed_run(handle, ids: list[int], settings: Settings, n: int, **kwargs) -> t
     return decoded, report.as_dict(), values
 
 
+def check_context(handle, prompt_tokens: int, new_tokens: int) -> None:
+    """A prompt past the model's context would run and score 0 as if the method failed: an error row instead."""
+    context = context_of(handle.model.config.to_dict())
+    if context is not None and prompt_tokens + new_tokens > context:
+        raise ValueError(f"the prompt ({prompt_tokens} tokens) + {new_tokens} new tokens exceed the model's context "
+                         f"of {context} tokens; lower the length or set truncation.max_context_tokens")
+
+
 def run_generate(handle, sample, ids: list[int], settings: Settings) -> tuple[dict, dict]:
     n = settings.max_new_tokens or sample.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    check_context(handle, len(ids), n)
     eos = eos_ids(handle, stop_on_newline=bool(sample.meta.get("stop_on_newline")))
     choose = greedy
     if settings.do_sample:
@@ -301,6 +295,7 @@ def run_ppl(handle, sample, ids: list[int], settings: Settings) -> tuple[dict, d
     cont = continuation_ids(sample, handle.tokenizer)  # the prompt set's length: max_new_tokens is for generation
     if not cont:
         raise ValueError(f"perplexity sample {sample.id!r} has an empty continuation")
+    check_context(handle, len(ids), len(cont))
     decoded, memory, values = timed_run(handle, ids, settings, len(cont), forced=cont)
     token_nll = quality.nll(decoded.logits, torch.tensor(cont))
     values.update(metric="ppl", nll=token_nll.mean().item(), ppl=quality.perplexity(token_nll))

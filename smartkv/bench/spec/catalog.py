@@ -78,6 +78,24 @@ class Catalog:
     def tiny_models(self) -> tuple[str, ...]:
         return TINY_MODELS
 
+    def check_tiny_config(self, name: str, config: dict) -> str | None:
+        from smartkv.models import tiny_config_problem
+        return tiny_config_problem(name, config)
+
+    def model_context(self, model: dict) -> int | None:
+        from smartkv.models import model_context
+        return model_context(model["name"], model.get("revision"), model.get("config"))
+
+    def tokenizer(self, model: dict):
+        """The model's tokenizer if it is on this machine (no weights, no network), else None."""
+        from smartkv.models import load_tokenizer_offline
+        return load_tokenizer_offline(model["name"], model.get("revision"), model.get("config"),
+                                      model.get("trust_remote_code", False))
+
+    def prompt_set(self, name: str, options: dict):
+        from smartkv import data
+        return data.get_prompt_set(name, **options)
+
     def model_names(self) -> list[str]:
         return [EMBEDDED_ALIASES[0], *TINY_MODELS]
 

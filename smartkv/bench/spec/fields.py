@@ -25,8 +25,12 @@ DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 TINY_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "vocab_size", "max_position_embeddings", "n_embd", "n_layer", "n_head",
                     "n_positions")
+# Every integer option of every prompt set, bounded before anything is built (tests/test_bounds.py checks that a
+# new option cannot slip through without a bound here).
 OPTION_BOUNDS = {"length": (16, 1_048_576), "max_length": (16, 1_048_576), "context_tokens": (16, 1_048_576),
-                 "num_samples": (1, 100_000), "n_samples": (1, 100_000), "seed": (0, 2**31 - 1)}
+                 "num_samples": (1, 100_000), "n_samples": (1, 100_000), "seed": (0, 2**31 - 1),
+                 "continuation": (1, 65_536), "num_needles": (1, 1_000), "num_chains": (1, 100),
+                 "num_hops": (1, 100), "num_fewshot": (0, 1_000), "fewshot_seed": (0, 2**31 - 1)}
 
 
 class GridError(ValueError):
@@ -136,7 +140,10 @@ def tiny_config(value: Any, name: str, path: Path, fld: str, catalog: Catalog) -
     if not isinstance(value, dict) or not value:
         raise GridError(path, fld, f"must be a mapping of {', '.join(TINY_CONFIG_KEYS)}")
     check_keys(value, TINY_CONFIG_KEYS, path, fld)
-    return {k: int_in(v, path, f"{fld}.{k}", 1, 65536) for k, v in sorted(value.items())}
+    problem = catalog.check_tiny_config(name, value)
+    if problem:
+        raise GridError(path, fld, problem)
+    return dict(sorted(value.items()))
 
 
 def entries(value: Any, fld: str, path: Path, names: list[str], validate, canonical) -> list[tuple[str, dict]]:

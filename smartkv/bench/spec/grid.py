@@ -1,6 +1,6 @@
 """Grid files (jobs/*.yaml) -> validated, expanded, canonical job specs with stable ids.
 
-A grid file (YAML, read with `yaml.safe_load` only):
+A grid file (YAML, read with a safe loader that also refuses duplicate keys and alias bombs: yaml_load.py):
 
     name: quick                       # optional, default: the file's stem; [A-Za-z0-9._-], names results/<name>/
     description: free text            # optional
@@ -27,10 +27,18 @@ The canonical job spec (what `worker.run_job` receives, stored in each result fi
      "truncation": {"side", "max_context_tokens"},
      "seed", "repeat", "package_version", "prompt_set_version", "prompt_set_hash"}
 
-`job_id` is sha256 of the canonical JSON of everything except `job_id` and `grid`, so the same job in two grids
-shares its id (method params are completed with their defaults; see job_id_of), and any change to model,
-revision, method params, data version/content, truncation, generation, seed, repeat or package version gives a
-new id.
+`job_id` (16 hex digits of sha256 over the canonical spec) is the deliberate answer to "which results are the
+same experiment": it covers everything the grid asks for that can change a result - the model (name, revision,
+dtype, device, trust_remote_code, tiny-model config), the method and every parameter with its defaults filled in
+(`budget: 4` and `budget: 4.0` are one job), the prompt set's name, version and content hash (every option,
+defaults included, and the bytes of any data file), truncation, generation, seed, repeat and spec_version. It
+leaves out (NOT_IN_ID) what does not change the experiment: `job_id` itself, `grid` (the same job in two grids
+shares its id), the method's display `label`, the prompt set's options as written (the content hash covers them,
+but not where a data file lies), and `package_version`: the code that ran is provenance, recorded in every row with
+the source commit, a hash of the package files and the library versions (bench/provenance.py). Results from other
+code keep their ids; `status` shows them as stale and `submit --rerun-stale` reruns them in place, so an edit of
+the code never orphans results silently, nor mixes two versions of one job in a report. A change of what the id
+covers bumps SPEC_VERSION: files of another spec version are reported and skipped, and their jobs run again.
 
 Every error is a `GridError` naming the file, the field and what is allowed; the whole file is checked before
 anything runs.
@@ -46,14 +54,18 @@ import yaml
 
 from smartkv.bench.spec import catalog as catalog_mod
 from smartkv.bench.spec import fields as F
+from smartkv.bench.spec import yaml_load
 from smartkv.bench.spec.catalog import Catalog, package_version
 from smartkv.bench.spec.fields import GridError, canonical_json, short
 
 __all__ = ["Grid", "GridError", "canonical_json", "expand", "job_cost", "job_id_of", "job_identity", "load_grid",
            "method_label", "package_version"]
 
-SPEC_VERSION = 1
+# The job spec's format and what its id covers. 2: package_version left the id (provenance instead). Results of
+# another version are not counted as any job's (results/check.py): their jobs run again under their new ids.
+SPEC_VERSION = 2
 MAX_JOBS = 10_000
+MAX_SAMPLES = 1_000_000
 MAX_FILE_BYTES = 1_000_000
 GRID_KEYS = ("name", "description", "models", "methods", "prompt_sets", "generation", "truncation", "seeds",
              "repeats")
@@ -70,13 +82,15 @@ class Grid:
     description: str = ""
 
 
+# Parts of a job spec its id leaves out (see the module docstring for why); everything else is in it.
+NOT_IN_ID = (("job_id",), ("grid",), ("package_version",), ("method", "label"), ("prompt_set", "options"))
+
+
 def job_id_of(spec: dict) -> str:
-    """16 hex digits of sha256 over the canonical spec, less what does not change the job: `job_id`, `grid`,
-    the method's display label, and the prompt set's options as written (its content hash covers every option,
-    defaults included, and the bytes of any data file, but not where the file lies)."""
-    identity = {k: v for k, v in spec.items() if k not in ("job_id", "grid")}
-    identity["method"] = {k: v for k, v in spec["method"].items() if k != "label"}
-    identity["prompt_set"] = {"name": spec["prompt_set"]["name"]}
+    """16 hex digits of sha256 over the canonical spec less NOT_IN_ID (see the module docstring)."""
+    identity = {k: v for k, v in spec.items() if (k,) not in NOT_IN_ID}
+    for part, key in (p for p in NOT_IN_ID if len(p) == 2):
+        identity[part] = {k: v for k, v in spec[part].items() if k != key}
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 
@@ -88,20 +102,30 @@ def method_label(method: dict) -> str:
 
 
 def job_identity(job: dict) -> dict:
-    """The identity columns every result row of `job` carries (see schema.py)."""
+    """The identity columns every result row of `job` carries (see schema.py); missing parts give nulls, so a
+    worker can label rows of a hand-made job too."""
+    model, method, prompt_set = job.get("model") or {}, job.get("method") or {}, job.get("prompt_set") or {}
+    params = method.get("params") or {}
+    label = method_label({"name": method["name"], "params": params, "label": method.get("label")}) \
+        if method.get("name") else None
     return {
-        "job_id": job["job_id"], "grid": job["grid"], "model": job["model"]["name"],
-        "model_revision": job["model"]["revision"], "method": job["method"]["name"],
-        "method_params": canonical_json(job["method"]["params"]), "method_label": method_label(job["method"]),
-        "prompt_set": job["prompt_set"]["name"], "prompt_set_version": job["prompt_set_version"],
-        "prompt_set_hash": job["prompt_set_hash"], "seed": job["seed"], "repeat": job["repeat"],
-        "package_version": job["package_version"],
+        "job_id": job.get("job_id"), "grid": job.get("grid"), "model": model.get("name"),
+        "model_revision": model.get("revision"), "method": method.get("name"),
+        "method_params": canonical_json(params), "method_label": label, "prompt_set": prompt_set.get("name"),
+        "prompt_set_version": job.get("prompt_set_version"), "prompt_set_hash": job.get("prompt_set_hash"),
+        "seed": job.get("seed"), "repeat": job.get("repeat"),
+        "package_version": job.get("package_version") or package_version(),
     }
 
 
 # Relative decode cost of a method's cache beyond fp16's, for ordering only: SmartKV also tracks importance and
 # re-allocates its pools (measured: 2.5x fp16's time per token on CPU, more on a GPU).
 _METHOD_COST = {"smartkv": 2.0}
+
+
+def _sample_count(options: dict) -> int:
+    """Samples a prompt set's options ask for (10 when they leave it to the set's default)."""
+    return next((int(options[k]) for k in _COUNT_KEYS if isinstance(options.get(k), int)), 10)
 
 
 def job_cost(job: dict) -> float:
@@ -138,7 +162,9 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise GridError(path, "(file)", f"cannot read as UTF-8 text ({exc.__class__.__name__})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_load.load(text)
+    except yaml_load.GridYAMLError as exc:
+        raise GridError(path, exc.where, exc.problem) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
@@ -167,6 +193,10 @@ def expand(raw: dict, path: Path, catalog: Catalog) -> Grid:
     total = len(models) * len(methods) * len(sets) * len(seeds) * repeats
     if total > MAX_JOBS:
         raise GridError(path, "(grid)", f"expands to {total} jobs; at most {MAX_JOBS} are allowed")
+    samples = total // len(sets) * sum(_sample_count(ps["options"]) for _, ps in sets)
+    if samples > MAX_SAMPLES:
+        raise GridError(path, "(grid)", f"expands to {samples} samples over all jobs; at most {MAX_SAMPLES} are "
+                                        "allowed (lower num_samples, seeds or repeats)")
     described = {canonical_json(ps): _describe_set(ps, fld, path, catalog) for fld, ps in sets}
     jobs, seen = [], {}
     for (m_field, model), (x_field, method), (s_field, ps), seed, repeat in itertools.product(
