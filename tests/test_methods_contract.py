@@ -136,6 +136,7 @@ def test_memory_report_is_consistent(tiny, method):
     ("smartkv", {"budget": "four"}, "budget"),
     ("smartkv", {"widths": [2, 5]}, "widths"),
     ("smartkv", {"sink_tokens": -1}, "sink_tokens"),
+    ("int4", {"sliding_layers": "bf16"}, "sliding_layers"),
 ])
 def test_bad_parameters_name_the_parameter(method, params, name):
     with pytest.raises(ValueError, match=name):
