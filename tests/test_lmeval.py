@@ -19,7 +19,8 @@ from smartkv.data import get_prompt_set  # noqa: E402
 from smartkv.models import load_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-METHOD_ARGS = {"fp16": "", "int8": "", "int4": "", "kivi": ",key_bits=2,residual_length=32", "smartkv": ",budget=4"}
+METHOD_ARGS = {"fp16": "", "int8": "", "int4": "", "kivi": ",key_bits=2,residual_length=32", "smartkv": ",budget=4",
+               "zipcache": ",streaming_gap=8", "fp8": "", "quanto": ",residual_length=16", "hqq": ",residual_length=16"}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,10 @@ def offline_manager():
 
 
 def test_every_method_runs_an_lm_eval_task_from_the_python_api():
-    assert set(METHOD_ARGS) == set(smartkv.list_methods())
+    assert set(smartkv.list_methods()) <= set(METHOD_ARGS)  # quanto/hqq register only where installed
     for method, params in METHOD_ARGS.items():
+        if method not in smartkv.list_methods():
+            continue
         results = lm_eval.simple_evaluate(model="smartkv", model_args=f"pretrained=tiny-llama,method={method}{params}",
                                           tasks=["smartkv_qa", "smartkv_choice"], limit=2, bootstrap_iters=0,
                                           task_manager=offline_manager())
