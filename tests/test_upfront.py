@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from smartkv.bench.cli import app
+from smartkv.bench.run import ray_executor
 from smartkv.bench.run.worker import run_job
 from smartkv.bench.spec.checks import check_jobs
 from smartkv.bench.spec.grid import load_grid
@@ -17,6 +18,7 @@ from smartkv.data import longbench
 from smartkv.models import load_tiny
 
 runner = CliRunner()
+CONNECTS: list = []  # calls that reached Ray
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 
 
@@ -24,19 +26,20 @@ FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SMARTKV_BENCH_WORKER", raising=False)  # the real worker: the checks are for its inputs
+    # Another test of the session may have left Ray running, so "never started" is checked at the door instead.
+    CONNECTS.clear()
+    monkeypatch.setattr(ray_executor, "connect", lambda *args, **kw: CONNECTS.append(args) or pytest.fail("Ray"))
     return tmp_path
 
 
 def _refused(workdir, text: str) -> str:
     """Submit a grid that must be refused up front: exit 2, one line, nothing written, Ray never started."""
-    import ray
-
     path = workdir / "g.yaml"
     path.write_text(text)
     result = runner.invoke(app, ["submit", "--grid", str(path), "--no-progress"])
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.output
-    assert not (workdir / "results").exists() and not ray.is_initialized()
+    assert not (workdir / "results").exists() and not CONNECTS
     return lines[0]
 
 
