@@ -19,10 +19,13 @@ and do not overlap. Reported per method, averaged over windows:
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -56,6 +59,14 @@ ABLATIONS = {
               f"{SMARTKV_KIVI2},importance=uniform", SMARTKV_KIVI2, f"{SMARTKV_KIVI2},importance=uniform,key_norm=none",
               f"{SMARTKV_KIVI2},key_norm=none"),
 }
+# Issue 22's frontier: every baseline (uniform, KIVI 2/2 2/4 4/4 at R32 and R128, ZipCache, fp8, quanto) against
+# a SmartKV budget sweep, plus both memory points' ablations
+FRONTIER = tuple(dict.fromkeys((
+    "int8", "fp8", "int4",
+    *(f"kivi:key_bits={k},value_bits={v},residual_length={r}" for k, v in ((4, 4), (2, 4), (2, 2)) for r in (32, 128)),
+    "zipcache", "zipcache:high_bits=8,low_bits=4,salient_ratio=0.15", "zipcache:salient_ratio=0.4",
+    "quanto", "quanto:nbits=2",
+    *DEFAULT_CONFIGS[5:], *ABLATIONS["int4"], *ABLATIONS["kivi2"])))
 
 
 @dataclass
@@ -179,6 +190,23 @@ def markdown(rows: list[dict], reference: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def parse_shard(parser, text: str) -> tuple[int, int]:
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        parser.error(f"--shard must be I/N with 0 <= I < N, got {text!r}")
+    return int(i), int(n)
+
+
+def merged_rows(pattern: str) -> list[dict]:
+    """The rows of every file matching `pattern`, one per config (each shard has its own fp16 reference row, the
+    same windows' numbers)."""
+    rows = {}
+    for path in sorted(glob.glob(pattern)):
+        for r in json.loads(Path(path).read_text()):
+            rows.setdefault(r["config"], r)
+    return list(rows.values())
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ctx", type=int, default=1536, help="prefill tokens per window")
@@ -186,39 +214,51 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=3, help="windows, evenly spaced over the part's text")
     p.add_argument("--configs", default=";".join(DEFAULT_CONFIGS),
                    help="';'-separated method[:k=v,...] specs, e.g. 'int4;smartkv:budget=4'")
-    p.add_argument("--ablation", choices=(*ABLATIONS, "all"), default=None,
-                   help="run the ablation at one memory point (ABLATIONS) or both, instead of --configs")
+    p.add_argument("--ablation", choices=(*ABLATIONS, "all", "frontier"), default=None,
+                   help="instead of --configs: the ablation at one memory point (ABLATIONS), both ('all'), or "
+                        "every baseline against the SmartKV sweep and both ablations ('frontier')")
     p.add_argument("--reference", default=None, help="config for the paired dKL column (a spec in the run)")
     p.add_argument("--model", default="smollm2", help="model name for smartkv.models.load_model")
     p.add_argument("--source", default="pydoc", choices=SOURCES, help="prose source")
     p.add_argument("--part", default="evaluation", choices=PARTS,
                    help="document part: evaluation for reports, tuning to choose settings")
     p.add_argument("--json", default=None, help="also write the rows (per-window KL included) here")
-    p.add_argument("--from-json", default=None, help="print the table of rows written by --json (no run)")
+    p.add_argument("--from-json", default=None,
+                   help="print the table of rows written by --json (no run); a glob merges shards' files")
+    p.add_argument("--shard", default="0/1", help="I/N: run every N-th config from the I-th (processes sharing a GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     a = p.parse_args(argv)
     if a.from_json:
-        import json
-        with open(a.from_json) as f:
-            print(markdown(with_intervals(json.load(f), a.reference), a.reference))
+        rows = merged_rows(a.from_json)
+        if not rows:
+            p.error(f"--from-json: no rows in files matching {a.from_json!r}")
+        print(markdown(with_intervals(rows, a.reference), a.reference))
         return
+    shard, shards = parse_shard(p, a.shard)
     torch.set_num_threads(a.threads)
     from smartkv.models import load_model
     handle = load_model(a.model)
     windows = make_windows(handle.tokenizer, a.ctx, a.decode, a.windows, a.source, a.part)
-    if a.ablation:
+    if a.ablation == "frontier":
+        configs = list(FRONTIER)
+    elif a.ablation:
         configs = [c for point, cs in ABLATIONS.items() if a.ablation in (point, "all") for c in cs]
     else:
         configs = [c for c in a.configs.split(";") if c.strip()]
     configs = [c for c in configs if parse_config(c)[0] in smartkv.list_methods()]  # quanto: when installed
-    log = lambda r: print(f"# {r['config']}: ratio {r['total_ratio']:.4f} KL {r['kl']:.5f} ppl {r['ppl']:.3f} "
-                          f"top1 {100 * r['top1']:.1f}% ({r['seconds']:.0f}s)", file=sys.stderr, flush=True)
+    configs = configs[shard::shards]
+    done = []
+
+    def log(row):
+        print(f"# {row['config']}: ratio {row['total_ratio']:.4f} KL {row['kl']:.5f} ppl {row['ppl']:.3f} "
+              f"top1 {100 * row['top1']:.1f}% ({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
+        done.append(row)
+        if a.json:  # after every config, so a stopped run keeps what it finished
+            Path(a.json).write_text(json.dumps(done, indent=1))
 
     rows = with_intervals(evaluate(handle.model, windows, configs, log), a.reference)
     if a.json:
-        import json
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        Path(a.json).write_text(json.dumps(rows, indent=1))
     print(f"{a.model}, {a.source} prose ({a.part} part), ctx {a.ctx}, decode {a.decode}, windows {len(windows)}, "
           f"torch {torch.__version__}\n")
     print(markdown(rows, a.reference))

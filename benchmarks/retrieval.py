@@ -1,0 +1,154 @@
+"""Retrieval accuracy of KV-cache methods on the synthetic long-context tasks, with intervals (GPU or CPU).
+
+Per (task, length) cell the same `--samples` prompts go through every config: the prompt is prefilled into the
+method's cache and the answer generated greedily through it (`smartkv.cache.graphs.generate_greedy`: CUDA-graph
+steps where the cache supports them, ordinary steps otherwise; the task's own `max_new_tokens`, cut at the first
+end-of-sequence token), then scored with the task's metric. Reported per cell and config: accuracy with a 95%
+bootstrap interval over samples, n, and the paired difference to `--reference` on the same samples with its
+interval; total_ratio is memory_report().total_ratio after the answer.
+
+    python benchmarks/retrieval.py --model smollm2 --samples 50 --json out.json           # every config, one process
+    python benchmarks/retrieval.py ... --shard 3/8 --json part3.json                      # one eighth of the work
+    python benchmarks/retrieval.py --from-json 'part*.json' --reference 'smartkv:budget=4.25,key_value_gap=3'
+
+Shards split the (config, task, length) work units round-robin, so several processes can share one GPU (the eager
+steps are launch-bound); `--from-json` merges the shards' rows and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_quality import parse_config, parse_shard  # noqa: E402
+
+TASKS = ("passkey", "needle", "kv-retrieval", "variable-tracking")
+# The two memory points of the frontier (int4's total bytes and KIVI-2's), each with its contenders
+INT4_POINT = ("int4", "kivi:key_bits=4,value_bits=4,residual_length=32",
+              "zipcache:high_bits=8,low_bits=4,salient_ratio=0.15", "smartkv:budget=4.25,key_value_gap=3")
+KIVI2_POINT = ("kivi:key_bits=2,value_bits=2,residual_length=32", "zipcache:salient_ratio=0.4",
+               "smartkv:budget=2.4,key_value_gap=1,group_size=64,recent_window=8,realloc_every=8,importance=uniform",
+               "smartkv:budget=2.4,key_value_gap=1,group_size=64,recent_window=8,realloc_every=8")
+CONFIGS = ("fp16", *INT4_POINT, *KIVI2_POINT)
+
+
+def answer_text(tokenizer, new_ids: list[int]) -> str:
+    """The generated text up to (not including) the first end-of-sequence token."""
+    eos = tokenizer.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos]) - {None}
+    cut = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
+    return tokenizer.decode(new_ids[:cut], skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, seed: int) -> list[dict]:
+    """One row per sample of one (config, task, length) unit."""
+    import smartkv
+    from smartkv.cache.graphs import generate_greedy
+    from smartkv.data.base import get_prompt_set
+    from smartkv.data.inputs import build_input_ids
+    from smartkv.metrics.task import score
+
+    method, params = parse_config(spec)
+    rows = []
+    device = next(model.parameters()).device
+    for i, s in enumerate(get_prompt_set(task, length=length, num_samples=samples, seed=seed).samples(tokenizer)):
+        ids = torch.tensor([build_input_ids(s, tokenizer)], device=device)
+        cache = smartkv.make_cache(method, model, **params)
+        t0 = time.perf_counter()
+        new = generate_greedy(model, cache, ids, s.max_new_tokens)[0].tolist()
+        seconds = time.perf_counter() - t0
+        text = answer_text(tokenizer, new)
+        rows.append({"config": spec, "task": task, "length": length, "sample": i, "prompt_tokens": ids.shape[1],
+                     "score": score(s.metric, text, s.answers, s.all_classes), "answer": text[:80],
+                     "total_ratio": cache.memory_report().total_ratio, "seconds": seconds})
+    return rows
+
+
+def cell_tables(rows: list[dict], reference: str | None) -> list[dict]:
+    """Per (task, length, config): n, accuracy [95% CI], and the paired difference to `reference` [95% CI]."""
+    from smartkv.bench.results.stats import bootstrap_ci
+
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["task"], r["length"], r["config"])][r["sample"]] = r
+    out = []
+    for (task, length, config), per in sorted(by.items()):
+        scores = [per[k]["score"] for k in sorted(per)]
+        cell = {"task": task, "length": length, "config": config, "n": len(scores),
+                "accuracy": sum(scores) / len(scores), "total_ratio": sum(per[k]["total_ratio"] for k in per) / len(per)}
+        cell["lo"], cell["hi"] = bootstrap_ci(scores)
+        ref = by.get((task, length, reference))
+        if ref is not None and config != reference:
+            common = sorted(set(per) & set(ref))
+            diff = [per[k]["score"] - ref[k]["score"] for k in common]
+            cell["diff"] = sum(diff) / len(diff)
+            cell["diff_lo"], cell["diff_hi"] = bootstrap_ci(diff)
+        out.append(cell)
+    return out
+
+
+def markdown(cells: list[dict], reference: str | None) -> str:
+    lines = [f"| task | length | config | total_ratio | n | accuracy [95% CI] | vs `{reference}` [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for c in cells:
+        diff = f"{c['diff']:+.2f} [{c['diff_lo']:+.2f}, {c['diff_hi']:+.2f}]" if "diff" in c else ""
+        lines.append(f"| {c['task']} | {c['length']} | `{c['config']}` | {c['total_ratio']:.3f} | {c['n']} | "
+                     f"{c['accuracy']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}] | {diff} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="model name for smartkv.models.load_model")
+    p.add_argument("--configs", default=";".join(CONFIGS), help="';'-separated method specs")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--lengths", default="2048,4096,8000", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--shard", default="0/1", help="I/N: run every N-th work unit from the I-th")
+    p.add_argument("--json", default=None, help="write the per-sample rows here")
+    p.add_argument("--from-json", default=None, help="glob of row files to merge and print (no run)")
+    p.add_argument("--reference", default=None, help="config for the paired difference column")
+    a = p.parse_args(argv)
+    if not 1 <= a.samples <= 10_000:
+        p.error(f"--samples must be in [1, 10000], got {a.samples}")
+    if a.from_json:
+        rows = [r for f in sorted(glob.glob(a.from_json)) for r in json.loads(Path(f).read_text())]
+        if not rows:
+            p.error(f"--from-json: no rows in files matching {a.from_json!r}")
+        print(markdown(cell_tables(rows, a.reference), a.reference))
+        return
+    tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
+    configs = [c.strip() for c in a.configs.split(";") if c.strip()]
+    for c in configs:  # every spec built once before any model loads: a typo is one line, not a lost run
+        import smartkv
+        method, params = parse_config(c)
+        smartkv.make_config(method, **params)
+    units = [(c, t, n) for t in tasks for n in lengths for c in configs]
+    shard, shards = parse_shard(p, a.shard)
+    mine = units[shard::shards]
+    from smartkv.models import load_model
+    handle = load_model(a.model)
+    rows = []
+    for spec, task, length in mine:
+        t0 = time.perf_counter()
+        got = run_unit(handle.model, handle.tokenizer, spec, task, length, a.samples, a.seed)
+        rows.extend(got)
+        acc = sum(r["score"] for r in got) / len(got)
+        print(f"{task} {length} {spec}: {acc:.2f} over {len(got)} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if a.json:  # after every unit, so a stopped run keeps what it finished
+            Path(a.json).write_text(json.dumps(rows))
+    if not a.json:
+        print(markdown(cell_tables(rows, a.reference), a.reference))
+
+
+if __name__ == "__main__":
+    main()
