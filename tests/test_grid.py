@@ -15,7 +15,8 @@ from smartkv.bench.spec.grid import GridError, job_id_of, load_grid
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
-@pytest.mark.parametrize("name", ["quick", "longbench", "needle", "pareto", "scale", "memory_points", "kivi2_point"])
+@pytest.mark.parametrize("name", ["quick", "longbench", "needle", "pareto", "scale", "memory_points", "kivi2_point",
+                                  "gemma3_quick"])
 def test_shipped_grids_load(name):
     grid = load_grid(JOBS / f"{name}.yaml")
     assert grid.name == name and grid.jobs
@@ -40,6 +41,10 @@ def test_shipped_grid_contents():
     kivi = {(j["method"]["params"]["value_bits"], j["method"]["params"]["residual_length"])
             for j in pareto.jobs if j["method"]["name"] == "kivi"}
     assert kivi == {(4, 32), (4, 128), (2, 32), (2, 128)}
+    gemma = load_grid(JOBS / "gemma3_quick.yaml")
+    assert {j["model"]["name"] for j in gemma.jobs} == {"gemma3"}
+    assert {j["method"]["name"] for j in gemma.jobs} == {"fp16", "int8", "int4", "kivi", "smartkv"}
+    assert {j["method"]["params"]["sliding_layers"] for j in gemma.jobs} == {"quantized", "fp16"}
 
 
 def test_expansion_is_the_cartesian_product(write_grid):
