@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from smartkv import models
-from smartkv.bench.catalog import check_model_name
+from smartkv.bench.spec.catalog import check_model_name
 
 
 @pytest.fixture

@@ -15,7 +15,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 __all__ = ["Cache", "CacheLayerMixin", "StaticCache", "attn_implementation", "cache_arg", "cache_kwargs",
            "model_kv_shape", "quantized_backend_available", "quantized_layer", "quantized_layer_state",
-           "register_attention", "repeat_kv", "sdpa_attention_forward", "use_attention"]
+           "register_attention", "repeat_kv", "sdpa_attention_forward", "sliding_windows", "use_attention"]
+
+# Layer types whose DynamicCache layer is DynamicSlidingWindowLayer (transformers' DYNAMIC_LAYER_TYPE_MAPPING:
+# chunked attention keeps the same tokens, only its mask differs), and those that hold a growing K/V history.
+_WINDOWED = ("sliding_attention", "chunked_attention")
+_FULL = ("full_attention",)
 
 
 def register_attention(name: str, fn) -> None:
@@ -49,6 +54,33 @@ def model_kv_shape(model) -> dict:
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     return {"num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def sliding_windows(model_or_config, num_layers: int) -> list[int | None]:
+    """Per layer, the sliding window whose last `window - 1` tokens DynamicCache keeps for it (None: every token),
+    decided as `DynamicCache(config=...)` decides it. ValueError for layer types without a K/V history (linear
+    attention, shared caches): our caches have no layer for them."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+        types, kwargs = get_layer_types_and_kwargs(config)
+        windows = [kw.get("sliding_window") if t in _WINDOWED else None for t, kw in zip(types, kwargs)]
+    except (ImportError, AttributeError):  # releases before per-layer configs: the config's own fields
+        types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None)
+        chunk = getattr(config, "attention_chunk_size", None)
+        if types is None:
+            types = ["sliding_attention" if window is not None else "chunked_attention" if chunk is not None
+                     else "full_attention"] * num_layers
+        windows = [window if t == "sliding_attention" else chunk if t == "chunked_attention" else None
+                   for t in types]
+    unsupported = sorted({t for t in types if t not in _WINDOWED + _FULL})
+    if unsupported:
+        raise ValueError(f"layer types must be among {_WINDOWED + _FULL} for a smartkv cache, got {unsupported}")
+    windows = list(windows)[:num_layers]
+    return windows + [None] * (num_layers - len(windows))
 
 
 # ---- transformers' own QuantizedCache layers (the `quanto` / `hqq` methods wrap them) -------------------------

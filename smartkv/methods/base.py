@@ -9,12 +9,25 @@ from typing import ClassVar
 from smartkv.core.quant import BITS
 
 
+SLIDING_LAYERS = ("quantized", "fp16")
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of all method configs. Fields are the method's hyper-parameters; `validate` checks them."""
+    """Base of all method configs. Fields are the method's hyper-parameters; `validate` checks them.
+
+    sliding_layers: how sliding-window layers (hybrid models: Gemma 3's 15 of 18) spend memory. Either way such a
+    layer holds only DynamicCache's last window - 1 tokens (smartkv.cache.sliding). "quantized" (the default): the
+    method stores them like every other layer, so a method's bits mean the same on every model and every layer
+    (at Gemma 3's 1.5K tokens its sliding layers hold most of the cache). "fp16": kept as the `fp16` method
+    keeps them (the model's dtype, exactly DynamicCache's layer); the method's budget then buys the
+    full-attention layers only, which dominate at long context. Models without sliding layers ignore it.
+    """
     name: ClassVar[str] = ""
+    sliding_layers: str = "quantized"
 
     def __post_init__(self):
+        check_choice("sliding_layers", self.sliding_layers, SLIDING_LAYERS)
         self.validate()
 
     def validate(self) -> None:
@@ -22,6 +35,17 @@ class MethodConfig:
 
     def make_layer(self, layer_idx: int):
         raise NotImplementedError
+
+    def build_layer(self, layer_idx: int, sliding_window: int | None = None):
+        """The cache layer of model layer `layer_idx`, which attends to its last `sliding_window` tokens (None:
+        to all of them)."""
+        if sliding_window is not None and self.sliding_layers == "fp16":
+            from smartkv.methods.fp16 import FP16Layer
+            layer = FP16Layer(self, layer_idx)
+        else:
+            layer = self.make_layer(layer_idx)
+        layer.set_sliding_window(sliding_window)
+        return layer
 
     def params(self) -> dict:
         return dataclasses.asdict(self)
