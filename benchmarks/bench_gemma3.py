@@ -22,10 +22,10 @@ import torch
 from transformers import DynamicCache
 
 import smartkv
-from smartkv.bench.decode import decode
+from smartkv.bench.run.generation import decode
 from smartkv.data.prose import prose_text
 from smartkv.metrics.quality import kl_divergence, top1_agreement
-from smartkv.models import load_model
+from smartkv.models import load_model, model_kv_shape
 
 DEFAULT_CONFIGS = ("fp16", "int8", "int4", "int4:sliding_layers=fp16", "kivi", "kivi:key_bits=2,value_bits=2",
                    "smartkv:budget=4", "smartkv")
@@ -71,7 +71,7 @@ def main() -> None:
     fp16 = decode(model, ids, smartkv.make_cache("fp16", model), args.new)
     same = fp16.tokens == ref.tokens and torch.equal(fp16.logits, ref.logits)
     print(f"fp16 == DynamicCache (tokens and logits, {args.ctx} + {args.new}): {same}")
-    shape = smartkv.models.model_kv_shape(model)
+    shape = model_kv_shape(model)
     full_length = 2 * 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * (args.ctx + args.new - 1)
     print(f"DynamicCache holds {dyn_bytes} B at 16 bits; a full-length cache on every layer {full_length} B")
     rows = []

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import smartkv
-from smartkv.bench.decode import decode
+from smartkv.bench.run.generation import decode
 from smartkv.data.prose import prose_text
 from smartkv.metrics.quality import kl_divergence
 from smartkv.models import load_model

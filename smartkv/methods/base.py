@@ -40,8 +40,8 @@ class MethodConfig:
         """The cache layer of model layer `layer_idx`, which attends to its last `sliding_window` tokens (None:
         to all of them)."""
         if sliding_window is not None and self.sliding_layers == "fp16":
-            from smartkv.methods.fp16 import FP16Layer
-            layer = FP16Layer(self, layer_idx)
+            from smartkv.methods import METHODS  # the registry: this module is below the methods it holds
+            layer = METHODS.get("fp16")().make_layer(layer_idx)
         else:
             layer = self.make_layer(layer_idx)
         layer.set_sliding_window(sliding_window)
