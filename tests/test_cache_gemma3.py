@@ -54,8 +54,9 @@ def reference(gemma, prose_ids):
     return ids, ref, [2 * (layer.keys.numel() + layer.values.numel()) for layer in dyn.layers]
 
 
-# mean KL(fp16 || method) over 15 decode steps at 1,500 tokens: bounds a few times what was measured
-KL_BOUND = {"int8": 0.01, "int4": 0.1, "kivi": 0.05, "smartkv": 0.02}
+# mean KL(fp16 || method) over the decode steps at 1,500 tokens: bounds about 3x what bench_gemma3.py measured over
+# 63 steps (int8 1.3e-4, int4 0.039, KIVI 2/4 0.037, SmartKV budget 7: see the report of 2026-12-02)
+KL_BOUND = {"int8": 5e-4, "int4": 0.12, "kivi": 0.12, "smartkv": 0.02}
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "kivi", "smartkv"])
