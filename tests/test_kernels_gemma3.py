@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("triton")  # tests/conftest.py puts Triton in its interpreter on machines without a GPU
 
 import smartkv.kernels as kern  # noqa: E402
+from smartkv import cache_kwargs  # noqa: E402
 from smartkv.core.quant import quantize  # noqa: E402
 from smartkv.kernels import KVSegment  # noqa: E402
 from smartkv.kernels import reference as R  # noqa: E402
@@ -110,10 +111,10 @@ def test_fused_decode_on_the_hybrid_model_matches_the_reference_path(monkeypatch
     for use_kernels in (True, False):
         cache = smartkv.make_cache(method, model, use_kernels=use_kernels, **params)
         with torch.inference_mode():
-            steps = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+            steps = [model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]]
             for t in range(6):
                 tok = torch.tensor([[10 + t]], device=DEV)
-                steps.append(model(tok, past_key_values=cache, use_cache=True).logits[:, -1])
+                steps.append(model(tok, **cache_kwargs(model, cache), use_cache=True).logits[:, -1])
         out[use_kernels] = torch.stack(steps)
         assert [layer.fused for layer in cache.layers] == [False] * 5 + [use_kernels]
     assert rel(out[True], out[False]) < (1e-2 if dtype == torch.float32 else 3e-2)

@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache
 
 import smartkv
+from smartkv import cache_kwargs
 from smartkv.models import load_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -13,7 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = smartkv.list_methods()
 WINDOW = 16
 # small windows so that every method really quantizes, re-allocates and forgets within a short test
-SMALL = {"kivi": dict(residual_length=8, group_size=8), "smartkv": dict(budget=4, recent_window=4, realloc_every=4)}
+SMALL = {"kivi": dict(residual_length=8, group_size=8), "smartkv": dict(budget=4, recent_window=4, realloc_every=4),
+         "zipcache": dict(streaming_gap=8), "quanto": dict(residual_length=8), "hqq": dict(residual_length=8)}
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +32,12 @@ def _run(model, cache, ids, chunks, steps, on_step=None):
     out, start = [], 0
     with torch.inference_mode():
         for n in chunks:
-            out.append(model(ids[:, start:start + n], past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, start:start + n], **cache_kwargs(model, cache), use_cache=True).logits)
             start += n
             if on_step:
                 on_step(cache)
         for t in range(steps):
-            out.append(model(torch.tensor([[10 + t]]), past_key_values=cache, use_cache=True).logits)
+            out.append(model(torch.tensor([[10 + t]]), **cache_kwargs(model, cache), use_cache=True).logits)
             if on_step:
                 on_step(cache)
     return torch.cat(out, 1)
@@ -56,10 +58,9 @@ def test_fp16_equals_dynamic_cache_past_the_window(gemma):
     steps are exactly DynamicCache's, 4x past the window."""
     ids = _ids(50)
     with torch.inference_mode():
-        ref = gemma.generate(ids, past_key_values=DynamicCache(config=gemma.config), max_new_tokens=24,
-                             do_sample=False)
-        got = gemma.generate(ids, past_key_values=smartkv.make_cache("fp16", gemma), max_new_tokens=24,
-                             do_sample=False)
+        kw = dict(max_new_tokens=24, do_sample=False)
+        ref = gemma.generate(ids, **cache_kwargs(gemma, DynamicCache(config=gemma.config)), **kw)
+        got = gemma.generate(ids, **cache_kwargs(gemma, smartkv.make_cache("fp16", gemma)), **kw)
     assert torch.equal(got, ref)
     ref_logits = _run(gemma, DynamicCache(config=gemma.config), ids, (20, 7, 23), 20)
     cache = smartkv.make_cache("fp16", gemma)
@@ -157,3 +158,4 @@ def test_a_bad_window_is_refused():
     layer = smartkv.make_config("int4").build_layer(0)
     with pytest.raises(ValueError, match="sliding_window"):
         layer.set_sliding_window(1)
+

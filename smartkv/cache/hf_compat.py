@@ -15,6 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 __all__ = ["Cache", "CacheLayerMixin", "StaticCache", "attn_implementation", "cache_arg", "cache_kwargs",
            "model_kv_shape", "quantized_backend_available", "quantized_layer", "quantized_layer_state",
+           "quantized_layer_window_update",
            "register_attention", "repeat_kv", "sdpa_attention_forward", "sliding_windows", "use_attention"]
 
 # Layer types whose DynamicCache layer is DynamicSlidingWindowLayer (transformers' DYNAMIC_LAYER_TYPE_MAPPING:
@@ -107,6 +108,37 @@ def quantized_layer_state(layer) -> tuple:
     the quantized ones in the backend's own type, the residual ones as tensors (empty before the first flush)."""
     residual = [t if isinstance(t, torch.Tensor) and t.dim() == 4 else None for t in (layer.keys, layer.values)]
     return layer._quantized_keys, layer._quantized_values, *residual
+
+
+def quantized_layer_window_update(layer, key_states: torch.Tensor, value_states: torch.Tensor, keep: int):
+    """`layer.update` (transformers' QuantizedLayer) on a sliding-window layer: the same, except that where it
+    quantizes (the first call; each flush of the residual, which re-quantizes the whole cache) it quantizes only
+    the last `keep` tokens and forgets the rest. -> (keys, values: what this call attends over, as `update` returns
+    them; how many tokens were forgotten)."""
+    layer.cumulative_length += key_states.shape[-2]
+    if not layer.is_initialized:
+        layer.lazy_initialization(key_states, value_states)
+        keys, values = key_states, value_states
+    else:
+        old_k, old_v = layer._dequantize(layer._quantized_keys), layer._dequantize(layer._quantized_values)
+        reorder = getattr(layer, "_apply_pending_reorder", None)
+        if reorder is not None:
+            old_k, old_v = reorder(old_k, old_v)
+        keys = torch.cat([old_k, layer.keys, key_states], dim=-2)
+        values = torch.cat([old_v, layer.values, value_states], dim=-2)
+        residual = layer.keys.shape[-2] if layer.keys.dim() == 4 else 0
+        if residual + key_states.shape[-2] < layer.residual_length:
+            layer.keys = torch.cat([layer.keys, key_states], dim=-2)
+            layer.values = torch.cat([layer.values, value_states], dim=-2)
+            return keys, values, 0
+    drop = max(0, keys.shape[-2] - keep)
+    layer._quantized_keys = layer._quantize(keys[..., drop:, :].contiguous(), axis=layer.axis_key)
+    layer._quantized_values = layer._quantize(values[..., drop:, :].contiguous(), axis=layer.axis_value)
+    layer.keys = torch.tensor([], dtype=key_states.dtype, device=key_states.device)
+    layer.values = torch.tensor([], dtype=key_states.dtype, device=key_states.device)
+    if hasattr(layer, "_pending_beam_idx"):
+        layer._pending_beam_idx = None
+    return keys, values, drop
 
 
 def cache_arg(model) -> str:
