@@ -24,7 +24,10 @@ class MethodConfig:
     full-attention layers only, which dominate at long context. Models without sliding layers ignore it.
     """
     name: ClassVar[str] = ""
-    sliding_layers: str = "quantized"
+    sliding_layers: str = dataclasses.field(default="quantized", kw_only=True)
+    # Fields added after results were stored under job ids that hash every parameter: at these values they stay
+    # out of `params()`, so a config that does not set them keeps the id (and label) it had before they existed.
+    ID_NEUTRAL: ClassVar[dict] = {"sliding_layers": "quantized"}
 
     def __post_init__(self):
         check_choice("sliding_layers", self.sliding_layers, SLIDING_LAYERS)
@@ -48,7 +51,9 @@ class MethodConfig:
         return layer
 
     def params(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every parameter, less those at their ID_NEUTRAL value; `make_config(name, **params())` rebuilds it."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self.ID_NEUTRAL or self.ID_NEUTRAL[k] != v}
 
     def label(self) -> str:
         """Short label with the parameters that differ from the defaults, e.g. `kivi(key_bits=2,value_bits=2)`."""
