@@ -159,3 +159,16 @@ def test_a_bad_window_is_refused():
     with pytest.raises(ValueError, match="sliding_window"):
         layer.set_sliding_window(1)
 
+
+def test_attention_analysis_reads_a_hybrid_model(gemma):
+    """smartkv.analysis on one KV head and sliding layers: each layer's attention at its own positions, SmartKV's
+    bits right-aligned (NaN where a sliding layer forgot the middle), every statistic finite."""
+    from smartkv.analysis import analyze_attention, summary_table
+    from smartkv.models import TinyTokenizer
+
+    res = analyze_attention(gemma, TinyTokenizer(), ctx=40, decode=8, smartkv_params=SMALL["smartkv"])
+    assert res.windows == [WINDOW] * 5 + [None]
+    assert res.entropy_bits.shape == (6, 4) and torch.isfinite(res.entropy_bits).all()
+    assert res.sink_share[:5].max() == 0 < res.sink_share[5].min()   # the sinks left every window
+    assert res.bits_k[:5].isnan().any() and not res.bits_k[5].isnan().any()
+    assert "nan" not in summary_table(res)
