@@ -112,7 +112,7 @@ def test_fused_decode_on_the_hybrid_model_matches_the_reference_path(monkeypatch
         cache = smartkv.make_cache(method, model, use_kernels=use_kernels, **params)
         with torch.inference_mode():
             steps = [model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]]
-            for t in range(6):
+            for t in range(6 if DEV == "cuda" else 3):   # the interpreter: 3 steps cover it at half the time
                 tok = torch.tensor([[10 + t]], device=DEV)
                 steps.append(model(tok, **cache_kwargs(model, cache), use_cache=True).logits[:, -1])
         out[use_kernels] = torch.stack(steps)
