@@ -9,8 +9,9 @@ One prompt of `--ctx` tokens of CPython's bundled documentation prose, then `--n
   - bytes: memory_report() after the forced run, sliding and full layers apart, against DynamicCache's bytes
     (at 16 bits: `fp16_bytes`; the model runs in fp32 on the CPU) and against a full-length cache on every layer.
 
-    python benchmarks/bench_gemma3.py                     # ~40 min on 2 busy cores
+    python benchmarks/bench_gemma3.py                     # the long check (~1 h on 2 busy cores)
     python benchmarks/bench_gemma3.py --configs 'int4;int4:sliding_layers=fp16'
+    python benchmarks/bench_gemma3.py --ctx 700 --new 6 --configs all   # what tests/test_cache_gemma3.py bounds
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from smartkv.metrics.quality import kl_divergence, top1_agreement
 from smartkv.models import load_model, model_kv_shape
 
 DEFAULT_CONFIGS = ("int8", "int4", "int4:sliding_layers=fp16", "kivi", "kivi:key_bits=2,value_bits=2",
-                   "smartkv:budget=4", "smartkv")
+                   "smartkv:budget=4", "smartkv", "fp8", "zipcache", "quanto", "hqq")
 
 
 def parse_config(spec: str) -> tuple[str, dict]:
@@ -58,10 +59,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ctx", type=int, default=1500)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--configs", default=";".join(DEFAULT_CONFIGS))
+    ap.add_argument("--configs", default=";".join(DEFAULT_CONFIGS),
+                    help="';'-separated method[:k=v,...] specs, or 'all': every registered method at its defaults")
     ap.add_argument("--free", action="store_true", help="also a free greedy run per method")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    configs = smartkv.list_methods() if args.configs == "all" else args.configs.split(";")
+    configs = [c for c in configs if parse_config(c)[0] in smartkv.list_methods()]   # quanto, hqq: when installed
     handle = load_model("gemma3", device="cpu")
     model, tok = handle.model, handle.tokenizer
     ids = tok(prose_text(), return_tensors="pt")["input_ids"][0, 1000:1000 + args.ctx].tolist()
@@ -78,7 +84,7 @@ def main() -> None:
     full_length = 2 * 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * (args.ctx + args.new - 1)
     print(f"DynamicCache holds {dyn_bytes} B at 16 bits; a full-length cache on every layer {full_length} B")
     rows = []
-    for spec in args.configs.split(";"):
+    for spec in configs:
         method, params = parse_config(spec)
         start = time.perf_counter()
         forced_cache = smartkv.make_cache(method, model, **params)
