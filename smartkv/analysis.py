@@ -2,6 +2,12 @@
 decoding, and the bits SmartKV allocates (layers x positions).
 
     python -m smartkv.analysis --out docs/img      # prints a summary table, writes two PNGs
+    python -m smartkv.analysis --model gemma3 --out /tmp/gemma3
+
+Any layout of KV heads (grouped queries, one KV head) and hybrid models: a sliding-window layer (Gemma 3) attends
+to its window only, so its statistics are over the prompt tokens inside the window (mass elsewhere is 0: its
+entropy stays below log2 of the window, not of the context), and its bits cover the middle it still holds (NaN
+before it).
 
 `analyze_attention(model, tokenizer, ...)` returns the numbers; `plot_analysis(result, out_dir)` draws them.
 """
@@ -28,8 +34,9 @@ class AttentionAnalysis:
     top10_share: torch.Tensor          # (L, Hq) ... top 10%
     rank_stability: torch.Tensor       # (L, Hq) overlap of the top-10% token sets of the first and last quarter
     sink_share: torch.Tensor           # (L, Hq) mass on the first 4 tokens
-    bits_k: torch.Tensor               # (L, T_middle)
+    bits_k: torch.Tensor               # (L, T_middle), right-aligned: NaN where a sliding layer forgot the token
     bits_v: torch.Tensor
+    windows: list = field(default_factory=list)   # per layer: its sliding window, None for full attention
     smartkv_params: dict = field(default_factory=dict)
 
 
@@ -56,8 +63,9 @@ def analyze_attention(model, tokenizer, ctx: int = 1024, decode: int = 64, offse
     model(ids[:, :ctx], **cache_kwargs(model, cache), use_cache=True)
     for t in range(ctx, ctx + decode):
         model(ids[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True)
-    bits_k = torch.stack([layer.level_bits("k")[0].float().mean(0) for layer in cache.layers])  # (L, Tq)
-    bits_v = torch.stack([layer.level_bits("v")[0].float().mean(0) for layer in cache.layers])
+    bits_k, bits_v = (_right_aligned([layer.level_bits(kind)[0].float().mean(0) for layer in cache.layers])
+                      for kind in "kv")   # (L, Tq): the middle ends at the same position on every layer
+    windows = [layer.sliding_window for layer in cache.layers]
 
     previous = attn_implementation(model)
     use_attention(model, "eager")
@@ -68,7 +76,8 @@ def analyze_attention(model, tokenizer, ctx: int = 1024, decode: int = 64, offse
         steps = []
         for t in range(ctx, ctx + decode):
             out = model(ids[:, t:t + 1], **cache_kwargs(model, ref), use_cache=True, output_attentions=True)
-            steps.append([a[0, :, 0, :ctx].float() for a in out.attentions])  # L x (Hq, ctx): prompt tokens
+            # L x (Hq, ctx): the prompt tokens; a sliding layer's keys are the last positions up to t only
+            steps.append([_at_positions(a[0, :, 0].float(), t + 1)[:, :ctx] for a in out.attentions])
     finally:
         use_attention(model, previous)
     probs = torch.stack([torch.stack(s) for s in steps])  # (decode, L, Hq, ctx)
@@ -84,7 +93,18 @@ def analyze_attention(model, tokenizer, ctx: int = 1024, decode: int = 64, offse
         entropy_bits=ent, uniform_entropy_bits=float(torch.log2(torch.tensor(float(ctx)))),
         top1_share=_top_share(probs, 0.01).mean(0), top10_share=_top_share(probs, 0.10).mean(0),
         rank_stability=overlap, sink_share=probs[..., :4].sum(-1).mean(0),
-        bits_k=bits_k, bits_v=bits_v, smartkv_params=cache.method_config.params())
+        bits_k=bits_k, bits_v=bits_v, windows=windows, smartkv_params=cache.method_config.params())
+
+
+def _at_positions(weights: torch.Tensor, length: int) -> torch.Tensor:
+    """(H, kv) attention over the last kv of `length` positions -> (H, length), 0 before them."""
+    return torch.nn.functional.pad(weights, (length - weights.shape[-1], 0))
+
+
+def _right_aligned(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of different lengths ending at the same position -> (len(rows), longest), NaN-padded on the left."""
+    width = max((r.shape[-1] for r in rows), default=0)
+    return torch.stack([torch.nn.functional.pad(r, (width - r.shape[-1], 0), value=float("nan")) for r in rows])
 
 
 def plot_analysis(res: AttentionAnalysis, out_dir: str | Path) -> list[Path]:
@@ -131,7 +151,7 @@ def summary_table(res: AttentionAnalysis) -> str:
     for i in range(res.entropy_bits.shape[0]):
         lines.append(f"| {i} | {res.entropy_bits[i].mean():.2f} | {res.top1_share[i].mean():.2f} | "
                      f"{res.top10_share[i].mean():.2f} | {res.sink_share[i].mean():.2f} | "
-                     f"{res.rank_stability[i].mean():.2f} | {res.bits_k[i].mean():.2f} | {res.bits_v[i].mean():.2f} |")
+                     f"{res.rank_stability[i].mean():.2f} | {res.bits_k[i].nanmean():.2f} | {res.bits_v[i].nanmean():.2f} |")
     return "\n".join(lines)
 
 
@@ -141,10 +161,11 @@ def main(argv=None) -> None:
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--budget", type=float, default=4.25)
     p.add_argument("--out", default="docs/img")
+    p.add_argument("--model", default="smollm2", help="model name for smartkv.models.load_model")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     from smartkv.models import load_model
-    h = load_model("smollm2")
+    h = load_model(a.model)
     res = analyze_attention(h.model, h.tokenizer, a.ctx, a.decode, smartkv_params={"budget": a.budget,
                                                                                      "key_value_gap": 3})
     for path in plot_analysis(res, a.out):

@@ -89,7 +89,8 @@ def test_submit_passes_options_to_the_executor(workdir, tiny_grid, monkeypatch):
 def test_ls_lists_methods_sets_and_models():
     result = runner.invoke(app, ["ls"])
     assert result.exit_code == 0
-    for name in ("fp16", "int8", "int4", "kivi", "smartkv", "passkey", "longbench:qasper", "smollm2", "tiny-llama"):
+    for name in ("fp16", "int8", "int4", "kivi", "smartkv", "passkey", "longbench:qasper", "smollm2", "gemma3",
+                 "tiny-llama", "tiny-gemma3"):
         assert name in result.stdout
 
 

@@ -15,7 +15,8 @@ from smartkv.bench.spec.grid import GridError, job_id_of, load_grid
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
-@pytest.mark.parametrize("name", ["quick", "longbench", "needle", "pareto", "scale", "memory_points", "kivi2_point"])
+@pytest.mark.parametrize("name", ["quick", "longbench", "needle", "pareto", "scale", "memory_points", "kivi2_point",
+                                  "gemma3_quick"])
 def test_shipped_grids_load(name):
     grid = load_grid(JOBS / f"{name}.yaml")
     assert grid.name == name and grid.jobs
@@ -40,6 +41,10 @@ def test_shipped_grid_contents():
     kivi = {(j["method"]["params"]["value_bits"], j["method"]["params"]["residual_length"])
             for j in pareto.jobs if j["method"]["name"] == "kivi"}
     assert kivi == {(4, 32), (4, 128), (2, 32), (2, 128)}
+    gemma = load_grid(JOBS / "gemma3_quick.yaml")
+    assert {j["model"]["name"] for j in gemma.jobs} == {"gemma3"}
+    assert {j["method"]["name"] for j in gemma.jobs} == {"fp16", "int8", "int4", "kivi", "smartkv"}
+    assert {j["method"]["params"].get("sliding_layers", "quantized") for j in gemma.jobs} == {"quantized", "fp16"}
 
 
 def test_expansion_is_the_cartesian_product(write_grid):
@@ -86,6 +91,29 @@ def test_job_id_ignores_grid_name_and_default_spelling(write_grid):
                              "kivi: {residual_length: 128}}\nprompt_sets: {passkey: {length: 256, seed: 42}}\n",
                              "b.yaml"))
     assert sorted(j["job_id"] for j in a.jobs) == sorted(j["job_id"] for j in b.jobs)
+
+
+# Ids of these jobs before methods had `sliding_layers` (computed on main at 1e4c7ed): ids hash every parameter,
+# defaults included, so a new field at its default must stay out of them or every stored result would be redone.
+IDS_BEFORE_SLIDING_LAYERS = {"fp16": "026f9261d298b674", "int8": "5f4097ea73f4170b", "int4": "29bea636512d5555",
+                             "fp8": "818a48c599e326e5", "kivi": "7c76731bc71a8aa3", "smartkv": "fe777a26e52749da",
+                             "zipcache": "02bc6878bae8d231"}
+ID_GRID = """name: ids
+models: [tiny-llama]
+methods: {{fp16: {p}, int8: {p}, int4: {p}, fp8: {p}, kivi: {p}, smartkv: {{budget: 4{q}}}, zipcache: {p}}}
+prompt_sets: {{passkey: {{length: 256, num_samples: 1, seed: 42}}}}
+"""
+
+
+def test_a_new_field_at_its_default_keeps_job_ids(write_grid):
+    ids = lambda text: {j["method"]["name"]: j["job_id"] for j in load_grid(write_grid(text)).jobs}  # noqa: E731
+    assert ids(ID_GRID.format(p="{}", q="")) == IDS_BEFORE_SLIDING_LAYERS
+    explicit = ID_GRID.format(p="{sliding_layers: quantized}", q=", sliding_layers: quantized")
+    assert ids(explicit) == IDS_BEFORE_SLIDING_LAYERS
+    other = load_grid(write_grid(ID_GRID.format(p="{sliding_layers: fp16}", q=", sliding_layers: fp16"))).jobs
+    assert not {j["job_id"] for j in other} & set(IDS_BEFORE_SLIDING_LAYERS.values())
+    assert all(j["method"]["params"]["sliding_layers"] == "fp16" and "sliding_layers=fp16" in j["method"]["label"]
+               for j in other)
 
 
 CHANGES = {

@@ -277,6 +277,7 @@ def test_memory_report_counts_the_bytes_held(tiny, method, when, held, request):
     ("smartkv", {"budget": "four"}, "budget"),
     ("smartkv", {"widths": [2, 5]}, "widths"),
     ("smartkv", {"sink_tokens": -1}, "sink_tokens"),
+    ("int4", {"sliding_layers": "bf16"}, "sliding_layers"),
 ])
 def test_bad_parameters_name_the_parameter(method, params, name):
     with pytest.raises(ValueError, match=name):

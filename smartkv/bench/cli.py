@@ -306,7 +306,8 @@ def ls() -> None:
 
 @app.command()
 def analyze(
-    model: Annotated[str, typer.Option(help="smollm2 (the embedded model), an HF id or a local path.")] = "smollm2",
+    model: Annotated[str, typer.Option(
+        help="smollm2 or gemma3 (the embedded models), an HF id or a local path.")] = "smollm2",
     ctx: Annotated[int, typer.Option(help="Prompt tokens of CPython's documentation prose.")] = 1024,
     decode: Annotated[int, typer.Option(help="Tokens decoded after the prompt (teacher forced).")] = 64,
     budget: Annotated[float, typer.Option(help="SmartKV budget whose bit allocation is drawn.")] = 4.25,

@@ -8,7 +8,7 @@ edit of the code does not silently orphan every result: results from other code 
   source_commit         the git commit of the checkout smartkv is imported from, "+dirty" when its files differ
                         from that commit; null when it is not in git (an installed wheel)
   code_hash             sha256 of every .py file of the imported smartkv package (always set: the code that ran)
-  runtime_env           the SMARTKV_* variables that change results (kernel choices, the embedded model's file)
+  runtime_env           the SMARTKV_* variables that change results (kernel choices, the embedded models' files)
   torch_version, transformers_version, triton_version, cuda_version (torch's CUDA build), gpu_name
 
 A stored result is stale when its code_hash, runtime_env, torch or transformers version differs from the
@@ -30,7 +30,7 @@ import smartkv
 COLUMNS = ("package_version", "source_commit", "code_hash", "runtime_env", "torch_version", "transformers_version",
            "triton_version", "cuda_version", "gpu_name")
 STALE_KEYS = ("code_hash", "runtime_env", "torch_version", "transformers_version")
-RESULT_ENV = ("SMARTKV_NO_KERNELS", "SMARTKV_FAST_ATTN", "SMARTKV_SMOLLM2_GGUF")
+RESULT_ENV = ("SMARTKV_NO_KERNELS", "SMARTKV_FAST_ATTN", "SMARTKV_SMOLLM2_GGUF", "SMARTKV_GEMMA3_GGUF")
 PACKAGE_DIR = Path(smartkv.__file__).resolve().parent
 
 

@@ -127,6 +127,22 @@ class QBuffer:
         new.zero[..., :r, :] = used.zero
         self.q = new
 
+    def drop_front(self, count: int) -> None:
+        """Forget the first `count` tokens (per-channel groups: a multiple of `group`): the rest move to row 0, and
+        a buffer left mostly empty shrinks (a sliding window's storage stays about its size)."""
+        if not count:
+            return
+        if count % (1 if self.axis == -1 else self.group):
+            raise ValueError(f"drop_front must forget whole groups of {self.group} tokens, got {count}")
+        keep = self.n - count
+        r0, r1 = self._meta_rows(count), self._meta_rows(self.n)
+        q = self.q
+        for t, a, b in ((q.codes, count, self.n), (q.scale, r0, r1), (q.zero, r0, r1)):
+            t[..., :b - a, :] = t[..., a:b, :].clone()
+        self.n = keep
+        if self.capacity > 2 * keep + MIN_GROWTH:
+            self._resize(-(-(keep + MIN_GROWTH) // self.group) * self.group)
+
     def append(self, x: torch.Tensor) -> None:
         """Quantize x (B, H, T, D) into rows [n, n + T)."""
         T = x.shape[-2]

@@ -16,6 +16,9 @@ steps (one new token, cache not empty, hook installed, `use_kernels` not False):
 path (dequantize + SDPA) to fp16-operand accuracy: the new token still attends at full precision. Falls back to
 the reference path for prompts (q_len > 1) and, inside `attend`, for a padded batch (an attention mask present:
 the kernel takes per-sequence lengths, not left-padding offsets) by dequantizing the same segments.
+
+Sliding-window layers (Gemma 3) hold what DynamicCache's do, whatever the method (cache/sliding.py); they take the
+reference path (dequantize + SDPA under the sliding mask).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from smartkv.cache.hf_compat import Cache, CacheLayerMixin, register_attention, sdpa_attention_forward, use_attention
+from smartkv.cache.sliding import SlidingWindow
 from smartkv.core.memory import LayerBytes, MemoryReport, summarize
 from smartkv.kernels import KVSegment, decode_attention, kernels_available
 from smartkv.kernels.reference import segment_kv
@@ -43,10 +47,10 @@ class StaticDecode:
     lengths: torch.Tensor  # (B,) int32: pos + 1, the tokens it attends to
 
 
-class KVLayer(CacheLayerMixin):
+class KVLayer(SlidingWindow, CacheLayerMixin):
     """Base cache layer. Subclasses implement `_store` (append new tokens), `_stored_kv` (dequantized stored
     tokens, in order) and `_account` (the tensors they hold); for the fused decode path also `_decode_segments`
-    (and `_reserve`, `_slack_bytes` when they hold growable buffers)."""
+    (and `_reserve`, `_slack_bytes` when they hold growable buffers); on sliding-window layers `_evict`."""
     is_sliding = False
     is_compileable = False
     is_croppable = False
@@ -79,7 +83,7 @@ class KVLayer(CacheLayerMixin):
     @property
     def fused(self) -> bool:
         """Whether decode steps take the fused kernel path (see the module docstring)."""
-        return (self.is_initialized and self.kernels and self.attention_hooked
+        return (self.is_initialized and self.kernels and self.attention_hooked and not self.is_sliding
                 and type(self)._decode_segments is not KVLayer._decode_segments)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -101,7 +105,7 @@ class KVLayer(CacheLayerMixin):
             self.seq_len += 1
             _active.layer, _active.keys_id = self, id(key_states)
             return key_states, value_states  # placeholders: `attend` reads the segments
-        past_k, past_v = self._stored_kv() if self.seq_len else (None, None)
+        past_k, past_v = self._stored_kv() if self.held else (None, None)
         self._store(key_states, value_states)
         self.seq_len += key_states.shape[-2]
         if past_k is None:
@@ -109,6 +113,7 @@ class KVLayer(CacheLayerMixin):
         else:
             keys = torch.cat([past_k.to(key_states.dtype), key_states], dim=-2)
             values = torch.cat([past_v.to(value_states.dtype), value_states], dim=-2)
+        self._trim()  # once `keys` holds the window: this call's queries still see all of it
         _active.layer, _active.keys_id = self, id(keys)
         return keys, values
 
@@ -119,9 +124,13 @@ class KVLayer(CacheLayerMixin):
         self._before_update()
         self._store(key_states, value_states)
         self.seq_len += key_states.shape[-2]
+        self._trim()
 
     def reserve(self, tokens: int) -> None:
-        """Preallocate room for `tokens` tokens in all (growable buffers grow by `storage.GROWTH` otherwise)."""
+        """Preallocate room for `tokens` tokens in all (growable buffers grow by `storage.GROWTH` otherwise); a
+        sliding layer never holds more than its window."""
+        if self.sliding_window is not None:
+            tokens = min(tokens, self.sliding_window + self.eviction_lag)
         self.reserved_tokens = tokens
         if self.is_initialized:
             self._reserve(tokens)
@@ -130,17 +139,11 @@ class KVLayer(CacheLayerMixin):
         """Bytes allocated beyond the stored tokens (buffer capacity); not part of `layer_bytes`."""
         return self._slack_bytes() if self.is_initialized else 0
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seq_len + query_length, 0
-
     def get_seq_length(self) -> int:
         return self.seq_len
 
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
-        self.seq_len = 0
+        self.seq_len = self.evicted = 0
         self.is_initialized = False
         self._pending = None
 
@@ -258,9 +261,11 @@ class KVLayer(CacheLayerMixin):
 
     # --- accounting ----------------------------------------------------------------------------------------
     def layer_bytes(self) -> LayerBytes:
+        """What the layer holds; `elements`: what DynamicCache's layer holds for the same tokens (the reference)."""
         lb = LayerBytes()
         if self.is_initialized and self.seq_len:
-            lb.elements = 2 * self.batch_size * self.num_heads * self.seq_len * self.head_dim
+            lb.elements = 2 * self.batch_size * self.num_heads * self.reference_tokens * self.head_dim
+            lb.tokens = self.held
             self._account(lb)
         return lb
 
@@ -284,8 +289,10 @@ register_attention(ATTENTION_NAME, smartkv_attention)
 class SmartKVCache(Cache):
     """A transformers `Cache` holding one `KVLayer` per model layer; pass it with `cache_kwargs`."""
 
-    def __init__(self, method_config, num_layers: int, attention_hooked: bool = False):
-        super().__init__(layers=[method_config.make_layer(i) for i in range(num_layers)])
+    def __init__(self, method_config, num_layers: int, attention_hooked: bool = False,
+                 sliding_windows: list[int | None] | None = None):
+        windows = sliding_windows or [None] * num_layers   # per layer (hf_compat.sliding_windows)
+        super().__init__(layers=[method_config.build_layer(i, w) for i, w in enumerate(windows[:num_layers])])
         self.method_config = method_config
         for layer in self.layers:
             layer.attention_hooked = attention_hooked
@@ -295,7 +302,8 @@ class SmartKVCache(Cache):
         return self.method_config.name
 
     def memory_report(self) -> MemoryReport:
-        """Bytes actually held, by category, against an fp16 cache of the same tokens (see MemoryReport)."""
+        """Bytes actually held, by category, against DynamicCache's for the same model and tokens at 16 bits (on a
+        sliding-window layer, its last window - 1 tokens; see MemoryReport)."""
         return summarize([layer.layer_bytes() for layer in self.layers], tokens=self.get_seq_length())
 
     def slack_bytes(self) -> int:
@@ -339,6 +347,8 @@ class SmartKVCache(Cache):
         if not all(layer.static_capable for layer in layers):
             return (f"method must be one of ('fp16', 'int8', 'int4', 'smartkv') for static decode steps, got "
                     f"{self.method!r}")
+        if any(layer.is_sliding for layer in layers):
+            return "static decode steps cover full-attention layers only; this model has sliding-window layers"
         if not all(layer.is_initialized and layer.seq_len for layer in layers):
             return "static decode steps need a cache that holds a prompt already (run the prompt first)"
         if not all(layer.kernels and layer.attention_hooked for layer in layers):

@@ -16,8 +16,10 @@ CATEGORIES = ("payload", "metadata", "residual")
 
 @dataclass
 class MemoryReport:
-    """What a cache holds, in bytes, against an fp16 cache of the same tokens.
+    """What a cache holds, in bytes, against what DynamicCache holds for the same model and tokens at 16 bits.
 
+    fp16_bytes: that reference: 2 bytes per key and value element DynamicCache's layers hold, i.e. every token on
+        full-attention layers and the last window - 1 on sliding-window ones (Gemma 3's 15 of 18 layers).
     payload_bytes: quantization codes (for `fp16`, the stored tensors themselves).
     metadata_bytes: scales, zeros, bit maps, offsets, importance statistics, normalisation vectors.
     residual_bytes: full-precision windows (recent tokens, sinks, KIVI's residual) in the model dtype.
@@ -56,7 +58,8 @@ class LayerBytes:
     k_bits: int = 0
     v_elements: int = 0
     v_bits: int = 0
-    elements: int = 0             # all cached K and V elements (tokens x heads x dim x 2 x batch)
+    elements: int = 0             # K and V elements DynamicCache's layer holds (tokens x heads x dim x 2 x batch)
+    tokens: int = 0               # tokens this layer holds (on a sliding layer: about its window)
 
     def add(self, category: str, tensor: torch.Tensor | None) -> None:
         if tensor is None:

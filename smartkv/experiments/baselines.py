@@ -24,7 +24,7 @@ from smartkv.data.inputs import count_tokens
 from smartkv.data.prose import prose_paragraphs
 from smartkv.metrics.quality import relative_error
 from smartkv.metrics.speed import time_ms
-from smartkv.models import EMBEDDED_ALIASES, TINY_MODELS, model_kv_shape, smartkv_home, tiny_config
+from smartkv.models import EMBEDDED_ALIASES, TINY_MODELS, embedded_target, model_kv_shape, tiny_config
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ MODEL_NAMES = HUB_MODELS + ("smollm2",) + TINY_MODELS
 FALLBACK_MODEL = "smollm2"
 # (layers, KV heads, head_dim) of the hub models, from their configs (GPT2Config() defaults are gpt2's).
 HUB_SHAPES = {"gpt2": (12, 12, 64), "gpt2-medium": (24, 16, 64)}
-SMOLLM2_SHAPE = (30, 3, 64)  # SmolLM2-135M's published config, used if the local copy is not converted yet
+# published configs (layers, KV heads, head_dim), used if the local copy is not converted yet
+EMBEDDED_SHAPES = {"smollm2-135m-instruct": (30, 3, 64), "gemma3-270m": (18, 1, 256)}
 
 NATURAL_PROMPTS = (
     "Summarize the passage above in two sentences.",
@@ -68,14 +69,14 @@ def model_shape(name: str) -> dict:
     """Layers, KV heads and head_dim of a model without loading (or downloading) its weights."""
     if name in HUB_SHAPES:
         layers, heads, head_dim = HUB_SHAPES[name]
-    elif name in EMBEDDED_ALIASES and not (smartkv_home() / "models" / "smollm2-135m-instruct").is_dir():
-        layers, heads, head_dim = SMOLLM2_SHAPE
+    elif name in EMBEDDED_ALIASES and not embedded_target(name).is_dir():
+        layers, heads, head_dim = EMBEDDED_SHAPES[embedded_target(name).name]
     else:
         if name in TINY_MODELS:
             config = tiny_config(name)
         else:
             from transformers import AutoConfig
-            path = smartkv_home() / "models" / "smollm2-135m-instruct" if name in EMBEDDED_ALIASES else Path(name)
+            path = embedded_target(name) if name in EMBEDDED_ALIASES else Path(name)
             config = AutoConfig.from_pretrained(path)
         shape = model_kv_shape(config)
         layers, heads, head_dim = shape["num_layers"], shape["num_kv_heads"], shape["head_dim"]

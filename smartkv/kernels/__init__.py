@@ -11,14 +11,17 @@
     kernels_available(device) -> bool
 
 On CUDA, `decode_attention` runs the CUDA C++ kernels of `cuda_attn` (compiled at first use) where they apply and
-says why once where they do not (logger "smartkv.kernels"). The Triton path runs on CUDA tensors (or any tensors under TRITON_INTERPRET=1); everything else, and shapes the
-kernels do not cover (head_dim not a power of two), takes the `*_reference` path. Bytes written by
-`quantize_pack` equal `smartkv.core.quant.quantize`'s; `decode_attention` matches the reference to fp16-operand
+says why once where they do not (logger "smartkv.kernels"; Gemma 3's head_dim 256 is one). The Triton path runs
+on CUDA tensors (or any tensors under TRITON_INTERPRET=1); everything else, and shapes the kernels do not cover
+(head_dim not a power of two), takes the `*_reference` path, logging why once per reason where the kernels could
+have run (`split.triton_problem`, `triton_pool.pool_problem`). Bytes written by `quantize_pack` equal
+`smartkv.core.quant.quantize`'s; `decode_attention` matches the reference to fp16-operand
 accuracy (see tests/test_kernels.py for the bounds).
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Sequence
 
@@ -33,6 +36,7 @@ from smartkv.kernels.segment import KVSegment, check_inputs
 
 try:
     import triton  # noqa: F401
+    from triton.runtime.errors import OutOfResources
 
     from smartkv.kernels import split as _decode
     from smartkv.kernels import triton_pool as _tp
@@ -40,6 +44,9 @@ try:
     HAVE_TRITON = True
 except ImportError:  # no Triton on this platform: reference paths only
     HAVE_TRITON = False
+    OutOfResources = RuntimeError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_update", "kernels_available",
            "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_kv",
@@ -54,6 +61,22 @@ def interpreting() -> bool:
         return False
     from triton.runtime.jit import JITFunction
     return not isinstance(_decode.K._split_kernel, JITFunction)
+
+
+_TOO_BIG: dict[tuple, str] = {}   # shapes whose kernels ran out of a card's resources: the reference from then on
+
+
+def _shape_key(q: torch.Tensor, segments: Sequence[KVSegment]) -> tuple:
+    parts = [(p.bits, p.group_size, p.axis) if isinstance(p, QTensor) else (p.dtype,)
+             for seg in segments for p in (seg.keys, seg.values)]
+    return (q.device.type, q.dtype, q.shape[1], q.shape[-1], segments[0].keys.shape[1] if segments else 0,
+            tuple(parts), tuple(getattr(seg.key_residual, "dtype", None) for seg in segments))
+
+
+@functools.cache
+def fallback(kernel: str, reason: str) -> None:
+    """Log, once per kernel and reason, that a call the kernels could have run takes the torch reference path."""
+    log.warning("%s takes the torch reference path: %s", kernel, reason)
 
 
 def kernels_available(device: torch.device | str | None = None) -> bool:
@@ -112,8 +135,17 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
             except RuntimeError as exc:  # NVRTC or the driver refused this configuration: noted once
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         _cuda.note_fallback(why)
-    if kernels_available(q.device) and _decode.triton_ok(q, segments):
-        return _decode.decode_attention_triton(q, segments, scaling, lengths, return_token_probs, probs_out)
+    if kernels_available(q.device):
+        shape = _shape_key(q, segments)
+        problem = _decode.triton_problem(q, segments) or _TOO_BIG.get(shape)
+        if problem is None:
+            try:
+                return _decode.decode_attention_triton(q, segments, scaling, lengths, return_token_probs, probs_out)
+            except OutOfResources as exc:  # raised at the first launch, before anything is written
+                if probs_out is not None:
+                    raise
+                problem = _TOO_BIG[shape] = f"its launch config does not fit this card at these shapes ({exc})"
+        fallback("decode_attention", problem)
     return decode_attention_reference(q, segments, scaling, lengths, return_token_probs, probs_out)
 
 
@@ -131,7 +163,7 @@ def pool_scores(q: torch.Tensor, pools: Sequence, out: torch.Tensor, scaling: fl
     pools, fp = _check_segments(pools, fp)
     if _empty(pools, fp):
         return None
-    if kernels_available(q.device) and _pools_ok(pools) and out.is_contiguous():
+    if kernels_available(q.device) and _pools_ok(pools, "pool_scores") and out.is_contiguous():
         return _tp.pool_scores_triton(q, pools, out, scaling, bias, q_fp, fp)
     return pool_scores_reference(q, pools, out, scaling, bias, q_fp, fp)
 
@@ -155,7 +187,8 @@ def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_
                              f"be ({probs.shape[0]},) int32, got {len(importance[1])} ranges, "
                              f"{tuple(end.shape)} {end.dtype}")
         importance = (importance[0], importance[1])
-        if not (kernels_available(probs.device) and _pools_ok(pools) and importance[0].is_contiguous()):
+        if not (kernels_available(probs.device) and _pools_ok(pools, "pool_values")
+                and importance[0].is_contiguous()):
             out = pool_values(probs, pools, fp, tokens_per_split)   # the reference: ranges per sequence
             for b, e in enumerate(end.tolist()):
                 ranges = [tuple(map(int, r)) for r in importance[1][:-1]] + [(int(importance[1][-1][0]), e)]
@@ -169,7 +202,7 @@ def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_
         D = (pools[0][0].shape[-1] if pools else fp[0][0].shape[-1]) if pools or fp else 0
         z = probs.new_zeros(probs.shape[0], probs.shape[1], D)
         out = z, z.clone()
-    elif kernels_available(probs.device) and _pools_ok(pools):
+    elif kernels_available(probs.device) and _pools_ok(pools, "pool_values"):
         fold = importance is not None and len(importance[1]) <= MAX_RANGES and importance[0].is_contiguous()
         out = _tp.pool_values_triton(probs, pools, fp, tokens_per_split,
                                      (importance[0], [tuple(map(int, r)) for r in importance[1]], end)
@@ -198,8 +231,12 @@ def pool_kernels_ok(pool: QTensor) -> bool:
     return HAVE_TRITON and _tp.pool_ok(pool)
 
 
-def _pools_ok(pools: list) -> bool:
-    return all(_tp.pool_ok(p) for p, _, _ in pools if p.codes.shape[-2])
+def _pools_ok(pools: list, kernel: str) -> bool:
+    """Whether the pool passes' kernels take every non-empty pool (if not, logs why, once per reason)."""
+    problem = next((r for r in (_tp.pool_problem(p) for p, _, _ in pools if p.codes.shape[-2]) if r), None)
+    if problem is not None:
+        fallback(kernel, problem)
+    return problem is None
 
 
 def _empty(pools: list, fp: list) -> bool:

@@ -194,18 +194,28 @@ def _merge_config(plans: Sequence[_Launch], D: int, programs: int, sms: int) -> 
     return block_s, warps
 
 
-def triton_ok(q: torch.Tensor, segments: Sequence[KVSegment]) -> bool:
-    """Shapes the kernel handles: power-of-two head_dim >= 16 (>= 32 with 3-bit codes), power-of-two groups."""
+def triton_problem(q: torch.Tensor, segments: Sequence[KVSegment]) -> str | None:
+    """Why the kernel does not take these shapes, None when it does: power-of-two head_dim >= 16 (a multiple of
+    32 with 3-bit codes), power-of-two groups, at most 64 per-token groups. Any number of KV heads and query
+    heads per KV head (Gemma 3: head_dim 256, one KV head, 4 query heads)."""
     D = q.shape[-1]
     if D < 16 or D & (D - 1):
-        return False
+        return f"head_dim must be a power of two >= 16, got {D}"
     for seg in segments:
         for part in (seg.keys, seg.values):
             if isinstance(part, QTensor):
                 g = part.group_size
-                if g & (g - 1) or (part.axis == -1 and D // g > 64) or (part.bits == 3 and D % 32):
-                    return False
-    return True
+                if g & (g - 1):
+                    return f"group sizes must be powers of two, got {g}"
+                if part.axis == -1 and D // g > 64:
+                    return f"at most 64 groups per token, got {D // g} (head_dim {D}, group {g})"
+                if part.bits == 3 and D % 32:
+                    return f"3-bit codes need a head_dim multiple of 32, got {D}"
+    return None
+
+
+def triton_ok(q: torch.Tensor, segments: Sequence[KVSegment]) -> bool:
+    return triton_problem(q, segments) is None
 
 
 def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scaling: float,

@@ -408,15 +408,24 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
     _fold(code_ptr + b * sc_b + h * sc_h, t, valid, p, NG, s0, e0, s1, e1, s2, e2, s3, e3)
 
 
+def pool_problem(pool: QTensor) -> str | None:
+    """Why these kernels do not take pools shaped like `pool`, None when they do: per-token groups, power-of-two
+    head_dim >= 16 and group size. 3-bit pools: head_dim >= 32 (see _block) and at most 2 groups per token: with 4
+    or 8, Triton 3.6 fails to compile the passes for sm_90 (an MLIR pass error in TritonGPUOptimizeDotOperands)
+    while 2-, 4- and 8-bit pools with 4 and 8 groups compile and pass; benchmarks/check_pool_groups.py tabulates
+    it on a GPU. (Gemma 3's head_dim 256 in SmartKV's groups of 64: 4 groups, so its 3-bit pools take torch.)"""
+    D, g = pool.shape[-1], pool.group_size
+    if pool.axis != -1:
+        return "pools must be quantized per token (axis -1)"
+    if D < 16 or D & (D - 1) or g & (g - 1):
+        return f"head_dim and group size must be powers of two (head_dim >= 16), got {D} and {g}"
+    if pool.bits == 3 and (D < 32 or D // min(g, D) > 2):
+        return f"3-bit pools need head_dim >= 32 and at most 2 groups per token, got head_dim {D}, group {g}"
+    return None
+
+
 def pool_ok(pool: QTensor) -> bool:
-    """Shapes these kernels handle: per-token groups, power-of-two head_dim >= 16 and group size. 3-bit pools:
-    head_dim >= 32 (see _block) and at most 2 groups per token: with 4 or 8, Triton 3.6 fails to compile the
-    passes for sm_90 (an MLIR pass error in TritonGPUOptimizeDotOperands) while 2-, 4- and 8-bit pools with 4 and
-    8 groups compile and pass; benchmarks/check_pool_groups.py tabulates it on a GPU."""
-    D = pool.shape[-1]
-    if pool.bits == 3 and (D < 32 or D // min(pool.group_size, D) > 2):
-        return False
-    return D >= 16 and not D & (D - 1) and pool.axis == -1 and not pool.group_size & (pool.group_size - 1)
+    return pool_problem(pool) is None
 
 
 def _block(key: str, bits: list) -> int:

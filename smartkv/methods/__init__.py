@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from smartkv.cache.hf_compat import model_kv_shape, use_attention
+from smartkv.cache.hf_compat import model_kv_shape, sliding_windows, use_attention
 from smartkv.cache.layer import ATTENTION_NAME, SmartKVCache
 from smartkv.methods.base import MethodConfig
 from smartkv.core.registry import Registry, did_you_mean
@@ -73,12 +73,14 @@ def make_cache(method: str | MethodConfig, model=None, num_layers: int | None = 
         config = method
     else:
         config = make_config(method, **params)
+    windows = None
     if model is not None:
         num_layers = model_kv_shape(model)["num_layers"]
+        windows = sliding_windows(model, num_layers)   # hybrid models: the layers DynamicCache keeps a window of
         use_attention(model, ATTENTION_NAME)
     if num_layers is None:
         raise ValueError("make_cache needs a model or num_layers")
-    return SmartKVCache(config, num_layers, attention_hooked=model is not None)
+    return SmartKVCache(config, num_layers, attention_hooked=model is not None, sliding_windows=windows)
 
 
 # importing the method modules registers them

@@ -9,12 +9,28 @@ from typing import ClassVar
 from smartkv.core.quant import BITS
 
 
+SLIDING_LAYERS = ("quantized", "fp16")
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of all method configs. Fields are the method's hyper-parameters; `validate` checks them."""
+    """Base of all method configs. Fields are the method's hyper-parameters; `validate` checks them.
+
+    sliding_layers: how sliding-window layers (hybrid models: Gemma 3's 15 of 18) spend memory. Either way such a
+    layer holds only DynamicCache's last window - 1 tokens (smartkv.cache.sliding). "quantized" (the default): the
+    method stores them like every other layer, so a method's bits mean the same on every model and every layer
+    (at Gemma 3's 1.5K tokens its sliding layers hold most of the cache). "fp16": kept as the `fp16` method
+    keeps them (the model's dtype, exactly DynamicCache's layer); the method's budget then buys the
+    full-attention layers only, which dominate at long context. Models without sliding layers ignore it.
+    """
     name: ClassVar[str] = ""
+    sliding_layers: str = dataclasses.field(default="quantized", kw_only=True)
+    # Fields added after results were stored under job ids that hash every parameter: at these values they stay
+    # out of `params()`, so a config that does not set them keeps the id (and label) it had before they existed.
+    ID_NEUTRAL: ClassVar[dict] = {"sliding_layers": "quantized"}
 
     def __post_init__(self):
+        check_choice("sliding_layers", self.sliding_layers, SLIDING_LAYERS)
         self.validate()
 
     def validate(self) -> None:
@@ -23,8 +39,21 @@ class MethodConfig:
     def make_layer(self, layer_idx: int):
         raise NotImplementedError
 
+    def build_layer(self, layer_idx: int, sliding_window: int | None = None):
+        """The cache layer of model layer `layer_idx`, which attends to its last `sliding_window` tokens (None:
+        to all of them)."""
+        if sliding_window is not None and self.sliding_layers == "fp16":
+            from smartkv.methods import METHODS  # the registry: this module is below the methods it holds
+            layer = METHODS.get("fp16")().make_layer(layer_idx)
+        else:
+            layer = self.make_layer(layer_idx)
+        layer.set_sliding_window(sliding_window)
+        return layer
+
     def params(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every parameter, less those at their ID_NEUTRAL value; `make_config(name, **params())` rebuilds it."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self.ID_NEUTRAL or self.ID_NEUTRAL[k] != v}
 
     def label(self) -> str:
         """Short label with the parameters that differ from the defaults, e.g. `kivi(key_bits=2,value_bits=2)`."""

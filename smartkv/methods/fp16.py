@@ -29,6 +29,10 @@ class FP16Layer(KVLayer):
     def _stored_kv(self):
         return self.keys, self.values
 
+    def _evict(self, count: int) -> int:
+        self.keys, self.values = self.keys[..., count:, :], self.values[..., count:, :]  # as DynamicCache slices
+        return count
+
     # static decode steps (smartkv.cache.graphs): preallocated rows, the new token written at state.pos
     def _static_begin(self, tokens: int) -> None:
         if self._buf is None or self._buf[0].shape[-2] < tokens:

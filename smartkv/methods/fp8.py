@@ -51,6 +51,11 @@ class FP8Layer(KVLayer):
         k, v = (fp8_dequantize(c.view(), s.view(), self.dtype) for c, s in zip(self.codes, self.scales, strict=True))
         return k, v
 
+    def _evict(self, count: int) -> int:
+        for buf in (*self.codes, *self.scales):   # per token: any count leaves at once
+            buf.drop_front(count)
+        return count
+
     def _reserve(self, tokens: int) -> None:
         for buf in (*self.codes, *self.scales):
             buf.reserve(tokens)

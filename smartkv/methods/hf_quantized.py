@@ -10,6 +10,9 @@ axis 0 for keys and values (per token, groups of 64 channels).
 Bytes: the backend's packed codes (payload), its scales and shifts (metadata, in the dtype the backend keeps them:
 the model's), the residual (residual). The dequantized copy made every step is transient and not counted, as for
 every method here.
+On a sliding-window layer (smartkv.cache.sliding) what left the window is forgotten where the backend quantizes
+(the prompt, and each flush, which re-quantizes the whole cache anyway), so the layer holds at most
+`residual_length - 1` tokens past its window.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from typing import ClassVar
 
 import torch
 
-from smartkv.cache.hf_compat import quantized_backend_available, quantized_layer, quantized_layer_state
+from smartkv.cache.hf_compat import (quantized_backend_available, quantized_layer, quantized_layer_state,
+                                     quantized_layer_window_update)
 from smartkv.cache.layer import KVLayer
 from smartkv.methods import register
 from smartkv.methods.base import MethodConfig, check_choice, check_int
@@ -43,12 +47,27 @@ class HFQuantizedLayer(KVLayer):
         # transformers' layer returns what attention needs (one dequantization a step); plain SDPA attends over it
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys, values = self.inner.update(key_states, value_states)
+        keys, values = self._inner_update(key_states, value_states)
         self.seq_len += key_states.shape[-2]
         return keys, values
 
+    def _inner_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        if not self.is_sliding:
+            return self.inner.update(key_states, value_states)
+        keys, values, forgotten = quantized_layer_window_update(self.inner, key_states, value_states,
+                                                                self.sliding_window - 1)
+        self.evicted += forgotten
+        return keys, values
+
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.inner.update(key_states, value_states)
+        self._inner_update(key_states, value_states)
+
+    def _evict(self, count: int) -> int:
+        return 0   # only where the backend quantizes (_inner_update)
+
+    @property
+    def eviction_lag(self) -> int:
+        return self.config.residual_length - 1
 
     def _stored_kv(self):
         qk, qv, rk, rv = quantized_layer_state(self.inner)

@@ -75,6 +75,23 @@ class KIVILayer(KVLayer):
         values = torch.cat([dequantize(self.qv.view(), self.dtype), v_res], -2) if self.qv.n else v_res
         return keys, values
 
+    def _evict(self, count: int) -> int:
+        # quantized keys leave in whole per-channel groups; once none is left, residual keys go one by one
+        n_q = self.qk.n
+        drop = min(count, n_q) // self.group * self.group
+        if drop == n_q:
+            drop += min(count - n_q, len(self.k_res))
+        self.qk.drop_front(min(drop, n_q))
+        self.k_res.drop_front(max(drop - n_q, 0))
+        v_q = min(drop, self.qv.n)
+        self.qv.drop_front(v_q)
+        self.v_res.drop_front(drop - v_q)
+        return drop
+
+    @property
+    def eviction_lag(self) -> int:
+        return self.config.group_size - 1
+
     def _decode_segments(self, key_states, value_states):
         # the state before this step's flush, plus the new token: what the reference path attends over
         n_k, n_v = self.flushed

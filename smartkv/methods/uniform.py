@@ -32,6 +32,11 @@ class UniformLayer(KVLayer):
     def _stored_kv(self):
         return dequantize(self.qk.view(), self.dtype), dequantize(self.qv.view(), self.dtype)
 
+    def _evict(self, count: int) -> int:
+        self.qk.drop_front(count)
+        self.qv.drop_front(count)
+        return count
+
     def _decode_segments(self, key_states, value_states):
         n = self.seq_len  # tokens stored before this step; the new one attends unquantized
         return [KVSegment(self.qk.view(n), self.qv.view(n), key_residual=key_states, value_residual=value_states)]

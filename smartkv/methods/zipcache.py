@@ -15,6 +15,9 @@ Streaming: tokens generated after the prompt stay in 16 bits while decode querie
 attention, every decode query a probe); every `streaming_gap` tokens (the paper's 100) they are compressed as a
 new block with their own saliency split and parameters. Unlike the reference code, compressed blocks are never
 re-quantized (it dequantizes and re-quantizes the whole cache at every flush).
+Sliding-window layers (smartkv.cache.sliding): blocks leave whole, so there a prompt is compressed in blocks of
+`streaming_gap` tokens (each with its own salient split) and a layer holds at most `streaming_gap - 1` tokens past
+its window; uncompressed tokens leave one by one.
 
 Layout differences from the reference code, both in ZipCache's favour or neutral: token-wise parameters are per
 (token, KV head) rather than per token over all heads (the salient sets differ between heads), and the salient
@@ -194,8 +197,32 @@ class ZipCacheLayer(KVLayer):
         elif w >= self.config.streaming_gap:
             self._flush(self.config.streaming_gap)
 
+    def _evict(self, count: int) -> int:
+        # whole blocks, oldest first; once none is left, uncompressed tokens one by one
+        dropped = 0
+        while self.blocks and self.blocks[0].n <= count - dropped:
+            dropped += self.blocks.pop(0).n
+        if not self.blocks:
+            n = min(count - dropped, len(self.win_k))
+            self.win_k.drop_front(n)
+            self.win_v.drop_front(n)
+            self.win_mass, self.win_seen = self.win_mass[..., n:].clone(), self.win_seen[:, n:].clone()
+            self.unscored = min(self.unscored, len(self.win_k))
+            dropped += n
+        return dropped
+
+    @property
+    def eviction_lag(self) -> int:
+        return self.config.streaming_gap - 1
+
     def _flush(self, count: int) -> None:
-        """Compress the window's first `count` tokens into a block."""
+        """Compress the window's first `count` tokens into a block (on a sliding layer: blocks of at most
+        `streaming_gap` tokens, so that each leaves the window soon after its last token does)."""
+        gap = self.config.streaming_gap
+        if self.is_sliding and count > gap:
+            for done in range(0, count, gap):
+                self._flush(min(gap, count - done))
+            return
         if count <= 0:
             return
         start = self.win_k.start

@@ -136,14 +136,15 @@ def capture_prefill(cache):
 
 def kv_errors(cache, captured: dict) -> dict:
     """Relative error of what the cache returns for the prompt against the prompt's own keys and values,
-    per layer and averaged over layers."""
+    per layer and averaged over layers (on a sliding-window layer, over the prompt tokens it still holds)."""
     per_k, per_v = [], []
     for layer_idx in sorted(captured):
         ref_k, ref_v = captured[layer_idx]
         k, v = cache.stored_kv(layer_idx)
-        T = ref_k.shape[-2]
-        per_k.append(quality.relative_error(ref_k, k[..., :T, :]))
-        per_v.append(quality.relative_error(ref_v, v[..., :T, :]))
+        first = getattr(cache.layers[layer_idx], "evicted", 0)   # the position of the first token held
+        T = ref_k.shape[-2] - first
+        per_k.append(quality.relative_error(ref_k[..., first:, :], k[..., :T, :]))
+        per_v.append(quality.relative_error(ref_v[..., first:, :], v[..., :T, :]))
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"key_rel_error": mean(per_k), "value_rel_error": mean(per_v),
             "key_rel_error_per_layer": per_k, "value_rel_error_per_layer": per_v}

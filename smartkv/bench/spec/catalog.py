@@ -7,7 +7,7 @@ import importlib.metadata
 import re
 from pathlib import Path
 
-from smartkv.models import EMBEDDED_ALIASES, TINY_MODELS
+from smartkv.models import EMBEDDED_ALIASES, EMBEDDED_NAMES, TINY_MODELS
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
@@ -28,7 +28,7 @@ def check_model_name(name: str) -> str | None:
             return f"local model directory {name!r} has no config.json"
         return None
     if ".." in name or not HUB_ID_RE.match(name):
-        return (f"{name!r} is not a known model ({', '.join(EMBEDDED_ALIASES[:1] + TINY_MODELS)}), "
+        return (f"{name!r} is not a known model ({', '.join(EMBEDDED_NAMES + TINY_MODELS)}), "
                 "a local directory (start it with ./ or /) or a hub id like org/name")
     return None
 
@@ -97,7 +97,7 @@ class Catalog:
         return data.get_prompt_set(name, **options)
 
     def model_names(self) -> list[str]:
-        return [EMBEDDED_ALIASES[0], *TINY_MODELS]
+        return [*EMBEDDED_NAMES, *TINY_MODELS]
 
     def package_version(self) -> str:
         return package_version()

@@ -8,9 +8,11 @@ from smartkv.methods.smartkv.attention import SmartKVAttention
 from smartkv.methods.smartkv.realloc import SmartKVRealloc
 from smartkv.methods.smartkv.static import SmartKVStatic
 from smartkv.methods.smartkv.storage import SmartKVStorage
+from smartkv.methods.smartkv.window import SmartKVWindow
 
 
 # the parts come before KVLayer so that their hooks (_store, attend, _static_begin, _before_update...) override its
-# defaults; no two parts define the same method, so their own order does not matter
-class SmartKVLayer(SmartKVStorage, SmartKVAttention, SmartKVStatic, SmartKVRealloc, KVLayer):
+# defaults; no two parts define the same method, so their own order does not matter (the window part: sliding
+# layers, smartkv.cache.sliding)
+class SmartKVLayer(SmartKVStorage, SmartKVAttention, SmartKVStatic, SmartKVRealloc, SmartKVWindow, KVLayer):
     static_capable = True

@@ -14,18 +14,22 @@ class SmartKVRealloc:
     """SmartKVLayer's re-allocation part: `_flush` and the steps it takes."""
 
     def _before_update(self) -> None:
-        self._flush()  # when no attention hook ran (e.g. another attention implementation)
+        self._flush(evict=False)  # when no attention hook ran; forgetting now would break this call's mask
 
-    def _flush(self) -> None:
+    def _flush(self, evict: bool = True) -> None:
         """Move the window's oldest tokens into the middle and re-allocate the middle's widths. Only tokens that
         change width (demotions) and the new ones are dequantized or quantized; the rest is index work on the
-        level maps and a copy of the kept codes (the weights read stored tokens' ranges from scales and zeros)."""
+        level maps and a copy of the kept codes (the weights read stored tokens' ranges from scales and zeros).
+        On a sliding layer (with `evict`: after the call's attention) first forget what left the window."""
         cfg = self.config
         n = self.win_k.shape[-2] - cfg.recent_window
         if n < cfg.realloc_every or n <= 0:
             return
         self._stored = {}
         try:
+            n -= self._forget_front(n) if evict else 0
+            if n <= 0:
+                return
             new_k, new_v = self.win_k[..., :n, :].float(), self.win_v[..., :n, :].float()
             self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
             if self.k_mu is None:

@@ -54,7 +54,8 @@ class SmartKVStorage:
         self._sbuf = None  # static steps: window K/V and importance buffers of the phase (see _static_begin)
 
     def _store(self, key_states, value_states) -> None:
-        n_sink = max(0, min(self.config.sink_tokens - self.sink_k.shape[-2], key_states.shape[-2]))
+        # the sequence's first tokens (a sliding layer forgets them once they leave its window)
+        n_sink = max(0, min(self.config.sink_tokens - self.seq_len, key_states.shape[-2]))
         if n_sink:
             self.sink_k = torch.cat([self.sink_k, key_states[..., :n_sink, :].to(self.window_dtype)], -2)
             self.sink_v = torch.cat([self.sink_v, value_states[..., :n_sink, :].to(self.window_dtype)], -2)
@@ -78,6 +79,8 @@ class SmartKVStorage:
         out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, D, device=self.device)
         if not self.n_middle:
             return out
+        if self._stored is not None:  # inside a re-allocation, which may have forgotten pool entries
+            return self._middle_by_rank(kind)
         bits = self.level_bits(kind)
         for b, q in self.pools[kind].items():
             out[bits == b] = dequantize(q).reshape(-1, D)
