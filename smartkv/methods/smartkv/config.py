@@ -20,7 +20,7 @@ class SmartKV(MethodConfig):
     recent_window: int = 32
     realloc_every: int = 16
     block_tokens: int = 1      # middle tokens (consecutive, per KV head) sharing one width; the middle grows by blocks
-    realloc: str = "full"      # "incremental": new blocks and a few demotion candidates per width are re-allocated
+    realloc: str = "incremental"  # only new blocks and one demotion candidate per width and new block ("full": all)
     observe_window: int = 32
     key_norm: str = "channel"
     importance: str = "mean"

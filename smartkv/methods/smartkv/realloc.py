@@ -25,7 +25,9 @@ class SmartKVRealloc:
         n = self.win_k.shape[-2] - cfg.recent_window
         if n < self._flush_at() or n <= 0:
             return
-        n -= n % cfg.block_tokens  # the middle grows by whole blocks
+        n = self._flush_count(n)
+        if not n:
+            return
         self._stored = {}
         try:
             new_k, new_v = self.win_k[..., :n, :].float(), self.win_v[..., :n, :].float()
@@ -50,6 +52,14 @@ class SmartKVRealloc:
     def _flush_at(self) -> int:
         """Tokens past the recent window that trigger a re-allocation (at least one block)."""
         return max(self.config.realloc_every, self.config.block_tokens)
+
+    def _flush_count(self, n: int) -> int:
+        """Tokens of the window's `n` past `recent_window` that move: whole blocks, rounded up (taking the newest
+        tokens from the recent window) when that leaves at least half the recent window, so the window holds no
+        more full-precision tokens on average than with per-token widths; else rounded down."""
+        bt = self.config.block_tokens
+        short = -n % bt
+        return n + short if short <= self.config.recent_window // 2 else n - n % bt
 
     def _fit_key_norm(self, keys: torch.Tensor) -> None:
         B, H, _, D = keys.shape
