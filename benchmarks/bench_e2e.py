@@ -55,6 +55,15 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
     "smartkv (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3)),
     "smartkv (budget 4.25; gap 3; realloc 64) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
                                                                               realloc_every=64)),
+    # the design before block widths and incremental re-allocation: a width per token, the whole middle
+    # re-allocated every 16 tokens
+    "smartkv per-token full (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
+                                                                                 block_tokens=1, realloc="full")),
+    "smartkv per-token full (budget 4.25; gap 3)": ("smartkv", dict(budget=4.25, key_value_gap=3, block_tokens=1,
+                                                                    realloc="full")),
+    # a width per block of 16 tokens (quality held at this memory point, not at KIVI-2's: docs/smartkv.md)
+    "smartkv block 16 (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
+                                                                           block_tokens=16)),
 }
 GRAPH = " (CUDA graph)"
 MAX_BATCH_ROWS = ["fp16 DynamicCache (SDPA)", "fp16 DynamicCache (flash)", "int8", "int4", "kivi-2 (K2/V2)",
@@ -180,6 +189,7 @@ def run_row(model, name: str, batch: int, args) -> dict:
     mean = statistics.fmean(times)
     # tokens/s over every measured step (SmartKV's re-allocation steps included: its median step hides them)
     row = dict(name=name, batch=batch, context=args.context, step_ms=statistics.median(times), mean_ms=mean,
+               max_ms=max(times),
                tokens_per_s=batch * 1e3 / mean,
                kv_bytes_per_token=per_token, kv_gib=per_token * batch * args.context / GIB, slack_gib=slack / GIB,
                peak_gib=peak_gib(), fill_s=fill_s, step_ms_all=times)
@@ -225,11 +235,12 @@ def check_fused(model, notes: list, context: int = 4096, batch: int = 2, steps: 
 
 
 def table(rows: list[dict], base: dict | None) -> list[str]:
-    lines = ["| method | batch | median ms / step | mean ms | tokens/s (all steps) | vs first row | KV GiB | "
-             "KV bytes/token/seq | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | batch | median ms / step | mean ms | max ms | tokens/s (all steps) | vs first row | KV GiB | "
+             "KV bytes/token/seq | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
-        lines.append(f"| {r['name']} | {r['batch']} | {r['step_ms']:.1f} | {r['mean_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+        lines.append(f"| {r['name']} | {r['batch']} | {r['step_ms']:.1f} | {r['mean_ms']:.1f} | {r['max_ms']:.1f} | "
+                     f"{r['tokens_per_s']:.0f} | "
                      f"{vs} | {r['kv_gib']:.1f} | {r['kv_bytes_per_token']:.0f} | {r['peak_gib']:.1f} |")
     return lines
 

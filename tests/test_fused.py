@@ -149,10 +149,16 @@ def test_reserve_preallocates_and_counts_slack_apart(tiny_llama):
     assert caches[1].layers[0].qv.capacity == 1024
 
 
+PER_TOKEN = dict(block_tokens=1, realloc="full")   # a width per token, the whole middle re-allocated
 SMARTKV_CASES = {  # pools of 2..8 bits, keys and values at different widths, rotated and plain stored spaces
-    "b2.5-gap1": dict(budget=2.5, key_value_gap=1, group_size=16, recent_window=8, realloc_every=4),
-    "b4-rotate": dict(budget=4, rotate="both", group_size=32, recent_window=8, realloc_every=4),
-    "b6-3bit": dict(budget=6, widths=(3, 8), recent_window=8, realloc_every=4),
+    "b2.5-gap1": dict(budget=2.5, key_value_gap=1, group_size=16, recent_window=8, realloc_every=4, **PER_TOKEN),
+    "b4-rotate": dict(budget=4, rotate="both", group_size=32, recent_window=8, realloc_every=4, **PER_TOKEN),
+    "b6-3bit": dict(budget=6, widths=(3, 8), recent_window=8, realloc_every=4, **PER_TOKEN),
+    # blocks of 4 tokens, incremental re-allocation (a block's tokens sit next to each other in its pool)
+    "b4.25-block4": dict(budget=4.25, key_value_gap=3, group_size=16, recent_window=8, realloc_every=4,
+                         block_tokens=4, realloc="incremental"),
+    "b2.5-block4-full": dict(budget=2.5, key_value_gap=1, group_size=16, recent_window=8, realloc_every=4,
+                             block_tokens=4, realloc="full"),
 }
 
 
@@ -199,7 +205,7 @@ DECODE_KERNELS = (("triton_attn", ("_split_kernel", "_merge_kernel")),
 
 @pytest.mark.parametrize("method,params,kernels", [
     ("smartkv", dict(budget=4.25, key_value_gap=3, widths=(2, 4, 8), recent_window=8, realloc_every=4,
-                     group_size=16), (("triton_pool", ("_scores_kernel", "_values_kernel", "_positions_kernel")),)),
+                     group_size=16, block_tokens=4), (("triton_pool", ("_scores_kernel", "_values_kernel", "_positions_kernel")),)),
     ("int4", {}, DECODE_KERNELS),
     ("kivi", dict(key_bits=2, value_bits=2, group_size=16, residual_length=16), DECODE_KERNELS),
 ])

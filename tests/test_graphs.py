@@ -203,16 +203,20 @@ def test_default_mode_graphs_only_what_can_be_graphed(tiny_llama, kernels):
     assert default_mode("cuda", no_hook) == "eager"
 
 
-SMARTKV = dict(budget=4.25, key_value_gap=3, widths=(2, 4, 8), recent_window=8, realloc_every=4, group_size=16)
+SMARTKV = dict(budget=4.25, key_value_gap=3, widths=(2, 4, 8), recent_window=8, realloc_every=4, group_size=16,
+               block_tokens=4)
+PER_TOKEN = dict(block_tokens=1, realloc="full")   # a width per token, the whole middle re-allocated
 
 
+@pytest.mark.parametrize("design", ["default", "per-token"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny_llama, kernels, batch):
+def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny_llama, kernels, batch, design):
     """12 steps at realloc_every=4: three re-allocations run between static steps (`cache.advance`), each
     followed by a new phase; tokens, logits, importance and the pools' widths follow the ordinary fused steps."""
     ids = torch.randint(3, 500, (batch, 30), generator=torch.Generator().manual_seed(11 + batch)).to(DEV)
-    ref_tokens, ref_logits, ref_cache, _ = _decode(tiny_llama, "smartkv", ids, 12, "eager", **SMARTKV)
-    tokens, logits, cache, dec = _decode(tiny_llama, "smartkv", ids, 12, "static", **SMARTKV)
+    params = dict(SMARTKV, **(PER_TOKEN if design == "per-token" else {}))
+    ref_tokens, ref_logits, ref_cache, _ = _decode(tiny_llama, "smartkv", ids, 12, "eager", **params)
+    tokens, logits, cache, dec = _decode(tiny_llama, "smartkv", ids, 12, "static", **params)
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
     assert err < LOGIT_BOUND, err

@@ -180,11 +180,14 @@ def _layout_half_steps(method: str, config, layer, k: torch.Tensor, v: torch.Ten
         hk[..., :n_k, :] = _half_steps(k[..., :n_k, :], config.key_bits, G, axis=-2)
         hv[..., :n_v, :] = _half_steps(v[..., :n_v, :], config.value_bits, G)
         return hk, hv
-    if method == "smartkv":  # sinks, then the middle at per-token widths, then the recent window
+    if method == "smartkv":  # sinks, then the middle at per-token widths (one per block), then the recent window
         assert config.rotate == "none"
         sinks = min(config.sink_tokens, T)
-        n = T - sinks - config.recent_window
-        mid = slice(sinks, sinks + (n if n >= config.realloc_every else 0))
+        n = T - sinks - config.recent_window   # the middle: whole blocks, within half the window of n
+        assert layer.n_middle % config.block_tokens == 0
+        assert abs(layer.n_middle - n) < config.block_tokens or layer.n_middle == 0 < max(config.realloc_every,
+                                                                                           config.block_tokens) - n
+        mid = slice(sinks, sinks + layer.n_middle)
         mu, scale = layer.k_mu.float(), layer.k_scale.float()     # keys are normalised per channel, then quantized
         hk[..., mid, :] = _half_steps((k[..., mid, :] - mu) / scale, layer.level_bits("k"), G) * scale
         hv[..., mid, :] = _half_steps(v[..., mid, :], layer.level_bits("v"), G)

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smartkv.core.policy import (WIDTHS, cascade_assign, check_budget, counts_for, kv_budgets, pack_levels,
-                            rank_profile, solve_widths, unpack_levels)
+from smartkv.core.policy import (WIDTHS, block_weights, cascade_assign, check_budget, counts_for, incremental_assign,
+                                 kv_budgets, pack_levels, rank_profile, solve_widths, unpack_levels)
 
 weights_st = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=200)
 budget_st = st.floats(2, 8, allow_nan=False)
@@ -126,3 +126,46 @@ def test_bit_counter_equals_choosing_every_token(widths):
         lams += [float(x) / brk for x in w[:5] for brk in counter.breaks if x > 0]  # exactly at breakpoints
         for lam in lams:
             assert counter.total(lam) == float(w_vals[_choose(w, lam, w_vals)].sum()), lam
+
+
+def test_block_weights_sum_each_block():
+    w = torch.arange(12.0).reshape(2, 6)
+    assert block_weights(w, 3).tolist() == [[3.0, 12.0], [21.0, 30.0]]
+    assert block_weights(w, 1) is w
+
+
+def _stored_allocation(rows, nq, budget, g):
+    """A stored allocation as a full re-allocation leaves it: equal histograms per row, within the budget."""
+    w = torch.rand(rows, nq, generator=g).pow(4)
+    old = cascade_assign(w, torch.full((rows, nq), 8), counts_for(rank_profile(w), budget))
+    return old, {b: int((old[0] == b).sum()) for b in WIDTHS}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 80), st.integers(1, 12), budget_st, st.integers(1, 4),
+       st.integers(0, 2**31 - 1))
+def test_incremental_keeps_the_budget_the_caps_and_equal_counts(rows, nq, n_new, budget, per_width, seed):
+    """Units added over many incremental steps: the total never passes floor(budget * n), stored units are never
+    promoted, only the new units and at most `per_width` stored units per width change, every row has the same
+    histogram, and the budget is spent to within what one step can leave (a few units' widths)."""
+    g = torch.Generator().manual_seed(seed)
+    old, stored = _stored_allocation(rows, nq, budget, g)
+    for _ in range(3):
+        n = old.shape[1] + n_new
+        w = torch.rand(rows, n, generator=g).pow(4)
+        out = incremental_assign(w, old, stored, budget, WIDTHS, per_width)
+        assert out.shape == (rows, n)
+        hist = [[int((out[r] == b).sum()) for b in WIDTHS] for r in range(rows)]
+        assert all(h == hist[0] for h in hist)
+        assert int(out[0].sum()) <= math.floor(budget * n + 1e-9)
+        assert bool((out[:, :old.shape[1]] <= old).all())
+        changed = (out[:, :old.shape[1]] != old).sum(-1)
+        assert int(changed.max()) <= per_width * (len(WIDTHS) - 1)
+        old, stored = out, dict(zip(WIDTHS, hist[0]))
+
+
+def test_incremental_demotes_the_lightest_stored_unit_for_a_heavy_new_one():
+    old = torch.tensor([[8, 2, 8, 2]])          # 20 bits of floor(5 * 4) = 20: the budget is spent
+    w = torch.tensor([[5.0, 1.0, 0.5, 1.0, 9.0]])
+    out = incremental_assign(w, old, {8: 2, 2: 2}, 5.0, (2, 8), per_width=1)
+    assert out.tolist() == [[8, 2, 2, 2, 8]]    # the new heavy unit takes the 8 of the lighter stored one

@@ -201,3 +201,41 @@ def test_reallocation_waits_for_the_device_a_bounded_number_of_times():
         layer._flush()
     assert layer.n_middle == before + 16                                   # it did re-allocate
     assert len(waits) <= 4, waits                  # 30 before the gathers (2 now: _repool's fresh tokens)
+
+
+@pytest.mark.parametrize("realloc", ["full", "incremental"])
+def test_block_widths_hold_one_width_per_block_within_the_budget(tiny, realloc):
+    """block_tokens=4: the middle holds whole blocks, every block of every (sequence, KV head) has one width for
+    keys and one for values, the key and value budgets hold, and stored codes are never promoted."""
+    params = dict(budget=4.25, key_value_gap=3, recent_window=8, realloc_every=4, group_size=32, block_tokens=4,
+                  realloc=realloc)
+    cache = _run(tiny.model, steps=30, **params)
+    k_budget, v_budget = smartkv.core.policy.kv_budgets(4.25, 3)
+    for layer, lb in zip(cache.layers, cache.memory_report().per_layer, strict=True):
+        assert layer.n_middle % 4 == 0 and layer.n_middle >= 40 + 30 - 4 - 8 - 8
+        for kind in ("k", "v"):
+            blocks = layer.level_bits(kind).reshape(layer.batch_size, layer.num_heads, -1, 4)
+            assert torch.equal(blocks, blocks[..., :1].expand_as(blocks)), kind
+        assert lb["k_bits"] <= k_budget * lb["k_elements"] + 1e-6
+        assert lb["v_bits"] <= v_budget * lb["v_elements"] + 1e-6
+        assert len(layer.pools["k"]) >= 2
+
+
+def test_incremental_reallocation_demotes_a_bounded_number_of_blocks(tiny):
+    """After the prompt's allocation, each incremental re-allocation changes the width of at most one stored
+    block per width above the narrowest (keys and values each), and never promotes one."""
+    params = dict(budget=4.25, key_value_gap=3, recent_window=8, realloc_every=4, group_size=32, block_tokens=4,
+                  realloc="incremental")
+    cache = smartkv.make_cache("smartkv", tiny.model, **params)
+    ids = torch.randint(0, 512, (1, 80), generator=torch.Generator().manual_seed(2))
+    layer = cache.layers[1]
+    with torch.inference_mode():
+        tiny.model(ids[:, :40], **cache_kwargs(tiny.model, cache), use_cache=True)
+        for t in range(40, 80):
+            before = {kind: layer.level_bits(kind).clone() for kind in ("k", "v")}
+            tiny.model(ids[:, t:t + 1], **cache_kwargs(tiny.model, cache), use_cache=True)
+            for kind, old in before.items():
+                now = layer.level_bits(kind)[..., :old.shape[-1]]
+                assert bool((now <= old).all())
+                changed_blocks = (now != old).reshape(*old.shape[:2], -1, 4).any(-1).sum(-1)
+                assert int(changed_blocks.max()) <= len(layer.widths) - 1, (t, kind)

@@ -291,3 +291,41 @@ def unpack_levels(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of `pack_levels`: -> (..., n) uint8."""
     from smartkv.core.quant import unpack
     return unpack(packed, 2)[..., :n]
+
+
+def block_weights(weights: torch.Tensor, block: int) -> torch.Tensor:
+    """Allocation weights of blocks of `block` consecutive tokens: (R, n) -> (R, n // block), each the sum of its
+    tokens' (a block's error is the sum of its tokens' errors at one width); n a multiple of `block`."""
+    if block == 1:
+        return weights
+    R, n = weights.shape
+    return weights.reshape(R, n // block, block).sum(-1)
+
+
+def incremental_assign(weights: torch.Tensor, old_bits: torch.Tensor, stored: dict[int, int], budget: float,
+                       widths=WIDTHS, per_width: int = 1) -> torch.Tensor:
+    """Widths (R, n) for units (tokens or blocks) of `weights` (R, n): the first `old_bits.shape[1]` are stored at
+    `old_bits` (R, nq) (`stored`: units per width in every row, known on the host), the rest are new. Only the new
+    units and, for each width above the narrowest, the `per_width` lightest stored units of that width are
+    re-allocated (`cascade_assign`, stored ones capped at their width), against the bits the other stored units
+    leave of floor(budget * n): the work grows with the new units, not with the stored ones."""
+    R, n = weights.shape
+    nq = old_bits.shape[1]
+    lowest, widest = min(widths), max(widths)
+    idx = [torch.arange(nq, n, device=weights.device).expand(R, n - nq)]
+    fixed_bits = 0
+    for w in sorted(widths):
+        c = stored.get(w, 0)
+        m = 0 if w == lowest else min(per_width, c)
+        fixed_bits += (c - m) * w
+        if m:
+            lightest = torch.where(old_bits == w, weights[:, :nq], torch.full_like(weights[:, :nq], math.inf))
+            idx.append(torch.topk(lightest, m, dim=-1, largest=False).indices)
+    idx = torch.cat(idx, -1)                                                  # (R, candidates), the same count per row
+    target = math.floor(budget * n + 1e-9) - fixed_bits
+    cand_budget = min(max(target / idx.shape[1], lowest), widest)
+    w_c = weights.gather(1, idx)
+    caps = torch.where(idx < nq, old_bits.gather(1, idx.clamp(max=max(nq - 1, 0))) if nq else widest, widest)
+    counts = counts_for(rank_profile(w_c).cpu(), cand_budget, widths)
+    out = torch.cat([old_bits, old_bits.new_full((R, n - nq), widest)], -1)
+    return out.scatter_(1, idx, cascade_assign(w_c, caps, counts))

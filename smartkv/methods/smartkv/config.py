@@ -19,6 +19,8 @@ class SmartKV(MethodConfig):
     sink_tokens: int = 4
     recent_window: int = 32
     realloc_every: int = 16
+    block_tokens: int = 1      # middle tokens (consecutive, per KV head) sharing one width; the middle grows by blocks
+    realloc: str = "incremental"  # only new blocks and one demotion candidate per width and new block ("full": all)
     observe_window: int = 32
     key_norm: str = "channel"
     importance: str = "mean"
@@ -38,6 +40,8 @@ class SmartKV(MethodConfig):
         check_int("recent_window", self.recent_window, 0, 1 << 20)
         check_int("realloc_every", self.realloc_every, 1, 1 << 20)
         check_int("observe_window", self.observe_window, 1, 1 << 16)
+        check_int("block_tokens", self.block_tokens, 1, 1024)
+        check_choice("realloc", self.realloc, ("full", "incremental"))
         check_choice("key_norm", self.key_norm, ("channel", "center", "none"))
         check_choice("importance", self.importance, ("mean", "sum", "keynorm", "uniform"))
         if not isinstance(self.importance_floor, (int, float)) or not 0 <= self.importance_floor <= 1e6:

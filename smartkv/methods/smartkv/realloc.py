@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from smartkv.core.importance import decode_importance, seen_from_ranges, token_weights
-from smartkv.core.policy import cascade_assign, counts_for, pack_levels, rank_profile
+from smartkv.core.policy import (block_weights, cascade_assign, counts_for, incremental_assign, pack_levels,
+                                 rank_profile)
 from smartkv.core.quant import QTensor, dequantize, quantize
 
 
@@ -23,7 +24,10 @@ class SmartKVRealloc:
         On a sliding layer (with `evict`: after the call's attention) first forget what left the window."""
         cfg = self.config
         n = self.win_k.shape[-2] - cfg.recent_window
-        if n < cfg.realloc_every or n <= 0:
+        if n < self._flush_at() or n <= 0:
+            return
+        n = self._flush_count(n)
+        if not n:
             return
         self._stored = {}
         try:
@@ -35,17 +39,31 @@ class SmartKVRealloc:
             if self.k_mu is None:
                 self._fit_key_norm(new_k)
             new_k, new_v = self._to_stored(new_k, new_v)
-            weights = self._weights(new_k, new_v)
-            profile = rank_profile(weights).cpu()  # one device->host copy per re-allocation, shared by keys and values
+            weights = block_weights(self._weights(new_k, new_v), cfg.block_tokens)
+            incremental = cfg.realloc == "incremental" and self.n_middle
+            # full: one device->host copy per re-allocation, shared by keys and values
+            profile = None if incremental else rank_profile(weights).cpu()
             for kind, new, budget in (("k", new_k, self.budget_k), ("v", new_v, self.budget_v)):
                 old_bits = self._stored_ranks(kind)[0]
-                new_bits = self._allocate(weights, old_bits, budget, profile)
+                new_bits = self._allocate(kind, weights, old_bits, budget, profile)
                 level = torch.searchsorted(self._width_values, new_bits)   # index into widths, (B, H, T)
                 self.pools[kind] = self._repool(kind, old_bits, new_bits, level, new)
                 self.levels[kind] = pack_levels(level.to(torch.uint8))
             self.n_middle += n
         finally:
             self._stored = None
+
+    def _flush_at(self) -> int:
+        """Tokens past the recent window that trigger a re-allocation (at least one block)."""
+        return max(self.config.realloc_every, self.config.block_tokens)
+
+    def _flush_count(self, n: int) -> int:
+        """Tokens of the window's `n` past `recent_window` that move: whole blocks, rounded up (taking the newest
+        tokens from the recent window) when that leaves at least half the recent window, so the window holds no
+        more full-precision tokens on average than with per-token widths; else rounded down."""
+        bt = self.config.block_tokens
+        short = -n % bt
+        return n + short if short <= self.config.recent_window // 2 else n - n % bt
 
     def _fit_key_norm(self, keys: torch.Tensor) -> None:
         B, H, _, D = keys.shape
@@ -91,16 +109,23 @@ class SmartKVRealloc:
                 out = torch.where(bits == b, rng.gather(1, rank.clamp(max=rng.shape[1] - 1)), out)
         return torch.cat([out.reshape(B, H, Tq), new.amax(-1) - new.amin(-1)], -1)
 
-    def _allocate(self, weights: torch.Tensor, old_bits: torch.Tensor, budget: float,
-                  profile: torch.Tensor) -> torch.Tensor:
-        """New widths (B, H, T) under `budget`, counts per width from `profile` (policy.rank_profile of the
-        weights); every row has the same count of each width."""
+    def _allocate(self, kind: str, weights: torch.Tensor, old_bits: torch.Tensor, budget: float,
+                  profile: torch.Tensor | None) -> torch.Tensor:
+        """New widths (B, H, T) under `budget` from block weights (B * H, T // block_tokens), one width per block;
+        every row has the same count of each width. With `profile` (policy.rank_profile of the weights) every
+        block is re-allocated; without, only the new ones and a few demotion candidates (incremental_assign)."""
         B, H, Tq = old_bits.shape
-        T = weights.shape[-1]
-        caps = torch.full((B * H, T), max(self.widths), dtype=torch.long, device=weights.device)
-        caps[:, :Tq] = old_bits.reshape(B * H, Tq)
-        counts = counts_for(profile, budget, self.widths)
-        return cascade_assign(weights, caps, counts).reshape(B, H, T)
+        bt = self.config.block_tokens
+        R, nb = weights.shape
+        old_b = old_bits.reshape(R, Tq)[:, ::bt]
+        if profile is None:
+            stored = {w: c // bt for w, c in zip(self.widths, self._counts(kind))}
+            out = incremental_assign(weights, old_b, stored, budget, self.widths, per_width=nb - Tq // bt)
+        else:
+            caps = torch.full((R, nb), max(self.widths), dtype=torch.long, device=weights.device)
+            caps[:, :Tq // bt] = old_b
+            out = cascade_assign(weights, caps, counts_for(profile, budget, self.widths))
+        return (out.repeat_interleave(bt, -1) if bt > 1 else out).reshape(B, H, nb * bt)
 
     def _repool(self, kind: str, old_bits: torch.Tensor, new_bits: torch.Tensor, level: torch.Tensor,
                 new: torch.Tensor) -> dict:

@@ -38,7 +38,7 @@ class SmartKVStatic:
         self._flush()  # a window over-full from `append` (the next ordinary step would flush it first too)
         cfg = self.config
         B, H, D = self.batch_size, self.num_heads, self.head_dim
-        W, n_win = cfg.recent_window + cfg.realloc_every, self.win_k.shape[-2]
+        W, n_win = cfg.recent_window + self._flush_at(), self.win_k.shape[-2]
         start = self.sink_k.shape[-2] + self.n_middle
         buf = {kind: x.new_zeros(B, H, W, D) for kind, x in (("k", self.win_k), ("v", self.win_v))}
         buf["k"][..., :n_win, :] = self.win_k
@@ -67,7 +67,7 @@ class SmartKVStatic:
             self.win_k, self.win_v = self._sbuf["k"][..., :n_win, :], self._sbuf["v"][..., :n_win, :]
             self.importance = self._sbuf["imp"][..., :T]
             self.observed = add_range(self.observed, T - 1, T)
-        if self.win_k.shape[-2] - self.config.recent_window < self.config.realloc_every:
+        if self.win_k.shape[-2] - self.config.recent_window < self._flush_at():
             return False
         self._flush()  # what the ordinary step does after its attention, here between two static steps
         self._static_begin(0)

@@ -1,0 +1,143 @@
+"""SmartKV's re-allocation alone, on one synthetic layer (Llama-3-8B's attention shape: 8 KV heads, head_dim 128):
+the first allocation over the prompt, then `--rounds` re-allocations of `realloc_every` new tokens each, with
+importance codes redrawn before each (heavy-tailed, as attention is), for several configurations side by side.
+
+    python benchmarks/profile_realloc.py --context 8192,32768 --batch 1,2          # CPU
+    python benchmarks/profile_realloc.py --device cuda --context 32768 --batch 8
+
+Per configuration: ms of the first allocation (the prompt's), mean and max ms of a re-allocation, and the peak
+memory above what the layer holds before it (CUDA: the allocator's peak; CPU: the process's peak resident set,
+reset before each re-allocation through /proc/self/clear_refs), with the layer's bytes for scale.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from smartkv.methods import make_cache
+
+CONFIGS = {  # name -> smartkv parameters
+    "token-full": dict(block_tokens=1, realloc="full"),
+    "block16-full": dict(block_tokens=16, realloc="full"),
+    "block16-incremental": dict(block_tokens=16, realloc="incremental"),
+    "token-incremental": dict(block_tokens=1, realloc="incremental"),
+    "block4-incremental": dict(block_tokens=4, realloc="incremental"),
+}
+
+
+def _rss_peak_reset() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _rss_peak() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _layer_bytes(layer) -> int:
+    lb = layer.layer_bytes()
+    return int(lb.payload + lb.metadata + lb.residual)
+
+
+def profile(params: dict, batch: int, context: int, rounds: int, device, seed: int = 0) -> dict:
+    cache = make_cache("smartkv", num_layers=1, **params)
+    layer = cache.layers[0]
+    g = torch.Generator(device=device).manual_seed(seed)
+    H, D = 8, 128
+
+    def kv(n):
+        return (torch.randn(batch, H, n, D, device=device, generator=g, dtype=torch.float16),
+                torch.randn(batch, H, n, D, device=device, generator=g, dtype=torch.float16))
+
+    def redraw_importance():  # codes of -8 log2(p): heavy-tailed attention, a few tokens much above the rest
+        u = torch.rand(layer.importance.shape, device=device, generator=g)
+        layer.importance = (8 * (8 + 12 * u.pow(0.3))).clamp(0, 254).to(torch.uint8)
+
+    with torch.inference_mode():
+        layer.append(*kv(context))
+        redraw_importance()
+        _sync(device)
+        start = time.perf_counter()
+        layer._flush()
+        _sync(device)
+        first_ms = (time.perf_counter() - start) * 1e3
+        times, peaks = [], []
+        step = layer._flush_at()
+        for _ in range(rounds):
+            layer.append(*kv(step))
+            redraw_importance()
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            else:
+                _rss_peak_reset()
+                base = _rss()
+            start = time.perf_counter()
+            layer._flush()
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1e3)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
+            peaks.append(max(0, peak - base))
+    held = _layer_bytes(layer)
+    return dict(batch=batch, context=context, first_ms=first_ms, mean_ms=statistics.fmean(times),
+                max_ms=max(times), peak_extra_mib=max(peaks) / 2 ** 20, held_mib=held / 2 ** 20,
+                middle=layer.n_middle)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--context", default="8192,32768", help="prompt tokens, comma-separated")
+    p.add_argument("--batch", default="1,2", help="sequences, comma-separated")
+    p.add_argument("--rounds", type=int, default=8, help="re-allocations timed after the first allocation")
+    p.add_argument("--base", default="budget=4.25,key_value_gap=3", help="smartkv parameters of every row, k=v,...")
+    p.add_argument("--configs", default="token-full,block16-full,block16-incremental", help="rows (names of CONFIGS), comma-separated")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    base = {k: (float(v) if "." in v else int(v) if v.isdigit() else v)
+            for k, v in (item.split("=") for item in filter(None, a.base.split(",")))}
+    rows = []
+    print("| config | batch | context | first allocation ms | re-allocation mean ms | max ms | peak extra MiB | "
+          "layer MiB |\n|---|---|---|---|---|---|---|---|", flush=True)
+    for context in map(int, a.context.split(",")):
+        for batch in map(int, a.batch.split(",")):
+            for name in a.configs.split(","):
+                r = dict(config=name, **profile(dict(base, **CONFIGS[name]), batch, context, a.rounds, device))
+                rows.append(r)
+                print(f"| {name} | {batch} | {context} | {r['first_ms']:.0f} | {r['mean_ms']:.1f} | "
+                      f"{r['max_ms']:.1f} | {r['peak_extra_mib']:.1f} | {r['held_mib']:.1f} |", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
