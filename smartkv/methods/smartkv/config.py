@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from smartkv.core.policy import WIDTHS, check_budget
 from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
@@ -13,6 +14,9 @@ class SmartKV(MethodConfig):
     """Attention-importance mixed precision under an average code-width `budget` (bits per quantized element,
     the mean of keys' and values' averages). Measured effect of each option: docs/smartkv.md."""
     name = "smartkv"
+    # block_tokens=1 is the per-token design results were stored under; `realloc` is not neutral: its default
+    # ("incremental") changes what a config computes, so SmartKV's job ids changed with it.
+    ID_NEUTRAL: ClassVar[dict] = {**MethodConfig.ID_NEUTRAL, "block_tokens": 1}
     budget: float = 7.0
     widths: tuple = WIDTHS
     group_size: int = 64
