@@ -34,8 +34,7 @@ TASKS = ("passkey", "needle", "kv-retrieval", "variable-tracking")
 INT4_POINT = ("int4", "kivi:key_bits=4,value_bits=4,residual_length=32",
               "zipcache:high_bits=8,low_bits=4,salient_ratio=0.15", "smartkv:budget=4.25,key_value_gap=3")
 KIVI2_POINT = ("kivi:key_bits=2,value_bits=2,residual_length=32", "zipcache:salient_ratio=0.4",
-               "smartkv:budget=2.4,key_value_gap=1,group_size=64,recent_window=8,realloc_every=8,importance=uniform",
-               "smartkv:budget=2.4,key_value_gap=1,group_size=64,recent_window=8,realloc_every=8")
+               "smartkv:budget=2.4,key_value_gap=1,group_size=64,recent_window=8,realloc_every=8,importance_power=1")
 CONFIGS = ("fp16", *INT4_POINT, *KIVI2_POINT)
 
 
