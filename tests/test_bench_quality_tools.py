@@ -1,0 +1,63 @@
+"""The quality benchmarks' bookkeeping (benchmarks/bench_quality.py, benchmarks/retrieval.py): shards split the work
+without loss or overlap, merged shard files give one row per config, retrieval answers stop at the end-of-sequence
+token, and paired differences are taken on the same samples."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_quality  # noqa: E402
+import retrieval  # noqa: E402
+
+
+class _Parser:
+    def error(self, message):
+        raise SystemExit(message)
+
+
+@pytest.mark.parametrize("text", ["3/3", "a/2", "1", "-1/2", "1/0"])
+def test_a_bad_shard_is_refused(text):
+    with pytest.raises(SystemExit, match="--shard must be I/N"):
+        bench_quality.parse_shard(_Parser(), text)
+
+
+def test_shards_cover_the_frontier_once():
+    configs = list(bench_quality.FRONTIER)
+    parts = [configs[i::4] for i in (bench_quality.parse_shard(_Parser(), f"{i}/4")[0] for i in range(4))]
+    assert sorted(c for p in parts for c in p) == sorted(configs) and len(set(configs)) == len(configs)
+
+
+def test_merged_shards_keep_one_row_per_config(tmp_path):
+    fp16 = {"config": "fp16 (reference)", "kl_windows": [0.0, 0.0]}
+    (tmp_path / "q.0.json").write_text(json.dumps([fp16, {"config": "int4", "kl_windows": [0.1, 0.3]}]))
+    (tmp_path / "q.1.json").write_text(json.dumps([fp16, {"config": "kivi", "kl_windows": [0.2, 0.2]}]))
+    rows = bench_quality.merged_rows(str(tmp_path / "q.*.json"))
+    assert [r["config"] for r in rows] == ["fp16 (reference)", "int4", "kivi"]
+    paired = bench_quality.with_intervals(rows, "kivi")
+    assert paired[1]["dkl"] == pytest.approx(0.0) and paired[1]["dkl_lo"] < 0 < paired[1]["dkl_hi"]
+
+
+class _Tok:
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def test_an_answer_stops_at_the_end_of_sequence_token():
+    assert retrieval.answer_text(_Tok(), [5, 7, 2, 9, 9]) == "5 7"
+    assert retrieval.answer_text(_Tok(), [5, 7]) == "5 7"
+
+
+def test_retrieval_differences_are_paired_on_the_same_samples():
+    row = lambda config, sample, score: {"config": config, "task": "passkey", "length": 2048,  # noqa: E731
+                                         "sample": sample, "score": score, "total_ratio": 0.3}
+    rows = [row("ref", i, s) for i, s in enumerate([1, 1, 0, 0])] + [row("m", i, s) for i, s in enumerate([1, 0, 0, 0])]
+    cells = {c["config"]: c for c in retrieval.cell_tables(rows, "ref")}
+    assert cells["ref"]["accuracy"] == 0.5 and "diff" not in cells["ref"]
+    assert cells["m"]["n"] == 4 and cells["m"]["accuracy"] == 0.25 and cells["m"]["diff"] == pytest.approx(-0.25)
+    assert cells["m"]["diff_lo"] <= -0.25 <= cells["m"]["diff_hi"] <= 0
