@@ -172,3 +172,20 @@ def test_attention_analysis_reads_a_hybrid_model(gemma):
     assert res.sink_share[:5].max() == 0 < res.sink_share[5].min()   # the sinks left every window
     assert res.bits_k[:5].isnan().any() and not res.bits_k[5].isnan().any()
     assert "nan" not in summary_table(res)
+
+
+def test_smartkv_blocks_on_a_hybrid_model(gemma):
+    """`block_tokens` applies to full-attention layers (one width per block there); sliding layers forget token by
+    token at the window's edge, so they keep per-token widths: a prompt and decode steps far past the
+    window run, the sliding layers hold the window, the full layer's widths come in whole blocks."""
+    ids = _ids(61, seed=2)
+    cache = smartkv.make_cache("smartkv", gemma, budget=4, recent_window=4, realloc_every=4, block_tokens=4)
+    logits = _run(gemma, cache, ids, (37, 24), 23)
+    assert torch.isfinite(logits).all()
+    full = cache.layers[-1]
+    assert full.sliding_window is None and full.block_tokens == 4 and full.n_middle % 4 == 0
+    for kind in ("k", "v"):
+        bits = full.level_bits(kind)
+        assert (bits.reshape(*bits.shape[:2], -1, 4) == bits[..., ::4, None]).all()
+    for layer in cache.layers[:-1]:
+        assert layer.block_tokens == 1 and layer.held <= WINDOW - 1 + layer.eviction_lag

@@ -39,7 +39,7 @@ class SmartKVRealloc:
             if self.k_mu is None:
                 self._fit_key_norm(new_k)
             new_k, new_v = self._to_stored(new_k, new_v)
-            weights = block_weights(self._weights(new_k, new_v), cfg.block_tokens)
+            weights = block_weights(self._weights(new_k, new_v), self.block_tokens)
             incremental = cfg.realloc == "incremental" and self.n_middle
             # full: one device->host copy per re-allocation, shared by keys and values
             profile = None if incremental else rank_profile(weights).cpu()
@@ -53,15 +53,21 @@ class SmartKVRealloc:
         finally:
             self._stored = None
 
+    @property
+    def block_tokens(self) -> int:
+        """Tokens sharing one width: the config's on full-attention layers, 1 on sliding-window layers, whose
+        forgetting (token by token at the window's edge) does not keep blocks whole."""
+        return 1 if self.sliding_window is not None else self.config.block_tokens
+
     def _flush_at(self) -> int:
         """Tokens past the recent window that trigger a re-allocation (at least one block)."""
-        return max(self.config.realloc_every, self.config.block_tokens)
+        return max(self.config.realloc_every, self.block_tokens)
 
     def _flush_count(self, n: int) -> int:
         """Tokens of the window's `n` past `recent_window` that move: whole blocks, rounded up (taking the newest
         tokens from the recent window) when that leaves at least half the recent window, so the window holds no
         more full-precision tokens on average than with per-token widths; else rounded down."""
-        bt = self.config.block_tokens
+        bt = self.block_tokens
         short = -n % bt
         return n + short if short <= self.config.recent_window // 2 else n - n % bt
 
@@ -115,7 +121,7 @@ class SmartKVRealloc:
         every row has the same count of each width. With `profile` (policy.rank_profile of the weights) every
         block is re-allocated; without, only the new ones and a few demotion candidates (incremental_assign)."""
         B, H, Tq = old_bits.shape
-        bt = self.config.block_tokens
+        bt = self.block_tokens
         R, nb = weights.shape
         old_b = old_bits.reshape(R, Tq)[:, ::bt]
         if profile is None:
