@@ -9,7 +9,7 @@ interval; total_ratio is memory_report().total_ratio after the answer.
 
     python benchmarks/retrieval.py --model smollm2 --samples 50 --json out.json           # every config, one process
     python benchmarks/retrieval.py ... --shard 3/8 --json part3.json                      # one eighth of the work
-    python benchmarks/retrieval.py --from-json 'part*.json' --reference 'smartkv:budget=4.25,key_value_gap=3'
+    python benchmarks/retrieval.py --from-json 'part*.json' --reference int4
 
 Shards split the (config, task, length) work units round-robin, so several processes can share one GPU (the eager
 steps are launch-bound); `--from-json` merges the shards' rows and prints the tables.
@@ -32,7 +32,8 @@ from bench_quality import parse_config, parse_shard  # noqa: E402
 TASKS = ("passkey", "needle", "kv-retrieval", "variable-tracking")
 # The two memory points of the frontier (int4's total bytes and KIVI-2's), each with its contenders
 INT4_POINT = ("int4", "kivi:key_bits=4,value_bits=4,residual_length=32",
-              "zipcache:high_bits=8,low_bits=4,salient_ratio=0.15", "smartkv:budget=4.25,key_value_gap=3")
+              "zipcache:high_bits=8,low_bits=4,salient_ratio=0.15",
+              "smartkv:budget=4.25,key_value_gap=3,importance_floor=1")
 KIVI2_POINT = ("kivi:key_bits=2,value_bits=2,residual_length=32", "zipcache:salient_ratio=0.4",
                "smartkv:budget=2.4,key_value_gap=1,group_size=64,recent_window=8,realloc_every=8,importance_power=1")
 CONFIGS = ("fp16", *INT4_POINT, *KIVI2_POINT)
@@ -81,8 +82,9 @@ def cell_tables(rows: list[dict], reference: str | None) -> list[dict]:
     out = []
     for (task, length, config), per in sorted(by.items()):
         scores = [per[k]["score"] for k in sorted(per)]
+        ratio = sum(r["total_ratio"] for r in per.values()) / len(per)
         cell = {"task": task, "length": length, "config": config, "n": len(scores),
-                "accuracy": sum(scores) / len(scores), "total_ratio": sum(per[k]["total_ratio"] for k in per) / len(per)}
+                "accuracy": sum(scores) / len(scores), "total_ratio": ratio}
         cell["lo"], cell["hi"] = bootstrap_ci(scores)
         ref = by.get((task, length, reference))
         if ref is not None and config != reference:
