@@ -37,18 +37,11 @@ def _rss_peak_reset() -> None:
         pass
 
 
-def _rss_peak() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmHWM: peak resident, VmRSS: resident), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -96,12 +89,12 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
                 base = torch.cuda.memory_allocated(device)
             else:
                 _rss_peak_reset()
-                base = _rss()
+                base = _status_bytes("VmRSS")
             start = time.perf_counter()
             layer._flush()
             _sync(device)
             times.append((time.perf_counter() - start) * 1e3)
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
             peaks.append(max(0, peak - base))
     held = _layer_bytes(layer)
     return dict(batch=batch, context=context, first_ms=first_ms, mean_ms=statistics.fmean(times),

@@ -129,8 +129,8 @@ def main(argv=None) -> None:
         return
     tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
     configs = [c.strip() for c in a.configs.split(";") if c.strip()]
+    import smartkv
     for c in configs:  # every spec built once before any model loads: a typo is one line, not a lost run
-        import smartkv
         method, params = parse_config(c)
         smartkv.make_config(method, **params)
     units = [(c, t, n) for t in tasks for n in lengths for c in configs]
