@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Issue 22 on one GPU: the decode-path KL frontier (bench_quality.py --ablation frontier, evaluation part of the
 # prose) and retrieval (retrieval.py, --samples per cell) on an embedded model, each split over $PROCS processes
-# sharing the GPU (eager steps are launch-bound, so processes overlap). Every process writes its rows after each
-# config or unit, so a step stopped by its `timeout` keeps what it finished. Outputs go under $OUT.
+# sharing the GPU (eager steps are launch-bound, so processes overlap): quality by shards, retrieval by claiming the
+# next free unit of $CHUNK samples, costliest first. Every process writes its rows after each config or unit, so a
+# step stopped by its `timeout` keeps what it finished. Outputs go under $OUT.
 #   bash benchmarks/frontier_gpu.sh quality smollm2          # then: python benchmarks/bench_quality.py --from-json ...
 #   bash benchmarks/frontier_gpu.sh retrieval gemma3 2048,4096,8000,16000
-# Knobs: PROCS (8), LIMIT (seconds per step, 500), WINDOWS (16), CTX (1024), DECODE (64), SAMPLES (50), SOURCE (pydoc)
+# Knobs: PROCS (8), LIMIT (seconds per step, 500), WINDOWS (16), CTX (1024), DECODE (64), SAMPLES (50), CHUNK (10),
+# SOURCE (pydoc)
 set -uo pipefail
 what=$1 model=$2 lengths=${3:-2048,4096,8000}
 PROCS=${PROCS:-8} LIMIT=${LIMIT:-500}
@@ -20,7 +22,8 @@ for i in $(seq 0 $((PROCS - 1))); do
                --windows "${WINDOWS:-16}" --shard "$i/$PROCS" --json "$OUT/quality_${model}_${SOURCE:-pydoc}.$i.json" \
                > "$OUT/quality_${model}.$i.log" 2>&1 & ;;
     retrieval) timeout "$LIMIT" python benchmarks/retrieval.py --model "$model" --lengths "$lengths" \
-                 --samples "${SAMPLES:-50}" --shard "$i/$PROCS" --json "$OUT/retrieval_${model}.$i.json" \
+                 --samples "${SAMPLES:-50}" --chunk "${CHUNK:-10}" --claim-dir "$OUT/claims_${model}" \
+                 --json "$OUT/retrieval_${model}.$i.json" \
                  > "$OUT/retrieval_${model}.$i.log" 2>&1 & ;;
     *) echo "usage: frontier_gpu.sh quality|retrieval MODEL [LENGTHS]" >&2; exit 2 ;;
   esac

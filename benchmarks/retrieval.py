@@ -11,16 +11,24 @@ interval; total_ratio is memory_report().total_ratio after the answer.
     python benchmarks/retrieval.py ... --shard 3/8 --json part3.json                      # one eighth of the work
     python benchmarks/retrieval.py --from-json 'part*.json' --reference int4
 
-Shards split the (config, task, length) work units round-robin, so several processes can share one GPU (the eager
-steps are launch-bound); `--from-json` merges the shards' rows and prints the tables.
+Work comes in units of (config, task, length, a chunk of --chunk samples), longest prompts and SmartKV first.
+Several processes share one GPU (the eager steps are launch-bound) either by `--shard I/N` (every N-th unit) or,
+balanced, by `--claim-dir DIR`: each process takes the next unit nobody has claimed (an exclusive file create), so a
+slow unit holds up one process, not a fixed share. A unit that raises is reported and skipped; `--from-json` merges
+the processes' rows and prints the tables.
+
+    python benchmarks/retrieval.py --claim-dir /tmp/claims --json part$I.json      # in each of N processes
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
+import os
 import sys
 import time
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,8 +56,10 @@ def answer_text(tokenizer, new_ids: list[int]) -> str:
 
 
 @torch.inference_mode()
-def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, seed: int) -> list[dict]:
-    """One row per sample of one (config, task, length) unit."""
+def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, seed: int,
+             chunk: tuple[int, int] | None = None) -> list[dict]:
+    """One row per sample of one (config, task, length) unit: samples [lo, hi) of the `samples` the seed draws
+    (all of them without `chunk`), numbered as in the whole set so that chunks pair across configs."""
     import smartkv
     from smartkv.cache.graphs import generate_greedy
     from smartkv.data.base import get_prompt_set
@@ -59,7 +69,12 @@ def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, 
     method, params = parse_config(spec)
     rows = []
     device = next(model.parameters()).device
+    lo, hi = chunk or (0, samples)
     for i, s in enumerate(get_prompt_set(task, length=length, num_samples=samples, seed=seed).samples(tokenizer)):
+        if i >= hi:
+            break
+        if i < lo:
+            continue
         ids = torch.tensor([build_input_ids(s, tokenizer)], device=device)
         cache = smartkv.make_cache(method, model, **params)
         t0 = time.perf_counter()
@@ -70,6 +85,24 @@ def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, 
                      "score": score(s.metric, text, s.answers, s.all_classes), "answer": text[:80],
                      "total_ratio": cache.memory_report().total_ratio, "seconds": seconds})
     return rows
+
+
+def work_units(configs: list[str], tasks: list[str], lengths: list[int], samples: int, chunk: int) -> list[tuple]:
+    """(config, task, length, (lo, hi)) units, the costliest first (longest prompt, then SmartKV, whose prefill is
+    the slowest), so that the last units to finish are short ones."""
+    units = [(c, t, n, (lo, min(lo + chunk, samples)))
+             for c in configs for t in tasks for n in lengths for lo in range(0, samples, chunk)]
+    return sorted(units, key=lambda u: (-u[2], not u[0].startswith("smartkv")))
+
+
+def claim(directory: Path, unit: tuple) -> bool:
+    """True for exactly one of the processes that ask for `unit` (an exclusive create of a file named after it)."""
+    name = hashlib.sha1(json.dumps(unit).encode()).hexdigest()[:16]
+    try:
+        os.close(os.open(directory / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 
 def cell_tables(rows: list[dict], reference: str | None) -> list[dict]:
@@ -114,13 +147,19 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", default="2048,4096,8000", help="comma-separated prompt lengths in tokens")
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--chunk", type=int, default=10, help="samples a work unit")
     p.add_argument("--shard", default="0/1", help="I/N: run every N-th work unit from the I-th")
+    p.add_argument("--claim-dir", default=None, help="shared folder: take the next unclaimed unit (no --shard)")
     p.add_argument("--json", default=None, help="write the per-sample rows here")
     p.add_argument("--from-json", default=None, help="glob of row files to merge and print (no run)")
     p.add_argument("--reference", default=None, help="config for the paired difference column")
     a = p.parse_args(argv)
     if not 1 <= a.samples <= 10_000:
         p.error(f"--samples must be in [1, 10000], got {a.samples}")
+    if a.chunk < 1:
+        p.error(f"--chunk must be at least 1, got {a.chunk}")
+    if a.claim_dir and a.shard != "0/1":
+        p.error("--claim-dir and --shard split the work two ways; give one")
     if a.from_json:
         rows = [r for f in sorted(glob.glob(a.from_json)) for r in json.loads(Path(f).read_text())]
         if not rows:
@@ -133,18 +172,27 @@ def main(argv=None) -> None:
     for c in configs:  # every spec built once before any model loads: a typo is one line, not a lost run
         method, params = parse_config(c)
         smartkv.make_config(method, **params)
-    units = [(c, t, n) for t in tasks for n in lengths for c in configs]
+    units = work_units(configs, tasks, lengths, a.samples, a.chunk)
     shard, shards = parse_shard(p, a.shard)
-    mine = units[shard::shards]
+    claims = Path(a.claim_dir) if a.claim_dir else None
+    if claims:
+        claims.mkdir(parents=True, exist_ok=True)
     from smartkv.models import load_model
     handle = load_model(a.model)
     rows = []
-    for spec, task, length in mine:
+    for spec, task, length, chunk in units if claims else units[shard::shards]:
+        if claims and not claim(claims, (spec, task, length, chunk)):
+            continue
         t0 = time.perf_counter()
-        got = run_unit(handle.model, handle.tokenizer, spec, task, length, a.samples, a.seed)
+        try:
+            got = run_unit(handle.model, handle.tokenizer, spec, task, length, a.samples, a.seed, chunk)
+        except Exception:  # one config's fault costs its units, not the process's remaining work
+            print(f"FAILED {task} {length} {spec} samples {chunk}:\n{traceback.format_exc()}", flush=True)
+            continue
         rows.extend(got)
         acc = sum(r["score"] for r in got) / len(got)
-        print(f"{task} {length} {spec}: {acc:.2f} over {len(got)} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        print(f"{task} {length} {spec} {chunk}: {acc:.2f} over {len(got)} ({time.perf_counter() - t0:.1f} s)",
+              flush=True)
         if a.json:  # after every unit, so a stopped run keeps what it finished
             Path(a.json).write_text(json.dumps(rows))
     if not a.json:

@@ -61,3 +61,27 @@ def test_retrieval_differences_are_paired_on_the_same_samples():
     assert cells["ref"]["accuracy"] == 0.5 and "diff" not in cells["ref"]
     assert cells["m"]["n"] == 4 and cells["m"]["accuracy"] == 0.25 and cells["m"]["diff"] == pytest.approx(-0.25)
     assert cells["m"]["diff_lo"] <= -0.25 <= cells["m"]["diff_hi"] <= 0
+
+
+def test_retrieval_work_units_cover_every_sample_once_costliest_first():
+    units = retrieval.work_units(["int4", "smartkv:budget=3"], ["passkey", "needle"], [1024, 4096], 25, 10)
+    samples = [(c, t, n, i) for c, t, n, (lo, hi) in units for i in range(lo, hi)]
+    assert len(samples) == len(set(samples)) == 2 * 2 * 2 * 25
+    assert [u[2] for u in units[:6]] == [4096] * 6 and units[0][0].startswith("smartkv")
+    assert {hi - lo for *_, (lo, hi) in units} == {10, 5}
+
+
+def test_a_retrieval_unit_is_claimed_by_one_process_only(tmp_path):
+    unit = ("int4", "passkey", 2048, (0, 10))
+    assert retrieval.claim(tmp_path, unit) and not retrieval.claim(tmp_path, unit)
+    assert retrieval.claim(tmp_path, ("int4", "passkey", 2048, (10, 20)))
+
+
+def test_a_chunk_of_samples_is_the_same_samples_numbered_as_in_the_whole_set():
+    from smartkv.models import load_tiny
+
+    h = load_tiny("tiny-llama")
+    whole = retrieval.run_unit(h.model, h.tokenizer, "int4", "passkey", 256, 4, 7)
+    part = retrieval.run_unit(h.model, h.tokenizer, "int4", "passkey", 256, 4, 7, chunk=(2, 4))
+    key = lambda r: (r["sample"], r["prompt_tokens"], r["answer"])  # noqa: E731
+    assert [key(r) for r in part] == [key(r) for r in whole[2:]]
