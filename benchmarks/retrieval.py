@@ -2,8 +2,8 @@
 
 Per (task, length) cell the same `--samples` prompts go through every config: the prompt is prefilled into the
 method's cache and the answer generated greedily through it (`smartkv.cache.graphs.generate_greedy`: CUDA-graph
-steps where the cache supports them, ordinary steps otherwise; the task's own `max_new_tokens`, cut at the first
-end-of-sequence token), then scored with the task's metric. Reported per cell and config: accuracy with a 95%
+steps where the cache supports them, ordinary steps otherwise; the task's own `max_new_tokens`, stopped at the
+first end-of-sequence token), then scored with the task's metric. Reported per cell and config: accuracy with a 95%
 bootstrap interval over samples, n, and the paired difference to `--reference` on the same samples with its
 interval; total_ratio is memory_report().total_ratio after the answer.
 
@@ -47,10 +47,15 @@ KIVI2_POINT = ("kivi:key_bits=2,value_bits=2,residual_length=32", "zipcache:sali
 CONFIGS = ("fp16", *INT4_POINT, *KIVI2_POINT)
 
 
+def stop_ids(tokenizer) -> set[int]:
+    """The tokenizer's end-of-sequence id(s)."""
+    eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
 def answer_text(tokenizer, new_ids: list[int]) -> str:
     """The generated text up to (not including) the first end-of-sequence token."""
-    eos = tokenizer.eos_token_id
-    stops = set(eos if isinstance(eos, list) else [eos]) - {None}
+    stops = stop_ids(tokenizer)
     cut = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
     return tokenizer.decode(new_ids[:cut], skip_special_tokens=True)
 
@@ -78,11 +83,11 @@ def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, 
         ids = torch.tensor([build_input_ids(s, tokenizer)], device=device)
         cache = smartkv.make_cache(method, model, **params)
         t0 = time.perf_counter()
-        new = generate_greedy(model, cache, ids, s.max_new_tokens)[0].tolist()
+        new = generate_greedy(model, cache, ids, s.max_new_tokens, stop_ids=stop_ids(tokenizer) or None)[0].tolist()
         seconds = time.perf_counter() - t0
         text = answer_text(tokenizer, new)
         rows.append({"config": spec, "task": task, "length": length, "sample": i, "prompt_tokens": ids.shape[1],
-                     "score": score(s.metric, text, s.answers, s.all_classes), "answer": text[:80],
+                     "score": score(s.metric, text, s.answers, s.all_classes), "answer": text[:80], "new_tokens": len(new),
                      "total_ratio": cache.memory_report().total_ratio, "seconds": seconds})
     return rows
 

@@ -150,19 +150,32 @@ class GraphDecoder:
 
 
 def generate_greedy(model, cache, input_ids: torch.Tensor, max_new_tokens: int,
-                    mode: str | None = None) -> torch.Tensor:
+                    mode: str | None = None, stop_ids=None) -> torch.Tensor:
     """Greedy decoding through `GraphDecoder` steps: the prompt (B, T) through the model, then one token per step.
-    Returns the new tokens (B, max_new_tokens): `model.generate(..., do_sample=False)`'s, up to the kernels'
-    rounding. Unpadded batches only (graphed steps carry no attention mask; use `generate` for padded ones)."""
+    Returns the new tokens (B, n): `model.generate(..., do_sample=False)`'s, up to the kernels' rounding, with
+    n = max_new_tokens, or fewer when `stop_ids` (token ids, e.g. the end-of-sequence ones) are given and every
+    sequence has produced one of them (the step that produced the last is kept; tokens a sequence makes after
+    its own stop token are not meaningful, as with `generate`'s padding). Unpadded batches only (graphed steps
+    carry no attention mask; use `generate` for padded ones)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    stops = None
+    if stop_ids is not None:
+        stops = torch.tensor(sorted({int(t) for t in stop_ids}), dtype=torch.long, device=input_ids.device)
+        if stops.numel() == 0:
+            raise ValueError("stop_ids must name at least one token id, or be None")
     with torch.inference_mode():
         logits = model(input_ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
     dec = GraphDecoder(model, cache, max_length=input_ids.shape[1] + max_new_tokens, mode=mode)
     out = []
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     try:
         for i in range(max_new_tokens):
             out.append(logits[:, -1].argmax(-1, keepdim=True))
+            if stops is not None:  # one host sync a step: the price of not decoding past the answer
+                done |= torch.isin(out[-1][:, 0], stops)
+                if bool(done.all()):
+                    break
             if i + 1 < max_new_tokens:  # the last token is returned, not fed (as generate does)
                 logits = dec.step(out[-1])
     finally:
