@@ -100,6 +100,23 @@ def work_units(configs: list[str], tasks: list[str], lengths: list[int], samples
     return sorted(units, key=lambda u: (-u[2], not u[0].startswith("smartkv")))
 
 
+def read_rows(pattern: str) -> list[dict]:
+    """The rows of every file matching `pattern` (JSON lists; .json.gz too)."""
+    import gzip
+
+    rows = []
+    for f in sorted(glob.glob(pattern)):
+        text = gzip.decompress(Path(f).read_bytes()).decode() if f.endswith(".gz") else Path(f).read_text()
+        rows.extend(json.loads(text))
+    return rows
+
+
+def done_units(units: list[tuple], rows: list[dict]) -> set[tuple]:
+    """The units every sample of which is among `rows` already (a run that goes on from an earlier one)."""
+    have = {(r["config"], r["task"], r["length"], r["sample"]) for r in rows}
+    return {u for u in units if all((u[0], u[1], u[2], i) in have for i in range(*u[3]))}
+
+
 def claim(directory: Path, unit: tuple) -> bool:
     """True for exactly one of the processes that ask for `unit` (an exclusive create of a file named after it)."""
     name = hashlib.sha1(json.dumps(unit).encode()).hexdigest()[:16]
@@ -128,17 +145,40 @@ def cell_tables(rows: list[dict], reference: str | None) -> list[dict]:
         if ref is not None and config != reference:
             common = sorted(set(per) & set(ref))
             diff = [per[k]["score"] - ref[k]["score"] for k in common]
-            cell["diff"] = sum(diff) / len(diff)
-            cell["diff_lo"], cell["diff_hi"] = bootstrap_ci(diff)
+            if diff:
+                cell["diff"], cell["diff_n"] = sum(diff) / len(diff), len(diff)
+                cell["diff_lo"], cell["diff_hi"] = bootstrap_ci(diff)
         out.append(cell)
     return out
 
 
+def wide_rows(cells: list[dict]) -> tuple[list[str], list[list]]:
+    """One row per config (first seen order), one column per (task, length): "accuracy [lo, hi]", with "(n=N)"
+    where a cell has fewer samples than the most any cell has; the configs' mean total_ratio second."""
+    columns = sorted({(c["task"], c["length"]) for c in cells}, key=lambda k: (TASKS.index(k[0]) if k[0] in TASKS
+                                                                              else len(TASKS), k[0], k[1]))
+    full = max(c["n"] for c in cells)
+    by = {(c["config"], c["task"], c["length"]): c for c in cells}
+    seen = list(dict.fromkeys(c["config"] for c in cells))
+    configs = sorted(seen, key=lambda c: (CONFIGS.index(c) if c in CONFIGS else len(CONFIGS), seen.index(c)))
+    rows = []
+    for config in configs:
+        mine = [c for c in cells if c["config"] == config]
+        row = [config, round(sum(c["total_ratio"] for c in mine) / len(mine), 3)]
+        for task, length in columns:
+            c = by.get((config, task, length))
+            row.append(None if c is None else f"{c['accuracy']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]"
+                       + (f" (n={c['n']})" if c["n"] < full else ""))
+        rows.append(row)
+    return ["config", "total ratio"] + [f"{t} {n}" for t, n in columns], rows
+
+
 def markdown(cells: list[dict], reference: str | None) -> str:
-    lines = [f"| task | length | config | total_ratio | n | accuracy [95% CI] | vs `{reference}` [95% CI] |",
+    lines = [f"| task | length | config | total_ratio | n | accuracy [95% CI] | vs `{reference}` [95% CI] (pairs) |",
              "|---|---|---|---|---|---|---|"]
     for c in cells:
-        diff = f"{c['diff']:+.2f} [{c['diff_lo']:+.2f}, {c['diff_hi']:+.2f}]" if "diff" in c else ""
+        diff = (f"{c['diff']:+.2f} [{c['diff_lo']:+.2f}, {c['diff_hi']:+.2f}] ({c['diff_n']})"
+                if "diff" in c else "")
         lines.append(f"| {c['task']} | {c['length']} | `{c['config']}` | {c['total_ratio']:.3f} | {c['n']} | "
                      f"{c['accuracy']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}] | {diff} |")
     return "\n".join(lines)
@@ -157,7 +197,9 @@ def main(argv=None) -> None:
     p.add_argument("--claim-dir", default=None, help="shared folder: take the next unclaimed unit (no --shard)")
     p.add_argument("--json", default=None, help="write the per-sample rows here")
     p.add_argument("--from-json", default=None, help="glob of row files to merge and print (no run)")
+    p.add_argument("--skip-done", default=None, help="glob of row files: skip the units they hold in full")
     p.add_argument("--reference", default=None, help="config for the paired difference column")
+    p.add_argument("--wide", action="store_true", help="with --from-json: one row per config, a column per cell")
     a = p.parse_args(argv)
     if not 1 <= a.samples <= 10_000:
         p.error(f"--samples must be in [1, 10000], got {a.samples}")
@@ -166,10 +208,16 @@ def main(argv=None) -> None:
     if a.claim_dir and a.shard != "0/1":
         p.error("--claim-dir and --shard split the work two ways; give one")
     if a.from_json:
-        rows = [r for f in sorted(glob.glob(a.from_json)) for r in json.loads(Path(f).read_text())]
+        rows = read_rows(a.from_json)
         if not rows:
             p.error(f"--from-json: no rows in files matching {a.from_json!r}")
-        print(markdown(cell_tables(rows, a.reference), a.reference))
+        cells = cell_tables(rows, a.reference)
+        if a.wide:
+            columns, table = wide_rows(cells)
+            print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+            print("\n".join("| " + " | ".join("-" if v is None else str(v) for v in r) + " |" for r in table))
+        else:
+            print(markdown(cells, a.reference))
         return
     tasks, lengths = a.tasks.split(","), [int(x) for x in a.lengths.split(",")]
     configs = [c.strip() for c in a.configs.split(";") if c.strip()]
@@ -178,6 +226,10 @@ def main(argv=None) -> None:
         method, params = parse_config(c)
         smartkv.make_config(method, **params)
     units = work_units(configs, tasks, lengths, a.samples, a.chunk)
+    if a.skip_done:
+        done = done_units(units, read_rows(a.skip_done))
+        units = [u for u in units if u not in done]
+        print(f"--skip-done: {len(done)} units held already, {len(units)} to run", flush=True)
     shard, shards = parse_shard(p, a.shard)
     claims = Path(a.claim_dir) if a.claim_dir else None
     if claims:

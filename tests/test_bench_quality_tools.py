@@ -85,3 +85,22 @@ def test_a_chunk_of_samples_is_the_same_samples_numbered_as_in_the_whole_set():
     part = retrieval.run_unit(h.model, h.tokenizer, "int4", "passkey", 256, 4, 7, chunk=(2, 4))
     key = lambda r: (r["sample"], r["prompt_tokens"], r["answer"])  # noqa: E731
     assert [key(r) for r in part] == [key(r) for r in whole[2:]]
+
+
+def test_a_run_goes_on_from_the_units_an_earlier_one_finished():
+    units = retrieval.work_units(["int4"], ["passkey"], [2048], 20, 10)
+    rows = [{"config": "int4", "task": "passkey", "length": 2048, "sample": i} for i in range(15)]
+    assert retrieval.done_units(units, rows) == {("int4", "passkey", 2048, (0, 10))}
+
+
+def test_the_wide_table_has_a_row_per_config_and_marks_short_cells():
+    row = lambda config, task, sample, score: {"config": config, "task": task, "length": 8000,  # noqa: E731
+                                               "sample": sample, "score": score, "total_ratio": 0.3}
+    rows = ([row("int4", "passkey", i, 1) for i in range(4)] + [row("fp16", "passkey", i, 1) for i in range(4)]
+            + [row("fp16", "needle", i, 0) for i in range(2)])
+    cells = retrieval.cell_tables(rows, "fp16")
+    assert {c["config"]: c.get("diff_n") for c in cells if c["task"] == "passkey"} == {"fp16": None, "int4": 4}
+    columns, table = retrieval.wide_rows(cells)
+    assert columns == ["config", "total ratio", "passkey 8000", "needle 8000"]
+    assert table[0][0] == "fp16" and table[0][3].endswith("(n=2)") and table[1][3] is None
+    assert table[1][2] == "1.00 [1.00, 1.00]"
