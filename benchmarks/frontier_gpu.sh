@@ -3,15 +3,17 @@
 # prose) and retrieval (retrieval.py, --samples per cell) on an embedded model, each split over $PROCS processes
 # sharing the GPU (eager steps are launch-bound, so processes overlap): quality by shards, retrieval by claiming the
 # next free unit of $CHUNK samples, costliest first. Every process writes its rows after each config or unit, so a
-# step stopped by its `timeout` keeps what it finished. Outputs go under $OUT.
+# step stopped by its `timeout` keeps what it finished. The processes write under a scratch folder; the end packs it
+# into one archive, $OUT/WHAT_MODEL.tgz (the device tool brings back only a few files a call).
 #   bash benchmarks/frontier_gpu.sh quality smollm2          # then: python benchmarks/bench_quality.py --from-json ...
 #   bash benchmarks/frontier_gpu.sh retrieval gemma3 2048,4096,8000,16000
 # Knobs: PROCS (8), LIMIT (seconds per step, 500), WINDOWS (16), CTX (1024), DECODE (64), SAMPLES (50), CHUNK (10),
-# SOURCE (pydoc)
+# SOURCE (pydoc), SKIP_DONE (glob of earlier retrieval rows: run only the units they lack)
 set -uo pipefail
 what=$1 model=$2 lengths=${3:-2048,4096,8000}
 PROCS=${PROCS:-8} LIMIT=${LIMIT:-500}
 OUT=${OUT:-benchmarks/raw}; mkdir -p "$OUT"
+final=$OUT; OUT=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log -1 --format='commit %h %cI' 2>/dev/null || true
 date -u +'start %FT%TZ'
@@ -23,6 +25,7 @@ for i in $(seq 0 $((PROCS - 1))); do
                > "$OUT/quality_${model}.$i.log" 2>&1 & ;;
     retrieval) timeout "$LIMIT" python benchmarks/retrieval.py --model "$model" --lengths "$lengths" \
                  --samples "${SAMPLES:-50}" --chunk "${CHUNK:-10}" --claim-dir "$OUT/claims_${model}" \
+                 ${SKIP_DONE:+--skip-done "$SKIP_DONE"} \
                  --json "$OUT/retrieval_${model}.$i.json" \
                  > "$OUT/retrieval_${model}.$i.log" 2>&1 & ;;
     *) echo "usage: frontier_gpu.sh quality|retrieval MODEL [LENGTHS]" >&2; exit 2 ;;
@@ -30,4 +33,6 @@ for i in $(seq 0 $((PROCS - 1))); do
 done
 wait
 date -u +'end %FT%TZ'
-tail -n 3 "$OUT"/"${what}"_"${model}"*.log
+tail -qn 2 "$OUT"/"${what}"_"${model}"*.log | grep -v "^\[transformers\]" | cut -c1-160
+grep -l FAILED "$OUT"/*.log 2>/dev/null | head -3
+tar czf "$final/${what}_${model}.tgz" -C "$OUT" . && echo "packed: $final/${what}_${model}.tgz"
