@@ -7,7 +7,11 @@ importance codes redrawn before each (heavy-tailed, as attention is), for severa
 
 Per configuration: ms of the first allocation (the prompt's), mean and max ms of a re-allocation, and the peak
 memory above what the layer holds before it (CUDA: the allocator's peak; CPU: the process's peak resident set,
-reset before each re-allocation through /proc/self/clear_refs), with the layer's bytes for scale.
+reset before each re-allocation through /proc/self/clear_refs), with the layer's bytes for scale. `--count-syncs`
+adds, from one more untimed round, the host waits of the first allocation and of a re-allocation (benchmarks/
+syncs.py: what the same code waits for on a GPU, counted on any device) and the sites with the most; `--trace N`
+prints torch.profiler's N costliest operations of one more re-allocation (host and device time), the ladder's
+next rung below "one layer's re-allocation".
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ def _layer_bytes(layer) -> int:
     return int(lb.payload + lb.metadata + lb.residual)
 
 
-def profile(params: dict, batch: int, context: int, rounds: int, device, seed: int = 0) -> dict:
+def profile(params: dict, batch: int, context: int, rounds: int, device, seed: int = 0,
+            count_syncs: bool = False, trace: int = 0) -> dict:
     cache = make_cache("smartkv", num_layers=1, **params)
     layer = cache.layers[0]
     g = torch.Generator(device=device).manual_seed(seed)
@@ -96,10 +101,33 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
             times.append((time.perf_counter() - start) * 1e3)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
             peaks.append(max(0, peak - base))
+        syncs = {}
+        if count_syncs:
+            from syncs import SyncCounter
+
+            layer.append(*kv(step))
+            redraw_importance()
+            with SyncCounter() as c:
+                layer._flush()
+            syncs = dict(realloc_syncs=c.total, realloc_sync_sites=c.by_site.most_common(6))
+        if trace:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            layer.append(*kv(step))
+            redraw_importance()
+            _sync(device)
+            kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch_profile(activities=kinds) as prof:
+                layer._flush()
+                _sync(device)
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=trace), flush=True)
+            if device.type == "cuda":
+                print(prof.key_averages().table(sort_by=key, row_limit=trace), flush=True)
     held = _layer_bytes(layer)
     return dict(batch=batch, context=context, first_ms=first_ms, mean_ms=statistics.fmean(times),
                 max_ms=max(times), peak_extra_mib=max(peaks) / 2 ** 20, held_mib=held / 2 ** 20,
-                middle=layer.n_middle)
+                middle=layer.n_middle, **syncs)
 
 
 def main(argv=None) -> None:
@@ -111,6 +139,8 @@ def main(argv=None) -> None:
     p.add_argument("--base", default="budget=4.25,key_value_gap=3", help="smartkv parameters of every row, k=v,...")
     p.add_argument("--configs", default="token-full,block16-full,block16-incremental", help="rows (names of CONFIGS), comma-separated")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--count-syncs", action="store_true", help="also count a re-allocation's host waits")
+    p.add_argument("--trace", type=int, default=0, help="print the N costliest ops of one more re-allocation")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -123,10 +153,14 @@ def main(argv=None) -> None:
     for context in map(int, a.context.split(",")):
         for batch in map(int, a.batch.split(",")):
             for name in a.configs.split(","):
-                r = dict(config=name, **profile(dict(base, **CONFIGS[name]), batch, context, a.rounds, device))
+                r = dict(config=name, **profile(dict(base, **CONFIGS[name]), batch, context, a.rounds, device,
+                                                count_syncs=a.count_syncs, trace=a.trace))
                 rows.append(r)
                 print(f"| {name} | {batch} | {context} | {r['first_ms']:.0f} | {r['mean_ms']:.1f} | "
                       f"{r['max_ms']:.1f} | {r['peak_extra_mib']:.1f} | {r['held_mib']:.1f} |", flush=True)
+                if a.count_syncs:
+                    print(f"<!-- {name}: {r['realloc_syncs']} host waits a re-allocation; most at "
+                          + "; ".join(f"{site} x{n}" for site, n in r["realloc_sync_sites"]) + " -->", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

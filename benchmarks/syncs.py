@@ -1,0 +1,81 @@
+"""Count the operations that make the host wait for a CUDA device, on any device (a CPU run counts what the same
+code would wait for on a GPU): reading a value (`item`, `bool`, `int`), transfers to host memory (`tolist`,
+`numpy`, `cpu`), and ops whose output size depends on the data (`nonzero`, boolean-mask indexing, `unique`,
+`masked_select`, `repeat_interleave` without `output_size`). A step with N of these waits N times for the
+GPU to drain, and under a GPU shared by several processes each wait also waits for the others' work.
+
+    with SyncCounter() as c:
+        layer._flush()
+    print(c.total, c.by_kind.most_common(5))
+"""
+from __future__ import annotations
+
+import collections
+import traceback
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Tensor methods that leave the device without a dispatched op of their own on CPU tensors
+HOST_READS = {"tolist", "numpy", "cpu"}
+DATA_SIZED = {"aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_consecutive", "aten.unique_dim",
+              "aten._local_scalar_dense"}
+
+
+class _Functions(TorchFunctionMode):
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.counter._add(name)
+        return func(*args, **(kwargs or {}))
+
+
+class _Dispatch(TorchDispatchMode):
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        if name in DATA_SIZED:
+            self.counter._add("item" if name == "aten._local_scalar_dense" else name.removeprefix("aten."))
+        elif name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                          for i in (args[1] if len(args) > 1 else []) if i is not None):
+            self.counter._add("boolean index")
+        elif name == "aten.repeat_interleave" and kwargs.get("output_size") is None and func.__name__ != "self_int":
+            self.counter._add("repeat_interleave")
+        return func(*args, **kwargs)
+
+
+class SyncCounter:
+    """Context manager: `total` host waits and `by_kind` / `by_site` counters (site: the innermost smartkv frame)."""
+
+    def __init__(self):
+        self.by_kind: collections.Counter = collections.Counter()
+        self.by_site: collections.Counter = collections.Counter()
+        self._modes = (_Functions(self), _Dispatch(self))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+    def _add(self, kind: str) -> None:
+        self.by_kind[kind] += 1
+        site = next((f"{f.filename.rsplit('smartkv/', 1)[-1]}:{f.lineno} {f.name}"
+                     for f in reversed(traceback.extract_stack()) if "/smartkv/" in f.filename), "?")
+        self.by_site[site] += 1
+
+    def __enter__(self) -> "SyncCounter":
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in reversed(self._modes):
+            m.__exit__(*exc)

@@ -1,0 +1,30 @@
+"""benchmarks/syncs.py counts the operations that make the host wait for a GPU, on any device, and nothing else."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from syncs import SyncCounter  # noqa: E402
+
+
+def test_device_only_work_counts_no_host_wait():
+    x = torch.arange(64.0)
+    with SyncCounter() as c:
+        y = torch.topk(x * 2 + 1, 5).values.sort().values
+        x.repeat_interleave(2)
+        torch.repeat_interleave(x, torch.full((64,), 2), output_size=128)
+        x[torch.tensor([1, 5])]
+    assert c.total == 0 and y.numel() == 5
+
+
+def test_each_kind_of_host_wait_is_counted_once():
+    x = torch.arange(16.0)
+    with SyncCounter() as c:
+        x.tolist(), x.numpy(), x[3].item(), bool(x[1] > 0), int(x.sum())
+        x[x > 3], torch.nonzero(x), x.unique(), torch.repeat_interleave(torch.tensor([1, 2]))
+    assert c.by_kind == {"tolist": 1, "numpy": 1, "item": 3, "boolean index": 1, "nonzero": 1, "_unique2": 1,
+                         "repeat_interleave": 1}
+    assert c.total == 9 and sum(c.by_site.values()) == 9
