@@ -5,8 +5,8 @@
 
 Writes results/frontier.json (rows: config, total_ratio, kl, ppl, top1, and retrieval accuracy per task and
 length), prints a markdown table and draws docs/img/frontier.png (KL vs total_ratio, log-log).
-Retrieval: greedy generation through the cache on smartkv.data prompt sets (passkey, kv-retrieval), scored with
-their own metric; few samples on CPU, so each accuracy is a coarse estimate (n given in the table header).
+Retrieval: retrieval.py's greedy answers through the cache on smartkv.data prompt sets (passkey, kv-retrieval),
+scored with their own metric; few samples on CPU, so each accuracy is a coarse estimate (n given in the table header).
 """
 from __future__ import annotations
 
@@ -19,30 +19,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_quality  # noqa: E402
-
-import smartkv  # noqa: E402
-from smartkv.cache.hf_compat import cache_kwargs  # noqa: E402
+import retrieval  # noqa: E402
 
 BASELINES = ("int8", "int4", "kivi:key_bits=4,value_bits=4,residual_length=32",
              "kivi:key_bits=2,value_bits=4,residual_length=32", "kivi:key_bits=2,value_bits=4,residual_length=128",
              "kivi:key_bits=2,value_bits=2,residual_length=32", "kivi:key_bits=2,value_bits=2,residual_length=128")
 
 
-@torch.inference_mode()
 def retrieval_accuracy(model, tokenizer, spec: str, task: str, length: int, samples: int, seed: int = 42) -> float:
-    from smartkv.data.base import get_prompt_set
-    from smartkv.data.inputs import build_input_ids
-    from smartkv.metrics.task import score
-
-    method, params = bench_quality.parse_config(spec)
-    hits = []
-    for s in get_prompt_set(task, length=length, num_samples=samples, seed=seed).samples(tokenizer):
-        ids = torch.tensor([build_input_ids(s, tokenizer)])
-        cache = smartkv.make_cache(method, model, **params)
-        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=s.max_new_tokens, do_sample=False)
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        hits.append(score(s.metric, text, s.answers, s.all_classes))
-    return sum(hits) / len(hits)
+    """Share of `samples` answered through `spec`'s cache: retrieval.py's greedy answers (stopped at
+    end-of-sequence, graphed where the cache allows), so both benchmarks score the same way."""
+    rows = retrieval.run_unit(model, tokenizer, spec, task, length, samples, seed)
+    return sum(r["score"] for r in rows) / len(rows)
 
 
 def plot(rows: list[dict], path: Path) -> None:
