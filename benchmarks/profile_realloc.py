@@ -107,7 +107,7 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
 
             layer.append(*kv(step))
             redraw_importance()
-            with SyncCounter() as c:
+            with SyncCounter(device) as c:
                 layer._flush()
             syncs = dict(realloc_syncs=c.total, realloc_sync_sites=c.by_site.most_common(6))
         if trace:

@@ -4,7 +4,10 @@ code would wait for on a GPU): reading a value (`item`, `bool`, `int`), transfer
 `masked_select`, `repeat_interleave` without `output_size`). A step with N of these waits N times for the
 GPU to drain, and under a GPU shared by several processes each wait also waits for the others' work.
 
-    with SyncCounter() as c:
+Only operations on tensors of `device` count: on a GPU that is exact; on the CPU every tensor is on the device,
+so host-side bookkeeping that a GPU run keeps on the host anyway counts too (an upper bound).
+
+    with SyncCounter(device="cuda") as c:
         layer._flush()
     print(c.total, c.by_kind.most_common(5))
 """
@@ -23,6 +26,10 @@ DATA_SIZED = {"aten.nonzero", "aten.masked_select", "aten._unique2", "aten.uniqu
               "aten._local_scalar_dense"}
 
 
+def _on(device_type: str, args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type == device_type for a in args)
+
+
 class _Functions(TorchFunctionMode):
     def __init__(self, counter):
         super().__init__()
@@ -30,7 +37,7 @@ class _Functions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in HOST_READS:
+        if name in HOST_READS and _on(self.counter.device_type, args[:1]):
             self.counter._add(name)
         return func(*args, **(kwargs or {}))
 
@@ -43,7 +50,9 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
-        if name in DATA_SIZED:
+        if not _on(self.counter.device_type, args[:1]):
+            pass
+        elif name in DATA_SIZED:
             self.counter._add("item" if name == "aten._local_scalar_dense" else name.removeprefix("aten."))
         elif name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                           for i in (args[1] if len(args) > 1 else []) if i is not None):
@@ -56,7 +65,8 @@ class _Dispatch(TorchDispatchMode):
 class SyncCounter:
     """Context manager: `total` host waits and `by_kind` / `by_site` counters (site: the innermost smartkv frame)."""
 
-    def __init__(self):
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device_type = torch.device(device).type
         self.by_kind: collections.Counter = collections.Counter()
         self.by_site: collections.Counter = collections.Counter()
         self._modes = (_Functions(self), _Dispatch(self))

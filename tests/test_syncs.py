@@ -28,3 +28,10 @@ def test_each_kind_of_host_wait_is_counted_once():
     assert c.by_kind == {"tolist": 1, "numpy": 1, "item": 3, "boolean index": 1, "nonzero": 1, "_unique2": 1,
                          "repeat_interleave": 1}
     assert c.total == 9 and sum(c.by_site.values()) == 9
+
+
+def test_only_tensors_on_the_counted_device_count():
+    x = torch.arange(16.0)
+    with SyncCounter("cuda") as c:  # host tensors: nothing to wait for
+        x.tolist(), x[3].item(), x[x > 3]
+    assert c.total == 0
