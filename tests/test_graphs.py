@@ -191,14 +191,14 @@ def test_generate_greedy_gives_generates_tokens(tiny_llama, kernels, mode):
         generate_greedy(tiny_llama, cache, ids, 0)
 
 
-def test_generate_greedy_stops_once_every_sequence_made_a_stop_token(tiny_llama, kernels):
+def test_generate_greedy_stops_once_every_sequence_made_a_stop_token(tiny_llama):
     ids = torch.randint(3, 500, (2, 17), generator=torch.Generator().manual_seed(9)).to(DEV)
-    full = generate_greedy(tiny_llama, smartkv.make_cache("int4", tiny_llama), ids, 8, mode="static")
+    full = generate_greedy(tiny_llama, smartkv.make_cache("int4", tiny_llama), ids, 8, mode="eager")
     stop = {int(full[0, 2]), int(full[1, 4])}  # each row stops at its first token in `stop`, at the latest there
-    cut = generate_greedy(tiny_llama, smartkv.make_cache("int4", tiny_llama), ids, 8, mode="static", stop_ids=stop)
+    cut = generate_greedy(tiny_llama, smartkv.make_cache("int4", tiny_llama), ids, 8, mode="eager", stop_ids=stop)
     first = [min(j for j in range(8) if int(full[r, j]) in stop) for r in range(2)]
     assert cut.shape[1] == max(first) + 1 < 8 and torch.equal(cut, full[:, :cut.shape[1]])
-    never = generate_greedy(tiny_llama, smartkv.make_cache("int4", tiny_llama), ids, 8, mode="static", stop_ids=[-7])
+    never = generate_greedy(tiny_llama, smartkv.make_cache("int4", tiny_llama), ids, 8, mode="eager", stop_ids=[-7])
     assert torch.equal(never, full)
     with pytest.raises(ValueError, match="stop_ids"):
         generate_greedy(tiny_llama, smartkv.make_cache("int4", tiny_llama), ids, 8, stop_ids=[])
