@@ -8,7 +8,8 @@
 #   bash benchmarks/frontier_gpu.sh quality smollm2          # then: python benchmarks/bench_quality.py --from-json ...
 #   bash benchmarks/frontier_gpu.sh retrieval gemma3 2048,4096,8000,16000
 # Knobs: PROCS (8), LIMIT (seconds per step, 500), WINDOWS (16), CTX (1024), DECODE (64), SAMPLES (50), CHUNK (10),
-# SOURCE (pydoc), SKIP_DONE (glob of earlier retrieval rows: run only the units they lack)
+# SOURCE (pydoc), SKIP_DONE (glob of earlier retrieval rows: run only the units they lack), MODE (retrieval's
+# generate_greedy steps: eager to skip graph captures, which short answers may not repay)
 set -uo pipefail
 what=$1 model=$2 lengths=${3:-2048,4096,8000}
 PROCS=${PROCS:-8} LIMIT=${LIMIT:-500}
@@ -25,7 +26,7 @@ for i in $(seq 0 $((PROCS - 1))); do
                > "$OUT/quality_${model}.$i.log" 2>&1 & ;;
     retrieval) timeout "$LIMIT" python benchmarks/retrieval.py --model "$model" --lengths "$lengths" \
                  --samples "${SAMPLES:-50}" --chunk "${CHUNK:-10}" --claim-dir "$OUT/claims_${model}" \
-                 ${SKIP_DONE:+--skip-done "$SKIP_DONE"} \
+                 ${SKIP_DONE:+--skip-done "$SKIP_DONE"} ${MODE:+--mode "$MODE"} \
                  --json "$OUT/retrieval_${model}.$i.json" \
                  > "$OUT/retrieval_${model}.$i.log" 2>&1 & ;;
     *) echo "usage: frontier_gpu.sh quality|retrieval MODEL [LENGTHS]" >&2; exit 2 ;;

@@ -62,7 +62,7 @@ def answer_text(tokenizer, new_ids: list[int]) -> str:
 
 @torch.inference_mode()
 def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, seed: int,
-             chunk: tuple[int, int] | None = None) -> list[dict]:
+             chunk: tuple[int, int] | None = None, mode: str | None = None) -> list[dict]:
     """One row per sample of one (config, task, length) unit: samples [lo, hi) of the `samples` the seed draws
     (all of them without `chunk`), numbered as in the whole set so that chunks pair across configs."""
     import smartkv
@@ -83,7 +83,8 @@ def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, 
         ids = torch.tensor([build_input_ids(s, tokenizer)], device=device)
         cache = smartkv.make_cache(method, model, **params)
         t0 = time.perf_counter()
-        new = generate_greedy(model, cache, ids, s.max_new_tokens, stop_ids=stop_ids(tokenizer) or None)[0].tolist()
+        new = generate_greedy(model, cache, ids, s.max_new_tokens, mode=mode,
+                              stop_ids=stop_ids(tokenizer) or None)[0].tolist()
         seconds = time.perf_counter() - t0
         text = answer_text(tokenizer, new)
         rows.append({"config": spec, "task": task, "length": length, "sample": i, "prompt_tokens": ids.shape[1],
@@ -193,6 +194,8 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--chunk", type=int, default=10, help="samples a work unit")
+    p.add_argument("--mode", default=None, choices=["graph", "static", "eager"],
+                   help="generate_greedy's steps (default: graphed where the cache allows on CUDA, else eager)")
     p.add_argument("--shard", default="0/1", help="I/N: run every N-th work unit from the I-th")
     p.add_argument("--claim-dir", default=None, help="shared folder: take the next unclaimed unit (no --shard)")
     p.add_argument("--json", default=None, help="write the per-sample rows here")
@@ -242,7 +245,7 @@ def main(argv=None) -> None:
             continue
         t0 = time.perf_counter()
         try:
-            got = run_unit(handle.model, handle.tokenizer, spec, task, length, a.samples, a.seed, chunk)
+            got = run_unit(handle.model, handle.tokenizer, spec, task, length, a.samples, a.seed, chunk, a.mode)
         except Exception:  # one config's fault costs its units, not the process's remaining work
             print(f"FAILED {task} {length} {spec} samples {chunk}:\n{traceback.format_exc()}", flush=True)
             continue
