@@ -221,8 +221,8 @@ SMARTKV = dict(budget=4.25, key_value_gap=3, widths=(2, 4, 8), recent_window=8, 
 PER_TOKEN = dict(block_tokens=1, realloc="full")   # a width per token, the whole middle re-allocated
 
 
-@pytest.mark.parametrize("design", ["default", "per-token"])
-@pytest.mark.parametrize("batch", [1, 2])
+# the old per-token design at batch 2 only: interpreted kernels make each case 40-100 s of CI
+@pytest.mark.parametrize("batch, design", [(1, "default"), (2, "default"), (2, "per-token")])
 def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny_llama, kernels, batch, design):
     """12 steps at realloc_every=4: three re-allocations run between static steps (`cache.advance`), each
     followed by a new phase; tokens, logits, importance and the pools' widths follow the ordinary fused steps."""
