@@ -75,16 +75,13 @@ def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, 
     rows = []
     device = next(model.parameters()).device
     lo, hi = chunk or (0, samples)
-    for i, s in enumerate(get_prompt_set(task, length=length, num_samples=samples, seed=seed).samples(tokenizer)):
-        if i >= hi:
-            break
-        if i < lo:
-            continue
+    stops = stop_ids(tokenizer) or None
+    prompts = get_prompt_set(task, length=length, num_samples=samples, seed=seed).sample_range(tokenizer, lo, hi)
+    for i, s in enumerate(prompts, start=lo):
         ids = torch.tensor([build_input_ids(s, tokenizer)], device=device)
         cache = smartkv.make_cache(method, model, **params)
         t0 = time.perf_counter()
-        new = generate_greedy(model, cache, ids, s.max_new_tokens, mode=mode,
-                              stop_ids=stop_ids(tokenizer) or None)[0].tolist()
+        new = generate_greedy(model, cache, ids, s.max_new_tokens, mode=mode, stop_ids=stops)[0].tolist()
         seconds = time.perf_counter() - t0
         text = answer_text(tokenizer, new)
         rows.append({"config": spec, "task": task, "length": length, "sample": i, "prompt_tokens": ids.shape[1],
@@ -154,7 +151,7 @@ def cell_tables(rows: list[dict], reference: str | None) -> list[dict]:
 
 
 def wide_rows(cells: list[dict]) -> tuple[list[str], list[list]]:
-    """One row per config (first seen order), one column per (task, length): "accuracy [lo, hi]", with "(n=N)"
+    """One row per config (CONFIGS' order, then first seen), one column per (task, length): "accuracy [lo, hi]", with "(n=N)"
     where a cell has fewer samples than the most any cell has; the configs' mean total_ratio second."""
     columns = sorted({(c["task"], c["length"]) for c in cells}, key=lambda k: (TASKS.index(k[0]) if k[0] in TASKS
                                                                               else len(TASKS), k[0], k[1]))

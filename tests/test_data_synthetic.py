@@ -34,6 +34,12 @@ def test_same_seed_same_samples(name, opts):
     assert make(name, opts).samples(TOK) == make(name, opts).samples(TOK)
 
 
+@pytest.mark.parametrize("name,opts", SETS[::2], ids=IDS[::2])
+def test_a_range_of_samples_is_that_slice_of_the_whole_set(name, opts):
+    assert make(name, opts).sample_range(TOK, 1, 3) == make(name, opts).samples(TOK)[1:3]
+    assert make(name, opts).sample_range(TOK, 2, 9) == make(name, opts).samples(TOK)[2:]
+
+
 @pytest.mark.parametrize("name,opts", SETS, ids=IDS)
 def test_other_seed_other_samples(name, opts):
     first, second = make(name, opts, seed=1).samples(TOK), make(name, opts, seed=2).samples(TOK)

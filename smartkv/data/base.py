@@ -58,6 +58,10 @@ class PromptSet:
     def samples(self, tokenizer) -> list[Sample]:
         raise NotImplementedError
 
+    def sample_range(self, tokenizer, lo: int, hi: int) -> list[Sample]:
+        """`samples(tokenizer)[lo:hi]`; sets that build each sample on its own make only those."""
+        return self.samples(tokenizer)[lo:hi]
+
     # ---- what the runner checks before any model loads -----------------------------------------------------
     def prompt_tokens(self) -> int | None:
         """Most tokens a sample feeds the model before generating (chat template aside); None: unknown until the

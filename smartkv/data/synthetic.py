@@ -77,7 +77,10 @@ class SyntheticSet(PromptSet):
         raise NotImplementedError
 
     def samples(self, tokenizer) -> list[Sample]:
-        return [self.make_sample(i, tokenizer) for i in range(self.num_samples)]
+        return self.sample_range(tokenizer, 0, self.num_samples)
+
+    def sample_range(self, tokenizer, lo: int, hi: int) -> list[Sample]:
+        return [self.make_sample(i, tokenizer) for i in range(max(lo, 0), min(hi, self.num_samples))]
 
     def prompt_tokens(self) -> int:
         return self.length
