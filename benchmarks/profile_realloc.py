@@ -8,8 +8,8 @@ importance codes redrawn before each (heavy-tailed, as attention is), for severa
 Per configuration: ms of the first allocation (the prompt's), mean and max ms of a re-allocation, and the peak
 memory above what the layer holds before it (CUDA: the allocator's peak; CPU: the process's peak resident set,
 reset before each re-allocation through /proc/self/clear_refs), with the layer's bytes for scale. `--count-syncs`
-adds, from one more untimed round, the host waits of the first allocation and of a re-allocation (benchmarks/
-syncs.py: what the same code waits for on a GPU, counted on any device) and the sites with the most; `--trace N`
+adds, from one more untimed round, the host waits of a re-allocation (benchmarks/syncs.py: what the same code
+waits for on a GPU, counted on any device) and the sites with the most; `--trace N`
 prints torch.profiler's N costliest operations of one more re-allocation (host and device time), the ladder's
 next rung below "one layer's re-allocation".
 """
@@ -85,10 +85,14 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
         first_ms = (time.perf_counter() - start) * 1e3
         times, peaks = [], []
         step = layer._flush_at()
-        for _ in range(rounds):
+
+        def next_round():  # the tokens and importance of one more re-allocation
             layer.append(*kv(step))
             redraw_importance()
             _sync(device)
+
+        for _ in range(rounds):
+            next_round()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
@@ -105,24 +109,19 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
         if count_syncs:
             from syncs import SyncCounter
 
-            layer.append(*kv(step))
-            redraw_importance()
+            next_round()
             with SyncCounter(device) as c:
                 layer._flush()
             syncs = dict(realloc_syncs=c.total, realloc_sync_sites=c.by_site.most_common(6))
         if trace:
             from torch.profiler import ProfilerActivity, profile as torch_profile
 
-            layer.append(*kv(step))
-            redraw_importance()
-            _sync(device)
+            next_round()
             kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with torch_profile(activities=kinds) as prof:
                 layer._flush()
                 _sync(device)
-            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=trace), flush=True)
-            if device.type == "cuda":
+            for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.type == "cuda" else []):
                 print(prof.key_averages().table(sort_by=key, row_limit=trace), flush=True)
     held = _layer_bytes(layer)
     return dict(batch=batch, context=context, first_ms=first_ms, mean_ms=statistics.fmean(times),

@@ -51,8 +51,8 @@ class _Dispatch(TorchDispatchMode):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
         if not _on(self.counter.device_type, args[:1]):
-            pass
-        elif name in DATA_SIZED:
+            return func(*args, **kwargs)
+        if name in DATA_SIZED:
             self.counter._add("item" if name == "aten._local_scalar_dense" else name.removeprefix("aten."))
         elif name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                           for i in (args[1] if len(args) > 1 else []) if i is not None):
