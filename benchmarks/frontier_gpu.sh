@@ -9,7 +9,8 @@
 #   bash benchmarks/frontier_gpu.sh retrieval gemma3 2048,4096,8000,16000
 # Knobs: PROCS (8), LIMIT (seconds per step, 500), WINDOWS (16), CTX (1024), DECODE (64), SAMPLES (50), CHUNK (10),
 # SOURCE (pydoc), SKIP_DONE (glob of earlier retrieval rows: run only the units they lack), MODE (retrieval's
-# generate_greedy steps: eager to skip graph captures, which short answers may not repay)
+# generate_greedy steps: eager to skip graph captures, which short answers may not repay), FLOOR (retrieval: fp16's
+# units first, within FLOOR_LIMIT seconds (150); the other configs then skip cells where fp16 scored below FLOOR)
 set -uo pipefail
 what=$1 model=$2 lengths=${3:-2048,4096,8000}
 PROCS=${PROCS:-8} LIMIT=${LIMIT:-500}
@@ -18,21 +19,32 @@ final=$OUT; OUT=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log -1 --format='commit %h %cI' 2>/dev/null || true
 date -u +'start %FT%TZ'
-for i in $(seq 0 $((PROCS - 1))); do
-  case $what in
-    quality) timeout "$LIMIT" python benchmarks/bench_quality.py --model "$model" --ablation frontier \
-               --source "${SOURCE:-pydoc}" --part evaluation --ctx "${CTX:-1024}" --decode "${DECODE:-64}" \
-               --windows "${WINDOWS:-16}" --shard "$i/$PROCS" --json "$OUT/quality_${model}_${SOURCE:-pydoc}.$i.json" \
-               > "$OUT/quality_${model}.$i.log" 2>&1 & ;;
-    retrieval) timeout "$LIMIT" python benchmarks/retrieval.py --model "$model" --lengths "$lengths" \
-                 --samples "${SAMPLES:-50}" --chunk "${CHUNK:-10}" --claim-dir "$OUT/claims_${model}" \
-                 ${SKIP_DONE:+--skip-done "$SKIP_DONE"} ${MODE:+--mode "$MODE"} \
-                 --json "$OUT/retrieval_${model}.$i.json" \
-                 > "$OUT/retrieval_${model}.$i.log" 2>&1 & ;;
-    *) echo "usage: frontier_gpu.sh quality|retrieval MODEL [LENGTHS]" >&2; exit 2 ;;
-  esac
-done
-wait
+# one step: $PROCS processes of `what`, each bounded by $1 seconds; the rest of the arguments go to every process
+step() {
+  local limit=$1 tag=$2; shift 2
+  for i in $(seq 0 $((PROCS - 1))); do
+    case $what in
+      quality) timeout "$limit" python benchmarks/bench_quality.py --model "$model" --ablation frontier \
+                 --source "${SOURCE:-pydoc}" --part evaluation --ctx "${CTX:-1024}" --decode "${DECODE:-64}" \
+                 --windows "${WINDOWS:-16}" --shard "$i/$PROCS" --json "$OUT/quality_${model}_${SOURCE:-pydoc}.$i.json" \
+                 > "$OUT/quality_${model}.$i.log" 2>&1 & ;;
+      retrieval) timeout "$limit" python benchmarks/retrieval.py --model "$model" --lengths "$lengths" \
+                   --samples "${SAMPLES:-50}" --chunk "${CHUNK:-10}" --claim-dir "$OUT/claims_${model}$tag" \
+                   ${MODE:+--mode "$MODE"} --json "$OUT/retrieval_${model}$tag.$i.json" "$@" \
+                   > "$OUT/retrieval_${model}$tag.$i.log" 2>&1 & ;;
+      *) echo "usage: frontier_gpu.sh quality|retrieval MODEL [LENGTHS]" >&2; exit 2 ;;
+    esac
+  done
+  wait
+}
+done_args=(${SKIP_DONE:+--skip-done "$SKIP_DONE"})
+if [[ $what == retrieval && -n ${FLOOR:-} ]]; then
+  # fp16 first; then the other configs skip the cells where fp16 is below $FLOOR (every method at the model's floor)
+  step "${FLOOR_LIMIT:-150}" _fp16 --configs fp16 "${done_args[@]}"
+  step "$LIMIT" "" "${done_args[@]}" --skip-done "$OUT/retrieval_${model}_fp16.*.json" --floor "$FLOOR"
+else
+  step "$LIMIT" "" "${done_args[@]}"
+fi
 date -u +'end %FT%TZ'
 tail -qn 2 "$OUT"/"${what}"_"${model}"*.log | grep -v "^\[transformers\]" | cut -c1-160
 grep -l FAILED "$OUT"/*.log 2>/dev/null | head -3

@@ -18,6 +18,9 @@ slow unit holds up one process, not a fixed share. A unit that raises is reporte
 the processes' rows and prints the tables.
 
     python benchmarks/retrieval.py --claim-dir /tmp/claims --json part$I.json      # in each of N processes
+
+`--skip-done GLOB` goes on from earlier rows; with `--floor X` it also skips the other configs' units of the cells
+where fp16 scored below X there (the model cannot do the task at that length, so no cache can be told apart).
 """
 from __future__ import annotations
 
@@ -86,7 +89,7 @@ def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, 
         text = answer_text(tokenizer, new)
         rows.append({"config": spec, "task": task, "length": length, "sample": i, "prompt_tokens": ids.shape[1],
                      "score": score(s.metric, text, s.answers, s.all_classes), "answer": text[:80], "new_tokens": len(new),
-                     "total_ratio": cache.memory_report().total_ratio, "seconds": seconds})
+                     "total_ratio": cache.memory_report().total_ratio, "seconds": seconds, "mode": mode or "auto"})
     return rows
 
 
@@ -113,6 +116,16 @@ def done_units(units: list[tuple], rows: list[dict]) -> set[tuple]:
     """The units every sample of which is among `rows` already (a run that goes on from an earlier one)."""
     have = {(r["config"], r["task"], r["length"], r["sample"]) for r in rows}
     return {u for u in units if all((u[0], u[1], u[2], i) in have for i in range(*u[3]))}
+
+
+def floor_cells(rows: list[dict], reference: str, samples: int, floor: float) -> set[tuple]:
+    """(task, length) cells where `reference` (the full-precision cache) scored below `floor` on at least `samples`
+    samples: there no cache method can be told apart from another (every one is at the model's floor)."""
+    per = defaultdict(list)
+    for r in rows:
+        if r["config"] == reference:
+            per[(r["task"], r["length"])].append(r["score"])
+    return {cell for cell, s in per.items() if len(s) >= samples and sum(s) / len(s) < floor}
 
 
 def claim(directory: Path, unit: tuple) -> bool:
@@ -182,7 +195,23 @@ def markdown(cells: list[dict], reference: str | None) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def pending_units(units: list[tuple], a) -> list[tuple]:
+    """`units` less those the --skip-done rows hold and, with --floor, those of cells at the model's floor."""
+    if not a.skip_done:
+        return units
+    earlier = [r for g in a.skip_done for r in read_rows(g)]
+    done = done_units(units, earlier)
+    units = [u for u in units if u not in done]
+    print(f"--skip-done: {len(done)} units held already, {len(units)} to run", flush=True)
+    if a.floor is not None:
+        reference = a.reference or "fp16"
+        low = floor_cells(earlier, reference, a.samples, a.floor)
+        units = [u for u in units if u[0] == reference or (u[1], u[2]) not in low]
+        print(f"--floor {a.floor}: {reference} below it at {sorted(low)}; {len(units)} units to run", flush=True)
+    return units
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="model name for smartkv.models.load_model")
     p.add_argument("--configs", default=";".join(CONFIGS), help="';'-separated method specs")
@@ -197,14 +226,25 @@ def main(argv=None) -> None:
     p.add_argument("--claim-dir", default=None, help="shared folder: take the next unclaimed unit (no --shard)")
     p.add_argument("--json", default=None, help="write the per-sample rows here")
     p.add_argument("--from-json", default=None, help="glob of row files to merge and print (no run)")
-    p.add_argument("--skip-done", default=None, help="glob of row files: skip the units they hold in full")
+    p.add_argument("--skip-done", action="append", default=[],
+                   help="glob of row files: skip the units they hold in full (repeatable)")
+    p.add_argument("--floor", type=float, default=None,
+                   help="with --skip-done: skip other configs' units of cells where the reference config (fp16 "
+                        "unless --reference) scored below this on --samples samples in those rows")
     p.add_argument("--reference", default=None, help="config for the paired difference column")
     p.add_argument("--wide", action="store_true", help="with --from-json: one row per config, a column per cell")
+    return p
+
+
+def main(argv=None) -> None:
+    p = parser()
     a = p.parse_args(argv)
     if not 1 <= a.samples <= 10_000:
         p.error(f"--samples must be in [1, 10000], got {a.samples}")
     if a.chunk < 1:
         p.error(f"--chunk must be at least 1, got {a.chunk}")
+    if a.floor is not None and not a.skip_done:
+        p.error("--floor reads the reference's scores from the --skip-done rows; give --skip-done too")
     if a.claim_dir and a.shard != "0/1":
         p.error("--claim-dir and --shard split the work two ways; give one")
     if a.from_json:
@@ -225,11 +265,7 @@ def main(argv=None) -> None:
     for c in configs:  # every spec built once before any model loads: a typo is one line, not a lost run
         method, params = parse_config(c)
         smartkv.make_config(method, **params)
-    units = work_units(configs, tasks, lengths, a.samples, a.chunk)
-    if a.skip_done:
-        done = done_units(units, read_rows(a.skip_done))
-        units = [u for u in units if u not in done]
-        print(f"--skip-done: {len(done)} units held already, {len(units)} to run", flush=True)
+    units = pending_units(work_units(configs, tasks, lengths, a.samples, a.chunk), a)
     shard, shards = parse_shard(p, a.shard)
     claims = Path(a.claim_dir) if a.claim_dir else None
     if claims:

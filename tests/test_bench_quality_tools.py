@@ -93,6 +93,21 @@ def test_a_run_goes_on_from_the_units_an_earlier_one_finished():
     assert retrieval.done_units(units, rows) == {("int4", "passkey", 2048, (0, 10))}
 
 
+def test_cells_where_fp16_is_at_the_floor_run_fp16_only(tmp_path):
+    row = lambda config, task, sample, score: {"config": config, "task": task, "length": 2048,  # noqa: E731
+                                               "sample": sample, "score": score}
+    earlier = ([row("fp16", "kv-retrieval", i, 0.0) for i in range(20)]          # at the floor on every sample
+               + [row("fp16", "passkey", i, 0.0) for i in range(10)]             # too few samples to tell
+               + [row("fp16", "needle", i, float(i % 2)) for i in range(20)])    # 0.5: informative
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    units = retrieval.work_units(["fp16", "int4"], ["kv-retrieval", "passkey", "needle"], [2048], 20, 10)
+    args = retrieval.parser().parse_args(["--skip-done", str(tmp_path / "*.json"), "--floor", "0.1", "--samples", "20"])
+    left = retrieval.pending_units(units, args)
+    assert {(u[0], u[1]) for u in left} == {("int4", "passkey"), ("fp16", "passkey"), ("int4", "needle")}
+    assert retrieval.floor_cells(earlier, "fp16", 20, 0.1) == {("kv-retrieval", 2048)}
+    assert len(retrieval.pending_units(units, retrieval.parser().parse_args([]))) == len(units)
+
+
 def test_the_wide_table_has_a_row_per_config_and_marks_short_cells():
     row = lambda config, task, sample, score: {"config": config, "task": task, "length": 8000,  # noqa: E731
                                                "sample": sample, "score": score, "total_ratio": 0.3}
