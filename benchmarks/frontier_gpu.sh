@@ -2,9 +2,9 @@
 # Issue 22 on one GPU: the decode-path KL frontier (bench_quality.py --ablation frontier, evaluation part of the
 # prose) and retrieval (retrieval.py, --samples per cell) on an embedded model, each split over $PROCS processes
 # sharing the GPU (eager steps are launch-bound, so processes overlap): quality by shards, retrieval by claiming the
-# next free unit of $CHUNK samples, costliest first. Every process writes its rows after each config or unit, so a
-# step stopped by its `timeout` keeps what it finished. The processes write under a scratch folder; the end packs it
-# into one archive, $OUT/WHAT_MODEL.tgz (the device tool brings back only a few files a call).
+# next free unit of $CHUNK samples, costliest first. Every process writes its rows after each config (quality) or
+# sample (retrieval), so a step stopped by its `timeout` keeps what it answered. The processes write under a scratch
+# folder; the end packs it into one archive, $OUT/WHAT_MODEL.tgz (the device tool brings back only a few files).
 #   bash benchmarks/frontier_gpu.sh quality smollm2          # then: python benchmarks/bench_quality.py --from-json ...
 #   bash benchmarks/frontier_gpu.sh retrieval gemma3 2048,4096,8000,16000
 # Knobs: PROCS (8), LIMIT (seconds per step, 500), WINDOWS (16), CTX (1024), DECODE (64), SAMPLES (50), CHUNK (10),

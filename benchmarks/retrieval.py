@@ -63,11 +63,18 @@ def answer_text(tokenizer, new_ids: list[int]) -> str:
     return tokenizer.decode(new_ids[:cut], skip_special_tokens=True)
 
 
-@torch.inference_mode()
 def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, seed: int,
              chunk: tuple[int, int] | None = None, mode: str | None = None) -> list[dict]:
     """One row per sample of one (config, task, length) unit: samples [lo, hi) of the `samples` the seed draws
     (all of them without `chunk`), numbered as in the whole set so that chunks pair across configs."""
+    return list(unit_rows(model, tokenizer, spec, task, length, samples, seed, chunk, mode))
+
+
+@torch.inference_mode()
+def unit_rows(model, tokenizer, spec: str, task: str, length: int, samples: int, seed: int,
+              chunk: tuple[int, int] | None = None, mode: str | None = None, skip: frozenset = frozenset()):
+    """`run_unit`'s rows one sample at a time (a caller can keep each as it comes), leaving out the sample numbers
+    in `skip` (those an earlier run answered)."""
     import smartkv
     from smartkv.cache.graphs import generate_greedy
     from smartkv.data.base import get_prompt_set
@@ -75,22 +82,22 @@ def run_unit(model, tokenizer, spec: str, task: str, length: int, samples: int, 
     from smartkv.metrics.task import score
 
     method, params = parse_config(spec)
-    rows = []
     device = next(model.parameters()).device
     lo, hi = chunk or (0, samples)
     stops = stop_ids(tokenizer) or None
     prompts = get_prompt_set(task, length=length, num_samples=samples, seed=seed).sample_range(tokenizer, lo, hi)
     for i, s in enumerate(prompts, start=lo):
+        if i in skip:
+            continue
         ids = torch.tensor([build_input_ids(s, tokenizer)], device=device)
         cache = smartkv.make_cache(method, model, **params)
         t0 = time.perf_counter()
         new = generate_greedy(model, cache, ids, s.max_new_tokens, mode=mode, stop_ids=stops)[0].tolist()
         seconds = time.perf_counter() - t0
         text = answer_text(tokenizer, new)
-        rows.append({"config": spec, "task": task, "length": length, "sample": i, "prompt_tokens": ids.shape[1],
-                     "score": score(s.metric, text, s.answers, s.all_classes), "answer": text[:80], "new_tokens": len(new),
-                     "total_ratio": cache.memory_report().total_ratio, "seconds": seconds, "mode": mode or "auto"})
-    return rows
+        yield {"config": spec, "task": task, "length": length, "sample": i, "prompt_tokens": ids.shape[1],
+               "score": score(s.metric, text, s.answers, s.all_classes), "answer": text[:80], "new_tokens": len(new),
+               "total_ratio": cache.memory_report().total_ratio, "seconds": seconds, "mode": mode or "auto"}
 
 
 def work_units(configs: list[str], tasks: list[str], lengths: list[int], samples: int, chunk: int) -> list[tuple]:
@@ -114,7 +121,7 @@ def read_rows(pattern: str) -> list[dict]:
 
 def done_units(units: list[tuple], rows: list[dict]) -> set[tuple]:
     """The units every sample of which is among `rows` already (a run that goes on from an earlier one)."""
-    have = {(r["config"], r["task"], r["length"], r["sample"]) for r in rows}
+    have = answered(rows)
     return {u for u in units if all((u[0], u[1], u[2], i) in have for i in range(*u[3]))}
 
 
@@ -195,11 +202,17 @@ def markdown(cells: list[dict], reference: str | None) -> str:
     return "\n".join(lines)
 
 
-def pending_units(units: list[tuple], a) -> list[tuple]:
-    """`units` less those the --skip-done rows hold and, with --floor, those of cells at the model's floor."""
+def answered(rows: list[dict]) -> set[tuple]:
+    """(config, task, length, sample) of every row."""
+    return {(r["config"], r["task"], r["length"], r["sample"]) for r in rows}
+
+
+def pending_units(units: list[tuple], a, earlier: list[dict] | None = None) -> list[tuple]:
+    """`units` less those the --skip-done rows (`earlier`) hold in full and, with --floor, those of cells at the
+    model's floor."""
     if not a.skip_done:
         return units
-    earlier = [r for g in a.skip_done for r in read_rows(g)]
+    earlier = [r for g in a.skip_done for r in read_rows(g)] if earlier is None else earlier
     done = done_units(units, earlier)
     units = [u for u in units if u not in done]
     print(f"--skip-done: {len(done)} units held already, {len(units)} to run", flush=True)
@@ -265,7 +278,9 @@ def main(argv=None) -> None:
     for c in configs:  # every spec built once before any model loads: a typo is one line, not a lost run
         method, params = parse_config(c)
         smartkv.make_config(method, **params)
-    units = pending_units(work_units(configs, tasks, lengths, a.samples, a.chunk), a)
+    earlier = [r for g in a.skip_done for r in read_rows(g)]
+    have = answered(earlier)   # a unit an earlier run stopped inside runs only the samples it lacks
+    units = pending_units(work_units(configs, tasks, lengths, a.samples, a.chunk), a, earlier)
     shard, shards = parse_shard(p, a.shard)
     claims = Path(a.claim_dir) if a.claim_dir else None
     if claims:
@@ -276,18 +291,21 @@ def main(argv=None) -> None:
     for spec, task, length, chunk in units if claims else units[shard::shards]:
         if claims and not claim(claims, (spec, task, length, chunk)):
             continue
-        t0 = time.perf_counter()
+        t0, got = time.perf_counter(), []
+        skip = frozenset(i for i in range(*chunk) if (spec, task, length, i) in have)
         try:
-            got = run_unit(handle.model, handle.tokenizer, spec, task, length, a.samples, a.seed, chunk, a.mode)
+            for row in unit_rows(handle.model, handle.tokenizer, spec, task, length, a.samples, a.seed, chunk,
+                                 a.mode, skip):
+                got.append(row)
+                rows.append(row)
+                if a.json:  # after every sample, so a run stopped by its time limit keeps what it answered
+                    Path(a.json).write_text(json.dumps(rows))
         except Exception:  # one config's fault costs its units, not the process's remaining work
             print(f"FAILED {task} {length} {spec} samples {chunk}:\n{traceback.format_exc()}", flush=True)
             continue
-        rows.extend(got)
-        acc = sum(r["score"] for r in got) / len(got)
+        acc = sum(r["score"] for r in got) / max(len(got), 1)
         print(f"{task} {length} {spec} {chunk}: {acc:.2f} over {len(got)} ({time.perf_counter() - t0:.1f} s)",
               flush=True)
-        if a.json:  # after every unit, so a stopped run keeps what it finished
-            Path(a.json).write_text(json.dumps(rows))
     if not a.json:
         print(markdown(cell_tables(rows, a.reference), a.reference))
 

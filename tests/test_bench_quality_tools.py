@@ -87,6 +87,25 @@ def test_a_chunk_of_samples_is_the_same_samples_numbered_as_in_the_whole_set():
     assert [key(r) for r in part] == [key(r) for r in whole[2:]]
 
 
+def test_a_run_stopped_inside_a_unit_goes_on_with_the_samples_it_lacks(tmp_path):
+    earlier = retrieval.run_unit(*_tiny(), "int4", "passkey", 256, 4, 7, chunk=(0, 4))
+    (tmp_path / "earlier.json").write_text(json.dumps([earlier[0], earlier[2]]))  # stopped after samples 0 and 2
+    out = tmp_path / "out.json"
+    retrieval.main(["--model", "tiny-llama", "--configs", "int4", "--tasks", "passkey", "--lengths", "256",
+                    "--samples", "4", "--chunk", "4", "--seed", "7", "--skip-done", str(tmp_path / "earlier.json"),
+                    "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["sample"] for r in rows] == [1, 3]
+    assert [r["answer"] for r in rows] == [earlier[1]["answer"], earlier[3]["answer"]]
+
+
+def _tiny():
+    from smartkv.models import load_tiny
+
+    h = load_tiny("tiny-llama")
+    return h.model, h.tokenizer
+
+
 def test_a_run_goes_on_from_the_units_an_earlier_one_finished():
     units = retrieval.work_units(["int4"], ["passkey"], [2048], 20, 10)
     rows = [{"config": "int4", "task": "passkey", "length": 2048, "sample": i} for i in range(15)]
