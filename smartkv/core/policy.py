@@ -13,6 +13,7 @@ Every row gets the same number of tokens at each width, so storage pools stay de
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -238,36 +239,66 @@ def rank_profile(weights: torch.Tensor) -> torch.Tensor:
     return torch.sort(weights.double(), dim=-1, descending=True).values.mean(0)
 
 
-def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, int]) -> torch.Tensor:
+def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, int],
+                   capped: list[int] | None = None) -> torch.Tensor:
     """Widths (R, n) for tokens of `weights` (R, n): from the widest width down, each row gives `counts[b]`
     slots to its heaviest tokens whose cap (R, n) allows b. When fewer tokens are eligible than a width wants
     (codes cannot be promoted) their bits pass to the next width down, so the budget is still spent. Rows with
-    equal cap histograms get equal width histograms."""
+    equal cap histograms get equal width histograms. `capped`: per width above the narrowest, widest first, the
+    fewest tokens of a row whose cap allows it, where the caller knows them (else read from `caps`: on CUDA a
+    wait for the device)."""
     R, n = weights.shape
     lowest = min(counts)
     out = torch.full((R, n), lowest, dtype=torch.long, device=weights.device)
     free = torch.ones(R, n, dtype=torch.bool, device=weights.device)
     neg = torch.finfo(torch.float64).min
     w = weights.double()
-    wide = sorted(counts, reverse=True)[:-1]  # the narrowest width takes whatever is left
-    # tokens each row could give each width: those capped at b or wider, less the slots wider widths took (every
-    # one of those was capped wider, so it is among them): the per-row minimum read once, not once per width
-    capped = torch.stack([(caps >= b).sum(-1).min() for b in wide]).tolist() if R and wide else [0] * len(wide)
-    taken = 0
-    surplus = 0  # bits (above the narrowest width) of slots a wider width could not use, offered to the next
-    for b, cap_b in zip(wide, capped):
-        want = counts[b] + surplus // (b - lowest)
-        surplus %= b - lowest
+    if capped is None:
+        capped = cap_counts(caps, counts)
+    for b, take in cascade_plan(counts, capped):
         eligible = free & (caps >= b)
-        take = min(want, cap_b - taken)
-        surplus += (want - max(take, 0)) * (b - lowest)
-        if take <= 0:
-            continue
         scores = torch.where(eligible, w, torch.full_like(w, neg))
         top = torch.topk(scores, take, dim=-1, sorted=False).indices  # (R, take)
         out.scatter_(1, top, b)
         free.scatter_(1, top, False)
-        taken += take
+    return out
+
+
+def cap_counts(caps: torch.Tensor, counts: dict[int, int]) -> list[int]:
+    """Per width of `counts` above the narrowest, widest first: the fewest tokens of a row capped at it or wider
+    (one read of the device)."""
+    wide = sorted(counts, reverse=True)[:-1]
+    if not caps.shape[0] or not wide:
+        return [0] * len(wide)
+    return torch.stack([(caps >= b).sum(-1).min() for b in wide]).tolist()
+
+
+def cascade_plan(counts: dict[int, int], capped: list[int]) -> list[tuple[int, int]]:
+    """cascade_assign's slots on the host: (width, tokens each row gives it) for the widths above the narrowest,
+    widest first, those given none left out; the narrowest takes every token left. `capped`: see cascade_assign.
+    A slot a wider width cannot use (too few tokens capped that wide: codes cannot be promoted) passes its bits
+    to the next width down."""
+    lowest = min(counts)
+    wide = sorted(counts, reverse=True)[:-1]
+    plan, taken, surplus = [], 0, 0  # surplus: bits (above the narrowest) of slots a wider width could not use
+    for b, cap_b in zip(wide, capped):
+        want = counts[b] + surplus // (b - lowest)
+        surplus %= b - lowest
+        # tokens a row could give b: those capped at b or wider, less the slots wider widths took (every one of
+        # those was capped wider, so it is among them)
+        take = min(want, cap_b - taken)
+        surplus += (want - max(take, 0)) * (b - lowest)
+        if take > 0:
+            plan.append((b, take))
+            taken += take
+    return plan
+
+
+def plan_counts(plan: list[tuple[int, int]], n: int, widths) -> dict[int, int]:
+    """Tokens per width (in every row) that cascade_assign gives `n` tokens under `plan`."""
+    out = dict.fromkeys(widths, 0)
+    out.update(plan)
+    out[min(widths)] = n - sum(t for _, t in plan)
     return out
 
 
@@ -309,11 +340,35 @@ def incremental_assign(weights: torch.Tensor, old_bits: torch.Tensor, stored: di
     units and, for each width above the narrowest, the `per_width` lightest stored units of that width are
     re-allocated (`cascade_assign`, stored ones capped at their width), against the bits the other stored units
     leave of floor(budget * n): the work grows with the new units, not with the stored ones."""
+    c = incremental_candidates(weights, old_bits, stored, budget, widths, per_width)
+    counts = counts_for(rank_profile(c.weights).cpu(), c.budget, widths)
+    R, n = weights.shape
+    out = torch.cat([old_bits, old_bits.new_full((R, n - old_bits.shape[1]), max(widths))], -1)
+    return out.scatter_(1, c.idx, cascade_assign(c.weights, c.caps, counts, c.capped))
+
+
+@dataclasses.dataclass
+class Candidates:
+    """The units an incremental re-allocation places: `idx` (R, C) the new units (in order), then per width above
+    the narrowest, ascending, the `sources[w]` lightest stored units of that width; their `weights` and `caps`
+    (R, C); `capped` as cascade_assign takes it and `budget` (bits a candidate may average): known on the host."""
+    idx: torch.Tensor
+    weights: torch.Tensor
+    caps: torch.Tensor
+    capped: list[int]
+    budget: float
+    new: int
+    sources: dict[int, int]
+
+
+def incremental_candidates(weights: torch.Tensor, old_bits: torch.Tensor, stored: dict[int, int], budget: float,
+                           widths=WIDTHS, per_width: int = 1) -> Candidates:
+    """The candidates of `incremental_assign` (see there), with every size known on the host: no device wait."""
     R, n = weights.shape
     nq = old_bits.shape[1]
     lowest, widest = min(widths), max(widths)
     idx = [torch.arange(nq, n, device=weights.device).expand(R, n - nq)]
-    fixed_bits = 0
+    fixed_bits, sources = 0, {}
     for w in sorted(widths):
         c = stored.get(w, 0)
         m = 0 if w == lowest else min(per_width, c)
@@ -321,11 +376,11 @@ def incremental_assign(weights: torch.Tensor, old_bits: torch.Tensor, stored: di
         if m:
             lightest = torch.where(old_bits == w, weights[:, :nq], torch.full_like(weights[:, :nq], math.inf))
             idx.append(torch.topk(lightest, m, dim=-1, largest=False).indices)
+            sources[w] = m
     idx = torch.cat(idx, -1)                                                  # (R, candidates), the same count per row
     target = math.floor(budget * n + 1e-9) - fixed_bits
-    cand_budget = min(max(target / idx.shape[1], lowest), widest)
-    w_c = weights.gather(1, idx)
     caps = torch.where(idx < nq, old_bits.gather(1, idx.clamp(max=max(nq - 1, 0))) if nq else widest, widest)
-    counts = counts_for(rank_profile(w_c).cpu(), cand_budget, widths)
-    out = torch.cat([old_bits, old_bits.new_full((R, n - nq), widest)], -1)
-    return out.scatter_(1, idx, cascade_assign(w_c, caps, counts))
+    # a candidate's cap: widest for a new unit, its stored width for a stored one
+    capped = [(n - nq) + sum(m for w, m in sources.items() if w >= b) for b in sorted(widths, reverse=True)[:-1]]
+    return Candidates(idx, weights.gather(1, idx), caps, capped,
+                      min(max(target / idx.shape[1], lowest), widest), n - nq, sources)

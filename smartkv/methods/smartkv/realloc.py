@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from smartkv.core.importance import decode_importance, seen_from_ranges, token_weights
-from smartkv.core.policy import (block_weights, cascade_assign, counts_for, incremental_assign, pack_levels,
-                                 rank_profile)
+from smartkv.core.policy import (Candidates, block_weights, cascade_assign, cascade_plan, counts_for,
+                                 incremental_assign, incremental_candidates, pack_levels, plan_counts, rank_profile)
 from smartkv.core.quant import QTensor, dequantize, quantize
 
 
@@ -31,7 +31,11 @@ class SmartKVRealloc:
             return
         self._stored = {}
         try:
+            stored_before = self.n_middle
             n -= self._forget_front(n) if evict else 0
+            # a sliding layer that just forgot middle tokens keeps their stale pool entries until re-pooled, so
+            # its pools' sizes are no longer its counts: the re-allocation then reads them from the device
+            sizes_known = self.n_middle == stored_before or not self.n_middle
             if n <= 0:
                 return
             new_k, new_v = self.win_k[..., :n, :].float(), self.win_v[..., :n, :].float()
@@ -40,15 +44,12 @@ class SmartKVRealloc:
                 self._fit_key_norm(new_k)
             new_k, new_v = self._to_stored(new_k, new_v)
             weights = block_weights(self._weights(new_k, new_v), self.block_tokens)
+            kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
             incremental = cfg.realloc == "incremental" and self.n_middle
-            # full: one device->host copy per re-allocation, shared by keys and values
-            profile = None if incremental else rank_profile(weights).cpu()
-            for kind, new, budget in (("k", new_k, self.budget_k), ("v", new_v, self.budget_v)):
-                old_bits = self._stored_ranks(kind)[0]
-                new_bits = self._allocate(kind, weights, old_bits, budget, profile)
-                level = torch.searchsorted(self._width_values, new_bits)   # index into widths, (B, H, T)
-                self.pools[kind] = self._repool(kind, old_bits, new_bits, level, new)
-                self.levels[kind] = pack_levels(level.to(torch.uint8))
+            if sizes_known and (incremental or not self.n_middle):
+                self._reallocate_candidates(weights, kinds)
+            else:
+                self._reallocate_reading_sizes(weights, kinds, incremental)
             self.n_middle += n
         finally:
             self._stored = None
@@ -132,6 +133,115 @@ class SmartKVRealloc:
             caps[:, :Tq // bt] = old_b
             out = cascade_assign(weights, caps, counts_for(profile, budget, self.widths))
         return (out.repeat_interleave(bt, -1) if bt > 1 else out).reshape(B, H, nb * bt)
+
+    def _reallocate_reading_sizes(self, weights: torch.Tensor, kinds: tuple, incremental: bool) -> None:
+        """A full re-allocation, or an incremental one whose pools' sizes are not the counts (a sliding layer that
+        forgot middle tokens): sizes read from the device (`_repool`)."""
+        # full: one device->host copy per re-allocation, shared by keys and values
+        profile = None if incremental else rank_profile(weights).cpu()
+        for kind, new, budget in kinds:
+            old_bits = self._stored_ranks(kind)[0]
+            new_bits = self._allocate(kind, weights, old_bits, budget, profile)
+            level = torch.searchsorted(self._width_values, new_bits)   # index into widths, (B, H, T)
+            self.pools[kind] = self._repool(kind, old_bits, new_bits, level, new)
+            self.levels[kind] = pack_levels(level.to(torch.uint8))
+
+    def _reallocate_candidates(self, weights: torch.Tensor, kinds: tuple) -> None:
+        """An incremental re-allocation, or the first allocation (nothing stored: every unit is a candidate), of
+        keys and values: `kinds` ((kind, new tokens (B, H, n, D), budget), ...). The counts' solve runs on the
+        host from one device->host copy of both kinds' candidate rank profiles; every other size is known on the
+        host (`Candidates`, cascade_plan), so nothing else waits for the device."""
+        cands = [self._candidates(kind, weights, budget) for kind, _, budget in kinds]
+        sizes = [c.idx.shape[1] for c in cands]
+        if self.n_middle:
+            profiles = torch.cat([rank_profile(c.weights) for c in cands]).cpu().split(sizes)
+        else:  # every row's units are the candidates of both kinds
+            profiles = [rank_profile(weights).cpu()] * len(cands)
+        for (kind, new, _), cand, profile in zip(kinds, cands, profiles):
+            counts = counts_for(profile, cand.budget, self.widths)
+            plan = cascade_plan(counts, cand.capped)
+            cand_bits = cascade_assign(cand.weights, cand.caps, counts, cand.capped)
+            bt, R = self.block_tokens, weights.shape[0]
+            old_b = self._stored_ranks(kind)[0].reshape(R, self.n_middle)[:, ::bt]
+            out = torch.cat([old_b, old_b.new_full((R, cand.new), max(self.widths))], -1)
+            out = out.scatter_(1, cand.idx, cand_bits)
+            after = {w: c - bt * cand.sources.get(w, 0) for w, c in zip(self.widths, self._counts(kind))}
+            for w, c in plan_counts(plan, cand.idx.shape[1], self.widths).items():
+                after[w] += bt * c
+            level = torch.searchsorted(self._width_values, out.repeat_interleave(bt, -1) if bt > 1 else out)
+            self.pools[kind] = self._repool_candidates(kind, cand, cand_bits, after, level, new)
+            self.levels[kind] = pack_levels(level.reshape(self.batch_size, self.num_heads, -1).to(torch.uint8))
+
+    def _candidates(self, kind: str, weights: torch.Tensor, budget: float) -> Candidates:
+        """The units `kind`'s re-allocation places (policy.incremental_candidates); with nothing stored, all."""
+        bt, widest = self.block_tokens, max(self.widths)
+        R, nb = weights.shape
+        Tq = self.n_middle
+        if not Tq:
+            idx = torch.arange(nb, device=weights.device).expand(R, nb)
+            return Candidates(idx, weights, torch.full_like(idx, widest), [nb] * (len(self.widths) - 1), budget,
+                              nb, {})
+        old_b = self._stored_ranks(kind)[0].reshape(R, Tq)[:, ::bt]
+        stored = {w: c // bt for w, c in zip(self.widths, self._counts(kind))}
+        return incremental_candidates(weights, old_b, stored, budget, self.widths, per_width=nb - Tq // bt)
+
+    def _repool_candidates(self, kind: str, cand, cand_bits: torch.Tensor, counts: dict, level: torch.Tensor,
+                           new: torch.Tensor) -> dict:
+        """`_repool` for `_place`'s re-allocations: the candidates (new tokens, then the stored ones of each width)
+        are the only tokens that may change width; each one whose width changed (and every new one) is quantized
+        at its new width, the rest keep their codes. Sizes come from `counts` and the candidates' structure,
+        positions from gathers: no wait for the device."""
+        B, H, Tq = self.batch_size, self.num_heads, self.n_middle
+        R, T, bt, D = B * H, level.shape[-1], self.block_tokens, self.head_dim
+        level = level.reshape(R, T)
+        C = cand.idx.shape[1] * bt
+        pos = (cand.idx[..., None] * bt + torch.arange(bt, device=level.device)).reshape(R, C)  # token positions
+        tok_bits = cand_bits.repeat_interleave(bt, -1) if bt > 1 else cand_bits
+        rank = self._stored_ranks(kind)[1]                                 # (R, Tq) entry in its width's pool
+        vals, old, col = [new.reshape(R, -1, D)], {}, new.shape[-2]
+        for w, m in cand.sources.items():                                  # stored candidates, by source width
+            entry = rank.gather(1, pos[:, col:col + m * bt])
+            old[w] = (col, _rows(self.pools[kind][w], entry))
+            vals.append(dequantize(QTensor(*old[w][1], w, self.group, -1)))
+            col += m * bt
+        vals = torch.cat(vals, 1)                                          # (R, C, D) stored space, fp32
+        by_width = torch.argsort(torch.searchsorted(self._width_values, tok_bits), dim=-1, stable=True)
+        order = torch.argsort(level, dim=-1, stable=True)                  # each width's positions, in order
+        is_cand = torch.zeros(R, T, dtype=torch.bool, device=level.device).scatter_(1, pos, True)
+        slot = torch.zeros(R, T, dtype=torch.long, device=level.device)
+        pools, out, start, c_start = self.pools[kind], {}, 0, 0
+        old_counts = dict(zip(self.widths, self._counts(kind)))
+        for b in self.widths:
+            n_b = counts[b]
+            k_b = n_b - (old_counts[b] - bt * cand.sources.get(b, 0))       # candidates placed at b
+            cols = by_width[:, c_start:c_start + k_b]
+            c_start += k_b
+            p_b = order[:, start:start + n_b]
+            start += n_b
+            if not n_b:
+                continue
+            fresh = None
+            if k_b:
+                fresh = quantize(vals.gather(1, cols[..., None].expand(-1, -1, D)), b, self.group, axis=-1)
+                fresh = (fresh.codes, fresh.scale, fresh.zero)
+                if b in old:  # candidates that kept width b keep their codes
+                    c0, fields = old[b]
+                    same = (cols >= c0) & (cols < c0 + fields[0].shape[1])
+                    at = (cols - c0).clamp(0, fields[0].shape[1] - 1)
+                    fresh = tuple(torch.where(same[..., None], _take(f, at), g) for f, g in zip(fields, fresh))
+                slot.scatter_(1, pos.gather(1, cols), torch.arange(k_b, device=level.device).expand(R, k_b))
+            # the pool in position order: candidates from `fresh` (in candidate order), the rest from pool b
+            if k_b == n_b:
+                fields = tuple(_take(f, slot.gather(1, p_b)) for f in fresh)
+            else:
+                kept = _rows(pools[b], rank.gather(1, p_b.clamp(max=max(Tq - 1, 0))))
+                if fresh is None:
+                    fields = kept
+                else:
+                    is_new, at = is_cand.gather(1, p_b), slot.gather(1, p_b)
+                    fields = tuple(torch.where(is_new[..., None], _take(f, at), g) for f, g in zip(fresh, kept))
+            out[b] = QTensor(*(f.reshape(B, H, n_b, f.shape[-1]) for f in fields), b, self.group, -1)
+        return out
 
     def _repool(self, kind: str, old_bits: torch.Tensor, new_bits: torch.Tensor, level: torch.Tensor,
                 new: torch.Tensor) -> dict:
@@ -243,3 +353,17 @@ class SmartKVRealloc:
 def _indices(mask: torch.Tensor) -> torch.Tensor:
     """Positions (k,) of the set entries of a flat bool mask (one device sync on CUDA)."""
     return mask.nonzero().squeeze(1)
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` (R, k) of `t` (R, n, F): (R, k, F)."""
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def _rows(pool: QTensor, entry: torch.Tensor) -> tuple:
+    """(codes, scale, zero) of a pool's entries `entry` (R, k), each (R, k, F); entries past the pool's end (where
+    the caller takes another source) read its last entry."""
+    R = entry.shape[0]
+    entry = entry.clamp(max=pool.codes.shape[-2] - 1)
+    return tuple(_take(getattr(pool, f).reshape(R, -1, getattr(pool, f).shape[-1]), entry)
+                 for f in ("codes", "scale", "zero"))
