@@ -8,7 +8,7 @@
 #   bash benchmarks/frontier_gpu.sh quality smollm2          # then: python benchmarks/bench_quality.py --from-json ...
 #   bash benchmarks/frontier_gpu.sh retrieval gemma3 2048,4096,8000,16000
 # Knobs: PROCS (8), LIMIT (seconds per step, 500), WINDOWS (16), CTX (1024), DECODE (64), SAMPLES (50), CHUNK (10),
-# SOURCE (pydoc), SKIP_DONE (glob of earlier retrieval rows: run only the units they lack), MODE (retrieval's
+# SOURCE (pydoc), SKIP_DONE (space-separated globs of earlier retrieval rows: run only the units they lack), MODE (retrieval's
 # generate_greedy steps: eager to skip graph captures, which short answers may not repay), FLOOR (retrieval: fp16's
 # units first, within FLOOR_LIMIT seconds (150); the other configs then skip cells where fp16 scored below FLOOR)
 set -uo pipefail
@@ -37,7 +37,8 @@ step() {
   done
   wait
 }
-done_args=(${SKIP_DONE:+--skip-done "$SKIP_DONE"})
+read -ra globs <<< "${SKIP_DONE:-}"   # space-separated globs, expanded by retrieval.py, not the shell
+done_args=(); for g in "${globs[@]}"; do done_args+=(--skip-done "$g"); done
 if [[ $what == retrieval && -n ${FLOOR:-} ]]; then
   # fp16 first; then the other configs skip the cells where fp16 is below $FLOOR (every method at the model's floor)
   step "${FLOOR_LIMIT:-150}" _fp16 --configs fp16 "${done_args[@]}"

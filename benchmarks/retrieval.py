@@ -3,7 +3,8 @@
 Per (task, length) cell the same `--samples` prompts go through every config: the prompt is prefilled into the
 method's cache and the answer generated greedily through it (`smartkv.cache.graphs.generate_greedy`: CUDA-graph
 steps where the cache supports them, ordinary steps otherwise; the task's own `max_new_tokens`, stopped at the
-first end-of-sequence token), then scored with the task's metric. Reported per cell and config: accuracy with a 95%
+first end-of-sequence token or once the answer holds every reference, which no later token can change), then
+scored with the task's metric. Reported per cell and config: accuracy with a 95%
 bootstrap interval over samples, n, and the paired difference to `--reference` on the same samples with its
 interval; total_ratio is memory_report().total_ratio after the answer.
 
@@ -79,7 +80,7 @@ def unit_rows(model, tokenizer, spec: str, task: str, length: int, samples: int,
     from smartkv.cache.graphs import generate_greedy
     from smartkv.data.base import get_prompt_set
     from smartkv.data.inputs import build_input_ids
-    from smartkv.metrics.task import score
+    from smartkv.metrics.task import saturated, score
 
     method, params = parse_config(spec)
     device = next(model.parameters()).device
@@ -92,7 +93,8 @@ def unit_rows(model, tokenizer, spec: str, task: str, length: int, samples: int,
         ids = torch.tensor([build_input_ids(s, tokenizer)], device=device)
         cache = smartkv.make_cache(method, model, **params)
         t0 = time.perf_counter()
-        new = generate_greedy(model, cache, ids, s.max_new_tokens, mode=mode, stop_ids=stops)[0].tolist()
+        done = lambda toks, s=s: saturated(s.metric, answer_text(tokenizer, toks[0].tolist()), s.answers)  # noqa: E731
+        new = generate_greedy(model, cache, ids, s.max_new_tokens, mode=mode, stop_ids=stops, until=done)[0].tolist()
         seconds = time.perf_counter() - t0
         text = answer_text(tokenizer, new)
         yield {"config": spec, "task": task, "length": length, "sample": i, "prompt_tokens": ids.shape[1],
@@ -108,14 +110,18 @@ def work_units(configs: list[str], tasks: list[str], lengths: list[int], samples
     return sorted(units, key=lambda u: (-u[2], not u[0].startswith("smartkv")))
 
 
-def read_rows(pattern: str) -> list[dict]:
-    """The rows of every file matching `pattern` (JSON lists; .json.gz too)."""
+def read_rows(pattern: str, model: str | None = None) -> list[dict]:
+    """The rows of every file matching `pattern` (JSON lists; .json.gz too); with `model`, only that model's rows.
+    ValueError naming the file when a row lacks its model (rows of two models must never pass for one)."""
     import gzip
 
     rows = []
     for f in sorted(glob.glob(pattern)):
         text = gzip.decompress(Path(f).read_bytes()).decode() if f.endswith(".gz") else Path(f).read_text()
-        rows.extend(json.loads(text))
+        got = json.loads(text)
+        if any("model" not in r for r in got):
+            raise ValueError(f"{f}: rows lack 'model' (which model answered them); add it before merging")
+        rows.extend(r for r in got if model is None or r["model"] == model)
     return rows
 
 
@@ -212,7 +218,7 @@ def pending_units(units: list[tuple], a, earlier: list[dict] | None = None) -> l
     model's floor."""
     if not a.skip_done:
         return units
-    earlier = [r for g in a.skip_done for r in read_rows(g)] if earlier is None else earlier
+    earlier = [r for g in a.skip_done for r in read_rows(g, a.model)] if earlier is None else earlier
     done = done_units(units, earlier)
     units = [u for u in units if u not in done]
     print(f"--skip-done: {len(done)} units held already, {len(units)} to run", flush=True)
@@ -261,9 +267,15 @@ def main(argv=None) -> None:
     if a.claim_dir and a.shard != "0/1":
         p.error("--claim-dir and --shard split the work two ways; give one")
     if a.from_json:
-        rows = read_rows(a.from_json)
+        try:
+            rows = read_rows(a.from_json)
+        except ValueError as e:
+            p.error(f"--from-json: {e}")
         if not rows:
             p.error(f"--from-json: no rows in files matching {a.from_json!r}")
+        models = sorted({r["model"] for r in rows})
+        if len(models) > 1:
+            p.error(f"--from-json: rows of {len(models)} models {models}; merge one model's files at a time")
         cells = cell_tables(rows, a.reference)
         if a.wide:
             columns, table = wide_rows(cells)
@@ -278,7 +290,10 @@ def main(argv=None) -> None:
     for c in configs:  # every spec built once before any model loads: a typo is one line, not a lost run
         method, params = parse_config(c)
         smartkv.make_config(method, **params)
-    earlier = [r for g in a.skip_done for r in read_rows(g)]
+    try:
+        earlier = [r for g in a.skip_done for r in read_rows(g, a.model)]
+    except ValueError as e:
+        p.error(f"--skip-done: {e}")
     have = answered(earlier)   # a unit an earlier run stopped inside runs only the samples it lacks
     units = pending_units(work_units(configs, tasks, lengths, a.samples, a.chunk), a, earlier)
     shard, shards = parse_shard(p, a.shard)
@@ -296,10 +311,13 @@ def main(argv=None) -> None:
         try:
             for row in unit_rows(handle.model, handle.tokenizer, spec, task, length, a.samples, a.seed, chunk,
                                  a.mode, skip):
+                row = {"model": a.model, **row}   # --skip-done and --from-json keep one model's rows apart
                 got.append(row)
                 rows.append(row)
-                if a.json:  # after every sample, so a run stopped by its time limit keeps what it answered
-                    Path(a.json).write_text(json.dumps(rows))
+                if a.json:  # after every sample, so a run stopped by its time limit keeps what it answered;
+                    tmp = Path(a.json + ".part")  # whole or not at all: a kill mid-write leaves the last file
+                    tmp.write_text(json.dumps(rows))
+                    os.replace(tmp, a.json)
         except Exception:  # one config's fault costs its units, not the process's remaining work
             print(f"FAILED {task} {length} {spec} samples {chunk}:\n{traceback.format_exc()}", flush=True)
             continue

@@ -89,6 +89,7 @@ def test_a_chunk_of_samples_is_the_same_samples_numbered_as_in_the_whole_set():
 
 def test_a_run_stopped_inside_a_unit_goes_on_with_the_samples_it_lacks(tmp_path):
     earlier = retrieval.run_unit(*_tiny(), "int4", "passkey", 256, 4, 7, chunk=(0, 4))
+    earlier = [{"model": "tiny-llama", **r} for r in earlier]
     (tmp_path / "earlier.json").write_text(json.dumps([earlier[0], earlier[2]]))  # stopped after samples 0 and 2
     out = tmp_path / "out.json"
     retrieval.main(["--model", "tiny-llama", "--configs", "int4", "--tasks", "passkey", "--lengths", "256",
@@ -113,18 +114,37 @@ def test_a_run_goes_on_from_the_units_an_earlier_one_finished():
 
 
 def test_cells_where_fp16_is_at_the_floor_run_fp16_only(tmp_path):
-    row = lambda config, task, sample, score: {"config": config, "task": task, "length": 2048,  # noqa: E731
-                                               "sample": sample, "score": score}
+    row = lambda config, task, sample, score: {"model": "smollm2", "config": config, "task": task,  # noqa: E731
+                                               "length": 2048, "sample": sample, "score": score}
     earlier = ([row("fp16", "kv-retrieval", i, 0.0) for i in range(20)]          # at the floor on every sample
                + [row("fp16", "passkey", i, 0.0) for i in range(10)]             # too few samples to tell
                + [row("fp16", "needle", i, float(i % 2)) for i in range(20)])    # 0.5: informative
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
     units = retrieval.work_units(["fp16", "int4"], ["kv-retrieval", "passkey", "needle"], [2048], 20, 10)
-    args = retrieval.parser().parse_args(["--skip-done", str(tmp_path / "*.json"), "--floor", "0.1", "--samples", "20"])
+    args = retrieval.parser().parse_args(["--model", "smollm2", "--skip-done", str(tmp_path / "*.json"),
+                                          "--floor", "0.1", "--samples", "20"])
     left = retrieval.pending_units(units, args)
     assert {(u[0], u[1]) for u in left} == {("int4", "passkey"), ("fp16", "passkey"), ("int4", "needle")}
     assert retrieval.floor_cells(earlier, "fp16", 20, 0.1) == {("kv-retrieval", 2048)}
     assert len(retrieval.pending_units(units, retrieval.parser().parse_args([]))) == len(units)
+
+
+def test_earlier_rows_count_only_for_the_model_that_answered_them(tmp_path, capsys):
+    row = lambda model, sample: {"model": model, "config": "int4", "task": "passkey", "length": 2048,  # noqa: E731
+                                 "sample": sample, "score": 1.0}
+    (tmp_path / "smollm2.json").write_text(json.dumps([row("smollm2", i) for i in range(10)]))
+    (tmp_path / "gemma3.json").write_text(json.dumps([row("gemma3", i) for i in range(3)]))
+    units = retrieval.work_units(["int4"], ["passkey"], [2048], 10, 10)
+    for model, left in (("smollm2", 0), ("gemma3", 1)):
+        args = retrieval.parser().parse_args(["--model", model, "--skip-done", str(tmp_path / "*.json"), "--samples", "10"])
+        assert len(retrieval.pending_units(units, args)) == left
+    assert len(retrieval.read_rows(str(tmp_path / "*.json"), "gemma3")) == 3
+    with pytest.raises(SystemExit):
+        retrieval.main(["--from-json", str(tmp_path / "*.json")])
+    assert "rows of 2 models" in capsys.readouterr().err
+    (tmp_path / "old.json").write_text(json.dumps([{k: v for k, v in row("gemma3", 0).items() if k != "model"}]))
+    with pytest.raises(ValueError, match="old.json: rows lack 'model'"):
+        retrieval.read_rows(str(tmp_path / "*.json"))
 
 
 def test_the_wide_table_has_a_row_per_config_and_marks_short_cells():

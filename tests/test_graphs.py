@@ -204,6 +204,15 @@ def test_generate_greedy_stops_once_every_sequence_made_a_stop_token(tiny_llama)
         generate_greedy(tiny_llama, smartkv.make_cache("int4", tiny_llama), ids, 8, stop_ids=[])
 
 
+def test_generate_greedy_stops_when_until_says_so(tiny_llama):
+    ids = torch.randint(3, 500, (1, 17), generator=torch.Generator().manual_seed(9)).to(DEV)
+    full = generate_greedy(tiny_llama, smartkv.make_cache("int4", tiny_llama), ids, 8, mode="eager")
+    seen = []
+    cut = generate_greedy(tiny_llama, smartkv.make_cache("int4", tiny_llama), ids, 8, mode="eager",
+                          until=lambda toks: seen.append(toks.shape[1]) or toks.shape[1] == 3)
+    assert torch.equal(cut, full[:, :3]) and seen == [1, 2, 3]
+
+
 def test_default_mode_graphs_only_what_can_be_graphed(tiny_llama, kernels):
     ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(10)).to(DEV)
     caches = {m: smartkv.make_cache(m, tiny_llama) for m in ("fp16", "int4", "kivi", "smartkv")}

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartkv.metrics import metric_names, score
-from smartkv.metrics.task import (classification_score, code_sim_score, count_score, normalize_answer,
+from smartkv.metrics.task import (saturated, classification_score, code_sim_score, count_score, normalize_answer,
                                   normalize_zh_answer, qa_f1_score, retrieval_score, retrieval_zh_score, rouge_score,
                                   string_match_all, string_match_part)
 from smartkv.metrics.textsim import fuzz_ratio, rouge_l_f
@@ -148,3 +148,19 @@ class TestChinese:
         # 会议 讨论 了 明年 的 预算 和 招聘 计划 。 vs 会议 讨论 了 预算 。 : R = 1, P = 1/2 (rouge 1.0.1)
         assert score("rouge_zh_score", "会议讨论了明年的预算和招聘计划。", ["会议讨论了预算。"]) == pytest.approx(
             0.6666666622222223, abs=1e-15)
+
+
+@pytest.mark.parametrize("metric", ["string_match_all", "string_match_part", "string_match_all@first_line"])
+def test_a_saturated_prefix_keeps_its_full_score_whatever_follows(metric):
+    answers = ["4821", "blue"]
+    full = "The numbers are 4821 and blue.\nThen 17 more lines"
+    prefixes = [full[:i] for i in range(len(full) + 1)]
+    first = next(i for i, p in enumerate(prefixes) if saturated(metric, p, answers))
+    assert all(score(metric, p, answers) == 1.0 for p in prefixes[first:])
+    assert not any(saturated(metric, p, answers) for p in prefixes[:first])
+
+
+def test_first_number_match_never_saturates():
+    # "12" scores 1 against "12" but the next token may make it "123": generation must go on
+    assert score("first_number_match", "12", ["12"]) == 1.0
+    assert not saturated("first_number_match", "12", ["12"])

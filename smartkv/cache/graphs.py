@@ -150,13 +150,14 @@ class GraphDecoder:
 
 
 def generate_greedy(model, cache, input_ids: torch.Tensor, max_new_tokens: int,
-                    mode: str | None = None, stop_ids=None) -> torch.Tensor:
+                    mode: str | None = None, stop_ids=None, until=None) -> torch.Tensor:
     """Greedy decoding through `GraphDecoder` steps: the prompt (B, T) through the model, then one token per step.
     Returns the new tokens (B, n): `model.generate(..., do_sample=False)`'s, up to the kernels' rounding, with
     n = max_new_tokens, or fewer when `stop_ids` (token ids, e.g. the end-of-sequence ones) are given and every
     sequence has produced one of them (the step that produced the last is kept; tokens a sequence makes after
-    its own stop token are not meaningful, as with `generate`'s padding). Unpadded batches only (graphed steps
-    carry no attention mask; use `generate` for padded ones)."""
+    its own stop token are not meaningful, as with `generate`'s padding), or when `until(tokens so far)` returns
+    True (a caller's test that nothing later can change what it needs; one host sync a step). Unpadded batches only
+    (graphed steps carry no attention mask; use `generate` for padded ones)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     stops = None
@@ -176,6 +177,8 @@ def generate_greedy(model, cache, input_ids: torch.Tensor, max_new_tokens: int,
                 done |= torch.isin(out[-1][:, 0], stops)
                 if bool(done.all()):
                     break
+            if until is not None and until(torch.cat(out, 1)):
+                break
             if i + 1 < max_new_tokens:  # the last token is returned, not fed (as generate does)
                 logits = dec.step(out[-1])
     finally:

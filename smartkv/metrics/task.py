@@ -144,6 +144,15 @@ def first_number_match(prediction: str, answers: Sequence[str], **_) -> float:
 
 # Metrics that score the whole reference list at once (RULER); the rest take the max over references (LongBench).
 LIST_METRICS = frozenset({"string_match_all", "string_match_part", "first_number_match"})
+# Metrics that test references as substrings: once a prefix of the answer scores 1, every continuation does too,
+# so generation may stop there without changing the score (first_number_match may not: "12" can grow to "123").
+SATURATING = frozenset({"string_match_all", "string_match_part"})
+
+
+def saturated(metric: str, prediction: str, answers: Sequence[str]) -> bool:
+    """True when `prediction` already has `metric`'s full score and no continuation of it can lower it."""
+    base, _, _ = metric.partition("@")   # a first line that scores 1 keeps it: later text only extends that line
+    return base in SATURATING and score(metric, prediction, answers) >= 1.0
 
 
 def first_line(prediction: str) -> str:
