@@ -102,6 +102,22 @@ def unit_rows(model, tokenizer, spec: str, task: str, length: int, samples: int,
                "total_ratio": cache.memory_report().total_ratio, "seconds": seconds, "mode": mode or "auto"}
 
 
+def unfit_cells(tokenizer, tasks: list[str], lengths: list[int], samples: int, seed: int) -> dict[tuple, str]:
+    """(task, length) cells whose prompts cannot be built at that length with this tokenizer (the task's prompt
+    without any haystack is longer), with the reason: found before any generation, so a sweep whose shortest
+    length is too short for one task skips that cell once instead of failing every config's units there."""
+    from smartkv.data.base import get_prompt_set
+
+    unfit = {}
+    for task in tasks:
+        for length in lengths:
+            try:
+                get_prompt_set(task, length=length, num_samples=samples, seed=seed).check_tokenizer(tokenizer)
+            except ValueError as e:
+                unfit[(task, length)] = str(e)
+    return unfit
+
+
 def work_units(configs: list[str], tasks: list[str], lengths: list[int], samples: int, chunk: int) -> list[tuple]:
     """(config, task, length, (lo, hi)) units, the costliest first (longest prompt, then SmartKV, whose prefill is
     the slowest), so that the last units to finish are short ones."""
@@ -302,6 +318,10 @@ def main(argv=None) -> None:
         claims.mkdir(parents=True, exist_ok=True)
     from smartkv.models import load_model
     handle = load_model(a.model)
+    unfit = unfit_cells(handle.tokenizer, tasks, lengths, a.samples, a.seed)
+    for (task, length), why in unfit.items():
+        print(f"skipping {task} at {length} tokens: {why}", flush=True)
+    units = [u for u in units if (u[1], u[2]) not in unfit]
     rows = []
     for spec, task, length, chunk in units if claims else units[shard::shards]:
         if claims and not claim(claims, (spec, task, length, chunk)):

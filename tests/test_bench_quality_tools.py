@@ -158,3 +158,15 @@ def test_the_wide_table_has_a_row_per_config_and_marks_short_cells():
     assert columns == ["config", "total ratio", "passkey 8000", "needle 8000"]
     assert table[0][0] == "fp16" and table[0][3].endswith("(n=2)") and table[1][3] is None
     assert table[1][2] == "1.00 [1.00, 1.00]"
+
+
+def test_a_length_too_short_for_a_task_is_skipped_before_any_generation(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    retrieval.main(["--model", "tiny-llama", "--configs", "int4", "--tasks", "passkey,variable-tracking",
+                    "--lengths", "256", "--samples", "2", "--chunk", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "skipping variable-tracking at 256 tokens: length must be at least" in printed
+    assert "FAILED" not in printed
+    assert {r["task"] for r in json.loads(out.read_text())} == {"passkey"}
+    _, tokenizer = _tiny()
+    assert retrieval.unfit_cells(tokenizer, ["passkey"], [256], 2, 0) == {}
