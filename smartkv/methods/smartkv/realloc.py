@@ -151,42 +151,42 @@ class SmartKVRealloc:
         keys and values: `kinds` ((kind, new tokens (B, H, n, D), budget), ...). The counts' solve runs on the
         host from one device->host copy of both kinds' candidate rank profiles; every other size is known on the
         host (`Candidates`, cascade_plan), so nothing else waits for the device."""
-        cands = [self._candidates(kind, weights, budget) for kind, _, budget in kinds]
+        bt, R = self.block_tokens, weights.shape[0]
+        # each kind's stored units' widths (R, Tq / bt) and tokens per width: read once, used by every step below
+        stored = [(self._stored_ranks(kind)[0].reshape(R, self.n_middle)[:, ::bt],
+                   dict(zip(self.widths, self._counts(kind)))) for kind, _, _ in kinds]
+        cands = [self._candidates(weights, budget, *st) for (_, _, budget), st in zip(kinds, stored)]
         sizes = [c.idx.shape[1] for c in cands]
         if self.n_middle:
             profiles = torch.cat([rank_profile(c.weights) for c in cands]).cpu().split(sizes)
         else:  # every row's units are the candidates of both kinds
             profiles = [rank_profile(weights).cpu()] * len(cands)
-        for (kind, new, _), cand, profile in zip(kinds, cands, profiles):
+        for (kind, new, _), cand, profile, (old_b, held) in zip(kinds, cands, profiles, stored):
             counts = counts_for(profile, cand.budget, self.widths)
             plan = cascade_plan(counts, cand.capped)
             cand_bits = cascade_assign(cand.weights, cand.caps, counts, cand.capped)
-            bt, R = self.block_tokens, weights.shape[0]
-            old_b = self._stored_ranks(kind)[0].reshape(R, self.n_middle)[:, ::bt]
+            placed = plan_counts(plan, cand.idx.shape[1], self.widths)   # candidate units placed at each width
             out = torch.cat([old_b, old_b.new_full((R, cand.new), max(self.widths))], -1)
             out = out.scatter_(1, cand.idx, cand_bits)
-            after = {w: c - bt * cand.sources.get(w, 0) for w, c in zip(self.widths, self._counts(kind))}
-            for w, c in plan_counts(plan, cand.idx.shape[1], self.widths).items():
-                after[w] += bt * c
+            after = {w: c + bt * (placed[w] - cand.sources.get(w, 0)) for w, c in held.items()}
             level = torch.searchsorted(self._width_values, out.repeat_interleave(bt, -1) if bt > 1 else out)
-            self.pools[kind] = self._repool_candidates(kind, cand, cand_bits, after, level, new)
+            self.pools[kind] = self._repool_candidates(kind, cand, cand_bits, after, placed, level, new)
             self.levels[kind] = pack_levels(level.reshape(self.batch_size, self.num_heads, -1).to(torch.uint8))
 
-    def _candidates(self, kind: str, weights: torch.Tensor, budget: float) -> Candidates:
-        """The units `kind`'s re-allocation places (policy.incremental_candidates); with nothing stored, all."""
+    def _candidates(self, weights: torch.Tensor, budget: float, old_b: torch.Tensor, held: dict) -> Candidates:
+        """The units a re-allocation places (policy.incremental_candidates) given the stored units' widths `old_b`
+        (R, Tq / bt) and tokens per width `held`; with nothing stored, all."""
         bt, widest = self.block_tokens, max(self.widths)
         R, nb = weights.shape
-        Tq = self.n_middle
-        if not Tq:
+        if not self.n_middle:
             idx = torch.arange(nb, device=weights.device).expand(R, nb)
             return Candidates(idx, weights, torch.full_like(idx, widest), [nb] * (len(self.widths) - 1), budget,
                               nb, {})
-        old_b = self._stored_ranks(kind)[0].reshape(R, Tq)[:, ::bt]
-        stored = {w: c // bt for w, c in zip(self.widths, self._counts(kind))}
-        return incremental_candidates(weights, old_b, stored, budget, self.widths, per_width=nb - Tq // bt)
+        stored = {w: c // bt for w, c in held.items()}
+        return incremental_candidates(weights, old_b, stored, budget, self.widths, per_width=nb - self.n_middle // bt)
 
-    def _repool_candidates(self, kind: str, cand, cand_bits: torch.Tensor, counts: dict, level: torch.Tensor,
-                           new: torch.Tensor) -> dict:
+    def _repool_candidates(self, kind: str, cand, cand_bits: torch.Tensor, counts: dict, placed: dict,
+                           level: torch.Tensor, new: torch.Tensor) -> dict:
         """`_repool` for `_place`'s re-allocations: the candidates (new tokens, then the stored ones of each width)
         are the only tokens that may change width; each one whose width changed (and every new one) is quantized
         at its new width, the rest keep their codes. Sizes come from `counts` and the candidates' structure,
@@ -210,10 +210,8 @@ class SmartKVRealloc:
         is_cand = torch.zeros(R, T, dtype=torch.bool, device=level.device).scatter_(1, pos, True)
         slot = torch.zeros(R, T, dtype=torch.long, device=level.device)
         pools, out, start, c_start = self.pools[kind], {}, 0, 0
-        old_counts = dict(zip(self.widths, self._counts(kind)))
         for b in self.widths:
-            n_b = counts[b]
-            k_b = n_b - (old_counts[b] - bt * cand.sources.get(b, 0))       # candidates placed at b
+            n_b, k_b = counts[b], bt * placed[b]                           # tokens at b after; candidates' among them
             cols = by_width[:, c_start:c_start + k_b]
             c_start += k_b
             p_b = order[:, start:start + n_b]
