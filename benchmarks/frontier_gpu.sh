@@ -7,6 +7,8 @@
 # folder; the end packs it into one archive, $OUT/WHAT_MODEL.tgz (the device tool brings back only a few files).
 #   bash benchmarks/frontier_gpu.sh quality smollm2          # then: python benchmarks/bench_quality.py --from-json ...
 #   bash benchmarks/frontier_gpu.sh retrieval gemma3 2048,4096,8000,16000
+#     then: tar xzf retrieval_gemma3.tgz -C DIR; python benchmarks/retrieval.py --from-json 'DIR/*.json' \
+#             --merge-into benchmarks/rows/retrieval_gemma3_h200.json.gz --wide
 # Knobs: PROCS (8), LIMIT (seconds per step, 500), WINDOWS (16), CTX (1024), DECODE (64), SAMPLES (50), CHUNK (10),
 # SOURCE (pydoc), SKIP_DONE (space-separated globs of earlier retrieval rows: run only the units they lack), MODE (retrieval's
 # generate_greedy steps: eager to skip graph captures, which short answers may not repay), FLOOR (retrieval: fp16's

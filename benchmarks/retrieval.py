@@ -16,7 +16,7 @@ Work comes in units of (config, task, length, a chunk of --chunk samples), longe
 Several processes share one GPU (the eager steps are launch-bound) either by `--shard I/N` (every N-th unit) or,
 balanced, by `--claim-dir DIR`: each process takes the next unit nobody has claimed (an exclusive file create), so a
 slow unit holds up one process, not a fixed share. A unit that raises is reported and skipped; `--from-json` merges
-the processes' rows and prints the tables.
+the processes' rows and prints the tables; with `--merge-into ROWS.json.gz` it first adds them to a kept row file.
 
     python benchmarks/retrieval.py --claim-dir /tmp/claims --json part$I.json      # in each of N processes
 
@@ -116,6 +116,34 @@ def unfit_cells(tokenizer, tasks: list[str], lengths: list[int], samples: int, s
             except ValueError as e:
                 unfit[(task, length)] = str(e)
     return unfit
+
+
+def merge_rows(path: str, rows: list[dict]) -> tuple[int, int]:
+    """Add `rows` to the row file `path` (created if absent; gzip when it ends in .gz) without duplicates: a sample
+    (model, config, task, length, sample) already there keeps its row. Returns (rows added, duplicates whose score
+    differs from the kept row's). Written whole through a temporary file, gzip without a timestamp, so merging the
+    same rows twice leaves the same bytes."""
+    import gzip
+
+    key = lambda r: (r["model"], r["config"], r["task"], r["length"], r["sample"])  # noqa: E731
+    held = read_rows(path) if Path(path).exists() else []
+    models = sorted({r["model"] for r in held + rows})
+    if len(models) > 1:
+        raise ValueError(f"{path} would hold rows of {len(models)} models {models}; keep one file a model")
+    seen = {key(r): r for r in held}
+    added, differ = [], 0
+    for r in rows:
+        k = key(r)
+        if k in seen:
+            differ += seen[k]["score"] != r["score"]
+        else:
+            seen[k] = r
+            added.append(r)
+    data = json.dumps(held + added).encode()
+    tmp = Path(path + ".part")
+    tmp.write_bytes(gzip.compress(data, mtime=0) if path.endswith(".gz") else data)
+    os.replace(tmp, path)
+    return len(added), differ
 
 
 def work_units(configs: list[str], tasks: list[str], lengths: list[int], samples: int, chunk: int) -> list[tuple]:
@@ -261,6 +289,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--claim-dir", default=None, help="shared folder: take the next unclaimed unit (no --shard)")
     p.add_argument("--json", default=None, help="write the per-sample rows here")
     p.add_argument("--from-json", default=None, help="glob of row files to merge and print (no run)")
+    p.add_argument("--merge-into", default=None,
+                   help="with --from-json: add those rows to this row file (no duplicates), then print its tables")
     p.add_argument("--skip-done", action="append", default=[],
                    help="glob of row files: skip the units they hold in full (repeatable)")
     p.add_argument("--floor", type=float, default=None,
@@ -280,6 +310,8 @@ def main(argv=None) -> None:
         p.error(f"--chunk must be at least 1, got {a.chunk}")
     if a.floor is not None and not a.skip_done:
         p.error("--floor reads the reference's scores from the --skip-done rows; give --skip-done too")
+    if a.merge_into and not a.from_json:
+        p.error("--merge-into adds the rows of --from-json; give --from-json too")
     if a.claim_dir and a.shard != "0/1":
         p.error("--claim-dir and --shard split the work two ways; give one")
     if a.from_json:
@@ -292,6 +324,14 @@ def main(argv=None) -> None:
         models = sorted({r["model"] for r in rows})
         if len(models) > 1:
             p.error(f"--from-json: rows of {len(models)} models {models}; merge one model's files at a time")
+        if a.merge_into:
+            try:
+                added, differ = merge_rows(a.merge_into, rows)
+            except ValueError as e:
+                p.error(f"--merge-into: {e}")
+            print(f"{a.merge_into}: {added} rows added, {len(rows) - added} already held"
+                  + (f" ({differ} of those with another score: the held row kept)" if differ else ""))
+            rows = read_rows(a.merge_into)
         cells = cell_tables(rows, a.reference)
         if a.wide:
             columns, table = wide_rows(cells)

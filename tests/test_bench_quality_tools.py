@@ -170,3 +170,24 @@ def test_a_length_too_short_for_a_task_is_skipped_before_any_generation(tmp_path
     assert {r["task"] for r in json.loads(out.read_text())} == {"passkey"}
     _, tokenizer = _tiny()
     assert retrieval.unfit_cells(tokenizer, ["passkey"], [256], 2, 0) == {}
+
+
+def test_merged_rows_are_added_once_and_the_file_is_rewritten_identically(tmp_path, capsys):
+    row = lambda sample, score, model="gemma3": {"model": model, "config": "int4", "task": "passkey",  # noqa: E731
+                                                 "length": 2048, "sample": sample, "score": score, "total_ratio": 0.3}
+    kept = tmp_path / "rows.json.gz"
+    (tmp_path / "a.json").write_text(json.dumps([row(0, 1.0), row(1, 0.0)]))
+    (tmp_path / "b.json").write_text(json.dumps([row(1, 1.0), row(2, 1.0)]))     # sample 1 again, another score
+    retrieval.main(["--from-json", str(tmp_path / "a.json"), "--merge-into", str(kept)])
+    first = kept.read_bytes()
+    retrieval.main(["--from-json", str(tmp_path / "a.json"), "--merge-into", str(kept)])
+    assert kept.read_bytes() == first                                            # nothing new: the same bytes
+    capsys.readouterr()
+    retrieval.main(["--from-json", str(tmp_path / "*.json"), "--merge-into", str(kept)])
+    assert "1 rows added, 3 already held (1 of those with another score" in capsys.readouterr().out
+    rows = retrieval.read_rows(str(kept))
+    assert sorted((r["sample"], r["score"]) for r in rows) == [(0, 1.0), (1, 0.0), (2, 1.0)]
+    (tmp_path / "c.json").write_text(json.dumps([row(3, 1.0, model="smollm2")]))
+    with pytest.raises(SystemExit):
+        retrieval.main(["--from-json", str(tmp_path / "c.json"), "--merge-into", str(kept)])
+    assert "--merge-into" in capsys.readouterr().err and len(retrieval.read_rows(str(kept))) == 3
