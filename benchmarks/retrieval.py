@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -118,32 +119,24 @@ def unfit_cells(tokenizer, tasks: list[str], lengths: list[int], samples: int, s
     return unfit
 
 
-def merge_rows(path: str, rows: list[dict]) -> tuple[int, int]:
-    """Add `rows` to the row file `path` (created if absent; gzip when it ends in .gz) without duplicates: a sample
-    (model, config, task, length, sample) already there keeps its row. Returns (rows added, duplicates whose score
-    differs from the kept row's). Written whole through a temporary file, gzip without a timestamp, so merging the
-    same rows twice leaves the same bytes."""
-    import gzip
-
-    key = lambda r: (r["model"], r["config"], r["task"], r["length"], r["sample"])  # noqa: E731
+def merge_rows(path: str, rows: list[dict]) -> tuple[list[dict], int, int]:
+    """Add `rows` to the row file `path` (created if absent) without duplicates: a sample already there keeps its
+    row. Returns (the file's rows now, rows added, duplicates whose score differs from the kept row's)."""
     held = read_rows(path) if Path(path).exists() else []
     models = sorted({r["model"] for r in held + rows})
     if len(models) > 1:
         raise ValueError(f"{path} would hold rows of {len(models)} models {models}; keep one file a model")
-    seen = {key(r): r for r in held}
+    seen = {sample_key(r): r for r in held}   # one model, so a sample's key needs no model
     added, differ = [], 0
     for r in rows:
-        k = key(r)
+        k = sample_key(r)
         if k in seen:
             differ += seen[k]["score"] != r["score"]
         else:
             seen[k] = r
             added.append(r)
-    data = json.dumps(held + added).encode()
-    tmp = Path(path + ".part")
-    tmp.write_bytes(gzip.compress(data, mtime=0) if path.endswith(".gz") else data)
-    os.replace(tmp, path)
-    return len(added), differ
+    write_rows(path, held + added)
+    return held + added, len(added), differ
 
 
 def work_units(configs: list[str], tasks: list[str], lengths: list[int], samples: int, chunk: int) -> list[tuple]:
@@ -154,11 +147,18 @@ def work_units(configs: list[str], tasks: list[str], lengths: list[int], samples
     return sorted(units, key=lambda u: (-u[2], not u[0].startswith("smartkv")))
 
 
+def write_rows(path: str, rows: list[dict]) -> None:
+    """`rows` to `path` (gzip when it ends in .gz, without a timestamp: the same rows, the same bytes), whole or not
+    at all: written to a temporary file and renamed, so a kill mid-write leaves the previous file."""
+    data = json.dumps(rows).encode()
+    tmp = Path(path + ".part")
+    tmp.write_bytes(gzip.compress(data, mtime=0) if path.endswith(".gz") else data)
+    os.replace(tmp, path)
+
+
 def read_rows(pattern: str, model: str | None = None) -> list[dict]:
     """The rows of every file matching `pattern` (JSON lists; .json.gz too); with `model`, only that model's rows.
     ValueError naming the file when a row lacks its model (rows of two models must never pass for one)."""
-    import gzip
-
     rows = []
     for f in sorted(glob.glob(pattern)):
         text = gzip.decompress(Path(f).read_bytes()).decode() if f.endswith(".gz") else Path(f).read_text()
@@ -252,9 +252,14 @@ def markdown(cells: list[dict], reference: str | None) -> str:
     return "\n".join(lines)
 
 
+def sample_key(row: dict) -> tuple:
+    """(config, task, length, sample): which sample of which cell a row answers."""
+    return row["config"], row["task"], row["length"], row["sample"]
+
+
 def answered(rows: list[dict]) -> set[tuple]:
-    """(config, task, length, sample) of every row."""
-    return {(r["config"], r["task"], r["length"], r["sample"]) for r in rows}
+    """`sample_key` of every row."""
+    return {sample_key(r) for r in rows}
 
 
 def pending_units(units: list[tuple], a, earlier: list[dict] | None = None) -> list[tuple]:
@@ -326,12 +331,12 @@ def main(argv=None) -> None:
             p.error(f"--from-json: rows of {len(models)} models {models}; merge one model's files at a time")
         if a.merge_into:
             try:
-                added, differ = merge_rows(a.merge_into, rows)
+                merged, added, differ = merge_rows(a.merge_into, rows)
             except ValueError as e:
                 p.error(f"--merge-into: {e}")
             print(f"{a.merge_into}: {added} rows added, {len(rows) - added} already held"
                   + (f" ({differ} of those with another score: the held row kept)" if differ else ""))
-            rows = read_rows(a.merge_into)
+            rows = merged
         cells = cell_tables(rows, a.reference)
         if a.wide:
             columns, table = wide_rows(cells)
@@ -374,10 +379,8 @@ def main(argv=None) -> None:
                 row = {"model": a.model, **row}   # --skip-done and --from-json keep one model's rows apart
                 got.append(row)
                 rows.append(row)
-                if a.json:  # after every sample, so a run stopped by its time limit keeps what it answered;
-                    tmp = Path(a.json + ".part")  # whole or not at all: a kill mid-write leaves the last file
-                    tmp.write_text(json.dumps(rows))
-                    os.replace(tmp, a.json)
+                if a.json:  # after every sample, so a run stopped by its time limit keeps what it answered
+                    write_rows(a.json, rows)
         except Exception:  # one config's fault costs its units, not the process's remaining work
             print(f"FAILED {task} {length} {spec} samples {chunk}:\n{traceback.format_exc()}", flush=True)
             continue
