@@ -17,6 +17,13 @@ set -uo pipefail
 what=$1 model=$2 lengths=${3:-2048,4096,8000}
 PROCS=${PROCS:-8} LIMIT=${LIMIT:-500}
 OUT=${OUT:-benchmarks/raw}; mkdir -p "$OUT"
+read -ra globs <<< "${SKIP_DONE:-}"   # space-separated globs, expanded by retrieval.py, not the shell
+done_args=()
+for g in "${globs[@]}"; do
+  # a glob that matches nothing would rerun every unit it was meant to skip (and --floor would find no fp16 rows)
+  compgen -G "$g" > /dev/null || { echo "SKIP_DONE: no file matches '$g' (globs are space-separated)" >&2; exit 2; }
+  done_args+=(--skip-done "$g")
+done
 final=$OUT; OUT=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log -1 --format='commit %h %cI' 2>/dev/null || true
@@ -39,8 +46,15 @@ step() {
   done
   wait
 }
-read -ra globs <<< "${SKIP_DONE:-}"   # space-separated globs, expanded by retrieval.py, not the shell
-done_args=(); for g in "${globs[@]}"; do done_args+=(--skip-done "$g"); done
+# the archive is the only way rows come back: a step cut short by an outer `timeout` still packs what it answered
+finish() {
+  date -u +'end %FT%TZ'
+  tail -qn 2 "$OUT"/"${what}"_"${model}"*.log | grep -v "^\[transformers\]" | cut -c1-160
+  grep -l FAILED "$OUT"/*.log 2>/dev/null | head -3
+  tar czf "$final/${what}_${model}.tgz" -C "$OUT" . && echo "packed: $final/${what}_${model}.tgz"
+}
+# (each process runs under its own `timeout`, in its own process group: the outer signal reaches them from here)
+trap 'echo "stopped: packing what was answered" >&2; kill $(jobs -p) 2>/dev/null; wait; finish; exit 143' TERM INT
 if [[ $what == retrieval && -n ${FLOOR:-} ]]; then
   # fp16 first; then the other configs skip the cells where fp16 is below $FLOOR (every method at the model's floor)
   step "${FLOOR_LIMIT:-150}" _fp16 --configs fp16 "${done_args[@]}"
@@ -48,7 +62,4 @@ if [[ $what == retrieval && -n ${FLOOR:-} ]]; then
 else
   step "$LIMIT" "" "${done_args[@]}"
 fi
-date -u +'end %FT%TZ'
-tail -qn 2 "$OUT"/"${what}"_"${model}"*.log | grep -v "^\[transformers\]" | cut -c1-160
-grep -l FAILED "$OUT"/*.log 2>/dev/null | head -3
-tar czf "$final/${what}_${model}.tgz" -C "$OUT" . && echo "packed: $final/${what}_${model}.tgz"
+finish

@@ -267,6 +267,9 @@ def pending_units(units: list[tuple], a, earlier: list[dict] | None = None) -> l
     model's floor."""
     if not a.skip_done:
         return units
+    for g in a.skip_done:
+        if not glob.glob(g):   # a mistyped glob would silently rerun every unit it was meant to skip
+            print(f"--skip-done: no file matches {g!r}", file=sys.stderr, flush=True)
     earlier = [r for g in a.skip_done for r in read_rows(g, a.model)] if earlier is None else earlier
     done = done_units(units, earlier)
     units = [u for u in units if u not in done]

@@ -129,6 +129,14 @@ def test_cells_where_fp16_is_at_the_floor_run_fp16_only(tmp_path):
     assert len(retrieval.pending_units(units, retrieval.parser().parse_args([]))) == len(units)
 
 
+def test_a_skip_done_glob_that_matches_nothing_is_named(tmp_path, capsys):
+    units = retrieval.work_units(["int4"], ["passkey"], [2048], 10, 10)
+    typo = f"{tmp_path}/*.json,{tmp_path}/*.gz"   # two globs joined by a comma: one glob matching nothing
+    args = retrieval.parser().parse_args(["--skip-done", typo, "--samples", "10"])
+    assert len(retrieval.pending_units(units, args)) == 1
+    assert f"--skip-done: no file matches {typo!r}" in capsys.readouterr().err
+
+
 def test_earlier_rows_count_only_for_the_model_that_answered_them(tmp_path, capsys):
     row = lambda model, sample: {"model": model, "config": "int4", "task": "passkey", "length": 2048,  # noqa: E731
                                  "sample": sample, "score": 1.0}
