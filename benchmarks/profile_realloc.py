@@ -5,11 +5,14 @@ importance codes redrawn before each (heavy-tailed, as attention is), for severa
     python benchmarks/profile_realloc.py --context 8192,32768 --batch 1,2          # CPU
     python benchmarks/profile_realloc.py --device cuda --context 32768 --batch 8
 
-Per configuration: ms of the first allocation (the prompt's), mean and max ms of a re-allocation, and the peak
+Per configuration: ms of the first allocation (the prompt's), mean and max ms of a re-allocation (over `--rounds`
+rounds that re-allocated: a block flush waits for whole blocks, so some rounds of new tokens re-allocate nothing;
+how many rounds a re-allocation took is reported beside), and the peak
 memory above what the layer holds before it (CUDA: the allocator's peak; CPU: the process's peak resident set,
 reset before each re-allocation through /proc/self/clear_refs), with the layer's bytes for scale. `--count-syncs`
 adds, from one more untimed round, the host waits of a re-allocation (benchmarks/syncs.py: what the same code
-waits for on a GPU, counted on any device) and the sites with the most; `--trace N`
+waits for on a GPU, counted on any device) and the sites with the most, and its dispatched ops (each a kernel
+launch on a GPU: an eager re-allocation there is launch-bound, so this counts its host cost on any machine); `--trace N`
 prints torch.profiler's N costliest operations of one more re-allocation (host and device time), the ladder's
 next rung below "one layer's re-allocation".
 """
@@ -55,6 +58,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _counted(manager, run):
+    """`manager` (a counter or profiler context) after `run()` ran inside it."""
+    with manager as m:
+        run()
+    return m
+
+
 def _layer_bytes(layer) -> int:
     lb = layer.layer_bytes()
     return int(lb.payload + lb.metadata + lb.residual)
@@ -91,8 +101,19 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
             redraw_importance()
             _sync(device)
 
-        for _ in range(rounds):
+        def reallocating_round(run):  # a block flush waits for whole blocks: a round may re-allocate nothing
+            for _ in range(8):
+                next_round()
+                before = layer.n_middle
+                out = run()
+                if layer.n_middle != before:
+                    return out
+            raise RuntimeError("no re-allocation in 8 rounds of new tokens")
+
+        idle = 0
+        while len(times) < rounds:
             next_round()
+            before = layer.n_middle
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
@@ -102,6 +123,9 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
             start = time.perf_counter()
             layer._flush()
             _sync(device)
+            if layer.n_middle == before:  # nothing re-allocated: not a re-allocation's time
+                idle += 1
+                continue
             times.append((time.perf_counter() - start) * 1e3)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
             peaks.append(max(0, peak - base))
@@ -109,23 +133,20 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
         if count_syncs:
             from syncs import SyncCounter
 
-            next_round()
-            with SyncCounter(device) as c:
-                layer._flush()
-            syncs = dict(realloc_syncs=c.total, realloc_sync_sites=c.by_site.most_common(6))
+            c = reallocating_round(lambda: _counted(SyncCounter(device), layer._flush))
+            syncs = dict(realloc_syncs=c.total, realloc_ops=c.ops, realloc_sync_sites=c.by_site.most_common(6))
         if trace:
             from torch.profiler import ProfilerActivity, profile as torch_profile
 
-            next_round()
             kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with torch_profile(activities=kinds) as prof:
-                layer._flush()
-                _sync(device)
+            prof = reallocating_round(lambda: _counted(torch_profile(activities=kinds),
+                                                       lambda: (layer._flush(), _sync(device))))
             for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.type == "cuda" else []):
                 print(prof.key_averages().table(sort_by=key, row_limit=trace), flush=True)
     held = _layer_bytes(layer)
     return dict(batch=batch, context=context, first_ms=first_ms, mean_ms=statistics.fmean(times),
-                max_ms=max(times), peak_extra_mib=max(peaks) / 2 ** 20, held_mib=held / 2 ** 20,
+                max_ms=max(times), rounds_a_realloc=(rounds + idle) / rounds,
+                peak_extra_mib=max(peaks) / 2 ** 20, held_mib=held / 2 ** 20,
                 middle=layer.n_middle, **syncs)
 
 
@@ -147,8 +168,8 @@ def main(argv=None) -> None:
     base = {k: (float(v) if "." in v else int(v) if v.isdigit() else v)
             for k, v in (item.split("=") for item in filter(None, a.base.split(",")))}
     rows = []
-    print("| config | batch | context | first allocation ms | re-allocation mean ms | max ms | peak extra MiB | "
-          "layer MiB |\n|---|---|---|---|---|---|---|---|", flush=True)
+    print("| config | batch | context | first allocation ms | re-allocation mean ms | max ms | rounds a re-allocation | "
+          "peak extra MiB | layer MiB |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     for context in map(int, a.context.split(",")):
         for batch in map(int, a.batch.split(",")):
             for name in a.configs.split(","):
@@ -156,9 +177,11 @@ def main(argv=None) -> None:
                                                 count_syncs=a.count_syncs, trace=a.trace))
                 rows.append(r)
                 print(f"| {name} | {batch} | {context} | {r['first_ms']:.0f} | {r['mean_ms']:.1f} | "
-                      f"{r['max_ms']:.1f} | {r['peak_extra_mib']:.1f} | {r['held_mib']:.1f} |", flush=True)
+                      f"{r['max_ms']:.1f} | {r['rounds_a_realloc']:.1f} | {r['peak_extra_mib']:.1f} | "
+                      f"{r['held_mib']:.1f} |", flush=True)
                 if a.count_syncs:
-                    print(f"<!-- {name}: {r['realloc_syncs']} host waits a re-allocation; most at "
+                    print(f"<!-- {name}: {r['realloc_ops']} dispatched ops (kernel launches on a GPU) and "
+                          f"{r['realloc_syncs']} host waits a re-allocation; waits most at "
                           + "; ".join(f"{site} x{n}" for site, n in r["realloc_sync_sites"]) + " -->", flush=True)
     if a.json:
         with open(a.json, "w") as f:

@@ -26,6 +26,11 @@ DATA_SIZED = {"aten.nonzero", "aten.masked_select", "aten._unique2", "aten.uniqu
               "aten._local_scalar_dense"}
 
 
+# Ops that launch no kernel besides views (`OpOverload.is_view`): allocations and metadata
+NO_LAUNCH = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.new_empty", "aten.new_empty_strided",
+             "aten.lift_fresh", "aten._unsafe_view", "aten.sym_size", "aten.sym_stride", "aten.sym_numel"}
+
+
 def _on(device_type: str, args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.device.type == device_type for a in args)
 
@@ -52,6 +57,8 @@ class _Dispatch(TorchDispatchMode):
         name = str(func.overloadpacket)
         if not _on(self.counter.device_type, args[:1]):
             return func(*args, **kwargs)
+        if not func.is_view and name not in NO_LAUNCH:
+            self.counter.ops += 1
         if name in DATA_SIZED:
             self.counter._add("item" if name == "aten._local_scalar_dense" else name.removeprefix("aten."))
         elif name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
@@ -63,12 +70,15 @@ class _Dispatch(TorchDispatchMode):
 
 
 class SyncCounter:
-    """Context manager: `total` host waits and `by_kind` / `by_site` counters (site: the innermost smartkv frame)."""
+    """Context manager: `total` host waits and `by_kind` / `by_site` counters (site: the innermost smartkv frame);
+    `ops`: the dispatched operations that do work (not views or allocations), each at least one kernel launch on a
+    GPU, so a CPU run counts what an eager CUDA run pays per launch."""
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device_type = torch.device(device).type
         self.by_kind: collections.Counter = collections.Counter()
         self.by_site: collections.Counter = collections.Counter()
+        self.ops = 0
         self._modes = (_Functions(self), _Dispatch(self))
 
     @property

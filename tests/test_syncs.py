@@ -35,3 +35,22 @@ def test_only_tensors_on_the_counted_device_count():
     with SyncCounter("cuda") as c:  # host tensors: nothing to wait for
         x.tolist(), x[3].item(), x[x > 3]
     assert c.total == 0
+
+
+def test_ops_count_work_not_views_or_allocations():
+    x = torch.arange(16.0)
+    with SyncCounter() as c:
+        x.view(4, 4)[1:].t().T.reshape(2, 6), torch.empty(3), torch.empty_like(x)  # views, allocations: no launch
+        y = (x * 2 + 1).sort().values                                            # three ops that do work
+        x.view(4, 4).t().reshape(-1)                                             # a copy: one more
+    assert c.ops == 4 and c.total == 0 and y.numel() == 16
+
+
+def test_a_block_re_allocation_is_counted_in_a_round_that_re_allocates():
+    # blocks of 16 flush whole blocks: every other round of new tokens re-allocates nothing, and a count taken
+    # from such a round read 0 ops and 0 waits on the H200 (2026-12-03)
+    from profile_realloc import profile
+
+    r = profile(dict(budget=4.25, key_value_gap=3, block_tokens=16, realloc="incremental"), batch=1, context=512,
+                rounds=2, device=torch.device("cpu"), count_syncs=True)
+    assert r["rounds_a_realloc"] > 1 and r["realloc_ops"] > 100
