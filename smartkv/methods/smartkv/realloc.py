@@ -207,8 +207,6 @@ class SmartKVRealloc:
         vals = torch.cat(vals, 1)                                          # (R, C, D) stored space, fp32
         by_width = torch.argsort(torch.searchsorted(self._width_values, tok_bits), dim=-1, stable=True)
         order = torch.argsort(level, dim=-1, stable=True)                  # each width's positions, in order
-        is_cand = torch.zeros(R, T, dtype=torch.bool, device=level.device).scatter_(1, pos, True)
-        slot = torch.zeros(R, T, dtype=torch.long, device=level.device)
         pools, out, start, c_start = self.pools[kind], {}, 0, 0
         for b in self.widths:
             n_b, k_b = counts[b], bt * placed[b]                           # tokens at b after; candidates' among them
@@ -227,17 +225,17 @@ class SmartKVRealloc:
                     same = (cols >= c0) & (cols < c0 + fields[0].shape[1])
                     at = (cols - c0).clamp(0, fields[0].shape[1] - 1)
                     fresh = tuple(torch.where(same[..., None], _take(f, at), g) for f, g in zip(fields, fresh))
-                slot.scatter_(1, pos.gather(1, cols), torch.arange(k_b, device=level.device).expand(R, k_b))
-            # the pool in position order: candidates from `fresh` (in candidate order), the rest from pool b
+            # the pool in position order: the rest gathered from pool b, then the candidates (`fresh`, in candidate
+            # order) written over their places, found in p_b (a row's positions at b, ascending): one pool-sized
+            # tensor a field, no temporaries of the pool's size
             if k_b == n_b:
-                fields = tuple(_take(f, slot.gather(1, p_b)) for f in fresh)
+                fields = tuple(torch.empty_like(g) for g in fresh)
             else:
-                kept = _rows(pools[b], rank.gather(1, p_b.clamp(max=max(Tq - 1, 0))))
-                if fresh is None:
-                    fields = kept
-                else:
-                    is_new, at = is_cand.gather(1, p_b), slot.gather(1, p_b)
-                    fields = tuple(torch.where(is_new[..., None], _take(f, at), g) for f, g in zip(fresh, kept))
+                fields = _rows(pools[b], rank.gather(1, p_b.clamp(max=max(Tq - 1, 0))))
+            if k_b:
+                at = torch.searchsorted(p_b.contiguous(), pos.gather(1, cols))
+                for f, g in zip(fields, fresh):
+                    f.scatter_(1, at[..., None].expand(-1, -1, f.shape[-1]), g)
             out[b] = QTensor(*(f.reshape(B, H, n_b, f.shape[-1]) for f in fields), b, self.group, -1)
         return out
 
