@@ -4,15 +4,17 @@
 # sharing the GPU (eager steps are launch-bound, so processes overlap): quality by shards, retrieval by claiming the
 # next free unit of $CHUNK samples, costliest first. Every process writes its rows after each config (quality) or
 # sample (retrieval), so a step stopped by its `timeout` keeps what it answered. The processes write under a scratch
-# folder; the end packs it into one archive, $OUT/WHAT_MODEL.tgz (the device tool brings back only a few files).
+# folder; the end packs it into one archive, $OUT/WHAT_MODEL.tgz (the device tool brings back only a few files),
+# and so does a TERM or INT from an outer `timeout` (give that one more than FLOOR_LIMIT + LIMIT + ~40 s of loading).
 #   bash benchmarks/frontier_gpu.sh quality smollm2          # then: python benchmarks/bench_quality.py --from-json ...
 #   bash benchmarks/frontier_gpu.sh retrieval gemma3 2048,4096,8000,16000
 #     then: tar xzf retrieval_gemma3.tgz -C DIR; python benchmarks/retrieval.py --from-json 'DIR/*.json' \
 #             --merge-into benchmarks/rows/retrieval_gemma3_h200.json.gz --wide
 # Knobs: PROCS (8), LIMIT (seconds per step, 500), WINDOWS (16), CTX (1024), DECODE (64), SAMPLES (50), CHUNK (10),
-# SOURCE (pydoc), SKIP_DONE (space-separated globs of earlier retrieval rows: run only the units they lack), MODE (retrieval's
-# generate_greedy steps: eager to skip graph captures, which short answers may not repay), FLOOR (retrieval: fp16's
-# units first, within FLOOR_LIMIT seconds (150); the other configs then skip cells where fp16 scored below FLOOR)
+# SOURCE (pydoc), SKIP_DONE (space-separated globs of earlier retrieval rows, each matching a file: run only the
+# units they lack), MODE (retrieval's generate_greedy steps: eager to skip graph captures, which short answers may not
+# repay), FLOOR (retrieval: fp16's units first, within FLOOR_LIMIT seconds (150); the other configs then skip cells
+# where fp16 scored below FLOOR)
 set -uo pipefail
 what=$1 model=$2 lengths=${3:-2048,4096,8000}
 PROCS=${PROCS:-8} LIMIT=${LIMIT:-500}
