@@ -125,6 +125,8 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
             _sync(device)
             if layer.n_middle == before:  # nothing re-allocated: not a re-allocation's time
                 idle += 1
+                if idle > 8 * rounds:
+                    raise RuntimeError(f"{idle} rounds of new tokens re-allocated nothing")
                 continue
             times.append((time.perf_counter() - start) * 1e3)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")

@@ -43,7 +43,8 @@ def test_ops_count_work_not_views_or_allocations():
         x.view(4, 4)[1:].t().T.reshape(2, 6), torch.empty(3), torch.empty_like(x)  # views, allocations: no launch
         y = (x * 2 + 1).sort().values                                            # three ops that do work
         x.view(4, 4).t().reshape(-1)                                             # a copy: one more
-    assert c.ops == 4 and c.total == 0 and y.numel() == 16
+        torch.zeros(4), torch.arange(3)                                          # factories fill: two more
+    assert c.ops == 6 and c.total == 0 and y.numel() == 16
 
 
 def test_a_block_re_allocation_is_counted_in_a_round_that_re_allocates():
