@@ -244,13 +244,9 @@ def test_decode_equals_dequantize_then_sdpa(tiny, method):
 
 @pytest.mark.parametrize("when", ["prompt", "decode"])
 @pytest.mark.parametrize("method", METHODS)
-def test_memory_report_counts_the_bytes_held(tiny, method, when, held, request):
+def test_memory_report_counts_the_bytes_held(tiny, method, when, held):
     """total_bytes + slack_bytes() is every byte of every tensor the cache holds (found by walking its objects,
     not listed by hand), after a prompt and after decode steps."""
-    if tiny.name == "tiny-gpt2" and method == "fp16" and when == "prompt":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "FP16Layer keeps the prompt's key_states/value_states as given; GPT-2's are views of the fused c_attn "
-            "output (query, key, value), so 1.5x the reported bytes stay allocated until the first decode step")))
     if method in OWN_BYTES_TESTS:
         pytest.skip(f"{method}'s bytes are checked in tests/test_baselines.py: {OWN_BYTES_TESTS[method]}")
     ids = _prompt(batch=2, length=100, seed=5)

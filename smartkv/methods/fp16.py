@@ -12,6 +12,15 @@ from smartkv.kernels import KVSegment
 from smartkv.cache.buffers import write_token
 
 
+def _owned(x: torch.Tensor) -> torch.Tensor:
+    """`x`, copied when it is a view into a larger tensor (GPT-2's keys and values are views of its fused
+    query-key-value projection): held as given, the whole projection would stay allocated beside the bytes the
+    cache reports."""
+    if x.untyped_storage().nbytes() == x.numel() * x.element_size():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 class FP16Layer(KVLayer):
     static_capable = True
 
@@ -21,7 +30,7 @@ class FP16Layer(KVLayer):
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if self.keys is None:
-            self.keys, self.values = key_states, value_states
+            self.keys, self.values = _owned(key_states), _owned(value_states)
         else:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
