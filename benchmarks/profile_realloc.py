@@ -101,19 +101,18 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
             redraw_importance()
             _sync(device)
 
-        def reallocating_round(run):  # a block flush waits for whole blocks: a round may re-allocate nothing
-            for _ in range(8):
+        def reallocating_round(run):
+            """`run()`'s result in the first round of new tokens that re-allocates (a block flush waits for whole
+            blocks, so a round may re-allocate nothing), and how many rounds that took (at most 8)."""
+            for tries in range(1, 9):
                 next_round()
                 before = layer.n_middle
                 out = run()
                 if layer.n_middle != before:
-                    return out
+                    return out, tries
             raise RuntimeError("no re-allocation in 8 rounds of new tokens")
 
-        idle = 0
-        while len(times) < rounds:
-            next_round()
-            before = layer.n_middle
+        def timed_flush():  # (ms, bytes above what was allocated before) of one _flush
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
@@ -123,31 +122,33 @@ def profile(params: dict, batch: int, context: int, rounds: int, device, seed: i
             start = time.perf_counter()
             layer._flush()
             _sync(device)
-            if layer.n_middle == before:  # nothing re-allocated: not a re-allocation's time
-                idle += 1
-                if idle > 8 * rounds:
-                    raise RuntimeError(f"{idle} rounds of new tokens re-allocated nothing")
-                continue
-            times.append((time.perf_counter() - start) * 1e3)
+            ms = (time.perf_counter() - start) * 1e3
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
-            peaks.append(max(0, peak - base))
+            return ms, max(0, peak - base)
+
+        taken = 0
+        for _ in range(rounds):
+            (ms, extra), tries = reallocating_round(timed_flush)
+            times.append(ms)
+            peaks.append(extra)
+            taken += tries
         syncs = {}
         if count_syncs:
             from syncs import SyncCounter
 
-            c = reallocating_round(lambda: _counted(SyncCounter(device), layer._flush))
+            c = reallocating_round(lambda: _counted(SyncCounter(device), layer._flush))[0]
             syncs = dict(realloc_syncs=c.total, realloc_ops=c.ops, realloc_sync_sites=c.by_site.most_common(6))
         if trace:
             from torch.profiler import ProfilerActivity, profile as torch_profile
 
             kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             prof = reallocating_round(lambda: _counted(torch_profile(activities=kinds),
-                                                       lambda: (layer._flush(), _sync(device))))
+                                                       lambda: (layer._flush(), _sync(device))))[0]
             for key in ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.type == "cuda" else []):
                 print(prof.key_averages().table(sort_by=key, row_limit=trace), flush=True)
     held = _layer_bytes(layer)
     return dict(batch=batch, context=context, first_ms=first_ms, mean_ms=statistics.fmean(times),
-                max_ms=max(times), rounds_a_realloc=(rounds + idle) / rounds,
+                max_ms=max(times), rounds_a_realloc=taken / rounds,
                 peak_extra_mib=max(peaks) / 2 ** 20, held_mib=held / 2 ** 20,
                 middle=layer.n_middle, **syncs)
 

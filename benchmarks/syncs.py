@@ -55,12 +55,12 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
+        on = _on(self.counter.device_type, args[:1])
         device = kwargs.get("device")   # factories (zeros, arange, full) name theirs; other ops take their input's
-        here = _on(self.counter.device_type, args[:1]) or (
-            device is not None and torch.device(device).type == self.counter.device_type)
-        if here and not func.is_view and name not in NO_LAUNCH:
+        factory = device is not None and torch.device(device).type == self.counter.device_type
+        if (on or factory) and not func.is_view and name not in NO_LAUNCH:
             self.counter.ops += 1
-        if not _on(self.counter.device_type, args[:1]):
+        if not on:
             return func(*args, **kwargs)
         if name in DATA_SIZED:
             self.counter._add("item" if name == "aten._local_scalar_dense" else name.removeprefix("aten."))
