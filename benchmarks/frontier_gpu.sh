@@ -14,7 +14,8 @@
 # SOURCE (pydoc), SKIP_DONE (space-separated globs of earlier retrieval rows, each matching a file: run only the
 # units they lack), MODE (retrieval's generate_greedy steps: eager to skip graph captures, which short answers may not
 # repay), FLOOR (retrieval: fp16's units first, within FLOOR_LIMIT seconds (150); the other configs then skip cells
-# where fp16 scored below FLOOR)
+# where fp16 scored below FLOOR), CONFIGS and TASKS (retrieval: only these ';'-separated specs and these tasks, to fill
+# the cells a costliest-first run left short)
 set -uo pipefail
 what=$1 model=$2 lengths=${3:-2048,4096,8000}
 PROCS=${PROCS:-8} LIMIT=${LIMIT:-500}
@@ -41,7 +42,7 @@ step() {
                  > "$OUT/quality_${model}.$i.log" 2>&1 & ;;
       retrieval) timeout "$limit" python benchmarks/retrieval.py --model "$model" --lengths "$lengths" \
                    --samples "${SAMPLES:-50}" --chunk "${CHUNK:-10}" --claim-dir "$OUT/claims_${model}$tag" \
-                   ${MODE:+--mode "$MODE"} --json "$OUT/retrieval_${model}$tag.$i.json" "$@" \
+                   ${MODE:+--mode "$MODE"} ${TASKS:+--tasks "$TASKS"} --json "$OUT/retrieval_${model}$tag.$i.json" "$@" \
                    > "$OUT/retrieval_${model}$tag.$i.log" 2>&1 & ;;
       *) echo "usage: frontier_gpu.sh quality|retrieval MODEL [LENGTHS]" >&2; exit 2 ;;
     esac
@@ -60,8 +61,8 @@ trap 'echo "stopped: packing what was answered" >&2; kill $(jobs -p) 2>/dev/null
 if [[ $what == retrieval && -n ${FLOOR:-} ]]; then
   # fp16 first; then the other configs skip the cells where fp16 is below $FLOOR (every method at the model's floor)
   step "${FLOOR_LIMIT:-150}" _fp16 --configs fp16 "${done_args[@]}"
-  step "$LIMIT" "" "${done_args[@]}" --skip-done "$OUT/retrieval_${model}_fp16.*.json" --floor "$FLOOR"
+  step "$LIMIT" "" "${done_args[@]}" ${CONFIGS:+--configs "$CONFIGS"} --skip-done "$OUT/retrieval_${model}_fp16.*.json" --floor "$FLOOR"
 else
-  step "$LIMIT" "" "${done_args[@]}"
+  step "$LIMIT" "" "${done_args[@]}" ${CONFIGS:+--configs "$CONFIGS"}
 fi
 finish
