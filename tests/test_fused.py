@@ -256,18 +256,22 @@ def test_smartkv_two_pass_decode_equals_reference(tiny_llama, monkeypatch, case)
     path's tokens, logits and importance, and stores the same bytes; a re-allocation happens mid-decode."""
     from smartkv.methods.smartkv import attention as smartkv_mod  # the module whose pool_scores `attend` calls
 
-    calls = []
-    real = smartkv_mod.pool_scores
+    from smartkv.methods.smartkv import realloc as realloc_mod   # re-allocations quantize through the kernel
+
+    calls, quantized = [], []
+    real, real_q = smartkv_mod.pool_scores, realloc_mod.quantize_pack
     monkeypatch.setattr(smartkv_mod, "pool_scores",
                         lambda *a, **k: calls.extend(p.bits for p, _, _ in a[1] if p.codes.shape[-2]) or real(*a, **k))
+    monkeypatch.setattr(realloc_mod, "quantize_pack", lambda *a, **k: quantized.append(a[1]) or real_q(*a, **k))
     params = SMARTKV_CASES[case]
     ids = _prompt(61)
     ref_tokens, ref_logits, ref_cache = _generate(tiny_llama, "smartkv", params, ids, fused=False, new_tokens=6)
-    assert not calls
+    assert not calls and not quantized
     tokens, logits, cache = _generate(tiny_llama, "smartkv", params, ids, fused=True, new_tokens=6)
     widths = {b for layer in cache.layers for b in layer.pools["k"]} | {
         b for layer in cache.layers for b in layer.pools["v"]}
     assert len(widths) >= 2 and set(calls) <= widths and len(calls) >= 5 * 2   # every decode step, both layers
+    assert set(quantized) <= widths and len(quantized) >= 2 * 2             # the prompt's allocation, both layers
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
     assert err < LOGIT_BOUND, err
@@ -276,5 +280,9 @@ def test_smartkv_two_pass_decode_equals_reference(tiny_llama, monkeypatch, case)
         assert layer.n_middle == ref.n_middle > 61 - 4 - 8 - 4
         for kind in ("k", "v"):
             assert torch.equal(layer.levels[kind], ref.levels[kind])
+            assert layer.pools[kind].keys() == ref.pools[kind].keys()
+            for b, pool in layer.pools[kind].items():       # the same bytes, quantized by the kernel or by torch
+                assert all(torch.equal(getattr(pool, f).cpu(), getattr(ref.pools[kind][b], f).cpu())
+                           for f in ("codes", "scale", "zero")), (kind, b)
         imp = (layer.importance.int() - ref.importance.int()).abs()
         assert imp.max() <= 1                                # 8-bit log codes of near-equal probabilities
