@@ -349,7 +349,7 @@ class SmartKVRealloc:
     def _quantize(self, x: torch.Tensor, bits: int) -> QTensor:
         """x (..., n, D) quantized per token at `bits` in the layer's groups. With the kernels, one Triton launch
         (byte-exact with core's `quantize`, which dispatches ~30 ops: the first allocation and re-allocations are
-        launch-bound on a GPU, and quantizing was about half of the first allocation's 313 ops)."""
+        launch-bound on a GPU, and in torch quantizing is about half of a first allocation's ops)."""
         if not self.kernels:
             return quantize(x, bits, self.group, axis=-1)
         lead, (n, D) = x.shape[:-2], x.shape[-2:]
