@@ -55,6 +55,8 @@ def test_quantize_pack_is_byte_exact(bits, axis):
     b = quantize(x.float().cpu(), bits, 32, axis)
     assert torch.equal(a.codes.cpu(), b.codes)
     assert torch.equal(a.scale.cpu(), b.scale) and torch.equal(a.zero.cpu(), b.zero)
+    c = quantize(x.float(), bits, 32, axis)  # core's quantizer on the kernels' device: the CPU's bytes too
+    assert all(torch.equal(getattr(c, f).cpu(), getattr(b, f)) for f in ("codes", "scale", "zero"))
 
 
 def test_quantize_pack_kv_into_preallocated_rows():

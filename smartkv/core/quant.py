@@ -138,7 +138,9 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int = -1) -> QTe
     lo, hi = g.amin(-1), g.amax(-1)
     levels = (1 << bits) - 1
     zero = _fp16_down(lo)
-    scale = _fp16_up((hi - zero.float()) / levels)
+    # a tensor divisor: CUDA torch divides by a Python scalar as a multiply by its reciprocal (one bit off at
+    # times), which would make the same tensor quantize to other bytes on a GPU than on the CPU or in the kernels
+    scale = _fp16_up((hi - zero.float()) / torch.full_like(hi, levels))
     s = scale.float().unsqueeze(-1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.where(s > 0, torch.round((g - zero.float().unsqueeze(-1)) / safe), torch.zeros_like(g))
