@@ -35,7 +35,7 @@ from smartkv.kernels import tuning  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SCALING = D ** -0.5
-FUSED = ["int8", "int4", "kivi2", "kivi24", "smartkv4", "smartkv4-cache"]
+FUSED = ["int8", "int4", "kivi2", "kivi24", "smartkv4", "smartkv4-cache", "smartkv-classes", "smartkv-classes-g32"]
 POOL_CONFIGS = [dict(vars(tuning.current().pool))]  # --pool-configs
 POOL_FIELDS = ("scores_block", "values_block", "num_warps", "split_tokens", "pack_heads", "values_warps")  # its order
 _T0 = time.time()
@@ -200,6 +200,10 @@ def bench_config(T: int, B: int, methods: list[str], copy_bw: float, budget: Bud
         sets, nbytes = _sets(m, B, T, seed=T * 7 + B)
         t = time_calls([_fused_call(q, s) for q, s in sets])
         rows.append(_row(T, B, m, t, base, nbytes, copy_bw))
+        if m.startswith("smartkv-classes"):  # with each token's probability, as SmartKV's importance needs
+            rows.append(_row(T, B, f"{m} + probs", time_calls(
+                [lambda q=q, s=s: decode_attention(q, s, SCALING, return_token_probs=True) for q, s in sets]),
+                base, nbytes, copy_bw))
         if TRITON_ROWS:  # the same method on the portable Triton kernels, in the same run
             os.environ["SMARTKV_FAST_ATTN"] = "0"
             try:

@@ -120,7 +120,50 @@ def build_segments(method: str, B: int, H: int, T: int, D: int, gen, group: int 
                                   quantized(B, H, n, D, bits, group, -1, gen), key_scale=sd, key_shift=mu))
         segs.append(KVSegment(_randn((B, H, window, D), gen), _randn((B, H, window, D), gen)))
         return segs
-    raise ValueError(f"method must be one of fp16, int8, int4, kivi2, kivi24, smartkv4, got {method!r}")
+    if method.startswith("smartkv-classes"):
+        return _class_segments(method, B, H, T, D, gen)
+    raise ValueError(f"method must be one of fp16, int8, int4, kivi2, kivi24, smartkv4, smartkv-classes, "
+                     f"smartkv-classes-g32, got {method!r}")
+
+
+def class_staircase(middle: int, budget: float = 4.25, gap: float = 3.0, widths=(2, 3, 4, 8),
+                    seed: int = 0) -> list[tuple[int, int, int]]:
+    """(key bits, value bits, tokens) of each joint class a SmartKV row holds when keys and values are placed by
+    one ranking (the allocator's shared weights): the keys' and values' width counts for `budget` / `gap`
+    (policy.counts_for on a heavy-tailed profile, as attention is), merged along the ranking. Every row has
+    the same classes, so each is one dense segment the uniform kernels read in one pass."""
+    from smartkv.core.policy import counts_for, kv_budgets
+
+    g = torch.Generator().manual_seed(seed)
+    profile = torch.sort(torch.exp(1.5 * torch.randn(middle, generator=g, dtype=torch.float64)) ** 2,
+                         descending=True).values
+    bk, bv = kv_budgets(budget, gap, widths)
+    ranks = []
+    for b in (bk, bv):
+        counts = counts_for(profile, b, widths)
+        ranks.append(torch.repeat_interleave(torch.tensor(sorted(counts, reverse=True)),
+                                             torch.tensor([counts[w] for w in sorted(counts, reverse=True)])))
+    pairs = torch.stack(ranks, -1)
+    out = []
+    for kv, n in zip(*torch.unique_consecutive(pairs, dim=0, return_counts=True)):
+        out.append((int(kv[0]), int(kv[1]), int(n)))
+    return out
+
+
+def _class_segments(method: str, B, H, T, D, gen) -> list[KVSegment]:
+    """SmartKV stored as joint (key width, value width) classes: sinks, one segment a class (normalised keys),
+    the window. `-g32`: groups of 32 and widths 2/4/8 (what the CUDA path reads); else SmartKV's group 64."""
+    g32 = method.endswith("-g32")
+    group, widths = (32, (2, 4, 8)) if g32 else (64, (2, 3, 4, 8))
+    sinks, window = 4, 32
+    mu = _randn((B, H, 1, D), gen)
+    sd = _randn((B, H, 1, D), gen).abs() + 0.5
+    segs = [KVSegment(_randn((B, H, sinks, D), gen), _randn((B, H, sinks, D), gen))]
+    for kb, vb, n in class_staircase(T - sinks - window, widths=widths):
+        segs.append(KVSegment(quantized(B, H, n, D, kb, group, -1, gen), quantized(B, H, n, D, vb, group, -1, gen),
+                              key_scale=sd, key_shift=mu))
+    segs.append(KVSegment(_randn((B, H, window, D), gen), _randn((B, H, window, D), gen)))
+    return segs
 
 
 def segments_bytes(segments: list[KVSegment]) -> int:
