@@ -78,14 +78,18 @@ def _store_packed(ptr, row_off, row_mask, codes, BITS: tl.constexpr, D: tl.const
 
 @triton.jit
 def _quant_tok_one(X, C, S, Z, sxb, sxh, sxt, scb, sch, sct, ssb, ssh, sst, b, h, T, start,
-                   BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+                   BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                   ALIGNED: tl.constexpr):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < T
-    x = tl.load(X + b * sxb + h * sxh + t[:, None] * sxt + tl.arange(0, D)[None, :], mask=tm[:, None], other=0.0)
+    xo, co = b * sxb + h * sxh, b * scb + h * sch
+    if ALIGNED:  # the batch / head strides are not specialised on (below): say what the host checked instead
+        xo, co = tl.multiple_of(xo, 16), tl.multiple_of(co, 16)
+    x = tl.load(X + xo + t[:, None] * sxt + tl.arange(0, D)[None, :], mask=tm[:, None], other=0.0)
     g = tl.reshape(x.to(tl.float32), (BLOCK_T, D // G, G))  # (BLOCK_T, D/G, G)
     c, scale, zero = _codes(g, tl.min(g, axis=2)[:, :, None], tl.max(g, axis=2)[:, :, None], (1 << BITS) - 1)
     row = start + t
-    _store_packed(C + b * scb + h * sch, row * sct, tm, tl.reshape(c, (BLOCK_T, D)), BITS, D, BLOCK_T)
+    _store_packed(C + co, row * sct, tm, tl.reshape(c, (BLOCK_T, D)), BITS, D, BLOCK_T)
     so = b * ssb + h * ssh + row[:, None] * sst + tl.arange(0, D // G)[None, :]
     tl.store(S + so, tl.reshape(scale, (BLOCK_T, D // G)), mask=tm[:, None])
     tl.store(Z + so, tl.reshape(zero, (BLOCK_T, D // G)), mask=tm[:, None])
@@ -101,17 +105,17 @@ def _quant_tok_kernel(X0, C0, S0, Z0, X1, C1, S1, Z1,
                       sxb0, sxh0, sxt0, scb0, sch0, sct0, ssb0, ssh0, sst0,
                       sxb1, sxh1, sxt1, scb1, sch1, sct1, ssb1, ssh1, sst1,
                       H, T, start, STARTS, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                      BLOCK_T: tl.constexpr, START_PTR: tl.constexpr):
+                      BLOCK_T: tl.constexpr, START_PTR: tl.constexpr, ALIGNED: tl.constexpr = False):
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     if START_PTR:  # per-sequence write rows from device memory (static decode steps, CUDA graphs)
         start = tl.load(STARTS + b).to(tl.int64)
     if tl.program_id(2) == 0:
         _quant_tok_one(X0, C0, S0, Z0, sxb0, sxh0, sxt0, scb0, sch0, sct0, ssb0, ssh0, sst0, b, h, T, start,
-                       BITS, G, D, BLOCK_T)
+                       BITS, G, D, BLOCK_T, ALIGNED)
     else:
         _quant_tok_one(X1, C1, S1, Z1, sxb1, sxh1, sxt1, scb1, sch1, sct1, ssb1, ssh1, sst1, b, h, T, start,
-                       BITS, G, D, BLOCK_T)
+                       BITS, G, D, BLOCK_T, ALIGNED)
 
 
 @triton.jit(do_not_specialize=["start"] + [f"s{x}{d}" for x in "xcs" for d in "bh"])
@@ -160,6 +164,12 @@ def triton_shapes_ok(x: torch.Tensor, group_size: int) -> bool:
     return D >= 16 and D & (D - 1) == 0 and group_size > 0 and group_size & (group_size - 1) == 0
 
 
+def _aligned(x: torch.Tensor, q: QTensor) -> bool:
+    """Whether the input's and the codes' batch and head strides are multiples of 16 elements (so a (batch, head)
+    row starts 16-element aligned and its loads and stores can be vectorised): two compiled variants at most."""
+    return all(s % 16 == 0 for s in (*x.stride()[:2], *q.codes.stride()[:2]))
+
+
 def _meta_strides(q: QTensor):
     return q.codes.stride()[:3] + q.scale.stride()[:3]
 
@@ -181,7 +191,7 @@ def quantize_pack_triton(x: torch.Tensor, bits: int, group_size: int, axis: int 
         args = x.stride()[:3] + _meta_strides(q)
         _quant_tok_kernel[grid](x, q.codes, q.scale, q.zero, x, q.codes, q.scale, q.zero, *args, *args,
                                 H, T, start, x, BITS=bits, G=group_size, D=D, BLOCK_T=BLOCK_T, START_PTR=False,
-                                num_warps=current().quant_warps)
+                                ALIGNED=_aligned(x, q), num_warps=current().quant_warps)
     else:
         _quant_chan_kernel[(T // group_size, B * H)](x, q.codes, q.scale, q.zero, *x.stride()[:3],
                                                     *_meta_strides(q), H, start, BITS=bits, G=group_size, D=D,
@@ -218,5 +228,6 @@ def quantize_pack_kv_triton(k: torch.Tensor, v: torch.Tensor, bits: int, group_s
     _quant_tok_kernel[grid](k, qk.codes, qk.scale, qk.zero, v, qv.codes, qv.scale, qv.zero,
                             *k.stride()[:3], *_meta_strides(qk), *v.stride()[:3], *_meta_strides(qv),
                             H, T, start, starts if starts is not None else k, BITS=bits, G=group_size, D=D,
-                            BLOCK_T=BLOCK_T, START_PTR=starts is not None, num_warps=current().quant_warps)
+                            BLOCK_T=BLOCK_T, START_PTR=starts is not None,
+                            ALIGNED=_aligned(k, qk) and _aligned(v, qv), num_warps=current().quant_warps)
     return qk, qv
