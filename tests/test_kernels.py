@@ -59,6 +59,16 @@ def test_quantize_pack_is_byte_exact(bits, axis):
     assert all(torch.equal(getattr(c, f).cpu(), getattr(b, f)) for f in ("codes", "scale", "zero"))
 
 
+def test_quantize_pack_without_aligned_rows_is_byte_exact():
+    """3-bit codes of head_dim 32 are 12 bytes a token: 3 tokens make a head's codes 36 bytes, not a multiple of 16,
+    so the kernel takes its unhinted variant (kernels.triton_quant._aligned)."""
+    from smartkv.kernels import triton_quant
+    x = randn(gen(7), 2, 3, 3, 32, scale=2.0)
+    assert not triton_quant._aligned(x, triton_quant._empty_like_q(x, 3, 16, -1))
+    a, b = kern.quantize_pack(x, 3, 16), quantize(x.float().cpu(), 3, 16)
+    assert all(torch.equal(getattr(a, f).cpu(), getattr(b, f)) for f in ("codes", "scale", "zero"))
+
+
 def test_quantize_pack_kv_into_preallocated_rows():
     g = gen(1)
     k = randn(g, 2, 4, 3, 128, dtype=torch.bfloat16)
