@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartkv.core.policy import (WIDTHS, block_weights, cascade_assign, check_budget, counts_for, incremental_assign,
-                                 kv_budgets, pack_levels, rank_profile, solve_widths, unpack_levels)
+                                 joint_assign, joint_candidates, joint_counts, joint_plan, kv_budgets, pack_levels,
+                                 rank_profile, solve_widths, staircase, unpack_levels)
 
 weights_st = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=200)
 budget_st = st.floats(2, 8, allow_nan=False)
@@ -169,3 +170,59 @@ def test_incremental_demotes_the_lightest_stored_unit_for_a_heavy_new_one():
     w = torch.tensor([[5.0, 1.0, 0.5, 1.0, 9.0]])
     out = incremental_assign(w, old, {8: 2, 2: 2}, 5.0, (2, 8), per_width=1)
     assert out.tolist() == [[8, 2, 2, 2, 8]]    # the new heavy unit takes the 8 of the lighter stored one
+
+
+def test_staircase_merges_both_kinds_along_one_ranking():
+    assert staircase({8: 3, 4: 5, 2: 2}, {4: 2, 3: 3, 2: 5}) == [(8, 4, 2), (8, 3, 1), (4, 3, 2), (4, 2, 3), (2, 2, 2)]
+    assert staircase({4: 3}, {4: 0, 2: 3}) == [(4, 2, 3)]
+    with pytest.raises(ValueError, match="different numbers"):
+        staircase({8: 1}, {4: 2})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(8, 80), st.integers(1, 12), st.floats(2.5, 6, allow_nan=False),
+       st.floats(0, 3, allow_nan=False), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_joint_keeps_both_budgets_the_caps_and_equal_class_counts(rows, n0, n_new, budget, gap, per_width, seed):
+    """A first allocation, then incremental steps placing keys and values together: every row holds the same
+    number of units of each (key width, value width) class (what `joint_counts` says), neither kind passes
+    floor(its budget * n), stored units are never promoted in either kind, and only the candidates change."""
+    g = torch.Generator().manual_seed(seed)
+    budgets = kv_budgets(budget, gap)
+    old_k = old_v = torch.zeros(rows, 0, dtype=torch.long)
+    stored, n = {}, n0
+    for _ in range(4):
+        w = torch.rand(rows, n, generator=g).pow(4)
+        cand = joint_candidates(w, old_k, old_v, stored, budgets, WIDTHS, per_width)
+        classes = staircase(*(counts_for(rank_profile(cand.weights), b) for b in cand.budgets))
+        plan = joint_plan(classes, cand.capped(classes))
+        bits_k, bits_v = joint_assign(cand.weights, cand.caps_k, cand.caps_v, plan, (2, 2))
+        nq = old_k.shape[1]
+        out_k = torch.cat([old_k, old_k.new_full((rows, n - nq), 8)], -1).scatter_(1, cand.idx, bits_k)
+        out_v = torch.cat([old_v, old_v.new_full((rows, n - nq), 8)], -1).scatter_(1, cand.idx, bits_v)
+        hist = [{c: int(((out_k[r] == c[0]) & (out_v[r] == c[1])).sum()) for c in
+                 {(int(a), int(b)) for a, b in zip(out_k[0], out_v[0])}} for r in range(rows)]
+        assert all(h == hist[0] for h in hist)
+        expect = {c: m - cand.sources.get(c, 0) for c, m in stored.items()}
+        for c, m in joint_counts(plan, cand.idx.shape[1], (2, 2)).items():
+            expect[c] = expect.get(c, 0) + m
+        assert {c: m for c, m in expect.items() if m} == hist[0]
+        for out, b in ((out_k, budgets[0]), (out_v, budgets[1])):
+            assert int(out[0].sum()) <= math.floor(b * n + 1e-9)
+        assert bool((out_k[:, :nq] <= old_k).all()) and bool((out_v[:, :nq] <= old_v).all())
+        changed = ((out_k[:, :nq] != old_k) | (out_v[:, :nq] != old_v)).sum(-1)
+        assert int(changed.max()) <= per_width * len(stored)
+        old_k, old_v, stored, n = out_k, out_v, hist[0], n + n_new
+
+
+def test_joint_demotes_the_lightest_stored_unit_of_a_class_for_a_heavy_new_one():
+    # 5 units: keys may hold 25 bits, values 15; the new heavy unit takes the (8, 4) class from the lighter stored
+    # one, which drops to what the budgets leave it (keys 25 - 20 = 5 -> 4, values 15 - 12 = 3 -> 2)
+    old_k, old_v = torch.tensor([[8, 2, 8, 2]]), torch.tensor([[4, 2, 4, 2]])
+    w = torch.tensor([[5.0, 1.0, 0.5, 1.0, 9.0]])
+    cand = joint_candidates(w, old_k, old_v, {(8, 4): 2, (2, 2): 2}, (5.0, 3.0), (2, 4, 8), per_width=1)
+    classes = staircase(*(counts_for(rank_profile(cand.weights), b, (2, 4, 8)) for b in cand.budgets))
+    bits_k, bits_v = joint_assign(cand.weights, cand.caps_k, cand.caps_v, joint_plan(classes, cand.capped(classes)),
+                                  (2, 2))
+    out_k = torch.cat([old_k, torch.tensor([[8]])], -1).scatter_(1, cand.idx, bits_k)
+    out_v = torch.cat([old_v, torch.tensor([[8]])], -1).scatter_(1, cand.idx, bits_v)
+    assert out_k.tolist() == [[8, 2, 4, 2, 8]] and out_v.tolist() == [[4, 2, 2, 2, 4]]

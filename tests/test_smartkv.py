@@ -171,8 +171,8 @@ def test_reallocation_reads_only_what_changes(tiny, params):
         assert torch.allclose(layer._ranges(kind, new), expect, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("block_tokens", [1, 4])
-def test_an_allocation_waits_for_the_device_once(block_tokens):
+@pytest.mark.parametrize("block_tokens,joint", [(1, False), (4, False), (1, True), (4, True)])
+def test_an_allocation_waits_for_the_device_once(block_tokens, joint):
     """On CUDA every host read of a device tensor (a size, a count, nonzero) waits for the GPU, and under a GPU
     shared by several processes for their work too. The first allocation and every incremental re-allocation read
     the device once: one copy of the candidates' rank profiles for the counts' solve (which then runs on the
@@ -188,7 +188,7 @@ def test_an_allocation_waits_for_the_device_once(block_tokens):
         return {site: n for site, n in c.by_site.items()
                 if not (site.startswith("core/policy.py") and site.endswith(host_solve))}
 
-    cache = make_cache("smartkv", num_layers=1, budget=4.25, key_value_gap=3, block_tokens=block_tokens)
+    cache = make_cache("smartkv", num_layers=1, budget=4.25, key_value_gap=3, block_tokens=block_tokens, joint=joint)
     layer = cache.layers[0]
     g = torch.Generator().manual_seed(0)
     layer.append(torch.randn(2, 4, 600, 64, generator=g), torch.randn(2, 4, 600, 64, generator=g))
@@ -267,3 +267,65 @@ def test_incremental_reallocation_demotes_a_bounded_number_of_blocks(tiny):
                 assert bool((now <= old).all())
                 changed_blocks = (now != old).reshape(*old.shape[:2], -1, 4).any(-1).sum(-1)
                 assert int(changed_blocks.max()) <= len(layer.widths) - 1, (t, kind)
+
+
+def _class_counts(layer) -> list[dict]:
+    """Per row (sequence x KV head), tokens of each (key width, value width) class, from the level maps."""
+    k, v = (layer.level_bits(kind).flatten(0, 1) for kind in ("k", "v"))
+    return [{c: int(((kr == c[0]) & (vr == c[1])).sum()) for c in {(int(a), int(b)) for a, b in zip(kr, vr)}}
+            for kr, vr in zip(k, v)]
+
+
+@pytest.mark.parametrize("params", [dict(budget=4.25, key_value_gap=3),
+                                    dict(budget=4.25, key_value_gap=3, block_tokens=4),
+                                    dict(budget=2.4, key_value_gap=1, recent_window=8, realloc_every=8)])
+def test_joint_gives_every_row_the_same_class_counts(params):
+    """joint=True: after the first allocation and every incremental re-allocation each row holds the same number
+    of tokens in each (key width, value width) class, the layer's host count (`_classes`) says which, each kind
+    stays within its budget, and the first allocation is the per-kind one (one ranking for both already)."""
+    from smartkv.methods import make_cache
+
+    g = torch.Generator().manual_seed(1)
+    kv = [torch.randn(2, 4, 600 + 16 * 6, 64, generator=g) for _ in range(2)]
+    seen = torch.randint(0, 120, (2, 4, 600 + 16 * 6), generator=g, dtype=torch.uint8)  # attention seen: codes
+
+    def add(layer, a, b):
+        layer.append(kv[0][..., a:b, :], kv[1][..., a:b, :])
+        layer.importance[..., -(b - a):] = seen[..., a:b]
+        layer._flush()
+    layers = [make_cache("smartkv", num_layers=1, joint=j, **params).layers[0] for j in (False, True)]
+    for layer in layers:
+        add(layer, 0, 600)
+    assert all(torch.equal(layers[0].levels[kind], layers[1].levels[kind]) for kind in ("k", "v"))
+    layer = layers[1]
+    for r in range(6):
+        before = {kind: (layer.level_bits(kind), layer._middle_part(kind)) for kind in ("k", "v")}
+        add(layer, 600 + 16 * r, 616 + 16 * r)
+        for kind, (bits, held) in before.items():   # kept codes stay, bit for bit; new values land where they belong
+            same = layer.level_bits(kind)[..., :bits.shape[-1]] == bits
+            assert same.float().mean() > 0.5 and torch.equal(layer._middle_part(kind)[..., :bits.shape[-1], :][same],
+                                                             held[same])
+        fresh = layer._middle_part("v")[..., -16:, :]
+        end = layer.sink_v.shape[-2] + layer.n_middle                  # the window's oldest 16 joined the middle
+        true = kv[1][..., end - 16:end, :]
+        assert ((fresh - true).norm() / true.norm()).item() < 0.6    # 2-bit Gaussian values: ~0.45
+        counts = _class_counts(layer)
+        assert all(c == counts[0] for c in counts) and counts[0] == layer._classes
+        assert len(counts[0]) >= 2
+        for kind, budget in (("k", layer.budget_k), ("v", layer.budget_v)):
+            assert int(layer.level_bits(kind)[0, 0].sum()) <= budget * layer.n_middle + 1e-6
+
+
+def test_joint_candidates_reach_each_kind_grouped_by_its_width():
+    """`_repool_candidates` takes a kind's stored candidates grouped by that kind's width, ascending: classes
+    (4, 3) and (8, 2) come in that order for keys and the other way round for values."""
+    from smartkv.core.policy import JointCandidates
+    from smartkv.methods.smartkv.joint import SmartKVJoint
+
+    idx = torch.tensor([[10, 11, 3, 5, 7]])                 # two new units, then (4, 3) x 2, then (8, 2) x 1
+    cand = JointCandidates(idx, idx.double(), idx * 0 + 8, idx * 0 + 4, (5.0, 3.0), 2, {(4, 3): 2, (8, 2): 1})
+    keys, order_k = SmartKVJoint._kind_view(None, cand, 0)
+    values, order_v = SmartKVJoint._kind_view(None, cand, 1)
+    assert keys.idx.tolist() == [[10, 11, 3, 5, 7]] and keys.sources == {4: 2, 8: 1}
+    assert values.idx.tolist() == [[10, 11, 7, 3, 5]] and values.sources == {2: 1, 3: 2}
+    assert order_v.tolist() == [0, 1, 4, 2, 3]

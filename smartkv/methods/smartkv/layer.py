@@ -1,10 +1,12 @@
 """The SmartKV cache layer, composed of its four concerns (each a mixin over the same layer state):
 storage (sinks, width pools, window, accounting), attention (reference and fused two-pass decode, importance
-statistics), static decode steps (CUDA graphs) and re-allocation (flushing the window into the pools)."""
+statistics), static decode steps (CUDA graphs) and re-allocation (flushing the window into the pools; jointly
+for keys and values with `joint=True`)."""
 from __future__ import annotations
 
 from smartkv.cache.layer import KVLayer
 from smartkv.methods.smartkv.attention import SmartKVAttention
+from smartkv.methods.smartkv.joint import SmartKVJoint
 from smartkv.methods.smartkv.realloc import SmartKVRealloc
 from smartkv.methods.smartkv.static import SmartKVStatic
 from smartkv.methods.smartkv.storage import SmartKVStorage
@@ -14,5 +16,6 @@ from smartkv.methods.smartkv.window import SmartKVWindow
 # the parts come before KVLayer so that their hooks (_store, attend, _static_begin, _before_update...) override its
 # defaults; no two parts define the same method, so their own order does not matter (the window part: sliding
 # layers, smartkv.cache.sliding)
-class SmartKVLayer(SmartKVStorage, SmartKVAttention, SmartKVStatic, SmartKVRealloc, SmartKVWindow, KVLayer):
+class SmartKVLayer(SmartKVStorage, SmartKVAttention, SmartKVStatic, SmartKVRealloc, SmartKVJoint, SmartKVWindow,
+                   KVLayer):
     static_capable = True

@@ -37,6 +37,8 @@ class SmartKVRealloc:
             # a sliding layer that just forgot middle tokens keeps their stale pool entries until re-pooled, so
             # its pools' sizes are no longer its counts: the re-allocation then reads them from the device
             sizes_known = self.n_middle == stored_before or not self.n_middle
+            if not sizes_known:   # forgotten tokens leave rows with unequal class counts: joint waits for none
+                self._classes = None
             if n <= 0:
                 return
             new_k, new_v = self.win_k[..., :n, :].float(), self.win_v[..., :n, :].float()
@@ -48,8 +50,9 @@ class SmartKVRealloc:
             kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
             incremental = cfg.realloc == "incremental" and self.n_middle
             if sizes_known and (incremental or not self.n_middle):
-                self._reallocate_candidates(weights, kinds)
+                (self._reallocate_joint if self._joint_ready() else self._reallocate_candidates)(weights, kinds)
             else:
+                self._classes = None
                 self._reallocate_reading_sizes(weights, kinds, incremental)
             self.n_middle += n
         finally:

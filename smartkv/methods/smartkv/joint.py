@@ -1,0 +1,74 @@
+"""SmartKV's joint re-allocation (`joint=True`): keys and values placed along one ranking, class by class (key
+width, value width), so every row (sequence x KV head) holds the same number of tokens of each class. That is
+what lets each class be one dense segment of the uniform decode kernels (docs/smartkv.md, "Joint classes"); the
+storage is still the per-kind width pools, so everything downstream is unchanged."""
+from __future__ import annotations
+
+import torch
+
+from smartkv.core.policy import (Candidates, JointCandidates, counts_for, joint_assign, joint_candidates,
+                                 joint_counts, joint_plan, pack_levels, rank_profile, staircase)
+
+
+class SmartKVJoint:
+    """SmartKVLayer's joint re-allocation part. `_classes`: tokens of a row in each class, known on the host while
+    every row holds the same counts (None when a per-kind re-allocation ran since, e.g. a sliding layer that
+    forgot tokens: the joint path then waits for the next first allocation)."""
+
+    _classes: dict[tuple[int, int], int] | None = None
+
+    def _joint_ready(self) -> bool:
+        return self.config.joint and (not self.n_middle or self._classes is not None)
+
+    def _reallocate_joint(self, weights: torch.Tensor, kinds: tuple) -> None:
+        """`_reallocate_candidates` with both kinds placed together (`kinds`: keys', then values' (kind, new
+        tokens (B, H, n, D), budget)): the same candidates for both, one device->host copy of their rank profile,
+        each kind's counts solved from it, merged along the ranking into classes (policy.staircase) and placed
+        class by class under both kinds' caps."""
+        bt, R, lo = self.block_tokens, weights.shape[0], min(self.widths)
+        nb = weights.shape[1]
+        old = [self._stored_ranks(kind)[0].reshape(R, self.n_middle)[:, ::bt] for kind, _, _ in kinds]
+        stored = {c: m // bt for c, m in (self._classes or {}).items() if m}
+        cand = joint_candidates(weights, *old, stored, (kinds[0][2], kinds[1][2]), self.widths,
+                                per_width=nb - self.n_middle // bt)
+        profile = rank_profile(cand.weights).cpu()                  # the one wait for the device
+        classes = staircase(*(counts_for(profile, b, self.widths) for b in cand.budgets))
+        plan = joint_plan(classes, cand.capped(classes))
+        bits = joint_assign(cand.weights, cand.caps_k, cand.caps_v, plan, (lo, lo))
+        placed = joint_counts(plan, cand.idx.shape[1], (lo, lo))
+        for i, ((kind, new, _), old_b, kind_bits) in enumerate(zip(kinds, old, bits)):
+            view, order = self._kind_view(cand, i)
+            cand_bits = kind_bits.index_select(1, order)
+            per_width = dict.fromkeys(self.widths, 0)
+            for c, m in placed.items():
+                per_width[c[i]] += m
+            held = dict(zip(self.widths, self._counts(kind)))
+            after = {w: h + bt * (per_width[w] - view.sources.get(w, 0)) for w, h in held.items()}
+            out = torch.cat([old_b, old_b.new_full((R, cand.new), max(self.widths))], -1)
+            out = out.scatter_(1, view.idx, cand_bits)
+            level = torch.searchsorted(self._width_values, out.repeat_interleave(bt, -1) if bt > 1 else out)
+            self.pools[kind] = self._repool_candidates(kind, view, cand_bits, after, per_width, level, new)
+            self.levels[kind] = pack_levels(level.reshape(self.batch_size, self.num_heads, -1).to(torch.uint8))
+        classes_after = {c: m - bt * cand.sources.get(c, 0) for c, m in (self._classes or {}).items()}
+        for c, m in placed.items():
+            classes_after[c] = classes_after.get(c, 0) + bt * m
+        self._classes = {c: m for c, m in classes_after.items() if m}
+
+    def _kind_view(self, cand: JointCandidates, i: int) -> tuple[Candidates, torch.Tensor]:
+        """The candidates as `_repool_candidates` takes them for kind i (0 keys, 1 values): the new units, then the
+        stored ones grouped by that kind's width, ascending; and the column order that gives it."""
+        sources = sorted(cand.sources.items(), key=lambda cm: (cm[0][i], cm[0]))
+        starts, col = {}, cand.new
+        for c, m in sorted(cand.sources.items()):      # the candidates' own order: by class
+            starts[c] = col
+            col += m
+        dev = cand.idx.device       # made on the device from host ints: no copy for the step to wait on
+        order = torch.cat([torch.arange(cand.new, device=dev)]
+                          + [torch.arange(starts[c], starts[c] + m, device=dev) for c, m in sources])
+        by_width: dict[int, int] = {}
+        for c, m in sources:
+            by_width[c[i]] = by_width.get(c[i], 0) + m
+        caps = cand.caps_k if i == 0 else cand.caps_v
+        view = Candidates(cand.idx.index_select(1, order), cand.weights.index_select(1, order),
+                          caps.index_select(1, order), [], cand.budgets[i], cand.new, by_width)
+        return view, order
