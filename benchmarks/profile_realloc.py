@@ -32,6 +32,7 @@ CONFIGS = {  # name -> smartkv parameters
     "block16-full": dict(block_tokens=16, realloc="full"),
     "block16-incremental": dict(block_tokens=16, realloc="incremental"),
     "token-incremental": dict(block_tokens=1, realloc="incremental"),
+    "token-joint": dict(block_tokens=1, realloc="incremental", joint=True),
     "block4-incremental": dict(block_tokens=4, realloc="incremental"),
 }
 
