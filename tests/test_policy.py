@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smartkv.core.classes import joint_assign, joint_candidates, joint_counts, joint_plan, staircase
 from smartkv.core.policy import (WIDTHS, block_weights, cascade_assign, check_budget, counts_for, incremental_assign,
-                                 joint_assign, joint_candidates, joint_counts, joint_plan, kv_budgets, pack_levels,
-                                 rank_profile, solve_widths, staircase, unpack_levels)
+                                 kv_budgets, pack_levels, rank_profile, solve_widths, unpack_levels)
 
 weights_st = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=200)
 budget_st = st.floats(2, 8, allow_nan=False)

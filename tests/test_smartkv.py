@@ -319,7 +319,7 @@ def test_joint_gives_every_row_the_same_class_counts(params):
 def test_joint_candidates_reach_each_kind_grouped_by_its_width():
     """`_repool_candidates` takes a kind's stored candidates grouped by that kind's width, ascending: classes
     (4, 3) and (8, 2) come in that order for keys and the other way round for values."""
-    from smartkv.core.policy import JointCandidates
+    from smartkv.core.classes import JointCandidates
     from smartkv.methods.smartkv.joint import SmartKVJoint
 
     idx = torch.tensor([[10, 11, 3, 5, 7]])                 # two new units, then (4, 3) x 2, then (8, 2) x 1

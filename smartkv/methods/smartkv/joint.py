@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from smartkv.core.policy import (Candidates, JointCandidates, counts_for, joint_assign, joint_candidates,
-                                 joint_counts, joint_plan, pack_levels, rank_profile, staircase)
+from smartkv.core.classes import (JointCandidates, joint_assign, joint_candidates, joint_counts, joint_plan,
+                                  staircase)
+from smartkv.core.policy import Candidates, counts_for, pack_levels, rank_profile
 
 
 class SmartKVJoint:

@@ -1,0 +1,139 @@
+"""Joint classes: a unit's (key width, value width). Keys and values share one weight, so placing both kinds along
+one ranking gives every row the same number of units in each class; each class can then be one dense segment that
+the uniform decode kernels read in one pass (docs/smartkv.md, "Joint classes"). The per-kind counts come from
+`policy.counts_for`; these functions merge them into classes and place the classes under both kinds' caps."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from smartkv.core.policy import WIDTHS
+
+
+def staircase(counts_k: dict[int, int], counts_v: dict[int, int]) -> list[tuple[int, int, int]]:
+    """Classes (key width, value width, units) that per-kind width counts give when both kinds are handed out
+    along one ranking, the heaviest units first: both counts sum to the same number of units."""
+    def runs(counts):
+        return [(w, counts[w]) for w in sorted(counts, reverse=True) if counts[w]]
+    if sum(counts_k.values()) != sum(counts_v.values()):
+        raise ValueError(f"keys' counts {counts_k} and values' {counts_v} place different numbers of units")
+    ks, vs, out = runs(counts_k), runs(counts_v), []
+    i = j = 0
+    left_k, left_v = (ks[0][1] if ks else 0), (vs[0][1] if vs else 0)
+    while i < len(ks) and j < len(vs):
+        n = min(left_k, left_v)
+        out.append((ks[i][0], vs[j][0], n))
+        left_k, left_v = left_k - n, left_v - n
+        if not left_k:
+            i += 1
+            left_k = ks[i][1] if i < len(ks) else 0
+        if not left_v:
+            j += 1
+            left_v = vs[j][1] if j < len(vs) else 0
+    return out
+
+
+def joint_plan(classes: list[tuple[int, int, int]], capped: list[int]) -> list[tuple[int, int, int]]:
+    """`joint_assign`'s slots on the host: (key width, value width, units each row gives it), widest first, the
+    lowest class (which takes every unit left) left out. `capped[i]`: the fewest units of a row whose caps allow
+    class i. A class short of eligible units passes its slots to the next class down: never more bits than asked."""
+    plan, taken, carry = [], 0, 0
+    for (kw, vw, want), cap in zip(classes, capped):
+        want += carry
+        take = max(min(want, cap - taken), 0)
+        carry = want - take
+        if take:
+            plan.append((kw, vw, take))
+            taken += take
+    return plan
+
+
+def joint_capped(caps_k: torch.Tensor, caps_v: torch.Tensor, classes: list[tuple[int, int, int]]) -> list[int]:
+    """Per class, the fewest units of a row whose caps allow it (one read of the device)."""
+    if not caps_k.shape[0] or not classes:
+        return [caps_k.shape[1]] * len(classes)
+    return torch.stack([((caps_k >= kw) & (caps_v >= vw)).sum(-1).min()
+                        for kw, vw, _ in classes]).tolist()
+
+
+def joint_assign(weights: torch.Tensor, caps_k: torch.Tensor, caps_v: torch.Tensor,
+                 plan: list[tuple[int, int, int]], lowest: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value widths (R, n) for units of `weights` (R, n): class by class (`joint_plan`), each row gives a
+    class's slots to its heaviest free units whose caps (R, n) allow both widths (stored codes cannot be
+    promoted); the units left take `lowest`. Every row ends with the same count in each class."""
+    R, n = weights.shape
+    out_k = torch.full((R, n), lowest[0], dtype=torch.long, device=weights.device)
+    out_v = torch.full((R, n), lowest[1], dtype=torch.long, device=weights.device)
+    free = torch.ones(R, n, dtype=torch.bool, device=weights.device)
+    neg = torch.finfo(torch.float64).min
+    w = weights.double()
+    for kw, vw, take in plan:
+        eligible = free & (caps_k >= kw) & (caps_v >= vw)
+        top = torch.topk(torch.where(eligible, w, torch.full_like(w, neg)), take, dim=-1, sorted=False).indices
+        out_k.scatter_(1, top, kw)
+        out_v.scatter_(1, top, vw)
+        free.scatter_(1, top, False)
+    return out_k, out_v
+
+
+@dataclasses.dataclass
+class JointCandidates:
+    """The units a joint incremental re-allocation places: `idx` (R, C) the new units (in order), then per stored
+    class (key width, value width) but the lowest, ascending, the `sources[c]` lightest stored units of that class;
+    their `weights` and caps (R, C) per kind; each kind's `budgets` (bits a candidate may average): known on the
+    host."""
+    idx: torch.Tensor
+    weights: torch.Tensor
+    caps_k: torch.Tensor
+    caps_v: torch.Tensor
+    budgets: tuple[float, float]
+    new: int
+    sources: dict[tuple[int, int], int]
+
+    def capped(self, classes: list[tuple[int, int, int]]) -> list[int]:
+        """`joint_plan`'s capped: per class, the candidates whose caps allow it (the same in every row)."""
+        return [self.new + sum(m for (ck, cv), m in self.sources.items() if ck >= kw and cv >= vw)
+                for kw, vw, _ in classes]
+
+
+def joint_candidates(weights: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor,
+                     stored: dict[tuple[int, int], int], budgets: tuple[float, float], widths=WIDTHS,
+                     per_width: int = 1) -> JointCandidates:
+    """`incremental_candidates` for both kinds at once: units stored at widths `old_k`, `old_v` (R, nq), every
+    row holding `stored[(kw, vw)]` units of each class; the rest of `weights` (R, n) new. Only the new units and,
+    per stored class but the lowest, its `per_width` lightest units are placed again, against the bits of each
+    kind the other stored units leave of floor(budget * n)."""
+    R, n = weights.shape
+    nq = old_k.shape[1]
+    lo, hi = min(widths), max(widths)
+    idx = [torch.arange(nq, n, device=weights.device).expand(R, n - nq)]
+    fixed, sources = [0, 0], {}
+    for (kw, vw), c in sorted(stored.items()):
+        m = 0 if (kw, vw) == (lo, lo) else min(per_width, c)
+        fixed[0] += (c - m) * kw
+        fixed[1] += (c - m) * vw
+        if m:
+            mine = (old_k == kw) & (old_v == vw)
+            lightest = torch.where(mine, weights[:, :nq], torch.full_like(weights[:, :nq], math.inf))
+            idx.append(torch.topk(lightest, m, dim=-1, largest=False).indices)
+            sources[(kw, vw)] = m
+    idx = torch.cat(idx, -1)
+    C = idx.shape[1]
+    stored_at = idx.clamp(max=max(nq - 1, 0))
+    caps = [torch.where(idx < nq, old.gather(1, stored_at), hi) if nq else torch.full_like(idx, hi)
+            for old in (old_k, old_v)]
+    budgets = tuple(min(max((math.floor(b * n + 1e-9) - f) / max(C, 1), lo), hi) for b, f in zip(budgets, fixed))
+    return JointCandidates(idx, weights.gather(1, idx), caps[0], caps[1], budgets, n - nq, sources)
+
+
+def joint_counts(plan: list[tuple[int, int, int]], n: int, lowest: tuple[int, int]) -> dict[tuple[int, int], int]:
+    """Units per class (in every row) that `joint_assign` gives `n` units under `plan`."""
+    out: dict[tuple[int, int], int] = {}
+    for kw, vw, take in plan:
+        out[(kw, vw)] = out.get((kw, vw), 0) + take
+    rest = n - sum(out.values())
+    if rest:
+        out[lowest] = out.get(lowest, 0) + rest
+    return out
