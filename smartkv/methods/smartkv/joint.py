@@ -24,7 +24,7 @@ class SmartKVJoint:
     def _reallocate_joint(self, weights: torch.Tensor, kinds: tuple) -> None:
         """`_reallocate_candidates` with both kinds placed together (`kinds`: keys', then values' (kind, new
         tokens (B, H, n, D), budget)): the same candidates for both, one device->host copy of their rank profile,
-        each kind's counts solved from it, merged along the ranking into classes (policy.staircase) and placed
+        each kind's counts solved from it, merged along the ranking into classes (classes.staircase) and placed
         class by class under both kinds' caps."""
         bt, R, lo = self.block_tokens, weights.shape[0], min(self.widths)
         nb = weights.shape[1]
