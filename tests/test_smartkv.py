@@ -324,8 +324,8 @@ def test_joint_candidates_reach_each_kind_grouped_by_its_width():
 
     idx = torch.tensor([[10, 11, 3, 5, 7]])                 # two new units, then (4, 3) x 2, then (8, 2) x 1
     cand = JointCandidates(idx, idx.double(), idx * 0 + 8, idx * 0 + 4, (5.0, 3.0), 2, {(4, 3): 2, (8, 2): 1})
-    keys, order_k = SmartKVJoint._kind_view(None, cand, 0)
-    values, order_v = SmartKVJoint._kind_view(None, cand, 1)
+    keys, order_k = SmartKVJoint._kind_view(cand, 0)
+    values, order_v = SmartKVJoint._kind_view(cand, 1)
     assert keys.idx.tolist() == [[10, 11, 3, 5, 7]] and keys.sources == {4: 2, 8: 1}
     assert values.idx.tolist() == [[10, 11, 7, 3, 5]] and values.sources == {2: 1, 3: 2}
     assert order_v.tolist() == [0, 1, 4, 2, 3]

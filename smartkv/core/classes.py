@@ -50,14 +50,6 @@ def joint_plan(classes: list[tuple[int, int, int]], capped: list[int]) -> list[t
     return plan
 
 
-def joint_capped(caps_k: torch.Tensor, caps_v: torch.Tensor, classes: list[tuple[int, int, int]]) -> list[int]:
-    """Per class, the fewest units of a row whose caps allow it (one read of the device)."""
-    if not caps_k.shape[0] or not classes:
-        return [caps_k.shape[1]] * len(classes)
-    return torch.stack([((caps_k >= kw) & (caps_v >= vw)).sum(-1).min()
-                        for kw, vw, _ in classes]).tolist()
-
-
 def joint_assign(weights: torch.Tensor, caps_k: torch.Tensor, caps_v: torch.Tensor,
                  plan: list[tuple[int, int, int]], lowest: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Key and value widths (R, n) for units of `weights` (R, n): class by class (`joint_plan`), each row gives a

@@ -55,7 +55,8 @@ class SmartKVJoint:
             classes_after[c] = classes_after.get(c, 0) + bt * m
         self._classes = {c: m for c, m in classes_after.items() if m}
 
-    def _kind_view(self, cand: JointCandidates, i: int) -> tuple[Candidates, torch.Tensor]:
+    @staticmethod
+    def _kind_view(cand: JointCandidates, i: int) -> tuple[Candidates, torch.Tensor]:
         """The candidates as `_repool_candidates` takes them for kind i (0 keys, 1 values): the new units, then the
         stored ones grouped by that kind's width, ascending; and the column order that gives it."""
         sources = sorted(cand.sources.items(), key=lambda cm: (cm[0][i], cm[0]))
