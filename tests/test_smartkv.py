@@ -314,6 +314,9 @@ def test_joint_gives_every_row_the_same_class_counts(params):
         assert len(counts[0]) >= 2
         for kind, budget in (("k", layer.budget_k), ("v", layer.budget_v)):
             assert int(layer.level_bits(kind)[0, 0].sum()) <= budget * layer.n_middle + 1e-6
+    layer.reset()                                   # a new sequence: its first allocation counts afresh
+    add(layer, 0, 600)
+    assert _class_counts(layer)[0] == layer._classes
 
 
 def test_joint_candidates_reach_each_kind_grouped_by_its_width():

@@ -384,4 +384,3 @@ def incremental_candidates(weights: torch.Tensor, old_bits: torch.Tensor, stored
     capped = [(n - nq) + sum(m for w, m in sources.items() if w >= b) for b in sorted(widths, reverse=True)[:-1]]
     return Candidates(idx, weights.gather(1, idx), caps, capped,
                       min(max(target / idx.shape[1], lowest), widest), n - nq, sources)
-

@@ -16,8 +16,6 @@ class SmartKVJoint:
     every row holds the same counts (None when a per-kind re-allocation ran since, e.g. a sliding layer that
     forgot tokens: the joint path then waits for the next first allocation)."""
 
-    _classes: dict[tuple[int, int], int] | None = None
-
     def _joint_ready(self) -> bool:
         return self.config.joint and (not self.n_middle or self._classes is not None)
 
@@ -29,7 +27,8 @@ class SmartKVJoint:
         bt, R, lo = self.block_tokens, weights.shape[0], min(self.widths)
         nb = weights.shape[1]
         old = [self._stored_ranks(kind)[0].reshape(R, self.n_middle)[:, ::bt] for kind, _, _ in kinds]
-        stored = {c: m // bt for c, m in (self._classes or {}).items() if m}
+        held_classes = self._classes if self.n_middle else {}     # a first allocation (also after a reset)
+        stored = {c: m // bt for c, m in held_classes.items() if m}
         cand = joint_candidates(weights, *old, stored, (kinds[0][2], kinds[1][2]), self.widths,
                                 per_width=nb - self.n_middle // bt)
         profile = rank_profile(cand.weights).cpu()                  # the one wait for the device
@@ -50,7 +49,7 @@ class SmartKVJoint:
             level = torch.searchsorted(self._width_values, out.repeat_interleave(bt, -1) if bt > 1 else out)
             self.pools[kind] = self._repool_candidates(kind, view, cand_bits, after, per_width, level, new)
             self.levels[kind] = pack_levels(level.reshape(self.batch_size, self.num_heads, -1).to(torch.uint8))
-        classes_after = {c: m - bt * cand.sources.get(c, 0) for c, m in (self._classes or {}).items()}
+        classes_after = {c: m - bt * cand.sources.get(c, 0) for c, m in held_classes.items()}
         for c, m in placed.items():
             classes_after[c] = classes_after.get(c, 0) + bt * m
         self._classes = {c: m for c, m in classes_after.items() if m}

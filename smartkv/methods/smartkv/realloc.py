@@ -37,7 +37,7 @@ class SmartKVRealloc:
             # a sliding layer that just forgot middle tokens keeps their stale pool entries until re-pooled, so
             # its pools' sizes are no longer its counts: the re-allocation then reads them from the device
             sizes_known = self.n_middle == stored_before or not self.n_middle
-            if not sizes_known:   # forgotten tokens leave rows with unequal class counts: joint waits for none
+            if not sizes_known:   # forgetting took different classes from different rows: no joint placement
                 self._classes = None
             if n <= 0:
                 return

@@ -51,6 +51,7 @@ class SmartKVStorage:
         self.rot_v = self.config.rotate == "both"
         self._empty_pools: dict[int, QTensor] = {}
         self._stored: dict[str, tuple] | None = None  # during a re-allocation: _stored_ranks of each kind
+        self._classes: dict[tuple[int, int], int] | None = None  # joint=True: tokens a row holds per class
         self._sbuf = None  # static steps: window K/V and importance buffers of the phase (see _static_begin)
 
     def _store(self, key_states, value_states) -> None:
