@@ -130,24 +130,15 @@ def class_staircase(middle: int, budget: float = 4.25, gap: float = 3.0, widths=
                     seed: int = 0) -> list[tuple[int, int, int]]:
     """(key bits, value bits, tokens) of each joint class a SmartKV row holds when keys and values are placed by
     one ranking (the allocator's shared weights): the keys' and values' width counts for `budget` / `gap`
-    (policy.counts_for on a heavy-tailed profile, as attention is), merged along the ranking. Every row has
-    the same classes, so each is one dense segment the uniform kernels read in one pass."""
+    (policy.counts_for on a heavy-tailed profile, as attention is), merged along the ranking (classes.staircase).
+    Every row has the same classes, so each is one dense segment the uniform kernels read in one pass."""
+    from smartkv.core.classes import staircase
     from smartkv.core.policy import counts_for, kv_budgets
 
     g = torch.Generator().manual_seed(seed)
     profile = torch.sort(torch.exp(1.5 * torch.randn(middle, generator=g, dtype=torch.float64)) ** 2,
                          descending=True).values
-    bk, bv = kv_budgets(budget, gap, widths)
-    ranks = []
-    for b in (bk, bv):
-        counts = counts_for(profile, b, widths)
-        ranks.append(torch.repeat_interleave(torch.tensor(sorted(counts, reverse=True)),
-                                             torch.tensor([counts[w] for w in sorted(counts, reverse=True)])))
-    pairs = torch.stack(ranks, -1)
-    out = []
-    for kv, n in zip(*torch.unique_consecutive(pairs, dim=0, return_counts=True)):
-        out.append((int(kv[0]), int(kv[1]), int(n)))
-    return out
+    return staircase(*(counts_for(profile, b, widths) for b in kv_budgets(budget, gap, widths)))
 
 
 def _class_segments(method: str, B, H, T, D, gen) -> list[KVSegment]:
