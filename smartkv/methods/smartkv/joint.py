@@ -8,7 +8,7 @@ import torch
 
 from smartkv.core.classes import (JointCandidates, joint_assign, joint_candidates, joint_counts, joint_plan,
                                   staircase)
-from smartkv.core.policy import Candidates, counts_for, pack_levels, rank_profile
+from smartkv.core.policy import Candidates, counts_for, rank_profile
 
 
 class SmartKVJoint:
@@ -42,13 +42,7 @@ class SmartKVJoint:
             per_width = dict.fromkeys(self.widths, 0)
             for c, m in placed.items():
                 per_width[c[i]] += m
-            held = dict(zip(self.widths, self._counts(kind)))
-            after = {w: h + bt * (per_width[w] - view.sources.get(w, 0)) for w, h in held.items()}
-            out = torch.cat([old_b, old_b.new_full((R, cand.new), max(self.widths))], -1)
-            out = out.scatter_(1, view.idx, cand_bits)
-            level = torch.searchsorted(self._width_values, out.repeat_interleave(bt, -1) if bt > 1 else out)
-            self.pools[kind] = self._repool_candidates(kind, view, cand_bits, after, per_width, level, new)
-            self.levels[kind] = pack_levels(level.reshape(self.batch_size, self.num_heads, -1).to(torch.uint8))
+            self._place(kind, view, cand_bits, per_width, old_b, dict(zip(self.widths, self._counts(kind))), new)
         classes_after = {c: m - bt * cand.sources.get(c, 0) for c, m in held_classes.items()}
         for c, m in placed.items():
             classes_after[c] = classes_after.get(c, 0) + bt * m

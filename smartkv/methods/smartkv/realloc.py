@@ -170,12 +170,20 @@ class SmartKVRealloc:
             plan = cascade_plan(counts, cand.capped)
             cand_bits = cascade_assign(cand.weights, cand.caps, counts, cand.capped)
             placed = plan_counts(plan, cand.idx.shape[1], self.widths)   # candidate units placed at each width
-            out = torch.cat([old_b, old_b.new_full((R, cand.new), max(self.widths))], -1)
-            out = out.scatter_(1, cand.idx, cand_bits)
-            after = {w: c + bt * (placed[w] - cand.sources.get(w, 0)) for w, c in held.items()}
-            level = torch.searchsorted(self._width_values, out.repeat_interleave(bt, -1) if bt > 1 else out)
-            self.pools[kind] = self._repool_candidates(kind, cand, cand_bits, after, placed, level, new)
-            self.levels[kind] = pack_levels(level.reshape(self.batch_size, self.num_heads, -1).to(torch.uint8))
+            self._place(kind, cand, cand_bits, placed, old_b, held, new)
+
+    def _place(self, kind: str, cand: Candidates, cand_bits: torch.Tensor, placed: dict, old_b: torch.Tensor,
+               held: dict, new: torch.Tensor) -> None:
+        """Give one kind's candidates their widths `cand_bits` (R, C): its level map and pools (`_repool_candidates`),
+        from the stored units' widths `old_b`, the tokens per width it `held` and the candidate units `placed` at
+        each width, all known on the host."""
+        bt, R = self.block_tokens, old_b.shape[0]
+        out = torch.cat([old_b, old_b.new_full((R, cand.new), max(self.widths))], -1)
+        out = out.scatter_(1, cand.idx, cand_bits)
+        after = {w: c + bt * (placed[w] - cand.sources.get(w, 0)) for w, c in held.items()}
+        level = torch.searchsorted(self._width_values, out.repeat_interleave(bt, -1) if bt > 1 else out)
+        self.pools[kind] = self._repool_candidates(kind, cand, cand_bits, after, placed, level, new)
+        self.levels[kind] = pack_levels(level.reshape(self.batch_size, self.num_heads, -1).to(torch.uint8))
 
     def _candidates(self, weights: torch.Tensor, budget: float, old_b: torch.Tensor, held: dict) -> Candidates:
         """The units a re-allocation places (policy.incremental_candidates) given the stored units' widths `old_b`
