@@ -255,7 +255,7 @@ def spot_check(methods: list[str], notes: list):
         fast = decode_attention(q, segs, SCALING, lengths)  # no probabilities: the CUDA path where it applies
         ef = ((fast.float() - ref.float()).norm() / ref.float().norm()).item()
         why = cuda_attn.unsupported(q, segs) or "CUDA fast path"
-        notes.append(f"spot check {m}: output rel err {e:.1e}, token probs rel err {ep:.1e} (Triton); "
+        notes.append(f"spot check {m}: output rel err {e:.1e}, token probs rel err {ep:.1e}, "
                      f"without probs {ef:.1e} ({why})")
 
 

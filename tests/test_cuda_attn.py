@@ -32,6 +32,8 @@ def rand(g, *shape, scale=1.0, shift=0.0, dtype=torch.float16):
 
 
 def check(q, segs, lengths=None, bound=BOUND):
+    """The output against the reference; then the same call with token probabilities (the kernels write each
+    token's logit): the same output, and probabilities within BOUND of the fp64 reference's."""
     before = cuda_attn.PATHS["fast"]
     out = kern.decode_attention(q, segs, 0.0883883, lengths)
     assert cuda_attn.PATHS["fast"] == before + 1, dict(cuda_attn.PATHS)
@@ -40,6 +42,14 @@ def check(q, segs, lengths=None, bound=BOUND):
     assert torch.isfinite(out).all()
     err = rel(out, ref)
     assert err < bound, err
+    out2, probs = kern.decode_attention(q, segs, 0.0883883, lengths, return_token_probs=True)
+    assert cuda_attn.PATHS["fast"] == before + 2, dict(cuda_attn.PATHS)
+    assert rel(out2, out) < 1e-6
+    _, exact = decode_attention_reference(q, segs, 0.0883883, lengths, return_token_probs=True,
+                                          compute_dtype=torch.float64)
+    for p, pe in zip(probs, exact, strict=True):
+        assert p.shape == pe.shape and torch.isfinite(p).all()
+        assert rel(p, pe) < BOUND, rel(p, pe)
     return out
 
 
@@ -151,6 +161,32 @@ def test_cuda_graph_replay_matches_eager():
     graph.replay()
     torch.cuda.synchronize()
     assert not cuda_attn._COUNTERS and rel(out2, out) < 1e-6
+
+
+@cuda
+def test_token_probs_accumulate_and_replay():
+    """SmartKV folds each step's token probabilities into its importance: `probs_out` accumulates them, also
+    inside a captured graph, and rows past a sequence's length get 0."""
+    g = torch.Generator().manual_seed(29)
+    B, H, T = 2, 8, 3000
+    seg = uniform(g, 4, B, H, T, 128, new=0)
+    lengths = torch.tensor([3000, 1234], device="cuda")
+    q = rand(g, B, 32, 128)
+    acc = [torch.ones(B, H, T, device="cuda")]
+    _, probs = kern.decode_attention(q, [seg], 0.09, lengths, return_token_probs=True, probs_out=acc)
+    _, ref = decode_attention_reference(q, [seg], 0.09, lengths, return_token_probs=True)
+    assert probs[0] is acc[0] and rel(acc[0] - 1, ref[0]) < BOUND
+    assert (acc[0][1, :, 1234:] == 1).all()
+    torch.testing.assert_close((acc[0] - 1).sum(-1), torch.full((B, H), 4.0, device="cuda"), rtol=1e-3, atol=1e-3)
+    acc[0].zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kern.decode_attention(q, [seg], 0.09, lengths, return_token_probs=True, probs_out=acc)
+    acc[0].zero_()
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(acc[0], 2 * ref[0]) < BOUND
 
 
 @cuda

@@ -128,10 +128,12 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
     """
     check_inputs(q, segments)
     if q.is_cuda:  # the CUDA kernels first (cuda_attn); the Triton ones where they do not apply
-        why = "token probabilities" if return_token_probs else _cuda.unsupported(q, segments)
+        why = _cuda.unsupported(q, segments)
+        if why is None and return_token_probs and not kernels_available(q.device):
+            why = "token probabilities without Triton (its kernel normalises them)"
         if why is None:
             try:
-                return _cuda.decode_attention_cuda(q, segments, scaling, lengths)
+                return _cuda_attention(q, segments, scaling, lengths, return_token_probs, probs_out)
             except RuntimeError as exc:  # NVRTC or the driver refused this configuration: noted once
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         _cuda.note_fallback(why)
@@ -147,6 +149,16 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
                 problem = _TOO_BIG[shape] = f"its launch config does not fit this card at these shapes ({exc})"
         fallback("decode_attention", problem)
     return decode_attention_reference(q, segments, scaling, lengths, return_token_probs, probs_out)
+
+
+def _cuda_attention(q, segments, scaling, lengths, return_token_probs, probs_out):
+    if not return_token_probs:
+        return _cuda.decode_attention_cuda(q, segments, scaling, lengths)
+    B, Hq = q.shape[:2]
+    scores = [torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=q.device) for s in segments]
+    out, lse = _cuda.decode_attention_cuda(q, segments, scaling, lengths, scores=scores)
+    h_kv = (segments[0].keys.codes if isinstance(segments[0].keys, QTensor) else segments[0].keys).shape[1]
+    return out, _decode.token_probs(scores, lse, segments, lengths, h_kv, probs_out)
 
 
 def pool_scores(q: torch.Tensor, pools: Sequence, out: torch.Tensor, scaling: float,

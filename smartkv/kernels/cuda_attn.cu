@@ -62,7 +62,7 @@ constexpr int HMAX = 8;                    // query heads per KV head, at most (
 constexpr int NMT = D / 16;                // m-tiles of the value dot = k-steps of the key dot
 
 enum { F_LEN = 1, F_LEN64 = 2, F_RESLAST = 4, F_KAFF = 8, F_QBF16 = 16, F_KRBF16 = 32, F_VRBF16 = 64,
-       F_KABF16 = 128, F_MERGE = 256 };
+       F_KABF16 = 128, F_MERGE = 256, F_SCORES = 512 };
 
 struct Params {
   const u16* q; i64 sqb, sqh;
@@ -76,6 +76,7 @@ struct Params {
   const void* len;
   float* op; float* lp; i64 sob, soh, sos, slb, slh;
   u16* out; int* cnt; i64 sxb, sxh;        // F_MERGE: the last block of each (sequence, KV head) merges
+  float* sc; i64 sscb, ssch;               // F_SCORES: each token's logit (log2 domain), [b][query head][token]
   float qk_scale;                          // softmax scale * log2(e)
   int seg_offset, t_seg, tk, tv, h_kv, ng, chunk, tail_w, split0, s_total, flags;
 };
@@ -397,6 +398,15 @@ DEVI void main_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
       for (int i = 0; i < 4; ++i)
         if (tok0 + 16 * sub + g + (i < 2 ? 0 : 8) > last) L[sub][i] = -SK_INF;
     }
+    if (p.flags & F_SCORES) {             // token probabilities: the caller normalises by the final log-sum-exp
+#pragma unroll
+      for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int tok = tok0 + 16 * sub + g + (i < 2 ? 0 : 8), h = 2 * t + (i & 1);
+          if (tok <= last && h < ng) p.sc[b * p.sscb + (hk * ng + h) * p.ssch + tok] = L[sub][i];
+        }
+    }
 
     if (LADDER < 3) {
       // the value codes, unpacked and dropped
@@ -616,6 +626,7 @@ DEVI void tail_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
 #pragma unroll
     for (int h = 0; h < HMAX; ++h) {
       float lg = lane < n ? (s[h] + sh.qaff[h]) * p.qk_scale : -SK_INF;
+      if ((p.flags & F_SCORES) && lane < n && h < ng) p.sc[b * p.sscb + (hk * ng + h) * p.ssch + tc + lane] = lg;
       float mn = fmaxf(mh[h], warp_max(lg)), al = ex2(mh[h] - mn);
       pr[h] = ex2(lg - mn);
       lh[h] = lh[h] * al + warp_sum(pr[h]);

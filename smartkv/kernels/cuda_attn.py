@@ -36,6 +36,7 @@ STAGE_OVERHEAD = 2.0         # a warp's fixed cost (query set-up, combine) in st
 PATHS: Counter = Counter()   # "fast" or the reason a call took the Triton path (benchmarks, tests)
 
 F_LEN, F_LEN64, F_RESLAST, F_KAFF, F_QBF16, F_KRBF16, F_VRBF16, F_KABF16, F_MERGE = 1, 2, 4, 8, 16, 32, 64, 128, 256
+F_SCORES = 512
 _I64, _P, _F, _I = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int32
 
 
@@ -52,6 +53,7 @@ class Params(ctypes.Structure):
                 ("len", _P),
                 ("op", _P), ("lp", _P), ("sob", _I64), ("soh", _I64), ("sos", _I64), ("slb", _I64), ("slh", _I64),
                 ("out", _P), ("cnt", _P), ("sxb", _I64), ("sxh", _I64),
+                ("sc", _P), ("sscb", _I64), ("ssch", _I64),
                 ("qk_scale", _F),
                 ("seg_offset", _I), ("t_seg", _I), ("tk", _I), ("tv", _I), ("h_kv", _I), ("ng", _I),
                 ("chunk", _I), ("tail_w", _I), ("split0", _I), ("s_total", _I), ("flags", _I)]
@@ -373,11 +375,12 @@ def _counters(dev: int, stream: int, n: int) -> torch.Tensor | None:
 
 
 def _plan(q3, segments, kinds, lengths, scaling, dev, ladder) -> tuple[list, int]:
-    """One (kernels, Params, blocks, KV heads) per non-empty segment, the partials' split offsets filled in."""
+    """One (kernels, Params, blocks, KV heads, lengths, segment index) per non-empty segment, the partials' split
+    offsets filled in."""
     B, Hq, D = q3.shape
     cfg = next(k for k in kinds if k[0])
     launches, S, offset = [], 0, 0
-    for seg, kind in zip(segments, kinds, strict=True):
+    for i, (seg, kind) in enumerate(zip(segments, kinds, strict=True)):
         if seg.num_tokens:
             kern = kernels(dev, D, *(kind if kind[0] else cfg), ladder=ladder)
             Hkv = (seg.keys.codes if isinstance(seg.keys, QTensor) else seg.keys).shape[1]
@@ -392,15 +395,19 @@ def _plan(q3, segments, kinds, lengths, scaling, dev, ladder) -> tuple[list, int
             else:   # nothing quantized: blocks of tail warps alone, 32 tokens each
                 n, p.chunk, p.tail_w = -(-tail // (kern.nw * TILE)), 0, TILE
             p.h_kv, p.ng, p.split0 = Hkv, Hq // Hkv, S
-            launches.append((kern, p, n, Hkv, lens))
+            launches.append((kern, p, n, Hkv, lens, i))
             S += n
         offset += seg.num_tokens
     return launches, S
 
 
 def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scaling: float,
-                          lengths: torch.Tensor | None = None, ladder: int = 3) -> torch.Tensor:
-    """`decode_attention` (no token probabilities) on the CUDA kernels; `unsupported` must have said None.
+                          lengths: torch.Tensor | None = None, ladder: int = 3,
+                          scores: Sequence[torch.Tensor] | None = None):
+    """`decode_attention` on the CUDA kernels; `unsupported` must have said None. Returns the output in q's shape;
+    with `scores` (one (B, Hq, T_seg) fp32 buffer per segment, token stride 1), also writes each valid token's
+    logit there (log2 domain, scaling included) and returns (output, lse (B, Hq) fp32, the log2-sum-exp of all
+    logits), from which `split.token_probs` makes the token probabilities.
     ladder < 3: the benchmark ladder's partial kernels (bytes only, + unpacking, + q.k), wrong outputs."""
     squeeze = q.dim() == 3
     q3 = q if squeeze else q.squeeze(2)
@@ -412,15 +419,24 @@ def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scalin
     o_part = torch.empty(B, Hq, max(S, 1), D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, max(S, 1), dtype=torch.float32, device=q.device)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device) if scores is not None else None
     stream = torch.cuda.current_stream(dev).cuda_stream
-    cnt = _counters(dev, stream, B * launches[-1][3]) if launches else None
-    for i, (kern, p, n, Hkv, _) in enumerate(launches):
+    # the merge inside the split kernel writes no log-sum-exp: with scores, the separate merge kernel runs
+    cnt = _counters(dev, stream, B * launches[-1][3]) if launches and scores is None else None
+    for j, (kern, p, n, Hkv, _, i) in enumerate(launches):
         p.op, p.lp, p.out = o_part.data_ptr(), lse_part.data_ptr(), out.data_ptr()
         p.sob, p.soh, p.sos = o_part.stride()[:3]
         p.slb, p.slh = lse_part.stride()[:2]
         p.sxb, p.sxh = out.stride()[:2]
         p.s_total = S
-        if cnt is not None and i == len(launches) - 1:  # its last block per sequence and head merges
+        p.sc = o_part.data_ptr()
+        if scores is not None:
+            sc = scores[i]
+            if sc.shape != (B, Hq, segments[i].num_tokens) or sc.dtype != torch.float32 or sc.stride(-1) != 1:
+                raise ValueError(f"scores[{i}] must be ({B}, {Hq}, {segments[i].num_tokens}) fp32 with token "
+                                 f"stride 1, got {tuple(sc.shape)} {sc.dtype} strides {sc.stride()}")
+            p.sc, (p.sscb, p.ssch), p.flags = sc.data_ptr(), sc.stride()[:2], p.flags | F_SCORES
+        if cnt is not None and j == len(launches) - 1:  # its last block per sequence and head merges
             p.cnt, p.flags = cnt.data_ptr(), p.flags | F_MERGE
         else:
             p.cnt = o_part.data_ptr()
@@ -429,8 +445,10 @@ def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scalin
         if S == 0:
             lse_part.fill_(float("-inf"))
         merge = launches[0][0] if launches else kernels(dev, D, *next(k for k in kinds if k[0]))
-        merge.launch_merge([o_part.data_ptr(), lse_part.data_ptr(), out.data_ptr(), None, _I(max(S, 1)),
+        merge.launch_merge([o_part.data_ptr(), lse_part.data_ptr(), out.data_ptr(),
+                            lse.data_ptr() if lse is not None else None, _I(max(S, 1)),
                             *[_I64(s) for s in (*o_part.stride()[:3], *lse_part.stride()[:2], *out.stride()[:2])],
                             _I(Hq), _I(int(q.dtype == torch.bfloat16))], B * Hq, stream)
     PATHS["fast"] += 1
-    return out if squeeze else out.unsqueeze(2)
+    out = out if squeeze else out.unsqueeze(2)
+    return out if scores is None else (out, lse)

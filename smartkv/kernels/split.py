@@ -281,18 +281,30 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     out = out if squeeze else out.unsqueeze(2)
     if not return_token_probs:
         return out
-    probs = []
+    return out, token_probs(scores, lse, segments, lengths, Hkv, probs_out)
+
+
+def token_probs(scores: Sequence[torch.Tensor], lse: torch.Tensor, segments: Sequence[KVSegment],
+                lengths: torch.Tensor | None, h_kv: int, probs_out: Sequence[torch.Tensor] | None = None) -> list:
+    """Each segment's token probabilities summed over the query heads of a KV group, (B, h_kv, T_seg) fp32 (added
+    into `probs_out` when given), from the split kernels' logits `scores` (one (B, Hq, T_seg) per segment, log2
+    domain) and the call's log2-sum-exp `lse` (B, Hq); tokens past a sequence's length get 0, whatever their
+    scores buffer holds. One launch per non-empty segment."""
+    B, Hq = lse.shape
+    NG = Hq // h_kv
+    probs, offset = [], 0
     for i, seg in enumerate(segments):
         T = seg.num_tokens
-        po = probs_out[i] if probs_out is not None else torch.empty(B, Hkv, T, dtype=torch.float32, device=dev)
+        po = probs_out[i] if probs_out is not None else torch.empty(B, h_kv, T, dtype=torch.float32,
+                                                                      device=lse.device)
         if T:
-            p = plan_of[id(seg)]
             lens = seg.lengths if seg.lengths is not None else lengths
-            seg_offset = 0 if seg.lengths is not None else p.offset
+            seg_offset = 0 if seg.lengths is not None else offset
             BLOCK_T = 256
-            K._probs_kernel[(triton.cdiv(T, BLOCK_T), B * Hkv)](
+            K._probs_kernel[(triton.cdiv(T, BLOCK_T), B * h_kv)](
                 scores[i], *scores[i].stride()[:2], lse, po, *po.stride()[:2], lens if lens is not None else lse,
-                seg_offset, T, Hkv, NG, NGP=NGP, BLOCK_T=BLOCK_T, HAS_LEN=lens is not None,
+                seg_offset, T, h_kv, NG, NGP=pow2(NG), BLOCK_T=BLOCK_T, HAS_LEN=lens is not None,
                 ACCUMULATE=probs_out is not None, num_warps=4)
         probs.append(po)
-    return out, probs
+        offset += T
+    return probs
