@@ -35,7 +35,8 @@ from smartkv.kernels import tuning  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SCALING = D ** -0.5
-FUSED = ["int8", "int4", "kivi2", "kivi24", "smartkv4", "smartkv4-cache", "smartkv-classes", "smartkv-classes-g32"]
+FUSED = ["int8", "int4", "kivi2", "kivi24", "smartkv4", "smartkv4-cache", "smartkv-classes", "smartkv-classes-g32",
+         "smartkv-classes-w248"]
 POOL_CONFIGS = [dict(vars(tuning.current().pool))]  # --pool-configs
 POOL_FIELDS = ("scores_block", "values_block", "num_warps", "split_tokens", "pack_heads", "values_warps")  # its order
 _T0 = time.time()

@@ -143,9 +143,10 @@ def class_staircase(middle: int, budget: float = 4.25, gap: float = 3.0, widths=
 
 def _class_segments(method: str, B, H, T, D, gen) -> list[KVSegment]:
     """SmartKV stored as joint (key width, value width) classes: sinks, one segment a class (normalised keys),
-    the window. `-g32`: groups of 32 and widths 2/4/8 (what the CUDA path reads); else SmartKV's group 64."""
-    g32 = method.endswith("-g32")
-    group, widths = (32, (2, 4, 8)) if g32 else (64, (2, 3, 4, 8))
+    the window. SmartKV's groups of 64 and widths 2/3/4/8; `-g32`: groups of 32 and widths 2/4/8; `-w248`:
+    groups of 64 and widths 2/4/8 (the CUDA path reads both of those, not 3-bit codes)."""
+    group = 32 if method.endswith("-g32") else 64
+    widths = (2, 4, 8) if method.endswith(("-g32", "-w248")) else (2, 3, 4, 8)
     sinks, window = 4, 32
     mu = _randn((B, H, 1, D), gen)
     sd = _randn((B, H, 1, D), gen).abs() + 0.5

@@ -53,9 +53,9 @@ def check(q, segs, lengths=None, bound=BOUND):
     return out
 
 
-def uniform(g, bits, B, H, T, D, new=1, kscale=2.0, vscale=1.0):
-    k = quantize(rand(g, B, H, T, D, scale=kscale, shift=0.3), bits, 32)
-    v = quantize(rand(g, B, H, T, D, scale=vscale, shift=-0.2), bits, 32)
+def uniform(g, bits, B, H, T, D, new=1, kscale=2.0, vscale=1.0, group=32):
+    k = quantize(rand(g, B, H, T, D, scale=kscale, shift=0.3), bits, group)
+    v = quantize(rand(g, B, H, T, D, scale=vscale, shift=-0.2), bits, group)
     res = (rand(g, B, H, new, D), rand(g, B, H, new, D)) if new else (None, None)
     return KVSegment(k, v, *res)
 
@@ -69,6 +69,25 @@ def test_uniform_per_token(bits, B, T, NG, D):
     H = 2
     q = rand(g, B, H * NG, D)
     check(q, [uniform(g, bits, B, H, T, D)])
+
+
+@cuda
+@pytest.mark.parametrize("kb,vb", [(4, 4), (8, 2), (2, 8)])
+@pytest.mark.parametrize("B,T,NG", [(2, 3000, 4), (1, 77, 8)])
+def test_per_token_groups_of_64(kb, vb, B, T, NG):
+    """SmartKV's layout (one scale and zero per 64 channels at head_dim 128, key and value widths apart, key
+    normalisation): the same kernel with each 32-channel dot scaled by its 64-channel group's scale."""
+    g = torch.Generator().manual_seed(kb * 100 + vb * 10 + T)
+    H, D = 2, 128
+    k = quantize(rand(g, B, H, T, D, scale=2.0, shift=0.3), kb, 64)
+    v = quantize(rand(g, B, H, T, D), vb, 64)
+    mu, sd = rand(g, B, H, 1, D), rand(g, B, H, 1, D).abs() + 0.5
+    segs = [KVSegment(rand(g, B, H, 4, D), rand(g, B, H, 4, D)),
+            KVSegment(k, v, rand(g, B, H, 1, D), rand(g, B, H, 1, D), key_scale=sd, key_shift=mu)]
+    check(rand(g, B, H * NG, D), segs)
+    # head_dim 64 with groups of 64: one scale a token, which the kernel's 4-byte scale copies do not take
+    seg64 = KVSegment(quantize(rand(g, 1, 2, 500, 64), 4, 64), quantize(rand(g, 1, 2, 500, 64), 4, 64))
+    assert "group size" in cuda_attn.unsupported(rand(g, 1, 8, 64), [seg64])
 
 
 @cuda
@@ -192,8 +211,8 @@ def test_token_probs_accumulate_and_replay():
 @cuda
 def test_fallbacks_say_why_and_stay_correct():
     g = torch.Generator().manual_seed(19)
-    k = quantize(rand(g, 1, 2, 500, 128), 4, 64)
-    seg = KVSegment(k, quantize(rand(g, 1, 2, 500, 128), 4, 64))
+    k = quantize(rand(g, 1, 2, 500, 128), 4, 16)
+    seg = KVSegment(k, quantize(rand(g, 1, 2, 500, 128), 4, 16))
     q = rand(g, 1, 8, 128)
     assert "group size" in cuda_attn.unsupported(q, [seg])
     ref = decode_attention_reference(q, [seg], 0.1)

@@ -32,6 +32,9 @@
 #ifndef SK_VB
 #define SK_VB 4
 #endif
+#ifndef SK_SG
+#define SK_SG 32            // channels sharing one per-token scale and zero: 32, or 64 (head_dim 128 only)
+#endif
 #ifndef SK_NW
 #define SK_NW 4
 #endif
@@ -56,7 +59,10 @@ typedef long long i64;
 constexpr int D = SK_D, KKIND = SK_KKIND, KB = SK_KB, VB = SK_VB, NW = SK_NW, STAGES = SK_STAGES;
 constexpr int LADDER = SK_LADDER;
 constexpr int GS = 32;                     // group size: channels (per-token) or tokens (per-channel)
-constexpr int NGRP = D / GS;               // per-token groups per row
+constexpr int NGRP = D / GS;               // 32-channel groups of a row: the unit of the dots below
+constexpr int SG = SK_SG, NSG = D / SG;    // per-token scale groups (one or two 32-channel groups each)
+DEVI int sgi(int grp) { return grp / (SG / GS); }   // the scale group of 32-channel group grp
+static_assert(SG == GS || (SG == 2 * GS && D == 128), "per-token scale groups of 32 channels, or 64 at head_dim 128");
 constexpr int TILE = 32;                   // tokens per stage
 constexpr int HMAX = 8;                    // query heads per KV head, at most (the dot's N)
 constexpr int NMT = D / 16;                // m-tiles of the value dot = k-steps of the key dot
@@ -121,7 +127,7 @@ constexpr int KROW = D * KB / 8, VROW = D * VB / 8;               // bytes of on
 constexpr int KPADW = KKIND == 2 ? KROW / 4 : (KB == 8 ? pad_words(KROW / 4, 16, 8) : pad_words(KROW / 4, 8, 4));
 constexpr int VPADW = pad_words(VROW / 4, 8, 4);
 constexpr int KPAD = KPADW * 4, VPAD = VPADW * 4;
-constexpr int SROW = NGRP * 2;                                    // bytes of one token's per-token scales
+constexpr int SROW = NSG * 2;                                     // bytes of one token's per-token scales
 constexpr int KMETA = KKIND == 2 ? D * 2 : TILE * SROW;           // bytes of key scales (and of zeros) per stage
 constexpr int VMETA = TILE * SROW;
 constexpr int K_OFF = 0, V_OFF = K_OFF + TILE * KPAD, KS_OFF = V_OFF + TILE * VPAD, KZ_OFF = KS_OFF + KMETA;
@@ -376,7 +382,8 @@ DEVI void main_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
           float s = 0.f;
 #pragma unroll
           for (int grp = 0; grp < NGRP; ++grp)
-            s += half_at(sc[grp >> 1], grp & 1) * acc[grp][i] + half_at(zr[grp >> 1], grp & 1) * qs2[grp * 2 + (i & 1)];
+            s += half_at(sc[sgi(grp) >> 1], sgi(grp) & 1) * acc[grp][i]
+               + half_at(zr[sgi(grp) >> 1], sgi(grp) & 1) * qs2[grp * 2 + (i & 1)];
           L[sub][i] = s * c1 + ((i & 1) ? qaff1 : qaff0);
         }
       } else {
@@ -474,12 +481,12 @@ DEVI void main_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
       u32 bp0 = prmt(x0, x1, sel), bp1 = prmt(y0, y1, sel);
       const u8* vb = st + V_OFF + 16 * sub * VPAD;
       // value scales and zeros of the lane's tokens 16sub + {2t, 2t+1, 2t+8, 2t+9}
-      u32 sv[4][(NGRP + 1) / 2], zv[4][(NGRP + 1) / 2];
+      u32 sv[4][(NSG + 1) / 2], zv[4][(NSG + 1) / 2];
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
         int row = 16 * sub + 2 * t + (x & 1) + 8 * (x >> 1);
 #pragma unroll
-        for (int w = 0; w < (NGRP + 1) / 2; ++w) {
+        for (int w = 0; w < (NSG + 1) / 2; ++w) {
           sv[x][w] = *(const u32*)(st + VS_OFF + row * SROW + 4 * w);
           zv[x][w] = *(const u32*)(st + VZ_OFF + row * SROW + 4 * w);
         }
@@ -489,19 +496,19 @@ DEVI void main_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
         u32 r0[4], r1[4];
         unpack_v(vb + (2 * t) * VPAD, vb + (2 * t + 1) * VPAD, grp, g, r0);
         unpack_v(vb + (2 * t + 8) * VPAD, vb + (2 * t + 9) * VPAD, grp, g, r1);
-        u32 ssel = (grp & 1) ? 0x7632 : 0x5410;
-        u32 s0 = prmt(sv[0][grp >> 1], sv[1][grp >> 1], ssel);
-        u32 s1 = prmt(sv[2][grp >> 1], sv[3][grp >> 1], ssel);
+        u32 ssel = (sgi(grp) & 1) ? 0x7632 : 0x5410;
+        u32 s0 = prmt(sv[0][sgi(grp) >> 1], sv[1][sgi(grp) >> 1], ssel);
+        u32 s1 = prmt(sv[2][sgi(grp) >> 1], sv[3][sgi(grp) >> 1], ssel);
         u32 pb0 = hmul2(bp0, s0), pb1 = hmul2(bp1, s1);
         mma(o[2 * grp + 0], r0[0], r0[1], r1[0], r1[1], pb0, pb1);
         mma(o[2 * grp + 1], r0[2], r0[3], r1[2], r1[3], pb0, pb1);
       }
-      // zeros: rows = channel groups (lanes g < NGRP), columns = heads
+      // zeros: rows = 32-channel groups (lanes g < NGRP), each its scale group's zero, columns = heads
       u32 za = zv[0][0], zb = zv[1][0], zc = zv[2][0], zd = zv[3][0];
 #pragma unroll
-      for (int w = 1; w < (NGRP + 1) / 2; ++w)
-        if ((g >> 1) == w) { za = zv[0][w]; zb = zv[1][w]; zc = zv[2][w]; zd = zv[3][w]; }
-      u32 zsel = (g & 1) ? 0x7632 : 0x5410;
+      for (int w = 1; w < (NSG + 1) / 2; ++w)
+        if ((sgi(g) >> 1) == w) { za = zv[0][w]; zb = zv[1][w]; zc = zv[2][w]; zd = zv[3][w]; }
+      u32 zsel = (sgi(g) & 1) ? 0x7632 : 0x5410;
       u32 zp0 = g < NGRP ? prmt(za, zb, zsel) : 0u, zp1 = g < NGRP ? prmt(zc, zd, zsel) : 0u;
       mma(z, zp0, 0u, zp1, 0u, bp0, bp1);
     }
@@ -560,7 +567,7 @@ DEVI void key8(const Params& p, i64 b, i64 hk, int tok, int c8, int TK, float (&
   else { uint2 v = *(const uint2*)(row + c8); lo = v.x; hi = v.y; }
   float sc[8], zr[8];
   if (KKIND == 1) {
-    i64 mo = b * p.sksb + hk * p.sksh + (i64)tok * p.skst + c8 / GS;
+    i64 mo = b * p.sksb + hk * p.sksh + (i64)tok * p.skst + c8 / SG;
     float a = f16(p.ks[mo]), z = f16(p.kz[mo]);
 #pragma unroll
     for (int e = 0; e < 8; ++e) { sc[e] = a; zr[e] = z; }
@@ -592,7 +599,7 @@ DEVI void value4(const Params& p, i64 b, i64 hk, int tok, int c0, int TV, float 
   u32 bits = VB == 8 ? (TCH == 4 ? *(const u32*)(row + c0) : *(const u16*)(row + c0))
            : VB == 4 ? (TCH == 4 ? *(const u16*)(row + c0 / 2) : *(const u8*)(row + c0 / 2))
                      : (u32)*(const u8*)(row + c0 / 4) >> (TCH == 4 ? 0 : 4 * ((c0 / 2) & 1));
-  i64 mo = b * p.svsb + hk * p.svsh + (i64)tok * p.svst + c0 / GS;
+  i64 mo = b * p.svsb + hk * p.svsh + (i64)tok * p.svst + c0 / SG;
   float a = f16(p.vs[mo]), z = f16(p.vz[mo]);
 #pragma unroll
   for (int e = 0; e < TCH; ++e) v[e] = (float)((bits >> (VB * e)) & ((1u << VB) - 1)) * a + z;

@@ -59,14 +59,14 @@ class Params(ctypes.Structure):
                 ("chunk", _I), ("tail_w", _I), ("split0", _I), ("s_total", _I), ("flags", _I)]
 
 
-def smem_bytes(D: int, kkind: int, kb: int, vb: int, nw: int = 4, stages: int = 2) -> int:
+def smem_bytes(D: int, kkind: int, kb: int, vb: int, nw: int = 4, stages: int = 2, sg: int = GS) -> int:
     """Dynamic shared memory of one block: cuda_attn.cu's SMEM_BYTES for that configuration."""
     def pad(w, mod, rem):
         return w + (rem - w) % mod
     krow, vrow, ngrp = D * kb // 8, D * vb // 8, D // GS
     kpadw = krow // 4 if kkind == 2 else (pad(krow // 4, 16, 8) if kb == 8 else pad(krow // 4, 8, 4))
     vpadw = pad(vrow // 4, 8, 4)
-    srow = ngrp * 2
+    srow = D // sg * 2
     kmeta = D * 2 if kkind == 2 else TILE * srow
     stage = TILE * kpadw * 4 + TILE * vpadw * 4 + 2 * kmeta + 2 * TILE * srow
     stage = -(-stage // 16) * 16
@@ -164,21 +164,22 @@ def nvrtc_compile(source: str, options: Sequence[str]) -> bytes:
 
 
 def options(arch: str, D: int, kkind: int, kb: int, vb: int, nw: int = 4, stages: int = 2, minb: int = 1,
-            ladder: int = 3) -> list[str]:
+            ladder: int = 3, sg: int = GS) -> list[str]:
     return [f"--gpu-architecture=sm_{arch}", "-std=c++17", f"-DSK_D={D}", f"-DSK_KKIND={kkind}", f"-DSK_KB={kb}",
-            f"-DSK_VB={vb}", f"-DSK_NW={nw}", f"-DSK_STAGES={stages}", f"-DSK_MINB={minb}", f"-DSK_LADDER={ladder}"]
+            f"-DSK_VB={vb}", f"-DSK_NW={nw}", f"-DSK_STAGES={stages}", f"-DSK_MINB={minb}", f"-DSK_LADDER={ladder}",
+            f"-DSK_SG={sg}"]
 
 
 class Kernels:
     """The split and merge kernels of one configuration, loaded on one device."""
 
     def __init__(self, device: int, D: int, kkind: int, kb: int, vb: int, nw: int, stages: int, minb: int,
-                 ladder: int = 3):
+                 ladder: int = 3, sg: int = GS):
         major, minor = torch.cuda.get_device_capability(device)
         self.nw, self.D = nw, D
-        self.smem = smem_bytes(D, kkind, kb, vb, nw, stages)
+        self.smem = smem_bytes(D, kkind, kb, vb, nw, stages, sg)
         image = nvrtc_compile(SOURCE.read_text(),
-                              options(f"{major}{minor}", D, kkind, kb, vb, nw, stages, minb, ladder))
+                              options(f"{major}{minor}", D, kkind, kb, vb, nw, stages, minb, ladder, sg))
         cu = _cuda()
         with torch.cuda.device(device):
             torch.cuda.current_stream(device)  # the primary context, current on this thread
@@ -215,11 +216,11 @@ _KERNELS: dict = {}
 _BROKEN: dict = {}
 
 
-def kernels(device: int, D: int, kkind: int, kb: int, vb: int, ladder: int = 3) -> Kernels:
-    """The loaded kernels of one configuration, in the launch shape of `tuning.current().cuda` (compiled at the
-    first call)."""
+def kernels(device: int, D: int, kkind: int, kb: int, vb: int, sg: int = GS, ladder: int = 3) -> Kernels:
+    """The loaded kernels of one configuration (sg: channels of a per-token scale group), in the launch shape of
+    `tuning.current().cuda` (compiled at the first call)."""
     cfg = tuning.current().cuda
-    kw = dict(nw=cfg.warps, stages=cfg.stages, minb=cfg.min_blocks, ladder=ladder)
+    kw = dict(nw=cfg.warps, stages=cfg.stages, minb=cfg.min_blocks, ladder=ladder, sg=sg)
     key = (device, D, kkind, kb, vb, tuple(kw.items()))
     with _LOCK:
         if key in _BROKEN:
@@ -234,18 +235,22 @@ def kernels(device: int, D: int, kkind: int, kb: int, vb: int, ladder: int = 3) 
 
 
 # ---------------------------------------------------------------- what the path takes
-def _kinds(seg: KVSegment) -> tuple[int, int, int] | str:
-    """(key kind, key bits, value bits) of a segment, or why it is not for this path."""
+def _kinds(seg: KVSegment) -> tuple[int, int, int, int] | str:
+    """(key kind, key bits, value bits, channels of a per-token scale group) of a segment, or why it is not for
+    this path."""
     k, v = seg.keys, seg.values
     if not isinstance(k, QTensor) and not isinstance(v, QTensor):
-        return (0, 0, 0) if seg.num_tokens <= MAX_TAIL else "a long full-precision segment"
+        return (0, 0, 0, GS) if seg.num_tokens <= MAX_TAIL else "a long full-precision segment"
     if not (isinstance(k, QTensor) and isinstance(v, QTensor)):
         return "keys and values of one segment quantized and full precision"
-    if k.group_size != GS or v.group_size != GS:
-        return f"group size {k.group_size}/{v.group_size} (the kernel reads groups of {GS})"
+    D = v.codes.shape[-1] * 8 // v.bits
+    sg = v.group_size
+    if (k.group_size != (GS if k.axis == -2 else sg)) or not (sg == GS or sg == 2 * GS and D == 128):
+        return (f"group size {k.group_size}/{v.group_size} (the kernel reads per-token groups of {GS} channels, "
+                f"or of {2 * GS} at head_dim 128, the same for keys and values; per-channel keys groups of {GS})")
     if k.axis == -1 and k.bits not in (2, 4, 8) or k.axis == -2 and k.bits not in (2, 4) or v.bits not in (2, 4, 8):
         return f"{k.bits}-bit keys (axis {k.axis}) / {v.bits}-bit values"
-    return (1 if k.axis == -1 else 2, k.bits, v.bits)
+    return (1 if k.axis == -1 else 2, k.bits, v.bits, sg)
 
 
 def _aligned(t: torch.Tensor, row_bytes_multiple: int, base: int) -> bool:
@@ -287,11 +292,9 @@ def unsupported(q: torch.Tensor, segments: Sequence[KVSegment]) -> str | None:
         if seg.num_tokens - min(seg.quantized_keys, seg.quantized_values) > MAX_TAIL and not seg.residual_last:
             return f"more than {MAX_TAIL} full-precision tokens after the quantized part"
         for qt in (seg.keys, seg.values):
-            per_token = qt.axis == -1
-            if not (_aligned(qt.codes, 16, 16) and _aligned(qt.scale, 2 * (D // GS) if per_token else 16,
-                                                            2 * (D // GS) if per_token else 16)
-                    and qt.zero.stride() == qt.scale.stride() and _aligned(qt.zero, 1, 2 * (D // GS) if per_token
-                                                                          else 16)):
+            row = 2 * (D // qt.group_size) if qt.axis == -1 else 16   # bytes of a token's scales / a scale row
+            if not (_aligned(qt.codes, 16, 16) and _aligned(qt.scale, row, row)
+                    and qt.zero.stride() == qt.scale.stride() and _aligned(qt.zero, 1, row)):
                 return "codes or scales not aligned for 16-byte copies"
     return None
 
