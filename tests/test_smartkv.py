@@ -276,6 +276,23 @@ def _class_counts(layer) -> list[dict]:
             for kr, vr in zip(k, v)]
 
 
+def _check_class_slices(layer) -> None:
+    """Class-major pools: class (kw, vw)'s tokens, in position order, are one slice of key pool kw (after the
+    classes of narrower value widths) and one of value pool vw (after those of narrower key widths)."""
+    from smartkv.core.quant import dequantize
+
+    assert layer._class_major
+    classes = sorted(layer._classes)
+    kb, vb = (layer.level_bits(kind)[0, 0] for kind in ("k", "v"))
+    for i, kind in enumerate(("k", "v")):
+        mid = layer._middle_part(kind)[0, 0]
+        for c in classes:
+            before = sum(layer._classes[d] for d in classes if d[i] == c[i] and d[1 - i] < c[1 - i])
+            pool = layer.pools[kind][c[i]]
+            sl = dequantize(pool)[0, 0, before:before + layer._classes[c]]
+            assert torch.equal(sl, mid[(kb == c[0]) & (vb == c[1])]), (kind, c)
+
+
 @pytest.mark.parametrize("params", [dict(budget=4.25, key_value_gap=3),
                                     dict(budget=4.25, key_value_gap=3, block_tokens=4),
                                     dict(budget=2.4, key_value_gap=1, recent_window=8, realloc_every=8)])
@@ -297,7 +314,10 @@ def test_joint_gives_every_row_the_same_class_counts(params):
     for layer in layers:
         add(layer, 0, 600)
     assert all(torch.equal(layers[0].levels[kind], layers[1].levels[kind]) for kind in ("k", "v"))
+    # the same codes, stored class-major: every token reads back as in position-ordered pools
+    assert all(torch.equal(layers[0]._middle_part(kind), layers[1]._middle_part(kind)) for kind in ("k", "v"))
     layer = layers[1]
+    _check_class_slices(layer)
     for r in range(6):
         before = {kind: (layer.level_bits(kind), layer._middle_part(kind)) for kind in ("k", "v")}
         add(layer, 600 + 16 * r, 616 + 16 * r)
@@ -312,6 +332,7 @@ def test_joint_gives_every_row_the_same_class_counts(params):
         counts = _class_counts(layer)
         assert all(c == counts[0] for c in counts) and counts[0] == layer._classes
         assert len(counts[0]) >= 2
+        _check_class_slices(layer)
         for kind, budget in (("k", layer.budget_k), ("v", layer.budget_v)):
             assert int(layer.level_bits(kind)[0, 0].sum()) <= budget * layer.n_middle + 1e-6
     layer.reset()                                   # a new sequence: its first allocation counts afresh

@@ -36,13 +36,17 @@ class SmartKVJoint:
         plan = joint_plan(classes, cand.capped(classes))
         bits = joint_assign(cand.weights, cand.caps_k, cand.caps_v, plan, (lo, lo))
         placed = joint_counts(plan, cand.idx.shape[1], (lo, lo))
-        for i, ((kind, new, _), old_b, kind_bits) in enumerate(zip(kinds, old, bits)):
-            view, order = self._kind_view(cand, i)
-            cand_bits = kind_bits.index_select(1, order)
+        views = [self._kind_view(cand, i) for i in range(2)]
+        cand_bits = [kind_bits.index_select(1, order) for kind_bits, (_, order) in zip(bits, views)]
+        levels = [self._new_level(view, cb, old_b) for (view, _), cb, old_b in zip(views, cand_bits, old)]
+        for i, (kind, new, _) in enumerate(kinds):
             per_width = dict.fromkeys(self.widths, 0)
             for c, m in placed.items():
                 per_width[c[i]] += m
-            self._place(kind, view, cand_bits, per_width, old_b, dict(zip(self.widths, self._counts(kind))), new)
+            # class-major pools: each class (key width, value width) one slice of its key pool and of its value pool
+            self._place(kind, views[i][0], cand_bits[i], per_width, dict(zip(self.widths, self._counts(kind))), new,
+                        levels[i], levels[1 - i])
+        self._class_major = True
         classes_after = {c: m - bt * cand.sources.get(c, 0) for c, m in held_classes.items()}
         for c, m in placed.items():
             classes_after[c] = classes_after.get(c, 0) + bt * m

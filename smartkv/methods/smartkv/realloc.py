@@ -32,6 +32,9 @@ class SmartKVRealloc:
             return
         self._stored = {}
         try:
+            if self._class_major:   # class-major ranks read both kinds' level maps: take them before either changes
+                for kind in ("k", "v"):
+                    self._stored_ranks(kind)
             stored_before = self.n_middle
             n -= self._forget_front(n) if evict else 0
             # a sliding layer that just forgot middle tokens keeps their stale pool entries until re-pooled, so
@@ -143,12 +146,13 @@ class SmartKVRealloc:
         forgot middle tokens): sizes read from the device (`_repool`)."""
         # full: one device->host copy per re-allocation, shared by keys and values
         profile = None if incremental else rank_profile(weights).cpu()
-        for kind, new, budget in kinds:
-            old_bits = self._stored_ranks(kind)[0]
+        old = [self._stored_ranks(kind)[0] for kind, _, _ in kinds]
+        for (kind, new, budget), old_bits in zip(kinds, old):
             new_bits = self._allocate(kind, weights, old_bits, budget, profile)
             level = torch.searchsorted(self._width_values, new_bits)   # index into widths, (B, H, T)
             self.pools[kind] = self._repool(kind, old_bits, new_bits, level, new)
             self.levels[kind] = pack_levels(level.to(torch.uint8))
+        self._class_major = False
 
     def _reallocate_candidates(self, weights: torch.Tensor, kinds: tuple) -> None:
         """An incremental re-allocation, or the first allocation (nothing stored: every unit is a candidate), of
@@ -170,19 +174,27 @@ class SmartKVRealloc:
             plan = cascade_plan(counts, cand.capped)
             cand_bits = cascade_assign(cand.weights, cand.caps, counts, cand.capped)
             placed = plan_counts(plan, cand.idx.shape[1], self.widths)   # candidate units placed at each width
-            self._place(kind, cand, cand_bits, placed, old_b, held, new)
+            level = self._new_level(cand, cand_bits, old_b)
+            self._place(kind, cand, cand_bits, placed, held, new, level)
+        self._class_major = False
 
-    def _place(self, kind: str, cand: Candidates, cand_bits: torch.Tensor, placed: dict, old_b: torch.Tensor,
-               held: dict, new: torch.Tensor) -> None:
-        """Give one kind's candidates their widths `cand_bits` (R, C): its level map and pools (`_repool_candidates`),
-        from the stored units' widths `old_b`, the tokens per width it `held` and the candidate units `placed` at
-        each width, all known on the host."""
+    def _new_level(self, cand: Candidates, cand_bits: torch.Tensor, old_b: torch.Tensor) -> torch.Tensor:
+        """Level indices (R, T) of every token after the candidates get widths `cand_bits` (R, C), from the stored
+        units' widths `old_b`."""
         bt, R = self.block_tokens, old_b.shape[0]
         out = torch.cat([old_b, old_b.new_full((R, cand.new), max(self.widths))], -1)
         out = out.scatter_(1, cand.idx, cand_bits)
+        return torch.searchsorted(self._width_values, out.repeat_interleave(bt, -1) if bt > 1 else out)
+
+    def _place(self, kind: str, cand: Candidates, cand_bits: torch.Tensor, placed: dict, held: dict,
+               new: torch.Tensor, level: torch.Tensor, other: torch.Tensor | None = None) -> None:
+        """Give one kind's candidates their widths `cand_bits` (R, C): its level map `level` (`_new_level`) and
+        pools (`_repool_candidates`), from the tokens per width it `held` and the candidate units `placed` at each
+        width, all known on the host. `other`: the other kind's new levels, for class-major pools (each width's
+        tokens ordered by the other kind's width, then position); None: position order."""
+        bt = self.block_tokens
         after = {w: c + bt * (placed[w] - cand.sources.get(w, 0)) for w, c in held.items()}
-        level = torch.searchsorted(self._width_values, out.repeat_interleave(bt, -1) if bt > 1 else out)
-        self.pools[kind] = self._repool_candidates(kind, cand, cand_bits, after, placed, level, new)
+        self.pools[kind] = self._repool_candidates(kind, cand, cand_bits, after, placed, level, new, other)
         self.levels[kind] = pack_levels(level.reshape(self.batch_size, self.num_heads, -1).to(torch.uint8))
 
     def _candidates(self, weights: torch.Tensor, budget: float, old_b: torch.Tensor, held: dict) -> Candidates:
@@ -198,7 +210,7 @@ class SmartKVRealloc:
         return incremental_candidates(weights, old_b, stored, budget, self.widths, per_width=nb - self.n_middle // bt)
 
     def _repool_candidates(self, kind: str, cand, cand_bits: torch.Tensor, counts: dict, placed: dict,
-                           level: torch.Tensor, new: torch.Tensor) -> dict:
+                           level: torch.Tensor, new: torch.Tensor, other: torch.Tensor | None = None) -> dict:
         """`_repool` for `_place`'s re-allocations: the candidates (new tokens, then the stored ones of each width)
         are the only tokens that may change width; each one whose width changed (and every new one) is quantized
         at its new width, the rest keep their codes. Sizes come from `counts` and the candidates' structure,
@@ -218,7 +230,10 @@ class SmartKVRealloc:
             col += m * bt
         vals = torch.cat(vals, 1)                                          # (R, C, D) stored space, fp32
         by_width = torch.argsort(torch.searchsorted(self._width_values, tok_bits), dim=-1, stable=True)
-        order = torch.argsort(level, dim=-1, stable=True)                  # each width's positions, in order
+        # each width's positions in the pool's order: by position, or class-major (by the other kind's width first)
+        order = torch.argsort(level if other is None else level * len(self.widths) + other.reshape(R, T), dim=-1,
+                              stable=True)
+        slot = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=order.device).expand(R, T))
         pools, out, start, c_start = self.pools[kind], {}, 0, 0
         for b in self.widths:
             n_b, k_b = counts[b], bt * placed[b]                           # tokens at b after; candidates' among them
@@ -245,7 +260,7 @@ class SmartKVRealloc:
             else:
                 fields = _rows(pools[b], rank.gather(1, p_b.clamp(max=max(Tq - 1, 0))))
             if k_b:
-                at = torch.searchsorted(p_b.contiguous(), pos.gather(1, cols))
+                at = slot.gather(1, pos.gather(1, cols)) - (start - n_b)      # each candidate's entry in pool b
                 for f, g in zip(fields, fresh):
                     f.scatter_(1, at[..., None].expand(-1, -1, f.shape[-1]), g)
             out[b] = QTensor(*(f.reshape(B, H, n_b, f.shape[-1]) for f in fields), b, self.group, -1)
@@ -311,13 +326,27 @@ class SmartKVRealloc:
             return self._stored[kind]
         bits = self.level_bits(kind)
         flat = bits.reshape(self.batch_size * self.num_heads, bits.shape[-1])
-        rank = torch.zeros_like(flat)
-        for b in self.pools[kind]:
-            m = flat == b
-            rank += m * (m.cumsum(-1) - 1)
+        if self._class_major:   # a width's entries by the other kind's width, then position
+            other = self.level_bits("v" if kind == "k" else "k").reshape(flat.shape)
+            rank = self._class_slots(flat * 16 + other)
+        else:
+            rank = torch.zeros_like(flat)
+            for b in self.pools[kind]:
+                m = flat == b
+                rank += m * (m.cumsum(-1) - 1)
         if self._stored is not None:
             self._stored[kind] = (bits, rank)
         return bits, rank
+
+    @staticmethod
+    def _class_slots(key: torch.Tensor) -> torch.Tensor:
+        """Each token's entry (R, T) in its pool when a pool holds the tokens of one `key` // 16 (own width) ordered
+        by `key` (own width x 16 + the other kind's width), then position."""
+        R, T = key.shape
+        order = torch.argsort(key, dim=-1, stable=True)
+        slot = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=key.device).expand(R, T))
+        first = torch.searchsorted(key.gather(1, order), key - key % 16)   # where the token's width starts
+        return slot - first
 
     def _gather_values(self, kind: str, idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Stored-space values (M, D) fp32 of the tokens at flat indices `idx` (M,) of (B, H, Tq + n): stored ones

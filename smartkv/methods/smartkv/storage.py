@@ -52,6 +52,9 @@ class SmartKVStorage:
         self._empty_pools: dict[int, QTensor] = {}
         self._stored: dict[str, tuple] | None = None  # during a re-allocation: _stored_ranks of each kind
         self._classes: dict[tuple[int, int], int] | None = None  # joint=True: tokens a row holds per class
+        # pools' order: each width's tokens by position, or class-major (by the other kind's width, then position:
+        # joint re-allocations write it, so a class is one slice of its key pool and of its value pool)
+        self._class_major = False
         self._sbuf = None  # static steps: window K/V and importance buffers of the phase (see _static_begin)
 
     def _store(self, key_states, value_states) -> None:
@@ -80,7 +83,7 @@ class SmartKVStorage:
         out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, D, device=self.device)
         if not self.n_middle:
             return out
-        if self._stored is not None:  # inside a re-allocation, which may have forgotten pool entries
+        if self._stored is not None or self._class_major:  # a re-allocation may have forgotten pool entries
             return self._middle_by_rank(kind)
         bits = self.level_bits(kind)
         for b, q in self.pools[kind].items():

@@ -57,6 +57,7 @@ class SmartKVWindow:
         self.evicted += forgotten
         if not self.n_middle:
             self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
+            self._class_major = False
         return d_win
 
     def _middle_by_rank(self, kind: str) -> torch.Tensor:
