@@ -286,3 +286,75 @@ def test_smartkv_two_pass_decode_equals_reference(tiny_llama, monkeypatch, case)
                            for f in ("codes", "scale", "zero")), (kind, b)
         imp = (layer.importance.int() - ref.importance.int()).abs()
         assert imp.max() <= 1                                # 8-bit log codes of near-equal probabilities
+
+
+JOINT_CASES = {  # joint=True: class-major pools, read in one pass; rotated pools take the two passes over them
+    "b4.25-gap3": dict(budget=4.25, key_value_gap=3, group_size=16, recent_window=8, realloc_every=4, joint=True),
+    "b2.4-block4": dict(budget=2.4, key_value_gap=1, group_size=16, recent_window=8, realloc_every=4, block_tokens=4,
+                        joint=True),
+    "b4-rotate": dict(budget=4, key_value_gap=2, rotate="both", group_size=32, recent_window=8, realloc_every=4,
+                      joint=True),
+}
+
+
+@pytest.mark.parametrize("case", JOINT_CASES)
+def test_smartkv_joint_decode_equals_reference(tiny_llama, monkeypatch, case):
+    """joint=True: the one-pass step (decode_attention over [sinks, one segment a class, window], token
+    probabilities folded through the classes' positions) and, with rotation, the two passes over class-major pools
+    give the reference path's tokens, logits, stored bytes and importance; re-allocations happen mid-decode."""
+    from smartkv.methods.smartkv import attention as two_pass_mod, onepass as one_pass_mod
+
+    one, two = [], []
+    real_one, real_two = one_pass_mod.decode_attention, two_pass_mod.pool_scores
+    monkeypatch.setattr(one_pass_mod, "decode_attention", lambda *a, **k: one.append(len(a[1])) or real_one(*a, **k))
+    monkeypatch.setattr(two_pass_mod, "pool_scores", lambda *a, **k: two.append(1) or real_two(*a, **k))
+    params = JOINT_CASES[case]
+    ids = _prompt(61)
+    ref_tokens, ref_logits, ref_cache = _generate(tiny_llama, "smartkv", params, ids, fused=False, new_tokens=6)
+    assert not one and not two
+    tokens, logits, cache = _generate(tiny_llama, "smartkv", params, ids, fused=True, new_tokens=6)
+    if "rotate" in case:
+        assert not one and len(two) >= 5 * 2
+    else:   # every decode step of both layers, over sinks, window and at least two classes
+        assert not two and len(one) >= 5 * 2 and min(one) >= 4
+    assert torch.equal(tokens, ref_tokens)
+    err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    assert err < LOGIT_BOUND, err
+    assert cache.memory_report() == ref_cache.memory_report()
+    for layer, ref in zip(cache.layers, ref_cache.layers, strict=True):
+        assert layer._class_major and layer._classes == ref._classes
+        for kind in ("k", "v"):
+            assert torch.equal(layer.levels[kind], ref.levels[kind])
+            assert torch.equal(layer._middle_part(kind), ref._middle_part(kind))
+        imp = (layer.importance.int() - ref.importance.int()).abs()
+        assert imp.max() <= 1                                # 8-bit log codes of near-equal probabilities
+
+
+def test_one_pass_folds_each_class_at_its_positions():
+    """The one-pass step's importance fold, alone: on a layer no query has seen yet (each fold's mean is that query's
+    probability), one step gives the codes the two-pass step gives, token for token; folding the classes in their
+    storage order instead of at their positions fails this."""
+    import copy
+
+    from smartkv.methods import make_cache
+
+    g = torch.Generator().manual_seed(3)
+    layer = make_cache("smartkv", num_layers=1, joint=True, budget=4.25, key_value_gap=3, group_size=16,
+                       recent_window=8, realloc_every=4).layers[0]
+    k, v = (torch.randn(2, 2, 300, 32, generator=g) * 2 for _ in range(2))
+    layer.append(k, v)
+    layer.importance = torch.randint(0, 120, layer.importance.shape, generator=g, dtype=torch.uint8)
+    layer._flush()
+    assert layer._one_pass() and len(layer._classes) >= 3
+    layer.importance = torch.full_like(layer.importance, 255)   # unseen: the fold writes the probabilities
+    layer.observed = layer.observed[:0]
+    two = copy.deepcopy(layer)
+    two._one_pass = lambda: False                                # the two passes over the same class-major pools
+    q = torch.randn(2, 4, 1, 32, generator=g)
+    out1, _ = layer._fused_decode(q, 32 ** -0.5, observe=True)
+    out2, _ = two._fused_decode(q, 32 ** -0.5, observe=True)
+    assert ((out1 - out2).norm() / out2.norm()).item() < 1e-3
+    seen = layer.importance[..., layer.sink_k.shape[-2]:-layer.win_k.shape[-2]]
+    assert (seen < 255).all() and seen.float().std() > 10        # every middle probability landed, all different
+    assert (layer.importance.int() - two.importance.int()).abs().max() <= 1
+    assert torch.equal(layer.observed, two.observed)

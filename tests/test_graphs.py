@@ -233,12 +233,12 @@ PER_TOKEN = dict(block_tokens=1, realloc="full")   # a width per token, the whol
 
 
 # the old per-token design at batch 2 only: interpreted kernels make each case 40-100 s of CI
-@pytest.mark.parametrize("batch, design", [(1, "default"), (2, "default"), (2, "per-token")])
+@pytest.mark.parametrize("batch, design", [(1, "default"), (2, "default"), (2, "per-token"), (2, "joint")])
 def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny_llama, kernels, batch, design):
     """12 steps at realloc_every=4: three re-allocations run between static steps (`cache.advance`), each
     followed by a new phase; tokens, logits, importance and the pools' widths follow the ordinary fused steps."""
     ids = torch.randint(3, 500, (batch, 30), generator=torch.Generator().manual_seed(11 + batch)).to(DEV)
-    params = dict(SMARTKV, **(PER_TOKEN if design == "per-token" else {}))
+    params = dict(SMARTKV, **(PER_TOKEN if design == "per-token" else {}), joint=design == "joint")  # joint: one pass
     ref_tokens, ref_logits, ref_cache, _ = _decode(tiny_llama, "smartkv", ids, 12, "eager", **params)
     tokens, logits, cache, dec = _decode(tiny_llama, "smartkv", ids, 12, "static", **params)
     assert torch.equal(tokens, ref_tokens)
@@ -251,6 +251,7 @@ def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny_lla
         assert (layer.importance.int() - ref.importance.int()).abs().max() <= 1   # 8-bit codes, one step apart
         for kind in ("k", "v"):
             assert torch.equal(layer.level_bits(kind), ref.level_bits(kind))
+        assert layer._one_pass() == (design == "joint")
     assert cache.memory_report().total_bytes == ref_cache.memory_report().total_bytes
     dec.close()
 

@@ -277,13 +277,26 @@ def pool_positions(levels, n: int, counts: Sequence) -> torch.Tensor:
     return out if many else out[0]
 
 
-def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> None:
+def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence[tuple[int, int]],
+                      range_end: torch.Tensor | None = None) -> None:
     """Fold one decode query's attention into SmartKV's importance codes, in place (smartkv.core.importance).
 
     codes: (B, Hkv, T) uint8 (`encode_importance` of the mean attention each token received); probs: (B, Hq, T)
     fp32, the query's attention over all T tokens; ranges: the [start, end) positions of the queries observed
-    before, from which each token's count of observers is derived."""
+    before, from which each token's count of observers is derived. range_end ((B,) int32, with exactly
+    MAX_RANGES ranges): the last range ends at range_end[b] for sequence b instead, read on the device (static
+    decode steps)."""
     ranges = [tuple(map(int, r)) for r in ranges]
+    if range_end is not None:
+        if len(ranges) != MAX_RANGES or range_end.shape != (codes.shape[0],) or range_end.dtype != torch.int32:
+            raise ValueError(f"with range_end, ranges must hold exactly {MAX_RANGES} ranges and range_end be "
+                             f"({codes.shape[0]},) int32, got {len(ranges)} ranges, {tuple(range_end.shape)} "
+                             f"{range_end.dtype}")
+        if kernels_available(codes.device) and codes.shape[-1]:
+            return _tp.importance_update_triton(codes, probs, ranges, range_end)
+        for b, e in enumerate(range_end.tolist()):   # the reference: ranges per sequence
+            importance_update_reference(codes[b:b + 1], probs[b:b + 1], ranges[:-1] + [(ranges[-1][0], e)])
+        return None
     if kernels_available(codes.device) and len(ranges) <= MAX_RANGES and codes.shape[-1]:
         return _tp.importance_update_triton(codes, probs, ranges)
     return importance_update_reference(codes, probs, ranges)

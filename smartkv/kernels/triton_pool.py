@@ -393,12 +393,16 @@ def _fold_loaded(code_ptr, t, valid, codes, p, NG, s0, e0, s1, e1, s2, e2, s3, e
 
 @triton.jit(do_not_specialize=["sc_b", "sc_h", "sp_b", "sp_h", "T", "s0", "e0", "s1", "e1", "s2", "e2", "s3", "e3"])
 def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
-                       s0, e0, s1, e1, s2, e2, s3, e3, NGP: tl.constexpr, BLOCK: tl.constexpr):
-    """`_fold` over all T tokens of every (batch, KV head) row: the query saw them all."""
+                       s0, e0, s1, e1, s2, e2, s3, e3, NGP: tl.constexpr, BLOCK: tl.constexpr, r_end_ptr=None,
+                       R_END: tl.constexpr = False):
+    """`_fold` over all T tokens of every (batch, KV head) row: the query saw them all. R_END: the last range
+    ends at r_end_ptr[b] (static decode steps)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
     h = bh % Hkv
+    if R_END:
+        e3 = tl.load(r_end_ptr + b)
     t = blk * BLOCK + tl.arange(0, BLOCK)
     valid = t < T
     hq = h * NG + tl.arange(0, NGP)
@@ -573,13 +577,16 @@ def pool_positions_triton(levels: torch.Tensor, n: int, counts: tuple) -> torch.
     return out
 
 
-def importance_update_triton(codes: torch.Tensor, probs: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+def importance_update_triton(codes: torch.Tensor, probs: torch.Tensor, ranges: list[tuple[int, int]],
+                             range_end: torch.Tensor | None = None) -> None:
     """In place: codes (B, Hkv, T) uint8 updated with probs (B, Hq, T) of one query that saw every token;
-    `ranges` (at most MAX_RANGES) are the earlier queries' [start, end)."""
+    `ranges` (at most MAX_RANGES) are the earlier queries' [start, end); with range_end ((B,) int32), the last of
+    exactly MAX_RANGES ranges ends at range_end[b] for sequence b."""
     B, Hkv, T = codes.shape
     Hq = probs.shape[1]
     NG = Hq // Hkv
     BLOCK = 512
     _importance_kernel[(triton.cdiv(T, BLOCK), B * Hkv)](
         codes, *codes.stride()[:2], probs, *probs.stride()[:2], T, Hkv, NG, *_range_args(ranges),
-        NGP=max(2, pow2(NG)), BLOCK=BLOCK, num_warps=4)
+        NGP=max(2, pow2(NG)), BLOCK=BLOCK, num_warps=4,
+        **({"r_end_ptr": range_end, "R_END": True} if range_end is not None else {}))

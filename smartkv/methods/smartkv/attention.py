@@ -57,7 +57,10 @@ class SmartKVAttention:
         pool_values over every width pool plus the full-precision sinks and recent window, which holds this
         step's token): scores into position-ordered logits, softmax, probability-weighted values. With
         `observe`, the values pass also folds the probabilities into the importance (`_observe` of one query).
-        Returns (output (B, 1, Hq, D) in query's dtype, probabilities (B, Hq, 1, T) fp32)."""
+        Returns (output (B, 1, Hq, D) in query's dtype, probabilities (B, Hq, 1, T) fp32, or None from the
+        one-pass step over class-major pools, `_one_pass_decode`, which takes this call when it can)."""
+        if self._one_pass():
+            return self._one_pass_decode(query, scaling, observe), None
         B, Hq, _, D = query.shape
         H = self.num_heads
         q = query[:, :, 0].float()                                             # (B, Hq, D)

@@ -49,6 +49,8 @@ class SmartKVStatic:
         fixed, s_dec = self._split_ranges()
         buf["ranges"] = fixed + [(0, 0)] * (MAX_RANGES - 1 - len(fixed)) + [(s_dec, 0)]
         buf["start"] = start
+        if self._one_pass() and self.n_middle:   # class positions change only at re-allocations: once a phase
+            buf["pos"] = self._class_positions()
         self._sbuf = buf
         self.win_k, self.win_v = buf["k"][..., :n_win, :], buf["v"][..., :n_win, :]
         self.importance = buf["imp"][..., :self.importance.shape[-1]]
@@ -82,5 +84,6 @@ class SmartKVStatic:
             return 0
         unused = self._sbuf["k"].shape[-2] - self.win_k.shape[-2]
         row = self.win_k[..., :1, :].numel() * self.win_k.element_size()
+        pos = self._sbuf.get("pos")     # the one-pass step's class positions: working memory of the phase
         return 2 * unused * row + (self._sbuf["imp"].shape[-1] - self.importance.shape[-1]) * self.batch_size \
-            * self.num_heads
+            * self.num_heads + (pos.numel() * pos.element_size() if pos is not None else 0)
