@@ -61,18 +61,21 @@ def uniform(g, bits, B, H, T, D, new=1, kscale=2.0, vscale=1.0, group=32):
 
 
 @cuda
-@pytest.mark.parametrize("bits", [4, 8, 2])
+@pytest.mark.parametrize("bits", [4, 8, 2, 3])
 @pytest.mark.parametrize("B,T,NG,D", [(2, 1000, 4, 128), (3, 4133, 4, 128), (1, 77, 8, 128), (2, 2048, 1, 64),
                                       (2, 3000, 2, 64)])
 def test_uniform_per_token(bits, B, T, NG, D):
     g = torch.Generator().manual_seed(bits * 1000 + T)
     H = 2
     q = rand(g, B, H * NG, D)
+    if bits == 3 and D == 64:   # 24-byte rows: the Triton kernels take it
+        assert "3-bit" in cuda_attn.unsupported(q, [uniform(g, bits, B, H, T, D)])
+        return
     check(q, [uniform(g, bits, B, H, T, D)])
 
 
 @cuda
-@pytest.mark.parametrize("kb,vb", [(4, 4), (8, 2), (2, 8)])
+@pytest.mark.parametrize("kb,vb", [(4, 4), (8, 2), (2, 8), (3, 2), (8, 3), (3, 3)])
 @pytest.mark.parametrize("B,T,NG", [(2, 3000, 4), (1, 77, 8)])
 def test_per_token_groups_of_64(kb, vb, B, T, NG):
     """SmartKV's layout (one scale and zero per 64 channels at head_dim 128, key and value widths apart, key
@@ -88,6 +91,8 @@ def test_per_token_groups_of_64(kb, vb, B, T, NG):
     # head_dim 64 with groups of 64: one scale a token, which the kernel's 4-byte scale copies do not take
     seg64 = KVSegment(quantize(rand(g, 1, 2, 500, 64), 4, 64), quantize(rand(g, 1, 2, 500, 64), 4, 64))
     assert "group size" in cuda_attn.unsupported(rand(g, 1, 8, 64), [seg64])
+    seg3 = KVSegment(quantize(rand(g, 1, 2, 500, 64), 3, 32), quantize(rand(g, 1, 2, 500, 64), 4, 32))
+    assert "3-bit keys" in cuda_attn.unsupported(rand(g, 1, 8, 64), [seg3])   # 24-byte rows: no 16-byte copies
 
 
 @cuda

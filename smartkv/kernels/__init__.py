@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_update", "kernels_available",
            "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_kv",
-           "quantize_pack_reference"]
+           "quantize_pack_reference", "warm_decode_kernels"]
 
 
 @functools.cache
@@ -149,6 +149,24 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
                 problem = _TOO_BIG[shape] = f"its launch config does not fit this card at these shapes ({exc})"
         fallback("decode_attention", problem)
     return decode_attention_reference(q, segments, scaling, lengths, return_token_probs, probs_out)
+
+
+def warm_decode_kernels(device: torch.device | str, head_dim: int, pairs, group_size: int) -> None:
+    """Compile now the CUDA decode kernels for per-token (key bits, value bits) `pairs` at this head_dim and group
+    (1-3 s each, then cached on disk), so that a cache whose segments change widths as it runs (SmartKV's classes)
+    does not stop a decode step for a compilation. A no-op off CUDA and for configurations the path does not take;
+    a configuration NVRTC refuses is remembered and its calls take the Triton kernels."""
+    device = torch.device(device)
+    if device.type != "cuda" or os.environ.get("SMARTKV_FAST_ATTN", "1") == "0":
+        return
+    dev = device.index if device.index is not None else torch.cuda.current_device()
+    for kb, vb in pairs:
+        D, ok = head_dim, (2, 3, 4, 8) if head_dim == 128 else (2, 4, 8)
+        if D in (64, 128) and kb in ok and vb in ok and (group_size == 32 or group_size == 64 and D == 128):
+            try:
+                _cuda.kernels(dev, D, 1, kb, vb, group_size)
+            except RuntimeError:
+                pass   # remembered by cuda_attn: the calls it would have taken go to Triton, saying why once
 
 
 def _cuda_attention(q, segments, scaling, lengths, return_token_probs, probs_out):

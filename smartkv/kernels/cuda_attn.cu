@@ -63,6 +63,7 @@ constexpr int NGRP = D / GS;               // 32-channel groups of a row: the un
 constexpr int SG = SK_SG, NSG = D / SG;    // per-token scale groups (one or two 32-channel groups each)
 DEVI int sgi(int grp) { return grp / (SG / GS); }   // the scale group of 32-channel group grp
 static_assert(SG == GS || (SG == 2 * GS && D == 128), "per-token scale groups of 32 channels, or 64 at head_dim 128");
+static_assert((KB != 3 && VB != 3) || (D == 128 && KKIND == 1), "3-bit codes: per-token, head_dim 128");
 constexpr int TILE = 32;                   // tokens per stage
 constexpr int HMAX = 8;                    // query heads per KV head, at most (the dot's N)
 constexpr int NMT = D / 16;                // m-tiles of the value dot = k-steps of the key dot
@@ -144,9 +145,22 @@ constexpr int SMEM_BYTES = Q_BYTES + NW * WARP_BYTES;
 // Register j feeds k-step 2*grp + (j >> 1), half (j & 1) of the lane's column pairs: columns 2t + 8(j&1) and
 // + 1 hold channels 32grp + 8t + kchan(j, 0 / 1), read as code * kfac(j) * 2^-24.
 DEVI int kchan(int j, int e) { return KB == 8 ? 2 * j + e : j + 4 * e; }
-DEVI float kfac(int j) { return KB == 4 ? ((j & 1) ? 16.f : 1.f) : (KB == 2 ? (float)(1 << (2 * j)) : 1.f); }
+DEVI float kfac(int j) {
+  return KB == 4 ? ((j & 1) ? 16.f : 1.f) : KB == 3 ? ((j & 1) ? 8.f : 1.f) : (KB == 2 ? (float)(1 << (2 * j)) : 1.f);
+}
+// 3-bit codes: 8 a 24-bit little-endian word (code e at bit 3e), read bytewise (words are 3-byte aligned)
+DEVI u32 load24(const u8* p) { return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16); }
+// four 3-bit codes of x (bits 0-11) beside four of y, as two codes a register: r[j] = (code j of x | code j of y
+// << 16) at bit 3 (j & 1), so each stays inside the fp16 mantissa (bits 0-5; a code at bit 9 would not)
+DEVI void pairs3(u32 x, u32 y, u32 (&r)[4]) {
+  u32 w = (x & 0xFFFu) | ((y & 0xFFFu) << 16), w6 = w >> 6;
+  r[0] = w & 0x00070007u; r[1] = w & 0x00380038u; r[2] = w6 & 0x00070007u; r[3] = w6 & 0x00380038u;
+}
 DEVI void unpack_k(const u8* row, int grp, int t, u32 (&r)[4]) {
-  if (KB == 4) {
+  if (KB == 3) {                        // channels 32grp + 8t + 0..7: one 24-bit word; codes 0-3 and 4-7 paired
+    u32 w = load24(row + 12 * grp + 3 * t);
+    pairs3(w, w >> 12, r);
+  } else if (KB == 4) {
     u32 w = *(const u32*)(row + 16 * grp + 4 * t);
     r[0] = w & 0x000F000Fu; r[1] = w & 0x00F000F0u;
     w >>= 8;
@@ -190,9 +204,14 @@ DEVI void unpack_kc(const u8* row, int t, u32 (&r)[CREG]) {
 // Value codes of channel group grp for two tokens (rows a, b): 4 registers n, each (code of a, code of b) of
 // channel 32grp + 4g + n, read as code * vfac(n) * 2^-24. Register n is row g + 8(n & 1) of m-tile
 // 2grp + (n >> 1).
-DEVI float vfac(int n) { return VB == 4 ? ((n & 1) ? 16.f : 1.f) : (VB == 2 ? (float)(1 << (2 * n)) : 1.f); }
+DEVI float vfac(int n) {
+  return VB == 4 ? ((n & 1) ? 16.f : 1.f) : VB == 3 ? ((n & 1) ? 8.f : 1.f) : (VB == 2 ? (float)(1 << (2 * n)) : 1.f);
+}
 DEVI void unpack_v(const u8* ra, const u8* rb, int grp, int g, u32 (&r)[4]) {
-  if (VB == 4) {
+  if (VB == 3) {                        // channels 32grp + 4g + 0..3: 12 bits from bit 96grp + 12g of each row
+    const int off = 12 * grp + (3 * g) / 2, sh = 4 * (g & 1);
+    pairs3(((u32)ra[off] | ((u32)ra[off + 1] << 8)) >> sh, ((u32)rb[off] | ((u32)rb[off + 1] << 8)) >> sh, r);
+  } else if (VB == 4) {
     int off = 16 * grp + 4 * (g >> 1);
     u32 x = prmt(*(const u32*)(ra + off), *(const u32*)(rb + off), (g & 1) ? 0x7632 : 0x5410);
     r[0] = x & 0x000F000Fu; r[1] = x & 0x00F000F0u;
@@ -563,6 +582,7 @@ DEVI void key8(const Params& p, i64 b, i64 hk, int tok, int c8, int TK, float (&
   const u8* row = p.kq + b * p.skqb + hk * p.skqh + (i64)tok * p.skqt;
   u32 lo, hi = 0;                                   // the 8 codes, KB bits each, from bit 0 of lo (and hi)
   if (KB == 4) lo = *(const u32*)(row + c8 / 2);
+  else if (KB == 3) lo = load24(row + c8 / 8 * 3);
   else if (KB == 2) lo = *(const u16*)(row + c8 / 4);
   else { uint2 v = *(const uint2*)(row + c8); lo = v.x; hi = v.y; }
   float sc[8], zr[8];
@@ -597,6 +617,7 @@ DEVI void value4(const Params& p, i64 b, i64 hk, int tok, int c0, int TV, float 
   }
   const u8* row = p.vq + b * p.svqb + hk * p.svqh + (i64)tok * p.svqt;
   u32 bits = VB == 8 ? (TCH == 4 ? *(const u32*)(row + c0) : *(const u16*)(row + c0))
+           : VB == 3 ? ((u32)row[c0 * 3 / 8] | ((u32)row[c0 * 3 / 8 + 1] << 8)) >> ((c0 * 3) & 7)
            : VB == 4 ? (TCH == 4 ? *(const u16*)(row + c0 / 2) : *(const u8*)(row + c0 / 2))
                      : (u32)*(const u8*)(row + c0 / 4) >> (TCH == 4 ? 0 : 4 * ((c0 / 2) & 1));
   i64 mo = b * p.svsb + hk * p.svsh + (i64)tok * p.svst + c0 / SG;
