@@ -79,11 +79,15 @@ class Window:
 
 
 def parse_config(spec: str) -> tuple[str, dict]:
-    """'kivi:key_bits=4,value_bits=4' -> ("kivi", {"key_bits": 4, "value_bits": 4})."""
+    """'kivi:key_bits=4,value_bits=4' -> ("kivi", {"key_bits": 4, "value_bits": 4}); a tuple of ints is written
+    with slashes: 'smartkv:widths=2/4/8' -> ("smartkv", {"widths": (2, 4, 8)})."""
     method, _, rest = spec.partition(":")
     params = {}
     for item in filter(None, rest.split(",")):
         key, _, raw = item.partition("=")
+        if "/" in raw and all(part.strip().isdigit() for part in raw.split("/")):
+            params[key.strip()] = tuple(int(part) for part in raw.split("/"))
+            continue
         try:
             value = int(raw)
         except ValueError:

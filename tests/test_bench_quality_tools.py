@@ -199,3 +199,12 @@ def test_merged_rows_are_added_once_and_the_file_is_rewritten_identically(tmp_pa
     with pytest.raises(SystemExit):
         retrieval.main(["--from-json", str(tmp_path / "c.json"), "--merge-into", str(kept)])
     assert "--merge-into" in capsys.readouterr().err and len(retrieval.read_rows(str(kept))) == 3
+
+
+def test_a_config_spec_writes_a_tuple_with_slashes():
+    """SmartKV's widths are a tuple: `widths=2/4/8` (commas separate parameters); everything else as before."""
+    from smartkv.methods import make_cache
+
+    method, params = bench_quality.parse_config("smartkv:budget=4.25,widths=2/4/8,joint=true,rotate=keys")
+    assert (method, params) == ("smartkv", dict(budget=4.25, widths=(2, 4, 8), joint=True, rotate="keys"))
+    assert make_cache(method, num_layers=1, **params).layers[0].config.widths == (2, 4, 8)
