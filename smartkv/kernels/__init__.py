@@ -161,7 +161,8 @@ def warm_decode_kernels(device: torch.device | str, head_dim: int, pairs, group_
         return
     dev = device.index if device.index is not None else torch.cuda.current_device()
     for kb, vb in pairs:
-        D, ok = head_dim, (2, 3, 4, 8) if head_dim == 128 else (2, 4, 8)
+        three = head_dim == 128 and os.environ.get("SMARTKV_CUDA_3BIT", "0") == "1"   # see cuda_attn._kinds
+        D, ok = head_dim, (2, 3, 4, 8) if three else (2, 4, 8)
         if D in (64, 128) and kb in ok and vb in ok and (group_size == 32 or group_size == 64 and D == 128):
             try:
                 _cuda.kernels(dev, D, 1, kb, vb, group_size)

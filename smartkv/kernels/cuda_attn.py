@@ -248,7 +248,9 @@ def _kinds(seg: KVSegment) -> tuple[int, int, int, int] | str:
     if (k.group_size != (GS if k.axis == -2 else sg)) or not (sg == GS or sg == 2 * GS and D == 128):
         return (f"group size {k.group_size}/{v.group_size} (the kernel reads per-token groups of {GS} channels, "
                 f"or of {2 * GS} at head_dim 128, the same for keys and values; per-channel keys groups of {GS})")
-    per_token = (2, 3, 4, 8) if D == 128 else (2, 4, 8)       # 3-bit rows of 48 bytes: head_dim 128 only
+    # 3-bit rows (48 bytes at head_dim 128 only): written, not yet run on a GPU, so off unless SMARTKV_CUDA_3BIT=1
+    three = D == 128 and os.environ.get("SMARTKV_CUDA_3BIT", "0") == "1"
+    per_token = (2, 3, 4, 8) if three else (2, 4, 8)
     if k.axis == -1 and k.bits not in per_token or k.axis == -2 and k.bits not in (2, 4) or v.bits not in per_token:
         return f"{k.bits}-bit keys (axis {k.axis}) / {v.bits}-bit values at head_dim {D}"
     return (1 if k.axis == -1 else 2, k.bits, v.bits, sg)
