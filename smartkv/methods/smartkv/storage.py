@@ -130,6 +130,37 @@ class SmartKVStorage:
         """Tokens per row in each width's pool of `kind`, widths lowest first (0 for a width with no pool)."""
         return [self.pools[kind][w].codes.shape[-2] if w in self.pools[kind] else 0 for w in self.widths]
 
+    def _stored_ranks(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(widths (B, H, Tq), entries (B * H, Tq) long) of the stored keys or values: each token's width and its
+        entry in that width's pool row (a pool holds a row's tokens of one width in position order, or class-major:
+        `_class_major`). Computed once
+        per re-allocation (`_flush` holds them while it runs), on each call outside one."""
+        if self._stored is not None and kind in self._stored:
+            return self._stored[kind]
+        bits = self.level_bits(kind)
+        flat = bits.reshape(self.batch_size * self.num_heads, bits.shape[-1])
+        if self._class_major:   # a width's entries by the other kind's width, then position
+            other = self.level_bits("v" if kind == "k" else "k").reshape(flat.shape)
+            rank = self._class_slots(flat * 16 + other)
+        else:
+            rank = torch.zeros_like(flat)
+            for b in self.pools[kind]:
+                m = flat == b
+                rank += m * (m.cumsum(-1) - 1)
+        if self._stored is not None:
+            self._stored[kind] = (bits, rank)
+        return bits, rank
+
+    @staticmethod
+    def _class_slots(key: torch.Tensor) -> torch.Tensor:
+        """Each token's entry (R, T) in its pool when a pool holds the tokens of one `key` // 16 (own width) ordered
+        by `key` (own width x 16 + the other kind's width), then position."""
+        R, T = key.shape
+        order = torch.argsort(key, dim=-1, stable=True)
+        slot = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=key.device).expand(R, T))
+        first = torch.searchsorted(key.gather(1, order), key - key % 16)   # where the token's width starts
+        return slot - first
+
     def _empty_pool(self, bits: int) -> QTensor:
         """A pool of no tokens at `bits` (made once per width: decode steps ask for it every call)."""
         if bits not in self._empty_pools:
