@@ -157,15 +157,13 @@ def warm_decode_kernels(device: torch.device | str, head_dim: int, pairs, group_
     does not stop a decode step for a compilation. A no-op off CUDA and for configurations the path does not take;
     a configuration NVRTC refuses is remembered and its calls take the Triton kernels."""
     device = torch.device(device)
-    if device.type != "cuda" or os.environ.get("SMARTKV_FAST_ATTN", "1") == "0":
+    if device.type != "cuda" or os.environ.get("SMARTKV_FAST_ATTN", "1") == "0" or head_dim not in (64, 128):
         return
     dev = device.index if device.index is not None else torch.cuda.current_device()
     for kb, vb in pairs:
-        three = head_dim == 128 and os.environ.get("SMARTKV_CUDA_3BIT", "0") == "1"   # see cuda_attn._kinds
-        D, ok = head_dim, (2, 3, 4, 8) if three else (2, 4, 8)
-        if D in (64, 128) and kb in ok and vb in ok and (group_size == 32 or group_size == 64 and D == 128):
+        if _cuda.per_token_problem(head_dim, kb, vb, group_size) is None:
             try:
-                _cuda.kernels(dev, D, 1, kb, vb, group_size)
+                _cuda.kernels(dev, head_dim, 1, kb, vb, group_size)
             except RuntimeError:
                 pass   # remembered by cuda_attn: the calls it would have taken go to Triton, saying why once
 
@@ -213,17 +211,12 @@ def pool_values(probs: torch.Tensor, pools: Sequence, fp: Sequence = (), tokens_
     pools, fp = _check_segments(pools, fp)
     end = importance[2] if importance is not None and len(importance) > 2 else None
     if end is not None:
-        if len(importance[1]) != MAX_RANGES or end.shape != (probs.shape[0],) or end.dtype != torch.int32:
-            raise ValueError(f"with range_end, ranges must hold exactly {MAX_RANGES} ranges and range_end "
-                             f"be ({probs.shape[0]},) int32, got {len(importance[1])} ranges, "
-                             f"{tuple(end.shape)} {end.dtype}")
+        _check_range_end(probs.shape[0], importance[1], end)
         importance = (importance[0], importance[1])
         if not (kernels_available(probs.device) and _pools_ok(pools, "pool_values")
                 and importance[0].is_contiguous()):
-            out = pool_values(probs, pools, fp, tokens_per_split)   # the reference: ranges per sequence
-            for b, e in enumerate(end.tolist()):
-                ranges = [tuple(map(int, r)) for r in importance[1][:-1]] + [(int(importance[1][-1][0]), e)]
-                importance_update(importance[0][b:b + 1], probs[b:b + 1], ranges)
+            out = pool_values(probs, pools, fp, tokens_per_split)   # values apart, then the fold on its own
+            importance_update(importance[0], probs, importance[1], end)
             return out
     if importance is not None and (importance[0].dim() != 3 or importance[0].shape[0] != probs.shape[0]
                                    or importance[0].shape[-1] != probs.shape[-1]):
@@ -296,6 +289,12 @@ def pool_positions(levels, n: int, counts: Sequence) -> torch.Tensor:
     return out if many else out[0]
 
 
+def _check_range_end(batch: int, ranges: Sequence, range_end: torch.Tensor) -> None:
+    if len(ranges) != MAX_RANGES or range_end.shape != (batch,) or range_end.dtype != torch.int32:
+        raise ValueError(f"with range_end, ranges must hold exactly {MAX_RANGES} ranges and range_end be "
+                         f"({batch},) int32, got {len(ranges)} ranges, {tuple(range_end.shape)} {range_end.dtype}")
+
+
 def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence[tuple[int, int]],
                       range_end: torch.Tensor | None = None) -> None:
     """Fold one decode query's attention into SmartKV's importance codes, in place (smartkv.core.importance).
@@ -307,10 +306,7 @@ def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence
     decode steps)."""
     ranges = [tuple(map(int, r)) for r in ranges]
     if range_end is not None:
-        if len(ranges) != MAX_RANGES or range_end.shape != (codes.shape[0],) or range_end.dtype != torch.int32:
-            raise ValueError(f"with range_end, ranges must hold exactly {MAX_RANGES} ranges and range_end be "
-                             f"({codes.shape[0]},) int32, got {len(ranges)} ranges, {tuple(range_end.shape)} "
-                             f"{range_end.dtype}")
+        _check_range_end(codes.shape[0], ranges, range_end)
         if kernels_available(codes.device) and codes.shape[-1]:
             return _tp.importance_update_triton(codes, probs, ranges, range_end)
         for b, e in enumerate(range_end.tolist()):   # the reference: ranges per sequence

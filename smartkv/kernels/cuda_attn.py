@@ -244,16 +244,26 @@ def _kinds(seg: KVSegment) -> tuple[int, int, int, int] | str:
     if not (isinstance(k, QTensor) and isinstance(v, QTensor)):
         return "keys and values of one segment quantized and full precision"
     D = v.codes.shape[-1] * 8 // v.bits
-    sg = v.group_size
-    if (k.group_size != (GS if k.axis == -2 else sg)) or not (sg == GS or sg == 2 * GS and D == 128):
-        return (f"group size {k.group_size}/{v.group_size} (the kernel reads per-token groups of {GS} channels, "
-                f"or of {2 * GS} at head_dim 128, the same for keys and values; per-channel keys groups of {GS})")
+    if k.axis == -2:   # KIVI's per-channel keys: groups of GS tokens, 2 or 4 bits; the values per token
+        if k.group_size != GS or k.bits not in (2, 4):
+            return f"per-channel keys of {k.bits} bits in groups of {k.group_size} (the kernel reads 2 or 4, {GS})"
+        why = per_token_problem(D, None, v.bits, v.group_size)
+    else:
+        why = (f"group size {k.group_size}/{v.group_size} (keys and values share one)" if k.group_size != v.group_size
+               else per_token_problem(D, k.bits, v.bits, v.group_size))
+    return why or (1 if k.axis == -1 else 2, k.bits, v.bits, v.group_size)
+
+
+def per_token_problem(D: int, kb: int | None, vb: int, sg: int) -> str | None:
+    """Why per-token keys of `kb` bits (None: the keys are per-channel, judged apart) and values of `vb` bits in
+    scale groups of `sg` channels at head_dim D are not for this path; None when they are."""
+    if not (sg == GS or sg == 2 * GS and D == 128):
+        return f"group size {sg} (the kernel reads per-token groups of {GS} channels, or of {2 * GS} at head_dim 128)"
     # 3-bit rows (48 bytes at head_dim 128 only): written, not yet run on a GPU, so off unless SMARTKV_CUDA_3BIT=1
-    three = D == 128 and os.environ.get("SMARTKV_CUDA_3BIT", "0") == "1"
-    per_token = (2, 3, 4, 8) if three else (2, 4, 8)
-    if k.axis == -1 and k.bits not in per_token or k.axis == -2 and k.bits not in (2, 4) or v.bits not in per_token:
-        return f"{k.bits}-bit keys (axis {k.axis}) / {v.bits}-bit values at head_dim {D}"
-    return (1 if k.axis == -1 else 2, k.bits, v.bits, sg)
+    ok = (2, 3, 4, 8) if D == 128 and os.environ.get("SMARTKV_CUDA_3BIT", "0") == "1" else (2, 4, 8)
+    if (kb is not None and kb not in ok) or vb not in ok:
+        return f"{kb}-bit keys / {vb}-bit values at head_dim {D} (the kernel reads {'/'.join(map(str, ok))})"
+    return None
 
 
 def _aligned(t: torch.Tensor, row_bytes_multiple: int, base: int) -> bool:

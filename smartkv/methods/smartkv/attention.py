@@ -6,7 +6,6 @@ import torch
 
 from smartkv.cache.hf_compat import sdpa_attention_forward
 from smartkv.core.importance import add_range, allowed_from_mask, attention_probs, fold_attention
-from smartkv.core.policy import unpack_levels
 from smartkv.kernels import pool_positions, pool_scores, pool_values
 from smartkv.methods.smartkv.storage import hadamard
 
@@ -118,7 +117,5 @@ class SmartKVAttention:
         if not self.n_middle:
             return torch.empty(2, self.batch_size, self.num_heads, 0, dtype=torch.int32, device=self.device)
         if self._class_major:   # each width's tokens by the other kind's width, then position
-            lk, lv = (unpack_levels(self.levels[kind], self.n_middle).long() for kind in ("k", "v"))
-            n = len(self.widths)
-            return torch.stack([torch.argsort(a * n + b, dim=-1, stable=True) for a, b in ((lk, lv), (lv, lk))]).int()
+            return torch.stack([self._class_positions(kind) for kind in ("k", "v")]).int()
         return pool_positions([self.levels["k"], self.levels["v"]], self.n_middle, [counts["k"], counts["v"]])

@@ -1,7 +1,8 @@
 """SmartKV's joint re-allocation (`joint=True`): keys and values placed along one ranking, class by class (key
 width, value width), so every row (sequence x KV head) holds the same number of tokens of each class. That is
-what lets each class be one dense segment of the uniform decode kernels (docs/smartkv.md, "Joint classes"); the
-storage is still the per-kind width pools, so everything downstream is unchanged."""
+what lets each class be one dense segment of the uniform decode kernels (docs/smartkv.md, "Joint classes"): the
+width pools are written class-major, each class one slice of its key pool and of its value pool (onepass.py reads
+them)."""
 from __future__ import annotations
 
 import torch

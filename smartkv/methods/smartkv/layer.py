@@ -1,7 +1,7 @@
 """The SmartKV cache layer, composed of its four concerns (each a mixin over the same layer state):
 storage (sinks, width pools, window, accounting), attention (reference and fused two-pass decode, importance
-statistics; the one-pass step over joint classes), static decode steps (CUDA graphs) and re-allocation (flushing the window into the pools; jointly
-for keys and values with `joint=True`)."""
+statistics; the one-pass step over joint classes), static decode steps (CUDA graphs) and re-allocation (flushing
+the window into the pools; jointly for keys and values with `joint=True`)."""
 from __future__ import annotations
 
 from smartkv.cache.layer import KVLayer

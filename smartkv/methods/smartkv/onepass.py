@@ -42,11 +42,12 @@ class SmartKVOnePass:
         segs.append(KVSegment(win_k, win_v))
         return segs
 
-    def _class_positions(self) -> torch.Tensor:
-        """(B, H, n_middle) int64: the middle's positions class by class, in `_class_segments`' order (a stable
-        sort of key level x widths + value level: classes in (key width, value width) order, each by position)."""
-        lk, lv = (unpack_levels(self.levels[kind], self.n_middle).long() for kind in ("k", "v"))
-        return torch.argsort(lk * len(self.widths) + lv, dim=-1, stable=True)
+    def _class_positions(self, kind: str = "k") -> torch.Tensor:
+        """(B, H, n_middle) int64: the middle's positions ordered by `kind`'s width, then the other kind's, then
+        position (a stable sort of the two level maps). For keys that is `_class_segments`' order, classes in
+        (key width, value width) order; for either kind, its class-major pools' order, width after width."""
+        own, other = (unpack_levels(self.levels[k], self.n_middle).long() for k in (kind, "v" if kind == "k" else "k"))
+        return torch.argsort(own * len(self.widths) + other, dim=-1, stable=True)
 
     def _one_pass_decode(self, query: torch.Tensor, scaling: float, observe: bool) -> torch.Tensor:
         """The decode step (B, 1, Hq, D) in query's dtype. With `observe`, the query's token probabilities (mean

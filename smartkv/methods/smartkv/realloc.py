@@ -10,6 +10,7 @@ from smartkv.core.policy import (Candidates, block_weights, cascade_assign, casc
                                  incremental_assign, incremental_candidates, pack_levels, plan_counts, rank_profile)
 from smartkv.core.quant import QTensor, dequantize, quantize
 from smartkv.kernels import quantize_pack
+from smartkv.methods.smartkv.storage import inverse_order
 
 
 class SmartKVRealloc:
@@ -233,7 +234,7 @@ class SmartKVRealloc:
         # each width's positions in the pool's order: by position, or class-major (by the other kind's width first)
         order = torch.argsort(level if other is None else level * len(self.widths) + other.reshape(R, T), dim=-1,
                               stable=True)
-        slot = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=order.device).expand(R, T))
+        slot = inverse_order(order)
         pools, out, start, c_start = self.pools[kind], {}, 0, 0
         for b in self.widths:
             n_b, k_b = counts[b], bt * placed[b]                           # tokens at b after; candidates' among them

@@ -29,6 +29,12 @@ def hadamard(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return h / dim ** 0.5
 
 
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """Where each entry lands, per row, when a row is permuted by `order` (R, T): the inverse permutation."""
+    R, T = order.shape
+    return torch.empty_like(order).scatter_(1, order, torch.arange(T, device=order.device).expand(R, T))
+
+
 class SmartKVStorage:
     """SmartKVLayer's storage part: the layer state every other part reads, and the views of it."""
 
@@ -155,9 +161,8 @@ class SmartKVStorage:
     def _class_slots(key: torch.Tensor) -> torch.Tensor:
         """Each token's entry (R, T) in its pool when a pool holds the tokens of one `key` // 16 (own width) ordered
         by `key` (own width x 16 + the other kind's width), then position."""
-        R, T = key.shape
         order = torch.argsort(key, dim=-1, stable=True)
-        slot = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=key.device).expand(R, T))
+        slot = inverse_order(order)
         first = torch.searchsorted(key.gather(1, order), key - key % 16)   # where the token's width starts
         return slot - first
 
