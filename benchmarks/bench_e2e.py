@@ -64,9 +64,8 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
     # a width per block of 16 tokens (quality held at this memory point, not at KIVI-2's: docs/smartkv.md)
     "smartkv block 16 (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
                                                                            block_tokens=16)),
-    # joint classes, class-major pools: the one-pass step (decode_attention over one segment a class); 3-bit
-    # classes take the CUDA kernels with SMARTKV_CUDA_3BIT=1, else the whole call runs on Triton; widths 2/4/8
-    # need neither (but cost quality: docs/smartkv.md)
+    # joint classes, class-major pools: the one-pass step (decode_attention over one segment a class, 3-bit
+    # classes included, on the CUDA kernels); widths 2/4/8 cost quality (docs/smartkv.md)
     "smartkv joint (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3, joint=True)),
     "smartkv joint 2/4/8 (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
                                                                               joint=True, widths=(2, 4, 8))),

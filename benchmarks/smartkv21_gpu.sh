@@ -21,13 +21,13 @@ grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
 timeout 75 python benchmarks/profile_realloc.py --device cuda --context 32768 --batch 8 --rounds 6 --count-syncs --trace 12 \
     --configs token-incremental,token-joint,block16-incremental --json "$OUT/realloc.json" > "$OUT/realloc.txt" 2>&1
 grep "^[|<]" "$OUT/realloc.txt" | tail -9
-JOINT="smartkv joint (budget 4.25; gap 3) (CUDA graph)"   # 3-bit classes on the CUDA kernels once their tests pass
-SMARTKV_CUDA_3BIT=1 timeout 170 python benchmarks/bench_e2e.py --context 32768 --batch 8 --rows "int4 (CUDA graph),$NEW,$JOINT,$B16" \
+JOINT="smartkv joint (budget 4.25; gap 3) (CUDA graph)"   # 3-bit classes on the CUDA kernels
+timeout 170 python benchmarks/bench_e2e.py --context 32768 --batch 8 --rows "int4 (CUDA graph),$NEW,$JOINT,$B16" \
     --no-max-batch --steps 64 --warmup 16 --budget-s 140 --out "$OUT/e2e32k" > "$OUT/e2e32k.log" 2>&1
 grep -v "^|" "$OUT/e2e32k.log" | grep -i "fail\|error\|skipped" | tail -5 | cut -c1-300
 grep "^|" "$OUT/e2e32k.log" | tail -4
 # 128K x 4: each SmartKV fill there takes ~20-80 s, so the default and joint go first
-SMARTKV_CUDA_3BIT=1 timeout 170 python benchmarks/bench_e2e.py --context 131072 --batch 4 --rows "int4 (CUDA graph),$NEW,$JOINT" \
+timeout 170 python benchmarks/bench_e2e.py --context 131072 --batch 4 --rows "int4 (CUDA graph),$NEW,$JOINT" \
     --no-max-batch --steps 64 --warmup 16 --budget-s 140 --out "$OUT/e2e128k" > "$OUT/e2e128k.log" 2>&1
 grep -v "^|" "$OUT/e2e128k.log" | grep -i "fail\|error\|skipped" | tail -5 | cut -c1-300
 grep "^|" "$OUT/e2e128k.log" | tail -4

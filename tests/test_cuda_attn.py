@@ -17,9 +17,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.fixture(autouse=True)
 def _small_caches_too(monkeypatch):
-    """The shapes here are small: take the fast path below its size threshold as well; 3-bit codes too (off by
-    default until these tests have passed on a GPU: cuda_attn._kinds)."""
-    monkeypatch.setenv("SMARTKV_CUDA_3BIT", "1")
+    """The shapes here are small: take the fast path below its size threshold as well."""
     with tuning.override(cuda={"min_tokens": 0}):
         yield
 

@@ -259,8 +259,7 @@ def per_token_problem(D: int, kb: int | None, vb: int, sg: int) -> str | None:
     scale groups of `sg` channels at head_dim D are not for this path; None when they are."""
     if not (sg == GS or sg == 2 * GS and D == 128):
         return f"group size {sg} (the kernel reads per-token groups of {GS} channels, or of {2 * GS} at head_dim 128)"
-    # 3-bit rows (48 bytes at head_dim 128 only): written, not yet run on a GPU, so off unless SMARTKV_CUDA_3BIT=1
-    ok = (2, 3, 4, 8) if D == 128 and os.environ.get("SMARTKV_CUDA_3BIT", "0") == "1" else (2, 4, 8)
+    ok = (2, 3, 4, 8) if D == 128 else (2, 4, 8)   # 3-bit rows: 48 bytes at head_dim 128 only
     if (kb is not None and kb not in ok) or vb not in ok:
         return f"{kb}-bit keys / {vb}-bit values at head_dim {D} (the kernel reads {'/'.join(map(str, ok))})"
     return None
