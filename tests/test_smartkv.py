@@ -17,7 +17,9 @@ def tiny():
 
 
 def _run(model, steps=24, prompt=40, **params):
-    cache = smartkv.make_cache("smartkv", model, **params)
+    """A cache after a prompt and decode steps. These tests check the re-allocating designs (the incremental one
+    unless `realloc` says otherwise); test_append.py checks realloc="append", the default."""
+    cache = smartkv.make_cache("smartkv", model, **{"realloc": "incremental", **params})
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt + steps), generator=g)
     with torch.inference_mode():
@@ -55,7 +57,8 @@ def test_every_held_tensor_is_counted(tiny, held):
 
 
 def test_demotion_keeps_codes_of_unchanged_tokens(tiny):
-    cache = smartkv.make_cache("smartkv", tiny.model, budget=4, recent_window=8, realloc_every=8, group_size=32)
+    cache = smartkv.make_cache("smartkv", tiny.model, budget=4, recent_window=8, realloc_every=8, group_size=32,
+                               realloc="incremental")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 512, (1, 80), generator=g)
     layer = cache.layers[1]
@@ -188,7 +191,8 @@ def test_an_allocation_waits_for_the_device_once(block_tokens, joint):
         return {site: n for site, n in c.by_site.items()
                 if not (site.startswith("core/policy.py") and site.endswith(host_solve))}
 
-    cache = make_cache("smartkv", num_layers=1, budget=4.25, key_value_gap=3, block_tokens=block_tokens, joint=joint)
+    cache = make_cache("smartkv", num_layers=1, budget=4.25, key_value_gap=3, block_tokens=block_tokens, joint=joint,
+                       realloc="incremental")
     layer = cache.layers[0]
     g = torch.Generator().manual_seed(0)
     layer.append(torch.randn(2, 4, 600, 64, generator=g), torch.randn(2, 4, 600, 64, generator=g))
@@ -212,7 +216,8 @@ def test_allocations_of_known_sizes_equal_those_that_read_them(params):
     widths and codes."""
     from smartkv.methods import make_cache
 
-    layers = [make_cache("smartkv", num_layers=1, **{**dict(budget=4.25, key_value_gap=3), **params}).layers[0]
+    layers = [make_cache("smartkv", num_layers=1, **{**dict(budget=4.25, key_value_gap=3, realloc="incremental"),
+                                                      **params}).layers[0]
               for _ in range(2)]
     reading = layers[1]
     reading._reallocate_candidates = lambda w, k: reading._reallocate_reading_sizes(w, k, bool(reading.n_middle))
@@ -310,7 +315,8 @@ def test_joint_gives_every_row_the_same_class_counts(params):
         layer.append(kv[0][..., a:b, :], kv[1][..., a:b, :])
         layer.importance[..., -(b - a):] = seen[..., a:b]
         layer._flush()
-    layers = [make_cache("smartkv", num_layers=1, joint=j, **params).layers[0] for j in (False, True)]
+    layers = [make_cache("smartkv", num_layers=1, joint=j, realloc="incremental", **params).layers[0]
+              for j in (False, True)]
     for layer in layers:
         add(layer, 0, 600)
     assert all(torch.equal(layers[0].levels[kind], layers[1].levels[kind]) for kind in ("k", "v"))

@@ -10,9 +10,11 @@ buffers that the captured kernels read:
 
 Caches: smartkv's `fp16`, `int8`, `int4` and `smartkv` with the kernels (`SmartKVCache.begin_static`: every step
 writes and reads through `StaticDecode`'s device positions, attention runs over the reserved capacity up to the
-device length), and transformers' `StaticCache`. SmartKV re-allocates every `realloc_every` tokens on the host:
-that step's re-allocation runs between two replays (`cache.advance`), and the next step is captured again, so a
-graph serves one re-allocation period. KIVI re-organises its window every step and runs ordinary steps.
+device length), and transformers' `StaticCache`. A step whose work differs (SmartKV's flush with
+`realloc="append"`: `cache.static_variant()`) has a graph of its own, captured the first time it comes and replayed
+every period after. SmartKV's re-allocating designs re-allocate every `realloc_every` tokens on the host between
+two replays (`cache.advance`), and the next step is captured again, so a graph serves one re-allocation period.
+KIVI re-organises its window every step and runs ordinary steps.
 
 mode: "graph" (CUDA), "static" (the same static step, run eagerly: what CPU tests check against ordinary steps),
 "eager" (ordinary `model(...)` steps; any cache). The default (`default_mode`) is "graph" on CUDA for a cache
@@ -67,13 +69,15 @@ class GraphDecoder:
         self.model, self.cache, self.max_length, self.mode = model, cache, max_length, mode
         self.device = device
         self.length = n          # tokens per sequence in the cache (host count)
-        self.captures = 0        # graphs captured (SmartKV: one per re-allocation period)
+        self.captures = 0        # graphs captured (SmartKV: one per re-allocation period, or one per variant)
         self._eager_left = warmup
+        self.graphs: dict = {}   # the cache's static_variant() -> (graph, its logits buffer)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.state = None
         if mode != "eager" and not self.hf_static:
             self.state = cache.begin_static(max_length)
         self._ids = self._positions = self._logits = None
+        self._pool = None
         self._cache_kw = cache_kwargs(model, cache)  # once: the step is host-bound
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -115,7 +119,8 @@ class GraphDecoder:
             self.state.lengths.fill_(n + 1)
         if self.mode == "static":
             logits = self._forward()
-        elif self.graph is not None:
+        elif self._variant() in self.graphs:
+            self.graph, self._logits = self.graphs[self._variant()]
             self.graph.replay()
             logits = self._logits
         elif self._eager_left > 0:  # real steps on a side stream first, as torch.cuda.graphs asks
@@ -126,9 +131,12 @@ class GraphDecoder:
                 logits = self._forward()
             torch.cuda.current_stream(self.device).wait_stream(side)
         else:
+            variant = self._variant()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=self._pool):
                 self._logits = self._forward()
+            self._pool = self.graph.pool()   # the variants share one memory pool
+            self.graphs[variant] = (self.graph, self._logits)
             self.captures += 1
             self.graph.replay()
             logits = self._logits
@@ -137,13 +145,16 @@ class GraphDecoder:
             # a layer re-organised its storage (SmartKV's re-allocation, run here on the host as an ordinary step
             # runs it after its attention): the next step launches other arguments, so capture again after one
             # eager step (kernels for new pool widths compile outside the capture)
-            self.graph = None
+            self.graph, self.graphs, self._pool = None, {}, None
             self._eager_left = 1
         return logits
 
+    def _variant(self):
+        return None if self.hf_static else self.cache.static_variant()
+
     def close(self) -> None:
         """Release the graph and return the cache to ordinary steps (it keeps every token)."""
-        self.graph = None
+        self.graph, self.graphs, self._pool = None, {}, None
         if self.state is not None:
             self.cache.end_static()
             self.state = None

@@ -191,6 +191,10 @@ class KVLayer(SlidingWindow, CacheLayerMixin):
         re-organised its storage doing so (SmartKV's re-allocation), so that a captured step no longer applies."""
         raise NotImplementedError
 
+    def _static_variant(self):
+        """The next static step's variant (see SmartKVCache.static_variant): None, the common step."""
+        return None
+
     def _static_end(self) -> None:
         """Leave static steps: hold the stored tokens in ordinary tensors again, freeing phase buffers."""
 
@@ -365,6 +369,11 @@ class SmartKVCache(Cache):
             layer.seq_len += tokens
             changed |= bool(layer._advance(tokens))
         return changed
+
+    def static_variant(self) -> tuple:
+        """What the next static step does beyond the common step, per layer (`_static_variant`): steps of one
+        variant launch the same kernels with the same arguments, so one captured graph serves them all."""
+        return tuple(layer._static_variant() for layer in self.layers)
 
     def end_static(self) -> None:
         """Back to ordinary decode steps (the cache keeps every token stored so far)."""

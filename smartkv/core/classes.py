@@ -129,3 +129,17 @@ def joint_counts(plan: list[tuple[int, int, int]], n: int, lowest: tuple[int, in
     if rest:
         out[lowest] = out.get(lowest, 0) + rest
     return out
+
+
+def flush_mix(profile: torch.Tensor, budgets: tuple[float, float], widths, n: int) -> list[tuple[int, int, int]]:
+    """The classes (key width, value width, units) every later flush of `n` units gives its units, heaviest
+    first (SmartKV's `realloc="append"`): each kind's counts solved (`policy.counts_for`) on `profile` (a first
+    allocation's rank profile, (N,) descending) resampled at n evenly spaced quantiles, so every flush spends the
+    budget the way the prompt's weight distribution says, and merged along one ranking (`staircase`)."""
+    from smartkv.core.policy import counts_for
+    N = profile.numel()
+    if N == 0:
+        raise ValueError("flush_mix needs a non-empty rank profile")
+    at = ((torch.arange(n, dtype=torch.float64) + 0.5) * N / n).long().clamp(max=N - 1)
+    sample = profile.double().cpu()[at]
+    return staircase(*(counts_for(sample, b, widths) for b in budgets))

@@ -124,7 +124,9 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
     in order (a segment's own `lengths` overrides). Returns the output in q's shape and dtype; with
     `return_token_probs`, also a list with one (B, kv_heads, T_seg) fp32 tensor per segment: each token's
     attention probability summed over the query heads of its group (added into `probs_out` when given, so a
-    cache can accumulate importance without another pass).
+    cache can accumulate importance without another pass). A None entry of `probs_out` skips that segment (its
+    logits are neither stored nor normalised; its entry in the returned list is None): a cache that needs the
+    probabilities of a few tokens only (SmartKV's window) does not pay for the rest.
     """
     check_inputs(q, segments)
     if q.is_cuda:  # the CUDA kernels first (cuda_attn); the Triton ones where they do not apply
@@ -172,7 +174,8 @@ def _cuda_attention(q, segments, scaling, lengths, return_token_probs, probs_out
     if not return_token_probs:
         return _cuda.decode_attention_cuda(q, segments, scaling, lengths)
     B, Hq = q.shape[:2]
-    scores = [torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=q.device) for s in segments]
+    scores = [None if probs_out is not None and probs_out[i] is None else
+              torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=q.device) for i, s in enumerate(segments)]
     out, lse = _cuda.decode_attention_cuda(q, segments, scaling, lengths, scores=scores)
     h_kv = (segments[0].keys.codes if isinstance(segments[0].keys, QTensor) else segments[0].keys).shape[1]
     return out, _decode.token_probs(scores, lse, segments, lengths, h_kv, probs_out)

@@ -420,7 +420,7 @@ def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scalin
                           lengths: torch.Tensor | None = None, ladder: int = 3,
                           scores: Sequence[torch.Tensor] | None = None):
     """`decode_attention` on the CUDA kernels; `unsupported` must have said None. Returns the output in q's shape;
-    with `scores` (one (B, Hq, T_seg) fp32 buffer per segment, token stride 1), also writes each valid token's
+    with `scores` (one (B, Hq, T_seg) fp32 buffer per segment, token stride 1, or None: not written), also writes each valid token's
     logit there (log2 domain, scaling included) and returns (output, lse (B, Hq) fp32, the log2-sum-exp of all
     logits), from which `split.token_probs` makes the token probabilities.
     ladder < 3: the benchmark ladder's partial kernels (bytes only, + unpacking, + q.k), wrong outputs."""
@@ -445,7 +445,7 @@ def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scalin
         p.sxb, p.sxh = out.stride()[:2]
         p.s_total = S
         p.sc = o_part.data_ptr()
-        if scores is not None:
+        if scores is not None and scores[i] is not None:
             sc = scores[i]
             if sc.shape != (B, Hq, segments[i].num_tokens) or sc.dtype != torch.float32 or sc.stride(-1) != 1:
                 raise ValueError(f"scores[{i}] must be ({B}, {Hq}, {segments[i].num_tokens}) fp32 with token "

@@ -108,7 +108,8 @@ def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], s
     parts = list(mass.split([s.num_tokens for s in segments], -1))
     if probs_out is not None:
         for acc, p in zip(probs_out, parts, strict=True):
-            acc += p
+            if acc is not None:
+                acc += p
         parts = list(probs_out)
     return out, parts
 

@@ -234,8 +234,9 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     S = sum(p.n_splits for p in plans)
     o_part = torch.empty(B, Hq, max(S, 1), D, dtype=torch.float32, device=dev)
     lse_part = torch.empty(B, Hq, max(S, 1), dtype=torch.float32, device=dev)
-    scores = [torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=dev) if return_token_probs else None
-              for s in segments]
+    scores = [torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=dev)
+              if return_token_probs and (probs_out is None or probs_out[i] is not None) else None
+              for i, s in enumerate(segments)]
     plan_of = {id(p.seg): p for p in plans}
     split0 = 0
     for i, seg in enumerate(segments):
@@ -262,7 +263,7 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
             K_KIND=k.kind, K_BITS=k.bits, K_PW=per_word(k.bits) if k.kind else 1, K_G=k.group, K_NGRP=k.ngrp,
             V_KIND=v.kind, V_BITS=v.bits, V_PW=per_word(v.bits) if v.kind else 1, V_G=v.group, V_NGRP=v.ngrp,
             HAS_KRES=k.has_res, HAS_VRES=v.has_res, HAS_LEN=lens is not None, HAS_KAFF=ka is not None,
-            STORE_SCORES=return_token_probs, BLOCK_N=p.block_n, CODE_MODE=p.tuning.code_mode,
+            STORE_SCORES=scores[i] is not None, BLOCK_N=p.block_n, CODE_MODE=p.tuning.code_mode,
             RES_LAST=seg.residual_last, SVEC_K=k.svec, SVEC_V=v.svec,
             PREFETCH=p.tuning.prefetch, num_warps=p.tuning.num_warps, num_stages=p.tuning.num_stages,
             **({"maxnreg": p.tuning.maxnreg} if p.tuning.maxnreg else {}))
@@ -289,12 +290,16 @@ def token_probs(scores: Sequence[torch.Tensor], lse: torch.Tensor, segments: Seq
     """Each segment's token probabilities summed over the query heads of a KV group, (B, h_kv, T_seg) fp32 (added
     into `probs_out` when given), from the split kernels' logits `scores` (one (B, Hq, T_seg) per segment, log2
     domain) and the call's log2-sum-exp `lse` (B, Hq); tokens past a sequence's length get 0, whatever their
-    scores buffer holds. One launch per non-empty segment."""
+    scores buffer holds. One launch per non-empty segment; a segment whose scores are None gets None."""
     B, Hq = lse.shape
     NG = Hq // h_kv
     probs, offset = [], 0
     for i, seg in enumerate(segments):
         T = seg.num_tokens
+        if scores[i] is None:
+            probs.append(None)
+            offset += T
+            continue
         po = probs_out[i] if probs_out is not None else torch.empty(B, h_kv, T, dtype=torch.float32,
                                                                       device=lse.device)
         if T:

@@ -16,6 +16,7 @@ class SmartKVAttention:
     def attend(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         B, Hq, q_len, D = query.shape
         scaling = D ** -0.5 if scaling is None else scaling
+        self._group_heads = Hq // self.num_heads
         if self._pending is not None:  # a fused decode step: `update` stored the token and returned it alone
             self._pending = None
             if self.static is not None:  # no flush here: `_advance` re-allocates between static steps
@@ -36,7 +37,10 @@ class SmartKVAttention:
             out = out.reshape(B, Hq, 1, D).transpose(1, 2).to(query.dtype).contiguous()
         else:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        self._observe(probs, T, W)
+        if self._app is not None:
+            self._append_observe(probs, allowed)
+        else:
+            self._observe(probs, T, W)
         self._flush()
         return out, None
 
@@ -58,6 +62,8 @@ class SmartKVAttention:
         `observe`, the values pass also folds the probabilities into the importance (`_observe` of one query).
         Returns (output (B, 1, Hq, D) in query's dtype, probabilities (B, Hq, 1, T) fp32, or None from the
         one-pass step over class-major pools, `_one_pass_decode`, which takes this call when it can)."""
+        if self._app is not None:
+            return self._append_decode(query, scaling, observe), None
         if self._one_pass():
             return self._one_pass_decode(query, scaling, observe), None
         B, Hq, _, D = query.shape

@@ -16,7 +16,7 @@ class SmartKV(MethodConfig):
     name = "smartkv"
     # block_tokens=1 is the per-token design results were stored under; `realloc` is not neutral: its default
     # ("incremental") changes what a config computes, so SmartKV's job ids changed with it.
-    ID_NEUTRAL: ClassVar[dict] = {**MethodConfig.ID_NEUTRAL, "block_tokens": 1, "joint": False}
+    ID_NEUTRAL: ClassVar[dict] = {**MethodConfig.ID_NEUTRAL, "block_tokens": 1}
     budget: float = 7.0
     widths: tuple = WIDTHS
     group_size: int = 64
@@ -24,8 +24,11 @@ class SmartKV(MethodConfig):
     recent_window: int = 32
     realloc_every: int = 16
     block_tokens: int = 1      # middle tokens (consecutive, per KV head) sharing one width; the middle grows by blocks
-    realloc: str = "incremental"  # only new blocks and one demotion candidate per width and new block ("full": all)
-    joint: bool = False        # keys and values placed together: equal (key width, value width) counts in every row
+    # "append": stored tokens keep their widths, each flush gives its tokens a fixed class mix (append.py), on
+    # full-attention layers with joint classes, per-token widths and no rotation (else "incremental");
+    # "incremental": new blocks and one demotion candidate per width and new block; "full": every block
+    realloc: str = "append"
+    joint: bool = True         # keys and values placed together: equal (key width, value width) counts in every row
     observe_window: int = 32
     key_norm: str = "channel"
     importance: str = "mean"
@@ -46,7 +49,7 @@ class SmartKV(MethodConfig):
         check_int("realloc_every", self.realloc_every, 1, 1 << 20)
         check_int("observe_window", self.observe_window, 1, 1 << 16)
         check_int("block_tokens", self.block_tokens, 1, 1024)
-        check_choice("realloc", self.realloc, ("full", "incremental"))
+        check_choice("realloc", self.realloc, ("append", "incremental", "full"))
         check_choice("joint", self.joint, (True, False))
         check_choice("key_norm", self.key_norm, ("channel", "center", "none"))
         check_choice("importance", self.importance, ("mean", "sum", "keynorm", "uniform"))

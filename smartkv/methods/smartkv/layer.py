@@ -1,10 +1,12 @@
 """The SmartKV cache layer, composed of its four concerns (each a mixin over the same layer state):
 storage (sinks, width pools, window, accounting), attention (reference and fused two-pass decode, importance
 statistics; the one-pass step over joint classes), static decode steps (CUDA graphs) and re-allocation (flushing
-the window into the pools; jointly for keys and values with `joint=True`)."""
+the window into the pools; jointly for keys and values with `joint=True`; by appending classes with
+`realloc="append"`)."""
 from __future__ import annotations
 
 from smartkv.cache.layer import KVLayer
+from smartkv.methods.smartkv.append import SmartKVAppend
 from smartkv.methods.smartkv.attention import SmartKVAttention
 from smartkv.methods.smartkv.joint import SmartKVJoint
 from smartkv.methods.smartkv.onepass import SmartKVOnePass
@@ -18,5 +20,5 @@ from smartkv.methods.smartkv.window import SmartKVWindow
 # defaults; no two parts define the same method, so their own order does not matter (the window part: sliding
 # layers, smartkv.cache.sliding)
 class SmartKVLayer(SmartKVStorage, SmartKVAttention, SmartKVOnePass, SmartKVStatic, SmartKVRealloc, SmartKVJoint,
-                   SmartKVWindow, KVLayer):
+                   SmartKVAppend, SmartKVWindow, KVLayer):
     static_capable = True

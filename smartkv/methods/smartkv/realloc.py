@@ -24,6 +24,8 @@ class SmartKVRealloc:
         change width (demotions) and the new ones are dequantized or quantized; the rest is index work on the
         level maps and a copy of the kept codes (the weights read stored tokens' ranges from scales and zeros).
         On a sliding layer (with `evict`: after the call's attention) first forget what left the window."""
+        if self._app is not None:
+            return self._append_flush()
         cfg = self.config
         n = self.win_k.shape[-2] - cfg.recent_window
         if n < self._flush_at() or n <= 0:
@@ -52,13 +54,16 @@ class SmartKVRealloc:
             new_k, new_v = self._to_stored(new_k, new_v)
             weights = block_weights(self._weights(new_k, new_v), self.block_tokens)
             kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
-            incremental = cfg.realloc == "incremental" and self.n_middle
+            incremental = cfg.realloc in ("incremental", "append") and self.n_middle
             if sizes_known and (incremental or not self.n_middle):
                 (self._reallocate_joint if self._joint_ready() else self._reallocate_candidates)(weights, kinds)
             else:
                 self._classes = None
                 self._reallocate_reading_sizes(weights, kinds, incremental)
             self.n_middle += n
+            if self._app_profile is not None:   # an append layer's first allocation: class buffers from here on
+                profile, self._app_profile = self._app_profile, None
+                self._append_begin(profile)
         finally:
             self._stored = None
 

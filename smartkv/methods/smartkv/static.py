@@ -18,6 +18,8 @@ class SmartKVStatic:
     def static_blocker(self) -> str | None:
         """Sinks filled, room for the decode range among the fold's ranges, and every width on the kernels (the
         torch path of a pool pass reads sizes on the host, which a captured step cannot)."""
+        if self._app is not None:   # one decode_attention call: sinks are full once the middle exists
+            return None
         if (self.sink_k.shape[-2] >= self.config.sink_tokens and len(self._split_ranges()[0]) < MAX_RANGES
                 and all(pool_kernels_ok(self._empty_pool(w)) for w in self.widths)):
             return None
@@ -35,7 +37,11 @@ class SmartKVStatic:
         codes up to the window's end, zero / UNSEEN beyond what is stored; the observed ranges split into fixed
         ones and the decode queries' range, whose end each static step reads from the device (`begin_static` has
         checked `static_blocker`; a re-allocation keeps it clear)."""
+        self._static_tokens = tokens or self._static_tokens
         self._flush()  # a window over-full from `append` (the next ordinary step would flush it first too)
+        if self._app is not None:
+            self._sbuf = None
+            return self._append_static_begin(self._static_tokens)
         cfg = self.config
         B, H, D = self.batch_size, self.num_heads, self.head_dim
         W, n_win = cfg.recent_window + self._flush_at(), self.win_k.shape[-2]
@@ -56,12 +62,16 @@ class SmartKVStatic:
         self.importance = buf["imp"][..., :self.importance.shape[-1]]
 
     def _static_store(self, key_states, value_states, state) -> None:
+        if self._app is not None:
+            return self._append_static_store(key_states, value_states, state)
         write_token((self._sbuf["k"], self._sbuf["v"]), state.pos - self._sbuf["start"], (key_states, value_states))
 
     def _static_segments(self, key_states, value_states, state) -> list:
         return []  # `attend` runs the two passes (see _decode_segments)
 
     def _advance(self, tokens: int) -> bool:
+        if self._app is not None:
+            return self._append_advance(tokens)
         for _ in range(tokens):
             n_win, T = self.win_k.shape[-2] + 1, self.importance.shape[-1] + 1
             if n_win > self._sbuf["k"].shape[-2]:
@@ -75,11 +85,18 @@ class SmartKVStatic:
         self._static_begin(0)
         return True
 
+    def _static_variant(self):
+        return "flush" if self._app is not None and self._append_flush_due() else None
+
     def _static_end(self) -> None:
+        if self._app is not None:
+            return self._append_static_end()
         self.win_k, self.win_v, self.importance = (x.contiguous() for x in (self.win_k, self.win_v, self.importance))
         self._sbuf = None
 
     def _slack_bytes(self) -> int:
+        if self._app is not None:
+            return self._append_slack()
         if self._sbuf is None or self.static is None:
             return 0
         unused = self._sbuf["k"].shape[-2] - self.win_k.shape[-2]

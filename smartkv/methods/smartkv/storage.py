@@ -62,6 +62,10 @@ class SmartKVStorage:
         # joint re-allocations write it, so a class is one slice of its key pool and of its value pool)
         self._class_major = False
         self._sbuf = None  # static steps: window K/V and importance buffers of the phase (see _static_begin)
+        self._app = None   # realloc="append": the class buffers once the first allocation ran (append.Classes)
+        self._app_profile = None   # the first allocation's rank profile, until `_flush` builds `_app` from it
+        self._group_heads = 1      # query heads per KV head (set by `attend`)
+        self._static_tokens = 0    # static steps: tokens per sequence reserved (begin_static)
 
     def _store(self, key_states, value_states) -> None:
         # the sequence's first tokens (a sliding layer forgets them once they leave its window)
@@ -72,12 +76,17 @@ class SmartKVStorage:
         self.win_k = torch.cat([self.win_k, key_states[..., n_sink:, :].to(self.window_dtype)], -2)
         self.win_v = torch.cat([self.win_v, value_states[..., n_sink:, :].to(self.window_dtype)], -2)
         B, H = self.batch_size, self.num_heads
+        if self._app is not None:   # only the window's tokens keep importance statistics
+            self._append_store(key_states.shape[-2])
+            return
         unseen = self.importance.new_full((B, H, key_states.shape[-2]), UNSEEN)  # encode_importance(0)
         self.importance = torch.cat([self.importance, unseen], -1)
 
     def level_bits(self, kind: str) -> torch.Tensor:
         """Widths (B, H, Tq) of the middle's keys ("k") or values ("v")."""
         B, H = self.batch_size, self.num_heads
+        if self._app is not None:
+            return self._append_bits(kind)
         if self.levels[kind] is None:
             return torch.empty(B, H, 0, dtype=torch.long, device=self.device)
         idx = unpack_levels(self.levels[kind], self.n_middle)
@@ -89,6 +98,8 @@ class SmartKVStorage:
         out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, D, device=self.device)
         if not self.n_middle:
             return out
+        if self._app is not None:
+            return self._append_middle(kind)
         if self._stored is not None or self._class_major:  # a re-allocation may have forgotten pool entries
             return self._middle_by_rank(kind)
         bits = self.level_bits(kind)
@@ -121,6 +132,8 @@ class SmartKVStorage:
         return keys, values
 
     def _account(self, lb) -> None:
+        if self._app is not None:
+            return self._append_account(lb)
         for kind in ("k", "v"):
             for q in self.pools[kind].values():
                 lb.add_codes(q.codes, q.bits, kind)

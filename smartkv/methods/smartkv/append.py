@@ -1,0 +1,345 @@
+"""SmartKV's append re-allocation (`realloc="append"`, the default on full-attention layers): after the first
+allocation, stored tokens keep their widths for good, and every flush gives the `realloc_every` tokens leaving
+the window the same class mix (core.classes.flush_mix: solved once, from the first allocation's weight profile),
+heaviest tokens first. The budget holds flush by flush, and nothing already stored moves, so:
+  - the middle is one buffer per (key width, value width) class, tokens in position order, each class one dense
+    segment that the uniform decode kernels read (one `decode_attention` call a step, no positions, no logits
+    buffer of the middle's size);
+  - importance is needed only for the window's tokens (a running sum of the attention they receive and the count
+    of queries that saw them), so a step asks the kernel for the window's probabilities alone;
+  - a flush is a fixed amount of fixed-shape work with offsets read on the device: a static decode step that
+    flushes is one more captured graph (smartkv.cache.graphs), replayed every period, not a host re-allocation.
+A class map (uint8 a middle token and KV head) keeps each token's class for the reference path and accounting.
+docs/smartkv.md ("Append re-allocation") has the measured trade-off against re-allocating stored tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from smartkv.cache.buffers import write_token
+from smartkv.core.classes import flush_mix
+from smartkv.core.importance import decode_importance, kv_head_mass, seen_counts, seen_from_ranges, token_weights
+from smartkv.core.policy import unpack_levels
+from smartkv.core.quant import QTensor, dequantize
+from smartkv.kernels import KVSegment, decode_attention
+
+
+@dataclass
+class Classes:
+    """An append layer's middle. Buffers may hold more rows than tokens (capacity for later flushes)."""
+    widths: list            # class id -> (key width, value width)
+    k: list                 # class id -> QTensor (B, H, capacity, .) of its keys (stored space), position order
+    v: list                 # class id -> QTensor of its values
+    n: list                 # class id -> tokens a row holds (host)
+    length: torch.Tensor    # (classes, B) int32: the same on the device (static steps' segment lengths)
+    cmap: torch.Tensor      # (B, H, capacity) uint8: class id of each middle position
+    mix: list               # (class id, tokens) of every flush, heaviest tokens first
+    rank_class: torch.Tensor  # (flush,) long: class id of the flush's r-th heaviest token
+    mix_len: torch.Tensor   # (classes,) int32: tokens a flush adds to each class
+    ar: torch.Tensor        # arange(flush) long, made once (static steps build no tensors from host ints)
+    wsum: torch.Tensor      # (B, H, n_win) fp32: attention the window's tokens received, summed over query heads
+    wseen: torch.Tensor     # (B, n_win) fp32: queries that saw each window token
+    buf: dict | None = None  # static steps: window, wsum, wseen buffers and the window's first position
+
+
+def _alloc(q: QTensor, cap: int) -> QTensor:
+    """An empty QTensor like `q` (B, H, ., F) with `cap` rows, q's rows copied in front."""
+    def one(t):
+        out = t.new_zeros(*t.shape[:-2], cap, t.shape[-1])
+        out[..., :t.shape[-2], :] = t
+        return out
+    return QTensor(one(q.codes), one(q.scale), one(q.zero), q.bits, q.group_size, q.axis)
+
+
+def _rows(q: QTensor, n: int) -> QTensor:
+    return QTensor(q.codes[..., :n, :], q.scale[..., :n, :], q.zero[..., :n, :], q.bits, q.group_size, q.axis)
+
+
+class SmartKVAppend:
+    """SmartKVLayer's append part. `_app`: the layer's `Classes` once its first allocation ran, else None."""
+
+    def _append_wanted(self) -> bool:
+        """Append classes need joint classes of single tokens in the model's basis, on a layer that never forgets
+        (a sliding layer's middle loses its oldest tokens); elsewhere "append" re-allocates incrementally."""
+        cfg = self.config
+        return (cfg.realloc == "append" and cfg.joint and self.block_tokens == 1 and cfg.rotate == "none"
+                and self.sliding_window is None)
+
+    # ---------------------------------------------------------------- from the first allocation
+    def _append_begin(self, profile: torch.Tensor) -> None:
+        """Turn the first allocation's class-major pools into class buffers, solve the flush mix from its rank
+        `profile`, and start the window's importance from the codes (then dropped, as are the level maps)."""
+        cfg, P = self.config, self.config.realloc_every
+        B, H, D, Tq = self.batch_size, self.num_heads, self.head_dim, self.n_middle
+        mix = flush_mix(profile, (self.budget_k, self.budget_v), self.widths, P)
+        prompt = dict(self._classes)
+        widths = sorted(set(prompt) | {(kw, vw) for kw, vw, _ in mix})
+        ids = {c: i for i, c in enumerate(widths)}
+        per_flush = {(kw, vw): m for kw, vw, m in mix}
+        ks, vs, ns = [], [], []
+        for kw, vw in widths:
+            n = prompt.get((kw, vw), 0)
+            k0 = sum(m for c, m in prompt.items() if c[0] == kw and c[1] < vw)
+            v0 = sum(m for c, m in prompt.items() if c[1] == vw and c[0] < kw)
+            cap = n + 4 * per_flush.get((kw, vw), 0)    # room for a few flushes; `_append_reserve` grows it
+            ks.append(_alloc(self._pool_rows("k", kw, k0, n), cap))
+            vs.append(_alloc(self._pool_rows("v", vw, v0, n), cap))
+            ns.append(n)
+        k_of = {w: i for i, w in enumerate(self.widths)}
+        table = torch.zeros(len(self.widths) ** 2, dtype=torch.uint8)
+        for (kw, vw), i in ids.items():
+            table[k_of[kw] * len(self.widths) + k_of[vw]] = i
+        lk, lv = (unpack_levels(self.levels[kind], Tq).long() for kind in ("k", "v"))
+        cmap = torch.zeros(B, H, Tq + 4 * P, dtype=torch.uint8, device=self.device)
+        cmap[..., :Tq] = table.to(self.device)[lk * len(self.widths) + lv]
+        rank_class = torch.tensor([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], device=self.device)
+        mix_len = torch.zeros(len(widths), dtype=torch.int32)
+        for kw, vw, m in mix:
+            mix_len[ids[(kw, vw)]] = m
+        # the window's tokens: mean importance x observers so far (x query heads a group: `wsum`'s unit)
+        start, T = self.sink_k.shape[-2] + Tq, self.importance.shape[-1]
+        seen = seen_from_ranges(self.observed.to(self.device), T)[start:].float()
+        wsum = decode_importance(self.importance[..., start:]) * seen * self._group_heads
+        self._app = Classes(widths, ks, vs, ns, torch.tensor(ns, dtype=torch.int32, device=self.device)[:, None]
+                            .repeat(1, B).contiguous(), cmap, [(ids[(kw, vw)], m) for kw, vw, m in mix], rank_class,
+                            mix_len.to(self.device), torch.arange(P, device=self.device), wsum,
+                            seen.expand(B, -1).contiguous())
+        self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
+        self._classes, self._class_major = None, False
+        self.importance = self.importance[..., :0]
+        self.observed = self.observed[:0]
+
+    def _pool_rows(self, kind: str, w: int, start: int, n: int) -> QTensor:
+        q = self.pools[kind].get(w) or self._empty_pool(w)
+        return QTensor(*(t[..., start:start + n, :] for t in (q.codes, q.scale, q.zero)), w, self.group, -1)
+
+    def _append_reserve(self, flushes: int) -> None:
+        """Capacity for `flushes` more flushes in every class buffer and the class map (grown by doubling)."""
+        a, P = self._app, self.config.realloc_every
+        for cid, m in a.mix:
+            need = a.n[cid] + flushes * m
+            if a.k[cid].codes.shape[-2] < need:
+                cap = max(need, 2 * a.k[cid].codes.shape[-2])
+                a.k[cid], a.v[cid] = _alloc(_rows(a.k[cid], a.n[cid]), cap), _alloc(_rows(a.v[cid], a.n[cid]), cap)
+        need = self.n_middle + flushes * P
+        if a.cmap.shape[-1] < need:
+            cmap = a.cmap.new_zeros(*a.cmap.shape[:-1], max(need, 2 * a.cmap.shape[-1]))
+            cmap[..., :self.n_middle] = a.cmap[..., :self.n_middle]
+            a.cmap = cmap
+
+    # ---------------------------------------------------------------- a flush
+    def _append_place(self, new_k: torch.Tensor, new_v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
+                      mid_at: torch.Tensor) -> None:
+        """Give the flush's tokens (keys, values (B, H, P, D), model space; their window statistics wsum (B, H, P)
+        and wseen (B, P)) their classes and write them at the end of their class buffers (rows from the device
+        lengths) and into the class map at middle position `mid_at` ((1,) long, on the device)."""
+        cfg, a = self.config, self._app
+        B, H, P, D = new_k.shape
+        R = B * H
+        k_st = (new_k.float() - self.k_mu.float()) / self.k_scale.float()
+        v = new_v.float()
+        if cfg.importance == "uniform":
+            imp = torch.ones(B, H, P, device=v.device)
+        elif cfg.importance == "keynorm":
+            imp = new_k.float().norm(dim=-1)
+        elif cfg.importance == "sum":
+            imp = wsum / self._group_heads
+        else:
+            imp = wsum / (self._group_heads * wseen.clamp_min(1)[:, None, :])
+        sens = None
+        if cfg.sensitivity:   # as `_weights`: squared ranges, keys back in real units
+            k_rng = (k_st.amax(-1) - k_st.amin(-1)) * self.k_scale.float().mean(-1)
+            sens = (k_rng.pow(2) + (v.amax(-1) - v.amin(-1)).pow(2)).reshape(R, P)
+        w = token_weights(imp.reshape(R, P), cfg.importance_floor, cfg.importance_power, sens)
+        order = torch.argsort(w, dim=-1, descending=True, stable=True)
+        cls = torch.empty_like(order).scatter_(1, order, a.rank_class.expand(R, P))   # each token's class id
+        by_cls = torch.argsort(cls, dim=-1, stable=True)          # class after class, positions ascending in each
+        start = 0
+        for cid, m in a.mix:
+            idx = by_cls[:, start:start + m, None].expand(R, m, D)
+            start += m
+            rows = a.length[cid, :1].long() + a.ar[:m]
+            for x, buf in ((k_st, a.k[cid]), (v, a.v[cid])):
+                q = self._quantize(x.reshape(R, P, D).gather(1, idx).reshape(B, H, m, D), buf.bits)
+                for f in ("codes", "scale", "zero"):
+                    getattr(buf, f).index_copy_(2, rows, getattr(q, f))
+        a.length += a.mix_len[:, None]
+        a.cmap.index_copy_(2, mid_at + a.ar, cls.reshape(B, H, P).to(torch.uint8))
+
+    def _append_flush(self) -> None:
+        """Ordinary steps: flush whole groups of `realloc_every` tokens past the recent window. Static steps flush
+        inside their graph (`_append_flush_static`) and never here."""
+        if self.static is not None:
+            return
+        a, P, rw = self._app, self.config.realloc_every, self.config.recent_window
+        while self.win_k.shape[-2] - rw >= P:
+            self._append_reserve(1)
+            mid_at = torch.full((1,), self.n_middle, dtype=torch.long, device=self.device)
+            self._append_place(self.win_k[..., :P, :], self.win_v[..., :P, :], a.wsum[..., :P], a.wseen[:, :P], mid_at)
+            self.win_k, self.win_v = self.win_k[..., P:, :].contiguous(), self.win_v[..., P:, :].contiguous()
+            a.wsum, a.wseen = a.wsum[..., P:].contiguous(), a.wseen[:, P:].contiguous()
+            self._append_count_flush()
+
+    def _append_count_flush(self) -> None:
+        a = self._app
+        self.n_middle += self.config.realloc_every
+        for cid, m in a.mix:
+            a.n[cid] += m
+
+    def _append_flush_static(self) -> None:
+        """A static step's flush, after its attention: the window buffer's first P tokens into their classes, the
+        rest of the window moved to the front; every offset on the device."""
+        a, P = self._app, self.config.realloc_every
+        buf = a.buf
+        W = buf["k"].shape[-2]
+        mid_at = (buf["start"][:1] - self.sink_k.shape[-2]).long()
+        self._append_place(buf["k"][..., :P, :], buf["v"][..., :P, :], buf["sum"][..., :P], buf["seen"][:, :P],
+                           mid_at)
+        for key in ("k", "v", "sum", "seen"):
+            t = buf[key] if key in ("sum", "seen") else buf[key].transpose(-1, -2)   # tokens last
+            t[..., :W - P] = t[..., P:].clone()
+            if key in ("sum", "seen"):
+                t[..., W - P:] = 0
+        buf["start"] += P
+
+    def _append_flush_due(self) -> bool:
+        """Whether this static step flushes (host counts: the window before the step's token)."""
+        return self.win_k.shape[-2] + 1 - self.config.recent_window >= self.config.realloc_every
+
+    # ---------------------------------------------------------------- a decode step
+    def _append_decode(self, query: torch.Tensor, scaling: float, observe: bool) -> torch.Tensor:
+        """One `decode_attention` over [sinks, each class, window]; with `observe`, the window's probabilities
+        added to its importance sums. A static step reads class and window lengths from the device."""
+        a, static = self._app, self.static is not None
+        segs = [KVSegment(self.sink_k, self.sink_v)]
+        for cid in range(len(a.widths)):
+            n = a.k[cid].codes.shape[-2] if static else a.n[cid]
+            if n:
+                segs.append(KVSegment(_rows(a.k[cid], n), _rows(a.v[cid], n), key_scale=self.k_scale,
+                                      key_shift=self.k_mu, lengths=a.length[cid] if static else None))
+        if static:
+            buf = a.buf
+            torch.sub(self.static.lengths, buf["start"], out=buf["len"])
+            segs.append(KVSegment(buf["k"], buf["v"], lengths=buf["len"]))
+            wsum = buf["sum"]
+        else:
+            segs.append(KVSegment(self.win_k, self.win_v))
+            wsum = a.wsum
+        if not observe:
+            out = decode_attention(query, segs, scaling)
+        else:
+            out, _ = decode_attention(query, segs, scaling, return_token_probs=True,
+                                      probs_out=[None] * (len(segs) - 1) + [wsum])
+            if static:
+                buf["seen"] += (buf["at"] < buf["len"][:, None]).float()
+            else:
+                a.wseen += 1
+        if static and self._append_flush_due():
+            self._append_flush_static()
+        return out.transpose(1, 2)
+
+    def _append_observe(self, probs: torch.Tensor, allowed: torch.Tensor) -> None:
+        """The reference path's fold (probs (B, Hq, W, T), allowed (B, 1, W, T)): into the window's sums only."""
+        a, n = self._app, self.win_k.shape[-2]
+        a.wsum += kv_head_mass(probs, self.num_heads)[..., -n:] * self._group_heads
+        a.wseen += seen_counts(allowed)[:, -n:].float()
+
+    def _append_store(self, n: int) -> None:
+        """`n` tokens entered the window (ordinary steps): their statistics start at 0."""
+        a = self._app
+        a.wsum = torch.cat([a.wsum, a.wsum.new_zeros(*a.wsum.shape[:2], n)], -1)
+        a.wseen = torch.cat([a.wseen, a.wseen.new_zeros(a.wseen.shape[0], n)], -1)
+
+    # ---------------------------------------------------------------- static steps
+    def _append_static_begin(self, tokens: int) -> None:
+        """Capacity for every flush up to `tokens` tokens in all, and the window's buffers (room for one flush)."""
+        self._append_flush()
+        a, P, rw = self._app, self.config.realloc_every, self.config.recent_window
+        n_win = self.win_k.shape[-2]
+        self._append_reserve(max(0, (tokens - self.seq_len + n_win - rw) // P + 1))
+        B, H, D, W = self.batch_size, self.num_heads, self.head_dim, rw + P
+        buf = {kind: x.new_zeros(B, H, W, D) for kind, x in (("k", self.win_k), ("v", self.win_v))}
+        buf["sum"], buf["seen"] = a.wsum.new_zeros(B, H, W), a.wseen.new_zeros(B, W)
+        buf["k"][..., :n_win, :], buf["v"][..., :n_win, :] = self.win_k, self.win_v
+        buf["sum"][..., :n_win], buf["seen"][:, :n_win] = a.wsum, a.wseen
+        buf["start"] = torch.full((B,), self.sink_k.shape[-2] + self.n_middle, dtype=torch.int32, device=self.device)
+        buf["len"] = torch.zeros(B, dtype=torch.int32, device=self.device)
+        buf["at"] = torch.arange(W, device=self.device)
+        a.buf = buf
+        self._append_views(n_win)
+
+    def _append_views(self, n_win: int) -> None:
+        a = self._app
+        buf = a.buf
+        if n_win > buf["k"].shape[-2]:
+            raise RuntimeError("static steps ran past the window's buffer (a flush was skipped)")
+        self.win_k, self.win_v = buf["k"][..., :n_win, :], buf["v"][..., :n_win, :]
+        a.wsum, a.wseen = buf["sum"][..., :n_win], buf["seen"][:, :n_win]
+
+    def _append_static_store(self, key_states, value_states, state) -> None:
+        buf = self._app.buf
+        write_token((buf["k"], buf["v"]), state.pos - buf["start"], (key_states, value_states))
+
+    def _append_advance(self, tokens: int) -> bool:
+        """Host counts after static steps: the steps that flushed did it in their graph. Never re-organises."""
+        P, rw = self.config.realloc_every, self.config.recent_window
+        for _ in range(tokens):
+            n_win = self.win_k.shape[-2] + 1
+            if n_win - rw >= P:
+                n_win -= P
+                self._append_count_flush()
+            self._append_views(n_win)
+        return False
+
+    def _append_static_end(self) -> None:
+        a = self._app
+        self.win_k, self.win_v = self.win_k.contiguous(), self.win_v.contiguous()
+        a.wsum, a.wseen = a.wsum.contiguous(), a.wseen.contiguous()
+        a.buf = None
+
+    # ---------------------------------------------------------------- views and accounting
+    def _append_middle(self, kind: str) -> torch.Tensor:
+        """Dequantized middle (B, H, Tq, D) fp32 in position order, stored space."""
+        a, D = self._app, self.head_dim
+        out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, D, device=self.device)
+        cmap = a.cmap[..., :self.n_middle]
+        for cid, n in enumerate(a.n):
+            if n:
+                q = _rows((a.k if kind == "k" else a.v)[cid], n)
+                out[cmap == cid] = dequantize(q).reshape(-1, D)
+        return out
+
+    def _append_bits(self, kind: str) -> torch.Tensor:
+        a = self._app
+        table = torch.tensor([w[0 if kind == "k" else 1] for w in a.widths], device=self.device)
+        return table[a.cmap[..., :self.n_middle].long()]
+
+    def _append_account(self, lb) -> None:
+        a = self._app
+        for cid, n in enumerate(a.n):
+            for kind, q in (("k", a.k[cid]), ("v", a.v[cid])):
+                q = _rows(q, n)
+                lb.add_codes(q.codes, q.bits, kind)
+                lb.add("metadata", q.scale)
+                lb.add("metadata", q.zero)
+        # the class map, the window's statistics, the flush's plan and lengths, the key normalisation
+        for t in (a.cmap[..., :self.n_middle], a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, a.ar, self.k_mu,
+                  self.k_scale):
+            lb.add("metadata", t)
+        for t in (self.sink_k, self.sink_v, self.win_k, self.win_v):
+            lb.add("residual", t)
+
+    def _append_slack(self) -> int:
+        a, out = self._app, 0
+        for cid, n in enumerate(a.n):
+            for q in (a.k[cid], a.v[cid]):
+                spare = q.codes.shape[-2] - n
+                out += sum(spare * t[..., :1, :].numel() * t.element_size() for t in (q.codes, q.scale, q.zero))
+        out += (a.cmap.shape[-1] - self.n_middle) * self.batch_size * self.num_heads
+        if a.buf is not None:
+            spare = a.buf["k"].shape[-2] - self.win_k.shape[-2]
+            row = self.win_k[..., :1, :].numel() * self.win_k.element_size()
+            out += spare * (2 * row + 4 * self.batch_size * (self.num_heads + 1))
+            out += sum(a.buf[k].numel() * a.buf[k].element_size() for k in ("start", "len", "at"))
+        return out
