@@ -51,8 +51,12 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
     "int8 (CUDA graph)": ("int8", {}),
     "int4 (CUDA graph)": ("int4", {}),
     "fp16 StaticCache (CUDA graph)": ("hf-static", {}),   # transformers' own static cache, SDPA with its mask
-    # SmartKV: one graph per re-allocation period; the re-allocation itself runs on the host between two replays
+    # SmartKV's default (realloc="append", joint classes): two graphs, the common step and the flushing one
     "smartkv (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3)),
+    # the re-allocating design it replaced (per-kind widths, incremental re-allocation every 16 tokens): one graph
+    # per re-allocation period; the re-allocation itself runs on the host between two replays
+    "smartkv incremental (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
+                                                                              realloc="incremental", joint=False)),
     "smartkv (budget 4.25; gap 3; realloc 64) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
                                                                               realloc_every=64)),
     # the design before block widths and incremental re-allocation: a width per token, the whole middle
@@ -66,7 +70,8 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
                                                                            block_tokens=16)),
     # joint classes, class-major pools: the one-pass step (decode_attention over one segment a class, 3-bit
     # classes included, on the CUDA kernels); widths 2/4/8 cost quality (docs/smartkv.md)
-    "smartkv joint (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3, joint=True)),
+    "smartkv joint (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3, joint=True,
+                                                                        realloc="incremental")),
     "smartkv joint 2/4/8 (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
                                                                               joint=True, widths=(2, 4, 8))),
 }

@@ -107,8 +107,8 @@ class SmartKVAppend:
                             seen.expand(B, -1).contiguous())
         self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
         self._classes, self._class_major = None, False
-        self.importance = self.importance[..., :0]
-        self.observed = self.observed[:0]
+        self.importance = self.importance.new_empty(B, H, 0)   # new tensors: views would keep the old storage
+        self.observed = self.observed.new_empty(0, 2)
 
     def _pool_rows(self, kind: str, w: int, start: int, n: int) -> QTensor:
         q = self.pools[kind].get(w) or self._empty_pool(w)
@@ -131,16 +131,17 @@ class SmartKVAppend:
     # ---------------------------------------------------------------- a flush
     def _append_place(self, new_k: torch.Tensor, new_v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
                       mid_at: torch.Tensor) -> None:
-        """Give the flush's tokens (keys, values (B, H, P, D), model space; their window statistics wsum (B, H, P)
-        and wseen (B, P)) their classes and write them at the end of their class buffers (rows from the device
-        lengths) and into the class map at middle position `mid_at` ((1,) long, on the device)."""
-        cfg, a = self.config, self._app
-        B, H, P, D = new_k.shape
-        R = B * H
+        """Flush F groups of P tokens at once (keys, values (B, H, F * P, D), model space; their window statistics
+        wsum (B, H, F * P) and wseen (B, F * P)): each group's tokens get the mix's classes by weight, and are
+        written at the end of their class buffers (rows from the device lengths), groups in order, and into the
+        class map at middle position `mid_at` ((1,) long, on the device)."""
+        cfg, a, P = self.config, self._app, self.config.realloc_every
+        B, H, T, D = new_k.shape
+        F = T // P
         k_st = (new_k.float() - self.k_mu.float()) / self.k_scale.float()
         v = new_v.float()
         if cfg.importance == "uniform":
-            imp = torch.ones(B, H, P, device=v.device)
+            imp = torch.ones(B, H, T, device=v.device)
         elif cfg.importance == "keynorm":
             imp = new_k.float().norm(dim=-1)
         elif cfg.importance == "sum":
@@ -150,35 +151,48 @@ class SmartKVAppend:
         sens = None
         if cfg.sensitivity:   # as `_weights`: squared ranges, keys back in real units
             k_rng = (k_st.amax(-1) - k_st.amin(-1)) * self.k_scale.float().mean(-1)
-            sens = (k_rng.pow(2) + (v.amax(-1) - v.amin(-1)).pow(2)).reshape(R, P)
-        w = token_weights(imp.reshape(R, P), cfg.importance_floor, cfg.importance_power, sens)
+            sens = (k_rng.pow(2) + (v.amax(-1) - v.amin(-1)).pow(2)).reshape(-1, P)
+        # one row per (sequence, head, group): the floor's row mean is the group's, as a lone flush's
+        w = token_weights(imp.reshape(-1, P), cfg.importance_floor, cfg.importance_power, sens)
+        RF = w.shape[0]
         order = torch.argsort(w, dim=-1, descending=True, stable=True)
-        cls = torch.empty_like(order).scatter_(1, order, a.rank_class.expand(R, P))   # each token's class id
+        cls = torch.empty_like(order).scatter_(1, order, a.rank_class.expand(RF, P))   # each token's class id
         by_cls = torch.argsort(cls, dim=-1, stable=True)          # class after class, positions ascending in each
+        by_cls = by_cls + self._arange(F).repeat(B * H)[:, None] * P   # (B * H * F, P) token index within its row
+        by_cls = by_cls.reshape(B * H, F, P)
         start = 0
         for cid, m in a.mix:
-            idx = by_cls[:, start:start + m, None].expand(R, m, D)
+            idx = by_cls[..., start:start + m].reshape(B * H, F * m, 1).expand(-1, -1, D)   # groups in order
             start += m
-            rows = a.length[cid, :1].long() + a.ar[:m]
+            rows = a.length[cid, :1].long() + self._arange(F * m)
             for x, buf in ((k_st, a.k[cid]), (v, a.v[cid])):
-                q = self._quantize(x.reshape(R, P, D).gather(1, idx).reshape(B, H, m, D), buf.bits)
+                q = self._quantize(x.reshape(B * H, T, D).gather(1, idx).reshape(B, H, F * m, D), buf.bits)
                 for f in ("codes", "scale", "zero"):
                     getattr(buf, f).index_copy_(2, rows, getattr(q, f))
-        a.length += a.mix_len[:, None]
-        a.cmap.index_copy_(2, mid_at + a.ar, cls.reshape(B, H, P).to(torch.uint8))
+        a.length += a.mix_len[:, None] * F
+        a.cmap.index_copy_(2, mid_at + self._arange(T), cls.reshape(B, H, T).to(torch.uint8))
+
+    def _arange(self, n: int) -> torch.Tensor:
+        """arange(n) on the device: the flush's own (made once) when n fits, else made now (ordinary steps)."""
+        a = self._app
+        return a.ar[:n] if n <= a.ar.numel() else torch.arange(n, device=a.ar.device)
 
     def _append_flush(self) -> None:
-        """Ordinary steps: flush whole groups of `realloc_every` tokens past the recent window. Static steps flush
-        inside their graph (`_append_flush_static`) and never here."""
+        """Ordinary steps: flush every whole group of `realloc_every` tokens past the recent window, in one go.
+        Static steps flush inside their graph (`_append_flush_static`) and never here."""
         if self.static is not None:
             return
-        a, P, rw = self._app, self.config.realloc_every, self.config.recent_window
-        while self.win_k.shape[-2] - rw >= P:
-            self._append_reserve(1)
-            mid_at = torch.full((1,), self.n_middle, dtype=torch.long, device=self.device)
-            self._append_place(self.win_k[..., :P, :], self.win_v[..., :P, :], a.wsum[..., :P], a.wseen[:, :P], mid_at)
-            self.win_k, self.win_v = self.win_k[..., P:, :].contiguous(), self.win_v[..., P:, :].contiguous()
-            a.wsum, a.wseen = a.wsum[..., P:].contiguous(), a.wseen[:, P:].contiguous()
+        a, P = self._app, self.config.realloc_every
+        F = (self.win_k.shape[-2] - self.config.recent_window) // P
+        if F <= 0:
+            return
+        n = F * P
+        self._append_reserve(F)
+        mid_at = torch.full((1,), self.n_middle, dtype=torch.long, device=self.device)
+        self._append_place(self.win_k[..., :n, :], self.win_v[..., :n, :], a.wsum[..., :n], a.wseen[:, :n], mid_at)
+        self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
+        a.wsum, a.wseen = a.wsum[..., n:].contiguous(), a.wseen[:, n:].contiguous()
+        for _ in range(F):
             self._append_count_flush()
 
     def _append_count_flush(self) -> None:
