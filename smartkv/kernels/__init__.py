@@ -49,7 +49,7 @@ except ImportError:  # no Triton on this platform: reference paths only
 log = logging.getLogger(__name__)
 
 __all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_update", "kernels_available",
-           "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_kv",
+           "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_at", "quantize_pack_kv",
            "quantize_pack_reference", "warm_decode_kernels"]
 
 
@@ -112,6 +112,14 @@ def quantize_pack_kv(k: torch.Tensor, v: torch.Tensor, bits: int, group_size: in
     outs = out if out is not None else (None, None)
     return (quantize_pack_reference(k, bits, group_size, -1, outs[0], start),
             quantize_pack_reference(v, bits, group_size, -1, outs[1], start))
+
+
+def quantize_pack_at(x: torch.Tensor, bits: int, group_size: int, out: QTensor, starts: torch.Tensor) -> QTensor:
+    """Quantize x (B, H, T, D) per token into `out`'s rows [starts[b], starts[b] + T) of each sequence b, starts a
+    (B,) int32 tensor read on the device (one launch with the kernels: SmartKV's flush inside a captured step)."""
+    if kernels_available(x.device) and _tq.triton_shapes_ok(x, group_size):
+        return _tq.quantize_pack_kv_triton(x, x, bits, group_size, (out, out), starts, single=True)[0]
+    return quantize_pack_reference(x, bits, group_size, -1, out, starts)
 
 
 def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: float,

@@ -201,9 +201,10 @@ def quantize_pack_triton(x: torch.Tensor, bits: int, group_size: int, axis: int 
 
 def quantize_pack_kv_triton(k: torch.Tensor, v: torch.Tensor, bits: int, group_size: int,
                             out: tuple[QTensor, QTensor] | None = None,
-                            start: int | torch.Tensor = 0) -> tuple[QTensor, QTensor]:
+                            start: int | torch.Tensor = 0, single: bool = False) -> tuple[QTensor, QTensor]:
     """start: the first row written, or a (B,) int32 tensor of per-sequence rows read by the kernel (nothing on
-    the host depends on its value: a static decode step; rows past `out`'s capacity are the caller's to avoid)."""
+    the host depends on its value: a static decode step; rows past `out`'s capacity are the caller's to avoid).
+    single: k and v are one tensor and out one buffer (passed twice): written once."""
     if k.shape != v.shape:
         raise ValueError(f"keys and values must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     starts = start if isinstance(start, torch.Tensor) else None
@@ -224,7 +225,7 @@ def quantize_pack_kv_triton(k: torch.Tensor, v: torch.Tensor, bits: int, group_s
     if T == 0:
         return qk, qv
     BLOCK_T = 32 if D <= 128 else 16
-    grid = (triton.cdiv(T, BLOCK_T), B * H, 2)
+    grid = (triton.cdiv(T, BLOCK_T), B * H, 1 if single else 2)
     _quant_tok_kernel[grid](k, qk.codes, qk.scale, qk.zero, v, qv.codes, qv.scale, qv.zero,
                             *k.stride()[:3], *_meta_strides(qk), *v.stride()[:3], *_meta_strides(qv),
                             H, T, start, starts if starts is not None else k, BITS=bits, G=group_size, D=D,

@@ -22,7 +22,7 @@ from smartkv.core.classes import flush_mix
 from smartkv.core.importance import decode_importance, kv_head_mass, seen_counts, seen_from_ranges, token_weights
 from smartkv.core.policy import unpack_levels
 from smartkv.core.quant import QTensor, dequantize
-from smartkv.kernels import KVSegment, decode_attention
+from smartkv.kernels import KVSegment, decode_attention, quantize_pack_at
 
 
 @dataclass
@@ -164,11 +164,9 @@ class SmartKVAppend:
         for cid, m in a.mix:
             idx = by_cls[..., start:start + m].reshape(B * H, F * m, 1).expand(-1, -1, D)   # groups in order
             start += m
-            rows = a.length[cid, :1].long() + self._arange(F * m)
-            for x, buf in ((k_st, a.k[cid]), (v, a.v[cid])):
-                q = self._quantize(x.reshape(B * H, T, D).gather(1, idx).reshape(B, H, F * m, D), buf.bits)
-                for f in ("codes", "scale", "zero"):
-                    getattr(buf, f).index_copy_(2, rows, getattr(q, f))
+            for x, buf in ((k_st, a.k[cid]), (v, a.v[cid])):   # written at the class's device length
+                quantize_pack_at(x.reshape(B * H, T, D).gather(1, idx).reshape(B, H, F * m, D), buf.bits,
+                                 self.group, buf, a.length[cid])
         a.length += a.mix_len[:, None] * F
         a.cmap.index_copy_(2, mid_at + self._arange(T), cls.reshape(B, H, T).to(torch.uint8))
 
