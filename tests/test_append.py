@@ -13,7 +13,7 @@ from smartkv.core.policy import kv_budgets
 from smartkv.methods import make_cache
 from smartkv.models import load_tiny
 
-P = dict(budget=4.25, key_value_gap=3, recent_window=8, realloc_every=4, group_size=16)
+P = dict(budget=4.25, key_value_gap=3, recent_window=8, realloc_every=4, group_size=16, ring_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -61,35 +61,43 @@ def test_budget_holds_and_every_held_tensor_is_counted(tiny, held):
         assert sum(tensors.values()) == b.payload + b.metadata + b.residual + layer.slack_bytes(), tensors
 
 
-def test_stored_codes_never_move_and_every_flush_has_the_mix(tiny):
-    cache = smartkv.make_cache("smartkv", tiny, **P)
+@pytest.mark.parametrize("ring", [0, 8])
+def test_stored_codes_never_move_and_every_flush_has_the_mix(tiny, ring):
+    """Tokens past the ring keep their class and codes for good; each group of 4 that left the ring holds the
+    mix's classes in every row; the ring's tokens are its class (the mix's top one)."""
+    cache = smartkv.make_cache("smartkv", tiny, **dict(P, ring_tokens=ring))
     ids = torch.randint(3, 500, (2, 60), generator=torch.Generator().manual_seed(2))
     layer = cache.layers[1]
     with torch.inference_mode():
         tiny(ids[:, :30], **cache_kwargs(tiny, cache), use_cache=True)
         a = layer._app
-        n0, cmap0 = layer.n_middle, a.cmap[..., :layer.n_middle].clone()
+        assert a.ring == ring
+        n0 = layer.n_middle - ring
+        cmap0 = a.cmap[..., :n0].clone()
         codes0 = [a.k[c].codes[..., :n, :].clone() for c, n in enumerate(a.n)]
         for t in range(30, 60):
             tiny(ids[:, t:t + 1], **cache_kwargs(tiny, cache), use_cache=True)
-    assert layer.n_middle == n0 + 28      # 30 more tokens, the window back under 8 + 4 in groups of 4
+    assert layer.n_middle == n0 + ring + 28      # 30 more tokens, the window back under 8 + 4 in groups of 4
     assert torch.equal(a.cmap[..., :n0], cmap0)
     for c, before in enumerate(codes0):
         assert torch.equal(a.k[c].codes[..., :before.shape[-2], :], before)
     per_flush = torch.zeros(len(a.widths), dtype=torch.long)
     for cid, m in a.mix:
         per_flush[cid] = m
-    groups = a.cmap[..., n0:layer.n_middle].long().reshape(2, layer.num_heads, 7, 4)
+    groups = a.cmap[..., n0:layer.n_middle - ring].long().reshape(2, layer.num_heads, 7, 4)
     counts = torch.nn.functional.one_hot(groups, len(a.widths)).sum(-2)      # (B, H, flushes, classes)
     assert torch.equal(counts, per_flush.expand_as(counts))
     assert a.n == [int((a.cmap[..., :layer.n_middle] == c).sum()) // (2 * layer.num_heads)
                    for c in range(len(a.widths))]
+    assert bool((a.cmap[..., layer.n_middle - ring:layer.n_middle] == len(a.widths)).all())
+    if ring:
+        assert (a.ring_k.bits, a.ring_v.bits) == a.widths[a.mix[0][0]]
 
 
 def test_heavier_tokens_get_earlier_classes():
     """Within a flush, the class follows the weight: uniform importance but one token far more attended takes
     the mix's first class in every row."""
-    cache = make_cache("smartkv", num_layers=1, **dict(P, sensitivity=False))
+    cache = make_cache("smartkv", num_layers=1, **dict(P, sensitivity=False, ring_tokens=0))
     layer = cache.layers[0]
     g = torch.Generator().manual_seed(4)
     k, v = torch.randn(1, 2, 40, 32, generator=g), torch.randn(1, 2, 40, 32, generator=g)
@@ -106,9 +114,10 @@ def test_heavier_tokens_get_earlier_classes():
     assert bool((a.cmap[..., n0 + 2] == first).all())
 
 
-def test_chunked_appends_equal_flush_by_flush():
+@pytest.mark.parametrize("ring", [0, 8])
+def test_chunked_appends_equal_flush_by_flush(ring):
     def filled(chunks):
-        cache = make_cache("smartkv", num_layers=1, **P)
+        cache = make_cache("smartkv", num_layers=1, **dict(P, ring_tokens=ring))
         layer = cache.layers[0]
         g = torch.Generator().manual_seed(5)
         k, v = torch.randn(2, 2, 120, 32, generator=g), torch.randn(2, 2, 120, 32, generator=g)

@@ -20,7 +20,7 @@ import torch
 from smartkv.cache.buffers import write_token
 from smartkv.core.classes import flush_mix
 from smartkv.core.importance import decode_importance, kv_head_mass, seen_counts, seen_from_ranges, token_weights
-from smartkv.core.policy import unpack_levels
+from smartkv.core.policy import rank_profile, unpack_levels
 from smartkv.core.quant import QTensor, dequantize
 from smartkv.kernels import KVSegment, decode_attention, quantize_pack_at
 
@@ -40,6 +40,14 @@ class Classes:
     ar: torch.Tensor        # arange(flush) long, made once (static steps build no tensors from host ints)
     wsum: torch.Tensor      # (B, H, n_win) fp32: attention the window's tokens received, summed over query heads
     wseen: torch.Tensor     # (B, n_win) fp32: queries that saw each window token
+    ring_k: QTensor | None = None   # the ring: the newest `ring` middle tokens at the top class, slot order
+    ring_v: QTensor | None = None
+    ring: int = 0           # tokens the ring holds (a multiple of the flush; 0: no ring)
+    head: torch.Tensor | None = None   # (B,) int32: the ring's oldest slot (the same for every sequence)
+    head_host: int = 0
+    rsum: torch.Tensor | None = None   # (B, H, ring) / (B, ring): the ring tokens' statistics, as wsum / wseen
+    rseen: torch.Tensor | None = None
+    ring_ids: torch.Tensor | None = None   # (B, H, flush) uint8 filled with the ring's class id (len(widths))
     buf: dict | None = None  # static steps: window, wsum, wseen buffers and the window's first position
 
 
@@ -67,12 +75,38 @@ class SmartKVAppend:
                 and self.sliding_window is None)
 
     # ---------------------------------------------------------------- from the first allocation
-    def _append_begin(self, profile: torch.Tensor) -> None:
-        """Turn the first allocation's class-major pools into class buffers, solve the flush mix from its rank
-        `profile`, and start the window's importance from the codes (then dropped, as are the level maps)."""
-        cfg, P = self.config, self.config.realloc_every
-        B, H, D, Tq = self.batch_size, self.num_heads, self.head_dim, self.n_middle
-        mix = flush_mix(profile, (self.budget_k, self.budget_v), self.widths, P)
+    def _append_split(self, weights: torch.Tensor, kinds: tuple) -> tuple:
+        """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them): solve the
+        flush mix on all n tokens' profile, keep the newest `ring_tokens` (fewer where the budget cannot pay for
+        them) for the ring at the mix's top class, and return the weights and kinds of the rest, whose budgets
+        pay for the ring, so the middle's average is the budget from here on: every later flush adds a group at
+        the mix, which spends exactly the budget."""
+        cfg, P, lo = self.config, self.config.realloc_every, min(self.widths)
+        n = weights.shape[1]
+        mix = flush_mix(rank_profile(weights).cpu(), (self.budget_k, self.budget_v), self.widths, P)
+        rk, rv = mix[0][0], mix[0][1]
+        A = cfg.ring_tokens // P * P
+        while A and (n - A < P or any(b * n - A * w < lo * (n - A) for b, w in ((self.budget_k, rk),
+                                                                                (self.budget_v, rv)))):
+            A -= P
+        self._app_plan = (mix, A, None)
+        if not A:
+            return weights, kinds
+        m = n - A
+        (_, nk, bk), (_, nv, bv) = kinds
+        self._app_plan = (mix, A, (nk[..., m:, :], nv[..., m:, :]))
+        budgets = [min(max(self.widths), (b * n - A * w) / m) for b, w in ((bk, rk), (bv, rv))]
+        return weights[:, :m], (("k", nk[..., :m, :], budgets[0]), ("v", nv[..., :m, :], budgets[1]))
+
+    def _append_begin(self) -> None:
+        """Turn the first allocation's class-major pools into class buffers, quantize the ring's tokens at the
+        mix's top class, and start the window's and ring's importance sums from the codes (then dropped, as are
+        the level maps)."""
+        P = self.config.realloc_every
+        B, H, Tq = self.batch_size, self.num_heads, self.n_middle
+        mix, A, ring_new = self._app_plan
+        self._app_plan = None
+        TqB = Tq - A                                  # the classes' tokens; the ring holds the last A
         prompt = dict(self._classes)
         widths = sorted(set(prompt) | {(kw, vw) for kw, vw, _ in mix})
         ids = {c: i for i, c in enumerate(widths)}
@@ -90,21 +124,28 @@ class SmartKVAppend:
         table = torch.zeros(len(self.widths) ** 2, dtype=torch.uint8)
         for (kw, vw), i in ids.items():
             table[k_of[kw] * len(self.widths) + k_of[vw]] = i
-        lk, lv = (unpack_levels(self.levels[kind], Tq).long() for kind in ("k", "v"))
-        cmap = torch.zeros(B, H, Tq + 4 * P, dtype=torch.uint8, device=self.device)
-        cmap[..., :Tq] = table.to(self.device)[lk * len(self.widths) + lv]
+        lk, lv = (unpack_levels(self.levels[kind], TqB).long() for kind in ("k", "v"))
+        cmap = torch.full((B, H, Tq + 4 * P), len(widths), dtype=torch.uint8, device=self.device)
+        cmap[..., :TqB] = table.to(self.device)[lk * len(self.widths) + lv]
         rank_class = torch.tensor([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], device=self.device)
         mix_len = torch.zeros(len(widths), dtype=torch.int32)
         for kw, vw, m in mix:
             mix_len[ids[(kw, vw)]] = m
         # the window's tokens: mean importance x observers so far (x query heads a group: `wsum`'s unit)
-        start, T = self.sink_k.shape[-2] + Tq, self.importance.shape[-1]
+        start, T = self.sink_k.shape[-2] + TqB, self.importance.shape[-1]
         seen = seen_from_ranges(self.observed.to(self.device), T)[start:].float()
         wsum = decode_importance(self.importance[..., start:]) * seen * self._group_heads
+        rsum, rseen, wsum, seen = wsum[..., :A], seen[:A], wsum[..., A:], seen[A:]
         self._app = Classes(widths, ks, vs, ns, torch.tensor(ns, dtype=torch.int32, device=self.device)[:, None]
                             .repeat(1, B).contiguous(), cmap, [(ids[(kw, vw)], m) for kw, vw, m in mix], rank_class,
                             mix_len.to(self.device), torch.arange(P, device=self.device), wsum,
                             seen.expand(B, -1).contiguous())
+        if A:
+            a = self._app
+            a.ring_k, a.ring_v = self._quantize(ring_new[0], mix[0][0]), self._quantize(ring_new[1], mix[0][1])
+            a.ring, a.rsum, a.rseen = A, rsum.contiguous(), rseen.expand(B, -1).contiguous()
+            a.head = torch.zeros(B, dtype=torch.int32, device=self.device)
+            a.ring_ids = torch.full((B, H, P), len(widths), dtype=torch.uint8, device=self.device)
         self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
         self._classes, self._class_major = None, False
         self.importance = self.importance.new_empty(B, H, 0)   # new tensors: views would keep the old storage
@@ -129,21 +170,19 @@ class SmartKVAppend:
             a.cmap = cmap
 
     # ---------------------------------------------------------------- a flush
-    def _append_place(self, new_k: torch.Tensor, new_v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
+    def _append_place(self, k_st: torch.Tensor, v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
                       mid_at: torch.Tensor) -> None:
-        """Flush F groups of P tokens at once (keys, values (B, H, F * P, D), model space; their window statistics
-        wsum (B, H, F * P) and wseen (B, F * P)): each group's tokens get the mix's classes by weight, and are
-        written at the end of their class buffers (rows from the device lengths), groups in order, and into the
-        class map at middle position `mid_at` ((1,) long, on the device)."""
+        """Give F groups of P tokens at once (keys, values (B, H, F * P, D) fp32, stored space; their statistics
+        wsum (B, H, F * P) and wseen (B, F * P)) their final classes: each group's tokens get the mix's classes by
+        weight, and are written at the end of their class buffers (rows from the device lengths), groups in
+        order, and into the class map at middle position `mid_at` ((1,) long, on the device)."""
         cfg, a, P = self.config, self._app, self.config.realloc_every
-        B, H, T, D = new_k.shape
+        B, H, T, D = k_st.shape
         F = T // P
-        k_st = (new_k.float() - self.k_mu.float()) / self.k_scale.float()
-        v = new_v.float()
         if cfg.importance == "uniform":
             imp = torch.ones(B, H, T, device=v.device)
         elif cfg.importance == "keynorm":
-            imp = new_k.float().norm(dim=-1)
+            imp = (k_st * self.k_scale.float() + self.k_mu.float()).norm(dim=-1)
         elif cfg.importance == "sum":
             imp = wsum / self._group_heads
         else:
@@ -170,6 +209,31 @@ class SmartKVAppend:
         a.length += a.mix_len[:, None] * F
         a.cmap.index_copy_(2, mid_at + self._arange(T), cls.reshape(B, H, T).to(torch.uint8))
 
+    def _append_push(self, k_st: torch.Tensor, v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
+                     mid_at: torch.Tensor) -> None:
+        """Flush n tokens (a multiple of P, at most the ring's room before its end) into the middle at position
+        `mid_at`: through the ring when there is one (the n oldest ring tokens take their final classes,
+        `_append_place`, and the new ones their slots at the ring's class), else straight to their classes."""
+        a = self._app
+        if not a.ring:
+            return self._append_place(k_st, v, wsum, wseen, mid_at)
+        B, H, n, _ = k_st.shape
+        slots = a.head[:1].long() + self._arange(n)
+        old = [dequantize(QTensor(*(t.index_select(2, slots) for t in (q.codes, q.scale, q.zero)), q.bits,
+                                  q.group_size, -1)) for q in (a.ring_k, a.ring_v)]
+        self._append_place(*old, a.rsum.index_select(2, slots), a.rseen.index_select(1, slots), mid_at - a.ring)
+        quantize_pack_at(k_st, a.ring_k.bits, self.group, a.ring_k, a.head)
+        quantize_pack_at(v, a.ring_v.bits, self.group, a.ring_v, a.head)
+        a.rsum.index_copy_(2, slots, wsum)
+        a.rseen.index_copy_(1, slots, wseen)
+        ids = a.ring_ids if n == a.ring_ids.shape[-1] else a.ring_ids[..., :1].expand(B, H, n).contiguous()
+        a.cmap.index_copy_(2, mid_at + self._arange(n), ids)
+        a.head.add_(n).remainder_(a.ring)
+        a.head_host = (a.head_host + n) % a.ring
+
+    def _stored_space(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (k.float() - self.k_mu.float()) / self.k_scale.float(), v.float()
+
     def _arange(self, n: int) -> torch.Tensor:
         """arange(n) on the device: the flush's own (made once) when n fits, else made now (ordinary steps)."""
         a = self._app
@@ -186,8 +250,14 @@ class SmartKVAppend:
             return
         n = F * P
         self._append_reserve(F)
-        mid_at = torch.full((1,), self.n_middle, dtype=torch.long, device=self.device)
-        self._append_place(self.win_k[..., :n, :], self.win_v[..., :n, :], a.wsum[..., :n], a.wseen[:, :n], mid_at)
+        k_st, v = self._stored_space(self.win_k[..., :n, :], self.win_v[..., :n, :])
+        done = 0
+        while done < n:   # through the ring, as far as its end at a time
+            g = n - done if not a.ring else min(n - done, a.ring - a.head_host)
+            mid_at = torch.full((1,), self.n_middle + done, dtype=torch.long, device=self.device)
+            self._append_push(k_st[..., done:done + g, :], v[..., done:done + g, :], a.wsum[..., done:done + g],
+                              a.wseen[:, done:done + g], mid_at)
+            done += g
         self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
         a.wsum, a.wseen = a.wsum[..., n:].contiguous(), a.wseen[:, n:].contiguous()
         for _ in range(F):
@@ -206,8 +276,8 @@ class SmartKVAppend:
         buf = a.buf
         W = buf["k"].shape[-2]
         mid_at = (buf["start"][:1] - self.sink_k.shape[-2]).long()
-        self._append_place(buf["k"][..., :P, :], buf["v"][..., :P, :], buf["sum"][..., :P], buf["seen"][:, :P],
-                           mid_at)
+        self._append_push(*self._stored_space(buf["k"][..., :P, :], buf["v"][..., :P, :]), buf["sum"][..., :P],
+                          buf["seen"][:, :P], mid_at)
         for key in ("k", "v", "sum", "seen"):
             t = buf[key] if key in ("sum", "seen") else buf[key].transpose(-1, -2)   # tokens last
             t[..., :W - P] = t[..., P:].clone()
@@ -230,6 +300,8 @@ class SmartKVAppend:
             if n:
                 segs.append(KVSegment(_rows(a.k[cid], n), _rows(a.v[cid], n), key_scale=self.k_scale,
                                       key_shift=self.k_mu, lengths=a.length[cid] if static else None))
+        if a.ring:
+            segs.append(KVSegment(a.ring_k, a.ring_v, key_scale=self.k_scale, key_shift=self.k_mu))
         if static:
             buf = a.buf
             torch.sub(self.static.lengths, buf["start"], out=buf["len"])
@@ -241,8 +313,11 @@ class SmartKVAppend:
         if not observe:
             out = decode_attention(query, segs, scaling)
         else:
+            ring = [a.rsum] if a.ring else []
             out, _ = decode_attention(query, segs, scaling, return_token_probs=True,
-                                      probs_out=[None] * (len(segs) - 1) + [wsum])
+                                      probs_out=[None] * (len(segs) - 1 - len(ring)) + ring + [wsum])
+            if a.ring:
+                a.rseen += 1
             if static:
                 buf["seen"] += (buf["at"] < buf["len"][:, None]).float()
             else:
@@ -254,8 +329,13 @@ class SmartKVAppend:
     def _append_observe(self, probs: torch.Tensor, allowed: torch.Tensor) -> None:
         """The reference path's fold (probs (B, Hq, W, T), allowed (B, 1, W, T)): into the window's sums only."""
         a, n = self._app, self.win_k.shape[-2]
-        a.wsum += kv_head_mass(probs, self.num_heads)[..., -n:] * self._group_heads
-        a.wseen += seen_counts(allowed)[:, -n:].float()
+        mass, seen = kv_head_mass(probs, self.num_heads) * self._group_heads, seen_counts(allowed).float()
+        a.wsum += mass[..., -n:]
+        a.wseen += seen[:, -n:]
+        if a.ring:   # the ring's positions just before the window, oldest at its head
+            slots = (a.head_host + torch.arange(a.ring, device=self.device)) % a.ring
+            a.rsum.index_add_(2, slots, mass[..., -n - a.ring:-n])
+            a.rseen.index_add_(1, slots, seen[:, -n - a.ring:-n])
 
     def _append_store(self, n: int) -> None:
         """`n` tokens entered the window (ordinary steps): their statistics start at 0."""
@@ -320,24 +400,32 @@ class SmartKVAppend:
             if n:
                 q = _rows((a.k if kind == "k" else a.v)[cid], n)
                 out[cmap == cid] = dequantize(q).reshape(-1, D)
+        if a.ring:   # the middle's last tokens, oldest at the ring's head
+            slots = (a.head_host + torch.arange(a.ring, device=self.device)) % a.ring
+            out[..., -a.ring:, :] = dequantize(a.ring_k if kind == "k" else a.ring_v)[..., slots, :]
         return out
 
     def _append_bits(self, kind: str) -> torch.Tensor:
         a = self._app
-        table = torch.tensor([w[0 if kind == "k" else 1] for w in a.widths], device=self.device)
+        ring = [(a.ring_k.bits, a.ring_v.bits)] if a.ring else [(0, 0)]
+        table = torch.tensor([w[0 if kind == "k" else 1] for w in a.widths + ring], device=self.device)
         return table[a.cmap[..., :self.n_middle].long()]
 
     def _append_account(self, lb) -> None:
         a = self._app
-        for cid, n in enumerate(a.n):
-            for kind, q in (("k", a.k[cid]), ("v", a.v[cid])):
-                q = _rows(q, n)
-                lb.add_codes(q.codes, q.bits, kind)
-                lb.add("metadata", q.scale)
-                lb.add("metadata", q.zero)
+        parts = [(n, kind, q) for cid, n in enumerate(a.n) for kind, q in (("k", a.k[cid]), ("v", a.v[cid]))]
+        if a.ring:
+            parts += [(a.ring, "k", a.ring_k), (a.ring, "v", a.ring_v)]
+        for n, kind, q in parts:
+            q = _rows(q, n)
+            lb.add_codes(q.codes, q.bits, kind)
+            lb.add("metadata", q.scale)
+            lb.add("metadata", q.zero)
         # the class map, the window's statistics, the flush's plan and lengths, the key normalisation
         for t in (a.cmap[..., :self.n_middle], a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, a.ar, self.k_mu,
-                  self.k_scale):
+                  self.k_scale, a.rsum, a.rseen, a.head, a.ring_ids):
+            if t is None:
+                continue
             lb.add("metadata", t)
         for t in (self.sink_k, self.sink_v, self.win_k, self.win_v):
             lb.add("residual", t)

@@ -29,6 +29,7 @@ class SmartKV(MethodConfig):
     # "incremental": new blocks and one demotion candidate per width and new block; "full": every block
     realloc: str = "append"
     joint: bool = True         # keys and values placed together: equal (key width, value width) counts in every row
+    ring_tokens: int = 128     # realloc="append": the newest middle tokens, held at the top class before their own
     observe_window: int = 32
     key_norm: str = "channel"
     importance: str = "mean"
@@ -49,6 +50,7 @@ class SmartKV(MethodConfig):
         check_int("realloc_every", self.realloc_every, 1, 1 << 20)
         check_int("observe_window", self.observe_window, 1, 1 << 16)
         check_int("block_tokens", self.block_tokens, 1, 1024)
+        check_int("ring_tokens", self.ring_tokens, 0, 1 << 20)
         check_choice("realloc", self.realloc, ("append", "incremental", "full"))
         check_choice("joint", self.joint, (True, False))
         check_choice("key_norm", self.key_norm, ("channel", "center", "none"))

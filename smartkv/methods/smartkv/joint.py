@@ -37,8 +37,6 @@ class SmartKVJoint:
         cand = joint_candidates(weights, *old, stored, (kinds[0][2], kinds[1][2]), self.widths,
                                 per_width=nb - self.n_middle // bt)
         profile = rank_profile(cand.weights).cpu()                  # the one wait for the device
-        if not self.n_middle and self._append_wanted():
-            self._app_profile = profile
         classes = staircase(*(counts_for(profile, b, self.widths) for b in cand.budgets))
         plan = joint_plan(classes, cand.capped(classes))
         bits = joint_assign(cand.weights, cand.caps_k, cand.caps_v, plan, (lo, lo))
