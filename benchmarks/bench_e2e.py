@@ -51,12 +51,13 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
     "int8 (CUDA graph)": ("int8", {}),
     "int4 (CUDA graph)": ("int4", {}),
     "fp16 StaticCache (CUDA graph)": ("hf-static", {}),   # transformers' own static cache, SDPA with its mask
-    # SmartKV's default (realloc="append", joint classes): two graphs, the common step and the flushing one
+    # SmartKV's default: one graph per re-allocation period; the re-allocation runs on the host between two replays
     "smartkv (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3)),
-    # the re-allocating design it replaced (per-kind widths, incremental re-allocation every 16 tokens): one graph
-    # per re-allocation period; the re-allocation itself runs on the host between two replays
     "smartkv incremental (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
                                                                               realloc="incremental", joint=False)),
+    # realloc="append" (joint classes, a ring of recent tokens): two graphs, the common step and the flushing one
+    "smartkv append (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
+                                                                         realloc="append", joint=True)),
     "smartkv (budget 4.25; gap 3; realloc 64) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
                                                                               realloc_every=64)),
     # the design before block widths and incremental re-allocation: a width per token, the whole middle

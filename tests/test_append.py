@@ -1,4 +1,4 @@
-"""SmartKV's default re-allocation, realloc="append": the budget holds flush by flush, stored codes never move,
+"""SmartKV's realloc="append" (with joint=True): the budget holds flush by flush, stored codes never move,
 every flush gives its tokens the mix's classes by weight, chunked and step-by-step flushes agree, and the fused
 and static steps give what the reference path gives (kernels through Triton's CPU interpreter)."""
 import pytest
@@ -13,7 +13,8 @@ from smartkv.core.policy import kv_budgets
 from smartkv.methods import make_cache
 from smartkv.models import load_tiny
 
-P = dict(budget=4.25, key_value_gap=3, recent_window=8, realloc_every=4, group_size=16, ring_tokens=8)
+P = dict(budget=4.25, key_value_gap=3, recent_window=8, realloc_every=4, group_size=16, ring_tokens=8,
+         realloc="append", joint=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,18 @@
-"""SmartKV's append re-allocation (`realloc="append"`, the default on full-attention layers): after the first
-allocation, stored tokens keep their widths for good, and every flush gives the `realloc_every` tokens leaving
-the window the same class mix (core.classes.flush_mix: solved once, from the first allocation's weight profile),
-heaviest tokens first. The budget holds flush by flush, and nothing already stored moves, so:
+"""SmartKV's append re-allocation (`realloc="append"` with `joint=True`, on full-attention layers): after the
+first allocation, tokens leaving the window enter a ring of the newest `ring_tokens` middle tokens at one class
+(the mix's top one), and tokens leaving the ring take their final class, which they keep for good: every group
+of `realloc_every` gets the same class mix (core.classes.flush_mix: solved once, from the first allocation's weight
+profile), heaviest tokens first. The first allocation's older tokens pay for the ring, and every later group spends
+exactly the budget, so the budget holds flush by flush. Nothing past the ring moves, so:
   - the middle is one buffer per (key width, value width) class, tokens in position order, each class one dense
     segment that the uniform decode kernels read (one `decode_attention` call a step, no positions, no logits
     buffer of the middle's size);
-  - importance is needed only for the window's tokens (a running sum of the attention they receive and the count
-    of queries that saw them), so a step asks the kernel for the window's probabilities alone;
+  - importance is needed only for the ring's and window's tokens (a running sum of the attention they receive and
+    the count of queries that saw them), so a step asks the kernel for their probabilities alone;
   - a flush is a fixed amount of fixed-shape work with offsets read on the device: a static decode step that
     flushes is one more captured graph (smartkv.cache.graphs), replayed every period, not a host re-allocation.
 A class map (uint8 a middle token and KV head) keeps each token's class for the reference path and accounting.
-docs/smartkv.md ("Append re-allocation") has the measured trade-off against re-allocating stored tokens."""
+docs/smartkv.md ("Append re-allocation") has its measured speed and quality against the re-allocating designs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -142,7 +144,8 @@ class SmartKVAppend:
                             seen.expand(B, -1).contiguous())
         if A:
             a = self._app
-            a.ring_k, a.ring_v = self._quantize(ring_new[0], mix[0][0]), self._quantize(ring_new[1], mix[0][1])
+            # own contiguous buffers (the CUDA kernel's alignment and stride checks)
+            a.ring_k, a.ring_v = (_alloc(self._quantize(x, w), A) for x, w in zip(ring_new, mix[0][:2]))
             a.ring, a.rsum, a.rseen = A, rsum.contiguous(), rseen.expand(B, -1).contiguous()
             a.head = torch.zeros(B, dtype=torch.int32, device=self.device)
             a.ring_ids = torch.full((B, H, P), len(widths), dtype=torch.uint8, device=self.device)
@@ -155,13 +158,14 @@ class SmartKVAppend:
         q = self.pools[kind].get(w) or self._empty_pool(w)
         return QTensor(*(t[..., start:start + n, :] for t in (q.codes, q.scale, q.zero)), w, self.group, -1)
 
-    def _append_reserve(self, flushes: int) -> None:
-        """Capacity for `flushes` more flushes in every class buffer and the class map (grown by doubling)."""
+    def _append_reserve(self, flushes: int, exact: bool = False) -> None:
+        """Capacity for `flushes` more flushes in every class buffer and the class map: grown by doubling, or to
+        exactly that (`exact`: static steps, whose kernels plan their work over a segment's whole capacity)."""
         a, P = self._app, self.config.realloc_every
         for cid, m in a.mix:
             need = a.n[cid] + flushes * m
-            if a.k[cid].codes.shape[-2] < need:
-                cap = max(need, 2 * a.k[cid].codes.shape[-2])
+            if a.k[cid].codes.shape[-2] < need or exact and a.k[cid].codes.shape[-2] > need:
+                cap = need if exact else max(need, 2 * a.k[cid].codes.shape[-2])
                 a.k[cid], a.v[cid] = _alloc(_rows(a.k[cid], a.n[cid]), cap), _alloc(_rows(a.v[cid], a.n[cid]), cap)
         need = self.n_middle + flushes * P
         if a.cmap.shape[-1] < need:
@@ -349,7 +353,7 @@ class SmartKVAppend:
         self._append_flush()
         a, P, rw = self._app, self.config.realloc_every, self.config.recent_window
         n_win = self.win_k.shape[-2]
-        self._append_reserve(max(0, (tokens - self.seq_len + n_win - rw) // P + 1))
+        self._append_reserve(max(0, (tokens - self.seq_len + n_win - rw) // P + 1), exact=True)
         B, H, D, W = self.batch_size, self.num_heads, self.head_dim, rw + P
         buf = {kind: x.new_zeros(B, H, W, D) for kind, x in (("k", self.win_k), ("v", self.win_v))}
         buf["sum"], buf["seen"] = a.wsum.new_zeros(B, H, W), a.wseen.new_zeros(B, W)

@@ -16,7 +16,7 @@ class SmartKV(MethodConfig):
     name = "smartkv"
     # block_tokens=1 is the per-token design results were stored under; `realloc` is not neutral: its default
     # ("incremental") changes what a config computes, so SmartKV's job ids changed with it.
-    ID_NEUTRAL: ClassVar[dict] = {**MethodConfig.ID_NEUTRAL, "block_tokens": 1}
+    ID_NEUTRAL: ClassVar[dict] = {**MethodConfig.ID_NEUTRAL, "block_tokens": 1, "joint": False, "ring_tokens": 256}
     budget: float = 7.0
     widths: tuple = WIDTHS
     group_size: int = 64
@@ -24,12 +24,13 @@ class SmartKV(MethodConfig):
     recent_window: int = 32
     realloc_every: int = 16
     block_tokens: int = 1      # middle tokens (consecutive, per KV head) sharing one width; the middle grows by blocks
-    # "append": stored tokens keep their widths, each flush gives its tokens a fixed class mix (append.py), on
-    # full-attention layers with joint classes, per-token widths and no rotation (else "incremental");
+    # "append": a ring of recent tokens at one class, then each group a fixed class mix kept for good (append.py;
+    # ~1.1x int4's graphed step, quality short of "incremental": docs/smartkv.md), on full-attention layers with
+    # joint classes, per-token widths and no rotation (else "incremental");
     # "incremental": new blocks and one demotion candidate per width and new block; "full": every block
-    realloc: str = "append"
-    joint: bool = True         # keys and values placed together: equal (key width, value width) counts in every row
-    ring_tokens: int = 128     # realloc="append": the newest middle tokens, held at the top class before their own
+    realloc: str = "incremental"
+    joint: bool = False        # keys and values placed together: equal (key width, value width) counts in every row
+    ring_tokens: int = 256     # realloc="append": the newest middle tokens, held at the top class before their own
     observe_window: int = 32
     key_norm: str = "channel"
     importance: str = "mean"
