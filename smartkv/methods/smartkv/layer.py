@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from smartkv.cache.layer import KVLayer
 from smartkv.methods.smartkv.append import SmartKVAppend
+from smartkv.methods.smartkv.append_static import SmartKVAppendStatic
 from smartkv.methods.smartkv.attention import SmartKVAttention
 from smartkv.methods.smartkv.joint import SmartKVJoint
 from smartkv.methods.smartkv.onepass import SmartKVOnePass
@@ -20,5 +21,5 @@ from smartkv.methods.smartkv.window import SmartKVWindow
 # defaults; no two parts define the same method, so their own order does not matter (the window part: sliding
 # layers, smartkv.cache.sliding)
 class SmartKVLayer(SmartKVStorage, SmartKVAttention, SmartKVOnePass, SmartKVStatic, SmartKVRealloc, SmartKVJoint,
-                   SmartKVAppend, SmartKVWindow, KVLayer):
+                   SmartKVAppend, SmartKVAppendStatic, SmartKVWindow, KVLayer):
     static_capable = True

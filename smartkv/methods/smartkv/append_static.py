@@ -1,0 +1,115 @@
+"""SmartKV's append layers (append.py) in static decode steps (their window in a fixed buffer, host counts kept
+in step with what the captured flush did), and their views and accounting: the middle in position order, each
+token's widths, every tensor held."""
+from __future__ import annotations
+
+import torch
+
+from smartkv.cache.buffers import write_token
+from smartkv.core.quant import dequantize
+from smartkv.methods.smartkv.append import _rows
+
+
+class SmartKVAppendStatic:
+    """SmartKVLayer's append part for static steps, views and accounting (`_app`: append.Classes)."""
+
+    # ---------------------------------------------------------------- static steps
+    def _append_static_begin(self, tokens: int) -> None:
+        """Capacity for every flush up to `tokens` tokens in all, and the window's buffers (room for one flush)."""
+        self._append_flush()
+        a, P, rw = self._app, self.config.realloc_every, self.config.recent_window
+        n_win = self.win_k.shape[-2]
+        self._append_reserve(max(0, (tokens - self.seq_len + n_win - rw) // P + 1), exact=True)
+        B, H, D, W = self.batch_size, self.num_heads, self.head_dim, rw + P
+        buf = {kind: x.new_zeros(B, H, W, D) for kind, x in (("k", self.win_k), ("v", self.win_v))}
+        buf["sum"], buf["seen"] = a.wsum.new_zeros(B, H, W), a.wseen.new_zeros(B, W)
+        buf["k"][..., :n_win, :], buf["v"][..., :n_win, :] = self.win_k, self.win_v
+        buf["sum"][..., :n_win], buf["seen"][:, :n_win] = a.wsum, a.wseen
+        buf["start"] = torch.full((B,), self.sink_k.shape[-2] + self.n_middle, dtype=torch.int32, device=self.device)
+        buf["len"] = torch.zeros(B, dtype=torch.int32, device=self.device)
+        buf["at"] = torch.arange(W, device=self.device)
+        a.buf = buf
+        self._append_views(n_win)
+
+    def _append_views(self, n_win: int) -> None:
+        a = self._app
+        buf = a.buf
+        if n_win > buf["k"].shape[-2]:
+            raise RuntimeError("static steps ran past the window's buffer (a flush was skipped)")
+        self.win_k, self.win_v = buf["k"][..., :n_win, :], buf["v"][..., :n_win, :]
+        a.wsum, a.wseen = buf["sum"][..., :n_win], buf["seen"][:, :n_win]
+
+    def _append_static_store(self, key_states, value_states, state) -> None:
+        buf = self._app.buf
+        write_token((buf["k"], buf["v"]), state.pos - buf["start"], (key_states, value_states))
+
+    def _append_advance(self, tokens: int) -> bool:
+        """Host counts after static steps: the steps that flushed did it in their graph. Never re-organises."""
+        P, rw = self.config.realloc_every, self.config.recent_window
+        for _ in range(tokens):
+            n_win = self.win_k.shape[-2] + 1
+            if n_win - rw >= P:
+                n_win -= P
+                self._append_count_flush()
+            self._append_views(n_win)
+        return False
+
+    def _append_static_end(self) -> None:
+        a = self._app
+        self.win_k, self.win_v = self.win_k.contiguous(), self.win_v.contiguous()
+        a.wsum, a.wseen = a.wsum.contiguous(), a.wseen.contiguous()
+        a.buf = None
+
+    # ---------------------------------------------------------------- views and accounting
+    def _append_middle(self, kind: str) -> torch.Tensor:
+        """Dequantized middle (B, H, Tq, D) fp32 in position order, stored space."""
+        a, D = self._app, self.head_dim
+        out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, D, device=self.device)
+        cmap = a.cmap[..., :self.n_middle]
+        for cid, n in enumerate(a.n):
+            if n:
+                q = _rows((a.k if kind == "k" else a.v)[cid], n)
+                out[cmap == cid] = dequantize(q).reshape(-1, D)
+        if a.ring:   # the middle's last tokens, oldest at the ring's head
+            slots = (a.head_host + torch.arange(a.ring, device=self.device)) % a.ring
+            out[..., -a.ring:, :] = dequantize(a.ring_k if kind == "k" else a.ring_v)[..., slots, :]
+        return out
+
+    def _append_bits(self, kind: str) -> torch.Tensor:
+        a = self._app
+        ring = [(a.ring_k.bits, a.ring_v.bits)] if a.ring else [(0, 0)]
+        table = torch.tensor([w[0 if kind == "k" else 1] for w in a.widths + ring], device=self.device)
+        return table[a.cmap[..., :self.n_middle].long()]
+
+    def _append_account(self, lb) -> None:
+        a = self._app
+        parts = [(n, kind, q) for cid, n in enumerate(a.n) for kind, q in (("k", a.k[cid]), ("v", a.v[cid]))]
+        if a.ring:
+            parts += [(a.ring, "k", a.ring_k), (a.ring, "v", a.ring_v)]
+        for n, kind, q in parts:
+            q = _rows(q, n)
+            lb.add_codes(q.codes, q.bits, kind)
+            lb.add("metadata", q.scale)
+            lb.add("metadata", q.zero)
+        # the class map, the window's statistics, the flush's plan and lengths, the key normalisation
+        for t in (a.cmap[..., :self.n_middle], a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, a.ar, self.k_mu,
+                  self.k_scale, a.rsum, a.rseen, a.head, a.ring_ids):
+            if t is None:
+                continue
+            lb.add("metadata", t)
+        for t in (self.sink_k, self.sink_v, self.win_k, self.win_v):
+            lb.add("residual", t)
+
+    def _append_slack(self) -> int:
+        a, out = self._app, 0
+        for cid, n in enumerate(a.n):
+            for q in (a.k[cid], a.v[cid]):
+                spare = q.codes.shape[-2] - n
+                out += sum(spare * t[..., :1, :].numel() * t.element_size() for t in (q.codes, q.scale, q.zero))
+        out += (a.cmap.shape[-1] - self.n_middle) * self.batch_size * self.num_heads
+        if a.buf is not None:
+            spare = a.buf["k"].shape[-2] - self.win_k.shape[-2]
+            row = self.win_k[..., :1, :].numel() * self.win_k.element_size()
+            out += spare * (2 * row + 4 * self.batch_size * (self.num_heads + 1))
+            out += sum(a.buf[k].numel() * a.buf[k].element_size() for k in ("start", "len", "at"))
+        return out
