@@ -91,6 +91,7 @@ def test_stored_codes_never_move_and_every_flush_has_the_mix(tiny, ring):
     assert a.n == [int((a.cmap[..., :layer.n_middle] == c).sum()) // (2 * layer.num_heads)
                    for c in range(len(a.widths))]
     assert bool((a.cmap[..., layer.n_middle - ring:layer.n_middle] == len(a.widths)).all())
+    assert a.length[:, 0].tolist() == a.n          # the rows the device writes at are the host's counts
     if ring:
         assert (a.ring_k.bits, a.ring_v.bits) == a.widths[a.mix[0][0]]
 
@@ -129,6 +130,8 @@ def test_chunked_appends_equal_flush_by_flush(ring):
         layer._flush()
         return layer
     one, many = filled(1), filled(79)
+    for layer in (one, many):   # the rows the device writes at are the host counts
+        assert layer._app.length[:, 0].tolist() == layer._app.n
     assert one.n_middle == many.n_middle > 100
     assert torch.equal(one._app.cmap[..., :one.n_middle], many._app.cmap[..., :many.n_middle])
     for a, b in zip(one.stored_kv(), many.stored_kv()):
