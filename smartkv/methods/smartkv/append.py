@@ -24,6 +24,7 @@ from smartkv.core.importance import decode_importance, kv_head_mass, seen_counts
 from smartkv.core.policy import rank_profile, unpack_levels
 from smartkv.core.quant import QTensor, dequantize
 from smartkv.kernels import KVSegment, decode_attention, quantize_pack_at
+from smartkv.methods.smartkv.onepass import _rows
 
 
 @dataclass
@@ -59,10 +60,6 @@ def _alloc(q: QTensor, cap: int) -> QTensor:
         out[..., :t.shape[-2], :] = t
         return out
     return QTensor(one(q.codes), one(q.scale), one(q.zero), q.bits, q.group_size, q.axis)
-
-
-def _rows(q: QTensor, n: int) -> QTensor:
-    return QTensor(q.codes[..., :n, :], q.scale[..., :n, :], q.zero[..., :n, :], q.bits, q.group_size, q.axis)
 
 
 class SmartKVAppend:
@@ -118,8 +115,8 @@ class SmartKVAppend:
             k0 = sum(m for c, m in prompt.items() if c[0] == kw and c[1] < vw)
             v0 = sum(m for c, m in prompt.items() if c[1] == vw and c[0] < kw)
             cap = n + 4 * per_flush.get((kw, vw), 0)    # room for a few flushes; `_append_reserve` grows it
-            ks.append(_alloc(self._pool_rows("k", kw, k0, n), cap))
-            vs.append(_alloc(self._pool_rows("v", vw, v0, n), cap))
+            ks.append(_alloc(_rows(self.pools["k"].get(kw) or self._empty_pool(kw), k0, n), cap))
+            vs.append(_alloc(_rows(self.pools["v"].get(vw) or self._empty_pool(vw), v0, n), cap))
             ns.append(n)
         k_of = {w: i for i, w in enumerate(self.widths)}
         table = torch.zeros(len(self.widths) ** 2, dtype=torch.uint8)
@@ -153,10 +150,6 @@ class SmartKVAppend:
         self.importance = self.importance.new_empty(B, H, 0)   # new tensors: views would keep the old storage
         self.observed = self.observed.new_empty(0, 2)
 
-    def _pool_rows(self, kind: str, w: int, start: int, n: int) -> QTensor:
-        q = self.pools[kind].get(w) or self._empty_pool(w)
-        return QTensor(*(t[..., start:start + n, :] for t in (q.codes, q.scale, q.zero)), w, self.group, -1)
-
     def _append_reserve(self, flushes: int, exact: bool = False) -> None:
         """Capacity for `flushes` more flushes in every class buffer and the class map: grown by doubling, or to
         exactly that (`exact`: static steps, whose kernels plan their work over a segment's whole capacity)."""
@@ -165,7 +158,7 @@ class SmartKVAppend:
             need = a.n[cid] + flushes * m
             if a.k[cid].codes.shape[-2] < need or exact and a.k[cid].codes.shape[-2] > need:
                 cap = need if exact else max(need, 2 * a.k[cid].codes.shape[-2])
-                a.k[cid], a.v[cid] = _alloc(_rows(a.k[cid], a.n[cid]), cap), _alloc(_rows(a.v[cid], a.n[cid]), cap)
+                a.k[cid], a.v[cid] = (_alloc(_rows(q, 0, a.n[cid]), cap) for q in (a.k[cid], a.v[cid]))
         need = self.n_middle + flushes * P
         if a.cmap.shape[-1] < need:
             cmap = a.cmap.new_zeros(*a.cmap.shape[:-1], max(need, 2 * a.cmap.shape[-1]))
@@ -237,6 +230,11 @@ class SmartKVAppend:
     def _stored_space(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (k.float() - self.k_mu.float()) / self.k_scale.float(), v.float()
 
+    def _ring_slots(self) -> torch.Tensor:
+        """The ring's slots in position order (oldest first, from the host's head)."""
+        a = self._app
+        return (a.head_host + torch.arange(a.ring, device=self.device)) % a.ring
+
     def _arange(self, n: int) -> torch.Tensor:
         """arange(n) on the device: the flush's own (made once) when n fits, else made now (ordinary steps)."""
         a = self._app
@@ -294,14 +292,14 @@ class SmartKVAppend:
 
     # ---------------------------------------------------------------- a decode step
     def _append_decode(self, query: torch.Tensor, scaling: float, observe: bool) -> torch.Tensor:
-        """One `decode_attention` over [sinks, each class, window]; with `observe`, the window's probabilities
-        added to its importance sums. A static step reads class and window lengths from the device."""
+        """One `decode_attention` over [sinks, each class, ring, window]; with `observe`, the ring's and window's
+        probabilities added to their importance sums. A static step reads class and window lengths from the device."""
         a, static = self._app, self.static is not None
         segs = [KVSegment(self.sink_k, self.sink_v)]
         for cid in range(len(a.widths)):
             n = a.k[cid].codes.shape[-2] if static else a.n[cid]
             if n:
-                segs.append(KVSegment(_rows(a.k[cid], n), _rows(a.v[cid], n), key_scale=self.k_scale,
+                segs.append(KVSegment(_rows(a.k[cid], 0, n), _rows(a.v[cid], 0, n), key_scale=self.k_scale,
                                       key_shift=self.k_mu, lengths=a.length[cid] if static else None))
         if a.ring:
             segs.append(KVSegment(a.ring_k, a.ring_v, key_scale=self.k_scale, key_shift=self.k_mu))
@@ -330,13 +328,14 @@ class SmartKVAppend:
         return out.transpose(1, 2)
 
     def _append_observe(self, probs: torch.Tensor, allowed: torch.Tensor) -> None:
-        """The reference path's fold (probs (B, Hq, W, T), allowed (B, 1, W, T)): into the window's sums only."""
+        """The reference path's fold (probs (B, Hq, W, T), allowed (B, 1, W, T)): into the ring's and window's
+        sums only."""
         a, n = self._app, self.win_k.shape[-2]
         mass, seen = kv_head_mass(probs, self.num_heads) * self._group_heads, seen_counts(allowed).float()
         a.wsum += mass[..., -n:]
         a.wseen += seen[:, -n:]
         if a.ring:   # the ring's positions just before the window, oldest at its head
-            slots = (a.head_host + torch.arange(a.ring, device=self.device)) % a.ring
+            slots = self._ring_slots()
             a.rsum.index_add_(2, slots, mass[..., -n - a.ring:-n])
             a.rseen.index_add_(1, slots, seen[:, -n - a.ring:-n])
 

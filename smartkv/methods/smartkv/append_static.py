@@ -7,7 +7,7 @@ import torch
 
 from smartkv.cache.buffers import write_token
 from smartkv.core.quant import dequantize
-from smartkv.methods.smartkv.append import _rows
+from smartkv.methods.smartkv.onepass import _rows
 
 
 class SmartKVAppendStatic:
@@ -68,10 +68,10 @@ class SmartKVAppendStatic:
         cmap = a.cmap[..., :self.n_middle]
         for cid, n in enumerate(a.n):
             if n:
-                q = _rows((a.k if kind == "k" else a.v)[cid], n)
+                q = _rows((a.k if kind == "k" else a.v)[cid], 0, n)
                 out[cmap == cid] = dequantize(q).reshape(-1, D)
         if a.ring:   # the middle's last tokens, oldest at the ring's head
-            slots = (a.head_host + torch.arange(a.ring, device=self.device)) % a.ring
+            slots = self._ring_slots()
             out[..., -a.ring:, :] = dequantize(a.ring_k if kind == "k" else a.ring_v)[..., slots, :]
         return out
 
@@ -87,7 +87,7 @@ class SmartKVAppendStatic:
         if a.ring:
             parts += [(a.ring, "k", a.ring_k), (a.ring, "v", a.ring_v)]
         for n, kind, q in parts:
-            q = _rows(q, n)
+            q = _rows(q, 0, n)
             lb.add_codes(q.codes, q.bits, kind)
             lb.add("metadata", q.scale)
             lb.add("metadata", q.zero)
