@@ -138,6 +138,34 @@ def held_tensors(obj) -> dict[str, int]:
     return dict(found.values())
 
 
+def greedy_decode(model, method, ids, steps, mode, reserve=None, **params):
+    """Greedy tokens and per-step logits of `steps` GraphDecoder steps (`mode`: eager / static / graph) after the
+    prompt `ids`, with the cache and the decoder: (tokens (B, steps), logits (steps, B, V) fp32, cache, decoder)."""
+    import torch
+
+    import smartkv
+    from smartkv.cache.graphs import GraphDecoder
+    from smartkv.cache.hf_compat import cache_kwargs
+
+    cache = smartkv.make_cache(method, model, **params)
+    with torch.inference_mode():
+        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:]
+    dec = GraphDecoder(model, cache, max_length=reserve or ids.shape[1] + steps, mode=mode)
+    tokens, all_logits = [], []
+    for _ in range(steps):   # GraphDecoder.step runs in inference mode itself
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        logits = dec.step(nxt)
+        all_logits.append(logits[:, -1].float())
+    return torch.cat(tokens, 1), torch.stack(all_logits), cache, dec
+
+
+@pytest.fixture
+def decode():
+    """decode(model, method, ids, steps, mode, reserve=None, **params): see greedy_decode."""
+    return greedy_decode
+
+
 @pytest.fixture
 def held():
     """held(obj) -> {attribute path: bytes} of the storages reachable from obj (see held_tensors)."""

@@ -27,29 +27,13 @@ def kernels(monkeypatch):
     monkeypatch.setattr(cache_mod, "FORCE_KERNELS", True)
 
 
-def _decode(model, method, ids, steps, mode, reserve=None, **params):
-    """Greedy tokens and per-step logits of `steps` decode steps after the prompt `ids`."""
-    cache = smartkv.make_cache(method, model, **params)
-    with torch.inference_mode():
-        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:]
-    n = ids.shape[1]
-    dec = GraphDecoder(model, cache, max_length=reserve or n + steps, mode=mode)
-    tokens, all_logits = [], []
-    for _ in range(steps):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(nxt)
-        logits = dec.step(nxt)
-        all_logits.append(logits[:, -1].float())
-    return torch.cat(tokens, 1), torch.stack(all_logits), cache, dec
-
-
 @pytest.mark.parametrize("method", ["fp16", "int8", "int4"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_static_steps_equal_ordinary_steps(tiny_llama, kernels, method, batch):
+def test_static_steps_equal_ordinary_steps(tiny_llama, kernels, decode, method, batch):
     ids = torch.randint(3, 500, (batch, 21), generator=torch.Generator().manual_seed(batch)).to(DEV)
-    ref_tokens, ref_logits, ref_cache, _ = _decode(tiny_llama, method, ids, 4, "eager")
+    ref_tokens, ref_logits, ref_cache, _ = decode(tiny_llama, method, ids, 4, "eager")
     # reserved well past the end: the static kernels see the whole capacity and must stop at the device length
-    tokens, logits, cache, dec = _decode(tiny_llama, method, ids, 4, "static", reserve=21 + 4 + 70)
+    tokens, logits, cache, dec = decode(tiny_llama, method, ids, 4, "static", reserve=21 + 4 + 70)
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
     assert err < LOGIT_BOUND, err
@@ -166,7 +150,7 @@ def test_residual_last_reads_each_sequence_up_to_its_length(bits):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("method", ["fp16", "int4", "smartkv", "smartkv-append"])
-def test_graph_replays_equal_static_steps(tiny_llama, method):
+def test_graph_replays_equal_static_steps(tiny_llama, decode, method):
     """SmartKV: 14 steps at realloc_every=4, so graphs are captured again after each re-allocation. Blocks of 4:
     the prompt's flush takes 21 tokens rounded up to 24 (5 stay in the 8-token window), so the window is full
     again after 7 steps and then every 4: re-allocations after steps 7 and 11. Append (the default): two
@@ -174,8 +158,8 @@ def test_graph_replays_equal_static_steps(tiny_llama, method):
     params = dict(SMARTKV) if method == "smartkv" else dict(APPEND) if method == "smartkv-append" else {}
     method = method.partition("-")[0]
     ids = torch.randint(3, 500, (2, 33), generator=torch.Generator().manual_seed(8)).to(DEV)
-    s_tokens, s_logits, _, _ = _decode(tiny_llama, method, ids, 14, "static", reserve=200, **params)
-    g_tokens, g_logits, cache, dec = _decode(tiny_llama, method, ids, 14, "graph", reserve=200, **params)
+    s_tokens, s_logits, _, _ = decode(tiny_llama, method, ids, 14, "static", reserve=200, **params)
+    g_tokens, g_logits, cache, dec = decode(tiny_llama, method, ids, 14, "graph", reserve=200, **params)
     # smartkv: again 1 step after each of 2 re-allocations; append: one graph a variant
     assert dec.captures == (1 if method != "smartkv" else 2 if params.get("block_tokens") == 1 else 3)
     assert torch.equal(g_tokens, s_tokens)
@@ -238,13 +222,13 @@ PER_TOKEN = dict(block_tokens=1, realloc="full")   # a width per token, the whol
 
 # the old per-token design at batch 2 only: interpreted kernels make each case 40-100 s of CI
 @pytest.mark.parametrize("batch, design", [(1, "default"), (2, "default"), (2, "per-token"), (2, "joint")])
-def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny_llama, kernels, batch, design):
+def test_smartkv_static_steps_equal_ordinary_steps_across_reallocations(tiny_llama, kernels, decode, batch, design):
     """12 steps at realloc_every=4: three re-allocations run between static steps (`cache.advance`), each
     followed by a new phase; tokens, logits, importance and the pools' widths follow the ordinary fused steps."""
     ids = torch.randint(3, 500, (batch, 30), generator=torch.Generator().manual_seed(11 + batch)).to(DEV)
     params = dict(SMARTKV, **(PER_TOKEN if design == "per-token" else {}), joint=design == "joint")  # joint: one pass
-    ref_tokens, ref_logits, ref_cache, _ = _decode(tiny_llama, "smartkv", ids, 12, "eager", **params)
-    tokens, logits, cache, dec = _decode(tiny_llama, "smartkv", ids, 12, "static", **params)
+    ref_tokens, ref_logits, ref_cache, _ = decode(tiny_llama, "smartkv", ids, 12, "eager", **params)
+    tokens, logits, cache, dec = decode(tiny_llama, "smartkv", ids, 12, "static", **params)
     assert torch.equal(tokens, ref_tokens)
     err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
     assert err < LOGIT_BOUND, err
