@@ -389,11 +389,24 @@ def _counters(dev: int, stream: int, n: int) -> torch.Tensor | None:
     return have
 
 
-def _plan(q3, segments, kinds, lengths, scaling, dev, ladder) -> tuple[list, int]:
+_SIDE: dict = {}
+
+
+def _side_streams(dev: int, n: int) -> list:
+    """n streams of the device besides the current one (made once, before any capture needs them)."""
+    have = _SIDE.setdefault(dev, [])
+    while len(have) < max(n, 8):
+        have.append(torch.cuda.Stream(dev))
+    return have[:n]
+
+
+def _plan(q3, segments, kinds, lengths, scaling, dev, ladder, concurrent: bool = False) -> tuple[list, int]:
     """One (kernels, Params, blocks, KV heads, lengths, segment index) per non-empty segment, the partials' split
-    offsets filled in."""
+    offsets filled in. Each launch is planned to fill the card alone, or (`concurrent`: the launches run side by
+    side) a share of it in proportion to its quantized tokens, so that together they fill it once."""
     B, Hq, D = q3.shape
     cfg = next(k for k in kinds if k[0])
+    total = sum(s.num_tokens for s, k in zip(segments, kinds) if k[0]) if concurrent else 0
     launches, S, offset = [], 0, 0
     for i, (seg, kind) in enumerate(zip(segments, kinds, strict=True)):
         if seg.num_tokens:
@@ -404,7 +417,10 @@ def _plan(q3, segments, kinds, lengths, scaling, dev, ladder) -> tuple[list, int
                                      or not lens.is_contiguous()):
                 lens = lens.to(device=q3.device, dtype=torch.int32).contiguous()
             p, quant, tail = _params(q3, seg, lens, 0 if seg.lengths is not None else offset, scaling * LOG2E)
-            n, per_warp = plan_blocks(-(-quant // TILE), B * Hkv, kern.blocks_per_sm * kern.sms, kern.nw)
+            slots = kern.blocks_per_sm * kern.sms
+            if total:
+                slots = max(B * Hkv, round(slots * seg.num_tokens / total))
+            n, per_warp = plan_blocks(-(-quant // TILE), B * Hkv, slots, kern.nw)
             if n:   # the tail tokens are shared out over the main warps
                 p.chunk, p.tail_w = per_warp * TILE, -(-tail // (n * kern.nw))
             else:   # nothing quantized: blocks of tail warps alone, 32 tokens each
@@ -430,14 +446,21 @@ def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scalin
     B, Hq, D = q3.shape
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     kinds = [_kinds(s) for s in segments]
-    launches, S = _plan(q3, segments, kinds, lengths, scaling, dev, ladder)
+    # several segments (SmartKV's classes) run side by side on streams of their own (branches of a captured graph),
+    # each planned for a share of the card, so no launch's last wave waits alone; the separate merge kernel then
+    # combines them (the last-block merge needs launch order). With or without scores: the same plan, the same output
+    concurrent = sum(1 for s in segments if s.num_tokens) > 1
+    launches, S = _plan(q3, segments, kinds, lengths, scaling, dev, ladder, concurrent)
     o_part = torch.empty(B, Hq, max(S, 1), D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, max(S, 1), dtype=torch.float32, device=q.device)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device) if scores is not None else None
     stream = torch.cuda.current_stream(dev).cuda_stream
     # the merge inside the split kernel writes no log-sum-exp: with scores, the separate merge kernel runs
-    cnt = _counters(dev, stream, B * launches[-1][3]) if launches and scores is None else None
+    cnt = _counters(dev, stream, B * launches[-1][3]) if launches and scores is None and not concurrent else None
+    main, side = torch.cuda.current_stream(dev), _side_streams(dev, len(launches) - 1) if concurrent else []
+    for s in side:
+        s.wait_stream(main)
     for j, (kern, p, n, Hkv, _, i) in enumerate(launches):
         p.op, p.lp, p.out = o_part.data_ptr(), lse_part.data_ptr(), out.data_ptr()
         p.sob, p.soh, p.sos = o_part.stride()[:3]
@@ -455,7 +478,9 @@ def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scalin
             p.cnt, p.flags = cnt.data_ptr(), p.flags | F_MERGE
         else:
             p.cnt = o_part.data_ptr()
-        kern.launch_split(p, (n, B * Hkv), stream)
+        kern.launch_split(p, (n, B * Hkv), side[j - 1].cuda_stream if j and side else stream)
+    for s in side:
+        main.wait_stream(s)
     if cnt is None:
         if S == 0:
             lse_part.fill_(float("-inf"))
