@@ -102,8 +102,11 @@ class GraphDecoder:
     def _forward(self) -> torch.Tensor:
         # no attention_mask: the layers' device lengths say what is valid (a mask built while capturing would
         # carry this step's length on the host into every replay; static layers ignore the causal one)
-        return self.model(self._ids, **self._cache_kw, use_cache=True, position_ids=self._positions,
-                          logits_to_keep=1).logits
+        logits = self.model(self._ids, **self._cache_kw, use_cache=True, position_ids=self._positions,
+                            logits_to_keep=1).logits
+        if self.state is not None:
+            self.state.join()
+        return logits
 
     def _static_step(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self._ids is None:

@@ -42,9 +42,17 @@ _active = threading.local()  # the layer whose `update` ran last in this thread,
 class StaticDecode:
     """Where a static decode step writes and reads, on the device (`SmartKVCache.begin_static`): with it a step
     launches the same kernels with the same arguments whatever the length, so it can be captured once as a CUDA
-    graph and replayed (`smartkv.cache.graphs.GraphDecoder`). The caller sets both before each step."""
+    graph and replayed (`smartkv.cache.graphs.GraphDecoder`). The caller sets both before each step and calls
+    `join()` after it (before the capture ends)."""
     pos: torch.Tensor      # (B,) int32: the row the new token goes to (= tokens stored before it)
     lengths: torch.Tensor  # (B,) int32: pos + 1, the tokens it attends to
+    # work the step's output does not wait for (SmartKV's flush) runs here, beside the later layers; CUDA only
+    side: torch.cuda.Stream | None = None
+
+    def join(self) -> None:
+        """The current stream waits for the side stream's work (a captured graph must join what it forked)."""
+        if self.side is not None:
+            torch.cuda.current_stream(self.side.device).wait_stream(self.side)
 
 
 class KVLayer(SlidingWindow, CacheLayerMixin):
@@ -328,7 +336,7 @@ class SmartKVCache(Cache):
         so no buffer moves while a graph holds its address). The cache must hold a prompt already, on the
         fused path (kernels and the "smartkv" attention), of a method whose layers support it (fp16, int8, int4,
         smartkv).
-        Before each step set `state.pos` and `state.lengths`; after it call `advance(1)`."""
+        Before each step set `state.pos` and `state.lengths`; after it call `state.join()`, then `advance(1)`."""
         problem = self.static_problem()
         if problem:
             raise ValueError(problem)
@@ -340,7 +348,9 @@ class SmartKVCache(Cache):
             layer._static_begin(max_tokens)
         first = layers[0]
         make = dict(dtype=torch.int32, device=first.device)
-        state = StaticDecode(torch.full((first.batch_size,), n, **make), torch.full((first.batch_size,), n + 1, **make))
+        side = torch.cuda.Stream(first.device) if first.device.type == "cuda" else None
+        state = StaticDecode(torch.full((first.batch_size,), n, **make), torch.full((first.batch_size,), n + 1, **make),
+                             side)
         for layer in layers:
             layer.static = state
         return state
@@ -365,6 +375,8 @@ class SmartKVCache(Cache):
         a layer re-organised its storage (SmartKV re-allocating): the next static step launches other kernels
         arguments, so a captured graph must be captured again."""
         changed = False
+        if self.layers and self.layers[0].static is not None:
+            self.layers[0].static.join()   # a caller that skipped it: nothing may overtake a step's side work
         for layer in self.layers:
             layer.seq_len += tokens
             changed |= bool(layer._advance(tokens))

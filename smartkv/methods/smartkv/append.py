@@ -324,7 +324,13 @@ class SmartKVAppend:
             else:
                 a.wseen += 1
         if static and self._append_flush_due():
-            self._append_flush_static()
+            side = self.static.side   # the flush feeds the next step only: beside the later layers' work
+            if side is None:
+                self._append_flush_static()
+            else:
+                side.wait_stream(torch.cuda.current_stream(side.device))
+                with torch.cuda.stream(side):
+                    self._append_flush_static()
         return out.transpose(1, 2)
 
     def _append_observe(self, probs: torch.Tensor, allowed: torch.Tensor) -> None:
