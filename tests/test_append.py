@@ -132,19 +132,23 @@ def kernels(monkeypatch):
     monkeypatch.setattr(cache_mod, "FORCE_KERNELS", True)
 
 
-def test_fused_and_static_steps_equal_the_reference_path(tiny, kernels, decode):
-    """Measured: fused vs reference logits 1.4e-4 relative, static vs fused 0 (the same kernel calls)."""
-    ref_tokens, ref_logits, ref, _ = decode(tiny, "smartkv", _ids(), 12, "eager", **P, use_kernels=False)
-    tokens, logits, fused, _ = decode(tiny, "smartkv", _ids(), 12, "eager", **P)
-    s_tokens, s_logits, static, dec = decode(tiny, "smartkv", _ids(), 12, "static", **P)
+def test_fused_and_static_steps_equal_the_reference_path(tiny_llama, kernels, decode):
+    """On the GPU when there is one (fp16 operands: the bounds of test_graphs). Measured on CPU (interpreter): fused
+    vs reference logits 1.4e-4 relative, static vs fused 0 (the same kernel calls)."""
+    dev = next(tiny_llama.parameters()).device
+    bound, rtol = (2e-3, 1e-2) if dev.type == "cuda" else (6e-4, 1e-3)
+    ids = _ids().to(dev)
+    ref_tokens, ref_logits, ref, _ = decode(tiny_llama, "smartkv", ids, 12, "eager", **P, use_kernels=False)
+    tokens, logits, fused, _ = decode(tiny_llama, "smartkv", ids, 12, "eager", **P)
+    s_tokens, s_logits, static, dec = decode(tiny_llama, "smartkv", ids, 12, "static", **P)
     assert torch.equal(tokens, ref_tokens) and torch.equal(s_tokens, ref_tokens)
-    assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < 6e-4
-    assert ((s_logits - logits).abs().max() / logits.abs().max()).item() < 6e-4
+    assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < bound
+    assert ((s_logits - logits).abs().max() / logits.abs().max()).item() < bound
     for caches in ((fused, ref), (static, fused)):
         for a, b in zip(*(c.layers for c in caches), strict=True):
             assert a.n_middle == b.n_middle == 30 and a._app.n == b._app.n
             assert torch.equal(a._app.cmap[..., :a.n_middle], b._app.cmap[..., :b.n_middle])
-            torch.testing.assert_close(a._app.wsum, b._app.wsum, rtol=1e-3, atol=1e-5)
+            torch.testing.assert_close(a._app.wsum, b._app.wsum, rtol=rtol, atol=rtol / 100)
             assert torch.equal(a._app.wseen, b._app.wseen)
     assert static.memory_report().total_bytes == fused.memory_report().total_bytes
     assert dec.cache.static_variant() in ((None, None), ("flush", "flush"))
