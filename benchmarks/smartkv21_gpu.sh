@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 21 on one H200, one device call (inner limits 560 s in all, under 10 minutes): SmartKV's realloc="append"
+# Issue 21 on one H200, one device call (inner limits 570 s in all, under 10 minutes): SmartKV's realloc="append"
 # (a ring, then classes appended at each flush, two captured graphs) against the default re-allocating design
 # (per-kind widths, incremental re-allocation every 16 tokens) and int4, in the same run:
-#   1. the graphed and fused SmartKV tests on the GPU (graph replays across flushes, window-only probabilities);
+#   1. the CUDA kernel tests and the graphed and fused SmartKV tests on the GPU (graph replays across flushes,
+#      window-only probabilities);
 #   2. end-to-end graphed decoding at the Llama-3-8B shape (random bf16 weights), 32K x 8 then 128K x 4: median,
 #      mean and max ms a step over 64 steps after 16 warm-up steps (flushes and re-allocations included).
 #   run(command="source .devbundle/py/setup.sh; OUT=$OUT bash benchmarks/smartkv21_gpu.sh")   # files land in $OUT
@@ -12,8 +13,9 @@ OUT=${OUT:-benchmarks/raw/latest}
 mkdir -p "$OUT"
 NEW="smartkv append (budget 4.25; gap 3) (CUDA graph)"
 OLD="smartkv incremental (budget 4.25; gap 3) (CUDA graph)"
-[ "${NOTESTS:-0}" = 1 ] || timeout 150 python -m pytest tests/test_graphs.py tests/test_fused.py tests/test_append.py -q --tb=short \
-    -k "graph_replays or across_reallocations or joint or one_pass or probabilities" > "$OUT/pytest.txt" 2>&1
+[ "${NOTESTS:-0}" = 1 ] || timeout 170 python -m pytest tests/test_cuda_attn.py tests/test_graphs.py tests/test_fused.py \
+    tests/test_append.py -q --tb=short -p no:cacheprovider \
+    -k "cuda_attn or graph_replays or across_reallocations or joint or one_pass or probabilities or append" > "$OUT/pytest.txt" 2>&1
 grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
 timeout 170 python benchmarks/bench_e2e.py --context 32768 --batch 8 --rows "int4 (CUDA graph),$NEW,$OLD" \
     --no-max-batch --steps 64 --warmup 16 --budget-s 140 --out "$OUT/e2e32k" > "$OUT/e2e32k.log" 2>&1
