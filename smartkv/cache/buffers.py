@@ -7,6 +7,8 @@ attention, dequantization and memory accounting read; `slack_bytes` is what the 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from smartkv.core.quant import QTensor, packed_width
@@ -184,3 +186,28 @@ def append_kv(qk: QBuffer, qv: QBuffer, k: torch.Tensor, v: torch.Tensor) -> Non
     quantize_pack_kv(k, v, qk.bits, qk.group, out=(qk.q, qv.q), start=qk.n)
     qk.n += T
     qv.n += T
+
+
+@dataclass
+class StaticDecode:
+    """Where a static decode step writes and reads, on the device (`SmartKVCache.begin_static`): with it a step
+    launches the same kernels with the same arguments whatever the length, so it can be captured once as a CUDA
+    graph and replayed (`smartkv.cache.graphs.GraphDecoder`). The caller sets both before each step and calls
+    `join()` after it (before the capture ends)."""
+    pos: torch.Tensor      # (B,) int32: the row the new token goes to (= tokens stored before it)
+    lengths: torch.Tensor  # (B,) int32: pos + 1, the tokens it attends to
+    # work the step's output does not wait for (SmartKV's flush) runs here, beside the later layers; CUDA only
+    side: torch.cuda.Stream | None = None
+    forked: bool = False   # this step put work on `side` (only then may a capture wait for it)
+
+    def fork(self) -> torch.cuda.Stream:
+        """The side stream, after the current stream's work so far (inside a capture it joins the capture)."""
+        self.side.wait_stream(torch.cuda.current_stream(self.side.device))
+        self.forked = True
+        return self.side
+
+    def join(self) -> None:
+        """The current stream waits for what this step put on the side stream (a capture must join its forks)."""
+        if self.forked:
+            torch.cuda.current_stream(self.side.device).wait_stream(self.side)
+            self.forked = False

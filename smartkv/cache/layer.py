@@ -23,10 +23,10 @@ reference path (dequantize + SDPA under the sliding mask).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import torch
 
+from smartkv.cache.buffers import StaticDecode
 from smartkv.cache.hf_compat import Cache, CacheLayerMixin, register_attention, sdpa_attention_forward, use_attention
 from smartkv.cache.sliding import SlidingWindow
 from smartkv.core.memory import LayerBytes, MemoryReport, summarize
@@ -36,23 +36,6 @@ from smartkv.kernels.reference import segment_kv
 ATTENTION_NAME = "smartkv"
 FORCE_KERNELS = False  # tests: run the kernels on CPU tensors too (only with TRITON_INTERPRET=1)
 _active = threading.local()  # the layer whose `update` ran last in this thread, and the keys it returned
-
-
-@dataclass
-class StaticDecode:
-    """Where a static decode step writes and reads, on the device (`SmartKVCache.begin_static`): with it a step
-    launches the same kernels with the same arguments whatever the length, so it can be captured once as a CUDA
-    graph and replayed (`smartkv.cache.graphs.GraphDecoder`). The caller sets both before each step and calls
-    `join()` after it (before the capture ends)."""
-    pos: torch.Tensor      # (B,) int32: the row the new token goes to (= tokens stored before it)
-    lengths: torch.Tensor  # (B,) int32: pos + 1, the tokens it attends to
-    # work the step's output does not wait for (SmartKV's flush) runs here, beside the later layers; CUDA only
-    side: torch.cuda.Stream | None = None
-
-    def join(self) -> None:
-        """The current stream waits for the side stream's work (a captured graph must join what it forked)."""
-        if self.side is not None:
-            torch.cuda.current_stream(self.side.device).wait_stream(self.side)
 
 
 class KVLayer(SlidingWindow, CacheLayerMixin):

@@ -324,12 +324,10 @@ class SmartKVAppend:
             else:
                 a.wseen += 1
         if static and self._append_flush_due():
-            side = self.static.side   # the flush feeds the next step only: beside the later layers' work
-            if side is None:
+            if self.static.side is None:
                 self._append_flush_static()
-            else:
-                side.wait_stream(torch.cuda.current_stream(side.device))
-                with torch.cuda.stream(side):
+            else:   # the flush feeds the next step only: beside the later layers' work
+                with torch.cuda.stream(self.static.fork()):
                     self._append_flush_static()
         return out.transpose(1, 2)
 
