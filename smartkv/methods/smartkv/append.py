@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from smartkv.cache.buffers import grown
 from smartkv.core.classes import flush_mix
 from smartkv.core.importance import decode_importance, kv_head_mass, seen_counts, seen_from_ranges, token_weights
 from smartkv.core.policy import rank_profile, unpack_levels
 from smartkv.core.quant import QTensor, dequantize
 from smartkv.kernels import KVSegment, decode_attention, quantize_pack_at
-from smartkv.methods.smartkv.onepass import _rows
+from smartkv.methods.smartkv.onepass import _class_offsets, _rows
 
 
 @dataclass
@@ -110,10 +111,9 @@ class SmartKVAppend:
         ids = {c: i for i, c in enumerate(widths)}
         per_flush = {(kw, vw): m for kw, vw, m in mix}
         ks, vs, ns = [], [], []
+        offsets = _class_offsets(prompt)
         for kw, vw in widths:
-            n = prompt.get((kw, vw), 0)
-            k0 = sum(m for c, m in prompt.items() if c[0] == kw and c[1] < vw)
-            v0 = sum(m for c, m in prompt.items() if c[1] == vw and c[0] < kw)
+            k0, v0, n = offsets.get((kw, vw), (0, 0, 0))
             cap = n + 4 * per_flush.get((kw, vw), 0)    # room for a few flushes; `_append_reserve` grows it
             ks.append(_alloc(_rows(self.pools["k"].get(kw) or self._empty_pool(kw), k0, n), cap))
             vs.append(_alloc(_rows(self.pools["v"].get(vw) or self._empty_pool(vw), v0, n), cap))
@@ -151,17 +151,19 @@ class SmartKVAppend:
         self.observed = self.observed.new_empty(0, 2)
 
     def _append_reserve(self, flushes: int, exact: bool = False) -> None:
-        """Capacity for `flushes` more flushes in every class buffer and the class map: grown by doubling, or to
-        exactly that (`exact`: static steps, whose kernels plan their work over a segment's whole capacity)."""
+        """Capacity for `flushes` more flushes in every class buffer and the class map: grown as the uniform caches'
+        buffers grow (`grown`: a quarter, not double, so a long chunked prefill does not hold up to twice its
+        bytes), or to exactly that (`exact`: static steps, whose kernels plan their work over a segment's whole
+        capacity)."""
         a, P = self._app, self.config.realloc_every
         for cid, m in a.mix:
             need = a.n[cid] + flushes * m
             if a.k[cid].codes.shape[-2] < need or exact and a.k[cid].codes.shape[-2] > need:
-                cap = need if exact else max(need, 2 * a.k[cid].codes.shape[-2])
+                cap = need if exact else grown(a.k[cid].codes.shape[-2], need)
                 a.k[cid], a.v[cid] = (_alloc(_rows(q, 0, a.n[cid]), cap) for q in (a.k[cid], a.v[cid]))
         need = self.n_middle + flushes * P
         if a.cmap.shape[-1] < need:
-            cmap = a.cmap.new_zeros(*a.cmap.shape[:-1], max(need, 2 * a.cmap.shape[-1]))
+            cmap = a.cmap.new_zeros(*a.cmap.shape[:-1], grown(a.cmap.shape[-1], need))
             cmap[..., :self.n_middle] = a.cmap[..., :self.n_middle]
             a.cmap = cmap
 
@@ -279,11 +281,11 @@ class SmartKVAppend:
         mid_at = (buf["start"][:1] - self.sink_k.shape[-2]).long()
         self._append_push(*self._stored_space(buf["k"][..., :P, :], buf["v"][..., :P, :]), buf["sum"][..., :P],
                           buf["seen"][:, :P], mid_at)
-        for key in ("k", "v", "sum", "seen"):
-            t = buf[key] if key in ("sum", "seen") else buf[key].transpose(-1, -2)   # tokens last
-            t[..., :W - P] = t[..., P:].clone()
-            if key in ("sum", "seen"):
-                t[..., W - P:] = 0
+        for key in ("k", "v"):
+            buf[key][..., :W - P, :] = buf[key][..., P:, :].clone()
+        for key in ("sum", "seen"):   # the statistics of the rows that open up start at 0
+            buf[key][..., :W - P] = buf[key][..., P:].clone()
+            buf[key][..., W - P:] = 0
         buf["start"] += P
 
     def _append_flush_due(self) -> bool:

@@ -21,6 +21,17 @@ def _rows(q: QTensor, start: int, n: int) -> QTensor:
                    q.bits, q.group_size, q.axis)
 
 
+def _class_offsets(classes: dict) -> dict:
+    """{(key width, value width): (k0, v0, n)} in class order: where each class's n tokens start in its key pool
+    (after the classes of narrower value widths) and in its value pool (after those of narrower key widths), the
+    class-major layout a joint re-allocation writes."""
+    out = {}
+    for kw, vw in sorted(classes):
+        out[(kw, vw)] = (sum(m for (k, v), m in classes.items() if k == kw and v < vw),
+                         sum(m for (k, v), m in classes.items() if v == vw and k < kw), classes[(kw, vw)])
+    return out
+
+
 class SmartKVOnePass:
     """SmartKVLayer's one-pass decode part (see the module docstring)."""
 
@@ -32,11 +43,7 @@ class SmartKVOnePass:
         """[sinks, each class in (key width, value width) order, window]: a class's keys from key pool kw after
         the classes of narrower value widths, its values from value pool vw after those of narrower key widths."""
         segs = [KVSegment(self.sink_k, self.sink_v)]
-        classes = sorted(self._classes)
-        for kw, vw in classes:
-            n = self._classes[(kw, vw)]
-            k0 = sum(self._classes[c] for c in classes if c[0] == kw and c[1] < vw)
-            v0 = sum(self._classes[c] for c in classes if c[1] == vw and c[0] < kw)
+        for (kw, vw), (k0, v0, n) in _class_offsets(self._classes).items():
             segs.append(KVSegment(_rows(self.pools["k"][kw], k0, n), _rows(self.pools["v"][vw], v0, n),
                                   key_scale=self.k_scale, key_shift=self.k_mu))
         segs.append(KVSegment(win_k, win_v))
