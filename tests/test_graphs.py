@@ -153,7 +153,7 @@ def test_residual_last_reads_each_sequence_up_to_its_length(bits):
 def test_graph_replays_equal_static_steps(tiny_llama, decode, method):
     """SmartKV: 14 steps at realloc_every=4, so graphs are captured again after each re-allocation. Blocks of 4:
     the prompt's flush takes 21 tokens rounded up to 24 (5 stay in the 8-token window), so the window is full
-    again after 7 steps and then every 4: re-allocations after steps 7 and 11. Append (the default): two
+    again after 7 steps and then every 4: re-allocations after steps 7 and 11. Append (realloc="append"): two
     graphs, the common step and the flushing one, replayed across every flush."""
     params = dict(SMARTKV) if method == "smartkv" else dict(APPEND) if method == "smartkv-append" else {}
     method = method.partition("-")[0]

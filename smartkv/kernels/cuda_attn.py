@@ -403,7 +403,8 @@ def _side_streams(dev: int, n: int) -> list:
 def _plan(q3, segments, kinds, lengths, scaling, dev, ladder, concurrent: bool = False) -> tuple[list, int]:
     """One (kernels, Params, blocks, KV heads, lengths, segment index) per non-empty segment, the partials' split
     offsets filled in. Each launch is planned to fill the card alone, or (`concurrent`: the launches run side by
-    side) a share of it in proportion to its quantized tokens, so that together they fill it once."""
+    side) a share of it in proportion to its tokens among the quantized segments', so that together they fill it
+    once."""
     B, Hq, D = q3.shape
     cfg = next(k for k in kinds if k[0])
     total = sum(s.num_tokens for s, k in zip(segments, kinds) if k[0]) if concurrent else 0
@@ -455,12 +456,15 @@ def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scalin
     lse_part = torch.empty(B, Hq, max(S, 1), dtype=torch.float32, device=q.device)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device) if scores is not None else None
-    stream = torch.cuda.current_stream(dev).cuda_stream
+    main = torch.cuda.current_stream(dev)
+    stream = main.cuda_stream
     # the merge inside the split kernel writes no log-sum-exp: with scores, the separate merge kernel runs
     cnt = _counters(dev, stream, B * launches[-1][3]) if launches and scores is None and not concurrent else None
-    main, side = torch.cuda.current_stream(dev), _side_streams(dev, len(launches) - 1) if concurrent else []
-    for s in side:
-        s.wait_stream(main)
+    side = _side_streams(dev, len(launches) - 1) if concurrent else []
+    if side:   # one event of the inputs' readiness, waited on by every side stream
+        ready = main.record_event()
+        for s in side:
+            s.wait_event(ready)
     for j, (kern, p, n, Hkv, _, i) in enumerate(launches):
         p.op, p.lp, p.out = o_part.data_ptr(), lse_part.data_ptr(), out.data_ptr()
         p.sob, p.soh, p.sos = o_part.stride()[:3]
