@@ -1,6 +1,7 @@
-"""SmartKV's realloc="append" (with joint=True): the budget holds flush by flush, stored codes never move,
-every flush gives its tokens the mix's classes by weight, chunked and step-by-step flushes agree, and the fused
-and static steps give what the reference path gives (kernels through Triton's CPU interpreter)."""
+"""SmartKV's realloc="append" (with joint=True): the budget holds flush by flush, the prompt's tokens only go down
+while the ring fills (the least attended first) and nothing moves after, every flush gives its tokens the mix's
+classes by weight, chunked and step-by-step flushes agree, and the fused and static steps give what the reference
+path gives (kernels through Triton's CPU interpreter)."""
 import pytest
 import torch
 
@@ -51,29 +52,47 @@ def test_budget_holds_and_every_held_tensor_is_counted(tiny, held, decode):
 
 
 @pytest.mark.parametrize("ring", [0, 8])
-def test_stored_codes_never_move_and_every_flush_has_the_mix(tiny, ring):
-    """Tokens past the ring keep their class and codes for good; each group of 4 that left the ring holds the
-    mix's classes in every row; the ring's tokens are its class (the mix's top one)."""
+def test_prompt_tokens_only_go_down_and_every_exit_has_the_mix(tiny, held, ring):
+    """The prompt's tokens are all in classes and the ring fills from empty; while it fills the prompt's tokens only
+    go down (each kind's width), the budget holds after every step and every held tensor is counted; tokens that
+    kept their class keep their codes; once the ring is full nothing moves; each group of 4 that left the ring
+    holds the mix's classes in every row; the ring's tokens are its class (the mix's top one)."""
     cache = smartkv.make_cache("smartkv", tiny, **dict(P, ring_tokens=ring))
     ids = torch.randint(3, 500, (2, 60), generator=torch.Generator().manual_seed(2))
     layer = cache.layers[1]
+    k_budget, v_budget = kv_budgets(4.25, 3)
     with torch.inference_mode():
         tiny(ids[:, :30], **cache_kwargs(tiny, cache), use_cache=True)
         a = layer._app
-        assert a.ring == ring
-        n0 = layer.n_middle - ring
-        cmap0 = a.cmap[..., :n0].clone()
-        codes0 = [a.k[c].codes[..., :n, :].clone() for c, n in enumerate(a.n)]
+        assert (a.ring, a.ring_n) == (ring, 0)
+        n0 = layer.n_middle
+        assert sum(a.n) == n0
+        bits0 = [layer.level_bits(kind)[..., :n0].clone() for kind in "kv"]
+        mid0 = [layer._append_middle(kind)[..., :n0, :].clone() for kind in "kv"]
         for t in range(30, 60):
             tiny(ids[:, t:t + 1], **cache_kwargs(tiny, cache), use_cache=True)
-    assert layer.n_middle == n0 + ring + 28      # 30 more tokens, the window back under 8 + 4 in groups of 4
-    assert torch.equal(a.cmap[..., :n0], cmap0)
-    for c, before in enumerate(codes0):
-        assert torch.equal(a.k[c].codes[..., :before.shape[-2], :], before)
+            lb = cache.memory_report().per_layer[1]
+            assert lb["k_bits"] <= k_budget * lb["k_elements"] + 1e-6
+            assert lb["v_bits"] <= v_budget * lb["v_elements"] + 1e-6
+            b = layer.layer_bytes()
+            assert sum(held(layer).values()) == b.payload + b.metadata + b.residual + layer.slack_bytes()
+            if a.ring_n == ring and t < 59:
+                full = [layer.level_bits(kind)[..., :n0].clone() for kind in "kv"]
+    assert layer.n_middle == n0 + 28      # 30 more tokens, the window back under 8 + 4 in groups of 4
+    assert a.ring_n == ring and (not ring or a.ring_len.tolist() == [ring] * 2)
+    assert a.plan is None and a.cimp is None          # nothing left to demote
+    bits1 = [layer.level_bits(kind)[..., :n0] for kind in "kv"]
+    assert all(bool((x <= y).all()) for x, y in zip(bits1, bits0))
+    assert all(torch.equal(x, y) for x, y in zip(bits1, full))          # nothing moved once the ring was full
+    assert bool((bits1[0] < bits0[0]).any() or (bits1[1] < bits0[1]).any()) == bool(ring)
+    same = (bits1[0] == bits0[0]) & (bits1[1] == bits0[1])
+    for kind, before in zip("kv", mid0):
+        assert torch.equal(layer._append_middle(kind)[..., :n0, :][same], before[same])
     per_flush = torch.zeros(len(a.widths), dtype=torch.long)
     for cid, m in a.mix:
         per_flush[cid] = m
-    groups = a.cmap[..., n0:layer.n_middle - ring].long().reshape(2, layer.num_heads, 7, 4)
+    exits = 7 - ring // 4
+    groups = a.cmap[..., n0:n0 + 4 * exits].long().reshape(2, layer.num_heads, exits, 4)
     counts = torch.nn.functional.one_hot(groups, len(a.widths)).sum(-2)      # (B, H, flushes, classes)
     assert torch.equal(counts, per_flush.expand_as(counts))
     assert a.n == [int((a.cmap[..., :layer.n_middle] == c).sum()) // (2 * layer.num_heads)
@@ -82,6 +101,29 @@ def test_stored_codes_never_move_and_every_flush_has_the_mix(tiny, ring):
     assert a.length[:, 0].tolist() == a.n          # the rows the device writes at are the host's counts
     if ring:
         assert (a.ring_k.bits, a.ring_v.bits) == a.widths[a.mix[0][0]]
+
+
+def test_demotions_take_the_least_attended_tokens():
+    """A filling flush demotes, in each class it takes from, the tokens with the least importance received."""
+    cache = make_cache("smartkv", num_layers=1, **dict(P, sensitivity=False, ring_tokens=16))
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(6)
+    k, v = torch.randn(1, 2, 60, 32, generator=g), torch.randn(1, 2, 60, 32, generator=g)
+    layer.append(k[..., :50, :], v[..., :50, :])
+    layer.append(k[..., 50:51, :], v[..., 50:51, :])       # the first allocation, then the append layer
+    a = layer._app
+    moves = a.plan[0]
+    assert moves, "the tiny prompt's plan demotes something at the first filling flush"
+    cid, tid, k_n = moves[0]
+    pos = layer._cls_positions(cid, a.n[cid])
+    light = pos[..., torch.randperm(a.n[cid], generator=g)[:k_n]]      # made the least attended tokens of cid
+    for c, n in enumerate(a.n):
+        a.cimp[c][..., :n] = 8                       # importance codes: 2^-1 (code 255: nothing received)
+    rows = (a.cmap[..., :layer.n_middle] == cid).long().cumsum(-1).gather(-1, light) - 1
+    a.cimp[cid].scatter_(-1, rows, 255)
+    layer.append(k[..., 51:55, :], v[..., 51:55, :])
+    layer._flush()
+    assert bool((a.cmap[..., :layer.n_middle].gather(-1, light) != cid).all())
 
 
 def test_heavier_tokens_get_earlier_classes():

@@ -1,16 +1,20 @@
-"""SmartKV's append re-allocation (`realloc="append"` with `joint=True`, on full-attention layers): after the
-first allocation, tokens leaving the window enter a ring of the newest `ring_tokens` middle tokens at one class
-(the mix's top one), and tokens leaving the ring take their final class, which they keep for good: every group
-of `realloc_every` gets the same class mix (core.classes.flush_mix: solved once, from the first allocation's weight
-profile), heaviest tokens first. The first allocation's older tokens pay for the ring, and every later group spends
-exactly the budget, so the budget holds flush by flush. Nothing past the ring moves, so:
+"""SmartKV's append re-allocation (`realloc="append"` with `joint=True`, on full-attention layers): the first
+allocation places every prompt token by weight at the full budget; tokens leaving the window then enter a ring of
+the newest `ring_tokens` middle tokens at one class (the mix's top one): while it fills, each flush pays for its
+group by demoting prompt tokens (demote.py: counts planned at the first allocation, the least attended tokens
+chosen at the flush); once it is full, tokens leaving it take their final class, which they keep for good: every
+group of `realloc_every` gets the same class mix (core.classes.flush_mix: solved once, from the first allocation's
+weight profile), heaviest tokens first, which spends exactly the budget. So the budget holds flush by flush, and
+once the ring is full nothing past it moves:
   - the middle is one buffer per (key width, value width) class, tokens in position order, each class one dense
     segment that the uniform decode kernels read (one `decode_attention` call a step, no positions, no logits
     buffer of the middle's size);
   - importance is needed only for the ring's and window's tokens (a running sum of the attention they receive and
-    the count of queries that saw them), so a step asks the kernel for their probabilities alone;
+    the count of queries that saw them), so a step asks the kernel for their probabilities alone (and, while the
+    ring fills, for every class row's);
   - a flush is a fixed amount of fixed-shape work with offsets read on the device: a static decode step that
-    flushes is one more captured graph (smartkv.cache.graphs), replayed every period, not a host re-allocation.
+    flushes is one more captured graph (smartkv.cache.graphs), replayed every period, not a host re-allocation
+    (while the ring fills, its demotions run between two static steps and the graphs are captured again).
 A class map (uint8 a middle token and KV head) keeps each token's class for the reference path and accounting.
 docs/smartkv.md ("Append re-allocation") has its measured speed and quality against the re-allocating designs."""
 from __future__ import annotations
@@ -43,14 +47,19 @@ class Classes:
     ar: torch.Tensor        # arange(flush) long, made once (static steps build no tensors from host ints)
     wsum: torch.Tensor      # (B, H, n_win) fp32: attention the window's tokens received, summed over query heads
     wseen: torch.Tensor     # (B, n_win) fp32: queries that saw each window token
-    ring_k: QTensor | None = None   # the ring: the newest `ring` middle tokens at the top class, slot order
+    ring_k: QTensor | None = None   # the ring: the newest `ring_n` middle tokens at the top class, slot order
     ring_v: QTensor | None = None
-    ring: int = 0           # tokens the ring holds (a multiple of the flush; 0: no ring)
-    head: torch.Tensor | None = None   # (B,) int32: the ring's oldest slot (the same for every sequence)
+    ring: int = 0           # the ring's capacity (a multiple of the flush; 0: no ring)
+    ring_n: int = 0         # tokens it holds: it fills from empty after the first allocation, then stays full
+    ring_len: torch.Tensor | None = None   # (B,) int32: ring_n on the device (static steps' segment length)
+    head: torch.Tensor | None = None   # (B,) int32: the slot the next token goes to (the oldest once full)
     head_host: int = 0
     rsum: torch.Tensor | None = None   # (B, H, ring) / (B, ring): the ring tokens' statistics, as wsum / wseen
     rseen: torch.Tensor | None = None
     ring_ids: torch.Tensor | None = None   # (B, H, flush) uint8 filled with the ring's class id (len(widths))
+    plan: list | None = None   # while the ring fills: per filling flush, [(class id, target id, tokens)] demoted
+    cimp: list | None = None   # while the ring fills: class id -> (B, H, capacity) uint8 importance codes, row order
+    cseen: torch.Tensor | None = None   # (1,) fp32: queries every middle token counts as seen by (one denominator)
     buf: dict | None = None  # static steps: window, wsum, wseen buffers and the window's first position
 
 
@@ -75,39 +84,31 @@ class SmartKVAppend:
 
     # ---------------------------------------------------------------- from the first allocation
     def _append_split(self, weights: torch.Tensor, kinds: tuple) -> tuple:
-        """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them): solve the
-        flush mix on all n tokens' profile, keep the newest `ring_tokens` (fewer where the budget cannot pay for
-        them) for the ring at the mix's top class, and return the weights and kinds of the rest, whose budgets
-        pay for the ring, so the middle's average is the budget from here on: every later flush adds a group at
-        the mix, which spends exactly the budget."""
+        """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned as
+        they are: every token at the full budget): solve the flush mix on the n tokens' profile, size the ring
+        (`ring_tokens`, less where the n tokens cannot pay for it) and plan the demotions that pay for it as it
+        fills (`_demotion_plan`)."""
         cfg, P, lo = self.config, self.config.realloc_every, min(self.widths)
         n = weights.shape[1]
         mix = flush_mix(rank_profile(weights).cpu(), (self.budget_k, self.budget_v), self.widths, P)
-        rk, rv = mix[0][0], mix[0][1]
+        top = mix[0][:2]
         A = cfg.ring_tokens // P * P
-        while A and (n - A < P or any(b * n - A * w < lo * (n - A) for b, w in ((self.budget_k, rk),
-                                                                                (self.budget_v, rv)))):
+        while A and any(b * (n + A) - A * w < lo * n for b, w in zip((self.budget_k, self.budget_v), top)):
             A -= P
-        self._app_plan = (mix, A, None)
-        if not A:
-            return weights, kinds
-        m = n - A
         (_, nk, bk), (_, nv, bv) = kinds
-        self._app_plan = (mix, A, (nk[..., m:, :], nv[..., m:, :]))
-        budgets = [min(max(self.widths), (b * n - A * w) / m) for b, w in ((bk, rk), (bv, rv))]
-        return weights[:, :m], (("k", nk[..., :m, :], budgets[0]), ("v", nv[..., :m, :], budgets[1]))
+        plan = self._demotion_plan(rank_profile(weights).cpu(), (bk, bv), top, A, n) if A else []
+        self._app_plan = (mix, A, plan)
+        return weights, kinds
 
     def _append_begin(self) -> None:
-        """Turn the first allocation's class-major pools into class buffers, quantize the ring's tokens at the
-        mix's top class, and start the window's and ring's importance sums from the codes (then dropped, as are
-        the level maps)."""
+        """Turn the first allocation's class-major pools into class buffers, make the (empty) ring at the mix's
+        top class, and start the window's importance sums from the codes (then dropped, as are the level maps)."""
         P = self.config.realloc_every
         B, H, Tq = self.batch_size, self.num_heads, self.n_middle
-        mix, A, ring_new = self._app_plan
+        mix, A, plan = self._app_plan
         self._app_plan = None
-        TqB = Tq - A                                  # the classes' tokens; the ring holds the last A
         prompt = dict(self._classes)
-        widths = sorted(set(prompt) | {(kw, vw) for kw, vw, _ in mix})
+        widths = sorted(set(prompt) | {(kw, vw) for kw, vw, _ in mix} | {t for moves in plan for _, t in moves})
         ids = {c: i for i, c in enumerate(widths)}
         per_flush = {(kw, vw): m for kw, vw, m in mix}
         ks, vs, ns = [], [], []
@@ -122,18 +123,17 @@ class SmartKVAppend:
         table = torch.zeros(len(self.widths) ** 2, dtype=torch.uint8)
         for (kw, vw), i in ids.items():
             table[k_of[kw] * len(self.widths) + k_of[vw]] = i
-        lk, lv = (unpack_levels(self.levels[kind], TqB).long() for kind in ("k", "v"))
+        lk, lv = (unpack_levels(self.levels[kind], Tq).long() for kind in ("k", "v"))
         cmap = torch.full((B, H, Tq + 4 * P), len(widths), dtype=torch.uint8, device=self.device)
-        cmap[..., :TqB] = table.to(self.device)[lk * len(self.widths) + lv]
+        cmap[..., :Tq] = table.to(self.device)[lk * len(self.widths) + lv]
         rank_class = torch.tensor([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], device=self.device)
         mix_len = torch.zeros(len(widths), dtype=torch.int32)
         for kw, vw, m in mix:
             mix_len[ids[(kw, vw)]] = m
         # the window's tokens: mean importance x observers so far (x query heads a group: `wsum`'s unit)
-        start, T = self.sink_k.shape[-2] + TqB, self.importance.shape[-1]
+        start, T = self.sink_k.shape[-2] + Tq, self.importance.shape[-1]
         seen = seen_from_ranges(self.observed.to(self.device), T)[start:].float()
         wsum = decode_importance(self.importance[..., start:]) * seen * self._group_heads
-        rsum, rseen, wsum, seen = wsum[..., :A], seen[:A], wsum[..., A:], seen[A:]
         self._app = Classes(widths, ks, vs, ns, torch.tensor(ns, dtype=torch.int32, device=self.device)[:, None]
                             .repeat(1, B).contiguous(), cmap, [(ids[(kw, vw)], m) for kw, vw, m in mix], rank_class,
                             mix_len.to(self.device), torch.arange(P, device=self.device), wsum,
@@ -141,10 +141,11 @@ class SmartKVAppend:
         if A:
             a = self._app
             # own contiguous buffers (the CUDA kernel's alignment and stride checks)
-            a.ring_k, a.ring_v = (_alloc(self._quantize(x, w), A) for x, w in zip(ring_new, mix[0][:2]))
-            a.ring, a.rsum, a.rseen = A, rsum.contiguous(), rseen.expand(B, -1).contiguous()
-            a.head = torch.zeros(B, dtype=torch.int32, device=self.device)
+            a.ring_k, a.ring_v = (_alloc(self._empty_pool(w), A) for w in mix[0][:2])
+            a.ring, a.rsum, a.rseen = A, wsum.new_zeros(B, H, A), wsum.new_zeros(B, A)
+            a.head, a.ring_len = (torch.zeros(B, dtype=torch.int32, device=self.device) for _ in range(2))
             a.ring_ids = torch.full((B, H, P), len(widths), dtype=torch.uint8, device=self.device)
+            self._demote_begin(plan, ids)
         self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
         self._classes, self._class_major = None, False
         self.importance = self.importance.new_empty(B, H, 0)   # new tensors: views would keep the old storage
@@ -154,13 +155,25 @@ class SmartKVAppend:
         """Capacity for `flushes` more flushes in every class buffer and the class map: grown as the uniform caches'
         buffers grow (`grown`: a quarter, not double, so a long chunked prefill does not hold up to twice its
         bytes), or to exactly that (`exact`: static steps, whose kernels plan their work over a segment's whole
-        capacity)."""
+        capacity). The flushes that fill the ring add nothing to the classes."""
         a, P = self._app, self.config.realloc_every
-        for cid, m in a.mix:
-            need = a.n[cid] + flushes * m
-            if a.k[cid].codes.shape[-2] < need or exact and a.k[cid].codes.shape[-2] > need:
-                cap = need if exact else grown(a.k[cid].codes.shape[-2], need)
+        count, need, fill = list(a.n), list(a.n), a.ring_n // P
+        for _ in range(flushes):   # the most each class holds over those flushes (demotions move tokens)
+            if fill < a.ring // P:
+                for cid, tid, k in (a.plan[fill] if a.plan is not None else []):
+                    k = min(k, count[cid])
+                    count[cid], count[tid] = count[cid] - k, count[tid] + k
+                fill += 1
+            else:
+                for cid, m in a.mix:
+                    count[cid] += m
+            need = [max(x, y) for x, y in zip(need, count)]
+        for cid, want in enumerate(need):
+            if a.k[cid].codes.shape[-2] < want or exact and a.k[cid].codes.shape[-2] > want:
+                cap = want if exact else grown(a.k[cid].codes.shape[-2], want)
                 a.k[cid], a.v[cid] = (_alloc(_rows(q, 0, a.n[cid]), cap) for q in (a.k[cid], a.v[cid]))
+                if a.cimp is not None:
+                    a.cimp[cid] = self._grow_rows(a.cimp[cid][..., :a.n[cid]], cap)
         need = self.n_middle + flushes * P
         if a.cmap.shape[-1] < need:
             cmap = a.cmap.new_zeros(*a.cmap.shape[:-1], grown(a.cmap.shape[-1], need))
@@ -208,18 +221,23 @@ class SmartKVAppend:
         a.cmap.index_copy_(2, mid_at + self._arange(T), cls.reshape(B, H, T).to(torch.uint8))
 
     def _append_push(self, k_st: torch.Tensor, v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
-                     mid_at: torch.Tensor) -> None:
+                     mid_at: torch.Tensor, full: bool) -> None:
         """Flush n tokens (a multiple of P, at most the ring's room before its end) into the middle at position
-        `mid_at`: through the ring when there is one (the n oldest ring tokens take their final classes,
-        `_append_place`, and the new ones their slots at the ring's class), else straight to their classes."""
+        `mid_at`: through the ring when there is one (when it is `full`, the n oldest ring tokens first take
+        their final classes, `_append_place`; the new ones take their slots at the ring's class), else straight
+        to their classes."""
         a = self._app
         if not a.ring:
             return self._append_place(k_st, v, wsum, wseen, mid_at)
         B, H, n, _ = k_st.shape
         slots = a.head[:1].long() + self._arange(n)
-        old = [dequantize(QTensor(*(t.index_select(2, slots) for t in (q.codes, q.scale, q.zero)), q.bits,
-                                  q.group_size, -1)) for q in (a.ring_k, a.ring_v)]
-        self._append_place(*old, a.rsum.index_select(2, slots), a.rseen.index_select(1, slots), mid_at - a.ring)
+        if full:
+            old = [dequantize(QTensor(*(t.index_select(2, slots) for t in (q.codes, q.scale, q.zero)), q.bits,
+                                      q.group_size, -1)) for q in (a.ring_k, a.ring_v)]
+            self._append_place(*old, a.rsum.index_select(2, slots), a.rseen.index_select(1, slots),
+                               mid_at - a.ring)
+        else:
+            a.ring_len += n
         quantize_pack_at(k_st, a.ring_k.bits, self.group, a.ring_k, a.head)
         quantize_pack_at(v, a.ring_v.bits, self.group, a.ring_v, a.head)
         a.rsum.index_copy_(2, slots, wsum)
@@ -235,7 +253,7 @@ class SmartKVAppend:
     def _ring_slots(self) -> torch.Tensor:
         """The ring's slots in position order (oldest first, from the host's head)."""
         a = self._app
-        return (a.head_host + torch.arange(a.ring, device=self.device)) % a.ring
+        return (a.head_host - a.ring_n + torch.arange(a.ring_n, device=self.device)) % a.ring
 
     def _arange(self, n: int) -> torch.Tensor:
         """arange(n) on the device: the flush's own (made once) when n fits, else made now (ordinary steps)."""
@@ -254,23 +272,38 @@ class SmartKVAppend:
         n = F * P
         self._append_reserve(F)
         k_st, v = self._stored_space(self.win_k[..., :n, :], self.win_v[..., :n, :])
-        done = 0
-        while done < n:   # through the ring, as far as its end at a time
-            g = n - done if not a.ring else min(n - done, a.ring - a.head_host)
-            mid_at = torch.full((1,), self.n_middle + done, dtype=torch.long, device=self.device)
+        base, done, counted = self.n_middle, 0, 0
+        while done < n:   # through the ring, as far as its end (or filling it, as far as full) at a time
+            filling = a.ring_n < a.ring
+            g = n - done if not a.ring else min(n - done, a.ring - (a.ring_n if filling else a.head_host))
+            mid_at = torch.full((1,), base + done, dtype=torch.long, device=self.device)
             self._append_push(k_st[..., done:done + g, :], v[..., done:done + g, :], a.wsum[..., done:done + g],
-                              a.wseen[:, done:done + g], mid_at)
+                              a.wseen[:, done:done + g], mid_at, full=not filling)
             done += g
+            if filling:   # the filling flushes' demotions, before any token leaves the ring
+                for _ in range(g // P):
+                    self._append_count_flush()
+                counted += g // P
         self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
         a.wsum, a.wseen = a.wsum[..., n:].contiguous(), a.wseen[:, n:].contiguous()
-        for _ in range(F):
+        for _ in range(F - counted):
             self._append_count_flush()
 
-    def _append_count_flush(self) -> None:
-        a = self._app
-        self.n_middle += self.config.realloc_every
+    def _append_count_flush(self) -> bool:
+        """Host counts after one flush: it filled the ring by a group, which its demotions pay for (True: the
+        storage changed), or (ring full or none) added the mix."""
+        a, P = self._app, self.config.realloc_every
+        self.n_middle += P
+        if a.ring_n < a.ring:
+            if a.plan is not None:
+                self._demote(a.plan[a.ring_n // P])
+            a.ring_n += P
+            if a.ring_n == a.ring:
+                self._demote_done()
+            return True
         for cid, m in a.mix:
             a.n[cid] += m
+        return False
 
     def _append_flush_static(self) -> None:
         """A static step's flush, after its attention: the window buffer's first P tokens into their classes, the
@@ -280,7 +313,7 @@ class SmartKVAppend:
         W = buf["k"].shape[-2]
         mid_at = (buf["start"][:1] - self.sink_k.shape[-2]).long()
         self._append_push(*self._stored_space(buf["k"][..., :P, :], buf["v"][..., :P, :]), buf["sum"][..., :P],
-                          buf["seen"][:, :P], mid_at)
+                          buf["seen"][:, :P], mid_at, full=a.ring_n >= a.ring)
         for key in ("k", "v"):
             buf[key][..., :W - P, :] = buf[key][..., P:, :].clone()
         for key in ("sum", "seen"):   # the statistics of the rows that open up start at 0
@@ -303,8 +336,10 @@ class SmartKVAppend:
             if n:
                 segs.append(KVSegment(_rows(a.k[cid], 0, n), _rows(a.v[cid], 0, n), key_scale=self.k_scale,
                                       key_shift=self.k_mu, lengths=a.length[cid] if static else None))
-        if a.ring:
-            segs.append(KVSegment(a.ring_k, a.ring_v, key_scale=self.k_scale, key_shift=self.k_mu))
+        ring = bool(a.ring_n if not static else a.ring)   # a static step's ring length is on the device
+        if ring:
+            segs.append(KVSegment(a.ring_k, a.ring_v, key_scale=self.k_scale, key_shift=self.k_mu,
+                                  lengths=a.ring_len))
         if static:
             buf = a.buf
             torch.sub(self.static.lengths, buf["start"], out=buf["len"])
@@ -316,10 +351,17 @@ class SmartKVAppend:
         if not observe:
             out = decode_attention(query, segs, scaling)
         else:
-            ring = [a.rsum] if a.ring else []
+            rsum = [a.rsum] if ring else []   # unfilled slots gather nothing that lasts: a push resets them
+            # while the ring fills, every class row's probability too (the demotions' importance)
+            cls = [] if a.cimp is None else [torch.zeros(*x.keys.codes.shape[:3], device=self.device)
+                                             for x in segs[1:len(segs) - 1 - len(rsum)]]
             out, _ = decode_attention(query, segs, scaling, return_token_probs=True,
-                                      probs_out=[None] * (len(segs) - 1 - len(ring)) + ring + [wsum])
-            if a.ring:
+                                      probs_out=[None] * (len(segs) - 1 - len(rsum) - len(cls)) + cls + rsum + [wsum])
+            if cls:   # the class segments above, in class order: a class with no rows has none
+                it = iter(cls)
+                self._demote_fold([next(it) / self._group_heads if (a.k[cid].codes.shape[-2] if static else a.n[cid])
+                                   else None for cid in range(len(a.widths))], 1)
+            if ring:
                 a.rseen += 1
             if static:
                 buf["seen"] += (buf["at"] < buf["len"][:, None]).float()
@@ -340,10 +382,14 @@ class SmartKVAppend:
         mass, seen = kv_head_mass(probs, self.num_heads) * self._group_heads, seen_counts(allowed).float()
         a.wsum += mass[..., -n:]
         a.wseen += seen[:, -n:]
-        if a.ring:   # the ring's positions just before the window, oldest at its head
+        if a.cimp is not None:   # while the ring fills: every class row's attention (each middle token seen by all)
+            s0, W = self.sink_k.shape[-2], probs.shape[-2]
+            mid = kv_head_mass(probs, self.num_heads)[..., s0:s0 + self.n_middle]
+            self._demote_fold([self._cls_rows(mid, cid, n) if n else None for cid, n in enumerate(a.n)], W)
+        if a.ring_n:   # the ring's positions just before the window, oldest first
             slots = self._ring_slots()
-            a.rsum.index_add_(2, slots, mass[..., -n - a.ring:-n])
-            a.rseen.index_add_(1, slots, seen[:, -n - a.ring:-n])
+            a.rsum.index_add_(2, slots, mass[..., -n - a.ring_n:-n])
+            a.rseen.index_add_(1, slots, seen[:, -n - a.ring_n:-n])
 
     def _append_store(self, n: int) -> None:
         """`n` tokens entered the window (ordinary steps): their statistics start at 0."""

@@ -44,15 +44,21 @@ class SmartKVAppendStatic:
         write_token((buf["k"], buf["v"]), state.pos - buf["start"], (key_states, value_states))
 
     def _append_advance(self, tokens: int) -> bool:
-        """Host counts after static steps: the steps that flushed did it in their graph. Never re-organises."""
+        """Host counts after static steps: the steps that flushed did it in their graph. While the ring fills, a
+        flush's demotions run here, between two steps, and re-organise (True: buffers are made again, so the graphs
+        are captured again); once it is full, never."""
         P, rw = self.config.realloc_every, self.config.recent_window
+        changed = False
         for _ in range(tokens):
             n_win = self.win_k.shape[-2] + 1
             if n_win - rw >= P:
                 n_win -= P
-                self._append_count_flush()
+                changed |= self._append_count_flush()
             self._append_views(n_win)
-        return False
+        if changed:
+            self._append_static_end()
+            self._append_static_begin(self._static_tokens)
+        return changed
 
     def _append_static_end(self) -> None:
         a = self._app
@@ -70,9 +76,9 @@ class SmartKVAppendStatic:
             if n:
                 q = _rows((a.k if kind == "k" else a.v)[cid], 0, n)
                 out[cmap == cid] = dequantize(q).reshape(-1, D)
-        if a.ring:   # the middle's last tokens, oldest at the ring's head
+        if a.ring_n:   # the middle's last tokens, in the ring's slot order
             slots = self._ring_slots()
-            out[..., -a.ring:, :] = dequantize(a.ring_k if kind == "k" else a.ring_v)[..., slots, :]
+            out[..., -a.ring_n:, :] = dequantize(a.ring_k if kind == "k" else a.ring_v)[..., slots, :]
         return out
 
     def _append_bits(self, kind: str) -> torch.Tensor:
@@ -85,7 +91,7 @@ class SmartKVAppendStatic:
         a = self._app
         parts = [(n, kind, q) for cid, n in enumerate(a.n) for kind, q in (("k", a.k[cid]), ("v", a.v[cid]))]
         if a.ring:
-            parts += [(a.ring, "k", a.ring_k), (a.ring, "v", a.ring_v)]
+            parts += [(a.ring_n, "k", a.ring_k), (a.ring_n, "v", a.ring_v)]
         for n, kind, q in parts:
             q = _rows(q, 0, n)
             lb.add_codes(q.codes, q.bits, kind)
@@ -93,20 +99,27 @@ class SmartKVAppendStatic:
             lb.add("metadata", q.zero)
         # the class map, the window's statistics, the flush's plan and lengths, the key normalisation
         for t in (a.cmap[..., :self.n_middle], a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, a.ar, self.k_mu,
-                  self.k_scale, a.rsum, a.rseen, a.head, a.ring_ids):
+                  self.k_scale, a.rsum, a.rseen, a.head, a.ring_len, a.ring_ids):
             if t is None:
                 continue
             lb.add("metadata", t)
+        if a.cimp is not None:   # while the ring fills: the class rows' importance codes and their one count
+            for cid, n in enumerate(a.n):
+                lb.add("metadata", a.cimp[cid][..., :n])
+            lb.add("metadata", a.cseen)
         for t in (self.sink_k, self.sink_v, self.win_k, self.win_v):
             lb.add("residual", t)
 
     def _append_slack(self) -> int:
         a, out = self._app, 0
-        for cid, n in enumerate(a.n):
-            for q in (a.k[cid], a.v[cid]):
+        rows = list(zip(a.k, a.v, a.n)) + ([(a.ring_k, a.ring_v, a.ring_n)] if a.ring else [])
+        for k, v, n in rows:   # capacity not yet used (the ring's while it fills)
+            for q in (k, v):
                 spare = q.codes.shape[-2] - n
                 out += sum(spare * t[..., :1, :].numel() * t.element_size() for t in (q.codes, q.scale, q.zero))
         out += (a.cmap.shape[-1] - self.n_middle) * self.batch_size * self.num_heads
+        if a.cimp is not None:
+            out += sum((c.shape[-1] - n) * self.batch_size * self.num_heads for c, n in zip(a.cimp, a.n))
         if a.buf is not None:
             spare = a.buf["k"].shape[-2] - self.win_k.shape[-2]
             row = self.win_k[..., :1, :].numel() * self.win_k.element_size()

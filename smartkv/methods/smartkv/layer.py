@@ -9,6 +9,7 @@ from smartkv.cache.layer import KVLayer
 from smartkv.methods.smartkv.append import SmartKVAppend
 from smartkv.methods.smartkv.append_static import SmartKVAppendStatic
 from smartkv.methods.smartkv.attention import SmartKVAttention
+from smartkv.methods.smartkv.demote import SmartKVDemote
 from smartkv.methods.smartkv.joint import SmartKVJoint
 from smartkv.methods.smartkv.onepass import SmartKVOnePass
 from smartkv.methods.smartkv.realloc import SmartKVRealloc
@@ -21,5 +22,5 @@ from smartkv.methods.smartkv.window import SmartKVWindow
 # defaults; no two parts define the same method, so their own order does not matter (the window part: sliding
 # layers, smartkv.cache.sliding)
 class SmartKVLayer(SmartKVStorage, SmartKVAttention, SmartKVOnePass, SmartKVStatic, SmartKVRealloc, SmartKVJoint,
-                   SmartKVAppend, SmartKVAppendStatic, SmartKVWindow, KVLayer):
+                   SmartKVAppend, SmartKVAppendStatic, SmartKVDemote, SmartKVWindow, KVLayer):
     static_capable = True

@@ -86,7 +86,9 @@ class SmartKVStatic:
         return True
 
     def _static_variant(self):
-        return "flush" if self._app is not None and self._append_flush_due() else None
+        if self._app is None or not self._append_flush_due():
+            return None
+        return "fill" if self._app.ring_n < self._app.ring else "flush"   # a filling flush moves no ring tokens
 
     def _static_end(self) -> None:
         if self._app is not None:
