@@ -97,9 +97,11 @@ class SmartKVAppendStatic:
             lb.add_codes(q.codes, q.bits, kind)
             lb.add("metadata", q.scale)
             lb.add("metadata", q.zero)
-        # the class map, the window's statistics, the flush's plan and lengths, the key normalisation
+        # the class map, the window's and the ring's statistics (its slots in use, as its codes), the flush's plan
+        # and lengths, the key normalisation
+        ring_stats = (a.rsum[..., :a.ring_n], a.rseen[:, :a.ring_n]) if a.ring else ()
         for t in (a.cmap[..., :self.n_middle], a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, a.ar, self.k_mu,
-                  self.k_scale, a.rsum, a.rseen, a.head, a.ring_len, a.ring_ids):
+                  self.k_scale, *ring_stats, a.head, a.ring_len, a.ring_ids):
             if t is None:
                 continue
             lb.add("metadata", t)
@@ -118,6 +120,8 @@ class SmartKVAppendStatic:
                 spare = q.codes.shape[-2] - n
                 out += sum(spare * t[..., :1, :].numel() * t.element_size() for t in (q.codes, q.scale, q.zero))
         out += (a.cmap.shape[-1] - self.n_middle) * self.batch_size * self.num_heads
+        if a.ring:   # the ring's statistics in slots not yet filled (it fills from slot 0)
+            out += (a.ring - a.ring_n) * sum(t[..., :1].numel() * t.element_size() for t in (a.rsum, a.rseen))
         if a.cimp is not None:
             out += sum((c.shape[-1] - n) * self.batch_size * self.num_heads for c, n in zip(a.cimp, a.n))
         if a.buf is not None:

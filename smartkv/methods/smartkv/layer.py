@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from smartkv.cache.layer import KVLayer
 from smartkv.methods.smartkv.append import SmartKVAppend
+from smartkv.methods.smartkv.append_flush import SmartKVAppendFlush
 from smartkv.methods.smartkv.append_static import SmartKVAppendStatic
 from smartkv.methods.smartkv.attention import SmartKVAttention
 from smartkv.methods.smartkv.demote import SmartKVDemote
@@ -22,5 +23,5 @@ from smartkv.methods.smartkv.window import SmartKVWindow
 # defaults; no two parts define the same method, so their own order does not matter (the window part: sliding
 # layers, smartkv.cache.sliding)
 class SmartKVLayer(SmartKVStorage, SmartKVAttention, SmartKVOnePass, SmartKVStatic, SmartKVRealloc, SmartKVJoint,
-                   SmartKVAppend, SmartKVAppendStatic, SmartKVDemote, SmartKVWindow, KVLayer):
+                   SmartKVAppend, SmartKVAppendFlush, SmartKVAppendStatic, SmartKVDemote, SmartKVWindow, KVLayer):
     static_capable = True

@@ -1,0 +1,183 @@
+"""SmartKV's append layers' flushes (append.py has the design): tokens leaving the window go through the ring to
+their final classes, a group of `realloc_every` at a time, in fixed shapes with offsets on the device (a static
+step's flush runs inside its captured graph); a prefill's chunk longer than the ring is placed in one go."""
+from __future__ import annotations
+
+import torch
+
+from smartkv.core.importance import token_weights
+from smartkv.core.quant import QTensor, dequantize
+from smartkv.kernels import quantize_pack_at
+
+
+class SmartKVAppendFlush:
+    """SmartKVLayer's append flushes (`_app`: append.Classes)."""
+
+    def _append_place(self, k_st: torch.Tensor, v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
+                      mid_at: torch.Tensor) -> None:
+        """Give F groups of P tokens at once (keys, values (B, H, F * P, D) fp32, stored space; their statistics
+        wsum (B, H, F * P) and wseen (B, F * P)) their final classes: each group's tokens get the mix's classes by
+        weight, and are written at the end of their class buffers (rows from the device lengths), groups in
+        order, and into the class map at middle position `mid_at` ((1,) long, on the device)."""
+        cfg, a, P = self.config, self._app, self.config.realloc_every
+        B, H, T, D = k_st.shape
+        F = T // P
+        if cfg.importance == "uniform":
+            imp = torch.ones(B, H, T, device=v.device)
+        elif cfg.importance == "keynorm":
+            imp = (k_st * self.k_scale.float() + self.k_mu.float()).norm(dim=-1)
+        elif cfg.importance == "sum":
+            imp = wsum / self._group_heads
+        else:
+            imp = wsum / (self._group_heads * wseen.clamp_min(1)[:, None, :])
+        sens = None
+        if cfg.sensitivity:   # as `_weights`: squared ranges, keys back in real units
+            k_rng = (k_st.amax(-1) - k_st.amin(-1)) * self.k_scale.float().mean(-1)
+            sens = (k_rng.pow(2) + (v.amax(-1) - v.amin(-1)).pow(2)).reshape(-1, P)
+        # one row per (sequence, head, group): the floor's row mean is the group's, as a lone flush's
+        w = token_weights(imp.reshape(-1, P), cfg.importance_floor, cfg.importance_power, sens)
+        RF = w.shape[0]
+        order = torch.argsort(w, dim=-1, descending=True, stable=True)
+        cls = torch.empty_like(order).scatter_(1, order, a.rank_class.expand(RF, P))   # each token's class id
+        by_cls = torch.argsort(cls, dim=-1, stable=True)          # class after class, positions ascending in each
+        by_cls = by_cls + self._arange(F).repeat(B * H)[:, None] * P   # (B * H * F, P) token index within its row
+        by_cls = by_cls.reshape(B * H, F, P)
+        start = 0
+        for cid, m in a.mix:
+            idx = by_cls[..., start:start + m].reshape(B * H, F * m, 1).expand(-1, -1, D)   # groups in order
+            start += m
+            for x, buf in ((k_st, a.k[cid]), (v, a.v[cid])):   # written at the class's device length
+                quantize_pack_at(x.reshape(B * H, T, D).gather(1, idx).reshape(B, H, F * m, D), buf.bits,
+                                 self.group, buf, a.length[cid])
+        a.length += a.mix_len[:, None] * F
+        a.cmap.index_copy_(2, mid_at + self._arange(T), cls.reshape(B, H, T).to(torch.uint8))
+
+    def _append_push(self, k_st: torch.Tensor, v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
+                     mid_at: torch.Tensor, full: bool) -> None:
+        """Flush n tokens (a multiple of P, at most the ring's room before its end) into the middle at position
+        `mid_at`: through the ring when there is one (when it is `full`, the n oldest ring tokens first take
+        their final classes, `_append_place`; the new ones take their slots at the ring's class), else straight
+        to their classes."""
+        a = self._app
+        if not a.ring:
+            return self._append_place(k_st, v, wsum, wseen, mid_at)
+        B, H, n, _ = k_st.shape
+        slots = a.head[:1].long() + self._arange(n)
+        if full:
+            old = [dequantize(QTensor(*(t.index_select(2, slots) for t in (q.codes, q.scale, q.zero)), q.bits,
+                                      q.group_size, -1)) for q in (a.ring_k, a.ring_v)]
+            self._append_place(*old, a.rsum.index_select(2, slots), a.rseen.index_select(1, slots),
+                               mid_at - a.ring)
+        else:
+            a.ring_len += n
+        quantize_pack_at(k_st, a.ring_k.bits, self.group, a.ring_k, a.head)
+        quantize_pack_at(v, a.ring_v.bits, self.group, a.ring_v, a.head)
+        a.rsum.index_copy_(2, slots, wsum)
+        a.rseen.index_copy_(1, slots, wseen)
+        ids = a.ring_ids if n == a.ring_ids.shape[-1] else a.ring_ids[..., :1].expand(B, H, n).contiguous()
+        a.cmap.index_copy_(2, mid_at + self._arange(n), ids)
+        a.head.add_(n).remainder_(a.ring)
+        a.head_host = (a.head_host + n) % a.ring
+
+    def _stored_space(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (k.float() - self.k_mu.float()) / self.k_scale.float(), v.float()
+
+    def _ring_slots(self) -> torch.Tensor:
+        """The ring's slots in position order (oldest first, from the host's head)."""
+        a = self._app
+        return (a.head_host - a.ring_n + torch.arange(a.ring_n, device=self.device)) % a.ring
+
+    def _arange(self, n: int) -> torch.Tensor:
+        """arange(n) on the device: the flush's own (made once) when n fits, else made now (ordinary steps)."""
+        a = self._app
+        return a.ar[:n] if n <= a.ar.numel() else torch.arange(n, device=a.ar.device)
+
+    def _append_flush(self) -> None:
+        """Ordinary steps: flush every whole group of `realloc_every` tokens past the recent window, in one go.
+        Static steps flush inside their graph (`_append_flush_static`) and never here."""
+        if self.static is not None:
+            return
+        a, P = self._app, self.config.realloc_every
+        F = (self.win_k.shape[-2] - self.config.recent_window) // P
+        if F <= 0:
+            return
+        n = F * P
+        self._append_reserve(F)
+        k_st, v = self._stored_space(self.win_k[..., :n, :], self.win_v[..., :n, :])
+        base, done, counted = self.n_middle, 0, 0
+        while done < n:   # through the ring, as far as its end (or filling it, as far as full) at a time
+            filling = a.ring_n < a.ring
+            if a.ring and not filling and n - done >= a.ring:   # a prefill's chunk: one placement, not one a ring
+                self._append_pass(k_st[..., done:, :], v[..., done:, :], a.wsum[..., done:n], a.wseen[:, done:n],
+                                  base + done)
+                break
+            g = n - done if not a.ring else min(n - done, a.ring - (a.ring_n if filling else a.head_host))
+            mid_at = torch.full((1,), base + done, dtype=torch.long, device=self.device)
+            self._append_push(k_st[..., done:done + g, :], v[..., done:done + g, :], a.wsum[..., done:done + g],
+                              a.wseen[:, done:done + g], mid_at, full=not filling)
+            done += g
+            if filling:   # the filling flushes' demotions, before any token leaves the ring
+                for _ in range(g // P):
+                    self._append_count_flush()
+                counted += g // P
+        self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
+        a.wsum, a.wseen = a.wsum[..., n:].contiguous(), a.wseen[:, n:].contiguous()
+        for _ in range(F - counted):
+            self._append_count_flush()
+
+    def _append_pass(self, k_st: torch.Tensor, v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
+                     at: int) -> None:
+        """r >= ring tokens (a multiple of P) past a full ring, from middle position `at`: the ring's tokens and the
+        first r - ring of them take their final classes in one placement (as r / P flushes would place them: no
+        query comes between), the last `ring` become the ring, in position order from slot 0."""
+        a, R, r = self._app, self._app.ring, k_st.shape[-2]
+        slots = self._ring_slots()
+        old = [dequantize(QTensor(*(t.index_select(2, slots) for t in (q.codes, q.scale, q.zero)), q.bits,
+                                  q.group_size, -1)) for q in (a.ring_k, a.ring_v)]
+        self._append_place(torch.cat([old[0], k_st[..., :r - R, :]], 2), torch.cat([old[1], v[..., :r - R, :]], 2),
+                           torch.cat([a.rsum.index_select(2, slots), wsum[..., :r - R]], -1),
+                           torch.cat([a.rseen.index_select(1, slots), wseen[:, :r - R]], -1),
+                           torch.full((1,), at - R, dtype=torch.long, device=self.device))
+        a.head.zero_()
+        a.head_host = 0
+        quantize_pack_at(k_st[..., r - R:, :], a.ring_k.bits, self.group, a.ring_k, a.head)
+        quantize_pack_at(v[..., r - R:, :], a.ring_v.bits, self.group, a.ring_v, a.head)
+        a.rsum.copy_(wsum[..., r - R:])
+        a.rseen.copy_(wseen[:, r - R:])
+        a.cmap[..., at + r - R:at + r] = len(a.widths)
+
+    def _append_count_flush(self) -> bool:
+        """Host counts after one flush: it filled the ring by a group, which its demotions pay for (True: the
+        storage changed), or (ring full or none) added the mix."""
+        a, P = self._app, self.config.realloc_every
+        self.n_middle += P
+        if a.ring_n < a.ring:
+            if a.plan is not None:
+                self._demote(a.plan[a.ring_n // P])
+            a.ring_n += P
+            if a.ring_n == a.ring:
+                self._demote_done()
+            return True
+        for cid, m in a.mix:
+            a.n[cid] += m
+        return False
+
+    def _append_flush_static(self) -> None:
+        """A static step's flush, after its attention: the window buffer's first P tokens into their classes, the
+        rest of the window moved to the front; every offset on the device."""
+        a, P = self._app, self.config.realloc_every
+        buf = a.buf
+        W = buf["k"].shape[-2]
+        mid_at = (buf["start"][:1] - self.sink_k.shape[-2]).long()
+        self._append_push(*self._stored_space(buf["k"][..., :P, :], buf["v"][..., :P, :]), buf["sum"][..., :P],
+                          buf["seen"][:, :P], mid_at, full=a.ring_n >= a.ring)
+        for key in ("k", "v"):
+            buf[key][..., :W - P, :] = buf[key][..., P:, :].clone()
+        for key in ("sum", "seen"):   # the statistics of the rows that open up start at 0
+            buf[key][..., :W - P] = buf[key][..., P:].clone()
+            buf[key][..., W - P:] = 0
+        buf["start"] += P
+
+    def _append_flush_due(self) -> bool:
+        """Whether this static step flushes (host counts: the window before the step's token)."""
+        return self.win_k.shape[-2] + 1 - self.config.recent_window >= self.config.realloc_every
