@@ -141,8 +141,8 @@ def fill(model, method: str, params: dict, batch: int, context: int, extra: int,
     return cache
 
 
-def time_steps(model, cache, name: str, batch: int, steps: int, warmup: int) -> list[float]:
-    """Milliseconds of each measured decode step."""
+def time_steps(model, cache, name: str, batch: int, steps: int, warmup: int) -> tuple[list[float], int | None]:
+    """Milliseconds of each measured decode step, and the graphs captured (None: not a graph row)."""
     ids = torch.randint(0, model.config.vocab_size, (batch, steps + warmup), device=DEV)
     flash = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if name.endswith("(flash)") else contextlib.nullcontext()
     times = []
@@ -166,7 +166,7 @@ def time_steps(model, cache, name: str, batch: int, steps: int, warmup: int) -> 
             ms = start.elapsed_time(end) if DEV == "cuda" else (time.perf_counter() - t0) * 1e3
             if i >= warmup:
                 times.append(ms)
-    return times
+    return times, (dec.captures if dec is not None else None)
 
 
 def kv_bytes(cache, context: int, batch: int) -> tuple[float, int]:
@@ -191,9 +191,9 @@ def peak_gib() -> float:
 def run_row(model, name: str, batch: int, args) -> dict:
     free_all()
     t0 = time.time()
-    cache = fill(model, *METHODS[name], batch, args.context, args.steps + args.warmup + 1)
+    cache = fill(model, *METHODS[name], batch, args.context, args.steps + args.warmup + 1, args.fill_chunk)
     fill_s = time.time() - t0
-    times = time_steps(model, cache, name, batch, args.steps, args.warmup)
+    times, captures = time_steps(model, cache, name, batch, args.steps, args.warmup)
     if isinstance(cache, smartkv.SmartKVCache):
         cache.end_static()  # no-op unless a graph row ran
     per_token, slack = kv_bytes(cache, args.context, batch)  # after decoding: SmartKV's window has been flushed
@@ -203,7 +203,7 @@ def run_row(model, name: str, batch: int, args) -> dict:
                max_ms=max(times),
                tokens_per_s=batch * 1e3 / mean,
                kv_bytes_per_token=per_token, kv_gib=per_token * batch * args.context / GIB, slack_gib=slack / GIB,
-               peak_gib=peak_gib(), fill_s=fill_s, step_ms_all=times)
+               peak_gib=peak_gib(), fill_s=fill_s, captures=captures, step_ms_all=times)
     del cache
     free_all()
     return row
@@ -270,6 +270,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="measured decode steps per row")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--fill-chunk", type=int, default=2048,
+                    help="tokens a cache append while filling (>= --context: one append, as a one-shot prefill)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rows", default=",".join(METHODS), help="comma-separated row names to run at --batch")
     ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch rows")
