@@ -13,7 +13,7 @@ OUT=${OUT:-benchmarks/raw/latest}
 mkdir -p "$OUT"
 NEW="smartkv append (budget 4.25; gap 3) (CUDA graph)"
 OLD="smartkv incremental (budget 4.25; gap 3) (CUDA graph)"
-[ "${NOTESTS:-0}" = 1 ] || timeout 170 python -m pytest tests/test_cuda_attn.py tests/test_graphs.py tests/test_fused.py \
+[ "${NOTESTS:-0}" = 1 ] || timeout 200 python -m pytest tests/test_cuda_attn.py tests/test_graphs.py tests/test_fused.py \
     tests/test_append.py -q --tb=short -p no:cacheprovider \
     -k "cuda_attn or graph_replays or across_reallocations or joint or one_pass or probabilities or append" > "$OUT/pytest.txt" 2>&1
 grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
@@ -21,7 +21,7 @@ timeout 170 python benchmarks/bench_e2e.py --context 32768 --batch 8 --rows "int
     --no-max-batch --steps 64 --warmup 16 --budget-s 140 --out "$OUT/e2e32k" > "$OUT/e2e32k.log" 2>&1
 grep -v "^|" "$OUT/e2e32k.log" | grep -i "fail\|error\|skipped" | tail -5 | cut -c1-300
 grep "^|" "$OUT/e2e32k.log" | tail -3
-[ "${ONLY32K:-0}" = 1 ] || timeout 230 python benchmarks/bench_e2e.py --context 131072 --batch 4 --rows "int4 (CUDA graph),$NEW,$OLD" \
-    --no-max-batch --steps 64 --warmup 16 --budget-s 200 --out "$OUT/e2e128k" > "$OUT/e2e128k.log" 2>&1
+[ "${ONLY32K:-0}" = 1 ] || timeout 200 python benchmarks/bench_e2e.py --context 131072 --batch 4 --rows "int4 (CUDA graph),$NEW,$OLD" \
+    --no-max-batch --steps 64 --warmup 16 --budget-s 170 --out "$OUT/e2e128k" > "$OUT/e2e128k.log" 2>&1
 grep -v "^|" "$OUT/e2e128k.log" | grep -i "fail\|error\|skipped" | tail -5 | cut -c1-300
 grep "^|" "$OUT/e2e128k.log" | tail -3
