@@ -165,6 +165,14 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return out.reshape(codes.shape).to(dtype)
 
 
+def token_ranges(q: QTensor) -> torch.Tensor:
+    """Each token's range (max - min over its channels) of a per-token QTensor (..., n, groups) as stored, read from
+    its groups' scales and zeros (quantize maps a group's max to code 2^bits - 1 and its min to 0): (..., n) fp32,
+    without dequantizing."""
+    zero = q.zero.float()
+    return (zero + q.scale.float() * ((1 << q.bits) - 1)).amax(-1) - zero.amin(-1)
+
+
 def cat(parts: list[QTensor]) -> QTensor:
     """Concatenate quantized tensors of one format along the token axis."""
     first = parts[0]

@@ -91,13 +91,14 @@ class SmartKVAppend:
         fills (`_demotion_plan`)."""
         cfg, P, lo = self.config, self.config.realloc_every, min(self.widths)
         n = weights.shape[1]
-        mix = flush_mix(rank_profile(weights).cpu(), (self.budget_k, self.budget_v), self.widths, P)
+        profile = rank_profile(weights).cpu()
+        mix = flush_mix(profile, (self.budget_k, self.budget_v), self.widths, P)
         top = mix[0][:2]
         A = cfg.ring_tokens // P * P
         while A and any(b * (n + A) - A * w < lo * n for b, w in zip((self.budget_k, self.budget_v), top)):
             A -= P
-        (_, nk, bk), (_, nv, bv) = kinds
-        plan = self._demotion_plan(rank_profile(weights).cpu(), (bk, bv), top, A, n) if A else []
+        (_, _, bk), (_, _, bv) = kinds
+        plan = self._demotion_plan(profile, (bk, bv), top, A, n) if A else []
         self._app_plan = (mix, A, plan)
         return weights, kinds
 

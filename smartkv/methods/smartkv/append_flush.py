@@ -31,9 +31,8 @@ class SmartKVAppendFlush:
         else:
             imp = wsum / (self._group_heads * wseen.clamp_min(1)[:, None, :])
         sens = None
-        if cfg.sensitivity:   # as `_weights`: squared ranges, keys back in real units
-            k_rng = (k_st.amax(-1) - k_st.amin(-1)) * self.k_scale.float().mean(-1)
-            sens = (k_rng.pow(2) + (v.amax(-1) - v.amin(-1)).pow(2)).reshape(-1, P)
+        if cfg.sensitivity:   # as `_weights`
+            sens = self._sensitivity(k_st.amax(-1) - k_st.amin(-1), v.amax(-1) - v.amin(-1)).reshape(-1, P)
         # one row per (sequence, head, group): the floor's row mean is the group's, as a lone flush's
         w = token_weights(imp.reshape(-1, P), cfg.importance_floor, cfg.importance_power, sens)
         RF = w.shape[0]
@@ -64,9 +63,7 @@ class SmartKVAppendFlush:
         B, H, n, _ = k_st.shape
         slots = a.head[:1].long() + self._arange(n)
         if full:
-            old = [dequantize(QTensor(*(t.index_select(2, slots) for t in (q.codes, q.scale, q.zero)), q.bits,
-                                      q.group_size, -1)) for q in (a.ring_k, a.ring_v)]
-            self._append_place(*old, a.rsum.index_select(2, slots), a.rseen.index_select(1, slots),
+            self._append_place(*self._ring_tokens(slots), a.rsum.index_select(2, slots), a.rseen.index_select(1, slots),
                                mid_at - a.ring)
         else:
             a.ring_len += n
@@ -86,6 +83,12 @@ class SmartKVAppendFlush:
         """The ring's slots in position order (oldest first, from the host's head)."""
         a = self._app
         return (a.head_host - a.ring_n + torch.arange(a.ring_n, device=self.device)) % a.ring
+
+    def _ring_tokens(self, slots: torch.Tensor) -> list[torch.Tensor]:
+        """The ring's keys and values at `slots` (the same in every row), dequantized (stored space)."""
+        a = self._app
+        return [dequantize(QTensor(*(t.index_select(2, slots) for t in (q.codes, q.scale, q.zero)), q.bits,
+                                   q.group_size, -1)) for q in (a.ring_k, a.ring_v)]
 
     def _arange(self, n: int) -> torch.Tensor:
         """arange(n) on the device: the flush's own (made once) when n fits, else made now (ordinary steps)."""
@@ -132,8 +135,7 @@ class SmartKVAppendFlush:
         query comes between), the last `ring` become the ring, in position order from slot 0."""
         a, R, r = self._app, self._app.ring, k_st.shape[-2]
         slots = self._ring_slots()
-        old = [dequantize(QTensor(*(t.index_select(2, slots) for t in (q.codes, q.scale, q.zero)), q.bits,
-                                  q.group_size, -1)) for q in (a.ring_k, a.ring_v)]
+        old = self._ring_tokens(slots)
         self._append_place(torch.cat([old[0], k_st[..., :r - R, :]], 2), torch.cat([old[1], v[..., :r - R, :]], 2),
                            torch.cat([a.rsum.index_select(2, slots), wsum[..., :r - R]], -1),
                            torch.cat([a.rseen.index_select(1, slots), wseen[:, :r - R]], -1),

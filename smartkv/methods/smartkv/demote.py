@@ -15,7 +15,8 @@ import torch
 from smartkv.core.classes import staircase
 from smartkv.core.importance import decode_importance, encode_importance
 from smartkv.core.policy import counts_for
-from smartkv.core.quant import QTensor, dequantize
+from smartkv.core.quant import QTensor, cat, dequantize, token_ranges
+from smartkv.methods.smartkv.onepass import _rows
 
 
 def _take(q: QTensor, idx: torch.Tensor) -> QTensor:
@@ -24,21 +25,10 @@ def _take(q: QTensor, idx: torch.Tensor) -> QTensor:
                    q.bits, q.group_size, q.axis)
 
 
-def _cat(a: QTensor, b: QTensor) -> QTensor:
-    return QTensor(*(torch.cat([x, y], 2) for x, y in zip((a.codes, a.scale, a.zero), (b.codes, b.scale, b.zero))),
-                   a.bits, a.group_size, a.axis)
-
-
 def _write(buf: QTensor, q: QTensor) -> None:
     n = q.codes.shape[-2]
     for dst, src in zip((buf.codes, buf.scale, buf.zero), (q.codes, q.scale, q.zero)):
         dst[..., :n, :] = src
-
-
-def token_ranges(q: QTensor) -> torch.Tensor:
-    """Each token's value range (max - min over its channels), read from its groups' scales and zeros: (B, H, n)."""
-    top = q.zero.float() + q.scale.float() * (2 ** q.bits - 1)
-    return top.amax(-1) - q.zero.float().amin(-1)
 
 
 class SmartKVDemote:
@@ -125,13 +115,11 @@ class SmartKVDemote:
             k = min(k, nc)
             if not k:
                 continue
-            kq, vq = (x.__class__(*(t[..., :nc, :] for t in (x.codes, x.scale, x.zero)), x.bits, x.group_size, x.axis)
-                      for x in (a.k[cid], a.v[cid]))
+            kq, vq = _rows(a.k[cid], 0, nc), _rows(a.v[cid], 0, nc)
             imp = decode_importance(a.cimp[cid][..., :nc]).double()
             w = (imp + cfg.importance_floor * floor_ref.double()).pow(cfg.importance_power)
             if cfg.sensitivity:
-                k_rng = token_ranges(kq) * self.k_scale.float().mean(-1)   # keys back in real units
-                w = w * (k_rng.pow(2) + token_ranges(vq).pow(2)).double()
+                w = w * self._sensitivity(token_ranges(kq), token_ranges(vq)).double()
             rows = torch.topk(w, k, dim=-1, largest=False).indices.sort(-1).values       # (B, H, k)
             pos_c, pos_t = self._cls_positions(cid, nc), self._cls_positions(tid, nt)
             moved_pos = pos_c.gather(-1, rows)
@@ -141,8 +129,7 @@ class SmartKVDemote:
             for i, (bufs, q) in enumerate(((a.k, kq), (a.v, vq))):
                 moved = self._quantize(dequantize(_take(q, rows)), a.widths[tid][i])
                 tq = bufs[tid]
-                merged = _take(_cat(QTensor(tq.codes[..., :nt, :], tq.scale[..., :nt, :], tq.zero[..., :nt, :],
-                                            tq.bits, tq.group_size, tq.axis), moved), order)
+                merged = _take(cat([_rows(tq, 0, nt), moved]), order)
                 _write(bufs[cid], _take(q, keep))
                 if tq.codes.shape[-2] < nt + k:
                     raise RuntimeError("an append class buffer has no room for its demotions (_append_reserve)")

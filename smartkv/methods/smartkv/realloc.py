@@ -8,7 +8,7 @@ import torch
 from smartkv.core.importance import decode_importance, seen_from_ranges, token_weights
 from smartkv.core.policy import (Candidates, block_weights, cascade_assign, cascade_plan, counts_for,
                                  incremental_assign, incremental_candidates, pack_levels, plan_counts, rank_profile)
-from smartkv.core.quant import QTensor, dequantize, quantize
+from smartkv.core.quant import QTensor, dequantize, quantize, token_ranges
 from smartkv.kernels import quantize_pack
 from smartkv.methods.smartkv.storage import inverse_order
 
@@ -110,10 +110,14 @@ class SmartKVRealloc:
         elif cfg.importance == "uniform":
             imp = torch.ones_like(imp)
         sens = None
-        if cfg.sensitivity:  # each token's range (max - min over its channels), keys back in real units
-            k_rng = self._ranges("k", new_k) * self.k_scale.float().mean(-1)
-            sens = (k_rng.pow(2) + self._ranges("v", new_v).pow(2)).reshape(B * H, T)
+        if cfg.sensitivity:  # each token's range (max - min over its channels)
+            sens = self._sensitivity(self._ranges("k", new_k), self._ranges("v", new_v)).reshape(B * H, T)
         return token_weights(imp.reshape(B * H, T), cfg.importance_floor, cfg.importance_power, sens)
+
+    def _sensitivity(self, k_rng: torch.Tensor, v_rng: torch.Tensor) -> torch.Tensor:
+        """A token's sensitivity weight from its key and value ranges as stored: squared ranges summed, keys back
+        in real units (stored keys are normalised per channel)."""
+        return (k_rng * self.k_scale.float().mean(-1)).pow(2) + v_rng.pow(2)
 
     def _ranges(self, kind: str, new: torch.Tensor) -> torch.Tensor:
         """max - min over the channels of each middle token (B, H, Tq) as stored, read from its groups' scales and
@@ -125,8 +129,7 @@ class SmartKVRealloc:
             bits, rank = self._stored_ranks(kind)
             bits = bits.reshape(B * H, Tq)
             for b, q in self.pools[kind].items():  # gathered through each token's pool entry: no device sync
-                scale, zero = q.scale.float(), q.zero.float()
-                rng = ((scale * ((1 << b) - 1) + zero).amax(-1) - zero.amin(-1)).reshape(B * H, -1)
+                rng = token_ranges(q).reshape(B * H, -1)
                 out = torch.where(bits == b, rng.gather(1, rank.clamp(max=rng.shape[1] - 1)), out)
         return torch.cat([out.reshape(B, H, Tq), new.amax(-1) - new.amin(-1)], -1)
 
