@@ -9,7 +9,9 @@ import smartkv
 import smartkv.cache.layer as cache_mod
 from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.core.classes import flush_mix
+from smartkv.core.importance import decode_importance
 from smartkv.core.policy import kv_budgets
+from smartkv.core.quant import dequantize, quantize
 from smartkv.methods import make_cache
 from smartkv.models import load_tiny
 
@@ -124,6 +126,53 @@ def test_demotions_take_the_least_attended_tokens():
     layer.append(k[..., 51:55, :], v[..., 51:55, :])
     layer._flush()
     assert bool((a.cmap[..., :layer.n_middle].gather(-1, light) != cid).all())
+
+
+def test_a_filling_flush_moves_only_its_lightest_tokens_and_keeps_everything_else():
+    """The fixed-shape demotions (buffers with spare rows, counts from the device table): per move exactly the
+    planned number of the class's lightest tokens (importance x sensitivity) go to the target, re-quantized from
+    their codes there; every other token keeps its class, its codes and its importance code, and moved tokens keep
+    theirs; classes stay in position order (the class map's view) and host counts equal the device lengths."""
+    cache = make_cache("smartkv", num_layers=1, **dict(P, ring_tokens=16))
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(8)
+    k, v = torch.randn(2, 2, 90, 32, generator=g), torch.randn(2, 2, 90, 32, generator=g)
+    layer.append(k[..., :80, :], v[..., :80, :])
+    layer.append(k[..., 80:81, :], v[..., 80:81, :])
+    a = layer._app
+    layer._append_reserve(6)                                # spare rows past every class's tokens
+    n0, B, H = layer.n_middle, 2, layer.num_heads
+    imp = torch.randint(0, 120, (B, H, n0), generator=g).to(torch.uint8)   # position order
+    for cid, n in enumerate(a.n):
+        a.cimp[cid][..., :n] = layer._cls_rows(imp, cid, n)
+    cmap0 = a.cmap[..., :n0].clone()
+    mid0 = [layer._append_middle(kind) for kind in "kv"]
+    ranges = [layer._append_middle(kind).amax(-1) - layer._append_middle(kind).amin(-1) for kind in "kv"]
+    w = decode_importance(imp).double()
+    w = (w + layer.config.importance_floor * w.mean(-1, keepdim=True)).pow(layer.config.importance_power)
+    w = w * layer._sensitivity(*ranges).double()
+    moves = a.plan[0]
+    assert len(moves) >= 2
+    layer.append(k[..., 81:85, :], v[..., 81:85, :])
+    layer._flush()                                          # the first filling flush
+    cmap1 = a.cmap[..., :n0]
+    expect = cmap0.clone()
+    for cid, tid, n in moves:                               # the plan's order: a class passes rows before it gets any
+        wc = w.masked_fill(expect != cid, float("inf"))
+        light = torch.sort(wc, dim=-1, stable=True).indices[..., :n]
+        expect.scatter_(-1, light, tid)
+    assert torch.equal(cmap1, expect)
+    assert a.length[:, 0].tolist() == a.n == [int((cmap1 == c).sum()) // (B * H) for c in range(len(a.widths))]
+    same = cmap1 == cmap0
+    for kind, j, before in zip("kv", (0, 1), mid0):
+        now = layer._append_middle(kind)[..., :n0, :]
+        assert torch.equal(now[same], before[same])
+        for tid in {t for _, t, _ in moves}:
+            at = ~same & (cmap1 == tid)
+            want = dequantize(quantize(before[at], a.widths[tid][j], 16, axis=-1))
+            torch.testing.assert_close(now[at], want, rtol=0, atol=1e-5)
+    for cid, n in enumerate(a.n):                           # importance codes followed their tokens
+        assert torch.equal(a.cimp[cid][..., :n], layer._cls_rows(imp, cid, n))
 
 
 def test_heavier_tokens_get_earlier_classes():

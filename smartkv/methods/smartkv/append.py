@@ -61,6 +61,8 @@ class Classes:
     plan: list | None = None   # while the ring fills: per filling flush, [(class id, target id, tokens)] demoted
     cimp: list | None = None   # while the ring fills: class id -> (B, H, capacity) uint8 importance codes, row order
     cseen: torch.Tensor | None = None   # (1,) fp32: queries every middle token counts as seen by (one denominator)
+    moves: list | None = None   # while the ring fills: every (class id, target id, most tokens a flush moves)
+    move_k: torch.Tensor | None = None   # (filling flushes, moves) int32: each flush's count of each move
     buf: dict | None = None  # static steps: window, wsum, wseen buffers and the window's first position
 
 

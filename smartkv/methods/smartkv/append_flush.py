@@ -55,17 +55,22 @@ class SmartKVAppendFlush:
                      mid_at: torch.Tensor, full: bool) -> None:
         """Flush n tokens (a multiple of P, at most the ring's room before its end) into the middle at position
         `mid_at`: through the ring when there is one (when it is `full`, the n oldest ring tokens first take
-        their final classes, `_append_place`; the new ones take their slots at the ring's class), else straight
-        to their classes."""
+        their final classes, `_append_place`; the new ones take their slots at the ring's class, while it fills
+        after their flushes' demotions), else straight to their classes."""
         a = self._app
         if not a.ring:
             return self._append_place(k_st, v, wsum, wseen, mid_at)
         B, H, n, _ = k_st.shape
+        P = self.config.realloc_every
         slots = a.head[:1].long() + self._arange(n)
         if full:
             self._append_place(*self._ring_tokens(slots), a.rsum.index_select(2, slots), a.rseen.index_select(1, slots),
                                mid_at - a.ring)
-        else:
+        else:   # each group that fills the ring is paid for by its flush's demotions (read from the device)
+            if a.plan is not None:
+                first = a.ring_len[:1].long() // P
+                for i in range(n // P):
+                    self._demote(first + i)
             a.ring_len += n
         quantize_pack_at(k_st, a.ring_k.bits, self.group, a.ring_k, a.head)
         quantize_pack_at(v, a.ring_v.bits, self.group, a.ring_v, a.head)
@@ -149,17 +154,22 @@ class SmartKVAppendFlush:
         a.cmap[..., at + r - R:at + r] = len(a.widths)
 
     def _append_count_flush(self) -> bool:
-        """Host counts after one flush: it filled the ring by a group, which its demotions pay for (True: the
-        storage changed), or (ring full or none) added the mix."""
+        """Host counts after one flush (its device work done): it filled the ring by a group, which its demotions
+        paid for (True when that filled the ring: from then on a step neither demotes nor observes the classes),
+        or (ring full or none) added the mix."""
         a, P = self._app, self.config.realloc_every
         self.n_middle += P
         if a.ring_n < a.ring:
-            if a.plan is not None:
-                self._demote(a.plan[a.ring_n // P])
+            for cid, tid, k in (a.plan[a.ring_n // P] if a.plan is not None else []):   # as `_demote` counted
+                k = min(k, a.n[cid])
+                a.n[cid], a.n[tid] = a.n[cid] - k, a.n[tid] + k
+                if a.n[tid] > a.k[tid].codes.shape[-2]:
+                    raise RuntimeError("an append class buffer had no room for its demotions (_append_reserve)")
             a.ring_n += P
             if a.ring_n == a.ring:
                 self._demote_done()
-            return True
+                return True
+            return False
         for cid, m in a.mix:
             a.n[cid] += m
         return False

@@ -44,9 +44,9 @@ class SmartKVAppendStatic:
         write_token((buf["k"], buf["v"]), state.pos - buf["start"], (key_states, value_states))
 
     def _append_advance(self, tokens: int) -> bool:
-        """Host counts after static steps: the steps that flushed did it in their graph. While the ring fills, a
-        flush's demotions run here, between two steps, and re-organise (True: buffers are made again, so the graphs
-        are captured again); once it is full, never."""
+        """Host counts after static steps: the steps that flushed did it in their graph, demotions included. The
+        flush that fills the ring changes what a step does (True: buffers are made again and the graphs captured
+        again, once)."""
         P, rw = self.config.realloc_every, self.config.recent_window
         changed = False
         for _ in range(tokens):
@@ -105,10 +105,11 @@ class SmartKVAppendStatic:
             if t is None:
                 continue
             lb.add("metadata", t)
-        if a.cimp is not None:   # while the ring fills: the class rows' importance codes and their one count
-            for cid, n in enumerate(a.n):
+        if a.cimp is not None:   # while the ring fills: the class rows' importance codes and their one count,
+            for cid, n in enumerate(a.n):   # the demotion counts
                 lb.add("metadata", a.cimp[cid][..., :n])
             lb.add("metadata", a.cseen)
+            lb.add("metadata", a.move_k)
         for t in (self.sink_k, self.sink_v, self.win_k, self.win_v):
             lb.add("residual", t)
 

@@ -66,6 +66,16 @@ class SmartKVDemote:
         a, Tq = self._app, self.n_middle
         a.plan = [[(ids[c], ids[t], k) for (c, t), k in sorted(moves.items(), key=lambda e: (e[0][0], e[0][1]))]
                   for moves in plan]
+        # every flush's moves as one table (a flush without a move has count 0): the device work of a filling
+        # flush is the same whichever it is. A target is narrower than its class (a lower id), so in this order a
+        # class passes rows on before it receives any: it never holds more than after the flush
+        pairs = sorted({(c, t) for moves in a.plan for c, t, _ in moves})
+        table = torch.zeros(max(len(a.plan), 1), max(len(pairs), 1), dtype=torch.int32)
+        for f, moves in enumerate(a.plan):
+            for c, t, k in moves:
+                table[f, pairs.index((c, t))] = k
+        a.moves = [(c, t, int(table[:, i].max())) for i, (c, t) in enumerate(pairs)]
+        a.move_k = table.to(self.device)
         s0 = self.sink_k.shape[-2]
         codes = self.importance[..., s0:s0 + Tq]
         a.cimp = [self._cls_rows(codes, cid, n) for cid, n in enumerate(a.n)]
@@ -94,55 +104,72 @@ class SmartKVDemote:
         a = self._app
         s = a.cseen
         for cid, m in enumerate(masses):
-            if m is None or not a.n[cid]:
+            if m is None:
                 continue
-            n = a.n[cid]
-            mean = (decode_importance(a.cimp[cid][..., :n]) * s + m[..., :n]) / (s + queries)
+            n = m.shape[-1]   # the class's rows (ordinary steps) or its capacity (static steps: fixed shapes)
+            mean = (decode_importance(a.cimp[cid][..., :n]) * s + m) / (s + queries)
             a.cimp[cid][..., :n] = encode_importance(mean)
         a.cseen += queries
 
-    def _demote(self, moves: list) -> None:
-        """One filling flush's demotions: per (class, target, k), the k lightest rows of the class (importance x
-        sensitivity, as the allocation weighs) re-quantized from their codes at the target's widths and merged
-        into it in position order; the class compacted, the class map and counts updated."""
+    def _demote(self, f: torch.Tensor) -> None:
+        """Filling flush `f`'s demotions ((1,) long on the device: the same work for every filling flush, so one
+        captured graph serves them all): per (class, target) move of the plan, in the plan's order, the k lightest
+        rows of the class (importance x sensitivity, as the allocation weighs; k from the device table, at most the
+        class's rows) re-quantized from their codes at the target's widths and merged into it in position order;
+        the class compacted, the class map and device lengths updated. Shapes are the buffers' capacities and
+        the prompt's n_all positions (constant while the ring fills); the host counts follow in
+        `_append_count_flush`."""
         a, cfg = self._app, self.config
         B, H = self.batch_size, self.num_heads
         n_all = sum(a.n)
-        imp_sum = sum(decode_importance(a.cimp[c][..., :n]).sum(-1) for c, n in enumerate(a.n) if n)
+        ks = a.move_k.index_select(0, f)[0]                   # (moves,) this flush's counts
+        caps = [q.codes.shape[-2] for q in a.k]
+
+        def valid(cid):
+            return self._arange(caps[cid]) < a.length[cid][:, None, None]
+        imp_sum = sum((decode_importance(a.cimp[c][..., :caps[c]]) * valid(c)).sum(-1) for c in range(len(a.k))
+                      if caps[c])
         floor_ref = (imp_sum / max(n_all, 1))[..., None]     # the rows' mean importance, for the floor
-        for cid, tid, k in moves:
-            nc, nt = a.n[cid], a.n[tid]
-            k = min(k, nc)
-            if not k:
+        cm = a.cmap[..., :n_all]
+        for i, (cid, tid, k_max) in enumerate(a.moves):
+            Cc, Ct = caps[cid], caps[tid]
+            k_max = min(k_max, Cc)
+            if not k_max or not Ct:
                 continue
-            kq, vq = _rows(a.k[cid], 0, nc), _rows(a.v[cid], 0, nc)
-            imp = decode_importance(a.cimp[cid][..., :nc]).double()
+            k = torch.minimum(ks[i], a.length[cid])[:, None, None]   # (B, 1, 1)
+            kq, vq = _rows(a.k[cid], 0, Cc), _rows(a.v[cid], 0, Cc)
+            imp = decode_importance(a.cimp[cid][..., :Cc]).double()
             w = (imp + cfg.importance_floor * floor_ref.double()).pow(cfg.importance_power)
             if cfg.sensitivity:
                 w = w * self._sensitivity(token_ranges(kq), token_ranges(vq)).double()
-            rows = torch.topk(w, k, dim=-1, largest=False).indices.sort(-1).values       # (B, H, k)
-            pos_c, pos_t = self._cls_positions(cid, nc), self._cls_positions(tid, nt)
-            moved_pos = pos_c.gather(-1, rows)
-            gone = torch.zeros(B, H, nc, dtype=torch.uint8, device=self.device).scatter_(-1, rows, 1)
-            keep = torch.argsort(gone, dim=-1, stable=True)[..., :nc - k]
-            order = torch.argsort(torch.cat([pos_t, moved_pos], -1), dim=-1)
-            for i, (bufs, q) in enumerate(((a.k, kq), (a.v, vq))):
-                moved = self._quantize(dequantize(_take(q, rows)), a.widths[tid][i])
-                tq = bufs[tid]
-                merged = _take(cat([_rows(tq, 0, nt), moved]), order)
+            w = w.masked_fill(~valid(cid), float("inf"))
+            # lightest first, ties by row (whatever the capacity: a chunk and its tokens one by one agree)
+            rows = torch.sort(w, dim=-1, stable=True).indices[..., :k_max]
+            rows = torch.where(self._arange(k_max) < k, rows, Cc).sort(-1).values   # the k, in row order; then Cc
+            gone = torch.zeros(B, H, Cc + 1, dtype=torch.uint8, device=self.device).scatter_(-1, rows, 1)[..., :Cc]
+            keep = torch.argsort(gone, dim=-1, stable=True)                  # kept rows first, in order
+            rows = rows.clamp(max=Cc - 1)
+            # by position: which of the class's tokens move, then the target's rows after the merge (from its own
+            # rows, or from the moved ones after them), scattered to their row (tokens of other classes: row Ct)
+            is_c, is_t = cm == cid, cm == tid
+            moved = is_c & gone.gather(-1, (is_c.cumsum(-1) - 1).clamp(0, Cc - 1)).bool()
+            merged = is_t | moved
+            src = torch.where(is_t, is_t.cumsum(-1) - 1, Ct + moved.cumsum(-1) - 1)
+            dest = torch.where(merged, merged.cumsum(-1) - 1, Ct).clamp(max=Ct)
+            order = torch.zeros(B, H, Ct + 1, dtype=torch.long, device=self.device).scatter_(-1, dest, src)[..., :Ct]
+            for j, (bufs, q) in enumerate(((a.k, kq), (a.v, vq))):
+                fresh = self._quantize(dequantize(_take(q, rows)), a.widths[tid][j])
+                into = _take(cat([_rows(bufs[tid], 0, Ct), fresh]), order)
                 _write(bufs[cid], _take(q, keep))
-                if tq.codes.shape[-2] < nt + k:
-                    raise RuntimeError("an append class buffer has no room for its demotions (_append_reserve)")
-                _write(tq, merged)
-            ci, ti = a.cimp[cid][..., :nc], a.cimp[tid][..., :nt]
-            a.cimp[tid][..., :nt + k] = torch.cat([ti, ci.gather(-1, rows)], -1).gather(-1, order)
-            a.cimp[cid][..., :nc - k] = ci.gather(-1, keep)
-            a.cmap[..., :self.n_middle].scatter_(-1, moved_pos, tid)
-            a.n[cid], a.n[tid] = nc - k, nt + k
-            a.length[cid] -= k
-            a.length[tid] += k
+                _write(bufs[tid], into)
+            ci, ti = a.cimp[cid][..., :Cc], a.cimp[tid][..., :Ct]
+            a.cimp[tid][..., :Ct] = torch.cat([ti, ci.gather(-1, rows)], -1).gather(-1, order)
+            a.cimp[cid][..., :Cc] = ci.gather(-1, keep)
+            cm.masked_fill_(moved, tid)
+            a.length[cid] -= k[:, 0, 0]
+            a.length[tid] += k[:, 0, 0]
 
     def _demote_done(self) -> None:
         """The ring is full: nothing is demoted from here on."""
         a = self._app
-        a.plan, a.cimp, a.cseen = None, None, None
+        a.plan, a.cimp, a.cseen, a.moves, a.move_k = None, None, None, None, None
