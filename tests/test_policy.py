@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartkv.core.classes import joint_assign, joint_candidates, joint_counts, joint_plan, staircase
-from smartkv.core.policy import (WIDTHS, block_weights, cascade_assign, check_budget, counts_for, incremental_assign,
-                                 kv_budgets, pack_levels, rank_profile, solve_widths, unpack_levels)
+from smartkv.core.policy import (WIDTHS, block_weights, cascade_assign, check_budget, counts_for, counts_for_budgets,
+                                 incremental_assign, kv_budgets, pack_levels, rank_profile, solve_widths, unpack_levels)
 
 weights_st = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=200)
 budget_st = st.floats(2, 8, allow_nan=False)
@@ -226,3 +226,10 @@ def test_joint_demotes_the_lightest_stored_unit_of_a_class_for_a_heavy_new_one()
     out_k = torch.cat([old_k, torch.tensor([[8]])], -1).scatter_(1, cand.idx, bits_k)
     out_v = torch.cat([old_v, torch.tensor([[8]])], -1).scatter_(1, cand.idx, bits_v)
     assert out_k.tolist() == [[8, 2, 4, 2, 8]] and out_v.tolist() == [[4, 2, 2, 2, 4]]
+
+
+def test_counts_for_budgets_shares_one_sort_and_answers_as_each_budget_alone():
+    profile = torch.sort(torch.rand(3000, generator=torch.Generator().manual_seed(3)) ** 3, descending=True).values
+    budgets = [2.0, 2.37, 3.0, 4.25, 5.5, 8.0, 3.1]
+    assert counts_for_budgets(profile, budgets) == [counts_for(profile, b) for b in budgets]
+    assert counts_for_budgets(profile[:0], [3.0]) == [counts_for(profile[:0], 3.0)]

@@ -219,19 +219,30 @@ def counts_for(weight_profile: torch.Tensor, budget: float, widths=WIDTHS) -> di
     placing them. The same Lagrangian solve and greedy fill, run on the sorted weights in numpy (the assignment
     of a sorted profile is a step function, read from the breakpoints): a few times faster than `_solve`, which
     matters because SmartKV calls it twice per layer at every re-allocation, with the GPU waiting."""
-    w, w_vals, target = _problem(weight_profile, budget, widths)
-    n = w.numel()
-    out = dict.fromkeys(sorted(widths, reverse=True), 0)
-    if n == 0:
-        return out
-    counter = _BitCounter(w, w_vals)
-    feasible = _lagrangian(counter, target)
-    vals = w_vals.numpy()
-    idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(n, dtype=np.int64)
-    idx = _fill_sorted(counter.sorted, idx, vals, target - int(vals[idx].sum()))
-    for i, c in enumerate(np.bincount(idx, minlength=len(vals))):
-        out[int(vals[i])] = int(c)
-    return out
+    return counts_for_budgets(weight_profile, [budget], widths)[0]
+
+
+def counts_for_budgets(weight_profile: torch.Tensor, budgets: list, widths=WIDTHS) -> list[dict[int, int]]:
+    """`counts_for` at each of several budgets on one profile, sorted once (the append design's demotion plan
+    asks for 2 x 17 of them on a prompt's profile)."""
+    outs, counter = [], None
+    for budget in budgets:
+        w, w_vals, target = _problem(weight_profile if counter is None else counter.profile, budget, widths)
+        n = w.numel()
+        out = dict.fromkeys(sorted(widths, reverse=True), 0)
+        outs.append(out)
+        if n == 0:
+            continue
+        if counter is None:
+            counter = _BitCounter(w, w_vals)
+            counter.profile = w
+        feasible = _lagrangian(counter, target)
+        vals = w_vals.numpy()
+        idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(n, dtype=np.int64)
+        idx = _fill_sorted(counter.sorted, idx, vals, target - int(vals[idx].sum()))
+        for i, c in enumerate(np.bincount(idx, minlength=len(vals))):
+            out[int(vals[i])] = int(c)
+    return outs
 
 
 def rank_profile(weights: torch.Tensor) -> torch.Tensor:

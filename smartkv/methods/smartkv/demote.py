@@ -14,7 +14,7 @@ import torch
 
 from smartkv.core.classes import staircase
 from smartkv.core.importance import decode_importance, encode_importance
-from smartkv.core.policy import counts_for
+from smartkv.core.policy import counts_for_budgets
 from smartkv.core.quant import QTensor, cat, dequantize, token_ranges
 from smartkv.methods.smartkv.onepass import _rows
 
@@ -38,6 +38,25 @@ def _write(buf: QTensor, q: QTensor) -> None:
         dst[..., :n, :] = src
 
 
+def _zip_runs(a: list, b: list) -> list:
+    """Two run-length sequences [(value, length)] of one total length, side by side: [(a's, b's, length)] (the
+    plan's arithmetic on a prompt's tokens in O(classes), not O(tokens))."""
+    out, i, j = [], 0, 0
+    left_a, left_b = (a[0][1] if a else 0), (b[0][1] if b else 0)
+    while i < len(a) and j < len(b):
+        m = min(left_a, left_b)
+        if m:
+            out.append((a[i][0], b[j][0], m))
+        left_a, left_b = left_a - m, left_b - m
+        if not left_a:
+            i += 1
+            left_a = a[i][1] if i < len(a) else 0
+        if not left_b:
+            j += 1
+            left_b = b[j][1] if j < len(b) else 0
+    return out
+
+
 class SmartKVDemote:
     """SmartKVLayer's demotions while an append layer's ring fills (`_app`: append.Classes; its `plan`, `cimp`,
     `cseen` are None once the ring is full)."""
@@ -49,19 +68,22 @@ class SmartKVDemote:
         never raised, the changes from the flush before counted per (class, target)."""
         P, lo, hi = self.config.realloc_every, min(self.widths), max(self.widths)
 
-        def ranks(bs):
-            return [(kw, vw) for kw, vw, m in staircase(*(counts_for(profile, b, self.widths) for b in bs))
-                    for _ in range(m)]
-        prev = ranks([min(max(math.floor(b * n + 1e-9) / n, lo), hi) for b in budgets])
+        # each kind's budget left at the first allocation (f = 0) and after each filling flush f
+        left = [[min(max((math.floor(b * (n + f * P) + 1e-9) - f * P * w) / n, lo), hi) for f in range(A // P + 1)]
+                for b, w in zip(budgets, top)]
+        counts = [counts_for_budgets(profile, kind, self.widths) for kind in left]
+
+        def ranks(f):   # the classes along the ranking as runs [((key width, value width), tokens)]
+            return [((kw, vw), m) for kw, vw, m in staircase(counts[0][f], counts[1][f])]
+        prev = ranks(0)
         plan = []
         for f in range(1, A // P + 1):
-            now = ranks([min(max((math.floor(b * (n + f * P) + 1e-9) - f * P * w) / n, lo), hi)
-                         for b, w in zip(budgets, top)])
-            now = [(min(p[0], c[0]), min(p[1], c[1])) for p, c in zip(prev, now)]
+            now = ranks(f)
+            now = [((min(p[0], c[0]), min(p[1], c[1])), m) for p, c, m in _zip_runs(prev, now)]
             moves: dict = {}
-            for p, c in zip(reversed(prev), reversed(now)):   # lightest first: the lowest targets first
+            for p, c, m in _zip_runs(prev, now):
                 if p != c:
-                    moves[(p, c)] = moves.get((p, c), 0) + 1
+                    moves[(p, c)] = moves.get((p, c), 0) + m
             plan.append(moves)
             prev = now
         return plan
