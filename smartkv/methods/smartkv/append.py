@@ -14,8 +14,8 @@ once the ring is full nothing past it moves:
     ring fills, for every class row's);
   - a flush is a fixed amount of fixed-shape work with offsets read on the device (append_flush.py): a static decode
     step that flushes is one more captured graph (smartkv.cache.graphs), replayed every period, not a host
-    re-allocation (while the ring fills, its demotions run between two static steps and the graphs are captured
-    again).
+    re-allocation; while the ring fills, its demotions too (demote.py: fixed shapes, counts from the device), so
+    the graphs are captured again once, when the ring is full.
 A class map (uint8 a middle token and KV head) keeps each token's class for the reference path and accounting.
 docs/smartkv.md ("Append re-allocation") has its measured speed and quality against the re-allocating designs."""
 from __future__ import annotations
