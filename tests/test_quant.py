@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smartkv.core.quant import BITS, dequantize, pack, quantize, unpack
+from smartkv.core.quant import BITS, dequantize, pack, quantize, take_rows, unpack
 
 
 def _steps(q, shape):
@@ -79,3 +79,14 @@ def test_storage_is_really_packed():
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         quantize(torch.randn(1, 1, 32, 64), **kwargs)
+
+
+def test_take_rows_equals_a_plain_gather_for_every_row_width():
+    """Rows of packed codes (any byte count) and of fp16 scales, from views that start past row 0."""
+    g = torch.Generator().manual_seed(2)
+    for F, dtype in [(24, torch.uint8), (12, torch.uint8), (7, torch.uint8), (2, torch.float16), (3, torch.float16)]:
+        t = torch.randint(0, 255, (2, 3, 40, F), generator=g).to(dtype)[..., 5:37, :]
+        idx = torch.randint(0, 32, (2, 3, 9), generator=g)
+        assert torch.equal(take_rows(t, idx), t.gather(2, idx[..., None].expand(-1, -1, -1, F)))
+        flat = t.reshape(6, 32, F)
+        assert torch.equal(take_rows(flat, idx.reshape(6, 9)), flat.gather(1, idx.reshape(6, 9, 1).expand(-1, -1, F)))

@@ -15,21 +15,14 @@ import torch
 from smartkv.core.classes import staircase
 from smartkv.core.importance import decode_importance, encode_importance
 from smartkv.core.policy import counts_for_budgets
-from smartkv.core.quant import QTensor, cat, dequantize, token_ranges
+from smartkv.core.quant import QTensor, cat, dequantize, take_rows, token_ranges
 from smartkv.methods.smartkv.onepass import _rows
 
 
 def _take(q: QTensor, idx: torch.Tensor) -> QTensor:
-    """Rows idx (B, H, k) of a per-token QTensor (B, H, n, F). Each row is gathered in the widest words its bytes
-    divide into (a gather reads one 8-byte index an element: byte by byte that was 70% of a demotion's GPU time
-    at 32K x 8 on the H200; whole rows by index_select were slower still)."""
-    def one(t):
-        nbytes = t.shape[-1] * t.element_size()
-        word = next(w for w in (torch.int64, torch.int32, torch.int16, torch.uint8) if nbytes % w.itemsize == 0)
-        words = t.view(word)
-        out = words.gather(2, idx[..., None].expand(-1, -1, -1, words.shape[-1]))
-        return out.view(t.dtype)
-    return QTensor(one(q.codes), one(q.scale), one(q.zero), q.bits, q.group_size, q.axis)
+    """Rows idx (B, H, k) of a per-token QTensor (B, H, n, F)."""
+    return QTensor(take_rows(q.codes, idx), take_rows(q.scale, idx), take_rows(q.zero, idx), q.bits, q.group_size,
+                   q.axis)
 
 
 def _write(buf: QTensor, q: QTensor) -> None:

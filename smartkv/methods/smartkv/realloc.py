@@ -8,7 +8,7 @@ import torch
 from smartkv.core.importance import decode_importance, seen_from_ranges, token_weights
 from smartkv.core.policy import (Candidates, block_weights, cascade_assign, cascade_plan, counts_for,
                                  incremental_assign, incremental_candidates, pack_levels, plan_counts, rank_profile)
-from smartkv.core.quant import QTensor, dequantize, quantize, token_ranges
+from smartkv.core.quant import QTensor, dequantize, quantize, take_rows, token_ranges
 from smartkv.kernels import quantize_pack
 from smartkv.methods.smartkv.storage import inverse_order
 
@@ -384,7 +384,7 @@ def _indices(mask: torch.Tensor) -> torch.Tensor:
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows `idx` (R, k) of `t` (R, n, F): (R, k, F)."""
-    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+    return take_rows(t, idx)
 
 
 def _rows(pool: QTensor, entry: torch.Tensor) -> tuple:
