@@ -6,6 +6,8 @@
 #      window-only probabilities);
 #   2. end-to-end graphed decoding at the Llama-3-8B shape (random bf16 weights), 32K x 8 then 128K x 4: median,
 #      mean and max ms a step over 64 steps after 16 warm-up steps (flushes and re-allocations included).
+#   ONESHOT=1: instead of 2, int4 and append after a one-shot fill (the ring fills while decoding), 320 steps after
+#      16, split at step 256 (BENCHMARKS.md runs J, K); NOTESTS=1 skips 1.
 #   run(command="source .devbundle/py/setup.sh; OUT=$OUT bash benchmarks/smartkv21_gpu.sh")   # files land in $OUT
 set -u
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
@@ -17,6 +19,22 @@ OLD="smartkv incremental (budget 4.25; gap 3) (CUDA graph)"
     tests/test_append.py -q --tb=short -p no:cacheprovider \
     -k "cuda_attn or graph_replays or across_reallocations or joint or one_pass or probabilities or append" > "$OUT/pytest.txt" 2>&1
 grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
+if [ "${ONESHOT:-0}" = 1 ]; then
+    for shape in "32768 8" "131072 4"; do
+        set -- $shape
+        timeout 180 python benchmarks/bench_e2e.py --context $1 --batch $2 --fill-chunk $1 --rows "int4 (CUDA graph),$NEW" \
+            --no-max-batch --steps 320 --warmup 16 --out "$OUT/oneshot$1" > "$OUT/oneshot$1.log" 2>&1
+        python - "$OUT/oneshot$1/bench_e2e.json" <<'PY'
+import json, statistics as st, sys
+for r in json.load(open(sys.argv[1])):
+    t = r["step_ms_all"]
+    parts = " | ".join(f"steps {a + 1}-{a + len(x)}: median {st.median(x):.2f} mean {st.mean(x):.2f} max {max(x):.1f}"
+                       for a, x in ((0, t[:256]), (256, t[256:])) if x)
+    print(f"{r['name']}: captures {r['captures']} | {parts}")
+PY
+    done
+    exit 0
+fi
 timeout 170 python benchmarks/bench_e2e.py --context 32768 --batch 8 --rows "int4 (CUDA graph),$NEW,$OLD" \
     --no-max-batch --steps 64 --warmup 16 --budget-s 140 --out "$OUT/e2e32k" > "$OUT/e2e32k.log" 2>&1
 grep -v "^|" "$OUT/e2e32k.log" | grep -i "fail\|error\|skipped" | tail -5 | cut -c1-300
