@@ -12,6 +12,25 @@ import torch
 from smartkv.core.policy import WIDTHS
 
 
+def zip_runs(a: list, b: list) -> list:
+    """Two run-length sequences [(value, length)] of one total length, side by side: [(a's, b's, length)], in
+    O(runs), not O(units)."""
+    out, i, j = [], 0, 0
+    left_a, left_b = (a[0][1] if a else 0), (b[0][1] if b else 0)
+    while i < len(a) and j < len(b):
+        m = min(left_a, left_b)
+        if m:
+            out.append((a[i][0], b[j][0], m))
+        left_a, left_b = left_a - m, left_b - m
+        if not left_a:
+            i += 1
+            left_a = a[i][1] if i < len(a) else 0
+        if not left_b:
+            j += 1
+            left_b = b[j][1] if j < len(b) else 0
+    return out
+
+
 def staircase(counts_k: dict[int, int], counts_v: dict[int, int]) -> list[tuple[int, int, int]]:
     """Classes (key width, value width, units) that per-kind width counts give when both kinds are handed out
     along one ranking, the heaviest units first: both counts sum to the same number of units."""
@@ -19,20 +38,7 @@ def staircase(counts_k: dict[int, int], counts_v: dict[int, int]) -> list[tuple[
         return [(w, counts[w]) for w in sorted(counts, reverse=True) if counts[w]]
     if sum(counts_k.values()) != sum(counts_v.values()):
         raise ValueError(f"keys' counts {counts_k} and values' {counts_v} place different numbers of units")
-    ks, vs, out = runs(counts_k), runs(counts_v), []
-    i = j = 0
-    left_k, left_v = (ks[0][1] if ks else 0), (vs[0][1] if vs else 0)
-    while i < len(ks) and j < len(vs):
-        n = min(left_k, left_v)
-        out.append((ks[i][0], vs[j][0], n))
-        left_k, left_v = left_k - n, left_v - n
-        if not left_k:
-            i += 1
-            left_k = ks[i][1] if i < len(ks) else 0
-        if not left_v:
-            j += 1
-            left_v = vs[j][1] if j < len(vs) else 0
-    return out
+    return zip_runs(runs(counts_k), runs(counts_v))
 
 
 def joint_plan(classes: list[tuple[int, int, int]], capped: list[int]) -> list[tuple[int, int, int]]:

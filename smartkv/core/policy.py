@@ -225,9 +225,9 @@ def counts_for(weight_profile: torch.Tensor, budget: float, widths=WIDTHS) -> di
 def counts_for_budgets(weight_profile: torch.Tensor, budgets: list, widths=WIDTHS) -> list[dict[int, int]]:
     """`counts_for` at each of several budgets on one profile, sorted once (the append design's demotion plan
     asks for 2 x 17 of them on a prompt's profile)."""
-    outs, counter = [], None
+    outs, w, counter = [], weight_profile, None
     for budget in budgets:
-        w, w_vals, target = _problem(weight_profile if counter is None else counter.profile, budget, widths)
+        w, w_vals, target = _problem(w, budget, widths)   # each budget checked; one counter (sort) for all
         n = w.numel()
         out = dict.fromkeys(sorted(widths, reverse=True), 0)
         outs.append(out)
@@ -235,7 +235,6 @@ def counts_for_budgets(weight_profile: torch.Tensor, budgets: list, widths=WIDTH
             continue
         if counter is None:
             counter = _BitCounter(w, w_vals)
-            counter.profile = w
         feasible = _lagrangian(counter, target)
         vals = w_vals.numpy()
         idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(n, dtype=np.int64)

@@ -164,9 +164,7 @@ class SmartKVAppend:
         count, need, fill = list(a.n), list(a.n), a.ring_n // P
         for _ in range(flushes):   # the most each class holds over those flushes (demotions move tokens)
             if fill < a.ring // P:
-                for cid, tid, k in (a.plan[fill] if a.plan is not None else []):
-                    k = min(k, count[cid])
-                    count[cid], count[tid] = count[cid] - k, count[tid] + k
+                self._apply_moves(count, a.plan[fill] if a.plan is not None else [])
                 fill += 1
             else:
                 for cid, m in a.mix:

@@ -160,11 +160,9 @@ class SmartKVAppendFlush:
         a, P = self._app, self.config.realloc_every
         self.n_middle += P
         if a.ring_n < a.ring:
-            for cid, tid, k in (a.plan[a.ring_n // P] if a.plan is not None else []):   # as `_demote` counted
-                k = min(k, a.n[cid])
-                a.n[cid], a.n[tid] = a.n[cid] - k, a.n[tid] + k
-                if a.n[tid] > a.k[tid].codes.shape[-2]:
-                    raise RuntimeError("an append class buffer had no room for its demotions (_append_reserve)")
+            self._apply_moves(a.n, a.plan[a.ring_n // P] if a.plan is not None else [])
+            if any(n > q.codes.shape[-2] for n, q in zip(a.n, a.k)):
+                raise RuntimeError("an append class buffer had no room for its demotions (_append_reserve)")
             a.ring_n += P
             if a.ring_n == a.ring:
                 self._demote_done()

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from smartkv.core.classes import staircase
+from smartkv.core.classes import staircase, zip_runs
 from smartkv.core.importance import decode_importance, encode_importance
 from smartkv.core.policy import counts_for_budgets
 from smartkv.core.quant import QTensor, cat, dequantize, take_rows, token_ranges
@@ -29,25 +29,6 @@ def _write(buf: QTensor, q: QTensor) -> None:
     n = q.codes.shape[-2]
     for dst, src in zip((buf.codes, buf.scale, buf.zero), (q.codes, q.scale, q.zero)):
         dst[..., :n, :] = src
-
-
-def _zip_runs(a: list, b: list) -> list:
-    """Two run-length sequences [(value, length)] of one total length, side by side: [(a's, b's, length)] (the
-    plan's arithmetic on a prompt's tokens in O(classes), not O(tokens))."""
-    out, i, j = [], 0, 0
-    left_a, left_b = (a[0][1] if a else 0), (b[0][1] if b else 0)
-    while i < len(a) and j < len(b):
-        m = min(left_a, left_b)
-        if m:
-            out.append((a[i][0], b[j][0], m))
-        left_a, left_b = left_a - m, left_b - m
-        if not left_a:
-            i += 1
-            left_a = a[i][1] if i < len(a) else 0
-        if not left_b:
-            j += 1
-            left_b = b[j][1] if j < len(b) else 0
-    return out
 
 
 class SmartKVDemote:
@@ -72,9 +53,9 @@ class SmartKVDemote:
         plan = []
         for f in range(1, A // P + 1):
             now = ranks(f)
-            now = [((min(p[0], c[0]), min(p[1], c[1])), m) for p, c, m in _zip_runs(prev, now)]
+            now = [((min(p[0], c[0]), min(p[1], c[1])), m) for p, c, m in zip_runs(prev, now)]
             moves: dict = {}
-            for p, c, m in _zip_runs(prev, now):
+            for p, c, m in zip_runs(prev, now):
                 if p != c:
                     moves[(p, c)] = moves.get((p, c), 0) + m
             plan.append(moves)
@@ -111,6 +92,14 @@ class SmartKVDemote:
 
     def _cls_rows(self, by_position: torch.Tensor, cid: int, n: int) -> torch.Tensor:
         return by_position.gather(-1, self._cls_positions(cid, n))
+
+    @staticmethod
+    def _apply_moves(counts: list, moves: list) -> None:
+        """Tokens a row holds per class (host counts, in place) after one filling flush's moves, as `_demote`
+        moves them on the device (each at most what its class holds then)."""
+        for cid, tid, k in moves:
+            k = min(k, counts[cid])
+            counts[cid], counts[tid] = counts[cid] - k, counts[tid] + k
 
     @staticmethod
     def _grow_rows(t: torch.Tensor, cap: int) -> torch.Tensor:

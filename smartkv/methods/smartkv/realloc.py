@@ -261,7 +261,7 @@ class SmartKVRealloc:
                     c0, fields = old[b]
                     same = (cols >= c0) & (cols < c0 + fields[0].shape[1])
                     at = (cols - c0).clamp(0, fields[0].shape[1] - 1)
-                    fresh = tuple(torch.where(same[..., None], _take(f, at), g) for f, g in zip(fields, fresh))
+                    fresh = tuple(torch.where(same[..., None], take_rows(f, at), g) for f, g in zip(fields, fresh))
             # the pool in position order: the rest gathered from pool b, then the candidates (`fresh`, in candidate
             # order) written over their places, found in p_b (a row's positions at b, ascending): one pool-sized
             # tensor a field, no temporaries of the pool's size
@@ -382,15 +382,10 @@ def _indices(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().squeeze(1)
 
 
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows `idx` (R, k) of `t` (R, n, F): (R, k, F)."""
-    return take_rows(t, idx)
-
-
 def _rows(pool: QTensor, entry: torch.Tensor) -> tuple:
     """(codes, scale, zero) of a pool's entries `entry` (R, k), each (R, k, F); entries past the pool's end (where
     the caller takes another source) read its last entry."""
     R = entry.shape[0]
     entry = entry.clamp(max=pool.codes.shape[-2] - 1)
-    return tuple(_take(getattr(pool, f).reshape(R, -1, getattr(pool, f).shape[-1]), entry)
+    return tuple(take_rows(getattr(pool, f).reshape(R, -1, getattr(pool, f).shape[-1]), entry)
                  for f in ("codes", "scale", "zero"))
