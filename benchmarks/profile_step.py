@@ -30,7 +30,8 @@ def device_events(prof) -> list[tuple[str, float]]:
 
 def run(model, name: str, args) -> None:
     method, params = METHODS[name]
-    cache = fill(model, method, params, args.batch, args.context, args.steps + args.warmup + 1)
+    cache = fill(model, method, params, args.batch, args.context, args.steps + args.warmup + 1,
+                 chunk=args.fill_chunk)
     dec = GraphDecoder(model, cache, max_length=int(cache.get_seq_length()) + args.steps + args.warmup + 1,
                        mode="static")
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.steps + args.warmup), device="cuda")
@@ -72,6 +73,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--top", type=int, default=25, help="kernels listed per step kind")
     ap.add_argument("--rows", default=ROWS, help="comma-separated bench_e2e row names")
+    ap.add_argument("--fill-chunk", type=int, default=2048,
+                    help="tokens a fill chunk (the context: one-shot, as a prefill leaves it; append's ring then "
+                         "fills while decoding)")
     args = ap.parse_args()
     model = build_model(args.layers)
     for name in args.rows.split(","):

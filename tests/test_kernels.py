@@ -564,6 +564,34 @@ def test_importance_update_kernel_matches_the_statistics(ranges):
 
 
 
+@pytest.mark.parametrize("queries,divisor", [(1, 3), (4, 1)])
+def test_importance_fold_matches_the_running_mean_over_one_count(queries, divisor):
+    """SmartKV's append classes: codes of a mean over `seen` queries (one count for every token) folded with the
+    next queries' attention, in place on a view of a larger buffer (rows past it untouched): the kernel and the
+    reference against the float64 mean (codes within one step of 2^(1/8); nearly all equal)."""
+    from smartkv.core.importance import decode_importance, encode_importance
+    from smartkv.kernels import reference as R
+
+    g = gen(queries)
+    B, Hkv, n, cap = 2, 3, 1500, 1600
+    codes = torch.randint(0, 256, (B, Hkv, cap), generator=g, dtype=torch.uint8)
+    codes[..., :7] = 255                                                 # never attended
+    mass = torch.softmax(torch.randn(B, Hkv, cap, generator=g) * 4, -1) * queries * divisor
+    seen = torch.tensor([37.0])
+    exact = encode_importance((decode_importance(codes[..., :n]).double() * 37 + mass[..., :n].double() / divisor)
+                              / (37 + queries))
+    got, ref = codes.clone().to(DEV), codes.clone()
+    kern.importance_fold(got[..., :n], mass.to(DEV)[..., :n], seen.to(DEV), queries, divisor)
+    R.importance_fold_reference(ref[..., :n], mass[..., :n], seen, queries, divisor)
+    for out in (got.cpu(), ref):
+        diff = (out[..., :n].int() - exact.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+        assert torch.equal(out[..., n:], codes[..., n:])
+    assert (ref[..., :n] != codes[..., :n]).float().mean() > 0.2   # the fold changed many codes
+    with pytest.raises(ValueError, match="codes must be uint8"):
+        kern.importance_fold(got[..., :n].int(), mass.to(DEV)[..., :n], seen.to(DEV), queries)
+
+
 def test_importance_update_with_many_ranges_takes_the_reference_path():
     from smartkv.kernels import reference as R
 

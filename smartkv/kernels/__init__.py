@@ -8,6 +8,7 @@
     pool_positions(levels, n, counts) -> (B, H, n) int32                 # where each pool's tokens sit
     pool_positions([lk, lv], n, [ck, cv]) -> (2, B, H, n)                # keys' and values', one launch
     importance_update(codes, probs, ranges)                             # SmartKV's statistics, in place
+    importance_fold(codes, mass, seen, queries, divisor=1)              # a mean over one denominator, in place
     kernels_available(device) -> bool
 
 On CUDA, `decode_attention` runs the CUDA C++ kernels of `cuda_attn` (compiled at first use) where they apply and
@@ -29,8 +30,9 @@ import torch
 
 from smartkv.core.quant import QTensor
 from smartkv.kernels.reference import (MAX_FP, MAX_POOLS, MAX_RANGES, decode_attention_reference,
-                                             importance_update_reference, pool_positions_reference,
-                                             pool_scores_reference, pool_values_reference, quantize_pack_reference)
+                                             importance_fold_reference, importance_update_reference,
+                                             pool_positions_reference, pool_scores_reference, pool_values_reference,
+                                             quantize_pack_reference)
 from smartkv.kernels import cuda_attn as _cuda
 from smartkv.kernels.segment import KVSegment, check_inputs
 
@@ -48,7 +50,8 @@ except ImportError:  # no Triton on this platform: reference paths only
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_update", "kernels_available",
+__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_fold", "importance_update",
+           "kernels_available",
            "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_at", "quantize_pack_kv",
            "quantize_pack_reference", "warm_decode_kernels"]
 
@@ -326,3 +329,22 @@ def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence
     if kernels_available(codes.device) and len(ranges) <= MAX_RANGES and codes.shape[-1]:
         return _tp.importance_update_triton(codes, probs, ranges)
     return importance_update_reference(codes, probs, ranges)
+
+
+def importance_fold(codes: torch.Tensor, mass: torch.Tensor, seen: torch.Tensor, queries: int,
+                    divisor: float = 1.0) -> None:
+    """Fold `queries` more queries' attention into importance codes that all share one count of observers, in place.
+
+    codes: (B, Hkv, n) uint8 (`encode_importance` of each token's mean attention over `seen` queries so far), last
+    dimension contiguous; mass: (B, Hkv, n) float, the attention the tokens received from the new queries, summed,
+    divided by `divisor` here (e.g. the query heads of a group); seen: (1,) fp32 on the codes' device, read there (a
+    captured graph replays it as it changes); the caller advances it. One launch on the kernels' devices (SmartKV's
+    append classes fold every class row each step: as torch ops, ~20 small kernels a class)."""
+    if codes.shape != mass.shape or codes.dtype != torch.uint8 or not mass.is_floating_point():
+        raise ValueError(f"codes must be uint8 and mass floating of one shape, got {codes.dtype} "
+                         f"{tuple(codes.shape)} and {mass.dtype} {tuple(mass.shape)}")
+    mass = mass.float()
+    if (kernels_available(codes.device) and codes.numel() and codes.stride(-1) == 1 and mass.stride(-1) == 1
+            and seen.device == codes.device):
+        return _tp.importance_fold_triton(codes, mass, seen, queries, divisor)
+    return importance_fold_reference(codes, mass, seen, queries, divisor)

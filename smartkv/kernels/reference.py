@@ -166,3 +166,9 @@ def pool_positions_reference(levels: torch.Tensor, n: int, counts: tuple[int, ..
 def importance_update_reference(codes: torch.Tensor, probs: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
     from smartkv.core.importance import fold_attention
     codes.copy_(fold_attention(codes, probs.unsqueeze(2), torch.tensor(ranges, dtype=torch.int64).reshape(-1, 2)))
+
+
+def importance_fold_reference(codes: torch.Tensor, mass: torch.Tensor, seen: torch.Tensor, queries: int,
+                              divisor: float = 1.0) -> None:
+    from smartkv.core.importance import decode_importance, encode_importance
+    codes.copy_(encode_importance((decode_importance(codes) * seen + mass / divisor) / (seen + queries)))

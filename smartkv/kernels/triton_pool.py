@@ -36,6 +36,7 @@ from smartkv.kernels.reference import MAX_FP, MAX_POOLS, MAX_RANGES
 from smartkv.kernels import split as _dec
 from smartkv.kernels.split import code_words, per_word, pow2
 from smartkv.kernels.triton_attn import load_words, unpack
+from smartkv.kernels.triton_quant import _rint_nonneg
 from smartkv.kernels.tuning import current
 
 
@@ -412,6 +413,28 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
     _fold(code_ptr + b * sc_b + h * sc_h, t, valid, p, NG, s0, e0, s1, e1, s2, e2, s3, e3)
 
 
+@triton.jit(do_not_specialize=["sc_b", "sc_h", "sm_b", "sm_h", "n"])
+def _mean_fold_kernel(code_ptr, sc_b, sc_h, m_ptr, sm_b, sm_h, n, Hkv, seen_ptr, queries, divisor,
+                      BLOCK: tl.constexpr):
+    """Codes (B, Hkv, n) of a mean over `seen` queries (read on the device) <- the mean over seen + queries after
+    `mass` / divisor more (as importance_fold_reference: round half to even, codes 0..255, 255 read as 0)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    h = bh % Hkv
+    t = blk * BLOCK + tl.arange(0, BLOCK)
+    valid = t < n
+    cp = code_ptr + b.to(tl.int64) * sc_b + h * sc_h + t
+    c = tl.load(cp, mask=valid, other=255).to(tl.float32)
+    m = tl.load(m_ptr + b.to(tl.int64) * sm_b + h * sm_h + t, mask=valid, other=0.0)
+    s = tl.load(seen_ptr)
+    mean = tl.where(c == 255, 0.0, tl.exp2(-c / 8))
+    mean = (mean * s + m / divisor) / (s + queries)
+    y = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))
+    y = tl.minimum(_rint_nonneg(tl.maximum(y, 0.0)), 255.0)
+    tl.store(cp, y.to(tl.uint8), mask=valid)
+
+
 def pool_problem(pool: QTensor) -> str | None:
     """Why these kernels do not take pools shaped like `pool`, None when they do: per-token groups, power-of-two
     head_dim >= 16 and group size. 3-bit pools: head_dim >= 32 (see _block) and at most 2 groups per token: with 4
@@ -590,3 +613,12 @@ def importance_update_triton(codes: torch.Tensor, probs: torch.Tensor, ranges: l
         codes, *codes.stride()[:2], probs, *probs.stride()[:2], T, Hkv, NG, *_range_args(ranges),
         NGP=max(2, pow2(NG)), BLOCK=BLOCK, num_warps=4,
         **({"r_end_ptr": range_end, "R_END": True} if range_end is not None else {}))
+
+
+def importance_fold_triton(codes: torch.Tensor, mass: torch.Tensor, seen: torch.Tensor, queries: int,
+                           divisor: float) -> None:
+    B, Hkv, n = codes.shape
+    BLOCK = 1024
+    _mean_fold_kernel[(triton.cdiv(n, BLOCK), B * Hkv)](
+        codes, *codes.stride()[:2], mass, *mass.stride()[:2], n, Hkv, seen, float(queries), float(divisor),
+        BLOCK=BLOCK, num_warps=4)

@@ -216,8 +216,8 @@ class SmartKVAppend:
                                       probs_out=[None] * (len(segs) - 1 - len(rsum) - len(cls)) + cls + rsum + [wsum])
             if cls:   # the class segments above, in class order: a class with no rows has none
                 it = iter(cls)
-                self._demote_fold([next(it) / self._group_heads if (a.k[cid].codes.shape[-2] if static else a.n[cid])
-                                   else None for cid in range(len(a.widths))], 1)
+                self._demote_fold([next(it) if (a.k[cid].codes.shape[-2] if static else a.n[cid]) else None
+                                   for cid in range(len(a.widths))], 1, self._group_heads)
             if ring:
                 a.rseen += 1
             if static:

@@ -13,9 +13,10 @@ import math
 import torch
 
 from smartkv.core.classes import staircase, zip_runs
-from smartkv.core.importance import decode_importance, encode_importance
+from smartkv.core.importance import decode_importance
 from smartkv.core.policy import counts_for_budgets
 from smartkv.core.quant import QTensor, cat, dequantize, take_rows, token_ranges
+from smartkv.kernels import importance_fold
 from smartkv.methods.smartkv.onepass import _rows
 
 
@@ -109,17 +110,13 @@ class SmartKVDemote:
         out[..., :t.shape[-1]] = t
         return out
 
-    def _demote_fold(self, masses: list, queries: int) -> None:
+    def _demote_fold(self, masses: list, queries: int, divisor: float = 1) -> None:
         """Fold the attention class rows received from `queries` more queries (masses: per class, (B, H, n) summed
-        over those queries, mean over a group's query heads, or None) into their mean importance."""
+        over those queries and `divisor` x a group's query heads, or None) into their mean importance."""
         a = self._app
-        s = a.cseen
         for cid, m in enumerate(masses):
-            if m is None:
-                continue
-            n = m.shape[-1]   # the class's rows (ordinary steps) or its capacity (static steps: fixed shapes)
-            mean = (decode_importance(a.cimp[cid][..., :n]) * s + m) / (s + queries)
-            a.cimp[cid][..., :n] = encode_importance(mean)
+            if m is not None:   # n: the class's rows (ordinary steps) or its capacity (static steps: fixed shapes)
+                importance_fold(a.cimp[cid][..., :m.shape[-1]], m, a.cseen, queries, divisor)
         a.cseen += queries
 
     def _demote(self, f: torch.Tensor) -> None:
