@@ -53,6 +53,46 @@ def test_budget_holds_and_every_held_tensor_is_counted(tiny, held, decode):
         assert sum(tensors.values()) == b.payload + b.metadata + b.residual + layer.slack_bytes(), tensors
 
 
+def test_demotions_every_other_flush_pay_ahead(tiny, held, decode):
+    """demote_every=2 with a ring of 4 flushes: flushes 0 and 2 demote (each paying for two flushes), 1 and 3
+    nothing, and the classes end as one flush at a time leaves them; the budget holds after every flush and every
+    held tensor is counted."""
+    q = dict(P, ring_tokens=16)
+    ids = _ids(prompt=60)
+    ends = {}
+    for every in (1, 2):
+        _, _, cache, _ = decode(tiny, "smartkv", ids, 1, "eager", **q, demote_every=every)
+        layer = cache.layers[0]
+        plan, n = layer._app.plan, list(layer._app.n)
+        assert [bool(x) for x in plan] == ([True] * 4 if every == 1 else [True, False, True, False]), plan
+        for moves in plan:
+            layer._apply_moves(n, moves)
+        ends[every] = n
+    assert ends[1] == ends[2]
+    k_budget, v_budget = kv_budgets(4.25, 3)
+    for steps in (5, 6, 9, 13, 17):   # the ring's 4 filling flushes run at steps 5, 9, 13, 17
+        _, _, eager, _ = decode(tiny, "smartkv", ids, steps, "eager", **q, demote_every=2)
+        for layer, lb in zip(eager.layers, eager.memory_report().per_layer):
+            assert layer._app.ring_n == 4 * ((steps - 1) // 4)
+            assert lb["k_bits"] <= k_budget * lb["k_elements"] + 1e-6
+            assert lb["v_bits"] <= v_budget * lb["v_elements"] + 1e-6
+            b = layer.layer_bytes()
+            assert sum(held(layer).values()) == b.payload + b.metadata + b.residual + layer.slack_bytes()
+
+
+def test_static_steps_that_demote_every_other_flush_equal_eager_ones(tiny_llama, decode, kernels):
+    """Static steps take a "demote" and a "fill" graph variant while the ring fills (demote_every=2: the ring's
+    3 filling flushes at steps 5, 9, 13 demote, do not, demote)."""
+    q = dict(P, ring_tokens=12, demote_every=2)
+    ids = _ids(batch=1, prompt=60).to(next(tiny_llama.parameters()).device)
+    _, _, eager, _ = decode(tiny_llama, "smartkv", ids, 14, "eager", **q)
+    _, _, static, dec = decode(tiny_llama, "smartkv", ids, 14, "static", **q)
+    for a, b in zip(eager.layers, static.layers, strict=True):
+        assert a._app.ring_n == b._app.ring_n == 12 and a.n_middle == b.n_middle and a._app.n == b._app.n
+        assert torch.equal(a._app.cmap[..., :a.n_middle], b._app.cmap[..., :b.n_middle])
+    dec.close()
+
+
 @pytest.mark.parametrize("ring", [0, 8])
 def test_prompt_tokens_only_go_down_and_every_exit_has_the_mix(tiny, held, ring):
     """The prompt's tokens are all in classes and the ring fills from empty; while it fills the prompt's tokens only

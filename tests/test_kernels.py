@@ -592,6 +592,36 @@ def test_importance_fold_matches_the_running_mean_over_one_count(queries, diviso
         kern.importance_fold(got[..., :n].int(), mass.to(DEV)[..., :n], seen.to(DEV), queries)
 
 
+def test_merge_plan_kernel_equals_the_reference():
+    """One demotion move's row maps (SmartKV's append classes): k[b] flagged rows of class 2 go to class 1 (each class's
+    rows are its positions in order; rows past a class's length exist and stay), on a view of a wider class map;
+    the kernel's maps and class map equal the torch reference's."""
+    from smartkv.kernels import reference as R
+
+    g = gen(7)
+    B, H, n, cap = 2, 3, 2500, 2600
+    cmap = torch.randint(0, 4, (B, H, cap), generator=g, dtype=torch.uint8)
+    cm = cmap[..., :n]
+    cid, tid = 2, 1
+    n_c, n_t = (cm == cid).sum(-1), (cm == tid).sum(-1)
+    k = torch.tensor([5, 40], dtype=torch.int32)
+    Cc, Ct = int(n_c.max()) + 30, int(n_t.max()) + 40 + 25
+    gone = torch.zeros(B, H, Cc + 1, dtype=torch.uint8)[..., :Cc]
+    for b in range(B):
+        for h in range(H):
+            gone[b, h, torch.randperm(int(n_c[b, h]), generator=g)[:int(k[b])]] = 1
+    ref_cm, got_cm = cmap.clone(), cmap.clone().to(DEV)
+    ref = R.merge_plan_reference(ref_cm[..., :n], gone, k, cid, tid, Ct)
+    got = kern.merge_plan(got_cm[..., :n], gone.to(DEV), k.to(DEV), cid, tid, Ct)
+    assert torch.equal(got_cm.cpu(), ref_cm) and (ref_cm != cmap).sum() == H * int(k.sum())
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype == torch.int64 and torch.equal(a.cpu(), b)
+    order = ref[0][0, 0, :int(n_t[0, 0]) + 5].tolist()                 # its own rows and the 5 moved ones, merged
+    assert sorted(order) == list(range(int(n_t[0, 0]))) + [Ct + j for j in range(5)]
+    with pytest.raises(ValueError, match="cm and gone must be uint8"):
+        kern.merge_plan(got_cm[..., :n].int(), gone.to(DEV), k.to(DEV), cid, tid, Ct)
+
+
 def test_importance_update_with_many_ranges_takes_the_reference_path():
     from smartkv.kernels import reference as R
 

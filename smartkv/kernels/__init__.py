@@ -9,6 +9,7 @@
     pool_positions([lk, lv], n, [ck, cv]) -> (2, B, H, n)                # keys' and values', one launch
     importance_update(codes, probs, ranges)                             # SmartKV's statistics, in place
     importance_fold(codes, mass, seen, queries, divisor=1)              # a mean over one denominator, in place
+    merge_plan(cm, gone, k, cid, tid, Ct) -> (order, keep)              # one demotion move's row maps
     kernels_available(device) -> bool
 
 On CUDA, `decode_attention` runs the CUDA C++ kernels of `cuda_attn` (compiled at first use) where they apply and
@@ -31,6 +32,7 @@ import torch
 from smartkv.core.quant import QTensor
 from smartkv.kernels.reference import (MAX_FP, MAX_POOLS, MAX_RANGES, decode_attention_reference,
                                              importance_fold_reference, importance_update_reference,
+                                             merge_plan_reference,
                                              pool_positions_reference, pool_scores_reference, pool_values_reference,
                                              quantize_pack_reference)
 from smartkv.kernels import cuda_attn as _cuda
@@ -42,6 +44,7 @@ try:
 
     from smartkv.kernels import split as _decode
     from smartkv.kernels import triton_pool as _tp
+    from smartkv.kernels import triton_demote as _td
     from smartkv.kernels import triton_quant as _tq
     HAVE_TRITON = True
 except ImportError:  # no Triton on this platform: reference paths only
@@ -50,7 +53,7 @@ except ImportError:  # no Triton on this platform: reference paths only
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_fold", "importance_update",
+__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_fold", "importance_update", "merge_plan",
            "kernels_available",
            "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_at", "quantize_pack_kv",
            "quantize_pack_reference", "warm_decode_kernels"]
@@ -348,3 +351,23 @@ def importance_fold(codes: torch.Tensor, mass: torch.Tensor, seen: torch.Tensor,
             and seen.device == codes.device):
         return _tp.importance_fold_triton(codes, mass, seen, queries, divisor)
     return importance_fold_reference(codes, mass, seen, queries, divisor)
+
+
+def merge_plan(cm: torch.Tensor, gone: torch.Tensor, k: torch.Tensor, cid: int, tid: int,
+               Ct: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One demotion move of SmartKV's append classes (methods/smartkv/demote.py): the flagged rows of class `cid`
+    go to class `tid`, both kept in position order. cm: (B, H, n) uint8, each middle position's class (the
+    positions' rows: a class's positions in order are its rows), updated in place (moved positions -> tid); gone:
+    (B, H, Cc) uint8, 1 for each row of class cid that goes (k[b] of them in sequence b, all within its length); k:
+    (B,) int32. Returns order (B, H, Ct) int64, the row of [t's rows, the moved rows in position order] each row of t
+    takes after the merge (0 past its new length), and keep (B, H, Cc) int64, the stable argsort of the flags (rows
+    that stay first). One launch on the kernels' devices (as torch ops, three prefix sums over every position, a
+    sort and a dozen elementwise passes)."""
+    B, H, n = cm.shape
+    if gone.shape[:2] != (B, H) or gone.dtype != torch.uint8 or cm.dtype != torch.uint8 or k.shape != (B,):
+        raise ValueError(f"cm and gone must be uint8 (B, H, .) of one (B, H) and k (B,), got {tuple(cm.shape)} "
+                         f"{cm.dtype}, {tuple(gone.shape)} {gone.dtype}, {tuple(k.shape)}")
+    rows_ok = all(t.stride(-1) == 1 and t.stride(0) == H * t.stride(1) for t in (cm, gone))
+    if kernels_available(cm.device) and n and gone.shape[-1] and rows_ok:
+        return _td.merge_plan_triton(cm, gone, k.to(torch.int32).contiguous(), cid, tid, Ct)
+    return merge_plan_reference(cm, gone, k, cid, tid, Ct)

@@ -172,3 +172,18 @@ def importance_fold_reference(codes: torch.Tensor, mass: torch.Tensor, seen: tor
                               divisor: float = 1.0) -> None:
     from smartkv.core.importance import decode_importance, encode_importance
     codes.copy_(encode_importance((decode_importance(codes) * seen + mass / divisor) / (seen + queries)))
+
+
+def merge_plan_reference(cm: torch.Tensor, gone: torch.Tensor, k: torch.Tensor, cid: int, tid: int,
+                         Ct: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, _ = cm.shape
+    Cc, i32 = gone.shape[-1], torch.int32
+    keep = torch.argsort(gone, dim=-1, stable=True)                  # rows that stay first, in order
+    is_c, is_t = cm == cid, cm == tid
+    moved = is_c & gone.gather(-1, (is_c.cumsum(-1, dtype=i32) - 1).clamp(0, max(Cc - 1, 0)).long()).bool()
+    before_t, before_m = is_t.cumsum(-1, dtype=i32), moved.cumsum(-1, dtype=i32)
+    src = torch.where(is_t, before_t - 1, Ct + before_m - 1)
+    dest = torch.where(is_t | moved, before_t + before_m - 1, Ct).clamp(max=Ct).long()
+    order = torch.zeros(B, H, Ct + 1, dtype=i32, device=cm.device).scatter_(-1, dest, src)[..., :Ct]
+    cm.masked_fill_(moved, tid)
+    return order.long(), keep

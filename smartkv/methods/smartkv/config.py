@@ -16,7 +16,8 @@ class SmartKV(MethodConfig):
     name = "smartkv"
     # block_tokens=1 is the per-token design results were stored under; `realloc` is not neutral: its default
     # ("incremental") changes what a config computes, so SmartKV's job ids changed with it.
-    ID_NEUTRAL: ClassVar[dict] = {**MethodConfig.ID_NEUTRAL, "block_tokens": 1, "joint": False, "ring_tokens": 256}
+    ID_NEUTRAL: ClassVar[dict] = {**MethodConfig.ID_NEUTRAL, "block_tokens": 1, "joint": False, "ring_tokens": 256,
+                                  "demote_every": 1}
     budget: float = 7.0
     widths: tuple = WIDTHS
     group_size: int = 64
@@ -31,6 +32,9 @@ class SmartKV(MethodConfig):
     realloc: str = "incremental"
     joint: bool = False        # keys and values placed together: equal (key width, value width) counts in every row
     ring_tokens: int = 256     # realloc="append": the newest middle tokens, held at the top class before their own
+    # realloc="append": while the ring fills, one flush in `demote_every` demotes, paying ahead for the ring's growth
+    # until the next one (each demoting flush passes over whole class buffers: fewer of them, less time)
+    demote_every: int = 1
     observe_window: int = 32
     key_norm: str = "channel"
     importance: str = "mean"
@@ -52,6 +56,7 @@ class SmartKV(MethodConfig):
         check_int("observe_window", self.observe_window, 1, 1 << 16)
         check_int("block_tokens", self.block_tokens, 1, 1024)
         check_int("ring_tokens", self.ring_tokens, 0, 1 << 20)
+        check_int("demote_every", self.demote_every, 1, 1 << 16)
         check_choice("realloc", self.realloc, ("append", "incremental", "full"))
         check_choice("joint", self.joint, (True, False))
         check_choice("key_norm", self.key_norm, ("channel", "center", "none"))

@@ -16,7 +16,7 @@ from smartkv.core.classes import staircase, zip_runs
 from smartkv.core.importance import decode_importance
 from smartkv.core.policy import counts_for_budgets
 from smartkv.core.quant import QTensor, cat, dequantize, take_rows, token_ranges
-from smartkv.kernels import importance_fold
+from smartkv.kernels import importance_fold, merge_plan
 from smartkv.methods.smartkv.onepass import _rows
 
 
@@ -37,11 +37,13 @@ class SmartKVDemote:
     `cseen` are None once the ring is full)."""
 
     def _demotion_plan(self, profile: torch.Tensor, budgets: tuple, top: tuple, A: int, n: int) -> list:
-        """Per filling flush f (A / P of them), the demotions {(class, target): tokens} that leave the n prompt
-        tokens at most the bits of the budget over n + fP tokens less fP tokens at the ring's class `top`: each
-        kind's rank-based classes (as the first allocation solves them on `profile`) at the budget left, a token
-        never raised, the changes from the flush before counted per (class, target)."""
-        P, lo, hi = self.config.realloc_every, min(self.widths), max(self.widths)
+        """Per filling flush (A / P of them), the demotions {(class, target): tokens}: flush i, when i is a multiple
+        of `demote_every` (m), pays ahead for the ring's growth to (i + m) P tokens (at most A), leaving the n
+        prompt tokens at most the bits of the budget over n + (i + m) P tokens less those at the ring's class `top`
+        (each kind's rank-based classes, as the first allocation solves them on `profile`, at the budget left, a
+        token never raised, the changes from the demotions before counted per (class, target)); the other
+        flushes demote nothing."""
+        P, lo, hi, every = self.config.realloc_every, min(self.widths), max(self.widths), self.config.demote_every
 
         # each kind's budget left at the first allocation (f = 0) and after each filling flush f
         left = [[min(max((math.floor(b * (n + f * P) + 1e-9) - f * P * w) / n, lo), hi) for f in range(A // P + 1)]
@@ -52,8 +54,11 @@ class SmartKVDemote:
             return [((kw, vw), m) for kw, vw, m in staircase(counts[0][f], counts[1][f])]
         prev = ranks(0)
         plan = []
-        for f in range(1, A // P + 1):
-            now = ranks(f)
+        for i in range(A // P):
+            if i % every:
+                plan.append({})
+                continue
+            now = ranks(min(i + every, A // P))
             now = [((min(p[0], c[0]), min(p[1], c[1])), m) for p, c, m in zip_runs(prev, now)]
             moves: dict = {}
             for p, c, m in zip_runs(prev, now):
@@ -155,26 +160,18 @@ class SmartKVDemote:
             rows = torch.sort(w, dim=-1, stable=True).indices[..., :k_max]
             rows = torch.where(self._arange(k_max) < k, rows, Cc).sort(-1).values   # the k, in row order; then Cc
             gone = torch.zeros(B, H, Cc + 1, dtype=torch.uint8, device=self.device).scatter_(-1, rows, 1)[..., :Cc]
-            keep = torch.argsort(gone, dim=-1, stable=True)                  # kept rows first, in order
             rows = rows.clamp(max=Cc - 1)
-            # by position: which of the class's tokens move, then the target's rows after the merge (from its own
-            # rows, or from the moved ones after them), scattered to their row (tokens of other classes: row Ct)
-            is_c, is_t = cm == cid, cm == tid
-            i32 = torch.int32
-            moved = is_c & gone.gather(-1, (is_c.cumsum(-1, dtype=i32) - 1).clamp(0, Cc - 1).long()).bool()
-            before_t, before_m = is_t.cumsum(-1, dtype=i32), moved.cumsum(-1, dtype=i32)
-            src = torch.where(is_t, before_t - 1, Ct + before_m - 1)
-            dest = torch.where(is_t | moved, before_t + before_m - 1, Ct).clamp(max=Ct).long()
-            order = torch.zeros(B, H, Ct + 1, dtype=i32, device=self.device).scatter_(-1, dest, src)[..., :Ct]
+            # by position: the target's rows after the merge (its own, or the moved ones after them) and the class's
+            # kept rows first; the class map updated
+            order, keep = merge_plan(cm, gone, k[:, 0, 0], cid, tid, Ct)
             for j, (bufs, q) in enumerate(((a.k, kq), (a.v, vq))):
                 fresh = self._quantize(dequantize(_take(q, rows)), a.widths[tid][j])
                 into = _take(cat([_rows(bufs[tid], 0, Ct), fresh]), order)
                 _write(bufs[cid], _take(q, keep))
                 _write(bufs[tid], into)
             ci, ti = a.cimp[cid][..., :Cc], a.cimp[tid][..., :Ct]
-            a.cimp[tid][..., :Ct] = torch.cat([ti, ci.gather(-1, rows)], -1).gather(-1, order.long())
+            a.cimp[tid][..., :Ct] = torch.cat([ti, ci.gather(-1, rows)], -1).gather(-1, order)
             a.cimp[cid][..., :Cc] = ci.gather(-1, keep)
-            cm.masked_fill_(moved, tid)
             a.length[cid] -= k[:, 0, 0]
             a.length[tid] += k[:, 0, 0]
 

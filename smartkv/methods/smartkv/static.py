@@ -88,7 +88,12 @@ class SmartKVStatic:
     def _static_variant(self):
         if self._app is None or not self._append_flush_due():
             return None
-        return "fill" if self._app.ring_n < self._app.ring else "flush"   # a filling flush moves no ring tokens
+        a = self._app
+        if a.ring_n >= a.ring:
+            return "flush"
+        # a filling flush moves no ring tokens; one flush in `demote_every` demotes (its own graph: the others skip
+        # the demotions' fixed-shape work)
+        return "demote" if a.plan is not None and a.plan[a.ring_n // self.config.realloc_every] else "fill"
 
     def _static_end(self) -> None:
         if self._app is not None:

@@ -1,0 +1,75 @@
+"""Triton bookkeeping of one demotion move of SmartKV's append layers (methods/smartkv/demote.py): which rows of
+class c go (flags), where every row of c and of its target t goes, the class map updated, in one launch.
+
+A move takes flagged rows of class c to class t, keeping both in position order. The maps follow from a scan over
+the middle's positions (class c's rows are the positions of class c, in order; t's likewise): per position, its row
+in c or t from running counts, whether it moves (its c row flagged), and its row in t after the merge. As torch ops
+these are three prefix sums over every position, two sorts and a dozen elementwise passes (torch scans a row of 32K
+positions in one program, 44 us each on the H200); here one program per (sequence, KV head) row walks its
+positions in blocks, carrying the counts from block to block.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+import torch
+
+
+@triton.jit(do_not_specialize=["n_all", "Cc", "Ct", "s_cm", "s_g", "s_o", "s_k", "cid", "tid"])
+def _merge_plan_kernel(cm_ptr, s_cm, n_all, gone_ptr, s_g, Cc, k_ptr, H, order_ptr, s_o, Ct, keep_ptr, s_k,
+                       cid, tid, BLOCK: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    cm_row = cm_ptr + bh.to(tl.int64) * s_cm
+    g_row = gone_ptr + bh.to(tl.int64) * s_g
+    o_row = order_ptr + bh.to(tl.int64) * s_o
+    k_row = keep_ptr + bh.to(tl.int64) * s_k
+    ar = tl.arange(0, BLOCK)
+    rc = 0   # c rows, t rows and moved rows before this block
+    rt = 0
+    rm = 0
+    for p0 in range(0, n_all, BLOCK):
+        p = p0 + ar
+        valid = p < n_all
+        cls = tl.load(cm_row + p, mask=valid, other=255).to(tl.int32)
+        is_c = valid & (cls == cid)
+        is_t = valid & (cls == tid)
+        c_row = rc + tl.cumsum(is_c.to(tl.int32), 0) - 1
+        moved = is_c & (tl.load(g_row + c_row, mask=is_c, other=0) != 0)
+        before_t = rt + tl.cumsum(is_t.to(tl.int32), 0)
+        before_m = rm + tl.cumsum(moved.to(tl.int32), 0)
+        into = is_t | moved
+        src = tl.where(is_t, before_t - 1, Ct + before_m - 1)
+        dest = before_t + before_m - 1
+        tl.store(o_row + dest, src.to(tl.int64), mask=into & (dest < Ct))
+        tl.store(cm_row + p, tl.full([BLOCK], 0, tl.uint8) + tid.to(tl.uint8), mask=moved)
+        rc += tl.sum(is_c.to(tl.int32), 0)
+        rt += tl.sum(is_t.to(tl.int32), 0)
+        rm += tl.sum(moved.to(tl.int32), 0)
+    # class c compacted: rows that stay first, in order, then the rows that go, in order (a stable argsort of the
+    # flags: rows past the class's length stay)
+    stay = Cc - tl.load(k_ptr + b)
+    ns = 0
+    ng = 0
+    for r0 in range(0, Cc, BLOCK):
+        r = r0 + ar
+        valid = r < Cc
+        g = tl.load(g_row + r, mask=valid, other=0) != 0
+        s_ = valid & ~g
+        g_ = valid & g
+        at = tl.where(g_, stay + ng + tl.cumsum(g_.to(tl.int32), 0) - 1, ns + tl.cumsum(s_.to(tl.int32), 0) - 1)
+        tl.store(k_row + at, r.to(tl.int64), mask=valid)
+        ns += tl.sum(s_.to(tl.int32), 0)
+        ng += tl.sum(g_.to(tl.int32), 0)
+
+
+def merge_plan_triton(cm: torch.Tensor, gone: torch.Tensor, k: torch.Tensor, cid: int, tid: int,
+                      Ct: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, n_all = cm.shape
+    Cc = gone.shape[-1]
+    order = torch.zeros(B, H, Ct, dtype=torch.int64, device=cm.device)
+    keep = torch.empty(B, H, Cc, dtype=torch.int64, device=cm.device)
+    _merge_plan_kernel[(B * H,)](cm, cm.stride(1), n_all, gone, gone.stride(1), Cc, k, H, order, order.stride(1),
+                                 Ct, keep, keep.stride(1), cid, tid, BLOCK=1024, num_warps=4)
+    return order, keep
