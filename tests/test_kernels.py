@@ -599,8 +599,8 @@ def test_merge_plan_kernel_equals_the_reference():
     from smartkv.kernels import reference as R
 
     g = gen(7)
-    B, H, n, cap = 2, 3, 2500, 2600
-    cmap = torch.randint(0, 4, (B, H, cap), generator=g, dtype=torch.uint8)
+    B, H, n, cap = 2, 3, 9500, 9600                                     # more than one of the kernel's blocks
+    cmap = torch.bucketize(torch.rand(B, H, cap, generator=g), torch.tensor([0.1, 0.4, 0.9])).to(torch.uint8)
     cm = cmap[..., :n]
     cid, tid = 2, 1
     n_c, n_t = (cm == cid).sum(-1), (cm == tid).sum(-1)
