@@ -229,7 +229,28 @@ def test_joint_demotes_the_lightest_stored_unit_of_a_class_for_a_heavy_new_one()
 
 
 def test_counts_for_budgets_shares_one_sort_and_answers_as_each_budget_alone():
-    profile = torch.sort(torch.rand(3000, generator=torch.Generator().manual_seed(3)) ** 3, descending=True).values
-    budgets = [2.0, 2.37, 3.0, 4.25, 5.5, 8.0, 3.1]
-    assert counts_for_budgets(profile, budgets) == [counts_for(profile, b) for b in budgets]
+    """The budgets' bisections run in step (one count of every budget's lam a step): each answers as the per-token
+    solve does at that budget alone, on a smooth profile and on one of many ties."""
+    g = torch.Generator().manual_seed(3)
+    smooth = torch.sort(torch.rand(3000, generator=g) ** 3, descending=True).values
+    for profile in (smooth, torch.round(smooth * 8) / 8):
+        budgets = [2.0, 2.37, 3.0, 4.25, 5.5, 8.0, 3.1]
+        many = counts_for_budgets(profile, budgets)
+        for b, counts in zip(budgets, many):
+            bits = solve_widths(profile, b)
+            assert counts == {w: int((bits == w).sum()) for w in sorted(WIDTHS, reverse=True)}
     assert counts_for_budgets(profile[:0], [3.0]) == [counts_for(profile[:0], 3.0)]
+
+
+def test_bit_counts_at_many_lambdas_equal_one_at_a_time():
+    """`_BitCounter.totals` (the vectorised count the bisections use) equals `total` exactly, also at lam where
+    tokens sit on a breakpoint (ties: the exact recount)."""
+    from smartkv.core.policy import _BitCounter, _problem
+
+    g = torch.Generator().manual_seed(4)
+    for profile in (torch.rand(2000, generator=g) ** 4, torch.round(torch.rand(500, generator=g) * 4) / 4):
+        w, w_vals, _ = _problem(profile, 4.0, WIDTHS)
+        counter = _BitCounter(w, w_vals)
+        lams = [2.0 ** float(x) for x in torch.linspace(-30, 30, 301)]
+        lams += [float(x) / b for x in counter.sorted[::50] for b in counter.breaks]   # on breakpoints
+        assert counter.totals(lams).tolist() == [counter.total(lam) for lam in lams]

@@ -69,6 +69,7 @@ class _BitCounter:
         return pos[:len(xs)], pos[len(xs):]
 
     def total(self, lam: float) -> float:
+        """Bits `_choose` spends at `lam` (`totals` at many lam at once)."""
         ws, n = self.sorted, len(self.sorted)
         los, his = self._bounds(lam)
         total = self.base
@@ -84,6 +85,33 @@ class _BitCounter:
                 counted += step * int(np.sum(ws[lo:hi] > x * lam * (1 + self.EPS)))
             total += exact - counted
         return total
+
+    def totals(self, lams: list[float]) -> np.ndarray:
+        """`total` at several lam at once, in the same float64 operations (every partial sum is an integer, so
+        exact in any order): one searchsorted for all of them, and the tokens near a breakpoint of any of them
+        (a bisection's last steps have some at nearly every lam) decided in one pass."""
+        lams = np.asarray(lams, dtype=np.float64)
+        ws, n = self.sorted, len(self.sorted)
+        brk, steps = np.asarray(self.breaks), np.asarray(self.steps, dtype=np.float64)
+        xs = brk[None, :] * lams[:, None]
+        los = ws.searchsorted(xs * (1 - self.EPS), side="right")
+        his = ws.searchsorted(xs * (1 + self.EPS), side="right")
+        out = self.base + ((n - his) * steps[None, :]).sum(1)
+        near = his > los
+        at = np.flatnonzero(near.any(1))
+        if at.size:   # as `total`: the span of undecided tokens of each such lam, recounted exactly
+            lo = np.where(near, los, n).min(1)[at]
+            cnt = np.where(near, his, 0).max(1)[at] - lo
+            of = np.repeat(np.arange(at.size), cnt)
+            tok = ws[np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt) + np.repeat(lo, cnt)]
+            lam = lams[at][of]
+            cost = tok[:, None] * self.pows[None, :] + lam[:, None] * self.values[None, :]
+            exact = np.bincount(of, weights=self.values[cost.argmin(-1)], minlength=at.size)
+            above = tok[:, None] > (brk[None, :] * lam[:, None]) * (1 + self.EPS)
+            counted = self.base / n * cnt + np.bincount(of, weights=(above * steps[None, :]).sum(1),
+                                                          minlength=at.size)
+            out[at] += exact - counted
+        return out
 
     def assign(self, lam: float) -> np.ndarray:
         """`_choose(w, lam)` for the sorted weights (ascending): width indices, from the same breakpoints as
@@ -159,6 +187,32 @@ def _lagrangian(counter: _BitCounter, target: int) -> float | None:
     return feasible
 
 
+def _lagrangian_many(counter: _BitCounter, targets: list[int]) -> list[float | None]:
+    """`_lagrangian` for several targets on one counter, their bisections in step: each step counts every
+    unconverged target's lam at once (`totals`), and each target ends where `_lagrangian` would (one target:
+    `_lagrangian` itself, whose scalar loop is faster alone)."""
+    if len(targets) == 1:
+        return [_lagrangian(counter, targets[0])]
+    m = len(targets)
+    lo, hi = np.full(m, -60.0), np.full(m, 60.0)
+    feasible: list[float | None] = [None] * m
+    live = np.ones(m, dtype=bool)
+    goal = np.asarray(targets, dtype=np.float64)
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        live &= (lo < mid) & (mid < hi)
+        if not live.any():
+            break
+        at = np.flatnonzero(live)
+        ok = counter.totals([2.0 ** float(x) for x in mid[at]]) <= goal[at]
+        for i, good in zip(at.tolist(), ok.tolist()):
+            if good:
+                feasible[i], hi[i] = float(mid[i]), mid[i]
+            else:
+                lo[i] = mid[i]
+    return feasible
+
+
 def _fill_sorted(w: np.ndarray, idx: np.ndarray, w_vals: np.ndarray, slack: int) -> np.ndarray:
     """`_fill` in numpy, the same arithmetic: spend `slack` left-over bits on the best upgrades per bit."""
     k = len(w_vals)
@@ -225,19 +279,17 @@ def counts_for(weight_profile: torch.Tensor, budget: float, widths=WIDTHS) -> di
 def counts_for_budgets(weight_profile: torch.Tensor, budgets: list, widths=WIDTHS) -> list[dict[int, int]]:
     """`counts_for` at each of several budgets on one profile, sorted once (the append design's demotion plan
     asks for 2 x 17 of them on a prompt's profile)."""
-    outs, w, counter = [], weight_profile, None
-    for budget in budgets:
-        w, w_vals, target = _problem(w, budget, widths)   # each budget checked; one counter (sort) for all
-        n = w.numel()
-        out = dict.fromkeys(sorted(widths, reverse=True), 0)
-        outs.append(out)
-        if n == 0:
-            continue
-        if counter is None:
-            counter = _BitCounter(w, w_vals)
-        feasible = _lagrangian(counter, target)
-        vals = w_vals.numpy()
-        idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(n, dtype=np.int64)
+    outs = [dict.fromkeys(sorted(widths, reverse=True), 0) for _ in budgets]
+    w, targets = weight_profile, []
+    for budget in budgets:   # each budget checked (the profile moved to the host once)
+        w, w_vals, target = _problem(w, budget, widths)
+        targets.append(target)
+    if not budgets or w.numel() == 0:
+        return outs
+    counter = _BitCounter(w, w_vals)   # one sort, and the bisections in step, for all of them
+    vals = w_vals.numpy()
+    for out, target, feasible in zip(outs, targets, _lagrangian_many(counter, targets)):
+        idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(w.numel(), dtype=np.int64)
         idx = _fill_sorted(counter.sorted, idx, vals, target - int(vals[idx].sum()))
         for i, c in enumerate(np.bincount(idx, minlength=len(vals))):
             out[int(vals[i])] = int(c)
