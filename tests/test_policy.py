@@ -115,7 +115,7 @@ def test_bad_budget_is_named(bad):
 def test_bit_counter_equals_choosing_every_token(widths):
     """The bisection's fast count of bits equals `_choose` on every token, also for lam right at a breakpoint
     (flat weights: every token ties there; the narrower width must win as argmin's first index does)."""
-    from smartkv.core.policy import _BitCounter, _choose
+    from smartkv.core.solve import _BitCounter, _choose
 
     g = torch.Generator().manual_seed(len(widths))
     w_vals = torch.tensor(widths, dtype=torch.float64)
@@ -245,7 +245,7 @@ def test_counts_for_budgets_shares_one_sort_and_answers_as_each_budget_alone():
 def test_bit_counts_at_many_lambdas_equal_one_at_a_time():
     """`_BitCounter.totals` (the vectorised count the bisections use) equals `total` exactly, also at lam where
     tokens sit on a breakpoint (ties: the exact recount)."""
-    from smartkv.core.policy import _BitCounter, _problem
+    from smartkv.core.solve import _BitCounter, _problem
 
     g = torch.Generator().manual_seed(4)
     for profile in (torch.rand(2000, generator=g) ** 4, torch.round(torch.rand(500, generator=g) * 4) / 4):
