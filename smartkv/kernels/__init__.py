@@ -54,8 +54,8 @@ except ImportError:  # no Triton on this platform: reference paths only
 log = logging.getLogger(__name__)
 
 __all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_fold", "importance_update",
-           "kernels_available", "merge_plan", "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_at", "quantize_pack_kv",
-           "quantize_pack_reference", "warm_decode_kernels"]
+           "kernels_available", "merge_plan", "pool_positions", "pool_scores", "pool_values", "quantize_pack",
+           "quantize_pack_at", "quantize_pack_kv", "quantize_pack_reference", "warm_decode_kernels"]
 
 
 @functools.cache
