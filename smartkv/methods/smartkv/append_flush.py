@@ -67,11 +67,10 @@ class SmartKVAppendFlush:
             self._append_place(*self._ring_tokens(slots), a.rsum.index_select(2, slots), a.rseen.index_select(1, slots),
                                mid_at - a.ring)
         else:   # each group that fills the ring is paid for by demotions (counts read from the device), at its
-            if a.plan is not None:   # flush or ahead of it (`demote_every`): the host knows which flushes demote
-                first = a.ring_len[:1].long() // P
-                for i in range(n // P):
-                    if a.plan[a.ring_n // P + i]:
-                        self._demote(first + i)
+            first = a.ring_len[:1].long() // P   # flush or ahead of it: the host knows which flushes demote
+            for i in range(n // P):
+                if self._flush_demotes(a.ring_n // P + i):
+                    self._demote(first + i)
             a.ring_len += n
         quantize_pack_at(k_st, a.ring_k.bits, self.group, a.ring_k, a.head)
         quantize_pack_at(v, a.ring_v.bits, self.group, a.ring_v, a.head)

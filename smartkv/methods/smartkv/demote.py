@@ -99,6 +99,11 @@ class SmartKVDemote:
     def _cls_rows(self, by_position: torch.Tensor, cid: int, n: int) -> torch.Tensor:
         return by_position.gather(-1, self._cls_positions(cid, n))
 
+    def _flush_demotes(self, f: int) -> bool:
+        """Whether filling flush `f` demotes (with `demote_every` > 1, one in that many pays ahead; a flush whose
+        plan moves nothing skips the demotions' fixed-shape work)."""
+        return self._app.plan is not None and bool(self._app.plan[f])
+
     @staticmethod
     def _apply_moves(counts: list, moves: list) -> None:
         """Tokens a row holds per class (host counts, in place) after one filling flush's moves, as `_demote`

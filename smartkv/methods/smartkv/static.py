@@ -91,9 +91,8 @@ class SmartKVStatic:
         a = self._app
         if a.ring_n >= a.ring:
             return "flush"
-        # a filling flush moves no ring tokens; one flush in `demote_every` demotes (its own graph: the others skip
-        # the demotions' fixed-shape work)
-        return "demote" if a.plan is not None and a.plan[a.ring_n // self.config.realloc_every] else "fill"
+        # a filling flush moves no ring tokens; the ones that demote have their own graph
+        return "demote" if self._flush_demotes(a.ring_n // self.config.realloc_every) else "fill"
 
     def _static_end(self) -> None:
         if self._app is not None:
