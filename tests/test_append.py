@@ -8,9 +8,9 @@ import torch
 import smartkv
 import smartkv.cache.layer as cache_mod
 from smartkv.cache.hf_compat import cache_kwargs
-from smartkv.core.classes import flush_mix
+from smartkv.core.classes import flush_mix, ring_widths
 from smartkv.core.importance import decode_importance
-from smartkv.core.policy import kv_budgets
+from smartkv.core.policy import WIDTHS, kv_budgets, solve_widths
 from smartkv.core.quant import dequantize, quantize
 from smartkv.methods import make_cache
 from smartkv.models import load_tiny
@@ -38,6 +38,38 @@ def test_flush_mix_spends_each_kinds_budget():
         assert bv * n - 1 < sum(v * m for _, v, m in mix) <= bv * n
         # heaviest first: neither kind's width grows along the mix
         assert all(a[0] >= b[0] and a[1] >= b[1] for a, b in zip(mix, mix[1:])), mix
+
+
+def test_ring_widths_minimise_the_modelled_error():
+    """Per kind, the ring's width is the one whose modelled error (its tokens at `recent` each, plus the prompt's
+    tokens solved per token at the bits the ring leaves) is least among the widths no narrower than the kind's budget
+    that leave the prompt its narrowest width: tokens nobody reads get the narrowest of those, tokens read far above
+    the prompt the widest; where one token a flush earns
+    8-bit values (the mix's top class), a ring read as the prompt's newest tokens are does not get them."""
+    g = torch.Generator().manual_seed(0)
+    n, ring = 500, 64
+    for power in (4, 16):
+        profile = torch.sort(torch.rand(n, generator=g) ** power, descending=True).values
+        for budget, gap in [(4.25, 3), (2.4, 1), (6, 2)]:
+            budgets = kv_budgets(budget, gap)
+            for recent in (0.0, float(profile.mean()), float(profile[:ring].mean()), 1e6):
+                got = ring_widths(profile, recent, budgets, WIDTHS, ring)
+                for b, w_got in zip(budgets, got):
+                    bits = int(b * (n + ring) + 1e-9)
+                    errs = {}
+                    for w in WIDTHS:
+                        if w >= b and bits - ring * w >= min(WIDTHS) * n:
+                            given = torch.sort(solve_widths(profile, (bits - ring * w) / n), descending=True).values
+                            errs[w] = ring * recent * 4.0 ** -w + float((profile.double() * 4.0 ** -given).sum())
+                    assert errs[w_got] <= min(errs.values()) * (1 + 1e-9), (budget, recent, errs, w_got)
+                    if recent == 0.0:
+                        assert w_got == min(errs)
+                    if recent == 1e6:
+                        assert w_got == max(errs)
+    heavy = torch.sort(torch.rand(n, generator=g) ** 16, descending=True).values
+    budgets = kv_budgets(4.25, 3)
+    assert flush_mix(heavy, budgets, WIDTHS, 16)[0][:2] == (8, 8)
+    assert ring_widths(heavy, float(heavy[:ring].mean()), budgets, WIDTHS, ring) == (8, 4)
 
 
 def test_budget_holds_and_every_held_tensor_is_counted(tiny, held, decode):
@@ -98,7 +130,7 @@ def test_prompt_tokens_only_go_down_and_every_exit_has_the_mix(tiny, held, ring)
     """The prompt's tokens are all in classes and the ring fills from empty; while it fills the prompt's tokens only
     go down (each kind's width), the budget holds after every step and every held tensor is counted; tokens that
     kept their class keep their codes; once the ring is full nothing moves; each group of 4 that left the ring
-    holds the mix's classes in every row; the ring's tokens are its class (the mix's top one)."""
+    holds the mix's classes in every row; the ring's tokens are its class."""
     cache = smartkv.make_cache("smartkv", tiny, **dict(P, ring_tokens=ring))
     ids = torch.randint(3, 500, (2, 60), generator=torch.Generator().manual_seed(2))
     layer = cache.layers[1]
@@ -142,7 +174,7 @@ def test_prompt_tokens_only_go_down_and_every_exit_has_the_mix(tiny, held, ring)
     assert bool((a.cmap[..., layer.n_middle - ring:layer.n_middle] == len(a.widths)).all())
     assert a.length[:, 0].tolist() == a.n          # the rows the device writes at are the host's counts
     if ring:
-        assert (a.ring_k.bits, a.ring_v.bits) == a.widths[a.mix[0][0]]
+        assert a.ring_k.bits in layer.widths and a.ring_v.bits in layer.widths
 
 
 def test_demotions_take_the_least_attended_tokens():

@@ -149,3 +149,34 @@ def flush_mix(profile: torch.Tensor, budgets: tuple[float, float], widths, n: in
     at = ((torch.arange(n, dtype=torch.float64) + 0.5) * N / n).long().clamp(max=N - 1)
     sample = profile.double().cpu()[at]
     return staircase(*(counts_for(sample, b, widths) for b in budgets))
+
+
+def ring_widths(profile: torch.Tensor, recent: float, budgets: tuple[float, float], widths, ring: int) -> tuple:
+    """The (key width, value width) of an append layer's ring of `ring` tokens over `profile` (the n prompt tokens'
+    rank profile, (n,) descending): per kind, the width w that minimises the allocation's error model (weight x
+    4^-w, `policy._choose`'s) summed over the ring's tokens, each weighing `recent` (the mean weight of the prompt's
+    newest `ring` tokens: the ring's tokens are read as the prompt's newest were, by the queries right after them),
+    and over the prompt's tokens at the bits the ring leaves them (floor(budget x (n + ring)) - ring x w, solved as
+    the first allocation solves), among the widths no narrower than the kind's budget. The mix's top class instead gave the whole ring 8-bit values wherever one token a
+    flush earns them (SmolLM2, int4's point: half the layers), starving the prompt's values."""
+    from smartkv.core.policy import counts_for_budgets
+    n, lo = profile.numel(), min(widths)
+    prof = profile.double().cpu()
+    out = []
+    for b in budgets:
+        bits = math.floor(b * (n + ring) + 1e-9)
+        # no narrower than the budget (the prompt's tokens are never raised: bits a narrower ring left would go
+        # unspent), and leaving the prompt at least the narrowest width; none fits: the narrowest such width
+        # (the caller shrinks the ring until it fits)
+        wide = [w for w in sorted(widths) if w >= b - 1e-9]
+        cand = [w for w in wide if bits - ring * w >= lo * n] or wide[:1]
+        best = None
+        lefts = [min(max((bits - ring * w) / n, lo), max(widths)) for w in cand]
+        for w, counts in zip(cand, counts_for_budgets(prof, lefts, widths)):
+            given = torch.cat([torch.full((c,), float(x), dtype=torch.float64)
+                               for x, c in sorted(counts.items(), reverse=True)])   # widest to the heaviest
+            err = ring * recent * 4.0 ** -w + float((prof * 4.0 ** -given).sum())
+            if best is None or err < best[0]:
+                best = (err, w)
+        out.append(best[1])
+    return tuple(out)

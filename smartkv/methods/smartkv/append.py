@@ -1,7 +1,7 @@
 """SmartKV's append re-allocation (`realloc="append"` with `joint=True`, on full-attention layers): the first
 allocation places every prompt token by weight at the full budget; tokens leaving the window then enter a ring of
-the newest `ring_tokens` middle tokens at one class (the mix's top one): while it fills, each flush pays for its
-group by demoting prompt tokens (demote.py: counts planned at the first allocation, the least attended tokens
+the newest `ring_tokens` middle tokens at one class (`core.classes.ring_widths`): while it fills, each flush pays
+for its group by demoting prompt tokens (demote.py: counts planned at the first allocation, the least attended tokens
 chosen at the flush); once it is full, tokens leaving it take their final class, which they keep for good: every
 group of `realloc_every` gets the same class mix (core.classes.flush_mix: solved once, from the first allocation's
 weight profile), heaviest tokens first, which spends exactly the budget. So the budget holds flush by flush, and
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from smartkv.cache.buffers import grown
-from smartkv.core.classes import flush_mix
+from smartkv.core.classes import flush_mix, ring_widths
 from smartkv.core.importance import decode_importance, kv_head_mass, seen_counts, seen_from_ranges
 from smartkv.core.policy import rank_profile, unpack_levels
 from smartkv.core.quant import QTensor
@@ -48,7 +48,7 @@ class Classes:
     ar: torch.Tensor        # arange(flush) long, made once (static steps build no tensors from host ints)
     wsum: torch.Tensor      # (B, H, n_win) fp32: attention the window's tokens received, summed over query heads
     wseen: torch.Tensor     # (B, n_win) fp32: queries that saw each window token
-    ring_k: QTensor | None = None   # the ring: the newest `ring_n` middle tokens at the top class, slot order
+    ring_k: QTensor | None = None   # the ring: the newest `ring_n` middle tokens at the ring's class, slot order
     ring_v: QTensor | None = None
     ring: int = 0           # the ring's capacity (a multiple of the flush; 0: no ring)
     ring_n: int = 0         # tokens it holds: it fills from empty after the first allocation, then stays full
@@ -88,28 +88,30 @@ class SmartKVAppend:
     # ---------------------------------------------------------------- from the first allocation
     def _append_split(self, weights: torch.Tensor, kinds: tuple) -> tuple:
         """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned as
-        they are: every token at the full budget): solve the flush mix on the n tokens' profile, size the ring
-        (`ring_tokens`, less where the n tokens cannot pay for it) and plan the demotions that pay for it as it
+        they are: every token at the full budget): solve the flush mix on the n tokens' profile, choose the ring's class
+        (`ring_widths`), size the ring (`ring_tokens`, less where the n tokens cannot pay for it) and plan the demotions that pay for it as it
         fills (`_demotion_plan`)."""
         cfg, P, lo = self.config, self.config.realloc_every, min(self.widths)
-        n = weights.shape[1]
-        profile = rank_profile(weights).cpu()
-        mix = flush_mix(profile, (self.budget_k, self.budget_v), self.widths, P)
-        top = mix[0][:2]
-        A = cfg.ring_tokens // P * P
-        while A and any(b * (n + A) - A * w < lo * n for b, w in zip((self.budget_k, self.budget_v), top)):
+        n, A = weights.shape[1], cfg.ring_tokens // P * P
+        # one copy to the host: the profile and the mean weight of the prompt's newest A tokens
+        stats = torch.cat([rank_profile(weights), weights[:, -max(min(A, n), 1):].double().mean().reshape(1)]).cpu()
+        profile = stats[:n]
+        budgets = (self.budget_k, self.budget_v)
+        mix = flush_mix(profile, budgets, self.widths, P)
+        top = ring_widths(profile, float(stats[n]), budgets, self.widths, A) if A else mix[0][:2]
+        while A and any(b * (n + A) - A * w < lo * n for b, w in zip(budgets, top)):
             A -= P
         (_, _, bk), (_, _, bv) = kinds
         plan = self._demotion_plan(profile, (bk, bv), top, A, n) if A else []
-        self._app_plan = (mix, A, plan)
+        self._app_plan = (mix, A, plan, top)
         return weights, kinds
 
     def _append_begin(self) -> None:
-        """Turn the first allocation's class-major pools into class buffers, make the (empty) ring at the mix's
-        top class, and start the window's importance sums from the codes (then dropped, as are the level maps)."""
+        """Turn the first allocation's class-major pools into class buffers, make the (empty) ring at its class, and
+        start the window's importance sums from the codes (then dropped, as are the level maps)."""
         P = self.config.realloc_every
         B, H, Tq = self.batch_size, self.num_heads, self.n_middle
-        mix, A, plan = self._app_plan
+        mix, A, plan, top = self._app_plan
         self._app_plan = None
         prompt = dict(self._classes)
         widths = sorted(set(prompt) | {(kw, vw) for kw, vw, _ in mix} | {t for moves in plan for _, t in moves})
@@ -145,7 +147,7 @@ class SmartKVAppend:
         if A:
             a = self._app
             # own contiguous buffers (the CUDA kernel's alignment and stride checks)
-            a.ring_k, a.ring_v = (_alloc(self._empty_pool(w), A) for w in mix[0][:2])
+            a.ring_k, a.ring_v = (_alloc(self._empty_pool(w), A) for w in top)
             a.ring, a.rsum, a.rseen = A, wsum.new_zeros(B, H, A), wsum.new_zeros(B, A)
             a.head, a.ring_len = (torch.zeros(B, dtype=torch.int32, device=self.device) for _ in range(2))
             a.ring_ids = torch.full((B, H, P), len(widths), dtype=torch.uint8, device=self.device)
