@@ -13,6 +13,7 @@ from smartkv.core.importance import decode_importance
 from smartkv.core.policy import WIDTHS, kv_budgets, solve_widths
 from smartkv.core.quant import dequantize, quantize
 from smartkv.methods import make_cache
+from smartkv.methods.smartkv import classmap
 from smartkv.models import load_tiny
 
 P = dict(budget=4.25, key_value_gap=3, recent_window=8, realloc_every=4, group_size=16, ring_tokens=8,
@@ -22,6 +23,11 @@ P = dict(budget=4.25, key_value_gap=3, recent_window=8, realloc_every=4, group_s
 @pytest.fixture(scope="module")
 def tiny():
     return load_tiny("tiny-llama").model
+
+
+def _classes_of(layer, n=None):
+    """Each middle position's class id (B, H, n) from the layer's 4-bit map, by default up to the ring."""
+    return classmap.read(layer._app.cmap, layer.n_middle - layer._app.ring_n if n is None else n)
 
 
 def _ids(batch=2, prompt=30):
@@ -121,7 +127,7 @@ def test_static_steps_that_demote_every_other_flush_equal_eager_ones(tiny_llama,
     _, _, static, dec = decode(tiny_llama, "smartkv", ids, 14, "static", **q)
     for a, b in zip(eager.layers, static.layers, strict=True):
         assert a._app.ring_n == b._app.ring_n == 12 and a.n_middle == b.n_middle and a._app.n == b._app.n
-        assert torch.equal(a._app.cmap[..., :a.n_middle], b._app.cmap[..., :b.n_middle])
+        assert torch.equal(_classes_of(a), _classes_of(b))
     dec.close()
 
 
@@ -166,12 +172,11 @@ def test_prompt_tokens_only_go_down_and_every_exit_has_the_mix(tiny, held, ring)
     for cid, m in a.mix:
         per_flush[cid] = m
     exits = 7 - ring // 4
-    groups = a.cmap[..., n0:n0 + 4 * exits].long().reshape(2, layer.num_heads, exits, 4)
+    groups = _classes_of(layer)[..., n0:n0 + 4 * exits].long().reshape(2, layer.num_heads, exits, 4)
     counts = torch.nn.functional.one_hot(groups, len(a.widths)).sum(-2)      # (B, H, flushes, classes)
     assert torch.equal(counts, per_flush.expand_as(counts))
-    assert a.n == [int((a.cmap[..., :layer.n_middle] == c).sum()) // (2 * layer.num_heads)
+    assert a.n == [int((_classes_of(layer) == c).sum()) // (2 * layer.num_heads)
                    for c in range(len(a.widths))]
-    assert bool((a.cmap[..., layer.n_middle - ring:layer.n_middle] == len(a.widths)).all())
     assert a.length[:, 0].tolist() == a.n          # the rows the device writes at are the host's counts
     if ring:
         assert a.ring_k.bits in layer.widths and a.ring_v.bits in layer.widths
@@ -193,11 +198,11 @@ def test_demotions_take_the_least_attended_tokens():
     light = pos[..., torch.randperm(a.n[cid], generator=g)[:k_n]]      # made the least attended tokens of cid
     for c, n in enumerate(a.n):
         a.cimp[c][..., :n] = 8                       # importance codes: 2^-1 (code 255: nothing received)
-    rows = (a.cmap[..., :layer.n_middle] == cid).long().cumsum(-1).gather(-1, light) - 1
+    rows = (_classes_of(layer) == cid).long().cumsum(-1).gather(-1, light) - 1
     a.cimp[cid].scatter_(-1, rows, 255)
     layer.append(k[..., 51:55, :], v[..., 51:55, :])
     layer._flush()
-    assert bool((a.cmap[..., :layer.n_middle].gather(-1, light) != cid).all())
+    assert bool((_classes_of(layer).gather(-1, light) != cid).all())
 
 
 def test_a_filling_flush_moves_only_its_lightest_tokens_and_keeps_everything_else():
@@ -217,7 +222,7 @@ def test_a_filling_flush_moves_only_its_lightest_tokens_and_keeps_everything_els
     imp = torch.randint(0, 120, (B, H, n0), generator=g).to(torch.uint8)   # position order
     for cid, n in enumerate(a.n):
         a.cimp[cid][..., :n] = layer._cls_rows(imp, cid, n)
-    cmap0 = a.cmap[..., :n0].clone()
+    cmap0 = _classes_of(layer, n0).clone()
     mid0 = [layer._append_middle(kind) for kind in "kv"]
     ranges = [layer._append_middle(kind).amax(-1) - layer._append_middle(kind).amin(-1) for kind in "kv"]
     w = decode_importance(imp).double()
@@ -227,7 +232,7 @@ def test_a_filling_flush_moves_only_its_lightest_tokens_and_keeps_everything_els
     assert len(moves) >= 2
     layer.append(k[..., 81:85, :], v[..., 81:85, :])
     layer._flush()                                          # the first filling flush
-    cmap1 = a.cmap[..., :n0]
+    cmap1 = _classes_of(layer, n0)
     expect = cmap0.clone()
     for cid, tid, n in moves:                               # the plan's order: a class passes rows before it gets any
         wc = w.masked_fill(expect != cid, float("inf"))
@@ -264,7 +269,7 @@ def test_heavier_tokens_get_earlier_classes():
     a.wsum[..., 2] = 50.0                              # the flush's third token
     layer._flush()
     first = a.mix[0][0]
-    assert bool((a.cmap[..., n0 + 2] == first).all())
+    assert bool((_classes_of(layer, n0 + 3)[..., n0 + 2] == first).all())
 
 
 @pytest.mark.parametrize("ring", [0, 8])
@@ -288,7 +293,7 @@ def test_chunked_appends_equal_flush_by_flush(ring):
     for layer in (one, many):   # the rows the device writes at are the host counts
         assert layer._app.length[:, 0].tolist() == layer._app.n
     assert one.n_middle == many.n_middle > 100
-    assert torch.equal(one._app.cmap[..., :one.n_middle], many._app.cmap[..., :many.n_middle])
+    assert torch.equal(_classes_of(one), _classes_of(many))
     end = one.sink_k.shape[-2] + one.n_middle
     for a, b, x in zip(one.stored_kv(), many.stored_kv(), (k, v)):
         if not ring:
@@ -319,7 +324,7 @@ def test_fused_and_static_steps_equal_the_reference_path(tiny_llama, kernels, de
     for caches in ((fused, ref), (static, fused)):
         for a, b in zip(*(c.layers for c in caches), strict=True):
             assert a.n_middle == b.n_middle == 30 and a._app.n == b._app.n
-            assert torch.equal(a._app.cmap[..., :a.n_middle], b._app.cmap[..., :b.n_middle])
+            assert torch.equal(_classes_of(a), _classes_of(b))
             torch.testing.assert_close(a._app.wsum, b._app.wsum, rtol=rtol, atol=rtol / 100)
             assert torch.equal(a._app.wseen, b._app.wseen)
     assert static.memory_report().total_bytes == fused.memory_report().total_bytes

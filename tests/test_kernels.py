@@ -594,14 +594,18 @@ def test_importance_fold_matches_the_running_mean_over_one_count(queries, diviso
 
 def test_merge_plan_kernel_equals_the_reference():
     """One demotion move's row maps (SmartKV's append classes): k[b] flagged rows of class 2 go to class 1 (each class's
-    rows are its positions in order; rows past a class's length exist and stay), on a view of a wider class map;
-    the kernel's maps and class map equal the torch reference's."""
+    rows are its positions in order; rows past a class's length exist and stay), on the first n positions of a
+    wider 4-bit class map (n odd: the last byte's other position is not the scan's); the kernel's maps and class map
+    equal the torch reference's, and the map changes at the k moved positions a row only."""
     from smartkv.kernels import reference as R
+    from smartkv.methods.smartkv.classmap import pack_ids, unpack_ids
 
     g = gen(7)
-    B, H, n, cap = 2, 3, 9500, 9600                                     # more than one of the kernel's blocks
-    cmap = torch.bucketize(torch.rand(B, H, cap, generator=g), torch.tensor([0.1, 0.4, 0.9])).to(torch.uint8)
-    cm = cmap[..., :n]
+    B, H, n, cap = 2, 3, 9501, 9600                                     # more than one of the kernel's blocks
+    ids = torch.bucketize(torch.rand(B, H, cap, generator=g), torch.tensor([0.1, 0.4, 0.9])).to(torch.uint8)
+    ids[..., n] = 2                                                     # class cid, but past the scan
+    cmap = pack_ids(ids)
+    cm = ids[..., :n]
     cid, tid = 2, 1
     n_c, n_t = (cm == cid).sum(-1), (cm == tid).sum(-1)
     k = torch.tensor([5, 40], dtype=torch.int32)
@@ -611,15 +615,18 @@ def test_merge_plan_kernel_equals_the_reference():
         for h in range(H):
             gone[b, h, torch.randperm(int(n_c[b, h]), generator=g)[:int(k[b])]] = 1
     ref_cm, got_cm = cmap.clone(), cmap.clone().to(DEV)
-    ref = R.merge_plan_reference(ref_cm[..., :n], gone, k, cid, tid, Ct)
-    got = kern.merge_plan(got_cm[..., :n], gone.to(DEV), k.to(DEV), cid, tid, Ct)
-    assert torch.equal(got_cm.cpu(), ref_cm) and (ref_cm != cmap).sum() == H * int(k.sum())
+    ref = R.merge_plan_reference(ref_cm, n, gone, k, cid, tid, Ct)
+    got = kern.merge_plan(got_cm, n, gone.to(DEV), k.to(DEV), cid, tid, Ct)
+    after = unpack_ids(ref_cm)
+    changed = after != ids
+    assert torch.equal(got_cm.cpu(), ref_cm) and changed.sum() == H * int(k.sum()) and not changed[..., n:].any()
+    assert bool((after[changed] == tid).all() and (ids[changed] == cid).all())
     for a, b in zip(got, ref):
         assert a.dtype == b.dtype == torch.int64 and torch.equal(a.cpu(), b)
     order = ref[0][0, 0, :int(n_t[0, 0]) + 5].tolist()                 # its own rows and the 5 moved ones, merged
     assert sorted(order) == list(range(int(n_t[0, 0]))) + [Ct + j for j in range(5)]
-    with pytest.raises(ValueError, match="cm and gone must be uint8"):
-        kern.merge_plan(got_cm[..., :n].int(), gone.to(DEV), k.to(DEV), cid, tid, Ct)
+    with pytest.raises(ValueError, match="cmap and gone must be uint8"):
+        kern.merge_plan(got_cm.int(), n, gone.to(DEV), k.to(DEV), cid, tid, Ct)
 
 
 def test_importance_update_with_many_ranges_takes_the_reference_path():

@@ -352,21 +352,24 @@ def importance_fold(codes: torch.Tensor, mass: torch.Tensor, seen: torch.Tensor,
     return importance_fold_reference(codes, mass, seen, queries, divisor)
 
 
-def merge_plan(cm: torch.Tensor, gone: torch.Tensor, k: torch.Tensor, cid: int, tid: int,
+def merge_plan(cmap: torch.Tensor, n: int, gone: torch.Tensor, k: torch.Tensor, cid: int, tid: int,
                Ct: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One demotion move of SmartKV's append classes (methods/smartkv/demote.py): the flagged rows of class `cid`
-    go to class `tid`, both kept in position order. cm: (B, H, n) uint8, each middle position's class (the
-    positions' rows: a class's positions in order are its rows), updated in place (moved positions -> tid); gone:
+    go to class `tid`, both kept in position order. cmap: (B, H, >= ceil(n / 2)) uint8, the class of each middle
+    position as 4 bits, two positions a byte (p in byte p // 2, the low nibble for even p; a class's positions in
+    order are its rows), of which the first n positions are read and updated in place (moved -> tid); gone:
     (B, H, Cc) uint8, 1 for each row of class cid that goes (k[b] of them in sequence b, all within its length); k:
     (B,) int32. Returns order (B, H, Ct) int64, the row of [t's rows, the moved rows in position order] each row of t
     takes after the merge (0 past its new length), and keep (B, H, Cc) int64, the stable argsort of the flags (rows
     that stay first). One launch on the kernels' devices (as torch ops, three prefix sums over every position, a
     sort and a dozen elementwise passes)."""
-    B, H, n = cm.shape
-    if gone.shape[:2] != (B, H) or gone.dtype != torch.uint8 or cm.dtype != torch.uint8 or k.shape != (B,):
-        raise ValueError(f"cm and gone must be uint8 (B, H, .) of one (B, H) and k (B,), got {tuple(cm.shape)} "
-                         f"{cm.dtype}, {tuple(gone.shape)} {gone.dtype}, {tuple(k.shape)}")
-    rows_ok = all(t.stride(-1) == 1 and t.stride(0) == H * t.stride(1) for t in (cm, gone))
-    if kernels_available(cm.device) and n and gone.shape[-1] and rows_ok:
-        return _td.merge_plan_triton(cm, gone, k.to(torch.int32).contiguous(), cid, tid, Ct)
-    return merge_plan_reference(cm, gone, k, cid, tid, Ct)
+    B, H, nb = cmap.shape
+    if gone.shape[:2] != (B, H) or gone.dtype != torch.uint8 or cmap.dtype != torch.uint8 or k.shape != (B,):
+        raise ValueError(f"cmap and gone must be uint8 (B, H, .) of one (B, H) and k (B,), got {tuple(cmap.shape)} "
+                         f"{cmap.dtype}, {tuple(gone.shape)} {gone.dtype}, {tuple(k.shape)}")
+    if not 0 <= n <= 2 * nb:
+        raise ValueError(f"n must be within the map's {2 * nb} positions, got {n}")
+    rows_ok = all(t.stride(-1) == 1 and t.stride(0) == H * t.stride(1) for t in (cmap, gone))
+    if kernels_available(cmap.device) and n and gone.shape[-1] and rows_ok:
+        return _td.merge_plan_triton(cmap, n, gone, k.to(torch.int32).contiguous(), cid, tid, Ct)
+    return merge_plan_reference(cmap, n, gone, k, cid, tid, Ct)

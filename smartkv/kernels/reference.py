@@ -174,10 +174,13 @@ def importance_fold_reference(codes: torch.Tensor, mass: torch.Tensor, seen: tor
     codes.copy_(encode_importance((decode_importance(codes) * seen + mass / divisor) / (seen + queries)))
 
 
-def merge_plan_reference(cm: torch.Tensor, gone: torch.Tensor, k: torch.Tensor, cid: int, tid: int,
+def merge_plan_reference(cmap: torch.Tensor, n: int, gone: torch.Tensor, k: torch.Tensor, cid: int, tid: int,
                          Ct: int) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, _ = cm.shape
+    B, H, _ = cmap.shape
     Cc, i32 = gone.shape[-1], torch.int32
+    nb = (n + 1) // 2
+    nib = torch.stack([cmap[..., :nb] & 15, cmap[..., :nb] >> 4], -1).flatten(-2)   # 4-bit ids, two a byte
+    cm = nib[..., :n]
     keep = torch.argsort(gone, dim=-1, stable=True)                  # rows that stay first, in order
     is_c, is_t = cm == cid, cm == tid
     moved = is_c & gone.gather(-1, (is_c.cumsum(-1, dtype=i32) - 1).clamp(0, max(Cc - 1, 0)).long()).bool()
@@ -186,4 +189,5 @@ def merge_plan_reference(cm: torch.Tensor, gone: torch.Tensor, k: torch.Tensor, 
     dest = torch.where(is_t | moved, before_t + before_m - 1, Ct).clamp(max=Ct).long()
     order = torch.zeros(B, H, Ct + 1, dtype=i32, device=cm.device).scatter_(-1, dest, src)[..., :Ct]
     cm.masked_fill_(moved, tid)
+    cmap[..., :nb] = nib[..., 0::2] | (nib[..., 1::2] << 4)
     return order.long(), keep

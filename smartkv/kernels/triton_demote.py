@@ -2,7 +2,8 @@
 class c go (flags), where every row of c and of its target t goes, the class map updated, in one launch.
 
 A move takes flagged rows of class c to class t, keeping both in position order. The maps follow from a scan over
-the middle's positions (class c's rows are the positions of class c, in order; t's likewise): per position, its row
+the middle's positions (class c's rows are the positions of class c, in order; t's likewise; the class map holds 4
+bits a position, two a byte): per position, its row
 in c or t from running counts, whether it moves (its c row flagged), and its row in t after the merge. As torch ops
 these are three prefix sums over every position, two sorts and a dozen elementwise passes (torch scans a row of 32K
 positions in one program, 44 us each on the H200); here one program per (sequence, KV head) row walks its
@@ -31,10 +32,15 @@ def _merge_plan_kernel(cm_ptr, s_cm, n_all, gone_ptr, s_g, Cc, k_ptr, H, order_p
     rt = 0
     rm = 0
     n_scan = tl.where(part == 0, n_all, 0)
-    for p0 in range(0, n_scan, BLOCK):
+    half = tl.arange(0, BLOCK // 2)
+    n_bytes = (n_all + 1) // 2
+    for p0 in range(0, n_scan, BLOCK):   # p0 even: a block's positions are whole bytes of the map
         p = p0 + ar
         valid = p < n_all
-        cls = tl.load(cm_row + p, mask=valid, other=255).to(tl.int32)
+        j = p0 // 2 + half
+        byte = tl.load(cm_row + j, mask=j < n_bytes, other=0).to(tl.int32)
+        nib = tl.reshape(tl.join(byte & 15, byte >> 4), [BLOCK])   # positions p0, p0 + 1, ... in order
+        cls = tl.where(valid, nib, 255)
         is_c = valid & (cls == cid)
         is_t = valid & (cls == tid)
         c_row = rc + tl.cumsum(is_c.to(tl.int32), 0) - 1
@@ -45,7 +51,8 @@ def _merge_plan_kernel(cm_ptr, s_cm, n_all, gone_ptr, s_g, Cc, k_ptr, H, order_p
         src = tl.where(is_t, before_t - 1, Ct + before_m - 1)
         dest = before_t + before_m - 1
         tl.store(o_row + dest, src.to(tl.int64), mask=into & (dest < Ct))
-        tl.store(cm_row + p, tl.full([BLOCK], 0, tl.uint8) + tid.to(tl.uint8), mask=moved)
+        lo, hi = tl.split(tl.reshape(tl.where(moved, tid, nib), [BLOCK // 2, 2]))
+        tl.store(cm_row + j, (lo | (hi << 4)).to(tl.uint8), mask=j < n_bytes)   # the pair's other nibble as read
         rc += tl.sum(is_c.to(tl.int32), 0)
         rt += tl.sum(is_t.to(tl.int32), 0)
         rm += tl.sum(moved.to(tl.int32), 0)
@@ -67,9 +74,9 @@ def _merge_plan_kernel(cm_ptr, s_cm, n_all, gone_ptr, s_g, Cc, k_ptr, H, order_p
         ng += tl.sum(g_.to(tl.int32), 0)
 
 
-def merge_plan_triton(cm: torch.Tensor, gone: torch.Tensor, k: torch.Tensor, cid: int, tid: int,
+def merge_plan_triton(cm: torch.Tensor, n_all: int, gone: torch.Tensor, k: torch.Tensor, cid: int, tid: int,
                       Ct: int) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, n_all = cm.shape
+    B, H = cm.shape[:2]
     Cc = gone.shape[-1]
     order = torch.zeros(B, H, Ct, dtype=torch.int64, device=cm.device)
     keep = torch.empty(B, H, Cc, dtype=torch.int64, device=cm.device)

@@ -16,7 +16,8 @@ once the ring is full nothing past it moves:
     step that flushes is one more captured graph (smartkv.cache.graphs), replayed every period, not a host
     re-allocation; while the ring fills, its demotions too (demote.py: fixed shapes, counts from the device), so
     the graphs are captured again once, when the ring is full.
-A class map (uint8 a middle token and KV head) keeps each token's class for the reference path and accounting.
+A class map (4 bits a middle token and KV head, classmap.py) keeps each token's class for the reference path, the
+demotions' merges and accounting.
 docs/smartkv.md ("Append re-allocation") has its measured speed and quality against the re-allocating designs."""
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from smartkv.core.importance import decode_importance, kv_head_mass, seen_counts
 from smartkv.core.policy import rank_profile, unpack_levels
 from smartkv.core.quant import QTensor
 from smartkv.kernels import KVSegment, decode_attention
+from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _class_offsets, _rows
 
 
@@ -41,7 +43,7 @@ class Classes:
     v: list                 # class id -> QTensor of its values
     n: list                 # class id -> tokens a row holds (host)
     length: torch.Tensor    # (classes, B) int32: the same on the device (static steps' segment lengths)
-    cmap: torch.Tensor      # (B, H, capacity) uint8: class id of each middle position
+    cmap: torch.Tensor      # (B, H, map bytes) 4-bit class id of each middle position before the ring (classmap.py)
     mix: list               # (class id, tokens) of every flush, heaviest tokens first
     rank_class: torch.Tensor  # (flush,) long: class id of the flush's r-th heaviest token
     mix_len: torch.Tensor   # (classes,) int32: tokens a flush adds to each class
@@ -57,7 +59,6 @@ class Classes:
     head_host: int = 0
     rsum: torch.Tensor | None = None   # (B, H, ring) / (B, ring): the ring tokens' statistics, as wsum / wseen
     rseen: torch.Tensor | None = None
-    ring_ids: torch.Tensor | None = None   # (B, H, flush) uint8 filled with the ring's class id (len(widths))
     plan: list | None = None   # while the ring fills: per filling flush, [(class id, target id, tokens)] demoted
     cimp: list | None = None   # while the ring fills: class id -> (B, H, capacity) uint8 importance codes, row order
     cseen: torch.Tensor | None = None   # (1,) fp32: queries every middle token counts as seen by (one denominator)
@@ -130,8 +131,7 @@ class SmartKVAppend:
         for (kw, vw), i in ids.items():
             table[k_of[kw] * len(self.widths) + k_of[vw]] = i
         lk, lv = (unpack_levels(self.levels[kind], Tq).long() for kind in ("k", "v"))
-        cmap = torch.full((B, H, Tq + 4 * P), len(widths), dtype=torch.uint8, device=self.device)
-        cmap[..., :Tq] = table.to(self.device)[lk * len(self.widths) + lv]
+        cmap = classmap.new_map(table.to(self.device)[lk * len(self.widths) + lv], Tq + 4 * P)
         rank_class = torch.tensor([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], device=self.device)
         mix_len = torch.zeros(len(widths), dtype=torch.int32)
         for kw, vw, m in mix:
@@ -150,7 +150,6 @@ class SmartKVAppend:
             a.ring_k, a.ring_v = (_alloc(self._empty_pool(w), A) for w in top)
             a.ring, a.rsum, a.rseen = A, wsum.new_zeros(B, H, A), wsum.new_zeros(B, A)
             a.head, a.ring_len = (torch.zeros(B, dtype=torch.int32, device=self.device) for _ in range(2))
-            a.ring_ids = torch.full((B, H, P), len(widths), dtype=torch.uint8, device=self.device)
             self._demote_begin(plan, ids)
         self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
         self._classes, self._class_major = None, False
@@ -179,10 +178,8 @@ class SmartKVAppend:
                 if a.cimp is not None:
                     a.cimp[cid] = self._grow_rows(a.cimp[cid][..., :a.n[cid]], cap)
         need = self.n_middle + flushes * P
-        if a.cmap.shape[-1] < need:
-            cmap = a.cmap.new_zeros(*a.cmap.shape[:-1], grown(a.cmap.shape[-1], need))
-            cmap[..., :self.n_middle] = a.cmap[..., :self.n_middle]
-            a.cmap = cmap
+        if a.cmap.shape[-1] < classmap.map_bytes(need):
+            a.cmap = classmap.grown(a.cmap, grown(2 * a.cmap.shape[-1], need))
 
     # ---------------------------------------------------------------- a decode step
     def _append_decode(self, query: torch.Tensor, scaling: float, observe: bool) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from smartkv.core.importance import token_weights
 from smartkv.core.quant import QTensor, dequantize
 from smartkv.kernels import quantize_pack_at
+from smartkv.methods.smartkv import classmap
 
 
 class SmartKVAppendFlush:
@@ -49,7 +50,7 @@ class SmartKVAppendFlush:
                 quantize_pack_at(x.reshape(B * H, T, D).gather(1, idx).reshape(B, H, F * m, D), buf.bits,
                                  self.group, buf, a.length[cid])
         a.length += a.mix_len[:, None] * F
-        a.cmap.index_copy_(2, mid_at + self._arange(T), cls.reshape(B, H, T).to(torch.uint8))
+        classmap.write(a.cmap, mid_at, cls.reshape(B, H, T))
 
     def _append_push(self, k_st: torch.Tensor, v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
                      mid_at: torch.Tensor, full: bool) -> None:
@@ -60,7 +61,7 @@ class SmartKVAppendFlush:
         a = self._app
         if not a.ring:
             return self._append_place(k_st, v, wsum, wseen, mid_at)
-        B, H, n, _ = k_st.shape
+        n = k_st.shape[-2]
         P = self.config.realloc_every
         slots = a.head[:1].long() + self._arange(n)
         if full:
@@ -76,8 +77,6 @@ class SmartKVAppendFlush:
         quantize_pack_at(v, a.ring_v.bits, self.group, a.ring_v, a.head)
         a.rsum.index_copy_(2, slots, wsum)
         a.rseen.index_copy_(1, slots, wseen)
-        ids = a.ring_ids if n == a.ring_ids.shape[-1] else a.ring_ids[..., :1].expand(B, H, n).contiguous()
-        a.cmap.index_copy_(2, mid_at + self._arange(n), ids)
         a.head.add_(n).remainder_(a.ring)
         a.head_host = (a.head_host + n) % a.ring
 
@@ -151,7 +150,6 @@ class SmartKVAppendFlush:
         quantize_pack_at(v[..., r - R:, :], a.ring_v.bits, self.group, a.ring_v, a.head)
         a.rsum.copy_(wsum[..., r - R:])
         a.rseen.copy_(wseen[:, r - R:])
-        a.cmap[..., at + r - R:at + r] = len(a.widths)
 
     def _append_count_flush(self) -> bool:
         """Host counts after one flush (its device work done): it filled the ring by a group, which its demotions

@@ -7,6 +7,7 @@ import torch
 
 from smartkv.cache.buffers import write_token
 from smartkv.core.quant import dequantize
+from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
 
 
@@ -71,11 +72,12 @@ class SmartKVAppendStatic:
         """Dequantized middle (B, H, Tq, D) fp32 in position order, stored space."""
         a, D = self._app, self.head_dim
         out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, D, device=self.device)
-        cmap = a.cmap[..., :self.n_middle]
+        m = self.n_middle - a.ring_n
+        cmap = classmap.read(a.cmap, m)
         for cid, n in enumerate(a.n):
             if n:
                 q = _rows((a.k if kind == "k" else a.v)[cid], 0, n)
-                out[cmap == cid] = dequantize(q).reshape(-1, D)
+                out[..., :m, :][cmap == cid] = dequantize(q).reshape(-1, D)
         if a.ring_n:   # the middle's last tokens, in the ring's slot order
             slots = self._ring_slots()
             out[..., -a.ring_n:, :] = dequantize(a.ring_k if kind == "k" else a.ring_v)[..., slots, :]
@@ -83,9 +85,12 @@ class SmartKVAppendStatic:
 
     def _append_bits(self, kind: str) -> torch.Tensor:
         a = self._app
-        ring = [(a.ring_k.bits, a.ring_v.bits)] if a.ring else [(0, 0)]
-        table = torch.tensor([w[0 if kind == "k" else 1] for w in a.widths + ring], device=self.device)
-        return table[a.cmap[..., :self.n_middle].long()]
+        j = 0 if kind == "k" else 1
+        table = torch.tensor([w[j] for w in a.widths] + [0] * (16 - len(a.widths)), device=self.device)
+        out = table[classmap.read(a.cmap, self.n_middle).long()]
+        if a.ring_n:   # the middle's last tokens
+            out[..., -a.ring_n:] = (a.ring_k if kind == "k" else a.ring_v).bits
+        return out
 
     def _append_account(self, lb) -> None:
         a = self._app
@@ -100,8 +105,8 @@ class SmartKVAppendStatic:
         # the class map, the window's and the ring's statistics (its slots in use, as its codes), the flush's plan
         # and lengths, the key normalisation
         ring_stats = (a.rsum[..., :a.ring_n], a.rseen[:, :a.ring_n]) if a.ring else ()
-        for t in (a.cmap[..., :self.n_middle], a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, a.ar, self.k_mu,
-                  self.k_scale, *ring_stats, a.head, a.ring_len, a.ring_ids):
+        for t in (a.cmap[..., :(self.n_middle + 1) // 2], a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, a.ar, self.k_mu,
+                  self.k_scale, *ring_stats, a.head, a.ring_len):
             if t is None:
                 continue
             lb.add("metadata", t)
@@ -120,7 +125,7 @@ class SmartKVAppendStatic:
             for q in (k, v):
                 spare = q.codes.shape[-2] - n
                 out += sum(spare * t[..., :1, :].numel() * t.element_size() for t in (q.codes, q.scale, q.zero))
-        out += (a.cmap.shape[-1] - self.n_middle) * self.batch_size * self.num_heads
+        out += (a.cmap.shape[-1] - (self.n_middle + 1) // 2) * self.batch_size * self.num_heads
         if a.ring:   # the ring's statistics in slots not yet filled (it fills from slot 0)
             out += (a.ring - a.ring_n) * sum(t[..., :1].numel() * t.element_size() for t in (a.rsum, a.rseen))
         if a.cimp is not None:

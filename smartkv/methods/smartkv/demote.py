@@ -17,6 +17,7 @@ from smartkv.core.importance import decode_importance
 from smartkv.core.policy import counts_for_budgets
 from smartkv.core.quant import QTensor, cat, dequantize, take_rows, token_ranges
 from smartkv.kernels import importance_fold, merge_plan
+from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
 
 
@@ -93,7 +94,7 @@ class SmartKVDemote:
 
     def _cls_positions(self, cid: int, n: int) -> torch.Tensor:
         """Middle positions (B, H, n) of class `cid`'s rows, in row (position) order; no host wait."""
-        cm = self._app.cmap[..., :self.n_middle]
+        cm = classmap.read(self._app.cmap, self.n_middle - self._app.ring_n)
         return torch.argsort((cm != cid).to(torch.uint8), dim=-1, stable=True)[..., :n]
 
     def _cls_rows(self, by_position: torch.Tensor, cid: int, n: int) -> torch.Tensor:
@@ -148,7 +149,6 @@ class SmartKVDemote:
         imp_sum = sum((decode_importance(a.cimp[c][..., :caps[c]]) * valid(c)).sum(-1) for c in range(len(a.k))
                       if caps[c])
         floor_ref = (imp_sum / max(n_all, 1))[..., None]     # the rows' mean importance, for the floor
-        cm = a.cmap[..., :n_all]
         for i, (cid, tid, k_max) in enumerate(a.moves):
             Cc, Ct = caps[cid], caps[tid]
             k_max = min(k_max, Cc)
@@ -168,7 +168,7 @@ class SmartKVDemote:
             rows = rows.clamp(max=Cc - 1)
             # by position: the target's rows after the merge (its own, or the moved ones after them) and the class's
             # kept rows first; the class map updated
-            order, keep = merge_plan(cm, gone, k[:, 0, 0], cid, tid, Ct)
+            order, keep = merge_plan(a.cmap, n_all, gone, k[:, 0, 0], cid, tid, Ct)
             for j, (bufs, q) in enumerate(((a.k, kq), (a.v, vq))):
                 fresh = self._quantize(dequantize(_take(q, rows)), a.widths[tid][j])
                 into = _take(cat([_rows(bufs[tid], 0, Ct), fresh]), order)
