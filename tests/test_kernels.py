@@ -564,11 +564,12 @@ def test_importance_update_kernel_matches_the_statistics(ranges):
 
 
 
-@pytest.mark.parametrize("queries,divisor", [(1, 3), (4, 1)])
-def test_importance_fold_matches_the_running_mean_over_one_count(queries, divisor):
-    """SmartKV's append classes: codes of a mean over `seen` queries (one count for every token) folded with the
-    next queries' attention, in place on a view of a larger buffer (rows past it untouched): the kernel and the
-    reference against the float64 mean (codes within one step of 2^(1/8); nearly all equal)."""
+@pytest.mark.parametrize("queries,divisor,per_token", [(1, 3, False), (4, 1, False), (1, 3, True)])
+def test_importance_fold_matches_the_running_mean(queries, divisor, per_token):
+    """SmartKV's append classes and ring: codes of a mean over `seen` queries (one count for every token, or one a
+    sequence and token) folded with the next queries' attention, in place on a view of a larger buffer (rows past
+    it untouched): the kernel and the reference against the float64 mean (codes within one step of 2^(1/8); nearly
+    all equal)."""
     from smartkv.core.importance import decode_importance, encode_importance
     from smartkv.kernels import reference as R
 
@@ -578,8 +579,11 @@ def test_importance_fold_matches_the_running_mean_over_one_count(queries, diviso
     codes[..., :7] = 255                                                 # never attended
     mass = torch.softmax(torch.randn(B, Hkv, cap, generator=g) * 4, -1) * queries * divisor
     seen = torch.tensor([37.0])
-    exact = encode_importance((decode_importance(codes[..., :n]).double() * 37 + mass[..., :n].double() / divisor)
-                              / (37 + queries))
+    if per_token:                                                        # sequences and tokens seen differently
+        seen = torch.randint(0, 300, (B, n), generator=g).float()
+    s = seen.double()[:, None, :] if per_token else 37.0
+    exact = encode_importance((decode_importance(codes[..., :n]).double() * s + mass[..., :n].double() / divisor)
+                              / (s + queries))
     got, ref = codes.clone().to(DEV), codes.clone()
     kern.importance_fold(got[..., :n], mass.to(DEV)[..., :n], seen.to(DEV), queries, divisor)
     R.importance_fold_reference(ref[..., :n], mass[..., :n], seen, queries, divisor)

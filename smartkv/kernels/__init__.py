@@ -335,19 +335,25 @@ def importance_update(codes: torch.Tensor, probs: torch.Tensor, ranges: Sequence
 
 def importance_fold(codes: torch.Tensor, mass: torch.Tensor, seen: torch.Tensor, queries: int,
                     divisor: float = 1.0) -> None:
-    """Fold `queries` more queries' attention into importance codes that all share one count of observers, in place.
+    """Fold `queries` more queries' attention into importance codes of tokens whose observers are counted on the
+    device, in place.
 
     codes: (B, Hkv, n) uint8 (`encode_importance` of each token's mean attention over `seen` queries so far), last
     dimension contiguous; mass: (B, Hkv, n) float, the attention the tokens received from the new queries, summed,
-    divided by `divisor` here (e.g. the query heads of a group); seen: (1,) fp32 on the codes' device, read there (a
-    captured graph replays it as it changes); the caller advances it. One launch on the kernels' devices (SmartKV's
-    append classes fold every class row each step: as torch ops, ~20 small kernels a class)."""
+    divided by `divisor` here (e.g. the query heads of a group); seen: fp32 on the codes' device, read there (a
+    captured graph replays it as it changes), (1,) one count for every token or (B, n) one a sequence and token
+    (shared by its KV heads; last dimension contiguous); the caller advances it. One launch on the kernels' devices
+    (SmartKV's append classes fold every class row and ring token each step: as torch ops, ~20 small kernels a
+    class)."""
     if codes.shape != mass.shape or codes.dtype != torch.uint8 or not mass.is_floating_point():
         raise ValueError(f"codes must be uint8 and mass floating of one shape, got {codes.dtype} "
                          f"{tuple(codes.shape)} and {mass.dtype} {tuple(mass.shape)}")
+    if seen.shape not in ((1,), (codes.shape[0], codes.shape[-1])) or seen.dtype != torch.float32:
+        raise ValueError(f"seen must be fp32 (1,) or (B, n) = {(codes.shape[0], codes.shape[-1])}, got "
+                         f"{seen.dtype} {tuple(seen.shape)}")
     mass = mass.float()
     if (kernels_available(codes.device) and codes.numel() and codes.stride(-1) == 1 and mass.stride(-1) == 1
-            and seen.device == codes.device):
+            and seen.device == codes.device and seen.stride(-1) == 1):
         return _tp.importance_fold_triton(codes, mass, seen, queries, divisor)
     return importance_fold_reference(codes, mass, seen, queries, divisor)
 

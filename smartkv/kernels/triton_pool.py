@@ -414,10 +414,11 @@ def _importance_kernel(code_ptr, sc_b, sc_h, p_ptr, sp_b, sp_h, T, Hkv, NG,
 
 
 @triton.jit(do_not_specialize=["sc_b", "sc_h", "sm_b", "sm_h", "n"])
-def _mean_fold_kernel(code_ptr, sc_b, sc_h, m_ptr, sm_b, sm_h, n, Hkv, seen_ptr, queries, divisor,
+def _mean_fold_kernel(code_ptr, sc_b, sc_h, m_ptr, sm_b, sm_h, n, Hkv, seen_ptr, ss_b, ss_t, queries, divisor,
                       BLOCK: tl.constexpr):
-    """Codes (B, Hkv, n) of a mean over `seen` queries (read on the device) <- the mean over seen + queries after
-    `mass` / divisor more (as importance_fold_reference: round half to even, codes 0..255, 255 read as 0)."""
+    """Codes (B, Hkv, n) of a mean over `seen` queries (read on the device: one count, strides 0, or one a
+    sequence and token) <- the mean over seen + queries after `mass` / divisor more (as importance_fold_reference:
+    round half to even, codes 0..255, 255 read as 0)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -427,7 +428,7 @@ def _mean_fold_kernel(code_ptr, sc_b, sc_h, m_ptr, sm_b, sm_h, n, Hkv, seen_ptr,
     cp = code_ptr + b.to(tl.int64) * sc_b + h * sc_h + t
     c = tl.load(cp, mask=valid, other=255).to(tl.float32)
     m = tl.load(m_ptr + b.to(tl.int64) * sm_b + h * sm_h + t, mask=valid, other=0.0)
-    s = tl.load(seen_ptr)
+    s = tl.load(seen_ptr + b.to(tl.int64) * ss_b + t * ss_t, mask=valid, other=0.0)
     mean = tl.where(c == 255, 0.0, tl.exp2(-c / 8))
     mean = (mean * s + m / divisor) / (s + queries)
     y = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))
@@ -619,6 +620,7 @@ def importance_fold_triton(codes: torch.Tensor, mass: torch.Tensor, seen: torch.
                            divisor: float) -> None:
     B, Hkv, n = codes.shape
     BLOCK = 1024
+    ss = (0, 0) if seen.dim() == 1 else seen.stride()
     _mean_fold_kernel[(triton.cdiv(n, BLOCK), B * Hkv)](
-        codes, *codes.stride()[:2], mass, *mass.stride()[:2], n, Hkv, seen, float(queries), float(divisor),
+        codes, *codes.stride()[:2], mass, *mass.stride()[:2], n, Hkv, seen, *ss, float(queries), float(divisor),
         BLOCK=BLOCK, num_warps=4)

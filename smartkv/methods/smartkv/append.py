@@ -27,10 +27,11 @@ import torch
 
 from smartkv.cache.buffers import grown
 from smartkv.core.classes import flush_mix, ring_widths
-from smartkv.core.importance import decode_importance, kv_head_mass, seen_counts, seen_from_ranges
+from smartkv.core.importance import (decode_importance, encode_importance, kv_head_mass, seen_counts,
+                                     seen_from_ranges)
 from smartkv.core.policy import rank_profile, unpack_levels
 from smartkv.core.quant import QTensor
-from smartkv.kernels import KVSegment, decode_attention
+from smartkv.kernels import KVSegment, decode_attention, importance_fold
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _class_offsets, _rows
 
@@ -57,8 +58,8 @@ class Classes:
     ring_len: torch.Tensor | None = None   # (B,) int32: ring_n on the device (static steps' segment length)
     head: torch.Tensor | None = None   # (B,) int32: the slot the next token goes to (the oldest once full)
     head_host: int = 0
-    rsum: torch.Tensor | None = None   # (B, H, ring) / (B, ring): the ring tokens' statistics, as wsum / wseen
-    rseen: torch.Tensor | None = None
+    rimp: torch.Tensor | None = None   # (B, H, ring) uint8: the ring tokens' mean importance codes (as the classes')
+    rseen: torch.Tensor | None = None  # (B, ring) fp32: queries that saw each ring token
     plan: list | None = None   # while the ring fills: per filling flush, [(class id, target id, tokens)] demoted
     cimp: list | None = None   # while the ring fills: class id -> (B, H, capacity) uint8 importance codes, row order
     cseen: torch.Tensor | None = None   # (1,) fp32: queries every middle token counts as seen by (one denominator)
@@ -89,9 +90,9 @@ class SmartKVAppend:
     # ---------------------------------------------------------------- from the first allocation
     def _append_split(self, weights: torch.Tensor, kinds: tuple) -> tuple:
         """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned as
-        they are: every token at the full budget): solve the flush mix on the n tokens' profile, choose the ring's class
-        (`ring_widths`), size the ring (`ring_tokens`, less where the n tokens cannot pay for it) and plan the demotions that pay for it as it
-        fills (`_demotion_plan`)."""
+        they are: every token at the full budget): solve the flush mix on the n tokens' profile, choose the ring's
+        class (`ring_widths`), size the ring (`ring_tokens`, less where the n tokens cannot pay for it) and plan the
+        demotions that pay for it as it fills (`_demotion_plan`)."""
         cfg, P, lo = self.config, self.config.realloc_every, min(self.widths)
         n, A = weights.shape[1], cfg.ring_tokens // P * P
         # one copy to the host: the profile and the mean weight of the prompt's newest A tokens
@@ -148,7 +149,8 @@ class SmartKVAppend:
             a = self._app
             # own contiguous buffers (the CUDA kernel's alignment and stride checks)
             a.ring_k, a.ring_v = (_alloc(self._empty_pool(w), A) for w in top)
-            a.ring, a.rsum, a.rseen = A, wsum.new_zeros(B, H, A), wsum.new_zeros(B, A)
+            a.ring, a.rseen = A, wsum.new_zeros(B, A)
+            a.rimp = torch.full((B, H, A), 255, dtype=torch.uint8, device=self.device)
             a.head, a.ring_len = (torch.zeros(B, dtype=torch.int32, device=self.device) for _ in range(2))
             self._demote_begin(plan, ids)
         self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
@@ -207,7 +209,9 @@ class SmartKVAppend:
         if not observe:
             out = decode_attention(query, segs, scaling)
         else:
-            rsum = [a.rsum] if ring else []   # unfilled slots gather nothing that lasts: a push resets them
+            # the ring's probabilities, folded into its codes below (unfilled slots gather nothing that lasts: a
+            # push resets them)
+            rsum = [torch.zeros(*a.rimp.shape, device=self.device)] if ring else []
             # while the ring fills, every class row's probability too (the demotions' importance)
             cls = [] if a.cimp is None else [torch.zeros(*x.keys.codes.shape[:3], device=self.device)
                                              for x in segs[1:len(segs) - 1 - len(rsum)]]
@@ -218,6 +222,7 @@ class SmartKVAppend:
                 self._demote_fold([next(it) if (a.k[cid].codes.shape[-2] if static else a.n[cid]) else None
                                    for cid in range(len(a.widths))], 1, self._group_heads)
             if ring:
+                importance_fold(a.rimp, rsum[0], a.rseen, 1, self._group_heads)
                 a.rseen += 1
             if static:
                 buf["seen"] += (buf["at"] < buf["len"][:, None]).float()
@@ -242,10 +247,13 @@ class SmartKVAppend:
             s0, W = self.sink_k.shape[-2], probs.shape[-2]
             mid = kv_head_mass(probs, self.num_heads)[..., s0:s0 + self.n_middle]
             self._demote_fold([self._cls_rows(mid, cid, n) if n else None for cid, n in enumerate(a.n)], W)
-        if a.ring_n:   # the ring's positions just before the window, oldest first
-            slots = self._ring_slots()
-            a.rsum.index_add_(2, slots, mass[..., -n - a.ring_n:-n])
-            a.rseen.index_add_(1, slots, seen[:, -n - a.ring_n:-n])
+        if a.ring_n:   # the ring's positions just before the window, oldest first: their running means
+            slots, q = self._ring_slots(), seen[:, -n - a.ring_n:-n]
+            s = a.rseen.index_select(1, slots)
+            mean = decode_importance(a.rimp.index_select(2, slots)) * s[:, None, :]
+            mean = (mean + mass[..., -n - a.ring_n:-n] / self._group_heads) / (s + q).clamp_min(1)[:, None, :]
+            a.rimp.index_copy_(2, slots, encode_importance(mean))
+            a.rseen.index_add_(1, slots, q)
 
     def _append_store(self, n: int) -> None:
         """`n` tokens entered the window (ordinary steps): their statistics start at 0."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from smartkv.core.importance import token_weights
+from smartkv.core.importance import decode_importance, encode_importance, token_weights
 from smartkv.core.quant import QTensor, dequantize
 from smartkv.kernels import quantize_pack_at
 from smartkv.methods.smartkv import classmap
@@ -65,8 +65,7 @@ class SmartKVAppendFlush:
         P = self.config.realloc_every
         slots = a.head[:1].long() + self._arange(n)
         if full:
-            self._append_place(*self._ring_tokens(slots), a.rsum.index_select(2, slots), a.rseen.index_select(1, slots),
-                               mid_at - a.ring)
+            self._append_place(*self._ring_tokens(slots), *self._ring_stats(slots), mid_at - a.ring)
         else:   # each group that fills the ring is paid for by demotions (counts read from the device), at its
             first = a.ring_len[:1].long() // P   # flush or ahead of it: the host knows which flushes demote
             for i in range(n // P):
@@ -75,7 +74,7 @@ class SmartKVAppendFlush:
             a.ring_len += n
         quantize_pack_at(k_st, a.ring_k.bits, self.group, a.ring_k, a.head)
         quantize_pack_at(v, a.ring_v.bits, self.group, a.ring_v, a.head)
-        a.rsum.index_copy_(2, slots, wsum)
+        a.rimp.index_copy_(2, slots, self._mean_codes(wsum, wseen))
         a.rseen.index_copy_(1, slots, wseen)
         a.head.add_(n).remainder_(a.ring)
         a.head_host = (a.head_host + n) % a.ring
@@ -87,6 +86,17 @@ class SmartKVAppendFlush:
         """The ring's slots in position order (oldest first, from the host's head)."""
         a = self._app
         return (a.head_host - a.ring_n + torch.arange(a.ring_n, device=self.device)) % a.ring
+
+    def _mean_codes(self, wsum: torch.Tensor, wseen: torch.Tensor) -> torch.Tensor:
+        """Importance codes (B, H, n) of the mean attention a query head gave tokens with these statistics."""
+        return encode_importance(wsum / (self._group_heads * wseen.clamp_min(1))[:, None, :])
+
+    def _ring_stats(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring tokens' statistics at `slots` as the window's are kept (attention summed over a group's query
+        heads, queries that saw them)."""
+        a = self._app
+        seen = a.rseen.index_select(1, slots)
+        return decode_importance(a.rimp.index_select(2, slots)) * self._group_heads * seen[:, None, :], seen
 
     def _ring_tokens(self, slots: torch.Tensor) -> list[torch.Tensor]:
         """The ring's keys and values at `slots` (the same in every row), dequantized (stored space)."""
@@ -139,16 +149,15 @@ class SmartKVAppendFlush:
         query comes between), the last `ring` become the ring, in position order from slot 0."""
         a, R, r = self._app, self._app.ring, k_st.shape[-2]
         slots = self._ring_slots()
-        old = self._ring_tokens(slots)
+        old, stats = self._ring_tokens(slots), self._ring_stats(slots)
         self._append_place(torch.cat([old[0], k_st[..., :r - R, :]], 2), torch.cat([old[1], v[..., :r - R, :]], 2),
-                           torch.cat([a.rsum.index_select(2, slots), wsum[..., :r - R]], -1),
-                           torch.cat([a.rseen.index_select(1, slots), wseen[:, :r - R]], -1),
+                           torch.cat([stats[0], wsum[..., :r - R]], -1), torch.cat([stats[1], wseen[:, :r - R]], -1),
                            torch.full((1,), at - R, dtype=torch.long, device=self.device))
         a.head.zero_()
         a.head_host = 0
         quantize_pack_at(k_st[..., r - R:, :], a.ring_k.bits, self.group, a.ring_k, a.head)
         quantize_pack_at(v[..., r - R:, :], a.ring_v.bits, self.group, a.ring_v, a.head)
-        a.rsum.copy_(wsum[..., r - R:])
+        a.rimp.copy_(self._mean_codes(wsum[..., r - R:], wseen[:, r - R:]))
         a.rseen.copy_(wseen[:, r - R:])
 
     def _append_count_flush(self) -> bool:

@@ -104,9 +104,9 @@ class SmartKVAppendStatic:
             lb.add("metadata", q.zero)
         # the class map, the window's and the ring's statistics (its slots in use, as its codes), the flush's plan
         # and lengths, the key normalisation
-        ring_stats = (a.rsum[..., :a.ring_n], a.rseen[:, :a.ring_n]) if a.ring else ()
-        for t in (a.cmap[..., :(self.n_middle + 1) // 2], a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, a.ar, self.k_mu,
-                  self.k_scale, *ring_stats, a.head, a.ring_len):
+        ring_stats = (a.rimp[..., :a.ring_n], a.rseen[:, :a.ring_n]) if a.ring else ()
+        for t in (a.cmap[..., :(self.n_middle + 1) // 2], a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, a.ar,
+                  self.k_mu, self.k_scale, *ring_stats, a.head, a.ring_len):
             if t is None:
                 continue
             lb.add("metadata", t)
@@ -127,7 +127,7 @@ class SmartKVAppendStatic:
                 out += sum(spare * t[..., :1, :].numel() * t.element_size() for t in (q.codes, q.scale, q.zero))
         out += (a.cmap.shape[-1] - (self.n_middle + 1) // 2) * self.batch_size * self.num_heads
         if a.ring:   # the ring's statistics in slots not yet filled (it fills from slot 0)
-            out += (a.ring - a.ring_n) * sum(t[..., :1].numel() * t.element_size() for t in (a.rsum, a.rseen))
+            out += (a.ring - a.ring_n) * sum(t[..., :1].numel() * t.element_size() for t in (a.rimp, a.rseen))
         if a.cimp is not None:
             out += sum((c.shape[-1] - n) * self.batch_size * self.num_heads for c, n in zip(a.cimp, a.n))
         if a.buf is not None:

@@ -63,7 +63,7 @@ class SmartKVStorage:
         self._class_major = False
         self._sbuf = None  # static steps: window K/V and importance buffers of the phase (see _static_begin)
         self._app = None   # realloc="append": the class buffers once the first allocation ran (append.Classes)
-        self._app_plan = None   # (flush mix, ring capacity, demotion plan, ring class) from `_append_split` to `_append_begin`
+        self._app_plan = None   # (flush mix, ring size, demotion plan, ring class): `_append_split` to `_append_begin`
         self._group_heads = 1      # query heads per KV head (set by `attend`)
         self._static_tokens = 0    # static steps: tokens per sequence reserved (begin_static)
 
