@@ -157,8 +157,9 @@ def ring_widths(profile: torch.Tensor, recent: float, budgets: tuple[float, floa
     4^-w, `policy._choose`'s) summed over the ring's tokens, each weighing `recent` (the mean weight of the prompt's
     newest `ring` tokens: the ring's tokens are read as the prompt's newest were, by the queries right after them),
     and over the prompt's tokens at the bits the ring leaves them (floor(budget x (n + ring)) - ring x w, solved as
-    the first allocation solves), among the widths no narrower than the kind's budget. The mix's top class instead gave the whole ring 8-bit values wherever one token a
-    flush earns them (SmolLM2, int4's point: half the layers), starving the prompt's values."""
+    the first allocation solves), among the widths no narrower than the kind's budget. The mix's top class instead
+    gave the whole ring 8-bit values wherever one token a flush earns them (SmolLM2, int4's point: half the layers),
+    starving the prompt's values."""
     from smartkv.core.policy import counts_for_budgets
     n, lo = profile.numel(), min(widths)
     prof = profile.double().cpu()

@@ -3,11 +3,11 @@ class c go (flags), where every row of c and of its target t goes, the class map
 
 A move takes flagged rows of class c to class t, keeping both in position order. The maps follow from a scan over
 the middle's positions (class c's rows are the positions of class c, in order; t's likewise; the class map holds 4
-bits a position, two a byte): per position, its row
-in c or t from running counts, whether it moves (its c row flagged), and its row in t after the merge. As torch ops
-these are three prefix sums over every position, two sorts and a dozen elementwise passes (torch scans a row of 32K
-positions in one program, 44 us each on the H200); here one program per (sequence, KV head) row walks its
-positions in blocks, carrying the counts from block to block, and another compacts the class's rows.
+bits a position, two a byte): per position, its row in c or t from running counts, whether it moves (its c row
+flagged), and its row in t after the merge. As torch ops these are three prefix sums over every position, two sorts
+and a dozen elementwise passes (torch scans a row of 32K positions in one program, 44 us each on the H200); here one
+program per (sequence, KV head) row walks its positions in blocks, carrying the counts from block to block, and
+another compacts the class's rows.
 """
 from __future__ import annotations
 

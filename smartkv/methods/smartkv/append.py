@@ -211,18 +211,18 @@ class SmartKVAppend:
         else:
             # the ring's probabilities, folded into its codes below (unfilled slots gather nothing that lasts: a
             # push resets them)
-            rsum = [torch.zeros(*a.rimp.shape, device=self.device)] if ring else []
+            rprob = [torch.zeros(*a.rimp.shape, device=self.device)] if ring else []
             # while the ring fills, every class row's probability too (the demotions' importance)
             cls = [] if a.cimp is None else [torch.zeros(*x.keys.codes.shape[:3], device=self.device)
-                                             for x in segs[1:len(segs) - 1 - len(rsum)]]
+                                             for x in segs[1:len(segs) - 1 - len(rprob)]]
             out, _ = decode_attention(query, segs, scaling, return_token_probs=True,
-                                      probs_out=[None] * (len(segs) - 1 - len(rsum) - len(cls)) + cls + rsum + [wsum])
+                                      probs_out=[None] * (len(segs) - 1 - len(rprob) - len(cls)) + cls + rprob + [wsum])
             if cls:   # the class segments above, in class order: a class with no rows has none
                 it = iter(cls)
                 self._demote_fold([next(it) if (a.k[cid].codes.shape[-2] if static else a.n[cid]) else None
                                    for cid in range(len(a.widths))], 1, self._group_heads)
             if ring:
-                importance_fold(a.rimp, rsum[0], a.rseen, 1, self._group_heads)
+                importance_fold(a.rimp, rprob[0], a.rseen, 1, self._group_heads)
                 a.rseen += 1
             if static:
                 buf["seen"] += (buf["at"] < buf["len"][:, None]).float()

@@ -13,6 +13,11 @@ def map_bytes(positions: int) -> int:
     return (positions + 1) // 2 + 1
 
 
+def used_bytes(positions: int) -> int:
+    """Bytes that hold positions 0..positions - 1."""
+    return (positions + 1) // 2
+
+
 def pack_ids(ids: torch.Tensor) -> torch.Tensor:
     """(..., n) uint8 ids < 16 -> (..., ceil(n / 2)) bytes (an odd n padded with a 0 nibble)."""
     if ids.shape[-1] % 2:
@@ -36,7 +41,7 @@ def new_map(ids: torch.Tensor, positions: int) -> torch.Tensor:
 
 def read(cmap: torch.Tensor, n: int) -> torch.Tensor:
     """Positions 0..n - 1's ids (B, H, n) uint8."""
-    return unpack_ids(cmap[..., :(n + 1) // 2], n)
+    return unpack_ids(cmap[..., :used_bytes(n)], n)
 
 
 def write(cmap: torch.Tensor, at: torch.Tensor, ids: torch.Tensor) -> None:
