@@ -340,7 +340,8 @@ def importance_fold(codes: torch.Tensor, mass: torch.Tensor, seen: torch.Tensor,
 
     codes: (B, Hkv, n) uint8 (`encode_importance` of each token's mean attention over `seen` queries so far), last
     dimension contiguous; mass: (B, Hkv, n) float, the attention the tokens received from the new queries, summed,
-    divided by `divisor` here (e.g. the query heads of a group); seen: fp32 on the codes' device, read there (a
+    divided by `divisor` here (e.g. the query heads of a group); seen: fp32 or uint8 (a count that saturates at 255,
+    past which the mean is a moving average over about that many queries) on the codes' device, read there (a
     captured graph replays it as it changes), (1,) one count for every token or (B, n) one a sequence and token
     (shared by its KV heads; last dimension contiguous); the caller advances it. One launch on the kernels' devices
     (SmartKV's append classes fold every class row and ring token each step: as torch ops, ~20 small kernels a
@@ -348,8 +349,8 @@ def importance_fold(codes: torch.Tensor, mass: torch.Tensor, seen: torch.Tensor,
     if codes.shape != mass.shape or codes.dtype != torch.uint8 or not mass.is_floating_point():
         raise ValueError(f"codes must be uint8 and mass floating of one shape, got {codes.dtype} "
                          f"{tuple(codes.shape)} and {mass.dtype} {tuple(mass.shape)}")
-    if seen.shape not in ((1,), (codes.shape[0], codes.shape[-1])) or seen.dtype != torch.float32:
-        raise ValueError(f"seen must be fp32 (1,) or (B, n) = {(codes.shape[0], codes.shape[-1])}, got "
+    if seen.shape not in ((1,), (codes.shape[0], codes.shape[-1])) or seen.dtype not in (torch.float32, torch.uint8):
+        raise ValueError(f"seen must be fp32 or uint8 (1,) or (B, n) = {(codes.shape[0], codes.shape[-1])}, got "
                          f"{seen.dtype} {tuple(seen.shape)}")
     mass = mass.float()
     if (kernels_available(codes.device) and codes.numel() and codes.stride(-1) == 1 and mass.stride(-1) == 1

@@ -171,6 +171,7 @@ def importance_update_reference(codes: torch.Tensor, probs: torch.Tensor, ranges
 def importance_fold_reference(codes: torch.Tensor, mass: torch.Tensor, seen: torch.Tensor, queries: int,
                               divisor: float = 1.0) -> None:
     from smartkv.core.importance import decode_importance, encode_importance
+    seen = seen.float()
     if seen.dim() == 2:   # one count a sequence and token, shared by its KV heads
         seen = seen[:, None, :]
     codes.copy_(encode_importance((decode_importance(codes) * seen + mass / divisor) / (seen + queries)))

@@ -428,7 +428,7 @@ def _mean_fold_kernel(code_ptr, sc_b, sc_h, m_ptr, sm_b, sm_h, n, Hkv, seen_ptr,
     cp = code_ptr + b.to(tl.int64) * sc_b + h * sc_h + t
     c = tl.load(cp, mask=valid, other=255).to(tl.float32)
     m = tl.load(m_ptr + b.to(tl.int64) * sm_b + h * sm_h + t, mask=valid, other=0.0)
-    s = tl.load(seen_ptr + b.to(tl.int64) * ss_b + t * ss_t, mask=valid, other=0.0)
+    s = tl.load(seen_ptr + b.to(tl.int64) * ss_b + t * ss_t, mask=valid, other=0).to(tl.float32)
     mean = tl.where(c == 255, 0.0, tl.exp2(-c / 8))
     mean = (mean * s + m / divisor) / (s + queries)
     y = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))

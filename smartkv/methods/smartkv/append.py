@@ -46,9 +46,8 @@ class Classes:
     length: torch.Tensor    # (classes, B) int32: the same on the device (static steps' segment lengths)
     cmap: torch.Tensor      # (B, H, map bytes) 4-bit class id of each middle position before the ring (classmap.py)
     mix: list               # (class id, tokens) of every flush, heaviest tokens first
-    rank_class: torch.Tensor  # (flush,) long: class id of the flush's r-th heaviest token
+    rank_class: torch.Tensor  # (flush,) uint8: class id of the flush's r-th heaviest token
     mix_len: torch.Tensor   # (classes,) int32: tokens a flush adds to each class
-    ar: torch.Tensor        # arange(flush) long, made once (static steps build no tensors from host ints)
     wsum: torch.Tensor      # (B, H, n_win) fp32: attention the window's tokens received, summed over query heads
     wseen: torch.Tensor     # (B, n_win) fp32: queries that saw each window token
     ring_k: QTensor | None = None   # the ring: the newest `ring_n` middle tokens at the ring's class, slot order
@@ -59,12 +58,12 @@ class Classes:
     head: torch.Tensor | None = None   # (B,) int32: the slot the next token goes to (the oldest once full)
     head_host: int = 0
     rimp: torch.Tensor | None = None   # (B, H, ring) uint8: the ring tokens' mean importance codes (as the classes')
-    rseen: torch.Tensor | None = None  # (B, ring) fp32: queries that saw each ring token
+    rseen: torch.Tensor | None = None  # (B, ring) uint8: queries that saw each ring token, up to 255 (`_count`)
     plan: list | None = None   # while the ring fills: per filling flush, [(class id, target id, tokens)] demoted
     cimp: list | None = None   # while the ring fills: class id -> (B, H, capacity) uint8 importance codes, row order
     cseen: torch.Tensor | None = None   # (1,) fp32: queries every middle token counts as seen by (one denominator)
     moves: list | None = None   # while the ring fills: every (class id, target id, most tokens a flush moves)
-    move_k: torch.Tensor | None = None   # (filling flushes, moves) int32: each flush's count of each move
+    move_k: torch.Tensor | None = None   # (filling flushes, moves): each flush's count of each move (uint8 or wider)
     buf: dict | None = None  # static steps: window, wsum, wseen buffers and the window's first position
 
 
@@ -133,7 +132,8 @@ class SmartKVAppend:
             table[k_of[kw] * len(self.widths) + k_of[vw]] = i
         lk, lv = (unpack_levels(self.levels[kind], Tq).long() for kind in ("k", "v"))
         cmap = classmap.new_map(table.to(self.device)[lk * len(self.widths) + lv], Tq + 4 * P)
-        rank_class = torch.tensor([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], device=self.device)
+        rank_class = torch.tensor([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], dtype=torch.uint8,
+                                  device=self.device)
         mix_len = torch.zeros(len(widths), dtype=torch.int32)
         for kw, vw, m in mix:
             mix_len[ids[(kw, vw)]] = m
@@ -143,13 +143,13 @@ class SmartKVAppend:
         wsum = decode_importance(self.importance[..., start:]) * seen * self._group_heads
         self._app = Classes(widths, ks, vs, ns, torch.tensor(ns, dtype=torch.int32, device=self.device)[:, None]
                             .repeat(1, B).contiguous(), cmap, [(ids[(kw, vw)], m) for kw, vw, m in mix], rank_class,
-                            mix_len.to(self.device), torch.arange(P, device=self.device), wsum,
+                            mix_len.to(self.device), wsum,
                             seen.expand(B, -1).contiguous())
         if A:
             a = self._app
             # own contiguous buffers (the CUDA kernel's alignment and stride checks)
             a.ring_k, a.ring_v = (_alloc(self._empty_pool(w), A) for w in top)
-            a.ring, a.rseen = A, wsum.new_zeros(B, A)
+            a.ring, a.rseen = A, torch.zeros(B, A, dtype=torch.uint8, device=self.device)
             a.rimp = torch.full((B, H, A), 255, dtype=torch.uint8, device=self.device)
             a.head, a.ring_len = (torch.zeros(B, dtype=torch.int32, device=self.device) for _ in range(2))
             self._demote_begin(plan, ids)
@@ -223,7 +223,7 @@ class SmartKVAppend:
                                    for cid in range(len(a.widths))], 1, self._group_heads)
             if ring:
                 importance_fold(a.rimp, rprob[0], a.rseen, 1, self._group_heads)
-                a.rseen += 1
+                a.rseen.clamp_(max=254).add_(1)
             if static:
                 buf["seen"] += (buf["at"] < buf["len"][:, None]).float()
             else:
@@ -249,11 +249,11 @@ class SmartKVAppend:
             self._demote_fold([self._cls_rows(mid, cid, n) if n else None for cid, n in enumerate(a.n)], W)
         if a.ring_n:   # the ring's positions just before the window, oldest first: their running means
             slots, q = self._ring_slots(), seen[:, -n - a.ring_n:-n]
-            s = a.rseen.index_select(1, slots)
+            s = a.rseen.index_select(1, slots).float()
             mean = decode_importance(a.rimp.index_select(2, slots)) * s[:, None, :]
             mean = (mean + mass[..., -n - a.ring_n:-n] / self._group_heads) / (s + q).clamp_min(1)[:, None, :]
             a.rimp.index_copy_(2, slots, encode_importance(mean))
-            a.rseen.index_add_(1, slots, q)
+            a.rseen.index_copy_(1, slots, self._count(s + q))
 
     def _append_store(self, n: int) -> None:
         """`n` tokens entered the window (ordinary steps): their statistics start at 0."""

@@ -38,7 +38,7 @@ class SmartKVAppendFlush:
         w = token_weights(imp.reshape(-1, P), cfg.importance_floor, cfg.importance_power, sens)
         RF = w.shape[0]
         order = torch.argsort(w, dim=-1, descending=True, stable=True)
-        cls = torch.empty_like(order).scatter_(1, order, a.rank_class.expand(RF, P))   # each token's class id
+        cls = torch.empty_like(order).scatter_(1, order, a.rank_class.long().expand(RF, P))   # each token's class
         by_cls = torch.argsort(cls, dim=-1, stable=True)          # class after class, positions ascending in each
         by_cls = by_cls + self._arange(F).repeat(B * H)[:, None] * P   # (B * H * F, P) token index within its row
         by_cls = by_cls.reshape(B * H, F, P)
@@ -75,7 +75,7 @@ class SmartKVAppendFlush:
         quantize_pack_at(k_st, a.ring_k.bits, self.group, a.ring_k, a.head)
         quantize_pack_at(v, a.ring_v.bits, self.group, a.ring_v, a.head)
         a.rimp.index_copy_(2, slots, self._mean_codes(wsum, wseen))
-        a.rseen.index_copy_(1, slots, wseen)
+        a.rseen.index_copy_(1, slots, self._count(wseen))
         a.head.add_(n).remainder_(a.ring)
         a.head_host = (a.head_host + n) % a.ring
 
@@ -91,11 +91,17 @@ class SmartKVAppendFlush:
         """Importance codes (B, H, n) of the mean attention a query head gave tokens with these statistics."""
         return encode_importance(wsum / (self._group_heads * wseen.clamp_min(1))[:, None, :])
 
+    @staticmethod
+    def _count(seen: torch.Tensor) -> torch.Tensor:
+        """A ring token's count of the queries that saw it, in one byte: past 255 its mean importance is a moving
+        average over about the last 255 queries (a ring token is seen by about ring_tokens + recent_window)."""
+        return seen.clamp(max=255).to(torch.uint8)
+
     def _ring_stats(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ring tokens' statistics at `slots` as the window's are kept (attention summed over a group's query
         heads, queries that saw them)."""
         a = self._app
-        seen = a.rseen.index_select(1, slots)
+        seen = a.rseen.index_select(1, slots).float()
         return decode_importance(a.rimp.index_select(2, slots)) * self._group_heads * seen[:, None, :], seen
 
     def _ring_tokens(self, slots: torch.Tensor) -> list[torch.Tensor]:
@@ -105,9 +111,7 @@ class SmartKVAppendFlush:
                                    q.group_size, -1)) for q in (a.ring_k, a.ring_v)]
 
     def _arange(self, n: int) -> torch.Tensor:
-        """arange(n) on the device: the flush's own (made once) when n fits, else made now (ordinary steps)."""
-        a = self._app
-        return a.ar[:n] if n <= a.ar.numel() else torch.arange(n, device=a.ar.device)
+        return torch.arange(n, device=self.device)
 
     def _append_flush(self) -> None:
         """Ordinary steps: flush every whole group of `realloc_every` tokens past the recent window, in one go.
@@ -158,7 +162,7 @@ class SmartKVAppendFlush:
         quantize_pack_at(k_st[..., r - R:, :], a.ring_k.bits, self.group, a.ring_k, a.head)
         quantize_pack_at(v[..., r - R:, :], a.ring_v.bits, self.group, a.ring_v, a.head)
         a.rimp.copy_(self._mean_codes(wsum[..., r - R:], wseen[:, r - R:]))
-        a.rseen.copy_(wseen[:, r - R:])
+        a.rseen.copy_(self._count(wseen[:, r - R:]))
 
     def _append_count_flush(self) -> bool:
         """Host counts after one flush (its device work done): it filled the ring by a group, which its demotions

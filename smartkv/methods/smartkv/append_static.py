@@ -105,8 +105,8 @@ class SmartKVAppendStatic:
         # the class map, the window's and the ring's statistics (its slots in use, as its codes), the flush's plan
         # and lengths, the key normalisation
         ring_stats = (a.rimp[..., :a.ring_n], a.rseen[:, :a.ring_n]) if a.ring else ()
-        for t in (a.cmap[..., :classmap.used_bytes(self.n_middle)], a.wsum, a.wseen, a.length, a.rank_class,
-                  a.mix_len, a.ar, self.k_mu, self.k_scale, *ring_stats, a.head, a.ring_len):
+        cmap = a.cmap[..., :classmap.used_bytes(self.n_middle - a.ring_n)]   # the ring's positions are not marked
+        for t in (cmap, a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, self.k_mu, self.k_scale, *ring_stats, a.head, a.ring_len):
             if t is None:
                 continue
             lb.add("metadata", t)
@@ -125,7 +125,7 @@ class SmartKVAppendStatic:
             for q in (k, v):
                 spare = q.codes.shape[-2] - n
                 out += sum(spare * t[..., :1, :].numel() * t.element_size() for t in (q.codes, q.scale, q.zero))
-        out += (a.cmap.shape[-1] - classmap.used_bytes(self.n_middle)) * self.batch_size * self.num_heads
+        out += (a.cmap.shape[-1] - classmap.used_bytes(self.n_middle - a.ring_n)) * self.batch_size * self.num_heads
         if a.ring:   # the ring's statistics in slots not yet filled (it fills from slot 0)
             out += (a.ring - a.ring_n) * sum(t[..., :1].numel() * t.element_size() for t in (a.rimp, a.rseen))
         if a.cimp is not None:

@@ -85,7 +85,9 @@ class SmartKVDemote:
             for c, t, k in moves:
                 table[f, pairs.index((c, t))] = k
         a.moves = [(c, t, int(table[:, i].max())) for i, (c, t) in enumerate(pairs)]
-        a.move_k = table.to(self.device)
+        # in the narrowest dtype that holds them (the table is held while the ring fills)
+        dtype = next(t for t in (torch.uint8, torch.int16, torch.int32) if table.max() <= torch.iinfo(t).max)
+        a.move_k = table.to(dtype).to(self.device)
         s0 = self.sink_k.shape[-2]
         codes = self.importance[..., s0:s0 + Tq]
         a.cimp = [self._cls_rows(codes, cid, n) for cid, n in enumerate(a.n)]
@@ -141,7 +143,7 @@ class SmartKVDemote:
         a, cfg = self._app, self.config
         B, H = self.batch_size, self.num_heads
         n_all = sum(a.n)
-        ks = a.move_k.index_select(0, f)[0]                   # (moves,) this flush's counts
+        ks = a.move_k.index_select(0, f)[0].int()             # (moves,) this flush's counts
         caps = [q.codes.shape[-2] for q in a.k]
 
         def valid(cid):
