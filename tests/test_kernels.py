@@ -567,8 +567,8 @@ def test_importance_update_kernel_matches_the_statistics(ranges):
 @pytest.mark.parametrize("queries,divisor,per_token", [(1, 3, False), (4, 1, False), (1, 3, True), (1, 3, "uint8")])
 def test_importance_fold_matches_the_running_mean(queries, divisor, per_token):
     """SmartKV's append classes and ring: codes of a mean over `seen` queries (one count for every token, or one a
-    sequence and token, fp32 or a uint8 count up to 255) folded with the next queries' attention, in place on a view of a larger buffer (rows past
-    it untouched): the kernel and the reference against the float64 mean (codes within one step of 2^(1/8); nearly
+    sequence and token, fp32 or a uint8 count up to 255) folded with the next queries' attention, in place on a view
+    of a larger buffer (rows past it untouched): the kernel and the reference against the float64 mean (codes within one step of 2^(1/8); nearly
     all equal)."""
     from smartkv.core.importance import decode_importance, encode_importance
     from smartkv.kernels import reference as R

@@ -48,8 +48,8 @@ class Classes:
     mix: list               # (class id, tokens) of every flush, heaviest tokens first
     rank_class: torch.Tensor  # (flush,) uint8: class id of the flush's r-th heaviest token
     mix_len: torch.Tensor   # (classes,) int32: tokens a flush adds to each class
-    wsum: torch.Tensor      # (B, H, n_win) fp32: attention the window's tokens received, summed over query heads
-    wseen: torch.Tensor     # (B, n_win) fp32: queries that saw each window token
+    wimp: torch.Tensor      # (B, H, n_win) uint8: the window tokens' mean importance codes (as the ring's)
+    wseen: torch.Tensor     # (B, n_win) uint8: queries that saw each window token, up to 255 (`_count`)
     ring_k: QTensor | None = None   # the ring: the newest `ring_n` middle tokens at the ring's class, slot order
     ring_v: QTensor | None = None
     ring: int = 0           # the ring's capacity (a multiple of the flush; 0: no ring)
@@ -64,7 +64,7 @@ class Classes:
     cseen: torch.Tensor | None = None   # (1,) fp32: queries every middle token counts as seen by (one denominator)
     moves: list | None = None   # while the ring fills: every (class id, target id, most tokens a flush moves)
     move_k: torch.Tensor | None = None   # (filling flushes, moves): each flush's count of each move (uint8 or wider)
-    buf: dict | None = None  # static steps: window, wsum, wseen buffers and the window's first position
+    buf: dict | None = None  # static steps: window, wimp, wseen buffers and the window's first position
 
 
 def _alloc(q: QTensor, cap: int) -> QTensor:
@@ -137,13 +137,12 @@ class SmartKVAppend:
         mix_len = torch.zeros(len(widths), dtype=torch.int32)
         for kw, vw, m in mix:
             mix_len[ids[(kw, vw)]] = m
-        # the window's tokens: mean importance x observers so far (x query heads a group: `wsum`'s unit)
+        # the window's tokens: their importance codes and observers so far
         start, T = self.sink_k.shape[-2] + Tq, self.importance.shape[-1]
-        seen = seen_from_ranges(self.observed.to(self.device), T)[start:].float()
-        wsum = decode_importance(self.importance[..., start:]) * seen * self._group_heads
+        seen = self._count(seen_from_ranges(self.observed.to(self.device), T)[start:])
         self._app = Classes(widths, ks, vs, ns, torch.tensor(ns, dtype=torch.int32, device=self.device)[:, None]
                             .repeat(1, B).contiguous(), cmap, [(ids[(kw, vw)], m) for kw, vw, m in mix], rank_class,
-                            mix_len.to(self.device), wsum,
+                            mix_len.to(self.device), self.importance[..., start:].clone(),
                             seen.expand(B, -1).contiguous())
         if A:
             a = self._app
@@ -186,7 +185,8 @@ class SmartKVAppend:
     # ---------------------------------------------------------------- a decode step
     def _append_decode(self, query: torch.Tensor, scaling: float, observe: bool) -> torch.Tensor:
         """One `decode_attention` over [sinks, each class, ring, window]; with `observe`, the ring's and window's
-        probabilities added to their importance sums. A static step reads class and window lengths from the device."""
+        probabilities folded into their importance codes. A static step reads class and window lengths from the
+        device."""
         a, static = self._app, self.static is not None
         segs = [KVSegment(self.sink_k, self.sink_v)]
         for cid in range(len(a.widths)):
@@ -202,21 +202,23 @@ class SmartKVAppend:
             buf = a.buf
             torch.sub(self.static.lengths, buf["start"], out=buf["len"])
             segs.append(KVSegment(buf["k"], buf["v"], lengths=buf["len"]))
-            wsum = buf["sum"]
+            wimp, wseen = buf["imp"], buf["seen"]
         else:
             segs.append(KVSegment(self.win_k, self.win_v))
-            wsum = a.wsum
+            wimp, wseen = a.wimp, a.wseen
         if not observe:
             out = decode_attention(query, segs, scaling)
         else:
             # the ring's probabilities, folded into its codes below (unfilled slots gather nothing that lasts: a
             # push resets them)
             rprob = [torch.zeros(*a.rimp.shape, device=self.device)] if ring else []
+            wprob = torch.zeros(*wimp.shape, device=self.device)
             # while the ring fills, every class row's probability too (the demotions' importance)
             cls = [] if a.cimp is None else [torch.zeros(*x.keys.codes.shape[:3], device=self.device)
                                              for x in segs[1:len(segs) - 1 - len(rprob)]]
+            skip = [None] * (len(segs) - 1 - len(rprob) - len(cls))
             out, _ = decode_attention(query, segs, scaling, return_token_probs=True,
-                                      probs_out=[None] * (len(segs) - 1 - len(rprob) - len(cls)) + cls + rprob + [wsum])
+                                      probs_out=skip + cls + rprob + [wprob])
             if cls:   # the class segments above, in class order: a class with no rows has none
                 it = iter(cls)
                 self._demote_fold([next(it) if (a.k[cid].codes.shape[-2] if static else a.n[cid]) else None
@@ -224,10 +226,11 @@ class SmartKVAppend:
             if ring:
                 importance_fold(a.rimp, rprob[0], a.rseen, 1, self._group_heads)
                 a.rseen.clamp_(max=254).add_(1)
-            if static:
-                buf["seen"] += (buf["at"] < buf["len"][:, None]).float()
+            importance_fold(wimp, wprob, wseen, 1, self._group_heads)
+            if static:   # the buffer's rows in use (the others keep code 255, count 0: a new token's start)
+                wseen.add_((buf["at"] < buf["len"][:, None]) & (wseen < 255))
             else:
-                a.wseen += 1
+                wseen.clamp_(max=254).add_(1)
         if static and self._append_flush_due():
             if self.static.side is None:
                 self._append_flush_static()
@@ -238,25 +241,30 @@ class SmartKVAppend:
 
     def _append_observe(self, probs: torch.Tensor, allowed: torch.Tensor) -> None:
         """The reference path's fold (probs (B, Hq, W, T), allowed (B, 1, W, T)): into the ring's and window's
-        sums only."""
+        codes (and while the ring fills, the class rows')."""
         a, n = self._app, self.win_k.shape[-2]
-        mass, seen = kv_head_mass(probs, self.num_heads) * self._group_heads, seen_counts(allowed).float()
-        a.wsum += mass[..., -n:]
-        a.wseen += seen[:, -n:]
+        mass, seen = kv_head_mass(probs, self.num_heads), seen_counts(allowed).float()
         if a.cimp is not None:   # while the ring fills: every class row's attention (each middle token seen by all)
             s0, W = self.sink_k.shape[-2], probs.shape[-2]
-            mid = kv_head_mass(probs, self.num_heads)[..., s0:s0 + self.n_middle]
+            mid = mass[..., s0:s0 + self.n_middle]
             self._demote_fold([self._cls_rows(mid, cid, n) if n else None for cid, n in enumerate(a.n)], W)
-        if a.ring_n:   # the ring's positions just before the window, oldest first: their running means
-            slots, q = self._ring_slots(), seen[:, -n - a.ring_n:-n]
-            s = a.rseen.index_select(1, slots).float()
-            mean = decode_importance(a.rimp.index_select(2, slots)) * s[:, None, :]
-            mean = (mean + mass[..., -n - a.ring_n:-n] / self._group_heads) / (s + q).clamp_min(1)[:, None, :]
-            a.rimp.index_copy_(2, slots, encode_importance(mean))
-            a.rseen.index_copy_(1, slots, self._count(s + q))
+        a.wimp, a.wseen = self._fold_mean(a.wimp, a.wseen, mass[..., -n:], seen[:, -n:])
+        if a.ring_n:   # the ring's positions just before the window, oldest first
+            slots = self._ring_slots()
+            codes, counts = self._fold_mean(a.rimp.index_select(2, slots), a.rseen.index_select(1, slots),
+                                            mass[..., -n - a.ring_n:-n], seen[:, -n - a.ring_n:-n])
+            a.rimp.index_copy_(2, slots, codes)
+            a.rseen.index_copy_(1, slots, counts)
+
+    def _fold_mean(self, codes: torch.Tensor, counts: torch.Tensor, mass: torch.Tensor, queries: torch.Tensor):
+        """Mean importance codes (B, H, n) and counts (B, n) after `queries` (B, n) more queries per token gave them
+        `mass` (B, H, n: `kv_head_mass`): `importance_fold` with a count of queries a token."""
+        s = counts.float()
+        mean = (decode_importance(codes) * s[:, None, :] + mass) / (s + queries).clamp_min(1)[:, None, :]
+        return encode_importance(mean), self._count(s + queries)
 
     def _append_store(self, n: int) -> None:
-        """`n` tokens entered the window (ordinary steps): their statistics start at 0."""
+        """`n` tokens entered the window (ordinary steps): their statistics start at 0 (code 255, no query)."""
         a = self._app
-        a.wsum = torch.cat([a.wsum, a.wsum.new_zeros(*a.wsum.shape[:2], n)], -1)
+        a.wimp = torch.cat([a.wimp, a.wimp.new_full((*a.wimp.shape[:2], n), 255)], -1)
         a.wseen = torch.cat([a.wseen, a.wseen.new_zeros(a.wseen.shape[0], n)], -1)

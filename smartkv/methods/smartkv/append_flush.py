@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from smartkv.core.importance import decode_importance, encode_importance, token_weights
+from smartkv.core.importance import decode_importance, token_weights
 from smartkv.core.quant import QTensor, dequantize
 from smartkv.kernels import quantize_pack_at
 from smartkv.methods.smartkv import classmap
@@ -14,12 +14,12 @@ from smartkv.methods.smartkv import classmap
 class SmartKVAppendFlush:
     """SmartKVLayer's append flushes (`_app`: append.Classes)."""
 
-    def _append_place(self, k_st: torch.Tensor, v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
+    def _append_place(self, k_st: torch.Tensor, v: torch.Tensor, codes: torch.Tensor, seen: torch.Tensor,
                       mid_at: torch.Tensor) -> None:
-        """Give F groups of P tokens at once (keys, values (B, H, F * P, D) fp32, stored space; their statistics
-        wsum (B, H, F * P) and wseen (B, F * P)) their final classes: each group's tokens get the mix's classes by
-        weight, and are written at the end of their class buffers (rows from the device lengths), groups in
-        order, and into the class map at middle position `mid_at` ((1,) long, on the device)."""
+        """Give F groups of P tokens at once (keys, values (B, H, F * P, D) fp32, stored space; their statistics:
+        mean importance codes (B, H, F * P) and counts (B, F * P)) their final classes: each group's tokens get the
+        mix's classes by weight, and are written at the end of their class buffers (rows from the device lengths),
+        groups in order, and into the class map at middle position `mid_at` ((1,) long, on the device)."""
         cfg, a, P = self.config, self._app, self.config.realloc_every
         B, H, T, D = k_st.shape
         F = T // P
@@ -28,9 +28,9 @@ class SmartKVAppendFlush:
         elif cfg.importance == "keynorm":
             imp = (k_st * self.k_scale.float() + self.k_mu.float()).norm(dim=-1)
         elif cfg.importance == "sum":
-            imp = wsum / self._group_heads
+            imp = decode_importance(codes) * seen[:, None, :].float()
         else:
-            imp = wsum / (self._group_heads * wseen.clamp_min(1)[:, None, :])
+            imp = decode_importance(codes)
         sens = None
         if cfg.sensitivity:   # as `_weights`
             sens = self._sensitivity(k_st.amax(-1) - k_st.amin(-1), v.amax(-1) - v.amin(-1)).reshape(-1, P)
@@ -52,7 +52,7 @@ class SmartKVAppendFlush:
         a.length += a.mix_len[:, None] * F
         classmap.write(a.cmap, mid_at, cls.reshape(B, H, T))
 
-    def _append_push(self, k_st: torch.Tensor, v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
+    def _append_push(self, k_st: torch.Tensor, v: torch.Tensor, codes: torch.Tensor, seen: torch.Tensor,
                      mid_at: torch.Tensor, full: bool) -> None:
         """Flush n tokens (a multiple of P, at most the ring's room before its end) into the middle at position
         `mid_at`: through the ring when there is one (when it is `full`, the n oldest ring tokens first take
@@ -60,12 +60,13 @@ class SmartKVAppendFlush:
         after their flushes' demotions), else straight to their classes."""
         a = self._app
         if not a.ring:
-            return self._append_place(k_st, v, wsum, wseen, mid_at)
+            return self._append_place(k_st, v, codes, seen, mid_at)
         n = k_st.shape[-2]
         P = self.config.realloc_every
         slots = a.head[:1].long() + self._arange(n)
         if full:
-            self._append_place(*self._ring_tokens(slots), *self._ring_stats(slots), mid_at - a.ring)
+            self._append_place(*self._ring_tokens(slots), a.rimp.index_select(2, slots), a.rseen.index_select(1, slots),
+                               mid_at - a.ring)
         else:   # each group that fills the ring is paid for by demotions (counts read from the device), at its
             first = a.ring_len[:1].long() // P   # flush or ahead of it: the host knows which flushes demote
             for i in range(n // P):
@@ -74,8 +75,8 @@ class SmartKVAppendFlush:
             a.ring_len += n
         quantize_pack_at(k_st, a.ring_k.bits, self.group, a.ring_k, a.head)
         quantize_pack_at(v, a.ring_v.bits, self.group, a.ring_v, a.head)
-        a.rimp.index_copy_(2, slots, self._mean_codes(wsum, wseen))
-        a.rseen.index_copy_(1, slots, self._count(wseen))
+        a.rimp.index_copy_(2, slots, codes)
+        a.rseen.index_copy_(1, slots, seen)
         a.head.add_(n).remainder_(a.ring)
         a.head_host = (a.head_host + n) % a.ring
 
@@ -87,22 +88,11 @@ class SmartKVAppendFlush:
         a = self._app
         return (a.head_host - a.ring_n + torch.arange(a.ring_n, device=self.device)) % a.ring
 
-    def _mean_codes(self, wsum: torch.Tensor, wseen: torch.Tensor) -> torch.Tensor:
-        """Importance codes (B, H, n) of the mean attention a query head gave tokens with these statistics."""
-        return encode_importance(wsum / (self._group_heads * wseen.clamp_min(1))[:, None, :])
-
     @staticmethod
     def _count(seen: torch.Tensor) -> torch.Tensor:
-        """A ring token's count of the queries that saw it, in one byte: past 255 its mean importance is a moving
-        average over about the last 255 queries (a ring token is seen by about ring_tokens + recent_window)."""
+        """A window or ring token's count of the queries that saw it, in one byte: past 255 its mean importance is a
+        moving average over about the last 255 queries (a ring token is seen by about ring_tokens + recent_window)."""
         return seen.clamp(max=255).to(torch.uint8)
-
-    def _ring_stats(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ring tokens' statistics at `slots` as the window's are kept (attention summed over a group's query
-        heads, queries that saw them)."""
-        a = self._app
-        seen = a.rseen.index_select(1, slots).float()
-        return decode_importance(a.rimp.index_select(2, slots)) * self._group_heads * seen[:, None, :], seen
 
     def _ring_tokens(self, slots: torch.Tensor) -> list[torch.Tensor]:
         """The ring's keys and values at `slots` (the same in every row), dequantized (stored space)."""
@@ -129,12 +119,12 @@ class SmartKVAppendFlush:
         while done < n:   # through the ring, as far as its end (or filling it, as far as full) at a time
             filling = a.ring_n < a.ring
             if a.ring and not filling and n - done >= a.ring:   # a prefill's chunk: one placement, not one a ring
-                self._append_pass(k_st[..., done:, :], v[..., done:, :], a.wsum[..., done:n], a.wseen[:, done:n],
+                self._append_pass(k_st[..., done:, :], v[..., done:, :], a.wimp[..., done:n], a.wseen[:, done:n],
                                   base + done)
                 break
             g = n - done if not a.ring else min(n - done, a.ring - (a.ring_n if filling else a.head_host))
             mid_at = torch.full((1,), base + done, dtype=torch.long, device=self.device)
-            self._append_push(k_st[..., done:done + g, :], v[..., done:done + g, :], a.wsum[..., done:done + g],
+            self._append_push(k_st[..., done:done + g, :], v[..., done:done + g, :], a.wimp[..., done:done + g],
                               a.wseen[:, done:done + g], mid_at, full=not filling)
             done += g
             if filling:   # the filling flushes' demotions, before any token leaves the ring
@@ -142,27 +132,28 @@ class SmartKVAppendFlush:
                     self._append_count_flush()
                 counted += g // P
         self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
-        a.wsum, a.wseen = a.wsum[..., n:].contiguous(), a.wseen[:, n:].contiguous()
+        a.wimp, a.wseen = a.wimp[..., n:].contiguous(), a.wseen[:, n:].contiguous()
         for _ in range(F - counted):
             self._append_count_flush()
 
-    def _append_pass(self, k_st: torch.Tensor, v: torch.Tensor, wsum: torch.Tensor, wseen: torch.Tensor,
+    def _append_pass(self, k_st: torch.Tensor, v: torch.Tensor, codes: torch.Tensor, seen: torch.Tensor,
                      at: int) -> None:
         """r >= ring tokens (a multiple of P) past a full ring, from middle position `at`: the ring's tokens and the
         first r - ring of them take their final classes in one placement (as r / P flushes would place them: no
         query comes between), the last `ring` become the ring, in position order from slot 0."""
         a, R, r = self._app, self._app.ring, k_st.shape[-2]
         slots = self._ring_slots()
-        old, stats = self._ring_tokens(slots), self._ring_stats(slots)
+        old = self._ring_tokens(slots)
         self._append_place(torch.cat([old[0], k_st[..., :r - R, :]], 2), torch.cat([old[1], v[..., :r - R, :]], 2),
-                           torch.cat([stats[0], wsum[..., :r - R]], -1), torch.cat([stats[1], wseen[:, :r - R]], -1),
+                           torch.cat([a.rimp.index_select(2, slots), codes[..., :r - R]], -1),
+                           torch.cat([a.rseen.index_select(1, slots), seen[:, :r - R]], -1),
                            torch.full((1,), at - R, dtype=torch.long, device=self.device))
         a.head.zero_()
         a.head_host = 0
         quantize_pack_at(k_st[..., r - R:, :], a.ring_k.bits, self.group, a.ring_k, a.head)
         quantize_pack_at(v[..., r - R:, :], a.ring_v.bits, self.group, a.ring_v, a.head)
-        a.rimp.copy_(self._mean_codes(wsum[..., r - R:], wseen[:, r - R:]))
-        a.rseen.copy_(self._count(wseen[:, r - R:]))
+        a.rimp.copy_(codes[..., r - R:])
+        a.rseen.copy_(seen[:, r - R:])
 
     def _append_count_flush(self) -> bool:
         """Host counts after one flush (its device work done): it filled the ring by a group, which its demotions
@@ -190,13 +181,13 @@ class SmartKVAppendFlush:
         buf = a.buf
         W = buf["k"].shape[-2]
         mid_at = (buf["start"][:1] - self.sink_k.shape[-2]).long()
-        self._append_push(*self._stored_space(buf["k"][..., :P, :], buf["v"][..., :P, :]), buf["sum"][..., :P],
+        self._append_push(*self._stored_space(buf["k"][..., :P, :], buf["v"][..., :P, :]), buf["imp"][..., :P],
                           buf["seen"][:, :P], mid_at, full=a.ring_n >= a.ring)
         for key in ("k", "v"):
             buf[key][..., :W - P, :] = buf[key][..., P:, :].clone()
-        for key in ("sum", "seen"):   # the statistics of the rows that open up start at 0
+        for key, empty in (("imp", 255), ("seen", 0)):   # the rows that open up: no attention, no query yet
             buf[key][..., :W - P] = buf[key][..., P:].clone()
-            buf[key][..., W - P:] = 0
+            buf[key][..., W - P:] = empty
         buf["start"] += P
 
     def _append_flush_due(self) -> bool:

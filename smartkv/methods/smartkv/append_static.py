@@ -23,9 +23,9 @@ class SmartKVAppendStatic:
         self._append_reserve(max(0, (tokens - self.seq_len + n_win - rw) // P + 1), exact=True)
         B, H, D, W = self.batch_size, self.num_heads, self.head_dim, rw + P
         buf = {kind: x.new_zeros(B, H, W, D) for kind, x in (("k", self.win_k), ("v", self.win_v))}
-        buf["sum"], buf["seen"] = a.wsum.new_zeros(B, H, W), a.wseen.new_zeros(B, W)
+        buf["imp"], buf["seen"] = a.wimp.new_full((B, H, W), 255), a.wseen.new_zeros(B, W)
         buf["k"][..., :n_win, :], buf["v"][..., :n_win, :] = self.win_k, self.win_v
-        buf["sum"][..., :n_win], buf["seen"][:, :n_win] = a.wsum, a.wseen
+        buf["imp"][..., :n_win], buf["seen"][:, :n_win] = a.wimp, a.wseen
         buf["start"] = torch.full((B,), self.sink_k.shape[-2] + self.n_middle, dtype=torch.int32, device=self.device)
         buf["len"] = torch.zeros(B, dtype=torch.int32, device=self.device)
         buf["at"] = torch.arange(W, device=self.device)
@@ -38,7 +38,7 @@ class SmartKVAppendStatic:
         if n_win > buf["k"].shape[-2]:
             raise RuntimeError("static steps ran past the window's buffer (a flush was skipped)")
         self.win_k, self.win_v = buf["k"][..., :n_win, :], buf["v"][..., :n_win, :]
-        a.wsum, a.wseen = buf["sum"][..., :n_win], buf["seen"][:, :n_win]
+        a.wimp, a.wseen = buf["imp"][..., :n_win], buf["seen"][:, :n_win]
 
     def _append_static_store(self, key_states, value_states, state) -> None:
         buf = self._app.buf
@@ -64,7 +64,7 @@ class SmartKVAppendStatic:
     def _append_static_end(self) -> None:
         a = self._app
         self.win_k, self.win_v = self.win_k.contiguous(), self.win_v.contiguous()
-        a.wsum, a.wseen = a.wsum.contiguous(), a.wseen.contiguous()
+        a.wimp, a.wseen = a.wimp.contiguous(), a.wseen.contiguous()
         a.buf = None
 
     # ---------------------------------------------------------------- views and accounting
@@ -106,7 +106,8 @@ class SmartKVAppendStatic:
         # and lengths, the key normalisation
         ring_stats = (a.rimp[..., :a.ring_n], a.rseen[:, :a.ring_n]) if a.ring else ()
         cmap = a.cmap[..., :classmap.used_bytes(self.n_middle - a.ring_n)]   # the ring's positions are not marked
-        for t in (cmap, a.wsum, a.wseen, a.length, a.rank_class, a.mix_len, self.k_mu, self.k_scale, *ring_stats, a.head, a.ring_len):
+        for t in (cmap, a.wimp, a.wseen, a.length, a.rank_class, a.mix_len, self.k_mu, self.k_scale, *ring_stats,
+                  a.head, a.ring_len):
             if t is None:
                 continue
             lb.add("metadata", t)
@@ -133,6 +134,6 @@ class SmartKVAppendStatic:
         if a.buf is not None:
             spare = a.buf["k"].shape[-2] - self.win_k.shape[-2]
             row = self.win_k[..., :1, :].numel() * self.win_k.element_size()
-            out += spare * (2 * row + 4 * self.batch_size * (self.num_heads + 1))
+            out += spare * (2 * row + self.batch_size * (self.num_heads + 1))
             out += sum(a.buf[k].numel() * a.buf[k].element_size() for k in ("start", "len", "at"))
         return out
