@@ -91,6 +91,20 @@ def test_budget_holds_and_every_held_tensor_is_counted(tiny, held, decode):
         assert sum(tensors.values()) == b.payload + b.metadata + b.residual + layer.slack_bytes(), tensors
 
 
+def test_an_append_layer_holds_no_more_than_a_reallocating_one(tiny, decode):
+    """Its flush bookkeeping (the ring's and window's counts, the plan's table, device lengths) comes out of the
+    prompt's bits, so at every step, the ring filling or full, the cache holds no more than the default's at the
+    same budget, within a few bytes a layer of it."""
+    q = dict(P, ring_tokens=16)
+    for steps in (3, 9, 20, 29):   # the ring fills at step 17
+        _, _, app, _ = decode(tiny, "smartkv", _ids(prompt=60), steps, "eager", **q)
+        _, _, ref, _ = decode(tiny, "smartkv", _ids(prompt=60), steps, "eager",
+                              **dict(q, realloc="incremental", joint=False))
+        for a, b in zip(app.memory_report().per_layer, ref.memory_report().per_layer, strict=True):
+            held, other = (x["payload"] + x["metadata"] + x["residual"] for x in (a, b))
+            assert held <= other and (steps > 17 or held >= other - 400), (steps, held, other)
+
+
 def test_demotions_every_other_flush_pay_ahead(tiny, held, decode):
     """demote_every=2 with a ring of 4 flushes: flushes 0 and 2 demote (each paying for two flushes), 1 and 3
     nothing, and the classes end as one flush at a time leaves them; the budget holds after every flush and every

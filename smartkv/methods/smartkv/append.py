@@ -21,6 +21,7 @@ demotions' merges and accounting.
 docs/smartkv.md ("Append re-allocation") has its measured speed and quality against the re-allocating designs."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,10 +89,10 @@ class SmartKVAppend:
 
     # ---------------------------------------------------------------- from the first allocation
     def _append_split(self, weights: torch.Tensor, kinds: tuple) -> tuple:
-        """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned as
-        they are: every token at the full budget): solve the flush mix on the n tokens' profile, choose the ring's
-        class (`ring_widths`), size the ring (`ring_tokens`, less where the n tokens cannot pay for it) and plan the
-        demotions that pay for it as it fills (`_demotion_plan`)."""
+        """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned with
+        each kind's budget less the layer's bookkeeping, `_append_charge`): solve the flush mix on the n tokens'
+        profile, choose the ring's class (`ring_widths`), size the ring (`ring_tokens`, less where the n tokens
+        cannot pay for it) and plan the demotions that pay for it as it fills (`_demotion_plan`)."""
         cfg, P, lo = self.config, self.config.realloc_every, min(self.widths)
         n, A = weights.shape[1], cfg.ring_tokens // P * P
         # one copy to the host: the profile and the mean weight of the prompt's newest A tokens
@@ -103,13 +104,42 @@ class SmartKVAppend:
         while A and any(b * (n + A) - A * w < lo * n for b, w in zip(budgets, top)):
             A -= P
         (_, _, bk), (_, _, bv) = kinds
-        plan = self._demotion_plan(profile, (bk, bv), top, A, n) if A else []
+        # the layer's bookkeeping comes out of the prompt's bits: charged for a plan table of 2 x widths - 1 moves
+        # (SmolLM2 plans 3-7 with 4 widths), the plan at that charge, then checked against the plan's own table
+        room = [math.floor(b * n + 1e-9) - lo * n for b in (bk, bv)]   # bits each kind's rows can give up
+        charge, pairs, plan = (0, 0), 2 * len(self.widths) - 1, None
+        for _ in range(3):
+            want = self._append_charge(A, pairs, plan)
+            if plan is not None and want <= sum(charge):
+                break
+            cv = min(room[1], max(want // 2, want - room[0]))   # split between the kinds as far as each can pay
+            if plan is not None and (min(room[0], want - cv), cv) == charge:
+                break
+            charge = (min(room[0], want - cv), cv)
+            plan = self._demotion_plan(profile, (bk, bv), top, A, n, charge) if A else []
+            pairs = len({m for moves in plan for m in moves})
+        kinds = tuple((kind, new, (math.floor(b * n + 1e-9) - c) / n) for (kind, new, b), c in zip(kinds, charge))
         self._app_plan = (mix, A, plan, top)
         return weights, kinds
 
+    def _append_charge(self, A: int, pairs: int, plan: list | None) -> int:
+        """Width-bits a row (of keys and of values together) gives up for what an append layer holds besides its
+        tokens' codes and the per-token statistics the default holds too (class map, importance codes): the
+        window's and the full ring's one-byte counts a sequence, the filling flushes' count table (A / P rows of
+        `pairs` moves, entries as wide as `plan`'s largest count needs) and the device lengths and tables (at most
+        len(widths)^2 classes), less what a re-allocating layer holds that it does not (the sinks' codes, the level
+        maps over the full ring's positions), so that it holds no more bytes than that layer."""
+        B, P, C = self.batch_size, self.config.realloc_every, len(self.widths) ** 2
+        top = max((k for moves in plan or [] for k in moves.values()), default=0)
+        item = 1 if top <= 255 else 2 if top <= 32767 else 4
+        H, cfg = self.num_heads, self.config
+        held = (B * (A + cfg.recent_window + P) + A // P * pairs * item + 4 * (C * B + C + 2 * B + 1) + P
+                - B * H * (cfg.sink_tokens + A // 2))
+        return max(0, -(-8 * held // (B * H * self.head_dim)))
+
     def _append_begin(self) -> None:
         """Turn the first allocation's class-major pools into class buffers, make the (empty) ring at its class, and
-        start the window's importance sums from the codes (then dropped, as are the level maps)."""
+        keep the window's importance codes and counts (the others are dropped, as are the level maps)."""
         P = self.config.realloc_every
         B, H, Tq = self.batch_size, self.num_heads, self.n_middle
         mix, A, plan, top = self._app_plan

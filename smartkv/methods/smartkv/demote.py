@@ -37,18 +37,20 @@ class SmartKVDemote:
     """SmartKVLayer's demotions while an append layer's ring fills (`_app`: append.Classes; its `plan`, `cimp`,
     `cseen` are None once the ring is full)."""
 
-    def _demotion_plan(self, profile: torch.Tensor, budgets: tuple, top: tuple, A: int, n: int) -> list:
+    def _demotion_plan(self, profile: torch.Tensor, budgets: tuple, top: tuple, A: int, n: int,
+                       charge: tuple = (0, 0)) -> list:
         """Per filling flush (A / P of them), the demotions {(class, target): tokens}: flush i, when i is a multiple
         of `demote_every` (m), pays ahead for the ring's growth to (i + m) P tokens (at most A), leaving the n
         prompt tokens at most the bits of the budget over n + (i + m) P tokens less those at the ring's class `top`
         (each kind's rank-based classes, as the first allocation solves them on `profile`, at the budget left, a
         token never raised, the changes from the demotions before counted per (class, target)); the other
-        flushes demote nothing."""
+        flushes demote nothing. `charge`: width-bits a row of each kind gives up throughout (`_append_charge`)."""
         P, lo, hi, every = self.config.realloc_every, min(self.widths), max(self.widths), self.config.demote_every
 
         # each kind's budget left at the first allocation (f = 0) and after each filling flush f
-        left = [[min(max((math.floor(b * (n + f * P) + 1e-9) - f * P * w) / n, lo), hi) for f in range(A // P + 1)]
-                for b, w in zip(budgets, top)]
+        left = [[min(max((math.floor(b * (n + f * P) + 1e-9) - f * P * w - c) / n, lo), hi)
+                 for f in range(A // P + 1)]
+                for b, w, c in zip(budgets, top, charge)]
         counts = [counts_for_budgets(profile, kind, self.widths) for kind in left]
 
         def ranks(f):   # the classes along the ranking as runs [((key width, value width), tokens)]
