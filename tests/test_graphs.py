@@ -176,9 +176,10 @@ def test_graph_replays_equal_static_steps(tiny_llama, decode, method):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_append_ring_fills_inside_the_graphs(tiny_llama, decode):
-    """Three flushes fill the ring while decoding (12 tokens: what the prompt pays for of the 24 asked): each filling flush's demotions run inside the one captured
-    flushing graph (device counts), so the graphs are captured again once (ring full), not after every flush,
-    and the replays give the static steps' tokens, classes and logits."""
+    """Three flushes fill the ring while decoding (12 tokens: what the prompt pays for of the 24 asked): each
+    filling flush's demotions run inside the one captured flushing graph (device counts), so the graphs are
+    captured again once (ring full), not after every flush, and the replays give the static steps' tokens, classes
+    and logits."""
     params = dict(APPEND, ring_tokens=24)
     ids = torch.randint(3, 500, (2, 33), generator=torch.Generator().manual_seed(8)).to(DEV)
     s_tokens, s_logits, s_cache, _ = decode(tiny_llama, "smartkv", ids, 30, "static", reserve=200, **params)
@@ -188,7 +189,8 @@ def test_append_ring_fills_inside_the_graphs(tiny_llama, decode):
     assert torch.equal(g_tokens, s_tokens)
     torch.testing.assert_close(g_logits, s_logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(cache.layers, s_cache.layers, strict=True):
-        assert a._app.n == b._app.n and torch.equal(*(classmap.read(x._app.cmap, x.n_middle - x._app.ring_n) for x in (a, b)))
+        assert a._app.n == b._app.n
+        assert torch.equal(*(classmap.read(x._app.cmap, x.n_middle - x._app.ring_n) for x in (a, b)))
 
 
 @pytest.mark.parametrize("mode", ["static", None])
@@ -282,3 +284,31 @@ def test_smartkv_needs_its_sinks_for_static_steps(tiny_llama, kernels):
     with torch.inference_mode():
         tiny_llama(ids, **cache_kwargs(tiny_llama, three), use_cache=True)
     assert default_mode("cuda", three) == "eager"
+
+
+@pytest.mark.parametrize("method", ["int4", "smartkv-append"])
+def test_the_runners_decode_loop_runs_static_steps(tiny_llama, kernels, method, monkeypatch):
+    """smartkv-bench's decode loop (bench/run/generation.py) through static steps gives its eager loop's tokens and
+    logits, says how it ran, and leaves the cache to ordinary steps; "auto" is eager on CPU, graphs on CUDA."""
+    from smartkv.bench.run.generation import decode as run_decode
+
+    params = dict(APPEND) if method == "smartkv-append" else {}
+    method = method.partition("-")[0]
+    ids = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(12)).tolist()
+    steps, step = [], GraphDecoder.step
+    monkeypatch.setattr(GraphDecoder, "step", lambda self, x: steps.append(self.mode) or step(self, x))
+    runs = {mode: run_decode(tiny_llama, ids, smartkv.make_cache(method, tiny_llama, **params), 14, mode=mode)
+            for mode in ("eager", "static", "auto")}
+    assert runs["static"].mode == "static" and runs["auto"].mode == ("graph" if DEV == "cuda" else "eager")
+    assert runs["static"].tokens == runs["eager"].tokens and runs["static"].decode_steps == 13
+    assert steps == ["static"] * 13 + (["graph"] * 13 if DEV == "cuda" else [])   # eager: the model's own calls
+    err = (runs["static"].logits - runs["eager"].logits).abs().max() / runs["eager"].logits.abs().max()
+    assert err.item() < LOGIT_BOUND
+    cache = smartkv.make_cache(method, tiny_llama, **params)
+    run_decode(tiny_llama, ids, cache, 5, mode="static")
+    assert all(layer.static is None for layer in cache.layers)   # ordinary steps again
+    monkeypatch.setenv("SMARTKV_DECODE_MODE", "graphs")
+    with pytest.raises(ValueError, match="SMARTKV_DECODE_MODE must be one of auto, graph, static, eager"):
+        run_decode(tiny_llama, ids, smartkv.make_cache(method, tiny_llama, **params), 5)
+    with pytest.raises(ValueError, match="decode mode 'static' needs a cache whose steps can be static"):
+        run_decode(tiny_llama, ids, smartkv.make_cache("kivi", tiny_llama), 5, mode="static")

@@ -2,8 +2,11 @@
 reconstruction error of a prefill.
 
 `decode` runs a prompt through a cache the way a server would: one prefill call, then one forward call per token,
-so each later token reads what the cache stored (dequantized), and each step is timed on its own. It chooses
-tokens (greedy or sampled) or is fed them (`forced`: teacher forcing, perplexity). Never `model.generate`.
+so each later token reads what the cache stored (dequantized), and each step is timed on its own. On CUDA a cache
+whose steps can be captured decodes through CUDA graphs (`smartkv.cache.graphs.GraphDecoder`, as serving engines
+do: an eager step of a batch of one is mostly kernel launches), any other eagerly; `SMARTKV_DECODE_MODE` (auto,
+graph, static, eager) overrides. It chooses tokens (greedy or sampled) or is fed them (`forced`: teacher forcing,
+perplexity). Never `model.generate`.
 """
 from __future__ import annotations
 
@@ -19,12 +22,14 @@ from typing import Callable
 import torch
 
 import smartkv
+from smartkv.cache.graphs import MODES, GraphDecoder, default_mode, static_capable
 from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.metrics import quality
 from smartkv.metrics.speed import Timer
 
 REFERENCE_ATTR = "_smartkv_fp16_references"   # the per-handle memo of fp16 references
 REFERENCE_CACHE_MB = int(os.environ.get("SMARTKV_REFERENCE_CACHE_MB", "2048"))
+DECODE_MODES = ("auto",) + MODES
 
 Chooser = Callable[[torch.Tensor], int]        # logits (vocab,) -> next token id
 
@@ -39,6 +44,7 @@ class Decoded:
     kv_errors: dict | None = None    # what `after_prefill` returned (reconstruction errors)
     ttft_ms: float | None = None     # serving view: request start to the first token chosen (None: no token)
     e2e_ms: float | None = None      # request start to the last token chosen, host work included
+    mode: str = "eager"              # how the decode steps ran: graph, static or eager (see decode_mode)
 
     @property
     def decode_ms_per_token(self) -> float | None:
@@ -70,47 +76,81 @@ def sampler(generator: torch.Generator, temperature: float | None = None, top_p:
     return choose
 
 
+def decode_mode(device: torch.device, wanted: str | None = None) -> str:
+    """How `decode` is asked to run its steps: `wanted`, default $SMARTKV_DECODE_MODE, else "auto" ("graph" on CUDA
+    for a cache whose steps can be captured, "eager" otherwise: `resolve_mode` once the prompt is in)."""
+    wanted = wanted or os.environ.get("SMARTKV_DECODE_MODE") or "auto"
+    if wanted not in DECODE_MODES:
+        raise ValueError(f"SMARTKV_DECODE_MODE must be one of {', '.join(DECODE_MODES)}, got {wanted!r}")
+    if wanted == "graph" and torch.device(device).type != "cuda":
+        raise ValueError(f"decode mode 'graph' needs a CUDA device, got {device}")
+    return wanted
+
+
+def resolve_mode(device: torch.device, cache, wanted: str) -> str:
+    """`wanted` for `cache` holding its prompt: "auto" becomes graph or eager; a static mode the cache cannot run
+    is an error."""
+    if wanted == "auto":
+        return default_mode(device, cache)
+    if wanted != "eager" and not static_capable(cache):
+        raise ValueError(f"decode mode {wanted!r} needs a cache whose steps can be static (fp16, int8, int4 or "
+                         f"smartkv on the kernels path, full-attention layers), got {type(cache).__name__}")
+    return wanted
+
+
 def decode(model, input_ids: list[int], cache, max_new_tokens: int, *, forced: list[int] | None = None,
            eos_ids=frozenset(), choose: Chooser = greedy, keep_logits: bool = True,
            after_prefill: Callable[[object], dict] | None = None,
-           stop: Callable[[list[int]], bool] | None = None) -> Decoded:
+           stop: Callable[[list[int]], bool] | None = None, mode: str | None = None) -> Decoded:
     """Prefill `input_ids` into `cache`, then produce up to `max_new_tokens` tokens one forward call at a time.
 
     With `forced`, token i is forced[i] (no EOS stop) and logits[i] is the model's distribution for it.
     `after_prefill(cache)` runs between prefill and decode, outside the timed parts; its result lands in
-    `kv_errors`. `stop(tokens)` ends a free-running generation early (stop strings). Timings are wall clock
-    around each forward call, synchronised on CUDA; `ttft_ms` and `e2e_ms` also count the host's token choices.
+    `kv_errors`. `stop(tokens)` ends a free-running generation early (stop strings). `mode`: see `decode_mode`
+    (graphed steps count their captures, and the static buffers made after the prefill, in `decode_ms`). Timings
+    are wall clock around each forward call, synchronised on CUDA; `ttft_ms` and `e2e_ms` also count the host's
+    token choices.
     """
     device = next(model.parameters()).device
     kw = {**cache_kwargs(model, cache), "use_cache": True}
     n = min(max_new_tokens, len(forced)) if forced is not None else max_new_tokens
-    tokens, kept, decode_ms, steps, kv_errors, ttft_ms = [], [], 0.0, 0, None, None
-    with torch.inference_mode():
-        ids = torch.tensor([input_ids], device=device)
-        with Timer(device) as prefill:
-            start = time.perf_counter()  # after the timer's synchronisation: the request starts here
-            logits = model(input_ids=ids, logits_to_keep=1, **kw).logits[0, -1]
-        if after_prefill is not None:
-            untimed = time.perf_counter()
-            kv_errors = after_prefill(cache)
-            start += time.perf_counter() - untimed  # the measurement is not the request's
-        for i in range(n):
-            token = forced[i] if forced is not None else choose(logits)
-            tokens.append(token)
-            if i == 0:
-                ttft_ms = (time.perf_counter() - start) * 1000.0
-            if keep_logits:
-                kept.append(logits.float())
-            if i == n - 1 or (forced is None and (token in eos_ids or (stop is not None and stop(tokens)))):
-                break
-            step = torch.tensor([[token]], device=device)
-            with Timer(device) as timer:
-                logits = model(input_ids=step, **kw).logits[0, -1]
-            decode_ms += timer.ms
-            steps += 1
+    mode = decode_mode(device, mode)
+    tokens, kept, decode_ms, steps, kv_errors, ttft_ms, dec = [], [], 0.0, 0, None, None, None
+    try:
+        with torch.inference_mode():
+            ids = torch.tensor([input_ids], device=device)
+            with Timer(device) as prefill:
+                start = time.perf_counter()  # after the timer's synchronisation: the request starts here
+                logits = model(input_ids=ids, logits_to_keep=1, **kw).logits[0, -1]
+            if after_prefill is not None:
+                untimed = time.perf_counter()
+                kv_errors = after_prefill(cache)
+                start += time.perf_counter() - untimed  # the measurement is not the request's
+            mode = resolve_mode(device, cache, mode)
+            for i in range(n):
+                token = forced[i] if forced is not None else choose(logits)
+                tokens.append(token)
+                if i == 0:
+                    ttft_ms = (time.perf_counter() - start) * 1000.0
+                if keep_logits:
+                    kept.append(logits.float())
+                if i == n - 1 or (forced is None and (token in eos_ids or (stop is not None and stop(tokens)))):
+                    break
+                step = torch.tensor([[token]], device=device)
+                with Timer(device) as timer:
+                    if mode == "eager":
+                        logits = model(input_ids=step, **kw).logits[0, -1]
+                    else:   # the static buffers, made once the first step is due, count as decoding
+                        dec = dec or GraphDecoder(model, cache, max_length=len(input_ids) + n, mode=mode)
+                        logits = dec.step(step)[0, -1]
+                decode_ms += timer.ms
+                steps += 1
+    finally:
+        if dec is not None:   # the cache back to ordinary steps (it keeps every token)
+            dec.close()
     e2e_ms = (time.perf_counter() - start) * 1000.0 if tokens else None
     stacked = torch.stack(kept).cpu() if kept else None
-    return Decoded(tokens, stacked, prefill.ms, decode_ms, steps, kv_errors, ttft_ms, e2e_ms)
+    return Decoded(tokens, stacked, prefill.ms, decode_ms, steps, kv_errors, ttft_ms, e2e_ms, mode)
 
 
 # --- reconstruction error ------------------------------------------------------------------------------------

@@ -266,7 +266,8 @@ def run_generate(handle, sample, ids: list[int], settings: Settings) -> tuple[di
     values.update(prediction=prediction, metric=sample.metric if sample.answers else None,
                   score=task.score(sample.metric, prediction, sample.answers, sample.all_classes)
                   if sample.answers else None)
-    extra = {"memory": memory, "stopped_at_eos": bool(decoded.tokens) and decoded.tokens[-1] in eos}
+    extra = {"memory": memory, "decode_mode": decoded.mode,
+             "stopped_at_eos": bool(decoded.tokens) and decoded.tokens[-1] in eos}
     errors = decoded.kv_errors
     if settings.compare_fp16:
         ref = fp16_reference(handle, ids, n, eos_ids=eos)
@@ -299,7 +300,7 @@ def run_ppl(handle, sample, ids: list[int], settings: Settings) -> tuple[dict, d
     decoded, memory, values = timed_run(handle, ids, settings, len(cont), forced=cont)
     token_nll = quality.nll(decoded.logits, torch.tensor(cont))
     values.update(metric="ppl", nll=token_nll.mean().item(), ppl=quality.perplexity(token_nll))
-    extra = {"memory": memory}
+    extra = {"memory": memory, "decode_mode": decoded.mode}
     if settings.compare_fp16:
         ref = fp16_reference(handle, ids, len(cont), forced=cont)
         values.update(decode_path_quality(ref.logits, decoded.logits))
