@@ -18,7 +18,7 @@ OLD="smartkv incremental (budget 4.25; gap 3) (CUDA graph)"
 [ "${NOTESTS:-0}" = 1 ] || timeout 200 python -m pytest tests/test_cuda_attn.py tests/test_graphs.py tests/test_fused.py \
     tests/test_append.py tests/test_kernels.py -q --tb=short -p no:cacheprovider -k "cuda_attn or graph_replays or \
     across_reallocations or joint or one_pass or probabilities or append or merge_plan or importance_fold or \
-    runners" \
+    move_rows or runners" \
     > "$OUT/pytest.txt" 2>&1
 grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
 if [ "${ONESHOT:-0}" = 1 ]; then

@@ -568,8 +568,8 @@ def test_importance_update_kernel_matches_the_statistics(ranges):
 def test_importance_fold_matches_the_running_mean(queries, divisor, per_token):
     """SmartKV's append classes and ring: codes of a mean over `seen` queries (one count for every token, or one a
     sequence and token, fp32 or a uint8 count up to 255) folded with the next queries' attention, in place on a view
-    of a larger buffer (rows past it untouched): the kernel and the reference against the float64 mean (codes within one step of 2^(1/8); nearly
-    all equal)."""
+    of a larger buffer (rows past it untouched): the kernel and the reference against the float64 mean (codes
+    within one step of 2^(1/8); nearly all equal)."""
     from smartkv.core.importance import decode_importance, encode_importance
     from smartkv.kernels import reference as R
 
@@ -633,6 +633,43 @@ def test_merge_plan_kernel_equals_the_reference():
     assert sorted(order) == list(range(int(n_t[0, 0]))) + [Ct + j for j in range(5)]
     with pytest.raises(ValueError, match="cmap and gone must be uint8"):
         kern.merge_plan(got_cm.int(), n, gone.to(DEV), k.to(DEV), cid, tid, Ct)
+
+
+@pytest.mark.parametrize("dtype,F", [(torch.uint8, 32), (torch.float16, 2), (torch.uint8, 1)])
+def test_move_rows_in_place_equals_gathering_a_copy(dtype, F):
+    """A demotion move's rows, in place on the first rows of a larger buffer (more rows than one of the kernel's
+    blocks): the class compacted (each sequence keeping its first n[b] rows' sources, rows past n[b] unchanged) and the
+    target merged with fresh rows (its own rows and the moved ones interleaved in order); the kernel and the
+    reference equal a gather from a copy, and rows past the view are untouched."""
+    from smartkv.kernels import reference as R
+
+    g = gen(11)
+    B, H, C, cap, k = 2, 3, 700, 760, 90
+
+    def rand(*shape):
+        t = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        return t if dtype == torch.uint8 else (torch.rand(*shape, generator=g) * 8).to(dtype)
+    buf = rand(B, H, cap, F)
+    gone = torch.rand(B, H, C, generator=g) < 0.3
+    keep = torch.argsort(gone.to(torch.uint8), dim=-1, stable=True)                      # rows that stay first
+    n = (C - gone.sum(-1)).min(-1).values.to(torch.int32)                               # per sequence
+    own = torch.rand(B, H, C + k, generator=g).argsort(-1)[..., :C + k] < C              # C own rows, k fresh, mixed
+    order = torch.where(own, own.cumsum(-1) - 1, C + (~own).cumsum(-1) - 1)[..., :C]     # merged order, first C rows
+    fresh = rand(B, H, k, F)
+    for src, rows, fr, asc in ((keep, n, None, True), (order, None, fresh, False)):
+        want = buf.clone()
+        full = torch.cat([buf[..., :C, :], fr], -2) if fr is not None else buf[..., :C, :]
+        moved = full.gather(-2, src[..., None].expand(B, H, C, F))
+        lim = C if rows is None else rows[:, None, None, None]
+        want[..., :C, :] = torch.where(torch.arange(C)[:, None] < lim, moved, buf[..., :C, :])
+        ref = buf.clone()
+        R.move_rows_reference(ref[..., :C, :], src, rows, fr)
+        got = buf.clone().to(DEV)
+        kern.move_rows(got[..., :C, :], src.to(DEV), None if rows is None else rows.to(DEV),
+                       None if fr is None else fr.to(DEV), ascending=asc)
+        assert torch.equal(ref, want) and torch.equal(got.cpu(), want)
+    with pytest.raises(ValueError, match="src must be int64"):
+        kern.move_rows(buf[..., :C, :], keep.int())
 
 
 def test_importance_update_with_many_ranges_takes_the_reference_path():

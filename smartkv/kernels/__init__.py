@@ -32,7 +32,7 @@ import torch
 from smartkv.core.quant import QTensor
 from smartkv.kernels.reference import (MAX_FP, MAX_POOLS, MAX_RANGES, decode_attention_reference,
                                              importance_fold_reference, importance_update_reference,
-                                             merge_plan_reference,
+                                             merge_plan_reference, move_rows_reference,
                                              pool_positions_reference, pool_scores_reference, pool_values_reference,
                                              quantize_pack_reference)
 from smartkv.kernels import cuda_attn as _cuda
@@ -380,3 +380,25 @@ def merge_plan(cmap: torch.Tensor, n: int, gone: torch.Tensor, k: torch.Tensor, 
     if kernels_available(cmap.device) and n and gone.shape[-1] and rows_ok:
         return _td.merge_plan_triton(cmap, n, gone, k.to(torch.int32).contiguous(), cid, tid, Ct)
     return merge_plan_reference(cmap, n, gone, k, cid, tid, Ct)
+
+
+def move_rows(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor | None = None, fresh: torch.Tensor | None = None,
+              ascending: bool = True) -> None:
+    """Rows of x (B, H, C, F), in place: row r becomes row src[r] of x ((B, H, >= C) int64, its first C read), or
+    with `fresh` (B, H, k, F) of the same dtype, row src[r] - C of fresh where src[r] >= C; only rows r < n[b]
+    ((B,) int; None: every row). SmartKV's append demotions: `ascending` for a class's compaction (every source at or
+    above its row), False for the merge into the target (every source of x at or below its row), so one program a
+    (sequence, head) row moves them without a copy of the buffer. x's last dimension contiguous, its (B, H) rows
+    evenly spaced (a view of the first rows of a larger buffer is fine)."""
+    B, H, C, F = x.shape
+    if src.shape[:2] != (B, H) or src.shape[-1] < C or src.dtype != torch.int64:
+        raise ValueError(f"src must be int64 (B, H, >= C) = ({B}, {H}, >= {C}), got {src.dtype} {tuple(src.shape)}")
+    if fresh is not None and (fresh.shape[:2] != (B, H) or fresh.shape[-1] != F or fresh.dtype != x.dtype):
+        raise ValueError(f"fresh must be {x.dtype} (B, H, k, F) = ({B}, {H}, k, {F}), got {fresh.dtype} "
+                         f"{tuple(fresh.shape)}")
+    even = all(t.stride(-1) == 1 and t.stride(0) == H * t.stride(1)
+               for t in (x, src) + ((fresh,) if fresh is not None else ()))
+    if kernels_available(x.device) and x.numel() and even:
+        n = None if n is None else n.to(device=x.device, dtype=torch.int32).contiguous()
+        return _td.move_rows_triton(x, src, n, fresh, ascending)
+    return move_rows_reference(x, src, n, fresh)

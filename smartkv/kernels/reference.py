@@ -194,3 +194,14 @@ def merge_plan_reference(cmap: torch.Tensor, n: int, gone: torch.Tensor, k: torc
     cm.masked_fill_(moved, tid)
     cmap[..., :nb] = nib[..., 0::2] | (nib[..., 1::2] << 4)
     return order.long(), keep
+
+
+def move_rows_reference(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor | None,
+                        fresh: torch.Tensor | None) -> None:
+    B, H, C, F = x.shape
+    full = torch.cat([x, fresh], -2) if fresh is not None else x
+    moved = full.gather(-2, src[..., :C, None].expand(B, H, C, F))
+    if n is None:
+        x.copy_(moved)
+    else:   # rows at or past n[b] stay
+        x.copy_(torch.where((torch.arange(C, device=x.device) < n.to(x.device)[:, None, None])[..., None], moved, x))

@@ -15,8 +15,8 @@ import torch
 from smartkv.core.classes import staircase, zip_runs
 from smartkv.core.importance import decode_importance
 from smartkv.core.policy import counts_for_budgets
-from smartkv.core.quant import QTensor, cat, dequantize, take_rows, token_ranges
-from smartkv.kernels import importance_fold, merge_plan
+from smartkv.core.quant import QTensor, dequantize, take_rows, token_ranges
+from smartkv.kernels import importance_fold, merge_plan, move_rows
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
 
@@ -25,12 +25,6 @@ def _take(q: QTensor, idx: torch.Tensor) -> QTensor:
     """Rows idx (B, H, k) of a per-token QTensor (B, H, n, F)."""
     return QTensor(take_rows(q.codes, idx), take_rows(q.scale, idx), take_rows(q.zero, idx), q.bits, q.group_size,
                    q.axis)
-
-
-def _write(buf: QTensor, q: QTensor) -> None:
-    n = q.codes.shape[-2]
-    for dst, src in zip((buf.codes, buf.scale, buf.zero), (q.codes, q.scale, q.zero)):
-        dst[..., :n, :] = src
 
 
 class SmartKVDemote:
@@ -139,9 +133,9 @@ class SmartKVDemote:
         captured graph serves them all): per (class, target) move of the plan, in the plan's order, the k lightest
         rows of the class (importance x sensitivity, as the allocation weighs; k from the device table, at most the
         class's rows) re-quantized from their codes at the target's widths and merged into it in position order;
-        the class compacted, the class map and device lengths updated. Shapes are the buffers' capacities and
-        the prompt's n_all positions (constant while the ring fills); the host counts follow in
-        `_append_count_flush`."""
+        the class compacted (both in place, `kernels.move_rows`), the class map and device lengths updated. Shapes
+        are the buffers' capacities and the prompt's n_all positions (constant while the ring fills); the host
+        counts follow in `_append_count_flush`."""
         a, cfg = self._app, self.config
         B, H = self.batch_size, self.num_heads
         n_all = sum(a.n)
@@ -173,14 +167,18 @@ class SmartKVDemote:
             # by position: the target's rows after the merge (its own, or the moved ones after them) and the class's
             # kept rows first; the class map updated
             order, keep = merge_plan(a.cmap, n_all, gone, k[:, 0, 0], cid, tid, Ct)
+            stay = Cc - k[:, 0, 0]   # the class's rows after the move; its rows past them are not read
             for j, (bufs, q) in enumerate(((a.k, kq), (a.v, vq))):
                 fresh = self._quantize(dequantize(_take(q, rows)), a.widths[tid][j])
-                into = _take(cat([_rows(bufs[tid], 0, Ct), fresh]), order)
-                _write(bufs[cid], _take(q, keep))
-                _write(bufs[tid], into)
-            ci, ti = a.cimp[cid][..., :Cc], a.cimp[tid][..., :Ct]
-            a.cimp[tid][..., :Ct] = torch.cat([ti, ci.gather(-1, rows)], -1).gather(-1, order)
-            a.cimp[cid][..., :Cc] = ci.gather(-1, keep)
+                into = _rows(bufs[tid], 0, Ct)
+                for x, y, f in zip((q.codes, q.scale, q.zero), (into.codes, into.scale, into.zero),
+                                   (fresh.codes, fresh.scale, fresh.zero)):
+                    move_rows(x, keep, stay)                           # in place: the kept rows walk down
+                    move_rows(y, order, fresh=f, ascending=False)      # the merged rows walk up
+            ci, ti = a.cimp[cid][..., :Cc, None], a.cimp[tid][..., :Ct, None]
+            moved = ci.gather(-2, rows[..., None])
+            move_rows(ci, keep, stay)
+            move_rows(ti, order, fresh=moved, ascending=False)
             a.length[cid] -= k[:, 0, 0]
             a.length[tid] += k[:, 0, 0]
 
