@@ -289,7 +289,8 @@ def test_smartkv_needs_its_sinks_for_static_steps(tiny_llama, kernels):
 @pytest.mark.parametrize("method", ["int4", "smartkv-append"])
 def test_the_runners_decode_loop_runs_static_steps(tiny_llama, kernels, method, monkeypatch):
     """smartkv-bench's decode loop (bench/run/generation.py) through static steps gives its eager loop's tokens and
-    logits, says how it ran, and leaves the cache to ordinary steps; "auto" is eager on CPU, graphs on CUDA."""
+    logits, says how it ran, and leaves the cache to ordinary steps; "auto" is eager on CPU, graphs on CUDA; eager
+    unless asked."""
     from smartkv.bench.run.generation import decode as run_decode
 
     params = dict(APPEND) if method == "smartkv-append" else {}
@@ -300,6 +301,7 @@ def test_the_runners_decode_loop_runs_static_steps(tiny_llama, kernels, method, 
     runs = {mode: run_decode(tiny_llama, ids, smartkv.make_cache(method, tiny_llama, **params), 14, mode=mode)
             for mode in ("eager", "static", "auto")}
     assert runs["static"].mode == "static" and runs["auto"].mode == ("graph" if DEV == "cuda" else "eager")
+    assert run_decode(tiny_llama, ids, smartkv.make_cache(method, tiny_llama, **params), 3).mode == "eager"
     assert runs["static"].tokens == runs["eager"].tokens and runs["static"].decode_steps == 13
     assert steps == ["static"] * 13 + (["graph"] * 13 if DEV == "cuda" else [])   # eager: the model's own calls
     err = (runs["static"].logits - runs["eager"].logits).abs().max() / runs["eager"].logits.abs().max()

@@ -2,11 +2,11 @@
 reconstruction error of a prefill.
 
 `decode` runs a prompt through a cache the way a server would: one prefill call, then one forward call per token,
-so each later token reads what the cache stored (dequantized), and each step is timed on its own. On CUDA a cache
-whose steps can be captured decodes through CUDA graphs (`smartkv.cache.graphs.GraphDecoder`, as serving engines
-do: an eager step of a batch of one is mostly kernel launches), any other eagerly; `SMARTKV_DECODE_MODE` (auto,
-graph, static, eager) overrides. It chooses tokens (greedy or sampled) or is fed them (`forced`: teacher forcing,
-perplexity). Never `model.generate`.
+so each later token reads what the cache stored (dequantized), and each step is timed on its own, eagerly; with
+`SMARTKV_DECODE_MODE=auto` (or graph) a cache whose steps can be captured decodes through CUDA graphs
+(`smartkv.cache.graphs.GraphDecoder`, as serving engines do: an eager step of a batch of one is mostly kernel
+launches), its captures counted in the decode time (each request's cache is new, so its graphs are too). It chooses
+tokens (greedy or sampled) or is fed them (`forced`: teacher forcing, perplexity). Never `model.generate`.
 """
 from __future__ import annotations
 
@@ -77,9 +77,10 @@ def sampler(generator: torch.Generator, temperature: float | None = None, top_p:
 
 
 def decode_mode(device: torch.device, wanted: str | None = None) -> str:
-    """How `decode` is asked to run its steps: `wanted`, default $SMARTKV_DECODE_MODE, else "auto" ("graph" on CUDA
-    for a cache whose steps can be captured, "eager" otherwise: `resolve_mode` once the prompt is in)."""
-    wanted = wanted or os.environ.get("SMARTKV_DECODE_MODE") or "auto"
+    """How `decode` is asked to run its steps: `wanted`, default $SMARTKV_DECODE_MODE, else "eager" ("auto": "graph"
+    on CUDA for a cache whose steps can be captured, else "eager", `resolve_mode` once the prompt is in). Eager stays
+    the default until the graphed runner is measured on a GPU (per-request captures weigh on short generations)."""
+    wanted = wanted or os.environ.get("SMARTKV_DECODE_MODE") or "eager"
     if wanted not in DECODE_MODES:
         raise ValueError(f"SMARTKV_DECODE_MODE must be one of {', '.join(DECODE_MODES)}, got {wanted!r}")
     if wanted == "graph" and torch.device(device).type != "cuda":
