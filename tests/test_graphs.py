@@ -291,24 +291,23 @@ def test_the_runners_decode_loop_runs_static_steps(tiny_llama, kernels, method, 
     """smartkv-bench's decode loop (bench/run/generation.py) through static steps gives its eager loop's tokens and
     logits, says how it ran, and leaves the cache to ordinary steps; "auto" is eager on CPU, graphs on CUDA; eager
     unless asked."""
-    from smartkv.bench.run.generation import decode as run_decode
+    from smartkv.bench.run.generation import decode as run_decode, decode_mode, resolve_mode
 
     params = dict(APPEND) if method == "smartkv-append" else {}
     method = method.partition("-")[0]
     ids = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(12)).tolist()
     steps, step = [], GraphDecoder.step
     monkeypatch.setattr(GraphDecoder, "step", lambda self, x: steps.append(self.mode) or step(self, x))
-    runs = {mode: run_decode(tiny_llama, ids, smartkv.make_cache(method, tiny_llama, **params), 14, mode=mode)
-            for mode in ("eager", "static", "auto")}
-    assert runs["static"].mode == "static" and runs["auto"].mode == ("graph" if DEV == "cuda" else "eager")
-    assert run_decode(tiny_llama, ids, smartkv.make_cache(method, tiny_llama, **params), 3).mode == "eager"
+    modes = ("eager", "static", "auto") if DEV == "cuda" else ("eager", "static")   # auto is eager on CPU
+    caches = {mode: smartkv.make_cache(method, tiny_llama, **params) for mode in modes}
+    runs = {mode: run_decode(tiny_llama, ids, caches[mode], 14, mode=mode) for mode in modes}
+    assert runs["static"].mode == "static" and runs["eager"].mode == "eager" and decode_mode(DEV) == "eager"
+    assert resolve_mode(torch.device(DEV), caches["eager"], "auto") == ("graph" if DEV == "cuda" else "eager")
     assert runs["static"].tokens == runs["eager"].tokens and runs["static"].decode_steps == 13
     assert steps == ["static"] * 13 + (["graph"] * 13 if DEV == "cuda" else [])   # eager: the model's own calls
     err = (runs["static"].logits - runs["eager"].logits).abs().max() / runs["eager"].logits.abs().max()
     assert err.item() < LOGIT_BOUND
-    cache = smartkv.make_cache(method, tiny_llama, **params)
-    run_decode(tiny_llama, ids, cache, 5, mode="static")
-    assert all(layer.static is None for layer in cache.layers)   # ordinary steps again
+    assert all(layer.static is None for layer in caches["static"].layers)   # ordinary steps again
     monkeypatch.setenv("SMARTKV_DECODE_MODE", "graphs")
     with pytest.raises(ValueError, match="SMARTKV_DECODE_MODE must be one of auto, graph, static, eager"):
         run_decode(tiny_llama, ids, smartkv.make_cache(method, tiny_llama, **params), 5)
