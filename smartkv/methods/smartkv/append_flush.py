@@ -65,8 +65,7 @@ class SmartKVAppendFlush:
         P = self.config.realloc_every
         slots = a.head[:1].long() + self._arange(n)
         if full:
-            self._append_place(*self._ring_tokens(slots), a.rimp.index_select(2, slots), a.rseen.index_select(1, slots),
-                               mid_at - a.ring)
+            self._append_place(*self._ring_tokens(slots), *self._ring_stats(slots), mid_at - a.ring)
         else:   # each group that fills the ring is paid for by demotions (counts read from the device), at its
             first = a.ring_len[:1].long() // P   # flush or ahead of it: the host knows which flushes demote
             for i in range(n // P):
@@ -93,6 +92,11 @@ class SmartKVAppendFlush:
         """A window or ring token's count of the queries that saw it, in one byte: past 255 its mean importance is a
         moving average over about the last 255 queries (a ring token is seen by about ring_tokens + recent_window)."""
         return seen.clamp(max=255).to(torch.uint8)
+
+    def _ring_stats(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring tokens' statistics at `slots`, as the window's are kept: mean importance codes, counts."""
+        a = self._app
+        return a.rimp.index_select(2, slots), a.rseen.index_select(1, slots)
 
     def _ring_tokens(self, slots: torch.Tensor) -> list[torch.Tensor]:
         """The ring's keys and values at `slots` (the same in every row), dequantized (stored space)."""
@@ -143,10 +147,9 @@ class SmartKVAppendFlush:
         query comes between), the last `ring` become the ring, in position order from slot 0."""
         a, R, r = self._app, self._app.ring, k_st.shape[-2]
         slots = self._ring_slots()
-        old = self._ring_tokens(slots)
+        old, stats = self._ring_tokens(slots), self._ring_stats(slots)
         self._append_place(torch.cat([old[0], k_st[..., :r - R, :]], 2), torch.cat([old[1], v[..., :r - R, :]], 2),
-                           torch.cat([a.rimp.index_select(2, slots), codes[..., :r - R]], -1),
-                           torch.cat([a.rseen.index_select(1, slots), seen[:, :r - R]], -1),
+                           torch.cat([stats[0], codes[..., :r - R]], -1), torch.cat([stats[1], seen[:, :r - R]], -1),
                            torch.full((1,), at - R, dtype=torch.long, device=self.device))
         a.head.zero_()
         a.head_host = 0

@@ -171,10 +171,10 @@ class SmartKVDemote:
             for j, (bufs, q) in enumerate(((a.k, kq), (a.v, vq))):
                 fresh = self._quantize(dequantize(_take(q, rows)), a.widths[tid][j])
                 into = _rows(bufs[tid], 0, Ct)
-                for x, y, f in zip((q.codes, q.scale, q.zero), (into.codes, into.scale, into.zero),
-                                   (fresh.codes, fresh.scale, fresh.zero)):
+                for x, y, new in zip((q.codes, q.scale, q.zero), (into.codes, into.scale, into.zero),
+                                     (fresh.codes, fresh.scale, fresh.zero)):
                     move_rows(x, keep, stay)                           # in place: the kept rows walk down
-                    move_rows(y, order, fresh=f, ascending=False)      # the merged rows walk up
+                    move_rows(y, order, fresh=new, ascending=False)    # the merged rows walk up
             ci, ti = a.cimp[cid][..., :Cc, None], a.cimp[tid][..., :Ct, None]
             moved = ci.gather(-2, rows[..., None])
             move_rows(ci, keep, stay)
