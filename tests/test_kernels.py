@@ -639,8 +639,8 @@ def test_merge_plan_kernel_equals_the_reference():
 def test_move_rows_in_place_equals_gathering_a_copy(dtype, F):
     """A demotion move's rows, in place on the first rows of a larger buffer (more rows than one of the kernel's
     blocks): the class compacted (each sequence keeping its first n[b] rows' sources, rows past n[b] unchanged) and the
-    target merged with fresh rows (its own rows and the moved ones interleaved in order); the kernel and the
-    reference equal a gather from a copy, and rows past the view are untouched."""
+    target merged with fresh rows (its own rows and the moved ones interleaved in order), and sources in any order;
+    the kernel and the reference equal a gather from a copy, and rows past the view are untouched."""
     from smartkv.kernels import reference as R
 
     g = gen(11)
@@ -656,7 +656,8 @@ def test_move_rows_in_place_equals_gathering_a_copy(dtype, F):
     own = torch.rand(B, H, C + k, generator=g).argsort(-1)[..., :C + k] < C              # C own rows, k fresh, mixed
     order = torch.where(own, own.cumsum(-1) - 1, C + (~own).cumsum(-1) - 1)[..., :C]     # merged order, first C rows
     fresh = rand(B, H, k, F)
-    for src, rows, fr, asc in ((keep, n, None, True), (order, None, fresh, False)):
+    shuffle = torch.rand(B, H, C, generator=g).argsort(-1)                              # sources in any order
+    for src, rows, fr in ((keep, n, None), (order, None, fresh), (shuffle, n, None)):
         want = buf.clone()
         full = torch.cat([buf[..., :C, :], fr], -2) if fr is not None else buf[..., :C, :]
         moved = full.gather(-2, src[..., None].expand(B, H, C, F))
@@ -666,7 +667,7 @@ def test_move_rows_in_place_equals_gathering_a_copy(dtype, F):
         R.move_rows_reference(ref[..., :C, :], src, rows, fr)
         got = buf.clone().to(DEV)
         kern.move_rows(got[..., :C, :], src.to(DEV), None if rows is None else rows.to(DEV),
-                       None if fr is None else fr.to(DEV), ascending=asc)
+                       None if fr is None else fr.to(DEV))
         assert torch.equal(ref, want) and torch.equal(got.cpu(), want)
     with pytest.raises(ValueError, match="src must be int64"):
         kern.move_rows(buf[..., :C, :], keep.int())

@@ -382,14 +382,13 @@ def merge_plan(cmap: torch.Tensor, n: int, gone: torch.Tensor, k: torch.Tensor, 
     return merge_plan_reference(cmap, n, gone, k, cid, tid, Ct)
 
 
-def move_rows(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor | None = None, fresh: torch.Tensor | None = None,
-              ascending: bool = True) -> None:
+def move_rows(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor | None = None,
+              fresh: torch.Tensor | None = None) -> None:
     """Rows of x (B, H, C, F), in place: row r becomes row src[r] of x ((B, H, >= C) int64, its first C read), or
     with `fresh` (B, H, k, F) of the same dtype, row src[r] - C of fresh where src[r] >= C; only rows r < n[b]
-    ((B,) int; None: every row). SmartKV's append demotions: `ascending` for a class's compaction (every source at or
-    above its row), False for the merge into the target (every source of x at or below its row), so one program a
-    (sequence, head) row moves them without a copy of the buffer. x's last dimension contiguous, its (B, H) rows
-    evenly spaced (a view of the first rows of a larger buffer is fine)."""
+    ((B,) int; None: every row). SmartKV's append demotions: a class's compaction and the merge into its target.
+    Only the rows whose source differs are moved (staged first: any permutation of sources is fine). x's last
+    dimension contiguous, its (B, H) rows evenly spaced (a view of the first rows of a larger buffer is fine)."""
     B, H, C, F = x.shape
     if src.shape[:2] != (B, H) or src.shape[-1] < C or src.dtype != torch.int64:
         raise ValueError(f"src must be int64 (B, H, >= C) = ({B}, {H}, >= {C}), got {src.dtype} {tuple(src.shape)}")
@@ -400,5 +399,5 @@ def move_rows(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor | None = None,
                for t in (x, src) + ((fresh,) if fresh is not None else ()))
     if kernels_available(x.device) and x.numel() and even:
         n = None if n is None else n.to(device=x.device, dtype=torch.int32).contiguous()
-        return _td.move_rows_triton(x, src, n, fresh, ascending)
+        return _td.move_rows_triton(x, src, n, fresh)
     return move_rows_reference(x, src, n, fresh)
