@@ -11,7 +11,7 @@ another compacts the class's rows.
 
 The rows themselves then move (`move_rows_triton`) in two passes over a grid of (sequence, KV head) x row blocks:
 each row whose source differs is staged from its source, then every staged row is put in place (a row that is its
-own source is not touched). One program a (sequence, KV head) row walking its blocks in order could move them in
+own source is not touched), a row as the widest words its bytes divide into (int64 for packed codes). One program a (sequence, KV head) row walking its blocks in order could move them in
 place without the staging buffer, but a walk of 10K rows is latency-bound: 550 us a move at 32K x 8 on the H200,
 15 ms a layer's filling flush; as torch ops each move gathered both classes' whole buffers into new tensors,
 concatenated and copied them back (~25 launches).

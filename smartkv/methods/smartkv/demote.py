@@ -160,8 +160,8 @@ class SmartKVDemote:
                 w = w * self._sensitivity(token_ranges(kq), token_ranges(vq)).double()
             w = w.masked_fill(~valid(cid), float("inf")).float()
             # the k_max lightest, ties by row (whatever the capacity: a chunk and its tokens one by one agree): a
-            # non-negative float's bits order as it does, so (weight, row) is one unique int64 key, and a top-k
-            # selection (a few us) replaces the stable sort of the whole class (8 radix passes over doubles)
+            # non-negative float's bits order as it does, so (weight, row) is one unique int64 key and a top-k
+            # selection finds them (a stable sort of the whole class in double takes 8 radix passes)
             key = (w.view(torch.int32).long() << 32) | self._arange(Cc)
             rows = key.topk(k_max, dim=-1, largest=False).indices
             rows = torch.where(self._arange(k_max) < k, rows, Cc).sort(-1).values   # the k, in row order; then Cc
