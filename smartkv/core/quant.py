@@ -173,14 +173,23 @@ def token_ranges(q: QTensor) -> torch.Tensor:
     return (zero + q.scale.float() * ((1 << q.bits) - 1)).amax(-1) - zero.amin(-1)
 
 
+def as_words(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors (last dimension contiguous) viewed as the widest words that every one's row bytes, strides and
+    address divide into, the same for all (as they are): a row moved or gathered element by element moves a word
+    an element, so packed codes byte by byte run at a fraction of the copy bandwidth."""
+    for w in (torch.int64, torch.int32, torch.int16):
+        if all(t.shape[-1] * t.element_size() % w.itemsize == 0 and t.data_ptr() % w.itemsize == 0
+               and all(st * t.element_size() % w.itemsize == 0 for st in t.stride()[:-1]) for t in ts):
+            return [t.view(w) for t in ts]
+    return list(ts)
+
+
 def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows `idx` (..., k) of `t` (..., n, F) along its token axis: (..., k, F). Each row is gathered in the widest
-    words its bytes divide into: a gather reads one 8-byte index an element, so byte by byte (packed codes) it
-    reads 9 bytes a byte moved (on the H200, 70% of append's demotion time; whole rows by `index_select` were
-    slower still)."""
-    nbytes = t.shape[-1] * t.element_size()
-    word = next(w for w in (torch.int64, torch.int32, torch.int16, torch.uint8) if nbytes % w.itemsize == 0)
-    words = t.view(word) if t.stride(-1) == 1 else t.contiguous().view(word)
+    words its bytes divide into (`as_words`): a gather reads one 8-byte index an element, so byte by byte (packed
+    codes) it reads 9 bytes a byte moved (on the H200, 70% of append's demotion time; whole rows by `index_select`
+    were slower still)."""
+    words, = as_words(t if t.stride(-1) == 1 else t.contiguous())
     out = words.gather(-2, idx[..., None].expand(*idx.shape, words.shape[-1]))
     return out.view(t.dtype)
 

@@ -11,10 +11,10 @@ another compacts the class's rows.
 
 The rows themselves then move (`move_rows_triton`) in two passes over a grid of (sequence, KV head) x row blocks:
 each row whose source differs is staged from its source, then every staged row is put in place (a row that is its
-own source is not touched), a row as the widest words its bytes divide into (int64 for packed codes). One program a (sequence, KV head) row walking its blocks in order could move them in
-place without the staging buffer, but a walk of 10K rows is latency-bound: 550 us a move at 32K x 8 on the H200,
-15 ms a layer's filling flush; as torch ops each move gathered both classes' whole buffers into new tensors,
-concatenated and copied them back (~25 launches).
+own source is not touched), a row as the widest words its bytes divide into (int64 for packed codes). One program a
+(sequence, KV head) row walking its blocks in order could move them in place without the staging buffer, but a walk
+of 10K rows is latency-bound: 550 us a move at 32K x 8 on the H200, 15 ms a layer's filling flush; as torch ops each
+move gathered both classes' whole buffers into new tensors, concatenated and copied them back (~25 launches).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 import torch
+
+from smartkv.core.quant import as_words
 
 
 @triton.jit(do_not_specialize=["n_all", "Cc", "Ct", "s_cm", "s_g", "s_o", "s_k", "cid", "tid"])
@@ -123,18 +125,8 @@ def _move_rows_kernel(x_ptr, s_x, s_xr, C, F, src_ptr, s_src, n_ptr, H, f_ptr, s
         tl.store(t_row + r[:, None] * s_tr + cols[None, :], v, mask=m2)
 
 
-def _words(ts: list) -> list:
-    """The tensors' rows as the widest words their bytes, strides and addresses divide into (a byte a thread moved
-    packed codes at a quarter of the copy bandwidth)."""
-    for w in (torch.int64, torch.int32, torch.int16):
-        if all(t.shape[-1] * t.element_size() % w.itemsize == 0 and t.data_ptr() % w.itemsize == 0
-               and all(st * t.element_size() % w.itemsize == 0 for st in t.stride()[:-1]) for t in ts):
-            return [t.view(w) for t in ts]
-    return ts
-
-
 def move_rows_triton(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor | None, fresh: torch.Tensor | None) -> None:
-    x, *rest = _words([x] + ([fresh] if fresh is not None else []))
+    x, *rest = as_words(x, *([fresh] if fresh is not None else []))
     fresh = rest[0] if rest else None
     B, H, C, F = x.shape
     block_f = triton.next_power_of_2(F)
