@@ -7,6 +7,8 @@ attention matrix of a long prompt is never materialised: (B, Hq, W, T) at most.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -114,3 +116,11 @@ def decode_importance(codes: torch.Tensor) -> torch.Tensor:
     """Inverse of `encode_importance` (code 255 -> 0)."""
     p = torch.pow(2.0, -codes.float() / 8)
     return torch.where(codes == 255, torch.zeros_like(p), p)
+
+
+@functools.cache
+def importance_table(device: torch.device) -> torch.Tensor:
+    """`decode_importance` of every code (256,) fp32 on `device`: a lookup gives the same value for a code
+    wherever it sits (an elementwise pow may round a vectorised and a scalar lane differently), so a kernel reading
+    the table and torch reading it order tokens alike."""
+    return decode_importance(torch.arange(256, device=device))

@@ -10,6 +10,9 @@
     importance_update(codes, probs, ranges)                             # SmartKV's statistics, in place
     importance_fold(codes, mass, seen, queries, divisor=1)              # a mean over one denominator, in place
     merge_plan(cm, gone, k, cid, tid, Ct) -> (order, keep)              # one demotion move's row maps
+    demotion_keys(codes, kq, vq, length, floor, kmul, power, sensitivity) # its rows' weights as top-k keys
+    requantize_rows(kq, vq, codes, keep, k, k_max, bits)                 # its leaving rows at the target's widths
+    move_rows(x or [x, ...], src, n=None, fresh=None)                   # rows moved in place (one launch a pass)
     kernels_available(device) -> bool
 
 On CUDA, `decode_attention` runs the CUDA C++ kernels of `cuda_attn` (compiled at first use) where they apply and
@@ -29,10 +32,11 @@ from collections.abc import Sequence
 
 import torch
 
-from smartkv.core.quant import QTensor
+from smartkv.core.quant import QTensor, packed_width
 from smartkv.kernels.reference import (MAX_FP, MAX_POOLS, MAX_RANGES, decode_attention_reference,
                                              importance_fold_reference, importance_update_reference,
-                                             merge_plan_reference, move_rows_reference,
+                                             demotion_keys_reference, merge_plan_reference, move_rows_reference,
+                                             requantize_rows_reference,
                                              pool_positions_reference, pool_scores_reference, pool_values_reference,
                                              quantize_pack_reference)
 from smartkv.kernels import cuda_attn as _cuda
@@ -53,9 +57,10 @@ except ImportError:  # no Triton on this platform: reference paths only
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "importance_fold", "importance_update",
-           "kernels_available", "merge_plan", "pool_positions", "pool_scores", "pool_values", "quantize_pack",
-           "quantize_pack_at", "quantize_pack_kv", "quantize_pack_reference", "warm_decode_kernels"]
+__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "demotion_keys", "importance_fold",
+           "importance_update", "kernels_available", "merge_plan", "move_rows", "pool_positions", "pool_scores",
+           "pool_values", "quantize_pack", "quantize_pack_at", "quantize_pack_kv", "quantize_pack_reference",
+           "requantize_rows", "warm_decode_kernels"]
 
 
 @functools.cache
@@ -382,22 +387,95 @@ def merge_plan(cmap: torch.Tensor, n: int, gone: torch.Tensor, k: torch.Tensor, 
     return merge_plan_reference(cmap, n, gone, k, cid, tid, Ct)
 
 
-def move_rows(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor | None = None,
-              fresh: torch.Tensor | None = None) -> None:
+def move_rows(x, src: torch.Tensor, n: torch.Tensor | None = None, fresh=None) -> None:
     """Rows of x (B, H, C, F), in place: row r becomes row src[r] of x ((B, H, >= C) int64, its first C read), or
     with `fresh` (B, H, k, F) of the same dtype, row src[r] - C of fresh where src[r] >= C; only rows r < n[b]
     ((B,) int; None: every row). SmartKV's append demotions: a class's compaction and the merge into its target.
     Only the rows whose source differs are moved (staged first: any permutation of sources is fine). x's last
-    dimension contiguous, its (B, H) rows evenly spaced (a view of the first rows of a larger buffer is fine)."""
+    dimension contiguous, its (B, H) rows evenly spaced (a view of the first rows of a larger buffer is fine).
+
+    x a list of such tensors of one (B, H, C) (and `fresh` a list of one k, or None): all moved by the one map, in
+    one launch a pass where each x's rows are dense (a class's keys, values and importance)."""
+    if isinstance(x, (list, tuple)):
+        fr = list(fresh) if fresh is not None else [None] * len(x)
+        if len(fr) != len(x):
+            raise ValueError(f"fresh must hold one tensor for each of the {len(x)} tensors, got {len(fr)}")
+        for xi, fi in zip(x, fr):
+            _check_move(xi, src, fi)
+        dense = all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.stride(0) == t.shape[1] * t.stride(1)
+                    for t in x)
+        if (kernels_available(src.device) and x and len(x) <= _td.MAX_MOVED and x[0].numel() and dense
+                and len({t.shape[:3] for t in x}) == 1 and len({t.shape[2] for t in fr if t is not None}) <= 1):
+            n = None if n is None else n.to(device=src.device, dtype=torch.int32).contiguous()
+            return _td.move_rows_many_triton(list(x), src, n, fresh if fresh is None else fr)
+        for xi, fi in zip(x, fr):
+            move_rows(xi, src, n, fi)
+        return None
+    _check_move(x, src, fresh)
+    even = all(t.stride(-1) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
+               for t in (x, src) + ((fresh,) if fresh is not None else ()))
+    if kernels_available(x.device) and x.numel() and even:
+        n = None if n is None else n.to(device=x.device, dtype=torch.int32).contiguous()
+        return _td.move_rows_triton(x, src, n, fresh)
+    return move_rows_reference(x, src, n, fresh)
+
+
+def _check_move(x: torch.Tensor, src: torch.Tensor, fresh: torch.Tensor | None) -> None:
     B, H, C, F = x.shape
     if src.shape[:2] != (B, H) or src.shape[-1] < C or src.dtype != torch.int64:
         raise ValueError(f"src must be int64 (B, H, >= C) = ({B}, {H}, >= {C}), got {src.dtype} {tuple(src.shape)}")
     if fresh is not None and (fresh.shape[:2] != (B, H) or fresh.shape[-1] != F or fresh.dtype != x.dtype):
         raise ValueError(f"fresh must be {x.dtype} (B, H, k, F) = ({B}, {H}, k, {F}), got {fresh.dtype} "
                          f"{tuple(fresh.shape)}")
-    even = all(t.stride(-1) == 1 and t.stride(0) == H * t.stride(1)
-               for t in (x, src) + ((fresh,) if fresh is not None else ()))
-    if kernels_available(x.device) and x.numel() and even:
-        n = None if n is None else n.to(device=x.device, dtype=torch.int32).contiguous()
-        return _td.move_rows_triton(x, src, n, fresh)
-    return move_rows_reference(x, src, n, fresh)
+
+
+def demotion_keys(codes: torch.Tensor, kq: QTensor, vq: QTensor, length: torch.Tensor, floor: torch.Tensor,
+                  kmul: torch.Tensor, power: float, sensitivity: bool) -> torch.Tensor:
+    """SmartKV's append demotions: each class row's weight (its importance + floor, to `power`, times its
+    sensitivity (k range x kmul)^2 + (v range)^2 from the rows' scales and zeros), in fp32, +inf at and past the
+    class's length[b], as one unique int64 key a row: the weight's bits (a non-negative float's bits order as it
+    does) << 32 | the row, so a top-k over the keys takes the lightest rows, ties by row. codes: (B, H, C) uint8
+    importance codes (`encode_importance`); kq, vq: the class's (B, H, C, .) per-token QTensors; length: (B,) int32;
+    floor: (B, H) fp32, what is added to every row's importance (importance_floor x the rows' mean); kmul: (B, H)
+    fp32, the keys' mean channel scale. One launch on the kernels' devices where `power` is 0, 1 or 2 (as torch ops
+    ~25), the same keys bit for bit as the torch path (a table decodes the codes; no fused multiply-adds)."""
+    from smartkv.core.importance import importance_table
+    B, H, C = codes.shape
+    if kq.codes.shape[:3] != (B, H, C) or vq.codes.shape[:3] != (B, H, C) or length.shape != (B,):
+        raise ValueError(f"kq, vq must hold (B, H, C) = {(B, H, C)} rows and length be (B,), got "
+                         f"{tuple(kq.codes.shape)}, {tuple(vq.codes.shape)}, {tuple(length.shape)}")
+    ok = (kernels_available(codes.device) and C and power in (0, 1, 2) and codes.stride(-1) == 1
+          and all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and not t.shape[-1] & (t.shape[-1] - 1)
+                  for q in (kq, vq) for t in (q.scale, q.zero)) and kq.scale.stride(1) == kq.zero.stride(1)
+          and vq.scale.stride(1) == vq.zero.stride(1))
+    if ok:
+        return _td.demotion_keys_triton(codes, kq, vq, length.to(torch.int32).contiguous(),
+                                        floor.float().contiguous(), kmul.float().contiguous(), int(power),
+                                        sensitivity, importance_table(codes.device))
+    return demotion_keys_reference(codes, kq, vq, length, floor.float(), kmul.float(), power, sensitivity)
+
+
+def _like(q: QTensor, bits: int) -> QTensor:
+    """An empty per-token QTensor of q's head_dim and groups at `bits` (what a kernel's shape checks read)."""
+    D = q.codes.shape[-1] * 8 // q.bits
+    codes = q.codes.new_empty(0, packed_width(D, bits))
+    return QTensor(codes, q.scale[..., :0, :], q.zero[..., :0, :], bits, q.group_size, -1)
+
+
+def requantize_rows(kq: QTensor, vq: QTensor, codes: torch.Tensor, keep: torch.Tensor, k: torch.Tensor,
+                    k_max: int, bits: tuple[int, int]) -> tuple[QTensor, QTensor, torch.Tensor]:
+    """The rows leaving a class of SmartKV's append layers, for their target: rows j < k[b] of the outputs are the
+    class's rows keep[b, h, C - k[b] + j] (keep: (B, H, C) int64, rows that stay first, then those that go, each in
+    row order; k: (B,) int32), keys and values dequantized and quantized again at `bits` (the bytes
+    `core.quant.quantize` writes), and their importance codes (B, H, k_max) (codes: (B, H, C) uint8). Rows at and
+    past k[b] are not written (the kernels) or hold the class's last row (torch). One launch on the kernels'
+    devices where both pools pass `triton_pool.pool_problem` and are dense (as torch ops ~25)."""
+    B, H, C = keep.shape
+    ok = (kernels_available(keep.device) and k_max and C and codes.stride(-1) == 1
+          and all(_tp.pool_problem(q) is None and q.codes.shape[-2] == C and q.scale.shape[-1] == kq.scale.shape[-1]
+                  and all(t.is_contiguous() for t in (q.codes, q.scale, q.zero)) for q in (kq, vq))
+          and all(_tp.pool_problem(_like(kq, b)) is None for b in bits)
+          and keep.stride(-1) == 1)
+    if ok:
+        return _td.requantize_rows_triton(kq, vq, codes, keep, k.to(torch.int32).contiguous(), k_max, bits)
+    return requantize_rows_reference(kq, vq, codes, keep, k, k_max, bits)

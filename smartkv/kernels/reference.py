@@ -205,3 +205,38 @@ def move_rows_reference(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor | No
         x.copy_(moved)
     else:   # rows at or past n[b] stay
         x.copy_(torch.where((torch.arange(C, device=x.device) < n.to(x.device)[:, None, None])[..., None], moved, x))
+
+
+def demotion_keys_reference(codes: torch.Tensor, kq: QTensor, vq: QTensor, length: torch.Tensor,
+                            floor: torch.Tensor, kmul: torch.Tensor, power: float, sensitivity: bool) -> torch.Tensor:
+    from smartkv.core.importance import importance_table
+    from smartkv.core.quant import token_ranges
+    C = codes.shape[-1]
+    x = importance_table(codes.device)[codes.long()] + floor[..., None]
+    w = x if power == 1 else x * x if power == 2 else torch.ones_like(x) if power == 0 else x.pow(power)
+    if sensitivity:
+        a, b = token_ranges(kq) * kmul[..., None], token_ranges(vq)
+        w = w * (a * a + b * b)
+    rows = torch.arange(C, device=codes.device)
+    w = w.masked_fill(rows >= length.to(codes.device)[:, None, None], float("inf"))
+    return (w.view(torch.int32).long() << 32) | rows
+
+
+def leaving_rows(keep: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Rows (B, H, k_max) of the class that leave it, in row order: the last k[b] of `keep` (a stable argsort of
+    the flags, rows that stay first); past k[b], the class's last row."""
+    B, H, C = keep.shape
+    j = torch.arange(k_max, device=keep.device) + (C - k.to(keep.device).long())[:, None, None]
+    return keep.gather(-1, j.clamp(max=C - 1).expand(B, H, k_max))
+
+
+def requantize_rows_reference(kq: QTensor, vq: QTensor, codes: torch.Tensor, keep: torch.Tensor, k: torch.Tensor,
+                              k_max: int, bits: tuple[int, int]) -> tuple[QTensor, QTensor, torch.Tensor]:
+    from smartkv.core.quant import take_rows
+    rows = leaving_rows(keep, k, k_max)
+    out = []
+    for q, b in zip((kq, vq), bits):
+        taken = QTensor(take_rows(q.codes, rows), take_rows(q.scale, rows), take_rows(q.zero, rows), q.bits,
+                        q.group_size, q.axis)
+        out.append(quantize(dequantize(taken), b, q.group_size, axis=-1))
+    return out[0], out[1], codes.gather(-1, rows)

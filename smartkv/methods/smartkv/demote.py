@@ -13,18 +13,11 @@ import math
 import torch
 
 from smartkv.core.classes import staircase, zip_runs
-from smartkv.core.importance import decode_importance
+from smartkv.core.importance import importance_table
 from smartkv.core.policy import counts_for_budgets
-from smartkv.core.quant import QTensor, dequantize, take_rows, token_ranges
-from smartkv.kernels import importance_fold, merge_plan, move_rows
+from smartkv.kernels import demotion_keys, importance_fold, merge_plan, move_rows, requantize_rows
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
-
-
-def _take(q: QTensor, idx: torch.Tensor) -> QTensor:
-    """Rows idx (B, H, k) of a per-token QTensor (B, H, n, F)."""
-    return QTensor(take_rows(q.codes, idx), take_rows(q.scale, idx), take_rows(q.zero, idx), q.bits, q.group_size,
-                   q.axis)
 
 
 class SmartKVDemote:
@@ -133,57 +126,46 @@ class SmartKVDemote:
         captured graph serves them all): per (class, target) move of the plan, in the plan's order, the k lightest
         rows of the class (importance x sensitivity, as the allocation weighs; k from the device table, at most the
         class's rows) re-quantized from their codes at the target's widths and merged into it in position order;
-        the class compacted (both in place, `kernels.move_rows`), the class map and device lengths updated. Shapes
-        are the buffers' capacities and the prompt's n_all positions (constant while the ring fills); the host
-        counts follow in `_append_count_flush`."""
+        the class compacted (both in place), the class map and device lengths updated. Shapes are the buffers'
+        capacities and the prompt's n_all positions (constant while the ring fills); the host counts follow in
+        `_append_count_flush`. On the kernels' devices a move is about a dozen launches: its rows' weights as
+        top-k keys, the top-k, the row maps, the leaving rows re-quantized, and each class's seven tensors moved in
+        two passes (as torch ops, ~130)."""
         a, cfg = self._app, self.config
         B, H = self.batch_size, self.num_heads
         n_all = sum(a.n)
         ks = a.move_k.index_select(0, f)[0].int()             # (moves,) this flush's counts
         caps = [q.codes.shape[-2] for q in a.k]
-
-        def valid(cid):
-            return self._arange(caps[cid]) < a.length[cid][:, None, None]
-        imp_sum = sum((decode_importance(a.cimp[c][..., :caps[c]]) * valid(c)).sum(-1) for c in range(len(a.k))
-                      if caps[c])
-        floor_ref = (imp_sum / max(n_all, 1))[..., None]     # the rows' mean importance, for the floor
+        table = importance_table(self.device)
+        imp_sum = sum((table[a.cimp[c][..., :caps[c]].long()] * (self._arange(caps[c]) < a.length[c][:, None, None]))
+                      .sum(-1) for c in range(len(a.k)) if caps[c])
+        floor = cfg.importance_floor * (imp_sum / max(n_all, 1))   # added to each row's importance (B, H)
+        kmul = self.k_scale.float().mean(-1)[..., 0]                # keys' ranges back in real units (B, H)
         for i, (cid, tid, k_max) in enumerate(a.moves):
             Cc, Ct = caps[cid], caps[tid]
             k_max = min(k_max, Cc)
             if not k_max or not Ct:
                 continue
-            k = torch.minimum(ks[i], a.length[cid])[:, None, None]   # (B, 1, 1)
+            k = torch.minimum(ks[i], a.length[cid])                # (B,)
             kq, vq = _rows(a.k[cid], 0, Cc), _rows(a.v[cid], 0, Cc)
-            imp = decode_importance(a.cimp[cid][..., :Cc]).double()
-            w = (imp + cfg.importance_floor * floor_ref.double()).pow(cfg.importance_power)
-            if cfg.sensitivity:
-                w = w * self._sensitivity(token_ranges(kq), token_ranges(vq)).double()
-            w = w.masked_fill(~valid(cid), float("inf")).float()
-            # the k_max lightest, ties by row (whatever the capacity: a chunk and its tokens one by one agree): a
-            # non-negative float's bits order as it does, so (weight, row) is one unique int64 key and a top-k
-            # selection finds them (a stable sort of the whole class in double takes 8 radix passes)
-            key = (w.view(torch.int32).long() << 32) | self._arange(Cc)
+            key = demotion_keys(a.cimp[cid][..., :Cc], kq, vq, a.length[cid], floor, kmul, cfg.importance_power,
+                                cfg.sensitivity)
+            # the k lightest, ties by row (whatever the capacity: a chunk and its tokens one by one agree)
             rows = key.topk(k_max, dim=-1, largest=False).indices
-            rows = torch.where(self._arange(k_max) < k, rows, Cc).sort(-1).values   # the k, in row order; then Cc
+            rows = torch.where(self._arange(k_max) < k[:, None, None], rows, Cc)
             gone = torch.zeros(B, H, Cc + 1, dtype=torch.uint8, device=self.device).scatter_(-1, rows, 1)[..., :Cc]
-            rows = rows.clamp(max=Cc - 1)
             # by position: the target's rows after the merge (its own, or the moved ones after them) and the class's
             # kept rows first; the class map updated
-            order, keep = merge_plan(a.cmap, n_all, gone, k[:, 0, 0], cid, tid, Ct)
-            stay = Cc - k[:, 0, 0]   # the class's rows after the move; its rows past them are not read
-            for j, (bufs, q) in enumerate(((a.k, kq), (a.v, vq))):
-                fresh = self._quantize(dequantize(_take(q, rows)), a.widths[tid][j])
-                into = _rows(bufs[tid], 0, Ct)
-                for x, y, new in zip((q.codes, q.scale, q.zero), (into.codes, into.scale, into.zero),
-                                     (fresh.codes, fresh.scale, fresh.zero)):
-                    move_rows(x, keep, stay)              # the kept rows first
-                    move_rows(y, order, fresh=new)        # the target's and the moved rows in position order
-            ci, ti = a.cimp[cid][..., :Cc, None], a.cimp[tid][..., :Ct, None]
-            moved = ci.gather(-2, rows[..., None])
-            move_rows(ci, keep, stay)
-            move_rows(ti, order, fresh=moved)
-            a.length[cid] -= k[:, 0, 0]
-            a.length[tid] += k[:, 0, 0]
+            order, keep = merge_plan(a.cmap, n_all, gone, k, cid, tid, Ct)
+            fk, fv, fimp = requantize_rows(kq, vq, a.cimp[cid][..., :Cc], keep, k, k_max, a.widths[tid])
+            into = (_rows(a.k[tid], 0, Ct), _rows(a.v[tid], 0, Ct))
+            move_rows([t for q in (kq, vq) for t in (q.codes, q.scale, q.zero)] + [a.cimp[cid][..., :Cc, None]],
+                      keep, Cc - k)                         # the kept rows first
+            a.length[cid] -= k
+            a.length[tid] += k
+            move_rows([t for q in into for t in (q.codes, q.scale, q.zero)] + [a.cimp[tid][..., :Ct, None]],
+                      order, a.length[tid], [t for q in (fk, fv) for t in (q.codes, q.scale, q.zero)]
+                      + [fimp[..., None]])                  # the target's and the moved rows in position order
 
     def _demote_done(self) -> None:
         """The ring is full: nothing is demoted from here on."""
