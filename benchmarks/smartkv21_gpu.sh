@@ -3,7 +3,7 @@
 # (a ring, then classes appended at each flush, two captured graphs) against the default re-allocating design
 # (per-kind widths, incremental re-allocation every 16 tokens) and int4, in the same run:
 #   1. the CUDA kernel tests and the graphed and fused SmartKV tests on the GPU (graph replays across flushes,
-#      window-only probabilities);
+#      window-only probabilities, the demotion's kernels);
 #   2. end-to-end graphed decoding at the Llama-3-8B shape (random bf16 weights), 32K x 8 then 128K x 4: median,
 #      mean and max ms a step over 64 steps after 16 warm-up steps (flushes and re-allocations included).
 #   ONESHOT=1: instead of 2, int4 and append after a one-shot fill (the ring fills while decoding), 320 steps after
@@ -16,9 +16,10 @@ mkdir -p "$OUT"
 NEW="smartkv append (budget 4.25; gap 3) (CUDA graph)"
 OLD="smartkv incremental (budget 4.25; gap 3) (CUDA graph)"
 [ "${NOTESTS:-0}" = 1 ] || timeout 200 python -m pytest tests/test_cuda_attn.py tests/test_graphs.py tests/test_fused.py \
-    tests/test_append.py tests/test_kernels.py -q --tb=short -p no:cacheprovider -k "cuda_attn or graph_replays or \
+    tests/test_append.py tests/test_kernels.py tests/test_demote_kernels.py -q --tb=short -p no:cacheprovider \
+    -k "cuda_attn or graph_replays or \
     across_reallocations or joint or one_pass or probabilities or append or merge_plan or importance_fold or \
-    move_rows or runners" \
+    move_rows or runners or demotion or requantize or list_of_tensors" \
     > "$OUT/pytest.txt" 2>&1
 grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
 if [ "${ONESHOT:-0}" = 1 ]; then
