@@ -391,8 +391,9 @@ def move_rows(x, src: torch.Tensor, n: torch.Tensor | None = None, fresh=None) -
     """Rows of x (B, H, C, F), in place: row r becomes row src[r] of x ((B, H, >= C) int64, its first C read), or
     with `fresh` (B, H, k, F) of the same dtype, row src[r] - C of fresh where src[r] >= C; only rows r < n[b]
     ((B,) int; None: every row). SmartKV's append demotions: a class's compaction and the merge into its target.
-    Only the rows whose source differs are moved (staged first: any permutation of sources is fine). x's last
-    dimension contiguous, its (B, H) rows evenly spaced (a view of the first rows of a larger buffer is fine).
+    Only the rows whose source differs are moved (staged first: any permutation of sources is fine). The kernels
+    take x with dense rows (last dimension contiguous, row stride its width) and evenly spaced (B, H) rows (a view
+    of the first rows of a larger buffer is fine); torch the rest.
 
     x a list of such tensors of one (B, H, C) (and `fresh` a list of one k, or None): all moved by the one map, in
     one launch a pass where each x's rows are dense (a class's keys, values and importance)."""
@@ -413,10 +414,10 @@ def move_rows(x, src: torch.Tensor, n: torch.Tensor | None = None, fresh=None) -
         return None
     _check_move(x, src, fresh)
     even = all(t.stride(-1) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
-               for t in (x, src) + ((fresh,) if fresh is not None else ()))
+               for t in (x, src) + ((fresh,) if fresh is not None else ())) and x.stride(-2) == x.shape[-1]
     if kernels_available(x.device) and x.numel() and even:
         n = None if n is None else n.to(device=x.device, dtype=torch.int32).contiguous()
-        return _td.move_rows_triton(x, src, n, fresh)
+        return _td.move_rows_many_triton([x], src, n, None if fresh is None else [fresh])
     return move_rows_reference(x, src, n, fresh)
 
 

@@ -12,7 +12,7 @@ and a dozen elementwise passes (torch scans a row of 32K positions in one progra
 program per (sequence, KV head) row walks its positions in blocks, carrying the counts from block to block, and
 another compacts the class's rows.
 
-The rows themselves then move in two passes over a grid of (sequence, KV head) x row blocks: each row whose source
+The rows themselves then move (`move_rows_many_triton`) in two passes over a grid of (sequence, KV head) x row blocks: each row whose source
 differs is staged from its source, then every staged row is put in place (a row that is its own source is not
 touched), a row as the widest words its bytes divide into (int64 for packed codes), all of a class's tensors (keys'
 and values' codes, scales, zeros, importance) in one launch a pass, reading the row map once. One program a
@@ -102,50 +102,6 @@ def merge_plan_triton(cm: torch.Tensor, n_all: int, gone: torch.Tensor, k: torch
     _merge_plan_kernel[(B * H, 2)](cm, cm.stride(1), n_all, gone, gone.stride(1), Cc, k, H, order, order.stride(1),
                                    Ct, keep, keep.stride(1), cid, tid, BLOCK=4096, num_warps=8)
     return order, keep
-
-
-@triton.jit(do_not_specialize=["C", "F", "s_x", "s_xr", "s_src", "s_f", "s_fr", "s_t", "s_tr"])
-def _move_rows_kernel(x_ptr, s_x, s_xr, C, F, src_ptr, s_src, n_ptr, H, f_ptr, s_f, s_fr, t_ptr, s_t, s_tr,
-                      HAS_N: tl.constexpr, HAS_FRESH: tl.constexpr, PUT: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_F: tl.constexpr):
-    bh = tl.program_id(0)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    n = C
-    if HAS_N:
-        n = tl.load(n_ptr + bh // H)
-    valid = r < n
-    s = tl.load(src_ptr + bh.to(tl.int64) * s_src + r, mask=valid, other=0)
-    moved = valid & (s != r)   # a row that is its own source is neither read nor written
-    cols = tl.arange(0, BLOCK_F)
-    m2 = moved[:, None] & (cols < F)[None, :]
-    x_row = x_ptr + bh.to(tl.int64) * s_x
-    t_row = t_ptr + bh.to(tl.int64) * s_t
-    if PUT:   # pass 2: the staged rows into place
-        v = tl.load(t_row + r[:, None] * s_tr + cols[None, :], mask=m2)
-        tl.store(x_row + r[:, None] * s_xr + cols[None, :], v, mask=m2)
-    else:     # pass 1: every moved row's source staged (no row is written before all are read)
-        own = s < C
-        v = tl.load(x_row + s[:, None] * s_xr + cols[None, :], mask=m2 & own[:, None], other=0)
-        if HAS_FRESH:
-            f_row = f_ptr + bh.to(tl.int64) * s_f
-            vf = tl.load(f_row + (s - C)[:, None] * s_fr + cols[None, :], mask=m2 & ~own[:, None], other=0)
-            v = tl.where(own[:, None], v, vf)
-        tl.store(t_row + r[:, None] * s_tr + cols[None, :], v, mask=m2)
-
-
-def move_rows_triton(x: torch.Tensor, src: torch.Tensor, n: torch.Tensor | None, fresh: torch.Tensor | None) -> None:
-    x, *rest = as_words(x, *([fresh] if fresh is not None else []))
-    fresh = rest[0] if rest else None
-    B, H, C, F = x.shape
-    block_f = triton.next_power_of_2(F)
-    block_r = max(16, min(256, 4096 // block_f))
-    f = fresh if fresh is not None else x
-    t = torch.empty(B, H, C, F, dtype=x.dtype, device=x.device)   # the moved rows staged, then put in place
-    grid = (B * H, triton.cdiv(C, block_r))
-    for put in (False, True):
-        _move_rows_kernel[grid](x, x.stride(1), x.stride(2), C, F, src, src.stride(1), n if n is not None else src,
-                                H, f, f.stride(1), f.stride(2), t, t.stride(1), t.stride(2), HAS_N=n is not None,
-                                HAS_FRESH=fresh is not None, PUT=put, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
 
 
 @triton.jit
@@ -276,7 +232,7 @@ def _move_many_kernel(src_ptr, s_src, n_ptr, H, C, K,
                       F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr, F4: tl.constexpr,
                       F5: tl.constexpr, F6: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
                       P3: tl.constexpr, P4: tl.constexpr, P5: tl.constexpr, P6: tl.constexpr, NX: tl.constexpr,
-                      HAS_N: tl.constexpr,                      HAS_FRESH: tl.constexpr, PUT: tl.constexpr, BLOCK_R: tl.constexpr):
+                      HAS_N: tl.constexpr, HAS_FRESH: tl.constexpr, PUT: tl.constexpr, BLOCK_R: tl.constexpr):
     bh = tl.program_id(0)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     n = C
@@ -305,9 +261,10 @@ MAX_MOVED = 7   # tensors `move_rows_many_triton` moves in one launch a pass (a 
 
 
 def move_rows_many_triton(xs: list, src: torch.Tensor, n: torch.Tensor | None, fresh: list | None) -> None:
-    """`move_rows_triton` over up to MAX_MOVED tensors of one (B, H, C) sharing `src`: each row map read once a
-    row block and two launches in all (a class's 7 tensors moved one by one took 14 launches, each reading the
-    whole map twice). Every x's rows dense (row stride = its last dimension, checked by the caller)."""
+    """`kernels.move_rows` over up to MAX_MOVED tensors of one (B, H, C) sharing `src`, in two launches (pass 1
+    stages every moved row, pass 2 puts them in place), each reading the row map once a row block (a class's 7
+    tensors moved one by one took 14 launches, each reading the whole map twice). Every x's rows dense (row stride
+    = its last dimension, checked by the caller)."""
     slots = []
     for i, x in enumerate(xs):
         words = as_words(x, fresh[i]) if fresh is not None else as_words(x)
