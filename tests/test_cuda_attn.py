@@ -151,6 +151,44 @@ def test_several_segments_key_normalisation_and_full_precision_runs():
 
 
 @cuda
+@pytest.mark.parametrize("fold_window", [False, True])
+def test_importance_folded_in_the_pass_on_the_fast_path(fold_window):
+    """`decode_attention(fold=..., lse_io=...)` on the CUDA kernels (SmartKV's append classes with
+    class_norm="previous"): codes within one step of the reference's fold, tokens past a pool's length untouched,
+    lse_io the query's log2-sum-exp, the output unchanged; fold_window: a full-precision segment folds too (the
+    tail warps' path)."""
+    g = torch.Generator().manual_seed(29)
+    B, H, D, NG = 2, 8, 128, 4
+    mu, sd = rand(g, B, H, 1, D), rand(g, B, H, 1, D).abs() + 0.5
+    segs = [KVSegment(rand(g, B, H, 4, D), rand(g, B, H, 4, D))]
+    for bits, n in ((4, 900), (2, 1500)):
+        k = quantize(rand(g, B, H, n, D), bits, 32)
+        segs.append(KVSegment(k, quantize(rand(g, B, H, n, D), bits, 32), key_scale=sd, key_shift=mu))
+    lens = torch.tensor([900, 613], device="cuda", dtype=torch.int32)
+    segs[1] = KVSegment(segs[1].keys, segs[1].values, key_scale=sd, key_shift=mu, lengths=lens)
+    segs.append(KVSegment(rand(g, B, H, 32, D), rand(g, B, H, 32, D)))
+    q = rand(g, B, H * NG, D)
+    folded = segs[1:] if fold_window else segs[1:3]
+    codes = [torch.randint(0, 256, (B, H, s.num_tokens + 3), generator=g, dtype=torch.uint8).cuda() for s in folded]
+    seen = torch.tensor([11.0], device="cuda")
+
+    def fold(cs):
+        return [None, *((c, seen) for c in cs)] + [None] * (len(segs) - 1 - len(cs))
+    lse = torch.zeros(B, H * NG, device="cuda")
+    kern.decode_attention_reference(q, segs, 0.0883883, fold=fold([c.clone() for c in codes]), lse_io=lse)
+    got, ref = [c.clone() for c in codes], [c.clone() for c in codes]
+    lse_g, lse_r = lse - 0.5, lse - 0.5
+    before = cuda_attn.PATHS["fast"]
+    out = kern.decode_attention(q, segs, 0.0883883, fold=fold(got), lse_io=lse_g)
+    assert cuda_attn.PATHS["fast"] == before + 1, dict(cuda_attn.PATHS)
+    out_r = decode_attention_reference(q, segs, 0.0883883, fold=fold(ref), lse_io=lse_r)
+    assert rel(out, out_r) < BOUND and (lse_g - lse).abs().max() < 2e-2
+    for c, a, r in zip(codes, got, ref):
+        assert (a.int() - r.int()).abs().max() <= 1 and not torch.equal(a, c)
+    assert torch.equal(got[0][1, :, 613:], codes[0][1, :, 613:])
+
+
+@cuda
 def test_large_values_and_constant_groups():
     g = torch.Generator().manual_seed(13)
     x = rand(g, 1, 8, 2048, 128, scale=3.0)

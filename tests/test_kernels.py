@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("triton")  # tests/conftest.py puts Triton in its interpreter on machines without a GPU
 
 import smartkv.kernels as kern  # noqa: E402
+from smartkv.kernels import reference as R  # noqa: E402
 from smartkv.core.quant import quantize  # noqa: E402
 
 from smartkv.kernels import KVSegment  # noqa: E402
@@ -336,6 +337,58 @@ def test_mixed_precision_pools_with_key_normalisation():
     _, probs = _check(randn(g, B, H * NG, 1, D), segs)
     total = sum(p.sum(-1) for p in probs)
     torch.testing.assert_close(total, torch.full((B, H), float(NG), device=DEV), rtol=1e-3, atol=1e-3)
+
+
+def test_importance_folded_in_the_pass_with_the_previous_normaliser():
+    """`fold` (SmartKV's append classes): a segment's importance codes take the mean after one more query whose
+    token masses are 2^(s - lse_io) summed over the group's heads / NG, and lse_io becomes the query's own
+    log2-sum-exp. With lse_io already the query's own, that is `importance_fold` of its probabilities; the kernel
+    equals the reference (codes within one step of 9%, lse to fp16-operand accuracy), tokens past a pool's length
+    keep their codes, the output is the same as without the fold and a segment beside it still gets its
+    probabilities."""
+    g = gen(23)
+    B, H, D, NG = 2, 2, 64, 4
+    mu = randn(g, B, H, 1, D, dtype=torch.float32)
+    sd = randn(g, B, H, 1, D, dtype=torch.float32).abs() + 0.5
+    segs = [KVSegment(*(t.half() for t in _kv(g, B, H, 4, D)))]
+    for bits, n in ((4, 300), (2, 170)):
+        k, v = _kv(g, B, H, n, D)
+        segs.append(KVSegment(quantize(k, bits, 32), quantize(v, bits, 32), key_scale=sd.half(), key_shift=mu.half()))
+    pool_len = torch.tensor([300, 211], device=DEV)
+    segs[1] = KVSegment(segs[1].keys, segs[1].values, lengths=pool_len, key_scale=sd.half(), key_shift=mu.half())
+    segs.append(KVSegment(*(t.half() for t in _kv(g, B, H, 9, D))))
+    q = randn(g, B, H * NG, 1, D)
+    codes = [torch.randint(0, 256, (B, H, n + 5), generator=g, dtype=torch.uint8).to(DEV) for n in (300, 170)]
+    seen = torch.tensor([7.0], device=DEV)
+    out_ref, probs = kern.decode_attention_reference(q, segs, 0.125, return_token_probs=True)
+
+    def folds(cs):
+        return [None, (cs[0], seen), (cs[1], seen), None]
+    lse = torch.zeros(B, H * NG, device=DEV)
+    kern.decode_attention_reference(q, segs, 0.125, fold=folds([c.clone() for c in codes]), lse_io=lse)
+    own = [c.clone() for c in codes]
+    kern.decode_attention_reference(q, segs, 0.125, fold=folds(own), lse_io=lse.clone())
+    for c, mine, p in zip(codes, own, probs[1:3]):
+        want = c.clone()
+        R.importance_fold_reference(want[..., :p.shape[-1]], p, seen, 1, NG)
+        want[0, :, 300:], want[1, :, 211:300] = c[0, :, 300:], c[1, :, 211:300]
+        assert (want.int() - mine.int()).abs().max() <= 1
+    lse_k, lse_r = lse - 0.7, lse - 0.7                                  # a previous query's normaliser
+    got_c, ref_c = [c.clone() for c in codes], [c.clone() for c in codes]
+    win = [None, None, None, torch.zeros(B, H, 9, device=DEV)]
+    out_k, pk = kern.decode_attention(q, segs, 0.125, return_token_probs=True, probs_out=win, fold=folds(got_c),
+                                      lse_io=lse_k)
+    kern.decode_attention_reference(q, segs, 0.125, fold=folds(ref_c), lse_io=lse_r)
+    assert rel(out_k, out_ref) < BOUND and rel(pk[3], probs[3]) < BOUND and pk[1] is None
+    assert (lse_k - lse).abs().max() < 1.5e-2 and (lse_r - lse).abs().max() < 1e-5   # fp16 operands: 4e-3
+    for c, a, b in zip(codes, got_c, ref_c):
+        assert (a.int() - b.int()).abs().max() <= 1 and not torch.equal(a, c)
+        assert ((b.int() - c.int()) < 0).float().mean() > 0.5   # the masses are 2^0.7 x the probabilities
+    for t in (got_c[0], ref_c[0]):
+        assert torch.equal(t[0, :, 300:], codes[0][0, :, 300:]) and torch.equal(t[1, :, 211:], codes[0][1, :, 211:])
+    with pytest.raises(ValueError, match="probs_out entry must be None"):
+        kern.decode_attention(q, segs, 0.125, probs_out=[None, win[3][..., :1].expand(B, H, 300), None, None],
+                              return_token_probs=True, fold=folds(got_c), lse_io=lse_k)
 
 
 def test_token_probs_accumulate():

@@ -134,7 +134,8 @@ def quantize_pack_at(x: torch.Tensor, bits: int, group_size: int, out: QTensor, 
 
 def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: float,
                      lengths: torch.Tensor | None = None, return_token_probs: bool = False,
-                     probs_out: Sequence[torch.Tensor] | None = None):
+                     probs_out: Sequence[torch.Tensor] | None = None, fold: Sequence | None = None,
+                     lse_io: torch.Tensor | None = None):
     """Attention of one new query token per sequence over the cached segments, read in place.
 
     q: (B, Hq, D) or (B, Hq, 1, D); Hq = kv_heads * group (GQA). segments: the cache's runs of tokens (their
@@ -145,15 +146,28 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
     cache can accumulate importance without another pass). A None entry of `probs_out` skips that segment (its
     logits are neither stored nor normalised; its entry in the returned list is None): a cache that needs the
     probabilities of a few tokens only (SmartKV's window) does not pay for the rest.
+
+    `fold` (one entry a segment, None or (codes, seen)) with `lse_io` ((B, Hq) fp32): each such segment's tokens'
+    importance is folded in the pass, its probabilities never stored: codes (B, kv_heads, >= T_seg) uint8 (last
+    dimension contiguous), a mean over `seen` ((1,) fp32 on the device) queries, becomes the mean after this one,
+    which gave token t the mass sum over its group's heads h of 2^(s_ht - lse_io[b, h]) / group (s: the log2
+    scores, scaling x log2(e) x q.k), i.e. its probability were this call's log2-sum-exp that of lse_io; then
+    lse_io holds this call's log2-sum-exp, the next call's. SmartKV's append classes: the probabilities of every
+    class row are (B, Hq, T) logits written and read twice a step; the previous query's normaliser differs from
+    this one's by a factor common to a head's tokens (quality: docs/smartkv.md). The caller advances `seen`.
     """
     check_inputs(q, segments)
+    folds = _check_fold(q, segments, probs_out, fold, lse_io)
     if q.is_cuda:  # the CUDA kernels first (cuda_attn); the Triton ones where they do not apply
         why = _cuda.unsupported(q, segments)
         if why is None and return_token_probs and not kernels_available(q.device):
             why = "token probabilities without Triton (its kernel normalises them)"
+        if why is None and folds and not lse_io.is_contiguous():
+            why = "a fold's lse_io not contiguous"
         if why is None:
             try:
-                return _cuda_attention(q, segments, scaling, lengths, return_token_probs, probs_out)
+                return _cuda_attention(q, segments, scaling, lengths, return_token_probs, probs_out,
+                                       fold if folds else None, lse_io if folds else None)
             except RuntimeError as exc:  # NVRTC or the driver refused this configuration: noted once
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         _cuda.note_fallback(why)
@@ -162,13 +176,38 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
         problem = _decode.triton_problem(q, segments) or _TOO_BIG.get(shape)
         if problem is None:
             try:
-                return _decode.decode_attention_triton(q, segments, scaling, lengths, return_token_probs, probs_out)
+                return _decode.decode_attention_triton(q, segments, scaling, lengths, return_token_probs, probs_out,
+                                                       fold if folds else None, lse_io)
             except OutOfResources as exc:  # raised at the first launch, before anything is written
-                if probs_out is not None:
+                if probs_out is not None or folds:
                     raise
                 problem = _TOO_BIG[shape] = f"its launch config does not fit this card at these shapes ({exc})"
         fallback("decode_attention", problem)
-    return decode_attention_reference(q, segments, scaling, lengths, return_token_probs, probs_out)
+    return decode_attention_reference(q, segments, scaling, lengths, return_token_probs, probs_out,
+                                      fold=fold if folds else None, lse_io=lse_io)
+
+
+def _check_fold(q, segments, probs_out, fold, lse_io) -> bool:
+    """Whether any segment folds its importance (`decode_attention`); a malformed request raises."""
+    if fold is None or not any(f is not None for f in fold):
+        return False
+    B, Hq = q.shape[:2]
+    if len(fold) != len(segments) or lse_io is None or lse_io.shape != (B, Hq) or lse_io.dtype != torch.float32:
+        raise ValueError(f"fold must hold one entry for each of the {len(segments)} segments and lse_io be "
+                         f"({B}, {Hq}) fp32, got {len(fold)} entries and lse_io {getattr(lse_io, 'shape', None)}")
+    for i, (f, seg) in enumerate(zip(fold, segments)):
+        if f is None:
+            continue
+        codes, seen = f
+        if probs_out is not None and probs_out[i] is not None:
+            raise ValueError(f"segment {i} folds its importance: its probs_out entry must be None")
+        want = (B, seg.keys.shape[1] if not isinstance(seg.keys, QTensor) else seg.keys.codes.shape[1])
+        if (codes.dtype != torch.uint8 or codes.shape[:2] != want or codes.shape[-1] < seg.num_tokens
+                or codes.stride(-1) != 1 or seen.shape != (1,) or seen.dtype != torch.float32):
+            raise ValueError(f"fold[{i}] must be (codes uint8 {want + ('>= ' + str(seg.num_tokens),)}, last dimension "
+                             f"contiguous; seen (1,) fp32), got {codes.dtype} {tuple(codes.shape)}, {seen.dtype} "
+                             f"{tuple(seen.shape)}")
+    return True
 
 
 def warm_decode_kernels(device: torch.device | str, head_dim: int, pairs, group_size: int) -> None:
@@ -188,13 +227,15 @@ def warm_decode_kernels(device: torch.device | str, head_dim: int, pairs, group_
                 pass   # remembered by cuda_attn: the calls it would have taken go to Triton, saying why once
 
 
-def _cuda_attention(q, segments, scaling, lengths, return_token_probs, probs_out):
+def _cuda_attention(q, segments, scaling, lengths, return_token_probs, probs_out, fold=None, lse_io=None):
     if not return_token_probs:
-        return _cuda.decode_attention_cuda(q, segments, scaling, lengths)
+        if fold is None:
+            return _cuda.decode_attention_cuda(q, segments, scaling, lengths)
+        return _cuda.decode_attention_cuda(q, segments, scaling, lengths, fold=fold, lse_io=lse_io)[0]
     B, Hq = q.shape[:2]
     scores = [None if probs_out is not None and probs_out[i] is None else
               torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=q.device) for i, s in enumerate(segments)]
-    out, lse = _cuda.decode_attention_cuda(q, segments, scaling, lengths, scores=scores)
+    out, lse = _cuda.decode_attention_cuda(q, segments, scaling, lengths, scores=scores, fold=fold, lse_io=lse_io)
     h_kv = (segments[0].keys.codes if isinstance(segments[0].keys, QTensor) else segments[0].keys).shape[1]
     return out, _decode.token_probs(scores, lse, segments, lengths, h_kv, probs_out)
 

@@ -69,7 +69,7 @@ constexpr int HMAX = 8;                    // query heads per KV head, at most (
 constexpr int NMT = D / 16;                // m-tiles of the value dot = k-steps of the key dot
 
 enum { F_LEN = 1, F_LEN64 = 2, F_RESLAST = 4, F_KAFF = 8, F_QBF16 = 16, F_KRBF16 = 32, F_VRBF16 = 64,
-       F_KABF16 = 128, F_MERGE = 256, F_SCORES = 512 };
+       F_KABF16 = 128, F_MERGE = 256, F_SCORES = 512, F_FOLD = 1024 };
 
 struct Params {
   const u16* q; i64 sqb, sqh;
@@ -84,6 +84,8 @@ struct Params {
   float* op; float* lp; i64 sob, soh, sos, slb, slh;
   u16* out; int* cnt; i64 sxb, sxh;        // F_MERGE: the last block of each (sequence, KV head) merges
   float* sc; i64 sscb, ssch;               // F_SCORES: each token's logit (log2 domain), [b][query head][token]
+  u8* fc; i64 fcb, fch;                    // F_FOLD: each token's importance code, [b][KV head][token], folded here
+  const float* fseen; const float* flp;    // F_FOLD: the codes' count of queries (1,); the previous lse (B, Hq)
   float qk_scale;                          // softmax scale * log2(e)
   int seg_offset, t_seg, tk, tv, h_kv, ng, chunk, tail_w, split0, s_total, flags;
 };
@@ -284,6 +286,22 @@ DEVI void pipeline_start(const Params& p, i64 b, i64 hk, int t0, int t1, u8* wba
   }
 }
 
+// F_FOLD: the mean importance code at cp (`encode_importance` of a mean over `seen` queries) after one more query
+// that gave the token `mass` summed over its ng heads (kernels.importance_fold's arithmetic, round half to even)
+DEVI void fold_code(u8* cp, float mass, int ng, float seen) {
+  const float c = (float)*cp;
+  float mean = c == 255.f ? 0.f : exp2f(-c * 0.125f);
+  mean = (mean * seen + mass / (float)ng) / (seen + 1.f);
+  const float y = -8.f * log2f(fmaxf(mean, 2.5390362e-10f));   // 2^-31.875: code 255
+  *cp = (u8)fminf(rintf(fmaxf(y, 0.f)), 255.f);
+}
+
+DEVI float fold_lse(const Params& p, i64 b, i64 hk, int h) {   // the previous query's log2-sum-exp of head h
+  if (!(p.flags & F_FOLD) || h >= p.ng) return 0.f;
+  const float x = p.flp[(b * p.h_kv + hk) * p.ng + h];
+  return x > -1e30f ? x : 0.f;
+}
+
 DEVI void main_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, int t1, u8* wbase, float* dump) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, ng = p.ng;
   const bool hg = g < ng;
@@ -314,6 +332,8 @@ DEVI void main_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
   }
   const float qaff0 = sh.qaff[2 * t] * p.qk_scale, qaff1 = sh.qaff[2 * t + 1] * p.qk_scale;
   const float c1 = p.qk_scale * 16777216.f / sh.qnorm;           // acc -> logit (log2 domain)
+  const float lp0 = fold_lse(p, b, hk, 2 * t), lp1 = fold_lse(p, b, hk, 2 * t + 1);
+  const float fseen = (p.flags & F_FOLD) ? *p.fseen : 0.f;
 
   float o[NMT][4], z[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -431,6 +451,18 @@ DEVI void main_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
         for (int i = 0; i < 4; ++i) {
           const int tok = tok0 + 16 * sub + g + (i < 2 ? 0 : 8), h = 2 * t + (i & 1);
           if (tok <= last && h < ng) p.sc[b * p.sscb + (hk * ng + h) * p.ssch + tok] = L[sub][i];
+        }
+    }
+    if (p.flags & F_FOLD) {               // importance folded here, with the previous query's normaliser
+#pragma unroll
+      for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {     // token row 16 sub + g + 8 r: heads 2t, 2t + 1 here, the rest in lanes t^1..3
+          const int tok = tok0 + 16 * sub + g + 8 * r;
+          float m = (2 * t < ng ? ex2(L[sub][2 * r] - lp0) : 0.f) + (2 * t + 1 < ng ? ex2(L[sub][2 * r + 1] - lp1) : 0.f);
+          m += __shfl_xor_sync(0xffffffffu, m, 1);
+          m += __shfl_xor_sync(0xffffffffu, m, 2);
+          if (t == 2 * sub + r && tok <= last) fold_code(p.fc + b * p.fcb + hk * p.fch + tok, m, ng, fseen);
         }
     }
 
@@ -635,9 +667,13 @@ DEVI void tail_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
 #pragma unroll
     for (int e = 0; e < TCH; ++e) o[h][e] = 0.f;
   }
+  float lpf[HMAX];
+#pragma unroll
+  for (int h = 0; h < HMAX; ++h) lpf[h] = fold_lse(p, b, hk, h);
+  const float fseen = (p.flags & F_FOLD) ? *p.fseen : 0.f;
   for (int tc = t0; tc < t1; tc += 32) {
     const int n = min(32, t1 - tc), tok = tc + min(lane, n - 1);
-    float s[HMAX];
+    float s[HMAX], fm = 0.f;
 #pragma unroll
     for (int h = 0; h < HMAX; ++h) s[h] = 0.f;
 #pragma unroll 4
@@ -655,6 +691,7 @@ DEVI void tail_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
     for (int h = 0; h < HMAX; ++h) {
       float lg = lane < n ? (s[h] + sh.qaff[h]) * p.qk_scale : -SK_INF;
       if ((p.flags & F_SCORES) && lane < n && h < ng) p.sc[b * p.sscb + (hk * ng + h) * p.ssch + tc + lane] = lg;
+      if ((p.flags & F_FOLD) && lane < n && h < ng) fm += ex2(lg - lpf[h]);
       float mn = fmaxf(mh[h], warp_max(lg)), al = ex2(mh[h] - mn);
       pr[h] = ex2(lg - mn);
       lh[h] = lh[h] * al + warp_sum(pr[h]);
@@ -662,6 +699,7 @@ DEVI void tail_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
 #pragma unroll
       for (int e = 0; e < TCH; ++e) o[h][e] *= al;
     }
+    if ((p.flags & F_FOLD) && lane < n) fold_code(p.fc + b * p.fcb + hk * p.fch + tc + lane, fm, ng, fseen);
     for (int j0 = 0; j0 < n; j0 += 4) {
       float v[4][TCH];
 #pragma unroll

@@ -36,7 +36,7 @@ STAGE_OVERHEAD = 2.0         # a warp's fixed cost (query set-up, combine) in st
 PATHS: Counter = Counter()   # "fast" or the reason a call took the Triton path (benchmarks, tests)
 
 F_LEN, F_LEN64, F_RESLAST, F_KAFF, F_QBF16, F_KRBF16, F_VRBF16, F_KABF16, F_MERGE = 1, 2, 4, 8, 16, 32, 64, 128, 256
-F_SCORES = 512
+F_SCORES, F_FOLD = 512, 1024
 _I64, _P, _F, _I = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int32
 
 
@@ -54,6 +54,7 @@ class Params(ctypes.Structure):
                 ("op", _P), ("lp", _P), ("sob", _I64), ("soh", _I64), ("sos", _I64), ("slb", _I64), ("slh", _I64),
                 ("out", _P), ("cnt", _P), ("sxb", _I64), ("sxh", _I64),
                 ("sc", _P), ("sscb", _I64), ("ssch", _I64),
+                ("fc", _P), ("fcb", _I64), ("fch", _I64), ("fseen", _P), ("flp", _P),
                 ("qk_scale", _F),
                 ("seg_offset", _I), ("t_seg", _I), ("tk", _I), ("tv", _I), ("h_kv", _I), ("ng", _I),
                 ("chunk", _I), ("tail_w", _I), ("split0", _I), ("s_total", _I), ("flags", _I)]
@@ -435,11 +436,13 @@ def _plan(q3, segments, kinds, lengths, scaling, dev, ladder, concurrent: bool =
 
 def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scaling: float,
                           lengths: torch.Tensor | None = None, ladder: int = 3,
-                          scores: Sequence[torch.Tensor] | None = None):
+                          scores: Sequence[torch.Tensor] | None = None, fold: Sequence | None = None,
+                          lse_io: torch.Tensor | None = None):
     """`decode_attention` on the CUDA kernels; `unsupported` must have said None. Returns the output in q's shape;
     with `scores` (one (B, Hq, T_seg) fp32 buffer per segment, token stride 1, or None: not written), also writes each valid token's
     logit there (log2 domain, scaling included) and returns (output, lse (B, Hq) fp32, the log2-sum-exp of all
-    logits), from which `split.token_probs` makes the token probabilities.
+    logits), from which `split.token_probs` makes the token probabilities. `fold` and `lse_io`: as
+    `kernels.decode_attention`'s (lse_io contiguous; the log2-sum-exp is written there, and returned with scores).
     ladder < 3: the benchmark ladder's partial kernels (bytes only, + unpacking, + q.k), wrong outputs."""
     squeeze = q.dim() == 3
     q3 = q if squeeze else q.squeeze(2)
@@ -455,11 +458,12 @@ def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scalin
     o_part = torch.empty(B, Hq, max(S, 1), D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, max(S, 1), dtype=torch.float32, device=q.device)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device) if scores is not None else None
+    lse = lse_io if lse_io is not None else torch.empty(B, Hq, dtype=torch.float32, device=q.device) \
+        if scores is not None else None
     main = torch.cuda.current_stream(dev)
     stream = main.cuda_stream
-    # the merge inside the split kernel writes no log-sum-exp: with scores, the separate merge kernel runs
-    cnt = _counters(dev, stream, B * launches[-1][3]) if launches and scores is None and not concurrent else None
+    # the merge inside the split kernel writes no log-sum-exp: with scores or a fold, the separate merge kernel runs
+    cnt = (_counters(dev, stream, B * launches[-1][3]) if launches and lse is None and not concurrent else None)
     side = _side_streams(dev, len(launches) - 1) if concurrent else []
     if side:   # one event of the inputs' readiness, waited on by every side stream
         ready = main.record_event()
@@ -478,6 +482,12 @@ def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scalin
                 raise ValueError(f"scores[{i}] must be ({B}, {Hq}, {segments[i].num_tokens}) fp32 with token "
                                  f"stride 1, got {tuple(sc.shape)} {sc.dtype} strides {sc.stride()}")
             p.sc, (p.sscb, p.ssch), p.flags = sc.data_ptr(), sc.stride()[:2], p.flags | F_SCORES
+        p.fc = p.fseen = p.flp = o_part.data_ptr()
+        if fold is not None and fold[i] is not None:   # read by the splits, written by the merge after them
+            codes, seen = fold[i]
+            p.fc, (p.fcb, p.fch), p.fseen, p.flp = codes.data_ptr(), codes.stride()[:2], seen.data_ptr(), \
+                lse_io.data_ptr()
+            p.flags = p.flags | F_FOLD
         if cnt is not None and j == len(launches) - 1:  # its last block per sequence and head merges
             p.cnt, p.flags = cnt.data_ptr(), p.flags | F_MERGE
         else:
@@ -495,4 +505,4 @@ def decode_attention_cuda(q: torch.Tensor, segments: Sequence[KVSegment], scalin
                             _I(Hq), _I(int(q.dtype == torch.bfloat16))], B * Hq, stream)
     PATHS["fast"] += 1
     out = out if squeeze else out.unsqueeze(2)
-    return out if scores is None else (out, lse)
+    return out if scores is None and fold is None else (out, lse)

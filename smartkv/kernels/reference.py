@@ -80,7 +80,8 @@ def segment_valid(segments: Sequence[KVSegment], lengths: torch.Tensor | None, b
 def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], scaling: float,
                                lengths: torch.Tensor | None = None, return_token_probs: bool = False,
                                probs_out: Sequence[torch.Tensor] | None = None,
-                               compute_dtype: torch.dtype = torch.float32):
+                               compute_dtype: torch.dtype = torch.float32, fold: Sequence | None = None,
+                               lse_io: torch.Tensor | None = None):
     """Exact attention of one query token over the dequantized segments.
 
     q (B, Hq, D) or (B, Hq, 1, D); Hq a multiple of kv_heads (GQA). Returns the output in q's shape and dtype,
@@ -102,6 +103,20 @@ def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], s
     probs = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0)
     out = (probs @ values).reshape(B, Hq, 1, D).to(q.dtype)
     out = out.squeeze(2) if squeeze else out
+    if lse_io is not None:   # `kernels.decode_attention`'s fold: the previous call's log2-sum-exp, then this one's
+        s2 = scores * 1.4426950408889634                                   # log2 units, as the kernels'
+        G = Hq // Hkv
+        prev = lse_io.reshape(B, Hkv, G, 1)
+        prev = torch.where(prev > -1e30, prev, torch.zeros_like(prev))
+        ends = torch.tensor([s.num_tokens for s in segments]).cumsum(0).tolist()
+        for (codes, seen), start, end in ((f, e - s.num_tokens, e) for f, s, e in zip(fold or [], segments, ends)
+                                          if f is not None):
+            mass = torch.exp2(s2[..., start:end] - prev).sum(2)             # (B, Hkv, T_seg)
+            row = codes[..., :end - start]
+            old = row.clone()
+            importance_fold_reference(row, mass, seen, 1, G)
+            row.copy_(torch.where(valid[:, None, start:end], row, old))     # tokens past a length: as they were
+        lse_io.copy_(torch.logsumexp(scores, -1).reshape(B, Hq) * 1.4426950408889634)
     if not return_token_probs:
         return out
     mass = probs.sum(2).float()                                            # (B, Hkv, T)

@@ -220,7 +220,8 @@ def triton_ok(q: torch.Tensor, segments: Sequence[KVSegment]) -> bool:
 
 def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scaling: float,
                             lengths: torch.Tensor | None = None, return_token_probs: bool = False,
-                            probs_out: Sequence[torch.Tensor] | None = None):
+                            probs_out: Sequence[torch.Tensor] | None = None, fold: Sequence | None = None,
+                            lse_io: torch.Tensor | None = None):
     squeeze = q.dim() == 3
     q3 = q if squeeze else q.squeeze(2)  # (B, Hq, D)
     if q3.stride(-1) != 1:
@@ -247,7 +248,9 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
         seg_offset = 0 if seg.lengths is not None else p.offset
         ka = seg.key_scale
         kb = seg.key_shift
-        sc = scores[i] if scores[i] is not None else o_part
+        folds = fold is not None and fold[i] is not None
+        sc = fold[i][0] if folds else scores[i] if scores[i] is not None else o_part
+        sc_strides = (sc.stride(0), sc.stride(1))
         k, v = p.k, p.v
         kern = K._split_kernel[(p.n_splits, B * Hkv)](
             q3, q3.stride(0), q3.stride(1),
@@ -257,13 +260,13 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
             *(ka.stride()[:2] if ka is not None else (0, 0)),
             lens if lens is not None else q3, seg_offset, seg.num_tokens, k.n_quant, v.n_quant,
             o_part, lse_part, *o_part.stride()[:3], *lse_part.stride()[:2], split0,
-            sc, *(sc.stride()[:2]),
+            sc, *sc_strides, fold[i][1] if folds else q3, lse_io if folds else q3,
             scaling * LOG2E, p.tps, Hkv, NG,
             D=D, NGP=NGP, XK=p.xk, XV=p.xv,
             K_KIND=k.kind, K_BITS=k.bits, K_PW=per_word(k.bits) if k.kind else 1, K_G=k.group, K_NGRP=k.ngrp,
             V_KIND=v.kind, V_BITS=v.bits, V_PW=per_word(v.bits) if v.kind else 1, V_G=v.group, V_NGRP=v.ngrp,
             HAS_KRES=k.has_res, HAS_VRES=v.has_res, HAS_LEN=lens is not None, HAS_KAFF=ka is not None,
-            STORE_SCORES=scores[i] is not None, BLOCK_N=p.block_n, CODE_MODE=p.tuning.code_mode,
+            STORE_SCORES=2 if folds else int(scores[i] is not None), BLOCK_N=p.block_n, CODE_MODE=p.tuning.code_mode,
             RES_LAST=seg.residual_last, SVEC_K=k.svec, SVEC_V=v.svec,
             PREFETCH=p.tuning.prefetch, num_warps=p.tuning.num_warps, num_stages=p.tuning.num_stages,
             **({"maxnreg": p.tuning.maxnreg} if p.tuning.maxnreg else {}))
@@ -272,13 +275,16 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
             _note_resident(p.resident_key, kern, p.tuning.num_warps)
         split0 += p.n_splits
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
-    lse = torch.empty(B, Hq, dtype=torch.float32, device=dev) if return_token_probs else out
+    # the call's log2-sum-exp: into lse_io when given (the next call's previous one; read by this call's splits
+    # above, written by the merge after them)
+    lse = lse_io if lse_io is not None else torch.empty(B, Hq, dtype=torch.float32, device=dev) \
+        if return_token_probs else out
     if S == 0:
         lse_part.fill_(float("-inf"))
     block_s, warps = _merge_config(plans, D, B * Hq, _sm_count(dev))
     K._merge_kernel[(B * Hq,)](o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
                                *lse_part.stride()[:2], *out.stride()[:2], Hq, D=D, BLOCK_S=block_s,
-                               STORE_LSE=return_token_probs, num_warps=warps)
+                               STORE_LSE=return_token_probs or lse_io is not None, num_warps=warps)
     out = out if squeeze else out.unsqueeze(2)
     if not return_token_probs:
         return out

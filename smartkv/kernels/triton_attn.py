@@ -30,6 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from smartkv.kernels.triton_quant import _rint_nonneg
 from smartkv.kernels.tuning import CHAN, FP, TOK  # noqa: E402,F401  (key layouts, named once)
 
 
@@ -251,9 +252,24 @@ def _scores(n0, lo, hi, kx, km0, km1, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch
         s = s + qaff[None, :]
     s = s * qk_scale
     hh = tl.arange(0, NGP)
-    if STORE_SCORES:
+    if STORE_SCORES == 1:
         tl.store(sc_ptr + hh[None, :] * ssch + t[:, None], s, mask=valid[:, None] & (hh[None, :] < NG))
+    elif STORE_SCORES == 2:   # folded here: sc_ptr the tokens' importance codes, ssch their count of queries
+        _fold_mass(sc_ptr + t, valid, tl.sum(tl.where(valid[:, None] & (hh[None, :] < NG), tl.exp2(s), 0.0), 1),
+                   ssch, NG)
     return tl.where(valid[:, None], s, float("-inf"))
+
+
+@triton.jit
+def _fold_mass(cp, valid, mass, seen, NG):
+    """Importance codes at cp (a mean over `seen` queries, `encode_importance`) <- the mean after one more query
+    that gave the tokens `mass` summed over its NG heads (as kernels.importance_fold: round half to even)."""
+    c = tl.load(cp, mask=valid, other=255).to(tl.float32)
+    mean = tl.where(c == 255, 0.0, tl.exp2(-c / 8))
+    mean = (mean * seen + mass / NG) / (seen + 1)
+    y = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))
+    y = tl.minimum(_rint_nonneg(tl.maximum(y, 0.0)), 255.0)
+    tl.store(cp, y.to(tl.uint8), mask=valid)
 
 
 @triton.jit
@@ -407,7 +423,7 @@ def _split_kernel(
         KA, KB, skab, skah,
         LEN, seg_offset, T_SEG, TK, TV,
         OP, LP, sob, soh, sos, slb, slh, split0,
-        SC, sscb, ssch,
+        SC, sscb, ssch, SEEN, LPREV,
         qk_scale, TPS, H_KV, NG,
         D: tl.constexpr, NGP: tl.constexpr, XK: tl.constexpr, XV: tl.constexpr,
         K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_PW: tl.constexpr, K_G: tl.constexpr, K_NGRP: tl.constexpr,
@@ -461,7 +477,17 @@ def _split_kernel(
     vs_ptr = VS + b * svsb + hk * svsh
     vz_ptr = VZ + b * svsb + hk * svsh
     vr_ptr = VR + b * svrb + hk * svrh
-    sc_ptr = SC + b * sscb + hk * NG * ssch
+    hh = tl.arange(0, NGP)
+    lp = tl.zeros((NGP,), tl.float32)
+    AFF: tl.constexpr = HAS_KAFF or STORE_SCORES == 2   # the scores' per-head term: the key shift's, less lp
+    if STORE_SCORES == 2:   # importance folded in this pass, from the previous query's log2-sum-exp per head
+        sc_ptr = SC + b * sscb + hk * ssch     # the (sequence, KV head) row of the tokens' importance codes
+        ssch = tl.load(SEEN).to(tl.float32)    # the queries they have seen (one count)
+        lp = tl.load(LPREV + (b * H_KV + hk) * NG + hh, mask=hh < NG, other=0.0)
+        lp = tl.where(lp > -1.0e30, lp, 0.0)
+        qaff = qaff - lp / qk_scale            # scores less lp: exp2 of a score is its probability then
+    else:
+        sc_ptr = SC + b * sscb + hk * NG * ssch
 
     k_off = 0
     if HAS_KRES:
@@ -474,7 +500,7 @@ def _split_kernel(
     m_i, l_i, acc, vb = _run(s0, tl.minimum(s1, TA), m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr,
                              skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, q16, qbd16,
                              qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, K_KIND, V_KIND, K_BITS, K_PW,
-                             K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, HAS_KAFF, STORE_SCORES,
+                             K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, AFF, STORE_SCORES,
                              CODE_MODE, PREFETCH, SVEC_K, SVEC_V)
     # phase B: one of keys / values quantized, the other full precision (KIVI's windows); C: both full
     if HAS_KRES or HAS_VRES:
@@ -487,29 +513,29 @@ def _split_kernel(
                                          skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off,
                                          q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, 0,
                                          V_KIND, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV,
-                                         BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE, 0)
+                                         BLOCK_N, AFF, STORE_SCORES, CODE_MODE, 0)
             else:
                 m_i, l_i, acc, vb = _run(loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr,
                                          skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off,
                                          q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG,
                                          K_KIND, 0, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK,
-                                         XV, BLOCK_N, HAS_KAFF, STORE_SCORES, CODE_MODE, 0)
+                                         XV, BLOCK_N, AFF, STORE_SCORES, CODE_MODE, 0)
             m_i, l_i, acc, vb = _run(tl.maximum(s0, TB), s1, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst,
                                      kr_ptr, skrt, TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt,
                                      v_off, q16, qbd16, qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, 0,
                                      0, K_BITS, K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N,
-                                     HAS_KAFF, STORE_SCORES, CODE_MODE, 0)
+                                     AFF, STORE_SCORES, CODE_MODE, 0)
         elif HAS_KRES:
             m_i, l_i, acc, vb = _run(loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt,
                                      TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, q16, qbd16,
                                      qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, 0, V_KIND, K_BITS,
-                                     K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, HAS_KAFF,
+                                     K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, AFF,
                                      STORE_SCORES, CODE_MODE, 0)
         else:
             m_i, l_i, acc, vb = _run(loB, hiB, m_i, l_i, acc, vb, kq_ptr, ks_ptr, kz_ptr, skqt, skst, kr_ptr, skrt,
                                      TK, k_off, vq_ptr, vs_ptr, vz_ptr, svqt, svst, vr_ptr, svrt, v_off, q16, qbd16,
                                      qrep, qsum, qaff, sc_ptr, ssch, chK, chV, qk_scale, NG, K_KIND, 0, K_BITS,
-                                     K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, HAS_KAFF,
+                                     K_PW, K_G, K_NGRP, V_BITS, V_PW, V_NGRP, D, NGP, XK, XV, BLOCK_N, AFF,
                                      STORE_SCORES, CODE_MODE, 0)
 
     # ---- pick, for each channel, the accumulator row of its value group; normalise; store
@@ -518,8 +544,7 @@ def _split_kernel(
     o = tl.sum(tl.where(own, acc3, 0.0), axis=0)                             # (NGP, D)
     has = l_i > 0
     o = o / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    hh = tl.arange(0, NGP)
+    lse = tl.where(has, m_i + lp + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     hq = hk * NG + hh
     tl.store(OP + b * sob + hq[:, None] * soh + (split0 + split) * sos + chV[None, :], o,
              mask=(hh < NG)[:, None])
