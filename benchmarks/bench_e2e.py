@@ -58,6 +58,9 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
     # realloc="append" (joint classes, a ring of recent tokens): two graphs, the common step and the flushing one
     "smartkv append (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
                                                                          realloc="append", joint=True)),
+    # the class rows' importance folded in the attention pass with the previous query's normaliser (no logits)
+    "smartkv append (budget 4.25; gap 3; fold) (CUDA graph)": (
+        "smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", joint=True, class_norm="previous")),
     # while the ring fills, one flush in 4 (16) demotes, paying ahead: fewer passes over the class buffers
     "smartkv append (budget 4.25; gap 3; demote every 4) (CUDA graph)": (
         "smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", joint=True, demote_every=4)),

@@ -6,26 +6,28 @@
 #      window-only probabilities, the demotion's kernels);
 #   2. end-to-end graphed decoding at the Llama-3-8B shape (random bf16 weights), 32K x 8 then 128K x 4: median,
 #      mean and max ms a step over 64 steps after 16 warm-up steps (flushes and re-allocations included).
-#   ONESHOT=1: instead of 2, int4 and append after a one-shot fill (the ring fills while decoding), 320 steps after
-#      16, split at step 256 (BENCHMARKS.md runs J, K); NOTESTS=1 skips 1.
+#   ONESHOT=1: instead of 2, int4 and append (its class rows' importance exact, then folded in the pass) after a
+#      one-shot fill (the ring fills while decoding), 320 steps after 16, split at step 256 (BENCHMARKS.md runs J,
+#      K; 250 s a shape: run it with NOTESTS=1, which skips 1).
 #   run(command="source .devbundle/py/setup.sh; OUT=$OUT bash benchmarks/smartkv21_gpu.sh")   # files land in $OUT
 set -u
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-benchmarks/raw/latest}
 mkdir -p "$OUT"
 NEW="smartkv append (budget 4.25; gap 3) (CUDA graph)"
+FOLD="smartkv append (budget 4.25; gap 3; fold) (CUDA graph)"
 OLD="smartkv incremental (budget 4.25; gap 3) (CUDA graph)"
 [ "${NOTESTS:-0}" = 1 ] || timeout 200 python -m pytest tests/test_cuda_attn.py tests/test_graphs.py tests/test_fused.py \
     tests/test_append.py tests/test_kernels.py tests/test_demote_kernels.py -q --tb=short -p no:cacheprovider \
     -k "cuda_attn or graph_replays or \
     across_reallocations or joint or one_pass or probabilities or append or merge_plan or importance_fold or \
-    move_rows or runners or demotion or requantize or list_of_tensors" \
+    move_rows or runners or demotion or requantize or list_of_tensors or folded or previous" \
     > "$OUT/pytest.txt" 2>&1
 grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
 if [ "${ONESHOT:-0}" = 1 ]; then
     for shape in "32768 8" "131072 4"; do
         set -- $shape
-        timeout 180 python benchmarks/bench_e2e.py --context $1 --batch $2 --fill-chunk $1 --rows "int4 (CUDA graph),$NEW" \
+        timeout 250 python benchmarks/bench_e2e.py --context $1 --batch $2 --fill-chunk $1 --rows "int4 (CUDA graph),$NEW,$FOLD" \
             --no-max-batch --steps 320 --warmup 16 --out "$OUT/oneshot$1" > "$OUT/oneshot$1.log" 2>&1
         python - "$OUT/oneshot$1/bench_e2e.json" <<'PY'
 import json, statistics as st, sys

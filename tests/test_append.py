@@ -91,11 +91,27 @@ def test_budget_holds_and_every_held_tensor_is_counted(tiny, held, decode):
         assert sum(tensors.values()) == b.payload + b.metadata + b.residual + layer.slack_bytes(), tensors
 
 
-def test_an_append_layer_holds_no_more_than_a_reallocating_one(tiny, decode):
-    """Its flush bookkeeping (the ring's and window's counts, the plan's table, device lengths) comes out of the
-    prompt's bits, so while the ring fills and once it is full the cache holds no more than the default's at the
-    same budget, within a few bytes a layer of it."""
-    q = dict(P, ring_tokens=16)
+def test_the_previous_normaliser_is_held_while_the_ring_fills_and_counted(tiny, held, decode):
+    """class_norm="previous": each layer holds its last query's log2-sum-exp per query head while the ring fills
+    (the prompt's last query's at first), counted as metadata ("exact" holds none)."""
+    caches = {}
+    for norm in ("exact", "previous"):
+        _, _, caches[norm], _ = decode(tiny, "smartkv", _ids(), 6, "eager", **dict(P, ring_tokens=16, class_norm=norm))
+    for layer, other in zip(caches["previous"].layers, caches["exact"].layers, strict=True):
+        a = layer._app
+        assert a.cimp is not None and a.lse is not None and other._app.lse is None
+        assert a.lse.shape == (2, layer.num_heads * layer._group_heads) and bool(a.lse.isfinite().all())
+        b = layer.layer_bytes()
+        assert sum(held(layer).values()) == b.payload + b.metadata + b.residual + layer.slack_bytes()
+
+
+@pytest.mark.parametrize("norm", ["exact", "previous"])
+def test_an_append_layer_holds_no_more_than_a_reallocating_one(tiny, decode, norm):
+    """Its flush bookkeeping (the ring's and window's counts, the plan's table, device lengths; with
+    class_norm="previous" the last query's normaliser) comes out of the prompt's bits, so while the ring fills and
+    once it is full the cache holds no more than the default's at the same budget, within a few bytes a layer of
+    it."""
+    q = dict(P, ring_tokens=16, class_norm=norm)
     for steps in (9, 29):   # the ring fills at step 17
         _, _, app, _ = decode(tiny, "smartkv", _ids(prompt=60), steps, "eager", **q)
         _, _, ref, _ = decode(tiny, "smartkv", _ids(prompt=60), steps, "eager",
@@ -323,15 +339,18 @@ def kernels(monkeypatch):
     monkeypatch.setattr(cache_mod, "FORCE_KERNELS", True)
 
 
-def test_fused_and_static_steps_equal_the_reference_path(tiny_llama, kernels, decode):
+@pytest.mark.parametrize("norm", ["exact", "previous"])
+def test_fused_and_static_steps_equal_the_reference_path(tiny_llama, kernels, decode, norm):
     """On the GPU when there is one (fp16 operands: the bounds of test_graphs). Measured on CPU (interpreter): fused
-    vs reference logits 1.4e-4 relative, static vs fused 0 (the same kernel calls)."""
+    vs reference logits 1.4e-4 relative, static vs fused 0 (the same kernel calls). class_norm="previous": the
+    class rows' importance folded in the attention pass, as the reference path folds it."""
     dev = next(tiny_llama.parameters()).device
     bound, rtol = (2e-3, 1e-2) if dev.type == "cuda" else (6e-4, 1e-3)
     ids = _ids().to(dev)
-    ref_tokens, ref_logits, ref, _ = decode(tiny_llama, "smartkv", ids, 12, "eager", **P, use_kernels=False)
-    tokens, logits, fused, _ = decode(tiny_llama, "smartkv", ids, 12, "eager", **P)
-    s_tokens, s_logits, static, dec = decode(tiny_llama, "smartkv", ids, 12, "static", **P)
+    q = dict(P, class_norm=norm)
+    ref_tokens, ref_logits, ref, _ = decode(tiny_llama, "smartkv", ids, 12, "eager", **q, use_kernels=False)
+    tokens, logits, fused, _ = decode(tiny_llama, "smartkv", ids, 12, "eager", **q)
+    s_tokens, s_logits, static, dec = decode(tiny_llama, "smartkv", ids, 12, "static", **q)
     assert torch.equal(tokens, ref_tokens) and torch.equal(s_tokens, ref_tokens)
     assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < bound
     assert ((s_logits - logits).abs().max() / logits.abs().max()).item() < bound

@@ -28,15 +28,19 @@ def allowed_from_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: i
     return allowed.expand(rows, 1, q_len, kv_len) if allowed.shape[0] == 1 else allowed
 
 
-def attention_probs(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Softmax attention probabilities in fp32. query (B, Hq, W, D), keys (B, Hkv, T, D) -> (B, Hq, W, T)."""
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float,
+                    return_lse: bool = False):
+    """Softmax attention probabilities in fp32. query (B, Hq, W, D), keys (B, Hkv, T, D) -> (B, Hq, W, T); with
+    `return_lse`, also each query's log2-sum-exp of its scores (B, Hq, W) (-inf for a fully masked query)."""
     B, Hq, W, D = query.shape
     Hkv = keys.shape[1]
     q = query.float().reshape(B, Hkv, Hq // Hkv * W, D)  # GQA: the query heads of a group share their KV head
     scores = (q @ keys.float().transpose(-1, -2)).reshape(B, Hq, W, -1) * scaling
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)  # fully masked rows (padding queries)
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # fully masked rows (padding queries)
+    if not return_lse:
+        return probs
+    return probs, torch.logsumexp(scores, -1) * 1.4426950408889634
 
 
 def kv_head_mass(probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -63,6 +63,7 @@ class Classes:
     plan: list | None = None   # while the ring fills: per filling flush, [(class id, target id, tokens)] demoted
     cimp: list | None = None   # while the ring fills: class id -> (B, H, capacity) uint8 importance codes, row order
     cseen: torch.Tensor | None = None   # (1,) fp32: queries every middle token counts as seen by (one denominator)
+    lse: torch.Tensor | None = None     # while the ring fills: (B, Hq) fp32, the last query's log2-sum-exp per head
     moves: list | None = None   # while the ring fills: every (class id, target id, most tokens a flush moves)
     move_k: torch.Tensor | None = None   # (filling flushes, moves): each flush's count of each move (uint8 or wider)
     buf: dict | None = None  # static steps: window, wimp, wseen buffers and the window's first position
@@ -127,14 +128,17 @@ class SmartKVAppend:
         tokens' codes and the per-token statistics the default holds too (class map, importance codes): the
         window's and the full ring's one-byte counts a sequence, the filling flushes' count table (A / P rows of
         `pairs` moves, entries as wide as `plan`'s largest count needs) and the device lengths and tables (at most
-        len(widths)^2 classes), less what a re-allocating layer holds that it does not (the sinks' codes, the level
-        maps over the full ring's positions), so that it holds no more bytes than that layer."""
+        len(widths)^2 classes; with class_norm="previous" a log2-sum-exp a query head while the ring fills), less
+        what a re-allocating layer holds that it does not (the sinks' codes, the level maps over the full ring's
+        positions), so that it holds no more bytes than that layer."""
         B, P, C = self.batch_size, self.config.realloc_every, len(self.widths) ** 2
         top = max((k for moves in plan or [] for k in moves.values()), default=0)
         item = 1 if top <= 255 else 2 if top <= 32767 else 4
         H, cfg = self.num_heads, self.config
         held = (B * (A + cfg.recent_window + P) + A // P * pairs * item + 4 * (C * B + C + 2 * B + 1) + P
                 - B * H * (cfg.sink_tokens + A // 2))
+        if cfg.class_norm == "previous" and A:
+            held += 4 * B * H * self._group_heads
         return max(0, -(-8 * held // (B * H * self.head_dim)))
 
     def _append_begin(self) -> None:
@@ -182,6 +186,7 @@ class SmartKVAppend:
             a.rimp = torch.full((B, H, A), 255, dtype=torch.uint8, device=self.device)
             a.head, a.ring_len = (torch.zeros(B, dtype=torch.int32, device=self.device) for _ in range(2))
             self._demote_begin(plan, ids)
+        self._last_lse = None
         self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
         self._classes, self._class_major = None, False
         self.importance = self.importance.new_empty(B, H, 0)   # new tensors: views would keep the old storage
@@ -243,16 +248,23 @@ class SmartKVAppend:
             # push resets them)
             rprob = [torch.zeros(*a.rimp.shape, device=self.device)] if ring else []
             wprob = torch.zeros(*wimp.shape, device=self.device)
-            # while the ring fills, every class row's probability too (the demotions' importance)
-            cls = [] if a.cimp is None else [torch.zeros(*x.keys.codes.shape[:3], device=self.device)
-                                             for x in segs[1:len(segs) - 1 - len(rprob)]]
-            skip = [None] * (len(segs) - 1 - len(rprob) - len(cls))
+            # while the ring fills, every class row's importance too (the demotions'): its probabilities, or with
+            # class_norm="previous" folded in the pass with the previous query's normaliser (no (B, Hq, T) logits)
+            held = [cid for cid in range(len(a.widths)) if (a.k[cid].codes.shape[-2] if static else a.n[cid])]
+            fold = cls = None
+            if a.cimp is not None and a.lse is not None:
+                fold = [None] + [(a.cimp[cid], a.cseen) for cid in held] + [None] * (len(rprob) + 1)
+            elif a.cimp is not None:
+                cls = [torch.zeros(*segs[1 + i].keys.codes.shape[:3], device=self.device) for i in range(len(held))]
             out, _ = decode_attention(query, segs, scaling, return_token_probs=True,
-                                      probs_out=skip + cls + rprob + [wprob])
-            if cls:   # the class segments above, in class order: a class with no rows has none
+                                      probs_out=[None] + (cls or [None] * len(held)) + rprob + [wprob],
+                                      fold=fold, lse_io=a.lse if fold else None)
+            if fold:
+                a.cseen += 1
+            elif cls:
                 it = iter(cls)
-                self._demote_fold([next(it) if (a.k[cid].codes.shape[-2] if static else a.n[cid]) else None
-                                   for cid in range(len(a.widths))], 1, self._group_heads)
+                self._demote_fold([next(it) if cid in held else None for cid in range(len(a.widths))], 1,
+                                  self._group_heads)
             if ring:
                 importance_fold(a.rimp, rprob[0], a.rseen, 1, self._group_heads)
                 a.rseen.clamp_(max=254).add_(1)
@@ -269,13 +281,19 @@ class SmartKVAppend:
                     self._append_flush_static()
         return out.transpose(1, 2)
 
-    def _append_observe(self, probs: torch.Tensor, allowed: torch.Tensor) -> None:
-        """The reference path's fold (probs (B, Hq, W, T), allowed (B, 1, W, T)): into the ring's and window's
-        codes (and while the ring fills, the class rows')."""
+    def _append_observe(self, probs: torch.Tensor, allowed: torch.Tensor, lse: torch.Tensor) -> None:
+        """The reference path's fold (probs (B, Hq, W, T), allowed (B, 1, W, T), lse (B, Hq, W) the queries'
+        log2-sum-exp): into the ring's and window's codes (and while the ring fills, the class rows', as the fused
+        step folds them: a decode query's probabilities rescaled to the previous query's normaliser)."""
         a, n = self._app, self.win_k.shape[-2]
         mass, seen = kv_head_mass(probs, self.num_heads), seen_counts(allowed).float()
         if a.cimp is not None:   # while the ring fills: every class row's attention (each middle token seen by all)
             s0, W = self.sink_k.shape[-2], probs.shape[-2]
+            if a.lse is not None:   # class_norm="previous"
+                if W == 1:
+                    prev = torch.where(a.lse > -1e30, a.lse, torch.zeros_like(a.lse))
+                    mass = kv_head_mass(probs * torch.exp2(lse[..., -1] - prev)[..., None, None], self.num_heads)
+                a.lse = lse[..., -1].clone()
             mid = mass[..., s0:s0 + self.n_middle]
             self._demote_fold([self._cls_rows(mid, cid, n) if n else None for cid, n in enumerate(a.n)], W)
         a.wimp, a.wseen = self._fold_mean(a.wimp, a.wseen, mass[..., -n:], seen[:, -n:])

@@ -116,6 +116,8 @@ class SmartKVAppendStatic:
                 lb.add("metadata", a.cimp[cid][..., :n])
             lb.add("metadata", a.cseen)
             lb.add("metadata", a.move_k)
+            if a.lse is not None:
+                lb.add("metadata", a.lse)
         for t in (self.sink_k, self.sink_v, self.win_k, self.win_v):
             lb.add("residual", t)
 

@@ -30,7 +30,12 @@ class SmartKVAttention:
         T = key.shape[-2]
         W = min(self.config.observe_window, q_len)
         allowed = allowed_from_mask(attention_mask, W, T, B, query.device)
-        probs = attention_probs(query[:, :, -W:], key, allowed, scaling)  # (B, Hq, W, T)
+        # (B, Hq, W, T); an append layer's fold also reads the queries' normalisers
+        lse = None
+        if self.config.class_norm == "previous" and (self._app is not None or self._append_wanted()):
+            probs, lse = attention_probs(query[:, :, -W:], key, allowed, scaling, return_lse=True)
+        else:
+            probs = attention_probs(query[:, :, -W:], key, allowed, scaling)
         if q_len == 1:  # decoding: the probabilities we need are the whole attention
             G = Hq // self.num_heads
             out = (probs.reshape(B, self.num_heads, G, T) @ value.float())  # (B, Hkv, G, D)
@@ -38,9 +43,11 @@ class SmartKVAttention:
         else:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if self._app is not None:
-            self._append_observe(probs, allowed)
+            self._append_observe(probs, allowed, lse)
         else:
             self._observe(probs, T, W)
+            if lse is not None:   # an append layer's first previous normaliser (`_demote_begin`), log2
+                self._last_lse = lse[..., -1].clone()
         self._flush()
         return out, None
 

@@ -17,7 +17,7 @@ class SmartKV(MethodConfig):
     # block_tokens=1 is the per-token design results were stored under; `realloc` is not neutral: its default
     # ("incremental") changes what a config computes, so SmartKV's job ids changed with it.
     ID_NEUTRAL: ClassVar[dict] = {**MethodConfig.ID_NEUTRAL, "block_tokens": 1, "joint": False, "ring_tokens": 256,
-                                  "demote_every": 1}
+                                  "demote_every": 1, "class_norm": "exact"}
     budget: float = 7.0
     widths: tuple = WIDTHS
     group_size: int = 64
@@ -36,6 +36,11 @@ class SmartKV(MethodConfig):
     # until the next one (each demoting flush passes over whole class buffers: fewer of them, less time, but demotions
     # made before later queries show which tokens matter: KL 1.28x the default's at 4, docs/smartkv.md)
     demote_every: int = 1
+    # realloc="append", while the ring fills: each decode query's attention to the class rows (their demotion
+    # importance) normalised by its own log-sum-exp ("exact": the attention pass writes (B, Hq, T) logits, read
+    # twice more) or by the previous query's ("previous": folded in the pass, no logits; KL on the evaluation part
+    # 0.99x / 1.05x exact's at int4's / KIVI-2's points, docs/smartkv.md)
+    class_norm: str = "exact"
     observe_window: int = 32
     key_norm: str = "channel"
     importance: str = "mean"
@@ -59,6 +64,7 @@ class SmartKV(MethodConfig):
         check_int("ring_tokens", self.ring_tokens, 0, 1 << 20)
         check_int("demote_every", self.demote_every, 1, 1 << 16)
         check_choice("realloc", self.realloc, ("append", "incremental", "full"))
+        check_choice("class_norm", self.class_norm, ("exact", "previous"))
         check_choice("joint", self.joint, (True, False))
         check_choice("key_norm", self.key_norm, ("channel", "center", "none"))
         check_choice("importance", self.importance, ("mean", "sum", "keynorm", "uniform"))

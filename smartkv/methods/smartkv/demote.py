@@ -82,6 +82,10 @@ class SmartKVDemote:
         a.cimp = [self._cls_rows(codes, cid, n) for cid, n in enumerate(a.n)]
         a.cimp = [self._grow_rows(c, q.codes.shape[-2]) for c, q in zip(a.cimp, a.k)]
         a.cseen = torch.full((1,), float(self.config.observe_window), device=self.device)
+        if self.config.class_norm == "previous":   # the first step's previous normaliser: the prompt's last query's
+            last = self._last_lse
+            a.lse = (last.float() if last is not None and last.shape[0] == self.batch_size else
+                     torch.zeros(self.batch_size, self.num_heads * self._group_heads, device=self.device))
 
     def _cls_positions(self, cid: int, n: int) -> torch.Tensor:
         """Middle positions (B, H, n) of class `cid`'s rows, in row (position) order; no host wait."""
@@ -170,4 +174,4 @@ class SmartKVDemote:
     def _demote_done(self) -> None:
         """The ring is full: nothing is demoted from here on."""
         a = self._app
-        a.plan, a.cimp, a.cseen, a.moves, a.move_k = None, None, None, None, None
+        a.plan, a.cimp, a.cseen, a.moves, a.move_k, a.lse = None, None, None, None, None, None

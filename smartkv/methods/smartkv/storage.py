@@ -65,6 +65,7 @@ class SmartKVStorage:
         self._app = None   # realloc="append": the class buffers once the first allocation ran (append.Classes)
         self._app_plan = None   # (flush mix, ring size, demotion plan, ring class): `_append_split` to `_append_begin`
         self._group_heads = 1      # query heads per KV head (set by `attend`)
+        self._last_lse = None      # an append layer's prompt: its last query's log2-sum-exp (B, Hq) until used
         self._static_tokens = 0    # static steps: tokens per sequence reserved (begin_static)
 
     def _store(self, key_states, value_states) -> None:
