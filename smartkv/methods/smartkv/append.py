@@ -289,12 +289,13 @@ class SmartKVAppend:
         mass, seen = kv_head_mass(probs, self.num_heads), seen_counts(allowed).float()
         if a.cimp is not None:   # while the ring fills: every class row's attention (each middle token seen by all)
             s0, W = self.sink_k.shape[-2], probs.shape[-2]
-            if a.lse is not None:   # class_norm="previous"
+            mid = mass[..., s0:s0 + self.n_middle]
+            if a.lse is not None:   # class_norm="previous": the class rows' only (the ring's and window's are exact)
                 if W == 1:
                     prev = torch.where(a.lse > -1e30, a.lse, torch.zeros_like(a.lse))
-                    mass = kv_head_mass(probs * torch.exp2(lse[..., -1] - prev)[..., None, None], self.num_heads)
+                    rescaled = probs[..., s0:s0 + self.n_middle] * torch.exp2(lse[..., -1] - prev)[..., None, None]
+                    mid = kv_head_mass(rescaled, self.num_heads)
                 a.lse = lse[..., -1].clone()
-            mid = mass[..., s0:s0 + self.n_middle]
             self._demote_fold([self._cls_rows(mid, cid, n) if n else None for cid, n in enumerate(a.n)], W)
         a.wimp, a.wseen = self._fold_mean(a.wimp, a.wseen, mass[..., -n:], seen[:, -n:])
         if a.ring_n:   # the ring's positions just before the window, oldest first
