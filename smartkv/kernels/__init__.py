@@ -438,28 +438,23 @@ def move_rows(x, src: torch.Tensor, n: torch.Tensor | None = None, fresh=None) -
 
     x a list of such tensors of one (B, H, C) (and `fresh` a list of one k, or None): all moved by the one map, in
     one launch a pass where each x's rows are dense (a class's keys, values and importance)."""
-    if isinstance(x, (list, tuple)):
-        fr = list(fresh) if fresh is not None else [None] * len(x)
-        if len(fr) != len(x):
-            raise ValueError(f"fresh must hold one tensor for each of the {len(x)} tensors, got {len(fr)}")
-        for xi, fi in zip(x, fr):
-            _check_move(xi, src, fi)
-        dense = all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.stride(0) == t.shape[1] * t.stride(1)
-                    for t in x)
-        if (kernels_available(src.device) and x and len(x) <= _td.MAX_MOVED and x[0].numel() and dense
-                and len({t.shape[:3] for t in x}) == 1 and len({t.shape[2] for t in fr if t is not None}) <= 1):
-            n = None if n is None else n.to(device=src.device, dtype=torch.int32).contiguous()
-            return _td.move_rows_many_triton(list(x), src, n, fresh if fresh is None else fr)
-        for xi, fi in zip(x, fr):
-            move_rows(xi, src, n, fi)
-        return None
-    _check_move(x, src, fresh)
-    even = all(t.stride(-1) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
-               for t in (x, src) + ((fresh,) if fresh is not None else ())) and x.stride(-2) == x.shape[-1]
-    if kernels_available(x.device) and x.numel() and even:
-        n = None if n is None else n.to(device=x.device, dtype=torch.int32).contiguous()
-        return _td.move_rows_many_triton([x], src, n, None if fresh is None else [fresh])
-    return move_rows_reference(x, src, n, fresh)
+    many = isinstance(x, (list, tuple))
+    xs = list(x) if many else [x]
+    fr = [None] * len(xs) if fresh is None else list(fresh) if many else [fresh]
+    if len(fr) != len(xs):
+        raise ValueError(f"fresh must hold one tensor for each of the {len(xs)} tensors, got {len(fr)}")
+    for xi, fi in zip(xs, fr):
+        _check_move(xi, src, fi)
+    even = xs + [src] + [f for f in fr if f is not None]   # (B, H) rows evenly spaced, last dimension contiguous
+    dense = all(t.stride(-2) == t.shape[-1] for t in xs) and all(
+        t.stride(-1) == 1 and t.stride(0) == t.shape[1] * t.stride(1) for t in even)
+    if (kernels_available(src.device) and xs and len(xs) <= _td.MAX_MOVED and xs[0].numel() and dense
+            and len({t.shape[:3] for t in xs}) == 1 and len({f.shape[2] for f in fr if f is not None}) <= 1):
+        n = None if n is None else n.to(device=src.device, dtype=torch.int32).contiguous()
+        return _td.move_rows_many_triton(xs, src, n, None if fresh is None else fr)
+    for xi, fi in zip(xs, fr):
+        move_rows_reference(xi, src, n, fi)
+    return None
 
 
 def _check_move(x: torch.Tensor, src: torch.Tensor, fresh: torch.Tensor | None) -> None:
