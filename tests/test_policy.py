@@ -254,3 +254,22 @@ def test_bit_counts_at_many_lambdas_equal_one_at_a_time():
         lams = [2.0 ** float(x) for x in torch.linspace(-30, 30, 301)]
         lams += [float(x) / b for x in counter.sorted[::50] for b in counter.breaks]   # on breakpoints
         assert counter.totals(lams).tolist() == [counter.total(lam) for lam in lams]
+
+
+def test_the_sweep_reads_lam_where_the_bisection_ends():
+    """`_sweep` (each target's lam read off the sorted thresholds) answers for a smooth profile's budgets, and its
+    lam assigns every token as the bisection's does; where it cannot tell (ties across weights on the threshold)
+    it leaves the target to the bisection."""
+    from smartkv.core.solve import _BitCounter, _lagrangian_bisect, _problem, _sweep
+
+    g = torch.Generator().manual_seed(5)
+    for profile in (torch.rand(4000, generator=g) ** 3, torch.ones(300), torch.round(torch.rand(900, generator=g) * 8)):
+        w, w_vals, _ = _problem(profile, 4.0, WIDTHS)
+        counter = _BitCounter(w, w_vals)
+        targets = [int(b * w.numel()) for b in (2.1, 2.5, 3.0, 3.7, 4.25, 5.0, 7.9)]
+        swept, bisected = _sweep(counter, targets), _lagrangian_bisect(counter, targets)
+        if profile.numel() == 4000:
+            assert None not in swept
+        for s, b in zip(swept, bisected):
+            if s is not None:
+                assert counter.assign(2.0 ** s).tolist() == counter.assign(2.0 ** b).tolist()
