@@ -8,7 +8,7 @@
 #      mean and max ms a step over 64 steps after 16 warm-up steps (flushes and re-allocations included).
 #   ONESHOT=1: instead of 2, int4 and append (its class rows' importance exact, then folded in the pass) after a
 #      one-shot fill (the ring fills while decoding), 320 steps after 16, split at step 256 (BENCHMARKS.md runs J,
-#      K; 250 s a shape: run it with NOTESTS=1, which skips 1).
+#      K; 250 s a shape: run it with NOTESTS=1, which skips 1, or ONLY32K=1, which keeps the first shape).
 #   run(command="source .devbundle/py/setup.sh; OUT=$OUT bash benchmarks/smartkv21_gpu.sh")   # files land in $OUT
 set -u
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
@@ -25,7 +25,8 @@ OLD="smartkv incremental (budget 4.25; gap 3) (CUDA graph)"
     > "$OUT/pytest.txt" 2>&1
 grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
 if [ "${ONESHOT:-0}" = 1 ]; then
-    for shape in "32768 8" "131072 4"; do
+    shapes=("32768 8" "131072 4"); [ "${ONLY32K:-0}" = 1 ] && shapes=("32768 8")
+    for shape in "${shapes[@]}"; do
         set -- $shape
         timeout 250 python benchmarks/bench_e2e.py --context $1 --batch $2 --fill-chunk $1 --rows "int4 (CUDA graph),$NEW,$FOLD" \
             --no-max-batch --steps 320 --warmup 16 --out "$OUT/oneshot$1" > "$OUT/oneshot$1.log" 2>&1

@@ -1,0 +1,114 @@
+"""Where a prefill's time goes: wall time against device time, host syncs, and the host functions that lead.
+
+A Llama-3-8B-shaped model (random bf16 weights, `--layers` of them) prefills `--context` random tokens x `--batch`
+in one forward through each row's cache (as the runner prefills a prompt), twice: the first call warms up
+(kernel compilation, allocator), the second is measured. Printed per row: wall ms and ms a layer against the
+first row's (int4 by default), device ms (the kernels' and copies' sum under torch.profiler), device-to-host
+copies and synchronisations (each one a point where the GPU drains while the host waits), and the `--top` host
+functions of the project by cumulative time (cProfile over the same call). Wall well above device time means the
+prefill is host-bound: the functions listed are where to look.
+
+    PYTHONPATH=.:benchmarks python benchmarks/profile_prefill.py --context 8192 --layers 4          # CUDA
+    PYTHONPATH=.:benchmarks python benchmarks/profile_prefill.py --smoke --context 512 --layers 2   # CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import bench_e2e
+import smartkv
+from bench_e2e import METHODS, build_model
+from smartkv.cache.hf_compat import cache_kwargs
+
+ROWS = ("int4,smartkv (budget 4.25; gap 3),smartkv append (budget 4.25; gap 3) (CUDA graph),"
+        "smartkv append (budget 4.25; gap 3; fold) (CUDA graph)")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prefill(model, name: str, ids: torch.Tensor) -> float:
+    """Seconds of one prefill of `ids` through a fresh cache of row `name`, synchronised."""
+    method, params = METHODS[name]
+    cache = smartkv.make_cache(method, model, **params)
+    sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+    sync()
+    return time.perf_counter() - start
+
+
+def device_summary(prof) -> tuple[float, int, int]:
+    """(device ms, device-to-host copies, host synchronisations) of a profiled region."""
+    dev_us, d2h, syncs = 0.0, 0, 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            dev_us += e.time_range.elapsed_us()
+            d2h += "DtoH" in e.name
+        elif any(s in e.name for s in SYNCS):
+            syncs += 1
+    return dev_us / 1e3, d2h, syncs
+
+
+def host_top(pr: cProfile.Profile, top: int) -> list[str]:
+    """The project's functions by cumulative seconds (what the host spends under them)."""
+    stats = pstats.Stats(pr).stats
+    rows = [(ct, nc, f"{path.split('smartkv/')[-1]}:{line}({fn})")
+            for (path, line, fn), (_, nc, _, ct, _) in stats.items() if "/smartkv/" in path]
+    return [f"  {ct * 1e3:8.1f} ms  {nc:6d}x  {where}" for ct, nc, where in sorted(rows, reverse=True)[:top]]
+
+
+def run(model, name: str, ids: torch.Tensor, layers: int, base: float | None, top: int) -> float:
+    prefill(model, name, ids)   # warm-up: compilation, allocator, autotuning
+    wall = prefill(model, name, ids)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        prefill(model, name, ids)
+    dev_ms, d2h, syncs = device_summary(prof)
+    pr = cProfile.Profile()
+    pr.enable()
+    prefill(model, name, ids)
+    pr.disable()
+    vs = f" ({wall / base:.2f}x the first row's)" if base else ""
+    print(f"\n## {name}: {ids.shape[1]} x {ids.shape[0]}, {layers} layers\n"
+          f"wall {wall * 1e3:.1f} ms{vs}, {wall * 1e3 / layers:.2f} ms a layer; device {dev_ms:.1f} ms; "
+          f"{d2h} device-to-host copies, {syncs} synchronisations", flush=True)
+    print("\n".join(host_top(pr, top)), flush=True)
+    return wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--top", type=int, default=15, help="host functions listed per row")
+    ap.add_argument("--rows", default=ROWS, help="comma-separated bench_e2e row names; the first is the base")
+    ap.add_argument("--smoke", action="store_true", help="a small model (CPU: the same code path in seconds)")
+    args = ap.parse_args()
+    names = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in names if r not in METHODS]
+    if unknown:
+        ap.error(f"--rows: unknown row {unknown[0]!r}; allowed: {', '.join(METHODS)}")
+    if args.smoke:
+        bench_e2e.DEV = "cpu"
+    model = build_model(args.layers, smoke=args.smoke)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device=model.device)
+    base = None
+    for name in names:
+        wall = run(model, name, ids, args.layers, base, args.top)
+        base = base or wall
+
+
+if __name__ == "__main__":
+    main()
