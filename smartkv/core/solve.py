@@ -143,11 +143,16 @@ def _problem(weight: torch.Tensor, budget: float, widths) -> tuple[torch.Tensor,
     floor(budget * n))."""
     check_budget(budget, widths)
     w = weight.detach().double().clamp_min(0).flatten().cpu()
-    w_vals = torch.tensor(sorted(widths), dtype=torch.float64)
-    target = int(math.floor(budget * w.numel() + 1e-9))
-    if float(w_vals[0]) * w.numel() > target:
+    return w, torch.tensor(sorted(widths), dtype=torch.float64), _target(w.numel(), budget, widths)
+
+
+def _target(n: int, budget: float, widths) -> int:
+    """The bit target floor(budget * n) of n tokens, checked."""
+    check_budget(budget, widths)
+    target = int(math.floor(budget * n + 1e-9))
+    if min(widths) * n > target:
         raise ValueError(f"budget {budget} is below the smallest width {min(widths)}")
-    return w, w_vals, target
+    return target
 
 
 def _solve(weight: torch.Tensor, budget: float, widths) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,11 +324,13 @@ def counts_for_budgets(weight_profile: torch.Tensor, budgets: list, widths=WIDTH
     """`counts_for` at each of several budgets on one profile, sorted once (the append design's demotion plan
     asks for 2 x 17 of them on a prompt's profile)."""
     outs = [dict.fromkeys(sorted(widths, reverse=True), 0) for _ in budgets]
-    w, targets = weight_profile, []
-    for budget in budgets:   # each budget checked (the profile moved to the host once)
-        w, w_vals, target = _problem(w, budget, widths)
-        targets.append(target)
-    if not budgets or w.numel() == 0:
+    for budget in budgets:   # each budget checked before any work
+        check_budget(budget, widths)
+    if not budgets:
+        return outs
+    w, w_vals, _ = _problem(weight_profile, budgets[0], widths)   # the profile to the host once
+    targets = [_target(w.numel(), b, widths) for b in budgets]
+    if w.numel() == 0:
         return outs
     counter = _BitCounter(w, w_vals)   # one sort, and the thresholds' search for all of them
     vals = w_vals.numpy()
