@@ -142,13 +142,13 @@ def flush_mix(profile: torch.Tensor, budgets: tuple[float, float], widths, n: in
     first (SmartKV's `realloc="append"`): each kind's counts solved (`policy.counts_for`) on `profile` (a first
     allocation's rank profile, (N,) descending) resampled at n evenly spaced quantiles, so every flush spends the
     budget the way the prompt's weight distribution says, and merged along one ranking (`staircase`)."""
-    from smartkv.core.policy import counts_for
+    from smartkv.core.policy import counts_for_budgets
     N = profile.numel()
     if N == 0:
         raise ValueError("flush_mix needs a non-empty rank profile")
     at = ((torch.arange(n, dtype=torch.float64) + 0.5) * N / n).long().clamp(max=N - 1)
     sample = profile.double().cpu()[at]
-    return staircase(*(counts_for(sample, b, widths) for b in budgets))
+    return staircase(*counts_for_budgets(sample, list(budgets), widths))
 
 
 def ring_widths(profile: torch.Tensor, recent: float, budgets: tuple[float, float], widths, ring: int) -> tuple:
@@ -163,17 +163,20 @@ def ring_widths(profile: torch.Tensor, recent: float, budgets: tuple[float, floa
     from smartkv.core.policy import counts_for_budgets
     n, lo = profile.numel(), min(widths)
     prof = profile.double().cpu()
-    out = []
+    cands, lefts = [], []   # each kind's candidate widths and the budget each leaves the prompt: one solve for all
     for b in budgets:
         bits = math.floor(b * (n + ring) + 1e-9)
         # no narrower than the budget (the prompt's tokens are never raised: bits a narrower ring left would go
         # unspent), and leaving the prompt at least the narrowest width; none fits: the narrowest such width
         # (the caller shrinks the ring until it fits)
         wide = [w for w in sorted(widths) if w >= b - 1e-9]
-        cand = [w for w in wide if bits - ring * w >= lo * n] or wide[:1]
+        cands.append([w for w in wide if bits - ring * w >= lo * n] or wide[:1])
+        lefts += [min(max((bits - ring * w) / n, lo), max(widths)) for w in cands[-1]]
+    solved = iter(counts_for_budgets(prof, lefts, widths))
+    out = []
+    for cand in cands:
         best = None
-        lefts = [min(max((bits - ring * w) / n, lo), max(widths)) for w in cand]
-        for w, counts in zip(cand, counts_for_budgets(prof, lefts, widths)):
+        for w, counts in zip(cand, solved):
             given = torch.cat([torch.full((c,), float(x), dtype=torch.float64)
                                for x, c in sorted(counts.items(), reverse=True)])   # widest to the heaviest
             err = ring * recent * 4.0 ** -w + float((prof * 4.0 ** -given).sum())

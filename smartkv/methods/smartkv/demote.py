@@ -38,7 +38,8 @@ class SmartKVDemote:
         left = [[min(max((math.floor(b * (n + f * P) + 1e-9) - f * P * w - c) / n, lo), hi)
                  for f in range(A // P + 1)]
                 for b, w, c in zip(budgets, top, charge)]
-        counts = [counts_for_budgets(profile, kind, self.widths) for kind in left]
+        both = counts_for_budgets(profile, left[0] + left[1], self.widths)   # one sort for both kinds
+        counts = [both[:len(left[0])], both[len(left[0]):]]
 
         def ranks(f):   # the classes along the ranking as runs [((key width, value width), tokens)]
             return [((kw, vw), m) for kw, vw, m in staircase(counts[0][f], counts[1][f])]

@@ -9,7 +9,7 @@ import torch
 
 from smartkv.core.classes import (JointCandidates, joint_assign, joint_candidates, joint_counts, joint_plan,
                                   staircase)
-from smartkv.core.policy import Candidates, counts_for, rank_profile
+from smartkv.core.policy import Candidates, counts_for_budgets, rank_profile
 from smartkv.kernels import warm_decode_kernels
 
 
@@ -37,7 +37,7 @@ class SmartKVJoint:
         cand = joint_candidates(weights, *old, stored, (kinds[0][2], kinds[1][2]), self.widths,
                                 per_width=nb - self.n_middle // bt)
         profile = rank_profile(cand.weights).cpu()                  # the one wait for the device
-        classes = staircase(*(counts_for(profile, b, self.widths) for b in cand.budgets))
+        classes = staircase(*counts_for_budgets(profile, list(cand.budgets), self.widths))
         plan = joint_plan(classes, cand.capped(classes))
         bits = joint_assign(cand.weights, cand.caps_k, cand.caps_v, plan, (lo, lo))
         placed = joint_counts(plan, cand.idx.shape[1], (lo, lo))
