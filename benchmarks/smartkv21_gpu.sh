@@ -9,6 +9,7 @@
 #   ONESHOT=1: instead of 2, int4 and append (its class rows' importance exact, then folded in the pass) after a
 #      one-shot fill (the ring fills while decoding), 320 steps after 16, split at step 256 (BENCHMARKS.md runs J,
 #      K; 250 s a shape: run it with NOTESTS=1, which skips 1, or ONLY32K=1, which keeps the first shape).
+#   ONLYTESTS=1: 1 alone.
 #   run(command="source .devbundle/py/setup.sh; OUT=$OUT bash benchmarks/smartkv21_gpu.sh")   # files land in $OUT
 set -u
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
@@ -24,6 +25,7 @@ OLD="smartkv incremental (budget 4.25; gap 3) (CUDA graph)"
     move_rows or runners or demotion or requantize or list_of_tensors or folded or previous" \
     > "$OUT/pytest.txt" 2>&1
 grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
+[ "${ONLYTESTS:-0}" = 1 ] && exit 0
 if [ "${ONESHOT:-0}" = 1 ]; then
     shapes=("32768 8" "131072 4"); [ "${ONLY32K:-0}" = 1 ] && shapes=("32768 8")
     for shape in "${shapes[@]}"; do
