@@ -147,8 +147,7 @@ def _problem(weight: torch.Tensor, budget: float, widths) -> tuple[torch.Tensor,
 
 
 def _target(n: int, budget: float, widths) -> int:
-    """The bit target floor(budget * n) of n tokens, checked."""
-    check_budget(budget, widths)
+    """The bit target floor(budget * n) of n tokens (`budget` already checked), at least the narrowest width's."""
     target = int(math.floor(budget * n + 1e-9))
     if min(widths) * n > target:
         raise ValueError(f"budget {budget} is below the smallest width {min(widths)}")
