@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from smartkv.kernels.triton_quant import _rint_nonneg
+from smartkv.kernels.triton_quant import _mean_code
 from smartkv.kernels.tuning import CHAN, FP, TOK  # noqa: E402,F401  (key layouts, named once)
 
 
@@ -265,11 +265,7 @@ def _fold_mass(cp, valid, mass, seen, NG):
     """Importance codes at cp (a mean over `seen` queries, `encode_importance`) <- the mean after one more query
     that gave the tokens `mass` summed over its NG heads (as kernels.importance_fold: round half to even)."""
     c = tl.load(cp, mask=valid, other=255).to(tl.float32)
-    mean = tl.where(c == 255, 0.0, tl.exp2(-c / 8))
-    mean = (mean * seen + mass / NG) / (seen + 1)
-    y = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))
-    y = tl.minimum(_rint_nonneg(tl.maximum(y, 0.0)), 255.0)
-    tl.store(cp, y.to(tl.uint8), mask=valid)
+    tl.store(cp, _mean_code(c, seen, mass / NG, 1).to(tl.uint8), mask=valid)
 
 
 @triton.jit

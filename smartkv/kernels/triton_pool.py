@@ -36,7 +36,7 @@ from smartkv.kernels.reference import MAX_FP, MAX_POOLS, MAX_RANGES
 from smartkv.kernels import split as _dec
 from smartkv.kernels.split import code_words, per_word, pow2
 from smartkv.kernels.triton_attn import load_words, unpack
-from smartkv.kernels.triton_quant import _rint_nonneg
+from smartkv.kernels.triton_quant import _mean_code
 from smartkv.kernels.tuning import current
 
 
@@ -429,11 +429,7 @@ def _mean_fold_kernel(code_ptr, sc_b, sc_h, m_ptr, sm_b, sm_h, n, Hkv, seen_ptr,
     c = tl.load(cp, mask=valid, other=255).to(tl.float32)
     m = tl.load(m_ptr + b.to(tl.int64) * sm_b + h * sm_h + t, mask=valid, other=0.0)
     s = tl.load(seen_ptr + b.to(tl.int64) * ss_b + t * ss_t, mask=valid, other=0).to(tl.float32)
-    mean = tl.where(c == 255, 0.0, tl.exp2(-c / 8))
-    mean = (mean * s + m / divisor) / (s + queries)
-    y = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))
-    y = tl.minimum(_rint_nonneg(tl.maximum(y, 0.0)), 255.0)
-    tl.store(cp, y.to(tl.uint8), mask=valid)
+    tl.store(cp, _mean_code(c, s, m / divisor, queries).to(tl.uint8), mask=valid)
 
 
 def pool_problem(pool: QTensor) -> str | None:

@@ -44,6 +44,16 @@ def _rint_nonneg(y):
 
 
 @triton.jit
+def _mean_code(c, seen, more, queries):
+    """The importance code (fp32, 0..255) of a mean over seen + queries, from code c of the mean over `seen` (255
+    read as 0) and `more` of mass more, as importance_fold_reference: round half to even."""
+    mean = tl.where(c == 255, 0.0, tl.exp2(-c / 8))
+    mean = (mean * seen + more) / (seen + queries)
+    y = -8 * tl.log2(tl.maximum(mean, 2.0 ** -31.875))
+    return tl.minimum(_rint_nonneg(tl.maximum(y, 0.0)), 255.0)
+
+
+@triton.jit
 def _codes(x, lo, hi, LEVELS: tl.constexpr):
     """x (..., G) fp32 with its group min/max (..., 1) -> int32 codes, fp16 scale and zero (..., 1)."""
     zero = _fp16_down(lo)
