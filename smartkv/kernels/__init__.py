@@ -201,7 +201,7 @@ def _check_fold(q, segments, probs_out, fold, lse_io) -> bool:
         codes, seen = f
         if probs_out is not None and probs_out[i] is not None:
             raise ValueError(f"segment {i} folds its importance: its probs_out entry must be None")
-        want = (B, seg.keys.shape[1] if not isinstance(seg.keys, QTensor) else seg.keys.codes.shape[1])
+        want = (B, seg.keys.shape[1])
         if (codes.dtype != torch.uint8 or codes.shape[:2] != want or codes.shape[-1] < seg.num_tokens
                 or codes.stride(-1) != 1 or seen.shape != (1,) or seen.dtype != torch.float32):
             raise ValueError(f"fold[{i}] must be (codes uint8 {want + ('>= ' + str(seg.num_tokens),)}, last dimension "
@@ -236,7 +236,7 @@ def _cuda_attention(q, segments, scaling, lengths, return_token_probs, probs_out
     scores = [None if probs_out is not None and probs_out[i] is None else
               torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=q.device) for i, s in enumerate(segments)]
     out, lse = _cuda.decode_attention_cuda(q, segments, scaling, lengths, scores=scores, fold=fold, lse_io=lse_io)
-    h_kv = (segments[0].keys.codes if isinstance(segments[0].keys, QTensor) else segments[0].keys).shape[1]
+    h_kv = segments[0].keys.shape[1]
     return out, _decode.token_probs(scores, lse, segments, lengths, h_kv, probs_out)
 
 

@@ -291,7 +291,7 @@ def unsupported(q: torch.Tensor, segments: Sequence[KVSegment]) -> str | None:
     if not any(k[0] for k in kinds):
         return "no quantized segment"
     for seg in segments:
-        Hkv = (seg.keys.codes if isinstance(seg.keys, QTensor) else seg.keys).shape[1]
+        Hkv = seg.keys.shape[1]
         if Hq // Hkv > HMAX:
             return f"{Hq // Hkv} query heads per KV head (at most {HMAX})"
         for part in (seg.key_residual, seg.value_residual, seg.key_scale, seg.key_shift):
@@ -413,7 +413,7 @@ def _plan(q3, segments, kinds, lengths, scaling, dev, ladder, concurrent: bool =
     for i, (seg, kind) in enumerate(zip(segments, kinds, strict=True)):
         if seg.num_tokens:
             kern = kernels(dev, D, *(kind if kind[0] else cfg), ladder=ladder)
-            Hkv = (seg.keys.codes if isinstance(seg.keys, QTensor) else seg.keys).shape[1]
+            Hkv = seg.keys.shape[1]
             lens = seg.lengths if seg.lengths is not None else lengths
             if lens is not None and (lens.device != q3.device or lens.dtype not in (torch.int32, torch.int64)
                                      or not lens.is_contiguous()):

@@ -227,7 +227,7 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     if q3.stride(-1) != 1:
         q3 = q3.contiguous()
     B, Hq, D = q3.shape
-    Hkv = (segments[0].keys.codes if isinstance(segments[0].keys, QTensor) else segments[0].keys).shape[1]
+    Hkv = segments[0].keys.shape[1]
     NG = Hq // Hkv
     NGP = pow2(NG)
     dev = q.device
