@@ -12,10 +12,11 @@ and a dozen elementwise passes (torch scans a row of 32K positions in one progra
 program per (sequence, KV head) row walks its positions in blocks, carrying the counts from block to block, and
 another compacts the class's rows.
 
-The rows themselves then move (`move_rows_many_triton`) in two passes over a grid of (sequence, KV head) x row blocks: each row whose source
-differs is staged from its source, then every staged row is put in place (a row that is its own source is not
-touched), a row as the widest words its bytes divide into (int64 for packed codes), all of a class's tensors (keys'
-and values' codes, scales, zeros, importance) in one launch a pass, reading the row map once. One program a
+The rows themselves then move (`move_rows_many_triton`) in two passes over a grid of (sequence, KV head) x row
+blocks: each row whose source differs is staged from its source, then every staged row is put in place (a row that
+is its own source is not touched), a row as the widest words its bytes divide into (int64 for packed codes), all of
+a class's tensors (keys' and values' codes, scales, zeros, importance) in one launch a pass, reading the row map
+once. One program a
 (sequence, KV head) row walking its blocks in order could move them in place without the staging buffer, but a walk
 of 10K rows is latency-bound: 550 us a move at 32K x 8 on the H200, 15 ms a layer's filling flush.
 
