@@ -252,6 +252,53 @@ def test_token_probs_accumulate_and_replay():
 
 
 @cuda
+def test_probabilities_fold_into_codes_on_the_fast_path_and_in_a_graph():
+    """`FoldInto` through the CUDA kernels: a ring-like 4-bit segment with lengths and a full-precision window, each
+    folded into codes and counts as the reference folds its probabilities (codes within one step of rounding,
+    counts exact); captured in a graph, each replay folds one more query."""
+    from smartkv.kernels.reference import importance_fold_reference
+    g = torch.Generator().manual_seed(31)
+    B, H, NG, D = 2, 8, 4, 128
+    ring = uniform(g, 4, B, H, 700, D, new=0)
+    ring = KVSegment(ring.keys, ring.values, lengths=torch.tensor([700, 333], device="cuda"))
+    win = KVSegment(rand(g, B, H, 40, D), rand(g, B, H, 40, D))
+    q = rand(g, B, H * NG, D)
+    codes = [torch.randint(0, 256, (B, H, n), generator=g, dtype=torch.uint8).cuda() for n in (700, 40)]
+    seen = [torch.randint(0, 250, (B, n), generator=g, dtype=torch.uint8).cuda() for n in (700, 40)]
+
+    def want(reps):
+        c, s = [x.clone() for x in codes], [x.clone() for x in seen]
+        _, probs = decode_attention_reference(q, [ring, win], 0.0883883, return_token_probs=True)
+        for _ in range(reps):
+            for cc, ss, p, n in zip(c, s, probs, ([700, 333], [40, 40])):
+                importance_fold_reference(cc, p, ss, 1, NG)
+                ss += (torch.arange(ss.shape[-1], device="cuda") < torch.tensor(n, device="cuda")[:, None]).byte()
+        return c, s
+
+    def call(c, s):
+        return kern.decode_attention(q, [ring, win], 0.0883883, return_token_probs=True,
+                                     probs_out=[kern.FoldInto(cc, ss, NG) for cc, ss in zip(c, s)])
+
+    before = cuda_attn.PATHS["fast"]
+    got_c, got_s = [x.clone() for x in codes], [x.clone() for x in seen]
+    assert call(got_c, got_s)[1] == [None, None] and cuda_attn.PATHS["fast"] == before + 1
+    for a, b, s, t in zip(got_c, *want(1), got_s):
+        assert (a.int() - b.int()).abs().max() <= 1 and (a != b).float().mean() < 0.05 and torch.equal(s, t)
+    got_c, got_s = [x.clone() for x in codes], [x.clone() for x in seen]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(got_c, got_s)
+    for c, s, c0, s0 in zip(got_c, got_s, codes, seen):
+        c.copy_(c0)
+        s.copy_(s0)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b, s, t in zip(got_c, *want(2), got_s):
+        assert (a.int() - b.int()).abs().max() <= 2 and torch.equal(s, t)
+
+
+@cuda
 def test_fallbacks_say_why_and_stay_correct():
     g = torch.Generator().manual_seed(19)
     k = quantize(rand(g, 1, 2, 500, 128), 4, 16)

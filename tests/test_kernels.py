@@ -403,6 +403,44 @@ def test_token_probs_accumulate():
     assert rel(acc[0] - 1, ref[0]) < BOUND
 
 
+def test_probabilities_fold_into_codes_and_counts():
+    """`FoldInto` (SmartKV's append ring and window): a segment's probabilities folded into its importance codes
+    as one more query, its valid tokens' counts advanced (saturating at 255), nothing else touched: against the
+    reference's probabilities folded by importance_fold_reference. A quantized segment with lengths (the ring) and
+    a full-precision one without (the window)."""
+    g = gen(23)
+    B, H, NG, D = 2, 2, 4, 64
+    k, v = _kv(g, B, H, 90, D)
+    ring = KVSegment(quantize(k[..., :60, :], 4, 32), quantize(v[..., :60, :], 4, 32),
+                     lengths=torch.tensor([60, 37], device=DEV))
+    win = KVSegment(k[..., 60:, :].half(), v[..., 60:, :].half())
+    q = randn(g, B, H * NG, D)
+    codes = [torch.randint(0, 256, (B, H, n), generator=g, dtype=torch.uint8).to(DEV) for n in (60, 30)]
+    seen = [torch.randint(0, 256, (B, n), generator=g, dtype=torch.uint8).to(DEV) for n in (60, 30)]
+    for c, s in zip(codes, seen):
+        c[..., :3], s[:, :3] = 255, torch.tensor([0, 254, 255], dtype=torch.uint8)
+    _, probs = R.decode_attention_reference(q, [ring, win], 0.125, return_token_probs=True)
+    want_c, want_s = [c.clone() for c in codes], [s.clone() for s in seen]
+    for c, s, p, n in zip(want_c, want_s, probs, ([60, 37], [30, 30])):
+        R.importance_fold_reference(c, p, s, 1, NG)
+        ok = torch.arange(s.shape[-1], device=DEV) < torch.tensor(n, device=DEV)[:, None]
+        s += (ok & (s < 255)).to(torch.uint8)
+    for fn in (kern.decode_attention, R.decode_attention_reference):
+        got_c, got_s = [c.clone() for c in codes], [s.clone() for s in seen]
+        _, out = fn(q, [ring, win], 0.125, return_token_probs=True,
+                    probs_out=[kern.FoldInto(c, s, NG) for c, s in zip(got_c, got_s)])
+        assert out == [None, None]
+        for c0, a, b, s, t in zip(codes, got_c, want_c, got_s, want_s):
+            assert (a.int() - b.int()).abs().max() <= 1 and (a != b).float().mean() < 0.05 and not torch.equal(a, c0)
+            assert torch.equal(s, t)
+        assert torch.equal(got_s[0][1, 37:], seen[0][1, 37:]) and got_s[1][:, 2].eq(255).all()
+    with pytest.raises(ValueError, match=r"probs_out\[1\] folds into codes"):
+        kern.decode_attention(q, [ring, win], 0.125, return_token_probs=True,
+                              probs_out=[None, kern.FoldInto(codes[1][..., :20], seen[1], NG)])
+    with pytest.raises(ValueError, match="needs return_token_probs"):
+        kern.decode_attention(q, [ring, win], 0.125, probs_out=[None, kern.FoldInto(codes[1], seen[1], NG)])
+
+
 def test_segment_errors_are_clear():
     g = gen(19)
     k, v = _kv(g, 1, 2, 40, 64)

@@ -40,7 +40,7 @@ from smartkv.kernels.reference import (MAX_FP, MAX_POOLS, MAX_RANGES, decode_att
                                              pool_positions_reference, pool_scores_reference, pool_values_reference,
                                              quantize_pack_reference)
 from smartkv.kernels import cuda_attn as _cuda
-from smartkv.kernels.segment import KVSegment, check_inputs
+from smartkv.kernels.segment import FoldInto, KVSegment, check_inputs
 
 try:
     import triton  # noqa: F401
@@ -57,7 +57,7 @@ except ImportError:  # no Triton on this platform: reference paths only
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KVSegment", "decode_attention", "decode_attention_reference", "demotion_keys", "importance_fold",
+__all__ = ["FoldInto", "KVSegment", "decode_attention", "decode_attention_reference", "demotion_keys", "importance_fold",
            "importance_update", "kernels_available", "merge_plan", "move_rows", "pool_positions", "pool_scores",
            "pool_values", "quantize_pack", "quantize_pack_at", "quantize_pack_kv", "quantize_pack_reference",
            "requantize_rows", "warm_decode_kernels"]
@@ -147,6 +147,10 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
     logits are neither stored nor normalised; its entry in the returned list is None): a cache that needs the
     probabilities of a few tokens only (SmartKV's window) does not pay for the rest.
 
+    A probs_out entry may be a `FoldInto` (codes, seen, divisor): that segment's probabilities are folded into the
+    importance codes as one more query and its valid tokens' counts advanced, in the launch that would have
+    stored them (its returned entry is None).
+
     `fold` (one entry a segment, None or (codes, seen)) with `lse_io` ((B, Hq) fp32): each such segment's tokens'
     importance is folded in the pass, its probabilities never stored: codes (B, kv_heads, >= T_seg) uint8 (last
     dimension contiguous), a mean over `seen` ((1,) fp32 on the device) queries, becomes the mean after this one,
@@ -158,6 +162,11 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
     """
     check_inputs(q, segments)
     folds = _check_fold(q, segments, probs_out, fold, lse_io)
+    for i, (entry, seg) in enumerate(zip(probs_out or (), segments)):
+        if isinstance(entry, FoldInto):
+            if not return_token_probs:
+                raise ValueError(f"probs_out[{i}] is a FoldInto: it needs return_token_probs=True")
+            entry.check(q.shape[0], seg.keys.shape[1], seg.num_tokens, i)
     if q.is_cuda:  # the CUDA kernels first (cuda_attn); the Triton ones where they do not apply
         why = _cuda.unsupported(q, segments)
         if why is None and return_token_probs and not kernels_available(q.device):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from smartkv.core.quant import QTensor, dequantize, quantize
-from smartkv.kernels.segment import KVSegment
+from smartkv.kernels.segment import FoldInto, KVSegment
 
 
 def write_rows(out: QTensor, q: QTensor, start: int) -> QTensor:
@@ -96,7 +96,8 @@ def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], s
     keys = torch.cat([k for k, _ in kv], -2)      # (B, Hkv, T, D)
     values = torch.cat([v for _, v in kv], -2)
     Hkv = keys.shape[1]
-    valid = torch.cat(segment_valid(segments, lengths, B, q.device), -1)  # (B, T)
+    seg_valid = segment_valid(segments, lengths, B, q.device)
+    valid = torch.cat(seg_valid, -1)                                       # (B, T)
     qg = q4.to(compute_dtype).reshape(B, Hkv, Hq // Hkv, D)               # (B, Hkv, G, D)
     scores = (qg @ keys.transpose(-1, -2)) * scaling                       # (B, Hkv, G, T)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -122,10 +123,15 @@ def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], s
     mass = probs.sum(2).float()                                            # (B, Hkv, T)
     parts = list(mass.split([s.num_tokens for s in segments], -1))
     if probs_out is not None:
-        for acc, p in zip(probs_out, parts, strict=True):
-            if acc is not None:
+        for i, (acc, p, ok) in enumerate(zip(probs_out, parts, seg_valid, strict=True)):
+            if isinstance(acc, FoldInto):   # mass 0 past a length; its count stays
+                T = p.shape[-1]
+                importance_fold_reference(acc.codes[..., :T], p, acc.seen[:, :T], 1, acc.divisor)
+                acc.seen[:, :T] += (ok & (acc.seen[:, :T] < 255)).to(torch.uint8)
+                acc = None
+            elif acc is not None:
                 acc += p
-        parts = list(probs_out)
+            parts[i] = acc
     return out, parts
 
 

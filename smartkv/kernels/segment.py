@@ -82,6 +82,28 @@ class KVSegment:
                    for p in parts if p is not None)
 
 
+@dataclass(frozen=True)
+class FoldInto:
+    """A `decode_attention` probs_out entry that folds its segment's token probabilities into importance codes in
+    place of returning them (SmartKV's append ring and window: one launch a segment, where probabilities, a fold
+    and a count's update took five): codes (B, kv_heads, >= T_seg) uint8, the mean over `seen` queries of each
+    token's probability summed over its group's query heads and divided by `divisor` (`importance_fold`'s), become
+    the mean after this query; seen (B, >= T_seg) uint8 (one count a sequence and token, saturating at 255) gains
+    one for each valid token (a segment's or the call's lengths). Both last dimensions contiguous."""
+    codes: torch.Tensor
+    seen: torch.Tensor
+    divisor: float = 1.0
+
+    def check(self, batch: int, kv_heads: int, tokens: int, index: int) -> None:
+        c, s = self.codes, self.seen
+        if (c.dtype != torch.uint8 or c.dim() != 3 or tuple(c.shape[:2]) != (batch, kv_heads) or c.shape[-1] < tokens
+                or c.stride(-1) != 1 or s.dtype != torch.uint8 or s.dim() != 2 or s.shape[0] != batch
+                or s.shape[-1] < tokens or s.stride(-1) != 1 or s.device != c.device):
+            raise ValueError(f"probs_out[{index}] folds into codes uint8 ({batch}, {kv_heads}, >= {tokens}) and seen "
+                             f"uint8 ({batch}, >= {tokens}), last dimensions contiguous, on one device; got codes "
+                             f"{c.dtype} {tuple(c.shape)}, seen {s.dtype} {tuple(s.shape)}")
+
+
 def check_inputs(q: torch.Tensor, segments: Sequence[KVSegment]) -> None:
     if q.dim() not in (3, 4) or (q.dim() == 4 and q.shape[2] != 1):
         raise ValueError(f"q must be (batch, q_heads, head_dim) or (batch, q_heads, 1, head_dim), got "

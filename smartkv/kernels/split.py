@@ -10,7 +10,7 @@ import triton
 
 from smartkv.core.quant import QTensor
 from smartkv.kernels import triton_attn as K
-from smartkv.kernels.segment import KVSegment, check_inputs  # noqa: F401
+from smartkv.kernels.segment import FoldInto, KVSegment, check_inputs  # noqa: F401
 from smartkv.kernels.tuning import Tuning, split_tuning
 
 LOG2E = 1.4426950408889634
@@ -296,7 +296,8 @@ def token_probs(scores: Sequence[torch.Tensor], lse: torch.Tensor, segments: Seq
     """Each segment's token probabilities summed over the query heads of a KV group, (B, h_kv, T_seg) fp32 (added
     into `probs_out` when given), from the split kernels' logits `scores` (one (B, Hq, T_seg) per segment, log2
     domain) and the call's log2-sum-exp `lse` (B, Hq); tokens past a sequence's length get 0, whatever their
-    scores buffer holds. One launch per non-empty segment; a segment whose scores are None gets None."""
+    scores buffer holds. One launch per non-empty segment; a segment whose scores are None gets None, as does one
+    whose probs_out entry is a `FoldInto` (folded into its codes instead)."""
     B, Hq = lse.shape
     NG = Hq // h_kv
     probs, offset = [], 0
@@ -308,14 +309,19 @@ def token_probs(scores: Sequence[torch.Tensor], lse: torch.Tensor, segments: Seq
             continue
         po = probs_out[i] if probs_out is not None else torch.empty(B, h_kv, T, dtype=torch.float32,
                                                                       device=lse.device)
-        if T:
-            lens = seg.lengths if seg.lengths is not None else lengths
-            seg_offset = 0 if seg.lengths is not None else offset
-            BLOCK_T = 256
+        lens = seg.lengths if seg.lengths is not None else lengths
+        seg_offset = 0 if seg.lengths is not None else offset
+        BLOCK_T = 256
+        if T and isinstance(po, FoldInto):
+            K._probs_fold_kernel[(triton.cdiv(T, BLOCK_T), B)](
+                scores[i], *scores[i].stride()[:2], lse, po.codes, *po.codes.stride()[:2], po.seen, po.seen.stride(0),
+                float(po.divisor), lens if lens is not None else lse, seg_offset, T, h_kv, NG, NGP=pow2(NG),
+                BLOCK_T=BLOCK_T, HAS_LEN=lens is not None, num_warps=4)
+        elif T:
             K._probs_kernel[(triton.cdiv(T, BLOCK_T), B * h_kv)](
                 scores[i], *scores[i].stride()[:2], lse, po, *po.stride()[:2], lens if lens is not None else lse,
                 seg_offset, T, h_kv, NG, NGP=pow2(NG), BLOCK_T=BLOCK_T, HAS_LEN=lens is not None,
                 ACCUMULATE=probs_out is not None, num_warps=4)
-        probs.append(po)
+        probs.append(None if isinstance(po, FoldInto) else po)
         offset += T
     return probs

@@ -575,6 +575,27 @@ def _merge_kernel(OP, LP, Out, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
         tl.store(LSE + pid, tl.where(den > 0, m_safe + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf")))
 
 
+@triton.jit
+def _group_probs(SC, sscb, ssch, LSE, b, hk, t, seq_len, H_KV, NG, NGP: tl.constexpr):
+    """(BLOCK_T,) fp32: tokens t's probabilities summed over KV head hk's query heads (0 at t >= seq_len), from
+    their log2 scores and the call's log2-sum-exp."""
+    hh = tl.arange(0, NGP)
+    hq = hk * NG + hh
+    m = (hh < NG)[:, None] & (t < seq_len)[None, :]
+    s = tl.load(SC + b * sscb + hq[:, None] * ssch + t[None, :], mask=m, other=float("-inf"))
+    lse = tl.load(LSE + b * H_KV * NG + hq, mask=hh < NG, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # no valid token: every p is masked to 0 below
+    return tl.sum(tl.where(m, tl.exp2(s - lse[:, None]), 0.0), axis=0)
+
+
+@triton.jit
+def _seq_len(LEN, b, seg_offset, T_SEG, HAS_LEN: tl.constexpr):
+    seq_len = T_SEG
+    if HAS_LEN:
+        seq_len = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32) - seg_offset, 0), T_SEG)
+    return seq_len
+
+
 @triton.jit(do_not_specialize=["seg_offset", "T_SEG", "sscb", "ssch", "spb", "sph"])
 def _probs_kernel(SC, sscb, ssch, LSE, PO, spb, sph, LEN, seg_offset, T_SEG, H_KV, NG,
                   NGP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_LEN: tl.constexpr, ACCUMULATE: tl.constexpr):
@@ -582,18 +603,27 @@ def _probs_kernel(SC, sscb, ssch, LSE, PO, spb, sph, LEN, seg_offset, T_SEG, H_K
     b = (bh // H_KV).to(tl.int64)
     hk = (bh % H_KV).to(tl.int64)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    seq_len = T_SEG
-    if HAS_LEN:
-        seq_len = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32) - seg_offset, 0), T_SEG)
-    hh = tl.arange(0, NGP)
-    hq = hk * NG + hh
-    m = (hh < NG)[:, None] & (t < seq_len)[None, :]
-    s = tl.load(SC + b * sscb + hq[:, None] * ssch + t[None, :], mask=m, other=float("-inf"))
-    lse = tl.load(LSE + b * H_KV * NG + hq, mask=hh < NG, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)  # no valid token: every p is masked to 0 below
-    p = tl.where(m, tl.exp2(s - lse[:, None]), 0.0)
-    prob = tl.sum(p, axis=0)
+    prob = _group_probs(SC, sscb, ssch, LSE, b, hk, t, _seq_len(LEN, b, seg_offset, T_SEG, HAS_LEN), H_KV, NG, NGP)
     po = PO + b * spb + hk * sph + t
     if ACCUMULATE:
         prob += tl.load(po, mask=t < T_SEG, other=0.0)
     tl.store(po, prob, mask=t < T_SEG)
+
+
+@triton.jit(do_not_specialize=["seg_offset", "T_SEG", "sscb", "ssch", "scb", "sch", "ssb"])
+def _probs_fold_kernel(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor, LEN, seg_offset, T_SEG, H_KV, NG,
+                       NGP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_LEN: tl.constexpr):
+    """`kernels.FoldInto`: the probabilities `_probs_kernel` stores folded into importance codes (B, H_KV, T) as
+    one more query over SEEN's counts (B, T) uint8, which then gain one for each valid token, saturating at 255.
+    One program a block of tokens and sequence, over all its KV heads: they share the counts."""
+    b = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    seq_len = _seq_len(LEN, b, seg_offset, T_SEG, HAS_LEN)
+    sp = SEEN + b * ssb + t
+    seen = tl.load(sp, mask=t < T_SEG, other=0)
+    for hk in range(H_KV):
+        prob = _group_probs(SC, sscb, ssch, LSE, b, hk, t, seq_len, H_KV, NG, NGP)
+        cp = CODES + b * scb + hk * sch + t
+        c = tl.load(cp, mask=t < T_SEG, other=255).to(tl.float32)
+        tl.store(cp, _mean_code(c, seen.to(tl.float32), prob / divisor, 1).to(tl.uint8), mask=t < T_SEG)
+    tl.store(sp, tl.where((t < seq_len) & (seen < 255), seen + 1, seen).to(tl.uint8), mask=t < T_SEG)

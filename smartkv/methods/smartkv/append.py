@@ -32,7 +32,7 @@ from smartkv.core.importance import (decode_importance, encode_importance, kv_he
                                      seen_from_ranges)
 from smartkv.core.policy import rank_profile, unpack_levels
 from smartkv.core.quant import QTensor
-from smartkv.kernels import KVSegment, decode_attention, importance_fold
+from smartkv.kernels import FoldInto, KVSegment, decode_attention
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _class_offsets, _rows
 
@@ -67,6 +67,7 @@ class Classes:
     moves: list | None = None   # while the ring fills: every (class id, target id, most tokens a flush moves)
     move_k: torch.Tensor | None = None   # (filling flushes, moves): each flush's count of each move (uint8 or wider)
     buf: dict | None = None  # static steps: window, wimp, wseen buffers and the window's first position
+    wbuf: tuple | None = None   # ordinary steps: (codes, counts) buffers wimp and wseen are views of (`_append_store`)
 
 
 def _alloc(q: QTensor, cap: int) -> QTensor:
@@ -244,20 +245,21 @@ class SmartKVAppend:
         if not observe:
             out = decode_attention(query, segs, scaling)
         else:
-            # the ring's probabilities, folded into its codes below (unfilled slots gather nothing that lasts: a
-            # push resets them)
-            rprob = [torch.zeros(*a.rimp.shape, device=self.device)] if ring else []
-            wprob = torch.zeros(*wimp.shape, device=self.device)
+            # the ring's and window's probabilities folded into their codes and counts where they are computed
+            # (a static window's rows past its length keep code 255 and count 0: a new token's start)
+            G = self._group_heads
+            rfold = [FoldInto(a.rimp, a.rseen, G)] if ring else []
             # while the ring fills, every class row's importance too (the demotions'): its probabilities, or with
             # class_norm="previous" folded in the pass with the previous query's normaliser (no (B, Hq, T) logits)
             held = [cid for cid in range(len(a.widths)) if (a.k[cid].codes.shape[-2] if static else a.n[cid])]
             fold = cls = None
             if a.cimp is not None and a.lse is not None:
-                fold = [None] + [(a.cimp[cid], a.cseen) for cid in held] + [None] * (len(rprob) + 1)
+                fold = [None] + [(a.cimp[cid], a.cseen) for cid in held] + [None] * (len(rfold) + 1)
             elif a.cimp is not None:
                 cls = [torch.zeros(*segs[1 + i].keys.codes.shape[:3], device=self.device) for i in range(len(held))]
             out, _ = decode_attention(query, segs, scaling, return_token_probs=True,
-                                      probs_out=[None] + (cls or [None] * len(held)) + rprob + [wprob],
+                                      probs_out=[None] + (cls or [None] * len(held)) + rfold
+                                      + [FoldInto(wimp, wseen, G)],
                                       fold=fold, lse_io=a.lse if fold else None)
             if fold:
                 a.cseen += 1
@@ -265,14 +267,6 @@ class SmartKVAppend:
                 it = iter(cls)
                 self._demote_fold([next(it) if cid in held else None for cid in range(len(a.widths))], 1,
                                   self._group_heads)
-            if ring:
-                importance_fold(a.rimp, rprob[0], a.rseen, 1, self._group_heads)
-                a.rseen.clamp_(max=254).add_(1)
-            importance_fold(wimp, wprob, wseen, 1, self._group_heads)
-            if static:   # the buffer's rows in use (the others keep code 255, count 0: a new token's start)
-                wseen.add_((buf["at"] < buf["len"][:, None]) & (wseen < 255))
-            else:
-                wseen.clamp_(max=254).add_(1)
         if static and self._append_flush_due():
             if self.static.side is None:
                 self._append_flush_static()
@@ -297,7 +291,9 @@ class SmartKVAppend:
                     mid = kv_head_mass(rescaled, self.num_heads)
                 a.lse = lse[..., -1].clone()
             self._demote_fold([self._cls_rows(mid, cid, n) if n else None for cid, n in enumerate(a.n)], W)
-        a.wimp, a.wseen = self._fold_mean(a.wimp, a.wseen, mass[..., -n:], seen[:, -n:])
+        codes, counts = self._fold_mean(a.wimp, a.wseen, mass[..., -n:], seen[:, -n:])
+        a.wimp.copy_(codes)   # in place: views of `_append_store`'s buffers
+        a.wseen.copy_(counts)
         if a.ring_n:   # the ring's positions just before the window, oldest first
             slots = self._ring_slots()
             codes, counts = self._fold_mean(a.rimp.index_select(2, slots), a.rseen.index_select(1, slots),
@@ -313,7 +309,13 @@ class SmartKVAppend:
         return encode_importance(mean), self._count(s + queries)
 
     def _append_store(self, n: int) -> None:
-        """`n` tokens entered the window (ordinary steps): their statistics start at 0 (code 255, no query)."""
+        """`n` tokens entered the window (ordinary steps): their statistics start at 0 (code 255, no query). The
+        statistics are views of buffers with room for a full window (`recent_window + realloc_every`), whose rows
+        past the views stay at code 255 and count 0: a step's token takes no launch, a flush's copy a new buffer."""
         a = self._app
-        a.wimp = torch.cat([a.wimp, a.wimp.new_full((*a.wimp.shape[:2], n), 255)], -1)
-        a.wseen = torch.cat([a.wseen, a.wseen.new_zeros(a.wseen.shape[0], n)], -1)
+        m, held = a.wimp.shape[-1], a.wbuf
+        if held is None or held[0].data_ptr() != a.wimp.data_ptr() or m + n > held[0].shape[-1]:
+            cap = max(m + n, self.config.recent_window + self.config.realloc_every)
+            held = a.wbuf = (a.wimp.new_full((*a.wimp.shape[:2], cap), 255), a.wseen.new_zeros(a.wseen.shape[0], cap))
+            held[0][..., :m], held[1][:, :m] = a.wimp, a.wseen
+        a.wimp, a.wseen = held[0][..., :m + n], held[1][:, :m + n]

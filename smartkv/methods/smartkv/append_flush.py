@@ -136,7 +136,7 @@ class SmartKVAppendFlush:
                     self._append_count_flush()
                 counted += g // P
         self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
-        a.wimp, a.wseen = a.wimp[..., n:].contiguous(), a.wseen[:, n:].contiguous()
+        a.wimp, a.wseen, a.wbuf = a.wimp[..., n:].contiguous(), a.wseen[:, n:].contiguous(), None
         for _ in range(F - counted):
             self._append_count_flush()
 

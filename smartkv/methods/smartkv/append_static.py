@@ -28,8 +28,7 @@ class SmartKVAppendStatic:
         buf["imp"][..., :n_win], buf["seen"][:, :n_win] = a.wimp, a.wseen
         buf["start"] = torch.full((B,), self.sink_k.shape[-2] + self.n_middle, dtype=torch.int32, device=self.device)
         buf["len"] = torch.zeros(B, dtype=torch.int32, device=self.device)
-        buf["at"] = torch.arange(W, device=self.device)
-        a.buf = buf
+        a.buf, a.wbuf = buf, None
         self._append_views(n_win)
 
     def _append_views(self, n_win: int) -> None:
@@ -129,6 +128,8 @@ class SmartKVAppendStatic:
                 spare = q.codes.shape[-2] - n
                 out += sum(spare * t[..., :1, :].numel() * t.element_size() for t in (q.codes, q.scale, q.zero))
         out += (a.cmap.shape[-1] - classmap.used_bytes(self.n_middle - a.ring_n)) * self.batch_size * self.num_heads
+        if a.buf is None and a.wbuf is not None and a.wbuf[0].data_ptr() == a.wimp.data_ptr():   # ordinary steps
+            out += (a.wbuf[0].shape[-1] - a.wimp.shape[-1]) * self.batch_size * (self.num_heads + 1)
         if a.ring:   # the ring's statistics in slots not yet filled (it fills from slot 0)
             out += (a.ring - a.ring_n) * sum(t[..., :1].numel() * t.element_size() for t in (a.rimp, a.rseen))
         if a.cimp is not None:
@@ -137,5 +138,5 @@ class SmartKVAppendStatic:
             spare = a.buf["k"].shape[-2] - self.win_k.shape[-2]
             row = self.win_k[..., :1, :].numel() * self.win_k.element_size()
             out += spare * (2 * row + self.batch_size * (self.num_heads + 1))
-            out += sum(a.buf[k].numel() * a.buf[k].element_size() for k in ("start", "len", "at"))
+            out += sum(a.buf[k].numel() * a.buf[k].element_size() for k in ("start", "len"))
         return out
