@@ -1,0 +1,103 @@
+"""The runner's prefill and decode speed per method, without Ray or the embedded weights: the runner's own
+`generation.decode` on a SmolLM2-135M-shaped model (Llama architecture, 30 layers, 3 KV heads of 64, random bf16
+weights), one request at a time, in each decode mode asked for (eager, as the runner decodes by default, and auto:
+CUDA graphs where the cache can be captured, captures counted in the decode time as the runner counts them).
+
+What it leaves out against the runner (jobs/smartkv_speed*.yaml): the eight workers sharing one GPU, the prompts'
+text (random tokens: the attention, hence SmartKV's widths, differ, its cost does not depend on them), scoring.
+Ratios are against int4 in the same mode and run: the issue 21 runner goal is decode ms a token <= 1.3x int4's
+and prefill tokens/s >= 0.5x int4's.
+
+    PYTHONPATH=. python benchmarks/bench_runner_step.py --context 8000 --new 32 --repeats 3    # CUDA
+    PYTHONPATH=. python benchmarks/bench_runner_step.py --smoke                                # CPU: the code path
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import smartkv
+from smartkv.bench.run.generation import decode
+
+METHODS = {  # row name -> (method, params), as jobs/smartkv_speed_append.yaml writes them
+    "int4": ("int4", {}),
+    "smartkv (default)": ("smartkv", dict(budget=4.25, key_value_gap=3)),
+    "smartkv append": ("smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", joint=True)),
+    "smartkv append fold": ("smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", joint=True,
+                                            class_norm="previous")),
+}
+
+
+def smollm2_config(smoke: bool) -> LlamaConfig:
+    if smoke:
+        return LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=16384,
+                       rope_theta=100000.0, tie_word_embeddings=True)
+
+
+def build(smoke: bool, device: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    with torch.device(device):
+        return LlamaForCausalLM(smollm2_config(smoke)).to(dtype).eval()
+
+
+def measure(model, name: str, mode: str, prompt: list[int], new: int) -> dict:
+    method, params = METHODS[name]
+    cache = smartkv.make_cache(method, model, **params)
+    out = decode(model, prompt, cache, new, forced=[1] * new, keep_logits=False, mode=mode)
+    return {"prefill_tok_s": len(prompt) / out.prefill_ms * 1e3, "ms_token": out.decode_ms_per_token,
+            "mode": out.mode}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", type=int, default=8000, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=32, help="tokens a request produces (the runner's max_new_tokens)")
+    ap.add_argument("--repeats", type=int, default=3, help="requests a row, after one warm-up; medians reported")
+    ap.add_argument("--modes", default="eager,auto")
+    ap.add_argument("--rows", default=",".join(METHODS), help="comma-separated row names; int4 first: the base")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on CPU")
+    ap.add_argument("--json", type=Path, help="write the rows here too")
+    args = ap.parse_args()
+    rows, modes = args.rows.split(","), args.modes.split(",")
+    for r in rows:
+        if r not in METHODS:
+            raise SystemExit(f"--rows: unknown row {r!r}; allowed: {', '.join(METHODS)}")
+    device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        args.context, args.new, args.repeats, modes = min(args.context, 512), min(args.new, 20), 1, ["eager"]
+    model = build(args.smoke, device)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=gen).tolist()
+    results = []
+    for mode in modes:
+        for name in rows:
+            measure(model, name, mode, prompt, args.new)   # warm-up: compilation, captures' first costs
+            runs = [measure(model, name, mode, prompt, args.new) for _ in range(args.repeats)]
+            results.append({"row": name, "asked": mode, "mode": runs[0]["mode"],
+                            **{k: statistics.median(r[k] for r in runs) for k in ("prefill_tok_s", "ms_token")}})
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    print(f"{args.context} prompt tokens, {args.new} new, median of {args.repeats}; ratios against the first row "
+          "in the same mode")
+    print("| row | asked | ran | prefill tok/s | prefill vs base | ms a token | ms a token vs base |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        base = next(b for b in results if b["asked"] == r["asked"] and b["row"] == rows[0])
+        print(f"| {r['row']} | {r['asked']} | {r['mode']} | {r['prefill_tok_s']:,.0f} | "
+              f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | {r['ms_token']:.2f} | "
+              f"{r['ms_token'] / base['ms_token']:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
