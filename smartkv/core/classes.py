@@ -173,13 +173,15 @@ def ring_widths(profile: torch.Tensor, recent: float, budgets: tuple[float, floa
         cands.append([w for w in wide if bits - ring * w >= lo * n] or wide[:1])
         lefts += [min(max((bits - ring * w) / n, lo), max(widths)) for w in cands[-1]]
     solved = iter(counts_for_budgets(prof, lefts, widths))
+    csum = torch.cat([prof.new_zeros(1), prof.cumsum(0)]).tolist()   # the profile's error by runs of one width
     out = []
     for cand in cands:
         best = None
         for w, counts in zip(cand, solved):
-            given = torch.cat([torch.full((c,), float(x), dtype=torch.float64)
-                               for x, c in sorted(counts.items(), reverse=True)])   # widest to the heaviest
-            err = ring * recent * 4.0 ** -w + float((prof * 4.0 ** -given).sum())
+            err, at = ring * recent * 4.0 ** -w, 0
+            for x, c in sorted(counts.items(), reverse=True):   # widest to the heaviest
+                err += (csum[at + c] - csum[at]) * 4.0 ** -x
+                at += c
             if best is None or err < best[0]:
                 best = (err, w)
         out.append(best[1])

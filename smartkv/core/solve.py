@@ -38,7 +38,7 @@ class _BitCounter:
     EPS = 1e-9
 
     def __init__(self, w: torch.Tensor, widths: torch.Tensor):
-        self.sorted = np.sort(w.numpy())
+        self.sorted = np.sort(w.numpy(), kind="stable")   # timsort: a sorted profile in O(n)
         a, b = (4.0 ** -widths.numpy()), widths.numpy()
         # envelope from x = 0 (narrowest width) upwards: at each step the next width whose line crosses first
         self.breaks, self.steps, self.envelope, cur = [], [], [0], 0
@@ -233,7 +233,7 @@ def _sweep(counter: _BitCounter, targets: list[int]) -> list[float | None]:
         return [None] * len(targets)
     cols = ws[None, :] / np.asarray(counter.breaks)[:, None]   # (J, n): row j sorted, token i's threshold there
     steps = np.asarray(counter.steps, dtype=np.float64)
-    cs = np.sort(cols.ravel())
+    cs = np.sort(cols.ravel(), kind="stable")   # timsort merges the J sorted rows
 
     def spent(v: np.ndarray) -> np.ndarray:   # bits above the narrowest at lam = v
         return sum(s * (n - np.searchsorted(col, v, side="right")) for s, col in zip(steps, cols))
