@@ -108,3 +108,23 @@ def test_moving_a_list_of_tensors_equals_moving_each():
         assert not torch.equal(want[0], xs[0])
     with pytest.raises(ValueError, match="fresh must hold one tensor"):
         kern.move_rows(xs, order, None, fresh[:2])
+
+
+def test_importance_sum_adds_each_rows_decoded_codes_up_to_its_length():
+    """The demotion floor's sum: per (sequence, KV head) row, the decoded importance of the first length[b] codes,
+    stored or added; codes past the length (and code 255) add nothing. Against the decoded codes summed in
+    float64."""
+    g = torch.Generator().manual_seed(5)
+    B, H, C = 3, 2, 1300
+    codes = torch.randint(0, 256, (B, H, C), generator=g, dtype=torch.uint8).to(DEV)
+    length = torch.tensor([C, 611, 0], dtype=torch.int32, device=DEV)
+    want = torch.stack([decode_importance(codes[b, :, :n].cpu()).double().sum(-1)
+                        for b, n in enumerate(length.tolist())])
+    out = torch.full((B, H), 7.0, device=DEV)
+    for fn in (kern.importance_sum, R.importance_sum_reference):
+        got = fn(codes, length, out.clone(), False)
+        assert torch.allclose(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+        got = fn(codes, length, out.clone(), True)
+        assert torch.allclose(got.cpu().double(), want + 7.0, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="length \\(B,\\) int32"):
+        kern.importance_sum(codes, length.long(), out)

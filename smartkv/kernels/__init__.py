@@ -9,6 +9,7 @@
     pool_positions([lk, lv], n, [ck, cv]) -> (2, B, H, n)                # keys' and values', one launch
     importance_update(codes, probs, ranges)                             # SmartKV's statistics, in place
     importance_fold(codes, mass, seen, queries, divisor=1)              # a mean over one denominator, in place
+    importance_sum(codes, length, out, accumulate=False)                # rows' decoded importance summed
     merge_plan(cm, gone, k, cid, tid, Ct) -> (order, keep)              # one demotion move's row maps
     demotion_keys(codes, kq, vq, length, floor, kmul, power, sensitivity) # its rows' weights as top-k keys
     requantize_rows(kq, vq, codes, keep, k, k_max, bits)                 # its leaving rows at the target's widths
@@ -34,11 +35,10 @@ import torch
 
 from smartkv.core.quant import QTensor, packed_width
 from smartkv.kernels.reference import (MAX_FP, MAX_POOLS, MAX_RANGES, decode_attention_reference,
-                                             importance_fold_reference, importance_update_reference,
-                                             demotion_keys_reference, merge_plan_reference, move_rows_reference,
-                                             requantize_rows_reference,
-                                             pool_positions_reference, pool_scores_reference, pool_values_reference,
-                                             quantize_pack_reference)
+                                       demotion_keys_reference, importance_fold_reference, importance_sum_reference,
+                                       importance_update_reference, merge_plan_reference, move_rows_reference,
+                                       pool_positions_reference, pool_scores_reference, pool_values_reference,
+                                       quantize_pack_reference, requantize_rows_reference)
 from smartkv.kernels import cuda_attn as _cuda
 from smartkv.kernels.segment import FoldInto, KVSegment, check_inputs
 
@@ -57,10 +57,10 @@ except ImportError:  # no Triton on this platform: reference paths only
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FoldInto", "KVSegment", "decode_attention", "decode_attention_reference", "demotion_keys", "importance_fold",
-           "importance_update", "kernels_available", "merge_plan", "move_rows", "pool_positions", "pool_scores",
-           "pool_values", "quantize_pack", "quantize_pack_at", "quantize_pack_kv", "quantize_pack_reference",
-           "requantize_rows", "warm_decode_kernels"]
+__all__ = ["FoldInto", "KVSegment", "decode_attention", "decode_attention_reference", "demotion_keys",
+           "importance_fold", "importance_sum", "importance_update", "kernels_available", "merge_plan", "move_rows",
+           "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_at", "quantize_pack_kv",
+           "quantize_pack_reference", "requantize_rows", "warm_decode_kernels"]
 
 
 @functools.cache
@@ -499,6 +499,24 @@ def demotion_keys(codes: torch.Tensor, kq: QTensor, vq: QTensor, length: torch.T
                                         floor.float().contiguous(), kmul.float().contiguous(), int(power),
                                         sensitivity, importance_table(codes.device))
     return demotion_keys_reference(codes, kq, vq, length, floor.float(), kmul.float(), power, sensitivity)
+
+
+def importance_sum(codes: torch.Tensor, length: torch.Tensor, out: torch.Tensor,
+                   accumulate: bool = False) -> torch.Tensor:
+    """out (B, H) fp32 (+ with `accumulate`) = the decoded importance codes (B, H, C) uint8 of each row's first
+    length[b] tokens (length (B,) int32 on the codes' device): SmartKV's demotion floor, the class rows' mean
+    importance, read on the device inside a captured flush. One launch on the kernels' devices (as torch ops, six a
+    class); the same table as `demotion_keys`, summed in another order (fp32 rounding apart)."""
+    from smartkv.core.importance import importance_table
+    B, H, C = codes.shape
+    if (length.shape != (B,) or out.shape != (B, H) or out.dtype != torch.float32 or codes.dtype != torch.uint8
+            or length.dtype != torch.int32):
+        raise ValueError(f"importance_sum takes codes (B, H, C) uint8, length (B,) int32 and out (B, H) fp32, got "
+                         f"{codes.dtype} {tuple(codes.shape)}, {length.dtype} {tuple(length.shape)}, {out.dtype} "
+                         f"{tuple(out.shape)}")
+    if kernels_available(codes.device) and codes.stride(-1) == 1 and out.is_contiguous() and length.is_contiguous():
+        return _td.importance_sum_triton(codes, length, out, accumulate, importance_table(codes.device))
+    return importance_sum_reference(codes, length, out, accumulate)
 
 
 def _like(q: QTensor, bits: int) -> QTensor:

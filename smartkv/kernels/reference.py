@@ -243,6 +243,14 @@ def demotion_keys_reference(codes: torch.Tensor, kq: QTensor, vq: QTensor, lengt
     return (w.view(torch.int32).long() << 32) | rows
 
 
+def importance_sum_reference(codes: torch.Tensor, length: torch.Tensor, out: torch.Tensor,
+                             accumulate: bool) -> torch.Tensor:
+    from smartkv.core.importance import importance_table
+    rows = torch.arange(codes.shape[-1], device=codes.device)
+    total = (importance_table(codes.device)[codes.long()] * (rows < length.to(codes.device)[:, None, None])).sum(-1)
+    return out.add_(total) if accumulate else out.copy_(total)
+
+
 def leaving_rows(keep: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
     """Rows (B, H, k_max) of the class that leave it, in row order: the last k[b] of `keep` (a stable argsort of
     the flags, rows that stay first); past k[b], the class's last row."""

@@ -152,6 +152,29 @@ def demotion_keys_triton(codes: torch.Tensor, kq, vq, length: torch.Tensor, floo
     return key
 
 
+@triton.jit(do_not_specialize=["C", "s_code"])
+def _imp_sum_kernel(code_ptr, s_code, table_ptr, len_ptr, out_ptr, C, H, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    bh = tl.program_id(0)
+    n = tl.minimum(tl.load(len_ptr + bh // H).to(tl.int32), C)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for r0 in range(0, n, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        code = tl.load(code_ptr + bh.to(tl.int64) * s_code + r, mask=r < n, other=255)
+        acc += tl.where(r < n, tl.load(table_ptr + code.to(tl.int32)), 0.0)
+    total = tl.sum(acc, axis=0)
+    if ACC:
+        total += tl.load(out_ptr + bh)
+    tl.store(out_ptr + bh, total)
+
+
+def importance_sum_triton(codes: torch.Tensor, length: torch.Tensor, out: torch.Tensor, accumulate: bool,
+                          table: torch.Tensor) -> torch.Tensor:
+    B, H, C = codes.shape
+    _imp_sum_kernel[(B * H,)](codes, codes.stride(1), table, length, out, C, H, ACC=accumulate, BLOCK=512,
+                              num_warps=4)
+    return out
+
+
 @triton.jit
 def _requant_one(w_ptr, s_ptr, z_ptr, N, bh, rows, valid, oc_ptr, os_ptr, oz_ptr, out_row,
                  SB: tl.constexpr, DB: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):

@@ -13,9 +13,8 @@ import math
 import torch
 
 from smartkv.core.classes import staircase, zip_runs
-from smartkv.core.importance import importance_table
 from smartkv.core.policy import counts_for_budgets
-from smartkv.kernels import demotion_keys, importance_fold, merge_plan, move_rows, requantize_rows
+from smartkv.kernels import demotion_keys, importance_fold, importance_sum, merge_plan, move_rows, requantize_rows
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
 
@@ -141,9 +140,10 @@ class SmartKVDemote:
         n_all = sum(a.n)
         ks = a.move_k.index_select(0, f)[0].int()             # (moves,) this flush's counts
         caps = [q.codes.shape[-2] for q in a.k]
-        table = importance_table(self.device)
-        imp_sum = sum((table[a.cimp[c][..., :caps[c]].long()] * (self._arange(caps[c]) < a.length[c][:, None, None]))
-                      .sum(-1) for c in range(len(a.k)) if caps[c])
+        imp_sum = torch.zeros(B, H, device=self.device)
+        for c, cap in enumerate(caps):   # the class rows' importance, one launch a class on the kernels' devices
+            if cap:
+                importance_sum(a.cimp[c][..., :cap], a.length[c], imp_sum, accumulate=True)
         floor = cfg.importance_floor * (imp_sum / max(n_all, 1))   # added to each row's importance (B, H)
         kmul = self.k_scale.float().mean(-1)[..., 0]                # keys' ranges back in real units (B, H)
         for i, (cid, tid, k_max) in enumerate(a.moves):
@@ -166,8 +166,8 @@ class SmartKVDemote:
             into = (_rows(a.k[tid], 0, Ct), _rows(a.v[tid], 0, Ct))
             move_rows([t for q in (kq, vq) for t in (q.codes, q.scale, q.zero)] + [a.cimp[cid][..., :Cc, None]],
                       keep, Cc - k)                         # the kept rows first
-            a.length[cid] -= k
-            a.length[tid] += k
+            a.length[cid].sub_(k)   # in place on the row (`x[i] -= k` copies it back onto itself too)
+            a.length[tid].add_(k)
             move_rows([t for q in into for t in (q.codes, q.scale, q.zero)] + [a.cimp[tid][..., :Ct, None]],
                       order, a.length[tid], [t for q in (fk, fv) for t in (q.codes, q.scale, q.zero)]
                       + [fimp[..., None]])                  # the target's and the moved rows in position order
