@@ -17,6 +17,11 @@ class SmartKVAttention:
         B, Hq, q_len, D = query.shape
         scaling = D ** -0.5 if scaling is None else scaling
         self._group_heads = Hq // self.num_heads
+        app = self._app
+        if app is not None and app.lse is not None and app.lse.shape != (B, Hq):
+            # a first allocation that ran before any attention (a cache filled by `update` alone, as benchmarks fill
+            # it) sized the previous normaliser by one query head a KV head: none is known yet, as the prompt's is not
+            app.lse = torch.zeros(B, Hq, device=self.device)
         if self._pending is not None:  # a fused decode step: `update` stored the token and returned it alone
             self._pending = None
             if self.static is not None:  # no flush here: `_advance` re-allocates between static steps
