@@ -454,16 +454,19 @@ DEVI void main_warp(const Params& p, const Shared& sh, i64 b, i64 hk, int t0, in
         }
     }
     if (p.flags & F_FOLD) {               // importance folded here, with the previous query's normaliser
+      float mine = 0.f;                   // the mass of this lane's token: row 16 (t >> 1) + g + 8 (t & 1)
 #pragma unroll
       for (int sub = 0; sub < 2; ++sub)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {     // token row 16 sub + g + 8 r: heads 2t, 2t + 1 here, the rest in lanes t^1..3
-          const int tok = tok0 + 16 * sub + g + 8 * r;
           float m = (2 * t < ng ? ex2(L[sub][2 * r] - lp0) : 0.f) + (2 * t + 1 < ng ? ex2(L[sub][2 * r + 1] - lp1) : 0.f);
           m += __shfl_xor_sync(0xffffffffu, m, 1);
           m += __shfl_xor_sync(0xffffffffu, m, 2);
-          if (t == 2 * sub + r && tok <= last) fold_code(p.fc + b * p.fcb + hk * p.fch + tok, m, ng, fseen);
+          if (t == 2 * sub + r) mine = m;
         }
+      // one fold a lane, every lane at once (a fold per row and quad lane serialised four folds a tile)
+      const int tok = tok0 + 16 * (t >> 1) + g + 8 * (t & 1);
+      if (tok <= last) fold_code(p.fc + b * p.fcb + hk * p.fch + tok, mine, ng, fseen);
     }
 
     if (LADDER < 3) {
