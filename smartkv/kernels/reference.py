@@ -127,7 +127,8 @@ def decode_attention_reference(q: torch.Tensor, segments: Sequence[KVSegment], s
             if isinstance(acc, FoldInto):   # mass 0 past a length; its count stays
                 T = p.shape[-1]
                 importance_fold_reference(acc.codes[..., :T], p, acc.seen[:, :T], 1, acc.divisor)
-                acc.seen[:, :T] += (ok & (acc.seen[:, :T] < 255)).to(torch.uint8)
+                seen = acc.seen[:, :T]
+                seen.add_((ok & (seen < 255)).to(torch.uint8))   # in place (`x[:, :T] +=` copies it back too)
                 acc = None
             elif acc is not None:
                 acc += p

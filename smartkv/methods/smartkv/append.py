@@ -308,13 +308,18 @@ class SmartKVAppend:
         mean = (decode_importance(codes) * s[:, None, :] + mass) / (s + queries).clamp_min(1)[:, None, :]
         return encode_importance(mean), self._count(s + queries)
 
+    def _window_stats_buffer(self) -> tuple | None:
+        """`_append_store`'s (codes, counts) buffers while the window's statistics are views of them, else None."""
+        a = self._app
+        return a.wbuf if a.wbuf is not None and a.wbuf[0].data_ptr() == a.wimp.data_ptr() else None
+
     def _append_store(self, n: int) -> None:
         """`n` tokens entered the window (ordinary steps): their statistics start at 0 (code 255, no query). The
         statistics are views of buffers with room for a full window (`recent_window + realloc_every`), whose rows
         past the views stay at code 255 and count 0: a step's token takes no launch, a flush's copy a new buffer."""
         a = self._app
-        m, held = a.wimp.shape[-1], a.wbuf
-        if held is None or held[0].data_ptr() != a.wimp.data_ptr() or m + n > held[0].shape[-1]:
+        m, held = a.wimp.shape[-1], self._window_stats_buffer()
+        if held is None or m + n > held[0].shape[-1]:
             cap = max(m + n, self.config.recent_window + self.config.realloc_every)
             held = a.wbuf = (a.wimp.new_full((*a.wimp.shape[:2], cap), 255), a.wseen.new_zeros(a.wseen.shape[0], cap))
             held[0][..., :m], held[1][:, :m] = a.wimp, a.wseen
