@@ -10,6 +10,7 @@ prefill is host-bound: the functions listed are where to look.
 
     PYTHONPATH=.:benchmarks python benchmarks/profile_prefill.py --context 8192 --layers 4          # CUDA
     PYTHONPATH=.:benchmarks python benchmarks/profile_prefill.py --smoke --context 512 --layers 2   # CPU check
+    PYTHONPATH=.:benchmarks python benchmarks/profile_prefill.py --shape smollm2 --layers 30       # the runner's
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 import bench_e2e
 import smartkv
 from bench_e2e import METHODS, build_model
+from bench_runner_step import smollm2_config
+from transformers import LlamaForCausalLM
 from smartkv.cache.hf_compat import cache_kwargs
 
 ROWS = ("int4,smartkv (budget 4.25; gap 3),smartkv append (budget 4.25; gap 3) (CUDA graph),"
@@ -95,6 +98,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15, help="host functions listed per row")
     ap.add_argument("--rows", default=ROWS, help="comma-separated bench_e2e row names; the first is the base")
     ap.add_argument("--smoke", action="store_true", help="a small model (CPU: the same code path in seconds)")
+    ap.add_argument("--shape", choices=("llama3-8b", "smollm2"), default="llama3-8b",
+                    help="smollm2: the runner's model (SmolLM2-135M's shape, --layers of its 30)")
     args = ap.parse_args()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in names if r not in METHODS]
@@ -102,7 +107,14 @@ def main() -> None:
         ap.error(f"--rows: unknown row {unknown[0]!r}; allowed: {', '.join(METHODS)}")
     if args.smoke:
         bench_e2e.DEV = "cpu"
-    model = build_model(args.layers, smoke=args.smoke)
+    if args.shape == "smollm2":   # the runner's prefill: 3 KV heads of 64, where per-layer host work weighs most
+        torch.manual_seed(0)
+        cfg = smollm2_config(args.smoke)
+        cfg.num_hidden_layers = args.layers
+        with torch.device(bench_e2e.DEV):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16 if bench_e2e.DEV != "cpu" else torch.float32).eval()
+    else:
+        model = build_model(args.layers, smoke=args.smoke)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device=model.device)
     base = None
     for name in names:

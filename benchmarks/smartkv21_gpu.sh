@@ -9,7 +9,7 @@
 #   ONESHOT=1: instead of 2, int4 and append (its class rows' importance exact, then folded in the pass) after a
 #      one-shot fill (the ring fills while decoding), 320 steps after 16, split at step 256 (BENCHMARKS.md runs J,
 #      K; 250 s a shape: run it with NOTESTS=1, which skips 1, or ONLY32K=1, which keeps the first shape).
-#   ONLYTESTS=1: 1 alone.
+#   ONLYTESTS=1: 1 alone (TESTS_S: its limit in seconds, 200 by default: the whole list takes about 300).
 #   run(command="source .devbundle/py/setup.sh; OUT=$OUT bash benchmarks/smartkv21_gpu.sh")   # files land in $OUT
 set -u
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 NEW="smartkv append (budget 4.25; gap 3) (CUDA graph)"
 FOLD="smartkv append (budget 4.25; gap 3; fold) (CUDA graph)"
 OLD="smartkv incremental (budget 4.25; gap 3) (CUDA graph)"
-[ "${NOTESTS:-0}" = 1 ] || timeout 200 python -m pytest tests/test_cuda_attn.py tests/test_graphs.py tests/test_fused.py \
+[ "${NOTESTS:-0}" = 1 ] || timeout "${TESTS_S:-200}" python -m pytest tests/test_cuda_attn.py tests/test_graphs.py tests/test_fused.py \
     tests/test_append.py tests/test_kernels.py tests/test_demote_kernels.py -q --tb=short -p no:cacheprovider \
     -k "cuda_attn or graph_replays or \
     across_reallocations or joint or one_pass or probabilities or append or merge_plan or importance_fold or \

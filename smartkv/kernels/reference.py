@@ -235,7 +235,10 @@ def demotion_keys_reference(codes: torch.Tensor, kq: QTensor, vq: QTensor, lengt
     from smartkv.core.quant import token_ranges
     C = codes.shape[-1]
     x = importance_table(codes.device)[codes.long()] + floor[..., None]
-    w = x if power == 1 else x * x if power == 2 else torch.ones_like(x) if power == 0 else x.pow(power)
+    # another power in float64, rounded once to fp32: fp32 pow differs by an ulp between CPU and CUDA libraries,
+    # and the keys order rows alike on every device
+    w = (x if power == 1 else x * x if power == 2 else torch.ones_like(x) if power == 0
+         else x.double().pow(power).float())
     if sensitivity:
         a, b = token_ranges(kq) * kmul[..., None], token_ranges(vq)
         w = w * (a * a + b * b)
