@@ -260,7 +260,8 @@ def test_the_sweep_reads_lam_where_the_bisection_ends():
     """`_sweep` (each target's lam read off the sorted thresholds) answers for a smooth profile's budgets, and its
     lam assigns every token as the bisection's does; where it cannot tell (ties across weights on the threshold)
     it leaves the target to the bisection."""
-    from smartkv.core.solve import _BitCounter, _lagrangian_bisect, _problem, _sweep
+    from smartkv.core.counts import _lagrangian_bisect, _sweep
+    from smartkv.core.solve import _BitCounter, _problem
 
     g = torch.Generator().manual_seed(5)
     for profile in (torch.rand(4000, generator=g) ** 3, torch.ones(300), torch.round(torch.rand(900, generator=g) * 8)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from smartkv.core.policy import WIDTHS
@@ -173,14 +174,14 @@ def ring_widths(profile: torch.Tensor, recent: float, budgets: tuple[float, floa
         cands.append([w for w in wide if bits - ring * w >= lo * n] or wide[:1])
         lefts += [min(max((bits - ring * w) / n, lo), max(widths)) for w in cands[-1]]
     solved = iter(counts_for_budgets(prof, lefts, widths))
-    csum = torch.cat([prof.new_zeros(1), prof.cumsum(0)]).tolist()   # the profile's error by runs of one width
+    csum = np.concatenate([[0.0], np.cumsum(prof.numpy())])   # the profile's error by runs of one width
     out = []
     for cand in cands:
         best = None
         for w, counts in zip(cand, solved):
             err, at = ring * recent * 4.0 ** -w, 0
             for x, c in sorted(counts.items(), reverse=True):   # widest to the heaviest
-                err += (csum[at + c] - csum[at]) * 4.0 ** -x
+                err += float(csum[at + c] - csum[at]) * 4.0 ** -x
                 at += c
             if best is None or err < best[0]:
                 best = (err, w)

@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from smartkv.core.solve import (WIDTHS, check_budget, counts_for, counts_for_budgets,  # noqa: F401
-                               solve_widths)
+from smartkv.core.counts import counts_for, counts_for_budgets  # noqa: F401
+from smartkv.core.solve import WIDTHS, check_budget, solve_widths  # noqa: F401
 
 
 def rank_profile(weights: torch.Tensor) -> torch.Tensor:

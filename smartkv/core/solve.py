@@ -1,8 +1,7 @@
 """The bit-allocation solve (core.policy's model): widths for tokens of given weights that minimise
-sum(weight * 4^-b) under sum(b) <= floor(budget * n), a Lagrangian sweep plus a greedy fill of the bits left over;
-`counts_for` / `counts_for_budgets` give only the tokens per width of a sorted (rank-averaged) profile, read from
-the assignment's breakpoints in numpy (SmartKV's re-allocations and the append design's demotion plan call them on
-the host, with the GPU waiting)."""
+sum(weight * 4^-b) under sum(b) <= floor(budget * n), a Lagrangian sweep plus a greedy fill of the bits left over,
+and the exact bit counter its Lagrangian searches share with `core.counts` (tokens per width only, on a sorted
+profile, at many budgets at once)."""
 from __future__ import annotations
 
 import math
@@ -182,107 +181,6 @@ def _lagrangian(counter: _BitCounter, target: int) -> float | None:
     return feasible
 
 
-def _lagrangian_many(counter: _BitCounter, targets: list[int]) -> list[float | None]:
-    """`_lagrangian` for several targets on one counter: read off the sorted thresholds (`_sweep`) where it can
-    be, the rest bisected in step (`_lagrangian_bisect`)."""
-    swept = _sweep(counter, targets)
-    rest = [t for t, lam in zip(targets, swept) if lam is None]
-    if rest:
-        bisected = iter(_lagrangian_bisect(counter, rest))
-        swept = [next(bisected) if lam is None else lam for lam in swept]
-    return swept
-
-
-def _lagrangian_bisect(counter: _BitCounter, targets: list[int]) -> list[float | None]:
-    """The bisections in step: each step counts every unconverged target's lam at once (`totals`), and each
-    target ends where `_lagrangian` would (one target: `_lagrangian` itself, whose scalar loop is faster alone)."""
-    if len(targets) == 1:
-        return [_lagrangian(counter, targets[0])]
-    m = len(targets)
-    lo, hi = np.full(m, -60.0), np.full(m, 60.0)
-    feasible: list[float | None] = [None] * m
-    live = np.ones(m, dtype=bool)
-    goal = np.asarray(targets, dtype=np.float64)
-    for _ in range(64):
-        mid = (lo + hi) / 2
-        live &= (lo < mid) & (mid < hi)
-        if not live.any():
-            break
-        at = np.flatnonzero(live)
-        ok = counter.totals([2.0 ** float(x) for x in mid[at]]) <= goal[at]
-        for i, good in zip(at.tolist(), ok.tolist()):
-            if good:
-                feasible[i], hi[i] = float(mid[i]), mid[i]
-            else:
-                lo[i] = mid[i]
-    return feasible
-
-
-def _sweep(counter: _BitCounter, targets: list[int]) -> list[float | None]:
-    """log2 of a lam in the piece where `_lagrangian` ends, per target, without bisecting (None: bisect that one).
-
-    A token crosses breakpoint j while lam < w / x_j, so the bits spent are a step function of lam with its steps
-    at those n x (k - 1) thresholds. Sorted once, a binary search over them (every target in step, each probe k - 1
-    searches in the sorted weights' columns) finds each target's smallest feasible threshold lam*; every lam
-    strictly between it and the next threshold assigns alike, and their geometric middle is taken where lam* sits
-    well clear of its neighbours (relative 1e-8, far wider than the counter's 1e-9 band of exact arithmetic), holds
-    one weight's thresholds only, and lies inside the bisection's range. Otherwise the bisection decides."""
-    ws, J = counter.sorted, len(counter.breaks)
-    n = len(ws)
-    if not J or not n:
-        return [None] * len(targets)
-    cols = ws[None, :] / np.asarray(counter.breaks)[:, None]   # (J, n): row j sorted, token i's threshold there
-    steps = np.asarray(counter.steps, dtype=np.float64)
-    cs = np.sort(cols.ravel(), kind="stable")   # timsort merges the J sorted rows
-
-    def spent(v: np.ndarray) -> np.ndarray:   # bits above the narrowest at lam = v
-        return sum(s * (n - np.searchsorted(col, v, side="right")) for s, col in zip(steps, cols))
-
-    need = np.asarray(targets, dtype=np.float64) - counter.base
-    lo, hi = np.zeros(len(need), dtype=np.int64), np.full(len(need), len(cs) - 1)
-    while (lo < hi).any():                   # smallest k with spent(cs[k]) <= need (the last always is)
-        mid = (lo + hi) // 2
-        ok = spent(cs[mid]) <= need
-        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid + 1)
-    star = cs[lo]
-    below, above = np.searchsorted(cs, star, side="left"), np.searchsorted(cs, star, side="right")
-    prev = cs[np.maximum(below - 1, 0)]
-    nxt = np.where(above < len(cs), cs[np.minimum(above, len(cs) - 1)], 4 * star)
-    owners = sum((np.searchsorted(col, star, side="right") > np.searchsorted(col, star, side="left")).astype(int)
-                 for col in cols)
-    tight = 1 + 1e-8
-    clear = ((need >= 0) & (below > 0) & (prev * tight < star) & (nxt > star * tight) & (owners == 1)
-             & (star > 2.0 ** -59) & (nxt < 2.0 ** 59))
-    return [math.log2(math.sqrt(a * b)) if ok else None for a, b, ok in zip(star.tolist(), nxt.tolist(), clear)]
-
-
-def _fill_sorted(w: np.ndarray, idx: np.ndarray, w_vals: np.ndarray, slack: int) -> np.ndarray:
-    """`_fill` in numpy, the same arithmetic: spend `slack` left-over bits on the best upgrades per bit."""
-    k = len(w_vals)
-    pows = 4.0 ** -w_vals
-    for _ in range(16):
-        if slack <= 0:
-            break
-        can = idx < k - 1
-        nxt = np.minimum(idx + 1, k - 1)
-        step = w_vals[nxt] - w_vals[idx]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gain = np.where(can, w * (pows[idx] - pows[nxt]) / step, -1.0)
-        gain = gain + 1e-12 * (k - idx).astype(np.float64)
-        gain = np.where(can & (step <= slack), gain, -1.0)
-        m = min(slack, gain.size)
-        top = np.argpartition(-gain, m - 1)[:m] if m < gain.size else np.arange(gain.size)
-        order = top[np.argsort(-gain[top], kind="stable")]
-        cost = step[order]
-        ok = (gain[order] >= 0) & (np.cumsum(cost) <= slack)
-        chosen = order[ok]
-        if chosen.size == 0:
-            break
-        idx[chosen] += 1
-        slack -= int(step[chosen].sum())
-    return idx
-
-
 def _fill(w: torch.Tensor, idx: torch.Tensor, w_vals: torch.Tensor, slack: int) -> torch.Tensor:
     """Spend `slack` left-over bits on the upgrades with the best error reduction per bit."""
     k = len(w_vals)
@@ -309,49 +207,3 @@ def _fill(w: torch.Tensor, idx: torch.Tensor, w_vals: torch.Tensor, slack: int) 
         idx[chosen] += 1
         slack -= int(step[chosen].sum())
     return idx
-
-
-def counts_for(weight_profile: torch.Tensor, budget: float, widths=WIDTHS) -> dict[int, int]:
-    """Tokens per width for a representative (rank-averaged) weight profile: `solve_widths`' counts, without
-    placing them. The same Lagrangian solve and greedy fill, run on the sorted weights in numpy (the assignment
-    of a sorted profile is a step function, read from the breakpoints): a few times faster than `_solve`, which
-    matters because SmartKV calls it twice per layer at every re-allocation, with the GPU waiting."""
-    return counts_for_budgets(weight_profile, [budget], widths)[0]
-
-
-def counts_for_budgets(weight_profile: torch.Tensor, budgets: list, widths=WIDTHS) -> list[dict[int, int]]:
-    """`counts_for` at each of several budgets on one profile, sorted once (the append design's demotion plan
-    asks for 2 x 17 of them on a prompt's profile)."""
-    outs = [dict.fromkeys(sorted(widths, reverse=True), 0) for _ in budgets]
-    for budget in budgets:   # each budget checked before any work
-        check_budget(budget, widths)
-    if not budgets:
-        return outs
-    w, w_vals, _ = _problem(weight_profile, budgets[0], widths)   # the profile to the host once
-    targets = [_target(w.numel(), b, widths) for b in budgets]
-    if w.numel() == 0:
-        return outs
-    counter = _BitCounter(w, w_vals)   # one sort, and the thresholds' search for all of them
-    vals = w_vals.numpy()
-    for out, target, feasible in zip(outs, targets, _lagrangian_many(counter, targets)):
-        idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(w.numel(), dtype=np.int64)
-        counts = np.bincount(idx, minlength=len(vals))
-        slack = target - int(counts @ vals)
-        if slack > 0:   # the fill runs on the few tokens it can reach (`_fill_candidates`), alike
-            sub = _fill_candidates(idx, len(vals), slack)
-            counts += np.bincount(_fill_sorted(counter.sorted[sub], idx[sub], vals, slack), minlength=len(vals))
-            counts -= np.bincount(idx[sub], minlength=len(vals))
-        for i, c in enumerate(counts.tolist()):
-            out[int(vals[i])] = c
-    return outs
-
-
-def _fill_candidates(idx: np.ndarray, k: int, slack: int) -> np.ndarray:
-    """Sorted positions the greedy fill can upgrade with `slack` bits, whatever it picks: each width's heaviest
-    `slack` tokens (a fill upgrades a width's tokens heaviest first, at most `slack` of them all told, and a token
-    it raises is lighter than every token of its new width), from widths ascending along the sorted weights."""
-    if (np.diff(idx) < 0).any():   # not along the weights (rounding at a breakpoint): every token then
-        return np.arange(len(idx))
-    ends = np.searchsorted(idx, np.arange(k), side="right")
-    starts = np.concatenate([[0], ends[:-1]])
-    return np.concatenate([np.arange(max(a, b - slack), b) for a, b in zip(starts.tolist(), ends.tolist())])

@@ -69,14 +69,16 @@ class SmartKVDemote:
         # flush is the same whichever it is. A target is narrower than its class (a lower id), so in this order a
         # class passes rows on before it receives any: it never holds more than after the flush
         pairs = sorted({(c, t) for moves in a.plan for c, t, _ in moves})
-        table = torch.zeros(max(len(a.plan), 1), max(len(pairs), 1), dtype=torch.int32)
+        col = {p: i for i, p in enumerate(pairs)}
+        table = [[0] * max(len(pairs), 1) for _ in range(max(len(a.plan), 1))]   # host lists: no op per entry
         for f, moves in enumerate(a.plan):
             for c, t, k in moves:
-                table[f, pairs.index((c, t))] = k
-        a.moves = [(c, t, int(table[:, i].max())) for i, (c, t) in enumerate(pairs)]
+                table[f][col[(c, t)]] = k
+        a.moves = [(c, t, max(row[i] for row in table)) for i, (c, t) in enumerate(pairs)]
         # in the narrowest dtype that holds them (the table is held while the ring fills)
-        dtype = next(t for t in (torch.uint8, torch.int16, torch.int32) if table.max() <= torch.iinfo(t).max)
-        a.move_k = table.to(dtype).to(self.device)
+        top = max(max(row) for row in table)
+        dtype = next(t for t in (torch.uint8, torch.int16, torch.int32) if top <= torch.iinfo(t).max)
+        a.move_k = torch.tensor(table, dtype=dtype).to(self.device)
         s0 = self.sink_k.shape[-2]
         codes = self.importance[..., s0:s0 + Tq]
         a.cimp = [self._cls_rows(codes, cid, n) for cid, n in enumerate(a.n)]
