@@ -27,14 +27,14 @@ from dataclasses import dataclass
 import torch
 
 from smartkv.cache.buffers import grown
-from smartkv.core.classes import flush_mix, ring_widths
+from smartkv.core.classes import flush_mix, joint_assign, joint_counts, joint_plan, ring_widths, staircase
 from smartkv.core.importance import (decode_importance, encode_importance, kv_head_mass, seen_counts,
                                      seen_from_ranges)
-from smartkv.core.policy import rank_profile, unpack_levels
+from smartkv.core.policy import counts_for_budgets, rank_profile
 from smartkv.core.quant import QTensor
-from smartkv.kernels import FoldInto, KVSegment, decode_attention
+from smartkv.kernels import FoldInto, KVSegment, decode_attention, warm_decode_kernels
 from smartkv.methods.smartkv import classmap
-from smartkv.methods.smartkv.onepass import _class_offsets, _rows
+from smartkv.methods.smartkv.onepass import _rows
 
 
 @dataclass
@@ -142,31 +142,54 @@ class SmartKVAppend:
             held += 4 * B * H * self._group_heads
         return max(0, -(-8 * held // (B * H * self.head_dim)))
 
-    def _append_begin(self) -> None:
-        """Turn the first allocation's class-major pools into class buffers, make the (empty) ring at its class, and
-        keep the window's importance codes and counts (the others are dropped, as are the level maps)."""
-        P = self.config.realloc_every
-        B, H, Tq = self.batch_size, self.num_heads, self.n_middle
+    def _append_begin(self, weights: torch.Tensor, kinds: tuple) -> None:
+        """An append layer's first allocation, after `_append_split` (weights (R, n) of the n middle tokens, kinds'
+        stored-space values (B, H, n, D)): each kind's counts at its budget (the demotion plan's solve, kept), joint
+        classes by weight (`joint_assign`), and every class's tokens quantized once, at its widths, straight into
+        its own buffer in position order with room for a few flushes (`_append_reserve` grows it); then the (empty)
+        ring at its class, the class map, and the window's importance codes and counts (the others are dropped).
+        The re-allocating path's class-major pools and level maps, which these buffers were cut from, are skipped:
+        a prefill's host work a layer is what bounds it (BENCHMARKS.md, runner)."""
+        P, lo, hi = self.config.realloc_every, min(self.widths), max(self.widths)
+        B, H = self.batch_size, self.num_heads
+        R, Tq = weights.shape
+        if self.kernels:   # every class the layer may hold, compiled before any decode step
+            warm_decode_kernels(self.device, self.head_dim, [(a, b) for a in self.widths for b in self.widths],
+                                self.group)
+        budgets = [min(max(math.floor(b * Tq + 1e-9) / Tq, lo), hi) for _, _, b in kinds]
+        solved, self._app_solved = self._app_solved, None
+        counts = [solved[1].get(b) for b in budgets] if solved else [None]
+        if None in counts:
+            counts = counts_for_budgets(solved[0] if solved else rank_profile(weights).cpu(), budgets, self.widths)
+        classes = staircase(*counts)
+        slots = joint_plan(classes, [Tq] * len(classes))   # nothing stored: every token may take any class
+        caps = torch.full((R, Tq), hi, dtype=torch.long, device=weights.device)
+        bits = joint_assign(weights, caps, caps, slots, (lo, lo))
+        prompt = {c: m for c, m in joint_counts(slots, Tq, (lo, lo)).items() if m}
         mix, A, plan, top = self._app_plan
         self._app_plan = None
-        prompt = dict(self._classes)
         widths = sorted(set(prompt) | {(kw, vw) for kw, vw, _ in mix} | {t for moves in plan for _, t in moves})
         ids = {c: i for i, c in enumerate(widths)}
         per_flush = {(kw, vw): m for kw, vw, m in mix}
-        ks, vs, ns = [], [], []
-        offsets = _class_offsets(prompt)
-        for kw, vw in widths:
-            k0, v0, n = offsets.get((kw, vw), (0, 0, 0))
-            cap = n + 4 * per_flush.get((kw, vw), 0)    # room for a few flushes; `_append_reserve` grows it
-            ks.append(_alloc(_rows(self.pools["k"].get(kw) or self._empty_pool(kw), k0, n), cap))
-            vs.append(_alloc(_rows(self.pools["v"].get(vw) or self._empty_pool(vw), v0, n), cap))
-            ns.append(n)
-        k_of = {w: i for i, w in enumerate(self.widths)}
-        table = torch.zeros(len(self.widths) ** 2, dtype=torch.uint8)
+        W, k_of = len(self.widths), {w: i for i, w in enumerate(self.widths)}
+        table = torch.zeros(W * W, dtype=torch.uint8)
         for (kw, vw), i in ids.items():
-            table[k_of[kw] * len(self.widths) + k_of[vw]] = i
-        lk, lv = (unpack_levels(self.levels[kind], Tq).long() for kind in ("k", "v"))
-        cmap = classmap.new_map(table.to(self.device)[lk * len(self.widths) + lv], Tq + 4 * P)
+            table[k_of[kw] * W + k_of[vw]] = i
+        lk, lv = (torch.searchsorted(self._width_values, b) for b in bits)
+        cid = table.to(self.device)[lk * W + lv].reshape(B, H, Tq)
+        by_class = torch.argsort(cid, dim=-1, stable=True)   # class after class, each in position order
+        (_, new_k, _), (_, new_v, _) = kinds
+        ks, vs, ns, start = [], [], [], 0
+        for kw, vw in widths:
+            n = prompt.get((kw, vw), 0)
+            cap = n + 4 * per_flush.get((kw, vw), 0)    # room for a few flushes; `_append_reserve` grows it
+            pos = by_class[..., start:start + n, None]
+            start += n
+            for out, x, w in ((ks, new_k, kw), (vs, new_v, vw)):
+                rows = self._quantize(x.gather(2, pos.expand(-1, -1, -1, x.shape[-1])), w) if n else self._empty_pool(w)
+                out.append(_alloc(rows, cap))
+            ns.append(n)
+        cmap = classmap.new_map(cid, Tq + 4 * P)
         rank_class = torch.tensor([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], dtype=torch.uint8,
                                   device=self.device)
         mix_len = torch.zeros(len(widths), dtype=torch.int32)

@@ -38,6 +38,8 @@ class SmartKVDemote:
                  for f in range(A // P + 1)]
                 for b, w, c in zip(budgets, top, charge)]
         both = counts_for_budgets(profile, left[0] + left[1], self.widths)   # one sort for both kinds
+        # the first allocation's own solve is the f = 0 pair, on the same profile: kept for `_reallocate_joint`
+        self._app_solved = (profile, dict(zip(left[0] + left[1], both)))
         counts = [both[:len(left[0])], both[len(left[0]):]]
 
         def ranks(f):   # the classes along the ranking as runs [((key width, value width), tokens)]

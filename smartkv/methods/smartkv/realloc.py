@@ -54,8 +54,11 @@ class SmartKVRealloc:
             new_k, new_v = self._to_stored(new_k, new_v)
             weights = block_weights(self._weights(new_k, new_v), self.block_tokens)
             kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
-            if not self.n_middle and self._append_wanted():   # the newest tokens go to the ring (append.py)
+            if not self.n_middle and self._append_wanted():   # append.py: the prompt into class buffers, a ring
                 weights, kinds = self._append_split(weights, kinds)
+                self.n_middle += n
+                self._append_begin(weights, kinds)
+                return
             incremental = cfg.realloc in ("incremental", "append") and self.n_middle
             if sizes_known and (incremental or not self.n_middle):
                 (self._reallocate_joint if self._joint_ready() else self._reallocate_candidates)(weights, kinds)
@@ -63,8 +66,6 @@ class SmartKVRealloc:
                 self._classes = None
                 self._reallocate_reading_sizes(weights, kinds, incremental)
             self.n_middle += n
-            if self._app_plan is not None:   # an append layer's first allocation: class buffers from here on
-                self._append_begin()
         finally:
             self._stored = None
 

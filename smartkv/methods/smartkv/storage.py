@@ -64,6 +64,7 @@ class SmartKVStorage:
         self._sbuf = None  # static steps: window K/V and importance buffers of the phase (see _static_begin)
         self._app = None   # realloc="append": the class buffers once the first allocation ran (append.Classes)
         self._app_plan = None   # (flush mix, ring size, demotion plan, ring class): `_append_split` to `_append_begin`
+        self._app_solved = None   # (the prompt's host rank profile, {budget: counts}): `_append_split` to begin
         self._group_heads = 1      # query heads per KV head (set by `attend`)
         self._last_lse = None      # an append layer's prompt: its last query's log2-sum-exp (B, Hq) until used
         self._static_tokens = 0    # static steps: tokens per sequence reserved (begin_static)
