@@ -117,7 +117,9 @@ class SmartKVAppendFlush:
         if F <= 0:
             return
         n = F * P
-        self._append_reserve(F)
+        cfg = self.config   # sized once for the reserved length (`_append_reserve`), at least for these flushes
+        ahead = (self.reserved_tokens - cfg.sink_tokens - cfg.recent_window - self.n_middle) // P
+        self._append_reserve(max(F, ahead), tight=ahead > F)
         k_st, v = self._stored_space(self.win_k[..., :n, :], self.win_v[..., :n, :])
         base, done, counted = self.n_middle, 0, 0
         while done < n:   # through the ring, as far as its end (or filling it, as far as full) at a time
