@@ -32,7 +32,7 @@ from smartkv.core.importance import (decode_importance, encode_importance, kv_he
                                      seen_from_ranges)
 from smartkv.core.policy import counts_for_budgets, rank_profile
 from smartkv.core.quant import QTensor
-from smartkv.kernels import FoldInto, KVSegment, decode_attention, warm_decode_kernels
+from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack, warm_decode_kernels
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
 
@@ -186,8 +186,10 @@ class SmartKVAppend:
             pos = by_class[..., start:start + n, None]
             start += n
             for out, x, w in ((ks, new_k, kw), (vs, new_v, vw)):
-                rows = self._quantize(x.gather(2, pos.expand(-1, -1, -1, x.shape[-1])), w) if n else self._empty_pool(w)
-                out.append(_alloc(rows, cap))
+                buf = self._class_buffer(w, cap)   # quantized in place: no copy of the class's rows into it
+                if n:
+                    quantize_pack(x.gather(2, pos.expand(-1, -1, -1, x.shape[-1])), w, self.group, -1, out=buf)
+                out.append(buf)
             ns.append(n)
         cmap = classmap.new_map(cid, Tq + 4 * P)
         rank_class = torch.tensor([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], dtype=torch.uint8,
@@ -216,6 +218,13 @@ class SmartKVAppend:
         self.importance = self.importance.new_empty(B, H, 0)   # new tensors: views would keep the old storage
         self.observed = self.observed.new_empty(0, 2)
 
+    def _class_buffer(self, bits: int, cap: int) -> QTensor:
+        """An empty class buffer (B, H, cap, .) at `bits`, zeros (as `_alloc` leaves the rows past its tokens)."""
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
+        codes = torch.zeros(B, H, cap, D * bits // 8, dtype=torch.uint8, device=self.device)
+        scale = torch.zeros(B, H, cap, D // self.group, dtype=torch.float16, device=self.device)
+        return QTensor(codes, scale, torch.zeros_like(scale), bits, self.group, -1)
+
     def _append_reserve(self, flushes: int, exact: bool = False, tight: bool = False) -> None:
         """Capacity for `flushes` more flushes in every class buffer and the class map: grown as the uniform caches'
         buffers grow (`grown`: a quarter, not double, so a long chunked prefill does not hold up to twice its
@@ -223,7 +232,7 @@ class SmartKVAppend:
         capacity). The flushes that fill the ring add nothing to the classes. Eager flushes ask for the flushes up to
         the length `reserve` announced (a chunked prefill's, a decoder's) at once, `tight`: grown to exactly that,
         never shrunk; grown by a quarter chunk after chunk, the buffers of every layer held up to a quarter more
-        than their classes at a prefill's end (13 GiB at 32K x 36 on an H100, bench_e2e's largest batch)."""
+        than their classes at a prefill's end (about 2 GiB of the peak at 32K x 36, bench_e2e's largest batch)."""
         a, P = self._app, self.config.realloc_every
         count, need, fill, left = list(a.n), list(a.n), a.ring_n // P, flushes
         while left and fill < a.ring // P:   # the filling flushes: demotions move tokens between classes
