@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from smartkv.core.classes import staircase, zip_runs
 from smartkv.core.policy import counts_for_budgets
 from smartkv.kernels import demotion_keys, importance_fold, importance_sum, merge_plan, move_rows, requantize_rows
 from smartkv.methods.smartkv import classmap
@@ -38,26 +38,33 @@ class SmartKVDemote:
                  for f in range(A // P + 1)]
                 for b, w, c in zip(budgets, top, charge)]
         both = counts_for_budgets(profile, left[0] + left[1], self.widths)   # one sort for both kinds
-        # the first allocation's own solve is the f = 0 pair, on the same profile: kept for `_reallocate_joint`
+        # the first allocation's own solve is the f = 0 pair, on the same profile: kept for `_append_begin`
         self._app_solved = (profile, dict(zip(left[0] + left[1], both)))
         counts = [both[:len(left[0])], both[len(left[0]):]]
 
-        def ranks(f):   # the classes along the ranking as runs [((key width, value width), tokens)]
-            return [((kw, vw), m) for kw, vw, m in staircase(counts[0][f], counts[1][f])]
-        prev = ranks(0)
-        plan = []
-        for i in range(A // P):
-            if i % every:
-                plan.append({})
-                continue
-            now = ranks(min(i + every, A // P))
-            now = [((min(p[0], c[0]), min(p[1], c[1])), m) for p, c, m in zip_runs(prev, now)]
-            moves: dict = {}
-            for p, c, m in zip_runs(prev, now):
-                if p != c:
-                    moves[(p, c)] = moves.get((p, c), 0) + m
-            plan.append(moves)
-            prev = now
+        # each planned flush's classes along the ranking, heaviest first, on the segments between every run's edge
+        # (a few dozen, whatever n): a token is never raised (the running minimum over the planned flushes), and
+        # what changed is counted per (class before, class after), each segment weighing its tokens
+        W, F = len(self.widths), A // P
+        due = list(range(0, F, every))
+        at = [0] + [min(i + every, F) for i in due]
+        desc = np.arange(W - 1, -1, -1)                    # width indices, widest first (as `staircase` runs)
+        ends = [np.cumsum([[counts[k][f][self.widths[i]] for i in desc.tolist()] for f in at], axis=1)
+                for k in (0, 1)]                           # (flushes, W): where each width's run ends
+        starts = np.unique(np.concatenate([[0], ends[0].ravel(), ends[1].ravel()]))
+        starts = starts[starts < n]
+        size = np.diff(np.append(starts, n))
+        path = [np.minimum.accumulate(desc[np.stack([np.searchsorted(e, starts, side="right") for e in ends[k]])],
+                                      axis=0) for k in (0, 1)]
+        code = path[0] * W + path[1]                        # (1 + planned flushes, segments): class index
+        moved = code[:-1] != code[1:]
+        key = (code[:-1] * W * W + code[1:]) + np.arange(len(due))[:, None] * W ** 4
+        tally = np.bincount(key[moved], weights=np.broadcast_to(size, key.shape)[moved],
+                            minlength=len(due) * W ** 4).reshape(len(due), W ** 4)
+        cls = [(self.widths[c // W], self.widths[c % W]) for c in range(W * W)]
+        plan: list = [{} for _ in range(F)]
+        for j, k in zip(*np.nonzero(tally)):
+            plan[due[j]][(cls[k // (W * W)], cls[k % (W * W)])] = int(round(tally[j, k]))
         return plan
 
     def _demote_begin(self, plan: list, ids: dict) -> None:
