@@ -139,18 +139,15 @@ def counts_for_budgets(weight_profile: torch.Tensor, budgets: list, widths=WIDTH
     vals = w_vals.numpy()
     lams = _lagrangian_many(counter, targets)
     many = _counts_in_step(counter, targets, lams)
-    for b, (out, target, feasible) in enumerate(zip(outs, targets, lams)):
-        if many[b, 0] >= 0:
-            for i, c in enumerate(many[b].tolist()):
-                out[int(vals[i])] = c
-            continue
-        idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(w.numel(), dtype=np.int64)
-        counts = np.bincount(idx, minlength=len(vals))
-        slack = target - int(counts @ vals)
-        if slack > 0:   # the fill runs on the few tokens it can reach (`_fill_candidates`), alike
-            sub = _fill_candidates(idx, len(vals), slack)
-            counts += np.bincount(_fill_sorted(counter.sorted[sub], idx[sub], vals, slack), minlength=len(vals))
-            counts -= np.bincount(idx[sub], minlength=len(vals))
+    for out, target, feasible, counts in zip(outs, targets, lams, many):
+        if counts[0] < 0:   # not decided in step: this budget alone
+            idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(w.numel(), dtype=np.int64)
+            counts = np.bincount(idx, minlength=len(vals))
+            slack = target - int(counts @ vals)
+            if slack > 0:   # the fill runs on the few tokens it can reach (`_fill_candidates`), alike
+                sub = _fill_candidates(idx, len(vals), slack)
+                counts += np.bincount(_fill_sorted(counter.sorted[sub], idx[sub], vals, slack), minlength=len(vals))
+                counts -= np.bincount(idx[sub], minlength=len(vals))
         for i, c in enumerate(counts.tolist()):
             out[int(vals[i])] = c
     return outs

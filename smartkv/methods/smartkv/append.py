@@ -32,7 +32,7 @@ from smartkv.core.importance import (decode_importance, encode_importance, kv_he
                                      seen_from_ranges)
 from smartkv.core.policy import counts_for_budgets, rank_profile
 from smartkv.core.quant import QTensor
-from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack, warm_decode_kernels
+from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
 
@@ -74,7 +74,8 @@ def _alloc(q: QTensor, cap: int) -> QTensor:
     """An empty QTensor like `q` (B, H, ., F) with `cap` rows, q's rows copied in front."""
     def one(t):
         out = t.new_zeros(*t.shape[:-2], cap, t.shape[-1])
-        out[..., :t.shape[-2], :] = t
+        if t.shape[-2]:   # an empty pool: zeros alone, no copy launched
+            out[..., :t.shape[-2], :] = t
         return out
     return QTensor(one(q.codes), one(q.scale), one(q.zero), q.bits, q.group_size, q.axis)
 
@@ -109,7 +110,7 @@ class SmartKVAppend:
         # the layer's bookkeeping comes out of the prompt's bits: charged for a plan table of 2 x widths - 1 moves
         # (SmolLM2 plans 3-7 with 4 widths), the plan at that charge, then checked against the plan's own table
         room = [math.floor(b * n + 1e-9) - lo * n for b in (bk, bv)]   # bits each kind's rows can give up
-        charge, pairs, plan = (0, 0), 2 * len(self.widths) - 1, None
+        charge, pairs, plan, solved = (0, 0), 2 * len(self.widths) - 1, None, {}
         for _ in range(3):
             want = self._append_charge(A, pairs, plan)
             if plan is not None and want <= sum(charge):
@@ -118,10 +119,10 @@ class SmartKVAppend:
             if plan is not None and (min(room[0], want - cv), cv) == charge:
                 break
             charge = (min(room[0], want - cv), cv)
-            plan = self._demotion_plan(profile, (bk, bv), top, A, n, charge) if A else []
+            plan, solved = self._demotion_plan(profile, (bk, bv), top, A, n, charge) if A else ([], {})
             pairs = len({m for moves in plan for m in moves})
         kinds = tuple((kind, new, (math.floor(b * n + 1e-9) - c) / n) for (kind, new, b), c in zip(kinds, charge))
-        self._app_plan = (mix, A, plan, top)
+        self._app_plan = (mix, A, plan, top, profile, solved)
         return weights, kinds
 
     def _append_charge(self, A: int, pairs: int, plan: list | None) -> int:
@@ -153,21 +154,19 @@ class SmartKVAppend:
         P, lo, hi = self.config.realloc_every, min(self.widths), max(self.widths)
         B, H = self.batch_size, self.num_heads
         R, Tq = weights.shape
-        if self.kernels:   # every class the layer may hold, compiled before any decode step
-            warm_decode_kernels(self.device, self.head_dim, [(a, b) for a in self.widths for b in self.widths],
-                                self.group)
+        self._warm_class_kernels()
+        mix, A, plan, top, profile, solved = self._app_plan
+        self._app_plan = None
+        # the demotion plan solved these budgets on this profile (its f = 0 pair); without a ring, solved here
         budgets = [min(max(math.floor(b * Tq + 1e-9) / Tq, lo), hi) for _, _, b in kinds]
-        solved, self._app_solved = self._app_solved, None
-        counts = [solved[1].get(b) for b in budgets] if solved else [None]
+        counts = [solved.get(b) for b in budgets]
         if None in counts:
-            counts = counts_for_budgets(solved[0] if solved else rank_profile(weights).cpu(), budgets, self.widths)
+            counts = counts_for_budgets(profile, budgets, self.widths)
         classes = staircase(*counts)
         slots = joint_plan(classes, [Tq] * len(classes))   # nothing stored: every token may take any class
         caps = torch.full((R, Tq), hi, dtype=torch.long, device=weights.device)
         bits = joint_assign(weights, caps, caps, slots, (lo, lo))
         prompt = {c: m for c, m in joint_counts(slots, Tq, (lo, lo)).items() if m}
-        mix, A, plan, top = self._app_plan
-        self._app_plan = None
         widths = sorted(set(prompt) | {(kw, vw) for kw, vw, _ in mix} | {t for moves in plan for _, t in moves})
         ids = {c: i for i, c in enumerate(widths)}
         per_flush = {(kw, vw): m for kw, vw, m in mix}
@@ -186,7 +185,7 @@ class SmartKVAppend:
             pos = by_class[..., start:start + n, None]
             start += n
             for out, x, w in ((ks, new_k, kw), (vs, new_v, vw)):
-                buf = self._class_buffer(w, cap)   # quantized in place: no copy of the class's rows into it
+                buf = _alloc(self._empty_pool(w), cap)   # quantized in place: no copy of the class's rows into it
                 if n:
                     quantize_pack(x.gather(2, pos.expand(-1, -1, -1, x.shape[-1])), w, self.group, -1, out=buf)
                 out.append(buf)
@@ -217,13 +216,6 @@ class SmartKVAppend:
         self._classes, self._class_major = None, False
         self.importance = self.importance.new_empty(B, H, 0)   # new tensors: views would keep the old storage
         self.observed = self.observed.new_empty(0, 2)
-
-    def _class_buffer(self, bits: int, cap: int) -> QTensor:
-        """An empty class buffer (B, H, cap, .) at `bits`, zeros (as `_alloc` leaves the rows past its tokens)."""
-        B, H, D = self.batch_size, self.num_heads, self.head_dim
-        codes = torch.zeros(B, H, cap, D * bits // 8, dtype=torch.uint8, device=self.device)
-        scale = torch.zeros(B, H, cap, D // self.group, dtype=torch.float16, device=self.device)
-        return QTensor(codes, scale, torch.zeros_like(scale), bits, self.group, -1)
 
     def _append_reserve(self, flushes: int, exact: bool = False, tight: bool = False) -> None:
         """Capacity for `flushes` more flushes in every class buffer and the class map: grown as the uniform caches'

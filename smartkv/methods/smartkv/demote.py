@@ -24,13 +24,14 @@ class SmartKVDemote:
     `cseen` are None once the ring is full)."""
 
     def _demotion_plan(self, profile: torch.Tensor, budgets: tuple, top: tuple, A: int, n: int,
-                       charge: tuple = (0, 0)) -> list:
+                       charge: tuple = (0, 0)) -> tuple[list, dict]:
         """Per filling flush (A / P of them), the demotions {(class, target): tokens}: flush i, when i is a multiple
         of `demote_every` (m), pays ahead for the ring's growth to (i + m) P tokens (at most A), leaving the n
         prompt tokens at most the bits of the budget over n + (i + m) P tokens less those at the ring's class `top`
         (each kind's rank-based classes, as the first allocation solves them on `profile`, at the budget left, a
         token never raised, the changes from the demotions before counted per (class, target)); the other
-        flushes demote nothing. `charge`: width-bits a row of each kind gives up throughout (`_append_charge`)."""
+        flushes demote nothing. `charge`: width-bits a row of each kind gives up throughout (`_append_charge`).
+        Returned with {budget: counts} of every budget it solved (the first allocation's own pair among them)."""
         P, lo, hi, every = self.config.realloc_every, min(self.widths), max(self.widths), self.config.demote_every
 
         # each kind's budget left at the first allocation (f = 0) and after each filling flush f
@@ -38,8 +39,6 @@ class SmartKVDemote:
                  for f in range(A // P + 1)]
                 for b, w, c in zip(budgets, top, charge)]
         both = counts_for_budgets(profile, left[0] + left[1], self.widths)   # one sort for both kinds
-        # the first allocation's own solve is the f = 0 pair, on the same profile: kept for `_append_begin`
-        self._app_solved = (profile, dict(zip(left[0] + left[1], both)))
         counts = [both[:len(left[0])], both[len(left[0]):]]
 
         # each planned flush's classes along the ranking, heaviest first, on the segments between every run's edge
@@ -65,7 +64,7 @@ class SmartKVDemote:
         plan: list = [{} for _ in range(F)]
         for j, k in zip(*np.nonzero(tally)):
             plan[due[j]][(cls[k // (W * W)], cls[k % (W * W)])] = int(round(tally[j, k]))
-        return plan
+        return plan, dict(zip(left[0] + left[1], both))
 
     def _demote_begin(self, plan: list, ids: dict) -> None:
         """After `_append_begin` made the class buffers: the plan in class ids and each class row's importance (the

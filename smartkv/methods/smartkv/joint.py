@@ -10,7 +10,6 @@ import torch
 from smartkv.core.classes import (JointCandidates, joint_assign, joint_candidates, joint_counts, joint_plan,
                                   staircase)
 from smartkv.core.policy import Candidates, counts_for_budgets, rank_profile
-from smartkv.kernels import warm_decode_kernels
 
 
 class SmartKVJoint:
@@ -30,9 +29,8 @@ class SmartKVJoint:
         nb = weights.shape[1]
         old = [self._stored_ranks(kind)[0].reshape(R, self.n_middle)[:, ::bt] for kind, _, _ in kinds]
         held_classes = self._classes if self.n_middle else {}     # a first allocation (also after a reset)
-        if not self.n_middle and self.kernels:   # every class the layer may hold, compiled before any decode step
-            warm_decode_kernels(self.device, self.head_dim, [(a, b) for a in self.widths for b in self.widths],
-                                self.group)
+        if not self.n_middle:
+            self._warm_class_kernels()
         stored = {c: m // bt for c, m in held_classes.items() if m}
         cand = joint_candidates(weights, *old, stored, (kinds[0][2], kinds[1][2]), self.widths,
                                 per_width=nb - self.n_middle // bt)

@@ -9,6 +9,7 @@ import torch
 
 from smartkv.core.policy import kv_budgets, unpack_levels
 from smartkv.core.quant import QTensor, dequantize
+from smartkv.kernels import warm_decode_kernels
 from smartkv.methods.base import group_for
 
 
@@ -63,8 +64,9 @@ class SmartKVStorage:
         self._class_major = False
         self._sbuf = None  # static steps: window K/V and importance buffers of the phase (see _static_begin)
         self._app = None   # realloc="append": the class buffers once the first allocation ran (append.Classes)
-        self._app_plan = None   # (flush mix, ring size, demotion plan, ring class): `_append_split` to `_append_begin`
-        self._app_solved = None   # (the prompt's host rank profile, {budget: counts}): `_append_split` to begin
+        # (flush mix, ring size, demotion plan, ring class, the prompt's host rank profile, {budget: counts} solved
+        # on it): `_append_split` to `_append_begin`
+        self._app_plan = None
         self._group_heads = 1      # query heads per KV head (set by `attend`)
         self._last_lse = None      # an append layer's prompt: its last query's log2-sum-exp (B, Hq) until used
         self._static_tokens = 0    # static steps: tokens per sequence reserved (begin_static)
@@ -180,6 +182,13 @@ class SmartKVStorage:
         slot = inverse_order(order)
         first = torch.searchsorted(key.gather(1, order), key - key % 16)   # where the token's width starts
         return slot - first
+
+    def _warm_class_kernels(self) -> None:
+        """A first allocation's: with the kernels, every (key width, value width) class the layer may hold compiled
+        before any decode step."""
+        if self.kernels:
+            warm_decode_kernels(self.device, self.head_dim, [(a, b) for a in self.widths for b in self.widths],
+                                self.group)
 
     def _empty_pool(self, bits: int) -> QTensor:
         """A pool of no tokens at `bits` (made once per width: decode steps ask for it every call)."""
