@@ -7,6 +7,7 @@ import torch
 
 import smartkv
 from smartkv.cache.hf_compat import cache_kwargs
+from smartkv.cache.layer import KVLayer
 from smartkv.methods.smartkv import _indices
 from smartkv.models import load_tiny
 
@@ -174,6 +175,27 @@ def test_reallocation_reads_only_what_changes(tiny, params):
         assert torch.allclose(layer._ranges(kind, new), expect, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("params", [dict(), dict(realloc="append", joint=True, class_norm="previous")])
+def test_append_leaves_no_chunk_at_full_precision(params):
+    """A cache filled by `append` (no model: bench_e2e's fill) is flushed as a prefill through the model leaves it:
+    each window holds fewer than recent_window + realloc_every tokens, not its last chunk at full precision (every
+    layer's at once was the largest batch's transient), and every token is kept."""
+    from smartkv.methods import make_cache
+
+    layer = make_cache("smartkv", num_layers=1, budget=4.25, key_value_gap=3, **params).layers[0]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        layer.append(torch.randn(1, 2, 150, 32, generator=g), torch.randn(1, 2, 150, 32, generator=g))
+    assert layer.win_k.shape[-2] < layer.config.recent_window + layer.config.realloc_every
+    assert layer.sink_k.shape[-2] + layer.n_middle + layer.win_k.shape[-2] == layer.get_seq_length() == 300
+
+
+def _store(layer, k, v) -> None:
+    """Store tokens without the flush SmartKV's `append` runs after them: the tests below set the importance that
+    attention would have observed before flushing themselves."""
+    KVLayer.append(layer, k, v)
+
+
 @pytest.mark.parametrize("block_tokens,joint", [(1, False), (4, False), (1, True), (4, True)])
 def test_an_allocation_waits_for_the_device_once(block_tokens, joint):
     """On CUDA every host read of a device tensor (a size, a count, nonzero) waits for the GPU, and under a GPU
@@ -196,14 +218,14 @@ def test_an_allocation_waits_for_the_device_once(block_tokens, joint):
                        realloc="incremental")
     layer = cache.layers[0]
     g = torch.Generator().manual_seed(0)
-    layer.append(torch.randn(2, 4, 600, 64, generator=g), torch.randn(2, 4, 600, 64, generator=g))
+    _store(layer, torch.randn(2, 4, 600, 64, generator=g), torch.randn(2, 4, 600, 64, generator=g))
     with SyncCounter("cpu") as c:
         layer._flush()
     assert len(layer.pools["k"]) >= 2 and len(layer.pools["v"]) >= 2
     assert sum(device_waits(c).values()) == 1, device_waits(c)
     for _ in range(3):
         before = layer.n_middle
-        layer.append(torch.randn(2, 4, 16, 64, generator=g), torch.randn(2, 4, 16, 64, generator=g))
+        _store(layer, torch.randn(2, 4, 16, 64, generator=g), torch.randn(2, 4, 16, 64, generator=g))
         with SyncCounter("cpu") as c:
             layer._flush()
         assert layer.n_middle == before + 16                               # it did re-allocate
@@ -227,7 +249,7 @@ def test_allocations_of_known_sizes_equal_those_that_read_them(params):
         kv = torch.randn(2, 4, n, 64, generator=g), torch.randn(2, 4, n, 64, generator=g)
         u = torch.rand(2, 4, sum([300, 16, 16, 16, 16][:step + 1]), generator=g)
         for layer in layers:
-            layer.append(*kv)
+            _store(layer, *kv)
             layer.importance = (8 * (8 + 12 * u.pow(0.3))).clamp(0, 254).to(torch.uint8)
             layer._flush()
         assert layers[0].n_middle == layers[1].n_middle > 0
@@ -313,7 +335,7 @@ def test_joint_gives_every_row_the_same_class_counts(params):
     seen = torch.randint(0, 120, (2, 4, 600 + 16 * 6), generator=g, dtype=torch.uint8)  # attention seen: codes
 
     def add(layer, a, b):
-        layer.append(kv[0][..., a:b, :], kv[1][..., a:b, :])
+        _store(layer, kv[0][..., a:b, :], kv[1][..., a:b, :])
         layer.importance[..., -(b - a):] = seen[..., a:b]
         layer._flush()
     layers = [make_cache("smartkv", num_layers=1, joint=j, realloc="incremental", **params).layers[0]

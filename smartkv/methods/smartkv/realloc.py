@@ -19,6 +19,13 @@ class SmartKVRealloc:
     def _before_update(self) -> None:
         self._flush(evict=False)  # when no attention hook ran; forgetting now would break this call's mask
 
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().append(key_states, value_states)
+        # no attention follows (a cache filled without a model): flush now, as `attend` does after its attention,
+        # not at the next call, or every layer holds its last chunk at full precision meanwhile (a 2K chunk at 32K
+        # x 36 sequences: 9 GiB across 32 layers, the largest batch's transient)
+        self._flush(evict=False)
+
     def _flush(self, evict: bool = True) -> None:
         """Move the window's oldest tokens into the middle and re-allocate the middle's widths. Only tokens that
         change width (demotions) and the new ones are dequantized or quantized; the rest is index work on the
