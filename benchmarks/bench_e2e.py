@@ -354,9 +354,11 @@ def main():
                 max_rows.append(dict(run_row(model, name, batch, args), estimated=True))
                 break
             except torch.OutOfMemoryError:
-                notes.append(f"{name}: batch {batch} ran out of memory; trying {int(batch * 0.9)}")
+                # 4% steps: the largest batch is the measurement (10% steps read it up to a tenth low)
+                smaller = min(batch - 1, int(batch * 0.96))
+                notes.append(f"{name}: batch {batch} ran out of memory; trying {smaller}")
                 free_all()
-                batch = int(batch * 0.9)
+                batch = smaller
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"{name} at batch {batch} failed: {type(exc).__name__}: {exc}"[:300])
                 free_all()
