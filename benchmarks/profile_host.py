@@ -3,10 +3,14 @@ cProfile of SmartKV's steps: whether a method's step waits on the GPU or on Pyth
 
     python benchmarks/profile_host.py --context 32768 --batch 8            # on a CUDA machine (random weights)
     python benchmarks/profile_host.py --smoke --context 512 --batch 2      # CPU, tiny shapes: the code path only
+    python benchmarks/profile_host.py --shape smollm2 --layers 30 --context 8192 --batch 1 \
+        --rows 'int4,smartkv append (budget 4.25; gap 3; fold) (CUDA graph)'   # the runner's eager step
 
 "host ms" is the time `model(...)` takes to return (kernels are queued, not waited for); "step ms" adds the wait
 for the device. A step whose host ms is close to its step ms is bound by Python and launches, not by the GPU.
-SmartKV re-allocates every `--realloc` steps; the default keeps re-allocations out of the measured steps.
+Rows are bench_e2e row names (steps here are eager whatever the name says); every SmartKV row gets its own
+cProfile. With `--realloc` SmartKV's rows re-allocate every that many steps (1024 keeps re-allocations out of the
+measured steps); without it each row keeps its own period and the median step is a common one.
 """
 from __future__ import annotations
 
@@ -25,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e as E  # noqa: E402
 from smartkv.cache.hf_compat import cache_kwargs  # noqa: E402
 
-ROWS = {"fp16 DynamicCache (flash)": ("dynamic", {}), "int4": ("int4", {}),
-        "smartkv (budget 4.25; gap 3)": ("smartkv", dict(budget=4.25, key_value_gap=3))}
+ROWS = "fp16 DynamicCache (flash),int4,smartkv (budget 4.25; gap 3)"
 
 
 def steps(model, cache, batch: int, n: int, flash: bool, prof: cProfile.Profile | None = None):
@@ -59,17 +62,35 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--realloc", type=int, default=1024, help="SmartKV's realloc_every (default: none measured)")
+    ap.add_argument("--realloc", type=int, default=None, help="SmartKV's realloc_every (default: each row's own)")
     ap.add_argument("--top", type=int, default=40, help="cProfile rows to print")
+    ap.add_argument("--rows", default=ROWS, help="comma-separated bench_e2e row names")
+    ap.add_argument("--shape", choices=("llama3-8b", "smollm2"), default="llama3-8b",
+                    help="smollm2: the runner's model (SmolLM2-135M's shape, --layers of its 30)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
     args = ap.parse_args()
+    names = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in names if r not in E.METHODS]
+    if unknown:
+        ap.error(f"--rows: unknown row {unknown[0]!r}; allowed: {', '.join(E.METHODS)}")
     if args.smoke:
         E.DEV = "cpu"
-    model = E.build_model(args.layers, args.smoke)
-    print(f"device {E.DEV}, context {args.context}, batch {args.batch}, {args.layers} layers")
+    if args.shape == "smollm2":
+        from bench_runner_step import smollm2_config
+        from transformers import LlamaForCausalLM
+        torch.manual_seed(0)
+        cfg = smollm2_config(args.smoke)
+        cfg.num_hidden_layers = args.layers
+        with torch.device(E.DEV):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16 if E.DEV != "cpu" else torch.float32).eval()
+    else:
+        model = E.build_model(args.layers, args.smoke)
+    print(f"device {E.DEV}, {args.shape} shape, context {args.context}, batch {args.batch}, {args.layers} layers")
     print("| method | host ms / step | step ms | host share |\n|---|---|---|---|")
-    for name, (method, params) in ROWS.items():
-        if method == "smartkv":
+    profiles = []
+    for name in names:
+        method, params = E.METHODS[name]
+        if method == "smartkv" and args.realloc:
             params = dict(params, realloc_every=args.realloc)
         cache = E.fill(model, method, params, args.batch, args.context, args.steps + args.warmup + 8)
         flash = name.endswith("(flash)")
@@ -83,11 +104,12 @@ def main() -> None:
             st = pstats.Stats(prof, stream=buf)
             st.sort_stats("tottime").print_stats(args.top)
             st.sort_stats("cumtime").print_stats(args.top)
-            profile_text = buf.getvalue()
+            profiles.append((name, buf.getvalue()))
         del cache
         E.free_all()
-    print(f"\ncProfile of {args.steps} SmartKV steps (host time only):")
-    print(profile_text)
+    for name, text in profiles:
+        print(f"\ncProfile of {args.steps} steps of {name} (host time only):")
+        print(text)
 
 
 if __name__ == "__main__":
