@@ -15,7 +15,7 @@ demo: setup
 	$(VENV)/bin/smartkv-bench submit --grid jobs/quick.yaml
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15
 
 clean:
 	rm -rf $(VENV) results/quick
