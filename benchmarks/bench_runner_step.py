@@ -42,11 +42,14 @@ def smollm2_config(smoke: bool) -> LlamaConfig:
                        rope_theta=100000.0, tie_word_embeddings=True)
 
 
-def build(smoke: bool, device: str) -> LlamaForCausalLM:
+def build(smoke: bool, device: str, layers: int | None = None) -> LlamaForCausalLM:
+    """The SmolLM2-shaped model with random weights (bf16 off the CPU), all its layers or the first `layers`."""
     torch.manual_seed(0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    cfg = smollm2_config(smoke)
+    cfg.num_hidden_layers = layers or cfg.num_hidden_layers
     with torch.device(device):
-        return LlamaForCausalLM(smollm2_config(smoke)).to(dtype).eval()
+        return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def measure(model, name: str, mode: str, prompt: list[int], new: int) -> dict:

@@ -76,13 +76,8 @@ def main() -> None:
     if args.smoke:
         E.DEV = "cpu"
     if args.shape == "smollm2":
-        from bench_runner_step import smollm2_config
-        from transformers import LlamaForCausalLM
-        torch.manual_seed(0)
-        cfg = smollm2_config(args.smoke)
-        cfg.num_hidden_layers = args.layers
-        with torch.device(E.DEV):
-            model = LlamaForCausalLM(cfg).to(torch.bfloat16 if E.DEV != "cpu" else torch.float32).eval()
+        from bench_runner_step import build as build_smollm2
+        model = build_smollm2(args.smoke, E.DEV, args.layers)
     else:
         model = E.build_model(args.layers, args.smoke)
     print(f"device {E.DEV}, {args.shape} shape, context {args.context}, batch {args.batch}, {args.layers} layers")

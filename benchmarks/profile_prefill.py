@@ -25,8 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 import bench_e2e
 import smartkv
 from bench_e2e import METHODS, build_model
-from bench_runner_step import smollm2_config
-from transformers import LlamaForCausalLM
+from bench_runner_step import build as build_smollm2
 from smartkv.cache.hf_compat import cache_kwargs
 
 ROWS = ("int4,smartkv (budget 4.25; gap 3),smartkv append (budget 4.25; gap 3) (CUDA graph),"
@@ -108,11 +107,7 @@ def main() -> None:
     if args.smoke:
         bench_e2e.DEV = "cpu"
     if args.shape == "smollm2":   # the runner's prefill: 3 KV heads of 64, where per-layer host work weighs most
-        torch.manual_seed(0)
-        cfg = smollm2_config(args.smoke)
-        cfg.num_hidden_layers = args.layers
-        with torch.device(bench_e2e.DEV):
-            model = LlamaForCausalLM(cfg).to(torch.bfloat16 if bench_e2e.DEV != "cpu" else torch.float32).eval()
+        model = build_smollm2(args.smoke, bench_e2e.DEV, args.layers)
     else:
         model = build_model(args.layers, smoke=args.smoke)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device=model.device)
