@@ -99,10 +99,13 @@ def _smartkv_cache(B: int, T: int, seed: int, budget: float = 4.0):
     gen = _gen(seed)
     cache = make_cache("smartkv", num_layers=1, budget=budget)
     layer = cache.layers[0]
-    for t0 in range(0, T, 8192):  # in chunks: the first re-allocation fits the key normalisation on all of them
+    # in chunks, stored without the flush SmartKV's append runs after each: the one re-allocation below fits the key
+    # normalisation on all of them
+    from smartkv.cache.layer import KVLayer
+    for t0 in range(0, T, 8192):
         n = min(8192, T - t0)
-        layer.append(torch.randn(B, HKV, n, D, dtype=torch.float16, device="cuda", generator=gen),
-                     torch.randn(B, HKV, n, D, dtype=torch.float16, device="cuda", generator=gen))
+        KVLayer.append(layer, torch.randn(B, HKV, n, D, dtype=torch.float16, device="cuda", generator=gen),
+                       torch.randn(B, HKV, n, D, dtype=torch.float16, device="cuda", generator=gen))
     layer._flush()
     return layer, cache.memory_report().total_bytes
 
