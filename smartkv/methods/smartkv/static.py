@@ -38,7 +38,7 @@ class SmartKVStatic:
         ones and the decode queries' range, whose end each static step reads from the device (`begin_static` has
         checked `static_blocker`; a re-allocation keeps it clear)."""
         self._static_tokens = tokens or self._static_tokens
-        self._flush()  # a window over-full from `append` (the next ordinary step would flush it first too)
+        self._flush()  # a window over-full from `update` without attention (the next ordinary step flushes it too)
         if self._app is not None:
             self._sbuf = None
             return self._append_static_begin(self._static_tokens)
