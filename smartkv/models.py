@@ -337,12 +337,22 @@ def model_context(name: str, revision: str | None = None, config: dict | None = 
         return None
 
 
+def local_path(name: str) -> Path | None:
+    """`name` as a path with a leading ~ or ~user expanded; None where it names a user this machine does not have
+    (pathlib raises there)."""
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:
+        return None
+
+
 def _local_config(name: str, revision: str | None) -> Path | None:
     if name.lower() in EMBEDDED_ALIASES:
         path = embedded_target(name) / "config.json"
         return path if path.is_file() else None
-    if Path(name).expanduser().is_dir():
-        path = Path(name).expanduser() / "config.json"
+    local = local_path(name)
+    if local is not None and local.is_dir():
+        path = local / "config.json"
         return path if path.is_file() else None
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-from pathlib import Path
 
-from smartkv.models import EMBEDDED_ALIASES, EMBEDDED_NAMES, TINY_MODELS
+from smartkv.models import EMBEDDED_ALIASES, EMBEDDED_NAMES, TINY_MODELS, local_path
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
@@ -21,7 +20,9 @@ def check_model_name(name: str) -> str | None:
     if name.lower() in EMBEDDED_ALIASES or name in TINY_MODELS:
         return None
     if looks_like_path(name):
-        local = Path(name).expanduser()
+        local = local_path(name)
+        if local is None:
+            return f"local model directory {name!r}: {name.split('/')[0]!r} names no user on this machine"
         if not local.is_dir():
             return f"local model directory {name!r} does not exist"
         if not (local / "config.json").is_file():
