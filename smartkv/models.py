@@ -337,21 +337,11 @@ def model_context(name: str, revision: str | None = None, config: dict | None = 
         return None
 
 
-def local_path(name: str) -> Path | None:
-    """`name` as a path with a leading ~ or ~user expanded; None where it names a user this machine does not have
-    (pathlib raises there)."""
-    try:
-        return Path(name).expanduser()
-    except RuntimeError:
-        return None
-
-
 def _local_config(name: str, revision: str | None) -> Path | None:
     if name.lower() in EMBEDDED_ALIASES:
         path = embedded_target(name) / "config.json"
         return path if path.is_file() else None
-    local = local_path(name)
-    if local is not None and local.is_dir():
+    if (local := Path(os.path.expanduser(name))).is_dir():   # ~user of no user here: kept as is (pathlib raises)
         path = local / "config.json"
         return path if path.is_file() else None
     try:

@@ -4,9 +4,11 @@ smartkv.data and smartkv.models about names, so grid validation can run against 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
+from pathlib import Path
 
-from smartkv.models import EMBEDDED_ALIASES, EMBEDDED_NAMES, TINY_MODELS, local_path
+from smartkv.models import EMBEDDED_ALIASES, EMBEDDED_NAMES, TINY_MODELS
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
@@ -20,9 +22,7 @@ def check_model_name(name: str) -> str | None:
     if name.lower() in EMBEDDED_ALIASES or name in TINY_MODELS:
         return None
     if looks_like_path(name):
-        local = local_path(name)
-        if local is None:
-            return f"local model directory {name!r}: {name.split('/')[0]!r} names no user on this machine"
+        local = Path(os.path.expanduser(name))   # os.path's leaves a ~user of no user here as it is; pathlib's raises
         if not local.is_dir():
             return f"local model directory {name!r} does not exist"
         if not (local / "config.json").is_file():
