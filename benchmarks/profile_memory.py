@@ -22,6 +22,7 @@ import bench_e2e
 
 GIB = 2 ** 30
 OURS = ("/smartkv/", "/benchmarks/")
+EVENTS = {"alloc": ("alloc", "free_completed"), "segment": ("segment_alloc", "segment_free")}   # (up, down)
 
 
 def site(frames: list[dict], depth: int) -> str:
@@ -35,7 +36,7 @@ def site(frames: list[dict], depth: int) -> str:
 
 def replay(trace: list[dict], base: int, key: str, marks: list[tuple[str, int]]) -> dict[str, tuple[int, int]]:
     """Each phase's peak of allocated (key='alloc') or reserved ('segment') memory: {phase: (bytes, event index)}."""
-    up, down = ("alloc", "free_completed") if key == "alloc" else ("segment_alloc", "segment_free")
+    up, down = EVENTS[key]
     cur, peaks, start = base, {}, 0
     for name, end in marks:
         peak, at = cur, start - 1
@@ -52,7 +53,7 @@ def replay(trace: list[dict], base: int, key: str, marks: list[tuple[str, int]])
 
 
 def live_at(trace: list[dict], at: int, key: str) -> dict[int, dict]:
-    up, down = ("alloc", "free_completed") if key == "alloc" else ("segment_alloc", "segment_free")
+    up, down = EVENTS[key]
     live: dict[int, dict] = {}
     for e in trace[:at + 1]:
         if e["action"] == up:
