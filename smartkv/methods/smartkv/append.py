@@ -24,10 +24,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from smartkv.cache.buffers import grown
-from smartkv.core.classes import flush_mix, joint_assign, joint_counts, joint_plan, ring_widths, staircase
+from smartkv.core.classes import flush_mix, joint_counts, joint_plan, ring_widths, staircase
 from smartkv.core.importance import (decode_importance, encode_importance, kv_head_mass, seen_counts,
                                      seen_from_ranges)
 from smartkv.core.policy import counts_for_budgets, rank_profile
@@ -146,11 +147,12 @@ class SmartKVAppend:
     def _append_begin(self, weights: torch.Tensor, kinds: tuple) -> None:
         """An append layer's first allocation, after `_append_split` (weights (R, n) of the n middle tokens, kinds'
         stored-space values (B, H, n, D)): each kind's counts at its budget (the demotion plan's solve, kept), joint
-        classes by weight (`joint_assign`), and every class's tokens quantized once, at its widths, straight into
-        its own buffer in position order with room for a few flushes (`_append_reserve` grows it); then the (empty)
-        ring at its class, the class map, and the window's importance codes and counts (the others are dropped).
-        The re-allocating path's class-major pools and level maps, which these buffers were cut from, are skipped:
-        a prefill's host work a layer is what bounds it (BENCHMARKS.md, runner)."""
+        classes by weight (`joint_assign`'s, without caps: one ranking), and every class's tokens quantized once,
+        at its widths, straight into its own buffer in position order with room for a few flushes
+        (`_append_reserve` grows it); then the (empty) ring at its class, the class map, and the window's
+        importance codes and counts (the others are dropped). The re-allocating path's class-major pools and level
+        maps, which these buffers were cut from, are skipped: a prefill's host work a layer is what bounds it
+        (BENCHMARKS.md, runner)."""
         P, lo, hi = self.config.realloc_every, min(self.widths), max(self.widths)
         B, H = self.batch_size, self.num_heads
         R, Tq = weights.shape
@@ -164,25 +166,25 @@ class SmartKVAppend:
             counts = counts_for_budgets(profile, budgets, self.widths)
         classes = staircase(*counts)
         slots = joint_plan(classes, [Tq] * len(classes))   # nothing stored: every token may take any class
-        caps = torch.full((R, Tq), hi, dtype=torch.long, device=weights.device)
-        bits = joint_assign(weights, caps, caps, slots, (lo, lo))
         prompt = {c: m for c, m in joint_counts(slots, Tq, (lo, lo)).items() if m}
         widths = sorted(set(prompt) | {(kw, vw) for kw, vw, _ in mix} | {t for moves in plan for _, t in moves})
         ids = {c: i for i, c in enumerate(widths)}
         per_flush = {(kw, vw): m for kw, vw, m in mix}
-        W, k_of = len(self.widths), {w: i for i, w in enumerate(self.widths)}
-        table = torch.zeros(W * W, dtype=torch.uint8)
-        for (kw, vw), i in ids.items():
-            table[k_of[kw] * W + k_of[vw]] = i
-        lk, lv = (torch.searchsorted(self._width_values, b) for b in bits)
-        cid = table.to(self.device)[lk * W + lv].reshape(B, H, Tq)
+        # every row's tokens by weight, heaviest first (ties by position), take the slots' classes in turn and the
+        # rest the lowest: `joint_assign` without caps, in one ranking (its class-by-class top-k took ~30 launches)
+        by_rank = np.repeat([ids[(kw, vw)] for kw, vw, _ in slots] + [ids[(lo, lo)] if (lo, lo) in ids else 0],
+                            [take for _, _, take in slots] + [Tq - sum(take for _, _, take in slots)])
+        order = torch.argsort(weights, dim=-1, descending=True, stable=True)
+        cid = torch.empty(R, Tq, dtype=torch.uint8, device=self.device).scatter_(
+            1, order, torch.from_numpy(by_rank.astype(np.uint8)).to(self.device).expand(R, Tq)).reshape(B, H, Tq)
         by_class = torch.argsort(cid, dim=-1, stable=True)   # class after class, each in position order
         (_, new_k, _), (_, new_v, _) = kinds
-        ks, vs, ns, start = [], [], [], 0
+        ks, vs, ns, rows_at, start = [], [], [], [], 0
         for kw, vw in widths:
             n = prompt.get((kw, vw), 0)
             cap = n + 4 * per_flush.get((kw, vw), 0)    # room for a few flushes; `_append_reserve` grows it
-            pos = by_class[..., start:start + n, None]
+            rows_at.append(by_class[..., start:start + n])   # the class's positions, row order
+            pos = rows_at[-1][..., None]
             start += n
             for out, x, w in ((ks, new_k, kw), (vs, new_v, vw)):
                 buf = _alloc(self._empty_pool(w), cap)   # quantized in place: no copy of the class's rows into it
@@ -210,7 +212,7 @@ class SmartKVAppend:
             a.ring, a.rseen = A, torch.zeros(B, A, dtype=torch.uint8, device=self.device)
             a.rimp = torch.full((B, H, A), 255, dtype=torch.uint8, device=self.device)
             a.head, a.ring_len = (torch.zeros(B, dtype=torch.int32, device=self.device) for _ in range(2))
-            self._demote_begin(plan, ids)
+            self._demote_begin(plan, ids, rows_at)
         self._last_lse = None
         self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
         self._classes, self._class_major = None, False

@@ -66,10 +66,11 @@ class SmartKVDemote:
             plan[due[j]][(cls[k // (W * W)], cls[k % (W * W)])] = int(round(tally[j, k]))
         return plan, dict(zip(left[0] + left[1], both))
 
-    def _demote_begin(self, plan: list, ids: dict) -> None:
+    def _demote_begin(self, plan: list, ids: dict, rows_at: list) -> None:
         """After `_append_begin` made the class buffers: the plan in class ids and each class row's importance (the
-        prompt's mean attention, as 8-bit codes in class-row order), every token counted as seen by the prompt's
-        `observe_window` queries (one denominator: the ranking within a row needs no per-token count)."""
+        prompt's mean attention, as 8-bit codes in class-row order: `rows_at`, per class the middle positions (B, H,
+        n) of its rows), every token counted as seen by the prompt's `observe_window` queries (one denominator: the
+        ranking within a row needs no per-token count)."""
         a, Tq = self._app, self.n_middle
         a.plan = [[(ids[c], ids[t], k) for (c, t), k in sorted(moves.items(), key=lambda e: (e[0][0], e[0][1]))]
                   for moves in plan]
@@ -89,8 +90,7 @@ class SmartKVDemote:
         a.move_k = torch.tensor(table, dtype=dtype).to(self.device)
         s0 = self.sink_k.shape[-2]
         codes = self.importance[..., s0:s0 + Tq]
-        a.cimp = [self._cls_rows(codes, cid, n) for cid, n in enumerate(a.n)]
-        a.cimp = [self._grow_rows(c, q.codes.shape[-2]) for c, q in zip(a.cimp, a.k)]
+        a.cimp = [self._grow_rows(codes.gather(-1, at), q.codes.shape[-2]) for at, q in zip(rows_at, a.k)]
         a.cseen = torch.full((1,), float(self.config.observe_window), device=self.device)
         if self.config.class_norm == "previous":   # the first step's previous normaliser: the prompt's last query's
             last = self._last_lse
