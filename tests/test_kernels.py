@@ -339,6 +339,43 @@ def test_mixed_precision_pools_with_key_normalisation():
     torch.testing.assert_close(total, torch.full((B, H), float(NG), device=DEV), rtol=1e-3, atol=1e-3)
 
 
+def test_a_segment_passed_again_is_planned_once_and_reads_what_it_holds(monkeypatch):
+    """An eager caller that passes the same segment objects step after step (SmartKV's classes between flushes) has
+    their launches planned once; each call still reads the segments' tensors as they are then, and a segment at
+    another place in the list, or one whose tokens the plan had to copy, is planned again."""
+    from smartkv.kernels import split
+    g = gen(21)
+    B, H, D, NG = 1, 2, 64, 3
+    sink = KVSegment(*(t.half() for t in _kv(g, B, H, 4, D)))
+    k, v = _kv(g, B, H, 50, D)
+    cls = KVSegment(quantize(k, 4, 32), quantize(v, 2, 32))
+    wk, wv = (t.half() for t in _kv(g, B, H, 9, D))
+    win = KVSegment(wk, wv)
+    planned = []
+    side = split._side
+    monkeypatch.setattr(split, "_side", lambda *a: planned.append(1) or side(*a))
+    q = randn(g, B, H * NG, 1, D)
+    _check(q, [sink, cls, win])
+    assert len(planned) == 6                           # keys and values of three segments
+    _check(q, [sink, cls, win])
+    assert len(planned) == 6                           # the same objects: nothing planned again
+    k2, v2 = _kv(g, B, H, 50, D)                       # the class's codes rewritten in place, as a demotion does
+    for dst, src in ((cls.keys, quantize(k2, 4, 32)), (cls.values, quantize(v2, 2, 32))):
+        for a, b in ((dst.codes, src.codes), (dst.scale, src.scale), (dst.zero, src.zero)):
+            a.copy_(b)
+    wk.copy_(randn(g, B, H, 9, D))
+    _check(q, [sink, cls, win])                        # against the reference over the new contents
+    _check(q, [cls, sink, win])                        # another order: two segments at other places
+    assert len(planned) == 10
+    strided = KVSegment(*(t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (wk, wv)))
+    _check(q, [sink, cls, strided])
+    _check(q, [sink, cls, strided])
+    # the first call plans sink and class again (the reorder replaced their plans), the window's copy every call
+    assert len(planned) == 18
+    strided.keys.copy_(randn(g, B, H, 9, D))
+    _check(q, [sink, cls, strided])
+
+
 def test_importance_folded_in_the_pass_with_the_previous_normaliser():
     """`fold` (SmartKV's append classes): a segment's importance codes take the mean after one more query whose
     token masses are 2^(s - lse_io) summed over the group's heads / NG, and lse_io becomes the query's own

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from smartkv.core.quant import QTensor
 from smartkv.kernels import triton_attn as K
 from smartkv.kernels.segment import FoldInto, KVSegment, check_inputs  # noqa: F401
 from smartkv.kernels.tuning import Tuning, split_tuning
+from smartkv.kernels.tuning import current as current_tuning
 
 LOG2E = 1.4426950408889634
 
@@ -135,7 +137,7 @@ def _side(part, residual: torch.Tensor | None, n_tokens: int, D: int) -> _Side:
 
 @dataclass
 class _Launch:
-    seg: KVSegment
+    index: int              # the segment's place in the call's list
     k: _Side
     v: _Side
     block_n: int
@@ -148,13 +150,28 @@ class _Launch:
     resident_key: tuple | None = None  # the whole-wave planner's key into _RESIDENT (None: programs_per_sm)
 
 
+# id(segment) -> (weak reference, call key, its _Launch): a caller that passes the same segment object call after call
+# (SmartKV's append classes between flushes, eager steps) has its launch planned once; the entry goes with the segment
+_PLANS: dict[int, tuple] = {}
+
+
+def _forget(ref_id: int):
+    return lambda _: _PLANS.pop(ref_id, None)
+
+
 def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, device) -> list[_Launch]:
     ngp = pow2(NG)
     fill = max(1, 16 // ngp)   # query-head columns are padded to 16 for the tensor cores
-    plans, offset = [], 0
-    for seg in segments:
+    plans, offset, table = [], 0, id(current_tuning())
+    for i, seg in enumerate(segments):
         T = seg.num_tokens
         if T == 0:
+            offset += T
+            continue
+        call = (i, offset, B, Hkv, NG, D, device, table)
+        hit = _PLANS.get(id(seg))
+        if hit is not None and hit[0]() is seg and hit[1] == call:
+            plans.append(hit[2])
             offset += T
             continue
         ks = _side(seg.keys, seg.key_residual, T, D)
@@ -178,7 +195,13 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
             key = _resident_key(ks.kind, ks.bits, vs.bits, tune)
             per_split = _splits(blocks, B * Hkv, _slots(key, tune.num_warps, device), min_blocks)
         tps = per_split * block_n
-        plans.append(_Launch(seg, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune, key))
+        plans.append(_Launch(i, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune, key))
+        # once the card's residency is known (never, off CUDA) the plan is final; a plan that read a copy (codes or tokens not laid out
+        # for the kernel) is not kept: the segment's own tensors may change in place before the next call
+        in_place = all(side.quant[0].data_ptr() == (part.codes if isinstance(part, QTensor) else part).data_ptr()
+                       for side, part in ((ks, seg.keys), (vs, seg.values)))
+        if in_place and (key is None or key in _RESIDENT or device.type != "cuda"):
+            _PLANS[id(seg)] = (weakref.ref(seg, _forget(id(seg))), call, plans[-1])
         offset += T
     return plans
 
@@ -238,10 +261,10 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     scores = [torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=dev)
               if return_token_probs and (probs_out is None or probs_out[i] is not None) else None
               for i, s in enumerate(segments)]
-    plan_of = {id(p.seg): p for p in plans}
+    plan_of = {p.index: p for p in plans}
     split0 = 0
     for i, seg in enumerate(segments):
-        p = plan_of.get(id(seg))
+        p = plan_of.get(i)
         if p is None:
             continue
         lens = seg.lengths if seg.lengths is not None else lengths

@@ -69,6 +69,7 @@ class Classes:
     move_k: torch.Tensor | None = None   # (filling flushes, moves): each flush's count of each move (uint8 or wider)
     buf: dict | None = None  # static steps: window, wimp, wseen buffers and the window's first position
     wbuf: tuple | None = None   # ordinary steps: (codes, counts) buffers wimp and wseen are views of (`_append_store`)
+    segs: tuple | None = None   # ordinary steps: (key, [sinks, classes, ring] segments) (`_middle_segments`)
 
 
 def _alloc(q: QTensor, cap: int) -> QTensor:
@@ -252,16 +253,8 @@ class SmartKVAppend:
         probabilities folded into their importance codes. A static step reads class and window lengths from the
         device."""
         a, static = self._app, self.static is not None
-        segs = [KVSegment(self.sink_k, self.sink_v)]
-        for cid in range(len(a.widths)):
-            n = a.k[cid].codes.shape[-2] if static else a.n[cid]
-            if n:
-                segs.append(KVSegment(_rows(a.k[cid], 0, n), _rows(a.v[cid], 0, n), key_scale=self.k_scale,
-                                      key_shift=self.k_mu, lengths=a.length[cid] if static else None))
+        segs = self._middle_segments(static)
         ring = bool(a.ring_n if not static else a.ring)   # a static step's ring length is on the device
-        if ring:
-            segs.append(KVSegment(a.ring_k, a.ring_v, key_scale=self.k_scale, key_shift=self.k_mu,
-                                  lengths=a.ring_len))
         if static:
             buf = a.buf
             torch.sub(self.static.lengths, buf["start"], out=buf["len"])
@@ -302,6 +295,30 @@ class SmartKVAppend:
                 with torch.cuda.stream(self.static.fork()):
                     self._append_flush_static()
         return out.transpose(1, 2)
+
+    def _middle_segments(self, static: bool) -> list:
+        """[sinks, each class held, ring] as a step reads them. An ordinary step's are the same objects until what
+        they cover changes (a flush, a buffer grown), so `decode_attention` plans their launches once
+        (`kernels.split`): an eager step of a batch of one is bound by its host work."""
+        a = self._app
+        key = None
+        if not static:
+            key = (self.sink_k.data_ptr(), self.sink_k.shape[-2], self.k_scale.data_ptr(), a.ring_n > 0,
+                   a.ring_k.codes.data_ptr() if a.ring_k is not None else 0,
+                   tuple((n, k.codes.data_ptr(), v.codes.data_ptr()) for n, k, v in zip(a.n, a.k, a.v)))
+            if a.segs is not None and a.segs[0] == key:
+                return list(a.segs[1])
+        segs = [KVSegment(self.sink_k, self.sink_v)]
+        for cid in range(len(a.widths)):
+            n = a.k[cid].codes.shape[-2] if static else a.n[cid]
+            if n:
+                segs.append(KVSegment(_rows(a.k[cid], 0, n), _rows(a.v[cid], 0, n), key_scale=self.k_scale,
+                                      key_shift=self.k_mu, lengths=a.length[cid] if static else None))
+        if a.ring_n if not static else a.ring:
+            segs.append(KVSegment(a.ring_k, a.ring_v, key_scale=self.k_scale, key_shift=self.k_mu,
+                                  lengths=a.ring_len))
+        a.segs = None if static else (key, segs)
+        return list(segs)
 
     def _append_observe(self, probs: torch.Tensor, allowed: torch.Tensor, lse: torch.Tensor) -> None:
         """The reference path's fold (probs (B, Hq, W, T), allowed (B, 1, W, T), lse (B, Hq, W) the queries'
