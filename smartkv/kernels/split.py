@@ -196,8 +196,9 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
             per_split = _splits(blocks, B * Hkv, _slots(key, tune.num_warps, device), min_blocks)
         tps = per_split * block_n
         plans.append(_Launch(i, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune, key))
-        # once the card's residency is known (never, off CUDA) the plan is final; a plan that read a copy (codes or tokens not laid out
-        # for the kernel) is not kept: the segment's own tensors may change in place before the next call
+        # once the card's residency is known (never, off CUDA) the plan is final; a plan that read a copy (codes or
+        # tokens not laid out for the kernel) is not kept: the segment's own tensors may change in place before the
+        # next call
         in_place = all(side.quant[0].data_ptr() == (part.codes if isinstance(part, QTensor) else part).data_ptr()
                        for side, part in ((ks, seg.keys), (vs, seg.values)))
         if in_place and (key is None or key in _RESIDENT or device.type != "cuda"):
