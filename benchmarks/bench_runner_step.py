@@ -22,6 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import smartkv
+from bench_speed_util import cuda_override
 from smartkv.bench.run.generation import decode
 
 METHODS = {  # row name -> (method, params), as jobs/smartkv_speed_append.yaml writes them
@@ -69,7 +70,18 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(METHODS), help="comma-separated row names; int4 first: the base")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on CPU")
     ap.add_argument("--json", type=Path, help="write the rows here too")
+    ap.add_argument("--cuda", default=None, metavar="FIELD=INT,...",
+                    help="the CUDA path's launch choices changed (tuning.CudaTuning: min_tokens, warps, ...)")
     args = ap.parse_args()
+    try:
+        override = cuda_override(args.cuda)
+    except ValueError as exc:
+        ap.error(str(exc))
+    with override:
+        run(args)
+
+
+def run(args) -> None:
     rows, modes = args.rows.split(","), args.modes.split(",")
     for r in rows:
         if r not in METHODS:

@@ -7,6 +7,7 @@ events, and the median replay time divided by the calls it holds is reported.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from smartkv.core.quant import QTensor, packed_width
-from smartkv.kernels import KVSegment, quantize_pack
+from smartkv.kernels import KVSegment, quantize_pack, tuning
 
 L2_BYTES = 50 * 2 ** 20
 
@@ -171,3 +172,19 @@ def apply_tuning(path: str) -> dict:
     split = {ast.literal_eval(key): tuning.Tuning(**fields) for key, fields in configs.items()}
     tuning.use(tuning.with_changes(tuning.current(), split=split))
     return configs
+
+
+def cuda_override(spec: str | None):
+    """`tuning.override` of the CUDA path's launch choices from a command line's "field=int,field=int" (None or
+    empty: the card's table). A field CudaTuning lacks, or a value that is not an integer, is a ValueError naming it."""
+    fields = [f.name for f in dataclasses.fields(tuning.CudaTuning)]
+    changes = {}
+    for item in filter(None, (spec or "").split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in fields:
+            raise ValueError(f"--cuda: unknown field {key.strip()!r}; allowed: {', '.join(fields)}")
+        try:
+            changes[key.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"--cuda: {key.strip()} must be an integer, got {value!r}") from None
+    return tuning.override(cuda=changes)

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e as E  # noqa: E402
+from bench_speed_util import cuda_override  # noqa: E402
 from smartkv.cache.hf_compat import cache_kwargs  # noqa: E402
 
 ROWS = "fp16 DynamicCache (flash),int4,smartkv (budget 4.25; gap 3)"
@@ -68,7 +69,18 @@ def main() -> None:
     ap.add_argument("--shape", choices=("llama3-8b", "smollm2"), default="llama3-8b",
                     help="smollm2: the runner's model (SmolLM2-135M's shape, --layers of its 30)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
+    ap.add_argument("--cuda", default=None, metavar="FIELD=INT,...",
+                    help="the CUDA path's launch choices changed (tuning.CudaTuning: min_tokens, warps, ...)")
     args = ap.parse_args()
+    try:
+        override = cuda_override(args.cuda)
+    except ValueError as exc:
+        ap.error(str(exc))
+    with override:
+        run(args, ap)
+
+
+def run(args, ap) -> None:
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in names if r not in E.METHODS]
     if unknown:
@@ -81,7 +93,8 @@ def main() -> None:
     else:
         model = E.build_model(args.layers, args.smoke)
     print(f"device {E.DEV}, {args.shape} shape, context {args.context}, batch {args.batch}, {args.layers} layers")
-    print("| method | host ms / step | step ms | host share |\n|---|---|---|---|")
+    print("| method | host ms / step (median step) | step ms | host share | mean host ms | mean step ms | max step ms |"
+          "\n|---|---|---|---|---|---|---|")
     profiles = []
     for name in names:
         method, params = E.METHODS[name]
@@ -93,7 +106,9 @@ def main() -> None:
         prof = cProfile.Profile() if method == "smartkv" else None
         got = sorted(steps(model, cache, args.batch, args.steps, flash, prof), key=lambda x: x[1])
         host, step = got[len(got) // 2]
-        print(f"| {name} | {host:.1f} | {step:.1f} | {host / step:.0%} |", flush=True)
+        mean_host, mean_step = (sum(x[i] for x in got) / len(got) for i in (0, 1))
+        print(f"| {name} | {host:.1f} | {step:.1f} | {host / step:.0%} | {mean_host:.1f} | {mean_step:.1f} | "
+              f"{got[-1][1]:.1f} |", flush=True)
         if prof:
             buf = io.StringIO()
             st = pstats.Stats(prof, stream=buf)
