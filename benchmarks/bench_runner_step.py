@@ -22,7 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import smartkv
-from bench_speed_util import cuda_override
+from bench_speed_util import parse_with_cuda
 from smartkv.bench.run.generation import decode
 
 METHODS = {  # row name -> (method, params), as jobs/smartkv_speed_append.yaml writes them
@@ -70,13 +70,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(METHODS), help="comma-separated row names; int4 first: the base")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on CPU")
     ap.add_argument("--json", type=Path, help="write the rows here too")
-    ap.add_argument("--cuda", default=None, metavar="FIELD=INT,...",
-                    help="the CUDA path's launch choices changed (tuning.CudaTuning: min_tokens, warps, ...)")
-    args = ap.parse_args()
-    try:
-        override = cuda_override(args.cuda)
-    except ValueError as exc:
-        ap.error(str(exc))
+    args, override = parse_with_cuda(ap)
     with override:
         run(args)
 

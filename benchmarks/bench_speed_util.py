@@ -188,3 +188,15 @@ def cuda_override(spec: str | None):
         except ValueError:
             raise ValueError(f"--cuda: {key.strip()} must be an integer, got {value!r}") from None
     return tuning.override(cuda=changes)
+
+
+def parse_with_cuda(ap):
+    """`ap`'s arguments with `--cuda FIELD=INT,...` added, and the `cuda_override` they ask for (a bad spec: the
+    parser's error, before any work)."""
+    ap.add_argument("--cuda", default=None, metavar="FIELD=INT,...",
+                    help="the CUDA path's launch choices changed (tuning.CudaTuning: min_tokens, warps, ...)")
+    args = ap.parse_args()
+    try:
+        return args, cuda_override(args.cuda)
+    except ValueError as exc:
+        ap.error(str(exc))

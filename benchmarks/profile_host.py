@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e as E  # noqa: E402
-from bench_speed_util import cuda_override  # noqa: E402
+from bench_speed_util import parse_with_cuda  # noqa: E402
 from smartkv.cache.hf_compat import cache_kwargs  # noqa: E402
 
 ROWS = "fp16 DynamicCache (flash),int4,smartkv (budget 4.25; gap 3)"
@@ -69,13 +69,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=("llama3-8b", "smollm2"), default="llama3-8b",
                     help="smollm2: the runner's model (SmolLM2-135M's shape, --layers of its 30)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
-    ap.add_argument("--cuda", default=None, metavar="FIELD=INT,...",
-                    help="the CUDA path's launch choices changed (tuning.CudaTuning: min_tokens, warps, ...)")
-    args = ap.parse_args()
-    try:
-        override = cuda_override(args.cuda)
-    except ValueError as exc:
-        ap.error(str(exc))
+    args, override = parse_with_cuda(ap)
     with override:
         run(args, ap)
 
