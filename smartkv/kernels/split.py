@@ -11,6 +11,7 @@ import triton
 
 from smartkv.core.quant import QTensor
 from smartkv.kernels import triton_attn as K
+from smartkv.kernels.launch import launch
 from smartkv.kernels.segment import FoldInto, KVSegment, check_inputs  # noqa: F401
 from smartkv.kernels.tuning import Tuning, split_tuning
 from smartkv.kernels.tuning import current as current_tuning
@@ -148,6 +149,23 @@ class _Launch:
     offset: int
     tuning: Tuning
     resident_key: tuple | None = None  # the whole-wave planner's key into _RESIDENT (None: programs_per_sm)
+    args: tuple = ()        # the split kernel's arguments that are the segment's own sides'
+    affine: tuple | None = None  # its key affine's (scale, shift, 2 strides); None: the segment has none
+    meta: dict | None = None  # its constexprs and options fixed by the plan (HAS_LEN, STORE_SCORES: by the call)
+
+    def bind(self, seg: KVSegment, D: int, NGP: int) -> None:
+        """Fill `args` and `meta` (built once a plan, not at every launch: an eager step is host-bound)."""
+        k, v, ka, t = self.k, self.v, seg.key_scale, self.tuning
+        self.args = (*k.quant, *k.quant_strides, k.fp, *k.fp_strides, *v.quant, *v.quant_strides, v.fp,
+                     *v.fp_strides)
+        self.affine = (ka, seg.key_shift, *ka.stride()[:2]) if ka is not None else None
+        self.meta = dict(D=D, NGP=NGP, XK=self.xk, XV=self.xv, K_KIND=k.kind, K_BITS=k.bits,
+                         K_PW=per_word(k.bits) if k.kind else 1, K_G=k.group, K_NGRP=k.ngrp, V_KIND=v.kind,
+                         V_BITS=v.bits, V_PW=per_word(v.bits) if v.kind else 1, V_G=v.group, V_NGRP=v.ngrp,
+                         HAS_KRES=k.has_res, HAS_VRES=v.has_res, HAS_KAFF=ka is not None, BLOCK_N=self.block_n,
+                         CODE_MODE=t.code_mode, RES_LAST=seg.residual_last, SVEC_K=k.svec, SVEC_V=v.svec,
+                         PREFETCH=t.prefetch, num_warps=t.num_warps, num_stages=t.num_stages,
+                         **({"maxnreg": t.maxnreg} if t.maxnreg else {}))
 
 
 # id(segment) -> (weak reference, call key, its _Launch): a caller that passes the same segment object call after call
@@ -196,6 +214,7 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
             per_split = _splits(blocks, B * Hkv, _slots(key, tune.num_warps, device), min_blocks)
         tps = per_split * block_n
         plans.append(_Launch(i, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune, key))
+        plans[-1].bind(seg, D, ngp)
         # once the card's residency is known (never, off CUDA) the plan is final; a plan that read a copy (codes or
         # tokens not laid out for the kernel) is not kept: the segment's own tensors may change in place before the
         # next call
@@ -253,7 +272,6 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     B, Hq, D = q3.shape
     Hkv = segments[0].keys.shape[1]
     NG = Hq // Hkv
-    NGP = pow2(NG)
     dev = q.device
     plans = _plan(segments, B, Hkv, NG, D, dev)
     S = sum(p.n_splits for p in plans)
@@ -262,38 +280,21 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     scores = [torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=dev)
               if return_token_probs and (probs_out is None or probs_out[i] is not None) else None
               for i, s in enumerate(segments)]
-    plan_of = {p.index: p for p in plans}
-    split0 = 0
-    for i, seg in enumerate(segments):
-        p = plan_of.get(i)
-        if p is None:
-            continue
+    split0, o_strides, l_strides = 0, o_part.stride()[:3], lse_part.stride()[:2]
+    for p in plans:
+        seg = segments[p.index]
         lens = seg.lengths if seg.lengths is not None else lengths
-        seg_offset = 0 if seg.lengths is not None else p.offset
-        ka = seg.key_scale
-        kb = seg.key_shift
-        folds = fold is not None and fold[i] is not None
-        sc = fold[i][0] if folds else scores[i] if scores[i] is not None else o_part
-        sc_strides = (sc.stride(0), sc.stride(1))
+        folds = fold is not None and fold[p.index] is not None
+        sc = fold[p.index][0] if folds else scores[p.index] if scores[p.index] is not None else o_part
         k, v = p.k, p.v
-        kern = K._split_kernel[(p.n_splits, B * Hkv)](
-            q3, q3.stride(0), q3.stride(1),
-            *k.quant, *k.quant_strides, k.fp, *k.fp_strides,
-            *v.quant, *v.quant_strides, v.fp, *v.fp_strides,
-            ka if ka is not None else q3, kb if kb is not None else q3,
-            *(ka.stride()[:2] if ka is not None else (0, 0)),
-            lens if lens is not None else q3, seg_offset, seg.num_tokens, k.n_quant, v.n_quant,
-            o_part, lse_part, *o_part.stride()[:3], *lse_part.stride()[:2], split0,
-            sc, *sc_strides, fold[i][1] if folds else q3, lse_io if folds else q3,
-            scaling * LOG2E, p.tps, Hkv, NG,
-            D=D, NGP=NGP, XK=p.xk, XV=p.xv,
-            K_KIND=k.kind, K_BITS=k.bits, K_PW=per_word(k.bits) if k.kind else 1, K_G=k.group, K_NGRP=k.ngrp,
-            V_KIND=v.kind, V_BITS=v.bits, V_PW=per_word(v.bits) if v.kind else 1, V_G=v.group, V_NGRP=v.ngrp,
-            HAS_KRES=k.has_res, HAS_VRES=v.has_res, HAS_LEN=lens is not None, HAS_KAFF=ka is not None,
-            STORE_SCORES=2 if folds else int(scores[i] is not None), BLOCK_N=p.block_n, CODE_MODE=p.tuning.code_mode,
-            RES_LAST=seg.residual_last, SVEC_K=k.svec, SVEC_V=v.svec,
-            PREFETCH=p.tuning.prefetch, num_warps=p.tuning.num_warps, num_stages=p.tuning.num_stages,
-            **({"maxnreg": p.tuning.maxnreg} if p.tuning.maxnreg else {}))
+        # the segment's own arguments from its plan; a missing key affine, length or fold reads q3 in their place
+        kern = launch(K._split_kernel, (p.n_splits, B * Hkv),
+                      q3, q3.stride(0), q3.stride(1), *p.args, *(p.affine or (q3, q3, 0, 0)),
+                      lens if lens is not None else q3, 0 if seg.lengths is not None else p.offset, seg.num_tokens,
+                      k.n_quant, v.n_quant, o_part, lse_part, *o_strides, *l_strides, split0,
+                      sc, sc.stride(0), sc.stride(1), fold[p.index][1] if folds else q3, lse_io if folds else q3,
+                      scaling * LOG2E, p.tps, Hkv, NG, HAS_LEN=lens is not None,
+                      STORE_SCORES=2 if folds else int(scores[p.index] is not None), **p.meta)
         LAST_KERNELS[(k.kind, k.bits, v.bits)] = kern
         if p.resident_key is not None:
             _note_resident(p.resident_key, kern, p.tuning.num_warps)
@@ -306,9 +307,9 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     if S == 0:
         lse_part.fill_(float("-inf"))
     block_s, warps = _merge_config(plans, D, B * Hq, _sm_count(dev))
-    K._merge_kernel[(B * Hq,)](o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
-                               *lse_part.stride()[:2], *out.stride()[:2], Hq, D=D, BLOCK_S=block_s,
-                               STORE_LSE=return_token_probs or lse_io is not None, num_warps=warps)
+    launch(K._merge_kernel, (B * Hq,), o_part, lse_part, out, lse, max(S, 1), *o_strides,
+           *l_strides, *out.stride()[:2], Hq, D=D, BLOCK_S=block_s,
+           STORE_LSE=return_token_probs or lse_io is not None, num_warps=warps)
     out = out if squeeze else out.unsqueeze(2)
     if not return_token_probs:
         return out
@@ -337,15 +338,15 @@ def token_probs(scores: Sequence[torch.Tensor], lse: torch.Tensor, segments: Seq
         seg_offset = 0 if seg.lengths is not None else offset
         BLOCK_T = 256
         if T and isinstance(po, FoldInto):
-            K._probs_fold_kernel[(triton.cdiv(T, BLOCK_T), B)](
-                scores[i], *scores[i].stride()[:2], lse, po.codes, *po.codes.stride()[:2], po.seen, po.seen.stride(0),
-                float(po.divisor), lens if lens is not None else lse, seg_offset, T, h_kv, NG, NGP=pow2(NG),
-                BLOCK_T=BLOCK_T, HAS_LEN=lens is not None, num_warps=4)
+            launch(K._probs_fold_kernel, (triton.cdiv(T, BLOCK_T), B),
+                   scores[i], *scores[i].stride()[:2], lse, po.codes, *po.codes.stride()[:2], po.seen,
+                   po.seen.stride(0), float(po.divisor), lens if lens is not None else lse, seg_offset, T, h_kv, NG,
+                   NGP=pow2(NG), BLOCK_T=BLOCK_T, HAS_LEN=lens is not None, num_warps=4)
         elif T:
-            K._probs_kernel[(triton.cdiv(T, BLOCK_T), B * h_kv)](
-                scores[i], *scores[i].stride()[:2], lse, po, *po.stride()[:2], lens if lens is not None else lse,
-                seg_offset, T, h_kv, NG, NGP=pow2(NG), BLOCK_T=BLOCK_T, HAS_LEN=lens is not None,
-                ACCUMULATE=probs_out is not None, num_warps=4)
+            launch(K._probs_kernel, (triton.cdiv(T, BLOCK_T), B * h_kv),
+                   scores[i], *scores[i].stride()[:2], lse, po, *po.stride()[:2], lens if lens is not None else lse,
+                   seg_offset, T, h_kv, NG, NGP=pow2(NG), BLOCK_T=BLOCK_T, HAS_LEN=lens is not None,
+                   ACCUMULATE=probs_out is not None, num_warps=4)
         probs.append(None if isinstance(po, FoldInto) else po)
         offset += T
     return probs

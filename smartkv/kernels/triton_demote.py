@@ -31,6 +31,7 @@ import triton.language as tl
 import torch
 
 from smartkv.core.quant import QTensor, as_words, packed_width
+from smartkv.kernels.launch import launch
 from smartkv.kernels.triton_pool import _pool_tile
 from smartkv.kernels.triton_quant import _codes, _store_packed
 
@@ -100,8 +101,8 @@ def merge_plan_triton(cm: torch.Tensor, n_all: int, gone: torch.Tensor, k: torch
     keep = torch.empty(B, H, Cc, dtype=torch.int64, device=cm.device)
     # each program walks a whole row, so few wide blocks: the walk is latency-bound (1024-position blocks took
     # 124 us a move at 32K x 8 on the H200)
-    _merge_plan_kernel[(B * H, 2)](cm, cm.stride(1), n_all, gone, gone.stride(1), Cc, k, H, order, order.stride(1),
-                                   Ct, keep, keep.stride(1), cid, tid, BLOCK=4096, num_warps=8)
+    launch(_merge_plan_kernel, (B * H, 2), cm, cm.stride(1), n_all, gone, gone.stride(1), Cc, k, H, order,
+           order.stride(1), Ct, keep, keep.stride(1), cid, tid, BLOCK=4096, num_warps=8)
     return order, keep
 
 
@@ -145,10 +146,10 @@ def demotion_keys_triton(codes: torch.Tensor, kq, vq, length: torch.Tensor, floo
     key = torch.empty(B, H, C, dtype=torch.int64, device=codes.device)
     block = 256
     # no fused multiply-adds: the weights round as torch's separate multiplies and adds do, so both order alike
-    _keys_kernel[(B * H, triton.cdiv(C, block))](
-        codes, codes.stride(1), table, kq.scale, kq.zero, kq.scale.stride(1), vq.scale, vq.zero, vq.scale.stride(1),
-        length, floor, kmul, key, C, H, KL=(1 << kq.bits) - 1, VL=(1 << vq.bits) - 1, KNG=kq.scale.shape[-1],
-        VNG=vq.scale.shape[-1], POWER=power, SENS=sensitivity, BLOCK=block, num_warps=4, enable_fp_fusion=False)
+    launch(_keys_kernel, (B * H, triton.cdiv(C, block)),
+           codes, codes.stride(1), table, kq.scale, kq.zero, kq.scale.stride(1), vq.scale, vq.zero, vq.scale.stride(1),
+           length, floor, kmul, key, C, H, KL=(1 << kq.bits) - 1, VL=(1 << vq.bits) - 1, KNG=kq.scale.shape[-1],
+           VNG=vq.scale.shape[-1], POWER=power, SENS=sensitivity, BLOCK=block, num_warps=4, enable_fp_fusion=False)
     return key
 
 
@@ -170,8 +171,8 @@ def _imp_sum_kernel(code_ptr, s_code, table_ptr, len_ptr, out_ptr, C, H, ACC: tl
 def importance_sum_triton(codes: torch.Tensor, length: torch.Tensor, out: torch.Tensor, accumulate: bool,
                           table: torch.Tensor) -> torch.Tensor:
     B, H, C = codes.shape
-    _imp_sum_kernel[(B * H,)](codes, codes.stride(1), table, length, out, C, H, ACC=accumulate, BLOCK=512,
-                              num_warps=4)
+    launch(_imp_sum_kernel, (B * H,), codes, codes.stride(1), table, length, out, C, H, ACC=accumulate, BLOCK=512,
+           num_warps=4)
     return out
 
 
@@ -220,11 +221,11 @@ def requantize_rows_triton(kq, vq, codes: torch.Tensor, keep: torch.Tensor, k: t
                     torch.empty(B, H, k_max, D // G, dtype=torch.float16, device=dev), b, G, -1) for b in bits]
     imp = torch.empty(B, H, k_max, dtype=torch.uint8, device=dev)
     block = 32   # 3-bit tiles of 16 rows summed wrong on an H200 (triton_pool._block)
-    _requant_kernel[(B * H, triton.cdiv(k_max, block), 2)](
-        kq.codes.view(torch.int32), kq.scale, kq.zero, vq.codes.view(torch.int32), vq.scale, vq.zero, N, keep,
-        keep.stride(1), k, H, codes, codes.stride(1), k_max, *(t for q in outs for t in (q.codes, q.scale, q.zero)),
-        imp, KSB=kq.bits, KDB=bits[0], VSB=vq.bits, VDB=bits[1], G=G, D=D, BLOCK=block, num_warps=4,
-        enable_fp_fusion=False)
+    launch(_requant_kernel, (B * H, triton.cdiv(k_max, block), 2),
+           kq.codes.view(torch.int32), kq.scale, kq.zero, vq.codes.view(torch.int32), vq.scale, vq.zero, N, keep,
+           keep.stride(1), k, H, codes, codes.stride(1), k_max, *(t for q in outs for t in (q.codes, q.scale, q.zero)),
+           imp, KSB=kq.bits, KDB=bits[0], VSB=vq.bits, VDB=bits[1], G=G, D=D, BLOCK=block, num_warps=4,
+           enable_fp_fusion=False)
     return outs[0], outs[1], imp
 
 
@@ -301,7 +302,7 @@ def move_rows_many_triton(xs: list, src: torch.Tensor, n: torch.Tensor | None, f
     widths += [widths[0]] * (MAX_MOVED - len(widths))
     grid = (B * H, triton.cdiv(C, 64))
     for put in (False, True):
-        _move_many_kernel[grid](src, src.stride(1), n if n is not None else src, H, C, K,
-                                *(a for sl in slots for a in sl), *widths,
-                                *(triton.next_power_of_2(w) for w in widths), NX=len(xs), HAS_N=n is not None,
-                                HAS_FRESH=fresh is not None, PUT=put, BLOCK_R=64, num_warps=4)
+        launch(_move_many_kernel, grid, src, src.stride(1), n if n is not None else src, H, C, K,
+               *(a for sl in slots for a in sl), *widths,
+               *(triton.next_power_of_2(w) for w in widths), NX=len(xs), HAS_N=n is not None,
+               HAS_FRESH=fresh is not None, PUT=put, BLOCK_R=64, num_warps=4)

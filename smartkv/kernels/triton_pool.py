@@ -35,6 +35,7 @@ from smartkv.core.quant import QTensor
 from smartkv.kernels.reference import MAX_FP, MAX_POOLS, MAX_RANGES
 from smartkv.kernels import split as _dec
 from smartkv.kernels.split import code_words, per_word, pow2
+from smartkv.kernels.launch import launch
 from smartkv.kernels.triton_attn import load_words, unpack
 from smartkv.kernels.triton_quant import _mean_code
 from smartkv.kernels.tuning import current
@@ -519,7 +520,7 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
     flat, consts = _flat(args, bits, ends)
     q_pool = q_pool.contiguous()
     q_fp = q_pool if q_fp is None else q_fp.contiguous()
-    _scores_kernel[(ends[-1], B * Hkv)](
+    launch(_scores_kernel, (ends[-1], B * Hkv),
         q_pool, q_fp, q_pool if bias is None else bias.contiguous(), out, out.shape[-1], P,
         scaling, Hkv, NG, *flat, **consts, HAS_BIAS=bias is not None, G=G, D=D, **_heads(NG, D, G),
         BLOCK_N=block, num_warps=current().pool.num_warps)
@@ -550,7 +551,7 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     part = torch.empty(B, Hq, ends[-1], D, dtype=torch.float32, device=probs.device)
     flat, consts = _flat(args, bits, ends)
     codes, ranges, end = (tuple(importance) + (None,))[:3] if importance is not None else (part, [], None)
-    kern = _values_kernel[(ends[-1], B * Hkv)](
+    kern = launch(_values_kernel, (ends[-1], B * Hkv),
         probs.contiguous(), T, part, ends[-1], P, per_split, Hkv, NG, codes, *_range_args(ranges), *flat,
         **consts, G=G, D=D, **_heads(NG, D, G), BLOCK_N=block, FOLD=importance is not None,
         num_warps=warps, **({"r_end_ptr": end, "R_END": True} if end is not None else {}))
@@ -590,10 +591,10 @@ def pool_positions_triton(levels: torch.Tensor, n: int, counts: tuple) -> torch.
     out = torch.empty(K, B, H, n, dtype=torch.int32, device=levels.device)
     grid = (triton.cdiv(n, positions.block), B * H, K)
     cnt = torch.empty(K, B * H, grid[0], 4, dtype=torch.int32, device=levels.device)
-    _level_counts_kernel[grid](levels, *levels.stride()[:3], cnt, n, H, BLOCK=positions.block,
-                               num_warps=positions.warps)
-    _positions_kernel[grid](levels, *levels.stride()[:3], cnt, out, *out.stride()[:3], n, H, *c[0], *c[1],
-                            BLOCK=positions.block, CHUNK=32, num_warps=positions.warps)
+    launch(_level_counts_kernel, grid, levels, *levels.stride()[:3], cnt, n, H, BLOCK=positions.block,
+           num_warps=positions.warps)
+    launch(_positions_kernel, grid, levels, *levels.stride()[:3], cnt, out, *out.stride()[:3], n, H, *c[0], *c[1],
+           BLOCK=positions.block, CHUNK=32, num_warps=positions.warps)
     return out
 
 
@@ -606,10 +607,10 @@ def importance_update_triton(codes: torch.Tensor, probs: torch.Tensor, ranges: l
     Hq = probs.shape[1]
     NG = Hq // Hkv
     BLOCK = 512
-    _importance_kernel[(triton.cdiv(T, BLOCK), B * Hkv)](
-        codes, *codes.stride()[:2], probs, *probs.stride()[:2], T, Hkv, NG, *_range_args(ranges),
-        NGP=max(2, pow2(NG)), BLOCK=BLOCK, num_warps=4,
-        **({"r_end_ptr": range_end, "R_END": True} if range_end is not None else {}))
+    launch(_importance_kernel, (triton.cdiv(T, BLOCK), B * Hkv),
+           codes, *codes.stride()[:2], probs, *probs.stride()[:2], T, Hkv, NG, *_range_args(ranges),
+           NGP=max(2, pow2(NG)), BLOCK=BLOCK, num_warps=4,
+           **({"r_end_ptr": range_end, "R_END": True} if range_end is not None else {}))
 
 
 def importance_fold_triton(codes: torch.Tensor, mass: torch.Tensor, seen: torch.Tensor, queries: int,
@@ -617,6 +618,6 @@ def importance_fold_triton(codes: torch.Tensor, mass: torch.Tensor, seen: torch.
     B, Hkv, n = codes.shape
     BLOCK = 1024
     ss = (0, 0) if seen.dim() == 1 else seen.stride()
-    _mean_fold_kernel[(triton.cdiv(n, BLOCK), B * Hkv)](
-        codes, *codes.stride()[:2], mass, *mass.stride()[:2], n, Hkv, seen, *ss, float(queries), float(divisor),
-        BLOCK=BLOCK, num_warps=4)
+    launch(_mean_fold_kernel, (triton.cdiv(n, BLOCK), B * Hkv),
+           codes, *codes.stride()[:2], mass, *mass.stride()[:2], n, Hkv, seen, *ss, float(queries), float(divisor),
+           BLOCK=BLOCK, num_warps=4)
