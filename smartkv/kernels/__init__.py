@@ -181,8 +181,9 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         _cuda.note_fallback(why)
     if kernels_available(q.device):
-        shape = _shape_key(q, segments)
-        problem = _decode.triton_problem(q, segments) or _TOO_BIG.get(shape)
+        problem = _decode.triton_problem(q, segments)
+        if problem is None and _TOO_BIG:   # the shapes' key only when a card has refused some
+            problem = _TOO_BIG.get(_shape_key(q, segments))
         if problem is None:
             try:
                 return _decode.decode_attention_triton(q, segments, scaling, lengths, return_token_probs, probs_out,
@@ -190,7 +191,8 @@ def decode_attention(q: torch.Tensor, segments: Sequence[KVSegment], scaling: fl
             except OutOfResources as exc:  # raised at the first launch, before anything is written
                 if probs_out is not None or folds:
                     raise
-                problem = _TOO_BIG[shape] = f"its launch config does not fit this card at these shapes ({exc})"
+                problem = f"its launch config does not fit this card at these shapes ({exc})"
+                _TOO_BIG[_shape_key(q, segments)] = problem
         fallback("decode_attention", problem)
     return decode_attention_reference(q, segments, scaling, lengths, return_token_probs, probs_out,
                                       fold=fold if folds else None, lse_io=lse_io)

@@ -272,11 +272,16 @@ def _aligned(t: torch.Tensor, row_bytes_multiple: int, base: int) -> bool:
             and all(s * es % row_bytes_multiple == 0 for s in t.stride()[:3]))
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def unsupported(q: torch.Tensor, segments: Sequence[KVSegment]) -> str | None:
     """None when the fast path takes this call, else the reason it does not."""
     if os.environ.get("SMARTKV_FAST_ATTN", "1") == "0":
         return "SMARTKV_FAST_ATTN=0"
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device) < (8, 0):
+    if not q.is_cuda or _capability(q.device) < (8, 0):
         return "needs a CUDA device of compute capability 8.0 or newer"
     D, Hq = q.shape[-1], q.shape[1]
     if D not in (64, 128) or q.dtype not in (torch.float16, torch.bfloat16):

@@ -33,7 +33,7 @@ except Exception:   # no Triton, or one without knobs (before 3.3): nothing to l
 _LAYOUTS: dict = {}   # (fn, device, argument types, *meta items) -> _Layout
 _PARAMS: dict = {}    # fn -> per parameter (is constexpr, specializes its value, specializes its alignment)
 _RUNTIME: dict = {}   # fn -> names of its non-constexpr parameters
-MAX_KERNELS = 8       # specializations kept per layout: past that, the oldest is dropped
+MAX_KERNELS = 64      # specializations kept per layout (the pool kernels see dozens): past that, the oldest goes
 STATS = {"direct": 0, "bound": 0}
 _I32 = (-2 ** 31, 2 ** 31)
 

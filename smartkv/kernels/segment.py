@@ -49,6 +49,7 @@ class KVSegment:
                 raise ValueError(f"{name} follows quantized {part}; got full-precision {part} and a {name}")
         nk = _tokens(self.keys) + _tokens(self.key_residual)
         nv = _tokens(self.values) + _tokens(self.value_residual)
+        object.__setattr__(self, "_num_tokens", nk)   # asked many times a call: a decode step is host-bound
         if nk != nv:
             raise ValueError(f"keys cover {nk} tokens but values cover {nv}; a segment's keys and values must "
                              f"cover the same tokens")
@@ -64,7 +65,7 @@ class KVSegment:
 
     @property
     def num_tokens(self) -> int:
-        return _tokens(self.keys) + _tokens(self.key_residual)
+        return self._num_tokens
 
     @property
     def quantized_keys(self) -> int:
