@@ -30,8 +30,8 @@ import smartkv
 COLUMNS = ("package_version", "source_commit", "code_hash", "runtime_env", "torch_version", "transformers_version",
            "triton_version", "cuda_version", "gpu_name")
 STALE_KEYS = ("code_hash", "runtime_env", "torch_version", "transformers_version")
-RESULT_ENV = ("SMARTKV_NO_KERNELS", "SMARTKV_FAST_ATTN", "SMARTKV_DECODE_MODE", "SMARTKV_SMOLLM2_GGUF",
-              "SMARTKV_GEMMA3_GGUF")
+RESULT_ENV = ("SMARTKV_NO_KERNELS", "SMARTKV_FAST_ATTN", "SMARTKV_DIRECT_LAUNCH", "SMARTKV_DECODE_MODE",
+              "SMARTKV_SMOLLM2_GGUF", "SMARTKV_GEMMA3_GGUF")
 PACKAGE_DIR = Path(smartkv.__file__).resolve().parent
 
 
