@@ -61,8 +61,8 @@ def main() -> int:
         diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
         ok = diff <= args.atol and launch.STATS["direct"] > 0
         bad += not ok
-        print(f"{name}: {args.steps} steps, max |logit difference| {diff:.3g}; launches direct {launch.STATS['direct']}, "
-              f"through Triton {launch.STATS['bound']}: {'ok' if ok else 'FAILED'}")
+        print(f"{name}: {args.steps} steps, max |logit difference| {diff:.3g}; launches direct "
+              f"{launch.STATS['direct']}, through Triton {launch.STATS['bound']}: {'ok' if ok else 'FAILED'}")
     return 1 if bad else 0
 
 
