@@ -12,8 +12,8 @@ and whether its address is a multiple of 16, each integer's 32/64-bit range, whe
 multiple of 16 (not for `do_not_specialize` parameters), None, bools and floats by type. The check here is that
 or finer (a finer check only sends more calls through `fn[grid]`), so a kernel is never launched on arguments it
 was not compiled for. Triton 3.3 to 3.9 launch a compiled kernel alike (`CompiledKernel.run` taking every bound
-argument: read in 3.3, 3.4, 3.5, 3.6 and 3.9); elsewhere, under the interpreter, with a launch hook set (profilers) or SMARTKV_DIRECT_LAUNCH=0, every
-call goes through `fn[grid]`."""
+argument: read in 3.3, 3.4, 3.5, 3.6 and 3.9); elsewhere, under the interpreter, with a launch hook set
+(profilers) or SMARTKV_DIRECT_LAUNCH=0, every call goes through `fn[grid]`."""
 from __future__ import annotations
 
 import inspect

@@ -253,8 +253,8 @@ class SmartKVAppend:
         probabilities folded into their importance codes. A static step reads class and window lengths from the
         device."""
         a, static = self._app, self.static is not None
-        segs = self._middle_segments(static)
         ring = bool(a.ring_n if not static else a.ring)   # a static step's ring length is on the device
+        segs = self._middle_segments(static, ring)
         if static:
             buf = a.buf
             torch.sub(self.static.lengths, buf["start"], out=buf["len"])
@@ -296,14 +296,14 @@ class SmartKVAppend:
                     self._append_flush_static()
         return out.transpose(1, 2)
 
-    def _middle_segments(self, static: bool) -> list:
-        """[sinks, each class held, ring] as a step reads them. An ordinary step's are the same objects until what
-        they cover changes (a flush, a buffer grown), so `decode_attention` plans their launches once
-        (`kernels.split`): an eager step of a batch of one is bound by its host work."""
+    def _middle_segments(self, static: bool, ring: bool) -> list:
+        """[sinks, each class held, the ring when the step reads it (`ring`)] as a step reads them. An ordinary
+        step's are the same objects until what they cover changes (a flush, a buffer grown), so `decode_attention`
+        plans their launches once (`kernels.split`): an eager step of a batch of one is bound by its host work."""
         a = self._app
         key = None
         if not static:
-            key = (self.sink_k.data_ptr(), self.sink_k.shape[-2], self.k_scale.data_ptr(), a.ring_n > 0,
+            key = (self.sink_k.data_ptr(), self.sink_k.shape[-2], self.k_scale.data_ptr(), ring,
                    a.ring_k.codes.data_ptr() if a.ring_k is not None else 0,
                    tuple((n, k.codes.data_ptr(), v.codes.data_ptr()) for n, k, v in zip(a.n, a.k, a.v)))
             if a.segs is not None and a.segs[0] == key:
@@ -314,7 +314,7 @@ class SmartKVAppend:
             if n:
                 segs.append(KVSegment(_rows(a.k[cid], 0, n), _rows(a.v[cid], 0, n), key_scale=self.k_scale,
                                       key_shift=self.k_mu, lengths=a.length[cid] if static else None))
-        if a.ring_n if not static else a.ring:
+        if ring:
             segs.append(KVSegment(a.ring_k, a.ring_v, key_scale=self.k_scale, key_shift=self.k_mu,
                                   lengths=a.ring_len))
         a.segs = None if static else (key, segs)
