@@ -45,44 +45,50 @@ METHODS = {  # row name -> (method, params); "dynamic" rows use transformers' Dy
     "smartkv (budget 4.25; gap 3)": ("smartkv", dict(budget=4.25, key_value_gap=3)),
     # re-allocating every 64 tokens instead of 16: a quarter of the re-allocation steps, up to 48 more
     # full-precision tokens in the window (docs/smartkv.md has its quality)
-    "smartkv (budget 4.25; gap 3; realloc 64)": ("smartkv", dict(budget=4.25, key_value_gap=3, realloc_every=64)),
+    "smartkv (budget 4.25; gap 3; realloc 64)": ("smartkv", dict(budget=4.25, key_value_gap=3, realloc_every=64,
+                                                                 realloc="incremental", joint=False)),
     # whole decode steps captured once as a CUDA graph and replayed (smartkv.cache.graphs.GraphDecoder): no host cost
     "fp16 (CUDA graph)": ("fp16", {}),
     "int8 (CUDA graph)": ("int8", {}),
     "int4 (CUDA graph)": ("int4", {}),
     "fp16 StaticCache (CUDA graph)": ("hf-static", {}),   # transformers' own static cache, SDPA with its mask
-    # SmartKV's default: one graph per re-allocation period; the re-allocation runs on the host between two replays
+    # SmartKV's default (realloc="append", joint classes, class_norm="previous"): two graphs, the common step and
+    # the flushing one
     "smartkv (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3)),
+    # the default before append: one graph per re-allocation period, the re-allocation on the host between replays
     "smartkv incremental (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
                                                                               realloc="incremental", joint=False)),
     # realloc="append" (joint classes, a ring of recent tokens): two graphs, the common step and the flushing one
     "smartkv append (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
-                                                                         realloc="append", joint=True)),
+                                                                         realloc="append", class_norm="exact")),
     # the class rows' importance folded in the attention pass with the previous query's normaliser (no logits)
     "smartkv append (budget 4.25; gap 3; fold) (CUDA graph)": (
         "smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", joint=True, class_norm="previous")),
     # while the ring fills, one flush in 4 (16) demotes, paying ahead: fewer passes over the class buffers
     "smartkv append (budget 4.25; gap 3; demote every 4) (CUDA graph)": (
-        "smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", joint=True, demote_every=4)),
+        "smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", class_norm="exact", demote_every=4)),
     "smartkv append (budget 4.25; gap 3; demote every 16) (CUDA graph)": (
-        "smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", joint=True, demote_every=16)),
+        "smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", class_norm="exact", demote_every=16)),
     "smartkv (budget 4.25; gap 3; realloc 64) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
-                                                                              realloc_every=64)),
+                                                                              realloc_every=64, realloc="incremental",
+                                                                              joint=False)),
     # the design before block widths and incremental re-allocation: a width per token, the whole middle
     # re-allocated every 16 tokens
     "smartkv per-token full (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
-                                                                                 block_tokens=1, realloc="full")),
+                                                                                 block_tokens=1, realloc="full",
+                                                                                 joint=False)),
     "smartkv per-token full (budget 4.25; gap 3)": ("smartkv", dict(budget=4.25, key_value_gap=3, block_tokens=1,
-                                                                    realloc="full")),
+                                                                    realloc="full", joint=False)),
     # a width per block of 16 tokens (quality held at this memory point, not at KIVI-2's: docs/smartkv.md)
     "smartkv block 16 (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
-                                                                           block_tokens=16)),
+                                                                           block_tokens=16, joint=False)),
     # joint classes, class-major pools: the one-pass step (decode_attention over one segment a class, 3-bit
     # classes included, on the CUDA kernels); widths 2/4/8 cost quality (docs/smartkv.md)
     "smartkv joint (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3, joint=True,
                                                                         realloc="incremental")),
     "smartkv joint 2/4/8 (budget 4.25; gap 3) (CUDA graph)": ("smartkv", dict(budget=4.25, key_value_gap=3,
-                                                                              joint=True, widths=(2, 4, 8))),
+                                                                              realloc="incremental",
+                                                                              widths=(2, 4, 8))),
 }
 GRAPH = " (CUDA graph)"
 MAX_BATCH_ROWS = ["fp16 DynamicCache (SDPA)", "fp16 DynamicCache (flash)", "int8", "int4", "kivi-2 (K2/V2)",

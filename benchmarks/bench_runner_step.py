@@ -25,10 +25,13 @@ import smartkv
 from bench_speed_util import parse_with_cuda
 from smartkv.bench.run.generation import decode
 
-METHODS = {  # row name -> (method, params), as jobs/smartkv_speed_append.yaml writes them
+METHODS = {  # row name -> (method, params); jobs/smartkv_speed_append.yaml runs the first three
     "int4": ("int4", {}),
     "smartkv (default)": ("smartkv", dict(budget=4.25, key_value_gap=3)),
-    "smartkv append": ("smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", joint=True)),
+    # the default before append (per-kind widths re-allocated every 16 tokens)
+    "smartkv incremental": ("smartkv", dict(budget=4.25, key_value_gap=3, realloc="incremental", joint=False,
+                                            class_norm="exact")),
+    "smartkv append": ("smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", class_norm="exact")),
     "smartkv append fold": ("smartkv", dict(budget=4.25, key_value_gap=3, realloc="append", joint=True,
                                             class_norm="previous")),
 }

@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--rows", default="int4,smartkv append fold,smartkv (default)")
+    ap.add_argument("--rows", default="int4,smartkv (default),smartkv incremental")
     ap.add_argument("--atol", type=float, default=0.0)
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -28,13 +28,13 @@ import torch
 from smartkv.cache.layer import KVLayer
 from smartkv.methods import make_cache
 
-CONFIGS = {  # name -> smartkv parameters
-    "token-full": dict(block_tokens=1, realloc="full"),
-    "block16-full": dict(block_tokens=16, realloc="full"),
-    "block16-incremental": dict(block_tokens=16, realloc="incremental"),
-    "token-incremental": dict(block_tokens=1, realloc="incremental"),
+CONFIGS = {  # name -> smartkv parameters (per-kind widths unless "joint")
+    "token-full": dict(block_tokens=1, realloc="full", joint=False),
+    "block16-full": dict(block_tokens=16, realloc="full", joint=False),
+    "block16-incremental": dict(block_tokens=16, realloc="incremental", joint=False),
+    "token-incremental": dict(block_tokens=1, realloc="incremental", joint=False),
     "token-joint": dict(block_tokens=1, realloc="incremental", joint=True),
-    "block4-incremental": dict(block_tokens=4, realloc="incremental"),
+    "block4-incremental": dict(block_tokens=4, realloc="incremental", joint=False),
 }
 
 

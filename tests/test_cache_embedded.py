@@ -23,6 +23,11 @@ def prose_ids(smol):
     return smol.tokenizer(text, return_tensors="pt")["input_ids"][:, 2000:2600]
 
 
+# whole-bit widths over a finite number of tokens (within one bit a layer in all, <= 0.01 bits here), and append's
+# bookkeeping (counts, the filling flushes' table) charged to the prompt's bits (0.011 bits at 600 tokens)
+BUDGET_SLACK = 0.03
+
+
 def _fill(model, method, ids, steps=8, **params):
     cache = smartkv.make_cache(method, model, **params)
     with torch.inference_mode():
@@ -75,11 +80,11 @@ def test_payload_ratios_reproduce_the_validation_table(smol, prose_ids):
         assert report.total_ratio == pytest.approx(total, rel=1e-9), method
     report = _fill(smol.model, "smartkv", prose_ids).memory_report()
     budget = smartkv.method_fields("smartkv")["budget"]
-    assert budget - 0.01 <= report.avg_bits <= budget and report.payload_ratio == pytest.approx(report.avg_bits / 16)
+    assert budget - BUDGET_SLACK <= report.avg_bits <= budget
+    assert report.payload_ratio == pytest.approx(report.avg_bits / 16)
 
 
 @pytest.mark.parametrize("budget", [2.5, 3.0, 4.0, 5.5, 8.0])
 def test_smartkv_meets_its_budget(smol, prose_ids, budget):
     report = _fill(smol.model, "smartkv", prose_ids, budget=budget).memory_report()
-    # whole-bit widths over a finite number of tokens: within one bit per layer in total
-    assert budget - 0.01 <= report.avg_bits <= budget + 1e-9
+    assert budget - BUDGET_SLACK <= report.avg_bits <= budget + 1e-9

@@ -96,10 +96,11 @@ def test_job_id_ignores_grid_name_and_default_spelling(write_grid):
 # Ids of these jobs before methods had `sliding_layers` (computed on main at 1e4c7ed): ids hash every parameter,
 # defaults included, so a new field at its default must stay out of them or every stored result would be redone.
 IDS_BEFORE_SLIDING_LAYERS = {"fp16": "026f9261d298b674", "int8": "5f4097ea73f4170b", "int4": "29bea636512d5555",
-                             "fp8": "818a48c599e326e5", "kivi": "7c76731bc71a8aa3", "smartkv": "68c965e7b7a170c9",
+                             "fp8": "818a48c599e326e5", "kivi": "7c76731bc71a8aa3", "smartkv": "86d345501dfcb814",
                              "zipcache": "02bc6878bae8d231"}
-# SmartKV's id before it re-allocated incrementally by default (fe777a26e52749da) is not kept: that default
-# changes what the config computes, so its stored results must be redone; block_tokens at 1 stays out of the id.
+# SmartKV's ids before it re-allocated incrementally by default (fe777a26e52749da) and before append became its
+# default (68c965e7b7a170c9) are not kept: a new default changes what the config computes, so its stored results
+# must be redone; block_tokens at 1 stays out of the id.
 ID_GRID = """name: ids
 models: [tiny-llama]
 methods: {{fp16: {p}, int8: {p}, int4: {p}, fp8: {p}, kivi: {p}, smartkv: {{budget: 4{q}}}, zipcache: {p}}}

@@ -15,9 +15,11 @@ class SmartKV(MethodConfig):
     the mean of keys' and values' averages). Measured effect of each option: docs/smartkv.md."""
     name = "smartkv"
     # block_tokens=1 is the per-token design results were stored under; `realloc` is not neutral: its default
-    # ("incremental") changes what a config computes, so SmartKV's job ids changed with it.
-    ID_NEUTRAL: ClassVar[dict] = {**MethodConfig.ID_NEUTRAL, "block_tokens": 1, "joint": False, "ring_tokens": 256,
-                                  "demote_every": 1, "class_norm": "exact"}
+    # changes what a config computes, so SmartKV's job ids change with it. A neutral value is the default (params()
+    # leaves it out, so make_config rebuilds it): joint and class_norm are neutral at append's (True, "previous"),
+    # and a config naming their former defaults gets a new id, as one naming neither computes something new.
+    ID_NEUTRAL: ClassVar[dict] = {**MethodConfig.ID_NEUTRAL, "block_tokens": 1, "joint": True, "ring_tokens": 256,
+                                  "demote_every": 1, "class_norm": "previous"}
     budget: float = 7.0
     widths: tuple = WIDTHS
     group_size: int = 64
@@ -26,11 +28,12 @@ class SmartKV(MethodConfig):
     realloc_every: int = 16
     block_tokens: int = 1      # middle tokens (consecutive, per KV head) sharing one width; the middle grows by blocks
     # "append": a ring of recent tokens at one class, then each group a fixed class mix kept for good (append.py;
-    # ~1.1x int4's graphed step, quality short of "incremental": docs/smartkv.md), on full-attention layers with
-    # joint classes, per-token widths and no rotation (else "incremental");
-    # "incremental": new blocks and one demotion candidate per width and new block; "full": every block
-    realloc: str = "incremental"
-    joint: bool = False        # keys and values placed together: equal (key width, value width) counts in every row
+    # ~1.1x int4's graphed step, KL 1.02x / 1.08x "incremental"'s at int4's / KIVI-2's bytes: docs/smartkv.md), on
+    # full-attention layers with joint classes, per-token widths and no rotation (else "incremental");
+    # "incremental": new blocks and one demotion candidate per width and new block (a re-allocation every
+    # `realloc_every` tokens, 4-5x int4's graphed step); "full": every block
+    realloc: str = "append"
+    joint: bool = True         # keys and values placed together: equal (key width, value width) counts in every row
     ring_tokens: int = 256     # realloc="append": the newest middle tokens, held at the top class before their own
     # realloc="append": while the ring fills, one flush in `demote_every` demotes, paying ahead for the ring's growth
     # until the next one (each demoting flush passes over whole class buffers: fewer of them, less time, but demotions
@@ -40,7 +43,7 @@ class SmartKV(MethodConfig):
     # importance) normalised by its own log-sum-exp ("exact": the attention pass writes (B, Hq, T) logits, read
     # twice more) or by the previous query's ("previous": folded in the pass, no logits; KL on the evaluation part
     # 0.99x / 1.05x exact's at int4's / KIVI-2's points, docs/smartkv.md)
-    class_norm: str = "exact"
+    class_norm: str = "previous"
     observe_window: int = 32
     key_norm: str = "channel"
     importance: str = "mean"
