@@ -414,3 +414,29 @@ def test_probabilities_of_some_segments_equal_those_of_all():
     torch.testing.assert_close(out, out_all, rtol=0, atol=0)
     torch.testing.assert_close(window, probs[1], rtol=1e-5, atol=1e-6)
     assert 0.05 < float(window.sum()) / (2 * 2 * 4) < 0.95     # the window holds part of the mass, not all
+
+
+def test_a_layer_without_the_kernels_runs_no_triton_kernel(tiny, monkeypatch):
+    """A layer that does not use the kernels (CPU tensors without FORCE_KERNELS, or use_kernels=False) stores,
+    flushes, demotes and attends in torch, the kernels module's helpers included (kernels.torch_only): under the
+    interpreter (these tests) append's prompt was quantized by interpreted kernels, 10x the whole fill's time."""
+    from smartkv import kernels
+    if not kernels.interpreting():
+        pytest.skip("counts the interpreter's launches (a CPU test session)")
+    import triton.runtime.interpreter as interp
+    calls, run = [], interp.InterpretedFunction.run
+    monkeypatch.setattr(interp.InterpretedFunction, "run", lambda self, *a, **k: calls.append(1) or run(self, *a, **k))
+    ids = _ids(prompt=24)
+
+    def decode(steps=10, **params):
+        calls.clear()
+        cache = make_cache("smartkv", tiny, **P, **params)
+        with torch.inference_mode():
+            out = tiny(ids, **cache_kwargs(tiny, cache), use_cache=True)
+            for _ in range(steps):   # across flushes and the ring's demotions
+                out = tiny(out.logits[:, -1:].argmax(-1), **cache_kwargs(tiny, cache), use_cache=True)
+        return len(calls)
+
+    assert decode() == 0 and decode(use_kernels=False) == 0
+    monkeypatch.setattr(cache_mod, "FORCE_KERNELS", True)
+    assert decode(steps=1) > 0   # the kernels' own tests still run them

@@ -22,6 +22,7 @@ reference path (dequantize + SDPA under the sliding mask).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -30,7 +31,7 @@ from smartkv.cache.buffers import StaticDecode
 from smartkv.cache.hf_compat import Cache, CacheLayerMixin, register_attention, sdpa_attention_forward, use_attention
 from smartkv.cache.sliding import SlidingWindow
 from smartkv.core.memory import LayerBytes, MemoryReport, summarize
-from smartkv.kernels import KVSegment, decode_attention, kernels_available
+from smartkv.kernels import KVSegment, decode_attention, kernels_available, torch_only
 from smartkv.kernels.reference import segment_kv
 
 ATTENTION_NAME = "smartkv"
@@ -56,6 +57,7 @@ class KVLayer(SlidingWindow, CacheLayerMixin):
         self.reserved_tokens = 0
         self._pending: list[KVSegment] | None = None
         self.static: StaticDecode | None = None
+        self._torch_only = False   # the kernels run here but this layer does not use them (lazy_initialization)
 
     # --- transformers' layer interface -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -67,6 +69,9 @@ class KVLayer(SlidingWindow, CacheLayerMixin):
         # Triton for storing (quantize into preallocated rows) and, with the hook, for decode attention
         self.kernels = (getattr(self.config, "use_kernels", True) and kernels_available(self.device)
                         and (self.device.type == "cuda" or FORCE_KERNELS))
+        # then its storing, flushes and attention run in torch throughout (kernels.torch_only), the helpers they
+        # call included: not Triton's interpreter on CPU tensors, nor Triton with use_kernels=False
+        self._torch_only = not self.kernels and kernels_available(self.device)
         self._init_storage()
         if self.reserved_tokens:
             self._reserve(self.reserved_tokens)
@@ -80,6 +85,12 @@ class KVLayer(SlidingWindow, CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if not self._torch_only:
+            return self._update(key_states, value_states)
+        with torch_only():
+            return self._update(key_states, value_states)
+
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         if self._pending is not None:
             raise RuntimeError("the last fused decode step's attention never ran: the model must use the 'smartkv' "
                                "attention (smartkv.make_cache(method, model)), or pass use_kernels=False")
@@ -112,10 +123,11 @@ class KVLayer(SlidingWindow, CacheLayerMixin):
         """Store tokens without computing attention inputs (filling a cache, e.g. with synthetic K/V)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._before_update()
-        self._store(key_states, value_states)
-        self.seq_len += key_states.shape[-2]
-        self._trim()
+        with torch_only() if self._torch_only else contextlib.nullcontext():
+            self._before_update()
+            self._store(key_states, value_states)
+            self.seq_len += key_states.shape[-2]
+            self._trim()
 
     def reserve(self, tokens: int) -> None:
         """Preallocate room for `tokens` tokens in all (growable buffers grow by `storage.GROWTH` otherwise); a
@@ -274,7 +286,10 @@ def smartkv_attention(module, query, key, value, attention_mask, **kwargs):
     layer = getattr(_active, "layer", None)
     if layer is not None and getattr(_active, "keys_id", None) == id(key):
         _active.layer = None
-        return layer.attend(module, query, key, value, attention_mask, **kwargs)
+        if not layer._torch_only:
+            return layer.attend(module, query, key, value, attention_mask, **kwargs)
+        with torch_only():
+            return layer.attend(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -26,9 +26,11 @@ accuracy (see tests/test_kernels.py for the bounds).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 __all__ = ["FoldInto", "KVSegment", "decode_attention", "decode_attention_reference", "demotion_keys",
            "importance_fold", "importance_sum", "importance_update", "kernels_available", "merge_plan", "move_rows",
            "pool_positions", "pool_scores", "pool_values", "quantize_pack", "quantize_pack_at", "quantize_pack_kv",
-           "quantize_pack_reference", "requantize_rows", "warm_decode_kernels"]
+           "quantize_pack_reference", "requantize_rows", "torch_only", "warm_decode_kernels"]
 
 
 @functools.cache
@@ -89,9 +91,26 @@ def fallback(kernel: str, reason: str) -> None:
     log.warning("%s takes the torch reference path: %s", kernel, reason)
 
 
+_TORCH_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def torch_only():
+    """Within it (this thread), `kernels_available` is False: every call here takes its torch path. A cache layer
+    that does not use the kernels (on the CPU unless `cache.layer.FORCE_KERNELS`, or `use_kernels=False`) runs its
+    work in one, so under the interpreter (tests) it is not the interpreter that quantizes a whole prompt."""
+    before = getattr(_TORCH_ONLY, "on", False)
+    _TORCH_ONLY.on = True
+    try:
+        yield
+    finally:
+        _TORCH_ONLY.on = before
+
+
 def kernels_available(device: torch.device | str | None = None) -> bool:
-    """Whether the Triton kernels run on tensors of `device`: CUDA with Triton, or Triton's interpreter."""
-    if not HAVE_TRITON:
+    """Whether the Triton kernels run on tensors of `device`: CUDA with Triton, or Triton's interpreter (not
+    within `torch_only`)."""
+    if not HAVE_TRITON or getattr(_TORCH_ONLY, "on", False):
         return False
     if interpreting():
         return True
