@@ -45,6 +45,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(L, "driver", SimpleNamespace(active=SimpleNamespace(get_current_device=lambda: 0,
                                                                              get_current_stream=lambda d: 7)))
     monkeypatch.setattr(L, "_LAYOUTS", {})
+    monkeypatch.setattr(L, "_CALLS", {})
     monkeypatch.delenv("SMARTKV_DIRECT_LAUNCH", raising=False)
     return fn, log
 
@@ -124,3 +125,18 @@ def test_hooks_the_switch_and_runtime_keywords_keep_triton_binding(fake, monkeyp
     assert _kinds(log) == ["bound"] * 6
     L.launch(fn, (4,), x, 5, 3, BLOCK=32)
     assert _kinds(log)[-1] == "direct"
+
+
+def test_what_another_function_left_under_the_same_id_is_not_used(fake):
+    """The caches are keyed by id(fn) (a JITFunction hashes in Python); an id reused by another function must not
+    find the first one's compiled kernels."""
+    fn, log = fake
+    x = torch.zeros(64, dtype=torch.float16)
+    L.launch(fn, (4,), x, 5, 3, BLOCK=32, num_warps=4)
+    other = JITFunction(_kernel, do_not_specialize=["m"])
+    for cache in (L._LAYOUTS, L._CALLS):   # as if `other` had been given fn's id
+        for key in list(cache):
+            cache[(id(other), *key[1:])] = cache[key]
+    L.launch(other, (4,), x, 5, 3, BLOCK=32, num_warps=4)
+    L.launch(other, (4,), x, 5, 3, BLOCK=32, num_warps=4)
+    assert _kinds(log) == ["bound", "bound", "direct"]

@@ -27,10 +27,14 @@ try:
     from triton import knobs
     from triton.runtime.driver import driver
     _VERSION_OK = (3, 3) <= tuple(int(x) for x in triton.__version__.split(".")[:2]) <= (3, 9)
+    _JIT = triton.runtime.jit.JITFunction
 except Exception:   # no Triton, or one without knobs (before 3.3): nothing to launch directly
-    _VERSION_OK = False
+    _VERSION_OK, _JIT = False, type(None)
 
-_LAYOUTS: dict = {}   # (fn, device, argument types, *meta items) -> _Layout
+# Keyed by id(fn), each entry holding fn itself (checked, so a reused id never matches): a JITFunction hashes in
+# Python (its cache key), four times a launch when the dicts were keyed by fn.
+_LAYOUTS: dict = {}   # (id(fn), device, argument types, *meta items) -> _Layout
+_CALLS: dict = {}     # (id(fn), positional arguments) -> (fn, whether they can go direct, runtime names)
 _PARAMS: dict = {}    # fn -> per parameter (is constexpr, specializes its value, specializes its alignment)
 _RUNTIME: dict = {}   # fn -> names of its non-constexpr parameters
 MAX_KERNELS = 64      # specializations kept per layout (the pool kernels see dozens): past that, the oldest goes
@@ -60,7 +64,8 @@ class _Layout:
     compiled kernel of each specialization seen (with the constexpr values the launcher takes after the
     arguments)."""
 
-    def __init__(self, types: tuple, params: list):
+    def __init__(self, fn, types: tuple, params: list):
+        self.fn = fn
         self.ok = all(t in (torch.Tensor, int, float, bool, type(None)) for t in types)
         self.tensors = operator.itemgetter(*[i for i, t in enumerate(types) if t is torch.Tensor], 0, 0)
         self.aligned = operator.itemgetter(*[i for i, t in enumerate(types) if t is torch.Tensor and params[i][2]],
@@ -81,33 +86,46 @@ class _Layout:
                 not ranged or (_I32[0] <= min(ranged) and max(ranged) < _I32[1]))
 
 
+def _call_info(fn, n: int) -> tuple:
+    """(fn, whether calls with n positional arguments can go direct: none of them a constexpr, runtime names)."""
+    params = _params(fn)
+    ok = params is not None and n <= len(params) and not any(c for c, _, _ in params[:n])
+    return fn, ok, _RUNTIME.get(fn, frozenset())
+
+
 def _hooked() -> bool:
     """Whether a launch hook is installed (a profiler's): Triton's own path calls it. Triton 3.6+ keeps them in
-    a HookChain, empty unless one was added."""
-    return any(h is not None and getattr(h, "calls", True)
-               for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+    a HookChain, empty unless one was added. (Two lookups, no generator: this runs at every launch.)"""
+    rt = knobs.runtime
+    h = rt.launch_enter_hook
+    if h is not None and getattr(h, "calls", True):
+        return True
+    h = rt.launch_exit_hook
+    return h is not None and bool(getattr(h, "calls", True))
 
 
 def launch(fn, grid: tuple, *args, **meta):
     """`fn[grid](*args, **meta)`: `args` the kernel's non-constexpr parameters in order, `meta` its constexprs
     and launch options (num_warps, ...). Returns what `fn[grid]` returns on the calls it makes, else the
     compiled kernel launched."""
-    if not enabled() or callable(grid) or not isinstance(fn, triton.runtime.jit.JITFunction):
+    if not enabled() or callable(grid) or not isinstance(fn, _JIT):
         return fn[grid](*args, **meta)
-    params = _params(fn)
-    if (params is None or len(args) > len(params) or any(c for c, _, _ in params[:len(args)])
-            or not _RUNTIME[fn].isdisjoint(meta)   # a runtime argument by keyword: not part of a layout's key
+    call = _CALLS.get((id(fn), len(args)))
+    if call is None or call[0] is not fn:
+        call = _CALLS[(id(fn), len(args))] = _call_info(fn, len(args))
+    if (not call[1]
+            or not call[2].isdisjoint(meta)   # a runtime argument by keyword: not part of a layout's key
             or _hooked()):
         return fn[grid](*args, **meta)
     device = driver.active.get_current_device()
     types = tuple(map(type, args))
     try:
-        key = (fn, device, types, *meta.items())
+        key = (id(fn), device, types, *meta.items())
         layout = _LAYOUTS.get(key)
     except TypeError:   # an unhashable meta value
         return fn[grid](*args, **meta)
-    if layout is None:
-        layout = _LAYOUTS[key] = _Layout(types, params)
+    if layout is None or layout.fn is not fn:
+        layout = _LAYOUTS[key] = _Layout(fn, types, _params(fn))
     if not layout.ok:   # an argument kind not checked here (a tuple, a descriptor)
         return fn[grid](*args, **meta)
     spec = layout.spec(args)
