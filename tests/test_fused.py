@@ -149,16 +149,16 @@ def test_reserve_preallocates_and_counts_slack_apart(tiny_llama):
     assert caches[1].layers[0].qv.capacity == 1024
 
 
-PER_TOKEN = dict(block_tokens=1, realloc="full")   # a width per token, the whole middle re-allocated
+PER_TOKEN = dict(block_tokens=1, realloc="full", joint=False)   # a width per token and kind, all re-allocated
 SMARTKV_CASES = {  # pools of 2..8 bits, keys and values at different widths, rotated and plain stored spaces
     "b2.5-gap1": dict(budget=2.5, key_value_gap=1, group_size=16, recent_window=8, realloc_every=4, **PER_TOKEN),
     "b4-rotate": dict(budget=4, rotate="both", group_size=32, recent_window=8, realloc_every=4, **PER_TOKEN),
     "b6-3bit": dict(budget=6, widths=(3, 8), recent_window=8, realloc_every=4, **PER_TOKEN),
     # blocks of 4 tokens, incremental re-allocation (a block's tokens sit next to each other in its pool)
     "b4.25-block4": dict(budget=4.25, key_value_gap=3, group_size=16, recent_window=8, realloc_every=4,
-                         block_tokens=4, realloc="incremental"),
+                         block_tokens=4, realloc="incremental", joint=False),
     "b2.5-block4-full": dict(budget=2.5, key_value_gap=1, group_size=16, recent_window=8, realloc_every=4,
-                             block_tokens=4, realloc="full"),
+                             block_tokens=4, realloc="full", joint=False),
 }
 
 
@@ -205,7 +205,8 @@ DECODE_KERNELS = (("triton_attn", ("_split_kernel", "_merge_kernel")),
 
 @pytest.mark.parametrize("method,params,kernels", [
     ("smartkv", dict(budget=4.25, key_value_gap=3, widths=(2, 4, 8), recent_window=8, realloc_every=4,
-                     group_size=16, block_tokens=4), (("triton_pool", ("_scores_kernel", "_values_kernel", "_positions_kernel")),)),
+                     group_size=16, block_tokens=4, joint=False),
+     (("triton_pool", ("_scores_kernel", "_values_kernel", "_positions_kernel")),)),
     ("int4", {}, DECODE_KERNELS),
     ("kivi", dict(key_bits=2, value_bits=2, group_size=16, residual_length=16), DECODE_KERNELS),
 ])
@@ -288,8 +289,9 @@ def test_smartkv_two_pass_decode_equals_reference(tiny_llama, monkeypatch, case)
         assert imp.max() <= 1                                # 8-bit log codes of near-equal probabilities
 
 
-JOINT_CASES = {  # joint=True: class-major pools, read in one pass; rotated pools take the two passes over them
-    "b4.25-gap3": dict(budget=4.25, key_value_gap=3, group_size=16, recent_window=8, realloc_every=4, joint=True),
+JOINT_CASES = {  # joint=True re-allocating: class-major pools, read in one pass; rotated pools take two passes
+    "b4.25-gap3": dict(budget=4.25, key_value_gap=3, group_size=16, recent_window=8, realloc_every=4, joint=True,
+                       realloc="incremental"),
     "b2.4-block4": dict(budget=2.4, key_value_gap=1, group_size=16, recent_window=8, realloc_every=4, block_tokens=4,
                         joint=True),
     "b4-rotate": dict(budget=4, key_value_gap=2, rotate="both", group_size=32, recent_window=8, realloc_every=4,
@@ -340,7 +342,7 @@ def test_one_pass_folds_each_class_at_its_positions():
 
     g = torch.Generator().manual_seed(3)
     layer = make_cache("smartkv", num_layers=1, joint=True, budget=4.25, key_value_gap=3, group_size=16,
-                       recent_window=8, realloc_every=4).layers[0]
+                       recent_window=8, realloc_every=4, realloc="incremental").layers[0]
     k, v = (torch.randn(2, 2, 300, 32, generator=g) * 2 for _ in range(2))
     layer.append(k, v)
     layer.importance = torch.randint(0, 120, layer.importance.shape, generator=g, dtype=torch.uint8)

