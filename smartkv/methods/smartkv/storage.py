@@ -98,12 +98,12 @@ class SmartKVStorage:
 
     def _middle_part(self, kind: str) -> torch.Tensor:
         """Dequantized middle keys or values in the stored (normalised, rotated) space: (B, H, Tq, D) fp32."""
+        if self._app is not None and self.n_middle:   # before allocating: it fills its own
+            return self._append_middle(kind)
         D = self.head_dim
         out = torch.zeros(self.batch_size, self.num_heads, self.n_middle, D, device=self.device)
         if not self.n_middle:
             return out
-        if self._app is not None:
-            return self._append_middle(kind)
         if self._stored is not None or self._class_major:  # a re-allocation may have forgotten pool entries
             return self._middle_by_rank(kind)
         bits = self.level_bits(kind)
