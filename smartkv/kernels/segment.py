@@ -32,6 +32,9 @@ class KVSegment:
     lengths[b] - 1, which the quantized rows also cover (and which it replaces); the quantized parts are
     per-token and may be a whole buffer's capacity. A static decode step (CUDA graphs): nothing about the
     current length is known on the host, yet the new token still attends at full precision.
+    stable: the caller passes this same object call after call, its tensors changed only in place, until what it
+    covers changes (SmartKV's sinks, classes and ring between flushes): a small call takes such segments in one
+    launch from a descriptor table built at their first call (`kernels.batched`).
     """
     keys: KVPart
     values: KVPart
@@ -41,6 +44,7 @@ class KVSegment:
     key_scale: torch.Tensor | None = None
     key_shift: torch.Tensor | None = None
     residual_last: bool = False
+    stable: bool = False
 
     def __post_init__(self):
         for name in ("key_residual", "value_residual"):

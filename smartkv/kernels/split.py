@@ -10,6 +10,7 @@ import torch
 import triton
 
 from smartkv.core.quant import QTensor
+from smartkv.kernels import batched
 from smartkv.kernels import triton_attn as K
 from smartkv.kernels.launch import launch
 from smartkv.kernels.segment import FoldInto, KVSegment, check_inputs  # noqa: F401
@@ -177,13 +178,14 @@ def _forget(ref_id: int):
     return lambda _: _PLANS.pop(ref_id, None)
 
 
-def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, device) -> list[_Launch]:
+def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, device,
+          skip: frozenset = frozenset()) -> list[_Launch]:
     ngp = pow2(NG)
     fill = max(1, 16 // ngp)   # query-head columns are padded to 16 for the tensor cores
     plans, offset, table = [], 0, id(current_tuning())
     for i, seg in enumerate(segments):
         T = seg.num_tokens
-        if T == 0:
+        if T == 0 or i in skip:   # (skip: the segments a batched launch reads)
             offset += T
             continue
         call = (i, offset, B, Hkv, NG, D, device, table)
@@ -273,15 +275,28 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     Hkv = segments[0].keys.shape[1]
     NG = Hq // Hkv
     dev = q.device
-    plans = _plan(segments, B, Hkv, NG, D, dev)
-    S = sum(p.n_splits for p in plans)
+    wants = [return_token_probs and (probs_out is None or probs_out[i] is not None) for i in range(len(segments))]
+    stores = [2 if fold is not None and fold[i] is not None else int(w) for i, w in enumerate(wants)]
+    grp = batched.group(segments, q3, lengths, stores, fold) if batched.enabled() else None
+    if grp is not None:
+        grp = batched.call(grp, segments, q3, lengths, stores, fold)
+    inside = grp.indices if grp is not None else frozenset()
+    plans = _plan(segments, B, Hkv, NG, D, dev, inside)
+    S = sum(p.n_splits for p in plans if p.index not in inside) + (grp.splits if grp is not None else 0)
     o_part = torch.empty(B, Hq, max(S, 1), D, dtype=torch.float32, device=dev)
     lse_part = torch.empty(B, Hq, max(S, 1), dtype=torch.float32, device=dev)
-    scores = [torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=dev)
-              if return_token_probs and (probs_out is None or probs_out[i] is not None) else None
-              for i, s in enumerate(segments)]
+    sbuf = torch.empty(B, Hq, grp.score_width, dtype=torch.float32, device=dev) \
+        if grp is not None and grp.score_width else None
+    scores = [sbuf[..., grp.score_cols[i]:grp.score_cols[i] + s.num_tokens] if i in inside and stores[i] == 1
+              else torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=dev) if wants[i] and stores[i] == 1
+              else None for i, s in enumerate(segments)]
     split0, o_strides, l_strides = 0, o_part.stride()[:3], lse_part.stride()[:2]
+    if grp is not None:
+        batched.run(grp, q3, o_part, lse_part, 0, sbuf, lse_io if fold is not None else None, scaling * LOG2E, Hkv)
+        split0 = grp.splits
     for p in plans:
+        if p.index in inside:
+            continue
         seg = segments[p.index]
         lens = seg.lengths if seg.lengths is not None else lengths
         folds = fold is not None and fold[p.index] is not None
@@ -306,10 +321,14 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
         if return_token_probs else out
     if S == 0:
         lse_part.fill_(float("-inf"))
-    block_s, warps = _merge_config(plans, D, B * Hq, _sm_count(dev))
-    launch(K._merge_kernel, (B * Hq,), o_part, lse_part, out, lse, max(S, 1), *o_strides,
-           *l_strides, *out.stride()[:2], Hq, D=D, BLOCK_S=block_s,
-           STORE_LSE=return_token_probs or lse_io is not None, num_warps=warps)
+    if grp is not None and (folded := batched.merge_fold(out, o_part, lse_part, S, lse, scores, segments, lengths,
+                                                         probs_out, Hkv)) is not None:
+        scores = [None if i in folded else sc for i, sc in enumerate(scores)]   # folded in the merge's launch
+    else:
+        block_s, warps = _merge_config(plans, D, B * Hq, _sm_count(dev))
+        launch(K._merge_kernel, (B * Hq,), o_part, lse_part, out, lse, max(S, 1), *o_strides,
+               *l_strides, *out.stride()[:2], Hq, D=D, BLOCK_S=block_s,
+               STORE_LSE=return_token_probs or lse_io is not None, num_warps=warps)
     out = out if squeeze else out.unsqueeze(2)
     if not return_token_probs:
         return out

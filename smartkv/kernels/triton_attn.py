@@ -547,12 +547,9 @@ def _split_kernel(
     tl.store(LP + b * slb + hq * slh + split0 + split, lse, mask=hh < NG)
 
 
-@triton.jit(do_not_specialize=["S", "slb", "slh"])
-def _merge_kernel(OP, LP, Out, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
-                  D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr):
-    pid = tl.program_id(0)
-    b = (pid // H_Q).to(tl.int64)
-    h = (pid % H_Q).to(tl.int64)
+@triton.jit
+def merge_head(OP, LP, b, h, S, sob, soh, sos, slb, slh, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(output (D,) fp32, log2-sum-exp) of query head h of sequence b from its S partials."""
     so = tl.arange(0, BLOCK_S)
     f = tl.arange(0, D)
     m = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)
@@ -569,10 +566,20 @@ def _merge_kernel(OP, LP, Out, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
         o = tl.load(OP + b * sob + h * soh + (s0 + so)[:, None] * sos + f[None, :], mask=sm[:, None], other=0.0)
         acc += tl.sum(w[:, None] * o, axis=0)
         den += tl.sum(w, axis=0)
-    out = acc / tl.where(den > 0, den, 1.0)
-    tl.store(Out + b * sxb + h * sxh + f, out.to(Out.dtype.element_ty))
+    return acc / tl.where(den > 0, den, 1.0), tl.where(den > 0, m_safe + tl.log2(tl.where(den > 0, den, 1.0)),
+                                                        float("-inf"))
+
+
+@triton.jit(do_not_specialize=["S", "slb", "slh"])
+def _merge_kernel(OP, LP, Out, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
+                  D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // H_Q).to(tl.int64)
+    h = (pid % H_Q).to(tl.int64)
+    out, lse = merge_head(OP, LP, b, h, S, sob, soh, sos, slb, slh, D, BLOCK_S)
+    tl.store(Out + b * sxb + h * sxh + tl.arange(0, D), out.to(Out.dtype.element_ty))
     if STORE_LSE:
-        tl.store(LSE + pid, tl.where(den > 0, m_safe + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf")))
+        tl.store(LSE + pid, lse)
 
 
 @triton.jit
@@ -618,7 +625,14 @@ def _probs_fold_kernel(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor,
     One program a block of tokens and sequence, over all its KV heads: they share the counts."""
     b = tl.program_id(1).to(tl.int64)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    seq_len = _seq_len(LEN, b, seg_offset, T_SEG, HAS_LEN)
+    fold_block(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor, b, t,
+               _seq_len(LEN, b, seg_offset, T_SEG, HAS_LEN), T_SEG, H_KV, NG, NGP)
+
+
+@triton.jit
+def fold_block(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor, b, t, seq_len, T_SEG, H_KV, NG,
+               NGP: tl.constexpr):
+    """Tokens t of sequence b: their probabilities folded into their codes over every KV head, counts advanced."""
     sp = SEEN + b * ssb + t
     seen = tl.load(sp, mask=t < T_SEG, other=0)
     for hk in range(H_KV):

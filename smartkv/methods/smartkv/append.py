@@ -308,15 +308,16 @@ class SmartKVAppend:
                    tuple((n, k.codes.data_ptr(), v.codes.data_ptr()) for n, k, v in zip(a.n, a.k, a.v)))
             if a.segs is not None and a.segs[0] == key:
                 return list(a.segs[1])
-        segs = [KVSegment(self.sink_k, self.sink_v)]
+        kept = not static   # an ordinary step's segments are passed again until a flush: one batched launch
+        segs = [KVSegment(self.sink_k, self.sink_v, stable=kept)]
         for cid in range(len(a.widths)):
             n = a.k[cid].codes.shape[-2] if static else a.n[cid]
             if n:
                 segs.append(KVSegment(_rows(a.k[cid], 0, n), _rows(a.v[cid], 0, n), key_scale=self.k_scale,
-                                      key_shift=self.k_mu, lengths=a.length[cid] if static else None))
+                                      key_shift=self.k_mu, lengths=a.length[cid] if static else None, stable=kept))
         if ring:
             segs.append(KVSegment(a.ring_k, a.ring_v, key_scale=self.k_scale, key_shift=self.k_mu,
-                                  lengths=a.ring_len))
+                                  lengths=a.ring_len, stable=kept))
         a.segs = None if static else (key, segs)
         return list(segs)
 

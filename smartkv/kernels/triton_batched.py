@@ -1,0 +1,178 @@
+"""One split-K decode launch over many segments of any widths (`kernels.batched`): the eager step of a small batch.
+
+`triton_attn._split_kernel` is specialised per segment (widths, groups, layouts as constexprs), so a call over
+SmartKV's sinks, classes and ring is one launch a segment, and at a batch of one each launch costs more host time
+than its work takes on the card. Here a segment is a row of a descriptor table on the device (its kinds, widths,
+group sizes, pointers and strides as int64) and a program finds its row through a map of splits, so one compiled
+kernel serves every mix of widths. Codes are read from the packed byte stream (code j at bit j * bits, `core.quant`'s
+layout for 2, 3, 4 and 8 bits), dequantized in fp32 and multiplied in fp32 (exact products, no fp16 range limit):
+slower per byte than the specialised tiles, which is why `kernels.batched` takes it only below a size.
+
+A program is (split, sequence x KV head) as in `_split_kernel` and writes the same normalised partial output and
+log2-sum-exp, so the merge is shared; scores are stored (STORE 1) or folded into importance codes with the previous
+query's normaliser (STORE 2) as there.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from smartkv.kernels.triton_attn import fold_block, merge_head
+from smartkv.kernels.triton_quant import _mean_code
+
+# descriptor fields, one int64 each (kernels.batched builds the rows)
+(F_KKIND, F_KBITS, F_KG, F_VKIND, F_VBITS, F_VG, F_AFF, F_LEN, F_STORE, F_T, F_TPS, F_START, F_SEGOFF,
+ F_KQ, F_KS, F_KZ, F_SKQB, F_SKQH, F_SKQT, F_SKSB, F_SKSH, F_SKST,
+ F_VQ, F_VS, F_VZ, F_SVQB, F_SVQH, F_SVQT, F_SVSB, F_SVSH, F_SVST,
+ F_KA, F_KB, F_SKAB, F_SKAH, F_LENP, F_SC, F_SSCB, F_SSCH, F_SEEN) = range(40)
+NF = 40
+
+
+@triton.jit
+def _field(d, i):
+    return tl.load(d + i)
+
+
+@triton.jit
+def _tile(d, F_PTR, F_SB, F_SH, F_ST, F_SPTR, F_SSB, F_SSH, F_SST, kind, bits, group, b, hk, t, valid, f,
+          D: tl.constexpr, FPT: tl.constexpr):
+    """(BLOCK_N, D) fp32 keys or values of tokens t: a full-precision row (kind 0) or per-token groups of `bits`-bit
+    codes dequantized, code * scale + zero (kind 1)."""
+    off = b * _field(d, F_SB) + hk * _field(d, F_SH)
+    if kind == 0:
+        rp = _field(d, F_PTR).to(tl.pointer_type(FPT)) + off
+        x = tl.load(rp + t[:, None] * _field(d, F_ST) + f[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    else:
+        cp = _field(d, F_PTR).to(tl.pointer_type(tl.uint8)) + off + t[:, None] * _field(d, F_ST)
+        bits32 = bits.to(tl.int32)
+        bit = f * bits32
+        byte = bit >> 3
+        lo = tl.load(cp + byte[None, :], mask=valid[:, None], other=0).to(tl.int32)
+        hi = tl.load(cp + byte[None, :] + 1, mask=valid[:, None] & (byte + 1 < (D * bits32) // 8)[None, :],
+                     other=0).to(tl.int32)
+        code = ((lo | (hi << 8)) >> (bit & 7)[None, :]) & ((1 << bits32) - 1)
+        soff = b * _field(d, F_SSB) + hk * _field(d, F_SSH)
+        so = t[:, None] * _field(d, F_SST) + (f // group.to(tl.int32))[None, :]
+        sp = _field(d, F_SPTR).to(tl.pointer_type(tl.float16)) + soff
+        zp = _field(d, F_SPTR + 1).to(tl.pointer_type(tl.float16)) + soff
+        s = tl.load(sp + so, mask=valid[:, None], other=0.0).to(tl.float32)
+        z = tl.load(zp + so, mask=valid[:, None], other=0.0).to(tl.float32)
+        x = code.to(tl.float32) * s + z
+    return x
+
+
+@triton.jit(do_not_specialize=["NS", "split0", "sob", "soh", "sos", "slb", "slh", "sscb", "ssch"])
+def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb, slh, split0, SC, sscb, ssch,
+                    LPREV, qk_scale, H_KV, NG, D: tl.constexpr, QN: tl.constexpr, BLOCK_N: tl.constexpr,
+                    FPT: tl.constexpr, AFT: tl.constexpr, LENT: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H_KV).to(tl.int64)
+    hk = (bh % H_KV).to(tl.int64)
+    if pid < NS:   # a row of the kept table, through the map of its splits
+        d = DESC + tl.load(MAP + pid).to(tl.int64) * 40
+    else:          # the call's own last row (its first split is NS)
+        d = TAIL
+    kkind = _field(d, 0)
+    kbits = _field(d, 1)
+    kg = _field(d, 2)
+    vkind = _field(d, 3)
+    vbits = _field(d, 4)
+    vg = _field(d, 5)
+    store = _field(d, 8)
+    seq_len = _field(d, 9).to(tl.int32)
+    if _field(d, 7) != 0:   # the segment's valid tokens per sequence
+        n = tl.load(_field(d, 35).to(tl.pointer_type(LENT)) + b).to(tl.int32) - _field(d, 12).to(tl.int32)
+        seq_len = tl.minimum(tl.maximum(n, 0), seq_len)
+    tps = _field(d, 10).to(tl.int32)
+    s0 = (pid - _field(d, 11).to(tl.int32)) * tps
+    s1 = tl.minimum(s0 + tps, seq_len)
+
+    f = tl.arange(0, D)
+    hh = tl.arange(0, QN)
+    heads = hh < NG
+    q = tl.load(Q + b * sqb + (hk * NG + hh)[None, :] * sqh + f[:, None], mask=heads[None, :],
+                other=0.0).to(tl.float32)                                                 # (D, QN)
+    qaff = tl.zeros((QN,), tl.float32)
+    if _field(d, 6) != 0:   # stored keys are (k - shift) / scale: q * scale against them, plus q . shift
+        aoff = b * _field(d, 33) + hk * _field(d, 34)
+        ka = tl.load(_field(d, 31).to(tl.pointer_type(AFT)) + aoff + f).to(tl.float32)
+        kb = tl.load(_field(d, 32).to(tl.pointer_type(AFT)) + aoff + f).to(tl.float32)
+        qaff = tl.sum(q * kb[:, None], axis=0)
+        q = q * ka[:, None]
+    # STORE 1: scores at SC's column offset (field 36); STORE 2: importance codes at field 36 folded with the
+    # previous query's log2-sum-exp per head (the scores less it), their count of queries at field 39
+    sc_scores = SC + b * sscb + (hk * NG + hh) * ssch + _field(d, 36)
+    cp = _field(d, 36).to(tl.pointer_type(tl.uint8)) + b * _field(d, 37) + hk * _field(d, 38)
+    folds = store == 2
+    seen = tl.load(_field(d, 39).to(tl.pointer_type(tl.float32)), mask=folds, other=0.0)
+    lp = tl.load(LPREV + (b * H_KV + hk) * NG + hh, mask=heads, other=0.0)   # (any fp32 >= B x Hq when no fold)
+    lp = tl.where(folds & (lp > -1.0e30), lp, 0.0)
+    qaff = qaff - lp / qk_scale
+
+    m_i = tl.full((QN,), -1.0e30, tl.float32)
+    l_i = tl.zeros((QN,), tl.float32)
+    acc = tl.zeros((QN, D), tl.float32)
+    for n0 in range(s0, s1, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)
+        valid = t < s1
+        k = _tile(d, 13, 16, 17, 18, 14, 19, 20, 21, kkind, kbits, kg, b, hk, t, valid, f, D, FPT)
+        s = (tl.dot(k, q, input_precision="ieee") + qaff[None, :]) * qk_scale           # (BLOCK_N, QN)
+        if store == 1:
+            tl.store(sc_scores[None, :] + t[:, None], s, mask=valid[:, None] & heads[None, :])
+        elif store == 2:
+            mass = tl.sum(tl.where(valid[:, None] & heads[None, :], tl.exp2(s), 0.0), axis=1)
+            c = tl.load(cp + t, mask=valid, other=255).to(tl.float32)
+            tl.store(cp + t, _mean_code(c, seen, mass / NG, 1).to(tl.uint8), mask=valid)
+        s = tl.where(valid[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+        v = _tile(d, 22, 25, 26, 27, 23, 28, 29, 30, vkind, vbits, vg, b, hk, t, valid, f, D, FPT)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), v, input_precision="ieee")
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + lp + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    hq = hk * NG + hh
+    tl.store(OP + b * sob + hq[:, None] * soh + (split0 + pid) * sos + f[None, :], o, mask=heads[:, None])
+    tl.store(LP + b * slb + hq * slh + split0 + pid, lse, mask=heads)
+
+
+@triton.jit
+def _fold_target(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor, LEN, seg_offset, T_SEG, b, H_KV, NG,
+                 NGP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_LEN: tl.constexpr):
+    """`_probs_fold_kernel`'s work for sequence b, all its tokens: probabilities from the stored log2 scores and
+    the call's log2-sum-exp, folded into the importance codes as one more query; counts advanced."""
+    seq_len = T_SEG
+    if HAS_LEN:
+        seq_len = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32) - seg_offset, 0), T_SEG)
+    for t0 in range(0, T_SEG, BLOCK_T):
+        fold_block(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor, b, t0 + tl.arange(0, BLOCK_T), seq_len,
+                   T_SEG, H_KV, NG, NGP)
+
+
+@triton.jit(do_not_specialize=["S", "slb", "slh", "sscb0", "ssch0", "off0", "T0", "sscb1", "ssch1", "off1", "T1"])
+def _merge_fold_kernel(OP, LP, Out, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_KV, NG,
+                       SC0, sscb0, ssch0, C0, scb0, sch0, SEEN0, ssb0, div0, LEN0, off0, T0,
+                       SC1, sscb1, ssch1, C1, scb1, sch1, SEEN1, ssb1, div1, LEN1, off1, T1,
+                       D: tl.constexpr, BLOCK_S: tl.constexpr, NGP: tl.constexpr, BLOCK_T: tl.constexpr,
+                       FOLDS: tl.constexpr, HAS_LEN0: tl.constexpr, HAS_LEN1: tl.constexpr):
+    """The merge of every split of a small call and up to two `FoldInto` segments' folds, one program a sequence
+    (a small batch: a launch, not the card, is what costs): each query head's splits merged as `_merge_kernel`
+    merges them (its log2-sum-exp kept in LSE), then each fold from the stored scores (`_probs_fold_kernel`'s)."""
+    b = tl.program_id(0).to(tl.int64)
+    H_Q = H_KV * NG
+    for h in range(H_Q):
+        out, lse = merge_head(OP, LP, b, h, S, sob, soh, sos, slb, slh, D, BLOCK_S)
+        tl.store(Out + b * sxb + h * sxh + tl.arange(0, D), out.to(Out.dtype.element_ty))
+        tl.store(LSE + b * H_Q + h, lse)
+    if FOLDS > 0:
+        tl.debug_barrier()   # every head's log2-sum-exp stored by this program's threads, read by all of them
+        _fold_target(SC0, sscb0, ssch0, LSE, C0, scb0, sch0, SEEN0, ssb0, div0, LEN0, off0, T0, b, H_KV, NG, NGP,
+                     BLOCK_T, HAS_LEN0)
+    if FOLDS > 1:
+        _fold_target(SC1, sscb1, ssch1, LSE, C1, scb1, sch1, SEEN1, ssb1, div1, LEN1, off1, T1, b, H_KV, NG, NGP,
+                     BLOCK_T, HAS_LEN1)

@@ -1,0 +1,163 @@
+"""`kernels.batched`: a decode call's planned-before segments in one launch, read from a descriptor table."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smartkv import kernels as kern
+from smartkv.core.quant import quantize
+from smartkv.kernels import KVSegment, batched, split
+from smartkv.kernels import reference as R
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BOUND = 3e-3
+
+
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    monkeypatch.setenv("SMARTKV_FAST_ATTN", "0")
+    monkeypatch.setenv("SMARTKV_BATCH_SEGMENTS", "1")
+
+
+def rel(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _layout(seed, B=2, H=2, D=64, fp=torch.float16):
+    """SmartKV append's step: fp sinks, classes of mixed key/value widths and groups (normalised keys), a ring with
+    device lengths (ragged), then a window that is a new object each call."""
+    g = torch.Generator().manual_seed(seed)
+
+    def kv(T):
+        k = torch.randn(B, H, T, D, generator=g) + torch.randn(1, 1, 1, D, generator=g) * 3
+        return k.to(DEV), torch.randn(B, H, T, D, generator=g).to(DEV)
+    mu = torch.randn(B, H, 1, D, generator=g).half().to(DEV)
+    sd = (torch.randn(B, H, 1, D, generator=g).abs() + 0.5).half().to(DEV)
+    segs = [KVSegment(*(t.to(fp) for t in kv(4)), stable=True)]
+    for kb, vb, n, vg in ((8, 4, 9, 32), (4, 2, 40, 16), (3, 3, 17, 32), (2, 2, 70, 32), (4, 3, 33, 16)):
+        k, v = kv(n)
+        segs.append(KVSegment(quantize(k, kb, 32), quantize(v, vb, vg), key_scale=sd, key_shift=mu, stable=True))
+    k, v = kv(50)
+    segs.append(KVSegment(quantize(k, 4, 32), quantize(v, 4, 32), key_scale=sd, key_shift=mu,
+                          lengths=torch.tensor([50, 21], device=DEV), stable=True))
+    wk, wv = kv(7)
+    return segs, (wk.to(fp), wv.to(fp)), g
+
+
+def _launches(monkeypatch):
+    calls = []
+    run = batched.run
+    monkeypatch.setattr(batched, "run", lambda *a, **k: calls.append(1) or run(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("fp,D", [(torch.float16, 64), (torch.bfloat16, 64), (torch.float16, 256)])
+def test_one_launch_over_every_width_equals_the_reference(fp, D, monkeypatch):
+    """Every width, group size and kind in one launch (head_dim 256: Gemma 3's)."""
+    segs, (wk, wv), g = _layout(1, D=D, fp=fp)
+    q = torch.randn(2, 6, 1, D, generator=g).to(fp).to(DEV)
+    calls = _launches(monkeypatch)
+    for _ in range(2):   # the table built at the first call, read at the second
+        win = KVSegment(wk, wv)
+        got, probs = kern.decode_attention(q, segs + [win], 0.125, return_token_probs=True)
+    assert calls
+    exact, want = kern.decode_attention_reference(q, segs + [win], 0.125, return_token_probs=True,
+                                                  compute_dtype=torch.float64)
+    bound = BOUND if fp == torch.float16 else 1e-2   # the output is rounded to bf16
+    assert rel(got, exact) < bound, rel(got, exact)
+    for p, pe in zip(probs, want, strict=True):
+        assert rel(p, pe) < BOUND, rel(p, pe)
+    assert float(probs[-2][1, :, 21:].abs().max()) == 0.0   # the ring's tokens past a sequence's length
+    monkeypatch.setenv("SMARTKV_BATCH_SEGMENTS", "0")
+    n = len(calls)
+    alone = kern.decode_attention(q, segs + [win], 0.125)
+    assert len(calls) == n and rel(got, alone) < bound
+
+
+def test_folds_and_probabilities_of_batched_segments(monkeypatch):
+    """SmartKV append's observing step: classes folding their importance with the previous normaliser (STORE 2), the
+    ring's and the window's probabilities folded into their codes (`FoldInto`, from the batched launch's scores, in
+    the merge's launch): two launches in all, and what the per-segment launches give (codes within one step, counts
+    equal, lse to fp16-operand accuracy)."""
+    segs, (wk, wv), g = _layout(2)
+    B, H, NG = 2, 2, 3
+    q = torch.randn(B, H * NG, 1, 64, generator=g).half().to(DEV)
+    n_cls = len(segs) - 2
+    codes0 = [torch.randint(0, 256, (B, H, s.num_tokens), generator=g, dtype=torch.uint8).to(DEV) for s in segs[1:-1]]
+    fold0 = [(torch.randint(0, 256, (B, H, n), generator=g, dtype=torch.uint8).to(DEV),
+              torch.randint(0, 250, (B, n), generator=g, dtype=torch.uint8).to(DEV)) for n in (50, 7)]
+    seen = torch.tensor([5.0], device=DEV)
+    lse0 = torch.randn(B, H * NG, generator=g).to(DEV) + 6
+
+    def step():
+        codes, lse = [c.clone() for c in codes0], lse0.clone()
+        into = [(c.clone(), s.clone()) for c, s in fold0]
+        out, probs = kern.decode_attention(
+            q, segs + [KVSegment(wk, wv)], 0.125, return_token_probs=True,
+            probs_out=[None] * (1 + n_cls) + [kern.FoldInto(c, s, NG) for c, s in into],
+            fold=[None] + [(c, seen) for c in codes] + [None, None], lse_io=lse)
+        assert probs == [None] * len(probs)
+        return out, codes + [c for c, _ in into], [s for _, s in into], lse
+    calls = _launches(monkeypatch)
+    got = step()
+    kernels = []
+    for mod in (split, batched):   # every segment (the window too) in one launch, then the merge with the folds
+        monkeypatch.setattr(mod, "launch", lambda fn, *a, _l=mod.launch, **k: kernels.append(fn.__name__) or
+                            _l(fn, *a, **k))
+    got = step()
+    assert kernels == ["_batched_kernel", "_merge_fold_kernel"], kernels
+    monkeypatch.setenv("SMARTKV_BATCH_SEGMENTS", "0")
+    n = len(calls)
+    want = step()
+    assert len(calls) == n and len(kernels) > 2
+    assert rel(got[0], want[0]) < BOUND
+    for a, b, c0 in zip(got[1], want[1], codes0 + [c for c, _ in fold0]):
+        assert (a.int() - b.int()).abs().max() <= 1 and (a != b).float().mean() < 0.05 and not torch.equal(a, c0)
+    for a, b, (_, s0) in zip(got[2], want[2], fold0):
+        assert torch.equal(a, b) and not torch.equal(a, s0)
+    assert (got[3] - want[3]).abs().max() < 1.5e-2 and (got[3] - lse0).abs().max() > 0.1
+
+
+def test_the_table_is_built_once_per_set_of_segments(monkeypatch):
+    """Stable segments: one table, built at their first call. A segment replaced (a flush): a new one, reading the
+    new segment. More rows than MAX_ROWS, or segments not marked stable: the per-segment launches."""
+    segs, (wk, wv), g = _layout(3)
+    q = torch.randn(2, 6, 1, 64, generator=g).half().to(DEV)
+    tables = batched.STATS["tables"]
+    kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
+    assert batched.STATS["tables"] == tables + 1
+    for _ in range(2):
+        kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
+    assert batched.STATS["tables"] == tables + 1
+    k2 = torch.randn(2, 2, 40, 64, generator=g).to(DEV) * 4
+    segs[2] = KVSegment(quantize(k2, 4, 32), segs[2].values, key_scale=segs[2].key_scale, key_shift=segs[2].key_shift,
+                        stable=True)
+    got = kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
+    assert batched.STATS["tables"] == tables + 2
+    want = kern.decode_attention_reference(q, segs + [KVSegment(wk, wv)], 0.125, compute_dtype=torch.float64)
+    assert rel(got, want) < BOUND
+    calls = _launches(monkeypatch)
+    loose = [KVSegment(s.keys, s.values, lengths=s.lengths, key_scale=s.key_scale, key_shift=s.key_shift)
+             for s in segs]
+    got = kern.decode_attention(q, loose + [KVSegment(wk, wv)], 0.125)
+    assert not calls and rel(got, want) < BOUND
+    monkeypatch.setattr(batched, "MAX_ROWS", 2 * 2 * 100)
+    got = kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
+    assert not calls and rel(got, want) < BOUND
+
+
+def test_segments_it_cannot_read_launch_alone(monkeypatch):
+    """Per-channel keys with a residual (KIVI) beside batched classes: the one launch takes the classes, the
+    KIVI segment its own kernel; the call still equals the reference."""
+    segs, (wk, wv), g = _layout(4)
+    k, v = (torch.randn(2, 2, 40, 64, generator=g).to(DEV) for _ in range(2))
+    kivi = KVSegment(quantize(k[..., :32, :], 2, 32, axis=-2), quantize(v[..., :32, :], 2, 32),
+                     key_residual=k[..., 32:, :].half(), value_residual=v[..., 32:, :].half())
+    q = torch.randn(2, 6, 1, 64, generator=g).half().to(DEV)
+    calls = _launches(monkeypatch)
+    for _ in range(2):
+        got = kern.decode_attention(q, [kivi] + segs + [KVSegment(wk, wv)], 0.125)
+    assert calls
+    want = R.decode_attention_reference(q, [kivi] + segs + [KVSegment(wk, wv)], 0.125, compute_dtype=torch.float64)
+    assert rel(got, want) < BOUND
