@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import smartkv
 from bench_speed_util import parse_with_cuda
 from smartkv.bench.run.generation import decode
+from smartkv.kernels import batched, launch
 
 METHODS = {  # row name -> (method, params); jobs/smartkv_speed_append.yaml runs the first three
     "int4": ("int4", {}),
@@ -72,10 +74,30 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,auto")
     ap.add_argument("--rows", default=",".join(METHODS), help="comma-separated row names; int4 first: the base")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on CPU")
+    ap.add_argument("--ab", metavar="VAR", help="each row with the environment variable VAR at 0 and at 1, "
+                    "interleaved in this process (e.g. SMARTKV_BATCH_SEGMENTS)")
     ap.add_argument("--json", type=Path, help="write the rows here too")
     args, override = parse_with_cuda(ap)
     with override:
         run(args)
+
+
+def ab_rows(model, rows: list[str], mode: str, prompt: list[int], args) -> list[dict]:
+    """Each row with $VAR at 0 and at 1 (`--ab VAR`), interleaved request by request in this process, so that
+    the host's drift between processes (up to ~40% on the GPU hosts) does not enter the comparison. Row names
+    gain " [VAR=v]"; the first row's first setting is the base."""
+    runs = {(name, v): [] for name in rows for v in "01"}
+    for rep in range(args.repeats + 1):   # the first round warms up (compilation, captures)
+        for name in rows:
+            for v in "01":
+                os.environ[args.ab] = v
+                r = measure(model, name, mode, prompt, args.new)
+                if rep:
+                    runs[(name, v)].append(r)
+    os.environ.pop(args.ab)
+    return [{"row": f"{name} [{args.ab}={v}]", "asked": mode, "mode": rs[0]["mode"],
+             **{k: statistics.median(r[k] for r in rs) for k in ("prefill_tok_s", "ms_token")}}
+            for (name, v), rs in runs.items()]
 
 
 def run(args) -> None:
@@ -91,6 +113,9 @@ def run(args) -> None:
     prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=gen).tolist()
     results = []
     for mode in modes:
+        if args.ab:
+            results += ab_rows(model, rows, mode, prompt, args)
+            continue
         for name in rows:
             measure(model, name, mode, prompt, args.new)   # warm-up: compilation, captures' first costs
             runs = [measure(model, name, mode, prompt, args.new) for _ in range(args.repeats)]
@@ -103,10 +128,12 @@ def run(args) -> None:
     print("| row | asked | ran | prefill tok/s | prefill vs base | ms a token | ms a token vs base |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        base = next(b for b in results if b["asked"] == r["asked"] and b["row"] == rows[0])
+        first = f"{rows[0]} [{args.ab}=0]" if args.ab else rows[0]
+        base = next(b for b in results if b["asked"] == r["asked"] and b["row"] == first)
         print(f"| {r['row']} | {r['asked']} | {r['mode']} | {r['prefill_tok_s']:,.0f} | "
               f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | {r['ms_token']:.2f} | "
               f"{r['ms_token'] / base['ms_token']:.2f}x |")
+    print(f"launches: direct/bound {launch.STATS}; batched segments' tables built / launches {batched.STATS}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
