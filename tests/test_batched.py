@@ -132,11 +132,13 @@ def test_the_table_is_built_once_per_set_of_segments(monkeypatch):
     for _ in range(2):
         kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
     assert batched.STATS["tables"] == tables + 1
+    held = len(batched._GROUPS)
     k2 = torch.randn(2, 2, 40, 64, generator=g).to(DEV) * 4
     segs[2] = KVSegment(quantize(k2, 4, 32), segs[2].values, key_scale=segs[2].key_scale, key_shift=segs[2].key_shift,
                         stable=True)
     got = kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
     assert batched.STATS["tables"] == tables + 2
+    assert len(batched._GROUPS) == held   # the replaced segment's table left with it
     want = kern.decode_attention_reference(q, segs + [KVSegment(wk, wv)], 0.125, compute_dtype=torch.float64)
     assert rel(got, want) < BOUND
     calls = _launches(monkeypatch)

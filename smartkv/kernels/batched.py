@@ -32,7 +32,7 @@ MAX_ROWS = 1 << 17        # batch x KV heads x tokens of the batched segments, a
 SPLIT_TOKENS = 512        # tokens a program, at most (a row of 8K tokens: 16 splits)
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _TL = None                # torch dtype -> triton dtype, filled at first use
-_GROUPS: dict = {}        # call key -> _Group (weak references to its segments: a dead one's entry is never used)
+_GROUPS: dict = {}        # call key -> _Group; an entry leaves when one of its segments dies (and is never used after)
 MAX_GROUPS = 1024
 STATS = {"tables": 0, "launches": 0}
 
@@ -51,6 +51,10 @@ class _Group:
     score_cols: dict        # segment index -> its first column in the call's scores buffer (STORE 1 rows)
     score_width: int
     meta: dict              # the launch's constexprs
+
+
+def _forget(key: tuple):
+    return lambda _: _GROUPS.pop(key, None)
 
 
 def _tl(dtype: torch.dtype):
@@ -149,13 +153,10 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     meta = dict(D=D, QN=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_N=max(16, min(64, 4096 // D)),
                 FPT=_tl(fdt.pop() if fdt else q3.dtype), AFT=_tl(adt.pop() if adt else torch.float16),
                 LENT=_tl(ldt.pop() if ldt else torch.int64), num_warps=4)
-    g = _Group(tuple(weakref.ref(seg) for _, seg in picked), frozenset(i for i, _ in picked),
+    g = _Group(tuple(weakref.ref(seg, _forget(key)) for _, seg in picked), frozenset(i for i, _ in picked),
                desc.to(dev), smap.to(dev), int(smap.numel()), cols, width, meta)
-    if len(_GROUPS) >= MAX_GROUPS:   # the dead first, then the oldest
-        for k in [k for k, v in _GROUPS.items() if any(r() is None for r in v.refs)]:
-            del _GROUPS[k]
-        while len(_GROUPS) >= MAX_GROUPS:
-            del _GROUPS[next(iter(_GROUPS))]
+    while len(_GROUPS) >= MAX_GROUPS:   # (entries leave with their segments: this is a bound, not a sweep)
+        del _GROUPS[next(iter(_GROUPS))]
     _GROUPS[key] = g
     return g
 
