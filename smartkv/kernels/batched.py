@@ -146,15 +146,16 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
                          q3.data_ptr()))
         smap += [r] * n
     dev = q3.device
-    desc, smap = torch.tensor(rows, dtype=torch.int64), torch.tensor(smap, dtype=torch.int32)
-    if dev.type == "cuda":   # from pinned memory, not waiting for the stream (a pageable copy synchronises)
-        desc, smap = (t.pin_memory().to(dev, non_blocking=True) for t in (desc, smap))
+    # from pinned memory, not waiting for the stream (a copy from pageable memory synchronises it)
+    pin = dev.type == "cuda"
+    desc, smap = (torch.tensor(x, dtype=t, pin_memory=pin).to(dev, non_blocking=True)
+                  for x, t in ((rows, torch.int64), (smap, torch.int32)))
     STATS["tables"] += 1
     meta = dict(D=D, QN=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_N=max(16, min(64, 4096 // D)),
                 FPT=_tl(fdt.pop() if fdt else q3.dtype), AFT=_tl(adt.pop() if adt else torch.float16),
                 LENT=_tl(ldt.pop() if ldt else torch.int64), num_warps=4)
     g = _Group(tuple(weakref.ref(seg, _forget(key)) for _, seg in picked), frozenset(i for i, _ in picked),
-               desc.to(dev), smap.to(dev), int(smap.numel()), cols, width, meta)
+               desc, smap, int(smap.numel()), cols, width, meta)
     while len(_GROUPS) >= MAX_GROUPS:   # (entries leave with their segments: this is a bound, not a sweep)
         del _GROUPS[next(iter(_GROUPS))]
     _GROUPS[key] = g
