@@ -122,8 +122,10 @@ def test_fused_decode_on_the_hybrid_model_matches_the_reference_path(monkeypatch
         assert not any("decode_attention" in r.getMessage() for r in caplog.records)
 
 
-def test_a_launch_that_does_not_fit_falls_back_once(monkeypatch, caplog):
-    """OutOfResources at the first launch: logged once, the reference's result, no second attempt."""
+@pytest.mark.parametrize("error", ["resources", "passes"])
+def test_a_launch_that_does_not_fit_falls_back_once(error, monkeypatch, caplog):
+    """OutOfResources at the first launch, or a compile failing in Triton's passes (Triton 3.6, H100, some head_dim-256
+    group mixes): logged once, the reference's result, no second attempt. Another RuntimeError propagates."""
     from smartkv.kernels import split as dec
 
     if not kern.kernels_available(DEV):
@@ -132,6 +134,8 @@ def test_a_launch_that_does_not_fit_falls_back_once(monkeypatch, caplog):
 
     def too_big(*args, **kwargs):
         calls.append(1)
+        if error == "passes":
+            raise RuntimeError("PassManager::run failed")
         raise kern.OutOfResources(286720, 232448, "shared memory")
 
     monkeypatch.setattr(dec, "decode_attention_triton", too_big)
@@ -145,3 +149,9 @@ def test_a_launch_that_does_not_fit_falls_back_once(monkeypatch, caplog):
     assert all(torch.equal(o, ref) for o in outs) and len(calls) == 1
     assert [r.getMessage() for r in caplog.records if "does not fit" in r.getMessage()] != []
     assert len(caplog.records) == 1
+    monkeypatch.setattr(kern, "_TOO_BIG", {})
+    def cuda_error(*args, **kwargs):
+        raise RuntimeError("CUDA error")
+    monkeypatch.setattr(dec, "decode_attention_triton", cuda_error)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        kern.decode_attention(q, segments, D ** -0.5)
