@@ -109,6 +109,12 @@ def test_folds_and_probabilities_of_batched_segments(monkeypatch):
                             _l(fn, *a, **k))
     got = step()
     assert kernels == ["_batched_kernel", "_merge_fold_kernel"], kernels
+    monkeypatch.setattr(batched, "MERGE_HEADS", H * NG - 1)   # more heads than a merge program takes: as before
+    kernels.clear()
+    apart = step()
+    assert kernels == ["_batched_kernel", "_merge_kernel", "_probs_fold_kernel", "_probs_fold_kernel"], kernels
+    assert torch.equal(apart[0], got[0])
+    assert all(torch.equal(a, b) for a, b in zip(apart[1] + apart[2], got[1] + got[2]))
     monkeypatch.setenv("SMARTKV_BATCH_SEGMENTS", "0")
     n = len(calls)
     want = step()

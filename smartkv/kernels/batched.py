@@ -30,6 +30,9 @@ from smartkv.kernels.tuning import FP, TOK
 
 MAX_ROWS = 1 << 17        # batch x KV heads x tokens of the batched segments, at most
 SPLIT_TOKENS = 512        # tokens a program, at most (a row of 8K tokens: 16 splits)
+# query heads one merge-and-fold program merges in turn (`merge_fold`; measured at SmolLM2's 9): a bound on serial
+# work, past which the merge's program a head and the fold launches run as before
+MERGE_HEADS = 32
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _TL = None                # torch dtype -> triton dtype, filled at first use
 _GROUPS: dict = {}        # call key -> _Group; an entry leaves when one of its segments dies (and is never used after)
@@ -220,8 +223,10 @@ def merge_fold(out: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor, 
                scores: Sequence, segments: Sequence[KVSegment], lengths, probs_out, h_kv: int) -> set | None:
     """A batched call's merge and up to two `FoldInto` folds in one launch (`_merge_fold_kernel`, one program a
     sequence). Returns the folded segments' indices, or None (more than two folds, an lse that is not (B, Hq)
-    contiguous fp32): the caller merges as usual."""
+    contiguous fp32, more than MERGE_HEADS query heads a program): the caller merges as usual."""
     B, Hq, D = out.shape
+    if Hq > MERGE_HEADS:
+        return None
     targets, offset = [], 0
     for i, seg in enumerate(segments):
         if probs_out is not None and isinstance(probs_out[i], FoldInto) and scores[i] is not None and seg.num_tokens:
