@@ -17,15 +17,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from smartkv.kernels.triton_attn import fold_block, merge_head
-from smartkv.kernels.triton_quant import _mean_code
+from smartkv.kernels.triton_attn import _fold_mass, _softmax, fold_block, merge_head
 
-# descriptor fields, one int64 each (kernels.batched builds the rows)
+# descriptor fields, one int64 each (kernels.batched builds the rows in this order); constexprs, so the kernels
+# below read them by name
 (F_KKIND, F_KBITS, F_KG, F_VKIND, F_VBITS, F_VG, F_AFF, F_LEN, F_STORE, F_T, F_TPS, F_START, F_SEGOFF,
  F_KQ, F_KS, F_KZ, F_SKQB, F_SKQH, F_SKQT, F_SKSB, F_SKSH, F_SKST,
  F_VQ, F_VS, F_VZ, F_SVQB, F_SVQH, F_SVQT, F_SVSB, F_SVSH, F_SVST,
- F_KA, F_KB, F_SKAB, F_SKAH, F_LENP, F_SC, F_SSCB, F_SSCH, F_SEEN) = range(40)
-NF = 40
+ F_KA, F_KB, F_SKAB, F_SKAH, F_LENP, F_SC, F_SSCB, F_SSCH, F_SEEN) = (tl.constexpr(i) for i in range(40))
+NF = tl.constexpr(40)
 
 
 @triton.jit
@@ -34,25 +34,26 @@ def _field(d, i):
 
 
 @triton.jit
-def _tile(d, F_PTR, F_SB, F_SH, F_ST, F_SPTR, F_SSB, F_SSH, F_SST, kind, bits, group, b, hk, t, valid, f,
-          D: tl.constexpr, FPT: tl.constexpr):
+def _tile(d, kind, bits, group, F_PTR, F_SB, F_SPTR, F_SSB, b, hk, t, valid, f, D: tl.constexpr, FPT: tl.constexpr):
     """(BLOCK_N, D) fp32 keys or values of tokens t: a full-precision row (kind 0) or per-token groups of `bits`-bit
-    codes dequantized, code * scale + zero (kind 1)."""
-    off = b * _field(d, F_SB) + hk * _field(d, F_SH)
+    codes dequantized, code * scale + zero (kind 1). A side's fields: its pointer, scale pointer and zero pointer
+    (F_PTR, F_SPTR, F_SPTR + 1), its data's b, h, t strides (from F_SB) and its scales' (from F_SSB)."""
+    off = b * _field(d, F_SB) + hk * _field(d, F_SB + 1)
+    st = _field(d, F_SB + 2)
     if kind == 0:
         rp = _field(d, F_PTR).to(tl.pointer_type(FPT)) + off
-        x = tl.load(rp + t[:, None] * _field(d, F_ST) + f[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        x = tl.load(rp + t[:, None] * st + f[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     else:
-        cp = _field(d, F_PTR).to(tl.pointer_type(tl.uint8)) + off + t[:, None] * _field(d, F_ST)
-        bits32 = bits.to(tl.int32)
-        bit = f * bits32
+        cp = _field(d, F_PTR).to(tl.pointer_type(tl.uint8)) + off + t[:, None] * st
+        nb = bits.to(tl.int32)
+        bit = f * nb
         byte = bit >> 3
         lo = tl.load(cp + byte[None, :], mask=valid[:, None], other=0).to(tl.int32)
-        hi = tl.load(cp + byte[None, :] + 1, mask=valid[:, None] & (byte + 1 < (D * bits32) // 8)[None, :],
+        hi = tl.load(cp + byte[None, :] + 1, mask=valid[:, None] & (byte + 1 < (D * nb) // 8)[None, :],
                      other=0).to(tl.int32)
-        code = ((lo | (hi << 8)) >> (bit & 7)[None, :]) & ((1 << bits32) - 1)
-        soff = b * _field(d, F_SSB) + hk * _field(d, F_SSH)
-        so = t[:, None] * _field(d, F_SST) + (f // group.to(tl.int32))[None, :]
+        code = ((lo | (hi << 8)) >> (bit & 7)[None, :]) & ((1 << nb) - 1)
+        soff = b * _field(d, F_SSB) + hk * _field(d, F_SSB + 1)
+        so = t[:, None] * _field(d, F_SSB + 2) + (f // group.to(tl.int32))[None, :]
         sp = _field(d, F_SPTR).to(tl.pointer_type(tl.float16)) + soff
         zp = _field(d, F_SPTR + 1).to(tl.pointer_type(tl.float16)) + soff
         s = tl.load(sp + so, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -70,22 +71,18 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
     b = (bh // H_KV).to(tl.int64)
     hk = (bh % H_KV).to(tl.int64)
     if pid < NS:   # a row of the kept table, through the map of its splits
-        d = DESC + tl.load(MAP + pid).to(tl.int64) * 40
+        d = DESC + tl.load(MAP + pid).to(tl.int64) * NF
     else:          # the call's own last row (its first split is NS)
         d = TAIL
-    kkind = _field(d, 0)
-    kbits = _field(d, 1)
-    kg = _field(d, 2)
-    vkind = _field(d, 3)
-    vbits = _field(d, 4)
-    vg = _field(d, 5)
-    store = _field(d, 8)
-    seq_len = _field(d, 9).to(tl.int32)
-    if _field(d, 7) != 0:   # the segment's valid tokens per sequence
-        n = tl.load(_field(d, 35).to(tl.pointer_type(LENT)) + b).to(tl.int32) - _field(d, 12).to(tl.int32)
+    kkind, kbits, kg = _field(d, F_KKIND), _field(d, F_KBITS), _field(d, F_KG)
+    vkind, vbits, vg = _field(d, F_VKIND), _field(d, F_VBITS), _field(d, F_VG)
+    store = _field(d, F_STORE)
+    seq_len = _field(d, F_T).to(tl.int32)
+    if _field(d, F_LEN) != 0:   # the segment's valid tokens per sequence
+        n = tl.load(_field(d, F_LENP).to(tl.pointer_type(LENT)) + b).to(tl.int32) - _field(d, F_SEGOFF).to(tl.int32)
         seq_len = tl.minimum(tl.maximum(n, 0), seq_len)
-    tps = _field(d, 10).to(tl.int32)
-    s0 = (pid - _field(d, 11).to(tl.int32)) * tps
+    tps = _field(d, F_TPS).to(tl.int32)
+    s0 = (pid - _field(d, F_START).to(tl.int32)) * tps
     s1 = tl.minimum(s0 + tps, seq_len)
 
     f = tl.arange(0, D)
@@ -94,18 +91,18 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
     q = tl.load(Q + b * sqb + (hk * NG + hh)[None, :] * sqh + f[:, None], mask=heads[None, :],
                 other=0.0).to(tl.float32)                                                 # (D, QN)
     qaff = tl.zeros((QN,), tl.float32)
-    if _field(d, 6) != 0:   # stored keys are (k - shift) / scale: q * scale against them, plus q . shift
-        aoff = b * _field(d, 33) + hk * _field(d, 34)
-        ka = tl.load(_field(d, 31).to(tl.pointer_type(AFT)) + aoff + f).to(tl.float32)
-        kb = tl.load(_field(d, 32).to(tl.pointer_type(AFT)) + aoff + f).to(tl.float32)
+    if _field(d, F_AFF) != 0:   # stored keys are (k - shift) / scale: q * scale against them, plus q . shift
+        aoff = b * _field(d, F_SKAB) + hk * _field(d, F_SKAH)
+        ka = tl.load(_field(d, F_KA).to(tl.pointer_type(AFT)) + aoff + f).to(tl.float32)
+        kb = tl.load(_field(d, F_KB).to(tl.pointer_type(AFT)) + aoff + f).to(tl.float32)
         qaff = tl.sum(q * kb[:, None], axis=0)
         q = q * ka[:, None]
-    # STORE 1: scores at SC's column offset (field 36); STORE 2: importance codes at field 36 folded with the
-    # previous query's log2-sum-exp per head (the scores less it), their count of queries at field 39
-    sc_scores = SC + b * sscb + (hk * NG + hh) * ssch + _field(d, 36)
-    cp = _field(d, 36).to(tl.pointer_type(tl.uint8)) + b * _field(d, 37) + hk * _field(d, 38)
+    # STORE 1: scores at SC's column offset F_SC; STORE 2: importance codes at F_SC folded with the previous
+    # query's log2-sum-exp per head (the scores less it), their count of queries at F_SEEN
+    sc_scores = SC + b * sscb + (hk * NG + hh) * ssch + _field(d, F_SC)
+    cp = _field(d, F_SC).to(tl.pointer_type(tl.uint8)) + b * _field(d, F_SSCB) + hk * _field(d, F_SSCH)
     folds = store == 2
-    seen = tl.load(_field(d, 39).to(tl.pointer_type(tl.float32)), mask=folds, other=0.0)
+    seen = tl.load(_field(d, F_SEEN).to(tl.pointer_type(tl.float32)), mask=folds, other=0.0)
     lp = tl.load(LPREV + (b * H_KV + hk) * NG + hh, mask=heads, other=0.0)   # (any fp32 >= B x Hq when no fold)
     lp = tl.where(folds & (lp > -1.0e30), lp, 0.0)
     qaff = qaff - lp / qk_scale
@@ -116,21 +113,15 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
     for n0 in range(s0, s1, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
         valid = t < s1
-        k = _tile(d, 13, 16, 17, 18, 14, 19, 20, 21, kkind, kbits, kg, b, hk, t, valid, f, D, FPT)
+        k = _tile(d, kkind, kbits, kg, F_KQ, F_SKQB, F_KS, F_SKSB, b, hk, t, valid, f, D, FPT)
         s = (tl.dot(k, q, input_precision="ieee") + qaff[None, :]) * qk_scale           # (BLOCK_N, QN)
         if store == 1:
             tl.store(sc_scores[None, :] + t[:, None], s, mask=valid[:, None] & heads[None, :])
         elif store == 2:
-            mass = tl.sum(tl.where(valid[:, None] & heads[None, :], tl.exp2(s), 0.0), axis=1)
-            c = tl.load(cp + t, mask=valid, other=255).to(tl.float32)
-            tl.store(cp + t, _mean_code(c, seen, mass / NG, 1).to(tl.uint8), mask=valid)
-        s = tl.where(valid[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
-        v = _tile(d, 22, 25, 26, 27, 23, 28, 29, 30, vkind, vbits, vg, b, hk, t, valid, f, D, FPT)
+            _fold_mass(cp + t, valid, tl.sum(tl.where(valid[:, None] & heads[None, :], tl.exp2(s), 0.0), axis=1),
+                       seen, NG)
+        m_i, l_i, alpha, p = _softmax(tl.where(valid[:, None], s, float("-inf")), m_i, l_i)
+        v = _tile(d, vkind, vbits, vg, F_VQ, F_SVQB, F_VS, F_SVSB, b, hk, t, valid, f, D, FPT)
         acc = acc * alpha[:, None] + tl.dot(tl.trans(p), v, input_precision="ieee")
 
     has = l_i > 0
