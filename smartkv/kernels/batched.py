@@ -33,7 +33,7 @@ SPLIT_TOKENS = 512        # tokens a program, at most (a row of 8K tokens: 16 sp
 # query heads one merge-and-fold program merges in turn (`merge_fold`; measured at SmolLM2's 9): a bound on serial
 # work, past which the merge's program a head and the fold launches run as before
 MERGE_HEADS = 32
-_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+_FP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # full-precision segments it reads
 _TL = None                # torch dtype -> triton dtype, filled at first use
 _GROUPS: dict = {}        # call key -> _Group; an entry leaves when one of its segments dies (and is never used after)
 MAX_GROUPS = 1024
@@ -75,7 +75,7 @@ def _part_ok(part, residual) -> bool:
     if isinstance(part, QTensor):
         return (part.axis == -1 and part.codes.stride(-1) == 1 and part.scale.stride(-1) == 1
                 and part.zero.stride() == part.scale.stride() and part.scale.dtype == torch.float16)
-    return part.stride(-1) == 1 and part.dtype in _DTYPES
+    return part.stride(-1) == 1 and part.dtype in _FP_DTYPES
 
 
 def _row_ok(seg: KVSegment, lengths) -> bool:
@@ -111,8 +111,18 @@ def _row(seg: KVSegment, store: int, fold, start: int, tps: int, scol: int, dumm
            kp[0], kp[4], _zero_ptr(seg.keys), *kp[1:4], *kp[5:8],
            vp[0], vp[4], _zero_ptr(seg.values), *vp[1:4], *vp[5:8],
            *aff, seg.lengths.data_ptr() if seg.lengths is not None else 0, *sc]
-    assert len(row) == KB.NF
+    assert len(row) == KB.NF.value
     return row
+
+
+def _tps(tokens: int) -> int:
+    """Tokens a program of a row of `tokens` reads: at most SPLIT_TOKENS, a multiple of 16."""
+    return max(16, min(SPLIT_TOKENS, triton.cdiv(tokens, 16) * 16))
+
+
+def _capturing(q3: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on q3's stream: no table is copied to the device then."""
+    return q3.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequence[int], fold) -> _Group | None:
@@ -131,7 +141,7 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     hit = _GROUPS.get(key)
     if hit is not None and all(r() is seg for r, (_, seg) in zip(hit.refs, picked)):
         return hit
-    if q3.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _capturing(q3):
         return None
     fdt = {seg.keys.dtype for _, seg in picked if not isinstance(seg.keys, QTensor)}
     fdt |= {seg.values.dtype for _, seg in picked if not isinstance(seg.values, QTensor)}
@@ -141,7 +151,7 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
         return None
     rows, smap, cols, width = [], [], {}, 0
     for r, (i, seg) in enumerate(picked):
-        tps = max(16, min(SPLIT_TOKENS, triton.cdiv(seg.num_tokens, 16) * 16))
+        tps = _tps(seg.num_tokens)
         n = triton.cdiv(seg.num_tokens, tps)
         if stores[i] == 1:
             cols[i], width = width, width + seg.num_tokens
@@ -183,11 +193,10 @@ def call(g: _Group, segments: Sequence[KVSegment], q3: torch.Tensor, lengths, st
     last = len(segments) - 1
     seg = segments[last]
     plain = Call(g, g.indices, g.splits, g.score_cols, g.score_width)
-    if last in g.indices or not seg.num_tokens or not _row_ok(seg, lengths) or not _dtypes_fit(g, seg):
+    if (last in g.indices or not seg.num_tokens or not _row_ok(seg, lengths) or not _dtypes_fit(g, seg)
+            or _capturing(q3)):
         return plain
-    if q3.is_cuda and torch.cuda.is_current_stream_capturing():
-        return plain
-    tps = max(16, min(SPLIT_TOKENS, triton.cdiv(seg.num_tokens, 16) * 16))
+    tps = _tps(seg.num_tokens)
     cols, width = g.score_cols, g.score_width
     if stores[last] == 1:
         cols, width = {**cols, last: width}, width + seg.num_tokens

@@ -275,28 +275,28 @@ def decode_attention_triton(q: torch.Tensor, segments: Sequence[KVSegment], scal
     Hkv = segments[0].keys.shape[1]
     NG = Hq // Hkv
     dev = q.device
-    wants = [return_token_probs and (probs_out is None or probs_out[i] is not None) for i in range(len(segments))]
-    stores = [2 if fold is not None and fold[i] is not None else int(w) for i, w in enumerate(wants)]
+    # each segment's scores: folded in the pass (2), stored for its probabilities (1) or neither (0)
+    stores = [2 if fold is not None and fold[i] is not None
+              else int(return_token_probs and (probs_out is None or probs_out[i] is not None))
+              for i in range(len(segments))]
     grp = batched.group(segments, q3, lengths, stores, fold) if batched.enabled() else None
     if grp is not None:
         grp = batched.call(grp, segments, q3, lengths, stores, fold)
     inside = grp.indices if grp is not None else frozenset()
     plans = _plan(segments, B, Hkv, NG, D, dev, inside)
-    S = sum(p.n_splits for p in plans if p.index not in inside) + (grp.splits if grp is not None else 0)
+    S = sum(p.n_splits for p in plans) + (grp.splits if grp is not None else 0)
     o_part = torch.empty(B, Hq, max(S, 1), D, dtype=torch.float32, device=dev)
     lse_part = torch.empty(B, Hq, max(S, 1), dtype=torch.float32, device=dev)
     sbuf = torch.empty(B, Hq, grp.score_width, dtype=torch.float32, device=dev) \
         if grp is not None and grp.score_width else None
     scores = [sbuf[..., grp.score_cols[i]:grp.score_cols[i] + s.num_tokens] if i in inside and stores[i] == 1
-              else torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=dev) if wants[i] and stores[i] == 1
+              else torch.empty(B, Hq, s.num_tokens, dtype=torch.float32, device=dev) if stores[i] == 1
               else None for i, s in enumerate(segments)]
     split0, o_strides, l_strides = 0, o_part.stride()[:3], lse_part.stride()[:2]
     if grp is not None:
         batched.run(grp, q3, o_part, lse_part, 0, sbuf, lse_io if fold is not None else None, scaling * LOG2E, Hkv)
         split0 = grp.splits
     for p in plans:
-        if p.index in inside:
-            continue
         seg = segments[p.index]
         lens = seg.lengths if seg.lengths is not None else lengths
         folds = fold is not None and fold[p.index] is not None
