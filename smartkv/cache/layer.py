@@ -35,6 +35,7 @@ from smartkv.kernels import KVSegment, decode_attention, kernels_available, torc
 from smartkv.kernels.reference import segment_kv
 
 ATTENTION_NAME = "smartkv"
+_NO_SCOPE = contextlib.nullcontext()
 FORCE_KERNELS = False  # tests: run the kernels on CPU tensors too (only with TRITON_INTERPRET=1)
 _active = threading.local()  # the layer whose `update` ran last in this thread, and the keys it returned
 
@@ -85,10 +86,13 @@ class KVLayer(SlidingWindow, CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if not self._torch_only:
+        with self._kernel_scope():
             return self._update(key_states, value_states)
-        with torch_only():
-            return self._update(key_states, value_states)
+
+    def _kernel_scope(self):
+        """Where this layer's work runs: `kernels.torch_only` when the kernels run here but the layer does not use
+        them, else no scope at all (one reused null context: the eager step is host-bound)."""
+        return torch_only() if self._torch_only else _NO_SCOPE
 
     def _update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         if self._pending is not None:
@@ -123,7 +127,7 @@ class KVLayer(SlidingWindow, CacheLayerMixin):
         """Store tokens without computing attention inputs (filling a cache, e.g. with synthetic K/V)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        with torch_only() if self._torch_only else contextlib.nullcontext():
+        with self._kernel_scope():
             self._before_update()
             self._store(key_states, value_states)
             self.seq_len += key_states.shape[-2]
@@ -286,9 +290,7 @@ def smartkv_attention(module, query, key, value, attention_mask, **kwargs):
     layer = getattr(_active, "layer", None)
     if layer is not None and getattr(_active, "keys_id", None) == id(key):
         _active.layer = None
-        if not layer._torch_only:
-            return layer.attend(module, query, key, value, attention_mask, **kwargs)
-        with torch_only():
+        with layer._kernel_scope():
             return layer.attend(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
