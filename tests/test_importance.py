@@ -58,3 +58,18 @@ def test_token_weights_floor_and_power():
     assert w.tolist() == [[0.0, 1.0]]
     w = token_weights(imp, floor=1.0, power=2.0)   # floor = row mean 0.5
     assert torch.allclose(w, torch.tensor([[0.25, 2.25]], dtype=torch.float64))
+
+
+def test_host_values_reach_the_device_as_given():
+    """`host_to` (a prefill's small tables, copied without waiting on the stream) keeps the values, shape and dtype
+    of a list, an array or a CPU tensor."""
+    import numpy as np
+
+    from smartkv.core.transfer import host_to
+
+    src = torch.tensor([3, 0, 255], dtype=torch.uint8)
+    for values in ([3, 0, 255], np.array([3, 0, 255]), src):
+        out = host_to(values, torch.uint8, "cpu")
+        assert out.dtype == torch.uint8 and out.tolist() == [3, 0, 255]
+    out = host_to([[1, 2], [3, 4]], torch.int32, "cpu")
+    assert out.shape == (2, 2) and out.dtype == torch.int32

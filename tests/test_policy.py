@@ -242,6 +242,28 @@ def test_counts_for_budgets_shares_one_sort_and_answers_as_each_budget_alone():
     assert counts_for_budgets(profile[:0], [3.0]) == [counts_for(profile[:0], 3.0)]
 
 
+def test_a_profile_asked_again_answers_as_a_fresh_solve_from_one_table():
+    """`ProfileCounts` (an append layer's first allocation asks one profile for the ring's widths, then for the
+    plan's budgets) answers each call as `counts_for_budgets` on the tensor does, its thresholds tabled once; its
+    widths are its own."""
+    from smartkv.core.counts import ProfileCounts
+
+    g = torch.Generator().manual_seed(6)
+    smooth = torch.sort(torch.rand(3000, generator=g) ** 3, descending=True).values
+    for profile in (smooth, torch.round(smooth * 8) / 8):
+        solver = ProfileCounts(profile)
+        first = counts_for_budgets(solver, [2.3, 4.25, 6.0])
+        tables = solver.counter._sweep_tables
+        again = counts_for_budgets(solver, [3.1, 4.25, 7.5, 2.0])
+        assert solver.counter._sweep_tables is tables
+        assert first == counts_for_budgets(profile, [2.3, 4.25, 6.0])
+        assert again == counts_for_budgets(profile, [3.1, 4.25, 7.5, 2.0])
+    with pytest.raises(ValueError, match="widths"):
+        counts_for_budgets(ProfileCounts(smooth), [3.0], (2, 4, 8))
+    with pytest.raises(ValueError, match="budget"):
+        counts_for_budgets(ProfileCounts(smooth), [9.0])
+
+
 def test_bit_counts_at_many_lambdas_equal_one_at_a_time():
     """`_BitCounter.totals` (the vectorised count the bisections use) equals `total` exactly, also at lam where
     tokens sit on a breakpoint (ties: the exact recount)."""

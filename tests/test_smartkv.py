@@ -210,7 +210,7 @@ def test_an_allocation_waits_for_the_device_once(block_tokens, joint):
     from smartkv.methods import make_cache
 
     def device_waits(c):
-        host_solve = ("__init__", "_problem", "counts_for", "counts_for_budgets", "total", "totals", "assign",
+        host_solve = ("__init__", "_problem", "counts_for", "counts_for_budgets", "counts", "total", "totals", "assign",
                       "_fill_sorted", "_exact", "_lagrangian_many")
         solver = ("core/policy.py", "core/solve.py", "core/counts.py")
         return {site: n for site, n in c.by_site.items() if not (site.startswith(solver) and site.endswith(host_solve))}

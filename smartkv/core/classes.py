@@ -152,18 +152,20 @@ def flush_mix(profile: torch.Tensor, budgets: tuple[float, float], widths, n: in
     return staircase(*counts_for_budgets(sample, list(budgets), widths))
 
 
-def ring_widths(profile: torch.Tensor, recent: float, budgets: tuple[float, float], widths, ring: int) -> tuple:
+def ring_widths(profile, recent: float, budgets: tuple[float, float], widths, ring: int) -> tuple:
     """The (key width, value width) of an append layer's ring of `ring` tokens over `profile` (the n prompt tokens'
-    rank profile, (n,) descending): per kind, the width w that minimises the allocation's error model (weight x
-    4^-w, `policy._choose`'s) summed over the ring's tokens, each weighing `recent` (the mean weight of the prompt's
-    newest `ring` tokens: the ring's tokens are read as the prompt's newest were, by the queries right after them),
+    rank profile, (n,) descending, or a `counts.ProfileCounts` made on it, which the caller asks again): per kind,
+    the width w that minimises the allocation's error model (weight x 4^-w, `policy._choose`'s) summed over the
+    ring's tokens, each weighing `recent` (the mean weight of the prompt's newest `ring` tokens: the ring's tokens
+    are read as the prompt's newest were, by the queries right after them),
     and over the prompt's tokens at the bits the ring leaves them (floor(budget x (n + ring)) - ring x w, solved as
     the first allocation solves), among the widths no narrower than the kind's budget. The mix's top class instead
     gave the whole ring 8-bit values wherever one token a flush earns them (SmolLM2, int4's point: half the layers),
     starving the prompt's values."""
-    from smartkv.core.policy import counts_for_budgets
-    n, lo = profile.numel(), min(widths)
-    prof = profile.double().cpu()
+    from smartkv.core.counts import ProfileCounts, counts_for_budgets
+    solver = profile if isinstance(profile, ProfileCounts) else ProfileCounts(profile, widths)
+    prof, lo = solver.profile, min(widths)
+    n = prof.numel()
     cands, lefts = [], []   # each kind's candidate widths and the budget each leaves the prompt: one solve for all
     for b in budgets:
         bits = math.floor(b * (n + ring) + 1e-9)
@@ -173,7 +175,7 @@ def ring_widths(profile: torch.Tensor, recent: float, budgets: tuple[float, floa
         wide = [w for w in sorted(widths) if w >= b - 1e-9]
         cands.append([w for w in wide if bits - ring * w >= lo * n] or wide[:1])
         lefts += [min(max((bits - ring * w) / n, lo), max(widths)) for w in cands[-1]]
-    solved = iter(counts_for_budgets(prof, lefts, widths))
+    solved = iter(counts_for_budgets(solver, lefts, widths))
     csum = np.concatenate([[0.0], np.cumsum(prof.numpy())])   # the profile's error by runs of one width
     out = []
     for cand in cands:

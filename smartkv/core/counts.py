@@ -52,30 +52,21 @@ def _sweep(counter: _BitCounter, targets: list[int]) -> list[float | None]:
     """log2 of a lam in the piece where `_lagrangian` ends, per target, without bisecting (None: bisect that one).
 
     A token crosses breakpoint j while lam < w / x_j, so the bits spent are a step function of lam with its steps
-    at those n x (k - 1) thresholds. Sorted once, a binary search over them (every target in step, each probe k - 1
-    searches in the sorted weights' columns) finds each target's smallest feasible threshold lam*; every lam
-    strictly between it and the next threshold assigns alike, and their geometric middle is taken where lam* sits
+    at those n x (k - 1) thresholds: sorted once with each one's step of bits (`_thresholds`, kept on the counter
+    for the next call on the same profile), the bits spent at every threshold are a suffix sum, and each target's
+    smallest feasible threshold lam* is one search in that non-increasing array, every target at once. Every lam
+    strictly between lam* and the next threshold assigns alike, and their geometric middle is taken where lam* sits
     well clear of its neighbours (relative 1e-8, far wider than the counter's 1e-9 band of exact arithmetic), holds
     one weight's thresholds only, and lies inside the bisection's range. Otherwise the bisection decides."""
     ws, J = counter.sorted, len(counter.breaks)
     n = len(ws)
     if not J or not n:
         return [None] * len(targets)
-    cols = ws[None, :] / np.asarray(counter.breaks)[:, None]   # (J, n): row j sorted, token i's threshold there
-    steps = np.asarray(counter.steps, dtype=np.float64)
-    cs = np.sort(cols.ravel(), kind="stable")   # timsort merges the J sorted rows
-
-    def spent(v: np.ndarray) -> np.ndarray:   # bits above the narrowest at lam = v
-        return sum(s * (n - np.searchsorted(col, v, side="right")) for s, col in zip(steps, cols))
-
+    cols, cs, spent = _thresholds(counter)
     need = np.asarray(targets, dtype=np.float64) - counter.base
-    lo, hi = np.zeros(len(need), dtype=np.int64), np.full(len(need), len(cs) - 1)
-    probe = np.arange(1, 8)[None, :]
-    while (lo < hi).any():   # smallest k with spent(cs[k]) <= need (the last always is; spent falls as k grows):
-        at = lo[:, None] + ((hi - lo)[:, None] * probe) // 8    # 7 probes a pass, every k of a span under 8
-        ok = spent(cs[at]) <= need[:, None]
-        hi = np.where(ok, at, hi[:, None]).min(1)
-        lo = np.maximum(lo, np.where(ok, lo[:, None], at + 1).max(1))
+    # smallest k with spent[k] <= need (spent falls as k grows; the last, 0 bits above the narrowest, always is
+    # unless need < 0, which is never clear below)
+    lo = np.minimum(np.searchsorted(-spent, -need, side="left"), len(cs) - 1)
     star = cs[lo]
     below, above = np.searchsorted(cs, star, side="left"), np.searchsorted(cs, star, side="right")
     prev = cs[np.maximum(below - 1, 0)]
@@ -86,6 +77,24 @@ def _sweep(counter: _BitCounter, targets: list[int]) -> list[float | None]:
     clear = ((need >= 0) & (below > 0) & (prev * tight < star) & (nxt > star * tight) & (owners == 1)
              & (star > 2.0 ** -59) & (nxt < 2.0 ** 59))
     return [math.log2(math.sqrt(a * b)) if ok else None for a, b, ok in zip(star.tolist(), nxt.tolist(), clear)]
+
+
+def _thresholds(counter: _BitCounter) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cols (J, n): row j token i's threshold w_i / x_j, each row ascending; cs: all of them sorted; spent: the
+    bits above the narrowest at lam = cs[k], the steps of the thresholds after it), made once a counter: a first
+    allocation asks for several sets of budgets on one profile."""
+    if getattr(counter, "_sweep_tables", None) is None:
+        ws, n = counter.sorted, len(counter.sorted)
+        cols = ws[None, :] / np.asarray(counter.breaks)[:, None]
+        flat = cols.ravel()
+        order = np.argsort(flat, kind="stable")   # timsort merges the J sorted rows
+        cs = flat[order]
+        steps = np.repeat(np.asarray(counter.steps, dtype=np.float64), n)[order]
+        # the steps of cs[k + 1:]: at a run of ties this over-counts all but its last member, whose own count is
+        # right, so the search below still stops in that run (at the same value) or past it, as exact counts would
+        spent = np.append(np.cumsum(steps[::-1])[::-1][1:], 0.0)
+        counter._sweep_tables = (cols, cs, spent)
+    return counter._sweep_tables
 
 
 def _fill_sorted(w: np.ndarray, idx: np.ndarray, w_vals: np.ndarray, slack: int) -> np.ndarray:
@@ -123,34 +132,54 @@ def counts_for(weight_profile: torch.Tensor, budget: float, widths=WIDTHS) -> di
     return counts_for_budgets(weight_profile, [budget], widths)[0]
 
 
-def counts_for_budgets(weight_profile: torch.Tensor, budgets: list, widths=WIDTHS) -> list[dict[int, int]]:
+def counts_for_budgets(weight_profile, budgets: list, widths=WIDTHS) -> list[dict[int, int]]:
     """`counts_for` at each of several budgets on one profile, sorted once (the append design's demotion plan
-    asks for 2 x 17 of them on a prompt's profile)."""
-    outs = [dict.fromkeys(sorted(widths, reverse=True), 0) for _ in budgets]
-    for budget in budgets:   # each budget checked before any work
+    asks for 2 x 17 of them on a prompt's profile). `weight_profile`: a tensor, or a `ProfileCounts` made on it
+    (its sort and threshold tables then serve every call)."""
+    solver = weight_profile if isinstance(weight_profile, ProfileCounts) else None
+    if solver is not None and tuple(solver.widths) != tuple(widths):
+        raise ValueError(f"widths {tuple(widths)} differ from the ProfileCounts' {tuple(solver.widths)}")
+    for budget in budgets:   # each budget checked before any work (the profile's copy to the host included)
         check_budget(budget, widths)
     if not budgets:
+        return []
+    return (solver or ProfileCounts(weight_profile, widths)).counts(budgets)
+
+
+class ProfileCounts:
+    """`counts_for_budgets` on one profile, asked several times: the profile goes to the host, is sorted and its
+    thresholds tabled (`_thresholds`) once. An append layer's first allocation asks on its prompt's profile for
+    the ring's widths, then for the demotion plan's budgets, which depend on them."""
+
+    def __init__(self, weight_profile: torch.Tensor, widths=WIDTHS):
+        self.widths = tuple(widths)
+        w, self.w_vals, _ = _problem(weight_profile, min(widths), widths)   # the profile to the host once
+        self.profile, self.n = w, w.numel()
+        self.counter = _BitCounter(w, self.w_vals) if self.n else None
+
+    def counts(self, budgets: list) -> list[dict[int, int]]:
+        outs = [dict.fromkeys(sorted(self.widths, reverse=True), 0) for _ in budgets]
+        for budget in budgets:   # each budget checked before any work
+            check_budget(budget, self.widths)
+        if not self.n:
+            return outs
+        counter, vals = self.counter, self.w_vals.numpy()
+        targets = [_target(self.n, b, self.widths) for b in budgets]
+        lams = _lagrangian_many(counter, targets)
+        many = _counts_in_step(counter, targets, lams)
+        for out, target, feasible, counts in zip(outs, targets, lams, many):
+            if counts[0] < 0:   # not decided in step: this budget alone
+                idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(self.n, dtype=np.int64)
+                counts = np.bincount(idx, minlength=len(vals))
+                slack = target - int(counts @ vals)
+                if slack > 0:   # the fill runs on the few tokens it can reach (`_fill_candidates`), alike
+                    sub = _fill_candidates(idx, len(vals), slack)
+                    counts += np.bincount(_fill_sorted(counter.sorted[sub], idx[sub], vals, slack),
+                                          minlength=len(vals))
+                    counts -= np.bincount(idx[sub], minlength=len(vals))
+            for i, c in enumerate(counts.tolist()):
+                out[int(vals[i])] = c
         return outs
-    w, w_vals, _ = _problem(weight_profile, budgets[0], widths)   # the profile to the host once
-    targets = [_target(w.numel(), b, widths) for b in budgets]
-    if w.numel() == 0:
-        return outs
-    counter = _BitCounter(w, w_vals)   # one sort, and the thresholds' search for all of them
-    vals = w_vals.numpy()
-    lams = _lagrangian_many(counter, targets)
-    many = _counts_in_step(counter, targets, lams)
-    for out, target, feasible, counts in zip(outs, targets, lams, many):
-        if counts[0] < 0:   # not decided in step: this budget alone
-            idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(w.numel(), dtype=np.int64)
-            counts = np.bincount(idx, minlength=len(vals))
-            slack = target - int(counts @ vals)
-            if slack > 0:   # the fill runs on the few tokens it can reach (`_fill_candidates`), alike
-                sub = _fill_candidates(idx, len(vals), slack)
-                counts += np.bincount(_fill_sorted(counter.sorted[sub], idx[sub], vals, slack), minlength=len(vals))
-                counts -= np.bincount(idx[sub], minlength=len(vals))
-        for i, c in enumerate(counts.tolist()):
-            out[int(vals[i])] = c
-    return outs
 
 
 def _counts_in_step(counter: _BitCounter, targets: list[int], lams: list) -> np.ndarray:

@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from smartkv.core.transfer import host_to
+
 
 def allowed_from_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, rows: int,
                       device) -> torch.Tensor:
@@ -68,9 +70,11 @@ def fold_attention(codes: torch.Tensor, probs: torch.Tensor, ranges: torch.Tenso
     of attention received, each token's earlier observers counted from the observed query `ranges` (n, 2)."""
     B, Hkv, T = codes.shape
     W = probs.shape[2]
-    seen = seen_from_ranges(ranges.to(codes.device), T).unsqueeze(0)                  # (1, T)
-    new_seen = seen_from_ranges(torch.tensor([[T - W, T]], device=codes.device), T).unsqueeze(0)
-    mean, _ = update_mean(decode_importance(codes), seen, kv_head_mass(probs, Hkv), new_seen)
+    # both counts where the ranges are (the host, in a cache), then one copy that does not wait for the device
+    new = torch.tensor([[T - W, T]], dtype=torch.int64, device=ranges.device)
+    seen = torch.stack([seen_from_ranges(ranges, T), seen_from_ranges(new, T)])
+    seen = host_to(seen, torch.int32, codes.device) if seen.device != codes.device else seen
+    mean, _ = update_mean(decode_importance(codes), seen[:1], kv_head_mass(probs, Hkv), seen[1:])
     return encode_importance(mean)
 
 

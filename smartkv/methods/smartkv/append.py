@@ -29,10 +29,12 @@ import torch
 
 from smartkv.cache.buffers import grown
 from smartkv.core.classes import flush_mix, joint_counts, joint_plan, ring_widths, staircase
+from smartkv.core.counts import ProfileCounts
 from smartkv.core.importance import (decode_importance, encode_importance, kv_head_mass, seen_counts,
                                      seen_from_ranges)
 from smartkv.core.policy import counts_for_budgets, rank_profile
 from smartkv.core.quant import QTensor
+from smartkv.core.transfer import host_to
 from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
@@ -103,9 +105,10 @@ class SmartKVAppend:
         # one copy to the host: the profile and the mean weight of the prompt's newest A tokens
         stats = torch.cat([rank_profile(weights), weights[:, -max(min(A, n), 1):].double().mean().reshape(1)]).cpu()
         profile = stats[:n]
+        solver = ProfileCounts(profile, self.widths)   # sorted and tabled once: the ring's and the plan's solves
         budgets = (self.budget_k, self.budget_v)
         mix = flush_mix(profile, budgets, self.widths, P)
-        top = ring_widths(profile, float(stats[n]), budgets, self.widths, A) if A else mix[0][:2]
+        top = ring_widths(solver, float(stats[n]), budgets, self.widths, A) if A else mix[0][:2]
         while A and any(b * (n + A) - A * w < lo * n for b, w in zip(budgets, top)):
             A -= P
         (_, _, bk), (_, _, bv) = kinds
@@ -121,10 +124,10 @@ class SmartKVAppend:
             if plan is not None and (min(room[0], want - cv), cv) == charge:
                 break
             charge = (min(room[0], want - cv), cv)
-            plan, solved = self._demotion_plan(profile, (bk, bv), top, A, n, charge) if A else ([], {})
+            plan, solved = self._demotion_plan(solver, (bk, bv), top, A, n, charge) if A else ([], {})
             pairs = len({m for moves in plan for m in moves})
         kinds = tuple((kind, new, (math.floor(b * n + 1e-9) - c) / n) for (kind, new, b), c in zip(kinds, charge))
-        self._app_plan = (mix, A, plan, top, profile, solved)
+        self._app_plan = (mix, A, plan, top, solver, solved)
         return weights, kinds
 
     def _append_charge(self, A: int, pairs: int, plan: list | None) -> int:
@@ -158,13 +161,13 @@ class SmartKVAppend:
         B, H = self.batch_size, self.num_heads
         R, Tq = weights.shape
         self._warm_class_kernels()
-        mix, A, plan, top, profile, solved = self._app_plan
+        mix, A, plan, top, solver, solved = self._app_plan
         self._app_plan = None
         # the demotion plan solved these budgets on this profile (its f = 0 pair); without a ring, solved here
         budgets = [min(max(math.floor(b * Tq + 1e-9) / Tq, lo), hi) for _, _, b in kinds]
         counts = [solved.get(b) for b in budgets]
         if None in counts:
-            counts = counts_for_budgets(profile, budgets, self.widths)
+            counts = counts_for_budgets(solver, budgets, self.widths)
         classes = staircase(*counts)
         slots = joint_plan(classes, [Tq] * len(classes))   # nothing stored: every token may take any class
         prompt = {c: m for c, m in joint_counts(slots, Tq, (lo, lo)).items() if m}
@@ -177,7 +180,7 @@ class SmartKVAppend:
                             [take for _, _, take in slots] + [Tq - sum(take for _, _, take in slots)])
         order = torch.argsort(weights, dim=-1, descending=True, stable=True)
         cid = torch.empty(R, Tq, dtype=torch.uint8, device=self.device).scatter_(
-            1, order, torch.from_numpy(by_rank.astype(np.uint8)).to(self.device).expand(R, Tq)).reshape(B, H, Tq)
+            1, order, host_to(by_rank, torch.uint8, self.device).expand(R, Tq)).reshape(B, H, Tq)
         by_class = torch.argsort(cid, dim=-1, stable=True)   # class after class, each in position order
         (_, new_k, _), (_, new_v, _) = kinds
         ks, vs, ns, rows_at, start = [], [], [], [], 0
@@ -194,17 +197,17 @@ class SmartKVAppend:
                 out.append(buf)
             ns.append(n)
         cmap = classmap.new_map(cid, Tq + 4 * P)
-        rank_class = torch.tensor([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], dtype=torch.uint8,
-                                  device=self.device)
-        mix_len = torch.zeros(len(widths), dtype=torch.int32)
+        rank_class = host_to([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], torch.uint8, self.device)
+        mix_len = [0] * len(widths)
         for kw, vw, m in mix:
             mix_len[ids[(kw, vw)]] = m
-        # the window's tokens: their importance codes and observers so far
+        # the window's tokens: their importance codes and observers so far (counted on the host, where the
+        # observed ranges are)
         start, T = self.sink_k.shape[-2] + Tq, self.importance.shape[-1]
-        seen = self._count(seen_from_ranges(self.observed.to(self.device), T)[start:])
-        self._app = Classes(widths, ks, vs, ns, torch.tensor(ns, dtype=torch.int32, device=self.device)[:, None]
-                            .repeat(1, B).contiguous(), cmap, [(ids[(kw, vw)], m) for kw, vw, m in mix], rank_class,
-                            mix_len.to(self.device), self.importance[..., start:].clone(),
+        seen = host_to(self._count(seen_from_ranges(self.observed, T)[start:]), torch.uint8, self.device)
+        self._app = Classes(widths, ks, vs, ns, host_to([ns] * B, torch.int32, self.device).T.contiguous(), cmap,
+                            [(ids[(kw, vw)], m) for kw, vw, m in mix], rank_class,
+                            host_to(mix_len, torch.int32, self.device), self.importance[..., start:].clone(),
                             seen.expand(B, -1).contiguous())
         if A:
             a = self._app

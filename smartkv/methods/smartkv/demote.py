@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from smartkv.core.policy import counts_for_budgets
+from smartkv.core.transfer import host_to
 from smartkv.kernels import demotion_keys, importance_fold, importance_sum, merge_plan, move_rows, requantize_rows
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
@@ -23,15 +24,16 @@ class SmartKVDemote:
     """SmartKVLayer's demotions while an append layer's ring fills (`_app`: append.Classes; its `plan`, `cimp`,
     `cseen` are None once the ring is full)."""
 
-    def _demotion_plan(self, profile: torch.Tensor, budgets: tuple, top: tuple, A: int, n: int,
+    def _demotion_plan(self, profile, budgets: tuple, top: tuple, A: int, n: int,
                        charge: tuple = (0, 0)) -> tuple[list, dict]:
         """Per filling flush (A / P of them), the demotions {(class, target): tokens}: flush i, when i is a multiple
         of `demote_every` (m), pays ahead for the ring's growth to (i + m) P tokens (at most A), leaving the n
         prompt tokens at most the bits of the budget over n + (i + m) P tokens less those at the ring's class `top`
-        (each kind's rank-based classes, as the first allocation solves them on `profile`, at the budget left, a
-        token never raised, the changes from the demotions before counted per (class, target)); the other
-        flushes demote nothing. `charge`: width-bits a row of each kind gives up throughout (`_append_charge`).
-        Returned with {budget: counts} of every budget it solved (the first allocation's own pair among them)."""
+        (each kind's rank-based classes, as the first allocation solves them on `profile`, a tensor or its
+        `counts.ProfileCounts`, at the budget left, a token never raised, the changes from the demotions before
+        counted per (class, target)); the other flushes demote nothing. `charge`: width-bits a row of each kind
+        gives up throughout (`_append_charge`). Returned with {budget: counts} of every budget it solved (the
+        first allocation's own pair among them)."""
         P, lo, hi, every = self.config.realloc_every, min(self.widths), max(self.widths), self.config.demote_every
 
         # each kind's budget left at the first allocation (f = 0) and after each filling flush f
@@ -87,7 +89,7 @@ class SmartKVDemote:
         # in the narrowest dtype that holds them (the table is held while the ring fills)
         top = max(max(row) for row in table)
         dtype = next(t for t in (torch.uint8, torch.int16, torch.int32) if top <= torch.iinfo(t).max)
-        a.move_k = torch.tensor(table, dtype=dtype).to(self.device)
+        a.move_k = host_to(table, dtype, self.device)
         s0 = self.sink_k.shape[-2]
         codes = self.importance[..., s0:s0 + Tq]
         a.cimp = [self._grow_rows(codes.gather(-1, at), q.codes.shape[-2]) for at, q in zip(rows_at, a.k)]
