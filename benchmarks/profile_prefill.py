@@ -11,13 +11,22 @@ prefill is host-bound: the functions listed are where to look.
     PYTHONPATH=.:benchmarks python benchmarks/profile_prefill.py --context 8192 --layers 4          # CUDA
     PYTHONPATH=.:benchmarks python benchmarks/profile_prefill.py --smoke --context 512 --layers 2   # CPU check
     PYTHONPATH=.:benchmarks python benchmarks/profile_prefill.py --shape smollm2 --layers 30       # the runner's
+    PYTHONPATH=.:benchmarks python benchmarks/profile_prefill.py --shape smollm2 --layers 30 --context 8000 \
+        --rows 'int4,smartkv (budget 4.25; gap 3)' --phases 5    # host ms a layer in each SmartKV phase
+
+`--phases N`: N timed prefills a row instead of the profilers, each of SmartKV's first-allocation phases timed by
+wall clock around its method (no profiler's overhead; phases nest, so each is cumulative). A host-bound prefill's
+wall time in a phase is its host time plus any wait for the device inside it.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import pstats
+import statistics
 import time
+from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -48,6 +57,53 @@ def prefill(model, name: str, ids: torch.Tensor) -> float:
         model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     sync()
     return time.perf_counter() - start
+
+
+PHASES = {   # owner module -> the methods or functions timed by --phases
+    "smartkv.methods.smartkv.layer:SmartKVLayer": ("attend", "_observe", "_flush", "_fit_key_norm", "_weights",
+                                                   "_append_split", "_append_begin", "_demotion_plan", "_demote_begin",
+                                                   "update"),
+    "smartkv.methods.smartkv.append": ("flush_mix", "ring_widths", "rank_profile", "quantize_pack"),
+}
+
+
+def timed_phases() -> Counter:
+    """Wrap each PHASES entry to add its wall seconds to the returned counter (for this process)."""
+    import importlib
+    spent: Counter = Counter()
+    for where, names in PHASES.items():
+        module, _, cls = where.partition(":")
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
+        for name in names:
+            def wrap(f, name=name):
+                @functools.wraps(f)
+                def timed(*args, **kwargs):
+                    start = time.perf_counter()
+                    try:
+                        return f(*args, **kwargs)
+                    finally:
+                        spent[name] += time.perf_counter() - start
+                return timed
+            setattr(owner, name, wrap(getattr(owner, name)))
+    return spent
+
+
+def run_phases(model, name: str, ids: torch.Tensor, layers: int, repeats: int, spent: Counter,
+               base: float | None) -> float:
+    """Median wall of `repeats` prefills after two warm-ups, and each phase's mean ms a layer over them."""
+    for _ in range(2):
+        prefill(model, name, ids)
+    spent.clear()
+    walls = [prefill(model, name, ids) for _ in range(repeats)]
+    wall = statistics.median(walls)
+    vs = f" ({wall / base:.2f}x the first row's)" if base else ""
+    print(f"\n## {name}: {ids.shape[1]} x {ids.shape[0]}, {layers} layers\n"
+          f"wall median {wall * 1e3:.1f} ms{vs}, {wall * 1e3 / layers:.2f} ms a layer; each "
+          f"{', '.join(f'{w * 1e3:.1f}' for w in walls)}", flush=True)
+    for phase, sec in spent.most_common():
+        print(f"  {sec * 1e3 / repeats / layers:7.3f} ms a layer  {phase}")
+    return wall
 
 
 def device_summary(prof) -> tuple[float, int, int]:
@@ -97,6 +153,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15, help="host functions listed per row")
     ap.add_argument("--rows", default=ROWS, help="comma-separated bench_e2e row names; the first is the base")
     ap.add_argument("--smoke", action="store_true", help="a small model (CPU: the same code path in seconds)")
+    ap.add_argument("--phases", type=int, default=0, metavar="N",
+                    help="N timed prefills a row, host ms a layer in each SmartKV phase (no profilers)")
     ap.add_argument("--shape", choices=("llama3-8b", "smollm2"), default="llama3-8b",
                     help="smollm2: the runner's model (SmolLM2-135M's shape, --layers of its 30)")
     args = ap.parse_args()
@@ -111,9 +169,12 @@ def main() -> None:
     else:
         model = build_model(args.layers, smoke=args.smoke)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device=model.device)
-    base = None
+    base, spent = None, timed_phases() if args.phases else None
     for name in names:
-        wall = run(model, name, ids, args.layers, base, args.top)
+        if args.phases:
+            wall = run_phases(model, name, ids, args.layers, args.phases, spent, base)
+        else:
+            wall = run(model, name, ids, args.layers, base, args.top)
         base = base or wall
 
 
