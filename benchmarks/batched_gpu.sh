@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The batched decode launch (kernels.batched, issue 21's runner goal) on one GPU, one device call (~6 minutes):
+# The batched decode launch (kernels.batched, issue 21's runner goal) on one GPU, one device call (~6-9 minutes):
 #   1. its tests and the kernels' fold and merge tests on the GPU (tests/test_batched.py: every width in one launch
 #      against the reference, the folds in the merge's launch, the table kept and rebuilt);
 #   2. the runner's own eager loop (SmolLM2 shape, random weights, 8000 + 32 tokens), int4 and SmartKV's default
@@ -12,7 +12,7 @@ OUT=${OUT:-benchmarks/raw/latest}
 mkdir -p "$OUT"
 {
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 130 python -m pytest tests/test_batched.py tests/test_kernels.py -q --tb=short -p no:cacheprovider \
+timeout 300 python -m pytest tests/test_batched.py tests/test_kernels.py -q --tb=short -p no:cacheprovider \
     -k "batched or fold or probabilities or mixed or merge" > "$OUT/pytest.txt" 2>&1
 grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
 timeout 200 python benchmarks/bench_runner_step.py --context 8000 --new 32 --repeats 3 --modes eager \
