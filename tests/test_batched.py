@@ -138,6 +138,12 @@ def test_the_table_is_built_once_per_set_of_segments(monkeypatch):
     for _ in range(2):
         kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
     assert batched.STATS["tables"] == tables + 1
+    checked = []   # a stable segment's strides and dtypes are checked at its first call only
+    row_ok = batched._row_ok
+    monkeypatch.setattr(batched, "_row_ok", lambda seg, lengths: checked.append(seg) or row_ok(seg, lengths))
+    kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
+    assert not any(seg.stable for seg in checked)
+    monkeypatch.setattr(batched, "_row_ok", row_ok)
     held = len(batched._GROUPS)
     k2 = torch.randn(2, 2, 40, 64, generator=g).to(DEV) * 4
     segs[2] = KVSegment(quantize(k2, 4, 32), segs[2].values, key_scale=segs[2].key_scale, key_shift=segs[2].key_shift,

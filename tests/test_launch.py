@@ -140,3 +140,17 @@ def test_what_another_function_left_under_the_same_id_is_not_used(fake):
     L.launch(other, (4,), x, 5, 3, BLOCK=32, num_warps=4)
     L.launch(other, (4,), x, 5, 3, BLOCK=32, num_warps=4)
     assert _kinds(log) == ["bound", "bound", "direct"]
+
+
+def test_host_grid_arithmetic_equals_tritons():
+    """`cdiv` and `pow2` (host ints, without the constexpr functions' argument unwrapping) answer as
+    `triton.cdiv` and `triton.next_power_of_2`."""
+    import triton
+
+    from smartkv.kernels.launch import cdiv, pow2
+
+    for a in range(0, 300):
+        for b in (1, 2, 3, 16, 64, 512):
+            assert cdiv(a, b) == triton.cdiv(a, b)
+    for n in range(1, 5000):
+        assert pow2(n) == triton.next_power_of_2(n)

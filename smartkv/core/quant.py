@@ -14,6 +14,7 @@ The stored scale and zero are what dequantization uses, so the round-trip bound 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -173,15 +174,19 @@ def token_ranges(q: QTensor) -> torch.Tensor:
     return (zero + q.scale.float() * ((1 << q.bits) - 1)).amax(-1) - zero.amin(-1)
 
 
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
 def as_words(*ts: torch.Tensor) -> list[torch.Tensor]:
     """The tensors (last dimension contiguous) viewed as the widest words that every one's row bytes, strides and
     address divide into, the same for all (as they are): a row moved or gathered element by element moves a word
     an element, so packed codes byte by byte run at a fraction of the copy bandwidth."""
-    for w in (torch.int64, torch.int32, torch.int16):
-        if all(t.shape[-1] * t.element_size() % w.itemsize == 0 and t.data_ptr() % w.itemsize == 0
-               and all(st * t.element_size() % w.itemsize == 0 for st in t.stride()[:-1]) for t in ts):
-            return [t.view(w) for t in ts]
-    return list(ts)
+    g = 8   # the widest word (8, 4 or 2 bytes) dividing all of them divides their gcd with 8
+    for t in ts:
+        es = t.element_size()
+        g = math.gcd(g, t.shape[-1] * es, t.data_ptr(), *(st * es for st in t.stride()[:-1]))
+    w = _WORDS.get(g)
+    return [t.view(w) for t in ts] if w is not None else list(ts)
 
 
 def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

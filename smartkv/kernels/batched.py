@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from smartkv.core.quant import QTensor
 from smartkv.kernels import triton_batched as KB
-from smartkv.kernels.launch import launch
+from smartkv.kernels.launch import cdiv, launch, pow2
 from smartkv.kernels.segment import FoldInto, KVSegment
 from smartkv.kernels.tuning import FP, TOK
 
@@ -89,6 +88,15 @@ def _row_ok(seg: KVSegment, lengths) -> bool:
     return _part_ok(seg.keys, seg.key_residual) and _part_ok(seg.values, seg.value_residual)
 
 
+def _readable(seg: KVSegment) -> bool:
+    """`_row_ok` of a stable segment but for the call's lengths, worked out at its first call: its tensors change
+    only in place, and a step of a batch of one is bound by host work like these stride checks."""
+    ok = seg.__dict__.get("_batch_readable")
+    if ok is None:
+        ok = seg.__dict__["_batch_readable"] = _row_ok(seg, None)
+    return ok
+
+
 def _side(part) -> list:
     """[kind, bits, group] and [pointer, b, h, t strides, scale pointer, b, h, t strides] of keys or values."""
     if isinstance(part, QTensor):
@@ -117,7 +125,7 @@ def _row(seg: KVSegment, store: int, fold, start: int, tps: int, scol: int, dumm
 
 def _tps(tokens: int) -> int:
     """Tokens a program of a row of `tokens` reads: at most SPLIT_TOKENS, a multiple of 16."""
-    return max(16, min(SPLIT_TOKENS, triton.cdiv(tokens, 16) * 16))
+    return max(16, min(SPLIT_TOKENS, cdiv(tokens, 16) * 16))
 
 
 def _capturing(q3: torch.Tensor) -> bool:
@@ -130,7 +138,8 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     than two qualify or they hold more than MAX_ROWS rows. `stores[j]`: segment j's STORE mode (0 none, 1 scores,
     2 fold into fold[j])."""
     B, Hq, D = q3.shape
-    picked = [(i, seg) for i, seg in enumerate(segments) if seg.stable and seg.num_tokens and _row_ok(seg, lengths)]
+    picked = [(i, seg) for i, seg in enumerate(segments)
+              if seg.stable and seg.num_tokens and not (seg.lengths is None and lengths is not None) and _readable(seg)]
     if len(picked) < 2 or D < 16 or D > 256 or D & (D - 1):
         return None
     Hkv = segments[0].keys.shape[1]
@@ -152,7 +161,7 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     rows, smap, cols, width = [], [], {}, 0
     for r, (i, seg) in enumerate(picked):
         tps = _tps(seg.num_tokens)
-        n = triton.cdiv(seg.num_tokens, tps)
+        n = cdiv(seg.num_tokens, tps)
         if stores[i] == 1:
             cols[i], width = width, width + seg.num_tokens
         rows.append(_row(seg, stores[i], fold[i] if stores[i] == 2 else None, len(smap), tps, cols.get(i, 0),
@@ -164,7 +173,7 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     desc, smap = (torch.tensor(x, dtype=t, pin_memory=pin).to(dev, non_blocking=True)
                   for x, t in ((rows, torch.int64), (smap, torch.int32)))
     STATS["tables"] += 1
-    meta = dict(D=D, QN=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_N=max(16, min(64, 4096 // D)),
+    meta = dict(D=D, QN=max(16, pow2(Hq // Hkv)), BLOCK_N=max(16, min(64, 4096 // D)),
                 FPT=_tl(fdt.pop() if fdt else q3.dtype), AFT=_tl(adt.pop() if adt else torch.float16),
                 LENT=_tl(ldt.pop() if ldt else torch.int64), num_warps=4)
     g = _Group(tuple(weakref.ref(seg, _forget(key)) for _, seg in picked), frozenset(i for i, _ in picked),
@@ -203,7 +212,7 @@ def call(g: _Group, segments: Sequence[KVSegment], q3: torch.Tensor, lengths, st
     row = _row(seg, stores[last], fold[last] if stores[last] == 2 else None, g.splits, tps, cols.get(last, 0),
                q3.data_ptr())
     tail = torch.tensor(row, dtype=torch.int64, pin_memory=q3.is_cuda).to(q3.device, non_blocking=True)
-    return Call(g, g.indices | {last}, g.splits + triton.cdiv(seg.num_tokens, tps), cols, width, tail)
+    return Call(g, g.indices | {last}, g.splits + cdiv(seg.num_tokens, tps), cols, width, tail)
 
 
 def _dtypes_fit(g: _Group, seg: KVSegment) -> bool:
@@ -253,6 +262,6 @@ def merge_fold(out: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor, 
     STATS["launches"] += 1
     launch(KB._merge_fold_kernel, (B,), o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
            *lse_part.stride()[:2], *out.stride()[:2], h_kv, Hq // h_kv, *args, D=D, BLOCK_S=64,
-           NGP=triton.next_power_of_2(Hq // h_kv), BLOCK_T=128, FOLDS=len(targets), HAS_LEN0=has[0],
+           NGP=pow2(Hq // h_kv), BLOCK_T=128, FOLDS=len(targets), HAS_LEN0=has[0],
            HAS_LEN1=has[1], num_warps=4)
     return {i for i, _, _ in targets}

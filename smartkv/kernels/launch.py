@@ -31,6 +31,19 @@ try:
 except Exception:   # no Triton, or one without knobs (before 3.3): nothing to launch directly
     _VERSION_OK, _JIT = False, type(None)
 
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints, for grids and splits: `triton.cdiv` and `triton.next_power_of_2` are constexpr
+    functions, whose Python calls unwrap their arguments (~3 us each on the GPU host, a dozen a decode step's
+    layer), and a step of a batch of one is bound by its host work."""
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1), of a host int (`cdiv`)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 # Keyed by id(fn), each entry holding fn itself (checked, so a reused id never matches): a JITFunction hashes in
 # Python (its cache key), four times a launch when the dicts were keyed by fn.
 _LAYOUTS: dict = {}   # (id(fn), device, argument types, *meta items) -> _Layout

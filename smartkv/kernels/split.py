@@ -7,12 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from smartkv.core.quant import QTensor
 from smartkv.kernels import batched
 from smartkv.kernels import triton_attn as K
-from smartkv.kernels.launch import launch
+from smartkv.kernels.launch import cdiv, launch, pow2
 from smartkv.kernels.segment import FoldInto, KVSegment, check_inputs  # noqa: F401
 from smartkv.kernels.tuning import Tuning, split_tuning
 from smartkv.kernels.tuning import current as current_tuning
@@ -52,13 +51,13 @@ def splits_of(blocks: tuple[int, ...], programs: int, slots: int, min_blocks: in
     sizes = {max(min_blocks, 1)}
     for b in blocks:
         n = 1
-        while (per := triton.cdiv(b, n)) > min_blocks:                    # each distinct size of b's splits once
+        while (per := cdiv(b, n)) > min_blocks:                    # each distinct size of b's splits once
             sizes.add(per)
-            n = triton.cdiv(b, per - 1)
+            n = cdiv(b, per - 1)
     best = None
     for per in sorted(sizes, reverse=True):
-        n_splits = sum(triton.cdiv(b, per) for b in blocks)
-        cost = triton.cdiv(programs * n_splits, slots) * (per + SPLIT_OVERHEAD_BLOCKS)
+        n_splits = sum(cdiv(b, per) for b in blocks)
+        cost = cdiv(programs * n_splits, slots) * (per + SPLIT_OVERHEAD_BLOCKS)
         if best is None or cost < best[0] + 1e-9:  # ties: the smaller split
             best = (cost, per)
     return best[1]
@@ -86,10 +85,6 @@ def _note_resident(key: tuple, kern, num_warps: int) -> None:
     regs = -(-n_regs // 8) * 8 * 32 * num_warps
     shared = max(getattr(kern.metadata, "shared", 0), 1)
     _RESIDENT[key] = max(1, min(65536 // regs, (228 * 1024) // shared, 64 // num_warps, 32))
-
-
-def pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def code_words(q: QTensor) -> torch.Tensor:
@@ -205,17 +200,17 @@ def _plan(segments: Sequence[KVSegment], B: int, Hkv: int, NG: int, D: int, devi
                 block_n = tune.block_n
         else:
             block_n = tune.block_n
-        blocks = triton.cdiv(T, block_n)
-        min_blocks = triton.cdiv(tune.min_split_tokens, block_n)
+        blocks = cdiv(T, block_n)
+        min_blocks = cdiv(tune.min_split_tokens, block_n)
         key = None
         if tune.programs_per_sm:
-            want = max(1, triton.cdiv(tune.programs_per_sm * _sm_count(device), B * Hkv))
-            per_split = max(triton.cdiv(blocks, want), min_blocks)
+            want = max(1, cdiv(tune.programs_per_sm * _sm_count(device), B * Hkv))
+            per_split = max(cdiv(blocks, want), min_blocks)
         else:
             key = _resident_key(ks.kind, ks.bits, vs.bits, tune)
             per_split = _splits(blocks, B * Hkv, _slots(key, tune.num_warps, device), min_blocks)
         tps = per_split * block_n
-        plans.append(_Launch(i, ks, vs, block_n, xk, xv, tps, triton.cdiv(T, tps), offset, tune, key))
+        plans.append(_Launch(i, ks, vs, block_n, xk, xv, tps, cdiv(T, tps), offset, tune, key))
         plans[-1].bind(seg, D, ngp)
         # once the card's residency is known (never, off CUDA) the plan is final; a plan that read a copy (codes or
         # tokens not laid out for the kernel) is not kept: the segment's own tensors may change in place before the
@@ -357,12 +352,12 @@ def token_probs(scores: Sequence[torch.Tensor], lse: torch.Tensor, segments: Seq
         seg_offset = 0 if seg.lengths is not None else offset
         BLOCK_T = 256
         if T and isinstance(po, FoldInto):
-            launch(K._probs_fold_kernel, (triton.cdiv(T, BLOCK_T), B),
+            launch(K._probs_fold_kernel, (cdiv(T, BLOCK_T), B),
                    scores[i], *scores[i].stride()[:2], lse, po.codes, *po.codes.stride()[:2], po.seen,
                    po.seen.stride(0), float(po.divisor), lens if lens is not None else lse, seg_offset, T, h_kv, NG,
                    NGP=pow2(NG), BLOCK_T=BLOCK_T, HAS_LEN=lens is not None, num_warps=4)
         elif T:
-            launch(K._probs_kernel, (triton.cdiv(T, BLOCK_T), B * h_kv),
+            launch(K._probs_kernel, (cdiv(T, BLOCK_T), B * h_kv),
                    scores[i], *scores[i].stride()[:2], lse, po, *po.stride()[:2], lens if lens is not None else lse,
                    seg_offset, T, h_kv, NG, NGP=pow2(NG), BLOCK_T=BLOCK_T, HAS_LEN=lens is not None,
                    ACCUMULATE=probs_out is not None, num_warps=4)

@@ -31,7 +31,7 @@ import triton.language as tl
 import torch
 
 from smartkv.core.quant import QTensor, as_words, packed_width
-from smartkv.kernels.launch import launch
+from smartkv.kernels.launch import cdiv, launch, pow2
 from smartkv.kernels.triton_pool import _pool_tile
 from smartkv.kernels.triton_quant import _codes, _store_packed
 
@@ -146,7 +146,7 @@ def demotion_keys_triton(codes: torch.Tensor, kq, vq, length: torch.Tensor, floo
     key = torch.empty(B, H, C, dtype=torch.int64, device=codes.device)
     block = 256
     # no fused multiply-adds: the weights round as torch's separate multiplies and adds do, so both order alike
-    launch(_keys_kernel, (B * H, triton.cdiv(C, block)),
+    launch(_keys_kernel, (B * H, cdiv(C, block)),
            codes, codes.stride(1), table, kq.scale, kq.zero, kq.scale.stride(1), vq.scale, vq.zero, vq.scale.stride(1),
            length, floor, kmul, key, C, H, KL=(1 << kq.bits) - 1, VL=(1 << vq.bits) - 1, KNG=kq.scale.shape[-1],
            VNG=vq.scale.shape[-1], POWER=power, SENS=sensitivity, BLOCK=block, num_warps=4, enable_fp_fusion=False)
@@ -221,7 +221,7 @@ def requantize_rows_triton(kq, vq, codes: torch.Tensor, keep: torch.Tensor, k: t
                     torch.empty(B, H, k_max, D // G, dtype=torch.float16, device=dev), b, G, -1) for b in bits]
     imp = torch.empty(B, H, k_max, dtype=torch.uint8, device=dev)
     block = 32   # 3-bit tiles of 16 rows summed wrong on an H200 (triton_pool._block)
-    launch(_requant_kernel, (B * H, triton.cdiv(k_max, block), 2),
+    launch(_requant_kernel, (B * H, cdiv(k_max, block), 2),
            kq.codes.view(torch.int32), kq.scale, kq.zero, vq.codes.view(torch.int32), vq.scale, vq.zero, N, keep,
            keep.stride(1), k, H, codes, codes.stride(1), k_max, *(t for q in outs for t in (q.codes, q.scale, q.zero)),
            imp, KSB=kq.bits, KDB=bits[0], VSB=vq.bits, VDB=bits[1], G=G, D=D, BLOCK=block, num_warps=4,
@@ -300,9 +300,9 @@ def move_rows_many_triton(xs: list, src: torch.Tensor, n: torch.Tensor | None, f
     widths = [sl[0].shape[-1] for sl in slots]
     slots += [slots[0]] * (MAX_MOVED - len(slots))
     widths += [widths[0]] * (MAX_MOVED - len(widths))
-    grid = (B * H, triton.cdiv(C, 64))
+    grid = (B * H, cdiv(C, 64))
     for put in (False, True):
         launch(_move_many_kernel, grid, src, src.stride(1), n if n is not None else src, H, C, K,
                *(a for sl in slots for a in sl), *widths,
-               *(triton.next_power_of_2(w) for w in widths), NX=len(xs), HAS_N=n is not None,
+               *(pow2(w) for w in widths), NX=len(xs), HAS_N=n is not None,
                HAS_FRESH=fresh is not None, PUT=put, BLOCK_R=64, num_warps=4)

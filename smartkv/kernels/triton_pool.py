@@ -34,8 +34,8 @@ import torch
 from smartkv.core.quant import QTensor
 from smartkv.kernels.reference import MAX_FP, MAX_POOLS, MAX_RANGES
 from smartkv.kernels import split as _dec
-from smartkv.kernels.split import code_words, per_word, pow2
-from smartkv.kernels.launch import launch
+from smartkv.kernels.split import code_words
+from smartkv.kernels.launch import cdiv, launch, pow2
 from smartkv.kernels.triton_attn import load_words, unpack
 from smartkv.kernels.triton_quant import _mean_code
 from smartkv.kernels.tuning import current
@@ -516,7 +516,7 @@ def pool_scores_triton(q_pool: torch.Tensor, pools: list, out: torch.Tensor, sca
     NG = Hq // Hkv
     G = _group(pools)
     block = _block("scores_block", bits)
-    ends = list(itertools.accumulate(triton.cdiv(a[4], block) for a in args))
+    ends = list(itertools.accumulate(cdiv(a[4], block) for a in args))
     flat, consts = _flat(args, bits, ends)
     q_pool = q_pool.contiguous()
     q_fp = q_pool if q_fp is None else q_fp.contiguous()
@@ -542,11 +542,11 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     warps = current().pool.values_warps
     key = ("pool values", tuple(bits), G, D, block, warps)  # decode._RESIDENT: programs per SM once compiled
     if per_split is None:  # by whole waves of the card (decode's planner), splits of split_tokens at least
-        per_split = block * _dec.splits_of(tuple(triton.cdiv(a[4], block) for a in args), B * Hkv,
+        per_split = block * _dec.splits_of(tuple(cdiv(a[4], block) for a in args), B * Hkv,
                                            _dec._slots(key, warps, probs.device),
-                                           triton.cdiv(current().pool.split_tokens, block))
-    per_split = triton.cdiv(max(per_split, 1), block) * block
-    splits = [triton.cdiv(a[4], per_split) for a in args]
+                                           cdiv(current().pool.split_tokens, block))
+    per_split = cdiv(max(per_split, 1), block) * block
+    splits = [cdiv(a[4], per_split) for a in args]
     ends = list(itertools.accumulate(splits))
     part = torch.empty(B, Hq, ends[-1], D, dtype=torch.float32, device=probs.device)
     flat, consts = _flat(args, bits, ends)
@@ -589,7 +589,7 @@ def pool_positions_triton(levels: torch.Tensor, n: int, counts: tuple) -> torch.
     c = [(tuple(x) + (0, 0, 0, 0))[:3] for x in counts]
     c = c + c[:1] * (2 - K)
     out = torch.empty(K, B, H, n, dtype=torch.int32, device=levels.device)
-    grid = (triton.cdiv(n, positions.block), B * H, K)
+    grid = (cdiv(n, positions.block), B * H, K)
     cnt = torch.empty(K, B * H, grid[0], 4, dtype=torch.int32, device=levels.device)
     launch(_level_counts_kernel, grid, levels, *levels.stride()[:3], cnt, n, H, BLOCK=positions.block,
            num_warps=positions.warps)
@@ -607,7 +607,7 @@ def importance_update_triton(codes: torch.Tensor, probs: torch.Tensor, ranges: l
     Hq = probs.shape[1]
     NG = Hq // Hkv
     BLOCK = 512
-    launch(_importance_kernel, (triton.cdiv(T, BLOCK), B * Hkv),
+    launch(_importance_kernel, (cdiv(T, BLOCK), B * Hkv),
            codes, *codes.stride()[:2], probs, *probs.stride()[:2], T, Hkv, NG, *_range_args(ranges),
            NGP=max(2, pow2(NG)), BLOCK=BLOCK, num_warps=4,
            **({"r_end_ptr": range_end, "R_END": True} if range_end is not None else {}))
@@ -618,6 +618,6 @@ def importance_fold_triton(codes: torch.Tensor, mass: torch.Tensor, seen: torch.
     B, Hkv, n = codes.shape
     BLOCK = 1024
     ss = (0, 0) if seen.dim() == 1 else seen.stride()
-    launch(_mean_fold_kernel, (triton.cdiv(n, BLOCK), B * Hkv),
+    launch(_mean_fold_kernel, (cdiv(n, BLOCK), B * Hkv),
            codes, *codes.stride()[:2], mass, *mass.stride()[:2], n, Hkv, seen, *ss, float(queries), float(divisor),
            BLOCK=BLOCK, num_warps=4)

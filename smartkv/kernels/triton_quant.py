@@ -13,7 +13,7 @@ import triton.language as tl
 import torch
 
 from smartkv.core.quant import QTensor, check_bits, check_group, packed_width
-from smartkv.kernels.launch import launch
+from smartkv.kernels.launch import cdiv, launch
 from smartkv.kernels.tuning import current
 
 
@@ -198,7 +198,7 @@ def quantize_pack_triton(x: torch.Tensor, bits: int, group_size: int, axis: int 
         return q
     if axis == -1:
         BLOCK_T = 32 if D <= 128 else 16
-        grid = (triton.cdiv(T, BLOCK_T), B * H, 1)
+        grid = (cdiv(T, BLOCK_T), B * H, 1)
         args = x.stride()[:3] + _meta_strides(q)
         launch(_quant_tok_kernel, grid, x, q.codes, q.scale, q.zero, x, q.codes, q.scale, q.zero, *args, *args,
                H, T, start, x, BITS=bits, G=group_size, D=D, BLOCK_T=BLOCK_T, START_PTR=False,
@@ -236,7 +236,7 @@ def quantize_pack_kv_triton(k: torch.Tensor, v: torch.Tensor, bits: int, group_s
     if T == 0:
         return qk, qv
     BLOCK_T = 32 if D <= 128 else 16
-    grid = (triton.cdiv(T, BLOCK_T), B * H, 1 if single else 2)
+    grid = (cdiv(T, BLOCK_T), B * H, 1 if single else 2)
     launch(_quant_tok_kernel, grid, k, qk.codes, qk.scale, qk.zero, v, qv.codes, qv.scale, qv.zero,
            *k.stride()[:3], *_meta_strides(qk), *v.stride()[:3], *_meta_strides(qv),
            H, T, start, starts if starts is not None else k, BITS=bits, G=group_size, D=D,
