@@ -127,6 +127,33 @@ def test_folds_and_probabilities_of_batched_segments(monkeypatch):
     assert (got[3] - want[3]).abs().max() < 1.5e-2 and (got[3] - lse0).abs().max() > 0.1
 
 
+def test_a_stable_segments_checks_hold_for_the_tensors_checked_only():
+    """What a call checks of a stable segment (its fit to q, its fold's codes and count) is skipped at later calls
+    only while the same tensors come: a fold's codes of the wrong width or dtype, or a q of another batch, still
+    raise after a call that passed."""
+    segs, (wk, wv), g = _layout(4)
+    B, H, NG = 2, 2, 3
+    q = torch.randn(B, H * NG, 1, 64, generator=g).half().to(DEV)
+    seen = torch.tensor([5.0], device=DEV)
+    lse = torch.zeros(B, H * NG, device=DEV)
+    codes = [torch.full((B, H, s.num_tokens), 255, dtype=torch.uint8, device=DEV) for s in segs[1:-1]]
+
+    def call(q, codes):
+        return kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125, return_token_probs=True,
+                                     fold=[None] + [(c, seen) for c in codes] + [None, None], lse_io=lse)
+    for _ in range(2):
+        call(q, codes)
+    narrow = codes[:1] + [codes[1][..., :-1]] + codes[2:]
+    with pytest.raises(ValueError, match="fold"):
+        call(q, narrow)
+    with pytest.raises(ValueError, match="fold"):
+        call(q, codes[:2] + [codes[2].to(torch.int16)] + codes[3:])
+    kern.decode_attention(q, segs, 0.125)
+    with pytest.raises(ValueError, match="do not fit"):   # the stable segments alone: no window to catch it
+        kern.decode_attention(q[:1], segs, 0.125)
+    call(q, codes)
+
+
 def test_the_table_is_built_once_per_set_of_segments(monkeypatch):
     """Stable segments: one table, built at their first call. A segment replaced (a flush): a new one, reading the
     new segment. More rows than MAX_ROWS, or segments not marked stable: the per-segment launches."""
