@@ -10,6 +10,7 @@ and prefill tokens/s >= 0.5x int4's.
 
     PYTHONPATH=. python benchmarks/bench_runner_step.py --context 8000 --new 32 --repeats 3    # CUDA
     PYTHONPATH=. python benchmarks/bench_runner_step.py --smoke                                # CPU: the code path
+    PYTHONPATH=. python benchmarks/bench_runner_step.py --modes eager --rows 'int4,smartkv (default)' --steps  # steps
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -58,12 +60,28 @@ def build(smoke: bool, device: str, layers: int | None = None) -> LlamaForCausal
         return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-def measure(model, name: str, mode: str, prompt: list[int], new: int) -> dict:
+def measure(model, name: str, mode: str, prompt: list[int], new: int, steps: bool = False) -> dict:
+    """One request. With `steps`, also each decode forward's wall ms (synchronised around it: what a step costs,
+    a flushing one among them), under "steps"."""
     method, params = METHODS[name]
     cache = smartkv.make_cache(method, model, **params)
-    out = decode(model, prompt, cache, new, forced=[1] * new, keep_logits=False, mode=mode)
+    times, forward = [], model.forward
+    if steps:
+        def timed(*args, **kwargs):
+            sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+            sync()
+            start = time.perf_counter()
+            result = forward(*args, **kwargs)
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+            return result
+        model.forward = timed
+    try:
+        out = decode(model, prompt, cache, new, forced=[1] * new, keep_logits=False, mode=mode)
+    finally:
+        model.forward = forward
     return {"prefill_tok_s": len(prompt) / out.prefill_ms * 1e3, "ms_token": out.decode_ms_per_token,
-            "mode": out.mode}
+            "mode": out.mode, **({"steps": [round(t, 2) for t in times[1:]]} if steps else {})}
 
 
 def main() -> None:
@@ -76,6 +94,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a tiny model on CPU")
     ap.add_argument("--ab", metavar="VAR", help="each row with the environment variable VAR at 0 and at 1, "
                     "interleaved in this process (e.g. SMARTKV_BATCH_SEGMENTS)")
+    ap.add_argument("--steps", action="store_true", help="print each row's last request's decode steps, ms each "
+                    "(a flushing step among them; the steps are synchronised, so the ms a token differ a little)")
     ap.add_argument("--json", type=Path, help="write the rows here too")
     args, override = parse_with_cuda(ap)
     with override:
@@ -118,9 +138,13 @@ def run(args) -> None:
             continue
         for name in rows:
             measure(model, name, mode, prompt, args.new)   # warm-up: compilation, captures' first costs
-            runs = [measure(model, name, mode, prompt, args.new) for _ in range(args.repeats)]
+            runs = [measure(model, name, mode, prompt, args.new, args.steps) for _ in range(args.repeats)]
             results.append({"row": name, "asked": mode, "mode": runs[0]["mode"],
                             **{k: statistics.median(r[k] for r in runs) for k in ("prefill_tok_s", "ms_token")}})
+            if args.steps:
+                st = runs[-1]["steps"]
+                print(f"{name} ({mode}): decode steps, ms: {' '.join(f'{t:.0f}' for t in st)} (median "
+                      f"{statistics.median(st):.1f}, largest {max(st):.1f})", flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
     print(f"{args.context} prompt tokens, {args.new} new, median of {args.repeats}; ratios against the first row "
