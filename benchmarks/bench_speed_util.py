@@ -75,16 +75,19 @@ def copy_bandwidth(nbytes: int = 2 * 2 ** 30) -> float:
     return nbytes / time_calls([lambda: dst.copy_(src)], graph=False)
 
 
+DEVICE = "cuda"   # where `build_segments` makes its tensors (host_stubbed.py: the CPU)
+
+
 def _randn(shape, gen) -> torch.Tensor:
-    return torch.randn(shape, dtype=torch.float16, device="cuda", generator=gen)
+    return torch.randn(shape, dtype=torch.float16, device=DEVICE, generator=gen)
 
 
 def quantized(B, H, T, D, bits, group, axis, gen, chunk=8192) -> QTensor:
     """A (B, H, T, D) random tensor quantized and packed chunk by chunk (no fp32 copy of the whole)."""
     meta = (B, H, T, D // group) if axis == -1 else (B, H, T // group, D)
-    q = QTensor(torch.empty(B, H, T, packed_width(D, bits), dtype=torch.uint8, device="cuda"),
-                torch.empty(meta, dtype=torch.float16, device="cuda"),
-                torch.empty(meta, dtype=torch.float16, device="cuda"), bits, group, axis)
+    q = QTensor(torch.empty(B, H, T, packed_width(D, bits), dtype=torch.uint8, device=DEVICE),
+                torch.empty(meta, dtype=torch.float16, device=DEVICE),
+                torch.empty(meta, dtype=torch.float16, device=DEVICE), bits, group, axis)
     for t0 in range(0, T, chunk):
         n = min(chunk, T - t0)
         quantize_pack(_randn((B, H, n, D), gen) * 2 + 0.5, bits, group, axis, out=q, start=t0)
