@@ -136,14 +136,15 @@ def counts_for_budgets(weight_profile, budgets: list, widths=WIDTHS) -> list[dic
     """`counts_for` at each of several budgets on one profile, sorted once (the append design's demotion plan
     asks for 2 x 17 of them on a prompt's profile). `weight_profile`: a tensor, or a `ProfileCounts` made on it
     (its sort and threshold tables then serve every call)."""
-    solver = weight_profile if isinstance(weight_profile, ProfileCounts) else None
-    if solver is not None and tuple(solver.widths) != tuple(widths):
-        raise ValueError(f"widths {tuple(widths)} differ from the ProfileCounts' {tuple(solver.widths)}")
+    if isinstance(weight_profile, ProfileCounts):   # its `counts` checks the budgets
+        if tuple(weight_profile.widths) != tuple(widths):
+            raise ValueError(f"widths {tuple(widths)} differ from the ProfileCounts' {tuple(weight_profile.widths)}")
+        return weight_profile.counts(budgets)
     for budget in budgets:   # each budget checked before any work (the profile's copy to the host included)
         check_budget(budget, widths)
     if not budgets:
         return []
-    return (solver or ProfileCounts(weight_profile, widths)).counts(budgets)
+    return ProfileCounts(weight_profile, widths).counts(budgets)
 
 
 class ProfileCounts:
@@ -161,7 +162,7 @@ class ProfileCounts:
         outs = [dict.fromkeys(sorted(self.widths, reverse=True), 0) for _ in budgets]
         for budget in budgets:   # each budget checked before any work
             check_budget(budget, self.widths)
-        if not self.n:
+        if not self.n or not budgets:
             return outs
         counter, vals = self.counter, self.w_vals.numpy()
         targets = [_target(self.n, b, self.widths) for b in budgets]

@@ -239,7 +239,7 @@ def _check_fold(q, segments, probs_out, fold, lse_io) -> bool:
         codes, seen = f
         if probs_out is not None and probs_out[i] is not None:
             raise ValueError(f"segment {i} folds its importance: its probs_out entry must be None")
-        done = seg.__dict__.get("_fold_ok") if seg.stable else None   # these tensors checked at an earlier call
+        done = seg.known("_fold_ok")   # these tensors checked at an earlier call
         if done is not None and done[0]() is codes and done[1]() is seen and done[2] == B:
             continue
         want = (B, seg.keys.shape[1])
@@ -248,8 +248,7 @@ def _check_fold(q, segments, probs_out, fold, lse_io) -> bool:
             raise ValueError(f"fold[{i}] must be (codes uint8 {want + ('>= ' + str(seg.num_tokens),)}, last dimension "
                              f"contiguous; seen (1,) fp32), got {codes.dtype} {tuple(codes.shape)}, {seen.dtype} "
                              f"{tuple(seen.shape)}")
-        if seg.stable:   # weakly: the check keeps neither tensor alive
-            seg.__dict__["_fold_ok"] = (weakref.ref(codes), weakref.ref(seen), B)
+        seg.keep("_fold_ok", (weakref.ref(codes), weakref.ref(seen), B))   # weakly: keeps neither tensor alive
     return True
 
 

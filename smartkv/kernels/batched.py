@@ -91,10 +91,8 @@ def _row_ok(seg: KVSegment, lengths) -> bool:
 def _readable(seg: KVSegment) -> bool:
     """`_row_ok` of a stable segment but for the call's lengths, worked out at its first call: its tensors change
     only in place, and a step of a batch of one is bound by host work like these stride checks."""
-    ok = seg.__dict__.get("_batch_readable")
-    if ok is None:
-        ok = seg.__dict__["_batch_readable"] = _row_ok(seg, None)
-    return ok
+    ok = seg.known("_batch_readable")
+    return ok if ok is not None else seg.keep("_batch_readable", _row_ok(seg, None))
 
 
 def _side(part) -> list:

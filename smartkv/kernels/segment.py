@@ -72,6 +72,17 @@ class KVSegment:
     def num_tokens(self) -> int:
         return self._num_tokens
 
+    def known(self, name: str):
+        """What a call worked out about this segment under `name` at an earlier call, kept only for a stable one
+        (its tensors change only in place: shapes, strides and dtypes stay); None when nothing is kept."""
+        return self.__dict__.get(name) if self.stable else None
+
+    def keep(self, name: str, value):
+        """Keep `value` under `name` for later calls (`known`), on a stable segment only; returns it."""
+        if self.stable:
+            self.__dict__[name] = value
+        return value
+
     @property
     def quantized_keys(self) -> int:
         return _tokens(self.keys) if isinstance(self.keys, QTensor) else 0
@@ -118,11 +129,10 @@ def check_inputs(q: torch.Tensor, segments: Sequence[KVSegment]) -> None:
         raise ValueError("decode attention needs at least one segment")
     B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
     for i, seg in enumerate(segments):
-        if seg.stable and seg.__dict__.get("_fits") == (B, Hq, D):   # checked at an earlier call (`stable`)
+        if seg.known("_fits") == (B, Hq, D):   # checked at an earlier call
             continue
         shape = seg.keys.shape if isinstance(seg.keys, QTensor) else tuple(seg.keys.shape)
         if shape[0] != B or shape[-1] != D or Hq % shape[1]:
             raise ValueError(f"segment {i}: keys {tuple(shape)} do not fit q {tuple(q.shape)} (batch, head_dim, "
                              f"and q_heads a multiple of kv_heads must agree)")
-        if seg.stable:
-            seg.__dict__["_fits"] = (B, Hq, D)
+        seg.keep("_fits", (B, Hq, D))

@@ -51,7 +51,7 @@ def splits_of(blocks: tuple[int, ...], programs: int, slots: int, min_blocks: in
     sizes = {max(min_blocks, 1)}
     for b in blocks:
         n = 1
-        while (per := cdiv(b, n)) > min_blocks:                    # each distinct size of b's splits once
+        while (per := cdiv(b, n)) > min_blocks:   # each distinct size of b's splits once
             sizes.add(per)
             n = cdiv(b, per - 1)
     best = None
@@ -242,7 +242,7 @@ def triton_problem(q: torch.Tensor, segments: Sequence[KVSegment]) -> str | None
     if D < 16 or D & (D - 1):
         return f"head_dim must be a power of two >= 16, got {D}"
     for seg in segments:
-        if seg.stable and seg.__dict__.get("_triton_ok") == D:   # checked at an earlier call (`stable`)
+        if seg.known("_triton_ok") == D:   # checked at an earlier call
             continue
         for part in (seg.keys, seg.values):
             if isinstance(part, QTensor):
@@ -253,8 +253,7 @@ def triton_problem(q: torch.Tensor, segments: Sequence[KVSegment]) -> str | None
                     return f"at most 64 groups per token, got {D // g} (head_dim {D}, group {g})"
                 if part.bits == 3 and D % 32:
                     return f"3-bit codes need a head_dim multiple of 32, got {D}"
-        if seg.stable:
-            seg.__dict__["_triton_ok"] = D
+        seg.keep("_triton_ok", D)
     return None
 
 
