@@ -97,6 +97,12 @@ def quantized(B, H, T, D, bits, group, axis, gen, chunk=8192) -> QTensor:
 SMARTKV_MIX = {8: 0.25, 4: 0.25, 2: 0.5}  # average code width 4 bits
 
 
+def stable(segs: list[KVSegment]) -> list[KVSegment]:
+    """The segments but the last (the window, new each step) marked as passed again call after call (`stable`), as
+    an append layer's ordinary step passes them."""
+    return [dataclasses.replace(s, stable=True) for s in segs[:-1]] + segs[-1:]
+
+
 def build_segments(method: str, B: int, H: int, T: int, D: int, gen, group: int = 32,
                    residual: int = 128) -> list[KVSegment]:
     """Cache contents of one layer for `method` at context T (steady state while decoding)."""

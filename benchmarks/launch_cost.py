@@ -8,7 +8,6 @@ pace, wall exceeds host time.
 
     PYTHONPATH=.:benchmarks python benchmarks/launch_cost.py            # SMARTKV_BATCH_SEGMENTS=0: a launch a segment
 """
-import dataclasses
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_speed_util import build_segments  # noqa: E402
+from bench_speed_util import build_segments, stable  # noqa: E402
 from smartkv.kernels import FoldInto, decode_attention  # noqa: E402
 
 g = torch.Generator(device="cuda").manual_seed(0)
@@ -34,11 +33,6 @@ def host_us(f, n=300):
     h = (time.perf_counter() - t) / n * 1e6
     torch.cuda.synchronize()
     return h, (time.perf_counter() - t) / n * 1e6
-
-
-def stable(segs):
-    """The segments but the last (the window, new each step) marked as passed again call after call."""
-    return [dataclasses.replace(s, stable=True) for s in segs[:-1]] + segs[-1:]
 
 
 x = torch.zeros(16, device="cuda")
