@@ -101,6 +101,8 @@ def tiny_llama():
 
 # Attributes holding tensors that are no cache state (the same bytes at any length), left out of held_tensors:
 CONSTANT_ATTRIBUTES = ("_width_values",)   # SmartKV: level index -> width lookup, len(widths) int64
+# and references to the layer's peers, not its state: SmartKV's first-allocation group holds the cache's layers
+SHARED_ATTRIBUTES = ("_first_group",)
 
 
 def held_tensors(obj) -> dict[str, int]:
@@ -131,7 +133,7 @@ def held_tensors(obj) -> dict[str, int]:
                 walk(value, f"{path}[{i}]")
         elif type(x).__module__.startswith("smartkv") and hasattr(x, "__dict__"):
             for name, value in vars(x).items():
-                if name not in CONSTANT_ATTRIBUTES:
+                if name not in CONSTANT_ATTRIBUTES + SHARED_ATTRIBUTES:
                     walk(value, f"{path}.{name}")
 
     walk(obj, type(obj).__name__)

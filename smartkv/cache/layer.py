@@ -308,6 +308,7 @@ class SmartKVCache(Cache):
         self.method_config = method_config
         for layer in self.layers:
             layer.attention_hooked = attention_hooked
+        method_config.bind(self.layers)
 
     @property
     def method(self) -> str:

@@ -39,6 +39,9 @@ class MethodConfig:
     def make_layer(self, layer_idx: int):
         raise NotImplementedError
 
+    def bind(self, layers: list) -> None:
+        """State one cache's layers share, made once they are built (none by default)."""
+
     def build_layer(self, layer_idx: int, sliding_window: int | None = None):
         """The cache layer of model layer `layer_idx`, which attends to its last `sliding_window` tokens (None:
         to all of them)."""

@@ -95,15 +95,20 @@ class SmartKVAppend:
                 and self.sliding_window is None)
 
     # ---------------------------------------------------------------- from the first allocation
-    def _append_split(self, weights: torch.Tensor, kinds: tuple) -> tuple:
+    def _append_stats(self, weights: torch.Tensor) -> torch.Tensor:
+        """What `_append_split` reads of the weights (R, n) on the host, (n + 1,) float64 on their device: the rank
+        profile and the mean weight of the prompt's newest `ring_tokens`."""
+        n, A = weights.shape[1], self.config.ring_tokens // self.config.realloc_every * self.config.realloc_every
+        return torch.cat([rank_profile(weights), weights[:, -max(min(A, n), 1):].double().mean().reshape(1)])
+
+    def _append_split(self, weights: torch.Tensor, kinds: tuple, stats: torch.Tensor) -> tuple:
         """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned with
-        each kind's budget less the layer's bookkeeping, `_append_charge`): solve the flush mix on the n tokens'
-        profile, choose the ring's class (`ring_widths`), size the ring (`ring_tokens`, less where the n tokens
-        cannot pay for it) and plan the demotions that pay for it as it fills (`_demotion_plan`)."""
+        each kind's budget less the layer's bookkeeping, `_append_charge`; `stats`: `_append_stats` on the host):
+        solve the flush mix on the n tokens' profile, choose the ring's class (`ring_widths`), size the ring
+        (`ring_tokens`, less where the n tokens cannot pay for it) and plan the demotions that pay for it as it
+        fills (`_demotion_plan`)."""
         cfg, P, lo = self.config, self.config.realloc_every, min(self.widths)
         n, A = weights.shape[1], cfg.ring_tokens // P * P
-        # one copy to the host: the profile and the mean weight of the prompt's newest A tokens
-        stats = torch.cat([rank_profile(weights), weights[:, -max(min(A, n), 1):].double().mean().reshape(1)]).cpu()
         profile = stats[:n]
         solver = ProfileCounts(profile, self.widths)   # sorted and tabled once: the ring's and the plan's solves
         budgets = (self.budget_k, self.budget_v)

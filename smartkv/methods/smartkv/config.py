@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from smartkv.core.policy import WIDTHS, check_budget
 from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
+from smartkv.methods.smartkv.first import FirstGroup, group_size
 from smartkv.methods.smartkv.layer import SmartKVLayer
 
 
@@ -83,3 +84,10 @@ class SmartKV(MethodConfig):
 
     def make_layer(self, layer_idx: int):
         return SmartKVLayer(self, layer_idx)
+
+    def bind(self, layers: list) -> None:
+        """One cache's layers share the group their first allocations wait in (first.py)."""
+        group = FirstGroup(layers, group_size())
+        for layer in layers:
+            if isinstance(layer, SmartKVLayer):
+                layer._first_group = group

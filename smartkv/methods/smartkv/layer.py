@@ -11,6 +11,7 @@ from smartkv.methods.smartkv.append_flush import SmartKVAppendFlush
 from smartkv.methods.smartkv.append_static import SmartKVAppendStatic
 from smartkv.methods.smartkv.attention import SmartKVAttention
 from smartkv.methods.smartkv.demote import SmartKVDemote
+from smartkv.methods.smartkv.first import SmartKVFirst
 from smartkv.methods.smartkv.joint import SmartKVJoint
 from smartkv.methods.smartkv.onepass import SmartKVOnePass
 from smartkv.methods.smartkv.realloc import SmartKVRealloc
@@ -23,5 +24,6 @@ from smartkv.methods.smartkv.window import SmartKVWindow
 # defaults; no two parts define the same method, so their own order does not matter (the window part: sliding
 # layers, smartkv.cache.sliding)
 class SmartKVLayer(SmartKVStorage, SmartKVAttention, SmartKVOnePass, SmartKVStatic, SmartKVRealloc, SmartKVJoint,
-                   SmartKVAppend, SmartKVAppendFlush, SmartKVAppendStatic, SmartKVDemote, SmartKVWindow, KVLayer):
+                   SmartKVAppend, SmartKVAppendFlush, SmartKVAppendStatic, SmartKVDemote, SmartKVFirst, SmartKVWindow,
+                   KVLayer):
     static_capable = True

@@ -17,6 +17,7 @@ class SmartKVRealloc:
     """SmartKVLayer's re-allocation part: `_flush` and the steps it takes."""
 
     def _before_update(self) -> None:
+        self._settle()
         self._flush(evict=False)  # when no attention hook ran; forgetting now would break this call's mask
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -24,15 +25,18 @@ class SmartKVRealloc:
         # no attention follows (a cache filled without a model): flush now, as `attend` does after its attention,
         # not at the next call, or every layer holds its last chunk at full precision meanwhile (a 2K chunk at 32K
         # x 36 sequences: 9 GiB across 32 layers, the largest batch's transient)
-        self._flush(evict=False)
+        self._flush(evict=False, defer=True)
 
-    def _flush(self, evict: bool = True) -> None:
+    def _flush(self, evict: bool = True, defer: bool = False) -> None:
         """Move the window's oldest tokens into the middle and re-allocate the middle's widths. Only tokens that
         change width (demotions) and the new ones are dequantized or quantized; the rest is index work on the
         level maps and a copy of the kept codes (the weights read stored tokens' ranges from scales and zeros).
-        On a sliding layer (with `evict`: after the call's attention) first forget what left the window."""
+        On a sliding layer (with `evict`: after the call's attention) first forget what left the window. With
+        `defer`, an append layer's first allocation may wait for its group's (first.py)."""
         if self._app is not None:
             return self._append_flush()
+        if defer and self._first_defers():
+            return
         cfg = self.config
         n = self.win_k.shape[-2] - cfg.recent_window
         if n < self._flush_at() or n <= 0:
@@ -54,18 +58,12 @@ class SmartKVRealloc:
                 self._classes = None
             if n <= 0:
                 return
-            new_k, new_v = self.win_k[..., :n, :].float(), self.win_v[..., :n, :].float()
-            self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
-            if self.k_mu is None:
-                self._fit_key_norm(new_k)
-            new_k, new_v = self._to_stored(new_k, new_v)
+            if not self.n_middle and self._append_wanted():   # append.py: the prompt into class buffers, a ring
+                first = self._first_prepare(n)
+                return self._first_finish(first, first.stats.cpu())
+            new_k, new_v = self._flush_inputs(n)
             weights = block_weights(self._weights(new_k, new_v), self.block_tokens)
             kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
-            if not self.n_middle and self._append_wanted():   # append.py: the prompt into class buffers, a ring
-                weights, kinds = self._append_split(weights, kinds)
-                self.n_middle += n
-                self._append_begin(weights, kinds)
-                return
             incremental = cfg.realloc in ("incremental", "append") and self.n_middle
             if sizes_known and (incremental or not self.n_middle):
                 (self._reallocate_joint if self._joint_ready() else self._reallocate_candidates)(weights, kinds)
@@ -75,6 +73,15 @@ class SmartKVRealloc:
             self.n_middle += n
         finally:
             self._stored = None
+
+    def _flush_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's oldest `n` tokens, taken out of it, in stored space (B, H, n, D) fp32 (the key
+        normalisation fitted on them when none is yet)."""
+        new_k, new_v = self.win_k[..., :n, :].float(), self.win_v[..., :n, :].float()
+        self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
+        if self.k_mu is None:
+            self._fit_key_norm(new_k)
+        return self._to_stored(new_k, new_v)
 
     @property
     def block_tokens(self) -> int:

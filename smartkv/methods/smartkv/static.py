@@ -38,6 +38,7 @@ class SmartKVStatic:
         ones and the decode queries' range, whose end each static step reads from the device (`begin_static` has
         checked `static_blocker`; a re-allocation keeps it clear)."""
         self._static_tokens = tokens or self._static_tokens
+        self._settle()
         self._flush()  # a window over-full from `update` without attention (the next ordinary step flushes it too)
         if self._app is not None:
             self._sbuf = None
@@ -101,6 +102,7 @@ class SmartKVStatic:
         self._sbuf = None
 
     def _slack_bytes(self) -> int:
+        self._settle()
         if self._app is not None:
             return self._append_slack()
         if self._sbuf is None or self.static is None:

@@ -129,6 +129,7 @@ class SmartKVStorage:
         return k, v
 
     def _stored_kv(self):
+        self._settle()
         k, v = self._from_stored(self._middle_part("k"), self._middle_part("v"))
         dt = self.dtype
         keys = torch.cat([self.sink_k.to(dt), k.to(dt), self.win_k.to(dt)], -2)
@@ -136,6 +137,7 @@ class SmartKVStorage:
         return keys, values
 
     def _account(self, lb) -> None:
+        self._settle()
         if self._app is not None:
             return self._append_account(lb)
         for kind in ("k", "v"):
