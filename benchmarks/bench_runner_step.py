@@ -92,8 +92,9 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,auto")
     ap.add_argument("--rows", default=",".join(METHODS), help="comma-separated row names; int4 first: the base")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on CPU")
-    ap.add_argument("--ab", metavar="VAR", help="each row with the environment variable VAR at 0 and at 1, "
-                    "interleaved in this process (e.g. SMARTKV_BATCH_SEGMENTS)")
+    ap.add_argument("--ab", metavar="VAR[=A,B]", help="each row with the environment variable VAR at 0 and at 1 "
+                    "(or at A and at B), interleaved in this process (e.g. SMARTKV_BATCH_SEGMENTS, "
+                    "SMARTKV_FIRST_GROUP=1,8)")
     ap.add_argument("--steps", action="store_true", help="print each row's last request's decode steps, ms each "
                     "(a flushing step among them; the steps are synchronised, so the ms a token differ a little)")
     ap.add_argument("--json", type=Path, help="write the rows here too")
@@ -102,20 +103,27 @@ def main() -> None:
         run(args)
 
 
+def ab_setting(ab: str) -> tuple[str, list[str]]:
+    """`--ab`'s variable and its two values (0 and 1 unless named)."""
+    var, _, values = ab.partition("=")
+    return var, values.split(",") if values else ["0", "1"]
+
+
 def ab_rows(model, rows: list[str], mode: str, prompt: list[int], args) -> list[dict]:
-    """Each row with $VAR at 0 and at 1 (`--ab VAR`), interleaved request by request in this process, so that
-    the host's drift between processes (up to ~40% on the GPU hosts) does not enter the comparison. Row names
-    gain " [VAR=v]"; the first row's first setting is the base."""
-    runs = {(name, v): [] for name in rows for v in "01"}
+    """Each row with $VAR at 0 and at 1 (`--ab VAR`, or the values `--ab VAR=A,B` names), interleaved request by
+    request in this process, so that the host's drift between processes (up to ~40% on the GPU hosts) does not
+    enter the comparison. Row names gain " [VAR=v]"; the first row's first setting is the base."""
+    var, values = ab_setting(args.ab)
+    runs = {(name, v): [] for name in rows for v in values}
     for rep in range(args.repeats + 1):   # the first round warms up (compilation, captures)
         for name in rows:
-            for v in "01":
-                os.environ[args.ab] = v
+            for v in values:
+                os.environ[var] = v
                 r = measure(model, name, mode, prompt, args.new)
                 if rep:
                     runs[(name, v)].append(r)
-    os.environ.pop(args.ab)
-    return [{"row": f"{name} [{args.ab}={v}]", "asked": mode, "mode": rs[0]["mode"],
+    os.environ.pop(var)
+    return [{"row": f"{name} [{var}={v}]", "asked": mode, "mode": rs[0]["mode"],
              **{k: statistics.median(r[k] for r in rs) for k in ("prefill_tok_s", "ms_token")}}
             for (name, v), rs in runs.items()]
 
@@ -151,8 +159,9 @@ def run(args) -> None:
           "in the same mode")
     print("| row | asked | ran | prefill tok/s | prefill vs base | ms a token | ms a token vs base |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    var, values = ab_setting(args.ab) if args.ab else (None, None)
+    first = f"{rows[0]} [{var}={values[0]}]" if args.ab else rows[0]
     for r in results:
-        first = f"{rows[0]} [{args.ab}=0]" if args.ab else rows[0]
         base = next(b for b in results if b["asked"] == r["asked"] and b["row"] == first)
         print(f"| {r['row']} | {r['asked']} | {r['mode']} | {r['prefill_tok_s']:,.0f} | "
               f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | {r['ms_token']:.2f} | "

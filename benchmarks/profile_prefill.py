@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import os
 import pstats
 import statistics
 import time
@@ -62,7 +63,8 @@ def prefill(model, name: str, ids: torch.Tensor) -> float:
 PHASES = {   # owner module -> the methods or functions timed by --phases
     "smartkv.methods.smartkv.layer:SmartKVLayer": ("attend", "_observe", "_flush", "_fit_key_norm", "_weights",
                                                    "_append_split", "_append_begin", "_demotion_plan", "_demote_begin",
-                                                   "update"),
+                                                   "update", "_first_prepare", "_first_finish"),
+    "smartkv.methods.smartkv.first": ("observe",),
     "smartkv.methods.smartkv.append": ("flush_mix", "ring_widths", "rank_profile", "quantize_pack"),
 }
 
@@ -90,7 +92,7 @@ def timed_phases() -> Counter:
 
 
 def run_phases(model, name: str, ids: torch.Tensor, layers: int, repeats: int, spent: Counter,
-               base: float | None) -> float:
+               base: float | None, label: str = "") -> float:
     """Median wall of `repeats` prefills after two warm-ups, and each phase's mean ms a layer over them."""
     for _ in range(2):
         prefill(model, name, ids)
@@ -98,7 +100,7 @@ def run_phases(model, name: str, ids: torch.Tensor, layers: int, repeats: int, s
     walls = [prefill(model, name, ids) for _ in range(repeats)]
     wall = statistics.median(walls)
     vs = f" ({wall / base:.2f}x the first row's)" if base else ""
-    print(f"\n## {name}: {ids.shape[1]} x {ids.shape[0]}, {layers} layers\n"
+    print(f"\n## {label or name}: {ids.shape[1]} x {ids.shape[0]}, {layers} layers\n"
           f"wall median {wall * 1e3:.1f} ms{vs}, {wall * 1e3 / layers:.2f} ms a layer; each "
           f"{', '.join(f'{w * 1e3:.1f}' for w in walls)}", flush=True)
     for phase, sec in spent.most_common():
@@ -126,7 +128,7 @@ def host_top(pr: cProfile.Profile, top: int) -> list[str]:
     return [f"  {ct * 1e3:8.1f} ms  {nc:6d}x  {where}" for ct, nc, where in sorted(rows, reverse=True)[:top]]
 
 
-def run(model, name: str, ids: torch.Tensor, layers: int, base: float | None, top: int) -> float:
+def run(model, name: str, ids: torch.Tensor, layers: int, base: float | None, top: int, label: str = "") -> float:
     prefill(model, name, ids)   # warm-up: compilation, allocator, autotuning
     wall = prefill(model, name, ids)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -138,7 +140,7 @@ def run(model, name: str, ids: torch.Tensor, layers: int, base: float | None, to
     prefill(model, name, ids)
     pr.disable()
     vs = f" ({wall / base:.2f}x the first row's)" if base else ""
-    print(f"\n## {name}: {ids.shape[1]} x {ids.shape[0]}, {layers} layers\n"
+    print(f"\n## {label or name}: {ids.shape[1]} x {ids.shape[0]}, {layers} layers\n"
           f"wall {wall * 1e3:.1f} ms{vs}, {wall * 1e3 / layers:.2f} ms a layer; device {dev_ms:.1f} ms; "
           f"{d2h} device-to-host copies, {syncs} synchronisations", flush=True)
     print("\n".join(host_top(pr, top)), flush=True)
@@ -157,8 +159,14 @@ def main() -> None:
                     help="N timed prefills a row, host ms a layer in each SmartKV phase (no profilers)")
     ap.add_argument("--shape", choices=("llama3-8b", "smollm2"), default="llama3-8b",
                     help="smollm2: the runner's model (SmolLM2-135M's shape, --layers of its 30)")
+    ap.add_argument("--groups", default="", help="comma-separated SMARTKV_FIRST_GROUP values, each row run at "
+                    "each (an A/B of the first allocation's group; empty: the environment's)")
+    ap.add_argument("--rounds", type=int, default=1, help="the rows (and groups) again, interleaved")
     args = ap.parse_args()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()] or [""]
+    if not all(g.isdigit() and 1 <= int(g) <= 1024 for g in groups if g):
+        ap.error(f"--groups: integers from 1 to 1024, got {args.groups!r}")
     unknown = [r for r in names if r not in METHODS]
     if unknown:
         ap.error(f"--rows: unknown row {unknown[0]!r}; allowed: {', '.join(METHODS)}")
@@ -170,12 +178,17 @@ def main() -> None:
         model = build_model(args.layers, smoke=args.smoke)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device=model.device)
     base, spent = None, timed_phases() if args.phases else None
-    for name in names:
-        if args.phases:
-            wall = run_phases(model, name, ids, args.layers, args.phases, spent, base)
-        else:
-            wall = run(model, name, ids, args.layers, base, args.top)
-        base = base or wall
+    for _ in range(args.rounds):
+        for name in names:
+            for group in groups:
+                if group:   # SmartKV's first allocation: layers a group holds (first.py), read at make_cache
+                    os.environ["SMARTKV_FIRST_GROUP"] = group
+                label = f"{name} [first group {group}]" if group else name
+                if args.phases:
+                    wall = run_phases(model, name, ids, args.layers, args.phases, spent, base, label)
+                else:
+                    wall = run(model, name, ids, args.layers, base, args.top, label)
+                base = base or wall
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ P = dict(budget=4.25, key_value_gap=3, recent_window=8, realloc_every=4, group_s
 @pytest.fixture(scope="module")
 def five():
     """Five layers whose attention grows sharper layer by layer (queries scaled), so their profiles differ."""
-    model = load_tiny("tiny-llama", num_hidden_layers=5).model
+    model = load_tiny("tiny-llama", num_hidden_layers=5, device="cuda" if torch.cuda.is_available() else "cpu").model
     with torch.no_grad():
         for i, block in enumerate(model.model.layers):
             block.self_attn.q_proj.weight *= 1 + 3 * i
@@ -25,7 +25,8 @@ def five():
 
 
 def _ids(batch=2, prompt=200):
-    return torch.randint(3, 500, (batch, prompt), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 500, (batch, prompt), generator=torch.Generator().manual_seed(5))
+    return ids.cuda() if torch.cuda.is_available() else ids
 
 
 def _state(layer) -> list:
@@ -109,6 +110,23 @@ def test_a_layer_waits_for_its_groups_last_layer(five, monkeypatch):
     assert all(layer._app is not None for layer in cache.layers)
 
 
+def test_a_group_runs_once_it_holds_its_bytes(five, monkeypatch):
+    monkeypatch.setenv("SMARTKV_FIRST_GROUP", "8")
+    monkeypatch.setenv("SMARTKV_FIRST_GROUP_MIB", "1")
+    cache = smartkv.make_cache("smartkv", five, **P)
+    seen = []
+    hooks = [block.register_forward_pre_hook(lambda *_: seen.append(
+        [getattr(layer, "_app", None) is not None for layer in cache.layers])) for block in five.model.layers]
+    try:
+        with torch.inference_mode():   # each layer waits with ~0.6 MiB (prompt and kept keys): groups of two
+            five(_ids(prompt=600), **cache_kwargs(five, cache), use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [sum(s) for s in seen] == [0, 0, 2, 2, 4]
+    assert all(layer._app is not None for layer in cache.layers)
+
+
 def test_a_forward_stopped_part_way_leaves_whole_layers(five, monkeypatch):
     class Stop(Exception):
         pass
@@ -134,7 +152,9 @@ def test_a_forward_stopped_part_way_leaves_whole_layers(five, monkeypatch):
 
 
 def test_a_bad_group_size_is_named(monkeypatch):
-    for bad in ("0", "x", "2000"):
-        monkeypatch.setenv("SMARTKV_FIRST_GROUP", bad)
-        with pytest.raises(ValueError, match="SMARTKV_FIRST_GROUP must be an integer from 1 to 1024"):
+    for name, bad, top in [("SMARTKV_FIRST_GROUP", "0", 1024), ("SMARTKV_FIRST_GROUP", "x", 1024),
+                           ("SMARTKV_FIRST_GROUP", "2000", 1024), ("SMARTKV_FIRST_GROUP_MIB", "-1", 1 << 20)]:
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=f"{name} must be an integer from 1 to {top}, got '{bad}'"):
             group_size()
+        monkeypatch.delenv(name)

@@ -34,10 +34,19 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tens
                     return_lse: bool = False):
     """Softmax attention probabilities in fp32. query (B, Hq, W, D), keys (B, Hkv, T, D) -> (B, Hq, W, T); with
     `return_lse`, also each query's log2-sum-exp of its scores (B, Hq, W) (-inf for a fully masked query)."""
+    return probs_from_scores(attention_scores(query, keys, scaling), allowed, return_lse)
+
+
+def attention_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`attention_probs`' scaled scores (B, Hq, W, T) fp32, before the mask."""
     B, Hq, W, D = query.shape
     Hkv = keys.shape[1]
     q = query.float().reshape(B, Hkv, Hq // Hkv * W, D)  # GQA: the query heads of a group share their KV head
-    scores = (q @ keys.float().transpose(-1, -2)).reshape(B, Hq, W, -1) * scaling
+    return (q @ keys.float().transpose(-1, -2)).reshape(B, Hq, W, -1) * scaling
+
+
+def probs_from_scores(scores: torch.Tensor, allowed: torch.Tensor, return_lse: bool = False):
+    """`attention_probs` from `attention_scores`' scores, row by row (rows of several calls may be stacked)."""
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # fully masked rows (padding queries)
     if not return_lse:

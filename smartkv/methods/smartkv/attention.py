@@ -7,6 +7,7 @@ import torch
 from smartkv.cache.hf_compat import sdpa_attention_forward
 from smartkv.core.importance import add_range, allowed_from_mask, attention_probs, fold_attention
 from smartkv.kernels import pool_positions, pool_scores, pool_values
+from smartkv.methods.smartkv.first import Observation
 from smartkv.methods.smartkv.storage import hadamard
 
 
@@ -37,7 +38,15 @@ class SmartKVAttention:
         allowed = allowed_from_mask(attention_mask, W, T, B, query.device)
         # (B, Hq, W, T); an append layer's fold also reads the queries' normalisers
         lse = None
-        if self.config.class_norm == "previous" and (self._app is not None or self._append_wanted()):
+        want_lse = self.config.class_norm == "previous" and (self._app is not None or self._append_wanted())
+        if q_len > 1 and self._app is None and self._first_waits():
+            # the first allocation this attention brings due waits for its group's, and so does the fold of these
+            # queries' attention, which only it reads (first.py: one fold for the group)
+            self._observe_later = Observation(query[:, :, -W:], key, allowed, scaling, want_lse)
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+            self._flush(defer=True)
+            return out, None
+        if want_lse:
             probs, lse = attention_probs(query[:, :, -W:], key, allowed, scaling, return_lse=True)
         else:
             probs = attention_probs(query[:, :, -W:], key, allowed, scaling)

@@ -22,21 +22,70 @@ from dataclasses import dataclass
 
 import torch
 
+from smartkv.core.importance import add_range, attention_scores, fold_attention, probs_from_scores
 from smartkv.core.policy import block_weights
 
 DEFAULT_GROUP = 8
+DEFAULT_MIB = 256
 
 
-def group_size() -> int:
-    """Layers one first allocation batches (`SMARTKV_FIRST_GROUP`), checked before any work."""
-    raw = os.environ.get("SMARTKV_FIRST_GROUP", str(DEFAULT_GROUP))
+def _setting(name: str, default: int, top: int) -> int:
+    raw = os.environ.get(name, str(default))
     try:
-        size = int(raw)
+        value = int(raw)
     except ValueError:
-        size = 0
-    if not 1 <= size <= 1024:
-        raise ValueError(f"SMARTKV_FIRST_GROUP must be an integer from 1 to 1024, got {raw!r}")
-    return size
+        value = 0
+    if not 1 <= value <= top:
+        raise ValueError(f"{name} must be an integer from 1 to {top}, got {raw!r}")
+    return value
+
+
+def group_size() -> tuple[int, int]:
+    """(layers, bytes) one first allocation's group holds at most (`SMARTKV_FIRST_GROUP`,
+    `SMARTKV_FIRST_GROUP_MIB`), checked before any work."""
+    return _setting("SMARTKV_FIRST_GROUP", DEFAULT_GROUP, 1024), _setting("SMARTKV_FIRST_GROUP_MIB", DEFAULT_MIB,
+                                                                          1 << 20) << 20
+
+
+@dataclass
+class Observation:
+    """A prefill's last queries (B, Hq, W, D) and the keys they saw (B, H, T, D, the attention's own tensor), kept
+    until the layer's group folds their attention into its importance (`observe`)."""
+    query: torch.Tensor
+    keys: torch.Tensor
+    allowed: torch.Tensor     # (B, 1, W, T)
+    scaling: float
+    lse: bool                 # the last query's log2-sum-exp is wanted (class_norm="previous")
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.query, self.keys))
+
+
+def observe(layers: list) -> None:
+    """Fold each layer's kept `Observation` into its importance, as `attend` folds it (`_observe`): the scores a
+    layer, then the mask, softmax and fold of layers alike in one set of launches (rows stacked, each row's
+    arithmetic unchanged)."""
+    alike: dict = {}
+    for layer in layers:
+        ob = layer._observe_later
+        if ob is not None:
+            key = (ob.query.shape, ob.keys.shape[1:], ob.allowed.shape, ob.allowed.dtype, ob.lse, ob.scaling,
+                   tuple(layer.importance.shape[1:]), tuple(map(tuple, layer.observed.tolist())))
+            alike.setdefault(key, []).append(layer)
+    for group in alike.values():
+        obs = [layer._observe_later for layer in group]
+        B, _, W, _ = obs[0].query.shape
+        T = obs[0].keys.shape[-2]
+        scores = torch.cat([attention_scores(ob.query, ob.keys, ob.scaling) for ob in obs])
+        allowed = torch.cat([ob.allowed for ob in obs])
+        probs = probs_from_scores(scores, allowed, return_lse=obs[0].lse)
+        probs, lse = probs if obs[0].lse else (probs, None)
+        codes = fold_attention(torch.cat([layer.importance for layer in group]), probs, group[0].observed)
+        observed = add_range(group[0].observed, T - W, T)
+        for i, layer in enumerate(group):
+            layer.importance, layer.observed, layer._observe_later = codes[i * B:(i + 1) * B], observed, None
+            if lse is not None:   # an append layer's first previous normaliser (`_demote_begin`), log2
+                layer._last_lse = lse[i * B:(i + 1) * B, :, -1].clone()
 
 
 @dataclass
@@ -52,8 +101,9 @@ class FirstInputs:
 class FirstGroup:
     """The layers of one cache whose first allocation waits (shared by them: `SmartKV.bind`)."""
 
-    def __init__(self, layers: list, size: int):
-        self.layers, self.size, self.pending = layers, size, []
+    def __init__(self, layers: list, size: tuple[int, int]):
+        self.layers, self.pending = layers, []
+        self.size, self.max_bytes = size
         self._end = None   # (the last layer that can defer,), found at the first deferral
 
     def defer(self, layer) -> bool:
@@ -65,14 +115,20 @@ class FirstGroup:
         if self._end is None:   # the last layer that can defer (later ones are sliding, or not SmartKV's)
             able = [x for x in self.layers if getattr(x, "_first_group", None) is self and x._append_wanted()]
             self._end = (able[-1] if able else None,)
-        if len(self.pending) >= self.size or layer is self._end[0]:
+        if len(self.pending) >= self.size or layer is self._end[0] or self._held() >= self.max_bytes:
             self.run()
         return True
+
+    def _held(self) -> int:
+        """Bytes the waiting layers hold for their first allocations: prompts at full precision, kept keys."""
+        return sum(t.numel() * t.element_size() for layer in self.pending for t in (layer.win_k, layer.win_v)) + sum(
+            layer._observe_later.nbytes() for layer in self.pending if layer._observe_later is not None)
 
     def run(self) -> None:
         """Every pending layer's first allocation: the device work of all, one copy of their statistics to the
         host, then each layer's solve and placement (a layer whose allocation is no longer due is skipped)."""
         layers, self.pending = [layer for layer in self.pending if layer._first_due()], []
+        observe(layers)
         firsts = [layer._first_prepare(layer._first_due()) for layer in layers]
         if not firsts:
             return
@@ -87,6 +143,12 @@ class SmartKVFirst:
     """SmartKVLayer's part in its group's first allocation (`_first_group`: the cache's FirstGroup, or None)."""
 
     _first_group: FirstGroup | None = None
+    _observe_later: Observation | None = None
+
+    def _first_waits(self) -> bool:
+        """Whether a first allocation due now would wait for its group (`_first_defers`), told before the flush."""
+        group = self._first_group
+        return group is not None and group.size > 1 and bool(self._first_due())
 
     def _first_due(self) -> int:
         """Tokens the first allocation of an append layer would place now (0: it is not due)."""
@@ -109,6 +171,7 @@ class SmartKVFirst:
     def _first_prepare(self, n: int) -> FirstInputs:
         """The first allocation's device work (no wait): the window's oldest n tokens out of it, their weights and
         the statistics the host solve reads."""
+        observe([self])   # a kept observation (flushed without its group): folded as the group would
         self._stored = {}
         try:
             new_k, new_v = self._flush_inputs(n)

@@ -67,6 +67,7 @@ class SmartKVStorage:
         # (flush mix, ring size, demotion plan, ring class, the prompt's host rank profile, {budget: counts} solved
         # on it): `_append_split` to `_append_begin`
         self._app_plan = None
+        self._observe_later = None   # a prefill's attention kept for its first-allocation group's fold (first.py)
         self._group_heads = 1      # query heads per KV head (set by `attend`)
         self._last_lse = None      # an append layer's prompt: its last query's log2-sum-exp (B, Hq) until used
         self._static_tokens = 0    # static steps: tokens per sequence reserved (begin_static)
