@@ -6,7 +6,8 @@
 #   2. the prefill's phases at the runner's shape (SmolLM2, 30 layers, 8000 tokens), groups of 1 and 8, two rounds
 #      interleaved (profile_prefill.py --groups);
 #   3. the runner's own eager loop (8000 + 32 tokens), int4 and SmartKV's default at groups of 1 and 8 interleaved
-#      in one process (bench_runner_step.py --ab).
+#      in one process (bench_runner_step.py --ab), then with the append window passed as a new segment each step
+#      and as a stable one (SMARTKV_STABLE_WINDOW=0,1; the batched decode tests first).
 #   run(command="OUT=$OUT bash benchmarks/first_group_gpu.sh")   # outputs in $OUT; summary: first_group_gpu.out
 set -u
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
@@ -24,4 +25,9 @@ cat "$OUT/prefill.log"
 timeout 200 python benchmarks/bench_runner_step.py --context 8000 --new 32 --repeats 3 --modes eager \
     --rows 'int4,smartkv (default)' --ab SMARTKV_FIRST_GROUP=1,8 --json "$OUT/runner_ab.json" > "$OUT/runner_ab.log" 2>&1
 tail -8 "$OUT/runner_ab.log"
+timeout 150 python -m pytest tests/test_batched.py -q --tb=short -p no:cacheprovider > "$OUT/pytest_batched.txt" 2>&1
+grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest_batched.txt" | tail -8 | cut -c1-200
+timeout 200 python benchmarks/bench_runner_step.py --context 8000 --new 32 --repeats 3 --modes eager \
+    --rows 'int4,smartkv (default)' --ab SMARTKV_STABLE_WINDOW --json "$OUT/window_ab.json" > "$OUT/window_ab.log" 2>&1
+tail -8 "$OUT/window_ab.log"
 } 2>&1 | tee "$OUT/first_group_gpu.out"

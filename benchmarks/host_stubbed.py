@@ -1,7 +1,7 @@
 """Host microseconds of a decode step's and a flush's Python on any machine: `decode_attention` at the runner's
 shape (8K tokens x 1 sequence, head_dim 64, 3 KV heads, 9 query heads) over int4's one segment and over SmartKV's
 class segments as an append layer passes them (sinks, classes and ring stable, class rows folding their importance,
-the window new each call with its probabilities folded), and `kernels.move_rows` over a class's seven tensors, with
+the window with its probabilities folded: new each call, as before, and stable with its length on the device), and `kernels.move_rows` over a class's seven tensors, with
 every Triton launch stubbed out (nothing is computed: only the host work around the launches is timed). The GPU
 host's own Python runs ~1.5-2x slower than this project's CPU; the launches add ~20 us each there (`launch_cost.py`).
 
@@ -55,13 +55,21 @@ def main() -> None:
     def smartkv_step():
         return kern.decode_attention(q, segs + [KVSegment(window.keys, window.values)], 0.125,
                                      return_token_probs=True, probs_out=probs_out, fold=fold, lse_io=lse)
+
+    # the window as append layers pass it: a stable segment over buffers with room, its length on the device
+    win = KVSegment(window.keys, window.values, lengths=torch.full((1,), T, dtype=torch.int32), stable=True)
+
+    def smartkv_stable_window():
+        return kern.decode_attention(q, segs + [win], 0.125, return_token_probs=True, probs_out=probs_out,
+                                     fold=fold, lse_io=lse)
     C = 3000
     xs = [torch.zeros(1, 3, C, F, dtype=dt) for F, dt in ((16, torch.uint8), (1, torch.float16), (1, torch.float16),
                                                          (32, torch.uint8), (1, torch.float16), (1, torch.float16),
                                                          (1, torch.uint8))]
     src, n = torch.arange(C).repeat(1, 3, 1), torch.tensor([C - 5])
     print(f"decode_attention, int4's segment: {us(lambda: kern.decode_attention(q, int4, 0.125), args.calls):.1f} us")
-    print(f"decode_attention, SmartKV's {len(segs) + 1} segments with folds: {us(smartkv_step, args.calls):.1f} us")
+    print(f"decode_attention, SmartKV's {len(segs) + 1} segments with folds: {us(smartkv_step, args.calls):.1f} us "
+          f"(the window new each call); {us(smartkv_stable_window, args.calls):.1f} us (the window stable)")
     print(f"move_rows, 7 tensors of {C} rows: {us(lambda: kern.move_rows(xs, src, n), args.calls):.1f} us")
     if args.profile:
         pr = cProfile.Profile()

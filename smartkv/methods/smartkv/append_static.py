@@ -128,9 +128,10 @@ class SmartKVAppendStatic:
                 spare = q.codes.shape[-2] - n
                 out += sum(spare * t[..., :1, :].numel() * t.element_size() for t in (q.codes, q.scale, q.zero))
         out += (a.cmap.shape[-1] - classmap.used_bytes(self.n_middle - a.ring_n)) * self.batch_size * self.num_heads
-        held = self._window_stats_buffer() if a.buf is None else None   # ordinary steps
-        if held is not None:
-            out += (held[0].shape[-1] - a.wimp.shape[-1]) * self.batch_size * (self.num_heads + 1)
+        held = self._window_buffer() if a.buf is None else None   # ordinary steps: the window's buffers' spare
+        if held is not None:   # rows, and its device length (as a static phase's buffers are counted)
+            out += sum(t.numel() * t.element_size() for t in held) - sum(
+                t.numel() * t.element_size() for t in (self.win_k, self.win_v, a.wimp, a.wseen))
         if a.ring:   # the ring's statistics in slots not yet filled (it fills from slot 0)
             out += (a.ring - a.ring_n) * sum(t[..., :1].numel() * t.element_size() for t in (a.rimp, a.rseen))
         if a.cimp is not None:

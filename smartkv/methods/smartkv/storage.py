@@ -78,12 +78,11 @@ class SmartKVStorage:
         if n_sink:
             self.sink_k = torch.cat([self.sink_k, key_states[..., :n_sink, :].to(self.window_dtype)], -2)
             self.sink_v = torch.cat([self.sink_v, value_states[..., :n_sink, :].to(self.window_dtype)], -2)
+        if self._app is not None:   # a view of buffers with room; only the window's tokens keep importance statistics
+            return self._append_store(key_states[..., n_sink:, :], value_states[..., n_sink:, :])
         self.win_k = torch.cat([self.win_k, key_states[..., n_sink:, :].to(self.window_dtype)], -2)
         self.win_v = torch.cat([self.win_v, value_states[..., n_sink:, :].to(self.window_dtype)], -2)
         B, H = self.batch_size, self.num_heads
-        if self._app is not None:   # only the window's tokens keep importance statistics
-            self._append_store(key_states.shape[-2])
-            return
         unseen = self.importance.new_full((B, H, key_states.shape[-2]), UNSEEN)  # encode_importance(0)
         self.importance = torch.cat([self.importance, unseen], -1)
 
