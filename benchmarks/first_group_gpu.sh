@@ -15,8 +15,8 @@ OUT=${OUT:-benchmarks/raw/latest}
 mkdir -p "$OUT"
 {
 nvidia-smi --query-gpu=name --format=csv,noheader
-git log -1 --format='commit %h %s' 2>/dev/null | cut -c1-100
 timeout 240 python -m pytest tests/test_first_group.py "tests/test_append.py::test_fused_and_static_steps_equal_the_reference_path" \
+    "tests/test_append.py::test_the_window_is_one_stable_segment_with_the_same_results" \
     -q --tb=short -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
 grep -E "^(FAILED|E )|passed|failed" "$OUT/pytest.txt" | tail -8 | cut -c1-200
 timeout 200 python benchmarks/profile_prefill.py --shape smollm2 --layers 30 --context 8000 \

@@ -395,6 +395,40 @@ def test_fused_and_static_steps_equal_the_reference_path(tiny_llama, kernels, de
     assert static.memory_report() == fused.memory_report()
 
 
+def test_the_window_is_one_stable_segment_with_the_same_results(tiny_llama, kernels, decode, monkeypatch):
+    """An ordinary step passes the window as a stable segment over buffers with room, its length on the device
+    (decode_attention keeps it in the batched table, no row copied a step): the same object step after step until
+    a flush, and the same tokens, logits and state as the window passed as a new segment each step."""
+    from smartkv.kernels import batched
+    dev = next(tiny_llama.parameters()).device
+    ids = _ids().to(dev)
+    seen, call = [], batched.call
+
+    def recorded(g, segments, *args, **kwargs):
+        out = call(g, segments, *args, **kwargs)
+        seen.append((segments[-1], out.tail is None))
+        return out
+
+    monkeypatch.setattr(batched, "call", recorded)
+    runs = {}
+    for stable in ("0", "1"):
+        monkeypatch.setenv("SMARTKV_STABLE_WINDOW", stable)
+        seen.clear()
+        tokens, logits, cache, _ = decode(tiny_llama, "smartkv", ids, 8, "eager", **P)
+        runs[stable] = tokens, logits, cache, list(seen)
+    tokens, logits, cache, calls = runs["1"]
+    assert torch.equal(tokens, runs["0"][0]) and torch.equal(logits, runs["0"][1])
+    for a, b in zip(cache.layers, runs["0"][2].layers, strict=True):
+        assert torch.equal(a.win_k, b.win_k) and torch.equal(a._app.wimp, b._app.wimp)
+        assert torch.equal(a._app.wseen, b._app.wseen)
+    assert calls and all(no_tail for _, no_tail in calls)   # the window a row of the kept table
+    assert not any(no_tail for _, no_tail in runs["0"][3])
+    windows = [w for w, _ in calls]
+    assert all(w.stable and w.lengths is not None for w in windows)
+    # one object a window buffer: far fewer than the steps (a buffer lasts from one flush to the next)
+    assert len({id(w) for w in windows}) < len(windows) // 2
+
+
 def test_probabilities_of_some_segments_equal_those_of_all():
     """decode_attention with a None entry in probs_out skips that segment's probabilities; the rest are those of
     the full call (on whichever path this machine takes: CUDA, Triton, or the reference)."""
