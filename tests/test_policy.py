@@ -264,6 +264,31 @@ def test_a_profile_asked_again_answers_as_a_fresh_solve_from_one_table():
         counts_for_budgets(ProfileCounts(smooth), [9.0])
 
 
+def test_tables_made_on_the_device_are_the_hosts_and_answer_alike():
+    """`device_tables` (an append layer's first allocation makes its profile's solve tables where the profile is,
+    rows of several layers at once) equal the host's `_thresholds` value for value, ties included, on every row
+    of a stack, and a `ProfileCounts` given them answers as one that made its own; tables of another size are
+    refused."""
+    from smartkv.core.counts import ProfileCounts, _thresholds, device_tables
+    from smartkv.core.policy import rank_profile
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(7)
+    for n, power, widths in [(3000, 3, WIDTHS), (517, 8, (2, 4)), (64, 1, (2, 3, 4, 8)), (1, 2, WIDTHS)]:
+        rows = [rank_profile(torch.rand(3, n, generator=g, dtype=torch.float64) ** power) for _ in range(3)]
+        rows[1] = torch.round(rows[1] * 16) / 16   # ties among the thresholds
+        stacked = device_tables(torch.stack(rows).to(dev), widths).cpu()
+        for profile, tables in zip(rows, stacked):
+            own = ProfileCounts(profile, widths)
+            given = ProfileCounts(profile, widths, tables=tables)
+            for x, y in zip(_thresholds(own.counter), given.counter._sweep_tables, strict=True):
+                assert x.shape == y.shape and (x == y).all()
+            budgets = [min(widths) + 0.31 * i for i in range(20) if min(widths) + 0.31 * i <= max(widths)]
+            assert given.counts(budgets) == own.counts(budgets)
+    with pytest.raises(ValueError, match="do not fit a profile of 3000 tokens"):
+        ProfileCounts(torch.rand(3000, dtype=torch.float64), WIDTHS, tables=torch.zeros(5, dtype=torch.float64))
+
+
 def test_bit_counts_at_many_lambdas_equal_one_at_a_time():
     """`_BitCounter.totals` (the vectorised count the bisections use) equals `total` exactly, also at lam where
     tokens sit on a breakpoint (ties: the exact recount)."""

@@ -4,12 +4,13 @@ and the append design's first allocation and demotion plan call these on the hos
 tokens a layer's prefill asks for 2 to 2 x 17 budgets)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
-from smartkv.core.solve import WIDTHS, _BitCounter, _lagrangian, _problem, _target, check_budget
+from smartkv.core.solve import WIDTHS, _BitCounter, _lagrangian, _problem, _target, check_budget, envelope_of
 
 
 def _lagrangian_many(counter: _BitCounter, targets: list[int]) -> list[float | None]:
@@ -97,6 +98,30 @@ def _thresholds(counter: _BitCounter) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return counter._sweep_tables
 
 
+def device_tables(profile: torch.Tensor, widths) -> torch.Tensor:
+    """`_thresholds`' tables of a rank profile (..., n) made where it is (the first allocation's device, rows of
+    several layers at once), flattened per row as [cols (J n), cs (J n), spent (J n)] float64: the host's values
+    (the same sort of the profile, IEEE divisions, a stable sort of the thresholds and suffix sums of integer
+    steps, exact in any order), so a `ProfileCounts` given them (`tables=`) answers as one that made its own."""
+    ws = torch.sort(profile.detach().double().clamp_min(0), dim=-1, stable=True).values   # `_BitCounter.sorted`
+    n = ws.shape[-1]
+    breaks, steps = _device_envelope(tuple(float(w) for w in sorted(widths)), ws.device)
+    if not breaks.numel() or not n:
+        return ws.new_zeros(*ws.shape[:-1], 0)
+    flat = (ws.unsqueeze(-2) / breaks[:, None]).flatten(-2)      # row j token i: w_i / x_j
+    cs, order = torch.sort(flat, dim=-1, stable=True)
+    tail = steps.repeat_interleave(n)[order].flip(-1).cumsum(-1).flip(-1)   # the steps of cs[k:]
+    spent = torch.cat([tail[..., 1:], tail.new_zeros(*tail.shape[:-1], 1)], -1)
+    return torch.cat([flat, cs, spent], -1)
+
+
+@functools.cache
+def _device_envelope(widths: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`envelope_of`'s breakpoints and steps as float64 tensors on `device` (made once)."""
+    breaks, steps, _ = envelope_of(widths)
+    return (torch.tensor(breaks, dtype=torch.float64).to(device), torch.tensor(steps, dtype=torch.float64).to(device))
+
+
 def _fill_sorted(w: np.ndarray, idx: np.ndarray, w_vals: np.ndarray, slack: int) -> np.ndarray:
     """`_fill` in numpy, the same arithmetic: spend `slack` left-over bits on the best upgrades per bit."""
     k = len(w_vals)
@@ -152,11 +177,18 @@ class ProfileCounts:
     thresholds tabled (`_thresholds`) once. An append layer's first allocation asks on its prompt's profile for
     the ring's widths, then for the demotion plan's budgets, which depend on them."""
 
-    def __init__(self, weight_profile: torch.Tensor, widths=WIDTHS):
+    def __init__(self, weight_profile: torch.Tensor, widths=WIDTHS, tables: torch.Tensor | None = None):
         self.widths = tuple(widths)
         w, self.w_vals, _ = _problem(weight_profile, min(widths), widths)   # the profile to the host once
         self.profile, self.n = w, w.numel()
         self.counter = _BitCounter(w, self.w_vals) if self.n else None
+        J = len(self.counter.breaks) if self.n else 0
+        if tables is not None and J:   # `device_tables` of this profile, on the host: not made again here
+            if tables.numel() != 3 * J * self.n:
+                raise ValueError(f"tables of {tables.numel()} values do not fit a profile of {self.n} tokens and "
+                                 f"{J} breakpoints (3 x {J * self.n})")
+            cols, cs, spent = tables.double().cpu().numpy().reshape(3, J * self.n)
+            self.counter._sweep_tables = (cols.reshape(J, self.n), cs, spent)
 
     def counts(self, budgets: list) -> list[dict[int, int]]:
         outs = [dict.fromkeys(sorted(self.widths, reverse=True), 0) for _ in budgets]

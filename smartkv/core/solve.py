@@ -4,6 +4,7 @@ and the exact bit counter its Lagrangian searches share with `core.counts` (toke
 profile, at many budgets at once)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -25,6 +26,24 @@ def _choose(weight: torch.Tensor, lam: float, widths: torch.Tensor) -> torch.Ten
     return cost.argmin(-1)
 
 
+@functools.cache
+def envelope_of(widths: tuple) -> tuple[tuple, tuple, tuple]:
+    """(breakpoints, bits each one steps up, width index after each, from the narrowest's 0) of the lower envelope
+    of the lines x * 4^-b + b over `widths` (ascending float64 values): `_BitCounter`'s, made once per widths."""
+    b = np.asarray(widths, dtype=np.float64)
+    a = 4.0 ** -b
+    # envelope from x = 0 (narrowest width) upwards: at each step the next width whose line crosses first
+    breaks, steps, envelope, cur = [], [], [0], 0
+    while cur < len(b) - 1:
+        xs = [(b[j] - b[cur]) / (a[cur] - a[j]) for j in range(cur + 1, len(b))]
+        j = cur + 1 + int(np.argmin(xs))
+        breaks.append(xs[j - cur - 1])
+        steps.append(b[j] - b[cur])
+        envelope.append(j)
+        cur = j
+    return tuple(breaks), tuple(steps), tuple(envelope)
+
+
 class _BitCounter:
     """sum(widths[_choose(w, lam)]) for many lam in O(k log n) each, equal to evaluating `_choose` on every token.
 
@@ -39,15 +58,8 @@ class _BitCounter:
     def __init__(self, w: torch.Tensor, widths: torch.Tensor):
         self.sorted = np.sort(w.numpy(), kind="stable")   # timsort: a sorted profile in O(n)
         a, b = (4.0 ** -widths.numpy()), widths.numpy()
-        # envelope from x = 0 (narrowest width) upwards: at each step the next width whose line crosses first
-        self.breaks, self.steps, self.envelope, cur = [], [], [0], 0
-        while cur < len(b) - 1:
-            xs = [(b[j] - b[cur]) / (a[cur] - a[j]) for j in range(cur + 1, len(b))]
-            j = cur + 1 + int(np.argmin(xs))
-            self.breaks.append(xs[j - cur - 1])
-            self.steps.append(b[j] - b[cur])
-            self.envelope.append(j)
-            cur = j
+        breaks, steps, envelope = envelope_of(tuple(widths.tolist()))
+        self.breaks, self.steps, self.envelope = list(breaks), list(steps), list(envelope)
         self.base = float(b[0]) * len(self.sorted)
         self.values, self.pows = b, a             # _choose's terms, for the same float64 operations in numpy
 

@@ -30,7 +30,7 @@ import torch
 
 from smartkv.cache.buffers import grown
 from smartkv.core.classes import flush_mix, joint_counts, joint_plan, ring_widths, staircase
-from smartkv.core.counts import ProfileCounts
+from smartkv.core.counts import ProfileCounts, device_tables
 from smartkv.core.importance import (decode_importance, encode_importance, kv_head_mass, seen_counts,
                                      seen_from_ranges)
 from smartkv.core.policy import counts_for_budgets, rank_profile
@@ -99,10 +99,13 @@ class SmartKVAppend:
 
     # ---------------------------------------------------------------- from the first allocation
     def _append_stats(self, weights: torch.Tensor) -> torch.Tensor:
-        """What `_append_split` reads of the weights (R, n) on the host, (n + 1,) float64 on their device: the rank
-        profile and the mean weight of the prompt's newest `ring_tokens`."""
+        """What `_append_split` reads of the weights (R, n) on the host, float64 on their device: the rank profile,
+        the mean weight of the prompt's newest `ring_tokens`, and the profile's solve tables (`device_tables`:
+        made on the device, where a group's layers queue them without the host's array work)."""
         n, A = weights.shape[1], self.config.ring_tokens // self.config.realloc_every * self.config.realloc_every
-        return torch.cat([rank_profile(weights), weights[:, -max(min(A, n), 1):].double().mean().reshape(1)])
+        profile = rank_profile(weights)
+        return torch.cat([profile, weights[:, -max(min(A, n), 1):].double().mean().reshape(1),
+                          device_tables(profile, self.widths)])
 
     def _append_split(self, weights: torch.Tensor, kinds: tuple, stats: torch.Tensor) -> tuple:
         """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned with
@@ -113,7 +116,8 @@ class SmartKVAppend:
         cfg, P, lo = self.config, self.config.realloc_every, min(self.widths)
         n, A = weights.shape[1], cfg.ring_tokens // P * P
         profile = stats[:n]
-        solver = ProfileCounts(profile, self.widths)   # sorted and tabled once: the ring's and the plan's solves
+        # sorted once, its tables made on the device: the ring's and the plan's solves
+        solver = ProfileCounts(profile, self.widths, tables=stats[n + 1:])
         budgets = (self.budget_k, self.budget_v)
         mix = flush_mix(profile, budgets, self.widths, P)
         top = ring_widths(solver, float(stats[n]), budgets, self.widths, A) if A else mix[0][:2]
@@ -190,19 +194,21 @@ class SmartKVAppend:
         cid = torch.empty(R, Tq, dtype=torch.uint8, device=self.device).scatter_(
             1, order, host_to(by_rank, torch.uint8, self.device).expand(R, Tq)).reshape(B, H, Tq)
         by_class = torch.argsort(cid, dim=-1, stable=True)   # class after class, each in position order
+        # each kind's tokens gathered once, class after class: a class's rows are one slice of them
         (_, new_k, _), (_, new_v, _) = kinds
-        ks, vs, ns, rows_at, start = [], [], [], [], 0
+        at = by_class[..., None].expand(-1, -1, -1, new_k.shape[-1])
+        by_k, by_v = new_k.gather(2, at), new_v.gather(2, at)
+        ks, vs, ns, starts, start = [], [], [], [], 0
         for kw, vw in widths:
             n = prompt.get((kw, vw), 0)
             cap = n + 4 * per_flush.get((kw, vw), 0)    # room for a few flushes; `_append_reserve` grows it
-            rows_at.append(by_class[..., start:start + n])   # the class's positions, row order
-            pos = rows_at[-1][..., None]
-            start += n
-            for out, x, w in ((ks, new_k, kw), (vs, new_v, vw)):
+            for out, x, w in ((ks, by_k, kw), (vs, by_v, vw)):
                 buf = _alloc(self._empty_pool(w), cap)   # quantized in place: no copy of the class's rows into it
                 if n:
-                    quantize_pack(x.gather(2, pos.expand(-1, -1, -1, x.shape[-1])), w, self.group, -1, out=buf)
+                    quantize_pack(x[..., start:start + n, :], w, self.group, -1, out=buf)
                 out.append(buf)
+            starts.append(start)
+            start += n
             ns.append(n)
         cmap = classmap.new_map(cid, Tq + 4 * P)
         rank_class = host_to([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], torch.uint8, self.device)
@@ -224,7 +230,7 @@ class SmartKVAppend:
             a.ring, a.rseen = A, torch.zeros(B, A, dtype=torch.uint8, device=self.device)
             a.rimp = torch.full((B, H, A), 255, dtype=torch.uint8, device=self.device)
             a.head, a.ring_len = (torch.zeros(B, dtype=torch.int32, device=self.device) for _ in range(2))
-            self._demote_begin(plan, ids, rows_at)
+            self._demote_begin(plan, ids, by_class, starts)
         self._last_lse = None
         self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
         self._classes, self._class_major = None, False

@@ -68,11 +68,11 @@ class SmartKVDemote:
             plan[due[j]][(cls[k // (W * W)], cls[k % (W * W)])] = int(round(tally[j, k]))
         return plan, dict(zip(left[0] + left[1], both))
 
-    def _demote_begin(self, plan: list, ids: dict, rows_at: list) -> None:
+    def _demote_begin(self, plan: list, ids: dict, by_class: torch.Tensor, starts: list) -> None:
         """After `_append_begin` made the class buffers: the plan in class ids and each class row's importance (the
-        prompt's mean attention, as 8-bit codes in class-row order: `rows_at`, per class the middle positions (B, H,
-        n) of its rows), every token counted as seen by the prompt's `observe_window` queries (one denominator: the
-        ranking within a row needs no per-token count)."""
+        prompt's mean attention, as 8-bit codes in class-row order: `by_class` (B, H, n) the middle positions class
+        after class, each class's rows from `starts`), every token counted as seen by the prompt's `observe_window`
+        queries (one denominator: the ranking within a row needs no per-token count)."""
         a, Tq = self._app, self.n_middle
         a.plan = [[(ids[c], ids[t], k) for (c, t), k in sorted(moves.items(), key=lambda e: (e[0][0], e[0][1]))]
                   for moves in plan]
@@ -92,7 +92,9 @@ class SmartKVDemote:
         a.move_k = host_to(table, dtype, self.device)
         s0 = self.sink_k.shape[-2]
         codes = self.importance[..., s0:s0 + Tq]
-        a.cimp = [self._grow_rows(codes.gather(-1, at), q.codes.shape[-2]) for at, q in zip(rows_at, a.k)]
+        codes = codes.gather(-1, by_class)   # each class's rows one slice, each kept in a buffer of its own
+        a.cimp = [self._grow_rows(codes[..., s:s + n], cap) if cap > n else codes[..., s:s + n].clone()
+                  for s, n, cap in zip(starts, a.n, (q.codes.shape[-2] for q in a.k))]
         a.cseen = torch.full((1,), float(self.config.observe_window), device=self.device)
         if self.config.class_norm == "previous":   # the first step's previous normaliser: the prompt's last query's
             last = self._last_lse
