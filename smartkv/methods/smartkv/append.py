@@ -22,7 +22,6 @@ docs/smartkv.md ("Append re-allocation") has its measured speed and quality agai
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -338,17 +337,6 @@ class SmartKVAppend:
         a.segs = None if static else (key, segs)
         return list(segs)
 
-    def _window_segment(self) -> KVSegment:
-        """The window as an ordinary step reads it: over `_append_store`'s buffers, its length on the device, the
-        same object until the buffers change (so `decode_attention` keeps it in its batched launch's table)."""
-        a, held = self._app, self._window_buffer()
-        if held is None or os.environ.get("SMARTKV_STABLE_WINDOW", "1") == "0":
-            # a window that is no view of the buffers (a static phase's end), or the A/B's "before": its own tensors
-            return KVSegment(self.win_k, self.win_v)
-        if a.wseg is None or a.wseg.keys is not held[0]:
-            a.wseg = KVSegment(held[0], held[1], lengths=held[4], stable=True)
-        return a.wseg
-
     def _append_observe(self, probs: torch.Tensor, allowed: torch.Tensor, lse: torch.Tensor) -> None:
         """The reference path's fold (probs (B, Hq, W, T), allowed (B, 1, W, T), lse (B, Hq, W) the queries'
         log2-sum-exp): into the ring's and window's codes (and while the ring fills, the class rows', as the fused
@@ -381,31 +369,3 @@ class SmartKVAppend:
         s = counts.float()
         mean = (decode_importance(codes) * s[:, None, :] + mass) / (s + queries).clamp_min(1)[:, None, :]
         return encode_importance(mean), self._count(s + queries)
-
-    def _window_buffer(self) -> tuple | None:
-        """`_append_store`'s buffers (keys, values, codes, counts, length) while the window is a view of them."""
-        a = self._app
-        held = a.wbuf
-        return held if held is not None and held[0].data_ptr() == self.win_k.data_ptr() else None
-
-    def _append_store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Tokens k, v (B, H, n, D) enter the window (ordinary steps), their statistics at 0 (code 255, no query).
-        The window is a view of buffers with room for a full window (`recent_window + realloc_every`), whose rows
-        past it hold zeros, code 255 and count 0, and its length is on the device too: a decode step reads it as a
-        stable segment (one batched launch, no row of its own to copy), and a flush's copy is a new buffer.
-        SMARTKV_STABLE_WINDOW=0 passes the window as a new segment each step instead (A/B runs)."""
-        a = self._app
-        m, n, held = self.win_k.shape[-2], k.shape[-2], self._window_buffer()
-        if held is None or m + n > held[0].shape[-2]:
-            B, H, D = self.batch_size, self.num_heads, self.head_dim
-            cap = max(m + n, self.config.recent_window + self.config.realloc_every)
-            held = a.wbuf = (self.win_k.new_zeros(B, H, cap, D), self.win_v.new_zeros(B, H, cap, D),
-                             a.wimp.new_full((B, H, cap), 255), a.wseen.new_zeros(B, cap),
-                             torch.zeros(B, dtype=torch.int32, device=self.device))
-            held[0][..., :m, :], held[1][..., :m, :], held[2][..., :m], held[3][:, :m] = (
-                self.win_k, self.win_v, a.wimp, a.wseen)
-            a.wseg = None
-        held[0][..., m:m + n, :], held[1][..., m:m + n, :] = k, v
-        held[4].fill_(m + n)
-        self.win_k, self.win_v = held[0][..., :m + n, :], held[1][..., :m + n, :]
-        a.wimp, a.wseen = held[2][..., :m + n], held[3][:, :m + n]

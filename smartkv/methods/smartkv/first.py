@@ -4,16 +4,20 @@ A prefill is bound by host work a layer (docs/smartkv.md, the prefill's ladder):
 allocation waited for the device once, then solved and placed its prompt while the card idled. Here a layer whose
 first allocation comes due after its attention (or after `append`, a cache filled without a model) defers it: its
 prompt stays in its window at full precision, as DynamicCache holds it, until the group's last layer has attended
-(the group's size in layers, or the model's last layer that can defer). Then the group's device work is queued
-for every layer, its statistics reach the host in one copy, and each layer's solve and placement follow. A
-deferred layer is an ordinary layer whose flush has not run yet: anything that reads or extends it first runs
-its group (`_settle`), and a layer flushed on its own (a forward that stopped part way) takes the per-layer path,
-which gives the same state.
+(the group's size in layers, or the model's last layer that can defer). Then the fold of the group's prompt
+attention runs in one set of launches (`observe`: each layer keeps its last queries and the keys they saw), each
+layer's device work is queued (its weights, rank profile and solve tables: `counts.device_tables`), everything the
+host solves read reaches it in one copy, and each layer's solve and placement follow. A deferred layer is an
+ordinary layer whose flush has not run yet: anything that reads or extends it first runs its group (`_settle`),
+and a layer flushed on its own (a forward that stopped part way) takes the per-layer path, which gives the same
+state, bit for bit.
 
-SMARTKV_FIRST_GROUP: layers a group holds at most (default 8; 1: each layer on its own, the A/B baseline). The
-group bounds the transient: a layer's prompt keys and values are 2 x KV heads x head_dim values a token against
-the MLP activations a layer's prefill holds anyway (SmolLM2: 384 against 3072 and more; Llama-3-8B 2048 against
-28672), so eight layers' deferred prompts stay within one layer's working set.
+SMARTKV_FIRST_GROUP: layers a group holds at most (default 8; 1: each layer on its own, the A/B baseline);
+SMARTKV_FIRST_GROUP_MIB: bytes (default 256 MiB) the waiting layers may hold (their prompts at full precision and
+the keys their observation keeps), past which the group runs at once. A layer's prompt keys and values are 2 x KV
+heads x head_dim values a token against the MLP activations its prefill holds anyway (SmolLM2: 384 against 3072 and
+more), so a short prompt's group of eight stays within one layer's working set, and a large batch's chunked fill
+(where one layer's chunk is past the bytes) keeps the per-layer transient.
 """
 from __future__ import annotations
 

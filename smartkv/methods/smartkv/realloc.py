@@ -74,15 +74,6 @@ class SmartKVRealloc:
         finally:
             self._stored = None
 
-    def _flush_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window's oldest `n` tokens, taken out of it, in stored space (B, H, n, D) fp32 (the key
-        normalisation fitted on them when none is yet)."""
-        new_k, new_v = self.win_k[..., :n, :].float(), self.win_v[..., :n, :].float()
-        self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
-        if self.k_mu is None:
-            self._fit_key_norm(new_k)
-        return self._to_stored(new_k, new_v)
-
     @property
     def block_tokens(self) -> int:
         """Tokens sharing one width: the config's on full-attention layers, 1 on sliding-window layers, whose
@@ -100,16 +91,6 @@ class SmartKVRealloc:
         bt = self.block_tokens
         short = -n % bt
         return n + short if short <= self.config.recent_window // 2 else n - n % bt
-
-    def _fit_key_norm(self, keys: torch.Tensor) -> None:
-        B, H, _, D = keys.shape
-        mode = self.config.key_norm
-        mu = keys.mean(-2, keepdim=True) if mode in ("channel", "center") else keys.new_zeros(B, H, 1, D)
-        if mode == "channel":
-            scale = (keys - mu).abs().amax(-2, keepdim=True).clamp_min(1e-3)
-        else:
-            scale = keys.new_ones(B, H, 1, D)
-        self.k_mu, self.k_scale = mu.half(), scale.half()
 
     def _weights(self, new_k: torch.Tensor, new_v: torch.Tensor) -> torch.Tensor:
         """Allocation weights (B * H, T) of the middle's tokens and the `n` new ones (stored space (B, H, n, D))."""
