@@ -29,7 +29,7 @@ import torch
 
 from smartkv.cache.buffers import grown
 from smartkv.core.classes import flush_mix, joint_counts, joint_plan, ring_widths, staircase
-from smartkv.core.counts import ProfileCounts, device_tables
+from smartkv.core.counts import ProfileCounts
 from smartkv.core.importance import (decode_importance, encode_importance, kv_head_mass, seen_counts,
                                      seen_from_ranges)
 from smartkv.core.policy import counts_for_budgets, rank_profile
@@ -98,17 +98,16 @@ class SmartKVAppend:
 
     # ---------------------------------------------------------------- from the first allocation
     def _append_stats(self, weights: torch.Tensor) -> torch.Tensor:
-        """What `_append_split` reads of the weights (R, n) on the host, float64 on their device: the rank profile,
-        the mean weight of the prompt's newest `ring_tokens`, and the profile's solve tables (`device_tables`:
-        made on the device, where a group's layers queue them without the host's array work)."""
+        """What `_append_split` reads of the weights (R, n) on the host, (n + 1,) float64 on their device: the rank
+        profile and the mean weight of the prompt's newest `ring_tokens` (the profile's solve tables follow them,
+        `device_tables`, made for a group's layers at once: first.py)."""
         n, A = weights.shape[1], self.config.ring_tokens // self.config.realloc_every * self.config.realloc_every
-        profile = rank_profile(weights)
-        return torch.cat([profile, weights[:, -max(min(A, n), 1):].double().mean().reshape(1),
-                          device_tables(profile, self.widths)])
+        return torch.cat([rank_profile(weights), weights[:, -max(min(A, n), 1):].double().mean().reshape(1)])
 
     def _append_split(self, weights: torch.Tensor, kinds: tuple, stats: torch.Tensor) -> tuple:
         """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned with
-        each kind's budget less the layer's bookkeeping, `_append_charge`; `stats`: `_append_stats` on the host):
+        each kind's budget less the layer's bookkeeping, `_append_charge`; `stats`: `_append_stats` on the host,
+        then the profile's `device_tables`):
         solve the flush mix on the n tokens' profile, choose the ring's class (`ring_widths`), size the ring
         (`ring_tokens`, less where the n tokens cannot pay for it) and plan the demotions that pay for it as it
         fills (`_demotion_plan`)."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from smartkv.core.counts import device_tables
 from smartkv.core.importance import add_range, attention_scores, fold_attention, probs_from_scores
 from smartkv.core.policy import block_weights
 
@@ -136,11 +137,21 @@ class FirstGroup:
         firsts = [layer._first_prepare(layer._first_due()) for layer in layers]
         if not firsts:
             return
-        stats = torch.cat([f.stats for f in firsts]).cpu()   # the group's one wait for the device
+        # every profile's solve tables in one set of launches (rows of the same tokens and widths stacked), then
+        # the group's one wait for the device
+        tables: list = [None] * len(firsts)
+        alike: dict = {}
+        for i, (layer, first) in enumerate(zip(layers, firsts)):
+            alike.setdefault((first.n, layer.widths), []).append(i)
+        for (n, widths), rows in alike.items():
+            for i, t in zip(rows, device_tables(torch.stack([firsts[i].stats[:n] for i in rows]), widths)):
+                tables[i] = t
+        host = torch.cat([x for first, t in zip(firsts, tables) for x in (first.stats, t)]).cpu()
         at = 0
-        for layer, first in zip(layers, firsts):
-            layer._first_finish(first, stats[at:at + first.stats.numel()])
-            at += first.stats.numel()
+        for layer, first, t in zip(layers, firsts, tables):
+            size = first.stats.numel() + t.numel()
+            layer._first_finish(first, host[at:at + size])
+            at += size
 
 
 class SmartKVFirst:
@@ -185,8 +196,13 @@ class SmartKVFirst:
         kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
         return FirstInputs(n, weights, kinds, self._append_stats(weights))
 
+    def _first_stats(self, first: FirstInputs) -> torch.Tensor:
+        """`_first_finish`'s statistics of a layer on its own: `first.stats` and its profile's solve tables."""
+        return torch.cat([first.stats, device_tables(first.stats[:first.n], self.widths)]).cpu()
+
     def _first_finish(self, first: FirstInputs, stats: torch.Tensor) -> None:
-        """The host solve and the placement, `stats`: `first.stats` on the host."""
+        """The host solve and the placement, `stats`: `first.stats` and its profile's `device_tables`, on the
+        host."""
         weights, kinds = self._append_split(first.weights, first.kinds, stats)
         self.n_middle += first.n
         self._append_begin(weights, kinds)

@@ -60,7 +60,7 @@ class SmartKVRealloc:
                 return
             if not self.n_middle and self._append_wanted():   # append.py: the prompt into class buffers, a ring
                 first = self._first_prepare(n)
-                return self._first_finish(first, first.stats.cpu())
+                return self._first_finish(first, self._first_stats(first))
             new_k, new_v = self._flush_inputs(n)
             weights = block_weights(self._weights(new_k, new_v), self.block_tokens)
             kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
