@@ -7,6 +7,7 @@ import torch
 
 import smartkv
 from smartkv.cache.hf_compat import cache_kwargs
+from smartkv.core.counts import device_tables
 from smartkv.methods.smartkv import SmartKVLayer
 from smartkv.methods.smartkv.first import group_size
 from smartkv.models import load_tiny
@@ -78,7 +79,8 @@ def test_each_layer_solves_on_its_own_statistics(five, monkeypatch):
     finish = SmartKVLayer._first_finish
 
     def recorded(self, first, stats):
-        got.append((self.layer_idx, stats.clone(), self._first_stats(first)))   # as a layer alone makes them
+        own = torch.cat([first.stats, device_tables(first.stats[:first.n], self.widths)]).cpu()   # this layer's
+        got.append((self.layer_idx, stats.clone(), own))
         return finish(self, first, stats)
 
     monkeypatch.setattr(SmartKVLayer, "_first_finish", recorded)

@@ -111,10 +111,8 @@ class FirstGroup:
         self.size, self.max_bytes = size
         self._end = None   # (the last layer that can defer,), found at the first deferral
 
-    def defer(self, layer) -> bool:
-        """Whether `layer`'s due first allocation is taken here (queued, or run with its group's now)."""
-        if self.size <= 1:
-            return False
+    def defer(self, layer) -> None:
+        """Take `layer`'s due first allocation: queued, or run with its group's now."""
         if layer not in self.pending:
             self.pending.append(layer)
         if self._end is None:   # the last layer that can defer (later ones are sliding, or not SmartKV's)
@@ -122,7 +120,6 @@ class FirstGroup:
             self._end = (able[-1] if able else None,)
         if len(self.pending) >= self.size or layer is self._end[0] or self._held() >= self.max_bytes:
             self.run()
-        return True
 
     def _held(self) -> int:
         """Bytes the waiting layers hold for their first allocations: prompts at full precision, kept keys."""
@@ -132,26 +129,31 @@ class FirstGroup:
     def run(self) -> None:
         """Every pending layer's first allocation: the device work of all, one copy of their statistics to the
         host, then each layer's solve and placement (a layer whose allocation is no longer due is skipped)."""
-        layers, self.pending = [layer for layer in self.pending if layer._first_due()], []
+        due, self.pending = [(layer, layer._first_due()) for layer in self.pending], []
+        layers = [layer for layer, n in due if n]
         observe(layers)
-        firsts = [layer._first_prepare(layer._first_due()) for layer in layers]
-        if not firsts:
-            return
-        # every profile's solve tables in one set of launches (rows of the same tokens and widths stacked), then
-        # the group's one wait for the device
-        tables: list = [None] * len(firsts)
-        alike: dict = {}
-        for i, (layer, first) in enumerate(zip(layers, firsts)):
-            alike.setdefault((first.n, layer.widths), []).append(i)
-        for (n, widths), rows in alike.items():
-            for i, t in zip(rows, device_tables(torch.stack([firsts[i].stats[:n] for i in rows]), widths)):
-                tables[i] = t
-        host = torch.cat([x for first, t in zip(firsts, tables) for x in (first.stats, t)]).cpu()
-        at = 0
-        for layer, first, t in zip(layers, firsts, tables):
-            size = first.stats.numel() + t.numel()
-            layer._first_finish(first, host[at:at + size])
-            at += size
+        finish(layers, [layer._first_prepare(n) for layer, n in due if n])
+
+
+def finish(layers: list, firsts: list) -> None:
+    """The first allocations of `layers` after their device work (`firsts`, a `FirstInputs` each; one layer on its
+    own alike): every profile's solve tables in one set of launches (rows of the same tokens and widths stacked),
+    one copy of all the host reads (the group's one wait for the device), then each layer's solve and placement."""
+    if not firsts:
+        return
+    tables: list = [None] * len(firsts)
+    alike: dict = {}
+    for i, (layer, first) in enumerate(zip(layers, firsts)):
+        alike.setdefault((first.n, layer.widths), []).append(i)
+    for (n, widths), rows in alike.items():
+        for i, t in zip(rows, device_tables(torch.stack([firsts[i].stats[:n] for i in rows]), widths)):
+            tables[i] = t
+    host = torch.cat([x for first, t in zip(firsts, tables) for x in (first.stats, t)]).cpu()
+    at = 0
+    for layer, first, t in zip(layers, firsts, tables):
+        size = first.stats.numel() + t.numel()
+        layer._first_finish(first, host[at:at + size])
+        at += size
 
 
 class SmartKVFirst:
@@ -174,8 +176,10 @@ class SmartKVFirst:
 
     def _first_defers(self) -> bool:
         """Whether this layer's due first allocation waits for (or just ran with) its group's."""
-        group = self._first_group
-        return group is not None and bool(self._first_due()) and group.defer(self)
+        if not self._first_waits():
+            return False
+        self._first_group.defer(self)
+        return True
 
     def _settle(self) -> None:
         """Run this layer's group when its first allocation waits in it: before anything reads or extends it."""
@@ -195,10 +199,6 @@ class SmartKVFirst:
             self._stored = None
         kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
         return FirstInputs(n, weights, kinds, self._append_stats(weights))
-
-    def _first_stats(self, first: FirstInputs) -> torch.Tensor:
-        """`_first_finish`'s statistics of a layer on its own: `first.stats` and its profile's solve tables."""
-        return torch.cat([first.stats, device_tables(first.stats[:first.n], self.widths)]).cpu()
 
     def _first_finish(self, first: FirstInputs, stats: torch.Tensor) -> None:
         """The host solve and the placement, `stats`: `first.stats` and its profile's `device_tables`, on the
