@@ -35,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 import bench_e2e
 import smartkv
 from bench_e2e import METHODS, build_model
+from bench_runner_step import ab_setting
 from bench_runner_step import build as build_smollm2
 from smartkv.cache.hf_compat import cache_kwargs
 
@@ -62,10 +63,12 @@ def prefill(model, name: str, ids: torch.Tensor) -> float:
 
 PHASES = {   # owner module -> the methods or functions timed by --phases
     "smartkv.methods.smartkv.layer:SmartKVLayer": ("attend", "_observe", "_flush", "_fit_key_norm", "_weights",
-                                                   "_append_split", "_append_begin", "_demotion_plan", "_demote_begin",
-                                                   "update", "_first_prepare", "_first_finish"),
-    "smartkv.methods.smartkv.first": ("observe",),
-    "smartkv.methods.smartkv.append": ("flush_mix", "ring_widths", "rank_profile", "quantize_pack"),
+                                                   "_append_begin", "_demote_begin", "update", "_first_prepare"),
+    # the host solves run as generators in lock step (`solve_asks`: the solves with the placements they end in;
+    # `counts_many`: their counts)
+    "smartkv.methods.smartkv.first": ("observe", "solve_asks"),
+    "smartkv.core.solves": ("counts_many",),
+    "smartkv.methods.smartkv.append": ("rank_profile", "quantize_pack"),
 }
 
 
@@ -161,12 +164,21 @@ def main() -> None:
                     help="smollm2: the runner's model (SmolLM2-135M's shape, --layers of its 30)")
     ap.add_argument("--groups", default="", help="comma-separated SMARTKV_FIRST_GROUP values, each row run at "
                     "each (an A/B of the first allocation's group; empty: the environment's)")
-    ap.add_argument("--rounds", type=int, default=1, help="the rows (and groups) again, interleaved")
+    ap.add_argument("--ab", metavar="VAR[=A,B]", help="each row with the environment variable VAR at each value "
+                    "(0 and 1 unless named), after any --groups setting: an A/B in one process")
+    ap.add_argument("--rounds", type=int, default=1, help="the rows (and settings) again, interleaved")
     args = ap.parse_args()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
-    groups = [g.strip() for g in args.groups.split(",") if g.strip()] or [""]
-    if not all(g.isdigit() and 1 <= int(g) <= 1024 for g in groups if g):
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if not all(g.isdigit() and 1 <= int(g) <= 1024 for g in groups):
         ap.error(f"--groups: integers from 1 to 1024, got {args.groups!r}")
+    # SmartKV's first allocation: layers a group holds (first.py, read at make_cache), then the --ab variable
+    settings = [[("SMARTKV_FIRST_GROUP", g)] for g in groups] or [[]]
+    if args.ab:
+        var, values = ab_setting(args.ab)
+        if not var or not values or not all(values):
+            ap.error(f"--ab: VAR or VAR=A,B, got {args.ab!r}")
+        settings = [s + [(var, v)] for s in settings for v in values]
     unknown = [r for r in names if r not in METHODS]
     if unknown:
         ap.error(f"--rows: unknown row {unknown[0]!r}; allowed: {', '.join(METHODS)}")
@@ -180,10 +192,9 @@ def main() -> None:
     base, spent = None, timed_phases() if args.phases else None
     for _ in range(args.rounds):
         for name in names:
-            for group in groups:
-                if group:   # SmartKV's first allocation: layers a group holds (first.py), read at make_cache
-                    os.environ["SMARTKV_FIRST_GROUP"] = group
-                label = f"{name} [first group {group}]" if group else name
+            for setting in settings:
+                os.environ.update(setting)
+                label = f"{name} [{', '.join(f'{k}={v}' for k, v in setting)}]" if setting else name
                 if args.phases:
                     wall = run_phases(model, name, ids, args.layers, args.phases, spent, base, label)
                 else:

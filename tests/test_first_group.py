@@ -46,8 +46,9 @@ def _same(x, y) -> bool:
     return x == y
 
 
-def _run(model, monkeypatch, size: int, steps: int = 6):
+def _run(model, monkeypatch, size: int, steps: int = 6, together: str = "1"):
     monkeypatch.setenv("SMARTKV_FIRST_GROUP", str(size))
+    monkeypatch.setenv("SMARTKV_SOLVES_TOGETHER", together)
     ids = _ids()
     cache = smartkv.make_cache("smartkv", model, **P)
     with torch.inference_mode():
@@ -62,10 +63,12 @@ def _run(model, monkeypatch, size: int, steps: int = 6):
     return states, torch.stack(logits), cache.memory_report()
 
 
-@pytest.mark.parametrize("size", [2, 3, 8])
-def test_a_group_gives_the_per_layer_state_decode_and_bytes(five, monkeypatch, size):
+@pytest.mark.parametrize("size,together", [(2, "1"), (3, "1"), (8, "1"), (8, "0")])
+def test_a_group_gives_the_per_layer_state_decode_and_bytes(five, monkeypatch, size, together):
+    """The group's host solves ask their counts together (`solves.solve_asks`) or each on its own: the state is
+    one layer's at a time either way."""
     ref_states, ref_logits, ref_report = _run(five, monkeypatch, 1)
-    states, logits, report = _run(five, monkeypatch, size)
+    states, logits, report = _run(five, monkeypatch, size, together=together)
     for i, (got, want) in enumerate(zip(states, ref_states)):
         bad = [j for j, (x, y) in enumerate(zip(got, want)) if not _same(x, y)]
         assert not bad, (size, i, bad)
@@ -160,3 +163,6 @@ def test_a_bad_group_size_is_named(monkeypatch):
         with pytest.raises(ValueError, match=f"{name} must be an integer from 1 to {top}, got '{bad}'"):
             group_size()
         monkeypatch.delenv(name)
+    monkeypatch.setenv("SMARTKV_SOLVES_TOGETHER", "2")
+    with pytest.raises(ValueError, match="SMARTKV_SOLVES_TOGETHER must be an integer from 0 to 1, got '2'"):
+        smartkv.make_cache("smartkv", num_layers=2)

@@ -307,17 +307,52 @@ def test_the_sweep_reads_lam_where_the_bisection_ends():
     """`_sweep` (each target's lam read off the sorted thresholds) answers for a smooth profile's budgets, and its
     lam assigns every token as the bisection's does; where it cannot tell (ties across weights on the threshold)
     it leaves the target to the bisection."""
-    from smartkv.core.counts import _lagrangian_bisect, _sweep
-    from smartkv.core.solve import _BitCounter, _problem
+    from smartkv.core.counts import ProfileCounts, _lagrangian_bisect, _Stack, _sweep
 
     g = torch.Generator().manual_seed(5)
     for profile in (torch.rand(4000, generator=g) ** 3, torch.ones(300), torch.round(torch.rand(900, generator=g) * 8)):
-        w, w_vals, _ = _problem(profile, 4.0, WIDTHS)
-        counter = _BitCounter(w, w_vals)
-        targets = [int(b * w.numel()) for b in (2.1, 2.5, 3.0, 3.7, 4.25, 5.0, 7.9)]
-        swept, bisected = _sweep(counter, targets), _lagrangian_bisect(counter, targets)
+        solver = ProfileCounts(profile)
+        counter = solver.counter
+        targets = [int(b * solver.n) for b in (2.1, 2.5, 3.0, 3.7, 4.25, 5.0, 7.9)]
+        swept, bisected = _sweep(_Stack([solver]), [targets])[0], _lagrangian_bisect(counter, targets)
         if profile.numel() == 4000:
             assert None not in swept
         for s, b in zip(swept, bisected):
             if s is not None:
                 assert counter.assign(2.0 ** s).tolist() == counter.assign(2.0 ** b).tolist()
+
+
+def test_many_profiles_asked_at_once_answer_as_each_alone():
+    """`counts_many` (a group of layers' first allocations asks their profiles together) answers each profile's
+    budgets as that profile asked alone does, and as the per-token solve, on profiles of one length that differ
+    (smooth, many ties, flat), each asking its own number of budgets; `solve_asks` runs solves written as
+    generators in lock step with the same answers; solvers of other lengths, a stack of other solvers and a bad
+    budget are refused before any work."""
+    from smartkv.core.counts import ProfileCounts, _Stack, counts_many
+    from smartkv.core.solves import Ask, solve_asks
+
+    g = torch.Generator().manual_seed(8)
+    smooth = torch.sort(torch.rand(1200, generator=g) ** 5, descending=True).values
+    profiles = [smooth, torch.round(smooth * 6) / 6, torch.ones(1200), torch.linspace(1, 0, 1200) ** 2]
+    budgets = [[2.0, 2.37, 4.25, 8.0], [3.1], [], [2.5, 2.5, 6.75, 3.0, 4.0]]
+    solvers = [ProfileCounts(p) for p in profiles]
+    many = counts_many(solvers, budgets)
+    for profile, bs, got in zip(profiles, budgets, many):
+        assert got == ProfileCounts(profile).counts(bs)
+        for b, counts in zip(bs, got):
+            bits = solve_widths(profile, b)
+            assert counts == {w: int((bits == w).sum()) for w in sorted(WIDTHS, reverse=True)}
+    assert many[0] != counts_many(solvers[1:2], [budgets[0]])[0]   # the profiles differ: a mix-up would show
+
+    def solve(solver, first, second):
+        a = yield Ask(solver, first)
+        b = yield Ask(solver, second)
+        return a + b
+    got = solve_asks([solve(s, bs, bs[::-1]) for s, bs in zip(solvers, budgets)])
+    assert got == [c + c[::-1] for c in many]
+    with pytest.raises(ValueError, match="one length"):
+        counts_many([solvers[0], ProfileCounts(smooth[:100])], [[3.0], [3.0]])
+    with pytest.raises(ValueError, match="other solvers"):
+        counts_many(solvers[:2], budgets[:2], _Stack(solvers[1:3]))
+    with pytest.raises(ValueError, match="budget"):
+        counts_many(solvers[:2], [[3.0], [8.5]])

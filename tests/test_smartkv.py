@@ -211,7 +211,7 @@ def test_an_allocation_waits_for_the_device_once(block_tokens, joint):
 
     def device_waits(c):
         host_solve = ("__init__", "_problem", "counts_for", "counts_for_budgets", "counts", "total", "totals", "assign",
-                      "_fill_sorted", "_exact", "_lagrangian_many")
+                      "_fill_sorted", "_exact", "counts_many", "_sweep", "_counts_in_step")
         solver = ("core/policy.py", "core/solve.py", "core/counts.py")
         return {site: n for site, n in c.by_site.items() if not (site.startswith(solver) and site.endswith(host_solve))}
 

@@ -10,7 +10,10 @@ import math
 import numpy as np
 import torch
 
+from smartkv.core.counts import ProfileCounts
+from smartkv.core.solves import Ask, solve_one
 from smartkv.core.policy import WIDTHS
+from smartkv.core.solve import check_budget
 
 
 def zip_runs(a: list, b: list) -> list:
@@ -143,13 +146,19 @@ def flush_mix(profile: torch.Tensor, budgets: tuple[float, float], widths, n: in
     first (SmartKV's `realloc="append"`): each kind's counts solved (`policy.counts_for`) on `profile` (a first
     allocation's rank profile, (N,) descending) resampled at n evenly spaced quantiles, so every flush spends the
     budget the way the prompt's weight distribution says, and merged along one ranking (`staircase`)."""
-    from smartkv.core.policy import counts_for_budgets
+    return solve_one(flush_mix_steps(profile, budgets, widths, n))
+
+
+def flush_mix_steps(profile: torch.Tensor, budgets: tuple[float, float], widths, n: int):
+    """`flush_mix` as a solve that yields its counts' `Ask` (`solves.solve_asks`: a group's layers asked at once)."""
     N = profile.numel()
     if N == 0:
         raise ValueError("flush_mix needs a non-empty rank profile")
+    for budget in budgets:   # checked before the sample is made
+        check_budget(budget, widths)
     at = ((torch.arange(n, dtype=torch.float64) + 0.5) * N / n).long().clamp(max=N - 1)
     sample = profile.double().cpu()[at]
-    return staircase(*counts_for_budgets(sample, list(budgets), widths))
+    return staircase(*(yield Ask(ProfileCounts(sample, widths), list(budgets))))
 
 
 def ring_widths(profile, recent: float, budgets: tuple[float, float], widths, ring: int) -> tuple:
@@ -162,8 +171,14 @@ def ring_widths(profile, recent: float, budgets: tuple[float, float], widths, ri
     the first allocation solves), among the widths no narrower than the kind's budget. The mix's top class instead
     gave the whole ring 8-bit values wherever one token a flush earns them (SmolLM2, int4's point: half the layers),
     starving the prompt's values."""
-    from smartkv.core.counts import ProfileCounts, counts_for_budgets
+    return solve_one(ring_widths_steps(profile, recent, budgets, widths, ring))
+
+
+def ring_widths_steps(profile, recent: float, budgets: tuple[float, float], widths, ring: int):
+    """`ring_widths` as a solve that yields its counts' `Ask` (`solves.solve_asks`)."""
     solver = profile if isinstance(profile, ProfileCounts) else ProfileCounts(profile, widths)
+    if solver.widths != tuple(widths):
+        raise ValueError(f"widths {tuple(widths)} differ from the ProfileCounts' {solver.widths}")
     prof, lo = solver.profile, min(widths)
     n = prof.numel()
     cands, lefts = [], []   # each kind's candidate widths and the budget each leaves the prompt: one solve for all
@@ -175,7 +190,7 @@ def ring_widths(profile, recent: float, budgets: tuple[float, float], widths, ri
         wide = [w for w in sorted(widths) if w >= b - 1e-9]
         cands.append([w for w in wide if bits - ring * w >= lo * n] or wide[:1])
         lefts += [min(max((bits - ring * w) / n, lo), max(widths)) for w in cands[-1]]
-    solved = iter(counts_for_budgets(solver, lefts, widths))
+    solved = iter((yield Ask(solver, lefts)))
     csum = np.concatenate([[0.0], np.cumsum(prof.numpy())])   # the profile's error by runs of one width
     out = []
     for cand in cands:

@@ -13,17 +13,6 @@ import torch
 from smartkv.core.solve import WIDTHS, _BitCounter, _lagrangian, _problem, _target, check_budget, envelope_of
 
 
-def _lagrangian_many(counter: _BitCounter, targets: list[int]) -> list[float | None]:
-    """`_lagrangian` for several targets on one counter: read off the sorted thresholds (`_sweep`) where it can
-    be, the rest bisected in step (`_lagrangian_bisect`)."""
-    swept = _sweep(counter, targets)
-    rest = [t for t, lam in zip(targets, swept) if lam is None]
-    if rest:
-        bisected = iter(_lagrangian_bisect(counter, rest))
-        swept = [next(bisected) if lam is None else lam for lam in swept]
-    return swept
-
-
 def _lagrangian_bisect(counter: _BitCounter, targets: list[int]) -> list[float | None]:
     """The bisections in step: each step counts every unconverged target's lam at once (`totals`), and each
     target ends where `_lagrangian` would (one target: `_lagrangian` itself, whose scalar loop is faster alone)."""
@@ -49,8 +38,9 @@ def _lagrangian_bisect(counter: _BitCounter, targets: list[int]) -> list[float |
     return feasible
 
 
-def _sweep(counter: _BitCounter, targets: list[int]) -> list[float | None]:
-    """log2 of a lam in the piece where `_lagrangian` ends, per target, without bisecting (None: bisect that one).
+def _sweep(tab: "_Stack", targets: list[list[int]]) -> list[list[float | None]]:
+    """log2 of a lam in the piece where `_lagrangian` ends, per target of each of the stack's solvers (None: bisect
+    that one), without bisecting, every solver's targets in one search a step.
 
     A token crosses breakpoint j while lam < w / x_j, so the bits spent are a step function of lam with its steps
     at those n x (k - 1) thresholds: sorted once with each one's step of bits (`_thresholds`, kept on the counter
@@ -59,25 +49,30 @@ def _sweep(counter: _BitCounter, targets: list[int]) -> list[float | None]:
     strictly between lam* and the next threshold assigns alike, and their geometric middle is taken where lam* sits
     well clear of its neighbours (relative 1e-8, far wider than the counter's 1e-9 band of exact arithmetic), holds
     one weight's thresholds only, and lies inside the bisection's range. Otherwise the bisection decides."""
-    ws, J = counter.sorted, len(counter.breaks)
-    n = len(ws)
-    if not J or not n:
-        return [None] * len(targets)
-    cols, cs, spent = _thresholds(counter)
-    need = np.asarray(targets, dtype=np.float64) - counter.base
+    counter = tab.solvers[0].counter
+    J, n, S, M = len(counter.breaks), len(counter.sorted), len(targets), max(map(len, targets))
+    if not J or not n or not M:
+        return [[None] * len(t) for t in targets]
+    need = np.zeros((S, M))
+    for s, t in enumerate(targets):
+        need[s, :len(t)] = np.asarray(t, dtype=np.float64) - counter.base
+    need_t, L = torch.from_numpy(need), tab.cs.shape[-1]
     # smallest k with spent[k] <= need (spent falls as k grows; the last, 0 bits above the narrowest, always is
     # unless need < 0, which is never clear below)
-    lo = np.minimum(np.searchsorted(-spent, -need, side="left"), len(cs) - 1)
-    star = cs[lo]
-    below, above = np.searchsorted(cs, star, side="left"), np.searchsorted(cs, star, side="right")
-    prev = cs[np.maximum(below - 1, 0)]
-    nxt = np.where(above < len(cs), cs[np.minimum(above, len(cs) - 1)], 4 * star)
-    owners = sum((np.searchsorted(col, star, side="right") > np.searchsorted(col, star, side="left")).astype(int)
-                 for col in cols)
+    lo = torch.searchsorted(tab.neg_spent, -need_t, side="left").clamp_(max=L - 1)
+    star = tab.cs.gather(1, lo)
+    below = torch.searchsorted(tab.cs, star, side="left")
+    above = torch.searchsorted(tab.cs, star, side="right")
+    prev = tab.cs.gather(1, (below - 1).clamp_(min=0))
+    nxt = torch.where(above < L, tab.cs.gather(1, above.clamp(max=L - 1)), 4 * star)
+    each = star.unsqueeze(1).expand(-1, J, -1).contiguous()    # (S, J, M): searched in every breakpoint's column
+    owners = (torch.searchsorted(tab.cols, each, side="right") > torch.searchsorted(tab.cols, each, side="left")).sum(1)
     tight = 1 + 1e-8
-    clear = ((need >= 0) & (below > 0) & (prev * tight < star) & (nxt > star * tight) & (owners == 1)
+    clear = ((need_t >= 0) & (below > 0) & (prev * tight < star) & (nxt > star * tight) & (owners == 1)
              & (star > 2.0 ** -59) & (nxt < 2.0 ** 59))
-    return [math.log2(math.sqrt(a * b)) if ok else None for a, b, ok in zip(star.tolist(), nxt.tolist(), clear)]
+    star, nxt, clear = star.tolist(), nxt.tolist(), clear.tolist()
+    return [[math.log2(math.sqrt(a * b)) if ok else None for a, b, ok in zip(star[s], nxt[s], clear[s][:len(t)])]
+            for s, t in enumerate(targets)]
 
 
 def _thresholds(counter: _BitCounter) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,13 +170,15 @@ def counts_for_budgets(weight_profile, budgets: list, widths=WIDTHS) -> list[dic
 class ProfileCounts:
     """`counts_for_budgets` on one profile, asked several times: the profile goes to the host, is sorted and its
     thresholds tabled (`_thresholds`) once. An append layer's first allocation asks on its prompt's profile for
-    the ring's widths, then for the demotion plan's budgets, which depend on them."""
+    the ring's widths, then for the demotion plan's budgets, which depend on them; a group of layers asks all
+    their profiles at once (`counts_many`)."""
 
     def __init__(self, weight_profile: torch.Tensor, widths=WIDTHS, tables: torch.Tensor | None = None):
         self.widths = tuple(widths)
         w, self.w_vals, _ = _problem(weight_profile, min(widths), widths)   # the profile to the host once
         self.profile, self.n = w, w.numel()
         self.counter = _BitCounter(w, self.w_vals) if self.n else None
+        self._stack: _Stack | None = None   # its own tables as a stack of one (`counts`)
         J = len(self.counter.breaks) if self.n else 0
         if tables is not None and J:   # `device_tables` of this profile, on the host: not made again here
             if tables.numel() != 3 * J * self.n:
@@ -191,18 +188,66 @@ class ProfileCounts:
             self.counter._sweep_tables = (cols.reshape(J, self.n), cs, spent)
 
     def counts(self, budgets: list) -> list[dict[int, int]]:
-        outs = [dict.fromkeys(sorted(self.widths, reverse=True), 0) for _ in budgets]
-        for budget in budgets:   # each budget checked before any work
-            check_budget(budget, self.widths)
-        if not self.n or not budgets:
-            return outs
-        counter, vals = self.counter, self.w_vals.numpy()
-        targets = [_target(self.n, b, self.widths) for b in budgets]
-        lams = _lagrangian_many(counter, targets)
-        many = _counts_in_step(counter, targets, lams)
-        for out, target, feasible, counts in zip(outs, targets, lams, many):
+        if self._stack is None and self.n:
+            self._stack = _Stack([self])
+        return counts_many([self], [budgets], self._stack)[0]
+
+
+class _Stack:
+    """The sweep tables (`_thresholds`) and sorted weights of solvers of one length and widths, rows of host
+    tensors, so that each step of `counts_many` searches every solver's budgets in one call."""
+
+    def __init__(self, solvers: list[ProfileCounts]):
+        tabs = [_thresholds(s.counter) for s in solvers]
+
+        def rows(arrays: list) -> torch.Tensor:   # one solver: its own arrays, not copied
+            return torch.from_numpy(arrays[0][None] if len(arrays) == 1 else np.stack(arrays))
+        self.solvers = solvers
+        self.ws = rows([s.counter.sorted for s in solvers])       # (S, n)
+        self.cols = rows([t[0] for t in tabs])                     # (S, J, n)
+        self.cs = rows([t[1] for t in tabs])                       # (S, J n)
+        self.neg_spent = -rows([t[2] for t in tabs])               # (S, J n): ascending, as the searches need
+
+
+def counts_many(solvers: list[ProfileCounts], budgets: list[list], stack: _Stack | None = None) -> list[list[dict]]:
+    """`ProfileCounts.counts` of each solver at its own budgets (`budgets[s]`), solvers of one profile length and
+    widths (a group of layers' prompts) answered together: the sweep's and the counts' searches one call each for
+    all of them (a layer's solve was ~40 numpy calls, the host's time, whatever the profile's length), each answer
+    the one that solver gives alone. `stack`: a `_Stack` of exactly these solvers, made once for several calls."""
+    if not solvers:
+        return []
+    widths, n = solvers[0].widths, solvers[0].n
+    if len(budgets) != len(solvers) or any(s.widths != widths or s.n != n for s in solvers):
+        raise ValueError(f"counts_many: one list of budgets a solver, solvers of one length and widths; got "
+                         f"{len(budgets)} lists for {len(solvers)} solvers")
+    lo, hi = min(widths), max(widths)
+    for budget in (b for bs in budgets for b in bs):   # each budget checked before any work
+        if not (type(budget) in (int, float) and lo <= budget <= hi):   # the message of the first bad one
+            check_budget(budget, widths)
+    empty = dict.fromkeys(sorted(widths, reverse=True), 0)
+    if not n or not any(budgets):
+        return [[dict(empty) for _ in bs] for bs in budgets]
+    tab = stack if stack is not None else _Stack(solvers)
+    if tab.solvers != solvers:
+        raise ValueError("counts_many: the stack is of other solvers")
+    vals = solvers[0].w_vals.numpy()
+    keys = [int(v) for v in vals.tolist()]
+    targets = [[int(math.floor(b * n + 1e-9)) for b in bs] for bs in budgets]   # `_target`'s, in one pass
+    for bs, ts in zip(budgets, targets):
+        for budget in (b for b, t in zip(bs, ts) if t < lo * n):   # its error (fractional widths only)
+            _target(n, budget, widths)
+    lams = _sweep(tab, targets)
+    for s, (solver, lam) in enumerate(zip(solvers, lams)):   # the few the sweep cannot tell: bisected
+        rest = [t for t, x in zip(targets[s], lam) if x is None]
+        if rest:
+            bisected = iter(_lagrangian_bisect(solver.counter, rest))
+            lams[s] = [next(bisected) if x is None else x for x in lam]
+    outs = []
+    for solver, targets_s, lams_s, many_s in zip(solvers, targets, lams, _counts_in_step(tab, targets, lams)):
+        counter, out_s = solver.counter, []
+        for target, feasible, counts in zip(targets_s, lams_s, many_s.tolist()):
             if counts[0] < 0:   # not decided in step: this budget alone
-                idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(self.n, dtype=np.int64)
+                idx = counter.assign(2.0 ** feasible) if feasible is not None else np.zeros(n, dtype=np.int64)
                 counts = np.bincount(idx, minlength=len(vals))
                 slack = target - int(counts @ vals)
                 if slack > 0:   # the fill runs on the few tokens it can reach (`_fill_candidates`), alike
@@ -210,51 +255,67 @@ class ProfileCounts:
                     counts += np.bincount(_fill_sorted(counter.sorted[sub], idx[sub], vals, slack),
                                           minlength=len(vals))
                     counts -= np.bincount(idx[sub], minlength=len(vals))
-            for i, c in enumerate(counts.tolist()):
-                out[int(vals[i])] = c
+                counts = counts.tolist()
+            out = dict(empty)
+            out.update(zip(keys, counts))
+            out_s.append(out)
+        outs.append(out_s)
+    return outs
+
+
+def _counts_in_step(tab: _Stack, targets: list[list[int]], lams: list[list]) -> list[np.ndarray]:
+    """Tokens per width (m, k) at every budget of every solver whose assignment is a clean step function of the
+    sorted weights (a lam, no token within the counter's band of a breakpoint), with the greedy fill on each
+    width's heaviest `slack` tokens (`_fill_candidates`) run for all of them in step: `_fill_sorted`'s rounds on a
+    padded (m, candidates) array, the same float64 arithmetic, so the same counts as the per-budget path (ties
+    among equal gains go to equal tokens either way). Rows of -1 are left to that path (no lam, undecided tokens,
+    a large slack); a prompt's demotion plan asks for 2 x 17 budgets, and one budget at a time was ~55 us of numpy
+    calls each."""
+    counter = tab.solvers[0].counter
+    n, vals = len(counter.sorted), counter.values
+    k = len(vals)
+    outs = [np.full((len(t), k), -1, dtype=np.int64) for t in targets]
+    rows = [(s, i) for s, lam in enumerate(lams) for i, x in enumerate(lam) if x is not None]
+    if not rows or not n or (np.diff(vals) < 1).any():
         return outs
-
-
-def _counts_in_step(counter: _BitCounter, targets: list[int], lams: list) -> np.ndarray:
-    """Tokens per width (m, k) at every budget whose assignment is a clean step function of the sorted weights (a
-    lam, no token within the counter's band of a breakpoint), with the greedy fill on each width's heaviest `slack`
-    tokens (`_fill_candidates`) run for all of them in step: `_fill_sorted`'s rounds on a padded (m, candidates)
-    array, the same float64 arithmetic, so the same counts as the per-budget path (ties among equal gains go to
-    equal tokens either way). Rows of -1 are left to that path (no lam, undecided tokens, a large slack); a prompt's
-    demotion plan asks for 2 x 17 budgets, and one budget at a time was ~55 us of numpy calls each."""
-    ws, n, vals = counter.sorted, len(counter.sorted), counter.values
-    k, m = len(vals), len(targets)
-    out = np.full((m, k), -1, dtype=np.int64)
-    at = np.asarray([i for i, lam in enumerate(lams) if lam is not None], dtype=np.int64)
-    if not at.size or not n or (np.diff(vals) < 1).any():
-        return out
-    lam = np.asarray([2.0 ** lams[i] for i in at.tolist()])     # Python's pow, as the per-budget path's
+    of = np.asarray([s for s, _ in rows], dtype=np.int64)            # each row's solver
+    lam = np.asarray([2.0 ** lams[s][i] for s, i in rows])           # Python's pow, as the per-budget path's
     env = np.asarray(counter.envelope)
-    counts = np.zeros((at.size, k), dtype=np.int64)
+    counts = np.zeros((len(rows), k), dtype=np.int64)
     if counter.breaks:
-        xs = np.asarray(counter.breaks)[None, :] * lam[:, None]
-        los = ws.searchsorted(xs * (1 - counter.EPS), side="right")
-        his = ws.searchsorted(xs * (1 + counter.EPS), side="right")
+        xs = np.asarray(counter.breaks)[None, :] * lam[:, None]      # (rows, J)
+        J, M = xs.shape[1], max(map(len, targets))
+        slot = np.asarray([i for _, i in rows], dtype=np.int64)
+        bounds = []
+        for eps in (1 - counter.EPS, 1 + counter.EPS):   # every row searched in its own solver's weights
+            padded = np.zeros((len(targets), M, J))
+            padded[of, slot] = xs * eps
+            found = torch.searchsorted(tab.ws, torch.from_numpy(padded.reshape(len(targets), M * J)), side="right")
+            bounds.append(found.numpy().reshape(len(targets), M, J)[of, slot])
+        los, his = bounds
         clean = (his == los).all(1)
-        edges = np.concatenate([np.zeros((at.size, 1), dtype=np.int64), his, np.full((at.size, 1), n)], 1)
+        edges = np.concatenate([np.zeros((len(rows), 1), dtype=np.int64), his, np.full((len(rows), 1), n)], 1)
         counts[:, env] = np.diff(edges, axis=1)
     else:
-        clean = np.ones(at.size, dtype=bool)
+        clean = np.ones(len(rows), dtype=bool)
         counts[:, env[0]] = n
-    slack = np.asarray(targets, dtype=np.int64)[at] - (counts @ vals).astype(np.int64)
+    slack = np.asarray([targets[s][i] for s, i in rows], dtype=np.int64) - (counts @ vals).astype(np.int64)
     fill = clean & (slack > 0)
     if fill.any():
         cap = np.minimum(counts[fill][:, :, None], slack[fill][:, None, None])      # candidates a width
         if int(cap.sum(1).max()) * int(fill.sum()) > 4_000_000:
-            return out
-        counts[fill] = _fill_in_step(ws, counts[fill], slack[fill], vals)
-    out[at[clean]] = counts[clean]
-    return out
+            return outs
+        counts[fill] = _fill_in_step(tab.ws.numpy(), of[fill], counts[fill], slack[fill], vals)
+    for (s, i), row, ok in zip(rows, counts, clean.tolist()):
+        if ok:
+            outs[s][i] = row
+    return outs
 
 
-def _fill_in_step(ws: np.ndarray, counts: np.ndarray, slack: np.ndarray, vals: np.ndarray) -> np.ndarray:
+def _fill_in_step(ws: np.ndarray, of: np.ndarray, counts: np.ndarray, slack: np.ndarray,
+                  vals: np.ndarray) -> np.ndarray:
     """`_fill_sorted` on each row's `_fill_candidates` of a step assignment (counts (r, k) along the sorted
-    weights), all rows at once; returns the counts after the fill."""
+    weights ws[of[row]], ws (S, n) a stack's), all rows at once; returns the counts after the fill."""
     r, k = counts.shape
     ends = np.cumsum(counts, 1)
     take = np.minimum(counts, slack[:, None])                   # each width's heaviest `slack` tokens
@@ -265,7 +326,7 @@ def _fill_in_step(ws: np.ndarray, counts: np.ndarray, slack: np.ndarray, vals: n
     width = np.minimum(width, k - 1)
     valid = j[None, :] < take.sum(1)[:, None]
     pos = np.take_along_axis(ends - take, width, 1) + j[None, :] - np.take_along_axis(first, width, 1)
-    w = ws[np.where(valid, pos, 0)]
+    w = ws[of[:, None], np.where(valid, pos, 0)]
     idx = np.where(valid, width, 0)
     start = idx.copy()
     pows = 4.0 ** -vals
@@ -302,3 +363,4 @@ def _fill_candidates(idx: np.ndarray, k: int, slack: int) -> np.ndarray:
     ends = np.searchsorted(idx, np.arange(k), side="right")
     starts = np.concatenate([[0], ends[:-1]])
     return np.concatenate([np.arange(max(a, b - slack), b) for a, b in zip(starts.tolist(), ends.tolist())])
+

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from smartkv.cache.buffers import grown
-from smartkv.core.classes import flush_mix, joint_counts, joint_plan, ring_widths, staircase
+from smartkv.core.classes import flush_mix_steps, joint_counts, joint_plan, ring_widths_steps, staircase
 from smartkv.core.counts import ProfileCounts
 from smartkv.core.importance import (decode_importance, encode_importance, kv_head_mass, seen_counts,
                                      seen_from_ranges)
@@ -110,15 +110,15 @@ class SmartKVAppend:
         then the profile's `device_tables`):
         solve the flush mix on the n tokens' profile, choose the ring's class (`ring_widths`), size the ring
         (`ring_tokens`, less where the n tokens cannot pay for it) and plan the demotions that pay for it as it
-        fills (`_demotion_plan`)."""
+        fills (`_demotion_plan`). A solve (`solves.solve_asks`: a group's layers asked at once)."""
         cfg, P, lo = self.config, self.config.realloc_every, min(self.widths)
         n, A = weights.shape[1], cfg.ring_tokens // P * P
         profile = stats[:n]
         # sorted once, its tables made on the device: the ring's and the plan's solves
         solver = ProfileCounts(profile, self.widths, tables=stats[n + 1:])
         budgets = (self.budget_k, self.budget_v)
-        mix = flush_mix(profile, budgets, self.widths, P)
-        top = ring_widths(solver, float(stats[n]), budgets, self.widths, A) if A else mix[0][:2]
+        mix = yield from flush_mix_steps(profile, budgets, self.widths, P)
+        top = (yield from ring_widths_steps(solver, float(stats[n]), budgets, self.widths, A)) if A else mix[0][:2]
         while A and any(b * (n + A) - A * w < lo * n for b, w in zip(budgets, top)):
             A -= P
         (_, _, bk), (_, _, bv) = kinds
@@ -134,7 +134,7 @@ class SmartKVAppend:
             if plan is not None and (min(room[0], want - cv), cv) == charge:
                 break
             charge = (min(room[0], want - cv), cv)
-            plan, solved = self._demotion_plan(solver, (bk, bv), top, A, n, charge) if A else ([], {})
+            plan, solved = (yield from self._demotion_plan(solver, (bk, bv), top, A, n, charge)) if A else ([], {})
             pairs = len({m for moves in plan for m in moves})
         kinds = tuple((kind, new, (math.floor(b * n + 1e-9) - c) / n) for (kind, new, b), c in zip(kinds, charge))
         self._app_plan = (mix, A, plan, top, solver, solved)

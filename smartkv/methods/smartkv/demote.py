@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from smartkv.core.policy import counts_for_budgets
+from smartkv.core.solves import Ask
 from smartkv.core.transfer import host_to
 from smartkv.kernels import demotion_keys, importance_fold, importance_sum, merge_plan, move_rows, requantize_rows
 from smartkv.methods.smartkv import classmap
@@ -29,18 +29,18 @@ class SmartKVDemote:
         """Per filling flush (A / P of them), the demotions {(class, target): tokens}: flush i, when i is a multiple
         of `demote_every` (m), pays ahead for the ring's growth to (i + m) P tokens (at most A), leaving the n
         prompt tokens at most the bits of the budget over n + (i + m) P tokens less those at the ring's class `top`
-        (each kind's rank-based classes, as the first allocation solves them on `profile`, a tensor or its
+        (each kind's rank-based classes, as the first allocation solves them on `profile`, the prompt's
         `counts.ProfileCounts`, at the budget left, a token never raised, the changes from the demotions before
         counted per (class, target)); the other flushes demote nothing. `charge`: width-bits a row of each kind
         gives up throughout (`_append_charge`). Returned with {budget: counts} of every budget it solved (the
-        first allocation's own pair among them)."""
+        first allocation's own pair among them). A solve (`solves.solve_asks`): it yields its counts' `Ask`."""
         P, lo, hi, every = self.config.realloc_every, min(self.widths), max(self.widths), self.config.demote_every
 
         # each kind's budget left at the first allocation (f = 0) and after each filling flush f
         left = [[min(max((math.floor(b * (n + f * P) + 1e-9) - f * P * w - c) / n, lo), hi)
                  for f in range(A // P + 1)]
                 for b, w, c in zip(budgets, top, charge)]
-        both = counts_for_budgets(profile, left[0] + left[1], self.widths)   # one sort for both kinds
+        both = yield Ask(profile, left[0] + left[1])   # one sort for both kinds
         counts = [both[:len(left[0])], both[len(left[0]):]]
 
         # each planned flush's classes along the ranking, heaviest first, on the segments between every run's edge
@@ -55,8 +55,8 @@ class SmartKVDemote:
         starts = np.unique(np.concatenate([[0], ends[0].ravel(), ends[1].ravel()]))
         starts = starts[starts < n]
         size = np.diff(np.append(starts, n))
-        path = [np.minimum.accumulate(desc[np.stack([np.searchsorted(e, starts, side="right") for e in ends[k]])],
-                                      axis=0) for k in (0, 1)]
+        # each segment's width along each flush's run ends (a searchsorted on the right, all flushes at once)
+        path = [np.minimum.accumulate(desc[(e[:, :, None] <= starts).sum(1)], axis=0) for e in ends]
         code = path[0] * W + path[1]                        # (1 + planned flushes, segments): class index
         moved = code[:-1] != code[1:]
         key = (code[:-1] * W * W + code[1:]) + np.arange(len(due))[:, None] * W ** 4

@@ -7,14 +7,17 @@ prompt stays in its window at full precision, as DynamicCache holds it, until th
 (the group's size in layers, or the model's last layer that can defer). Then the fold of the group's prompt
 attention runs in one set of launches (`observe`: each layer keeps its last queries and the keys they saw), each
 layer's device work is queued (its weights, rank profile and solve tables: `counts.device_tables`), everything the
-host solves read reaches it in one copy, and each layer's solve and placement follow. A deferred layer is an
+host solves read reaches it in one copy, and the layers' solves run in lock step, each ending in its placement
+(`solves.solve_asks`: each round's counts, the flush mixes', the ring widths', the demotion plans', asked for every
+layer at once by `counts.counts_many`, whose host calls are about one layer's). A deferred layer is an
 ordinary layer whose flush has not run yet: anything that reads or extends it first runs its group (`_settle`),
 and a layer flushed on its own (a forward that stopped part way) takes the per-layer path, which gives the same
 state, bit for bit.
 
 SMARTKV_FIRST_GROUP: layers a group holds at most (default 8; 1: each layer on its own, the A/B baseline);
 SMARTKV_FIRST_GROUP_MIB: bytes (default 256 MiB) the waiting layers may hold (their prompts at full precision and
-the keys their observation keeps), past which the group runs at once. A layer's prompt keys and values are 2 x KV
+the keys their observation keeps), past which the group runs at once. SMARTKV_SOLVES_TOGETHER: 0 answers each layer's
+counts on their own (the A/B baseline; the same state). A layer's prompt keys and values are 2 x KV
 heads x head_dim values a token against the MLP activations its prefill holds anyway (SmolLM2: 384 against 3072 and
 more), so a short prompt's group of eight stays within one layer's working set, and a large batch's chunked fill
 (where one layer's chunk is past the bytes) keeps the per-layer transient.
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from smartkv.core.counts import device_tables
+from smartkv.core.solves import solve_asks
 from smartkv.core.importance import add_range, attention_scores, fold_attention, probs_from_scores
 from smartkv.core.policy import block_weights
 
@@ -34,14 +38,14 @@ DEFAULT_GROUP = 8
 DEFAULT_MIB = 256
 
 
-def _setting(name: str, default: int, top: int) -> int:
+def _setting(name: str, default: int, top: int, low: int = 1) -> int:
     raw = os.environ.get(name, str(default))
     try:
         value = int(raw)
     except ValueError:
-        value = 0
-    if not 1 <= value <= top:
-        raise ValueError(f"{name} must be an integer from 1 to {top}, got {raw!r}")
+        value = low - 1
+    if not low <= value <= top:
+        raise ValueError(f"{name} must be an integer from {low} to {top}, got {raw!r}")
     return value
 
 
@@ -50,6 +54,12 @@ def group_size() -> tuple[int, int]:
     `SMARTKV_FIRST_GROUP_MIB`), checked before any work."""
     return _setting("SMARTKV_FIRST_GROUP", DEFAULT_GROUP, 1024), _setting("SMARTKV_FIRST_GROUP_MIB", DEFAULT_MIB,
                                                                           1 << 20) << 20
+
+
+def solves_together() -> bool:
+    """Whether a group's host solves ask their counts together (`SMARTKV_SOLVES_TOGETHER`, default 1; 0: each
+    layer's asks answered on their own, the A/B baseline of `solves.solve_asks`), checked before any work."""
+    return bool(_setting("SMARTKV_SOLVES_TOGETHER", 1, 1, low=0))
 
 
 @dataclass
@@ -106,8 +116,8 @@ class FirstInputs:
 class FirstGroup:
     """The layers of one cache whose first allocation waits (shared by them: `SmartKV.bind`)."""
 
-    def __init__(self, layers: list, size: tuple[int, int]):
-        self.layers, self.pending = layers, []
+    def __init__(self, layers: list, size: tuple[int, int], together: bool = True):
+        self.layers, self.pending, self.together = layers, [], together
         self.size, self.max_bytes = size
         self._end = None   # (the last layer that can defer,), found at the first deferral
 
@@ -132,10 +142,10 @@ class FirstGroup:
         due, self.pending = [(layer, layer._first_due()) for layer in self.pending], []
         layers = [layer for layer, n in due if n]
         observe(layers)
-        finish(layers, [layer._first_prepare(n) for layer, n in due if n])
+        finish(layers, [layer._first_prepare(n) for layer, n in due if n], self.together)
 
 
-def finish(layers: list, firsts: list) -> None:
+def finish(layers: list, firsts: list, together: bool = True) -> None:
     """The first allocations of `layers` after their device work (`firsts`, a `FirstInputs` each; one layer on its
     own alike): every profile's solve tables in one set of launches (rows of the same tokens and widths stacked),
     one copy of all the host reads (the group's one wait for the device), then each layer's solve and placement."""
@@ -149,11 +159,12 @@ def finish(layers: list, firsts: list) -> None:
         for i, t in zip(rows, device_tables(torch.stack([firsts[i].stats[:n] for i in rows]), widths)):
             tables[i] = t
     host = torch.cat([x for first, t in zip(firsts, tables) for x in (first.stats, t)]).cpu()
-    at = 0
+    solves, at = [], 0
     for layer, first, t in zip(layers, firsts, tables):
         size = first.stats.numel() + t.numel()
-        layer._first_finish(first, host[at:at + size])
+        solves.append(layer._first_finish(first, host[at:at + size]))
         at += size
+    solve_asks(solves, together)
 
 
 class SmartKVFirst:
@@ -200,9 +211,9 @@ class SmartKVFirst:
         kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
         return FirstInputs(n, weights, kinds, self._append_stats(weights))
 
-    def _first_finish(self, first: FirstInputs, stats: torch.Tensor) -> None:
+    def _first_finish(self, first: FirstInputs, stats: torch.Tensor):
         """The host solve and the placement, `stats`: `first.stats` and its profile's `device_tables`, on the
-        host."""
-        weights, kinds = self._append_split(first.weights, first.kinds, stats)
+        host. A solve (`solves.solve_asks`): the group's layers' counts are asked together."""
+        weights, kinds = yield from self._append_split(first.weights, first.kinds, stats)
         self.n_middle += first.n
         self._append_begin(weights, kinds)
