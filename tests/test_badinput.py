@@ -80,6 +80,7 @@ BAD_GRIDS = [
     ("config-on-real-model", GOOD.replace("[tiny-llama]", "[{name: smollm2, config: {hidden_size: 64}}]"),
      ["models[0].config", "tiny-llama"]),
     ("max-new-tokens-negative", GOOD + "generation: {max_new_tokens: -1}\n", ["generation.max_new_tokens"]),
+    ("warmup-too-many", GOOD + "generation: {warmup: 9}\n", ["generation.warmup", "[0, 8]"]),
     ("generation-typo", GOOD + "generation: {temperatur: 0.5}\n", ["generation.temperatur", "did you mean"]),
     ("truncation-side", GOOD + "truncation: {side: center}\n", ["truncation.side", "left, right, middle, none"]),
     ("name-traversal", GOOD + "name: ../../etc\n", ["name", "letters, digits"]),

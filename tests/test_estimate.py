@@ -31,7 +31,7 @@ def test_rates_interpolate_prefill_and_fit_a_line_to_decode():
     assert flat.decode_ms_per_token(10_000) == pytest.approx(2.0)
 
 
-def test_estimate_sums_samples_passes_and_the_fp16_reference(write_grid):
+def test_estimate_sums_samples_warm_up_passes_and_the_fp16_reference(write_grid):
     grid = load_grid(write_grid("""\
         models: [tiny-llama]
         methods: {fp16: {}, int4: {}}
@@ -42,8 +42,9 @@ def test_estimate_sums_samples_passes_and_the_fp16_reference(write_grid):
     rates = {("tiny-llama", "fp16"): rate, ("tiny-llama", "int4"): rate}
     lines = estimate.estimate(grid.jobs, rates, pd.DataFrame())
     per_sample = (150 + 10 * 2) / 1000
-    assert lines["fp16"].seconds == pytest.approx(3 * per_sample) and lines["fp16"].samples == 3
-    assert lines["int4"].seconds == pytest.approx(3 * 2 * per_sample)    # compared with fp16: two passes
+    # the timed samples and the warm-up's run of the first (`generation.warmup`, 1 by default)
+    assert lines["fp16"].seconds == pytest.approx((3 + 1) * per_sample) and lines["fp16"].samples == 3
+    assert lines["int4"].seconds == pytest.approx((3 + 1) * 2 * per_sample)    # compared with fp16: two passes
     assert lines["fp16 reference"].seconds == pytest.approx(3 * per_sample)
     assert lines["int4"].prefill_tokens == 3 * 2 * 300 and lines["int4"].decode_tokens == 3 * 2 * 10
     unknown = estimate.estimate(grid.jobs, {}, pd.DataFrame())

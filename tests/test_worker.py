@@ -202,8 +202,34 @@ def test_cuda_out_of_memory_becomes_an_oom_row(handle, monkeypatch):
     monkeypatch.setattr(worker, "free_memory", lambda: freed.append(True))
     rows = worker.run_job(make_job("kivi"), handle)
     assert [r["status"] for r in rows] == ["oom", "oom", "oom"]
-    assert "CUDA out of memory" in rows[0]["error"] and len(freed) == 2
+    assert "CUDA out of memory" in rows[0]["error"] and len(freed) == 3   # the warm-up's, then each sample's
     assert rows[-1]["n_failed"] == 2 and rows[-1]["kl_to_fp16"] is None
+
+
+def test_the_first_sample_warms_up_untimed(handle, monkeypatch):
+    """`generation.warmup` runs the job's first sample that many times before the timed samples, its results
+    dropped (the rows are the timed samples'); 0 runs none; a warm-up that fails leaves the timed samples to run;
+    the warm-up does not move a sampled job's draws."""
+    real, calls = worker.run_sample, []
+
+    def counted(h, sample, settings):
+        calls.append(sample.id)
+        if settings.warmup == 3 and len(calls) == 1:
+            raise RuntimeError("boom in the warm-up")
+        return real(h, sample, settings)
+
+    monkeypatch.setattr(worker, "run_sample", counted)
+    for warmup, expected in ((0, ["0", "1"]), (1, ["0", "0", "1"]), (2, ["0", "0", "0", "1"]), (3, ["0", "0", "1"])):
+        calls.clear()
+        job = make_job("int8", warmup=warmup, compare_fp16=False)
+        rows = worker.run_job(job, handle)
+        check_well_formed(rows, job, 2)
+        assert calls == expected and all(r["status"] == "ok" for r in rows)
+    monkeypatch.setattr(worker, "run_sample", real)
+    drawn = [[r["prediction"] for r in worker.run_job(make_job("int8", seed=1, do_sample=True, temperature=1.0,
+                                                               max_new_tokens=8, warmup=w), handle)[:-1]]
+             for w in (0, 1)]
+    assert drawn[0] == drawn[1]
 
 
 def test_sampling_is_deterministic_for_a_seed(handle):

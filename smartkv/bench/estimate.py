@@ -164,7 +164,7 @@ def estimate(jobs: list[dict], rates: dict, measured: pd.DataFrame) -> dict[str,
         passes = 2 if compared and not lm_eval and job["prompt_set"]["name"] != "prose-ppl" else 1
         seconds, pre, dec = sample_seconds(rate, context, new, passes)
         line.samples += count
-        line.seconds += count * seconds
+        line.seconds += (count + job["generation"].get("warmup", 1)) * seconds   # and the untimed warm-up runs
         line.prefill_tokens += count * pre
         line.decode_tokens += count * dec
         line.sources |= {rate.source, f"tokens: {token_source}"}

@@ -17,7 +17,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 MODEL_KEYS = ("name", "revision", "dtype", "device", "trust_remote_code", "config")
 GENERATION_DEFAULTS: dict[str, Any] = {"max_new_tokens": None, "do_sample": False, "temperature": None,
-                                       "top_p": None, "top_k": None, "compare_fp16": True}
+                                       "top_p": None, "top_k": None, "compare_fp16": True, "warmup": 1}
 TRUNCATION_DEFAULTS: dict[str, Any] = {"side": "middle", "max_context_tokens": None}
 TRUNCATION_SIDES = ("left", "right", "middle", "none")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,2})$")
@@ -248,6 +248,7 @@ def generation(value: Any, path: Path) -> dict:
     opt_number(gen, "top_p", path, 0.0, 1.0, lo_open=True)
     if gen["top_k"] is not None:
         int_in(gen["top_k"], path, "generation.top_k", 1, 100_000)
+    int_in(gen["warmup"], path, "generation.warmup", 0, 8)
     return gen
 
 

@@ -13,7 +13,8 @@ A grid file (YAML, read with a safe loader that also refuses duplicate keys and 
                                       # a literal list value is written as a one-item sweep: [[2, 4, 8]]
     prompt_sets:                      # same shapes as methods; options go to smartkv.data
       passkey: {length: 1024, num_samples: 3, seed: 0}
-    generation: {max_new_tokens: null, do_sample: false}   # + temperature, top_p, top_k, compare_fp16 (KL vs fp16)
+    generation: {max_new_tokens: null, do_sample: false}   # + temperature, top_p, top_k, compare_fp16 (KL vs fp16),
+                                                           # warmup (untimed runs of a job's first sample, 0-8: 1)
     truncation: {side: middle, max_context_tokens: null}   # side: left | right | middle | none
     seeds: [0]                        # int or list; the job seed (torch/numpy), not the data seed
     repeats: 1                        # 1..100; repeats of every job (timing and sampling variance)
@@ -23,7 +24,7 @@ The canonical job spec (what `worker.run_job` receives, stored in each result fi
     {"spec_version", "job_id", "grid",
      "model": {"name", "revision", "dtype", "device", "trust_remote_code", "config"},
      "method": {"name", "params", "label"}, "prompt_set": {"name", "options"},
-     "generation": {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "compare_fp16"},
+     "generation": {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "compare_fp16", "warmup"},
      "truncation": {"side", "max_context_tokens"},
      "seed", "repeat", "package_version", "prompt_set_version", "prompt_set_hash"}
 
@@ -34,8 +35,10 @@ dtype, device, trust_remote_code, tiny-model config), the method and every param
 defaults included, and the bytes of any data file), truncation, generation, seed, repeat and spec_version. It
 leaves out (NOT_IN_ID) what does not change the experiment: `job_id` itself, `grid` (the same job in two grids
 shares its id), the method's display `label`, the prompt set's options as written (the content hash covers them,
-but not where a data file lies), and `package_version`: the code that ran is provenance, recorded in every row with
-the source commit, a hash of the package files and the library versions (bench/provenance.py). Results from other
+but not where a data file lies), the warm-up runs before the timed samples (`generation.warmup`: they keep
+one-time costs out of the timings, the experiment is the same), and `package_version`: the code that ran is
+provenance, recorded in every row with the source commit, a hash of the package files and the library versions
+(bench/provenance.py). Results from other
 code keep their ids; `status` shows them as stale and `submit --rerun-stale` reruns them in place, so an edit of
 the code never orphans results silently, nor mixes two versions of one job in a report. A change of what the id
 covers bumps SPEC_VERSION: files of another spec version are reported and skipped, and their jobs run again.
@@ -83,7 +86,8 @@ class Grid:
 
 
 # Parts of a job spec its id leaves out (see the module docstring for why); everything else is in it.
-NOT_IN_ID = (("job_id",), ("grid",), ("package_version",), ("method", "label"), ("prompt_set", "options"))
+NOT_IN_ID = (("job_id",), ("grid",), ("package_version",), ("method", "label"), ("prompt_set", "options"),
+             ("generation", "warmup"))
 
 
 def job_id_of(spec: dict) -> str:
@@ -129,16 +133,17 @@ def _sample_count(options: dict) -> int:
 
 
 def job_cost(job: dict) -> float:
-    """Relative cost used to start the longest jobs first: context length x samples (x new tokens), x the passes a
-    sample takes (a method compared with fp16 also decodes fp16's continuation through its own cache), x the
-    method's relative cost. An ordering heuristic, not a time prediction."""
+    """Relative cost used to start the longest jobs first: context length x samples and warm-up runs (x new
+    tokens), x the passes a sample takes (a method compared with fp16 also decodes fp16's continuation through its
+    own cache), x the method's relative cost. An ordering heuristic, not a time prediction."""
     options = job["prompt_set"]["options"]
     length = next((options[k] for k in _LENGTH_KEYS if isinstance(options.get(k), (int, float))), 1024)
     count = next((options[k] for k in _COUNT_KEYS if isinstance(options.get(k), (int, float))), 10)
     new_tokens = job["generation"].get("max_new_tokens") or 32
     method = job["method"]["name"]
     passes = 2.0 if method != "fp16" and job["generation"].get("compare_fp16", True) else 1.0
-    return float(length) * float(count) * (1.0 + new_tokens / 256.0) * passes * _METHOD_COST.get(method, 1.0)
+    runs = count + job["generation"].get("warmup", 1)   # the warm-up runs a sample more
+    return float(length) * float(runs) * (1.0 + new_tokens / 256.0) * passes * _METHOD_COST.get(method, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
