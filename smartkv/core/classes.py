@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from smartkv.core.counts import ProfileCounts
-from smartkv.core.solves import Ask, solve_one
 from smartkv.core.policy import WIDTHS
 from smartkv.core.solve import check_budget
+from smartkv.core.solves import Ask, solve_one
 
 
 def zip_runs(a: list, b: list) -> list:
