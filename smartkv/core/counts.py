@@ -220,10 +220,8 @@ def counts_many(solvers: list[ProfileCounts], budgets: list[list], stack: _Stack
     if len(budgets) != len(solvers) or any(s.widths != widths or s.n != n for s in solvers):
         raise ValueError(f"counts_many: one list of budgets a solver, solvers of one length and widths; got "
                          f"{len(budgets)} lists for {len(solvers)} solvers")
-    lo, hi = min(widths), max(widths)
     for budget in (b for bs in budgets for b in bs):   # each budget checked before any work
-        if not (type(budget) in (int, float) and lo <= budget <= hi):   # the message of the first bad one
-            check_budget(budget, widths)
+        check_budget(budget, widths)
     empty = dict.fromkeys(sorted(widths, reverse=True), 0)
     if not n or not any(budgets):
         return [[dict(empty) for _ in bs] for bs in budgets]
@@ -232,10 +230,7 @@ def counts_many(solvers: list[ProfileCounts], budgets: list[list], stack: _Stack
         raise ValueError("counts_many: the stack is of other solvers")
     vals = solvers[0].w_vals.numpy()
     keys = [int(v) for v in vals.tolist()]
-    targets = [[int(math.floor(b * n + 1e-9)) for b in bs] for bs in budgets]   # `_target`'s, in one pass
-    for bs, ts in zip(budgets, targets):
-        for budget in (b for b, t in zip(bs, ts) if t < lo * n):   # its error (fractional widths only)
-            _target(n, budget, widths)
+    targets = [[_target(n, b, widths) for b in bs] for bs in budgets]
     lams = _sweep(tab, targets)
     for s, (solver, lam) in enumerate(zip(solvers, lams)):   # the few the sweep cannot tell: bisected
         rest = [t for t, x in zip(targets[s], lam) if x is None]
@@ -363,4 +358,3 @@ def _fill_candidates(idx: np.ndarray, k: int, slack: int) -> np.ndarray:
     ends = np.searchsorted(idx, np.arange(k), side="right")
     starts = np.concatenate([[0], ends[:-1]])
     return np.concatenate([np.arange(max(a, b - slack), b) for a, b in zip(starts.tolist(), ends.tolist())])
-

@@ -128,6 +128,7 @@ def run_job(job: dict, handle) -> list[dict]:
 def warm_up(handle, samples: list, settings: Settings) -> None:
     """Run `samples` through the job's method untimed, their results dropped (the module docstring says why); a
     failure ends the warm-up (the timed run of that sample records it), an out-of-memory one frees the cache."""
+    oom = False
     for sample in samples:
         try:
             run_sample(handle, sample, settings)
@@ -135,9 +136,7 @@ def warm_up(handle, samples: list, settings: Settings) -> None:
             log.warning("warm-up on sample %s failed: %s", sample.id, redact(f"{type(exc).__name__}: {exc}")[:500])
             oom = is_oom(exc)
             break
-    else:
-        return
-    if oom:
+    if oom:   # here, not in the except block: the traceback's frames no longer hold the tensors
         free_memory()
 
 

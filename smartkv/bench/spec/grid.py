@@ -38,10 +38,10 @@ shares its id), the method's display `label`, the prompt set's options as writte
 but not where a data file lies), the warm-up runs before the timed samples (`generation.warmup`: they keep
 one-time costs out of the timings, the experiment is the same), and `package_version`: the code that ran is
 provenance, recorded in every row with the source commit, a hash of the package files and the library versions
-(bench/provenance.py). Results from other
-code keep their ids; `status` shows them as stale and `submit --rerun-stale` reruns them in place, so an edit of
-the code never orphans results silently, nor mixes two versions of one job in a report. A change of what the id
-covers bumps SPEC_VERSION: files of another spec version are reported and skipped, and their jobs run again.
+(bench/provenance.py). Results from other code keep their ids; `status` shows them as stale and
+`submit --rerun-stale` reruns them in place, so an edit of the code never orphans results silently, nor mixes two
+versions of one job in a report. A change of what the id covers bumps SPEC_VERSION: files of another spec version
+are reported and skipped, and their jobs run again.
 
 Every error is a `GridError` naming the file, the field and what is allowed; the whole file is checked before
 anything runs.

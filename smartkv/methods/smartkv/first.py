@@ -16,11 +16,11 @@ state, bit for bit.
 
 SMARTKV_FIRST_GROUP: layers a group holds at most (default 8; 1: each layer on its own, the A/B baseline);
 SMARTKV_FIRST_GROUP_MIB: bytes (default 256 MiB) the waiting layers may hold (their prompts at full precision and
-the keys their observation keeps), past which the group runs at once. SMARTKV_SOLVES_TOGETHER: 0 answers each layer's
-counts on their own (the A/B baseline; the same state). A layer's prompt keys and values are 2 x KV
-heads x head_dim values a token against the MLP activations its prefill holds anyway (SmolLM2: 384 against 3072 and
-more), so a short prompt's group of eight stays within one layer's working set, and a large batch's chunked fill
-(where one layer's chunk is past the bytes) keeps the per-layer transient.
+the keys their observation keeps), past which the group runs at once. A layer's prompt keys and values are 2 x
+KV heads x head_dim values a token against the MLP activations its prefill holds anyway (SmolLM2: 384 against 3072
+and more), so a short prompt's group of eight stays within one layer's working set, and a large batch's chunked
+fill (where one layer's chunk is past the bytes) keeps the per-layer transient. SMARTKV_SOLVES_TOGETHER: 0 answers
+each layer's counts on their own (the A/B baseline; the same state).
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from smartkv.core.counts import device_tables
-from smartkv.core.solves import solve_asks
 from smartkv.core.importance import add_range, attention_scores, fold_attention, probs_from_scores
 from smartkv.core.policy import block_weights
+from smartkv.core.solves import solve_asks
 
 DEFAULT_GROUP = 8
 DEFAULT_MIB = 256
