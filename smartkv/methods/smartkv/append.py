@@ -36,6 +36,7 @@ from smartkv.core.policy import counts_for_budgets, rank_profile
 from smartkv.core.quant import QTensor
 from smartkv.core.transfer import host_to
 from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack
+from smartkv.methods.smartkv.arena import carve, class_buffers
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
 
@@ -74,16 +75,6 @@ class Classes:
     # (`_append_store`: keys, values, codes, counts, and the window's length on the device)
     segs: tuple | None = None   # ordinary steps: (key, [sinks, classes, ring] segments) (`_middle_segments`)
     wseg: object = None         # ordinary steps: the window's segment over `wbuf` (`_window_segment`)
-
-
-def _alloc(q: QTensor, cap: int) -> QTensor:
-    """An empty QTensor like `q` (B, H, ., F) with `cap` rows, q's rows copied in front."""
-    def one(t):
-        out = t.new_zeros(*t.shape[:-2], cap, t.shape[-1])
-        if t.shape[-2]:   # an empty pool: zeros alone, no copy launched
-            out[..., :t.shape[-2], :] = t
-        return out
-    return QTensor(one(q.codes), one(q.scale), one(q.zero), q.bits, q.group_size, q.axis)
 
 
 class SmartKVAppend:
@@ -196,18 +187,17 @@ class SmartKVAppend:
         (_, new_k, _), (_, new_v, _) = kinds
         at = by_class[..., None].expand(-1, -1, -1, new_k.shape[-1])
         by_k, by_v = new_k.gather(2, at), new_v.gather(2, at)
-        ks, vs, ns, starts, start = [], [], [], [], 0
-        for kw, vw in widths:
-            n = prompt.get((kw, vw), 0)
-            cap = n + 4 * per_flush.get((kw, vw), 0)    # room for a few flushes; `_append_reserve` grows it
-            for out, x, w in ((ks, by_k, kw), (vs, by_v, vw)):
-                buf = _alloc(self._empty_pool(w), cap)   # quantized in place: no copy of the class's rows into it
-                if n:
-                    quantize_pack(x[..., start:start + n, :], w, self.group, -1, out=buf)
-                out.append(buf)
+        ns = [prompt.get(c, 0) for c in widths]
+        # room for a few flushes (`_append_reserve` grows them), every class's buffers from one block (arena.py)
+        ks, vs, imps = class_buffers(self, widths, [n + 4 * per_flush.get(c, 0) for c, n in zip(widths, ns)],
+                                     importance=bool(A))
+        starts, start = [], 0
+        for (kw, vw), n, kq, vq in zip(widths, ns, ks, vs):
+            if n:   # quantized in place: no copy of the class's rows into its buffer
+                quantize_pack(by_k[..., start:start + n, :], kw, self.group, -1, out=kq)
+                quantize_pack(by_v[..., start:start + n, :], vw, self.group, -1, out=vq)
             starts.append(start)
             start += n
-            ns.append(n)
         cmap = classmap.new_map(cid, Tq + 4 * P)
         rank_class = host_to([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], torch.uint8, self.device)
         mix_len = [0] * len(widths)
@@ -223,12 +213,15 @@ class SmartKVAppend:
                             seen.expand(B, -1).contiguous())
         if A:
             a = self._app
-            # own contiguous buffers (the CUDA kernel's alignment and stride checks)
-            a.ring_k, a.ring_v = (_alloc(self._empty_pool(w), A) for w in top)
-            a.ring, a.rseen = A, torch.zeros(B, A, dtype=torch.uint8, device=self.device)
+            # contiguous and aligned (the CUDA kernel's checks), one block (arena.py)
+            D, G = self.head_dim, self.head_dim // self.group
+            ring = carve([spec for w in top for spec in (((B, H, A, D * w // 8), torch.uint8),
+                                                         ((B, H, A, G), torch.float16), ((B, H, A, G), torch.float16))]
+                         + [((B, A), torch.uint8), ((B,), torch.int32), ((B,), torch.int32)], self.device)
+            a.ring_k, a.ring_v = (QTensor(*ring[i:i + 3], w, self.group, -1) for i, w in zip((0, 3), top))
+            a.ring, a.rseen, a.head, a.ring_len = A, *ring[6:]
             a.rimp = torch.full((B, H, A), 255, dtype=torch.uint8, device=self.device)
-            a.head, a.ring_len = (torch.zeros(B, dtype=torch.int32, device=self.device) for _ in range(2))
-            self._demote_begin(plan, ids, by_class, starts)
+            self._demote_begin(plan, ids, by_class, starts, imps)
         self._last_lse = None
         self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
         self._classes, self._class_major = None, False
@@ -252,12 +245,23 @@ class SmartKVAppend:
         for cid, m in a.mix:   # then every flush adds the mix: the counts only grow
             count[cid] += left * m
         need = [max(x, y) for x, y in zip(need, count)]
-        for cid, want in enumerate(need):
-            if a.k[cid].codes.shape[-2] < want or exact and a.k[cid].codes.shape[-2] > want:
-                cap = want if exact or tight else grown(a.k[cid].codes.shape[-2], want)
-                a.k[cid], a.v[cid] = (_alloc(_rows(q, 0, a.n[cid]), cap) for q in (a.k[cid], a.v[cid]))
-                if a.cimp is not None:
-                    a.cimp[cid] = self._grow_rows(a.cimp[cid][..., :a.n[cid]], cap)
+        caps = [k.codes.shape[-2] for k in a.k]
+        change = [cap < want or exact and cap > want for cap, want in zip(caps, need)]
+        if any(change):
+            # every class into a new block (arena.py), its rows copied: the old block goes with its last view
+            new = [cap if not c else want if exact or tight else grown(cap, want)
+                   for cap, want, c in zip(caps, need, change)]
+            ks, vs, imps = class_buffers(self, a.widths, new, importance=a.cimp is not None)
+            for cid, n in enumerate(a.n):
+                if n:
+                    for old, out in ((a.k[cid], ks[cid]), (a.v[cid], vs[cid])):
+                        for src, dst in zip((old.codes, old.scale, old.zero), (out.codes, out.scale, out.zero)):
+                            dst[..., :n, :] = src[..., :n, :]
+                    if a.cimp is not None:
+                        imps[cid][..., :n] = a.cimp[cid][..., :n]
+            a.k, a.v = ks, vs
+            if a.cimp is not None:
+                a.cimp = imps
         need = self.n_middle + flushes * P
         if a.cmap.shape[-1] < classmap.map_bytes(need):
             a.cmap = classmap.grown(a.cmap, grown(2 * a.cmap.shape[-1], need))

@@ -68,7 +68,7 @@ class SmartKVDemote:
             plan[due[j]][(cls[k // (W * W)], cls[k % (W * W)])] = int(round(tally[j, k]))
         return plan, dict(zip(left[0] + left[1], both))
 
-    def _demote_begin(self, plan: list, ids: dict, by_class: torch.Tensor, starts: list) -> None:
+    def _demote_begin(self, plan: list, ids: dict, by_class: torch.Tensor, starts: list, imps: list) -> None:
         """After `_append_begin` made the class buffers: the plan in class ids and each class row's importance (the
         prompt's mean attention, as 8-bit codes in class-row order: `by_class` (B, H, n) the middle positions class
         after class, each class's rows from `starts`), every token counted as seen by the prompt's `observe_window`
@@ -93,8 +93,10 @@ class SmartKVDemote:
         s0 = self.sink_k.shape[-2]
         codes = self.importance[..., s0:s0 + Tq]
         codes = codes.gather(-1, by_class)   # each class's rows one slice, each kept in a buffer of its own
-        a.cimp = [self._grow_rows(codes[..., s:s + n], cap) if cap > n else codes[..., s:s + n].clone()
-                  for s, n, cap in zip(starts, a.n, (q.codes.shape[-2] for q in a.k))]
+        for s, n, imp in zip(starts, a.n, imps):   # into the class buffers' block (arena.py), rows past n zero
+            if n:
+                imp[..., :n] = codes[..., s:s + n]
+        a.cimp = imps
         a.cseen = torch.full((1,), float(self.config.observe_window), device=self.device)
         if self.config.class_norm == "previous":   # the first step's previous normaliser: the prompt's last query's
             last = self._last_lse
@@ -121,14 +123,6 @@ class SmartKVDemote:
         for cid, tid, k in moves:
             k = min(k, counts[cid])
             counts[cid], counts[tid] = counts[cid] - k, counts[tid] + k
-
-    @staticmethod
-    def _grow_rows(t: torch.Tensor, cap: int) -> torch.Tensor:
-        if t.shape[-1] >= cap:
-            return t
-        out = t.new_zeros(*t.shape[:-1], cap)
-        out[..., :t.shape[-1]] = t
-        return out
 
     def _demote_fold(self, masses: list, queries: int, divisor: float = 1) -> None:
         """Fold the attention class rows received from `queries` more queries (masses: per class, (B, H, n) summed

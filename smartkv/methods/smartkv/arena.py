@@ -1,0 +1,52 @@
+"""An append layer's class buffers as views of one allocation (append.py: the first allocation and `_append_reserve`).
+
+Every class's keys and values (codes, scales, zero points) come from one zeroed block and, while the ring fills, its
+rows' importance codes from another: a first allocation makes two allocations and fills where it made six a class,
+and two more a class for the importance codes. A prefill is bound by host work a layer, each dispatch ~15 us on the GPU host
+(docs/smartkv.md, the prefill's ladder). A class that outgrows its buffers regrows every class into a new block, so
+no block outlives its views with rows that nothing reads; what the views leave of a block for alignment is counted
+as slack (`padding`)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from smartkv.core.quant import QTensor
+
+ALIGN = 16   # bytes: each view starts where the kernels' vector loads and Triton's alignment specialization ask
+
+
+def carve(specs: list, device) -> list[torch.Tensor]:
+    """Zeroed tensors of `specs` ((shape, dtype) each) as views of one block, each 16-byte aligned."""
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // ALIGN) * ALIGN
+    block = torch.zeros(total, dtype=torch.uint8, device=device)
+    return [block[at:at + size].view(dtype).view(shape) for (shape, dtype), at, size in zip(specs, offsets, sizes)]
+
+
+def class_buffers(layer, widths: list, caps: list, importance: bool) -> tuple[list, list, list]:
+    """Empty buffers of `layer`'s classes (`widths` (key width, value width), `caps` rows each): per-token QTensors
+    of keys and values (B, H, cap, .) and, with `importance`, (B, H, cap) uint8 importance codes (else None)."""
+    B, H, D, group = layer.batch_size, layer.num_heads, layer.head_dim, layer.group
+    specs = [spec for (kw, vw), cap in zip(widths, caps) for bits in (kw, vw)
+             for spec in [((B, H, cap, D * bits // 8), torch.uint8)] + [((B, H, cap, D // group), torch.float16)] * 2]
+    views = iter(carve(specs, layer.device))
+    ks, vs = [], []
+    for kw, vw in widths:
+        for out, bits in ((ks, kw), (vs, vw)):
+            out.append(QTensor(next(views), next(views), next(views), bits, group, -1))
+    # the importance codes in a block of their own: they go when the ring is full, the classes stay
+    imps = carve([((B, H, cap), torch.uint8) for cap in caps], layer.device) if importance else [None] * len(caps)
+    return ks, vs, imps
+
+
+def padding(views: list) -> int:
+    """Bytes of the block under `views` (all of one block, `carve`'s) that none of them covers: held, and counted
+    as slack."""
+    if not views:
+        return 0
+    return views[0].untyped_storage().nbytes() - sum(t.numel() * t.element_size() for t in views)
