@@ -301,8 +301,9 @@ def move_rows_many_triton(xs: list, src: torch.Tensor, n: torch.Tensor | None, f
     slots += [slots[0]] * (MAX_MOVED - len(slots))
     widths += [widths[0]] * (MAX_MOVED - len(widths))
     grid = (B * H, cdiv(C, 64))
+    # the widths are constexprs: by keyword, so the launch goes straight to the compiled kernel (`launch.launch`)
+    meta = {**{f"F{i}": w for i, w in enumerate(widths)}, **{f"P{i}": pow2(w) for i, w in enumerate(widths)}}
     for put in (False, True):
         launch(_move_many_kernel, grid, src, src.stride(1), n if n is not None else src, H, C, K,
-               *(a for sl in slots for a in sl), *widths,
-               *(pow2(w) for w in widths), NX=len(xs), HAS_N=n is not None,
-               HAS_FRESH=fresh is not None, PUT=put, BLOCK_R=64, num_warps=4)
+               *(a for sl in slots for a in sl), NX=len(xs), HAS_N=n is not None,
+               HAS_FRESH=fresh is not None, PUT=put, BLOCK_R=64, num_warps=4, **meta)
