@@ -355,8 +355,11 @@ def test_a_reserved_length_sizes_the_class_buffers_once():
     sized, grown = layers
     a = sized._app
     assert [q.codes.shape[-2] - n for q, n in zip(a.k, a.n)] == [0] * len(a.n)
-    assert sized.slack_bytes() < 0.01 * sum(dataclasses.astuple(sized.layer_bytes())[:3])
-    assert grown.slack_bytes() > 5 * sized.slack_bytes()
+    # the window's buffers keep their room for one flush's tokens across flushes (`_window_drop`): not the classes'
+    room = 0 if a.wbuf is None else sum(t.numel() * t.element_size() for t in a.wbuf[:4]) - sum(
+        t.numel() * t.element_size() for t in (sized.win_k, sized.win_v, a.wimp, a.wseen))
+    assert sized.slack_bytes() - room < 0.01 * sum(dataclasses.astuple(sized.layer_bytes())[:3])
+    assert grown.slack_bytes() > 5 * (sized.slack_bytes() - room)
     assert sized._app.n == grown._app.n
     for a, b in zip(sized.stored_kv(), grown.stored_kv()):
         assert torch.equal(a, b)

@@ -38,7 +38,6 @@ from smartkv.core.transfer import host_to
 from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack
 from smartkv.methods.smartkv.arena import carve, class_buffers
 from smartkv.methods.smartkv import classmap
-from smartkv.methods.smartkv.onepass import _rows
 
 
 @dataclass
@@ -291,7 +290,7 @@ class SmartKVAppend:
             rfold = [FoldInto(a.rimp, a.rseen, G)] if ring else []
             # while the ring fills, every class row's importance too (the demotions'): its probabilities, or with
             # class_norm="previous" folded in the pass with the previous query's normaliser (no (B, Hq, T) logits)
-            held = [cid for cid in range(len(a.widths)) if (a.k[cid].codes.shape[-2] if static else a.n[cid])]
+            held = [cid for cid in range(len(a.widths)) if a.k[cid].codes.shape[-2]]
             fold = cls = None
             if a.cimp is not None and a.lse is not None:
                 fold = [None] + [(a.cimp[cid], a.cseen) for cid in held] + [None] * (len(rfold) + 1)
@@ -316,24 +315,25 @@ class SmartKVAppend:
         return out.transpose(1, 2)
 
     def _middle_segments(self, static: bool, ring: bool) -> list:
-        """[sinks, each class held, the ring when the step reads it (`ring`)] as a step reads them. An ordinary
-        step's are the same objects until what they cover changes (a flush, a buffer grown), so `decode_attention`
-        plans their launches once (`kernels.split`): an eager step of a batch of one is bound by its host work."""
+        """[sinks, each class held, the ring when the step reads it (`ring`)] as a step reads them: each class's
+        buffers whole, their lengths on the device, as a static step's. An ordinary step's are the same objects
+        until a buffer grows (or the ring starts), flush after flush, so `decode_attention` plans their launches
+        and builds their batched table once (`kernels.batched`): an eager step of a batch of one is bound by its
+        host work, and a table built again after every flush cost the step after it ~15 ms on the H100 host."""
         a = self._app
         key = None
         if not static:
             key = (self.sink_k.data_ptr(), self.sink_k.shape[-2], self.k_scale.data_ptr(), ring,
                    a.ring_k.codes.data_ptr() if a.ring_k is not None else 0,
-                   tuple((n, k.codes.data_ptr(), v.codes.data_ptr()) for n, k, v in zip(a.n, a.k, a.v)))
+                   tuple((k.codes.shape[-2], k.codes.data_ptr(), v.codes.data_ptr()) for k, v in zip(a.k, a.v)))
             if a.segs is not None and a.segs[0] == key:
                 return list(a.segs[1])
         kept = not static   # an ordinary step's segments are passed again until a flush: one batched launch
         segs = [KVSegment(self.sink_k, self.sink_v, stable=kept)]
-        for cid in range(len(a.widths)):
-            n = a.k[cid].codes.shape[-2] if static else a.n[cid]
-            if n:
-                segs.append(KVSegment(_rows(a.k[cid], 0, n), _rows(a.v[cid], 0, n), key_scale=self.k_scale,
-                                      key_shift=self.k_mu, lengths=a.length[cid] if static else None, stable=kept))
+        for cid in range(len(a.widths)):   # each class's buffers whole, its length read on the device: the same
+            if a.k[cid].codes.shape[-2]:      # segments flush after flush, until a buffer grows
+                segs.append(KVSegment(a.k[cid], a.v[cid], key_scale=self.k_scale, key_shift=self.k_mu,
+                                      lengths=a.length[cid], stable=kept))
         if ring:
             segs.append(KVSegment(a.ring_k, a.ring_v, key_scale=self.k_scale, key_shift=self.k_mu,
                                   lengths=a.ring_len, stable=kept))

@@ -137,10 +137,29 @@ class SmartKVAppendFlush:
                 for _ in range(g // P):
                     self._append_count_flush()
                 counted += g // P
-        self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
-        a.wimp, a.wseen, a.wbuf = a.wimp[..., n:].contiguous(), a.wseen[:, n:].contiguous(), None
+        self._window_drop(n)
         for _ in range(F - counted):
             self._append_count_flush()
+
+    def _window_drop(self, n: int) -> None:
+        """The window's oldest n tokens leave it (flushed). In `_append_store`'s buffers, the rest move to their
+        front and the rows they leave take code 255 and count 0 again: the buffers, and the stable segment the
+        steps read over them, stay the same objects, so the step after a flush builds no batched table again."""
+        a, held, m = self._app, self._window_buffer(), self.win_k.shape[-2]
+        if held is None or held[0].shape[-2] > self.config.recent_window + self.config.realloc_every:
+            # no buffers, or a prefill chunk's (sized for the chunk): the rest copied out, the buffers let go
+            self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
+            a.wimp, a.wseen, a.wbuf = a.wimp[..., n:].contiguous(), a.wseen[:, n:].contiguous(), None
+            return
+        for t in held[:2]:
+            t[..., :m - n, :] = t[..., n:m, :].clone()
+        held[2][..., :m - n] = held[2][..., n:m].clone()
+        held[3][:, :m - n] = held[3][:, n:m].clone()
+        held[2][..., m - n:m] = 255
+        held[3][:, m - n:m] = 0
+        held[4].fill_(m - n)
+        self.win_k, self.win_v = held[0][..., :m - n, :], held[1][..., :m - n, :]
+        a.wimp, a.wseen = held[2][..., :m - n], held[3][:, :m - n]
 
     def _append_pass(self, k_st: torch.Tensor, v: torch.Tensor, codes: torch.Tensor, seen: torch.Tensor,
                      at: int) -> None:
