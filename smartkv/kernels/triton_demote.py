@@ -290,11 +290,14 @@ def move_rows_many_triton(xs: list, src: torch.Tensor, n: torch.Tensor | None, f
     stages every moved row, pass 2 puts them in place), each reading the row map once a row block (a class's 7
     tensors moved one by one took 14 launches, each reading the whole map twice). Every x's rows dense (row stride
     = its last dimension, checked by the caller)."""
-    slots = []
-    for i, x in enumerate(xs):
-        words = as_words(x, fresh[i]) if fresh is not None else as_words(x)
-        x_w, f_w = words[0], (words[1].contiguous() if fresh is not None else words[0])
-        slots.append((x_w, x_w.stride(1), f_w, torch.empty(x_w.shape, dtype=x_w.dtype, device=x.device)))
+    words = [as_words(x, fresh[i]) if fresh is not None else as_words(x) for i, x in enumerate(xs)]
+    # every tensor's staging rows from one allocation (a dispatch a tensor was most of a move's host time)
+    sizes = [w[0].numel() * w[0].element_size() for w in words]
+    block, at, slots = torch.empty(sum(-(-n // 16) * 16 for n in sizes), dtype=torch.uint8, device=src.device), 0, []
+    for (x_w, *f), size in zip(words, sizes):
+        f_w = f[0].contiguous() if fresh is not None else x_w
+        slots.append((x_w, x_w.stride(1), f_w, block[at:at + size].view(x_w.dtype).view(x_w.shape)))
+        at += -(-size // 16) * 16
     B, H, C, _ = xs[0].shape
     K = fresh[0].shape[2] if fresh is not None else 1
     widths = [sl[0].shape[-1] for sl in slots]
