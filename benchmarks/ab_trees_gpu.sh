@@ -17,7 +17,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 for r in $(seq 1 "$ROUNDS"); do
   for tree in "$OLD" "$NEW"; do
     echo "== round $r, tree $tree: prefill phases"
-    (cd /tmp && PYTHONPATH=$tree timeout 60 python -c "import smartkv; print(smartkv.__file__)")
+    (abs=$(cd "$tree" && pwd) && cd /tmp && PYTHONPATH=$abs timeout 60 \
+        python -c "import smartkv; print(smartkv.__file__)")
     PYTHONPATH=$tree:$NEW/benchmarks timeout 150 python benchmarks/profile_prefill.py --shape smollm2 --layers 30 \
         --context 8000 --rows 'int4,smartkv (budget 4.25; gap 3)' --phases 5 2>&1 | grep -v Warning | tail -14
   done

@@ -501,7 +501,35 @@ def test_every_kernel_launch_can_go_straight_to_the_compiled_kernel(tiny_llama, 
     for mod in list(sys.modules.values()):
         if getattr(mod, "__name__", "").startswith("smartkv.kernels") and getattr(mod, "launch", None) is inner:
             monkeypatch.setattr(mod, "launch", checked)
-    ids = _ids(batch=1)
+    ids = _ids(batch=1).to(next(tiny_llama.parameters()).device)
     decode(tiny_llama, "smartkv", ids, 12, "eager", **P)
     decode(tiny_llama, "int4", ids, 2, "eager")
     assert {"_move_many_kernel", "_requant_kernel", "_keys_kernel", "_quant_tok_kernel"} <= seen, seen
+
+
+def test_class_buffers_are_views_of_one_block_that_growth_replaces_whole():
+    """A first allocation's class buffers are views of one zeroed block (arena.py), each 16-byte aligned; a class that
+    outgrows its buffers moves every class into one new block (no view of the old block is left to keep it), its
+    rows the same; the importance codes while the ring fills share a block of their own."""
+    from smartkv.methods.smartkv.arena import carve, padding
+
+    views = carve([((2, 3), torch.uint8), ((5,), torch.float16), ((1, 3), torch.int32)], "cpu")
+    assert all(v.data_ptr() % 16 == 0 and not v.any() for v in views)
+    assert views[0].untyped_storage().data_ptr() == views[2].untyped_storage().data_ptr()
+    assert padding(views) == 48 - (6 + 10 + 12)
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 200, 32, generator=g), torch.randn(1, 2, 200, 32, generator=g)
+    layer = make_cache("smartkv", num_layers=1, **dict(P, ring_tokens=64)).layers[0]
+    layer.append(k[..., :160, :], v[..., :160, :])
+    a = layer._app
+    blocks = {t.untyped_storage().data_ptr() for q in a.k + a.v for t in (q.codes, q.scale, q.zero)}
+    imps = {t.untyped_storage().data_ptr() for t in a.cimp}
+    assert len(blocks) == 1 and len(imps) == 1 and blocks != imps
+    before = [q.codes[..., :n, :].clone() for q, n in zip(a.k, a.n)]
+    caps = [q.codes.shape[-2] for q in a.k]
+    layer._append_reserve(40)   # forty flushes ahead: past every class's room
+    grown = {t.untyped_storage().data_ptr() for q in a.k + a.v for t in (q.codes, q.scale, q.zero)}
+    assert len(grown) == 1 and grown != blocks and [q.codes.shape[-2] for q in a.k] != caps
+    assert len({t.untyped_storage().data_ptr() for t in a.cimp}) == 1
+    for old, q, n in zip(before, a.k, a.n):
+        assert torch.equal(old, q.codes[..., :n, :])
