@@ -36,8 +36,8 @@ from smartkv.core.policy import counts_for_budgets, rank_profile
 from smartkv.core.quant import QTensor
 from smartkv.core.transfer import host_to
 from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack
-from smartkv.methods.smartkv.arena import carve, class_buffers
 from smartkv.methods.smartkv import classmap
+from smartkv.methods.smartkv.arena import carve, class_buffers
 
 
 @dataclass

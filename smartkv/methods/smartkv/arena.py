@@ -1,11 +1,11 @@
 """An append layer's class buffers as views of one allocation (append.py: the first allocation and `_append_reserve`).
 
 Every class's keys and values (codes, scales, zero points) come from one zeroed block and, while the ring fills, its
-rows' importance codes from another: a first allocation makes two allocations and fills where it made six a class,
-and two more a class for the importance codes. A prefill is bound by host work a layer, each dispatch ~15 us on the GPU host
-(docs/smartkv.md, the prefill's ladder). A class that outgrows its buffers regrows every class into a new block, so
-no block outlives its views with rows that nothing reads; what the views leave of a block for alignment is counted
-as slack (`padding`)."""
+rows' importance codes from another (the ring's buffers from a third): a first allocation makes three allocations
+and fills where it made six a class, two more a class for the importance codes and nine for the ring. A prefill is
+bound by host work a layer, each dispatch ~15 us on the GPU host (docs/smartkv.md, the prefill's ladder). A class
+that outgrows its buffers regrows every class into a new block, so no block outlives its views with rows that
+nothing reads; what the views leave of a block for alignment is counted as slack (`padding`)."""
 from __future__ import annotations
 
 import math
