@@ -37,7 +37,7 @@ from smartkv.core.quant import QTensor
 from smartkv.core.transfer import host_to
 from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack
 from smartkv.methods.smartkv import classmap
-from smartkv.methods.smartkv.arena import carve, class_buffers
+from smartkv.methods.smartkv.arena import carve, class_buffers, qtensor_specs, take_qtensor
 
 
 @dataclass
@@ -213,12 +213,10 @@ class SmartKVAppend:
         if A:
             a = self._app
             # contiguous and aligned (the CUDA kernel's checks), one block (arena.py)
-            D, G = self.head_dim, self.head_dim // self.group
-            ring = carve([spec for w in top for spec in (((B, H, A, D * w // 8), torch.uint8),
-                                                         ((B, H, A, G), torch.float16), ((B, H, A, G), torch.float16))]
-                         + [((B, A), torch.uint8), ((B,), torch.int32), ((B,), torch.int32)], self.device)
-            a.ring_k, a.ring_v = (QTensor(*ring[i:i + 3], w, self.group, -1) for i, w in zip((0, 3), top))
-            a.ring, a.rseen, a.head, a.ring_len = A, *ring[6:]
+            ring = iter(carve([spec for w in top for spec in qtensor_specs(self, A, w)]
+                              + [((B, A), torch.uint8), ((B,), torch.int32), ((B,), torch.int32)], self.device))
+            a.ring_k, a.ring_v = (take_qtensor(ring, self, w) for w in top)
+            a.ring, a.rseen, a.head, a.ring_len = A, *ring
             a.rimp = torch.full((B, H, A), 255, dtype=torch.uint8, device=self.device)
             self._demote_begin(plan, ids, by_class, starts, imps)
         self._last_lse = None
@@ -328,7 +326,7 @@ class SmartKVAppend:
                    tuple((k.codes.shape[-2], k.codes.data_ptr(), v.codes.data_ptr()) for k, v in zip(a.k, a.v)))
             if a.segs is not None and a.segs[0] == key:
                 return list(a.segs[1])
-        kept = not static   # an ordinary step's segments are passed again until a flush: one batched launch
+        kept = not static   # an ordinary step's segments are passed again until a buffer grows: one batched launch
         segs = [KVSegment(self.sink_k, self.sink_v, stable=kept)]
         for cid in range(len(a.widths)):   # each class's buffers whole, its length read on the device: the same
             if a.k[cid].codes.shape[-2]:      # segments flush after flush, until a buffer grows

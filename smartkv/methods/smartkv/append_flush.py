@@ -11,6 +11,16 @@ from smartkv.kernels import quantize_pack_at
 from smartkv.methods.smartkv import classmap
 
 
+def _to_front(rows: list, n: int, m: int) -> None:
+    """A window's tokens [n, m) to the front of its buffers, in place, after its first n left (flushed): each
+    (tensor, token dimension, empty) has its rows moved, and the n rows they open up take `empty` (importance code
+    255, count 0: no attention, no query yet; None: left as they are, past the window's length)."""
+    for t, dim, empty in rows:
+        t.narrow(dim, 0, m - n).copy_(t.narrow(dim, n, m - n).clone())
+        if empty is not None:
+            t.narrow(dim, m - n, n).fill_(empty)
+
+
 class SmartKVAppendFlush:
     """SmartKVLayer's append flushes (`_app`: append.Classes)."""
 
@@ -151,12 +161,7 @@ class SmartKVAppendFlush:
             self.win_k, self.win_v = self.win_k[..., n:, :].contiguous(), self.win_v[..., n:, :].contiguous()
             a.wimp, a.wseen, a.wbuf = a.wimp[..., n:].contiguous(), a.wseen[:, n:].contiguous(), None
             return
-        for t in held[:2]:
-            t[..., :m - n, :] = t[..., n:m, :].clone()
-        held[2][..., :m - n] = held[2][..., n:m].clone()
-        held[3][:, :m - n] = held[3][:, n:m].clone()
-        held[2][..., m - n:m] = 255
-        held[3][:, m - n:m] = 0
+        _to_front([(held[0], -2, None), (held[1], -2, None), (held[2], -1, 255), (held[3], -1, 0)], n, m)
         held[4].fill_(m - n)
         self.win_k, self.win_v = held[0][..., :m - n, :], held[1][..., :m - n, :]
         a.wimp, a.wseen = held[2][..., :m - n], held[3][:, :m - n]
@@ -207,11 +212,7 @@ class SmartKVAppendFlush:
         mid_at = (buf["start"][:1] - self.sink_k.shape[-2]).long()
         self._append_push(*self._stored_space(buf["k"][..., :P, :], buf["v"][..., :P, :]), buf["imp"][..., :P],
                           buf["seen"][:, :P], mid_at, full=a.ring_n >= a.ring)
-        for key in ("k", "v"):
-            buf[key][..., :W - P, :] = buf[key][..., P:, :].clone()
-        for key, empty in (("imp", 255), ("seen", 0)):   # the rows that open up: no attention, no query yet
-            buf[key][..., :W - P] = buf[key][..., P:].clone()
-            buf[key][..., W - P:] = empty
+        _to_front([(buf["k"], -2, None), (buf["v"], -2, None), (buf["imp"], -1, 255), (buf["seen"], -1, 0)], P, W)
         buf["start"] += P
 
     def _append_flush_due(self) -> bool:

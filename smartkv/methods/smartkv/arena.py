@@ -28,18 +28,29 @@ def carve(specs: list, device) -> list[torch.Tensor]:
     return [block[at:at + size].view(dtype).view(shape) for (shape, dtype), at, size in zip(specs, offsets, sizes)]
 
 
+def qtensor_specs(layer, rows: int, bits: int) -> list:
+    """`carve` specs of a per-token QTensor of `layer`'s (B, H, rows, .) at `bits`: codes, scales, zero points."""
+    B, H, D = layer.batch_size, layer.num_heads, layer.head_dim
+    return [((B, H, rows, D * bits // 8), torch.uint8)] + [((B, H, rows, D // layer.group), torch.float16)] * 2
+
+
+def take_qtensor(views, layer, bits: int) -> QTensor:
+    """The next three views of `views` (an iterator over `carve`'s, laid out by `qtensor_specs`) as a QTensor."""
+    return QTensor(next(views), next(views), next(views), bits, layer.group, -1)
+
+
 def class_buffers(layer, widths: list, caps: list, importance: bool) -> tuple[list, list, list]:
     """Empty buffers of `layer`'s classes (`widths` (key width, value width), `caps` rows each): per-token QTensors
     of keys and values (B, H, cap, .) and, with `importance`, (B, H, cap) uint8 importance codes (else None)."""
-    B, H, D, group = layer.batch_size, layer.num_heads, layer.head_dim, layer.group
     specs = [spec for (kw, vw), cap in zip(widths, caps) for bits in (kw, vw)
-             for spec in [((B, H, cap, D * bits // 8), torch.uint8)] + [((B, H, cap, D // group), torch.float16)] * 2]
+             for spec in qtensor_specs(layer, cap, bits)]
     views = iter(carve(specs, layer.device))
     ks, vs = [], []
     for kw, vw in widths:
-        for out, bits in ((ks, kw), (vs, vw)):
-            out.append(QTensor(next(views), next(views), next(views), bits, group, -1))
+        ks.append(take_qtensor(views, layer, kw))
+        vs.append(take_qtensor(views, layer, vw))
     # the importance codes in a block of their own: they go when the ring is full, the classes stay
+    B, H = layer.batch_size, layer.num_heads
     imps = carve([((B, H, cap), torch.uint8) for cap in caps], layer.device) if importance else [None] * len(caps)
     return ks, vs, imps
 
