@@ -49,8 +49,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def steps_ms(model, row: str, ids: torch.Tensor, new: int, flush: FlushProfile | None) -> list[float]:
-    """Each decode step's wall ms (synchronised) of one request through a fresh cache of `row`."""
+def steps_ms(model, row: str, ids: torch.Tensor, new: int, flush: FlushProfile | None,
+             profiled: dict | None = None) -> list[float]:
+    """Each decode step's wall ms (synchronised) of one request through a fresh cache of `row`; `profiled`: step
+    index -> a cProfile.Profile to run over that step."""
     method, params = ROWS[row]
     cache = smartkv.make_cache(method, model, **params)
     out = []
@@ -60,11 +62,16 @@ def steps_ms(model, row: str, ids: torch.Tensor, new: int, flush: FlushProfile |
         sync(ids.device.type)
         if flush is not None:
             flush.on = True
-        for _ in range(new):
+        for i in range(new):
+            prof = (profiled or {}).get(i)
             start = time.perf_counter()
+            if prof is not None:
+                prof.enable()
             logits = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits
             nxt = logits[:, -1:].argmax(-1)
             sync(ids.device.type)
+            if prof is not None:
+                prof.disable()
             out.append((time.perf_counter() - start) * 1e3)
         if flush is not None:
             flush.on = False
@@ -79,7 +86,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="int4 and SmartKV interleaved; the last round profiled")
     ap.add_argument("--top", type=int, default=25, help="host functions listed")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU")
+    ap.add_argument("--cprofile-steps", default="", help="comma-separated decode steps (from 0) of SmartKV's last "
+                    "round to cProfile each (e.g. 0,16: the first step and the one after the first flush)")
     args = ap.parse_args()
+    try:
+        picked = sorted({int(x) for x in args.cprofile_steps.split(",") if x.strip()})
+    except ValueError:
+        ap.error(f"--cprofile-steps: comma-separated integers, got {args.cprofile_steps!r}")
     if args.context < 16 or args.new < 1 or args.rounds < 1:
         ap.error("--context >= 16, --new >= 1, --rounds >= 1")
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -89,10 +102,14 @@ def main() -> None:
     for r in range(args.rounds):
         for row in ROWS:
             last = r == args.rounds - 1 and row != "int4"
-            st = steps_ms(model, row, ids, args.new, flush if last else None)
+            profiled = {i: cProfile.Profile() for i in picked} if last else None
+            st = steps_ms(model, row, ids, args.new, flush if last else None, profiled)
             srt = sorted(st)
             print(f"round {r} {row}: median {srt[len(srt) // 2]:.2f} ms, mean {sum(st) / len(st):.2f}; steps: "
                   + " ".join(f"{x:.0f}" for x in st))
+            for i, prof in (profiled or {}).items():
+                print(f"\nSmartKV's decode step {i} ({st[i]:.1f} ms, under cProfile), leading functions:")
+                pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
     print(f"\nSmartKV's flushes in the last round: {flush.calls} calls (layers x flushing steps), "
           f"{flush.seconds * 1e3:.1f} ms in all, cProfile's leading functions:")
     pstats.Stats(flush.prof).sort_stats("tottime").print_stats(args.top)

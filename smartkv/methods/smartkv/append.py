@@ -269,7 +269,9 @@ class SmartKVAppend:
         probabilities folded into their importance codes. A static step reads class and window lengths from the
         device."""
         a, static = self._app, self.static is not None
-        ring = bool(a.ring_n if not static else a.ring)   # a static step's ring length is on the device
+        # the ring's segment from the first step on, its length read on the device (0 until the first flush): the
+        # step after that flush keeps its segments and their batched table (`_middle_segments`)
+        ring = bool(a.ring)
         segs = self._middle_segments(static, ring)
         if static:
             buf = a.buf
