@@ -120,14 +120,16 @@ class SmartKVRealloc:
         zeros (a group's largest code is 2^bits - 1 and its smallest 0: quantize maps the group's max and min
         there), then of each new token (B, H, n, D): (B, H, Tq + n) fp32, without dequantizing the middle."""
         B, H, Tq = self.batch_size, self.num_heads, self.n_middle
+        lo, hi = torch.aminmax(new, dim=-1)
+        if not Tq:   # a first allocation: the new tokens' alone (a prefill is bound by its launches a layer)
+            return hi - lo
         out = torch.zeros(B * H, Tq, device=self.device)
-        if Tq:
-            bits, rank = self._stored_ranks(kind)
-            bits = bits.reshape(B * H, Tq)
-            for b, q in self.pools[kind].items():  # gathered through each token's pool entry: no device sync
-                rng = token_ranges(q).reshape(B * H, -1)
-                out = torch.where(bits == b, rng.gather(1, rank.clamp(max=rng.shape[1] - 1)), out)
-        return torch.cat([out.reshape(B, H, Tq), new.amax(-1) - new.amin(-1)], -1)
+        bits, rank = self._stored_ranks(kind)
+        bits = bits.reshape(B * H, Tq)
+        for b, q in self.pools[kind].items():  # gathered through each token's pool entry: no device sync
+            rng = token_ranges(q).reshape(B * H, -1)
+            out = torch.where(bits == b, rng.gather(1, rank.clamp(max=rng.shape[1] - 1)), out)
+        return torch.cat([out.reshape(B, H, Tq), hi - lo], -1)
 
     def _allocate(self, kind: str, weights: torch.Tensor, old_bits: torch.Tensor, budget: float,
                   profile: torch.Tensor | None) -> torch.Tensor:
