@@ -432,6 +432,30 @@ def test_the_window_is_one_stable_segment_with_the_same_results(tiny_llama, kern
     assert len({id(w) for w in windows}) < len(windows) // 2
 
 
+def test_the_batched_tables_outlive_the_flushes(tiny_llama, kernels, decode):
+    """An ordinary step's sinks, classes and ring are the same segments from the first step on while the buffers
+    hold the decode's reserved length (the ring's among them before its first token, its length 0 on the device):
+    each layer builds its batched table at its first step, once more at the first step of a full ring (the class
+    rows are no longer observed: another launch), and at no flush (one built again after the ring's first flush cost
+    the step after it ~11 ms of the H100 host's time a request)."""
+    from smartkv.kernels import batched
+    ids = _ids().to(next(tiny_llama.parameters()).device)
+    before = batched.STATS["tables"]
+    _, _, cache, dec = decode(tiny_llama, "smartkv", ids, 1, "eager", reserve=ids.shape[1] + 16, **P)
+    built, full = [batched.STATS["tables"] - before], []
+    nxt = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
+    a = cache.layers[0]._app
+    for _ in range(15):   # 4 flushes: the ring's two filling ones, then two of the full ring
+        full.append(a.ring_n == a.ring)
+        before = batched.STATS["tables"]
+        dec.step(nxt)
+        built.append(batched.STATS["tables"] - before)
+    L = len(cache.layers)
+    assert cache.layers[0].n_middle > a.ring and full.count(False) > 4   # both filling flushes seen
+    assert built == [L] + [L if now and not was else 0 for was, now in zip([False] + full, full)]
+    dec.close()
+
+
 def test_probabilities_of_some_segments_equal_those_of_all():
     """decode_attention with a None entry in probs_out skips that segment's probabilities; the rest are those of
     the full call (on whichever path this machine takes: CUDA, Triton, or the reference)."""
