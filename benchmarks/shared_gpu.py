@@ -15,6 +15,7 @@ layout.
 from __future__ import annotations
 
 import argparse
+import queue
 import statistics
 import time
 
@@ -57,14 +58,20 @@ def device_ms(model, row: str, prompt: list[int], new: int) -> dict:
 
 
 def worker(rank: int, rows: list[str], args, barrier, results) -> None:
-    device = "cpu" if args.smoke else "cuda"
-    torch.set_num_threads(1)   # as the runner's workers (`--cpus-per-worker 1`)
-    model = build(args.smoke, device)
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=gen).tolist()
-    measure(model, ROWS[rows[rank]], "eager", prompt, args.new)   # compilation and the allocator, untimed
-    barrier.wait()
-    results.put((rank, [measure(model, ROWS[rows[rank]], "eager", prompt, args.new) for _ in range(args.repeats)]))
+    try:
+        device = "cpu" if args.smoke else "cuda"
+        torch.set_num_threads(1)   # as the runner's workers (`--cpus-per-worker 1`)
+        model = build(args.smoke, device)
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=gen).tolist()
+        measure(model, ROWS[rows[rank]], "eager", prompt, args.new)   # compilation and the allocator, untimed
+        barrier.wait(timeout=args.timeout)
+        out = [measure(model, ROWS[rows[rank]], "eager", prompt, args.new) for _ in range(args.repeats)]
+    except Exception as exc:   # told to the parent, which stops the layout: no process waits on a dead one
+        barrier.abort()
+        results.put((rank, f"{type(exc).__name__}: {exc}"))
+        return
+    results.put((rank, out))
 
 
 def shared(rows: list[str], args) -> dict:
@@ -74,9 +81,19 @@ def shared(rows: list[str], args) -> dict:
     procs = [ctx.Process(target=worker, args=(i, rows, args, barrier, results)) for i in range(len(rows))]
     for p in procs:
         p.start()
-    got = dict(results.get(timeout=args.timeout) for _ in procs)
-    for p in procs:
-        p.join()
+    try:
+        got = dict(results.get(timeout=args.timeout) for _ in procs)
+    except queue.Empty:
+        raise SystemExit(f"a layout of {len(rows)} processes gave no result in --timeout {args.timeout:.0f} s")
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    failed = {i: r for i, r in got.items() if isinstance(r, str) and "BrokenBarrierError" not in r}
+    failed = failed or {i: r for i, r in got.items() if isinstance(r, str)}
+    if failed:
+        raise SystemExit(f"process {min(failed)} ({rows[min(failed)]}) failed: {failed[min(failed)]}")
     out = {}
     for row in dict.fromkeys(rows):
         rs = [r for i, row_i in enumerate(rows) if row_i == row for r in got[i]]
