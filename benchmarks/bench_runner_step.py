@@ -60,6 +60,12 @@ def build(smoke: bool, device: str, layers: int | None = None) -> LlamaForCausal
         return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def prompt_tokens(model, context: int) -> list[int]:
+    """The benchmark's prompt: `context` random token ids (seed 0), the same in every process and run."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.config.vocab_size, (context,), generator=gen).tolist()
+
+
 def measure(model, name: str, mode: str, prompt: list[int], new: int, steps: bool = False) -> dict:
     """One request. With `steps`, also each decode forward's wall ms (synchronised around it: what a step costs,
     a flushing one among them), under "steps"."""
@@ -137,8 +143,7 @@ def run(args) -> None:
     if args.smoke:
         args.context, args.new, args.repeats, modes = min(args.context, 512), min(args.new, 20), 1, ["eager"]
     model = build(args.smoke, device)
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=gen).tolist()
+    prompt = prompt_tokens(model, args.context)
     results = []
     for mode in modes:
         if args.ab:

@@ -23,7 +23,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.profiler import ProfilerActivity, profile
 
-from bench_runner_step import METHODS, build, measure
+from bench_runner_step import METHODS, build, measure, prompt_tokens
+from profile_step import device_events
 
 ROWS = {"int4": "int4", "smartkv": "smartkv (default)"}
 
@@ -47,13 +48,12 @@ def device_ms(model, row: str, prompt: list[int], new: int) -> dict:
         start = time.perf_counter()
         r = measure(model, ROWS[row], "eager", prompt, new)
         wall = (time.perf_counter() - start) * 1e3
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = device_events(prof)
     by_name: dict = {}
-    for e in kernels:
-        ms, count = by_name.get(e.name[:60], (0.0, 0))
-        by_name[e.name[:60]] = (ms + e.device_time / 1e3, count + 1)
-    return {"wall": wall, "device": sum(e.device_time for e in kernels) / 1e3, "kernels": len(kernels),
-            "by_name": by_name,
+    for name, us in kernels:
+        ms, count = by_name.get(name[:60], (0.0, 0))
+        by_name[name[:60]] = (ms + us / 1e3, count + 1)
+    return {"wall": wall, "device": sum(us for _, us in kernels) / 1e3, "kernels": len(kernels), "by_name": by_name,
             "ms_token": r["ms_token"], "prefill_ms": len(prompt) / r["prefill_tok_s"] * 1e3}
 
 
@@ -62,8 +62,7 @@ def worker(rank: int, rows: list[str], args, barrier, results) -> None:
         device = "cpu" if args.smoke else "cuda"
         torch.set_num_threads(1)   # as the runner's workers (`--cpus-per-worker 1`)
         model = build(args.smoke, device)
-        gen = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=gen).tolist()
+        prompt = prompt_tokens(model, args.context)
         measure(model, ROWS[rows[rank]], "eager", prompt, args.new)   # compilation and the allocator, untimed
         barrier.wait(timeout=args.timeout)
         out = [measure(model, ROWS[rows[rank]], "eager", prompt, args.new) for _ in range(args.repeats)]
@@ -90,10 +89,10 @@ def shared(rows: list[str], args) -> dict:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
-    failed = {i: r for i, r in got.items() if isinstance(r, str) and "BrokenBarrierError" not in r}
-    failed = failed or {i: r for i, r in got.items() if isinstance(r, str)}
-    if failed:
-        raise SystemExit(f"process {min(failed)} ({rows[min(failed)]}) failed: {failed[min(failed)]}")
+    errors = {i: r for i, r in got.items() if isinstance(r, str)}
+    if errors:   # the process that failed, not those its abort of the barrier broke
+        i = min(errors, key=lambda j: ("BrokenBarrierError" in errors[j], j))
+        raise SystemExit(f"process {i} ({rows[i]}) failed: {errors[i]}")
     out = {}
     for row in dict.fromkeys(rows):
         rs = [r for i, row_i in enumerate(rows) if row_i == row for r in got[i]]
@@ -121,8 +120,7 @@ def main() -> None:
     assert set(METHODS) >= set(ROWS.values())
     if not args.smoke:
         model = build(False, "cuda")
-        gen = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=gen).tolist()
+        prompt = prompt_tokens(model, args.context)
         print("one process, one request profiled (prefill and decode): wall ms, device ms, kernels")
         for row in ROWS:
             d = device_ms(model, row, prompt, args.new)
