@@ -269,10 +269,8 @@ class SmartKVAppend:
         probabilities folded into their importance codes. A static step reads class and window lengths from the
         device."""
         a, static = self._app, self.static is not None
-        # the ring's segment from the first step on, its length read on the device (0 until the first flush): the
-        # step after that flush keeps its segments and their batched table (`_middle_segments`)
-        ring = bool(a.ring)
-        segs = self._middle_segments(static, ring)
+        ring = bool(a.ring)   # its segment read from the first step on (`_middle_segments`)
+        segs = self._middle_segments(static)
         if static:
             buf = a.buf
             torch.sub(self.static.lengths, buf["start"], out=buf["len"])
@@ -314,16 +312,17 @@ class SmartKVAppend:
                     self._append_flush_static()
         return out.transpose(1, 2)
 
-    def _middle_segments(self, static: bool, ring: bool) -> list:
-        """[sinks, each class held, the ring when the step reads it (`ring`)] as a step reads them: each class's
-        buffers whole, their lengths on the device, as a static step's. An ordinary step's are the same objects
-        until a buffer grows (or the ring starts), flush after flush, so `decode_attention` plans their launches
-        and builds their batched table once (`kernels.batched`): an eager step of a batch of one is bound by its
-        host work, and a table built again after every flush cost the step after it ~15 ms on the H100 host."""
+    def _middle_segments(self, static: bool) -> list:
+        """[sinks, each class held, the ring when there is one] as a step reads them: each class's buffers whole,
+        their lengths on the device, as a static step's; the ring's from the first step on (its length 0 until the
+        first flush). An ordinary step's are the same objects until a buffer grows, flush after flush, so
+        `decode_attention` plans their launches and builds their batched table once (`kernels.batched`): an eager
+        step of a batch of one is bound by its host work, and a table built again after a flush cost the step after
+        it ~11-15 ms on the H100 host."""
         a = self._app
         key = None
         if not static:
-            key = (self.sink_k.data_ptr(), self.sink_k.shape[-2], self.k_scale.data_ptr(), ring,
+            key = (self.sink_k.data_ptr(), self.sink_k.shape[-2], self.k_scale.data_ptr(),
                    a.ring_k.codes.data_ptr() if a.ring_k is not None else 0,
                    tuple((k.codes.shape[-2], k.codes.data_ptr(), v.codes.data_ptr()) for k, v in zip(a.k, a.v)))
             if a.segs is not None and a.segs[0] == key:
@@ -334,7 +333,7 @@ class SmartKVAppend:
             if a.k[cid].codes.shape[-2]:      # segments flush after flush, until a buffer grows
                 segs.append(KVSegment(a.k[cid], a.v[cid], key_scale=self.k_scale, key_shift=self.k_mu,
                                       lengths=a.length[cid], stable=kept))
-        if ring:
+        if a.ring:
             segs.append(KVSegment(a.ring_k, a.ring_v, key_scale=self.k_scale, key_shift=self.k_mu,
                                   lengths=a.ring_len, stable=kept))
         a.segs = None if static else (key, segs)
