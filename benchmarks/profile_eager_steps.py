@@ -65,13 +65,17 @@ def steps_ms(model, row: str, ids: torch.Tensor, new: int, flush: FlushProfile |
         for i in range(new):
             prof = (profiled or {}).get(i)
             start = time.perf_counter()
-            if prof is not None:
+            if prof is not None:   # one profiler at a time (Python 3.12): the flushes' pauses for this step
+                if flush is not None:
+                    flush.on = False
                 prof.enable()
             logits = model(nxt, **cache_kwargs(model, cache), use_cache=True).logits
             nxt = logits[:, -1:].argmax(-1)
             sync(ids.device.type)
             if prof is not None:
                 prof.disable()
+                if flush is not None:
+                    flush.on = True
             out.append((time.perf_counter() - start) * 1e3)
         if flush is not None:
             flush.on = False
