@@ -6,7 +6,7 @@ import torch
 
 from smartkv import kernels as kern
 from smartkv.core.quant import quantize
-from smartkv.kernels import KVSegment, batched, split
+from smartkv.kernels import KVSegment, batched, split, tuning
 from smartkv.kernels import reference as R
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,6 +75,16 @@ def test_one_launch_over_every_width_equals_the_reference(fp, D, monkeypatch):
     n = len(calls)
     alone = kern.decode_attention(q, segs + [win], 0.125)
     assert len(calls) == n and rel(got, alone) < bound
+
+
+def test_a_small_batch_is_cut_until_the_card_is_full():
+    """A batch of one reads a few rows (SmolLM2: 3 KV heads): its segments are cut into programs until the card's
+    slots are full, at most SPLIT_TOKENS a program; a large batch keeps SPLIT_TOKENS."""
+    dev = torch.device(DEV)
+    slots = 2 * tuning.sm_count(dev)
+    tps = batched._group_tps([8000], 3, 64, dev)
+    assert tps % 16 == 0 and tps < batched.SPLIT_TOKENS and 3 * -(-8000 // tps) >= slots // 2, tps
+    assert batched._group_tps([2048], 64, 64, dev) == batched.SPLIT_TOKENS   # 8 x 8 rows at MAX_ROWS
 
 
 def test_folds_and_probabilities_of_batched_segments(monkeypatch):

@@ -223,7 +223,7 @@ def test_splits_fill_whole_waves():
     1645 us), and a split never falls under the minimum."""
     import triton
 
-    from smartkv.kernels.split import SPLIT_OVERHEAD_BLOCKS, _splits
+    from smartkv.kernels.tuning import SPLIT_OVERHEAD_BLOCKS, _splits
 
     def cost(blocks, programs, slots, per):
         return triton.cdiv(programs * triton.cdiv(blocks, per), slots) * (per + SPLIT_OVERHEAD_BLOCKS)
@@ -242,7 +242,7 @@ def test_splits_of_several_segments_fill_whole_waves():
     at one split size: the planner minimises the same cost over the launch's total split count."""
     import triton
 
-    from smartkv.kernels.split import SPLIT_OVERHEAD_BLOCKS, splits_of
+    from smartkv.kernels.tuning import SPLIT_OVERHEAD_BLOCKS, splits_of
 
     def cost(blocks, programs, slots, per):
         n = sum(triton.cdiv(b, per) for b in blocks)

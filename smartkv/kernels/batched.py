@@ -25,10 +25,10 @@ from smartkv.core.quant import QTensor
 from smartkv.kernels import triton_batched as KB
 from smartkv.kernels.launch import cdiv, launch, pow2
 from smartkv.kernels.segment import FoldInto, KVSegment
-from smartkv.kernels.tuning import FP, TOK
+from smartkv.kernels.tuning import FP, TOK, sm_count, splits_of
 
 MAX_ROWS = 1 << 17        # batch x KV heads x tokens of the batched segments, at most
-SPLIT_TOKENS = 512        # tokens a program, at most (a row of 8K tokens: 16 splits)
+SPLIT_TOKENS = 512        # tokens a program, at most; fewer while the card has room for more programs (`_group_tps`)
 # query heads one merge-and-fold program merges in turn (`merge_fold`; measured at SmolLM2's 9): a bound on serial
 # work, past which the merge's program a head and the fold launches run as before
 MERGE_HEADS = 32
@@ -121,9 +121,19 @@ def _row(seg: KVSegment, store: int, fold, start: int, tps: int, scol: int, dumm
     return row
 
 
-def _tps(tokens: int) -> int:
-    """Tokens a program of a row of `tokens` reads: at most SPLIT_TOKENS, a multiple of 16."""
-    return max(16, min(SPLIT_TOKENS, cdiv(tokens, 16) * 16))
+def _tps(tokens: int, most: int = SPLIT_TOKENS) -> int:
+    """Tokens a program of a row of `tokens` reads: at most `most`, a multiple of 16."""
+    return max(16, min(most, cdiv(tokens, 16) * 16))
+
+
+def _group_tps(tokens: Sequence[int], rows: int, block_n: int, device) -> int:
+    """Tokens a program reads at most, the same for every segment of a group: the fewest waves' time over the card's
+    slots (`splits_of`, as the specialised kernels split), in blocks of `block_n`, at most SPLIT_TOKENS. At a
+    batch of one a call has a few rows (SmolLM2: 3 KV heads), and 512 tokens a program left an 8K-token call ~50
+    programs, one a fifth of the card's SMs, each walking its tokens' latency-bound loads in turn."""
+    slots = max(1, 8 // 4) * sm_count(device)   # 4 warps a program
+    per = splits_of(tuple(cdiv(t, block_n) for t in tokens), rows, slots, 1)
+    return min(SPLIT_TOKENS, per * block_n)
 
 
 def _capturing(q3: torch.Tensor) -> bool:
@@ -156,9 +166,11 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     ldt = {seg.lengths.dtype for _, seg in picked if seg.lengths is not None}
     if len(fdt) > 1 or len(adt) > 1 or len(ldt) > 1 or not ldt <= {torch.int32, torch.int64}:
         return None
+    block_n = max(16, min(64, 4096 // D))
+    most = _group_tps([seg.num_tokens for _, seg in picked], B * Hkv, block_n, q3.device)
     rows, smap, cols, width = [], [], {}, 0
     for r, (i, seg) in enumerate(picked):
-        tps = _tps(seg.num_tokens)
+        tps = _tps(seg.num_tokens, most)
         n = cdiv(seg.num_tokens, tps)
         if stores[i] == 1:
             cols[i], width = width, width + seg.num_tokens
@@ -171,7 +183,7 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     desc, smap = (torch.tensor(x, dtype=t, pin_memory=pin).to(dev, non_blocking=True)
                   for x, t in ((rows, torch.int64), (smap, torch.int32)))
     STATS["tables"] += 1
-    meta = dict(D=D, QN=max(16, pow2(Hq // Hkv)), BLOCK_N=max(16, min(64, 4096 // D)),
+    meta = dict(D=D, QN=max(16, pow2(Hq // Hkv)), BLOCK_N=block_n,
                 FPT=_tl(fdt.pop() if fdt else q3.dtype), AFT=_tl(adt.pop() if adt else torch.float16),
                 LENT=_tl(ldt.pop() if ldt else torch.int64), num_warps=4)
     g = _Group(tuple(weakref.ref(seg, _forget(key)) for _, seg in picked), frozenset(i for i, _ in picked),

@@ -1,7 +1,6 @@
 """Launching the split-K decode attention kernels (triton_attn) for a list of segments."""
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,54 +12,14 @@ from smartkv.kernels import batched
 from smartkv.kernels import triton_attn as K
 from smartkv.kernels.launch import cdiv, launch, pow2
 from smartkv.kernels.segment import FoldInto, KVSegment, check_inputs  # noqa: F401
-from smartkv.kernels.tuning import Tuning, split_tuning
+from smartkv.kernels.tuning import Tuning, _splits, split_tuning
+from smartkv.kernels.tuning import sm_count as _sm_count
 from smartkv.kernels.tuning import current as current_tuning
 
 LOG2E = 1.4426950408889634
 
 
-_SM_COUNT: dict[int, int] = {}
 LAST_KERNELS: dict = {}  # (K kind, key bits, V bits) -> last compiled split kernel (registers, spills: benchmarks)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-SPLIT_OVERHEAD_BLOCKS = 1.5  # a program's fixed cost (query, value-scale pass, partial store) in blocks of tokens
-
-
-def _splits(blocks: int, programs: int, slots: int, min_blocks: int) -> int:
-    """Blocks per split for `programs` (batch x KV heads) sequences of `blocks` blocks each, when `slots`
-    programs run at once on the card: the fewest waves' worth of time, ceil(programs x splits / slots) x
-    (blocks per split + SPLIT_OVERHEAD_BLOCKS). A last wave that is mostly empty costs as much as a full one:
-    at 32K x 48 (384 sequences, 264 slots) 3 splits take 5 waves where 2 take 3 (measured 10% apart)."""
-    return splits_of((blocks,), programs, slots, min_blocks)
-
-
-@functools.lru_cache(maxsize=4096)
-def splits_of(blocks: tuple[int, ...], programs: int, slots: int, min_blocks: int) -> int:
-    """`_splits` for one launch whose programs cover several segments of `blocks` blocks per sequence each, all
-    cut at one split size (SmartKV's values pass). Under the cost model the best size is the smallest one that
-    gives some segment a given split count, so only those are tried: O(sum sqrt(blocks)) candidates."""
-    sizes = {max(min_blocks, 1)}
-    for b in blocks:
-        n = 1
-        while (per := cdiv(b, n)) > min_blocks:   # each distinct size of b's splits once
-            sizes.add(per)
-            n = cdiv(b, per - 1)
-    best = None
-    for per in sorted(sizes, reverse=True):
-        n_splits = sum(cdiv(b, per) for b in blocks)
-        cost = cdiv(programs * n_splits, slots) * (per + SPLIT_OVERHEAD_BLOCKS)
-        if best is None or cost < best[0] + 1e-9:  # ties: the smaller split
-            best = (cost, per)
-    return best[1]
 
 
 _RESIDENT: dict = {}  # (K kind, key bits, V bits, tuning) -> programs of that split kernel resident per SM

@@ -38,7 +38,7 @@ from smartkv.kernels.split import code_words
 from smartkv.kernels.launch import cdiv, launch, pow2
 from smartkv.kernels.triton_attn import load_words, unpack
 from smartkv.kernels.triton_quant import _mean_code
-from smartkv.kernels.tuning import current
+from smartkv.kernels.tuning import current, splits_of
 
 
 @triton.jit
@@ -542,7 +542,7 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     warps = current().pool.values_warps
     key = ("pool values", tuple(bits), G, D, block, warps)  # decode._RESIDENT: programs per SM once compiled
     if per_split is None:  # by whole waves of the card (decode's planner), splits of split_tokens at least
-        per_split = block * _dec.splits_of(tuple(cdiv(a[4], block) for a in args), B * Hkv,
+        per_split = block * splits_of(tuple(cdiv(a[4], block) for a in args), B * Hkv,
                                            _dec._slots(key, warps, probs.device),
                                            cdiv(current().pool.split_tokens, block))
     per_split = cdiv(max(per_split, 1), block) * block

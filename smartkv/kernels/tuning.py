@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
+
+from smartkv.kernels.launch import cdiv
 
 FP, TOK, CHAN = 0, 1, 2  # key layouts: full precision, per-token groups, per-channel groups (KIVI keys)
 WIDE = "wide"            # (TOK, WIDE): per-token keys whose dots have more than 16 columns
@@ -49,7 +52,7 @@ class Tuning:
 class PoolTuning:
     """SmartKV's two passes (triton_pool): tokens per block of the scores pass and of the values pass's loop, warps
     of each, the fewest tokens per split of the values pass (its split size is planned by whole waves of the
-    card, split.splits_of), and whether pools pack query heads into their dots' columns."""
+    card, splits_of), and whether pools pack query heads into their dots' columns."""
     scores_block: int = 128
     values_block: int = 32
     num_warps: int = 4
@@ -161,3 +164,47 @@ def split_tuning(kind: int, bits: int, columns: int = 16) -> Tuning:
     table = current().split
     tune = table.get((kind, bits), table[kind])
     return table[(TOK, WIDE)] if kind == TOK and tune.num_warps == 1 and columns > 16 else tune
+
+
+# the card's programs at once and the split-size cost model, shared by the specialised and the batched kernels
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+SPLIT_OVERHEAD_BLOCKS = 1.5  # a program's fixed cost (query, value-scale pass, partial store) in blocks of tokens
+
+
+def _splits(blocks: int, programs: int, slots: int, min_blocks: int) -> int:
+    """Blocks per split for `programs` (batch x KV heads) sequences of `blocks` blocks each, when `slots`
+    programs run at once on the card: the fewest waves' worth of time, ceil(programs x splits / slots) x
+    (blocks per split + SPLIT_OVERHEAD_BLOCKS). A last wave that is mostly empty costs as much as a full one:
+    at 32K x 48 (384 sequences, 264 slots) 3 splits take 5 waves where 2 take 3 (measured 10% apart)."""
+    return splits_of((blocks,), programs, slots, min_blocks)
+
+
+@functools.lru_cache(maxsize=4096)
+def splits_of(blocks: tuple[int, ...], programs: int, slots: int, min_blocks: int) -> int:
+    """`_splits` for one launch whose programs cover several segments of `blocks` blocks per sequence each, all
+    cut at one split size (SmartKV's values pass). Under the cost model the best size is the smallest one that
+    gives some segment a given split count, so only those are tried: O(sum sqrt(blocks)) candidates."""
+    sizes = {max(min_blocks, 1)}
+    for b in blocks:
+        n = 1
+        while (per := cdiv(b, n)) > min_blocks:   # each distinct size of b's splits once
+            sizes.add(per)
+            n = cdiv(b, per - 1)
+    best = None
+    for per in sorted(sizes, reverse=True):
+        n_splits = sum(cdiv(b, per) for b in blocks)
+        cost = cdiv(programs * n_splits, slots) * (per + SPLIT_OVERHEAD_BLOCKS)
+        if best is None or cost < best[0] + 1e-9:  # ties: the smaller split
+            best = (cost, per)
+    return best[1]
