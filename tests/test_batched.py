@@ -87,6 +87,35 @@ def test_a_small_batch_is_cut_until_the_card_is_full():
     assert batched._group_tps([2048], 64, 64, dev) == batched.SPLIT_TOKENS   # 8 x 8 rows at MAX_ROWS
 
 
+@pytest.mark.parametrize("block_s", [16, 128])
+def test_many_splits_merge_in_steps_of_any_size(block_s, monkeypatch):
+    """Segments cut into many programs (16 tokens each here) and their partials merged in steps of `block_s`
+    (fewer than the splits, or all at once) equal the reference, folds included."""
+    monkeypatch.setattr(batched, "SPLIT_TOKENS", 16)
+    monkeypatch.setattr(batched, "_merge_block", lambda splits: block_s)
+    segs, (wk, wv), g = _layout(5)
+    B, H, NG = 2, 2, 3
+    q = torch.randn(B, H * NG, 1, 64, generator=g).half().to(DEV)
+    ring = torch.randint(0, 256, (B, H, 50), generator=g, dtype=torch.uint8).to(DEV)
+    seen = torch.randint(0, 250, (B, 50), generator=g, dtype=torch.uint8).to(DEV)
+    splits = []
+    run = batched.run
+    monkeypatch.setattr(batched, "run", lambda c, *a, **k: splits.append(c.splits) or run(c, *a, **k))
+    probs_out = [None] * (len(segs) - 1) + [kern.FoldInto(ring, seen, NG), None]
+    for _ in range(2):   # the table built at the first call, read at the second
+        codes, counts = ring.clone(), seen.clone()
+        probs_out[-2] = kern.FoldInto(codes, counts, NG)
+        got, _ = kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125, return_token_probs=True,
+                                       probs_out=probs_out)
+    assert splits and min(splits) > 16, splits
+    exact, probs = kern.decode_attention_reference(q, segs + [KVSegment(wk, wv)], 0.125, return_token_probs=True,
+                                                   compute_dtype=torch.float64)
+    assert rel(got, exact) < BOUND, rel(got, exact)
+    want_codes, want_counts = ring.clone(), seen.clone()
+    kern.importance_fold(want_codes, probs[-2].float() / NG, want_counts, 1)
+    assert (codes.int() - want_codes.int()).abs().max() <= 1 and not torch.equal(codes, ring)
+
+
 def test_folds_and_probabilities_of_batched_segments(monkeypatch):
     """SmartKV append's observing step: classes folding their importance with the previous normaliser (STORE 2), the
     ring's and the window's probabilities folded into their codes (`FoldInto`, from the batched launch's scores, in

@@ -247,6 +247,12 @@ def run(c: Call, q3: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor,
            lse_io if lse_io is not None else lse_part, qk_scale, h_kv, Hq // h_kv, **g.meta)
 
 
+def _merge_block(splits: int) -> int:
+    """Partials a merge step reads: a batched call's splits in one step up to 128 (a head's merge is two passes of
+    dependent loads a step, and one program walks every head of its sequence in turn); two compiled sizes."""
+    return 64 if splits <= 64 else 128
+
+
 def merge_fold(out: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor, S: int, lse: torch.Tensor,
                scores: Sequence, segments: Sequence[KVSegment], lengths, probs_out, h_kv: int) -> set | None:
     """A batched call's merge and up to two `FoldInto` folds in one launch (`_merge_fold_kernel`, one program a
@@ -271,7 +277,7 @@ def merge_fold(out: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor, 
     has = [h for _, _, h in targets] + [False] * (2 - len(targets))
     STATS["launches"] += 1
     launch(KB._merge_fold_kernel, (B,), o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
-           *lse_part.stride()[:2], *out.stride()[:2], h_kv, Hq // h_kv, *args, D=D, BLOCK_S=64,
+           *lse_part.stride()[:2], *out.stride()[:2], h_kv, Hq // h_kv, *args, D=D, BLOCK_S=_merge_block(S),
            NGP=pow2(Hq // h_kv), BLOCK_T=128, FOLDS=len(targets), HAS_LEN0=has[0],
            HAS_LEN1=has[1], num_warps=4)
     return {i for i, _, _ in targets}

@@ -49,9 +49,11 @@ def _tile(d, kind, bits, group, F_PTR, F_SB, F_SPTR, F_SSB, b, hk, t, valid, f, 
         bit = f * nb
         byte = bit >> 3
         lo = tl.load(cp + byte[None, :], mask=valid[:, None], other=0).to(tl.int32)
-        hi = tl.load(cp + byte[None, :] + 1, mask=valid[:, None] & (byte + 1 < (D * nb) // 8)[None, :],
-                     other=0).to(tl.int32)
-        code = ((lo | (hi << 8)) >> (bit & 7)[None, :]) & ((1 << nb) - 1)
+        if nb == 3:   # only 3-bit codes cross a byte: the others read one byte a code
+            hi = tl.load(cp + byte[None, :] + 1, mask=valid[:, None] & (byte + 1 < (D * nb) // 8)[None, :],
+                         other=0).to(tl.int32)
+            lo = lo | (hi << 8)
+        code = (lo >> (bit & 7)[None, :]) & ((1 << nb) - 1)
         soff = b * _field(d, F_SSB) + hk * _field(d, F_SSB + 1)
         so = t[:, None] * _field(d, F_SSB + 2) + (f // group.to(tl.int32))[None, :]
         sp = _field(d, F_SPTR).to(tl.pointer_type(tl.float16)) + soff
