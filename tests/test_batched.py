@@ -92,7 +92,7 @@ def test_many_splits_merge_in_steps_of_any_size(block_s, monkeypatch):
     """Segments cut into many programs (16 tokens each here) and their partials merged in steps of `block_s`
     (fewer than the splits, or all at once) equal the reference, folds included."""
     monkeypatch.setattr(batched, "SPLIT_TOKENS", 16)
-    monkeypatch.setattr(batched, "_merge_block", lambda splits: block_s)
+    monkeypatch.setattr(batched, "_merge_block", lambda splits, head_dim: block_s)
     segs, (wk, wv), g = _layout(5)
     B, H, NG = 2, 2, 3
     q = torch.randn(B, H * NG, 1, 64, generator=g).half().to(DEV)

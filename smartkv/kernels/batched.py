@@ -43,6 +43,15 @@ def enabled() -> bool:
     return os.environ.get("SMARTKV_BATCH_SEGMENTS", "1") != "0"
 
 
+def _precision() -> str:
+    """The dots' operands: fp32 products ("ieee", the default) or TF32's (`SMARTKV_BATCH_TF32=1`: the tensor cores,
+    a 10-bit mantissa as the specialised kernels' fp16 operands, fp32's range; an A/B of the launch's device time)."""
+    raw = os.environ.get("SMARTKV_BATCH_TF32", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"SMARTKV_BATCH_TF32 must be 0 or 1, got {raw!r}")
+    return "tf32" if raw == "1" else "ieee"
+
+
 @dataclass
 class _Group:
     refs: tuple             # weak references to the batched segments, in row order
@@ -185,7 +194,7 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     STATS["tables"] += 1
     meta = dict(D=D, QN=max(16, pow2(Hq // Hkv)), BLOCK_N=block_n,
                 FPT=_tl(fdt.pop() if fdt else q3.dtype), AFT=_tl(adt.pop() if adt else torch.float16),
-                LENT=_tl(ldt.pop() if ldt else torch.int64), num_warps=4)
+                LENT=_tl(ldt.pop() if ldt else torch.int64), PREC=_precision(), num_warps=4)
     g = _Group(tuple(weakref.ref(seg, _forget(key)) for _, seg in picked), frozenset(i for i, _ in picked),
                desc, smap, int(smap.numel()), cols, width, meta)
     while len(_GROUPS) >= MAX_GROUPS:   # (entries leave with their segments: this is a bound, not a sweep)
@@ -247,10 +256,11 @@ def run(c: Call, q3: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor,
            lse_io if lse_io is not None else lse_part, qk_scale, h_kv, Hq // h_kv, **g.meta)
 
 
-def _merge_block(splits: int) -> int:
+def _merge_block(splits: int, head_dim: int) -> int:
     """Partials a merge step reads: a batched call's splits in one step up to 128 (a head's merge is two passes of
-    dependent loads a step, and one program walks every head of its sequence in turn); two compiled sizes."""
-    return 64 if splits <= 64 else 128
+    dependent loads a step, and one program walks every head of its sequence in turn), while a step's partials fit
+    a program's registers (128 x head_dim 128 fp32 over 4 warps: 128 a thread); two compiled sizes."""
+    return 128 if splits > 64 and head_dim <= 128 else 64
 
 
 def merge_fold(out: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor, S: int, lse: torch.Tensor,
@@ -277,7 +287,7 @@ def merge_fold(out: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor, 
     has = [h for _, _, h in targets] + [False] * (2 - len(targets))
     STATS["launches"] += 1
     launch(KB._merge_fold_kernel, (B,), o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
-           *lse_part.stride()[:2], *out.stride()[:2], h_kv, Hq // h_kv, *args, D=D, BLOCK_S=_merge_block(S),
+           *lse_part.stride()[:2], *out.stride()[:2], h_kv, Hq // h_kv, *args, D=D, BLOCK_S=_merge_block(S, D),
            NGP=pow2(Hq // h_kv), BLOCK_T=128, FOLDS=len(targets), HAS_LEN0=has[0],
            HAS_LEN1=has[1], num_warps=4)
     return {i for i, _, _ in targets}
