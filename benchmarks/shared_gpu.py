@@ -113,7 +113,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.context < 16 or args.new < 1 or args.repeats < 1:
         ap.error("--context >= 16, --new >= 1, --repeats >= 1")
-    layouts = [(text, parse_layout(text)) for text in args.layouts.split(",")]
+    layouts = [(text, parse_layout(text)) for text in args.layouts.split(",") if text]   # "": the profile alone
     if args.smoke:
         args.context, args.new, args.repeats = min(args.context, 256), min(args.new, 20), 1
         layouts = [(t, rows[:2]) for t, rows in layouts[:2]]

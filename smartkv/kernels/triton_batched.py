@@ -67,7 +67,7 @@ def _tile(d, kind, bits, group, F_PTR, F_SB, F_SPTR, F_SSB, b, hk, t, valid, f, 
 @triton.jit(do_not_specialize=["NS", "split0", "sob", "soh", "sos", "slb", "slh", "sscb", "ssch"])
 def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb, slh, split0, SC, sscb, ssch,
                     LPREV, qk_scale, H_KV, NG, D: tl.constexpr, QN: tl.constexpr, BLOCK_N: tl.constexpr,
-                    FPT: tl.constexpr, AFT: tl.constexpr, LENT: tl.constexpr):
+                    FPT: tl.constexpr, AFT: tl.constexpr, LENT: tl.constexpr, PREC: tl.constexpr = "ieee"):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H_KV).to(tl.int64)
@@ -116,7 +116,7 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
         t = n0 + tl.arange(0, BLOCK_N)
         valid = t < s1
         k = _tile(d, kkind, kbits, kg, F_KQ, F_SKQB, F_KS, F_SKSB, b, hk, t, valid, f, D, FPT)
-        s = (tl.dot(k, q, input_precision="ieee") + qaff[None, :]) * qk_scale           # (BLOCK_N, QN)
+        s = (tl.dot(k, q, input_precision=PREC) + qaff[None, :]) * qk_scale           # (BLOCK_N, QN)
         if store == 1:
             tl.store(sc_scores[None, :] + t[:, None], s, mask=valid[:, None] & heads[None, :])
         elif store == 2:
@@ -124,7 +124,7 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
                        seen, NG)
         m_i, l_i, alpha, p = _softmax(tl.where(valid[:, None], s, float("-inf")), m_i, l_i)
         v = _tile(d, vkind, vbits, vg, F_VQ, F_SVQB, F_VS, F_SVSB, b, hk, t, valid, f, D, FPT)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), v, input_precision=PREC)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
