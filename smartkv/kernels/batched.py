@@ -139,8 +139,9 @@ def _group_tps(tokens: Sequence[int], rows: int, block_n: int, device) -> int:
     """Tokens a program reads at most, the same for every segment of a group: the fewest waves' time over the card's
     slots (`splits_of`, as the specialised kernels split), in blocks of `block_n`, at most SPLIT_TOKENS. At a
     batch of one a call has a few rows (SmolLM2: 3 KV heads), and 512 tokens a program left an 8K-token call ~50
-    programs, one a fifth of the card's SMs, each walking its tokens' latency-bound loads in turn."""
-    slots = max(1, 8 // 4) * sm_count(device)   # 4 warps a program
+    programs for 132 SMs, each walking its tokens' latency-bound loads in turn (130 us a call on the H100, int4's
+    specialised launch 11; 56 us cut this way: BENCHMARKS.md `smartkv_shared_h100`)."""
+    slots = 2 * sm_count(device)   # programs of 4 warps an SM holds at once, as the specialised kernels' default
     per = splits_of(tuple(cdiv(t, block_n) for t in tokens), rows, slots, 1)
     return min(SPLIT_TOKENS, per * block_n)
 

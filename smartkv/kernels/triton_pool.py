@@ -543,8 +543,8 @@ def pool_values_triton(probs: torch.Tensor, pools: list, fp: list, per_split: in
     key = ("pool values", tuple(bits), G, D, block, warps)  # decode._RESIDENT: programs per SM once compiled
     if per_split is None:  # by whole waves of the card (decode's planner), splits of split_tokens at least
         per_split = block * splits_of(tuple(cdiv(a[4], block) for a in args), B * Hkv,
-                                           _dec._slots(key, warps, probs.device),
-                                           cdiv(current().pool.split_tokens, block))
+                                      _dec._slots(key, warps, probs.device),
+                                      cdiv(current().pool.split_tokens, block))
     per_split = cdiv(max(per_split, 1), block) * block
     splits = [cdiv(a[4], per_split) for a in args]
     ends = list(itertools.accumulate(splits))
