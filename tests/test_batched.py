@@ -1,6 +1,8 @@
 """`kernels.batched`: a decode call's planned-before segments in one launch, read from a descriptor table."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -210,12 +212,14 @@ def test_the_table_is_built_once_per_set_of_segments(monkeypatch):
     kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
     assert not any(seg.stable for seg in checked)
     monkeypatch.setattr(batched, "_row_ok", row_ok)
+    gc.collect()   # earlier tests' dead segments (in reference cycles) leave their entries now, not mid-count
     held = len(batched._GROUPS)
     k2 = torch.randn(2, 2, 40, 64, generator=g).to(DEV) * 4
     segs[2] = KVSegment(quantize(k2, 4, 32), segs[2].values, key_scale=segs[2].key_scale, key_shift=segs[2].key_shift,
                         stable=True)
     got = kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
     assert batched.STATS["tables"] == tables + 2
+    gc.collect()
     assert len(batched._GROUPS) == held   # the replaced segment's table left with it
     want = kern.decode_attention_reference(q, segs + [KVSegment(wk, wv)], 0.125, compute_dtype=torch.float64)
     assert rel(got, want) < BOUND
