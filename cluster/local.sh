@@ -31,6 +31,8 @@ stop_head() {
     done
     kill -KILL -- "-$head_group" 2>/dev/null || true
   fi
+  # Ray's autoscaler monitor may leave the group (its own session): it is found by this head's temp dir alone
+  pkill -KILL -f -- "$workdir" 2>/dev/null || true
   rm -rf "$workdir"
 }
 trap stop_head EXIT
