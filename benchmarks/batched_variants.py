@@ -20,62 +20,31 @@ import argparse
 import contextlib
 import os
 import statistics
-
-from torch.profiler import ProfilerActivity, profile
+from unittest import mock
 
 from bench_runner_step import build, measure, prompt_tokens
-from profile_step import device_events
+from shared_gpu import ROWS, device_ms
 from smartkv.kernels import batched
 
 ATTENTION = ("_batched_kernel", "_merge_fold_kernel", "_merge_kernel", "_probs_fold_kernel", "_split_kernel")
 
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-@contextlib.contextmanager
-def _patched(name: str, value):
-    old = getattr(batched, name)
-    setattr(batched, name, value)
-    try:
-        yield
-    finally:
-        setattr(batched, name, old)
-
-
-VARIANTS = {   # name -> (row, a context that sets it up); tables are built per cache, so each request reads its own
+# name -> (shared_gpu row, a context that sets it up); tables are built per cache, so each request reads its own
+VARIANTS = {
     "int4": ("int4", contextlib.nullcontext),
-    "base": ("smartkv (default)", contextlib.nullcontext),
-    "tf32": ("smartkv (default)", lambda: _env("SMARTKV_BATCH_TF32", "1")),
-    "merge64": ("smartkv (default)", lambda: _patched("_merge_block", lambda splits, head_dim: 64)),
-    "merge-apart": ("smartkv (default)", lambda: _patched("MERGE_HEADS", 0)),
-    "split512": ("smartkv (default)", lambda: _patched("_group_tps", lambda tokens, rows, block_n, device:
-                                                       batched.SPLIT_TOKENS)),
+    "base": ("smartkv", contextlib.nullcontext),
+    "tf32": ("smartkv", lambda: mock.patch.dict(os.environ, {"SMARTKV_BATCH_TF32": "1"})),
+    "merge64": ("smartkv", lambda: mock.patch.object(batched, "_merge_block", lambda splits, head_dim: 64)),
+    "merge-apart": ("smartkv", lambda: mock.patch.object(batched, "MERGE_HEADS", 0)),
+    "split512": ("smartkv", lambda: mock.patch.object(batched, "_group_tps", lambda tokens, rows, block_n, device:
+                                                      batched.SPLIT_TOKENS)),
 }
 
 
 def profiled(model, row: str, prompt: list[int], new: int) -> dict:
-    """One request under torch.profiler after a warm-up: device ms of the attention's launches and of all."""
-    measure(model, row, "eager", prompt, new)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        measure(model, row, "eager", prompt, new)
-    events = device_events(prof)
-    attn = {}
-    for name, us in events:
-        for k in ATTENTION:
-            if name.startswith(k):
-                attn[k] = attn.get(k, 0.0) + us / 1e3
-    return {"device": sum(us for _, us in events) / 1e3, "kernels": len(events), "attention": attn}
+    """`shared_gpu.device_ms`'s profiled request, with the attention's launches' device ms picked out."""
+    d = device_ms(model, row, prompt, new)
+    attn = {k: sum(ms for name, (ms, _) in d["by_name"].items() if name.startswith(k)) for k in ATTENTION}
+    return {"device": d["device"], "kernels": d["kernels"], "attention": {k: ms for k, ms in attn.items() if ms}}
 
 
 def main() -> None:
@@ -108,7 +77,7 @@ def main() -> None:
         for v in names:
             row, setup = VARIANTS[v]
             with setup():
-                tokens[v].append(measure(model, row, "eager", prompt, args.new)["ms_token"])
+                tokens[v].append(measure(model, ROWS[row], "eager", prompt, args.new)["ms_token"])
     print(f"{args.context} prompt tokens, {args.new} new; device ms of one profiled request, ms a token the median "
           f"of {args.repeats} unprofiled")
     print("| variant | attention device ms (launches) | request device ms (kernels) | ms a token | vs base |")
