@@ -25,7 +25,7 @@ from smartkv.core.quant import QTensor
 from smartkv.kernels import triton_batched as KB
 from smartkv.kernels.launch import cdiv, launch, pow2
 from smartkv.kernels.segment import FoldInto, KVSegment
-from smartkv.kernels.tuning import FP, TOK, sm_count, splits_of
+from smartkv.kernels.tuning import FP, TOK, programs_per_sm, sm_count, splits_of
 
 MAX_ROWS = 1 << 17        # batch x KV heads x tokens of the batched segments, at most
 SPLIT_TOKENS = 512        # tokens a program, at most; fewer while the card has room for more programs (`_group_tps`)
@@ -36,6 +36,7 @@ _FP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # full-precision s
 _TL = None                # torch dtype -> triton dtype, filled at first use
 _GROUPS: dict = {}        # call key -> _Group; an entry leaves when one of its segments dies (and is never used after)
 MAX_GROUPS = 1024
+WARPS = 4                 # the batched launch's warps a program
 STATS = {"tables": 0, "launches": 0}
 
 
@@ -141,7 +142,7 @@ def _group_tps(tokens: Sequence[int], rows: int, block_n: int, device) -> int:
     batch of one a call has a few rows (SmolLM2: 3 KV heads), and 512 tokens a program left an 8K-token call ~50
     programs for 132 SMs, each walking its tokens' latency-bound loads in turn (130 us a call on the H100, int4's
     specialised launch 11; 56 us cut this way: BENCHMARKS.md `smartkv_shared_h100`)."""
-    slots = 2 * sm_count(device)   # programs of 4 warps an SM holds at once, as the specialised kernels' default
+    slots = programs_per_sm(WARPS) * sm_count(device)
     per = splits_of(tuple(cdiv(t, block_n) for t in tokens), rows, slots, 1)
     return min(SPLIT_TOKENS, per * block_n)
 
@@ -195,7 +196,7 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     STATS["tables"] += 1
     meta = dict(D=D, QN=max(16, pow2(Hq // Hkv)), BLOCK_N=block_n,
                 FPT=_tl(fdt.pop() if fdt else q3.dtype), AFT=_tl(adt.pop() if adt else torch.float16),
-                LENT=_tl(ldt.pop() if ldt else torch.int64), PREC=_precision(), num_warps=4)
+                LENT=_tl(ldt.pop() if ldt else torch.int64), PREC=_precision(), num_warps=WARPS)
     g = _Group(tuple(weakref.ref(seg, _forget(key)) for _, seg in picked), frozenset(i for i, _ in picked),
                desc, smap, int(smap.numel()), cols, width, meta)
     while len(_GROUPS) >= MAX_GROUPS:   # (entries leave with their segments: this is a bound, not a sweep)

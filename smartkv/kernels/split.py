@@ -12,7 +12,7 @@ from smartkv.kernels import batched
 from smartkv.kernels import triton_attn as K
 from smartkv.kernels.launch import cdiv, launch, pow2
 from smartkv.kernels.segment import FoldInto, KVSegment, check_inputs  # noqa: F401
-from smartkv.kernels.tuning import Tuning, _splits, split_tuning
+from smartkv.kernels.tuning import Tuning, _splits, programs_per_sm, split_tuning
 from smartkv.kernels.tuning import sm_count as _sm_count
 from smartkv.kernels.tuning import current as current_tuning
 
@@ -31,8 +31,8 @@ def _resident_key(kind: int, kbits: int, vbits: int, tune: Tuning) -> tuple:
 
 def _slots(key: tuple, num_warps: int, device) -> int:
     """Programs of the kernel recorded under `key` that the card runs at once: its programs per SM once it has
-    been launched (`_note_resident`), before that 8 warps' worth (they take ~240 registers a thread)."""
-    return _RESIDENT.get(key, max(1, 8 // num_warps)) * _sm_count(device)
+    been launched (`_note_resident`), before that `programs_per_sm`."""
+    return _RESIDENT.get(key, programs_per_sm(num_warps)) * _sm_count(device)
 
 
 def _note_resident(key: tuple, kern, num_warps: int) -> None:

@@ -179,6 +179,12 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def programs_per_sm(num_warps: int) -> int:
+    """Programs of `num_warps` warps an SM is taken to hold at once before a kernel's own residency is known: 8
+    warps' worth (the split kernels take ~240 registers a thread)."""
+    return max(1, 8 // num_warps)
+
+
 SPLIT_OVERHEAD_BLOCKS = 1.5  # a program's fixed cost (query, value-scale pass, partial store) in blocks of tokens
 
 
