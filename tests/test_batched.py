@@ -92,8 +92,10 @@ def test_a_small_batch_is_cut_until_the_card_is_full():
 @pytest.mark.parametrize("block_s", [16, 128])
 def test_many_splits_merge_in_steps_of_any_size(block_s, monkeypatch):
     """Segments cut into many programs (16 tokens each here) and their partials merged in steps of `block_s`
-    (fewer than the splits, or all at once) equal the reference, folds included."""
+    (fewer than the splits, or all at once) equal the reference, folds included (in blocks of 16 tokens: a fold
+    over several programs)."""
     monkeypatch.setattr(batched, "SPLIT_TOKENS", 16)
+    monkeypatch.setattr(batched, "FOLD_TOKENS", 16)
     monkeypatch.setattr(batched, "_merge_block", lambda splits, head_dim: block_s)
     segs, (wk, wv), g = _layout(5)
     B, H, NG = 2, 2, 3
@@ -150,12 +152,16 @@ def test_folds_and_probabilities_of_batched_segments(monkeypatch):
                             _l(fn, *a, **k))
     got = step()
     assert kernels == ["_batched_kernel", "_merge_fold_kernel"], kernels
-    monkeypatch.setattr(batched, "MERGE_HEADS", H * NG - 1)   # more heads than a merge program takes: as before
+    monkeypatch.setattr(batched, "merge_fold", lambda *a, **k: None)   # the merge and each fold apart
     kernels.clear()
     apart = step()
     assert kernels == ["_batched_kernel", "_merge_kernel", "_probs_fold_kernel", "_probs_fold_kernel"], kernels
-    assert torch.equal(apart[0], got[0])
-    assert all(torch.equal(a, b) for a, b in zip(apart[1] + apart[2], got[1] + got[2]))
+    assert torch.equal(apart[0], got[0]) and torch.equal(apart[3], got[3])
+    # a fold's program works out the log2-sum-exps from the partials itself: equal to the merge's to rounding, so a
+    # code on a rounding boundary may differ by one
+    for a, b in zip(apart[1], got[1]):
+        assert (a.int() - b.int()).abs().max() <= 1 and (a != b).float().mean() < 0.01
+    assert all(torch.equal(a, b) for a, b in zip(apart[2], got[2]))
     monkeypatch.setenv("SMARTKV_BATCH_SEGMENTS", "0")
     n = len(calls)
     want = step()

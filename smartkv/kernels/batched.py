@@ -29,14 +29,13 @@ from smartkv.kernels.tuning import FP, TOK, programs_per_sm, sm_count, splits_of
 
 MAX_ROWS = 1 << 17        # batch x KV heads x tokens of the batched segments, at most
 SPLIT_TOKENS = 512        # tokens a program, at most; fewer while the card has room for more programs (`_group_tps`)
-# query heads one merge-and-fold program merges in turn (`merge_fold`; measured at SmolLM2's 9): a bound on serial
-# work, past which the merge's program a head and the fold launches run as before
-MERGE_HEADS = 32
+FOLD_TOKENS = 128         # tokens a merge-and-fold program folds (`merge_fold`)
 _FP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # full-precision segments it reads
 _TL = None                # torch dtype -> triton dtype, filled at first use
 _GROUPS: dict = {}        # call key -> _Group; an entry leaves when one of its segments dies (and is never used after)
 MAX_GROUPS = 1024
 WARPS = 4                 # the batched launch's warps a program
+DOTS = {"fp32": ("ieee", "ieee"), "tf32": ("tf32", "tf32"), "tf32x3": ("tf32x3", "tf32")}   # (scores, values)
 STATS = {"tables": 0, "launches": 0}
 
 
@@ -44,13 +43,14 @@ def enabled() -> bool:
     return os.environ.get("SMARTKV_BATCH_SEGMENTS", "1") != "0"
 
 
-def _precision() -> str:
-    """The dots' operands: fp32 products ("ieee", the default) or TF32's (`SMARTKV_BATCH_TF32=1`: the tensor cores,
-    a 10-bit mantissa as the specialised kernels' fp16 operands, fp32's range; an A/B of the launch's device time)."""
-    raw = os.environ.get("SMARTKV_BATCH_TF32", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"SMARTKV_BATCH_TF32 must be 0 or 1, got {raw!r}")
-    return "tf32" if raw == "1" else "ieee"
+def _precision() -> tuple[str, str]:
+    """The dots' operands (scores', values'): `SMARTKV_BATCH_DOTS` fp32 (exact products on the FMA units, the
+    default), tf32 (the tensor cores, a 10-bit mantissa as the specialised kernels' fp16 operands, fp32's range) or
+    tf32x3 (the scores as three TF32 products, to fp32's accuracy, and the values in TF32)."""
+    raw = os.environ.get("SMARTKV_BATCH_DOTS", "fp32")
+    if raw not in DOTS:
+        raise ValueError(f"SMARTKV_BATCH_DOTS must be one of {', '.join(DOTS)}, got {raw!r}")
+    return DOTS[raw]
 
 
 @dataclass
@@ -196,7 +196,8 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     STATS["tables"] += 1
     meta = dict(D=D, QN=max(16, pow2(Hq // Hkv)), BLOCK_N=block_n,
                 FPT=_tl(fdt.pop() if fdt else q3.dtype), AFT=_tl(adt.pop() if adt else torch.float16),
-                LENT=_tl(ldt.pop() if ldt else torch.int64), PREC=_precision(), num_warps=WARPS)
+                LENT=_tl(ldt.pop() if ldt else torch.int64), num_warps=WARPS)
+    meta["PREC_S"], meta["PREC_V"] = _precision()
     g = _Group(tuple(weakref.ref(seg, _forget(key)) for _, seg in picked), frozenset(i for i, _ in picked),
                desc, smap, int(smap.numel()), cols, width, meta)
     while len(_GROUPS) >= MAX_GROUPS:   # (entries leave with their segments: this is a bound, not a sweep)
@@ -260,19 +261,18 @@ def run(c: Call, q3: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor,
 
 def _merge_block(splits: int, head_dim: int) -> int:
     """Partials a merge step reads: a batched call's splits in one step up to 128 (a head's merge is two passes of
-    dependent loads a step, and one program walks every head of its sequence in turn), while a step's partials fit
-    a program's registers (128 x head_dim 128 fp32 over 4 warps: 128 a thread); two compiled sizes."""
+    dependent loads a step, and a fold's program works out every head's log2-sum-exp the same way before its own
+    work), while a step's partials fit a program's registers (128 x head_dim 128 fp32 over 4 warps: 128 a thread);
+    two compiled sizes."""
     return 128 if splits > 64 and head_dim <= 128 else 64
 
 
 def merge_fold(out: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor, S: int, lse: torch.Tensor,
                scores: Sequence, segments: Sequence[KVSegment], lengths, probs_out, h_kv: int) -> set | None:
-    """A batched call's merge and up to two `FoldInto` folds in one launch (`_merge_fold_kernel`, one program a
-    sequence). Returns the folded segments' indices, or None (more than two folds, an lse that is not (B, Hq)
-    contiguous fp32, more than MERGE_HEADS query heads a program): the caller merges as usual."""
+    """A batched call's merge and up to two `FoldInto` folds in one launch (`_merge_fold_kernel`: a program a query
+    head and one a block of each fold's tokens). Returns the folded segments' indices, or None (more than two folds,
+    an lse that is not (B, Hq) contiguous fp32): the caller merges as usual."""
     B, Hq, D = out.shape
-    if Hq > MERGE_HEADS:
-        return None
     targets, offset = [], 0
     for i, seg in enumerate(segments):
         if probs_out is not None and isinstance(probs_out[i], FoldInto) and scores[i] is not None and seg.num_tokens:
@@ -287,9 +287,9 @@ def merge_fold(out: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor, 
     none = [lse, 0, 0, lse, 0, 0, lse, 0, 1.0, lse, 0, 0]
     args = [a for _, t, _ in targets for a in t] + none * (2 - len(targets))
     has = [h for _, _, h in targets] + [False] * (2 - len(targets))
+    blocks = sum(cdiv(t[-1], FOLD_TOKENS) for _, t, _ in targets)
     STATS["launches"] += 1
-    launch(KB._merge_fold_kernel, (B,), o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
+    launch(KB._merge_fold_kernel, (B, Hq + blocks), o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
            *lse_part.stride()[:2], *out.stride()[:2], h_kv, Hq // h_kv, *args, D=D, BLOCK_S=_merge_block(S, D),
-           NGP=pow2(Hq // h_kv), BLOCK_T=128, FOLDS=len(targets), HAS_LEN0=has[0],
-           HAS_LEN1=has[1], num_warps=4)
+           NGP=pow2(Hq // h_kv), BLOCK_T=FOLD_TOKENS, HAS_LEN0=has[0], HAS_LEN1=has[1], num_warps=4)
     return {i for i, _, _ in targets}

@@ -570,6 +570,25 @@ def merge_head(OP, LP, b, h, S, sob, soh, sos, slb, slh, D: tl.constexpr, BLOCK_
                                                         float("-inf"))
 
 
+@triton.jit
+def merge_lse(LP, b, hq, heads, S, slb, slh, BLOCK_S: tl.constexpr):
+    """(len(hq),) fp32: the log2-sum-exp over S splits of query heads hq (where `heads`) of sequence b, as
+    `merge_head` works it out (to rounding: a tile of heads reduced at once)."""
+    so = tl.arange(0, BLOCK_S)
+    m = tl.max(tl.full((hq.shape[0], BLOCK_S), float("-inf"), tl.float32), axis=1)
+    for s0 in range(0, S, BLOCK_S):
+        x = tl.load(LP + b * slb + hq[:, None] * slh + s0 + so[None, :], mask=heads[:, None] & (s0 + so < S)[None, :],
+                    other=float("-inf"))
+        m = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.sum(tl.zeros((hq.shape[0], BLOCK_S), tl.float32), axis=1)
+    for s0 in range(0, S, BLOCK_S):
+        x = tl.load(LP + b * slb + hq[:, None] * slh + s0 + so[None, :], mask=heads[:, None] & (s0 + so < S)[None, :],
+                    other=float("-inf"))
+        den += tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
+    return tl.where(den > 0, m_safe + tl.log2(tl.where(den > 0, den, 1.0)), float("-inf"))
+
+
 @triton.jit(do_not_specialize=["S", "slb", "slh"])
 def _merge_kernel(OP, LP, Out, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_Q,
                   D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr):
@@ -587,10 +606,17 @@ def _group_probs(SC, sscb, ssch, LSE, b, hk, t, seq_len, H_KV, NG, NGP: tl.const
     """(BLOCK_T,) fp32: tokens t's probabilities summed over KV head hk's query heads (0 at t >= seq_len), from
     their log2 scores and the call's log2-sum-exp."""
     hh = tl.arange(0, NGP)
+    return _probs_of(SC, sscb, ssch, tl.load(LSE + b * H_KV * NG + hk * NG + hh, mask=hh < NG, other=0.0), b, hk,
+                     t, seq_len, NG, NGP)
+
+
+@triton.jit
+def _probs_of(SC, sscb, ssch, lse, b, hk, t, seq_len, NG, NGP: tl.constexpr):
+    """`_group_probs` with the group's (NGP,) log2-sum-exps given."""
+    hh = tl.arange(0, NGP)
     hq = hk * NG + hh
     m = (hh < NG)[:, None] & (t < seq_len)[None, :]
     s = tl.load(SC + b * sscb + hq[:, None] * ssch + t[None, :], mask=m, other=float("-inf"))
-    lse = tl.load(LSE + b * H_KV * NG + hq, mask=hh < NG, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # no valid token: every p is masked to 0 below
     return tl.sum(tl.where(m, tl.exp2(s - lse[:, None]), 0.0), axis=0)
 
@@ -631,12 +657,19 @@ def _probs_fold_kernel(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor,
 
 @triton.jit
 def fold_block(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor, b, t, seq_len, T_SEG, H_KV, NG,
-               NGP: tl.constexpr):
-    """Tokens t of sequence b: their probabilities folded into their codes over every KV head, counts advanced."""
+               NGP: tl.constexpr, S=1, slb=0, slh=0, BLOCK_S: tl.constexpr = 0):
+    """Tokens t of sequence b: their probabilities folded into their codes over every KV head, counts advanced.
+    The call's log2-sum-exps are LSE's (B, Hq), or with BLOCK_S > 0 worked out from the S split partials' at LSE
+    (b, h, split strides slb, slh: `merge_lse`), so a fold need not wait for the merge's stores."""
     sp = SEEN + b * ssb + t
     seen = tl.load(sp, mask=t < T_SEG, other=0)
     for hk in range(H_KV):
-        prob = _group_probs(SC, sscb, ssch, LSE, b, hk, t, seq_len, H_KV, NG, NGP)
+        if BLOCK_S > 0:
+            hq = hk * NG + tl.arange(0, NGP)
+            prob = _probs_of(SC, sscb, ssch, merge_lse(LSE, b, hq, hq < hk * NG + NG, S, slb, slh, BLOCK_S), b, hk, t,
+                             seq_len, NG, NGP)
+        else:
+            prob = _group_probs(SC, sscb, ssch, LSE, b, hk, t, seq_len, H_KV, NG, NGP)
         cp = CODES + b * scb + hk * sch + t
         c = tl.load(cp, mask=t < T_SEG, other=255).to(tl.float32)
         tl.store(cp, _mean_code(c, seen.to(tl.float32), prob / divisor, 1).to(tl.uint8), mask=t < T_SEG)

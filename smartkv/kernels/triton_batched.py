@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from smartkv.kernels.triton_attn import _fold_mass, _softmax, fold_block, merge_head
+from smartkv.kernels.triton_attn import _fold_mass, _seq_len, _softmax, fold_block, merge_head
 
 # descriptor fields, one int64 each (kernels.batched builds the rows in this order); constexprs, so the kernels
 # below read them by name
@@ -67,7 +67,8 @@ def _tile(d, kind, bits, group, F_PTR, F_SB, F_SPTR, F_SSB, b, hk, t, valid, f, 
 @triton.jit(do_not_specialize=["NS", "split0", "sob", "soh", "sos", "slb", "slh", "sscb", "ssch"])
 def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb, slh, split0, SC, sscb, ssch,
                     LPREV, qk_scale, H_KV, NG, D: tl.constexpr, QN: tl.constexpr, BLOCK_N: tl.constexpr,
-                    FPT: tl.constexpr, AFT: tl.constexpr, LENT: tl.constexpr, PREC: tl.constexpr = "ieee"):
+                    FPT: tl.constexpr, AFT: tl.constexpr, LENT: tl.constexpr, PREC_S: tl.constexpr = "ieee",
+                    PREC_V: tl.constexpr = "ieee"):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H_KV).to(tl.int64)
@@ -116,7 +117,7 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
         t = n0 + tl.arange(0, BLOCK_N)
         valid = t < s1
         k = _tile(d, kkind, kbits, kg, F_KQ, F_SKQB, F_KS, F_SKSB, b, hk, t, valid, f, D, FPT)
-        s = (tl.dot(k, q, input_precision=PREC) + qaff[None, :]) * qk_scale           # (BLOCK_N, QN)
+        s = (tl.dot(k, q, input_precision=PREC_S) + qaff[None, :]) * qk_scale           # (BLOCK_N, QN)
         if store == 1:
             tl.store(sc_scores[None, :] + t[:, None], s, mask=valid[:, None] & heads[None, :])
         elif store == 2:
@@ -124,7 +125,7 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
                        seen, NG)
         m_i, l_i, alpha, p = _softmax(tl.where(valid[:, None], s, float("-inf")), m_i, l_i)
         v = _tile(d, vkind, vbits, vg, F_VQ, F_SVQB, F_VS, F_SVSB, b, hk, t, valid, f, D, FPT)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), v, input_precision=PREC_V)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -134,38 +135,31 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
     tl.store(LP + b * slb + hq * slh + split0 + pid, lse, mask=heads)
 
 
-@triton.jit
-def _fold_target(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor, LEN, seg_offset, T_SEG, b, H_KV, NG,
-                 NGP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_LEN: tl.constexpr):
-    """`_probs_fold_kernel`'s work for sequence b, all its tokens: probabilities from the stored log2 scores and
-    the call's log2-sum-exp, folded into the importance codes as one more query; counts advanced."""
-    seq_len = T_SEG
-    if HAS_LEN:
-        seq_len = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32) - seg_offset, 0), T_SEG)
-    for t0 in range(0, T_SEG, BLOCK_T):
-        fold_block(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor, b, t0 + tl.arange(0, BLOCK_T), seq_len,
-                   T_SEG, H_KV, NG, NGP)
-
-
 @triton.jit(do_not_specialize=["S", "slb", "slh", "sscb0", "ssch0", "off0", "T0", "sscb1", "ssch1", "off1", "T1"])
 def _merge_fold_kernel(OP, LP, Out, LSE, S, sob, soh, sos, slb, slh, sxb, sxh, H_KV, NG,
                        SC0, sscb0, ssch0, C0, scb0, sch0, SEEN0, ssb0, div0, LEN0, off0, T0,
                        SC1, sscb1, ssch1, C1, scb1, sch1, SEEN1, ssb1, div1, LEN1, off1, T1,
                        D: tl.constexpr, BLOCK_S: tl.constexpr, NGP: tl.constexpr, BLOCK_T: tl.constexpr,
-                       FOLDS: tl.constexpr, HAS_LEN0: tl.constexpr, HAS_LEN1: tl.constexpr):
-    """The merge of every split of a small call and up to two `FoldInto` segments' folds, one program a sequence
-    (a small batch: a launch, not the card, is what costs): each query head's splits merged as `_merge_kernel`
-    merges them (its log2-sum-exp kept in LSE), then each fold from the stored scores (`_probs_fold_kernel`'s)."""
+                       HAS_LEN0: tl.constexpr, HAS_LEN1: tl.constexpr):
+    """The merge of every split of a small call and up to two `FoldInto` segments' folds in one launch of
+    (sequence, query head or block of a fold's tokens) programs: a head's program merges its splits as
+    `_merge_kernel` does (its log2-sum-exp kept in LSE); a block's works out the log2-sum-exps from the partials'
+    (`merge_lse`: no program waits for another's stores) and folds its tokens' probabilities from the stored scores
+    into their codes over every KV head (`_probs_fold_kernel`'s). At a batch of one the programs are few and each is a
+    chain of dependent loads, so they run side by side rather than one after another."""
     b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
     H_Q = H_KV * NG
-    for h in range(H_Q):
-        out, lse = merge_head(OP, LP, b, h, S, sob, soh, sos, slb, slh, D, BLOCK_S)
-        tl.store(Out + b * sxb + h * sxh + tl.arange(0, D), out.to(Out.dtype.element_ty))
-        tl.store(LSE + b * H_Q + h, lse)
-    if FOLDS > 0:
-        tl.debug_barrier()   # every head's log2-sum-exp stored by this program's threads, read by all of them
-        _fold_target(SC0, sscb0, ssch0, LSE, C0, scb0, sch0, SEEN0, ssb0, div0, LEN0, off0, T0, b, H_KV, NG, NGP,
-                     BLOCK_T, HAS_LEN0)
-    if FOLDS > 1:
-        _fold_target(SC1, sscb1, ssch1, LSE, C1, scb1, sch1, SEEN1, ssb1, div1, LEN1, off1, T1, b, H_KV, NG, NGP,
-                     BLOCK_T, HAS_LEN1)
+    n0 = tl.cdiv(T0, BLOCK_T)
+    if p < H_Q:
+        out, lse = merge_head(OP, LP, b, p, S, sob, soh, sos, slb, slh, D, BLOCK_S)
+        tl.store(Out + b * sxb + p * sxh + tl.arange(0, D), out.to(Out.dtype.element_ty))
+        tl.store(LSE + b * H_Q + p, lse)
+    elif p < H_Q + n0:
+        t = (p - H_Q) * BLOCK_T + tl.arange(0, BLOCK_T)
+        fold_block(SC0, sscb0, ssch0, LP, C0, scb0, sch0, SEEN0, ssb0, div0, b, t,
+                   _seq_len(LEN0, b, off0, T0, HAS_LEN0), T0, H_KV, NG, NGP, S, slb, slh, BLOCK_S)
+    else:
+        t = (p - H_Q - n0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        fold_block(SC1, sscb1, ssch1, LP, C1, scb1, sch1, SEEN1, ssb1, div1, b, t,
+                   _seq_len(LEN1, b, off1, T1, HAS_LEN1), T1, H_KV, NG, NGP, S, slb, slh, BLOCK_S)
