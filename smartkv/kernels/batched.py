@@ -44,10 +44,11 @@ def enabled() -> bool:
 
 
 def _precision() -> tuple[str, str]:
-    """The dots' operands (scores', values'): `SMARTKV_BATCH_DOTS` fp32 (exact products on the FMA units, the
-    default), tf32 (the tensor cores, a 10-bit mantissa as the specialised kernels' fp16 operands, fp32's range) or
-    tf32x3 (the scores as three TF32 products, to fp32's accuracy, and the values in TF32)."""
-    raw = os.environ.get("SMARTKV_BATCH_DOTS", "fp32")
+    """The dots' operands (scores', values'): `SMARTKV_BATCH_DOTS` tf32x3 (the default: the scores as three TF32
+    products on the tensor cores, to fp32's accuracy, the values in TF32), tf32 (both in TF32: a 10-bit mantissa as
+    the specialised kernels' fp16 operands, fp32's range; the scores then miss test_batched's bounds) or fp32 (exact
+    products on the FMA units: ~1.5x tf32x3's device time a call on the H100, BENCHMARKS.md `smartkv_shared_h100`)."""
+    raw = os.environ.get("SMARTKV_BATCH_DOTS", "tf32x3")
     if raw not in DOTS:
         raise ValueError(f"SMARTKV_BATCH_DOTS must be one of {', '.join(DOTS)}, got {raw!r}")
     return DOTS[raw]
@@ -177,7 +178,7 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     ldt = {seg.lengths.dtype for _, seg in picked if seg.lengths is not None}
     if len(fdt) > 1 or len(adt) > 1 or len(ldt) > 1 or not ldt <= {torch.int32, torch.int64}:
         return None
-    block_n = max(16, min(64, 4096 // D))
+    block_n = max(16, min(64, 4096 // D))   # the split's unit; the kernel's loop steps at most 32 tokens (below)
     most = _group_tps([seg.num_tokens for _, seg in picked], B * Hkv, block_n, q3.device)
     rows, smap, cols, width = [], [], {}, 0
     for r, (i, seg) in enumerate(picked):
@@ -194,7 +195,8 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     desc, smap = (torch.tensor(x, dtype=t, pin_memory=pin).to(dev, non_blocking=True)
                   for x, t in ((rows, torch.int64), (smap, torch.int32)))
     STATS["tables"] += 1
-    meta = dict(D=D, QN=max(16, pow2(Hq // Hkv)), BLOCK_N=block_n,
+    # a step of 32 tokens, not 64, at head_dim 64: 0.77x the device time a call (TF32 dots, the H100)
+    meta = dict(D=D, QN=max(16, pow2(Hq // Hkv)), BLOCK_N=min(32, block_n),
                 FPT=_tl(fdt.pop() if fdt else q3.dtype), AFT=_tl(adt.pop() if adt else torch.float16),
                 LENT=_tl(ldt.pop() if ldt else torch.int64), num_warps=WARPS)
     meta["PREC_S"], meta["PREC_V"] = _precision()

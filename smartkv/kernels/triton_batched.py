@@ -5,8 +5,9 @@ SmartKV's sinks, classes and ring is one launch a segment, and at a batch of one
 than its work takes on the card. Here a segment is a row of a descriptor table on the device (its kinds, widths,
 group sizes, pointers and strides as int64) and a program finds its row through a map of splits, so one compiled
 kernel serves every mix of widths. Codes are read from the packed byte stream (code j at bit j * bits, `core.quant`'s
-layout for 2, 3, 4 and 8 bits), dequantized in fp32 and multiplied in fp32 (exact products, no fp16 range limit):
-slower per byte than the specialised tiles, which is why `kernels.batched` takes it only below a size.
+layout for 2, 3, 4 and 8 bits) and dequantized in fp32; the dots run on the tensor cores (the scores as three TF32
+products, to fp32's accuracy, no fp16 range limit; `kernels.batched._precision`): slower per byte than the
+specialised tiles, which is why `kernels.batched` takes it only below a size.
 
 A program is (split, sequence x KV head) as in `_split_kernel` and writes the same normalised partial output and
 log2-sum-exp, so the merge is shared; scores are stored (STORE 1) or folded into importance codes with the previous
