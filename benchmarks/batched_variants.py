@@ -7,7 +7,7 @@ the merges, the folds), of the whole request and its kernel count, and ms a toke
 Variants (ratios against `base`, the defaults; int4's request beside them):
   base          the defaults
   tf32          SMARTKV_BATCH_DOTS=tf32: the batched dots' operands as TF32 (the tensor cores)
-  tf32x3        SMARTKV_BATCH_DOTS=tf32x3: the scores' dot as three TF32 products, the values' as TF32
+  fp32          SMARTKV_BATCH_DOTS=fp32: the batched dots' products in fp32 on the FMA units (before 54cd9cb)
   merge64       the merge in steps of 64 partials (before d7a40ab)
   merge-apart   the merge's launch (a program a query head) and each fold's, apart (as with three folds)
   split512      512 tokens a program whatever the card (before 4963602)
@@ -34,7 +34,7 @@ VARIANTS = {
     "int4": ("int4", contextlib.nullcontext),
     "base": ("smartkv", contextlib.nullcontext),
     "tf32": ("smartkv", lambda: mock.patch.dict(os.environ, {"SMARTKV_BATCH_DOTS": "tf32"})),
-    "tf32x3": ("smartkv", lambda: mock.patch.dict(os.environ, {"SMARTKV_BATCH_DOTS": "tf32x3"})),
+    "fp32": ("smartkv", lambda: mock.patch.dict(os.environ, {"SMARTKV_BATCH_DOTS": "fp32"})),
     "merge64": ("smartkv", lambda: mock.patch.object(batched, "_merge_block", lambda splits, head_dim: 64)),
     "merge-apart": ("smartkv", lambda: mock.patch.object(batched, "merge_fold", lambda *a, **k: None)),
     "split512": ("smartkv", lambda: mock.patch.object(batched, "_group_tps", lambda tokens, rows, block_n, device:
