@@ -253,3 +253,24 @@ def test_segments_it_cannot_read_launch_alone(monkeypatch):
     assert calls
     want = R.decode_attention_reference(q, [kivi] + segs + [KVSegment(wk, wv)], 0.125, compute_dtype=torch.float64)
     assert rel(got, want) < BOUND
+
+
+def test_each_dots_setting_reaches_the_launch_and_others_are_refused(monkeypatch):
+    """SMARTKV_BATCH_DOTS sets the batched dots' operands (tf32x3 unless set); a value outside its choices is a
+    one-line error naming the variable and the choices, raised before any table is built."""
+    segs, (wk, wv), g = _layout(6)
+    q = torch.randn(2, 6, 1, 64, generator=g).half().to(DEV)
+    for name, (scores, values) in [("", ("tf32x3", "tf32"))] + [(k, v) for k, v in batched.DOTS.items()]:
+        monkeypatch.setattr(batched, "_GROUPS", {})
+        if name:
+            monkeypatch.setenv("SMARTKV_BATCH_DOTS", name)
+        else:
+            monkeypatch.delenv("SMARTKV_BATCH_DOTS", raising=False)
+        kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
+        (g0,) = batched._GROUPS.values()
+        assert (g0.meta["PREC_S"], g0.meta["PREC_V"]) == (scores, values)
+    monkeypatch.setattr(batched, "_GROUPS", {})
+    monkeypatch.setenv("SMARTKV_BATCH_DOTS", "fp16")
+    with pytest.raises(ValueError, match="SMARTKV_BATCH_DOTS must be one of fp32, tf32, tf32x3, got 'fp16'"):
+        kern.decode_attention(q, segs + [KVSegment(wk, wv)], 0.125)
+    assert not batched._GROUPS
