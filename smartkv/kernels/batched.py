@@ -30,6 +30,7 @@ from smartkv.kernels.tuning import FP, TOK, programs_per_sm, sm_count, splits_of
 MAX_ROWS = 1 << 17        # batch x KV heads x tokens of the batched segments, at most
 SPLIT_TOKENS = 512        # tokens a program, at most; fewer while the card has room for more programs (`_group_tps`)
 FOLD_TOKENS = 128         # tokens a merge-and-fold program folds (`merge_fold`)
+MAX_GRID_Y = 65535         # a CUDA grid's second dimension, at most
 _FP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # full-precision segments it reads
 _TL = None                # torch dtype -> triton dtype, filled at first use
 _GROUPS: dict = {}        # call key -> _Group; an entry leaves when one of its segments dies (and is never used after)
@@ -272,7 +273,8 @@ def merge_fold(out: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor, 
                scores: Sequence, segments: Sequence[KVSegment], lengths, probs_out, h_kv: int) -> set | None:
     """A batched call's merge and up to two `FoldInto` folds in one launch (`_merge_fold_kernel`: a program a query
     head and one a block of each fold's tokens). Returns the folded segments' indices, or None (more than two folds,
-    an lse that is not (B, Hq) contiguous fp32): the caller merges as usual."""
+    an lse that is not (B, Hq) contiguous fp32, more programs than a grid's second dimension holds): the caller
+    merges as usual."""
     B, Hq, D = out.shape
     targets, offset = [], 0
     for i, seg in enumerate(segments):
@@ -283,12 +285,13 @@ def merge_fold(out: torch.Tensor, o_part: torch.Tensor, lse_part: torch.Tensor, 
                                 po.seen, po.seen.stride(0), float(po.divisor), lens if lens is not None else lse,
                                 0 if seg.lengths is not None else offset, seg.num_tokens], lens is not None))
         offset += seg.num_tokens
-    if len(targets) > 2 or lse.dtype != torch.float32 or lse.shape != (B, Hq) or not lse.is_contiguous():
+    blocks = sum(cdiv(t[-1], FOLD_TOKENS) for _, t, _ in targets)
+    if (len(targets) > 2 or lse.dtype != torch.float32 or lse.shape != (B, Hq) or not lse.is_contiguous()
+            or Hq + blocks > MAX_GRID_Y):
         return None
     none = [lse, 0, 0, lse, 0, 0, lse, 0, 1.0, lse, 0, 0]
     args = [a for _, t, _ in targets for a in t] + none * (2 - len(targets))
     has = [h for _, _, h in targets] + [False] * (2 - len(targets))
-    blocks = sum(cdiv(t[-1], FOLD_TOKENS) for _, t, _ in targets)
     STATS["launches"] += 1
     launch(KB._merge_fold_kernel, (B, Hq + blocks), o_part, lse_part, out, lse, max(S, 1), *o_part.stride()[:3],
            *lse_part.stride()[:2], *out.stride()[:2], h_kv, Hq // h_kv, *args, D=D, BLOCK_S=_merge_block(S, D),
