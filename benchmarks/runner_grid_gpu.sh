@@ -11,7 +11,8 @@ OUT=${OUT:-benchmarks/raw/latest}
 RUNS=${RUNS:-2}
 mkdir -p "$OUT"
 LOG=$OUT/runner_grid_gpu.out
-{ nvidia-smi --query-gpu=name --format=csv,noheader; git log -1 --format='%h %s' 2>/dev/null | cut -c1-100; } | tee "$LOG"
+{ nvidia-smi --query-gpu=name --format=csv,noheader
+  git log -1 --format='%h %s' 2>/dev/null | cut -c1-100; } | tee "$LOG"
 if [ -z "${SMARTKV_SMOLLM2_GGUF:-}" ]; then
   echo "runner_grid_gpu.sh: SMARTKV_SMOLLM2_GGUF is not set: stage the model first (../shared/device/README.md)" >&2
   exit 2
