@@ -23,6 +23,7 @@ from unittest import mock
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from profile_step import device_events
 from smartkv import kernels as kern
 from smartkv.core.quant import quantize
 from smartkv.kernels import KVSegment, batched
@@ -61,15 +62,6 @@ def nbytes(segs) -> int:
     return total
 
 
-def smartkv_call(q, segs, folds):
-    return kern.decode_attention(q, segs, 0.125, return_token_probs=True,
-                                 probs_out=[None] * (len(segs) - 2) + folds)
-
-
-def int4_call(q, segs, _):
-    return kern.decode_attention(q, segs, 0.125)
-
-
 def device_us(fn, calls: int) -> dict:
     """Kernel name -> device us a call, over `calls` calls after two untimed ones."""
     for _ in range(2):
@@ -82,9 +74,8 @@ def device_us(fn, calls: int) -> dict:
             fn()
         torch.cuda.synchronize()
     by = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            by[e.name[:40]] += e.time_range.elapsed_us() / calls
+    for name, us in device_events(prof):
+        by[name[:40]] += us / calls
     return dict(by)
 
 
@@ -131,16 +122,15 @@ def main() -> None:
         print(f"| bytes at the card's bandwidth | {nbytes(segs) / gbs / 1e3:.2f} | ({nbytes(segs) / 1e6:.2f} MB) |")
     k = torch.randn(1, 3, tokens, 64, device=device)
     uniform = [KVSegment(quantize(k, 4, 32), quantize(k, 4, 32))]
-    rows = [("int4, one segment", lambda: int4_call(q, uniform, None))]
-    rows += [(", ".join(f"{k}={v}" for k, v in s.items()) or "smartkv defaults",
-              lambda s=s: setting(**s)) for s in settings]
+    probs_out = [None] * (len(segs) - 2) + folds
+    rows = [("int4, one segment", contextlib.nullcontext, lambda: kern.decode_attention(q, uniform, 0.125))]
+    rows += [(", ".join(f"{k}={v}" for k, v in s.items()) or "smartkv defaults", lambda s=s: setting(**s),
+              lambda: kern.decode_attention(q, segs, 0.125, return_token_probs=True, probs_out=probs_out))
+             for s in settings]
     print("| rung | total | kernels |\n| --- | --- | --- |")
-    for name, fn in rows:
-        if name.startswith("int4"):
-            got = device_us(fn, args.calls)
-        else:
-            with fn():
-                got = device_us(lambda: smartkv_call(q, segs, folds), args.calls)
+    for name, context, call in rows:
+        with context():
+            got = device_us(call, args.calls)
         parts = "; ".join(f"{k} {v:.1f}" for k, v in sorted(got.items(), key=lambda kv: -kv[1])[:4])
         print(f"| {name} | {sum(got.values()):.1f} | {parts} |", flush=True)
 

@@ -665,8 +665,8 @@ def fold_block(SC, sscb, ssch, LSE, CODES, scb, sch, SEEN, ssb, divisor, b, t, s
     seen = tl.load(sp, mask=t < T_SEG, other=0)
     for hk in range(H_KV):
         if BLOCK_S > 0:
-            hq = hk * NG + tl.arange(0, NGP)
-            prob = _probs_of(SC, sscb, ssch, merge_lse(LSE, b, hq, hq < hk * NG + NG, S, slb, slh, BLOCK_S), b, hk, t,
+            hh = tl.arange(0, NGP)
+            prob = _probs_of(SC, sscb, ssch, merge_lse(LSE, b, hk * NG + hh, hh < NG, S, slb, slh, BLOCK_S), b, hk, t,
                              seq_len, NG, NGP)
         else:
             prob = _group_probs(SC, sscb, ssch, LSE, b, hk, t, seq_len, H_KV, NG, NGP)
