@@ -35,30 +35,38 @@ def _field(d, i):
 
 
 @triton.jit
-def _tile(d, kind, bits, group, F_PTR, F_SB, F_SPTR, F_SSB, b, hk, t, valid, f, D: tl.constexpr, FPT: tl.constexpr):
-    """(BLOCK_N, D) fp32 keys or values of tokens t: a full-precision row (kind 0) or per-token groups of `bits`-bit
-    codes dequantized, code * scale + zero (kind 1). A side's fields: its pointer, scale pointer and zero pointer
-    (F_PTR, F_SPTR, F_SPTR + 1), its data's b, h, t strides (from F_SB) and its scales' (from F_SSB)."""
+def _side(d, bits, group, F_PTR, F_SB, F_SPTR, F_SSB, b, hk, f, D: tl.constexpr, FPT: tl.constexpr):
+    """A side's (keys' or values') fields, read once before the token loop (the loop reads none): the row pointer
+    of a full-precision side and the code pointer of a quantized one (its pointer at b, hk either way: F_PTR,
+    strides from F_SB), the token stride, the scale and zero pointers (F_SPTR, F_SPTR + 1, strides from F_SSB) and
+    their token stride, and each channel's byte, shift and scale column in a token's codes."""
     off = b * _field(d, F_SB) + hk * _field(d, F_SB + 1)
-    st = _field(d, F_SB + 2)
+    rows = _field(d, F_PTR).to(tl.pointer_type(FPT)) + off
+    codes = _field(d, F_PTR).to(tl.pointer_type(tl.uint8)) + off
+    soff = b * _field(d, F_SSB) + hk * _field(d, F_SSB + 1)
+    sp = _field(d, F_SPTR).to(tl.pointer_type(tl.float16)) + soff
+    zp = _field(d, F_SPTR + 1).to(tl.pointer_type(tl.float16)) + soff
+    nb = bits.to(tl.int32)
+    bit = f * nb
+    return rows, codes, _field(d, F_SB + 2), sp, zp, _field(d, F_SSB + 2), nb, bit >> 3, bit & 7, \
+        f // tl.maximum(group.to(tl.int32), 1)
+
+
+@triton.jit
+def _tile(kind, rows, codes, st, sp, zp, sst, nb, byte, shift, col, t, valid, f, D: tl.constexpr):
+    """(BLOCK_N, D) fp32 keys or values of tokens t: a full-precision row (kind 0) or per-token groups of `nb`-bit
+    codes dequantized, code * scale + zero (kind 1), through a side's `_side`."""
     if kind == 0:
-        rp = _field(d, F_PTR).to(tl.pointer_type(FPT)) + off
-        x = tl.load(rp + t[:, None] * st + f[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        x = tl.load(rows + t[:, None] * st + f[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     else:
-        cp = _field(d, F_PTR).to(tl.pointer_type(tl.uint8)) + off + t[:, None] * st
-        nb = bits.to(tl.int32)
-        bit = f * nb
-        byte = bit >> 3
+        cp = codes + t[:, None] * st
         lo = tl.load(cp + byte[None, :], mask=valid[:, None], other=0).to(tl.int32)
         if nb == 3:   # only 3-bit codes cross a byte: the others read one byte a code
             hi = tl.load(cp + byte[None, :] + 1, mask=valid[:, None] & (byte + 1 < (D * nb) // 8)[None, :],
                          other=0).to(tl.int32)
             lo = lo | (hi << 8)
-        code = (lo >> (bit & 7)[None, :]) & ((1 << nb) - 1)
-        soff = b * _field(d, F_SSB) + hk * _field(d, F_SSB + 1)
-        so = t[:, None] * _field(d, F_SSB + 2) + (f // group.to(tl.int32))[None, :]
-        sp = _field(d, F_SPTR).to(tl.pointer_type(tl.float16)) + soff
-        zp = _field(d, F_SPTR + 1).to(tl.pointer_type(tl.float16)) + soff
+        code = (lo >> shift[None, :]) & ((1 << nb) - 1)
+        so = t[:, None] * sst + col[None, :]
         s = tl.load(sp + so, mask=valid[:, None], other=0.0).to(tl.float32)
         z = tl.load(zp + so, mask=valid[:, None], other=0.0).to(tl.float32)
         x = code.to(tl.float32) * s + z
@@ -111,13 +119,17 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
     lp = tl.where(folds & (lp > -1.0e30), lp, 0.0)
     qaff = qaff - lp / qk_scale
 
+    krows, kcodes, kst, ksp, kzp, ksst, knb, kbyte, kshift, kcol = _side(d, kbits, kg, F_KQ, F_SKQB, F_KS, F_SKSB,
+                                                                          b, hk, f, D, FPT)
+    vrows, vcodes, vst, vsp, vzp, vsst, vnb, vbyte, vshift, vcol = _side(d, vbits, vg, F_VQ, F_SVQB, F_VS, F_SVSB,
+                                                                          b, hk, f, D, FPT)
     m_i = tl.full((QN,), -1.0e30, tl.float32)
     l_i = tl.zeros((QN,), tl.float32)
     acc = tl.zeros((QN, D), tl.float32)
     for n0 in range(s0, s1, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
         valid = t < s1
-        k = _tile(d, kkind, kbits, kg, F_KQ, F_SKQB, F_KS, F_SKSB, b, hk, t, valid, f, D, FPT)
+        k = _tile(kkind, krows, kcodes, kst, ksp, kzp, ksst, knb, kbyte, kshift, kcol, t, valid, f, D)
         s = (tl.dot(k, q, input_precision=PREC_S) + qaff[None, :]) * qk_scale           # (BLOCK_N, QN)
         if store == 1:
             tl.store(sc_scores[None, :] + t[:, None], s, mask=valid[:, None] & heads[None, :])
@@ -125,7 +137,7 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
             _fold_mass(cp + t, valid, tl.sum(tl.where(valid[:, None] & heads[None, :], tl.exp2(s), 0.0), axis=1),
                        seen, NG)
         m_i, l_i, alpha, p = _softmax(tl.where(valid[:, None], s, float("-inf")), m_i, l_i)
-        v = _tile(d, vkind, vbits, vg, F_VQ, F_SVQB, F_VS, F_SVSB, b, hk, t, valid, f, D, FPT)
+        v = _tile(vkind, vrows, vcodes, vst, vsp, vzp, vsst, vnb, vbyte, vshift, vcol, t, valid, f, D)
         acc = acc * alpha[:, None] + tl.dot(tl.trans(p), v, input_precision=PREC_V)
 
     has = l_i > 0
