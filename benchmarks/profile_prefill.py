@@ -123,6 +123,18 @@ def device_summary(prof) -> tuple[float, int, int]:
     return dev_us / 1e3, d2h, syncs
 
 
+def kernel_top(prof, top: int) -> list[str]:
+    """The device's kernels, copies and fills by summed time (launches, us): under a shared GPU, device time is
+    what the other processes wait behind."""
+    from profile_step import device_events
+    per: dict = {}
+    for name, us in device_events(prof):
+        n, t = per.get(name, (0, 0.0))
+        per[name] = (n + 1, t + us)
+    rows = sorted(per.items(), key=lambda kv: -kv[1][1])[:top]
+    return [f"  {t / 1e3:8.2f} ms  {n:6d}x  {name[:90]}" for name, (n, t) in rows]
+
+
 def host_top(pr: cProfile.Profile, top: int) -> list[str]:
     """The project's functions by cumulative seconds (what the host spends under them)."""
     stats = pstats.Stats(pr).stats
@@ -147,6 +159,8 @@ def run(model, name: str, ids: torch.Tensor, layers: int, base: float | None, to
           f"wall {wall * 1e3:.1f} ms{vs}, {wall * 1e3 / layers:.2f} ms a layer; device {dev_ms:.1f} ms; "
           f"{d2h} device-to-host copies, {syncs} synchronisations", flush=True)
     print("\n".join(host_top(pr, top)), flush=True)
+    if torch.cuda.is_available():
+        print("  device kernels:\n" + "\n".join(kernel_top(prof, top)), flush=True)
     return wall
 
 
