@@ -79,21 +79,23 @@ def device_us(fn, calls: int) -> dict:
     return dict(by)
 
 
-def setting(warps=None, block_n=None, tps=None, dots=None):
-    """A context in which tables are built anew with the batched launch's warps, block, tokens a program and dots."""
+def setting(warps=None, block_n=None, tps=None, dots=None, stages=None):
+    """A context in which tables are built anew with the batched launch's warps, block, tokens a program, dots and
+    software-pipelining stages (Triton's num_stages: its default 3 unless set)."""
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.dict(batched._GROUPS, clear=True))
     if dots:
         stack.enter_context(mock.patch.dict(os.environ, {"SMARTKV_BATCH_DOTS": dots}))
     if tps:
         stack.enter_context(mock.patch.object(batched, "_group_tps", lambda *a, **k: tps))
-    if warps or block_n:
+    if warps or block_n or stages:
         build = batched.group
 
         def group(*a, **k):
             g = build(*a, **k)
             if g is not None:
-                g.meta.update({k: v for k, v in (("num_warps", warps), ("BLOCK_N", block_n)) if v})
+                g.meta.update({k: v for k, v in (("num_warps", warps), ("BLOCK_N", block_n), ("num_stages", stages))
+                               if v})
             return g
         stack.enter_context(mock.patch.object(batched, "group", group))
     return stack
@@ -101,7 +103,8 @@ def setting(warps=None, block_n=None, tps=None, dots=None):
 
 # the defaults (tf32x3 dots, a loop step of 32 tokens at head_dim 64), then one setting changed at a time
 SETTINGS = [dict()] + [dict(dots=d) for d in ("fp32", "tf32")] + [dict(warps=w) for w in (2, 8)] + \
-    [dict(block_n=n) for n in (16, 64)] + [dict(tps=t) for t in (64, 256)] + [dict(dots="fp32", block_n=64)]
+    [dict(block_n=n) for n in (16, 64)] + [dict(tps=t) for t in (64, 256)] + [dict(stages=s) for s in (1, 2, 4)] + \
+    [dict(dots="fp32", block_n=64)]
 
 
 def main() -> None:
