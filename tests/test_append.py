@@ -305,6 +305,30 @@ def test_heavier_tokens_get_earlier_classes():
     assert bool((_classes_of(layer, n0 + 3)[..., n0 + 2] == first).all())
 
 
+def test_the_first_allocation_gives_heavier_tokens_wider_classes(monkeypatch):
+    """The prompt's first allocation hands out its classes by weight, widest first: along each row's tokens from
+    the heaviest, a token's key plus value bits never rise (the order and the rank profile come from one sort,
+    `_append_stats`)."""
+    cache = make_cache("smartkv", num_layers=1, **dict(P, sensitivity=False, ring_tokens=0))
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 2, 64, 32, generator=g), torch.randn(2, 2, 64, 32, generator=g)
+    given = {}
+    weights = type(layer)._weights
+
+    def distinct(new_k, new_v):   # the layer's weights' shape, distinct random values (no ties)
+        w = weights(layer, new_k, new_v)
+        given["w"] = torch.rand(w.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64) + 0.01
+        return given["w"]
+    monkeypatch.setattr(layer, "_weights", distinct)
+    layer.append(k, v)
+    a, n = layer._app, layer.n_middle
+    bits = torch.tensor([kw + vw for kw, vw in a.widths])[_classes_of(layer, n).reshape(-1, n).long()]
+    ranked = bits.gather(1, torch.argsort(given["w"], dim=-1, descending=True))
+    assert len(a.widths) >= 2 and bool((ranked[:, 0] > ranked[:, -1]).all())
+    assert bool((ranked.diff(dim=-1) <= 0).all())
+
+
 @pytest.mark.parametrize("ring", [0, 8])
 def test_chunked_appends_equal_flush_by_flush(ring):
     """Without a ring, a chunk flushes as its tokens one by one would; with one, a chunk longer than the ring sends

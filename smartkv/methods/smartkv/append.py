@@ -32,7 +32,7 @@ from smartkv.core.classes import flush_mix_steps, joint_counts, joint_plan, ring
 from smartkv.core.counts import ProfileCounts
 from smartkv.core.importance import (decode_importance, encode_importance, kv_head_mass, seen_counts,
                                      seen_from_ranges)
-from smartkv.core.policy import counts_for_budgets, rank_profile
+from smartkv.core.policy import counts_for_budgets
 from smartkv.core.quant import QTensor
 from smartkv.core.transfer import host_to
 from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack
@@ -87,12 +87,17 @@ class SmartKVAppend:
                 and self.sliding_window is None)
 
     # ---------------------------------------------------------------- from the first allocation
-    def _append_stats(self, weights: torch.Tensor) -> torch.Tensor:
+    def _append_stats(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What `_append_split` reads of the weights (R, n) on the host, (n + 1,) float64 on their device: the rank
         profile and the mean weight of the prompt's newest `ring_tokens` (the profile's solve tables follow them,
-        `device_tables`, made for a group's layers at once: first.py)."""
+        `device_tables`, made for a group's layers at once: first.py); and each row's tokens heaviest first (ties by
+        position), the order `_append_begin` hands out classes in. One stable sort gives both (`rank_profile`'s
+        values, the order `argsort` would give): a float64 sort is 8 radix passes on the GPU, and a prefill's device
+        time counts where the runner's workers share a card."""
         n, A = weights.shape[1], self.config.ring_tokens // self.config.realloc_every * self.config.realloc_every
-        return torch.cat([rank_profile(weights), weights[:, -max(min(A, n), 1):].double().mean().reshape(1)])
+        ranked = torch.sort(weights.double(), dim=-1, descending=True, stable=True)
+        stats = torch.cat([ranked.values.mean(0), weights[:, -max(min(A, n), 1):].double().mean().reshape(1)])
+        return stats, ranked.indices
 
     def _append_split(self, weights: torch.Tensor, kinds: tuple, stats: torch.Tensor) -> tuple:
         """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned with
@@ -148,15 +153,15 @@ class SmartKVAppend:
             held += 4 * B * H * self._group_heads
         return max(0, -(-8 * held // (B * H * self.head_dim)))
 
-    def _append_begin(self, weights: torch.Tensor, kinds: tuple) -> None:
+    def _append_begin(self, weights: torch.Tensor, kinds: tuple, order: torch.Tensor) -> None:
         """An append layer's first allocation, after `_append_split` (weights (R, n) of the n middle tokens, kinds'
-        stored-space values (B, H, n, D)): each kind's counts at its budget (the demotion plan's solve, kept), joint
-        classes by weight (`joint_assign`'s, without caps: one ranking), and every class's tokens quantized once,
-        at its widths, straight into its own buffer in position order with room for a few flushes
-        (`_append_reserve` grows it); then the (empty) ring at its class, the class map, and the window's
-        importance codes and counts (the others are dropped). The re-allocating path's class-major pools and level
-        maps, which these buffers were cut from, are skipped: a prefill's host work a layer is what bounds it
-        (BENCHMARKS.md, runner)."""
+        stored-space values (B, H, n, D), `order` each row's tokens heaviest first: `_append_stats`'s): each kind's
+        counts at its budget (the demotion plan's solve, kept), joint classes by weight (`joint_assign`'s, without
+        caps: one ranking), and every class's tokens quantized once, at its widths, straight into its own buffer in
+        position order with room for a few flushes (`_append_reserve` grows it); then the (empty) ring at its class,
+        the class map, and the window's importance codes and counts (the others are dropped). The re-allocating
+        path's class-major pools and level maps, which these buffers were cut from, are skipped: a prefill's host
+        work a layer is what bounds it (BENCHMARKS.md, runner)."""
         P, lo, hi = self.config.realloc_every, min(self.widths), max(self.widths)
         B, H = self.batch_size, self.num_heads
         R, Tq = weights.shape
@@ -178,7 +183,6 @@ class SmartKVAppend:
         # rest the lowest: `joint_assign` without caps, in one ranking (its class-by-class top-k took ~30 launches)
         by_rank = np.repeat([ids[(kw, vw)] for kw, vw, _ in slots] + [ids[(lo, lo)] if (lo, lo) in ids else 0],
                             [take for _, _, take in slots] + [Tq - sum(take for _, _, take in slots)])
-        order = torch.argsort(weights, dim=-1, descending=True, stable=True)
         cid = torch.empty(R, Tq, dtype=torch.uint8, device=self.device).scatter_(
             1, order, host_to(by_rank, torch.uint8, self.device).expand(R, Tq)).reshape(B, H, Tq)
         by_class = torch.argsort(cid, dim=-1, stable=True)   # class after class, each in position order

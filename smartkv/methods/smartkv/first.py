@@ -111,6 +111,7 @@ class FirstInputs:
     weights: torch.Tensor
     kinds: tuple
     stats: torch.Tensor
+    order: torch.Tensor       # (R, n) each row's tokens heaviest first (`_append_stats`)
 
 
 class FirstGroup:
@@ -209,11 +210,11 @@ class SmartKVFirst:
         finally:
             self._stored = None
         kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
-        return FirstInputs(n, weights, kinds, self._append_stats(weights))
+        return FirstInputs(n, weights, kinds, *self._append_stats(weights))
 
     def _first_finish(self, first: FirstInputs, stats: torch.Tensor):
         """The host solve and the placement, `stats`: `first.stats` and its profile's `device_tables`, on the
         host. A solve (`solves.solve_asks`): the group's layers' counts are asked together."""
         weights, kinds = yield from self._append_split(first.weights, first.kinds, stats)
         self.n_middle += first.n
-        self._append_begin(weights, kinds)
+        self._append_begin(weights, kinds, first.order)
