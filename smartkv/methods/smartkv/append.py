@@ -32,7 +32,7 @@ from smartkv.core.classes import flush_mix_steps, joint_counts, joint_plan, ring
 from smartkv.core.counts import ProfileCounts
 from smartkv.core.importance import (decode_importance, encode_importance, kv_head_mass, seen_counts,
                                      seen_from_ranges)
-from smartkv.core.policy import counts_for_budgets
+from smartkv.core.policy import counts_for_budgets, ranked
 from smartkv.core.quant import QTensor
 from smartkv.core.transfer import host_to
 from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack
@@ -91,13 +91,11 @@ class SmartKVAppend:
         """What `_append_split` reads of the weights (R, n) on the host, (n + 1,) float64 on their device: the rank
         profile and the mean weight of the prompt's newest `ring_tokens` (the profile's solve tables follow them,
         `device_tables`, made for a group's layers at once: first.py); and each row's tokens heaviest first (ties by
-        position), the order `_append_begin` hands out classes in. One stable sort gives both (`rank_profile`'s
-        values, the order `argsort` would give): a float64 sort is 8 radix passes on the GPU, and a prefill's device
-        time counts where the runner's workers share a card."""
+        position), the order `_append_begin` hands out classes in: both from one sort (`policy.ranked`), since a
+        prefill's device time counts where the runner's workers share a card."""
         n, A = weights.shape[1], self.config.ring_tokens // self.config.realloc_every * self.config.realloc_every
-        ranked = torch.sort(weights.double(), dim=-1, descending=True, stable=True)
-        stats = torch.cat([ranked.values.mean(0), weights[:, -max(min(A, n), 1):].double().mean().reshape(1)])
-        return stats, ranked.indices
+        profile, order = ranked(weights)
+        return torch.cat([profile, weights[:, -max(min(A, n), 1):].double().mean().reshape(1)]), order
 
     def _append_split(self, weights: torch.Tensor, kinds: tuple, stats: torch.Tensor) -> tuple:
         """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned with
