@@ -37,6 +37,7 @@ import smartkv
 from bench_e2e import METHODS, build_model
 from bench_runner_step import ab_setting
 from bench_runner_step import build as build_smollm2
+from profile_step import device_events, kernel_totals
 from smartkv.cache.hf_compat import cache_kwargs
 
 ROWS = ("int4,smartkv (budget 4.25; gap 3),smartkv append (budget 4.25; gap 3) (CUDA graph),"
@@ -126,13 +127,8 @@ def device_summary(prof) -> tuple[float, int, int]:
 def kernel_top(prof, top: int) -> list[str]:
     """The device's kernels, copies and fills by summed time (launches, us): under a shared GPU, device time is
     what the other processes wait behind."""
-    from profile_step import device_events
-    per: dict = {}
-    for name, us in device_events(prof):
-        n, t = per.get(name, (0, 0.0))
-        per[name] = (n + 1, t + us)
-    rows = sorted(per.items(), key=lambda kv: -kv[1][1])[:top]
-    return [f"  {t / 1e3:8.2f} ms  {n:6d}x  {name[:90]}" for name, (n, t) in rows]
+    rows = sorted(kernel_totals(device_events(prof)).items(), key=lambda kv: -kv[1][0])[:top]
+    return [f"  {ms:8.2f} ms  {n:6d}x  {name[:90]}" for name, (ms, n) in rows]
 
 
 def host_top(pr: cProfile.Profile, top: int) -> list[str]:

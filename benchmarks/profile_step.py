@@ -28,6 +28,15 @@ def device_events(prof) -> list[tuple[str, float]]:
             if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def kernel_totals(events) -> dict[str, tuple[float, int]]:
+    """Name -> (device ms, launches) over (name, device us) pairs such as `device_events`'."""
+    out: dict = {}
+    for name, us in events:
+        ms, count = out.get(name, (0.0, 0))
+        out[name] = (ms + us / 1e3, count + 1)
+    return out
+
+
 def run(model, name: str, args) -> None:
     method, params = METHODS[name]
     cache = fill(model, method, params, args.batch, args.context, args.steps + args.warmup + 1,

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch.profiler import ProfilerActivity, profile
 
 from bench_runner_step import METHODS, build, measure, prompt_tokens
-from profile_step import device_events
+from profile_step import device_events, kernel_totals
 
 ROWS = {"int4": "int4", "smartkv": "smartkv (default)"}
 
@@ -49,10 +49,7 @@ def device_ms(model, row: str, prompt: list[int], new: int) -> dict:
         r = measure(model, ROWS[row], "eager", prompt, new)
         wall = (time.perf_counter() - start) * 1e3
     kernels = device_events(prof)
-    by_name: dict = {}
-    for name, us in kernels:
-        ms, count = by_name.get(name[:60], (0.0, 0))
-        by_name[name[:60]] = (ms + us / 1e3, count + 1)
+    by_name = kernel_totals((name[:60], us) for name, us in kernels)
     return {"wall": wall, "device": sum(us for _, us in kernels) / 1e3, "kernels": len(kernels), "by_name": by_name,
             "ms_token": r["ms_token"], "prefill_ms": len(prompt) / r["prefill_tok_s"] * 1e3}
 
