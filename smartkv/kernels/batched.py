@@ -30,7 +30,7 @@ from smartkv.kernels.tuning import FP, TOK, programs_per_sm, sm_count, splits_of
 MAX_ROWS = 1 << 17        # batch x KV heads x tokens of the batched segments, at most
 SPLIT_TOKENS = 512        # tokens a program, at most; fewer while the card has room for more programs (`_group_tps`)
 FOLD_TOKENS = 128         # tokens a merge-and-fold program folds (`merge_fold`)
-MAX_GRID_Y = 65535         # a CUDA grid's second dimension, at most
+MAX_GRID_Y = 65535        # a CUDA grid's second dimension, at most
 _FP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # full-precision segments it reads
 _TL = None                # torch dtype -> triton dtype, filled at first use
 _GROUPS: dict = {}        # call key -> _Group; an entry leaves when one of its segments dies (and is never used after)

@@ -35,7 +35,7 @@ def _field(d, i):
 
 
 @triton.jit
-def _side(d, bits, group, F_PTR, F_SB, F_SPTR, F_SSB, b, hk, f, D: tl.constexpr, FPT: tl.constexpr):
+def _side(d, bits, group, F_PTR, F_SB, F_SPTR, F_SSB, b, hk, f, FPT: tl.constexpr):
     """A side's (keys' or values') fields, read once before the token loop (the loop reads none): the row pointer
     of a full-precision side and the code pointer of a quantized one (its pointer at b, hk either way: F_PTR,
     strides from F_SB), the token stride, the scale and zero pointers (F_SPTR, F_SPTR + 1, strides from F_SSB) and
@@ -120,9 +120,9 @@ def _batched_kernel(Q, sqb, sqh, DESC, MAP, NS, TAIL, OP, LP, sob, soh, sos, slb
     qaff = qaff - lp / qk_scale
 
     krows, kcodes, kst, ksp, kzp, ksst, knb, kbyte, kshift, kcol = _side(d, kbits, kg, F_KQ, F_SKQB, F_KS, F_SKSB,
-                                                                          b, hk, f, D, FPT)
+                                                                          b, hk, f, FPT)
     vrows, vcodes, vst, vsp, vzp, vsst, vnb, vbyte, vshift, vcol = _side(d, vbits, vg, F_VQ, F_SVQB, F_VS, F_SVSB,
-                                                                          b, hk, f, D, FPT)
+                                                                          b, hk, f, FPT)
     m_i = tl.full((QN,), -1.0e30, tl.float32)
     l_i = tl.zeros((QN,), tl.float32)
     acc = tl.zeros((QN, D), tl.float32)
