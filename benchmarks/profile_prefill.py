@@ -62,14 +62,17 @@ def prefill(model, name: str, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-PHASES = {   # owner module -> the methods or functions timed by --phases
+PHASES = {   # owner module -> the methods or functions timed by --phases (a name a tree lacks is skipped, so that
+    # an A/B of two trees runs one script)
     "smartkv.methods.smartkv.layer:SmartKVLayer": ("attend", "_observe", "_flush", "_fit_key_norm", "_weights",
-                                                   "_append_begin", "_demote_begin", "update", "_first_prepare"),
+                                                   "_append_begin", "_demote_begin", "update", "_first_prepare",
+                                                   "_append_stats"),
     # the host solves run as generators in lock step (`solve_asks`: the solves with the placements they end in;
-    # `counts_many`: their counts)
-    "smartkv.methods.smartkv.first": ("observe", "solve_asks"),
+    # `counts_many`: their counts); `place`: a group's placement (place.py)
+    "smartkv.methods.smartkv.first": ("observe", "solve_asks", "place"),
     "smartkv.core.solves": ("counts_many",),
-    "smartkv.methods.smartkv.append": ("rank_profile", "quantize_pack"),
+    "smartkv.methods.smartkv.append": ("rank_profile", "ranked", "quantize_pack"),
+    "smartkv.methods.smartkv.place": ("quantize_pack",),
 }
 
 
@@ -79,9 +82,12 @@ def timed_phases() -> Counter:
     spent: Counter = Counter()
     for where, names in PHASES.items():
         module, _, cls = where.partition(":")
-        owner = importlib.import_module(module)
+        try:
+            owner = importlib.import_module(module)
+        except ImportError:
+            continue
         owner = getattr(owner, cls) if cls else owner
-        for name in names:
+        for name in (name for name in names if hasattr(owner, name)):
             def wrap(f, name=name):
                 @functools.wraps(f)
                 def timed(*args, **kwargs):

@@ -105,12 +105,27 @@ CONSTANT_ATTRIBUTES = ("_width_values",)   # SmartKV: level index -> width looku
 SHARED_ATTRIBUTES = ("_first_group",)
 
 
-def held_tensors(obj) -> dict[str, int]:
+def held_tensors(obj, among: list | None = None) -> dict[str, int]:
     """Bytes of every storage the tensors reachable from `obj` live in, by the attribute path that first reaches it.
 
     Walks attributes of smartkv objects (cache, layers, buffers, QTensors, dataclasses) and lists, tuples and dicts,
     so a tensor a layer holds is found whatever its name. Views share their base's storage and are counted once, at
-    the storage's full size: what the cache keeps allocated, not what its accounting says it uses."""
+    the storage's full size: what the cache keeps allocated, not what its accounting says it uses. `among`: objects
+    (a cache's layers) that may share storages, as a SmartKV group's first allocation places its layers' buffers in
+    one block: a storage reached from k of them counts 1/k of its bytes (each share must come out whole)."""
+    if among is not None:
+        reach = [_storages(x) for x in among]
+        out = {}
+        for key, (path, nbytes) in _storages(obj).items():
+            k = sum(key in r for r in reach)
+            assert nbytes % k == 0, (path, nbytes, k)
+            out[path] = nbytes // k
+        return out
+    return dict(_storages(obj).values())
+
+
+def _storages(obj) -> dict:
+    """{(device, storage address): (the first attribute path reaching it, its bytes)} of `held_tensors`' walk."""
     import torch
 
     found: dict[tuple, tuple[str, int]] = {}
@@ -137,7 +152,7 @@ def held_tensors(obj) -> dict[str, int]:
                     walk(value, f"{path}.{name}")
 
     walk(obj, type(obj).__name__)
-    return dict(found.values())
+    return found
 
 
 def greedy_decode(model, method, ids, steps, mode, reserve=None, **params):
@@ -170,5 +185,5 @@ def decode():
 
 @pytest.fixture
 def held():
-    """held(obj) -> {attribute path: bytes} of the storages reachable from obj (see held_tensors)."""
+    """held(obj, among=None) -> {attribute path: bytes} of the storages reachable from obj (see held_tensors)."""
     return held_tensors

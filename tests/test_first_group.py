@@ -1,7 +1,7 @@
-"""SmartKV's first allocation of a group of layers at once (first.py): the state, the decode that follows and the
-memory report are exactly the per-layer path's, whatever the group's size; a layer waits in its group until the
-group's last layer has attended; a forward that stops part way leaves its waiting layers whole, and reading them
-runs their group."""
+"""SmartKV's first allocation of a group of layers at once (first.py, place.py): the group's layers share one solve on
+their pooled rank profile, and its stacked placement gives each layer the state, decode and bytes of placing it on
+its own at that solve; a layer waits in its group until the group's last layer has attended; a forward that stops
+part way leaves its waiting layers whole, and reading them runs their group."""
 import pytest
 import torch
 
@@ -9,7 +9,10 @@ import smartkv
 from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.core.counts import device_tables
 from smartkv.methods.smartkv import SmartKVLayer
-from smartkv.methods.smartkv.first import group_size
+from smartkv.methods.smartkv import classmap
+from smartkv.methods.smartkv import first as first_mod
+from smartkv.methods.smartkv.first import group_size, pooled
+from smartkv.methods.smartkv.place import place
 from smartkv.models import load_tiny
 
 P = dict(budget=4.25, key_value_gap=3, recent_window=8, realloc_every=4, group_size=16, ring_tokens=32)
@@ -46,14 +49,14 @@ def _same(x, y) -> bool:
     return x == y
 
 
-def _run(model, monkeypatch, size: int, steps: int = 6, together: str = "1"):
+def _run(model, monkeypatch, size: int, steps: int = 6, together: str = "1", state=_state):
     monkeypatch.setenv("SMARTKV_FIRST_GROUP", str(size))
     monkeypatch.setenv("SMARTKV_SOLVES_TOGETHER", together)
     ids = _ids()
     cache = smartkv.make_cache("smartkv", model, **P)
     with torch.inference_mode():
         out = model(ids, **cache_kwargs(model, cache), use_cache=True)
-        states = [_state(layer) for layer in cache.layers]
+        states = [state(layer) for layer in cache.layers]
         logits = [out.logits[:, -1]]
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(steps):   # eager decode steps: each flush after 4 tokens, the ring's demotions included
@@ -63,36 +66,83 @@ def _run(model, monkeypatch, size: int, steps: int = 6, together: str = "1"):
     return states, torch.stack(logits), cache.memory_report()
 
 
-@pytest.mark.parametrize("size,together", [(2, "1"), (3, "1"), (8, "1"), (8, "0")])
-def test_a_group_gives_the_per_layer_state_decode_and_bytes(five, monkeypatch, size, together):
-    """The group's host solves ask their counts together (`solves.solve_asks`) or each on its own: the state is
-    one layer's at a time either way."""
-    ref_states, ref_logits, ref_report = _run(five, monkeypatch, 1)
-    states, logits, report = _run(five, monkeypatch, size, together=together)
+def _used(layer) -> list:
+    """`_state` with each class buffer's and the class map's used part only (a group's buffers have their
+    capacity rounded up so that each layer's rows start aligned in the stacked block)."""
+    a = layer._app
+    out = [layer.n_middle, a.widths, a.n, a.mix, a.ring, a.ring_n, a.plan, layer.win_k, layer.win_v, layer.k_mu,
+           layer.k_scale, a.cmap[..., :classmap.used_bytes(layer.n_middle - a.ring_n)], a.length, a.rank_class,
+           a.wimp, a.wseen, a.move_k, a.cseen, a.lse]
+    for q, n in zip(a.k + a.v, a.n + a.n):
+        out += [q.codes[..., :n, :], q.scale[..., :n, :], q.zero[..., :n, :]]
+    for q in (a.ring_k, a.ring_v):
+        out += [q.codes, q.scale, q.zero]
+    return out + [c[..., :n] for c, n in zip(a.cimp or [], a.n)]
+
+
+@pytest.mark.parametrize("together", ["1", "0"])
+def test_a_groups_stacked_placement_is_each_layers_own(five, monkeypatch, together):
+    """The group's placement (all its layers in one set of launches) against placing each layer on its own at the
+    same solve; the host solves ask their counts together (`solves.solve_asks`) or each on its own."""
+    runs = {}
+    for stacked in (True, False):
+        if not stacked:   # the same solve, each layer placed as a group of one
+            monkeypatch.setattr(first_mod, "place", lambda layers, news, orders, budgets: [
+                place([layer], [new], [order], budgets) for layer, new, order in zip(layers, news, orders)])
+        runs[stacked] = _run(five, monkeypatch, 8, together=together, state=_used)
+    (states, logits, report), (ref_states, ref_logits, ref_report) = runs[True], runs[False]
     for i, (got, want) in enumerate(zip(states, ref_states)):
         bad = [j for j, (x, y) in enumerate(zip(got, want)) if not _same(x, y)]
-        assert not bad, (size, i, bad)
+        assert not bad, (i, bad)
     assert torch.equal(logits, ref_logits)
-    assert report.per_layer == ref_report.per_layer
+    for got, want in zip(report.per_layer, ref_report.per_layer):   # the same bytes but for the rounded capacity
+        assert {k: v for k, v in got.items() if k != "slack"} == {k: v for k, v in want.items() if k != "slack"}
 
 
-def test_each_layer_solves_on_its_own_statistics(five, monkeypatch):
-    monkeypatch.setenv("SMARTKV_FIRST_GROUP", "8")
-    got = []
-    finish = SmartKVLayer._first_finish
+def test_a_groups_layers_share_one_solve_on_their_pooled_profile(five, monkeypatch):
+    got, firsts = [], []
+    split, prepare = SmartKVLayer._append_split, SmartKVLayer._first_prepare
 
-    def recorded(self, first, stats):
-        own = torch.cat([first.stats, device_tables(first.stats[:first.n], self.widths)]).cpu()   # this layer's
-        got.append((self.layer_idx, stats.clone(), own))
-        return finish(self, first, stats)
+    def recorded(self, weights, kinds, stats):
+        got.append((self.layer_idx, stats.clone()))
+        return (yield from split(self, weights, kinds, stats))
 
-    monkeypatch.setattr(SmartKVLayer, "_first_finish", recorded)
-    cache = smartkv.make_cache("smartkv", five, **P)
-    with torch.inference_mode():
-        five(_ids(), **cache_kwargs(five, cache), use_cache=True)
-    assert [i for i, _, _ in got] == list(range(5))
-    assert all(torch.equal(stats, own) for _, stats, own in got)
-    assert not torch.equal(got[0][1], got[4][1])   # the layers' statistics differ: a mix-up would show
+    def kept(self, n):
+        firsts.append(prepare(self, n))
+        return firsts[-1]
+
+    monkeypatch.setattr(SmartKVLayer, "_append_split", recorded)
+    monkeypatch.setattr(SmartKVLayer, "_first_prepare", kept)
+    for size in (8, 1):
+        got.clear()
+        firsts.clear()
+        monkeypatch.setenv("SMARTKV_FIRST_GROUP", str(size))
+        cache = smartkv.make_cache("smartkv", five, **P)
+        with torch.inference_mode():
+            five(_ids(), **cache_kwargs(five, cache), use_cache=True)
+        n = firsts[0].n
+        own = [torch.cat([f.stats, device_tables(f.stats[:n], cache.layers[0].widths)]).cpu() for f in firsts]
+        counts = [layer._app.n for layer in cache.layers]
+        if size == 8:   # one solve for the five layers, on their profiles scaled to sum 1 and averaged
+            assert [i for i, _ in got] == [0]
+            st = torch.stack([f.stats for f in firsts])
+            mean = (st / st[:, :n].sum(-1, keepdim=True)).mean(0)
+            assert torch.equal(got[0][1], torch.cat([mean, device_tables(mean[:n], cache.layers[0].widths)]).cpu())
+            assert all(c == counts[0] for c in counts)
+        else:   # each layer on its own statistics, unscaled
+            assert [i for i, _ in got] == list(range(5))
+            assert all(torch.equal(stats, mine) for (_, stats), mine in zip(got, own))
+            assert len({tuple(c) for c in counts}) > 1   # the layers' profiles differ: a shared solve would show
+
+
+def test_a_pooled_profile_weighs_each_layer_alike():
+    """Each layer's profile is scaled to sum 1 before the mean: a layer whose weights are 1000x another's does not
+    decide the group's solve alone; a group of one keeps its own statistics."""
+    a = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+    b = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.2], dtype=torch.float64)
+    assert torch.allclose(pooled([a, 1000 * b], 4), pooled([a, b], 4))
+    assert torch.allclose(pooled([a, b], 4), (a / 8 + b / 4) / 2)
+    assert pooled([a], 4) is a
 
 
 def test_a_layer_waits_for_its_groups_last_layer(five, monkeypatch):
@@ -133,27 +183,32 @@ def test_a_group_runs_once_it_holds_its_bytes(five, monkeypatch):
 
 
 def test_a_forward_stopped_part_way_leaves_whole_layers(five, monkeypatch):
+    """Layers 0-2 wait in their group when the forward stops at layer 3; reading the cache runs the group, which
+    then holds what a group of those three layers holds after a whole forward."""
     class Stop(Exception):
         pass
 
     def stop(*_):
         raise Stop
 
-    reports = {}
-    for size in (1, 8):
-        monkeypatch.setenv("SMARTKV_FIRST_GROUP", str(size))
-        cache = smartkv.make_cache("smartkv", five, **P)
-        hook = five.model.layers[3].register_forward_pre_hook(stop)
-        try:
-            with torch.inference_mode(), pytest.raises(Stop):
-                five(_ids(), **cache_kwargs(five, cache), use_cache=True)
-        finally:
-            hook.remove()
-        if size == 8:   # layers 0-2 wait in their group; the report runs it
-            assert [layer._app is None for layer in cache.layers[:3]] == [True] * 3
-        reports[size] = cache.memory_report().per_layer[:3]
-        assert all(layer._app is not None for layer in cache.layers[:3])
-    assert reports[8] == reports[1]
+    monkeypatch.setenv("SMARTKV_FIRST_GROUP", "8")
+    cache = smartkv.make_cache("smartkv", five, **P)
+    hook = five.model.layers[3].register_forward_pre_hook(stop)
+    try:
+        with torch.inference_mode(), pytest.raises(Stop):
+            five(_ids(), **cache_kwargs(five, cache), use_cache=True)
+    finally:
+        hook.remove()
+    assert [layer._app is None for layer in cache.layers[:3]] == [True] * 3
+    stopped = cache.memory_report().per_layer[:3]
+    assert all(layer._app is not None for layer in cache.layers[:3])
+    monkeypatch.setenv("SMARTKV_FIRST_GROUP", "3")
+    whole = smartkv.make_cache("smartkv", five, **P)
+    with torch.inference_mode():
+        five(_ids(), **cache_kwargs(five, whole), use_cache=True)
+    assert stopped == whole.memory_report().per_layer[:3]
+    for layer, ref in zip(cache.layers[:3], whole.layers[:3]):
+        assert all(_same(x, y) for x, y in zip(_state(layer), _state(ref)))
 
 
 def test_a_bad_group_size_is_named(monkeypatch):

@@ -24,20 +24,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from smartkv.cache.buffers import grown
-from smartkv.core.classes import flush_mix_steps, joint_counts, joint_plan, ring_widths_steps, staircase
+from smartkv.core.classes import flush_mix_steps, ring_widths_steps
 from smartkv.core.counts import ProfileCounts
-from smartkv.core.importance import (decode_importance, encode_importance, kv_head_mass, seen_counts,
-                                     seen_from_ranges)
-from smartkv.core.policy import counts_for_budgets, ranked
+from smartkv.core.importance import decode_importance, encode_importance, kv_head_mass, seen_counts
+from smartkv.core.policy import ranked
 from smartkv.core.quant import QTensor
-from smartkv.core.transfer import host_to
-from smartkv.kernels import FoldInto, KVSegment, decode_attention, quantize_pack
+from smartkv.kernels import FoldInto, KVSegment, decode_attention
 from smartkv.methods.smartkv import classmap
-from smartkv.methods.smartkv.arena import carve, class_buffers, qtensor_specs, take_qtensor
+from smartkv.methods.smartkv.arena import class_buffers
 
 
 @dataclass
@@ -74,6 +71,8 @@ class Classes:
     # (`_append_store`: keys, values, codes, counts, and the window's length on the device)
     segs: tuple | None = None   # ordinary steps: (key, [sinks, classes, ring] segments) (`_middle_segments`)
     wseg: object = None         # ordinary steps: the window's segment over `wbuf` (`_window_segment`)
+    share: int = 1              # layers whose class buffers (and their importance codes) share one block (place.py)
+    ring_share: int = 1         # layers whose rings share one block
 
 
 class SmartKVAppend:
@@ -91,7 +90,7 @@ class SmartKVAppend:
         """What `_append_split` reads of the weights (R, n) on the host, (n + 1,) float64 on their device: the rank
         profile and the mean weight of the prompt's newest `ring_tokens` (the profile's solve tables follow them,
         `device_tables`, made for a group's layers at once: first.py); and each row's tokens heaviest first (ties by
-        position), the order `_append_begin` hands out classes in: both from one sort (`policy.ranked`), since a
+        position), the order the placement (place.py) hands out classes in: both from one sort (`policy.ranked`), since a
         prefill's device time counts where the runner's workers share a card."""
         n, A = weights.shape[1], self.config.ring_tokens // self.config.realloc_every * self.config.realloc_every
         profile, order = ranked(weights)
@@ -151,82 +150,6 @@ class SmartKVAppend:
             held += 4 * B * H * self._group_heads
         return max(0, -(-8 * held // (B * H * self.head_dim)))
 
-    def _append_begin(self, weights: torch.Tensor, kinds: tuple, order: torch.Tensor) -> None:
-        """An append layer's first allocation, after `_append_split` (weights (R, n) of the n middle tokens, kinds'
-        stored-space values (B, H, n, D), `order` each row's tokens heaviest first: `_append_stats`'s): each kind's
-        counts at its budget (the demotion plan's solve, kept), joint classes by weight (`joint_assign`'s, without
-        caps: one ranking), and every class's tokens quantized once, at its widths, straight into its own buffer in
-        position order with room for a few flushes (`_append_reserve` grows it); then the (empty) ring at its class,
-        the class map, and the window's importance codes and counts (the others are dropped). The re-allocating
-        path's class-major pools and level maps, which these buffers were cut from, are skipped: a prefill's host
-        work a layer is what bounds it (BENCHMARKS.md, runner)."""
-        P, lo, hi = self.config.realloc_every, min(self.widths), max(self.widths)
-        B, H = self.batch_size, self.num_heads
-        R, Tq = weights.shape
-        self._warm_class_kernels()
-        mix, A, plan, top, solver, solved = self._app_plan
-        self._app_plan = None
-        # the demotion plan solved these budgets on this profile (its f = 0 pair); without a ring, solved here
-        budgets = [min(max(math.floor(b * Tq + 1e-9) / Tq, lo), hi) for _, _, b in kinds]
-        counts = [solved.get(b) for b in budgets]
-        if None in counts:
-            counts = counts_for_budgets(solver, budgets, self.widths)
-        classes = staircase(*counts)
-        slots = joint_plan(classes, [Tq] * len(classes))   # nothing stored: every token may take any class
-        prompt = {c: m for c, m in joint_counts(slots, Tq, (lo, lo)).items() if m}
-        widths = sorted(set(prompt) | {(kw, vw) for kw, vw, _ in mix} | {t for moves in plan for _, t in moves})
-        ids = {c: i for i, c in enumerate(widths)}
-        per_flush = {(kw, vw): m for kw, vw, m in mix}
-        # every row's tokens by weight, heaviest first (ties by position), take the slots' classes in turn and the
-        # rest the lowest: `joint_assign` without caps, in one ranking (its class-by-class top-k took ~30 launches)
-        by_rank = np.repeat([ids[(kw, vw)] for kw, vw, _ in slots] + [ids[(lo, lo)] if (lo, lo) in ids else 0],
-                            [take for _, _, take in slots] + [Tq - sum(take for _, _, take in slots)])
-        cid = torch.empty(R, Tq, dtype=torch.uint8, device=self.device).scatter_(
-            1, order, host_to(by_rank, torch.uint8, self.device).expand(R, Tq)).reshape(B, H, Tq)
-        by_class = torch.argsort(cid, dim=-1, stable=True)   # class after class, each in position order
-        # each kind's tokens gathered once, class after class: a class's rows are one slice of them
-        (_, new_k, _), (_, new_v, _) = kinds
-        at = by_class[..., None].expand(-1, -1, -1, new_k.shape[-1])
-        by_k, by_v = new_k.gather(2, at), new_v.gather(2, at)
-        ns = [prompt.get(c, 0) for c in widths]
-        # room for a few flushes (`_append_reserve` grows them), every class's buffers from one block (arena.py)
-        ks, vs, imps = class_buffers(self, widths, [n + 4 * per_flush.get(c, 0) for c, n in zip(widths, ns)],
-                                     importance=bool(A))
-        starts, start = [], 0
-        for (kw, vw), n, kq, vq in zip(widths, ns, ks, vs):
-            if n:   # quantized in place: no copy of the class's rows into its buffer
-                quantize_pack(by_k[..., start:start + n, :], kw, self.group, -1, out=kq)
-                quantize_pack(by_v[..., start:start + n, :], vw, self.group, -1, out=vq)
-            starts.append(start)
-            start += n
-        cmap = classmap.new_map(cid, Tq + 4 * P)
-        rank_class = host_to([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], torch.uint8, self.device)
-        mix_len = [0] * len(widths)
-        for kw, vw, m in mix:
-            mix_len[ids[(kw, vw)]] = m
-        # the window's tokens: their importance codes and observers so far (counted on the host, where the
-        # observed ranges are)
-        start, T = self.sink_k.shape[-2] + Tq, self.importance.shape[-1]
-        seen = host_to(self._count(seen_from_ranges(self.observed, T)[start:]), torch.uint8, self.device)
-        self._app = Classes(widths, ks, vs, ns, host_to([ns] * B, torch.int32, self.device).T.contiguous(), cmap,
-                            [(ids[(kw, vw)], m) for kw, vw, m in mix], rank_class,
-                            host_to(mix_len, torch.int32, self.device), self.importance[..., start:].clone(),
-                            seen.expand(B, -1).contiguous())
-        if A:
-            a = self._app
-            # contiguous and aligned (the CUDA kernel's checks), one block (arena.py)
-            ring = iter(carve([spec for w in top for spec in qtensor_specs(self, A, w)]
-                              + [((B, A), torch.uint8), ((B,), torch.int32), ((B,), torch.int32)], self.device))
-            a.ring_k, a.ring_v = (take_qtensor(ring, self, w) for w in top)
-            a.ring, a.rseen, a.head, a.ring_len = A, *ring
-            a.rimp = torch.full((B, H, A), 255, dtype=torch.uint8, device=self.device)
-            self._demote_begin(plan, ids, by_class, starts, imps)
-        self._last_lse = None
-        self.pools, self.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
-        self._classes, self._class_major = None, False
-        self.importance = self.importance.new_empty(B, H, 0)   # new tensors: views would keep the old storage
-        self.observed = self.observed.new_empty(0, 2)
-
     def _append_reserve(self, flushes: int, exact: bool = False, tight: bool = False) -> None:
         """Capacity for `flushes` more flushes in every class buffer and the class map: grown as the uniform caches'
         buffers grow (`grown`: a quarter, not double, so a long chunked prefill does not hold up to twice its
@@ -258,7 +181,7 @@ class SmartKVAppend:
                             dst[..., :n, :] = src[..., :n, :]
                     if a.cimp is not None:
                         imps[cid][..., :n] = a.cimp[cid][..., :n]
-            a.k, a.v = ks, vs
+            a.k, a.v, a.share = ks, vs, 1
             if a.cimp is not None:
                 a.cimp = imps
         need = self.n_middle + flushes * P

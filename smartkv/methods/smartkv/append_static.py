@@ -181,11 +181,11 @@ class SmartKVAppendStatic:
             out += (a.ring - a.ring_n) * sum(t[..., :1].numel() * t.element_size() for t in (a.rimp, a.rseen))
         if a.cimp is not None:
             out += sum((c.shape[-1] - n) * self.batch_size * self.num_heads for c, n in zip(a.cimp, a.n))
-            out += padding(a.cimp)
-        out += padding([t for q in a.k + a.v for t in (q.codes, q.scale, q.zero)])   # the blocks' alignment
+            out += padding(a.cimp, a.share)
+        out += padding([t for q in a.k + a.v for t in (q.codes, q.scale, q.zero)], a.share)   # the blocks' alignment
         if a.ring:
             out += padding([t for q in (a.ring_k, a.ring_v) for t in (q.codes, q.scale, q.zero)]
-                           + [a.rseen, a.head, a.ring_len])
+                           + [a.rseen, a.head, a.ring_len], a.ring_share) + padding([a.rimp], a.ring_share)
         if a.buf is not None:
             spare = a.buf["k"].shape[-2] - self.win_k.shape[-2]
             row = self.win_k[..., :1, :].numel() * self.win_k.element_size()

@@ -17,20 +17,21 @@ from smartkv.core.quant import QTensor
 ALIGN = 16   # bytes: each view starts where the kernels' vector loads and Triton's alignment specialization ask
 
 
-def carve(specs: list, device) -> list[torch.Tensor]:
-    """Zeroed tensors of `specs` ((shape, dtype) each) as views of one block, each 16-byte aligned."""
+def carve(specs: list, device, fill: int = 0) -> list[torch.Tensor]:
+    """Tensors of `specs` ((shape, dtype) each) as views of one block, each 16-byte aligned, every byte `fill`."""
     sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
     offsets, total = [], 0
     for size in sizes:
         offsets.append(total)
         total += -(-size // ALIGN) * ALIGN
-    block = torch.zeros(total, dtype=torch.uint8, device=device)
+    block = torch.full((total,), fill, dtype=torch.uint8, device=device)
     return [block[at:at + size].view(dtype).view(shape) for (shape, dtype), at, size in zip(specs, offsets, sizes)]
 
 
-def qtensor_specs(layer, rows: int, bits: int) -> list:
-    """`carve` specs of a per-token QTensor of `layer`'s (B, H, rows, .) at `bits`: codes, scales, zero points."""
-    B, H, D = layer.batch_size, layer.num_heads, layer.head_dim
+def qtensor_specs(layer, rows: int, bits: int, layers: int = 1) -> list:
+    """`carve` specs of a per-token QTensor of `layer`'s (B, H, rows, .) at `bits`: codes, scales, zero points (of
+    `layers` such layers stacked on the batch dimension)."""
+    B, H, D = layer.batch_size * layers, layer.num_heads, layer.head_dim
     return [((B, H, rows, D * bits // 8), torch.uint8)] + [((B, H, rows, D // layer.group), torch.float16)] * 2
 
 
@@ -39,25 +40,27 @@ def take_qtensor(views, layer, bits: int) -> QTensor:
     return QTensor(next(views), next(views), next(views), bits, layer.group, -1)
 
 
-def class_buffers(layer, widths: list, caps: list, importance: bool) -> tuple[list, list, list]:
+def class_buffers(layer, widths: list, caps: list, importance: bool, layers: int = 1) -> tuple[list, list, list]:
     """Empty buffers of `layer`'s classes (`widths` (key width, value width), `caps` rows each): per-token QTensors
-    of keys and values (B, H, cap, .) and, with `importance`, (B, H, cap) uint8 importance codes (else None)."""
+    of keys and values (B, H, cap, .) and, with `importance`, (B, H, cap) uint8 importance codes (else None); with
+    `layers`, those of that many layers alike stacked on the batch dimension (place.py)."""
     specs = [spec for (kw, vw), cap in zip(widths, caps) for bits in (kw, vw)
-             for spec in qtensor_specs(layer, cap, bits)]
+             for spec in qtensor_specs(layer, cap, bits, layers)]
     views = iter(carve(specs, layer.device))
     ks, vs = [], []
     for kw, vw in widths:
         ks.append(take_qtensor(views, layer, kw))
         vs.append(take_qtensor(views, layer, vw))
     # the importance codes in a block of their own: they go when the ring is full, the classes stay
-    B, H = layer.batch_size, layer.num_heads
+    B, H = layer.batch_size * layers, layer.num_heads
     imps = carve([((B, H, cap), torch.uint8) for cap in caps], layer.device) if importance else [None] * len(caps)
     return ks, vs, imps
 
 
-def padding(views: list) -> int:
+def padding(views: list, share: int = 1) -> int:
     """Bytes of the block under `views` (all of one block, `carve`'s) that none of them covers: held, and counted
-    as slack."""
+    as slack; with `share`, the block holds that many layers' views alike (place.py) and this is one's part (the
+    block's spare bytes split evenly, rounded down)."""
     if not views:
         return 0
-    return views[0].untyped_storage().nbytes() - sum(t.numel() * t.element_size() for t in views)
+    return (views[0].untyped_storage().nbytes() - share * sum(t.numel() * t.element_size() for t in views)) // share

@@ -60,7 +60,7 @@ class SmartKVAttention:
             self._append_observe(probs, allowed, lse)
         else:
             self._observe(probs, T, W)
-            if lse is not None:   # an append layer's first previous normaliser (`_demote_begin`), log2
+            if lse is not None:   # an append layer's first previous normaliser (place.py), log2
                 self._last_lse = lse[..., -1].clone()
         self._flush(defer=True)   # a prefill's first allocation may wait for its group's (first.py)
         return out, None

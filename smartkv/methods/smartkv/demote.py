@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from smartkv.core.solves import Ask
-from smartkv.core.transfer import host_to
 from smartkv.kernels import demotion_keys, importance_fold, importance_sum, merge_plan, move_rows, requantize_rows
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.onepass import _rows
@@ -67,41 +66,6 @@ class SmartKVDemote:
         for j, k in zip(*np.nonzero(tally)):
             plan[due[j]][(cls[k // (W * W)], cls[k % (W * W)])] = int(round(tally[j, k]))
         return plan, dict(zip(left[0] + left[1], both))
-
-    def _demote_begin(self, plan: list, ids: dict, by_class: torch.Tensor, starts: list, imps: list) -> None:
-        """After `_append_begin` made the class buffers: the plan in class ids and each class row's importance (the
-        prompt's mean attention, as 8-bit codes in class-row order: `by_class` (B, H, n) the middle positions class
-        after class, each class's rows from `starts`), every token counted as seen by the prompt's `observe_window`
-        queries (one denominator: the ranking within a row needs no per-token count)."""
-        a, Tq = self._app, self.n_middle
-        a.plan = [[(ids[c], ids[t], k) for (c, t), k in sorted(moves.items(), key=lambda e: (e[0][0], e[0][1]))]
-                  for moves in plan]
-        # every flush's moves as one table (a flush without a move has count 0): the device work of a filling
-        # flush is the same whichever it is. A target is narrower than its class (a lower id), so in this order a
-        # class passes rows on before it receives any: it never holds more than after the flush
-        pairs = sorted({(c, t) for moves in a.plan for c, t, _ in moves})
-        col = {p: i for i, p in enumerate(pairs)}
-        table = [[0] * max(len(pairs), 1) for _ in range(max(len(a.plan), 1))]   # host lists: no op per entry
-        for f, moves in enumerate(a.plan):
-            for c, t, k in moves:
-                table[f][col[(c, t)]] = k
-        a.moves = [(c, t, max(row[i] for row in table)) for i, (c, t) in enumerate(pairs)]
-        # in the narrowest dtype that holds them (the table is held while the ring fills)
-        top = max(max(row) for row in table)
-        dtype = next(t for t in (torch.uint8, torch.int16, torch.int32) if top <= torch.iinfo(t).max)
-        a.move_k = host_to(table, dtype, self.device)
-        s0 = self.sink_k.shape[-2]
-        codes = self.importance[..., s0:s0 + Tq]
-        codes = codes.gather(-1, by_class)   # each class's rows one slice, each kept in a buffer of its own
-        for s, n, imp in zip(starts, a.n, imps):   # into the class buffers' block (arena.py), rows past n zero
-            if n:
-                imp[..., :n] = codes[..., s:s + n]
-        a.cimp = imps
-        a.cseen = torch.full((1,), float(self.config.observe_window), device=self.device)
-        if self.config.class_norm == "previous":   # the first step's previous normaliser: the prompt's last query's
-            last = self._last_lse
-            a.lse = (last.float() if last is not None and last.shape[0] == self.batch_size else
-                     torch.zeros(self.batch_size, self.num_heads * self._group_heads, device=self.device))
 
     def _cls_positions(self, cid: int, n: int) -> torch.Tensor:
         """Middle positions (B, H, n) of class `cid`'s rows, in row (position) order; no host wait."""

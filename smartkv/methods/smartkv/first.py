@@ -33,6 +33,7 @@ from smartkv.core.counts import device_tables
 from smartkv.core.importance import add_range, attention_scores, fold_attention, probs_from_scores
 from smartkv.core.policy import block_weights
 from smartkv.core.solves import solve_asks
+from smartkv.methods.smartkv.place import place
 
 DEFAULT_GROUP = 8
 DEFAULT_MIB = 256
@@ -99,7 +100,7 @@ def observe(layers: list) -> None:
         observed = add_range(group[0].observed, T - W, T)
         for i, layer in enumerate(group):
             layer.importance, layer.observed, layer._observe_later = codes[i * B:(i + 1) * B], observed, None
-            if lse is not None:   # an append layer's first previous normaliser (`_demote_begin`), log2
+            if lse is not None:   # an append layer's first previous normaliser (place.py), log2
                 layer._last_lse = lse[i * B:(i + 1) * B, :, -1].clone()
 
 
@@ -146,26 +147,57 @@ class FirstGroup:
         finish(layers, [layer._first_prepare(n) for layer, n in due if n], self.together)
 
 
+def pooled(stats: list[torch.Tensor], n: int) -> torch.Tensor:
+    """One solve's statistics for a group's layers (`_append_stats` of each, (n + 1,) float64): the mean of their
+    rank profiles (and of their newest tokens' mean weights), each layer's scaled to sum 1 first, so that each
+    layer's ranking counts alike whatever its weights' scale (a layer's solve is scale-free: the counts minimise
+    sum w 4^-bits under a bit budget). One layer's are its own, unscaled (the per-layer path)."""
+    if len(stats) == 1:
+        return stats[0]
+    st = torch.stack(stats)
+    return (st / st[:, :n].sum(-1, keepdim=True).clamp_min(torch.finfo(st.dtype).tiny)).mean(0)
+
+
 def finish(layers: list, firsts: list, together: bool = True) -> None:
     """The first allocations of `layers` after their device work (`firsts`, a `FirstInputs` each; one layer on its
-    own alike): every profile's solve tables in one set of launches (rows of the same tokens and widths stacked),
-    one copy of all the host reads (the group's one wait for the device), then each layer's solve and placement."""
+    own alike). Layers of one shape, prompt and settings (`_first_key`) share one solve on their pooled profile
+    (`pooled`): SmartKV already gives every row of a layer the same counts (heads of one layer share its rank
+    profile), and a group extends that to its layers, so its host solve (~1 ms of Python a layer) runs once. Every
+    solve's tables in one set of launches, one copy of all the host reads (the group's one wait for the device),
+    then the solves in lock step, each placing its layers."""
     if not firsts:
         return
-    tables: list = [None] * len(firsts)
+    shared: dict = {}
+    for layer, first in zip(layers, firsts):
+        shared.setdefault(layer._first_key(first.n), []).append((layer, first))
+    members = list(shared.values())
+    stats = [pooled([first.stats for _, first in group], group[0][1].n) for group in members]
+    tables: list = [None] * len(members)
     alike: dict = {}
-    for i, (layer, first) in enumerate(zip(layers, firsts)):
-        alike.setdefault((first.n, layer.widths), []).append(i)
+    for i, group in enumerate(members):
+        alike.setdefault((group[0][1].n, group[0][0].widths), []).append(i)
     for (n, widths), rows in alike.items():
-        for i, t in zip(rows, device_tables(torch.stack([firsts[i].stats[:n] for i in rows]), widths)):
+        for i, t in zip(rows, device_tables(torch.stack([stats[i][:n] for i in rows]), widths)):
             tables[i] = t
-    host = torch.cat([x for first, t in zip(firsts, tables) for x in (first.stats, t)]).cpu()
+    host = torch.cat([x for st, t in zip(stats, tables) for x in (st, t)]).cpu()
     solves, at = [], 0
-    for layer, first, t in zip(layers, firsts, tables):
-        size = first.stats.numel() + t.numel()
-        solves.append(layer._first_finish(first, host[at:at + size]))
+    for group, st, t in zip(members, stats, tables):
+        size = st.numel() + t.numel()
+        solves.append(_group_finish(group, host[at:at + size]))
         at += size
     solve_asks(solves, together)
+
+
+def _group_finish(group: list, stats: torch.Tensor):
+    """One solve (`_append_split` of the group's first layer on the pooled `stats`, on the host), then every
+    layer's placement at its plan and budgets."""
+    lead, first = group[0]
+    _, kinds = yield from lead._append_split(first.weights, first.kinds, stats)
+    for layer, first in group:
+        layer._app_plan = lead._app_plan
+        layer.n_middle += first.n
+    place([layer for layer, _ in group], [(first.kinds[0][1], first.kinds[1][1]) for _, first in group],
+          [first.order for _, first in group], [b for _, _, b in kinds])
 
 
 class SmartKVFirst:
@@ -212,9 +244,8 @@ class SmartKVFirst:
         kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
         return FirstInputs(n, weights, kinds, *self._append_stats(weights))
 
-    def _first_finish(self, first: FirstInputs, stats: torch.Tensor):
-        """The host solve and the placement, `stats`: `first.stats` and its profile's `device_tables`, on the
-        host. A solve (`solves.solve_asks`): the group's layers' counts are asked together."""
-        weights, kinds = yield from self._append_split(first.weights, first.kinds, stats)
-        self.n_middle += first.n
-        self._append_begin(weights, kinds, first.order)
+    def _first_key(self, n: int) -> tuple:
+        """What an append layer's solve reads besides its profile (`_append_split`, `_append_charge`): layers with
+        the same key may share one."""
+        return (n, tuple(self.widths), self.budget_k, self.budget_v, self.config, self.batch_size, self.num_heads,
+                self.head_dim, self._group_heads, self.group)
