@@ -87,8 +87,8 @@ def test_a_groups_stacked_placement_is_each_layers_own(five, monkeypatch, togeth
     runs = {}
     for stacked in (True, False):
         if not stacked:   # the same solve, each layer placed as a group of one
-            monkeypatch.setattr(first_mod, "place", lambda layers, news, orders, budgets: [
-                place([layer], [new], [order], budgets) for layer, new, order in zip(layers, news, orders)])
+            monkeypatch.setattr(first_mod, "place", lambda layers, first, budgets: [
+                place([layer], first.layer(i), budgets) for i, layer in enumerate(layers)])
         runs[stacked] = _run(five, monkeypatch, 8, together=together, state=_used)
     (states, logits, report), (ref_states, ref_logits, ref_report) = runs[True], runs[False]
     for i, (got, want) in enumerate(zip(states, ref_states)):
@@ -101,18 +101,18 @@ def test_a_groups_stacked_placement_is_each_layers_own(five, monkeypatch, togeth
 
 def test_a_groups_layers_share_one_solve_on_their_pooled_profile(five, monkeypatch):
     got, firsts = [], []
-    split, prepare = SmartKVLayer._append_split, SmartKVLayer._first_prepare
+    split, prepare = SmartKVLayer._append_split, first_mod.prepare
 
     def recorded(self, weights, kinds, stats):
         got.append((self.layer_idx, stats.clone()))
         return (yield from split(self, weights, kinds, stats))
 
-    def kept(self, n):
-        firsts.append(prepare(self, n))
+    def kept(layers, n):
+        firsts.append(prepare(layers, n))
         return firsts[-1]
 
     monkeypatch.setattr(SmartKVLayer, "_append_split", recorded)
-    monkeypatch.setattr(SmartKVLayer, "_first_prepare", kept)
+    monkeypatch.setattr(first_mod, "prepare", kept)
     for size in (8, 1):
         got.clear()
         firsts.clear()
@@ -120,19 +120,52 @@ def test_a_groups_layers_share_one_solve_on_their_pooled_profile(five, monkeypat
         cache = smartkv.make_cache("smartkv", five, **P)
         with torch.inference_mode():
             five(_ids(), **cache_kwargs(five, cache), use_cache=True)
-        n = firsts[0].n
-        own = [torch.cat([f.stats, device_tables(f.stats[:n], cache.layers[0].widths)]).cpu() for f in firsts]
+        n, widths = firsts[0].n, cache.layers[0].widths
         counts = [layer._app.n for layer in cache.layers]
         if size == 8:   # one solve for the five layers, on their profiles scaled to sum 1 and averaged
-            assert [i for i, _ in got] == [0]
-            st = torch.stack([f.stats for f in firsts])
+            assert [i for i, _ in got] == [0] and len(firsts) == 1
+            st = firsts[0].stats
+            assert st.shape == (5, n + 1)
             mean = (st / st[:, :n].sum(-1, keepdim=True)).mean(0)
-            assert torch.equal(got[0][1], torch.cat([mean, device_tables(mean[:n], cache.layers[0].widths)]).cpu())
+            assert torch.equal(got[0][1], torch.cat([mean, device_tables(mean[:n], widths)]).cpu())
             assert all(c == counts[0] for c in counts)
         else:   # each layer on its own statistics, unscaled
             assert [i for i, _ in got] == list(range(5))
+            own = [torch.cat([f.stats[0], device_tables(f.stats[0, :n], widths)]).cpu() for f in firsts]
             assert all(torch.equal(stats, mine) for (_, stats), mine in zip(got, own))
             assert len({tuple(c) for c in counts}) > 1   # the layers' profiles differ: a shared solve would show
+
+
+def test_a_groups_stacked_device_work_is_each_layers_own(five, monkeypatch):
+    """`prepare` of a group's layers stacked (one set of launches) gives each layer the weights, statistics, order,
+    stored-space prompt and key normalisation it gets alone (rows' arithmetic alike: equal to float rounding)."""
+    prepare, seen = first_mod.prepare, {}
+
+    def both(layers, n):
+        before = [{k: getattr(x, k) for k in ("win_k", "win_v", "k_mu", "k_scale", "importance", "observed")}
+                  for x in layers]
+        alone = []
+        for layer, state in zip(layers, before):
+            alone.append(prepare([layer], n))
+            alone[-1].kept = (layer.win_k, layer.k_mu, layer.k_scale)
+            for k, v in state.items():
+                setattr(layer, k, v)
+        together = prepare(layers, n)
+        seen["pairs"] = [(together.layer(i), a, (x.win_k, x.k_mu, x.k_scale)) for i, (a, x) in
+                         enumerate(zip(alone, layers))]
+        return together
+
+    monkeypatch.setattr(first_mod, "prepare", both)
+    monkeypatch.setenv("SMARTKV_FIRST_GROUP", "8")
+    cache = smartkv.make_cache("smartkv", five, **P)
+    with torch.inference_mode():
+        five(_ids(), **cache_kwargs(five, cache), use_cache=True)
+    assert len(seen["pairs"]) == 5
+    for got, want, kept in seen["pairs"]:
+        for x, y in zip((got.weights, got.new_k, got.new_v, got.importance, got.stats, *kept),
+                        (want.weights, want.new_k, want.new_v, want.importance, want.stats, *want.kept)):
+            assert x.shape == y.shape and torch.allclose(x.double(), y.double(), rtol=1e-5, atol=1e-6)
+        assert (got.order == want.order).float().mean() > 0.99   # ties of rounding aside, the same ranking
 
 
 def test_a_pooled_profile_weighs_each_layer_alike():
@@ -140,9 +173,9 @@ def test_a_pooled_profile_weighs_each_layer_alike():
     decide the group's solve alone; a group of one keeps its own statistics."""
     a = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64)
     b = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.2], dtype=torch.float64)
-    assert torch.allclose(pooled([a, 1000 * b], 4), pooled([a, b], 4))
-    assert torch.allclose(pooled([a, b], 4), (a / 8 + b / 4) / 2)
-    assert pooled([a], 4) is a
+    assert torch.allclose(pooled(torch.stack([a, 1000 * b]), 4), pooled(torch.stack([a, b]), 4))
+    assert torch.allclose(pooled(torch.stack([a, b]), 4), (a / 8 + b / 4) / 2)
+    assert torch.equal(pooled(a[None], 4), a)
 
 
 def test_a_layer_waits_for_its_groups_last_layer(five, monkeypatch):

@@ -27,11 +27,13 @@ def rank_profile(weights: torch.Tensor) -> torch.Tensor:
     return ranked(weights)[0]
 
 
-def ranked(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ranked(weights: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """`rank_profile` of weights (R, n) and each row's tokens heaviest first, ties by position (R, n), from one
-    stable sort (a float64 sort is 8 radix passes on the GPU)."""
+    stable sort (a float64 sort is 8 radix passes on the GPU); with `groups`, the rows are that many layers' stacked
+    and the profile is each one's ((groups, n))."""
     s = torch.sort(weights.double(), dim=-1, descending=True, stable=True)
-    return s.values.mean(0), s.indices
+    profile = s.values.mean(0) if groups == 1 else s.values.view(groups, -1, s.values.shape[-1]).mean(1)
+    return profile, s.indices
 
 
 def cascade_assign(weights: torch.Tensor, caps: torch.Tensor, counts: dict[int, int],

@@ -86,15 +86,16 @@ class SmartKVAppend:
                 and self.sliding_window is None)
 
     # ---------------------------------------------------------------- from the first allocation
-    def _append_stats(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What `_append_split` reads of the weights (R, n) on the host, (n + 1,) float64 on their device: the rank
-        profile and the mean weight of the prompt's newest `ring_tokens` (the profile's solve tables follow them,
-        `device_tables`, made for a group's layers at once: first.py); and each row's tokens heaviest first (ties by
-        position), the order the placement (place.py) hands out classes in: both from one sort (`policy.ranked`), since a
-        prefill's device time counts where the runner's workers share a card."""
+    def _append_stats(self, weights: torch.Tensor, layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `_append_split` reads of the weights (R, n) on the host, (layers, n + 1) float64 on their device (the
+        rows of `layers` layers alike stacked, first.py): each one's rank profile and the mean weight of the
+        prompt's newest `ring_tokens` (the profile's solve tables follow them, `device_tables`); and each row's tokens
+        heaviest first (ties by position), the order the placement (place.py) hands out classes in: both from one
+        sort (`policy.ranked`), since a prefill's device time counts where the runner's workers share a card."""
         n, A = weights.shape[1], self.config.ring_tokens // self.config.realloc_every * self.config.realloc_every
-        profile, order = ranked(weights)
-        return torch.cat([profile, weights[:, -max(min(A, n), 1):].double().mean().reshape(1)]), order
+        profile, order = ranked(weights, layers)
+        newest = weights[:, -max(min(A, n), 1):].double().reshape(layers, -1).mean(1)
+        return torch.cat([profile.reshape(layers, n), newest[:, None]], 1), order
 
     def _append_split(self, weights: torch.Tensor, kinds: tuple, stats: torch.Tensor) -> tuple:
         """Before an append layer's first allocation (weights (R, n), kinds as `_flush` builds them, returned with

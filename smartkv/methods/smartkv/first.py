@@ -24,6 +24,7 @@ each layer's counts on their own (the A/B baseline; the same state).
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -106,13 +107,54 @@ def observe(layers: list) -> None:
 
 @dataclass
 class FirstInputs:
-    """A layer's first allocation between its device work and its host solve: the n prompt tokens' weights
-    (R, n), kinds as `_flush` builds them, and `_append_stats` still on the device."""
-    n: int
-    weights: torch.Tensor
-    kinds: tuple
-    stats: torch.Tensor
-    order: torch.Tensor       # (R, n) each row's tokens heaviest first (`_append_stats`)
+    """The first allocation of layers alike (`_first_key`: one solve's) between their device work and their host
+    solve, the layers' rows stacked on the batch dimension (L layers of B sequences: L * B rows of H heads)."""
+    n: int                    # prompt tokens a row places
+    weights: torch.Tensor     # (L * B * H, n) their weights
+    new_k: torch.Tensor       # (L * B, H, n, D) their keys in stored space, fp32
+    new_v: torch.Tensor       # (L * B, H, n, D) their values
+    importance: torch.Tensor  # (L * B, H, T) the layers' importance codes
+    stats: torch.Tensor       # (L, n + 1) float64 on the device: each layer's `_append_stats`
+    order: torch.Tensor       # (L * B * H, n) each row's tokens heaviest first (`_append_stats`)
+
+    def layer(self, i: int) -> FirstInputs:
+        """Layer i's own inputs (views), as `prepare` of it alone would give them."""
+        L = self.stats.shape[0]
+        return FirstInputs(self.n, *(t.chunk(L)[i] for t in (self.weights, self.new_k, self.new_v, self.importance,
+                                                             self.stats, self.order)))
+
+
+def prepare(layers: list, n: int) -> FirstInputs:
+    """The first allocation's device work (no wait) for layers alike (`_first_key`), in one set of launches: each
+    layer's window's oldest n tokens taken out of it (its key normalisation fitted on them), their weights and the
+    statistics the host solve reads. The layers' rows are stacked on the batch dimension and worked by a stand-in
+    (a shallow copy of the first layer holding the stacked tensors: every step is arithmetic a row); each layer then
+    keeps its rows of the results (views)."""
+    observe(layers)   # a kept observation (flushed without its group): folded as the group would
+    lead, L = layers[0], len(layers)
+    stand = lead if L == 1 else _stand_in(layers)
+    stand._stored = {}
+    try:
+        new_k, new_v = stand._flush_inputs(n)
+        weights = block_weights(stand._weights(new_k, new_v), stand.block_tokens)
+    finally:
+        stand._stored = None
+    if stand is not lead:
+        for name in ("win_k", "win_v", "k_mu", "k_scale"):
+            for layer, rows in zip(layers, getattr(stand, name).chunk(L)):
+                setattr(layer, name, rows)
+    return FirstInputs(n, weights, new_k, new_v, stand.importance, *lead._append_stats(weights, L))
+
+
+def _stand_in(layers: list):
+    """A shallow copy of the first of `layers` (alike, `_first_key`) holding their windows, importance codes and
+    key normalisation (all fitted or none) stacked on the batch dimension."""
+    stand = copy.copy(layers[0])
+    stand.batch_size = len(layers) * stand.batch_size
+    names = ("win_k", "win_v", "importance") + (("k_mu", "k_scale") if stand.k_mu is not None else ())
+    for name in names:
+        setattr(stand, name, torch.cat([getattr(layer, name) for layer in layers]))
+    return stand
 
 
 class FirstGroup:
@@ -139,65 +181,67 @@ class FirstGroup:
             layer._observe_later.nbytes() for layer in self.pending if layer._observe_later is not None)
 
     def run(self) -> None:
-        """Every pending layer's first allocation: the device work of all, one copy of their statistics to the
-        host, then each layer's solve and placement (a layer whose allocation is no longer due is skipped)."""
+        """Every pending layer's first allocation (a layer whose allocation is no longer due is skipped)."""
         due, self.pending = [(layer, layer._first_due()) for layer in self.pending], []
-        layers = [layer for layer, n in due if n]
-        observe(layers)
-        finish(layers, [layer._first_prepare(n) for layer, n in due if n], self.together)
+        first_allocations([layer for layer, n in due if n], [n for _, n in due if n], self.together)
 
 
-def pooled(stats: list[torch.Tensor], n: int) -> torch.Tensor:
-    """One solve's statistics for a group's layers (`_append_stats` of each, (n + 1,) float64): the mean of their
-    rank profiles (and of their newest tokens' mean weights), each layer's scaled to sum 1 first, so that each
-    layer's ranking counts alike whatever its weights' scale (a layer's solve is scale-free: the counts minimise
-    sum w 4^-bits under a bit budget). One layer's are its own, unscaled (the per-layer path)."""
-    if len(stats) == 1:
+def first_allocations(layers: list, ns: list, together: bool = True) -> None:
+    """The first allocations of `layers` (n prompt tokens each, `ns`): the fold of their prompt attention, then the
+    device work of each set of layers alike (`prepare`: one for the group's layers), one copy of all the
+    statistics to the host, then each set's solve and placement (`finish`)."""
+    observe(layers)
+    sets: dict = {}
+    for layer, n in zip(layers, ns):
+        sets.setdefault(layer._first_key(n), []).append(layer)
+    finish(list(sets.values()), [prepare(group, key[0]) for key, group in sets.items()], together)
+
+
+def pooled(stats: torch.Tensor, n: int) -> torch.Tensor:
+    """One solve's statistics for a set of layers from each one's (`_append_stats`, (L, n + 1) float64): the mean
+    of their rank profiles (and of their newest tokens' mean weights), each layer's scaled to sum 1 first, so that
+    each layer's ranking counts alike whatever its weights' scale (a layer's solve is scale-free: the counts
+    minimise sum w 4^-bits under a bit budget). One layer's are its own, unscaled (the per-layer path)."""
+    if stats.shape[0] == 1:
         return stats[0]
-    st = torch.stack(stats)
-    return (st / st[:, :n].sum(-1, keepdim=True).clamp_min(torch.finfo(st.dtype).tiny)).mean(0)
+    return (stats / stats[:, :n].sum(-1, keepdim=True).clamp_min(torch.finfo(stats.dtype).tiny)).mean(0)
 
 
-def finish(layers: list, firsts: list, together: bool = True) -> None:
-    """The first allocations of `layers` after their device work (`firsts`, a `FirstInputs` each; one layer on its
-    own alike). Layers of one shape, prompt and settings (`_first_key`) share one solve on their pooled profile
-    (`pooled`): SmartKV already gives every row of a layer the same counts (heads of one layer share its rank
-    profile), and a group extends that to its layers, so its host solve (~1 ms of Python a layer) runs once. Every
-    solve's tables in one set of launches, one copy of all the host reads (the group's one wait for the device),
-    then the solves in lock step, each placing its layers."""
+def finish(sets: list, firsts: list, together: bool = True) -> None:
+    """The first allocations of `sets` of layers alike after their device work (`firsts`, a `FirstInputs` a set).
+    A set shares one solve on its pooled profile (`pooled`): SmartKV already gives every row of a layer the same
+    counts (the heads of one layer share its rank profile), and a group extends that to its layers, so its host
+    solve (~1 ms of Python a layer) runs once. Every solve's tables in one set of launches, one copy of all the host
+    reads (the group's one wait for the device), then the solves in lock step, each placing its set."""
     if not firsts:
         return
-    shared: dict = {}
-    for layer, first in zip(layers, firsts):
-        shared.setdefault(layer._first_key(first.n), []).append((layer, first))
-    members = list(shared.values())
-    stats = [pooled([first.stats for _, first in group], group[0][1].n) for group in members]
-    tables: list = [None] * len(members)
+    stats = [pooled(first.stats, first.n) for first in firsts]
+    tables: list = [None] * len(firsts)
     alike: dict = {}
-    for i, group in enumerate(members):
-        alike.setdefault((group[0][1].n, group[0][0].widths), []).append(i)
+    for i, (layers, first) in enumerate(zip(sets, firsts)):
+        alike.setdefault((first.n, layers[0].widths), []).append(i)
     for (n, widths), rows in alike.items():
         for i, t in zip(rows, device_tables(torch.stack([stats[i][:n] for i in rows]), widths)):
             tables[i] = t
     host = torch.cat([x for st, t in zip(stats, tables) for x in (st, t)]).cpu()
     solves, at = [], 0
-    for group, st, t in zip(members, stats, tables):
+    for layers, first, st, t in zip(sets, firsts, stats, tables):
         size = st.numel() + t.numel()
-        solves.append(_group_finish(group, host[at:at + size]))
+        solves.append(_set_finish(layers, first, host[at:at + size]))
         at += size
     solve_asks(solves, together)
 
 
-def _group_finish(group: list, stats: torch.Tensor):
-    """One solve (`_append_split` of the group's first layer on the pooled `stats`, on the host), then every
-    layer's placement at its plan and budgets."""
-    lead, first = group[0]
-    _, kinds = yield from lead._append_split(first.weights, first.kinds, stats)
-    for layer, first in group:
+def _set_finish(layers: list, first: FirstInputs, stats: torch.Tensor):
+    """One solve (`_append_split` of the set's first layer on the pooled `stats`, on the host), then the set's
+    placement at its plan and budgets."""
+    lead = layers[0]
+    kinds = (("k", first.new_k, lead.budget_k), ("v", first.new_v, lead.budget_v))
+    _, kinds = yield from lead._append_split(first.weights, kinds, stats)
+    for layer in layers:
         layer._app_plan = lead._app_plan
         layer.n_middle += first.n
-    place([layer for layer, _ in group], [(first.kinds[0][1], first.kinds[1][1]) for _, first in group],
-          [first.order for _, first in group], [b for _, _, b in kinds])
+    place(layers, first, [b for _, _, b in kinds])
 
 
 class SmartKVFirst:
@@ -231,21 +275,9 @@ class SmartKVFirst:
         if group is not None and self in group.pending:
             group.run()
 
-    def _first_prepare(self, n: int) -> FirstInputs:
-        """The first allocation's device work (no wait): the window's oldest n tokens out of it, their weights and
-        the statistics the host solve reads."""
-        observe([self])   # a kept observation (flushed without its group): folded as the group would
-        self._stored = {}
-        try:
-            new_k, new_v = self._flush_inputs(n)
-            weights = block_weights(self._weights(new_k, new_v), self.block_tokens)
-        finally:
-            self._stored = None
-        kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
-        return FirstInputs(n, weights, kinds, *self._append_stats(weights))
-
     def _first_key(self, n: int) -> tuple:
         """What an append layer's solve reads besides its profile (`_append_split`, `_append_charge`): layers with
         the same key may share one."""
         return (n, tuple(self.widths), self.budget_k, self.budget_v, self.config, self.batch_size, self.num_heads,
-                self.head_dim, self._group_heads, self.group)
+                self.head_dim, self._group_heads, self.group, self.k_mu is None, self.win_k.shape,
+                self.importance.shape, self.sink_k.shape[-2], self.rot_k, self.rot_v)

@@ -35,21 +35,17 @@ def _layer_q(q: QTensor, B: int) -> list[QTensor]:
                                                                                  (q.codes, q.scale, q.zero)))]
 
 
-def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
-    return ts[0] if len(ts) == 1 else torch.cat(ts)
-
-
-def place(layers: list, news: list, orders: list, budgets: list) -> None:
-    """The first allocation of `layers` (one solve's: `_app_plan` set on each, the same), after their solve: news a
-    layer's (keys, values) stored-space prompt (B, H, n, D), orders its rows' tokens heaviest first (B * H, n:
-    `_append_stats`), budgets each kind's bits a token after the charge (`_append_split`). Each kind's counts at its
-    budget, joint classes by weight (`joint_assign`'s, without caps: one ranking), every class's tokens quantized
-    once at its widths into its buffer in position order with room for a few flushes (`_append_reserve` grows it);
-    then the (empty) ring at its class, the class map, the window's importance codes and counts."""
+def place(layers: list, first, budgets: list) -> None:
+    """The first allocation of `layers` (one solve's: `_app_plan` set on each, the same), after their solve: `first`
+    their stacked `FirstInputs` (first.py), budgets each kind's bits a token after the charge (`_append_split`).
+    Each kind's counts at its budget, joint classes by weight (`joint_assign`'s, without caps: one ranking), every
+    class's tokens quantized once at its widths into its buffer in position order with room for a few flushes
+    (`_append_reserve` grows it); then the (empty) ring at its class, the class map, the window's importance codes
+    and counts."""
     lead, L = layers[0], len(layers)
     P, lo, hi = lead.config.realloc_every, min(lead.widths), max(lead.widths)
-    B, H, D = lead.batch_size, lead.num_heads, lead.head_dim
-    Tq = orders[0].shape[-1]
+    B, H = lead.batch_size, lead.num_heads
+    Tq = first.n
     lead._warm_class_kernels()
     mix, A, plan, top, solver, solved = lead._app_plan
     for layer in layers:
@@ -69,25 +65,13 @@ def place(layers: list, news: list, orders: list, budgets: list) -> None:
     # rest the lowest: `joint_assign` without caps, in one ranking (its class-by-class top-k took ~30 launches)
     by_rank = np.repeat([ids[(kw, vw)] for kw, vw, _ in slots] + [ids[(lo, lo)] if (lo, lo) in ids else 0],
                         [take for _, _, take in slots] + [Tq - sum(take for _, _, take in slots)])
-    order = _cat(orders)
+    order = first.order
     cid = torch.empty(order.shape, dtype=torch.uint8, device=lead.device).scatter_(
         1, order, host_to(by_rank, torch.uint8, lead.device).expand(order.shape)).reshape(L * B, H, Tq)
     by_class = torch.argsort(cid, dim=-1, stable=True)   # class after class, each in position order
-    # each kind's tokens gathered once, class after class: a class's rows are one slice of them
-    at = by_class[..., None].expand(-1, -1, -1, D)
-    by_k, by_v = (_cat([new[i] for new in news]).gather(2, at) for i in (0, 1))
     ns = [prompt.get(c, 0) for c in widths]
-    caps = [n + 4 * per_flush.get(c, 0) for c, n in zip(widths, ns)]
-    if L > 1:   # each layer's rows of a buffer start 16-byte aligned (arena.ALIGN) in the stacked one
-        caps = [-(-cap // 16) * 16 for cap in caps]
-    ks, vs, imps = class_buffers(lead, widths, caps, importance=bool(A), layers=L)
-    starts, start = [], 0
-    for (kw, vw), n, kq, vq in zip(widths, ns, ks, vs):
-        if n:   # quantized in place: no copy of the class's rows into its buffer
-            quantize_pack(by_k[..., start:start + n, :], kw, lead.group, -1, out=kq)
-            quantize_pack(by_v[..., start:start + n, :], vw, lead.group, -1, out=vq)
-        starts.append(start)
-        start += n
+    ks, vs, imps, starts = _quantized(lead, first, by_class, widths, ns,
+                                      [n + 4 * per_flush.get(c, 0) for c, n in zip(widths, ns)], bool(A), L)
     positions = Tq + 4 * P
     if L > 1:   # each layer's map 16-byte aligned in the stacked one: its bytes a multiple of 16
         positions = 2 * (-(-classmap.map_bytes(positions) // 16) * 16 - 1)
@@ -104,9 +88,9 @@ def place(layers: list, news: list, orders: list, budgets: list) -> None:
     # the window's tokens: their importance codes and observers so far (counted on the host, where the observed
     # ranges are; the group's layers saw the same queries)
     s0 = lead.sink_k.shape[-2]
-    imp = _cat([layer.importance for layer in layers])
+    imp = first.importance
     wimp = imp[..., s0 + Tq:].clone()   # new tensors: views would keep the whole importance
-    seen = _window_seen(layers, s0 + Tq).expand(-1, B, -1).reshape(L * B, -1)
+    seen = _window_seen(layers, s0 + Tq, imp.shape[-1]).expand(-1, B, -1).reshape(L * B, -1)
     lk, lv = [_layer_q(q, B) for q in ks], [_layer_q(q, B) for q in vs]
     for i, (layer, m, w, s) in enumerate(zip(layers, _rows(cmap, B), _rows(wimp, B), _rows(seen, B))):
         layer._app = Classes(list(widths), [q[i] for q in lk], [q[i] for q in lv], list(ns), length[i], m,
@@ -122,10 +106,31 @@ def place(layers: list, news: list, orders: list, budgets: list) -> None:
         layer.observed = layer.observed.new_empty(0, 2)
 
 
-def _window_seen(layers: list, start: int) -> torch.Tensor:
-    """(L, 1, n_win) uint8: each layer's window tokens' observers so far (one copy when the layers saw the same
-    queries, as a group's do)."""
-    lead, T = layers[0], layers[0].importance.shape[-1]
+def _quantized(lead, first, by_class: torch.Tensor, widths: list, ns: list, caps: list, importance: bool,
+               L: int) -> tuple:
+    """The class buffers of L layers stacked (`arena.class_buffers`: `caps` rows a class; with `importance`, its
+    rows' importance codes) with each class's `ns` tokens quantized at its widths: each kind's tokens gathered once,
+    class after class (`by_class`), so a class's rows are one slice of them, quantized straight into its buffer.
+    -> keys, values, importance codes (a QTensor or tensor a class, L * B rows) and each class's first row."""
+    at = by_class[..., None].expand(-1, -1, -1, lead.head_dim)
+    by_k, by_v = first.new_k.gather(2, at), first.new_v.gather(2, at)
+    if L > 1:   # each layer's rows of a buffer start 16-byte aligned (arena.ALIGN) in the stacked one
+        caps = [-(-cap // 16) * 16 for cap in caps]
+    ks, vs, imps = class_buffers(lead, widths, caps, importance=importance, layers=L)
+    starts, start = [], 0
+    for (kw, vw), n, kq, vq in zip(widths, ns, ks, vs):
+        if n:   # quantized in place: no copy of the class's rows into its buffer
+            quantize_pack(by_k[..., start:start + n, :], kw, lead.group, -1, out=kq)
+            quantize_pack(by_v[..., start:start + n, :], vw, lead.group, -1, out=vq)
+        starts.append(start)
+        start += n
+    return ks, vs, imps, starts
+
+
+def _window_seen(layers: list, start: int, T: int) -> torch.Tensor:
+    """(L, 1, n_win) uint8: each layer's window tokens' observers so far (of T tokens; one copy when the layers saw
+    the same queries, as a group's do)."""
+    lead = layers[0]
     same = all(torch.equal(layer.observed, lead.observed) for layer in layers[1:])
     counts = [lead._count(seen_from_ranges(layer.observed, T)[start:]) for layer in (layers[:1] if same else layers)]
     out = host_to(torch.stack(counts), torch.uint8, lead.device)[:, None]

@@ -10,7 +10,7 @@ from smartkv.core.policy import (Candidates, block_weights, cascade_assign, casc
                                  incremental_assign, incremental_candidates, pack_levels, plan_counts, rank_profile)
 from smartkv.core.quant import QTensor, dequantize, quantize, take_rows, token_ranges
 from smartkv.kernels import quantize_pack
-from smartkv.methods.smartkv.first import finish as finish_first
+from smartkv.methods.smartkv.first import first_allocations
 from smartkv.methods.smartkv.storage import inverse_order
 
 
@@ -60,7 +60,7 @@ class SmartKVRealloc:
             if n <= 0:
                 return
             if not self.n_middle and self._append_wanted():   # append.py: the prompt into class buffers, a ring
-                return finish_first([self], [self._first_prepare(n)])
+                return first_allocations([self], [n])
             new_k, new_v = self._flush_inputs(n)
             weights = block_weights(self._weights(new_k, new_v), self.block_tokens)
             kinds = (("k", new_k, self.budget_k), ("v", new_v, self.budget_v))
