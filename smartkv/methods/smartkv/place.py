@@ -90,7 +90,7 @@ def place(layers: list, first, budgets: list) -> None:
     s0 = lead.sink_k.shape[-2]
     imp = first.importance
     wimp = imp[..., s0 + Tq:].clone()   # new tensors: views would keep the whole importance
-    seen = _window_seen(layers, s0 + Tq, imp.shape[-1]).expand(-1, B, -1).reshape(L * B, -1)
+    seen = _window_seen(layers, s0 + Tq, imp.shape[-1]).expand(-1, B, -1).reshape(L * B, -1).contiguous()   # own rows
     lk, lv = [_layer_q(q, B) for q in ks], [_layer_q(q, B) for q in vs]
     for i, (layer, m, w, s) in enumerate(zip(layers, _rows(cmap, B), _rows(wimp, B), _rows(seen, B))):
         layer._app = Classes(list(widths), [q[i] for q in lk], [q[i] for q in lv], list(ns), length[i], m,
