@@ -20,7 +20,7 @@ for r in $(seq 1 "$ROUNDS"); do
     (abs=$(cd "$tree" && pwd) && cd /tmp && PYTHONPATH=$abs timeout 60 \
         python -c "import smartkv; print(smartkv.__file__)")
     PYTHONPATH=$tree:$NEW/benchmarks timeout 150 python benchmarks/profile_prefill.py --shape smollm2 --layers 30 \
-        --context 8000 --rows 'int4,smartkv (budget 4.25; gap 3)' --phases 5 2>&1 | grep -v Warning | tail -14
+        --context 8000 --rows 'int4,smartkv (budget 4.25; gap 3)' --phases 5 2>&1 | grep -v Warning | sed -n '/^## smartkv/,$p' | head -20
   done
 done
 for r in $(seq 1 "$ROUNDS"); do

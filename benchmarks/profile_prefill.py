@@ -68,8 +68,8 @@ PHASES = {   # owner module -> the methods or functions timed by --phases (a nam
                                                    "_append_begin", "_demote_begin", "update", "_first_prepare",
                                                    "_append_stats"),
     # the host solves run as generators in lock step (`solve_asks`: the solves with the placements they end in;
-    # `counts_many`: their counts); `place`: a group's placement (place.py)
-    "smartkv.methods.smartkv.first": ("observe", "solve_asks", "place"),
+    # `counts_many`: their counts); `prepare`, `place`: a group's device work and placement (first.py, place.py)
+    "smartkv.methods.smartkv.first": ("observe", "prepare", "solve_asks", "place"),
     "smartkv.core.solves": ("counts_many",),
     "smartkv.methods.smartkv.append": ("rank_profile", "ranked", "quantize_pack"),
     "smartkv.methods.smartkv.place": ("quantize_pack",),

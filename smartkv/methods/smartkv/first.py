@@ -5,22 +5,22 @@ allocation waited for the device once, then solved and placed its prompt while t
 first allocation comes due after its attention (or after `append`, a cache filled without a model) defers it: its
 prompt stays in its window at full precision, as DynamicCache holds it, until the group's last layer has attended
 (the group's size in layers, or the model's last layer that can defer). Then the fold of the group's prompt
-attention runs in one set of launches (`observe`: each layer keeps its last queries and the keys they saw), each
-layer's device work is queued (its weights, rank profile and solve tables: `counts.device_tables`), everything the
-host solves read reaches it in one copy, and the layers' solves run in lock step, each ending in its placement
-(`solves.solve_asks`: each round's counts, the flush mixes', the ring widths', the demotion plans', asked for every
-layer at once by `counts.counts_many`, whose host calls are about one layer's). A deferred layer is an
-ordinary layer whose flush has not run yet: anything that reads or extends it first runs its group (`_settle`),
-and a layer flushed on its own (a forward that stopped part way) takes the per-layer path, which gives the same
-state, bit for bit.
+attention runs in one set of launches (`observe`: each layer keeps its last queries and the keys they saw), the
+layers alike (`_first_key`: a model's full-attention layers) share one solve on their pooled rank profile
+(`pooled`), and everything around it runs for all of them at once: the device work before it (`prepare`: the
+layers' rows stacked on the batch dimension), one copy of what the host solve reads, and the placement (place.py).
+Solves of different sets run in lock step (`solves.solve_asks`: each round's counts asked together by
+`counts.counts_many`). A deferred layer is an ordinary layer whose flush has not run yet: anything that reads or
+extends it first runs its group (`_settle`), and a layer flushed on its own (a forward that stopped part way)
+takes the per-layer path: a group of one, with its own profile.
 
-SMARTKV_FIRST_GROUP: layers a group holds at most (default 8; 1: each layer on its own, the A/B baseline);
+SMARTKV_FIRST_GROUP: layers a group holds at most (default 8; 1: each layer on its own, with its own profile);
 SMARTKV_FIRST_GROUP_MIB: bytes (default 256 MiB) the waiting layers may hold (their prompts at full precision and
 the keys their observation keeps), past which the group runs at once. A layer's prompt keys and values are 2 x
 KV heads x head_dim values a token against the MLP activations its prefill holds anyway (SmolLM2: 384 against 3072
 and more), so a short prompt's group of eight stays within one layer's working set, and a large batch's chunked
-fill (where one layer's chunk is past the bytes) keeps the per-layer transient. SMARTKV_SOLVES_TOGETHER: 0 answers
-each layer's counts on their own (the A/B baseline; the same state).
+fill (where one layer's chunk is past the bytes) keeps the per-layer transient (and its own profile).
+SMARTKV_SOLVES_TOGETHER: 0 answers each set's counts on their own (the A/B baseline; the same state).
 """
 from __future__ import annotations
 
