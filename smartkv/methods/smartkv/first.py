@@ -125,12 +125,12 @@ class FirstInputs:
 
 
 def prepare(layers: list, n: int) -> FirstInputs:
-    """The first allocation's device work (no wait) for layers alike (`_first_key`), in one set of launches: each
+    """The first allocation's device work (no wait) for layers alike (`_first_key`) whose prompt attention is folded
+    (`first_allocations` observes them first), in one set of launches: each
     layer's window's oldest n tokens taken out of it (its key normalisation fitted on them), their weights and the
     statistics the host solve reads. The layers' rows are stacked on the batch dimension and worked by a stand-in
     (a shallow copy of the first layer holding the stacked tensors: every step is arithmetic a row); each layer then
     keeps its rows of the results (views)."""
-    observe(layers)   # a kept observation (flushed without its group): folded as the group would
     lead, L = layers[0], len(layers)
     stand = lead if L == 1 else _stand_in(layers)
     stand._stored = {}

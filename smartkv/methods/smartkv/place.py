@@ -27,7 +27,7 @@ from smartkv.methods.smartkv.arena import carve, class_buffers, qtensor_specs, t
 
 def _rows(t: torch.Tensor, B: int) -> list[torch.Tensor]:
     """Each layer's (B, ...) rows of a group's stacked (L * B, ...) tensor: views."""
-    return list(t.split(B)) if t.shape[0] > B else [t]
+    return list(t.split(B))
 
 
 def _layer_q(q: QTensor, B: int) -> list[QTensor]:
@@ -83,8 +83,7 @@ def place(layers: list, first, budgets: list) -> None:
     for kw, vw, m in mix:
         mix_len[ids[(kw, vw)]] = m
     mix_len = host_to(np.tile(mix_len, (L, 1)), torch.int32, lead.device)
-    length = host_to(np.broadcast_to(np.array(ns, dtype=np.int32)[None, :, None], (L, len(ns), B)).copy(),
-                     torch.int32, lead.device)
+    length = host_to(np.tile(np.array(ns)[:, None], (L, 1, B)), torch.int32, lead.device)
     # the window's tokens: their importance codes and observers so far (counted on the host, where the observed
     # ranges are; the group's layers saw the same queries)
     s0 = lead.sink_k.shape[-2]
@@ -92,9 +91,10 @@ def place(layers: list, first, budgets: list) -> None:
     wimp = imp[..., s0 + Tq:].clone()   # new tensors: views would keep the whole importance
     seen = _window_seen(layers, s0 + Tq, imp.shape[-1]).expand(-1, B, -1).reshape(L * B, -1).contiguous()   # own rows
     lk, lv = [_layer_q(q, B) for q in ks], [_layer_q(q, B) for q in vs]
-    for i, (layer, m, w, s) in enumerate(zip(layers, _rows(cmap, B), _rows(wimp, B), _rows(seen, B))):
-        layer._app = Classes(list(widths), [q[i] for q in lk], [q[i] for q in lv], list(ns), length[i], m,
-                             [(ids[(kw, vw)], m) for kw, vw, m in mix], rank_class[i], mix_len[i], w, s, share=L)
+    mix_ids = [(ids[(kw, vw)], m) for kw, vw, m in mix]
+    for i, (layer, lmap, lwimp, lseen) in enumerate(zip(layers, _rows(cmap, B), _rows(wimp, B), _rows(seen, B))):
+        layer._app = Classes(list(widths), [q[i] for q in lk], [q[i] for q in lv], list(ns), length[i], lmap,
+                             list(mix_ids), rank_class[i], mix_len[i], lwimp, lseen, share=L)
     if A:
         _ring(layers, A, top)
         _demotions(layers, plan, ids, imp[..., s0:s0 + Tq].gather(-1, by_class), ns, starts, imps)
