@@ -16,6 +16,10 @@ try:
 except ImportError:
     pass
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from _interpreter import install
+    install()
+
 # Ray reads this once at import: a local instance then binds to 127.0.0.1 only (see executor.LOOPBACK_ENV).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
