@@ -5,19 +5,24 @@ Under TRITON_INTERPRET=1 every launch patches triton.language's builtins to thei
 So does every call of a @triton.jit helper from inside a kernel, though the enclosing launch has patched the same
 modules already: the helpers' calls then hold a third or more of an interpreted kernel's time (cProfile of
 test_append's fused-steps test: 76K nested patchings, 72 of 195 s). `install` skips a nested patching when the
-launch around it has patched every language module the helper's globals name; anything else (a first launch, a
-helper reached outside a launch, a module not yet patched) takes Triton's own path. Kernels compute the same either
-way: an already patched builtin is no longer a builtin to Triton, so the nested patching changes nothing.
+launch around it, or an earlier helper in it, has patched every language module the helper's globals name; anything
+else (a launch's own, a helper reached outside a launch, the first helper to name a module) takes Triton's path.
+Kernels compute the same either way: a patched builtin is no longer a builtin to Triton, so patching again changes
+nothing, and Triton never undoes a helper's patching.
 """
 from __future__ import annotations
 
 _state = {"depth": 0, "langs": frozenset()}
+_LANGS: dict = {}
 
 
 def _langs(fn) -> frozenset:
-    """The language modules `_patch_lang` would patch for fn (the same selection as Triton's)."""
-    import triton.language as tl
-    return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+    """The language modules `_patch_lang` would patch for fn (the same selection as Triton's), once a function."""
+    found = _LANGS.get(fn)
+    if found is None:
+        import triton.language as tl
+        found = _LANGS[fn] = frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+    return found
 
 
 def install() -> bool:
@@ -36,7 +41,11 @@ def install() -> bool:
         if _state["depth"] and langs <= _state["langs"]:
             return ti._LangPatchScope()   # nothing to undo: the enclosing launch restores its own
         scope = patch_lang(fn)
-        if _state["depth"] == 0:
+        if _state["depth"]:
+            # a helper naming a module the launch has not patched (triton.language.standard's tl.sum, tl.zeros
+            # name `core`): patched from here on, as Triton leaves it
+            _state["langs"] |= langs
+        else:
             # a launch's own patching (GridExecutor.__call__): remembered until its scope is restored
             _state["depth"], _state["langs"] = 1, langs
             restore = scope.restore
