@@ -26,13 +26,16 @@ def _langs(fn) -> frozenset:
 
 
 def install() -> bool:
-    """Patch the interpreter in this process; False (and nothing changed) if its internals are not the expected."""
+    """Patch the interpreter in this process; False (and nothing changed) if its internals are not the expected
+    (True without Triton: no kernel is interpreted)."""
     try:
         from triton.runtime import interpreter as ti
     except ImportError:
-        return False
+        return True
     needed = ("_patch_lang", "_LangPatchScope", "GridExecutor", "InterpretedFunction")
-    if not all(hasattr(ti, name) for name in needed) or getattr(ti, "_smartkv_fast", False):
+    if getattr(ti, "_smartkv_fast", False):
+        return True
+    if not all(hasattr(ti, name) for name in needed):
         return False
     patch_lang = ti._patch_lang
 

@@ -18,7 +18,10 @@ except ImportError:
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     from _interpreter import install
-    install()
+    if not install():   # the interpreted kernel tests then take about twice as long (tests/_interpreter.py)
+        import warnings
+        warnings.warn("tests/_interpreter.py: this Triton's interpreter is not the one it patches; kernels run "
+                      "unpatched, slower", stacklevel=1)
 
 # Ray reads this once at import: a local instance then binds to 127.0.0.1 only (see executor.LOOPBACK_ENV).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
