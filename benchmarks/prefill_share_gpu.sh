@@ -6,7 +6,7 @@
 #   2. the same prefill's phases at first-allocation groups of 8 and 30 layers, two rounds interleaved;
 #   3. shared_gpu.py: 8 processes of int4, then 8 of SmartKV, the runner's own request loop (8000 + 32 tokens),
 #      at groups of 8 and of 30 layers (SMARTKV_FIRST_GROUP).
-#   run(command="OUT=$OUT bash benchmarks/prefill_share_gpu.sh")   # outputs in $OUT
+#   run(command="OUT=$OUT bash benchmarks/prefill_share_gpu.sh")   # outputs in $OUT; summary: prefill_share_gpu.out
 #   SHARED_GROUPS='8': step 3 at groups of 8 only (~5 minutes in all)
 set -u
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
