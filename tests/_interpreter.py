@@ -2,13 +2,13 @@
 
 Under TRITON_INTERPRET=1 every launch patches triton.language's builtins to their interpreted forms
 (`interpreter._patch_lang`: `inspect.getmembers` over tl, tl.tensor and tl.math, ~1 ms) and undoes it after the grid.
-So does every call of a @triton.jit helper from inside a kernel, though the enclosing launch has patched the same
-modules already: the helpers' calls then hold a third or more of an interpreted kernel's time (cProfile of
-test_append's fused-steps test: 76K nested patchings, 72 of 195 s). `install` skips a nested patching when the
-launch around it, or an earlier helper in it, has patched every language module the helper's globals name; anything
-else (a launch's own, a helper reached outside a launch, the first helper to name a module) takes Triton's path.
-Kernels compute the same either way: a patched builtin is no longer a builtin to Triton, so patching again changes
-nothing, and Triton never undoes a helper's patching.
+Every call of a @triton.jit helper from inside a kernel patches again (never undone), though the enclosing launch
+has patched the same modules already: the helpers' calls then hold a third or more of an interpreted kernel's time
+(cProfile of test_append's fused-steps test: 76K nested patchings, 72 of 195 s). `install` skips a nested patching
+when the launch around it, or an earlier helper in it, has patched every language module the helper's globals name;
+anything else (a launch's own, a helper reached outside a launch, the first helper to name a module) takes Triton's
+path. Kernels compute the same either way: a patched builtin is no longer a builtin to Triton, so patching again
+changes nothing.
 """
 from __future__ import annotations
 
