@@ -12,7 +12,7 @@ changes nothing.
 """
 from __future__ import annotations
 
-_state = {"depth": 0, "langs": frozenset()}
+_patched = {"langs": frozenset()}   # the modules the running launch has patched (empty between launches)
 _LANGS: dict = {}
 
 
@@ -40,21 +40,19 @@ def install() -> bool:
     patch_lang = ti._patch_lang
 
     def patched(fn):
-        langs = _langs(fn)
-        if _state["depth"] and langs <= _state["langs"]:
+        langs, inside = _langs(fn), bool(_patched["langs"])   # Triton asserts a launch names a module
+        if inside and langs <= _patched["langs"]:
             return ti._LangPatchScope()   # nothing to undo: the enclosing launch restores its own
         scope = patch_lang(fn)
-        if _state["depth"]:
-            # a helper naming a module the launch has not patched (triton.language.standard's tl.sum, tl.zeros
-            # name `core`): patched from here on, as Triton leaves it
-            _state["langs"] |= langs
-        else:
-            # a launch's own patching (GridExecutor.__call__): remembered until its scope is restored
-            _state["depth"], _state["langs"] = 1, langs
+        # inside a launch: a helper naming a module the launch has not patched (triton.language.standard's tl.sum,
+        # tl.zeros name `core`), patched from here on as Triton leaves it; else the launch's own patching
+        # (GridExecutor.__call__), remembered until its scope is restored
+        _patched["langs"] |= langs
+        if not inside:
             restore = scope.restore
 
             def restored():
-                _state["depth"], _state["langs"] = 0, frozenset()
+                _patched["langs"] = frozenset()
                 restore()
             scope.restore = restored
         return scope
