@@ -3,7 +3,7 @@ through a fresh cache, with the project's innermost function on its Python stack
 Under a GPU shared by several processes every wait also waits behind the others' queued work (shared_gpu.py), so
 a prefill's count of them matters beyond its own device time.
 
-    PYTHONPATH=.:benchmarks python benchmarks/prefill_syncs.py --context 8000 --rows 'int4,smartkv (default)'
+    PYTHONPATH=.:benchmarks python benchmarks/prefill_syncs.py --context 8000 --rows 'int4,smartkv (budget 4.25; gap 3)'
     PYTHONPATH=.:benchmarks python benchmarks/prefill_syncs.py --smoke    # CPU: the path (a CPU has no waits)
 """
 from __future__ import annotations
@@ -14,10 +14,11 @@ from collections import Counter
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_runner_step import METHODS, build
-from profile_prefill import SYNCS
-import smartkv
-from smartkv.cache.hf_compat import cache_kwargs
+from bench_runner_step import build
+from profile_prefill import SYNCS, prefill
+
+COPY = "cudaMemcpyAsync"   # listed, not counted as a wait (copies to the device are ones too; one to the host
+# is followed by a synchronisation, counted)
 
 
 def _site(event) -> str:
@@ -33,29 +34,23 @@ def _site(event) -> str:
 
 
 def waits(model, name: str, ids: torch.Tensor) -> Counter:
-    """(kind, where) -> count over one prefill (after a warm-up one)."""
-    method, params = METHODS[name]
+    """(kind, where) -> count over one prefill after a warm-up one (`profile_prefill.prefill`, whose two
+    synchronisations around the forward are counted too, as profile_prefill.py counts them), copies included."""
+    prefill(model, name, ids)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        prefill(model, name, ids)
     found: Counter = Counter()
-    for rep in range(2):
-        cache = smartkv.make_cache(method, model, **params)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof, torch.inference_mode():
-            model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-        if rep:
-            for e in prof.events():
-                kind = next((s for s in SYNCS if s in e.name), "DtoH copy" if "DtoH" in e.name else None)
-                if kind is None and e.name == "cudaMemcpyAsync":
-                    kind = "cudaMemcpyAsync"
-                if kind:
-                    found[(kind, _site(e))] += 1
+    for e in prof.events():
+        kind = next((s for s in (*SYNCS, COPY) if s in e.name), None)
+        if kind:
+            found[(kind, _site(e))] += 1
     return found
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--context", type=int, default=8000)
-    ap.add_argument("--rows", default="int4,smartkv (default)")
+    ap.add_argument("--rows", default="int4,smartkv (budget 4.25; gap 3)", help="bench_e2e row names")
     ap.add_argument("--smoke", action="store_true", help="a small model on the CPU, 256 tokens")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -63,7 +58,7 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, 256 if args.smoke else args.context), device=device)
     for name in args.rows.split(","):
         found = waits(model, name, ids)
-        print(f"## {name}: {sum(n for (k, _), n in found.items() if k != 'cudaMemcpyAsync')} waits")
+        print(f"## {name}: {sum(n for (k, _), n in found.items() if k != COPY)} waits")
         for (kind, where), n in found.most_common():
             print(f"  {n:4d}  {kind:22s} {where}")
 
