@@ -1,7 +1,11 @@
-"""Where a prefill makes the host wait for the GPU: each synchronisation (and device-to-host copy) of one prefill
-through a fresh cache, with the project's innermost function on its Python stack (torch.profiler, with_stack).
-Under a GPU shared by several processes every wait also waits behind the others' queued work (shared_gpu.py), so
-a prefill's count of them matters beyond its own device time.
+"""Where a prefill makes the host wait for the GPU: each synchronising CUDA operation of one prefill through a fresh
+cache, by the project functions on its Python stack (innermost first). Under a GPU shared by several processes every
+wait also waits behind the others' queued work (shared_gpu.py), so a prefill's count of them matters beyond its own
+device time.
+
+torch's sync debug mode (`torch.cuda.set_sync_debug_mode`) warns at each operation that synchronises, from inside
+it, so the Python stack at the warning is the caller's: a blocking copy to the device counts as one, which a
+profiler's list of `cudaStreamSynchronize` events shows without its caller.
 
     PYTHONPATH=.:benchmarks python benchmarks/prefill_syncs.py --context 8000 --rows 'int4,smartkv (budget 4.25; gap 3)'
     PYTHONPATH=.:benchmarks python benchmarks/prefill_syncs.py --smoke    # CPU: the path (a CPU has no waits)
@@ -9,41 +13,45 @@ a prefill's count of them matters beyond its own device time.
 from __future__ import annotations
 
 import argparse
+import traceback
+import warnings
 from collections import Counter
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from bench_runner_step import build
-from profile_prefill import SYNCS, prefill
+from profile_prefill import forward, prefill
 
-COPY = "cudaMemcpyAsync"   # listed, not counted as a wait (copies to the device are ones too; one to the host
-# is followed by a synchronisation, counted)
+DEPTH = 3   # project frames named a site
 
 
-def _site(event) -> str:
-    """The innermost project function around a profiler event: the stack when the profiler keeps one, else its
-    parents (the Python tracer records each call as an event enclosing what it ran)."""
-    frames = [f for f in (event.stack or []) if "smartkv/" in f]
-    if frames:
-        return frames[0].split("smartkv/")[-1]
-    parent = event.cpu_parent
-    while parent is not None and "smartkv/" not in parent.name:
-        parent = parent.cpu_parent
-    return "?" if parent is None else parent.name.split("smartkv/")[-1]
+def _site() -> str:
+    frames = [f for f in traceback.extract_stack() if "smartkv/" in f.filename and "benchmarks/" not in f.filename]
+    inner = [f"{f.filename.split('smartkv/')[-1]}:{f.lineno} {f.name}" for f in reversed(frames)][:DEPTH]
+    return " < ".join(inner) or "(outside smartkv: the model or the benchmark)"
 
 
 def waits(model, name: str, ids: torch.Tensor) -> Counter:
-    """(kind, where) -> count over one prefill after a warm-up one (`profile_prefill.prefill`, whose two
-    synchronisations around the forward are counted too, as profile_prefill.py counts them), copies included."""
+    """site -> synchronising operations over one prefill (`profile_prefill.forward`) after a warm-up one."""
     prefill(model, name, ids)
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        prefill(model, name, ids)
     found: Counter = Counter()
-    for e in prof.events():
-        kind = next((s for s in (*SYNCS, COPY) if s in e.name), None)
-        if kind:
-            found[(kind, _site(e))] += 1
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        found[_site()] += 1
+
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        debug = ids.is_cuda   # a CPU has nothing to wait for (and a CPU build no CUDA to ask)
+        if debug:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            forward(model, name, ids)
+        finally:
+            if debug:
+                torch.cuda.set_sync_debug_mode("default")
+    warnings.showwarning = shown
     return found
 
 
@@ -58,9 +66,9 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, 256 if args.smoke else args.context), device=device)
     for name in args.rows.split(","):
         found = waits(model, name, ids)
-        print(f"## {name}: {sum(n for (k, _), n in found.items() if k != COPY)} waits")
-        for (kind, where), n in found.most_common():
-            print(f"  {n:4d}  {kind:22s} {where}")
+        print(f"## {name}: {sum(found.values())} synchronising operations")
+        for where, n in found.most_common():
+            print(f"  {n:4d}  {where}")
 
 
 if __name__ == "__main__":

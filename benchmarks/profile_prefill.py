@@ -50,14 +50,22 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def forward(model, name: str, ids: torch.Tensor, cache=None) -> None:
+    """One prefill of `ids` through `cache` (default: a fresh cache of row `name`), as the runner prefills."""
+    if cache is None:
+        method, params = METHODS[name]
+        cache = smartkv.make_cache(method, model, **params)
+    with torch.inference_mode():
+        model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+
+
 def prefill(model, name: str, ids: torch.Tensor) -> float:
     """Seconds of one prefill of `ids` through a fresh cache of row `name`, synchronised."""
     method, params = METHODS[name]
     cache = smartkv.make_cache(method, model, **params)
     sync()
     start = time.perf_counter()
-    with torch.inference_mode():
-        model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+    forward(model, name, ids, cache)
     sync()
     return time.perf_counter() - start
 

@@ -6,6 +6,8 @@
 # .devbundle/model/a, then .devbundle/model/b, then this call with .devbundle/py). A run takes ~2-3 minutes.
 #   run(command="source .devbundle/py/setup.sh && RUNS=3 OUT=$OUT bash benchmarks/runner_grid_gpu.sh",
 #       carry=[".devbundle/py"])
+#   SETTINGS='SMARTKV_FIRST_GROUP=8 SMARTKV_FIRST_GROUP=30': each run also steps through these environment settings
+#   (one grid each, the workers inherit it; NAME=V,NAME2=W sets two at once), interleaved
 set -u
 OUT=${OUT:-benchmarks/raw/latest}
 RUNS=${RUNS:-2}
@@ -18,9 +20,13 @@ if [ -z "${SMARTKV_SMOLLM2_GGUF:-}" ]; then
   exit 2
 fi
 for i in $(seq 1 "$RUNS"); do
-  echo "== grid run $i of $RUNS" | tee -a "$LOG"
-  timeout 280 python -m smartkv.bench.cli submit --grid jobs/smartkv_speed.yaml --out "$OUT/run$i" --no-progress \
-      --workers-per-gpu 8 > "$OUT/submit$i.log" 2>&1
-  grep -E "^(ran|time:)" "$OUT/submit$i.log" | tee -a "$LOG"
-  timeout 60 python benchmarks/runner_medians.py "$OUT/run$i" --baseline int4 2>&1 | tee -a "$LOG"
+  for setting in ${SETTINGS:-default}; do   # settings interleaved within a run: their ratios share its card
+    tag=run$i${SETTINGS:+_$setting}
+    echo "== grid run $i of $RUNS${SETTINGS:+, $setting}" | tee -a "$LOG"
+    (if [ "$setting" != default ]; then for kv in ${setting//,/ }; do export "${kv?}"; done; fi
+     timeout 280 python -m smartkv.bench.cli submit --grid jobs/smartkv_speed.yaml --out "$OUT/$tag" --no-progress \
+         --workers-per-gpu 8 > "$OUT/submit_$tag.log" 2>&1)
+    grep -E "^(ran|time:)" "$OUT/submit_$tag.log" | tee -a "$LOG"
+    timeout 60 python benchmarks/runner_medians.py "$OUT/$tag" --baseline int4 2>&1 | tee -a "$LOG"
+  done
 done

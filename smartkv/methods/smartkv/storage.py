@@ -52,7 +52,6 @@ class SmartKVStorage:
         self.k_mu = self.k_scale = None                                                 # (B, H, 1, D) fp16
         self.group = group_for(self.config.group_size, D)
         self.widths = tuple(sorted(self.config.widths))
-        self._width_values = torch.tensor(self.widths, device=self.device)  # level index -> width, made once
         self.budget_k, self.budget_v = kv_budgets(self.config.budget, self.config.key_value_gap, self.widths)
         self.rot_k = self.config.rotate in ("keys", "both")
         self.rot_v = self.config.rotate == "both"
@@ -71,6 +70,12 @@ class SmartKVStorage:
         self._group_heads = 1      # query heads per KV head (set by `attend`)
         self._last_lse = None      # an append layer's prompt: its last query's log2-sum-exp (B, Hq) until used
         self._static_tokens = 0    # static steps: tokens per sequence reserved (begin_static)
+
+    @functools.cached_property
+    def _width_values(self) -> torch.Tensor:
+        """Level index -> width on the layer's device, made at first use (the re-allocating path's) and copied
+        without waiting: a blocking copy at every layer's first call made the host wait for the model's queued work."""
+        return torch.tensor(self.widths).to(self.device, non_blocking=True)
 
     def _store(self, key_states, value_states) -> None:
         # the sequence's first tokens (a sliding layer forgets them once they leave its window)
