@@ -21,7 +21,7 @@ if [ -z "${SMARTKV_SMOLLM2_GGUF:-}" ]; then
 fi
 for i in $(seq 1 "$RUNS"); do
   for setting in ${SETTINGS:-default}; do   # settings interleaved within a run: their ratios share its card
-    tag=run$i${SETTINGS:+_$setting}
+    tag=run$i${SETTINGS:+_$(echo "$setting" | tr '=,' '-+')}   # a file name the device call brings back
     echo "== grid run $i of $RUNS${SETTINGS:+, $setting}" | tee -a "$LOG"
     (if [ "$setting" != default ]; then for kv in ${setting//,/ }; do export "${kv?}"; done; fi
      timeout 280 python -m smartkv.bench.cli submit --grid jobs/smartkv_speed.yaml --out "$OUT/$tag" --no-progress \

@@ -198,6 +198,24 @@ def test_a_layer_waits_for_its_groups_last_layer(five, monkeypatch):
     assert all(layer._app is not None for layer in cache.layers)
 
 
+def test_by_default_a_prefill_is_one_group_and_waits_once(monkeypatch):
+    """Unset, the group holds every layer the bytes allow: a short prompt's prefill is one group (one solve, one
+    copy of its statistics to the host), since each group costs the prefill a wait for the device and a set of host
+    calls."""
+    monkeypatch.delenv("SMARTKV_FIRST_GROUP", raising=False)
+    monkeypatch.delenv("SMARTKV_FIRST_GROUP_MIB", raising=False)
+    calls = []
+    real = first_mod.first_allocations
+    monkeypatch.setattr(first_mod, "first_allocations", lambda layers, *a: calls.append(len(layers)) or real(
+        layers, *a))
+    # more layers than any small fixed count
+    model = load_tiny("tiny-llama", num_hidden_layers=12, device="cuda" if torch.cuda.is_available() else "cpu").model
+    cache = smartkv.make_cache("smartkv", model, **P)
+    with torch.inference_mode():
+        model(_ids(prompt=600), **cache_kwargs(model, cache), use_cache=True)
+    assert calls == [12] and all(layer._app is not None for layer in cache.layers)
+
+
 def test_a_group_runs_once_it_holds_its_bytes(five, monkeypatch):
     monkeypatch.setenv("SMARTKV_FIRST_GROUP", "8")
     monkeypatch.setenv("SMARTKV_FIRST_GROUP_MIB", "1")

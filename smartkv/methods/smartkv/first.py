@@ -14,12 +14,13 @@ Solves of different sets run in lock step (`solves.solve_asks`: each round's cou
 extends it first runs its group (`_settle`), and a layer flushed on its own (a forward that stopped part way)
 takes the per-layer path: a group of one, with its own profile.
 
-SMARTKV_FIRST_GROUP: layers a group holds at most (default 8; 1: each layer on its own, with its own profile);
-SMARTKV_FIRST_GROUP_MIB: bytes (default 256 MiB) the waiting layers may hold (their prompts at full precision and
-the keys their observation keeps), past which the group runs at once. A layer's prompt keys and values are 2 x
-KV heads x head_dim values a token against the MLP activations its prefill holds anyway (SmolLM2: 384 against 3072
-and more), so a short prompt's group of eight stays within one layer's working set, and a large batch's chunked
-fill (where one layer's chunk is past the bytes) keeps the per-layer transient (and its own profile).
+SMARTKV_FIRST_GROUP: layers a group holds at most (default 1024: every layer of a model; 1: each layer on its own,
+with its own profile); SMARTKV_FIRST_GROUP_MIB: bytes (default 512 MiB) the waiting layers may hold (their prompts at
+full precision and the keys their observation keeps), past which the group runs at once. Each group costs the
+prefill one wait for the device and one set of host calls (~10 ms on an H100's host), and a group of every layer
+solves as well as one of eight (KL 0.99x / 1.00x of groups of eight at int4's / KIVI-2's point, SmolLM2, 8 windows),
+so the bytes bound the group, not a count: SmolLM2's 30 layers at 8K tokens hold ~280 MB (one group), and a large
+batch's chunked fill (where one layer's chunk is past the bytes) keeps the per-layer transient (and its own profile).
 SMARTKV_SOLVES_TOGETHER: 0 answers each set's counts on their own (the A/B baseline; the same state).
 """
 from __future__ import annotations
@@ -36,8 +37,8 @@ from smartkv.core.policy import block_weights
 from smartkv.core.solves import solve_asks
 from smartkv.methods.smartkv.place import place
 
-DEFAULT_GROUP = 8
-DEFAULT_MIB = 256
+DEFAULT_GROUP = 1024
+DEFAULT_MIB = 512
 
 
 def _setting(name: str, default: int, top: int, low: int = 1) -> int:
