@@ -13,21 +13,26 @@ profiler's list of `cudaStreamSynchronize` events shows without its caller.
 from __future__ import annotations
 
 import argparse
+import os
 import traceback
 import warnings
 from collections import Counter
 
 import torch
 
+import smartkv
 from bench_runner_step import build
 from profile_prefill import forward, prefill
 
 DEPTH = 3   # project frames named a site
 
 
+PACKAGE = os.path.dirname(smartkv.__file__) + os.sep
+
+
 def _site() -> str:
-    frames = [f for f in traceback.extract_stack() if "smartkv/" in f.filename and "benchmarks/" not in f.filename]
-    inner = [f"{f.filename.split('smartkv/')[-1]}:{f.lineno} {f.name}" for f in reversed(frames)][:DEPTH]
+    frames = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
+    inner = [f"{f.filename[len(PACKAGE):]}:{f.lineno} {f.name}" for f in reversed(frames)][:DEPTH]
     return " < ".join(inner) or "(outside smartkv: the model or the benchmark)"
 
 
@@ -39,8 +44,7 @@ def waits(model, name: str, ids: torch.Tensor) -> Counter:
     def record(message, category, filename, lineno, file=None, line=None):
         found[_site()] += 1
 
-    shown = warnings.showwarning
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():   # restores showwarning on leaving
         warnings.simplefilter("always")
         warnings.showwarning = record
         debug = ids.is_cuda   # a CPU has nothing to wait for (and a CPU build no CUDA to ask)
@@ -51,7 +55,6 @@ def waits(model, name: str, ids: torch.Tensor) -> Counter:
         finally:
             if debug:
                 torch.cuda.set_sync_debug_mode("default")
-    warnings.showwarning = shown
     return found
 
 

@@ -73,8 +73,9 @@ class SmartKVStorage:
 
     @functools.cached_property
     def _width_values(self) -> torch.Tensor:
-        """Level index -> width on the layer's device, made at first use (the re-allocating path's) and copied
-        without waiting: a blocking copy at every layer's first call made the host wait for the model's queued work."""
+        """Level index -> width on the layer's device, made at first use (only the re-allocating path reads it) and
+        copied without waiting: a blocking copy at each layer's first call would hold the host there until the device
+        has run every layer queued before it (on a shared GPU, the other processes' work too)."""
         return torch.tensor(self.widths).to(self.device, non_blocking=True)
 
     def _store(self, key_states, value_states) -> None:
