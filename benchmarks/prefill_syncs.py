@@ -13,49 +13,25 @@ profiler's list of `cudaStreamSynchronize` events shows without its caller.
 from __future__ import annotations
 
 import argparse
-import os
-import traceback
-import warnings
 from collections import Counter
 
 import torch
 
-import smartkv
 from bench_runner_step import build
 from profile_prefill import forward, prefill
+from syncs import PACKAGE, device_waits
 
 DEPTH = 3   # project frames named a site
 
 
-PACKAGE = os.path.dirname(smartkv.__file__) + os.sep
-
-
-def _site() -> str:
-    frames = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
-    inner = [f"{f.filename[len(PACKAGE):]}:{f.lineno} {f.name}" for f in reversed(frames)][:DEPTH]
-    return " < ".join(inner) or "(outside smartkv: the model or the benchmark)"
-
-
 def waits(model, name: str, ids: torch.Tensor) -> Counter:
-    """site -> synchronising operations over one prefill (`profile_prefill.forward`) after a warm-up one."""
+    """site (its innermost DEPTH project frames) -> synchronising operations over one prefill
+    (`profile_prefill.forward`) after a warm-up one."""
     prefill(model, name, ids)
-    found: Counter = Counter()
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        found[_site()] += 1
-
-    with warnings.catch_warnings():   # restores showwarning on leaving
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        debug = ids.is_cuda   # a CPU has nothing to wait for (and a CPU build no CUDA to ask)
-        if debug:
-            torch.cuda.set_sync_debug_mode("warn")
-        try:
-            forward(model, name, ids)
-        finally:
-            if debug:
-                torch.cuda.set_sync_debug_mode("default")
-    return found
+    with device_waits() as found:
+        forward(model, name, ids)
+    return Counter(" < ".join(f"{f.filename[len(PACKAGE):]}:{f.lineno} {f.name}" for f in reversed(frames[-DEPTH:]))
+                   or "(outside smartkv: the model or the benchmark)" for frames in found)
 
 
 def main() -> None:

@@ -14,11 +14,16 @@ so host-side bookkeeping that a GPU run keeps on the host anyway counts too (an 
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import traceback
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import smartkv
 
 # Tensor methods that leave the device without a dispatched op of their own on CPU tensors
 HOST_READS = {"tolist", "numpy", "cpu"}
@@ -29,6 +34,42 @@ DATA_SIZED = {"aten.nonzero", "aten.masked_select", "aten._unique2", "aten.uniqu
 # Ops that launch no kernel besides views (`OpOverload.is_view`): allocations and metadata
 NO_LAUNCH = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.new_empty", "aten.new_empty_strided",
              "aten.lift_fresh", "aten._unsafe_view", "aten.sym_size", "aten.sym_stride", "aten.sym_numel"}
+
+
+PACKAGE = os.path.dirname(smartkv.__file__) + os.sep
+
+
+def project_frames() -> list:
+    """The current Python stack's frames in the smartkv package, outermost first (by its directory: a checkout's
+    path may hold "smartkv/" too)."""
+    return [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
+
+
+@contextlib.contextmanager
+def device_waits():
+    """Yields a list that gets, for each synchronising CUDA operation run inside, its caller's `project_frames`:
+    torch's sync debug mode warns from inside each such operation, so the stack at the warning is the caller's (a
+    blocking copy to the device counts too, which SyncCounter's host reads do not see). Other warnings are shown as
+    usual; off CUDA nothing is recorded (and a CPU build has no CUDA to ask)."""
+    found: list = []
+    debug = torch.cuda.is_available()
+    with warnings.catch_warnings():   # restores showwarning on leaving
+        shown = warnings.showwarning
+
+        def record(message, category, *args, **kwargs):
+            if "synchroniz" in str(message):
+                found.append(project_frames())
+            else:
+                shown(message, category, *args, **kwargs)
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        if debug:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            if debug:
+                torch.cuda.set_sync_debug_mode("default")
 
 
 def _on(device_type: str, args) -> bool:
@@ -91,7 +132,7 @@ class SyncCounter:
     def _add(self, kind: str) -> None:
         self.by_kind[kind] += 1
         site = next((f"{f.filename.rsplit('smartkv/', 1)[-1]}:{f.lineno} {f.name}"
-                     for f in reversed(traceback.extract_stack()) if "/smartkv/" in f.filename), "?")
+                     for f in reversed(project_frames())), "?")
         self.by_site[site] += 1
 
     def __enter__(self) -> "SyncCounter":

@@ -2,6 +2,8 @@
 their pooled rank profile, and its stacked placement gives each layer the state, decode and bytes of placing it on
 its own at that solve; a layer waits in its group until the group's last layer has attended; a forward that stops
 part way leaves its waiting layers whole, and reading them runs their group."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -218,32 +220,22 @@ def test_by_default_a_prefill_is_one_group_and_waits_once(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for a GPU: a CPU has none")
 def test_a_prefill_waits_for_the_device_once_a_group(monkeypatch):
-    """The project's synchronising operations in one prefill (torch's sync debug mode warns from inside each, so
-    the stack names its caller): the group's one copy of its statistics, nothing a layer (each layer's first call
-    once made a blocking copy to the device: a wait behind every queued layer, and on a shared GPU behind the other
-    processes' work)."""
-    import os
-    import traceback
-    import warnings
+    """The project's synchronising operations in one prefill (benchmarks/syncs.py's `device_waits`: torch's sync
+    debug mode names each one's caller): the group's one copy of its statistics, nothing a layer (each layer's first
+    call once made a blocking copy to the device: a wait behind every queued layer, and on a shared GPU behind the
+    other processes' work)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from syncs import device_waits
 
     monkeypatch.delenv("SMARTKV_FIRST_GROUP", raising=False)
     monkeypatch.delenv("SMARTKV_FIRST_GROUP_MIB", raising=False)
     model = load_tiny("tiny-llama", num_hidden_layers=12, device="cuda").model
-    ids, package = _ids(prompt=600), os.path.dirname(smartkv.__file__)
+    ids = _ids(prompt=600)
     for _ in range(2):   # the second prefill counted: the first compiles and warms the allocator
-        sites = []
         cache = smartkv.make_cache("smartkv", model, **P)
-        with warnings.catch_warnings():   # restores showwarning on leaving
-            warnings.simplefilter("always")
-            warnings.showwarning = lambda *a, **k: sites.append(
-                [f.name for f in traceback.extract_stack() if f.filename.startswith(package)])
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                with torch.inference_mode():
-                    model(ids, **cache_kwargs(model, cache), use_cache=True)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    ours = [s for s in sites if s]
+        with device_waits() as found, torch.inference_mode():
+            model(ids, **cache_kwargs(model, cache), use_cache=True)
+    ours = [[f.name for f in frames] for frames in found if frames]
     assert len(ours) == 1 and "finish" in ours[0], ours
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from syncs import SyncCounter  # noqa: E402
+from syncs import SyncCounter, device_waits  # noqa: E402
 
 
 def test_device_only_work_counts_no_host_wait():
@@ -55,3 +55,24 @@ def test_a_block_re_allocation_is_counted_in_a_round_that_re_allocates():
     r = profile(dict(budget=4.25, key_value_gap=3, block_tokens=16, realloc="incremental"), batch=1, context=512,
                 rounds=2, device=torch.device("cpu"), count_syncs=True)
     assert r["rounds_a_realloc"] > 1 and r["realloc_ops"] > 100
+
+
+def test_device_waits_records_the_sync_warning_with_project_frames_and_shows_the_rest(recwarn):
+    """torch's sync debug mode warns "called a synchronizing CUDA operation" from inside the op: each such warning is
+    recorded with its caller's smartkv frames, outermost first (here a solve run by `solves.solve_asks` warns as
+    torch would); any other warning is shown as usual."""
+    import warnings
+
+    from smartkv.core.solves import solve_asks
+
+    def solve():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        return 1
+        yield
+
+    with device_waits() as found:
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)   # from here: no project frame
+        assert solve_asks([solve()]) == [1]
+        warnings.warn("something else", FutureWarning)
+    assert [[f.name for f in frames] for frames in found] == [[], ["solve_asks", "step"]]
+    assert [str(w.message) for w in recwarn] == ["something else"]
