@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import defaultdict
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,6 +22,7 @@ import smartkv.cache.layer as cache_layer  # noqa: E402
 import smartkv.kernels.launch as launch_mod  # noqa: E402
 from bench_runner_step import build  # noqa: E402
 from smartkv.cache.hf_compat import cache_kwargs  # noqa: E402
+from smartkv.kernels.launch import routed  # noqa: E402
 from smartkv.methods.smartkv.layer import SmartKVLayer  # noqa: E402
 from syncs import SyncCounter  # noqa: E402
 
@@ -47,13 +47,9 @@ class FlushCount:
             if outer:
                 self.inner += self.counter.ops - ops
 
-    def _rebind(self, old, new) -> None:   # the modules that bound `launch` at import
-        for mod in list(sys.modules.values()):
-            if getattr(mod, "__name__", "").startswith("smartkv") and getattr(mod, "launch", None) is old:
-                mod.launch = new
-
     def __enter__(self):
-        self._rebind(self._launch, self._counted)
+        self._routed = routed(self._counted)
+        self._routed.__enter__()
         real, rec = self._flush, self
 
         def flush(layer, *args, **kwargs):
@@ -71,7 +67,7 @@ class FlushCount:
 
     def __exit__(self, *exc):
         SmartKVLayer._append_flush = self._flush
-        self._rebind(self._counted, self._launch)
+        self._routed.__exit__(*exc)
 
 
 def main() -> None:

@@ -530,13 +530,12 @@ def test_a_layer_without_the_kernels_runs_no_triton_kernel(tiny, monkeypatch):
     assert decode(steps=1) > 0   # the kernels' own tests still run them
 
 
-def test_every_kernel_launch_can_go_straight_to_the_compiled_kernel(tiny_llama, kernels, decode, monkeypatch):
+def test_every_kernel_launch_can_go_straight_to_the_compiled_kernel(tiny_llama, kernels, decode):
     """Every launch of an append cache's prefill, steps and filling flushes (and int4's) passes a tuple grid and its
     constexprs by keyword, which `kernels.launch` needs to send a call straight to the compiled kernel: a constexpr
     passed positionally sent every call through Triton's binding (the demotions' row moves: ~50 us more host time a
     launch on the GPU host, where an eager step is bound by host work)."""
     import inspect
-    import sys
 
     import smartkv.kernels.launch as launch_mod
 
@@ -549,12 +548,10 @@ def test_every_kernel_launch_can_go_straight_to_the_compiled_kernel(tiny_llama, 
         seen.add(fn.fn.__name__)
         return inner(fn, grid, *args, **meta)
 
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__name__", "").startswith("smartkv.kernels") and getattr(mod, "launch", None) is inner:
-            monkeypatch.setattr(mod, "launch", checked)
     ids = _ids(batch=1).to(next(tiny_llama.parameters()).device)
-    decode(tiny_llama, "smartkv", ids, 12, "eager", **P)
-    decode(tiny_llama, "int4", ids, 2, "eager")
+    with launch_mod.routed(checked):
+        decode(tiny_llama, "smartkv", ids, 12, "eager", **P)
+        decode(tiny_llama, "int4", ids, 2, "eager")
     assert {"_move_many_kernel", "_requant_kernel", "_keys_kernel", "_quant_tok_kernel"} <= seen, seen
 
 
