@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 
 from bench_runner_step import build
-from profile_prefill import forward, prefill
+from profile_prefill import forward, fresh_cache, prefill
 from syncs import PACKAGE, device_waits
 
 DEPTH = 3   # project frames named a site
@@ -29,7 +29,7 @@ def waits(model, name: str, ids: torch.Tensor) -> Counter:
     (`profile_prefill.forward`) after a warm-up one."""
     prefill(model, name, ids)
     with device_waits() as found:
-        forward(model, name, ids)
+        forward(model, ids, fresh_cache(model, name))
     return Counter(" < ".join(f"{f.filename[len(PACKAGE):]}:{f.lineno} {f.name}" for f in reversed(frames[-DEPTH:]))
                    or "(outside smartkv: the model or the benchmark)" for frames in found)
 

@@ -50,22 +50,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def forward(model, name: str, ids: torch.Tensor, cache=None) -> None:
-    """One prefill of `ids` through `cache` (default: a fresh cache of row `name`), as the runner prefills."""
-    if cache is None:
-        method, params = METHODS[name]
-        cache = smartkv.make_cache(method, model, **params)
+def fresh_cache(model, name: str):
+    """A new cache of bench row `name` for `model`."""
+    method, params = METHODS[name]
+    return smartkv.make_cache(method, model, **params)
+
+
+def forward(model, ids: torch.Tensor, cache) -> None:
+    """One prefill of `ids` through `cache`, as the runner prefills."""
     with torch.inference_mode():
         model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
 
 
 def prefill(model, name: str, ids: torch.Tensor) -> float:
     """Seconds of one prefill of `ids` through a fresh cache of row `name`, synchronised."""
-    method, params = METHODS[name]
-    cache = smartkv.make_cache(method, model, **params)
+    cache = fresh_cache(model, name)
     sync()
     start = time.perf_counter()
-    forward(model, name, ids, cache)
+    forward(model, ids, cache)
     sync()
     return time.perf_counter() - start
 
