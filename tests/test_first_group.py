@@ -200,7 +200,13 @@ def test_a_layer_waits_for_its_groups_last_layer(five, monkeypatch):
     assert all(layer._app is not None for layer in cache.layers)
 
 
-def test_by_default_a_prefill_is_one_group_and_waits_once(monkeypatch):
+@pytest.fixture(scope="module")
+def twelve():
+    """More layers than any small fixed group size."""
+    return load_tiny("tiny-llama", num_hidden_layers=12, device="cuda" if torch.cuda.is_available() else "cpu").model
+
+
+def test_by_default_a_prefill_is_one_group_and_waits_once(twelve, monkeypatch):
     """Unset, the group holds every layer the bytes allow: a short prompt's prefill is one group (one solve, one
     copy of its statistics to the host), since each group costs the prefill a wait for the device and a set of host
     calls."""
@@ -210,16 +216,14 @@ def test_by_default_a_prefill_is_one_group_and_waits_once(monkeypatch):
     real = first_mod.first_allocations
     monkeypatch.setattr(first_mod, "first_allocations", lambda layers, *a: calls.append(len(layers)) or real(
         layers, *a))
-    # more layers than any small fixed count
-    model = load_tiny("tiny-llama", num_hidden_layers=12, device="cuda" if torch.cuda.is_available() else "cpu").model
-    cache = smartkv.make_cache("smartkv", model, **P)
+    cache = smartkv.make_cache("smartkv", twelve, **P)
     with torch.inference_mode():
-        model(_ids(prompt=600), **cache_kwargs(model, cache), use_cache=True)
+        twelve(_ids(prompt=600), **cache_kwargs(twelve, cache), use_cache=True)
     assert calls == [12] and all(layer._app is not None for layer in cache.layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for a GPU: a CPU has none")
-def test_a_prefill_waits_for_the_device_once_a_group(monkeypatch):
+def test_a_prefill_waits_for_the_device_once_a_group(twelve, monkeypatch):
     """The project's synchronising operations in one prefill (benchmarks/syncs.py's `device_waits`: torch's sync
     debug mode names each one's caller): the group's one copy of its statistics, nothing a layer (each layer's first
     call once made a blocking copy to the device: a wait behind every queued layer, and on a shared GPU behind the
@@ -229,12 +233,11 @@ def test_a_prefill_waits_for_the_device_once_a_group(monkeypatch):
 
     monkeypatch.delenv("SMARTKV_FIRST_GROUP", raising=False)
     monkeypatch.delenv("SMARTKV_FIRST_GROUP_MIB", raising=False)
-    model = load_tiny("tiny-llama", num_hidden_layers=12, device="cuda").model
     ids = _ids(prompt=600)
     for _ in range(2):   # the second prefill counted: the first compiles and warms the allocator
-        cache = smartkv.make_cache("smartkv", model, **P)
+        cache = smartkv.make_cache("smartkv", twelve, **P)
         with device_waits() as found, torch.inference_mode():
-            model(ids, **cache_kwargs(model, cache), use_cache=True)
+            twelve(ids, **cache_kwargs(twelve, cache), use_cache=True)
     ours = [[f.name for f in frames] for frames in found if frames]
     assert len(ours) == 1 and "finish" in ours[0], ours
 
