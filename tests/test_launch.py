@@ -154,3 +154,20 @@ def test_host_grid_arithmetic_equals_tritons():
             assert cdiv(a, b) == triton.cdiv(a, b)
     for n in range(1, 5000):
         assert pow2(n) == triton.next_power_of_2(n)
+
+
+def test_routed_sends_each_modules_launch_through_the_wrapper_and_restores_it():
+    """`routed` (benchmarks/count_flush.py, test_append's launch check) rebinds the `launch` each kernel module bound
+    at import, never launch.py's own, and puts back the real one on leaving, also after an error."""
+    from smartkv.kernels import triton_demote, triton_quant
+
+    real = L.launch
+
+    def wrapper(*a, **k):
+        return None
+    with L.routed(wrapper):
+        assert triton_demote.launch is wrapper and triton_quant.launch is wrapper and L.launch is real
+    assert triton_demote.launch is real and triton_quant.launch is real and L.launch is real
+    with pytest.raises(RuntimeError), L.routed(wrapper):
+        raise RuntimeError("inside")
+    assert triton_demote.launch is real and L.launch is real

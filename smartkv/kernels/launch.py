@@ -171,12 +171,13 @@ def routed(wrapper):
     """Every project module's `launch` (each bound it at import) replaced by `wrapper` while inside, restored on
     leaving: to count or check the launches a piece of code makes (benchmarks/count_flush.py, the tests) without a
     hook in `launch` itself, which every eager step calls."""
-    mods = [m for m in list(sys.modules.values())
-            if getattr(m, "__name__", "").startswith("smartkv") and getattr(m, "launch", None) is launch]
+    real, here = launch, sys.modules[__name__]   # this module keeps its own: `launch` is read from it on leaving
+    mods = [m for m in list(sys.modules.values()) if m is not here
+            and getattr(m, "__name__", "").startswith("smartkv") and getattr(m, "launch", None) is real]
     for m in mods:
         m.launch = wrapper
     try:
         yield
     finally:
         for m in mods:
-            m.launch = launch
+            m.launch = real
