@@ -73,6 +73,7 @@ class Classes:
     wseg: object = None         # ordinary steps: the window's segment over `wbuf` (`_window_segment`)
     share: int = 1              # layers whose class buffers (and their importance codes) share one block (place.py)
     ring_share: int = 1         # layers whose rings share one block
+    stack: object = None        # while the ring fills: the group's stacked classes (stacked.Stack), or None
 
 
 class SmartKVAppend:
@@ -160,6 +161,8 @@ class SmartKVAppend:
         never shrunk; grown by a quarter chunk after chunk, the buffers of every layer held up to a quarter more
         than their classes at a prefill's end (about 2 GiB of the peak at 32K x 36, bench_e2e's largest batch)."""
         a, P = self._app, self.config.realloc_every
+        if a.stack is not None and (exact or not a.stack.holds(self)):
+            a.stack.dissolve()   # a static phase's exact buffers are each layer's own (stacked.py)
         count, need, fill, left = list(a.n), list(a.n), a.ring_n // P, flushes
         while left and fill < a.ring // P:   # the filling flushes: demotions move tokens between classes
             self._apply_moves(count, a.plan[fill] if a.plan is not None else [])
@@ -171,23 +174,34 @@ class SmartKVAppend:
         caps = [k.codes.shape[-2] for k in a.k]
         change = [cap < want or exact and cap > want for cap, want in zip(caps, need)]
         if any(change):
-            # every class into a new block (arena.py), its rows copied: the old block goes with its last view
             new = [cap if not c else want if exact or tight else grown(cap, want)
                    for cap, want, c in zip(caps, need, change)]
-            ks, vs, imps = class_buffers(self, a.widths, new, importance=a.cimp is not None)
-            for cid, n in enumerate(a.n):
-                if n:
-                    for old, out in ((a.k[cid], ks[cid]), (a.v[cid], vs[cid])):
-                        for src, dst in zip((old.codes, old.scale, old.zero), (out.codes, out.scale, out.zero)):
-                            dst[..., :n, :] = src[..., :n, :]
-                    if a.cimp is not None:
-                        imps[cid][..., :n] = a.cimp[cid][..., :n]
-            a.k, a.v, a.share = ks, vs, 1
-            if a.cimp is not None:
-                a.cimp = imps
+            if a.stack is not None:
+                a.stack.regrow(new)   # every layer of the group's at once: the stack stays whole
+            else:
+                self._append_regrow(new)
         need = self.n_middle + flushes * P
         if a.cmap.shape[-1] < classmap.map_bytes(need):
-            a.cmap = classmap.grown(a.cmap, grown(2 * a.cmap.shape[-1], need))
+            if a.stack is not None:
+                a.stack.grow_map(grown(2 * a.cmap.shape[-1], need))
+            else:
+                a.cmap = classmap.grown(a.cmap, grown(2 * a.cmap.shape[-1], need))
+
+    def _append_regrow(self, caps: list) -> None:
+        """Every class into a new block (arena.py) of `caps` rows, its rows copied: the old block goes with its last
+        view."""
+        a = self._app
+        ks, vs, imps = class_buffers(self, a.widths, caps, importance=a.cimp is not None)
+        for cid, n in enumerate(a.n):
+            if n:
+                for old, out in ((a.k[cid], ks[cid]), (a.v[cid], vs[cid])):
+                    for src, dst in zip((old.codes, old.scale, old.zero), (out.codes, out.scale, out.zero)):
+                        dst[..., :n, :] = src[..., :n, :]
+                if a.cimp is not None:
+                    imps[cid][..., :n] = a.cimp[cid][..., :n]
+        a.k, a.v, a.share = ks, vs, 1
+        if a.cimp is not None:
+            a.cimp = imps
 
     # ---------------------------------------------------------------- a decode step
     def _append_decode(self, query: torch.Tensor, scaling: float, observe: bool) -> torch.Tensor:

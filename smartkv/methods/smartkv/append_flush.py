@@ -79,7 +79,11 @@ class SmartKVAppendFlush:
         else:   # each group that fills the ring is paid for by demotions (counts read from the device), at its
             first = a.ring_len[:1].long() // P   # flush or ahead of it: the host knows which flushes demote
             for i in range(n // P):
-                if self._flush_demotes(a.ring_n // P + i):
+                if not self._flush_demotes(a.ring_n // P + i):
+                    continue
+                if a.stack is not None and n == P and self.static is None:   # with the group's (stacked.py)
+                    a.stack.take(self, a.ring_n // P, first)
+                else:
                     self._demote(first + i)
             a.ring_len += n
         quantize_pack_at(k_st, a.ring_k.bits, self.group, a.ring_k, a.head)

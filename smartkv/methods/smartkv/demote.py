@@ -97,9 +97,11 @@ class SmartKVDemote:
                 importance_fold(a.cimp[cid][..., :m.shape[-1]], m, a.cseen, queries, divisor)
         a.cseen += queries
 
-    def _demote(self, f: torch.Tensor) -> None:
+    def _demote(self, f: torch.Tensor, a=None, kmul: torch.Tensor | None = None) -> None:
         """Filling flush `f`'s demotions ((1,) long on the device: the same work for every filling flush, so one
-        captured graph serves them all): per (class, target) move of the plan, in the plan's order, the k lightest
+        captured graph serves them all) of the layer's classes, or of `a` (a `stacked.Stack`: the classes of a
+        group's layers alike stacked on the batch dimension, `kmul` their keys' ranges' scales, (L * B, H)):
+        per (class, target) move of the plan, in the plan's order, the k lightest
         rows of the class (importance x sensitivity, as the allocation weighs; k from the device table, at most the
         class's rows) re-quantized from their codes at the target's widths and merged into it in position order;
         the class compacted (both in place), the class map and device lengths updated. Shapes are the buffers'
@@ -107,8 +109,8 @@ class SmartKVDemote:
         `_append_count_flush`. On the kernels' devices a move is about a dozen launches: its rows' weights as
         top-k keys, the top-k, the row maps, the leaving rows re-quantized, and each class's seven tensors moved in
         two passes (as torch ops, ~130)."""
-        a, cfg = self._app, self.config
-        B, H = self.batch_size, self.num_heads
+        a, cfg = a or self._app, self.config
+        B, H = a.length.shape[-1], self.num_heads
         n_all = sum(a.n)
         ks = a.move_k.index_select(0, f)[0].int()             # (moves,) this flush's counts
         caps = [q.codes.shape[-2] for q in a.k]
@@ -117,7 +119,8 @@ class SmartKVDemote:
             if cap:
                 importance_sum(a.cimp[c][..., :cap], a.length[c], imp_sum, accumulate=True)
         floor = cfg.importance_floor * (imp_sum / max(n_all, 1))   # added to each row's importance (B, H)
-        kmul = self.k_scale.float().mean(-1)[..., 0]                # keys' ranges back in real units (B, H)
+        if kmul is None:   # keys' ranges back in real units (B, H)
+            kmul = self.k_scale.float().mean(-1)[..., 0]
         for i, (cid, tid, k_max) in enumerate(a.moves):
             Cc, Ct = caps[cid], caps[tid]
             k_max = min(k_max, Cc)
@@ -145,6 +148,9 @@ class SmartKVDemote:
                       + [fimp[..., None]])                  # the target's and the moved rows in position order
 
     def _demote_done(self) -> None:
-        """The ring is full: nothing is demoted from here on."""
+        """The ring is full: nothing is demoted from here on (this flush's demotions may still wait in the group's
+        stack, which lets its layers go once they ran, `stacked.Stack`)."""
         a = self._app
         a.plan, a.cimp, a.cseen, a.moves, a.move_k, a.lse = None, None, None, None, None, None
+        if a.stack is not None:
+            a.stack.let_go()

@@ -117,12 +117,14 @@ class FirstInputs:
     importance: torch.Tensor  # (L * B, H, T) the layers' importance codes
     stats: torch.Tensor       # (L, n + 1) float64 on the device: each layer's `_append_stats`
     order: torch.Tensor       # (L * B * H, n) each row's tokens heaviest first (`_append_stats`)
+    k_scale: torch.Tensor | None = None   # (L * B, H, 1, D) the key normalisation's scales (the layers' are views)
 
     def layer(self, i: int) -> FirstInputs:
         """Layer i's own inputs (views), as `prepare` of it alone would give them."""
         L = self.stats.shape[0]
         return FirstInputs(self.n, *(t.chunk(L)[i] for t in (self.weights, self.new_k, self.new_v, self.importance,
-                                                             self.stats, self.order)))
+                                                             self.stats, self.order)),
+                           None if self.k_scale is None else self.k_scale.chunk(L)[i])
 
 
 def prepare(layers: list, n: int) -> FirstInputs:
@@ -144,7 +146,7 @@ def prepare(layers: list, n: int) -> FirstInputs:
         for name in ("win_k", "win_v", "k_mu", "k_scale"):
             for layer, rows in zip(layers, getattr(stand, name).chunk(L)):
                 setattr(layer, name, rows)
-    return FirstInputs(n, weights, new_k, new_v, stand.importance, *lead._append_stats(weights, L))
+    return FirstInputs(n, weights, new_k, new_v, stand.importance, *lead._append_stats(weights, L), stand.k_scale)
 
 
 def _stand_in(layers: list):
@@ -161,8 +163,9 @@ def _stand_in(layers: list):
 class FirstGroup:
     """The layers of one cache whose first allocation waits (shared by them: `SmartKV.bind`)."""
 
-    def __init__(self, layers: list, size: tuple[int, int], together: bool = True):
+    def __init__(self, layers: list, size: tuple[int, int], together: bool = True, stacked: bool = True):
         self.layers, self.pending, self.together = layers, [], together
+        self.stacked = stacked   # its layers' filling flushes' demotions run stacked (stacked.py)
         self.size, self.max_bytes = size
         self._end = None   # (the last layer that can defer,), found at the first deferral
 
@@ -271,10 +274,14 @@ class SmartKVFirst:
         return True
 
     def _settle(self) -> None:
-        """Run this layer's group when its first allocation waits in it: before anything reads or extends it."""
+        """Run this layer's group when its first allocation waits in it, or its demotions wait in their stack:
+        before anything reads or extends it."""
         group = self._first_group
         if group is not None and self in group.pending:
             group.run()
+        stack = self._app.stack if self._app is not None else None
+        if stack is not None:   # its flush's demotions waiting for the group's (stacked.py)
+            stack.settle(self)
 
     def _first_key(self, n: int) -> tuple:
         """What an append layer's solve reads besides its profile (`_append_split`, `_append_charge`): layers with

@@ -23,6 +23,7 @@ from smartkv.kernels import quantize_pack
 from smartkv.methods.smartkv.append import Classes
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.arena import carve, class_buffers, qtensor_specs, take_qtensor
+from smartkv.methods.smartkv.stacked import Stack
 
 
 def _rows(t: torch.Tensor, B: int) -> list[torch.Tensor]:
@@ -83,7 +84,8 @@ def place(layers: list, first, budgets: list) -> None:
     for kw, vw, m in mix:
         mix_len[ids[(kw, vw)]] = m
     mix_len = host_to(np.tile(mix_len, (L, 1)), torch.int32, lead.device)
-    length = host_to(np.tile(np.array(ns)[:, None], (L, 1, B)), torch.int32, lead.device)
+    # (classes, L, B): a class's lengths of every layer one (L * B,) row (stacked.py), a layer's (classes, B) a view
+    length = host_to(np.tile(np.array(ns)[:, None, None], (1, L, B)), torch.int32, lead.device)
     # the window's tokens: their importance codes and observers so far (counted on the host, where the observed
     # ranges are; the group's layers saw the same queries)
     s0 = lead.sink_k.shape[-2]
@@ -93,11 +95,16 @@ def place(layers: list, first, budgets: list) -> None:
     lk, lv = [_layer_q(q, B) for q in ks], [_layer_q(q, B) for q in vs]
     mix_ids = [(ids[(kw, vw)], m) for kw, vw, m in mix]
     for i, (layer, lmap, lwimp, lseen) in enumerate(zip(layers, _rows(cmap, B), _rows(wimp, B), _rows(seen, B))):
-        layer._app = Classes(list(widths), [q[i] for q in lk], [q[i] for q in lv], list(ns), length[i], lmap,
+        layer._app = Classes(list(widths), [q[i] for q in lk], [q[i] for q in lv], list(ns), length[:, i], lmap,
                              list(mix_ids), rank_class[i], mix_len[i], lwimp, lseen, share=L)
     if A:
         _ring(layers, A, top)
         _demotions(layers, plan, ids, imp[..., s0:s0 + Tq].gather(-1, by_class), ns, starts, imps)
+        group = lead._first_group
+        if L > 1 and any(plan) and group is not None and group.stacked and first.k_scale is not None:
+            stack = Stack(layers, ks, vs, imps, length.view(len(widths), L * B), cmap, first.k_scale)
+            for layer in layers:
+                layer._app.stack = stack
     for layer in layers:
         layer._last_lse = None
         layer.pools, layer.levels = {"k": {}, "v": {}}, {"k": None, "v": None}
