@@ -8,7 +8,10 @@ import smartkv
 from smartkv.cache.hf_compat import cache_kwargs
 from smartkv.methods.smartkv import SmartKVLayer
 from smartkv.methods.smartkv import stacked
-from test_first_group import P, _ids, _same, _state, _used, five  # noqa: F401 (the module's fixture)
+import test_first_group
+from test_first_group import P, _ids, _same, _state, _used
+
+five = test_first_group.five   # its fixture: five tiny layers whose attention differs layer by layer
 
 _RUN, _REGROW = stacked.Stack._run, SmartKVLayer._append_regrow
 
