@@ -57,6 +57,17 @@ def class_buffers(layer, widths: list, caps: list, importance: bool, layers: int
     return ks, vs, imps
 
 
+def layer_rows(t: torch.Tensor, B: int) -> list[torch.Tensor]:
+    """Each layer's (B, ...) rows of a group's stacked (L * B, ...) tensor: views."""
+    return list(t.split(B))
+
+
+def layer_qtensors(q: QTensor, B: int) -> list[QTensor]:
+    """Each layer's (B, ...) rows of a group's stacked QTensor: views."""
+    return [QTensor(c, s, z, q.bits, q.group_size, q.axis) for c, s, z in zip(*(layer_rows(t, B) for t in
+                                                                                 (q.codes, q.scale, q.zero)))]
+
+
 def padding(views: list, share: int = 1) -> int:
     """Bytes of the block under `views` (all of one block, `carve`'s) that none of them covers: held, and counted
     as slack; with `share`, the block holds that many layers' views alike (place.py) and this is one's part (the

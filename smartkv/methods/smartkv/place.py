@@ -17,23 +17,13 @@ import torch
 from smartkv.core.classes import joint_counts, joint_plan, staircase
 from smartkv.core.importance import seen_from_ranges
 from smartkv.core.policy import counts_for_budgets
-from smartkv.core.quant import QTensor
 from smartkv.core.transfer import host_to
 from smartkv.kernels import quantize_pack
 from smartkv.methods.smartkv.append import Classes
 from smartkv.methods.smartkv import classmap
-from smartkv.methods.smartkv.arena import carve, class_buffers, qtensor_specs, take_qtensor
+from smartkv.methods.smartkv.arena import (carve, class_buffers, layer_qtensors, layer_rows, qtensor_specs,
+                                           take_qtensor)
 from smartkv.methods.smartkv.stacked import Stack
-
-
-def _rows(t: torch.Tensor, B: int) -> list[torch.Tensor]:
-    """Each layer's (B, ...) rows of a group's stacked (L * B, ...) tensor: views."""
-    return list(t.split(B))
-
-
-def _layer_q(q: QTensor, B: int) -> list[QTensor]:
-    return [QTensor(c, s, z, q.bits, q.group_size, q.axis) for c, s, z in zip(*(_rows(t, B) for t in
-                                                                                 (q.codes, q.scale, q.zero)))]
 
 
 def place(layers: list, first, budgets: list) -> None:
@@ -92,9 +82,10 @@ def place(layers: list, first, budgets: list) -> None:
     imp = first.importance
     wimp = imp[..., s0 + Tq:].clone()   # new tensors: views would keep the whole importance
     seen = _window_seen(layers, s0 + Tq, imp.shape[-1]).expand(-1, B, -1).reshape(L * B, -1).contiguous()   # own rows
-    lk, lv = [_layer_q(q, B) for q in ks], [_layer_q(q, B) for q in vs]
+    lk, lv = [layer_qtensors(q, B) for q in ks], [layer_qtensors(q, B) for q in vs]
     mix_ids = [(ids[(kw, vw)], m) for kw, vw, m in mix]
-    for i, (layer, lmap, lwimp, lseen) in enumerate(zip(layers, _rows(cmap, B), _rows(wimp, B), _rows(seen, B))):
+    rows = [layer_rows(t, B) for t in (cmap, wimp, seen)]
+    for i, (layer, lmap, lwimp, lseen) in enumerate(zip(layers, *rows)):
         layer._app = Classes(list(widths), [q[i] for q in lk], [q[i] for q in lv], list(ns), length[:, i], lmap,
                              list(mix_ids), rank_class[i], mix_len[i], lwimp, lseen, share=L)
     if A:
@@ -186,7 +177,7 @@ def _demotions(layers: list, plan: list, ids: dict, codes: torch.Tensor, ns: lis
     for s, n, imp in zip(starts, ns, imps):   # into the class buffers' block (arena.py), rows past n zero
         if n:
             imp[..., :n] = codes[..., s:s + n]
-    cimp = [_rows(imp, B) for imp in imps]
+    cimp = [layer_rows(imp, B) for imp in imps]
     cseen = torch.full((len(layers),), float(lead.config.observe_window), device=lead.device)
     for i, layer in enumerate(layers):
         a = layer._app

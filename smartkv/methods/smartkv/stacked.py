@@ -3,12 +3,13 @@
 The layers of one first allocation's group share their solve, so they hold the same classes, capacities and plan,
 and place.py stacks their class buffers, importance codes, class map and device lengths on the batch dimension of
 one block each. An eager step flushes every layer in turn, and a filling flush's demotions are ~19 launches and ~50
-torch operations a layer, host-bound at the runner's shape (docs/smartkv.md, What is left 6: ~80 ms a flushing step
-of SmolLM2's 30 layers on an H100's host, the runner's decode gap). Here each layer's demotions wait in the stack
-until the group's last layer has flushed, then run once over the L x B rows: the same arithmetic a row (every
-kernel and torch operation works row by row), the same state bit for bit. Nothing reads a layer's classes between
-its flush and the step's end; anything that does first runs what waits (`SmartKVFirst._settle`), each layer's own
-demotions when the group's are not all there (a forward stopped part way).
+torch operations a layer, host-bound at the runner's shape (docs/smartkv.md, What is left 6: a flushing step of
+SmolLM2's 30 layers took 109-238 ms against an ordinary step's 27 on an H100's host, the runner's decode gap). Here
+each layer's demotions wait in the stack until the group's last layer has flushed, then run once over the L x B
+rows: the same arithmetic a row (every kernel and torch operation works row by row), the same state bit for bit.
+Nothing reads a layer's classes between its flush and the step's end; anything that does first runs what waits
+(`SmartKVFirst._settle`), each layer's own demotions when the group's are not all there (a forward stopped part
+way).
 
 A layer whose buffers stop being the stack's views (grown on its own, a static phase's exact buffers) leaves it, and
 the stack dissolves: every layer takes the per-layer path from then on. Growth while the ring fills goes through the
@@ -22,7 +23,7 @@ import os
 import torch
 
 from smartkv.methods.smartkv import classmap
-from smartkv.methods.smartkv.arena import class_buffers
+from smartkv.methods.smartkv.arena import class_buffers, layer_qtensors, layer_rows
 
 
 def enabled() -> bool:
@@ -31,15 +32,6 @@ def enabled() -> bool:
     if raw not in ("0", "1"):
         raise ValueError(f"SMARTKV_STACKED_DEMOTIONS must be 0 or 1, got {raw!r}")
     return raw == "1"
-
-
-def _split(t: torch.Tensor, B: int) -> list[torch.Tensor]:
-    return list(t.split(B))
-
-
-def _layer_q(q, B: int) -> list:
-    return [type(q)(c, s, z, q.bits, q.group_size, q.axis) for c, s, z in zip(*(_split(t, B) for t in
-                                                                                (q.codes, q.scale, q.zero)))]
 
 
 class Stack:
@@ -93,12 +85,10 @@ class Stack:
         self.let_go()
 
     def let_go(self) -> None:
-        """Layers whose rings are full and whose demotions ran leave the stack (the last of them frees it)."""
-        for layer in self.layers:
-            a = layer._app
-            if a is not None and a.stack is self and a.plan is None and not any(x is layer for x, _, _ in
-                                                                                self.waiting):
-                a.stack = None
+        """The stack goes once a layer's ring is full and nothing waits: the group's last filling flush has run (or
+        some layers' ran on their own, and the rest take their own paths)."""
+        if not self.waiting and any(layer._app is not None and layer._app.plan is None for layer in self.layers):
+            self.dissolve()
 
     def settle(self, layer=None) -> None:
         """Run what waits (of any layer, or when `layer` waits), each layer's own: the group's are not all there."""
@@ -134,8 +124,8 @@ class Stack:
             rows = min(old.shape[-1], new.shape[-1])
             new[..., :rows] = old[..., :rows]
         self.k, self.v, self.cimp = k, v, cimp
-        lk, lv, lc = [_layer_q(q, self.B) for q in k], [_layer_q(q, self.B) for q in v], [_split(c, self.B)
-                                                                                          for c in cimp]
+        lk, lv = [layer_qtensors(q, self.B) for q in k], [layer_qtensors(q, self.B) for q in v]
+        lc = [layer_rows(c, self.B) for c in cimp]
         for i, layer in enumerate(self.layers):
             a = layer._app
             a.k, a.v, a.cimp = [q[i] for q in lk], [q[i] for q in lv], [c[i] for c in lc]
@@ -145,6 +135,6 @@ class Stack:
         """Every layer's class map with room for `positions` (each layer's bytes a multiple of 16: aligned)."""
         positions = 2 * (-(-classmap.map_bytes(positions) // 16) * 16 - 1)
         self.cmap = classmap.grown(self.cmap, positions)
-        for i, (layer, rows) in enumerate(zip(self.layers, _split(self.cmap, self.B))):
+        for i, (layer, rows) in enumerate(zip(self.layers, layer_rows(self.cmap, self.B))):
             layer._app.cmap = rows
             self._views[i] = self._held(layer)
