@@ -34,7 +34,7 @@ from smartkv.core.policy import ranked
 from smartkv.core.quant import QTensor
 from smartkv.kernels import FoldInto, KVSegment, decode_attention
 from smartkv.methods.smartkv import classmap
-from smartkv.methods.smartkv.arena import class_buffers
+from smartkv.methods.smartkv.arena import class_buffers, copy_rows
 
 
 @dataclass
@@ -194,9 +194,8 @@ class SmartKVAppend:
         ks, vs, imps = class_buffers(self, a.widths, caps, importance=a.cimp is not None)
         for cid, n in enumerate(a.n):
             if n:
-                for old, out in ((a.k[cid], ks[cid]), (a.v[cid], vs[cid])):
-                    for src, dst in zip((old.codes, old.scale, old.zero), (out.codes, out.scale, out.zero)):
-                        dst[..., :n, :] = src[..., :n, :]
+                copy_rows(a.k[cid], ks[cid], n)
+                copy_rows(a.v[cid], vs[cid], n)
                 if a.cimp is not None:
                     imps[cid][..., :n] = a.cimp[cid][..., :n]
         a.k, a.v, a.share = ks, vs, 1

@@ -68,6 +68,12 @@ def layer_qtensors(q: QTensor, B: int) -> list[QTensor]:
                                                                                  (q.codes, q.scale, q.zero)))]
 
 
+def copy_rows(old: QTensor, new: QTensor, rows: int) -> None:
+    """A per-token QTensor's first `rows` rows (codes, scales, zero points) into `new`'s (a class's grown buffers)."""
+    for src, dst in zip((old.codes, old.scale, old.zero), (new.codes, new.scale, new.zero)):
+        dst[..., :rows, :] = src[..., :rows, :]
+
+
 def padding(views: list, share: int = 1) -> int:
     """Bytes of the block under `views` (all of one block, `carve`'s) that none of them covers: held, and counted
     as slack; with `share`, the block holds that many layers' views alike (place.py) and this is one's part (the

@@ -23,7 +23,7 @@ import os
 import torch
 
 from smartkv.methods.smartkv import classmap
-from smartkv.methods.smartkv.arena import class_buffers, layer_qtensors, layer_rows
+from smartkv.methods.smartkv.arena import class_buffers, copy_rows, layer_qtensors, layer_rows
 
 
 def enabled() -> bool:
@@ -117,9 +117,7 @@ class Stack:
         lead = self.layers[0]
         k, v, cimp = class_buffers(lead, self.widths, caps, importance=True, layers=len(self.layers))
         for old, new in zip(self.k + self.v, k + v):
-            rows = min(old.codes.shape[-2], new.codes.shape[-2])
-            for src, dst in zip((old.codes, old.scale, old.zero), (new.codes, new.scale, new.zero)):
-                dst[..., :rows, :] = src[..., :rows, :]
+            copy_rows(old, new, min(old.codes.shape[-2], new.codes.shape[-2]))
         for old, new in zip(self.cimp, cimp):
             rows = min(old.shape[-1], new.shape[-1])
             new[..., :rows] = old[..., :rows]
