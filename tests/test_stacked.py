@@ -120,5 +120,5 @@ def test_a_layer_that_takes_buffers_of_its_own_dissolves_the_stack(five, monkeyp
 
 def test_a_bad_stacked_setting_is_named(monkeypatch):
     monkeypatch.setenv("SMARTKV_STACKED_DEMOTIONS", "yes")
-    with pytest.raises(ValueError, match="SMARTKV_STACKED_DEMOTIONS must be 0 or 1, got 'yes'"):
+    with pytest.raises(ValueError, match="SMARTKV_STACKED_DEMOTIONS must be an integer from 0 to 1, got 'yes'"):
         smartkv.make_cache("smartkv", num_layers=2)

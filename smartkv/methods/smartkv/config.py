@@ -6,8 +6,7 @@ from typing import ClassVar
 
 from smartkv.core.policy import WIDTHS, check_budget
 from smartkv.methods.base import MethodConfig, check_choice, check_group_size, check_int
-from smartkv.methods.smartkv.first import FirstGroup, group_size, solves_together
-from smartkv.methods.smartkv import stacked
+from smartkv.methods.smartkv.first import FirstGroup, group_size, solves_together, stacked_demotions
 from smartkv.methods.smartkv.layer import SmartKVLayer
 
 
@@ -88,7 +87,7 @@ class SmartKV(MethodConfig):
 
     def bind(self, layers: list) -> None:
         """One cache's layers share the group their first allocations wait in (first.py)."""
-        group = FirstGroup(layers, group_size(), solves_together(), stacked.enabled())
+        group = FirstGroup(layers, group_size(), solves_together(), stacked_demotions())
         for layer in layers:
             if isinstance(layer, SmartKVLayer):
                 layer._first_group = group

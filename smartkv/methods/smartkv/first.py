@@ -65,6 +65,12 @@ def solves_together() -> bool:
     return bool(_setting("SMARTKV_SOLVES_TOGETHER", 1, 1, low=0))
 
 
+def stacked_demotions() -> bool:
+    """Whether a group's filling flushes' demotions run stacked (`SMARTKV_STACKED_DEMOTIONS`, default 1; 0: each
+    layer's at its own flush, the A/B baseline of stacked.py), checked before any work."""
+    return bool(_setting("SMARTKV_STACKED_DEMOTIONS", 1, 1, low=0))
+
+
 @dataclass
 class Observation:
     """A prefill's last queries (B, Hq, W, D) and the keys they saw (B, H, T, D, the attention's own tensor), kept

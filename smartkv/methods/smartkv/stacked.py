@@ -15,23 +15,14 @@ A layer whose buffers stop being the stack's views (grown on its own, a static p
 the stack dissolves: every layer takes the per-layer path from then on. Growth while the ring fills goes through the
 stack instead (`regrow`, `grow_map`: every layer's buffers into one new block, as place.py made them).
 
-SMARTKV_STACKED_DEMOTIONS: 0 runs each layer's demotions at its own flush (the A/B baseline; the same state)."""
+SMARTKV_STACKED_DEMOTIONS (`first.stacked_demotions`, beside the group's other settings): 0 runs each layer's
+demotions at its own flush (the A/B baseline; the same state)."""
 from __future__ import annotations
-
-import os
 
 import torch
 
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.arena import class_buffers, copy_rows, layer_qtensors, layer_rows
-
-
-def enabled() -> bool:
-    """Whether a group's demotions run stacked (`SMARTKV_STACKED_DEMOTIONS`, default 1), checked before any work."""
-    raw = os.environ.get("SMARTKV_STACKED_DEMOTIONS", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"SMARTKV_STACKED_DEMOTIONS must be 0 or 1, got {raw!r}")
-    return raw == "1"
 
 
 class Stack:
