@@ -6,13 +6,15 @@
 #               random weights, 8000 + 32 tokens, int4 and SmartKV's default) with the setting at 0 and 1 interleaved
 #               request by request, each row's last request step by step
 #   PART=shared shared_gpu.py: the runner's decode in 8 processes at once on the GPU, at each setting
+#   PART=diag   where the two paths part on the GPU (stacked_diag.py: the test's logits and state at the ring's last
+#               filling flush, the same path twice, an allocation moved, each module's output at that step)
 #   PART=batch  the largest batch at 32K (graphed, allocator held to 79 GiB; graphed steps do not stack, so this
 #               checks the first allocation's byte bound at the defaults)
 #   run(command="source .devbundle/model/a/setup.sh; PART=tests OUT=$OUT bash benchmarks/stacked_gpu.sh",
 #       carry=[".devbundle/model/a"])
 set -u
 OUT=${OUT:-benchmarks/raw/latest}
-PART=${PART:?tests, shared or batch}
+PART=${PART:?tests, shared, diag or batch}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 {
@@ -33,6 +35,11 @@ shared)
     SMARTKV_STACKED_DEMOTIONS=$v timeout 250 python benchmarks/shared_gpu.py --context 8000 --new 32 --repeats 2 \
         --top 4 --layouts 8:int4,8:smartkv 2>&1 | grep -v -i warn | tail -14
   done
+  ;;
+diag)
+  echo "== where the paths part"
+  timeout 250 python benchmarks/stacked_diag.py 1:0:31 1:0:32 1:1:32 0:0:32 0:0@31:32 1:0@31:32 --outputs 31 2>&1 \
+      | grep -v -i warn | tail -10
   ;;
 batch)
   echo "== largest batch at 32K"

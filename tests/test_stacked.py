@@ -65,6 +65,17 @@ def _stopped(model, cache, nxt, layer: int):
         hook.remove()
 
 
+def _same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit for bit on the CPU. On an H100 the step of the ring's last filling flush (step 31) differed by 1.4e-6
+    (fp32 logits of ~0.1-1) between the paths, every step before it and both paths' state after it bit for bit, and
+    each path repeated itself exactly (benchmarks/stacked_gpu.out): rounding in that step's arithmetic (which
+    operation, not yet found), not a state that differs, so the GPU's bound is a few times that."""
+    if got.is_cuda:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("steps,reserve", [(10, 0), (40, 0), (40, 400)])
 def test_a_groups_stacked_demotions_are_each_layers_own(five, monkeypatch, steps, reserve):
     """Mid-fill and past it (the ring of 32 fills in 8 flushes of 4), and with a reserved length that grows the
@@ -75,7 +86,7 @@ def test_a_groups_stacked_demotions_are_each_layers_own(five, monkeypatch, steps
     assert counts["runs"] == flushes and ref_counts["runs"] == 0
     if reserve:   # the group grew once, stacked, where each layer grew its own
         assert counts["regrow"] == 0 and ref_counts["regrow"] == len(cache.layers)
-    assert torch.equal(logits, ref_logits)
+    _same_logits(logits, ref_logits)
     # a full ring's layers hold no stack (its buffers, the importance codes among them, go)
     assert [layer._app.stack is None for layer in cache.layers] == [steps > 35] * len(cache.layers)
     for i, (layer, want) in enumerate(zip(cache.layers, ref.layers)):
@@ -113,7 +124,7 @@ def test_a_layer_that_takes_buffers_of_its_own_dissolves_the_stack(five, monkeyp
     cache, logits, counts = _decode(five, monkeypatch, "1", 30, hook=(9, exact))
     ref, ref_logits, _ = _decode(five, monkeypatch, "0", 30, hook=(9, exact))
     assert counts["runs"] == 2   # the flushes at steps 3 and 7; those at 11, 15, ... each layer's own
-    assert torch.equal(logits, ref_logits)
+    _same_logits(logits, ref_logits)
     for layer, want in zip(cache.layers, ref.layers):
         assert all(_same(x, y) for x, y in zip(_used(layer), _used(want)))
 
