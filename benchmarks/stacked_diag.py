@@ -2,10 +2,12 @@
 
     python benchmarks/stacked_diag.py 1:0:32 0:0:32       # A:B:STEPS, each flag's run; B@S: B's run allocates at step S
     python benchmarks/stacked_diag.py --outputs 31        # each module's output at that step's forward, 1 against 0
+    TRITON_INTERPRET=1 python benchmarks/stacked_diag.py --kernels 1:0:32   # the kernels' path on the CPU (~4 min)
 
 Each pair prints the first step whose logits differ, their largest difference, and the state entries
 (test_first_group._used) that differ after the last step. --outputs compares every layer's norm, projections,
-attention and MLP outputs in one forward. On the CPU both paths agree bit for bit."""
+attention and MLP outputs in one forward. On the CPU's reference path both agree bit for bit; the kernels' path
+(on a GPU, or --kernels) differs at the flush that fills the ring by rounding (tests/test_stacked.py says why)."""
 from __future__ import annotations
 
 import argparse
@@ -102,7 +104,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pairs", nargs="*", help="A:B:STEPS (flags 0/1; B@S allocates at step S in B's run)")
     p.add_argument("--outputs", type=int, default=None, help="a step: each module's output there, 1 against 0")
+    p.add_argument("--kernels", action="store_true", help="on the CPU, the kernels' path (TRITON_INTERPRET=1)")
     args = p.parse_args()
+    if args.kernels:
+        import smartkv.cache.layer as cache_layer
+        cache_layer.FORCE_KERNELS = True
     model = model_five()
     for spec in args.pairs:
         print(pair(model, spec), flush=True)

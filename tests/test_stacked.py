@@ -66,10 +66,12 @@ def _stopped(model, cache, nxt, layer: int):
 
 
 def _same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Bit for bit on the CPU. On an H100 the step of the ring's last filling flush (step 31) differed by 1.4e-6
-    (fp32 logits of ~0.1-1) between the paths, every step before it and both paths' state after it bit for bit, and
-    each path repeated itself exactly (benchmarks/stacked_gpu.out): rounding in that step's arithmetic (which
-    operation, not yet found), not a state that differs, so the GPU's bound is a few times that."""
+    """Bit for bit on the CPU's reference path. The kernels' work over a segment follows its buffer's capacity
+    (rows past its length masked), and at the flush that fills the ring the mix's growth reaches every layer of the
+    stack at layer 0's flush, before the later layers' attention in that step, where each layer's own grows after
+    its own (64 -> 320 rows, the same rows used): their logits there differ by rounding (1.4e-6 on an H100, 1.8e-7
+    in Triton's interpreter; benchmarks/stacked_gpu.out, stacked_diag.py), the state bit for bit. So the kernels'
+    bound is a few times that."""
     if got.is_cuda:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     else:
