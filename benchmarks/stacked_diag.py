@@ -11,10 +11,10 @@ attention and MLP outputs in one forward. On the CPU's reference path both agree
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests")]
@@ -27,25 +27,6 @@ MODULES = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn
            "self_attn.o_proj", "mlp")
 
 
-class Patches:
-    """monkeypatch's setenv and setattr, undone by `undo`, outside pytest."""
-
-    def __init__(self):
-        self.saved = []
-
-    def setenv(self, name: str, value: str) -> None:
-        os.environ[name] = value
-
-    def setattr(self, obj, name: str, value) -> None:
-        self.saved.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-
-    def undo(self) -> None:
-        for obj, name, value in reversed(self.saved):
-            setattr(obj, name, value)
-        self.saved = []
-
-
 def model_five():
     """test_first_group's `five` fixture."""
     model = load_tiny("tiny-llama", num_hidden_layers=5, device=DEV).model
@@ -56,11 +37,8 @@ def model_five():
 
 
 def decode(model, flag: str, steps: int, hook=None):
-    patches = Patches()
-    try:
+    with pytest.MonkeyPatch.context() as patches:   # the test's fixture, outside pytest
         return test_stacked._decode(model, patches, flag, steps, hook=hook)
-    finally:
-        patches.undo()
 
 
 def pair(model, spec: str) -> str:
