@@ -13,6 +13,7 @@ import math
 import torch
 
 from smartkv.core.quant import QTensor
+from smartkv.methods.smartkv import classmap
 
 ALIGN = 16   # bytes: each view starts where the kernels' vector loads and Triton's alignment specialization ask
 
@@ -55,6 +56,18 @@ def class_buffers(layer, widths: list, caps: list, importance: bool, layers: int
     B, H = layer.batch_size * layers, layer.num_heads
     imps = carve([((B, H, cap), torch.uint8) for cap in caps], layer.device) if importance else [None] * len(caps)
     return ks, vs, imps
+
+
+def stacked_caps(caps: list) -> list:
+    """Class capacities in a group's stacked block (place.py, stacked.py): rows a multiple of 16, so each layer's
+    rows of a buffer start ALIGN-aligned."""
+    return [-(-cap // 16) * 16 for cap in caps]
+
+
+def stacked_map_positions(positions: int) -> int:
+    """Positions a layer's class map holds in a group's stacked map, at least `positions`: its bytes a multiple of
+    16, so each layer's map starts ALIGN-aligned."""
+    return 2 * (-(-classmap.map_bytes(positions) // 16) * 16 - 1)
 
 
 def layer_rows(t: torch.Tensor, B: int) -> list[torch.Tensor]:

@@ -97,10 +97,10 @@ class SmartKVDemote:
                 importance_fold(a.cimp[cid][..., :m.shape[-1]], m, a.cseen, queries, divisor)
         a.cseen += queries
 
-    def _demote(self, f: torch.Tensor, a=None, kmul: torch.Tensor | None = None) -> None:
+    def _demote(self, f: torch.Tensor, a=None, k_scale: torch.Tensor | None = None) -> None:
         """Filling flush `f`'s demotions ((1,) long on the device: the same work for every filling flush, so one
         captured graph serves them all) of the layer's classes, or of `a` (a `stacked.Stack`: the classes of a
-        group's layers alike stacked on the batch dimension, `kmul` their keys' ranges' scales, (L * B, H)):
+        group's layers alike stacked on the batch dimension, `k_scale` their key scales, (L * B, H, 1, D)):
         per (class, target) move of the plan, in the plan's order, the k lightest
         rows of the class (importance x sensitivity, as the allocation weighs; k from the device table, at most the
         class's rows) re-quantized from their codes at the target's widths and merged into it in position order;
@@ -119,8 +119,8 @@ class SmartKVDemote:
             if cap:
                 importance_sum(a.cimp[c][..., :cap], a.length[c], imp_sum, accumulate=True)
         floor = cfg.importance_floor * (imp_sum / max(n_all, 1))   # added to each row's importance (B, H)
-        if kmul is None:   # keys' ranges back in real units (B, H)
-            kmul = self.k_scale.float().mean(-1)[..., 0]
+        # keys' ranges back in real units (B, H)
+        kmul = (self.k_scale if k_scale is None else k_scale).float().mean(-1)[..., 0]
         for i, (cid, tid, k_max) in enumerate(a.moves):
             Cc, Ct = caps[cid], caps[tid]
             k_max = min(k_max, Cc)

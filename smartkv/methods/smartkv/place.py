@@ -22,7 +22,7 @@ from smartkv.kernels import quantize_pack
 from smartkv.methods.smartkv.append import Classes
 from smartkv.methods.smartkv import classmap
 from smartkv.methods.smartkv.arena import (carve, class_buffers, layer_qtensors, layer_rows, qtensor_specs,
-                                           take_qtensor)
+                                           stacked_caps, stacked_map_positions, take_qtensor)
 from smartkv.methods.smartkv.stacked import Stack
 
 
@@ -64,8 +64,8 @@ def place(layers: list, first, budgets: list) -> None:
     ks, vs, imps, starts = _quantized(lead, first, by_class, widths, ns,
                                       [n + 4 * per_flush.get(c, 0) for c, n in zip(widths, ns)], bool(A), L)
     positions = Tq + 4 * P
-    if L > 1:   # each layer's map 16-byte aligned in the stacked one: its bytes a multiple of 16
-        positions = 2 * (-(-classmap.map_bytes(positions) // 16) * 16 - 1)
+    if L > 1:   # each layer's map aligned in the stacked one
+        positions = stacked_map_positions(positions)
     cmap = classmap.new_map(cid, positions)
     # each layer's own rows of every table (a layer's accounting counts what it holds, `_append_slack`)
     rank_class = host_to(np.tile([ids[(kw, vw)] for kw, vw, m in mix for _ in range(m)], (L, 1)), torch.uint8,
@@ -112,8 +112,8 @@ def _quantized(lead, first, by_class: torch.Tensor, widths: list, ns: list, caps
     -> keys, values, importance codes (a QTensor or tensor a class, L * B rows) and each class's first row."""
     at = by_class[..., None].expand(-1, -1, -1, lead.head_dim)
     by_k, by_v = first.new_k.gather(2, at), first.new_v.gather(2, at)
-    if L > 1:   # each layer's rows of a buffer start 16-byte aligned (arena.ALIGN) in the stacked one
-        caps = [-(-cap // 16) * 16 for cap in caps]
+    if L > 1:   # each layer's rows of a buffer aligned in the stacked one
+        caps = stacked_caps(caps)
     ks, vs, imps = class_buffers(lead, widths, caps, importance=importance, layers=L)
     starts, start = [], 0
     for (kw, vw), n, kq, vq in zip(widths, ns, ks, vs):

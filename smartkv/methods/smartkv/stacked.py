@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from smartkv.methods.smartkv import classmap
-from smartkv.methods.smartkv.arena import class_buffers, copy_rows, layer_qtensors, layer_rows
+from smartkv.methods.smartkv.arena import (class_buffers, copy_rows, layer_qtensors, layer_rows, stacked_caps,
+                                           stacked_map_positions)
 
 
 class Stack:
@@ -72,7 +73,7 @@ class Stack:
     def _run(self) -> None:
         lead, f = self.waiting[0][0], self.waiting[0][2]
         self.n, self.waiting = list(lead._app.n), []
-        lead._demote(f, self, self.k_scale.float().mean(-1)[..., 0])
+        lead._demote(f, self, self.k_scale)
         self.let_go()
 
     def let_go(self) -> None:
@@ -102,9 +103,9 @@ class Stack:
                     layer._app.stack = None
 
     def regrow(self, caps: list) -> None:
-        """Every layer's classes into one new block of `caps` rows a class (rounded up to 16, place.py's alignment),
+        """Every layer's classes into one new block of `caps` rows a class (aligned as place.py's, `stacked_caps`),
         their rows copied (all of them: the layers that flushed this step and those that did not)."""
-        caps = [-(-cap // 16) * 16 for cap in caps]
+        caps = stacked_caps(caps)
         lead = self.layers[0]
         k, v, cimp = class_buffers(lead, self.widths, caps, importance=True, layers=len(self.layers))
         for old, new in zip(self.k + self.v, k + v):
@@ -122,8 +123,7 @@ class Stack:
 
     def grow_map(self, positions: int) -> None:
         """Every layer's class map with room for `positions` (each layer's bytes a multiple of 16: aligned)."""
-        positions = 2 * (-(-classmap.map_bytes(positions) // 16) * 16 - 1)
-        self.cmap = classmap.grown(self.cmap, positions)
+        self.cmap = classmap.grown(self.cmap, stacked_map_positions(positions))
         for i, (layer, rows) in enumerate(zip(self.layers, layer_rows(self.cmap, self.B))):
             layer._app.cmap = rows
             self._views[i] = self._held(layer)
